@@ -1,0 +1,1 @@
+//! crispd, the CRI daemon

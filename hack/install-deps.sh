@@ -1,0 +1,45 @@
+#!/usr/bin/env bash
+# Installs what crisp needs on a Debian 12 node or test machine, and only what is missing.
+# Every Debian package the build, the daemons and the test suite use is listed here: a
+# CI run on a machine where someone installed a package by hand must not hide a gap.
+set -euo pipefail
+
+PACKAGES=(
+  # OCI runtimes and what runs containers and pods
+  runc crun containernetworking-plugins iptables iproute2 util-linux
+  # the build
+  protobuf-compiler gcc libc6-dev make pkg-config
+  # test images: busybox (the dynamic one is downloaded, not installed; see hack/images/),
+  # umoci builds OCI layouts, skopeo pushes them, zstd/gzip compress layers
+  busybox-static umoci skopeo zstd gzip attr curl jq
+  # the reference runtime and the local registry the tests pull from
+  containerd docker-registry
+)
+
+missing=()
+for p in "${PACKAGES[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+
+if ((${#missing[@]})); then
+  if [ "$(id -u)" != 0 ]; then
+    echo "install-deps: missing Debian packages (${missing[*]}); run as root" >&2
+    exit 1
+  fi
+  echo "install-deps: installing ${missing[*]}" >&2
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -q
+  apt-get install -y -q --no-install-recommends "${missing[@]}"
+fi
+
+# docker-registry's package starts a registry on :5000 where an init system runs it; the
+# tests start their own on a free port, so a packaged one is harmless but not relied upon.
+
+if ! command -v cargo >/dev/null; then
+  echo "install-deps: cargo not found; install a Rust toolchain (rustup) first" >&2
+  exit 1
+fi
+if ! cargo nextest --version >/dev/null 2>&1; then
+  echo "install-deps: installing cargo-nextest" >&2
+  cargo install --locked cargo-nextest
+fi
