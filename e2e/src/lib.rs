@@ -1,1 +1,12 @@
-//! End-to-end test harness: a CRI client that drives any runtime, test images, a local registry
+//! End-to-end test harness: a CRI client that drives any runtime (crispd or containerd),
+//! the test images and the local registry that serves them, and the leak check.
+//!
+//! Everything a test starts lives under its own temporary root, socket, port, subnet and
+//! cgroup parent, and is torn down on drop, even when the test fails.
+
+pub mod containerd;
+pub mod cri;
+pub mod harness;
+pub mod images;
+pub mod leaks;
+pub mod registry;
