@@ -1,1 +1,8 @@
 //! Images: OCI distribution client, hosts.toml registry config, verified content store, safe layer unpacking into snapshots.
+
+pub mod error;
+pub mod hosts;
+pub mod reference;
+
+pub use error::{Error, Kind, Result};
+pub use reference::{Digest, Reference};
