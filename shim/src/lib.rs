@@ -1,1 +1,11 @@
-//! containerd-shim-crisp-v2, the per-pod containerd shim v2
+//! containerd-shim-crisp-v2, the per-pod containerd shim v2.
+//!
+//! - `placement`: the one cgroup placement function (DESIGN.md promise 2)
+//! - `options`: handler runtime options merged with per-task overrides
+//! - `reaper`: the process-wide `waitpid`, so no exit status is ever stolen
+//! - `runtime`: the runc/crun CLI and the start-up probe that picks one
+
+pub mod options;
+pub mod placement;
+pub mod reaper;
+pub mod runtime;
