@@ -5,7 +5,12 @@
 //! - `reaper`: the process-wide `waitpid`, so no exit status is ever stolen
 //! - `runtime`: the runc/crun CLI and the start-up probe that picks one
 
+pub mod cgroup;
+pub mod io;
+pub mod mount;
 pub mod options;
 pub mod placement;
 pub mod reaper;
 pub mod runtime;
+pub mod service;
+pub mod spec;

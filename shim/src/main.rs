@@ -1,1 +1,286 @@
-fn main() {}
+//! containerd-shim-crisp-v2: `start`, `delete` and serve mode of the shim v2
+//! protocol. anyhow lives here, at the binary boundary only.
+
+use std::{
+    ffi::OsString,
+    fs::{File, OpenOptions},
+    io::{Read, Write},
+    os::unix::{
+        fs::{FileTypeExt, OpenOptionsExt},
+        net::{UnixListener, UnixStream},
+        process::CommandExt,
+    },
+    path::{Path, PathBuf},
+    process::{Command, Stdio},
+    sync::{Arc, Mutex},
+};
+
+use anyhow::{Context, bail};
+use containerd_shim::Flags;
+use containerd_shim_protos::{
+    api::DeleteResponse,
+    protobuf::{Message, MessageField, well_known_types::{any::Any, timestamp::Timestamp}},
+    ttrpc::r#async::{Server, transport::Listener},
+};
+use crisp_shim::{
+    options,
+    reaper::Reaper,
+    runtime::{self, Runtime},
+    service::{self, Config, Events, TaskService},
+    spec,
+};
+
+/// Carries the handler's runtime options from `start` to the server it spawns.
+const HANDLER_OPTIONS_ENV: &str = "CRISP_SHIM_HANDLER_OPTIONS";
+/// Optional log file for the server (tests, debugging); otherwise the bundle's
+/// `log` FIFO containerd reads.
+const LOG_ENV: &str = "CRISP_SHIM_LOG";
+
+fn main() {
+    let args: Vec<OsString> = std::env::args_os().collect();
+    let flags = match containerd_shim::parse(&args[1..]) {
+        Ok(f) => f,
+        Err(e) => {
+            eprintln!("containerd-shim-crisp-v2: {e}");
+            std::process::exit(2);
+        }
+    };
+    let result = if flags.version {
+        println!("containerd-shim-crisp-v2 {}", env!("CARGO_PKG_VERSION"));
+        Ok(())
+    } else if flags.info {
+        info()
+    } else {
+        match flags.action.as_str() {
+            "start" => start(&flags),
+            "delete" => delete(&flags),
+            _ => serve(&flags),
+        }
+    };
+    if let Err(e) = result {
+        eprintln!("containerd-shim-crisp-v2: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+fn info() -> anyhow::Result<()> {
+    let info = containerd_shim_protos::types::introspection::RuntimeInfo { name: "io.containerd.crisp.v2".into(), ..Default::default() };
+    std::io::stdout().write_all(&info.write_to_bytes()?)?;
+    Ok(())
+}
+
+fn socket_path(address: &str) -> &str {
+    address.strip_prefix("unix://").unwrap_or(address)
+}
+
+/// `start`: print the address of the pod's shim, starting it if this is the
+/// pod's first task. Tasks carrying the same `io.kubernetes.cri.sandbox-id`
+/// share one socket (its name is derived from the sandbox id, as containerd's
+/// own runc shim does), so they share one shim.
+fn start(flags: &Flags) -> anyhow::Result<()> {
+    let bundle = std::env::current_dir().context("current directory (the bundle)")?;
+    let group = match spec::read(&bundle) {
+        Ok(s) => spec::group_id(&s, &flags.id).to_string(),
+        Err(_) => flags.id.clone(),
+    };
+    let address = containerd_shim::socket_address(&flags.address, &flags.namespace, &group);
+    let path = PathBuf::from(socket_path(&address));
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).with_context(|| format!("create {}", dir.display()))?;
+    }
+    // Serialise starts of one pod: without it a second start could take the
+    // first one's fresh socket for a stale one and remove it.
+    // One lock file for all pods, so no per-pod lock file is left behind.
+    let lock_path = path.parent().unwrap_or(Path::new("/")).join("crisp-shim-start.lock");
+    let lock_file = File::create(&lock_path).context("shim start lock")?;
+    let _lock = nix::fcntl::Flock::lock(lock_file, nix::fcntl::FlockArg::LockExclusive)
+        .map_err(|(_, e)| anyhow::anyhow!("lock shim start: {e}"))?;
+
+    if UnixStream::connect(&path).is_err() {
+        if std::fs::symlink_metadata(&path).is_ok_and(|m| m.file_type().is_socket()) {
+            // Nobody listens: a shim that died left it behind.
+            std::fs::remove_file(&path).with_context(|| format!("remove stale socket {}", path.display()))?;
+        }
+        spawn_server(flags, &bundle, &address)?;
+    }
+    std::fs::write(bundle.join("address"), &address).context("write address file")?;
+    let mut out = std::io::stdout();
+    out.write_all(address.as_bytes())?;
+    out.flush()?;
+    Ok(())
+}
+
+fn spawn_server(flags: &Flags, bundle: &Path, address: &str) -> anyhow::Result<()> {
+    let exe = std::env::current_exe().context("own executable")?;
+    // Runtime options arrive on stdin as a protobuf Any (containerd 1.6+).
+    let mut input = Vec::new();
+    if !nix::unistd::isatty(std::io::stdin()).unwrap_or(false) {
+        let _ = std::io::stdin().take(10 << 20).read_to_end(&mut input);
+    }
+    let mut cmd = Command::new(exe);
+    cmd.args(["-namespace", &flags.namespace, "-id", &flags.id, "-address", &flags.address, "-socket", address]);
+    if !flags.publish_binary.is_empty() {
+        cmd.args(["-publish-binary", &flags.publish_binary]);
+    }
+    if flags.debug {
+        cmd.arg("-debug");
+    }
+    if let Ok(any) = Any::parse_from_bytes(&input)
+        && !any.type_url.is_empty()
+    {
+        cmd.env(HANDLER_OPTIONS_ENV, to_hex(&any.write_to_bytes()?));
+    }
+    cmd.current_dir(bundle).stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::null());
+    // Its own process group: signals meant for containerd's group never reach it.
+    cmd.process_group(0);
+    let mut child = cmd.spawn().context("spawn shim server")?;
+    let shim_pid = child.id();
+    // The server closes its stdout once it listens (or when it dies).
+    let mut ready = Vec::new();
+    if let Some(mut out) = child.stdout.take() {
+        let _ = out.read_to_end(&mut ready);
+    }
+    if UnixStream::connect(socket_path(address)).is_err() {
+        let status = child.try_wait().ok().flatten();
+        bail!("shim server (pid {shim_pid}) did not start serving on {address} (status {status:?}): {}", String::from_utf8_lossy(&ready).trim());
+    }
+    std::fs::write(bundle.join("shim.pid"), shim_pid.to_string()).context("write shim.pid")?;
+    Ok(())
+}
+
+/// `delete`: clean up after a task whose shim is gone.
+fn delete(flags: &Flags) -> anyhow::Result<()> {
+    let bundle = if flags.bundle.is_empty() { std::env::current_dir()? } else { PathBuf::from(&flags.bundle) };
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    rt.block_on(async {
+        let runtime = match service::read_record(&bundle) {
+            Some(r) => Runtime { binary: r.binary, root: r.root, systemd_cgroup: r.systemd_cgroup },
+            None => Runtime::new("runc", PathBuf::from("/run/crisp/runc").join(&flags.namespace), false)?,
+        };
+        if let Err(e) = runtime.delete(&flags.id, true).await {
+            eprintln!("delete {}: {e}", flags.id);
+        }
+        anyhow::Ok(())
+    })?;
+    // The rootfs under this bundle is the only mount the shim made for the task.
+    crisp_shim::mount::unmount_all(&bundle.join("rootfs")).context("unmount rootfs")?;
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+    let resp = DeleteResponse {
+        pid: 0,
+        exit_status: 128 + libc::SIGKILL as u32,
+        exited_at: MessageField::some(Timestamp { seconds: now.as_secs() as i64, nanos: now.subsec_nanos() as i32, ..Default::default() }),
+        ..Default::default()
+    };
+    std::io::stdout().write_all(&resp.write_to_bytes()?)?;
+    Ok(())
+}
+
+fn init_logging(flags: &Flags) {
+    let writer: Box<dyn Write + Send> = match std::env::var_os(LOG_ENV) {
+        Some(p) => match OpenOptions::new().create(true).append(true).open(&p) {
+            Ok(f) => Box::new(f),
+            Err(_) => Box::new(std::io::sink()),
+        },
+        // containerd reads the bundle's `log` FIFO and forwards it to its own log.
+        // Non-blocking, so a reader that went away can never stall the shim.
+        None => match OpenOptions::new().write(true).custom_flags(libc::O_NONBLOCK).open("log") {
+            Ok(f) => Box::new(f),
+            Err(_) => Box::new(std::io::sink()),
+        },
+    };
+    let level = if flags.debug { "debug" } else { "info" };
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(level));
+    let writer = Arc::new(Mutex::new(writer));
+    let make = move || LockedWriter(writer.clone());
+    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_ansi(false).with_writer(make).try_init();
+}
+
+struct LockedWriter(Arc<Mutex<Box<dyn Write + Send>>>);
+
+impl Write for LockedWriter {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let mut w = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        // A lost log line is better than a shim blocked on its log.
+        let _ = w.write_all(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+fn serve(flags: &Flags) -> anyhow::Result<()> {
+    if flags.socket.is_empty() {
+        bail!("serve mode needs -socket");
+    }
+    init_logging(flags);
+    // Subreaper: container processes re-parent to us when runc exits, so their
+    // exits reach our reaper.
+    nix::sys::prctl::set_child_subreaper(true).context("PR_SET_CHILD_SUBREAPER")?;
+    let handler = match std::env::var(HANDLER_OPTIONS_ENV).ok().and_then(|h| from_hex(&h)) {
+        Some(bytes) => Any::parse_from_bytes(&bytes).ok().and_then(|a| options::decode(&a).ok().flatten()).unwrap_or_default(),
+        None => Default::default(),
+    };
+    // One thread: the shim mostly waits; blocking work has its own threads.
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    rt.block_on(async move {
+        let span = tracing::info_span!("shim", namespace = %flags.namespace, id = %flags.id, pid = std::process::id());
+        let _enter = span.enter();
+        Reaper::global();
+        let default_runtime = runtime::probe_default().await;
+        let publisher = match std::env::var("TTRPC_ADDRESS") {
+            Ok(addr) => match containerd_shim::publisher::RemotePublisher::new(&addr).await {
+                Ok(p) => Some(p),
+                Err(e) => {
+                    tracing::warn!(error = %e, %addr, "no event publisher");
+                    None
+                }
+            },
+            Err(_) => None,
+        };
+        let shutdown = Arc::new(tokio::sync::Notify::new());
+        let config = Config { namespace: flags.namespace.clone(), handler, default_runtime };
+        let svc = TaskService::new(config, Events::new(publisher, &flags.namespace), shutdown.clone());
+
+        let path = socket_path(&flags.socket).to_string();
+        let listener = match UnixListener::bind(&path) {
+            Ok(l) => l,
+            Err(e) if e.kind() == std::io::ErrorKind::AddrInUse && UnixStream::connect(&path).is_ok() => {
+                tracing::info!(%path, "another shim already serves this pod");
+                return Ok(());
+            }
+            Err(e) => return Err(anyhow::Error::new(e).context(format!("listen on {path}"))),
+        };
+        let listener = Listener::try_from(listener).context("ttrpc listener")?;
+        let mut server = Server::new().add_listener(listener).register_service(service::services(svc));
+        server.start().await.context("start ttrpc server")?;
+        tracing::info!(socket = %path, "serving");
+        signal_ready();
+
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+        tokio::select! {
+            _ = shutdown.notified() => {}
+            _ = term.recv() => tracing::info!("SIGTERM"),
+        }
+        let _ = server.shutdown().await;
+        let _ = std::fs::remove_file(&path);
+        tracing::info!("shim exits");
+        anyhow::Ok(())
+    })
+}
+
+/// Closes stdout (by pointing it at /dev/null), which `start` waits for.
+fn signal_ready() {
+    if let Ok(null) = File::options().write(true).open("/dev/null") {
+        let mut stdout = std::io::stdout();
+        let _ = nix::unistd::dup2_stdout(&null).map(|_| stdout.flush());
+    }
+}
+
+fn to_hex(b: &[u8]) -> String {
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+fn from_hex(s: &str) -> Option<Vec<u8>> {
+    (0..s.len()).step_by(2).map(|i| s.get(i..i + 2).and_then(|h| u8::from_str_radix(h, 16).ok())).collect()
+}

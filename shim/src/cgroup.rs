@@ -1,0 +1,348 @@
+//! Stats and OOM events read from the task's own cgroup (v1 and v2).
+//!
+//! The cgroup is found from `/proc/<pid>/cgroup` of the task's init process,
+//! so what is read is exactly where the runtime put it — which is what the
+//! placement function decided.
+
+use std::{
+    collections::HashMap,
+    fs,
+    os::fd::{AsRawFd, FromRawFd, OwnedFd},
+    path::{Path, PathBuf},
+};
+
+use containerd_shim_protos::{
+    cgroups::metrics as v1,
+    cgroups_v2::metrics as v2,
+    protobuf::{MessageFull, well_known_types::any::Any},
+};
+
+pub const CGROUP_ROOT: &str = "/sys/fs/cgroup";
+
+#[derive(Debug, thiserror::Error)]
+pub enum CgroupError {
+    #[error("read {0}: {1}")]
+    Read(String, std::io::Error),
+    #[error("process {0} has no cgroup (it has exited)")]
+    NoCgroup(i32),
+    #[error("encode metrics: {0}")]
+    Encode(String),
+    #[error("oom watch on {0}: {1}")]
+    Watch(String, String),
+}
+
+/// Where a process sits: controller (or "" for the cgroup2 hierarchy) → path.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Membership(pub HashMap<String, String>);
+
+impl Membership {
+    pub fn of(pid: i32) -> Result<Membership, CgroupError> {
+        let text = fs::read_to_string(format!("/proc/{pid}/cgroup")).map_err(|_| CgroupError::NoCgroup(pid))?;
+        Ok(Self::parse(&text))
+    }
+
+    /// Parses `/proc/<pid>/cgroup` (`id:controllers:path` lines).
+    pub fn parse(text: &str) -> Membership {
+        let mut map = HashMap::new();
+        for line in text.lines() {
+            let mut parts = line.splitn(3, ':');
+            let (Some(_), Some(ctrls), Some(path)) = (parts.next(), parts.next(), parts.next()) else { continue };
+            if ctrls.is_empty() {
+                map.insert(String::new(), path.to_string());
+            }
+            for c in ctrls.split(',').filter(|c| !c.is_empty()) {
+                let c = c.strip_prefix("name=").unwrap_or(c);
+                map.insert(c.to_string(), path.to_string());
+            }
+        }
+        Membership(map)
+    }
+
+    /// The directory of a v1 controller's cgroup, if the host mounts it.
+    pub fn v1_dir(&self, controller: &str) -> Option<PathBuf> {
+        let path = self.0.get(controller)?;
+        let dir = Path::new(CGROUP_ROOT).join(controller).join(path.trim_start_matches('/'));
+        dir.is_dir().then_some(dir)
+    }
+
+    /// The cgroup2 directory when cgroup2 is the unified (only) hierarchy.
+    pub fn v2_dir(&self) -> Option<PathBuf> {
+        let path = self.0.get("")?;
+        if !Path::new(CGROUP_ROOT).join("cgroup.controllers").exists() {
+            return None;
+        }
+        let dir = Path::new(CGROUP_ROOT).join(path.trim_start_matches('/'));
+        dir.is_dir().then_some(dir)
+    }
+}
+
+fn read_u64(path: &Path) -> Option<u64> {
+    let s = fs::read_to_string(path).ok()?;
+    let s = s.trim();
+    if s == "max" { Some(u64::MAX) } else { s.parse().ok() }
+}
+
+fn read_kv(path: &Path) -> HashMap<String, u64> {
+    fs::read_to_string(path)
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| {
+            let mut it = l.split_whitespace();
+            Some((it.next()?.to_string(), it.next()?.parse().ok()?))
+        })
+        .collect()
+}
+
+/// Metrics of the cgroup `pid` is in, as the Any containerd's CRI plugin decodes.
+pub fn stats(pid: i32) -> Result<Any, CgroupError> {
+    let m = Membership::of(pid)?;
+    if let Some(dir) = m.v2_dir() {
+        return pack(&stats_v2(&dir));
+    }
+    pack(&stats_v1(&m))
+}
+
+fn pack<M: MessageFull>(msg: &M) -> Result<Any, CgroupError> {
+    Ok(Any {
+        // containerd registers these under their bare proto names.
+        type_url: M::descriptor().full_name().to_string(),
+        value: msg.write_to_bytes().map_err(|e| CgroupError::Encode(e.to_string()))?,
+        ..Default::default()
+    })
+}
+
+pub fn stats_v1(m: &Membership) -> v1::Metrics {
+    let mut out = v1::Metrics::new();
+    if let Some(dir) = m.v1_dir("pids") {
+        let mut p = v1::PidsStat::new();
+        p.current = read_u64(&dir.join("pids.current")).unwrap_or(0);
+        p.limit = read_u64(&dir.join("pids.max")).filter(|v| *v != u64::MAX).unwrap_or(0);
+        out.pids = Some(p).into();
+    }
+    let cpuacct = m.v1_dir("cpuacct");
+    let cpu = m.v1_dir("cpu");
+    if cpuacct.is_some() || cpu.is_some() {
+        let mut c = v1::CPUStat::new();
+        if let Some(dir) = &cpuacct {
+            let mut u = v1::CPUUsage::new();
+            u.total = read_u64(&dir.join("cpuacct.usage")).unwrap_or(0);
+            u.user = read_u64(&dir.join("cpuacct.usage_user")).unwrap_or(0);
+            u.kernel = read_u64(&dir.join("cpuacct.usage_sys")).unwrap_or(0);
+            u.per_cpu = fs::read_to_string(dir.join("cpuacct.usage_percpu"))
+                .unwrap_or_default()
+                .split_whitespace()
+                .filter_map(|v| v.parse().ok())
+                .collect();
+            c.usage = Some(u).into();
+        }
+        if let Some(dir) = &cpu {
+            let kv = read_kv(&dir.join("cpu.stat"));
+            let mut t = v1::Throttle::new();
+            t.periods = kv.get("nr_periods").copied().unwrap_or(0);
+            t.throttled_periods = kv.get("nr_throttled").copied().unwrap_or(0);
+            t.throttled_time = kv.get("throttled_time").copied().unwrap_or(0);
+            c.throttling = Some(t).into();
+        }
+        out.cpu = Some(c).into();
+    }
+    if let Some(dir) = m.v1_dir("memory") {
+        let kv = read_kv(&dir.join("memory.stat"));
+        let g = |k: &str| kv.get(k).copied().unwrap_or(0);
+        let mut s = v1::MemoryStat::new();
+        s.cache = g("cache");
+        s.rss = g("rss");
+        s.rss_huge = g("rss_huge");
+        s.mapped_file = g("mapped_file");
+        s.dirty = g("dirty");
+        s.writeback = g("writeback");
+        s.pg_pg_in = g("pgpgin");
+        s.pg_pg_out = g("pgpgout");
+        s.pg_fault = g("pgfault");
+        s.pg_maj_fault = g("pgmajfault");
+        s.inactive_anon = g("inactive_anon");
+        s.active_anon = g("active_anon");
+        s.inactive_file = g("inactive_file");
+        s.active_file = g("active_file");
+        s.unevictable = g("unevictable");
+        s.hierarchical_memory_limit = g("hierarchical_memory_limit");
+        s.hierarchical_swap_limit = g("hierarchical_memsw_limit");
+        s.total_cache = g("total_cache");
+        s.total_rss = g("total_rss");
+        s.total_rss_huge = g("total_rss_huge");
+        s.total_mapped_file = g("total_mapped_file");
+        s.total_dirty = g("total_dirty");
+        s.total_writeback = g("total_writeback");
+        s.total_pg_pg_in = g("total_pgpgin");
+        s.total_pg_pg_out = g("total_pgpgout");
+        s.total_pg_fault = g("total_pgfault");
+        s.total_pg_maj_fault = g("total_pgmajfault");
+        s.total_inactive_anon = g("total_inactive_anon");
+        s.total_active_anon = g("total_active_anon");
+        s.total_inactive_file = g("total_inactive_file");
+        s.total_active_file = g("total_active_file");
+        s.total_unevictable = g("total_unevictable");
+        let entry = |prefix: &str| {
+            let mut e = v1::MemoryEntry::new();
+            e.usage = read_u64(&dir.join(format!("{prefix}usage_in_bytes"))).unwrap_or(0);
+            e.limit = read_u64(&dir.join(format!("{prefix}limit_in_bytes"))).unwrap_or(0);
+            e.max = read_u64(&dir.join(format!("{prefix}max_usage_in_bytes"))).unwrap_or(0);
+            e.failcnt = read_u64(&dir.join(format!("{prefix}failcnt"))).unwrap_or(0);
+            e
+        };
+        s.usage = Some(entry("memory.")).into();
+        s.swap = Some(entry("memory.memsw.")).into();
+        s.kernel = Some(entry("memory.kmem.")).into();
+        s.kernel_tcp = Some(entry("memory.kmem.tcp.")).into();
+        out.memory = Some(s).into();
+    }
+    out
+}
+
+pub fn stats_v2(dir: &Path) -> v2::Metrics {
+    let mut out = v2::Metrics::new();
+    let mut p = v2::PidsStat::new();
+    p.current = read_u64(&dir.join("pids.current")).unwrap_or(0);
+    p.limit = read_u64(&dir.join("pids.max")).filter(|v| *v != u64::MAX).unwrap_or(0);
+    out.pids = Some(p).into();
+
+    let kv = read_kv(&dir.join("cpu.stat"));
+    let g = |k: &str| kv.get(k).copied().unwrap_or(0);
+    let mut c = v2::CPUStat::new();
+    c.usage_usec = g("usage_usec");
+    c.user_usec = g("user_usec");
+    c.system_usec = g("system_usec");
+    c.nr_periods = g("nr_periods");
+    c.nr_throttled = g("nr_throttled");
+    c.throttled_usec = g("throttled_usec");
+    out.cpu = Some(c).into();
+
+    let kv = read_kv(&dir.join("memory.stat"));
+    let g = |k: &str| kv.get(k).copied().unwrap_or(0);
+    let mut s = v2::MemoryStat::new();
+    s.anon = g("anon");
+    s.file = g("file");
+    s.kernel_stack = g("kernel_stack");
+    s.slab = g("slab");
+    s.sock = g("sock");
+    s.shmem = g("shmem");
+    s.file_mapped = g("file_mapped");
+    s.file_dirty = g("file_dirty");
+    s.file_writeback = g("file_writeback");
+    s.inactive_anon = g("inactive_anon");
+    s.active_anon = g("active_anon");
+    s.inactive_file = g("inactive_file");
+    s.active_file = g("active_file");
+    s.unevictable = g("unevictable");
+    s.usage = read_u64(&dir.join("memory.current")).unwrap_or(0);
+    s.usage_limit = read_u64(&dir.join("memory.max")).unwrap_or(u64::MAX);
+    s.swap_usage = read_u64(&dir.join("memory.swap.current")).unwrap_or(0);
+    s.swap_limit = read_u64(&dir.join("memory.swap.max")).unwrap_or(u64::MAX);
+    out.memory = Some(s).into();
+
+    let ev = read_kv(&dir.join("memory.events"));
+    let mut e = v2::MemoryEvents::new();
+    e.low = ev.get("low").copied().unwrap_or(0);
+    e.high = ev.get("high").copied().unwrap_or(0);
+    e.max = ev.get("max").copied().unwrap_or(0);
+    e.oom = ev.get("oom").copied().unwrap_or(0);
+    e.oom_kill = ev.get("oom_kill").copied().unwrap_or(0);
+    out.memory_events = Some(e).into();
+    out
+}
+
+/// Calls `on_oom` (from a dedicated thread) each time the cgroup of `pid` hits
+/// an OOM, until the cgroup goes away. v1: an eventfd registered on
+/// `memory.oom_control`; v2: the `oom_kill` count in `memory.events`, polled.
+pub fn watch_oom(pid: i32, on_oom: impl Fn() + Send + 'static) -> Result<(), CgroupError> {
+    let m = Membership::of(pid)?;
+    if let Some(dir) = m.v2_dir() {
+        return watch_v2(dir, on_oom);
+    }
+    let Some(dir) = m.v1_dir("memory") else {
+        return Ok(()); // No memory controller: nothing can OOM-kill by cgroup.
+    };
+    watch_v1(dir, on_oom)
+}
+
+fn watch_v1(dir: PathBuf, on_oom: impl Fn() + Send + 'static) -> Result<(), CgroupError> {
+    let werr = |e: String| CgroupError::Watch(dir.display().to_string(), e);
+    let control = fs::File::open(dir.join("memory.oom_control")).map_err(|e| werr(e.to_string()))?;
+    // SAFETY: eventfd(2) with valid flags; the result is checked before use.
+    let raw = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC) };
+    if raw < 0 {
+        return Err(werr(std::io::Error::last_os_error().to_string()));
+    }
+    // SAFETY: `raw` is a fresh eventfd that nothing else owns.
+    let efd = unsafe { OwnedFd::from_raw_fd(raw) };
+    fs::write(dir.join("cgroup.event_control"), format!("{} {}", efd.as_raw_fd(), control.as_raw_fd()))
+        .map_err(|e| werr(e.to_string()))?;
+    std::thread::Builder::new()
+        .name("oom-v1".into())
+        .spawn(move || {
+            let _control = control; // must stay open for the registration
+            let mut efd = fs::File::from(efd);
+            let mut buf = [0u8; 8];
+            loop {
+                if std::io::Read::read_exact(&mut efd, &mut buf).is_err() {
+                    return;
+                }
+                // The eventfd also fires when the cgroup is removed.
+                if !dir.join("memory.oom_control").exists() {
+                    return;
+                }
+                on_oom();
+            }
+        })
+        .map_err(|e| CgroupError::Watch("thread".into(), e.to_string()))?;
+    Ok(())
+}
+
+fn watch_v2(dir: PathBuf, on_oom: impl Fn() + Send + 'static) -> Result<(), CgroupError> {
+    std::thread::Builder::new()
+        .name("oom-v2".into())
+        .spawn(move || {
+            let events = dir.join("memory.events");
+            let count = |p: &Path| fs::read_to_string(p).ok().map(|s| {
+                s.lines()
+                    .find_map(|l| l.strip_prefix("oom_kill ").and_then(|v| v.trim().parse::<u64>().ok()))
+                    .unwrap_or(0)
+            });
+            let mut last = count(&events).unwrap_or(0);
+            // Polled: a missed wakeup is impossible, and once a second is cheap.
+            while let Some(now) = count(&events) {
+                if now > last {
+                    on_oom();
+                    last = now;
+                }
+                std::thread::sleep(std::time::Duration::from_secs(1));
+            }
+        })
+        .map_err(|e| CgroupError::Watch("thread".into(), e.to_string()))?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_hybrid_proc_cgroup() {
+        let text = "12:memory:/kubepods/pod1/crisp-a\n11:cpu,cpuacct:/kubepods/pod1/crisp-a\n1:name=systemd:/x\n0::/\n";
+        let m = Membership::parse(text);
+        assert_eq!(m.0.get("memory").map(String::as_str), Some("/kubepods/pod1/crisp-a"));
+        assert_eq!(m.0.get("cpuacct").map(String::as_str), Some("/kubepods/pod1/crisp-a"));
+        assert_eq!(m.0.get("systemd").map(String::as_str), Some("/x"));
+        assert_eq!(m.0.get("").map(String::as_str), Some("/"));
+    }
+
+    #[test]
+    fn stats_of_self_decode() {
+        use containerd_shim_protos::protobuf::Message;
+        let any = stats(std::process::id() as i32).expect("stats");
+        assert!(any.type_url.starts_with("io.containerd.cgroups.v"));
+        if any.type_url.ends_with("v1.Metrics") {
+            let m = v1::Metrics::parse_from_bytes(&any.value).expect("decode");
+            assert!(m.memory.usage.usage > 0 || m.memory.is_none());
+        }
+    }
+}
