@@ -148,7 +148,7 @@ fn error_kinds() {
     sn.prepare("child", Some("c"), no_labels()).expect("prepare child");
     let st: tonic::Status = sn.remove("c").expect_err("has child").into();
     assert_eq!(st.code(), tonic::Code::FailedPrecondition);
-    let st: tonic::Status = sn.prepare("a", None, no_labels()).expect_err("dup").into();
+    let st: tonic::Status = sn.prepare("b", None, no_labels()).expect_err("dup").into();
     assert_eq!(st.code(), tonic::Code::AlreadyExists);
     let bad = labels(&[("containerd.io/snapshot/uidmapping", "0:1")]);
     assert_eq!(sn.prepare("m", None, bad).expect_err("half mapping").kind(), ErrorKind::InvalidArgument);
