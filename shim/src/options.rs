@@ -6,6 +6,8 @@
 //! always `handler` with the override merged in by protobuf merge semantics: a
 //! field the override sets replaces the handler's, every other field stays.
 
+use std::path::Path;
+
 use containerd_shim_protos::protobuf::{Message, MessageFull, well_known_types::any::Any};
 pub use containerd_shim_protos::shim::oci::Options;
 
@@ -15,6 +17,8 @@ use crate::placement::CgroupDriver;
 pub enum OptionsError {
     #[error("runtime options of type {0:?} are not containerd.runc.v1.Options")]
     WrongType(String),
+    #[error("runtime options file {0}: {1}")]
+    Config(String, String),
     #[error("runtime options do not decode: {0}")]
     Decode(#[from] containerd_shim_protos::protobuf::Error),
 }
@@ -25,15 +29,90 @@ fn is_options(any: &Any) -> bool {
     any.type_url.rsplit('/').next() == Some(Options::descriptor().full_name())
 }
 
+/// The options type containerd 1.6's CRI plugin sends for runtime types it does
+/// not know (ours): `{type_url, config_path}`, where `config_path` names the
+/// runtime's own config file.
+pub const CRI_RUNTIME_OPTIONS: &str = "cri.runtimeoptions.v1.Options";
+
 /// Decodes runtime options; an absent (empty) Any means "no options".
+/// Accepts `containerd.runc.v1.Options` and `cri.runtimeoptions.v1.Options`
+/// (whose `config_path` file holds the same keys as containerd's runc options
+/// table: `BinaryName`, `Root`, `SystemdCgroup`, ...).
 pub fn decode(any: &Any) -> Result<Option<Options>, OptionsError> {
     if any.type_url.is_empty() && any.value.is_empty() {
         return Ok(None);
+    }
+    if any.type_url.rsplit('/').next() == Some(CRI_RUNTIME_OPTIONS) {
+        let config_path = proto_string_field(&any.value, 2).unwrap_or_default();
+        if config_path.is_empty() {
+            return Ok(None);
+        }
+        return load_toml(Path::new(&config_path)).map(Some);
     }
     if !is_options(any) {
         return Err(OptionsError::WrongType(any.type_url.clone()));
     }
     Ok(Some(Options::parse_from_bytes(&any.value)?))
+}
+
+/// Reads runc-style options from a TOML file (the keys of containerd's
+/// `[plugins."io.containerd.grpc.v1.cri".containerd.runtimes.X.options]`).
+pub fn load_toml(path: &Path) -> Result<Options, OptionsError> {
+    let text = std::fs::read_to_string(path).map_err(|e| OptionsError::Config(path.display().to_string(), e.to_string()))?;
+    let table: toml::Table = text.parse().map_err(|e: toml::de::Error| OptionsError::Config(path.display().to_string(), e.to_string()))?;
+    let s = |k: &str| table.get(k).and_then(|v| v.as_str()).unwrap_or_default().to_string();
+    let b = |k: &str| table.get(k).and_then(|v| v.as_bool()).unwrap_or(false);
+    let u = |k: &str| table.get(k).and_then(|v| v.as_integer()).and_then(|v| u32::try_from(v).ok()).unwrap_or(0);
+    Ok(Options {
+        no_pivot_root: b("NoPivotRoot"),
+        no_new_keyring: b("NoNewKeyring"),
+        shim_cgroup: s("ShimCgroup"),
+        io_uid: u("IoUid"),
+        io_gid: u("IoGid"),
+        binary_name: s("BinaryName"),
+        root: s("Root"),
+        systemd_cgroup: b("SystemdCgroup"),
+        criu_image_path: s("CriuImagePath"),
+        criu_work_path: s("CriuWorkPath"),
+        ..Default::default()
+    })
+}
+
+/// The string field `field` of a protobuf message, decoded by hand: the one
+/// message we need it for has no generated type in our dependencies.
+fn proto_string_field(mut buf: &[u8], field: u64) -> Option<String> {
+    fn varint(buf: &mut &[u8]) -> Option<u64> {
+        let mut v = 0u64;
+        for shift in (0..64).step_by(7) {
+            let (&b, rest) = buf.split_first()?;
+            *buf = rest;
+            v |= u64::from(b & 0x7f) << shift;
+            if b & 0x80 == 0 {
+                return Some(v);
+            }
+        }
+        None
+    }
+    while !buf.is_empty() {
+        let key = varint(&mut buf)?;
+        match key & 7 {
+            0 => {
+                varint(&mut buf)?;
+            }
+            1 => buf = buf.get(8..)?,
+            5 => buf = buf.get(4..)?,
+            2 => {
+                let len = usize::try_from(varint(&mut buf)?).ok()?;
+                let (data, rest) = (buf.get(..len)?, buf.get(len..)?);
+                if key >> 3 == field {
+                    return String::from_utf8(data.to_vec()).ok();
+                }
+                buf = rest;
+            }
+            _ => return None,
+        }
+    }
+    None
 }
 
 /// The effective options of one task: `handler` with `overrides` on top.
@@ -123,6 +202,24 @@ mod tests {
         assert_eq!(merged.root, handler.root);
         assert!(merged.systemd_cgroup);
         assert_eq!(merge(&handler, None), handler);
+    }
+
+    #[test]
+    fn cri_runtime_options_point_at_a_toml_file() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let file = dir.path().join("crisp-crun.toml");
+        std::fs::write(&file, "BinaryName = \"crun\"\nSystemdCgroup = true\nRoot = \"/run/x\"\n").expect("write");
+        // cri.runtimeoptions.v1.Options { type_url = 1, config_path = 2 }, encoded by hand.
+        let path = file.display().to_string();
+        let mut value = vec![0x0a, 1, b'x', 0x12, path.len() as u8];
+        value.extend_from_slice(path.as_bytes());
+        let any = Any { type_url: CRI_RUNTIME_OPTIONS.into(), value, ..Default::default() };
+        let opts = decode(&any).expect("decodes").expect("some");
+        assert_eq!(opts.binary_name, "crun");
+        assert_eq!(opts.root, "/run/x");
+        assert!(opts.systemd_cgroup);
+        let empty = Any { type_url: CRI_RUNTIME_OPTIONS.into(), value: vec![], ..Default::default() };
+        assert!(decode(&empty).expect("decodes").is_none());
     }
 
     #[test]
