@@ -32,7 +32,10 @@ fn is_options(any: &Any) -> bool {
 /// The options type containerd 1.6's CRI plugin sends for runtime types it does
 /// not know (ours): `{type_url, config_path}`, where `config_path` names the
 /// runtime's own config file.
+/// (1.6 registers it as `runtimeoptions.v1.Options`, later releases as
+/// `cri.runtimeoptions.v1.Options`.)
 pub const CRI_RUNTIME_OPTIONS: &str = "cri.runtimeoptions.v1.Options";
+const CRI_RUNTIME_OPTIONS_16: &str = "runtimeoptions.v1.Options";
 
 /// Decodes runtime options; an absent (empty) Any means "no options".
 /// Accepts `containerd.runc.v1.Options` and `cri.runtimeoptions.v1.Options`
@@ -42,7 +45,8 @@ pub fn decode(any: &Any) -> Result<Option<Options>, OptionsError> {
     if any.type_url.is_empty() && any.value.is_empty() {
         return Ok(None);
     }
-    if any.type_url.rsplit('/').next() == Some(CRI_RUNTIME_OPTIONS) {
+    let name = any.type_url.rsplit('/').next().unwrap_or_default();
+    if name == CRI_RUNTIME_OPTIONS || name == CRI_RUNTIME_OPTIONS_16 {
         let config_path = proto_string_field(&any.value, 2).unwrap_or_default();
         if config_path.is_empty() {
             return Ok(None);
