@@ -825,15 +825,14 @@ pub fn unmount_all(target: &Path) -> Result<(), MountError> {
     default_mounter().unmount_all(target)
 }
 
-/// Whether `path` appears as a mount point in `/proc/self/mountinfo` (tests poll this).
+/// Mount points in `/proc/self/mountinfo` at or below `prefix` (component-wise; tests poll this).
 pub fn mountinfo_paths_under(prefix: &Path) -> io::Result<Vec<PathBuf>> {
     let text = std::fs::read_to_string("/proc/self/mountinfo")?;
-    let pre = prefix.as_os_str().as_bytes();
     Ok(text
         .lines()
         .filter_map(|l| l.split(' ').nth(4))
         .map(unescape_mountinfo)
-        .filter(|p| p.as_os_str().as_bytes().starts_with(pre))
+        .filter(|p| p.starts_with(prefix))
         .collect())
 }
 

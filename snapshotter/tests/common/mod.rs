@@ -69,31 +69,78 @@ impl Drop for MountGuard<'_> {
     }
 }
 
-/// Runs `sh -c script` in a new user namespace with the given maps (each `inside host count`
-/// lines, as in /proc/<pid>/uid_map), written from here: no newuidmap needed. The child waits
-/// for a line on stdin until the maps are in place.
-pub fn run_in_userns(uid_map: &str, gid_map: &str, script: &str) -> std::process::Output {
-    use std::io::Write;
-    use std::process::{Command, Stdio};
-    let mut child = Command::new("unshare")
-        .args(["--user", "--", "sh", "-c", &format!("read _go; {script}")])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn unshare");
-    let pid = child.id();
-    let mine = std::fs::read_link("/proc/self/ns/user").expect("own userns");
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-    loop {
-        match std::fs::read_link(format!("/proc/{pid}/ns/user")) {
-            Ok(ns) if ns != mine => break,
-            _ if std::time::Instant::now() > deadline => panic!("child never entered a user namespace"),
-            _ => std::thread::sleep(std::time::Duration::from_millis(2)),
-        }
+/// Spawns `cmd` as root of a new user namespace (and, with `new_mount_ns`, a new mount
+/// namespace) whose maps (`/proc/<pid>/uid_map` lines) are written from here, so no
+/// newuidmap is needed. The forked child unshares, reports its pid, waits for the maps, then
+/// becomes uid/gid 0 inside and execs `cmd`.
+pub fn spawn_in_userns(
+    new_mount_ns: bool,
+    uid_map: &str,
+    gid_map: &str,
+    cmd: &mut std::process::Command,
+) -> std::process::Child {
+    use std::os::unix::process::CommandExt;
+    let pipe = || {
+        let mut fds = [0i32; 2];
+        // SAFETY: pipe2 writes two fds into the array we own.
+        let rc = unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) };
+        assert_eq!(rc, 0, "pipe2");
+        (fds[0], fds[1])
+    };
+    let (ready_r, ready_w) = pipe();
+    let (go_r, go_w) = pipe();
+    let flags = libc::CLONE_NEWUSER | if new_mount_ns { libc::CLONE_NEWNS } else { 0 };
+    // SAFETY: the hook runs in the forked child before exec and only makes raw,
+    // async-signal-safe syscalls (unshare, getpid, write, read, setres[ug]id, setgroups).
+    unsafe {
+        cmd.pre_exec(move || {
+            if libc::unshare(flags) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            let pid = libc::getpid();
+            libc::write(ready_w, (&pid as *const i32).cast(), 4);
+            let mut b = 0u8;
+            if libc::read(go_r, (&mut b as *mut u8).cast(), 1) != 1 {
+                return Err(std::io::Error::other("parent went away"));
+            }
+            if libc::setresgid(0, 0, 0) != 0 || libc::setgroups(0, std::ptr::null()) != 0 || libc::setresuid(0, 0, 0) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
     }
-    std::fs::write(format!("/proc/{pid}/uid_map"), uid_map).expect("uid_map");
-    std::fs::write(format!("/proc/{pid}/gid_map"), gid_map).expect("gid_map");
-    child.stdin.take().expect("stdin").write_all(b"go\n").expect("go");
-    child.wait_with_output().expect("wait")
+    let (um, gm) = (uid_map.to_string(), gid_map.to_string());
+    let helper = std::thread::spawn(move || {
+        let mut pid = 0i32;
+        // SAFETY: reading 4 bytes into an i32 we own, from our pipe.
+        let n = unsafe { libc::read(ready_r, (&mut pid as *mut i32).cast(), 4) };
+        if n == 4 {
+            let ok = std::fs::write(format!("/proc/{pid}/uid_map"), &um).is_ok()
+                && std::fs::write(format!("/proc/{pid}/gid_map"), &gm).is_ok();
+            if ok {
+                // SAFETY: one byte to our pipe.
+                unsafe { libc::write(go_w, b"g".as_ptr().cast(), 1) };
+            }
+        }
+        // SAFETY: closing the fds this thread owns.
+        unsafe {
+            libc::close(go_w);
+            libc::close(ready_r);
+        }
+    });
+    let child = cmd.spawn();
+    // SAFETY: the child has its copies; close ours of the child's ends.
+    unsafe {
+        libc::close(ready_w);
+        libc::close(go_r);
+    }
+    let _ = helper.join();
+    child.expect("spawn in user namespace")
+}
+
+/// Runs `sh -c script` as root of a new user namespace with these maps.
+pub fn run_in_userns(uid_map: &str, gid_map: &str, script: &str) -> std::process::Output {
+    let mut cmd = std::process::Command::new("sh");
+    cmd.args(["-c", script]).stdout(std::process::Stdio::piped()).stderr(std::process::Stdio::piped());
+    spawn_in_userns(false, uid_map, gid_map, &mut cmd).wait_with_output().expect("wait")
 }
