@@ -40,7 +40,7 @@ pub enum Error {
     InvalidArgument(String),
     /// The metadata store failed.
     #[error("metadata store: {0}")]
-    Store(#[from] redb::Error),
+    Store(Box<redb::Error>),
     /// A record did not decode.
     #[error("metadata record {key:?}: {source}")]
     Decode {
@@ -61,10 +61,10 @@ pub enum Error {
     },
     /// The safe remover refused or failed.
     #[error(transparent)]
-    Remove(#[from] RemoveError),
+    Remove(Box<RemoveError>),
     /// Mounting failed.
     #[error(transparent)]
-    Mount(#[from] MountError),
+    Mount(Box<MountError>),
     /// A failpoint fired (tests).
     #[error("failpoint {0} fired")]
     Failpoint(String),
@@ -78,7 +78,7 @@ impl Error {
             Error::AlreadyExists(_) => ErrorKind::AlreadyExists,
             Error::FailedPrecondition(_) => ErrorKind::FailedPrecondition,
             Error::InvalidArgument(_) => ErrorKind::InvalidArgument,
-            Error::Mount(MountError::Invalid { .. }) | Error::Mount(MountError::Idmap(IdmapError::Invalid { .. })) => {
+            Error::Mount(m) if matches!(**m, MountError::Invalid { .. } | MountError::Idmap(IdmapError::Invalid { .. })) => {
                 ErrorKind::InvalidArgument
             }
             _ => ErrorKind::Internal,
@@ -95,14 +95,26 @@ impl From<IdmapError> for Error {
     fn from(e: IdmapError) -> Self {
         match e {
             IdmapError::Invalid { .. } => Error::InvalidArgument(e.to_string()),
-            e => Error::Mount(MountError::Idmap(e)),
+            e => Error::Mount(Box::new(MountError::Idmap(e))),
         }
+    }
+}
+
+impl From<MountError> for Error {
+    fn from(e: MountError) -> Self {
+        Error::Mount(Box::new(e))
+    }
+}
+
+impl From<RemoveError> for Error {
+    fn from(e: RemoveError) -> Self {
+        Error::Remove(Box::new(e))
     }
 }
 
 /// Converts any redb error into [`Error::Store`].
 pub(crate) fn db<E: Into<redb::Error>>(e: E) -> Error {
-    Error::Store(e.into())
+    Error::Store(Box::new(e.into()))
 }
 
 /// Error kind → gRPC code: the one place where this mapping lives.

@@ -47,10 +47,10 @@ fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     let sn = Snapshotter::open(&args.root, Config { idmap_mode: args.idmap_mode })
         .with_context(|| format!("opening snapshotter at --root {}", args.root.display()))?;
-    if args.cleanup {
-        if let Err(e) = sn.cleanup() {
-            tracing::warn!(error = %e, "start-up cleanup");
-        }
+    if args.cleanup
+        && let Err(e) = sn.cleanup()
+    {
+        tracing::warn!(error = %e, "start-up cleanup");
     }
     let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     rt.block_on(serve(Arc::new(sn), args.address))

@@ -587,7 +587,7 @@ impl Snapshotter {
                     }
                     Err(err) => {
                         tracing::error!(path = %p.display(), error = %err, "cleanup: not removed");
-                        first_err.get_or_insert(Error::Remove(err));
+                        first_err.get_or_insert(Error::from(err));
                     }
                 }
             }
