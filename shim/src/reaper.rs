@@ -50,10 +50,9 @@ pub struct Reaper {
     table: Mutex<Table>,
     /// Wakes the reaper thread when it idles with no children.
     wake: Condvar,
-    /// Every exit of a pid that has no one-shot waiter goes here too, so the task
-    /// service can match container and exec processes.
-    others: mpsc::UnboundedSender<Exit>,
-    others_rx: Mutex<Option<mpsc::UnboundedReceiver<Exit>>>,
+    /// Every exit of a pid that has no one-shot waiter goes to each subscriber, so
+    /// task services can match their container and exec processes.
+    subscribers: Mutex<Vec<mpsc::UnboundedSender<Exit>>>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -79,12 +78,10 @@ impl Reaper {
     /// `waitpid(-1)`, independent of any async runtime.
     pub fn global() -> &'static Reaper {
         GLOBAL.get_or_init(|| {
-            let (tx, rx) = mpsc::unbounded_channel();
             let reaper: &'static Reaper = Box::leak(Box::new(Reaper {
                 table: Mutex::default(),
                 wake: Condvar::new(),
-                others: tx,
-                others_rx: Mutex::new(Some(rx)),
+                subscribers: Mutex::default(),
             }));
             let spawned = std::thread::Builder::new()
                 .name("reaper".into())
@@ -98,9 +95,12 @@ impl Reaper {
     }
 
     /// The stream of exits of processes the shim did not spawn through [`Reaper::run`]
-    /// (containers, execs). Only the first caller gets it.
-    pub fn take_exits(&self) -> Option<mpsc::UnboundedReceiver<Exit>> {
-        self.others_rx.lock().unwrap_or_else(|p| p.into_inner()).take()
+    /// (containers, execs). An exit is also kept for [`Reaper::take_unclaimed`]; the
+    /// subscriber that takes it from there is the one that handles it.
+    pub fn subscribe(&self) -> mpsc::UnboundedReceiver<Exit> {
+        let (tx, rx) = mpsc::unbounded_channel();
+        self.subscribers.lock().unwrap_or_else(|p| p.into_inner()).push(tx);
+        rx
     }
 
     fn reap_forever(&self) {
@@ -138,7 +138,10 @@ impl Reaper {
         table.unclaimed.retain(|_, (_, t)| cutoff.duration_since(*t) < UNCLAIMED_TTL);
         table.unclaimed.insert(exit.pid, (exit, Instant::now()));
         drop(table);
-        let _ = self.others.send(exit);
+        self.subscribers
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .retain(|tx| tx.send(exit).is_ok());
     }
 
     /// Takes an exit of `pid` that arrived before anyone asked for it.

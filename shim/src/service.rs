@@ -32,7 +32,6 @@ use crate::{
     io::{self, Console, ProcessIo, StdioPaths},
     mount,
     options::{self, Options},
-    placement::CgroupDriver,
     reaper::{Exit, Reaper},
     runtime::{self, CreateOpts, Runtime, RuntimeError},
     spec,
@@ -171,15 +170,29 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 pub struct Events {
     publisher: Option<Arc<RemotePublisher>>,
     namespace: String,
+    /// Tests: every event as (topic, event in protobuf text format), in order.
+    record: Option<Arc<Mutex<Vec<(String, String)>>>>,
 }
+
+pub type EventLog = Arc<Mutex<Vec<(String, String)>>>;
 
 impl Events {
     pub fn new(publisher: Option<RemotePublisher>, namespace: &str) -> Events {
-        Events { publisher: publisher.map(Arc::new), namespace: namespace.to_string() }
+        Events { publisher: publisher.map(Arc::new), namespace: namespace.to_string(), record: None }
+    }
+
+    /// Events that are only recorded, for tests.
+    pub fn recorder(namespace: &str) -> (Events, EventLog) {
+        let log = EventLog::default();
+        (Events { publisher: None, namespace: namespace.to_string(), record: Some(log.clone()) }, log)
     }
 
     async fn publish(&self, topic: &str, event: Box<dyn MessageDyn>) {
         tracing::debug!(topic, "event");
+        if let Some(r) = &self.record {
+            let text = containerd_shim_protos::protobuf::text_format::print_to_string(event.as_ref());
+            lock(r).push((topic.to_string(), text));
+        }
         if let Some(p) = &self.publisher
             && let Err(e) = p.publish(ttrpc::context::Context::default(), topic, &self.namespace, event).await
         {
@@ -231,14 +244,13 @@ impl TaskService {
                 shutdown,
             }),
         };
-        if let Some(mut exits) = Reaper::global().take_exits() {
-            let s = svc.clone();
-            tokio::spawn(async move {
-                while let Some(exit) = exits.recv().await {
-                    s.on_reaped(exit).await;
-                }
-            });
-        }
+        let mut exits = Reaper::global().subscribe();
+        let s = svc.clone();
+        tokio::spawn(async move {
+            while let Some(exit) = exits.recv().await {
+                s.on_reaped(exit).await;
+            }
+        });
         let s = svc.clone();
         tokio::spawn(async move {
             while let Some(id) = oom_rx.recv().await {
@@ -275,7 +287,8 @@ impl TaskService {
         let exited = Exited { status: exit.status as u32, at: exit.at };
         st.exited = Some(exited);
         lock(&self.inner.pids).remove(&exit.pid);
-        let _ = p.exited_tx.send(Some(exited));
+        // send_replace: `send` drops the value when nobody is waiting yet.
+        p.exited_tx.send_replace(Some(exited));
         info!(container_id = %c.id, exec_id = %p.exec_id, pid = exit.pid, status = exit.status, "exited");
         let ev = TaskExit {
             container_id: c.id.clone(),
@@ -299,7 +312,7 @@ impl TaskService {
         Runtime::new(&binary, root, opts.systemd_cgroup).map_err(|e| TaskError::FailedPrecondition(e.to_string()))
     }
 
-    async fn create(&self, req: api::CreateTaskRequest) -> Result<api::CreateTaskResponse> {
+    pub async fn create(&self, req: api::CreateTaskRequest) -> Result<api::CreateTaskResponse> {
         let id = req.id.clone();
         if lock(&self.inner.containers).contains_key(&id) {
             return Err(TaskError::AlreadyExists(format!("task {id} already exists")));
@@ -417,7 +430,7 @@ impl TaskService {
         Ok(api::CreateTaskResponse { pid: pid as u32, ..Default::default() })
     }
 
-    async fn start(&self, req: api::StartRequest) -> Result<api::StartResponse> {
+    pub async fn start(&self, req: api::StartRequest) -> Result<api::StartResponse> {
         let c = self.container(&req.id)?;
         let p = c.process(&req.exec_id)?;
         let mut st = p.state.lock().await;
@@ -477,7 +490,7 @@ impl TaskService {
         Ok(pid)
     }
 
-    async fn delete(&self, req: api::DeleteRequest) -> Result<api::DeleteResponse> {
+    pub async fn delete(&self, req: api::DeleteRequest) -> Result<api::DeleteResponse> {
         let c = self.container(&req.id)?;
         if !req.exec_id.is_empty() {
             let p = c.process(&req.exec_id)?;
@@ -508,7 +521,7 @@ impl TaskService {
             // Never started: deleted before it ran. Report it like a kill.
             let _ = st.transition(ProcStatus::Stopped);
             st.exited = Some(Exited { status: 128 + 9, at: SystemTime::now() });
-            let _ = c.init.exited_tx.send(st.exited);
+            c.init.exited_tx.send_replace(st.exited);
         }
         lock(&self.inner.containers).remove(&c.id);
         lock(&self.inner.pids).retain(|_, (cid, _)| *cid != c.id);
@@ -526,7 +539,7 @@ impl TaskService {
         Ok(api::DeleteResponse { pid: st.pid as u32, exit_status: e.status, exited_at: MessageField::some(ts(e.at)), ..Default::default() })
     }
 
-    async fn kill(&self, req: api::KillRequest) -> Result<()> {
+    pub async fn kill(&self, req: api::KillRequest) -> Result<()> {
         let c = self.container(&req.id)?;
         let p = c.process(&req.exec_id)?;
         let st = p.state.lock().await;
@@ -551,7 +564,7 @@ impl TaskService {
         nix::sys::signal::kill(nix::unistd::Pid::from_raw(st.pid), sig).map_err(|e| internal!("kill {}: {e}", st.pid))
     }
 
-    async fn exec(&self, req: api::ExecProcessRequest) -> Result<()> {
+    pub async fn exec(&self, req: api::ExecProcessRequest) -> Result<()> {
         let c = self.container(&req.id)?;
         if c.init.state.lock().await.status != ProcStatus::Running {
             return Err(TaskError::FailedPrecondition(format!("task {} is not running", c.id)));
@@ -575,7 +588,7 @@ impl TaskService {
         Ok(())
     }
 
-    async fn state(&self, req: api::StateRequest) -> Result<api::StateResponse> {
+    pub async fn state(&self, req: api::StateRequest) -> Result<api::StateResponse> {
         let c = self.container(&req.id)?;
         let p = c.process(&req.exec_id)?;
         let st = p.state.lock().await;
@@ -603,7 +616,7 @@ impl TaskService {
         Ok(resp)
     }
 
-    async fn wait(&self, req: api::WaitRequest) -> Result<api::WaitResponse> {
+    pub async fn wait(&self, req: api::WaitRequest) -> Result<api::WaitResponse> {
         let c = self.container(&req.id)?;
         let p = c.process(&req.exec_id)?;
         let mut rx = p.exited_tx.subscribe();
@@ -618,7 +631,7 @@ impl TaskService {
         Ok(api::WaitResponse { exit_status: e.status, exited_at: MessageField::some(ts(e.at)), ..Default::default() })
     }
 
-    async fn pids(&self, req: api::PidsRequest) -> Result<api::PidsResponse> {
+    pub async fn pids(&self, req: api::PidsRequest) -> Result<api::PidsResponse> {
         let c = self.container(&req.id)?;
         let pids = c.runtime.ps(&c.id).await.map_err(runtime_error)?;
         let mut execs = HashMap::new();
@@ -643,7 +656,7 @@ impl TaskService {
         Ok(api::PidsResponse { processes, ..Default::default() })
     }
 
-    async fn update(&self, req: api::UpdateTaskRequest) -> Result<()> {
+    pub async fn update(&self, req: api::UpdateTaskRequest) -> Result<()> {
         let c = self.container(&req.id)?;
         let resources = req.resources.as_ref().ok_or_else(|| TaskError::InvalidArgument("update without resources".into()))?;
         // containerd encodes runtime-spec types as JSON inside the Any.
@@ -654,7 +667,7 @@ impl TaskService {
         res.map_err(runtime_error)
     }
 
-    async fn stats(&self, req: api::StatsRequest) -> Result<api::StatsResponse> {
+    pub async fn stats(&self, req: api::StatsRequest) -> Result<api::StatsResponse> {
         let c = self.container(&req.id)?;
         let pid = c.init.state.lock().await.pid;
         let any = tokio::task::spawn_blocking(move || cgroup::stats(pid))
@@ -664,7 +677,7 @@ impl TaskService {
         Ok(api::StatsResponse { stats: MessageField::some(any), ..Default::default() })
     }
 
-    fn close_io(&self, req: api::CloseIORequest) -> Result<()> {
+    pub fn close_io(&self, req: api::CloseIORequest) -> Result<()> {
         let c = self.container(&req.id)?;
         let p = c.process(&req.exec_id)?;
         if req.stdin {
@@ -673,13 +686,13 @@ impl TaskService {
         Ok(())
     }
 
-    fn resize_pty(&self, req: api::ResizePtyRequest) -> Result<()> {
+    pub fn resize_pty(&self, req: api::ResizePtyRequest) -> Result<()> {
         let c = self.container(&req.id)?;
         let p = c.process(&req.exec_id)?;
         lock(&p.io).resize(req.width, req.height).map_err(|e| TaskError::FailedPrecondition(e.to_string()))
     }
 
-    async fn connect(&self, req: api::ConnectRequest) -> Result<api::ConnectResponse> {
+    pub async fn connect(&self, req: api::ConnectRequest) -> Result<api::ConnectResponse> {
         let task_pid = match self.container(&req.id) {
             Ok(c) => c.init.state.lock().await.pid as u32,
             Err(_) => 0,
@@ -797,5 +810,35 @@ pub fn services(svc: TaskService) -> HashMap<String, ttrpc::r#async::Service> {
     map
 }
 
-#[allow(dead_code)]
-fn _assert_driver(_: CgroupDriver) {}
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn process_state_machine_refuses_the_impossible() {
+        let mut st = ProcState { status: ProcStatus::Created, pid: 1, exited: None };
+        assert!(st.transition(ProcStatus::Created).is_err());
+        st.transition(ProcStatus::Running).expect("created → running");
+        assert!(st.transition(ProcStatus::Running).is_err());
+        assert!(st.transition(ProcStatus::Created).is_err());
+        st.transition(ProcStatus::Stopped).expect("running → stopped");
+        assert!(st.transition(ProcStatus::Stopped).is_err(), "an exit is handled once");
+        assert!(st.transition(ProcStatus::Running).is_err());
+    }
+
+    #[test]
+    fn both_task_api_generations_are_served() {
+        let (events, _) = Events::recorder("t");
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("rt");
+        let names: Vec<String> = rt.block_on(async {
+            let svc = TaskService::new(
+                Config { namespace: "t".into(), handler: Options::default(), default_runtime: "runc".into() },
+                events,
+                Arc::default(),
+            );
+            services(svc).into_keys().collect()
+        });
+        assert!(names.iter().any(|n| n == "containerd.task.v2.Task"), "{names:?}");
+        assert!(names.iter().any(|n| n == "containerd.task.v3.Task"), "{names:?}");
+    }
+}
