@@ -189,10 +189,11 @@ fn wait_req(id: &str, exec_id: &str) -> api::WaitRequest {
     api::WaitRequest { id: id.into(), exec_id: exec_id.into(), ..Default::default() }
 }
 
-async fn run_to_exit(env: &Env, id: &str) -> Result<()> {
-    let bundle = Bundle::new(&["sh", "-c", "echo hi; cat /proc/self/oom_score_adj; cat /proc/self/cgroup; exit 4"]).await?;
+const EXIT_ARGS: &[&str] = &["sh", "-c", "echo hi; cat /proc/self/oom_score_adj; cat /proc/self/cgroup; exit 4"];
+
+async fn run_to_exit(env: &Env, id: &str, bundle: &Bundle) -> Result<()> {
     let out = bundle.path().join("stdout.log");
-    let pid = env.create(id, &bundle, &format!("file://{}", out.display())).await?;
+    let pid = env.create(id, bundle, &format!("file://{}", out.display())).await?;
     ensure!(pid > 0, "create returned pid 0");
     ensure!(bundle.rootfs_mounted(), "rootfs not mounted after create");
     env.svc.start(api::StartRequest { id: id.into(), ..Default::default() }).await?;
@@ -223,9 +224,8 @@ async fn run_to_exit(env: &Env, id: &str) -> Result<()> {
     Ok(())
 }
 
-async fn exec_storm(env: &Env, id: &str) -> Result<()> {
-    let bundle = Bundle::new(&["sleep", "600"]).await?;
-    env.create(id, &bundle, "").await?;
+async fn exec_storm(env: &Env, id: &str, bundle: &Bundle) -> Result<()> {
+    env.create(id, bundle, "").await?;
     env.svc.start(api::StartRequest { id: id.into(), ..Default::default() }).await?;
     let process = |code: usize| -> Result<Any> {
         let p = serde_json::json!({"args": ["sh", "-c", format!("exit {code}")], "cwd": "/", "env": ["PATH=/bin"], "user": {"uid": 0, "gid": 0}});
@@ -279,16 +279,22 @@ fn task_service_with_runc() -> Result<()> {
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
     rt.block_on(async {
         let env = env().await?;
+        // Each bundle outlives its task: on failure the task is force-deleted first, then
+        // the bundle's Drop unmounts and removes the (by then empty) cgroups.
         let one = format!("exit-{}", std::process::id());
-        let r1 = run_to_exit(&env, &one).await;
+        let b1 = Bundle::new(EXIT_ARGS).await?;
+        let r1 = run_to_exit(&env, &one, &b1).await;
         if r1.is_err() {
             env.force_delete(&one).await;
         }
+        drop(b1);
         let two = format!("storm-{}", std::process::id());
-        let r2 = exec_storm(&env, &two).await;
+        let b2 = Bundle::new(&["sleep", "600"]).await?;
+        let r2 = exec_storm(&env, &two, &b2).await;
         if r2.is_err() {
             env.force_delete(&two).await;
         }
+        drop(b2);
         r1.context("run to exit")?;
         r2.context("exec storm")
     })
