@@ -88,6 +88,14 @@ impl Bundle {
         self.dir.path()
     }
 
+    fn set_memory_limit(&self, bytes: u64) -> Result<()> {
+        let path = self.path().join("config.json");
+        let mut spec: serde_json::Value = serde_json::from_slice(&std::fs::read(&path)?)?;
+        spec["linux"]["resources"]["memory"] = serde_json::json!({"limit": bytes, "swap": bytes});
+        std::fs::write(&path, serde_json::to_vec(&spec)?)?;
+        Ok(())
+    }
+
     fn rootfs_mounted(&self) -> bool {
         let target = self.path().join("rootfs");
         std::fs::read_to_string("/proc/self/mountinfo")
@@ -274,6 +282,59 @@ async fn exec_storm(env: &Env, id: &str, bundle: &Bundle) -> Result<()> {
     Ok(())
 }
 
+/// Stats and Update read and write the task's own cgroup; an OOM kill is reported as a
+/// TaskOOM event (cgroup v1: eventfd on memory.oom_control) before the exit.
+async fn stats_update_oom(env: &Env, id: &str, bundle: &Bundle) -> Result<()> {
+    use containerd_shim_protos::protobuf::Message;
+    env.create(id, bundle, "").await?;
+    env.svc.start(api::StartRequest { id: id.into(), ..Default::default() }).await?;
+
+    let stats = env.svc.stats(api::StatsRequest { id: id.into(), ..Default::default() }).await?;
+    let any = stats.stats.into_option().context("no stats")?;
+    if any.type_url.ends_with("v1.Metrics") {
+        let m = containerd_shim_protos::cgroups::metrics::Metrics::parse_from_bytes(&any.value)?;
+        ensure!(m.memory.usage.usage > 0, "memory usage 0: {m:?}");
+        ensure!(m.pids.current >= 1, "pids.current {}", m.pids.current);
+        ensure!(m.memory.usage.limit == 32 << 20, "memory limit {}", m.memory.usage.limit);
+    }
+
+    let resources = serde_json::json!({"pids": {"limit": 77}});
+    env.svc
+        .update(api::UpdateTaskRequest {
+            id: id.into(),
+            resources: Some(Any {
+                type_url: "types.containerd.io/opencontainers/runtime-spec/1/LinuxResources".into(),
+                value: serde_json::to_vec(&resources)?,
+                ..Default::default()
+            })
+            .into(),
+            ..Default::default()
+        })
+        .await?;
+    let pids_max = format!("/sys/fs/cgroup/pids{}/crisp-{id}/pids.max", bundle.cgroup_parent);
+    if Path::new("/sys/fs/cgroup/pids").is_dir() {
+        ensure!(std::fs::read_to_string(&pids_max)?.trim() == "77", "{pids_max} not updated");
+    }
+
+    // Now eat memory past the 32 MiB limit.
+    let eat = serde_json::json!({"args": ["sh", "-c", "tail /dev/zero"], "cwd": "/", "env": ["PATH=/bin:/usr/bin"], "user": {"uid": 0, "gid": 0}});
+    let spec = Any { type_url: "types.containerd.io/opencontainers/runtime-spec/1/Process".into(), value: serde_json::to_vec(&eat)?, ..Default::default() };
+    env.svc.exec(api::ExecProcessRequest { id: id.into(), exec_id: "eat".into(), spec: Some(spec).into(), ..Default::default() }).await?;
+    env.svc.start(api::StartRequest { id: id.into(), exec_id: "eat".into(), ..Default::default() }).await?;
+    let w = tokio::time::timeout(Duration::from_secs(60), env.svc.wait(wait_req(id, "eat"))).await.context("eater never died")??;
+    ensure!(w.exit_status == 137, "eater exit {}", w.exit_status);
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while !env.topics(id).iter().any(|t| t == "/tasks/oom") {
+        ensure!(std::time::Instant::now() < deadline, "no /tasks/oom event: {:?}", env.topics(id));
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    env.svc.delete(api::DeleteRequest { id: id.into(), exec_id: "eat".into(), ..Default::default() }).await?;
+    env.svc.kill(api::KillRequest { id: id.into(), signal: 9, ..Default::default() }).await?;
+    tokio::time::timeout(Duration::from_secs(30), env.svc.wait(wait_req(id, ""))).await??;
+    env.svc.delete(api::DeleteRequest { id: id.into(), ..Default::default() }).await?;
+    Ok(())
+}
+
 #[test]
 fn task_service_with_runc() -> Result<()> {
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
@@ -295,7 +356,16 @@ fn task_service_with_runc() -> Result<()> {
             env.force_delete(&two).await;
         }
         drop(b2);
+        let three = format!("oom-{}", std::process::id());
+        let b3 = Bundle::new(&["sleep", "600"]).await?;
+        b3.set_memory_limit(32 << 20)?;
+        let r3 = stats_update_oom(&env, &three, &b3).await;
+        if r3.is_err() {
+            env.force_delete(&three).await;
+        }
+        drop(b3);
         r1.context("run to exit")?;
-        r2.context("exec storm")
+        r2.context("exec storm")?;
+        r3.context("stats, update, oom")
     })
 }
