@@ -3,6 +3,8 @@
 pub mod error;
 pub mod hosts;
 pub mod reference;
+mod sys;
+pub mod unpack;
 
 pub use error::{Error, Kind, Result};
 pub use reference::{Digest, Reference};

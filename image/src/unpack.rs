@@ -1,0 +1,648 @@
+//! Applying a layer tar to a directory (an overlay upper dir), safely.
+//!
+//! Every path is resolved against a file descriptor of the layer directory with
+//! openat2(RESOLVE_IN_ROOT | RESOLVE_NO_MAGICLINKS | RESOLVE_NO_SYMLINKS) and every change is
+//! made with an *at syscall on a single name, so no entry can reach outside the directory:
+//! `..` components, paths through symlinks (absolute or not), hard links whose target is not
+//! inside the layer, and a directory entry over an existing symlink are all rejected with an
+//! error naming the entry. The tar crate only parses; we write.
+//!
+//! Whiteouts become overlayfs whiteouts, as containerd's overlay applier makes them:
+//! `.wh.name` → a 0/0 character device `name`, `.wh..wh..opq` → `trusted.overlay.opaque=y`
+//! on the directory.
+//!
+//! While the tar streams we compute the digest of the compressed bytes and of the
+//! uncompressed tar (the diff_id); the caller checks both before committing anything.
+
+use std::ffi::{OsStr, OsString};
+use std::io::{self, BufRead, BufReader, Read};
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::os::unix::ffi::OsStrExt;
+use std::path::{Component, Path, PathBuf};
+
+use sha2::{Digest as _, Sha256};
+
+use crate::error::{Error, Kind, Result};
+use crate::reference::Digest;
+use crate::sys;
+
+/// Extended headers (PAX, GNU long names) larger than this are refused: the tar crate reads
+/// them into memory whole, so a crafted size would let a layer exhaust memory.
+pub const MAX_EXTENDED_HEADER: u64 = 1 << 20;
+
+/// What an unpack produced.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Unpacked {
+    /// sha256 of the uncompressed tar.
+    pub diff_id: Digest,
+    /// sha256 of the bytes as read (compressed).
+    pub compressed_digest: Digest,
+    pub compressed_size: u64,
+    pub uncompressed_size: u64,
+    pub entries: u64,
+}
+
+/// Compression of a layer, detected from its first bytes (media types lie more often).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Compression {
+    None,
+    Gzip,
+    Zstd,
+}
+
+pub fn detect(prefix: &[u8]) -> Compression {
+    if prefix.starts_with(&[0x1f, 0x8b]) {
+        Compression::Gzip
+    } else if prefix.starts_with(&[0x28, 0xb5, 0x2f, 0xfd]) {
+        Compression::Zstd
+    } else {
+        Compression::None
+    }
+}
+
+/// A reader that hashes and counts what passes through it.
+pub struct HashReader<R> {
+    inner: R,
+    hasher: Sha256,
+    count: u64,
+}
+
+impl<R: Read> HashReader<R> {
+    pub fn new(inner: R) -> Self {
+        HashReader { inner, hasher: Sha256::new(), count: 0 }
+    }
+    pub fn finish(self) -> (Digest, u64, R) {
+        (Digest::from_sha256(&self.hasher.finalize()), self.count, self.inner)
+    }
+}
+
+impl<R: Read> Read for HashReader<R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        self.hasher.update(&buf[..n]);
+        self.count += n as u64;
+        Ok(n)
+    }
+}
+
+/// Watches the tar stream block by block, mirroring how the tar crate walks it, and refuses
+/// extended headers above [`MAX_EXTENDED_HEADER`] before the tar crate buffers them.
+struct TarGuard<R> {
+    inner: R,
+    block: Box<[u8; 512]>,
+    fill: usize,
+    /// Bytes of entry data (with padding) still to pass before the next header.
+    skip: u64,
+    /// Sparse extension blocks still to pass (GNU 'S' entries).
+    sparse_ext: bool,
+    /// Collected PAX data, to learn a `size=` override for the next entry.
+    pax: Option<Vec<u8>>,
+    pax_left: u64,
+    next_size: Option<u64>,
+    pending_data: u64,
+}
+
+impl<R: Read> TarGuard<R> {
+    fn new(inner: R) -> Self {
+        TarGuard {
+            inner,
+            block: Box::new([0; 512]),
+            fill: 0,
+            skip: 0,
+            sparse_ext: false,
+            pax: None,
+            pax_left: 0,
+            next_size: None,
+            pending_data: 0,
+        }
+    }
+
+    fn observe(&mut self, mut data: &[u8]) -> io::Result<()> {
+        while !data.is_empty() {
+            if self.skip > 0 {
+                let n = (self.skip.min(data.len() as u64)) as usize;
+                if let Some(p) = self.pax.as_mut() {
+                    let take = (self.pax_left.min(n as u64)) as usize;
+                    p.extend_from_slice(&data[..take]);
+                    self.pax_left -= take as u64;
+                }
+                self.skip -= n as u64;
+                data = &data[n..];
+                if self.skip == 0 {
+                    if let Some(p) = self.pax.take() {
+                        self.next_size = pax_size(&p);
+                    }
+                }
+                continue;
+            }
+            let n = (512 - self.fill).min(data.len());
+            self.block[self.fill..self.fill + n].copy_from_slice(&data[..n]);
+            self.fill += n;
+            data = &data[n..];
+            if self.fill == 512 {
+                self.fill = 0;
+                self.header()?;
+            }
+        }
+        Ok(())
+    }
+
+    fn header(&mut self) -> io::Result<()> {
+        let b = &*self.block;
+        if self.sparse_ext {
+            // A GNU sparse extension block: more follow while its last flag byte is set.
+            self.sparse_ext = b[504] != 0;
+            if !self.sparse_ext {
+                self.skip = padded(self.pending_data);
+            }
+            return Ok(());
+        }
+        if b.iter().all(|&x| x == 0) {
+            return Ok(());
+        }
+        let size = parse_size(&b[124..136])
+            .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidData, "tar header has an invalid size field"))?;
+        let typ = b[156];
+        match typ {
+            b'x' | b'g' | b'L' | b'K' => {
+                if size > MAX_EXTENDED_HEADER {
+                    return Err(io::Error::new(
+                        io::ErrorKind::InvalidData,
+                        format!(
+                            "tar extended header (type {:?}) of {size} bytes exceeds the {MAX_EXTENDED_HEADER}-byte limit",
+                            typ as char
+                        ),
+                    ));
+                }
+                if typ == b'x' {
+                    self.pax = Some(Vec::new());
+                    self.pax_left = size;
+                }
+                self.skip = padded(size);
+            }
+            _ => {
+                let size = self.next_size.take().unwrap_or(size);
+                if typ == b'S' && b[482] != 0 {
+                    self.sparse_ext = true;
+                    self.pending_data = size;
+                } else {
+                    self.skip = padded(size);
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+fn padded(n: u64) -> u64 {
+    n.div_ceil(512).saturating_mul(512)
+}
+
+fn parse_size(f: &[u8]) -> Option<u64> {
+    if f[0] & 0x80 != 0 {
+        // GNU base-256: big-endian binary in the remaining bytes.
+        let mut v: u64 = 0;
+        for &x in &f[1..] {
+            v = v.checked_mul(256)?.checked_add(x as u64)?;
+        }
+        return Some(v);
+    }
+    let s: Vec<u8> = f.iter().copied().take_while(|&c| c != 0 && c != b' ').skip_while(|&c| c == b' ').collect();
+    if s.is_empty() {
+        return Some(0);
+    }
+    u64::from_str_radix(std::str::from_utf8(&s).ok()?.trim(), 8).ok()
+}
+
+fn pax_size(data: &[u8]) -> Option<u64> {
+    let mut rest = data;
+    let mut found = None;
+    while !rest.is_empty() {
+        let sp = rest.iter().position(|&c| c == b' ')?;
+        let len: usize = std::str::from_utf8(&rest[..sp]).ok()?.parse().ok()?;
+        if len <= sp || len > rest.len() {
+            return None;
+        }
+        let rec = &rest[sp + 1..len];
+        let rec = rec.strip_suffix(b"\n").unwrap_or(rec);
+        if let Some(v) = rec.strip_prefix(b"size=") {
+            found = std::str::from_utf8(v).ok()?.parse().ok();
+        }
+        rest = &rest[len..];
+    }
+    found
+}
+
+impl<R: Read> Read for TarGuard<R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        self.observe(&buf[..n])?;
+        Ok(n)
+    }
+}
+
+/// Unpack a (possibly compressed) layer tar from `reader` into the existing directory `dir`.
+/// On error the directory is left as it is: the caller removes the whole snapshot.
+pub fn unpack_layer<R: Read>(reader: R, dir: &Path) -> Result<Unpacked> {
+    let root = sys::open_dir(dir).map_err(|e| Error::io(format!("opening layer directory {}", dir.display()), e))?;
+    let mut raw = BufReader::with_capacity(256 * 1024, HashReader::new(reader));
+    let prefix = raw.fill_buf().map_err(|e| read_error(e, "reading layer"))?;
+    let compression = detect(prefix);
+    let (uncompressed_digest, uncompressed_size, entries, raw) = match compression {
+        Compression::Gzip => {
+            let mut dec = flate2::bufread::MultiGzDecoder::new(raw);
+            let (d, n, e) = apply_tar(&mut dec, root.as_fd())?;
+            (d, n, e, dec.into_inner())
+        }
+        Compression::Zstd => {
+            let mut dec = zstd::stream::read::Decoder::with_buffer(raw)
+                .map_err(|e| read_error(e, "starting zstd decoder"))?;
+            let (d, n, e) = apply_tar(&mut dec, root.as_fd())?;
+            (d, n, e, dec.finish())
+        }
+        Compression::None => {
+            let mut r = raw;
+            let (d, n, e) = apply_tar(&mut r, root.as_fd())?;
+            (d, n, e, r)
+        }
+    };
+    // Whatever follows the compressed stream still belongs to the blob and its digest.
+    let mut raw = raw;
+    io::copy(&mut raw, &mut io::sink()).map_err(|e| read_error(e, "reading the end of the layer"))?;
+    let (compressed_digest, compressed_size, _) = raw.into_inner().finish();
+    Ok(Unpacked { diff_id: uncompressed_digest, compressed_digest, compressed_size, uncompressed_size, entries })
+}
+
+/// A read failure: corrupt or truncated input is DataLoss, failures of our own are Internal.
+fn read_error(e: io::Error, what: &str) -> Error {
+    let kind = match e.kind() {
+        io::ErrorKind::InvalidData | io::ErrorKind::UnexpectedEof | io::ErrorKind::InvalidInput => Kind::DataLoss,
+        io::ErrorKind::Other if e.get_ref().is_some_and(|i| i.is::<Error>()) => {
+            // Errors from the content follower carry their own kind.
+            match e.get_ref().and_then(|i| i.downcast_ref::<Error>()) {
+                Some(inner) => return inner.clone().context(what),
+                None => Kind::Internal,
+            }
+        }
+        _ => Kind::DataLoss,
+    };
+    Error::with_source(kind, what.to_string(), e)
+}
+
+fn apply_tar<R: Read>(input: &mut R, root: BorrowedFd<'_>) -> Result<(Digest, u64, u64)> {
+    let mut hashed = HashReader::new(TarGuard::new(input));
+    let mut applier = Applier { root, dirs: Vec::new(), parent_cache: None };
+    let mut count = 0u64;
+    {
+        let mut archive = tar::Archive::new(&mut hashed);
+        let entries = archive.entries().map_err(|e| read_error(e, "reading layer tar"))?;
+        let mut last = String::new();
+        for entry in entries {
+            let mut entry = entry.map_err(|e| {
+                let what = if last.is_empty() {
+                    "reading the first layer tar header".to_string()
+                } else {
+                    format!("reading the layer tar header after entry {last:?}")
+                };
+                read_error(e, &what)
+            })?;
+            last = String::from_utf8_lossy(&entry.path_bytes()).into_owned();
+            applier.entry(&mut entry).map_err(|e| e.context(format!("layer entry {last:?}")))?;
+            count += 1;
+        }
+    }
+    // The diff_id covers the whole tar, including the end-of-archive blocks and padding.
+    io::copy(&mut hashed, &mut io::sink()).map_err(|e| read_error(e, "reading the end of the layer tar"))?;
+    applier.finish_dirs()?;
+    let (d, n, _) = hashed.finish();
+    Ok((d, n, count))
+}
+
+struct Applier<'a> {
+    root: BorrowedFd<'a>,
+    /// Directories whose times are set last: adding entries to them changes their mtime.
+    dirs: Vec<(PathBuf, (i64, i64))>,
+    parent_cache: Option<(PathBuf, OwnedFd)>,
+}
+
+/// Split an entry path into its parent components and final name, rejecting `..`.
+fn split_path(p: &Path) -> Result<Option<(PathBuf, OsString)>> {
+    let mut comps = Vec::new();
+    for c in p.components() {
+        match c {
+            Component::RootDir | Component::CurDir => {}
+            Component::Normal(n) => comps.push(n.to_os_string()),
+            Component::ParentDir => {
+                return Err(Error::precondition("path contains a '..' component; refusing to leave the layer"));
+            }
+            Component::Prefix(_) => return Err(Error::precondition("path has a prefix")),
+        }
+    }
+    let Some(name) = comps.pop() else { return Ok(None) };
+    Ok(Some((comps.iter().collect(), name)))
+}
+
+fn io_err(what: impl Into<String>, e: io::Error) -> Error {
+    let what = what.into();
+    match e.raw_os_error() {
+        Some(libc::ELOOP) => Error::precondition(format!("{what}: path goes through a symlink; refusing to follow it")),
+        Some(libc::EXDEV) => Error::precondition(format!("{what}: path escapes the layer")),
+        Some(libc::ENOTDIR) => Error::precondition(format!("{what}: a path component is not a directory")),
+        _ => Error::io(what, e),
+    }
+}
+
+fn mtime_of<R: Read>(entry: &mut tar::Entry<'_, R>) -> (i64, i64) {
+    // PAX mtime carries sub-second precision; the ustar field only seconds.
+    if let Ok(Some(exts)) = entry.pax_extensions() {
+        for ext in exts.flatten() {
+            if ext.key_bytes() == b"mtime" {
+                if let Ok(v) = ext.value() {
+                    let (s, frac) = v.split_once('.').unwrap_or((v, ""));
+                    if let Ok(secs) = s.parse::<i64>() {
+                        let mut digits: String = frac.chars().take(9).collect();
+                        while digits.len() < 9 {
+                            digits.push('0');
+                        }
+                        let nanos = digits.parse::<i64>().unwrap_or(0);
+                        return (secs, if secs < 0 && nanos > 0 { -nanos } else { nanos });
+                    }
+                }
+            }
+        }
+    }
+    (entry.header().mtime().map(|m| m as i64).unwrap_or(0), 0)
+}
+
+fn xattrs_of<R: Read>(entry: &mut tar::Entry<'_, R>) -> Vec<(OsString, Vec<u8>)> {
+    let mut out = Vec::new();
+    if let Ok(Some(exts)) = entry.pax_extensions() {
+        for ext in exts.flatten() {
+            if let Some(name) = ext.key_bytes().strip_prefix(b"SCHILY.xattr.") {
+                out.push((OsStr::from_bytes(name).to_os_string(), ext.value_bytes().to_vec()));
+            }
+        }
+    }
+    out
+}
+
+impl Applier<'_> {
+    /// An fd for the directory `parent` (relative to the layer root), creating missing
+    /// directories with 0755 as containerd does, never following a symlink.
+    fn parent(&mut self, parent: &Path) -> Result<BorrowedFd<'_>> {
+        let cached = matches!(&self.parent_cache, Some((p, _)) if p == parent);
+        if !cached {
+            let fd = self.open_parent(parent)?;
+            self.parent_cache = Some((parent.to_path_buf(), fd));
+        }
+        match &self.parent_cache {
+            Some((_, fd)) => Ok(fd.as_fd()),
+            None => Err(Error::internal("parent cache empty")),
+        }
+    }
+
+    fn open_parent(&self, parent: &Path) -> Result<OwnedFd> {
+        let flags = libc::O_PATH | libc::O_DIRECTORY;
+        if parent.as_os_str().is_empty() {
+            return sys::openat2_in_root(self.root, OsStr::new("."), flags, true).map_err(|e| io_err("opening layer root", e));
+        }
+        match sys::openat2_in_root(self.root, parent.as_os_str(), flags, true) {
+            Ok(fd) => return Ok(fd),
+            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => {}
+            Err(e) => return Err(io_err(format!("resolving parent {:?}", parent), e)),
+        }
+        let mut cur = sys::openat2_in_root(self.root, OsStr::new("."), flags, true).map_err(|e| io_err("opening layer root", e))?;
+        for comp in parent.iter() {
+            let next = match sys::openat2_in_root(cur.as_fd(), comp, flags, true) {
+                Ok(fd) => fd,
+                Err(e) if e.raw_os_error() == Some(libc::ENOENT) => {
+                    sys::mkdirat(cur.as_fd(), comp, 0o755).map_err(|e| io_err(format!("creating parent {comp:?}"), e))?;
+                    sys::openat2_in_root(cur.as_fd(), comp, flags, true)
+                        .map_err(|e| io_err(format!("opening parent {comp:?}"), e))?
+                }
+                Err(e) => return Err(io_err(format!("resolving parent {comp:?}"), e)),
+            };
+            cur = next;
+        }
+        Ok(cur)
+    }
+
+    fn entry<R: Read>(&mut self, entry: &mut tar::Entry<'_, R>) -> Result<()> {
+        let path = entry.path().map_err(|e| read_error(e, "entry path"))?.into_owned();
+        let Some((parent_path, name)) = split_path(&path)? else {
+            // containerd ignores entries that resolve to the layer root.
+            return Ok(());
+        };
+        let header = entry.header().clone();
+        let typ = header.entry_type();
+        let uid = header.uid().map_err(|e| read_error(e, "uid field"))?;
+        let gid = header.gid().map_err(|e| read_error(e, "gid field"))?;
+        let uid = u32::try_from(uid).map_err(|_| Error::data_loss(format!("uid {uid} out of range")))?;
+        let gid = u32::try_from(gid).map_err(|_| Error::data_loss(format!("gid {gid} out of range")))?;
+        let mode = header.mode().map_err(|e| read_error(e, "mode field"))? & 0o7777;
+        let mtime = mtime_of(entry);
+        let times = (mtime, mtime);
+        let xattrs = xattrs_of(entry);
+        let name_bytes = name.as_bytes();
+
+        // Overlay whiteouts.
+        if let Some(rest) = name_bytes.strip_prefix(b".wh.") {
+            let parent = self.parent(&parent_path)?;
+            if rest == b".wh..opq" {
+                let dir = sys::openat2_in_root(parent, OsStr::new("."), libc::O_RDONLY | libc::O_DIRECTORY, true)
+                    .map_err(|e| io_err("opening directory for opaque marker", e))?;
+                sys::fsetxattr(dir.as_fd(), OsStr::new("trusted.overlay.opaque"), b"y")
+                    .map_err(|e| io_err("setting trusted.overlay.opaque", e))?;
+                return Ok(());
+            }
+            if rest.starts_with(b".wh.") {
+                // Other AUFS metadata (.wh..wh.plnk and the like) has no overlay meaning.
+                return Ok(());
+            }
+            let target = OsStr::from_bytes(rest);
+            if target.is_empty() {
+                return Err(Error::data_loss("whiteout names no file"));
+            }
+            remove_existing(parent, target, false)?;
+            sys::mknodat(parent, target, libc::S_IFCHR, sys::makedev(0, 0)).map_err(|e| io_err("creating whiteout", e))?;
+            sys::lchownat(parent, target, uid, gid).map_err(|e| io_err("chown of whiteout", e))?;
+            return Ok(());
+        }
+
+        let is_dir = typ == tar::EntryType::Directory;
+        let parent = self.parent(&parent_path)?;
+        if let Some(st) = sys::lstatat(parent, &name).map_err(|e| io_err("stat", e))? {
+            let existing = st.st_mode & libc::S_IFMT;
+            if is_dir && existing == libc::S_IFDIR {
+                // Keep the directory and its contents; only metadata changes.
+            } else if is_dir && existing == libc::S_IFLNK {
+                return Err(Error::precondition("directory entry would replace a symlink; refusing"));
+            } else {
+                remove_existing(parent, &name, existing == libc::S_IFDIR)?;
+            }
+        }
+
+        match typ {
+            tar::EntryType::Regular | tar::EntryType::Continuous | tar::EntryType::GNUSparse => {
+                let fd = sys::openat(parent, &name, libc::O_WRONLY | libc::O_CREAT | libc::O_EXCL | libc::O_NOFOLLOW, 0o600)
+                    .map_err(|e| io_err("creating file", e))?;
+                let mut file = std::fs::File::from(fd);
+                let want = entry.size();
+                let got = io::copy(entry, &mut file).map_err(|e| {
+                    // An errno means our write failed (disk full); anything else is the input.
+                    if e.raw_os_error().is_some() { Error::io("writing file content", e) } else { read_error(e, "reading file content") }
+                })?;
+                if got != want {
+                    return Err(Error::data_loss(format!("layer is truncated: file content has {got} of {want} bytes")));
+                }
+                sys::fchown(file.as_fd(), uid, gid).map_err(|e| io_err("chown", e))?;
+                // After chown: chown clears setuid/setgid.
+                sys::fchmod(file.as_fd(), mode).map_err(|e| io_err("chmod", e))?;
+                set_xattrs_fd(file.as_fd(), &xattrs)?;
+                sys::futimens(file.as_fd(), times.0, times.1).map_err(|e| io_err("setting times", e))?;
+            }
+            tar::EntryType::Directory => {
+                if sys::lstatat(parent, &name).map_err(|e| io_err("stat", e))?.is_none() {
+                    sys::mkdirat(parent, &name, 0o700).map_err(|e| io_err("creating directory", e))?;
+                }
+                let fd = sys::openat(parent, &name, libc::O_RDONLY | libc::O_DIRECTORY | libc::O_NOFOLLOW, 0)
+                    .map_err(|e| io_err("opening directory", e))?;
+                sys::fchown(fd.as_fd(), uid, gid).map_err(|e| io_err("chown", e))?;
+                sys::fchmod(fd.as_fd(), mode).map_err(|e| io_err("chmod", e))?;
+                set_xattrs_fd(fd.as_fd(), &xattrs)?;
+                self.dirs.push((path.clone(), mtime));
+            }
+            tar::EntryType::Symlink => {
+                let target = entry
+                    .link_name()
+                    .map_err(|e| read_error(e, "symlink target"))?
+                    .ok_or_else(|| Error::data_loss("symlink has no target"))?;
+                // The target is stored as data; it is resolved later inside the container's
+                // root, never by us.
+                sys::symlinkat(target.as_os_str(), parent, &name).map_err(|e| io_err("creating symlink", e))?;
+                sys::lchownat(parent, &name, uid, gid).map_err(|e| io_err("chown of symlink", e))?;
+                for (k, v) in &xattrs {
+                    if let Err(e) = sys::lsetxattr_at(parent, &name, k, v) {
+                        if e.raw_os_error() != Some(libc::ENOTSUP) && e.raw_os_error() != Some(libc::EPERM) {
+                            return Err(io_err(format!("setting xattr {k:?} on symlink"), e));
+                        }
+                    }
+                }
+                sys::lutimensat(parent, &name, times.0, times.1).map_err(|e| io_err("setting times", e))?;
+            }
+            tar::EntryType::Link => {
+                let target = entry
+                    .link_name()
+                    .map_err(|e| read_error(e, "hard link target"))?
+                    .ok_or_else(|| Error::data_loss("hard link has no target"))?
+                    .into_owned();
+                let Some((tparent, tname)) =
+                    split_path(&target).map_err(|e| e.context(format!("hard link target {target:?}")))?
+                else {
+                    return Err(Error::precondition("hard link to the layer root"));
+                };
+                let tdir = match sys::openat2_in_root(self.root, tparent_os(&tparent), libc::O_PATH | libc::O_DIRECTORY, true) {
+                    Ok(fd) => fd,
+                    Err(e) if e.raw_os_error() == Some(libc::ENOENT) => {
+                        return Err(Error::precondition(format!(
+                            "hard link target {target:?} does not exist inside the layer"
+                        )));
+                    }
+                    Err(e) => return Err(io_err(format!("hard link target {target:?}"), e)),
+                };
+                match sys::lstatat(tdir.as_fd(), &tname) {
+                    Ok(Some(_)) => {}
+                    Ok(None) => {
+                        return Err(Error::precondition(format!(
+                            "hard link target {target:?} does not exist inside the layer"
+                        )));
+                    }
+                    Err(e) => return Err(io_err(format!("hard link target {target:?}"), e)),
+                }
+                let parent = self.parent(&parent_path)?;
+                sys::linkat(tdir.as_fd(), &tname, parent, &name)
+                    .map_err(|e| io_err(format!("hard link to {target:?}"), e))?;
+            }
+            tar::EntryType::Char | tar::EntryType::Block | tar::EntryType::Fifo => {
+                let kind = match typ {
+                    tar::EntryType::Char => libc::S_IFCHR,
+                    tar::EntryType::Block => libc::S_IFBLK,
+                    _ => libc::S_IFIFO,
+                };
+                let major = header.device_major().ok().flatten().unwrap_or(0);
+                let minor = header.device_minor().ok().flatten().unwrap_or(0);
+                match sys::mknodat(parent, &name, kind | (mode & 0o777), sys::makedev(major, minor)) {
+                    Ok(()) => {}
+                    Err(e) if e.raw_os_error() == Some(libc::EPERM) && kind != libc::S_IFIFO => {
+                        // Device nodes cannot be made in a user namespace; runtimes create
+                        // /dev themselves, so skipping is what containerd's rootless mode does.
+                        tracing::warn!(entry = %path.display(), "skipping device node: not permitted here");
+                        return Ok(());
+                    }
+                    Err(e) => return Err(io_err("creating device node", e)),
+                }
+                sys::lchownat(parent, &name, uid, gid).map_err(|e| io_err("chown", e))?;
+                sys::fchmodat(parent, &name, mode).map_err(|e| io_err("chmod", e))?;
+                sys::lutimensat(parent, &name, times.0, times.1).map_err(|e| io_err("setting times", e))?;
+            }
+            tar::EntryType::XGlobalHeader | tar::EntryType::XHeader | tar::EntryType::GNULongName | tar::EntryType::GNULongLink => {}
+            other => {
+                tracing::debug!(entry = %path.display(), kind = ?other, "ignoring tar entry of unsupported type");
+            }
+        }
+        Ok(())
+    }
+
+    fn finish_dirs(&mut self) -> Result<()> {
+        self.parent_cache = None;
+        // Deepest first is not needed for mtimes set through fds, but later entries of the
+        // same directory must win: apply in tar order.
+        for (path, mtime) in std::mem::take(&mut self.dirs) {
+            let fd = sys::openat2_in_root(self.root, path.as_os_str(), libc::O_RDONLY | libc::O_DIRECTORY, true)
+                .map_err(|e| io_err(format!("layer entry {:?}: reopening directory", path), e))?;
+            sys::futimens(fd.as_fd(), mtime, mtime)
+                .map_err(|e| io_err(format!("layer entry {:?}: setting times", path), e))?;
+        }
+        Ok(())
+    }
+}
+
+fn tparent_os(p: &Path) -> &OsStr {
+    if p.as_os_str().is_empty() { OsStr::new(".") } else { p.as_os_str() }
+}
+
+fn remove_existing(parent: BorrowedFd<'_>, name: &OsStr, is_dir: bool) -> Result<()> {
+    match sys::unlinkat(parent, name, is_dir) {
+        Ok(()) => Ok(()),
+        Err(e) if e.raw_os_error() == Some(libc::ENOENT) => Ok(()),
+        Err(e) if e.raw_os_error() == Some(libc::EISDIR) => {
+            sys::unlinkat(parent, name, true).or_else(|e| {
+                if e.raw_os_error() == Some(libc::ENOTEMPTY) {
+                    Err(Error::precondition("entry would replace a non-empty directory"))
+                } else {
+                    Err(io_err("removing existing directory", e))
+                }
+            })
+        }
+        Err(e) if e.raw_os_error() == Some(libc::ENOTEMPTY) => {
+            Err(Error::precondition("entry would replace a non-empty directory"))
+        }
+        Err(e) => Err(io_err("removing existing entry", e)),
+    }
+}
+
+fn set_xattrs_fd(fd: BorrowedFd<'_>, xattrs: &[(OsString, Vec<u8>)]) -> Result<()> {
+    for (k, v) in xattrs {
+        if let Err(e) = sys::fsetxattr(fd, k, v) {
+            // Filesystems without xattr support: containerd ignores ENOTSUP too.
+            if e.raw_os_error() != Some(libc::ENOTSUP) {
+                return Err(io_err(format!("setting xattr {:?}", k), e));
+            }
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+#[path = "unpack_tests.rs"]
+mod tests;
