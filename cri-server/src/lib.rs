@@ -1,1 +1,15 @@
-//! crispd, the CRI daemon
+//! crispd, the CRI daemon: serves the Kubernetes CRI v1 RuntimeService and ImageService on a
+//! unix socket, runs each pod in a containerd-style shim, and keeps its state in one store.
+//!
+//! Start-up order and what each module owns are described in `startup` and in
+//! `../shared/DESIGN.md`.
+
+pub mod cni;
+pub mod config;
+pub mod cri;
+pub mod daemon;
+pub mod instrument;
+pub mod server;
+pub mod startup;
+pub mod store;
+pub mod util;

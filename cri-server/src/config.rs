@@ -1,0 +1,693 @@
+//! crispd's configuration: one TOML file where every key is optional, plus the command-line
+//! flags people change most, which override the file.
+//!
+//! Only *internal* inconsistencies are checked here (promise 4): a relative path, a log level
+//! that does not parse, a handler without a binary. Whether the CNI directory or a runtime
+//! binary exists is checked later, in the start-up phase where it matters, and is never fatal.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use serde::{Deserialize, Serialize};
+
+/// Where crispd looks for its configuration when `--config` is not given. A missing file at
+/// this path is fine (the built-in defaults run a node); a missing file named by `--config` is
+/// an error.
+pub const DEFAULT_CONFIG_PATH: &str = "/etc/crisp/config.toml";
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("reading config file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("parsing config file {path}: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error("config key `{key}` = {value:?}: {reason}")]
+    Invalid {
+        key: String,
+        value: String,
+        reason: String,
+    },
+}
+
+fn invalid(key: &str, value: impl std::fmt::Display, reason: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid {
+        key: key.to_string(),
+        value: value.to_string(),
+        reason: reason.into(),
+    }
+}
+
+/// Which OCI runtime runs containers when a pod names no runtime handler.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum RuntimeChoice {
+    /// Let the shim probe for one (crun first, then runc).
+    Auto,
+    Runc,
+    Crun,
+}
+
+impl RuntimeChoice {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Auto => "auto",
+            Self::Runc => "runc",
+            Self::Crun => "crun",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum CgroupDriver {
+    Cgroupfs,
+    Systemd,
+}
+
+impl CgroupDriver {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Cgroupfs => "cgroupfs",
+            Self::Systemd => "systemd",
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    /// Durable state: the store (`crisp.db`), CNI result cache, snapshots, content.
+    pub root: PathBuf,
+    /// Volatile state: sockets, network namespaces, FIFOs. Lost on reboot, on purpose.
+    pub state: PathBuf,
+    /// The CRI unix socket kubelet and crictl connect to.
+    pub listen: PathBuf,
+    /// A tracing filter: `info`, `debug`, or `crisp_cri=debug,info`.
+    pub log_level: String,
+    /// The OCI runtime for the default handler.
+    pub runtime: RuntimeChoice,
+    pub cgroup_driver: CgroupDriver,
+    /// The shim binary crispd starts for each pod (name looked up in PATH, or a path).
+    pub shim_binary: PathBuf,
+    pub cni: CniConfig,
+    pub registry: RegistryConfig,
+    /// Named runtime handlers (a pod's `runtime_handler`). The empty name is the default
+    /// handler and always exists; it uses `runtime`.
+    pub runtime_handlers: BTreeMap<String, RuntimeHandler>,
+    pub userns: UsernsConfig,
+    pub metrics: MetricsConfig,
+    pub pull: PullConfig,
+    /// Longest CRI log record; longer lines are split into partial (`P`) records.
+    pub max_container_log_line_size: usize,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct CniConfig {
+    /// Where network configurations (`*.conflist`, `*.conf`) are read from; the lexically
+    /// first one is used. Watched: one written later is picked up without a restart.
+    pub conf_dir: PathBuf,
+    /// Where the plugin binaries are (Debian's containernetworking-plugins by default).
+    pub bin_dir: PathBuf,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RegistryConfig {
+    /// Directories of per-registry `hosts.toml` files (containerd's `certs.d` layout), searched
+    /// in order; the first that has a directory for a registry wins.
+    pub config_dirs: Vec<PathBuf>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RuntimeHandler {
+    /// The OCI runtime binary (a name looked up in PATH, or an absolute path).
+    pub binary: PathBuf,
+    /// Passed to the shim as runtime options (e.g. `root`, `systemd_cgroup`).
+    pub options: BTreeMap<String, String>,
+    /// Advertised in Status; the shim decides what it can really do.
+    pub user_namespaces: bool,
+    pub recursive_read_only_mounts: bool,
+}
+
+impl Default for RuntimeHandler {
+    fn default() -> Self {
+        Self {
+            binary: PathBuf::new(),
+            options: BTreeMap::new(),
+            user_namespaces: true,
+            recursive_read_only_mounts: true,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct UsernsConfig {
+    /// The user whose /etc/subuid and /etc/subgid ranges crispd allocates pod ID maps from.
+    pub user: String,
+    pub subuid_file: PathBuf,
+    pub subgid_file: PathBuf,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct MetricsConfig {
+    /// Prometheus endpoint; must be a loopback address. Empty disables it.
+    pub address: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct PullConfig {
+    pub max_concurrent_downloads: usize,
+    /// A pull that makes no progress for this many seconds is cancelled.
+    pub progress_timeout_secs: u64,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        let mut runtime_handlers = BTreeMap::new();
+        for name in ["runc", "crun"] {
+            runtime_handlers.insert(
+                name.to_string(),
+                RuntimeHandler {
+                    binary: PathBuf::from(name),
+                    ..RuntimeHandler::default()
+                },
+            );
+        }
+        Self {
+            root: "/var/lib/crisp".into(),
+            state: "/run/crisp".into(),
+            listen: "/run/crisp/crisp.sock".into(),
+            log_level: "info".into(),
+            runtime: RuntimeChoice::Auto,
+            cgroup_driver: CgroupDriver::Cgroupfs,
+            shim_binary: "containerd-shim-crisp-v2".into(),
+            cni: CniConfig::default(),
+            registry: RegistryConfig::default(),
+            runtime_handlers,
+            userns: UsernsConfig::default(),
+            metrics: MetricsConfig::default(),
+            pull: PullConfig::default(),
+            max_container_log_line_size: 16 * 1024,
+        }
+    }
+}
+
+impl Default for CniConfig {
+    fn default() -> Self {
+        Self {
+            conf_dir: "/etc/cni/net.d".into(),
+            bin_dir: "/usr/lib/cni".into(),
+        }
+    }
+}
+
+impl Default for RegistryConfig {
+    fn default() -> Self {
+        // containerd's directory is read too, so a node moving from containerd keeps its mirrors.
+        Self {
+            config_dirs: vec![
+                "/etc/crisp/certs.d".into(),
+                "/etc/containerd/certs.d".into(),
+            ],
+        }
+    }
+}
+
+impl Default for UsernsConfig {
+    fn default() -> Self {
+        Self {
+            user: "crisp".into(),
+            subuid_file: "/etc/subuid".into(),
+            subgid_file: "/etc/subgid".into(),
+        }
+    }
+}
+
+impl Default for MetricsConfig {
+    fn default() -> Self {
+        Self {
+            address: "127.0.0.1:1338".into(),
+        }
+    }
+}
+
+impl Default for PullConfig {
+    fn default() -> Self {
+        Self {
+            max_concurrent_downloads: 3,
+            progress_timeout_secs: 300,
+        }
+    }
+}
+
+/// The command line. Flags override the file.
+#[derive(Debug, Parser)]
+#[command(
+    name = "crispd",
+    version,
+    about = "crisp: a Kubernetes CRI container runtime"
+)]
+pub struct Cli {
+    #[command(flatten)]
+    pub flags: Flags,
+    #[command(subcommand)]
+    pub command: Option<Command>,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Configuration helpers.
+    Config {
+        #[command(subcommand)]
+        action: ConfigAction,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ConfigAction {
+    /// Print the built-in defaults as TOML (a starting point for /etc/crisp/config.toml).
+    Default,
+}
+
+#[derive(Debug, Default, Args)]
+pub struct Flags {
+    /// TOML config file [default: /etc/crisp/config.toml if it exists]
+    #[arg(long, global = true, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// Durable state directory [default: /var/lib/crisp]
+    #[arg(long, global = true, value_name = "DIR")]
+    pub root: Option<PathBuf>,
+    /// Volatile state directory [default: /run/crisp]
+    #[arg(long, global = true, value_name = "DIR")]
+    pub state: Option<PathBuf>,
+    /// CRI unix socket path [default: /run/crisp/crisp.sock]
+    #[arg(long, global = true, value_name = "SOCKET")]
+    pub listen: Option<PathBuf>,
+    /// CNI network configuration directory [default: /etc/cni/net.d]
+    #[arg(long, global = true, value_name = "DIR")]
+    pub cni_conf_dir: Option<PathBuf>,
+    /// CNI plugin binary directory [default: /usr/lib/cni]
+    #[arg(long, global = true, value_name = "DIR")]
+    pub cni_bin_dir: Option<PathBuf>,
+    /// Registry hosts.toml directory (replaces the configured list)
+    #[arg(long, global = true, value_name = "DIR")]
+    pub registry_config_dir: Option<PathBuf>,
+    /// OCI runtime for the default handler [default: auto]
+    #[arg(long, global = true, value_enum)]
+    pub runtime: Option<RuntimeChoice>,
+    /// Cgroup driver [default: cgroupfs]
+    #[arg(long, global = true, value_enum)]
+    pub cgroup_driver: Option<CgroupDriver>,
+    /// Log filter: error, warn, info, debug, trace, or a tracing directive [default: info]
+    #[arg(long, global = true, value_name = "LEVEL")]
+    pub log_level: Option<String>,
+}
+
+impl Config {
+    /// Parse a TOML document; unknown keys are errors, because a misspelt key silently
+    /// ignored is a setting that silently does nothing.
+    pub fn from_toml(text: &str, path: &Path) -> Result<Self, ConfigError> {
+        toml::from_str(text).map_err(|e| ConfigError::Parse {
+            path: path.to_path_buf(),
+            message: e.to_string(),
+        })
+    }
+
+    pub fn to_toml(&self) -> String {
+        // Serialising our own plain structs cannot fail; fall back to an explanation rather
+        // than panicking if it ever does.
+        toml::to_string_pretty(self).unwrap_or_else(|e| format!("# cannot render config: {e}\n"))
+    }
+
+    /// The file (explicit or default path), then the flags, then validation.
+    pub fn load(flags: &Flags) -> Result<Self, ConfigError> {
+        let mut cfg = match &flags.config {
+            Some(path) => {
+                let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+                    path: path.clone(),
+                    source,
+                })?;
+                Self::from_toml(&text, path)?
+            }
+            None => {
+                let path = Path::new(DEFAULT_CONFIG_PATH);
+                match std::fs::read_to_string(path) {
+                    Ok(text) => Self::from_toml(&text, path)?,
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => Self::default(),
+                    Err(source) => {
+                        return Err(ConfigError::Read {
+                            path: path.to_path_buf(),
+                            source,
+                        });
+                    }
+                }
+            }
+        };
+        cfg.apply_flags(flags);
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    pub fn apply_flags(&mut self, f: &Flags) {
+        if let Some(v) = &f.root {
+            self.root = v.clone();
+        }
+        if let Some(v) = &f.state {
+            self.state = v.clone();
+        }
+        if let Some(v) = &f.listen {
+            self.listen = v.clone();
+        }
+        if let Some(v) = &f.cni_conf_dir {
+            self.cni.conf_dir = v.clone();
+        }
+        if let Some(v) = &f.cni_bin_dir {
+            self.cni.bin_dir = v.clone();
+        }
+        if let Some(v) = &f.registry_config_dir {
+            self.registry.config_dirs = vec![v.clone()];
+        }
+        if let Some(v) = f.runtime {
+            self.runtime = v;
+        }
+        if let Some(v) = f.cgroup_driver {
+            self.cgroup_driver = v;
+        }
+        if let Some(v) = &f.log_level {
+            self.log_level = v.clone();
+        }
+    }
+
+    /// Internal consistency only; nothing here touches the file system.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        for (key, path) in [
+            ("root", &self.root),
+            ("state", &self.state),
+            ("listen", &self.listen),
+            ("cni.conf_dir", &self.cni.conf_dir),
+            ("cni.bin_dir", &self.cni.bin_dir),
+            ("userns.subuid_file", &self.userns.subuid_file),
+            ("userns.subgid_file", &self.userns.subgid_file),
+        ] {
+            if !path.is_absolute() {
+                return Err(invalid(key, path.display(), "must be an absolute path"));
+            }
+        }
+        for (i, dir) in self.registry.config_dirs.iter().enumerate() {
+            if !dir.is_absolute() {
+                return Err(invalid(
+                    &format!("registry.config_dirs[{i}]"),
+                    dir.display(),
+                    "must be an absolute path",
+                ));
+            }
+        }
+        if self.root == self.state {
+            return Err(invalid(
+                "state",
+                self.state.display(),
+                "must differ from `root`: one is durable, the other is wiped on reboot",
+            ));
+        }
+        // A unix socket path is limited to 108 bytes including the NUL.
+        if self.listen.as_os_str().len() > 107 {
+            return Err(invalid(
+                "listen",
+                self.listen.display(),
+                "longer than 107 bytes",
+            ));
+        }
+        if let Err(e) = tracing_subscriber::EnvFilter::try_new(&self.log_level) {
+            return Err(invalid("log_level", &self.log_level, e.to_string()));
+        }
+        if self.shim_binary.as_os_str().is_empty() {
+            return Err(invalid("shim_binary", "", "must name the shim binary"));
+        }
+        for (name, h) in &self.runtime_handlers {
+            if name.is_empty() {
+                return Err(invalid(
+                    "runtime_handlers",
+                    "\"\"",
+                    "the empty name is the default handler; configure it with `runtime`",
+                ));
+            }
+            if h.binary.as_os_str().is_empty() {
+                return Err(invalid(
+                    &format!("runtime_handlers.{name}.binary"),
+                    "",
+                    "must name an OCI runtime binary",
+                ));
+            }
+        }
+        if self.userns.user.is_empty() || self.userns.user.contains(':') {
+            return Err(invalid(
+                "userns.user",
+                &self.userns.user,
+                "must be a user name",
+            ));
+        }
+        if !self.metrics.address.is_empty() {
+            let addr: SocketAddr = self.metrics.address.parse().map_err(|e| {
+                invalid(
+                    "metrics.address",
+                    &self.metrics.address,
+                    format!("not host:port ({e})"),
+                )
+            })?;
+            if !addr.ip().is_loopback() {
+                return Err(invalid(
+                    "metrics.address",
+                    &self.metrics.address,
+                    "must be a loopback address; metrics are not for the network",
+                ));
+            }
+        }
+        if self.pull.max_concurrent_downloads == 0 {
+            return Err(invalid(
+                "pull.max_concurrent_downloads",
+                0,
+                "must be at least 1",
+            ));
+        }
+        if self.max_container_log_line_size < 64 {
+            return Err(invalid(
+                "max_container_log_line_size",
+                self.max_container_log_line_size,
+                "must be at least 64 bytes",
+            ));
+        }
+        Ok(())
+    }
+
+    pub fn db_path(&self) -> PathBuf {
+        self.root.join("crisp.db")
+    }
+
+    pub fn cni_cache_dir(&self) -> PathBuf {
+        self.root.join("cni-cache")
+    }
+
+    pub fn netns_dir(&self) -> PathBuf {
+        self.state.join("netns")
+    }
+
+    /// The OCI runtime binary for a pod's runtime handler; `None` for an unknown handler.
+    /// The default handler with `runtime = auto` yields `Some(None)`: the shim probes.
+    pub fn handler_binary(&self, handler: &str) -> Option<Option<PathBuf>> {
+        if handler.is_empty() {
+            return Some(match self.runtime {
+                RuntimeChoice::Auto => None,
+                other => Some(PathBuf::from(other.as_str())),
+            });
+        }
+        self.runtime_handlers
+            .get(handler)
+            .map(|h| Some(h.binary.clone()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_validate_and_round_trip_through_toml() {
+        let d = Config::default();
+        d.validate().expect("defaults are valid");
+        let text = d.to_toml();
+        let back = Config::from_toml(&text, Path::new("x")).expect("printed defaults parse");
+        assert_eq!(d, back);
+    }
+
+    #[test]
+    fn empty_file_is_the_defaults() {
+        let c = Config::from_toml("", Path::new("x")).expect("empty parses");
+        assert_eq!(c, Config::default());
+    }
+
+    #[test]
+    fn partial_file_keeps_other_defaults() {
+        let c = Config::from_toml(
+            "root = \"/data/crisp\"\n[cni]\nconf_dir = \"/opt/cni\"\n",
+            Path::new("x"),
+        )
+        .expect("parses");
+        assert_eq!(c.root, PathBuf::from("/data/crisp"));
+        assert_eq!(c.cni.conf_dir, PathBuf::from("/opt/cni"));
+        assert_eq!(c.cni.bin_dir, PathBuf::from("/usr/lib/cni"));
+        assert_eq!(c.state, PathBuf::from("/run/crisp"));
+    }
+
+    #[test]
+    fn unknown_key_is_an_error_naming_it() {
+        let e = Config::from_toml("roots = \"/x\"\n", Path::new("/etc/crisp/config.toml"))
+            .expect_err("unknown key");
+        let msg = e.to_string();
+        assert!(msg.contains("roots"), "{msg}");
+        assert!(msg.contains("/etc/crisp/config.toml"), "{msg}");
+    }
+
+    #[test]
+    fn bad_enum_value_is_an_error() {
+        let e = Config::from_toml("cgroup_driver = \"cgroupv3\"\n", Path::new("x"))
+            .expect_err("bad driver");
+        assert!(e.to_string().contains("cgroupv3"), "{e}");
+    }
+
+    #[test]
+    fn validation_names_key_and_value() {
+        let c = Config {
+            root: "relative/root".into(),
+            ..Config::default()
+        };
+        let msg = c.validate().expect_err("relative").to_string();
+        assert!(
+            msg.contains("`root`") && msg.contains("relative/root"),
+            "{msg}"
+        );
+
+        let c = Config {
+            log_level: "loud[".into(),
+            ..Config::default()
+        };
+        let msg = c.validate().expect_err("bad level").to_string();
+        assert!(msg.contains("log_level") && msg.contains("loud["), "{msg}");
+
+        let mut c = Config::default();
+        c.metrics.address = "0.0.0.0:1338".into();
+        let msg = c.validate().expect_err("not loopback").to_string();
+        assert!(
+            msg.contains("metrics.address") && msg.contains("0.0.0.0:1338"),
+            "{msg}"
+        );
+
+        let mut c = Config::default();
+        c.runtime_handlers
+            .insert("kata".into(), RuntimeHandler::default());
+        let msg = c.validate().expect_err("no binary").to_string();
+        assert!(msg.contains("runtime_handlers.kata.binary"), "{msg}");
+
+        let c = Config {
+            state: "/var/lib/crisp".into(),
+            ..Config::default()
+        };
+        assert!(
+            c.validate()
+                .expect_err("same")
+                .to_string()
+                .contains("`state`")
+        );
+    }
+
+    #[test]
+    fn flags_override_the_file() {
+        let mut c = Config::from_toml(
+            "root = \"/from/file\"\nruntime = \"crun\"\n[registry]\nconfig_dirs = [\"/a\", \"/b\"]\n",
+            Path::new("x"),
+        )
+        .expect("parses");
+        let cli = Cli::try_parse_from([
+            "crispd",
+            "--root",
+            "/r",
+            "--state",
+            "/s",
+            "--listen",
+            "/s/c.sock",
+            "--cni-conf-dir",
+            "/d",
+            "--cni-bin-dir",
+            "/usr/lib/cni",
+            "--registry-config-dir",
+            "/h",
+            "--runtime",
+            "runc",
+            "--cgroup-driver",
+            "cgroupfs",
+            "--log-level",
+            "debug",
+        ])
+        .expect("the e2e harness's flags parse");
+        c.apply_flags(&cli.flags);
+        c.validate().expect("valid");
+        assert_eq!(c.root, PathBuf::from("/r"));
+        assert_eq!(c.state, PathBuf::from("/s"));
+        assert_eq!(c.listen, PathBuf::from("/s/c.sock"));
+        assert_eq!(c.cni.conf_dir, PathBuf::from("/d"));
+        assert_eq!(c.registry.config_dirs, vec![PathBuf::from("/h")]);
+        assert_eq!(c.runtime, RuntimeChoice::Runc);
+        assert_eq!(c.log_level, "debug");
+    }
+
+    #[test]
+    fn config_default_subcommand_parses() {
+        let cli = Cli::try_parse_from(["crispd", "config", "default"]).expect("parses");
+        assert!(matches!(
+            cli.command,
+            Some(Command::Config {
+                action: ConfigAction::Default
+            })
+        ));
+        assert!(Cli::try_parse_from(["crispd", "--runtime", "kata"]).is_err());
+    }
+
+    #[test]
+    fn handler_binary_resolution() {
+        let mut c = Config::default();
+        assert_eq!(c.handler_binary(""), Some(None));
+        c.runtime = RuntimeChoice::Runc;
+        assert_eq!(c.handler_binary(""), Some(Some("runc".into())));
+        assert_eq!(c.handler_binary("crun"), Some(Some("crun".into())));
+        assert_eq!(c.handler_binary("nope"), None);
+    }
+
+    #[test]
+    fn load_reads_explicit_file_and_reports_missing_one() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("c.toml");
+        std::fs::write(&path, "log_level = \"debug\"\n").expect("write");
+        let flags = Flags {
+            config: Some(path.clone()),
+            ..Flags::default()
+        };
+        assert_eq!(Config::load(&flags).expect("loads").log_level, "debug");
+        let flags = Flags {
+            config: Some(dir.path().join("missing.toml")),
+            ..Flags::default()
+        };
+        assert!(matches!(
+            Config::load(&flags),
+            Err(ConfigError::Read { .. })
+        ));
+    }
+}

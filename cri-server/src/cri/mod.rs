@@ -1,0 +1,7 @@
+//! One file per CRI call (or per small family of calls). Each handler is a plain async
+//! function from the request to `Result<Response, CriError>`; `server.rs` wraps it with the
+//! instrumentation that maps errors to codes.
+
+pub mod runtime_config;
+pub mod status;
+pub mod version;

@@ -1,0 +1,169 @@
+//! Status: RuntimeReady, NetworkReady (with the reason kubelet shows), the runtime handlers.
+//!
+//! NetworkReady comes from the CNI manager's latest look at the config directory, so a
+//! conflist written after start-up flips it within a second (promise 4).
+
+use std::collections::HashMap;
+
+use crisp_proto::cri::v1::{
+    RuntimeCondition, RuntimeFeatures, RuntimeHandler, RuntimeHandlerFeatures, RuntimeStatus,
+    StatusRequest, StatusResponse,
+};
+
+use crate::daemon::Daemon;
+use crate::instrument::CriError;
+
+pub const RUNTIME_READY: &str = "RuntimeReady";
+pub const NETWORK_READY: &str = "NetworkReady";
+/// The reason kubelet and every other runtime use for a missing network config.
+pub const NETWORK_PLUGIN_NOT_READY: &str = "NetworkPluginNotReady";
+
+pub async fn status(d: &Daemon, req: StatusRequest) -> Result<StatusResponse, CriError> {
+    let network = match d.cni.current() {
+        Ok(_) => RuntimeCondition {
+            r#type: NETWORK_READY.into(),
+            status: true,
+            reason: String::new(),
+            message: String::new(),
+        },
+        Err(e) => RuntimeCondition {
+            r#type: NETWORK_READY.into(),
+            status: false,
+            reason: NETWORK_PLUGIN_NOT_READY.into(),
+            message: e.to_string(),
+        },
+    };
+    // crispd is serving and its store is open: the runtime is ready. A handler whose binary is
+    // missing makes only the pods that ask for it fail (named in their error), not the node.
+    let runtime = RuntimeCondition {
+        r#type: RUNTIME_READY.into(),
+        status: true,
+        reason: String::new(),
+        message: String::new(),
+    };
+
+    let mut handlers = vec![handler(
+        "",
+        &d.cfg.runtime_handlers.values().next().cloned(),
+    )];
+    for (name, h) in &d.cfg.runtime_handlers {
+        handlers.push(handler(name, &Some(h.clone())));
+    }
+
+    let mut info = HashMap::new();
+    if req.verbose {
+        let conds: Vec<_> = d
+            .conditions
+            .list()
+            .into_iter()
+            .map(|c| serde_json::json!({"key": c.key, "message": c.message}))
+            .collect();
+        info.insert(
+            "conditions".into(),
+            serde_json::Value::Array(conds).to_string(),
+        );
+        info.insert(
+            "config".into(),
+            serde_json::to_string(&*d.cfg).unwrap_or_else(|e| format!("unrenderable: {e}")),
+        );
+        if let Ok(c) = d.cni.current() {
+            info.insert(
+                "cniconfig".into(),
+                serde_json::to_string(&*c).unwrap_or_default(),
+            );
+        }
+    }
+
+    Ok(StatusResponse {
+        status: Some(RuntimeStatus {
+            conditions: vec![runtime, network],
+        }),
+        info,
+        runtime_handlers: handlers,
+        features: Some(RuntimeFeatures {
+            supplemental_groups_policy: true,
+            user_namespaces_host_network: false,
+        }),
+    })
+}
+
+fn handler(name: &str, h: &Option<crate::config::RuntimeHandler>) -> RuntimeHandler {
+    let (userns, rro) = h
+        .as_ref()
+        .map(|h| (h.user_namespaces, h.recursive_read_only_mounts))
+        .unwrap_or((true, true));
+    RuntimeHandler {
+        name: name.into(),
+        features: Some(RuntimeHandlerFeatures {
+            recursive_read_only_mounts: rro,
+            user_namespaces: userns,
+        }),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cni::CniManager;
+    use crate::config::Config;
+    use crate::store::Store;
+    use std::sync::Arc;
+
+    fn daemon(dir: &std::path::Path) -> Daemon {
+        let cfg = Config {
+            root: dir.join("root"),
+            state: dir.join("state"),
+            ..Config::default()
+        };
+        let store = Store::open(&cfg.db_path()).expect("store");
+        let cni = Arc::new(CniManager::new(
+            dir.join("net.d"),
+            dir.join("bin"),
+            dir.join("cache"),
+        ));
+        Daemon::new(Arc::new(cfg), store, cni)
+    }
+
+    #[tokio::test]
+    async fn network_not_ready_names_what_is_missing() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let d = daemon(dir.path());
+        let s = status(&d, StatusRequest { verbose: true })
+            .await
+            .expect("ok");
+        let conds = s.status.expect("status").conditions;
+        let rt = conds
+            .iter()
+            .find(|c| c.r#type == RUNTIME_READY)
+            .expect("runtime");
+        assert!(rt.status);
+        let net = conds
+            .iter()
+            .find(|c| c.r#type == NETWORK_READY)
+            .expect("network");
+        assert!(!net.status);
+        assert_eq!(net.reason, NETWORK_PLUGIN_NOT_READY);
+        assert!(net.message.contains("net.d"), "{}", net.message);
+        let names: Vec<_> = s.runtime_handlers.iter().map(|h| h.name.as_str()).collect();
+        assert_eq!(names, vec!["", "crun", "runc"]);
+        assert!(s.info.contains_key("config"));
+    }
+
+    #[tokio::test]
+    async fn network_ready_once_config_appears() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let d = daemon(dir.path());
+        std::fs::create_dir_all(dir.path().join("net.d")).expect("mkdir");
+        std::fs::create_dir_all(dir.path().join("bin")).expect("mkdir");
+        std::fs::write(dir.path().join("bin/loopback"), "").expect("write");
+        std::fs::write(
+            dir.path().join("net.d/99-lo.conf"),
+            r#"{"cniVersion":"1.0.0","name":"lo","type":"loopback"}"#,
+        )
+        .expect("write");
+        d.cni.reload();
+        let s = status(&d, StatusRequest::default()).await.expect("ok");
+        let conds = s.status.expect("status").conditions;
+        assert!(conds.iter().all(|c| c.status), "{conds:?}");
+    }
+}

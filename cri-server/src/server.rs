@@ -1,0 +1,500 @@
+//! The gRPC side: RuntimeService and ImageService on a unix socket. Each method only builds
+//! the call's tracing span and hands the request to its handler under `cri/` through
+//! [`instrument::call`], the single place errors become gRPC codes.
+
+use std::path::Path;
+use std::pin::Pin;
+use std::sync::Arc;
+
+use crisp_proto::cri::v1 as pb;
+use crisp_proto::cri::v1::image_service_server::{ImageService, ImageServiceServer};
+use crisp_proto::cri::v1::runtime_service_server::{RuntimeService, RuntimeServiceServer};
+use futures::Stream;
+use tonic::{Request, Response, Status};
+use tracing::info_span;
+
+use crate::cri;
+use crate::daemon::Daemon;
+use crate::instrument::{self, CriError};
+
+type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send + 'static>>;
+type Res<T> = Result<Response<T>, Status>;
+
+#[derive(Debug, Clone)]
+pub struct Cri {
+    d: Arc<Daemon>,
+}
+
+impl Cri {
+    pub fn new(d: Arc<Daemon>) -> Self {
+        Self { d }
+    }
+}
+
+/// A call that is not wired yet: Unimplemented, with a message saying so and why.
+macro_rules! not_yet {
+    ($name:literal, $why:literal) => {
+        instrument::call(info_span!($name), async {
+            Err(CriError::unimplemented(concat!($name, ": ", $why)))
+        })
+        .await
+    };
+}
+
+#[tonic::async_trait]
+impl RuntimeService for Cri {
+    async fn version(&self, req: Request<pb::VersionRequest>) -> Res<pb::VersionResponse> {
+        instrument::call(
+            info_span!("Version"),
+            cri::version::version(req.into_inner()),
+        )
+        .await
+    }
+
+    async fn status(&self, req: Request<pb::StatusRequest>) -> Res<pb::StatusResponse> {
+        instrument::call(
+            info_span!("Status"),
+            cri::status::status(&self.d, req.into_inner()),
+        )
+        .await
+    }
+
+    async fn runtime_config(
+        &self,
+        req: Request<pb::RuntimeConfigRequest>,
+    ) -> Res<pb::RuntimeConfigResponse> {
+        instrument::call(
+            info_span!("RuntimeConfig"),
+            cri::runtime_config::runtime_config(&self.d.cfg, req.into_inner()),
+        )
+        .await
+    }
+
+    async fn update_runtime_config(
+        &self,
+        req: Request<pb::UpdateRuntimeConfigRequest>,
+    ) -> Res<pb::UpdateRuntimeConfigResponse> {
+        // kubelet sends the pod CIDR here; the bridge plugin's IPAM config owns the range, so
+        // there is nothing to do (containerd only templates a CNI config from it).
+        let cidr = req
+            .into_inner()
+            .runtime_config
+            .and_then(|c| c.network_config)
+            .map(|n| n.pod_cidr)
+            .unwrap_or_default();
+        instrument::call(info_span!("UpdateRuntimeConfig", pod_cidr = %cidr), async {
+            Ok(pb::UpdateRuntimeConfigResponse {})
+        })
+        .await
+    }
+
+    async fn run_pod_sandbox(
+        &self,
+        _req: Request<pb::RunPodSandboxRequest>,
+    ) -> Res<pb::RunPodSandboxResponse> {
+        not_yet!(
+            "RunPodSandbox",
+            "pod sandboxes need the shim's sandbox service, not wired into crispd yet"
+        )
+    }
+
+    async fn stop_pod_sandbox(
+        &self,
+        _req: Request<pb::StopPodSandboxRequest>,
+    ) -> Res<pb::StopPodSandboxResponse> {
+        not_yet!(
+            "StopPodSandbox",
+            "pod sandboxes need the shim's sandbox service, not wired into crispd yet"
+        )
+    }
+
+    async fn remove_pod_sandbox(
+        &self,
+        _req: Request<pb::RemovePodSandboxRequest>,
+    ) -> Res<pb::RemovePodSandboxResponse> {
+        not_yet!(
+            "RemovePodSandbox",
+            "pod sandboxes need the shim's sandbox service, not wired into crispd yet"
+        )
+    }
+
+    async fn pod_sandbox_status(
+        &self,
+        _req: Request<pb::PodSandboxStatusRequest>,
+    ) -> Res<pb::PodSandboxStatusResponse> {
+        not_yet!(
+            "PodSandboxStatus",
+            "pod sandboxes need the shim's sandbox service, not wired into crispd yet"
+        )
+    }
+
+    async fn list_pod_sandbox(
+        &self,
+        _req: Request<pb::ListPodSandboxRequest>,
+    ) -> Res<pb::ListPodSandboxResponse> {
+        // No pods can exist yet, so the honest answer is an empty list (kubelet polls this).
+        instrument::call(info_span!("ListPodSandbox"), async {
+            Ok(pb::ListPodSandboxResponse { items: vec![] })
+        })
+        .await
+    }
+
+    type StreamPodSandboxesStream = BoxStream<pb::StreamPodSandboxesResponse>;
+    async fn stream_pod_sandboxes(
+        &self,
+        _req: Request<pb::StreamPodSandboxesRequest>,
+    ) -> Res<Self::StreamPodSandboxesStream> {
+        not_yet!("StreamPodSandboxes", "not implemented")
+    }
+
+    async fn create_container(
+        &self,
+        _req: Request<pb::CreateContainerRequest>,
+    ) -> Res<pb::CreateContainerResponse> {
+        not_yet!(
+            "CreateContainer",
+            "containers need the shim's task service, not wired into crispd yet"
+        )
+    }
+
+    async fn start_container(
+        &self,
+        _req: Request<pb::StartContainerRequest>,
+    ) -> Res<pb::StartContainerResponse> {
+        not_yet!(
+            "StartContainer",
+            "containers need the shim's task service, not wired into crispd yet"
+        )
+    }
+
+    async fn stop_container(
+        &self,
+        _req: Request<pb::StopContainerRequest>,
+    ) -> Res<pb::StopContainerResponse> {
+        not_yet!(
+            "StopContainer",
+            "containers need the shim's task service, not wired into crispd yet"
+        )
+    }
+
+    async fn remove_container(
+        &self,
+        _req: Request<pb::RemoveContainerRequest>,
+    ) -> Res<pb::RemoveContainerResponse> {
+        not_yet!(
+            "RemoveContainer",
+            "containers need the shim's task service, not wired into crispd yet"
+        )
+    }
+
+    async fn list_containers(
+        &self,
+        _req: Request<pb::ListContainersRequest>,
+    ) -> Res<pb::ListContainersResponse> {
+        instrument::call(info_span!("ListContainers"), async {
+            Ok(pb::ListContainersResponse { containers: vec![] })
+        })
+        .await
+    }
+
+    type StreamContainersStream = BoxStream<pb::StreamContainersResponse>;
+    async fn stream_containers(
+        &self,
+        _req: Request<pb::StreamContainersRequest>,
+    ) -> Res<Self::StreamContainersStream> {
+        not_yet!("StreamContainers", "not implemented")
+    }
+
+    async fn container_status(
+        &self,
+        _req: Request<pb::ContainerStatusRequest>,
+    ) -> Res<pb::ContainerStatusResponse> {
+        not_yet!(
+            "ContainerStatus",
+            "containers need the shim's task service, not wired into crispd yet"
+        )
+    }
+
+    async fn update_container_resources(
+        &self,
+        _req: Request<pb::UpdateContainerResourcesRequest>,
+    ) -> Res<pb::UpdateContainerResourcesResponse> {
+        not_yet!(
+            "UpdateContainerResources",
+            "containers need the shim's task service, not wired into crispd yet"
+        )
+    }
+
+    async fn reopen_container_log(
+        &self,
+        _req: Request<pb::ReopenContainerLogRequest>,
+    ) -> Res<pb::ReopenContainerLogResponse> {
+        not_yet!(
+            "ReopenContainerLog",
+            "containers need the shim's task service, not wired into crispd yet"
+        )
+    }
+
+    async fn exec_sync(&self, _req: Request<pb::ExecSyncRequest>) -> Res<pb::ExecSyncResponse> {
+        not_yet!(
+            "ExecSync",
+            "containers need the shim's task service, not wired into crispd yet"
+        )
+    }
+
+    async fn exec(&self, _req: Request<pb::ExecRequest>) -> Res<pb::ExecResponse> {
+        not_yet!(
+            "Exec",
+            "streaming (exec/attach/port-forward) belongs to a later issue"
+        )
+    }
+
+    async fn attach(&self, _req: Request<pb::AttachRequest>) -> Res<pb::AttachResponse> {
+        not_yet!(
+            "Attach",
+            "streaming (exec/attach/port-forward) belongs to a later issue"
+        )
+    }
+
+    async fn port_forward(
+        &self,
+        _req: Request<pb::PortForwardRequest>,
+    ) -> Res<pb::PortForwardResponse> {
+        not_yet!(
+            "PortForward",
+            "streaming (exec/attach/port-forward) belongs to a later issue"
+        )
+    }
+
+    async fn container_stats(
+        &self,
+        _req: Request<pb::ContainerStatsRequest>,
+    ) -> Res<pb::ContainerStatsResponse> {
+        not_yet!(
+            "ContainerStats",
+            "containers need the shim's task service, not wired into crispd yet"
+        )
+    }
+
+    async fn list_container_stats(
+        &self,
+        _req: Request<pb::ListContainerStatsRequest>,
+    ) -> Res<pb::ListContainerStatsResponse> {
+        instrument::call(info_span!("ListContainerStats"), async {
+            Ok(pb::ListContainerStatsResponse { stats: vec![] })
+        })
+        .await
+    }
+
+    type StreamContainerStatsStream = BoxStream<pb::StreamContainerStatsResponse>;
+    async fn stream_container_stats(
+        &self,
+        _req: Request<pb::StreamContainerStatsRequest>,
+    ) -> Res<Self::StreamContainerStatsStream> {
+        not_yet!("StreamContainerStats", "not implemented")
+    }
+
+    async fn pod_sandbox_stats(
+        &self,
+        _req: Request<pb::PodSandboxStatsRequest>,
+    ) -> Res<pb::PodSandboxStatsResponse> {
+        not_yet!(
+            "PodSandboxStats",
+            "pod sandboxes need the shim's sandbox service, not wired into crispd yet"
+        )
+    }
+
+    async fn list_pod_sandbox_stats(
+        &self,
+        _req: Request<pb::ListPodSandboxStatsRequest>,
+    ) -> Res<pb::ListPodSandboxStatsResponse> {
+        instrument::call(info_span!("ListPodSandboxStats"), async {
+            Ok(pb::ListPodSandboxStatsResponse { stats: vec![] })
+        })
+        .await
+    }
+
+    type StreamPodSandboxStatsStream = BoxStream<pb::StreamPodSandboxStatsResponse>;
+    async fn stream_pod_sandbox_stats(
+        &self,
+        _req: Request<pb::StreamPodSandboxStatsRequest>,
+    ) -> Res<Self::StreamPodSandboxStatsStream> {
+        not_yet!("StreamPodSandboxStats", "not implemented")
+    }
+
+    async fn checkpoint_container(
+        &self,
+        _req: Request<pb::CheckpointContainerRequest>,
+    ) -> Res<pb::CheckpointContainerResponse> {
+        not_yet!("CheckpointContainer", "checkpointing is not supported")
+    }
+
+    type GetContainerEventsStream = BoxStream<pb::ContainerEventResponse>;
+    async fn get_container_events(
+        &self,
+        _req: Request<pb::GetEventsRequest>,
+    ) -> Res<Self::GetContainerEventsStream> {
+        not_yet!(
+            "GetContainerEvents",
+            "container events are not wired yet; use generic PLEG"
+        )
+    }
+
+    async fn list_metric_descriptors(
+        &self,
+        _req: Request<pb::ListMetricDescriptorsRequest>,
+    ) -> Res<pb::ListMetricDescriptorsResponse> {
+        not_yet!("ListMetricDescriptors", "not implemented")
+    }
+
+    async fn list_pod_sandbox_metrics(
+        &self,
+        _req: Request<pb::ListPodSandboxMetricsRequest>,
+    ) -> Res<pb::ListPodSandboxMetricsResponse> {
+        not_yet!("ListPodSandboxMetrics", "not implemented")
+    }
+
+    type StreamPodSandboxMetricsStream = BoxStream<pb::StreamPodSandboxMetricsResponse>;
+    async fn stream_pod_sandbox_metrics(
+        &self,
+        _req: Request<pb::StreamPodSandboxMetricsRequest>,
+    ) -> Res<Self::StreamPodSandboxMetricsStream> {
+        not_yet!("StreamPodSandboxMetrics", "not implemented")
+    }
+
+    async fn update_pod_sandbox_resources(
+        &self,
+        _req: Request<pb::UpdatePodSandboxResourcesRequest>,
+    ) -> Res<pb::UpdatePodSandboxResourcesResponse> {
+        not_yet!("UpdatePodSandboxResources", "not implemented")
+    }
+}
+
+#[tonic::async_trait]
+impl ImageService for Cri {
+    async fn list_images(
+        &self,
+        _req: Request<pb::ListImagesRequest>,
+    ) -> Res<pb::ListImagesResponse> {
+        not_yet!(
+            "ListImages",
+            "the image service (crisp-image) is not wired into crispd yet"
+        )
+    }
+
+    type StreamImagesStream = BoxStream<pb::StreamImagesResponse>;
+    async fn stream_images(
+        &self,
+        _req: Request<pb::StreamImagesRequest>,
+    ) -> Res<Self::StreamImagesStream> {
+        not_yet!(
+            "StreamImages",
+            "the image service (crisp-image) is not wired into crispd yet"
+        )
+    }
+
+    async fn image_status(
+        &self,
+        _req: Request<pb::ImageStatusRequest>,
+    ) -> Res<pb::ImageStatusResponse> {
+        not_yet!(
+            "ImageStatus",
+            "the image service (crisp-image) is not wired into crispd yet"
+        )
+    }
+
+    async fn pull_image(&self, _req: Request<pb::PullImageRequest>) -> Res<pb::PullImageResponse> {
+        not_yet!(
+            "PullImage",
+            "the image service (crisp-image) is not wired into crispd yet"
+        )
+    }
+
+    async fn remove_image(
+        &self,
+        _req: Request<pb::RemoveImageRequest>,
+    ) -> Res<pb::RemoveImageResponse> {
+        not_yet!(
+            "RemoveImage",
+            "the image service (crisp-image) is not wired into crispd yet"
+        )
+    }
+
+    async fn image_fs_info(
+        &self,
+        _req: Request<pb::ImageFsInfoRequest>,
+    ) -> Res<pb::ImageFsInfoResponse> {
+        not_yet!(
+            "ImageFsInfo",
+            "the image service (crisp-image) is not wired into crispd yet"
+        )
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    #[error("listen socket {path}: {source}")]
+    Bind {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("listen socket {path} is in use by a running daemon")]
+    InUse { path: String },
+    #[error("gRPC server: {0}")]
+    Transport(#[from] tonic::transport::Error),
+}
+
+/// Bind the unix socket: refuse if another daemon answers on it, otherwise replace a stale one.
+pub fn bind(path: &Path) -> Result<tokio::net::UnixListener, ServeError> {
+    let p = path.display().to_string();
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).map_err(|source| ServeError::Bind {
+            path: p.clone(),
+            source,
+        })?;
+    }
+    if path.exists() {
+        if std::os::unix::net::UnixStream::connect(path).is_ok() {
+            return Err(ServeError::InUse { path: p });
+        }
+        std::fs::remove_file(path).map_err(|source| ServeError::Bind {
+            path: p.clone(),
+            source,
+        })?;
+    }
+    let l = tokio::net::UnixListener::bind(path).map_err(|source| ServeError::Bind {
+        path: p.clone(),
+        source,
+    })?;
+    // Root-only: the CRI socket is as good as root on the node.
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o660))
+        .map_err(|source| ServeError::Bind { path: p, source })?;
+    Ok(l)
+}
+
+/// Serve both services until `shutdown` resolves.
+pub async fn serve(
+    d: Arc<Daemon>,
+    listener: tokio::net::UnixListener,
+    shutdown: impl std::future::Future<Output = ()> + Send,
+) -> Result<(), ServeError> {
+    let cri = Cri::new(d);
+    let incoming = tokio_stream::wrappers::UnixListenerStream::new(listener);
+    // kubelet's default max message size is 16 MiB; match it so big ListContainers fit.
+    const MAX: usize = 16 * 1024 * 1024;
+    tonic::transport::Server::builder()
+        .add_service(
+            RuntimeServiceServer::new(cri.clone())
+                .max_decoding_message_size(MAX)
+                .max_encoding_message_size(MAX),
+        )
+        .add_service(
+            ImageServiceServer::new(cri)
+                .max_decoding_message_size(MAX)
+                .max_encoding_message_size(MAX),
+        )
+        .serve_with_incoming_shutdown(incoming, shutdown)
+        .await?;
+    Ok(())
+}

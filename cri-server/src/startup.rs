@@ -1,0 +1,233 @@
+//! Ordered start-up (promise 4): parse config → open store → snapshotter → recover → CNI →
+//! serve. Each phase is logged by name with its duration. Only a broken config or an
+//! unopenable store is fatal; things that may appear later (a CNI config, a runtime binary)
+//! are recorded as conditions that Status and the calls needing them report.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+
+use crate::cni::CniManager;
+use crate::config::Config;
+use crate::daemon::{Condition, Daemon};
+use crate::store::Store;
+use crate::store::records::{ContainerRecord, IdRangeRecord, PodRecord, ShimRecord};
+
+/// Run one named phase, logging its start, end and duration.
+async fn phase<T, F>(name: &'static str, f: F) -> anyhow::Result<T>
+where
+    F: std::future::Future<Output = anyhow::Result<T>>,
+{
+    let start = Instant::now();
+    tracing::info!(phase = name, "start-up phase begins");
+    let r = f.await.with_context(|| format!("start-up phase `{name}`"));
+    let ms = start.elapsed().as_secs_f64() * 1e3;
+    match &r {
+        Ok(_) => tracing::info!(phase = name, elapsed_ms = ms, "start-up phase done"),
+        Err(e) => {
+            tracing::error!(phase = name, elapsed_ms = ms, error = %format!("{e:#}"), "start-up phase failed")
+        }
+    }
+    r
+}
+
+/// Everything up to (not including) serving; returns the daemon the server will use.
+pub async fn prepare(cfg: Config) -> anyhow::Result<Arc<Daemon>> {
+    let cfg = Arc::new(cfg);
+
+    let store = phase("open store", async {
+        for (key, dir) in [("root", &cfg.root), ("state", &cfg.state)] {
+            std::fs::create_dir_all(dir)
+                .with_context(|| format!("creating `{key}` directory {}", dir.display()))?;
+        }
+        let path = cfg.db_path();
+        let store = Store::open(&path).with_context(|| format!("opening {}", path.display()))?;
+        Ok(store)
+    })
+    .await?;
+
+    phase("snapshotter", async {
+        // The overlay snapshotter (crisp-snapshotter) lives under <root>; it is opened here once
+        // it is wired in, before recovery, because recovering containers needs their snapshots.
+        let dir = cfg.root.join("snapshots");
+        std::fs::create_dir_all(&dir)
+            .with_context(|| format!("creating snapshot directory {}", dir.display()))?;
+        Ok(())
+    })
+    .await?;
+
+    let conditions = phase("recover", async {
+        // Decoding every record here quarantines the undecodable ones before anything reads
+        // them; counts go to the log so an operator can see what came back.
+        let pods = store.list::<PodRecord>()?;
+        let ctrs = store.list::<ContainerRecord>()?;
+        let ranges = store.list::<IdRangeRecord>()?;
+        let shims = store.list::<ShimRecord>()?;
+        let quarantined = store.count(crate::store::QUARANTINE)?;
+        tracing::info!(
+            pods = pods.len(),
+            containers = ctrs.len(),
+            id_ranges = ranges.len(),
+            shims = shims.len(),
+            quarantined,
+            "records recovered"
+        );
+        Ok(check_runtimes(&cfg))
+    })
+    .await?;
+
+    let cni = phase("cni", async {
+        let cni = Arc::new(CniManager::new(
+            cfg.cni.conf_dir.clone(),
+            cfg.cni.bin_dir.clone(),
+            cfg.cni_cache_dir(),
+        ));
+        // Not fatal: Status reports NetworkReady=false until a config appears.
+        if let Err(e) = cni.current() {
+            tracing::warn!(key = "cni.conf_dir", value = %cfg.cni.conf_dir.display(), error = %e,
+                "no usable CNI config yet; watching for one");
+        }
+        cni.spawn_watch(Duration::from_secs(1));
+        Ok(cni)
+    })
+    .await?;
+
+    let d = Daemon::new(cfg, store, cni);
+    for c in &conditions {
+        tracing::warn!(key = %c.key, "{}", c.message);
+    }
+    d.conditions.set(conditions);
+    Ok(Arc::new(d))
+}
+
+/// Start up, then serve until SIGINT or SIGTERM.
+pub async fn run(cfg: Config) -> anyhow::Result<()> {
+    let listen = cfg.listen.clone();
+    let d = prepare(cfg).await?;
+    phase("serve", async {
+        let listener = crate::server::bind(&listen)?;
+        tracing::info!(socket = %listen.display(), "serving CRI");
+        crate::server::serve(d, listener, shutdown_signal()).await?;
+        tracing::info!("shut down");
+        Ok(())
+    })
+    .await
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
+        // Without signal handlers we can only run until killed.
+        std::future::pending::<()>().await;
+        return;
+    };
+    tokio::select! {
+        _ = term.recv() => tracing::info!("SIGTERM"),
+        _ = int.recv() => tracing::info!("SIGINT"),
+    }
+}
+
+/// Missing binaries are conditions, not errors: the binary may be installed later, and only
+/// the pods that need it should fail.
+pub fn check_runtimes(cfg: &Config) -> Vec<Condition> {
+    let mut out = Vec::new();
+    if find_binary(&cfg.shim_binary).is_none() {
+        out.push(Condition {
+            key: "shim_binary".into(),
+            message: format!(
+                "shim binary {} not found in PATH or beside crispd",
+                cfg.shim_binary.display()
+            ),
+        });
+    }
+    if let Some(Some(bin)) = cfg.handler_binary("")
+        && find_binary(&bin).is_none()
+    {
+        out.push(Condition {
+            key: "runtime".into(),
+            message: format!(
+                "OCI runtime {} (setting `runtime`) not found",
+                bin.display()
+            ),
+        });
+    }
+    for (name, h) in &cfg.runtime_handlers {
+        if find_binary(&h.binary).is_none() {
+            out.push(Condition {
+                key: format!("runtime_handlers.{name}.binary"),
+                message: format!(
+                    "runtime handler `{name}`: binary {} not found",
+                    h.binary.display()
+                ),
+            });
+        }
+    }
+    out
+}
+
+/// An absolute path that exists, or a name found beside crispd or in PATH.
+pub fn find_binary(name: &Path) -> Option<PathBuf> {
+    if name.is_absolute() {
+        return name.is_file().then(|| name.to_path_buf());
+    }
+    let beside = std::env::current_exe()
+        .ok()
+        .and_then(|p| p.parent().map(|d| d.join(name)));
+    let path_dirs = std::env::var_os("PATH")
+        .map(|p| std::env::split_paths(&p).collect::<Vec<_>>())
+        .unwrap_or_default();
+    beside
+        .into_iter()
+        .chain(path_dirs.into_iter().map(|d| d.join(name)))
+        .find(|p| p.is_file())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::RuntimeHandler;
+
+    #[test]
+    fn missing_handler_binary_is_a_condition_naming_the_key() {
+        let mut cfg = Config::default();
+        cfg.runtime_handlers.insert(
+            "ghost".into(),
+            RuntimeHandler {
+                binary: "/nonexistent/ghost-runtime".into(),
+                ..Default::default()
+            },
+        );
+        let conds = check_runtimes(&cfg);
+        let c = conds
+            .iter()
+            .find(|c| c.key == "runtime_handlers.ghost.binary")
+            .expect("condition for ghost");
+        assert!(c.message.contains("/nonexistent/ghost-runtime"));
+    }
+
+    #[test]
+    fn find_binary_in_path() {
+        assert!(find_binary(Path::new("sh")).is_some());
+        assert!(find_binary(Path::new("/bin/sh")).is_some());
+        assert!(find_binary(Path::new("surely-not-a-binary-xyz")).is_none());
+    }
+
+    #[tokio::test]
+    async fn prepare_with_empty_dirs_is_not_fatal() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut cfg = Config {
+            root: dir.path().join("root"),
+            state: dir.path().join("state"),
+            ..Config::default()
+        };
+        cfg.cni.conf_dir = dir.path().join("no-such-net.d");
+        let d = prepare(cfg).await.expect("starts without CNI config");
+        assert!(d.cni.current().is_err());
+        assert!(dir.path().join("root/crisp.db").exists());
+    }
+}

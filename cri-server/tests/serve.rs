@@ -1,0 +1,192 @@
+//! Start the real `crispd` binary with the e2e harness's flags in a temp dir and talk CRI to
+//! it over its unix socket: Version, Status (NetworkReady flips when a conflist appears, with
+//! no restart), RuntimeConfig, an Unimplemented call with a message.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use crisp_proto::cri::v1 as pb;
+use crisp_proto::cri::v1::runtime_service_client::RuntimeServiceClient;
+use hyper_util::rt::TokioIo;
+use tonic::transport::{Channel, Endpoint, Uri};
+
+/// Kills crispd when the test ends, pass or fail (by its own PID only).
+struct Daemon(Child);
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+async fn connect(sock: &Path) -> anyhow::Result<Channel> {
+    let sock = sock.to_path_buf();
+    let ch = Endpoint::try_from("http://[::]:50051")?
+        .connect_with_connector(tower::service_fn(move |_: Uri| {
+            let sock = sock.clone();
+            async move {
+                Ok::<_, std::io::Error>(TokioIo::new(tokio::net::UnixStream::connect(sock).await?))
+            }
+        }))
+        .await?;
+    Ok(ch)
+}
+
+fn start(dir: &Path, cni_dir: &Path) -> (Daemon, PathBuf) {
+    let sock = dir.join("crisp.sock");
+    let child = Command::new(env!("CARGO_BIN_EXE_crispd"))
+        .args(["--root", &dir.join("root").display().to_string()])
+        .args(["--state", &dir.join("state").display().to_string()])
+        .args(["--listen", &sock.display().to_string()])
+        .args(["--cni-conf-dir", &cni_dir.display().to_string()])
+        .args(["--cni-bin-dir", "/usr/lib/cni"])
+        .args([
+            "--registry-config-dir",
+            &dir.join("hosts").display().to_string(),
+        ])
+        .args([
+            "--runtime",
+            "runc",
+            "--cgroup-driver",
+            "cgroupfs",
+            "--log-level",
+            "debug",
+        ])
+        // No config file on this machine should leak into the test.
+        .args(["--config", &write_empty_config(dir).display().to_string()])
+        .stdout(Stdio::null())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("spawn crispd");
+    (Daemon(child), sock)
+}
+
+fn write_empty_config(dir: &Path) -> PathBuf {
+    let p = dir.join("config.toml");
+    // Metrics off: parallel tests must not fight over a port.
+    std::fs::write(&p, "[metrics]\naddress = \"\"\n").expect("write config");
+    p
+}
+
+async fn wait_for_socket(sock: &Path, d: &mut Daemon) -> Channel {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        if let Ok(Some(status)) = d.0.try_wait() {
+            panic!("crispd exited early: {status}");
+        }
+        if sock.exists()
+            && let Ok(ch) = connect(sock).await
+        {
+            return ch;
+        }
+        assert!(Instant::now() < deadline, "crispd did not start serving");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+fn network_ready(s: &pb::StatusResponse) -> Option<pb::RuntimeCondition> {
+    s.status
+        .as_ref()?
+        .conditions
+        .iter()
+        .find(|c| c.r#type == "NetworkReady")
+        .cloned()
+}
+
+#[tokio::test]
+async fn serves_version_status_and_picks_up_cni_config() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let cni_dir = dir.path().join("net.d");
+    std::fs::create_dir_all(&cni_dir).expect("mkdir");
+    let (mut d, sock) = start(dir.path(), &cni_dir);
+    let mut c = RuntimeServiceClient::new(wait_for_socket(&sock, &mut d).await);
+
+    let v = c
+        .version(pb::VersionRequest::default())
+        .await
+        .expect("Version")
+        .into_inner();
+    assert_eq!(v.runtime_name, "crisp");
+    assert_eq!(v.runtime_api_version, "v1");
+
+    let s = c
+        .status(pb::StatusRequest { verbose: true })
+        .await
+        .expect("Status")
+        .into_inner();
+    let conds = s.status.clone().expect("status").conditions;
+    assert!(
+        conds.iter().any(|c| c.r#type == "RuntimeReady" && c.status),
+        "{conds:?}"
+    );
+    let net = network_ready(&s).expect("NetworkReady present");
+    assert!(!net.status);
+    assert_eq!(net.reason, "NetworkPluginNotReady");
+    assert!(net.message.contains("net.d"), "{}", net.message);
+
+    let rc = c
+        .runtime_config(pb::RuntimeConfigRequest {})
+        .await
+        .expect("RuntimeConfig");
+    assert_eq!(
+        rc.into_inner().linux.map(|l| l.cgroup_driver),
+        Some(pb::CgroupDriver::Cgroupfs as i32)
+    );
+
+    // Written after start-up: must be picked up without a restart, within 5 s.
+    std::fs::write(
+        cni_dir.join("10-test.conflist"),
+        r#"{"cniVersion":"1.0.0","name":"t","plugins":[{"type":"loopback"}]}"#,
+    )
+    .expect("write conflist");
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let s = c
+            .status(pb::StatusRequest::default())
+            .await
+            .expect("Status")
+            .into_inner();
+        if network_ready(&s).is_some_and(|n| n.status) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "NetworkReady did not flip within 5 s"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    let e = c
+        .port_forward(pb::PortForwardRequest::default())
+        .await
+        .expect_err("PortForward is a later issue");
+    assert_eq!(e.code(), tonic::Code::Unimplemented);
+    assert!(e.message().contains("later issue"), "{}", e.message());
+}
+
+#[test]
+fn config_default_prints_parseable_toml() {
+    let out = Command::new(env!("CARGO_BIN_EXE_crispd"))
+        .args(["config", "default"])
+        .output()
+        .expect("run");
+    assert!(out.status.success());
+    let text = String::from_utf8(out.stdout).expect("utf8");
+    assert!(text.contains("root = \"/var/lib/crisp\""), "{text}");
+    assert!(text.contains("[cni]"), "{text}");
+}
+
+#[test]
+fn bad_config_names_key_and_value() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let p = dir.path().join("c.toml");
+    std::fs::write(&p, "cgroup_driver = \"cgroupfs\"\nroot = \"relative\"\n").expect("write");
+    let out = Command::new(env!("CARGO_BIN_EXE_crispd"))
+        .args(["--config", &p.display().to_string()])
+        .output()
+        .expect("run");
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("`root`") && err.contains("relative"), "{err}");
+}
