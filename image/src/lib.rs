@@ -1,5 +1,8 @@
 //! Images: OCI distribution client, hosts.toml registry config, verified content store, safe layer unpacking into snapshots.
 
+#![cfg_attr(test, allow(clippy::unwrap_used))]
+
+pub mod content;
 pub mod error;
 pub mod hosts;
 pub mod reference;

@@ -1,0 +1,454 @@
+//! The content store: blobs by digest under `<root>/content/blobs/sha256/<hex>`.
+//!
+//! A blob is written to `<root>/content/ingest/<random>`, hashed while it streams, and renamed
+//! into place only after its digest and size verify (after fsync), so an interrupted or
+//! corrupt download never leaves a blob behind. Concurrent pulls that need the same blob share
+//! one in-flight [`Ingest`]: the first starts the download, the others wait on it.
+//!
+//! An ingest can be *followed* while it is written ([`Ingest::reader`]): the unpacker reads
+//! the growing file up to what has been written so far, so a layer is unpacked while it
+//! streams, and the reader ends with an error if the download fails.
+
+use std::collections::HashMap;
+use std::fs::File;
+use std::io::{self, Read, Write};
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use sha2::{Digest as _, Sha256};
+use tokio::sync::watch;
+
+use crate::error::{Error, Result};
+use crate::reference::Digest;
+
+/// State of an in-flight ingest, published to followers.
+#[derive(Debug, Clone)]
+pub enum IngestState {
+    Running { written: u64 },
+    Done { size: u64 },
+    Failed(Error),
+}
+
+/// A blob being downloaded.
+#[derive(Debug)]
+pub struct Ingest {
+    pub digest: Digest,
+    path: PathBuf,
+    /// Read handle kept open so followers can read even after the rename into blobs/.
+    file: Arc<File>,
+    state: watch::Sender<IngestState>,
+}
+
+impl Ingest {
+    pub fn state(&self) -> IngestState {
+        self.state.borrow().clone()
+    }
+
+    pub fn subscribe(&self) -> watch::Receiver<IngestState> {
+        self.state.subscribe()
+    }
+
+    /// Wait until the ingest is complete and verified, or failed.
+    pub async fn wait(&self) -> Result<u64> {
+        let mut rx = self.state.subscribe();
+        loop {
+            match &*rx.borrow_and_update() {
+                IngestState::Done { size } => return Ok(*size),
+                IngestState::Failed(e) => return Err(e.clone()),
+                IngestState::Running { .. } => {}
+            }
+            if rx.changed().await.is_err() {
+                return Err(Error::internal(format!("download of {} was abandoned", self.digest)));
+            }
+        }
+    }
+
+    /// A blocking reader over the blob as it is being written.
+    pub fn reader(self: &Arc<Self>) -> IngestReader {
+        IngestReader { file: self.file.clone(), rx: self.state.subscribe(), offset: 0, digest: self.digest.clone() }
+    }
+}
+
+/// Reads an ingest from the start, blocking for more data until it is done.
+pub struct IngestReader {
+    file: Arc<File>,
+    rx: watch::Receiver<IngestState>,
+    offset: u64,
+    digest: Digest,
+}
+
+impl Read for IngestReader {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        loop {
+            let limit = match &*self.rx.borrow_and_update() {
+                IngestState::Running { written } => *written,
+                IngestState::Done { size } => *size,
+                IngestState::Failed(e) => return Err(io::Error::other(e.clone())),
+            };
+            if self.offset < limit {
+                let want = ((limit - self.offset) as usize).min(buf.len());
+                let n = self.file.read_at(&mut buf[..want], self.offset)?;
+                if n == 0 {
+                    return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "ingest file shorter than reported"));
+                }
+                self.offset += n as u64;
+                return Ok(n);
+            }
+            if let IngestState::Done { .. } = &*self.rx.borrow() {
+                return Ok(0);
+            }
+            // Called from a blocking thread (the unpacker); watch works without a runtime.
+            if futures::executor::block_on(self.rx.changed()).is_err() {
+                return Err(io::Error::other(Error::internal(format!("download of {} was abandoned", self.digest))));
+            }
+        }
+    }
+}
+
+/// The writing side, owned by the one task that downloads. Dropping it unfinished fails the
+/// ingest and removes its file.
+pub struct IngestWriter {
+    ingest: Arc<Ingest>,
+    store: ContentStore,
+    file: Arc<File>,
+    hasher: Sha256,
+    written: u64,
+    buf: Vec<u8>,
+    finished: bool,
+}
+
+const FLUSH_AT: usize = 1 << 20;
+
+impl IngestWriter {
+    pub fn written(&self) -> u64 {
+        self.written + self.buf.len() as u64
+    }
+
+    pub fn digest(&self) -> &Digest {
+        &self.ingest.digest
+    }
+
+    /// Append downloaded bytes. Buffered; followers see them after each flush.
+    pub async fn write(&mut self, data: &[u8]) -> Result<()> {
+        self.hasher.update(data);
+        self.buf.extend_from_slice(data);
+        if self.buf.len() >= FLUSH_AT {
+            self.flush().await?;
+        }
+        Ok(())
+    }
+
+    pub async fn flush(&mut self) -> Result<()> {
+        if self.buf.is_empty() {
+            return Ok(());
+        }
+        let buf = std::mem::take(&mut self.buf);
+        let file = self.file.clone();
+        let len = buf.len() as u64;
+        // File writes block; keep them off the async worker threads.
+        let (res, mut buf) = tokio::task::spawn_blocking(move || {
+            let r = (&*file).write_all(&buf);
+            (r, buf)
+        })
+        .await
+        .map_err(|e| Error::internal(format!("ingest writer task: {e}")))?;
+        res.map_err(|e| Error::io(format!("writing {}", self.ingest.path.display()), e))?;
+        self.written += len;
+        buf.clear();
+        self.buf = buf;
+        self.ingest.state.send_replace(IngestState::Running { written: self.written });
+        Ok(())
+    }
+
+    /// Verify size and digest, fsync and move the blob into place.
+    pub async fn commit(mut self, expected_size: Option<u64>) -> Result<u64> {
+        self.flush().await?;
+        let got = Digest::from_sha256(&std::mem::take(&mut self.hasher).finalize());
+        if let Some(sz) = expected_size {
+            if sz != self.written {
+                let e = Error::data_loss(format!(
+                    "blob {}: received {} bytes, the manifest says {sz}",
+                    self.ingest.digest, self.written
+                ));
+                return Err(self.fail(e));
+            }
+        }
+        if got != self.ingest.digest {
+            let e = Error::data_loss(format!("blob {}: content has digest {got}", self.ingest.digest));
+            return Err(self.fail(e));
+        }
+        let file = self.file.clone();
+        let from = self.ingest.path.clone();
+        let to = self.store.blob_path(&self.ingest.digest);
+        let res = tokio::task::spawn_blocking(move || -> io::Result<()> {
+            file.sync_all()?;
+            std::fs::rename(&from, &to)?;
+            if let Some(dir) = to.parent() {
+                File::open(dir)?.sync_all()?;
+            }
+            Ok(())
+        })
+        .await
+        .map_err(|e| Error::internal(format!("ingest commit task: {e}")))
+        .and_then(|r| r.map_err(|e| Error::io(format!("committing blob {}", self.ingest.digest), e)));
+        if let Err(e) = res {
+            return Err(self.fail(e));
+        }
+        self.finished = true;
+        self.ingest.state.send_replace(IngestState::Done { size: self.written });
+        self.store.forget(&self.ingest.digest);
+        Ok(self.written)
+    }
+
+    /// Mark the ingest failed, remove its file; returns the error for convenience.
+    pub fn fail(&mut self, e: Error) -> Error {
+        if !self.finished {
+            self.finished = true;
+            let _ = std::fs::remove_file(&self.ingest.path);
+            self.ingest.state.send_replace(IngestState::Failed(e.clone()));
+            self.store.forget(&self.ingest.digest);
+        }
+        e
+    }
+}
+
+impl Drop for IngestWriter {
+    fn drop(&mut self) {
+        if !self.finished {
+            let d = self.ingest.digest.clone();
+            self.fail(Error::unavailable(format!("download of {d} was cancelled")));
+        }
+    }
+}
+
+/// What [`ContentStore::begin`] found.
+pub enum Begin {
+    /// The blob is already in the store.
+    Exists,
+    /// Nobody is downloading it: the caller must, with this writer.
+    Start(IngestWriter),
+    /// Another pull is downloading it: follow or wait on this.
+    InFlight(Arc<Ingest>),
+}
+
+#[derive(Clone, Debug)]
+pub struct ContentStore {
+    inner: Arc<Inner>,
+}
+
+#[derive(Debug)]
+struct Inner {
+    root: PathBuf,
+    inflight: Mutex<HashMap<Digest, Arc<Ingest>>>,
+}
+
+impl ContentStore {
+    /// Open the store under `<root>/content`, removing ingests a crash left behind.
+    pub fn open(root: &Path) -> Result<ContentStore> {
+        let root = root.join("content");
+        let ingest = root.join("ingest");
+        if ingest.exists() {
+            // No pull is in flight at open; partial files are garbage.
+            std::fs::remove_dir_all(&ingest).map_err(|e| Error::io(format!("clearing {}", ingest.display()), e))?;
+        }
+        for d in [root.join("blobs/sha256"), ingest] {
+            std::fs::create_dir_all(&d).map_err(|e| Error::io(format!("creating {}", d.display()), e))?;
+        }
+        Ok(ContentStore { inner: Arc::new(Inner { root, inflight: Mutex::new(HashMap::new()) }) })
+    }
+
+    pub fn root(&self) -> &Path {
+        &self.inner.root
+    }
+
+    pub fn blob_path(&self, d: &Digest) -> PathBuf {
+        self.inner.root.join("blobs/sha256").join(d.hex())
+    }
+
+    pub fn exists(&self, d: &Digest) -> bool {
+        self.blob_path(d).is_file()
+    }
+
+    fn inflight(&self) -> std::sync::MutexGuard<'_, HashMap<Digest, Arc<Ingest>>> {
+        // A panic while holding this lock leaves a plain map; keep using it.
+        self.inner.inflight.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn forget(&self, d: &Digest) {
+        self.inflight().remove(d);
+    }
+
+    pub fn is_in_flight(&self, d: &Digest) -> bool {
+        self.inflight().contains_key(d)
+    }
+
+    /// Start or join the ingest of `digest`.
+    pub fn begin(&self, digest: &Digest) -> Result<Begin> {
+        let mut map = self.inflight();
+        if let Some(i) = map.get(digest) {
+            return Ok(Begin::InFlight(i.clone()));
+        }
+        if self.exists(digest) {
+            return Ok(Begin::Exists);
+        }
+        let name = format!("{}-{:016x}", digest.hex(), rand::random::<u64>());
+        let path = self.inner.root.join("ingest").join(name);
+        let wfile = File::options()
+            .write(true)
+            .create_new(true)
+            .open(&path)
+            .map_err(|e| Error::io(format!("creating {}", path.display()), e))?;
+        let rfile = File::open(&path).map_err(|e| Error::io(format!("opening {}", path.display()), e))?;
+        let (tx, _) = watch::channel(IngestState::Running { written: 0 });
+        let ingest = Arc::new(Ingest { digest: digest.clone(), path, file: Arc::new(rfile), state: tx });
+        map.insert(digest.clone(), ingest.clone());
+        Ok(Begin::Start(IngestWriter {
+            ingest,
+            store: self.clone(),
+            file: Arc::new(wfile),
+            hasher: Sha256::new(),
+            written: 0,
+            buf: Vec::new(),
+            finished: false,
+        }))
+    }
+
+    /// The ingest for `digest` if one is in flight.
+    pub fn ingest_of(writer: &IngestWriter) -> Arc<Ingest> {
+        writer.ingest.clone()
+    }
+
+    /// Store a small blob held in memory (manifests, configs), verifying its digest.
+    pub async fn put(&self, digest: &Digest, data: &[u8]) -> Result<()> {
+        let got = Digest::of(data);
+        if &got != digest {
+            return Err(Error::data_loss(format!("blob {digest}: content has digest {got}")));
+        }
+        match self.begin(digest)? {
+            Begin::Exists => Ok(()),
+            Begin::InFlight(i) => i.wait().await.map(|_| ()),
+            Begin::Start(mut w) => {
+                w.write(data).await?;
+                w.commit(Some(data.len() as u64)).await.map(|_| ())
+            }
+        }
+    }
+
+    /// Read a whole (small) blob.
+    pub fn read(&self, d: &Digest) -> Result<Vec<u8>> {
+        let p = self.blob_path(d);
+        std::fs::read(&p).map_err(|e| {
+            if e.kind() == io::ErrorKind::NotFound {
+                Error::not_found(format!("blob {d} is not in the content store"))
+            } else {
+                Error::io(format!("reading {}", p.display()), e)
+            }
+        })
+    }
+
+    /// Open a committed blob for reading.
+    pub fn open_blob(&self, d: &Digest) -> Result<File> {
+        let p = self.blob_path(d);
+        File::open(&p).map_err(|e| Error::io(format!("opening {}", p.display()), e))
+    }
+
+    /// All committed blobs.
+    pub fn list(&self) -> Result<Vec<Digest>> {
+        let dir = self.inner.root.join("blobs/sha256");
+        let rd = std::fs::read_dir(&dir).map_err(|e| Error::io(format!("listing {}", dir.display()), e))?;
+        let mut out = Vec::new();
+        for e in rd.flatten() {
+            if let Some(name) = e.file_name().to_str() {
+                if let Ok(d) = Digest::parse(&format!("sha256:{name}")) {
+                    out.push(d);
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    pub fn remove(&self, d: &Digest) -> Result<()> {
+        let p = self.blob_path(d);
+        match std::fs::remove_file(&p) {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(Error::io(format!("removing {}", p.display()), e)),
+        }
+    }
+
+    /// Bytes and inodes used by the store.
+    pub fn usage(&self) -> (u64, u64) {
+        use std::os::unix::fs::MetadataExt;
+        let mut bytes = 0;
+        let mut inodes = 0;
+        for sub in ["blobs/sha256", "ingest"] {
+            if let Ok(rd) = std::fs::read_dir(self.inner.root.join(sub)) {
+                for e in rd.flatten() {
+                    if let Ok(m) = e.metadata() {
+                        bytes += m.blocks() * 512;
+                        inodes += 1;
+                    }
+                }
+            }
+        }
+        (bytes, inodes)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn verified_write_and_shared_ingest() {
+        let tmp = tempfile::tempdir().unwrap();
+        let cs = ContentStore::open(tmp.path()).unwrap();
+        let data = vec![42u8; 3 << 20];
+        let d = Digest::of(&data);
+        let Begin::Start(mut w) = cs.begin(&d).unwrap() else { panic!("expected start") };
+        // A second user joins the in-flight ingest instead of downloading again.
+        let Begin::InFlight(ing) = cs.begin(&d).unwrap() else { panic!("expected in flight") };
+        let mut reader = ing.reader();
+        let follower = tokio::task::spawn_blocking(move || {
+            let mut v = Vec::new();
+            reader.read_to_end(&mut v).map(|_| v)
+        });
+        for chunk in data.chunks(100_000) {
+            w.write(chunk).await.unwrap();
+        }
+        w.commit(Some(data.len() as u64)).await.unwrap();
+        assert_eq!(follower.await.unwrap().unwrap(), data);
+        assert!(cs.exists(&d));
+        assert!(matches!(cs.begin(&d).unwrap(), Begin::Exists));
+        assert_eq!(std::fs::read_dir(tmp.path().join("content/ingest")).unwrap().count(), 0);
+    }
+
+    #[tokio::test]
+    async fn wrong_digest_leaves_no_blob() {
+        let tmp = tempfile::tempdir().unwrap();
+        let cs = ContentStore::open(tmp.path()).unwrap();
+        let d = Digest::of(b"expected");
+        let Begin::Start(mut w) = cs.begin(&d).unwrap() else { panic!() };
+        let Begin::InFlight(ing) = cs.begin(&d).unwrap() else { panic!() };
+        let mut reader = ing.reader();
+        w.write(b"something else").await.unwrap();
+        let e = w.commit(None).await.unwrap_err();
+        assert_eq!(e.kind(), crate::Kind::DataLoss);
+        assert!(e.to_string().contains(d.as_str()), "{e}");
+        assert!(!cs.exists(&d));
+        assert!(ing.wait().await.is_err());
+        let mut v = Vec::new();
+        assert!(reader.read_to_end(&mut v).is_err());
+        assert_eq!(std::fs::read_dir(tmp.path().join("content/ingest")).unwrap().count(), 0);
+        // Dropping a writer unfinished also cleans up.
+        let Begin::Start(mut w) = cs.begin(&d).unwrap() else { panic!() };
+        w.write(b"partial").await.unwrap();
+        w.flush().await.unwrap();
+        drop(w);
+        assert_eq!(std::fs::read_dir(tmp.path().join("content/ingest")).unwrap().count(), 0);
+        assert!(cs.put(&d, b"wrong").await.is_err());
+        cs.put(&d, b"expected").await.unwrap();
+        assert_eq!(cs.read(&d).unwrap(), b"expected");
+    }
+}
