@@ -8,6 +8,7 @@ pub mod cni;
 pub mod config;
 pub mod cri;
 pub mod daemon;
+pub mod idmap;
 pub mod instrument;
 pub mod server;
 pub mod startup;
