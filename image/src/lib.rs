@@ -2,9 +2,11 @@
 
 #![cfg_attr(test, allow(clippy::unwrap_used))]
 
+pub mod client;
 pub mod content;
 pub mod error;
 pub mod hosts;
+pub mod manifest;
 pub mod reference;
 mod sys;
 pub mod unpack;
