@@ -10,6 +10,7 @@ pub mod cri;
 pub mod daemon;
 pub mod idmap;
 pub mod instrument;
+pub mod netns;
 pub mod server;
 pub mod startup;
 pub mod store;

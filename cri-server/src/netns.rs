@@ -1,0 +1,208 @@
+//! Named network namespaces under `<state>/netns`, made the way `ip netns add` makes them: a
+//! fresh thread unshares CLONE_NEWNET and its `/proc/thread-self/ns/net` is bind-mounted onto
+//! a file, which keeps the namespace alive after the thread exits. Removal is umount + unlink
+//! and is idempotent.
+//!
+//! The directory is made a shared mount (again like iproute2) so that a namespace's bind mount
+//! is also removed from mount namespaces created after it (a container's), instead of being
+//! pinned there and leaking.
+
+use std::fs::File;
+use std::path::{Path, PathBuf};
+
+use nix::errno::Errno;
+use nix::mount::{MntFlags, MsFlags, mount, umount2};
+use nix::sched::{CloneFlags, setns, unshare};
+
+use crate::instrument::{ErrorKind, HasKind};
+
+#[derive(Debug, thiserror::Error)]
+pub enum NetnsError {
+    #[error("netns {path}: {op}: {source}")]
+    Sys {
+        path: PathBuf,
+        op: &'static str,
+        source: std::io::Error,
+    },
+    #[error("netns helper thread panicked")]
+    Thread,
+}
+
+impl HasKind for NetnsError {
+    fn kind(&self) -> ErrorKind {
+        ErrorKind::Internal
+    }
+}
+
+fn sys<'a>(path: &'a Path, op: &'static str) -> impl FnOnce(Errno) -> NetnsError + 'a {
+    move |e| NetnsError::Sys {
+        path: path.to_path_buf(),
+        op,
+        source: e.into(),
+    }
+}
+
+fn io<'a>(path: &'a Path, op: &'static str) -> impl FnOnce(std::io::Error) -> NetnsError + 'a {
+    move |source| NetnsError::Sys {
+        path: path.to_path_buf(),
+        op,
+        source,
+    }
+}
+
+/// Make `dir` exist and be a shared mount point (bind-mounting it onto itself if it is not a
+/// mount point yet, as `ip netns` does).
+pub fn prepare_dir(dir: &Path) -> Result<(), NetnsError> {
+    std::fs::create_dir_all(dir).map_err(io(dir, "mkdir"))?;
+    let shared = |d: &Path| {
+        mount(
+            None::<&str>,
+            d,
+            None::<&str>,
+            MsFlags::MS_SHARED | MsFlags::MS_REC,
+            None::<&str>,
+        )
+    };
+    match shared(dir) {
+        Ok(()) => Ok(()),
+        // EINVAL: not a mount point yet. Bind it onto itself, then retry.
+        Err(Errno::EINVAL) => {
+            mount(
+                Some(dir),
+                dir,
+                None::<&str>,
+                MsFlags::MS_BIND | MsFlags::MS_REC,
+                None::<&str>,
+            )
+            .map_err(sys(dir, "bind netns dir onto itself"))?;
+            shared(dir).map_err(sys(dir, "make netns dir shared"))
+        }
+        Err(e) => Err(sys(dir, "make netns dir shared")(e)),
+    }
+}
+
+/// Create a new network namespace pinned at `path` (parent directory must exist).
+pub fn create(path: &Path) -> Result<(), NetnsError> {
+    // The mount target must be a file; create_new fails if it exists, so two creators of the
+    // same name cannot both succeed.
+    File::options()
+        .write(true)
+        .create_new(true)
+        .open(path)
+        .map_err(io(path, "create file"))?;
+    let target = path.to_path_buf();
+    let r = std::thread::spawn(move || -> Result<(), NetnsError> {
+        // Namespaces are per thread: only this short-lived thread moves, and it exits right
+        // after, so no tokio worker ever runs in the new namespace.
+        unshare(CloneFlags::CLONE_NEWNET).map_err(sys(&target, "unshare(CLONE_NEWNET)"))?;
+        mount(
+            Some("/proc/thread-self/ns/net"),
+            &target,
+            None::<&str>,
+            MsFlags::MS_BIND,
+            None::<&str>,
+        )
+        .map_err(sys(&target, "bind mount ns/net"))
+    })
+    .join()
+    .map_err(|_| NetnsError::Thread)
+    .and_then(|r| r);
+    if r.is_err() {
+        let _ = std::fs::remove_file(path);
+    }
+    r
+}
+
+/// Unmount and unlink; a missing or already unmounted path is success.
+pub fn remove(path: &Path) -> Result<(), NetnsError> {
+    match umount2(path, MntFlags::MNT_DETACH) {
+        Ok(()) | Err(Errno::ENOENT) | Err(Errno::EINVAL) => {}
+        Err(e) => return Err(sys(path, "umount")(e)),
+    }
+    match std::fs::remove_file(path) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(io(path, "unlink")(e)),
+    }
+}
+
+/// Whether `path` is a live network namespace (a mounted nsfs file).
+pub fn is_netns(path: &Path) -> bool {
+    // NSFS_MAGIC: what statfs reports for a namespace file.
+    const NSFS_MAGIC: i64 = 0x6e73_6673;
+    nix::sys::statfs::statfs(path).is_ok_and(|s| s.filesystem_type().0 as i64 == NSFS_MAGIC)
+}
+
+/// Run `f` on a thread that has joined the namespace at `path` (stats, checks, tests).
+pub fn run_in<T: Send + 'static>(
+    path: &Path,
+    f: impl FnOnce() -> T + Send + 'static,
+) -> Result<T, NetnsError> {
+    let file = File::open(path).map_err(io(path, "open"))?;
+    let p = path.to_path_buf();
+    std::thread::spawn(move || -> Result<T, NetnsError> {
+        setns(&file, CloneFlags::CLONE_NEWNET).map_err(sys(&p, "setns"))?;
+        Ok(f())
+    })
+    .join()
+    .map_err(|_| NetnsError::Thread)?
+}
+
+/// Every file in the netns directory: what recovery compares with the store to find orphans.
+pub fn list(dir: &Path) -> Vec<PathBuf> {
+    std::fs::read_dir(dir)
+        .map(|rd| rd.filter_map(Result::ok).map(|e| e.path()).collect())
+        .unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn is_root() -> bool {
+        nix::unistd::geteuid().is_root()
+    }
+
+    /// Removes the temp netns dir's mount even if the test fails.
+    struct DirMount(PathBuf);
+    impl Drop for DirMount {
+        fn drop(&mut self) {
+            for p in list(&self.0) {
+                let _ = remove(&p);
+            }
+            let _ = umount2(&self.0, MntFlags::MNT_DETACH);
+        }
+    }
+
+    #[test]
+    fn create_enter_remove() {
+        if !is_root() {
+            eprintln!("skipping: needs root");
+            return;
+        }
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let dir = tmp.path().join("netns");
+        prepare_dir(&dir).expect("prepare");
+        let _guard = DirMount(dir.clone());
+        prepare_dir(&dir).expect("prepare is idempotent");
+        let p = dir.join("pod1");
+        create(&p).expect("create");
+        assert!(is_netns(&p));
+        assert!(create(&p).is_err(), "second create of the same name fails");
+        // The pinned namespace is not ours, and a thread that joins it sees it as its own.
+        let ours = std::fs::metadata("/proc/thread-self/ns/net").expect("stat");
+        let theirs = std::fs::metadata(&p).expect("stat");
+        use std::os::unix::fs::MetadataExt;
+        assert_ne!(ours.ino(), theirs.ino());
+        let inside = run_in(&p, || {
+            std::fs::metadata("/proc/thread-self/ns/net")
+                .map(|m| m.ino())
+                .unwrap_or(0)
+        })
+        .expect("run_in");
+        assert_eq!(inside, theirs.ino());
+        remove(&p).expect("remove");
+        assert!(!p.exists());
+        remove(&p).expect("remove twice");
+    }
+}
