@@ -1,1 +1,408 @@
-//! (harness helper)
+//! A CRI v1 client over a unix socket, and the small helpers tests share: unique pod and
+//! container configs, waiting for a container to exit, and reading CRI log files.
+//!
+//! Nothing here knows which runtime answers the socket: the same calls drive containerd and
+//! crispd.
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use cri::image_service_client::ImageServiceClient;
+use cri::runtime_service_client::RuntimeServiceClient;
+use crisp_proto::cri::v1 as cri;
+use hyper_util::rt::TokioIo;
+use tokio::net::UnixStream;
+use tonic::transport::{Channel, Endpoint};
+
+/// A connected CRI client. Cloning the inner clients is cheap (they share one channel).
+#[derive(Clone)]
+pub struct CriClient {
+    socket: PathBuf,
+    runtime: RuntimeServiceClient<Channel>,
+    image: ImageServiceClient<Channel>,
+}
+
+impl CriClient {
+    /// Connects to the CRI socket. The channel is lazy about nothing: this fails if nobody
+    /// listens yet, which the harness uses to wait for a daemon.
+    pub async fn connect(socket: &Path) -> Result<Self> {
+        let path = socket.to_path_buf();
+        // The URI is required by tonic but never used: every connection goes to the socket.
+        let channel =
+            Endpoint::try_from("http://[::]:50051")?
+                .connect_timeout(Duration::from_secs(5))
+                .connect_with_connector(tower::service_fn(move |_| {
+                    let path = path.clone();
+                    async move {
+                        Ok::<_, std::io::Error>(TokioIo::new(UnixStream::connect(path).await?))
+                    }
+                }))
+                .await
+                .with_context(|| format!("connecting to CRI socket {}", socket.display()))?;
+        Ok(Self {
+            socket: socket.to_path_buf(),
+            runtime: RuntimeServiceClient::new(channel.clone()),
+            image: ImageServiceClient::new(channel),
+        })
+    }
+
+    pub fn socket(&self) -> &Path {
+        &self.socket
+    }
+
+    /// The RuntimeService client (pods, containers, status).
+    pub fn runtime(&self) -> RuntimeServiceClient<Channel> {
+        self.runtime.clone()
+    }
+
+    /// The ImageService client (pull, list, remove).
+    pub fn image(&self) -> ImageServiceClient<Channel> {
+        self.image.clone()
+    }
+
+    /// `Version`, which every CRI runtime answers as soon as it serves.
+    pub async fn version(&self) -> Result<cri::VersionResponse> {
+        Ok(self
+            .runtime()
+            .version(cri::VersionRequest {
+                version: "v1".into(),
+            })
+            .await
+            .context("CRI Version")?
+            .into_inner())
+    }
+
+    /// Pulls `image` and returns the image reference the runtime reports.
+    pub async fn pull(
+        &self,
+        image: &str,
+        sandbox: Option<&cri::PodSandboxConfig>,
+    ) -> Result<String> {
+        let resp = self
+            .image()
+            .pull_image(cri::PullImageRequest {
+                image: Some(image_spec(image)),
+                auth: None,
+                sandbox_config: sandbox.cloned(),
+            })
+            .await
+            .with_context(|| format!("PullImage {image}"))?;
+        Ok(resp.into_inner().image_ref)
+    }
+
+    /// `ImageStatus`; `None` when the runtime does not have the image.
+    pub async fn image_status(&self, image: &str) -> Result<Option<cri::Image>> {
+        let resp = self
+            .image()
+            .image_status(cri::ImageStatusRequest {
+                image: Some(image_spec(image)),
+                verbose: false,
+            })
+            .await
+            .with_context(|| format!("ImageStatus {image}"))?;
+        Ok(resp.into_inner().image)
+    }
+
+    pub async fn remove_image(&self, image: &str) -> Result<()> {
+        self.image()
+            .remove_image(cri::RemoveImageRequest {
+                image: Some(image_spec(image)),
+            })
+            .await
+            .with_context(|| format!("RemoveImage {image}"))?;
+        Ok(())
+    }
+
+    /// RunPodSandbox; returns the sandbox id.
+    pub async fn run_pod(&self, config: &cri::PodSandboxConfig) -> Result<String> {
+        let name = config
+            .metadata
+            .as_ref()
+            .map(|m| m.name.as_str())
+            .unwrap_or("");
+        let resp = self
+            .runtime()
+            .run_pod_sandbox(cri::RunPodSandboxRequest {
+                config: Some(config.clone()),
+                runtime_handler: String::new(),
+            })
+            .await
+            .with_context(|| format!("RunPodSandbox {name}"))?;
+        Ok(resp.into_inner().pod_sandbox_id)
+    }
+
+    pub async fn stop_pod(&self, pod_id: &str) -> Result<()> {
+        self.runtime()
+            .stop_pod_sandbox(cri::StopPodSandboxRequest {
+                pod_sandbox_id: pod_id.into(),
+            })
+            .await
+            .with_context(|| format!("StopPodSandbox {pod_id}"))?;
+        Ok(())
+    }
+
+    pub async fn remove_pod(&self, pod_id: &str) -> Result<()> {
+        self.runtime()
+            .remove_pod_sandbox(cri::RemovePodSandboxRequest {
+                pod_sandbox_id: pod_id.into(),
+            })
+            .await
+            .with_context(|| format!("RemovePodSandbox {pod_id}"))?;
+        Ok(())
+    }
+
+    /// CreateContainer in `pod_id`; returns the container id.
+    pub async fn create_container(
+        &self,
+        pod_id: &str,
+        config: &cri::ContainerConfig,
+        pod_config: &cri::PodSandboxConfig,
+    ) -> Result<String> {
+        let name = config
+            .metadata
+            .as_ref()
+            .map(|m| m.name.as_str())
+            .unwrap_or("");
+        let resp = self
+            .runtime()
+            .create_container(cri::CreateContainerRequest {
+                pod_sandbox_id: pod_id.into(),
+                config: Some(config.clone()),
+                sandbox_config: Some(pod_config.clone()),
+            })
+            .await
+            .with_context(|| format!("CreateContainer {name} in pod {pod_id}"))?;
+        Ok(resp.into_inner().container_id)
+    }
+
+    pub async fn start_container(&self, id: &str) -> Result<()> {
+        self.runtime()
+            .start_container(cri::StartContainerRequest {
+                container_id: id.into(),
+            })
+            .await
+            .with_context(|| format!("StartContainer {id}"))?;
+        Ok(())
+    }
+
+    pub async fn remove_container(&self, id: &str) -> Result<()> {
+        self.runtime()
+            .remove_container(cri::RemoveContainerRequest {
+                container_id: id.into(),
+            })
+            .await
+            .with_context(|| format!("RemoveContainer {id}"))?;
+        Ok(())
+    }
+
+    pub async fn container_status(&self, id: &str) -> Result<cri::ContainerStatus> {
+        self.runtime()
+            .container_status(cri::ContainerStatusRequest {
+                container_id: id.into(),
+                verbose: false,
+            })
+            .await
+            .with_context(|| format!("ContainerStatus {id}"))?
+            .into_inner()
+            .status
+            .with_context(|| format!("ContainerStatus {id}: response has no status"))
+    }
+
+    /// Polls ContainerStatus until the container is EXITED, or fails after `timeout` with the
+    /// last state seen.
+    pub async fn wait_container_exit(
+        &self,
+        id: &str,
+        timeout: Duration,
+    ) -> Result<cri::ContainerStatus> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let status = self.container_status(id).await?;
+            if status.state == cri::ContainerState::ContainerExited as i32 {
+                return Ok(status);
+            }
+            if Instant::now() >= deadline {
+                bail!(
+                    "container {id} did not exit within {timeout:?}; last state {:?}",
+                    cri::ContainerState::try_from(status.state)
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// Ids of every pod sandbox the runtime knows.
+    pub async fn list_pods(&self) -> Result<Vec<String>> {
+        let resp = self
+            .runtime()
+            .list_pod_sandbox(cri::ListPodSandboxRequest { filter: None })
+            .await
+            .context("ListPodSandbox")?;
+        Ok(resp.into_inner().items.into_iter().map(|p| p.id).collect())
+    }
+}
+
+pub fn image_spec(image: &str) -> cri::ImageSpec {
+    cri::ImageSpec {
+        image: image.into(),
+        ..Default::default()
+    }
+}
+
+/// A random lowercase hex string, for names that must not collide across concurrent tests.
+pub fn random_hex(len: usize) -> String {
+    let mut s = String::new();
+    while s.len() < len {
+        s.push_str(&uuid::Uuid::new_v4().simple().to_string());
+    }
+    s.truncate(len);
+    s
+}
+
+/// A pod config with a unique name, uid and namespace, its log directory under `log_root`
+/// (created here) and the test's cgroup parent, so that concurrent tests never share a pod
+/// identity, a log file or a cgroup.
+pub fn pod_config(
+    name: &str,
+    log_root: &Path,
+    cgroup_parent: &str,
+) -> Result<cri::PodSandboxConfig> {
+    let suffix = random_hex(8);
+    let uid = uuid::Uuid::new_v4().to_string();
+    let log_directory = log_root.join(format!("{name}-{suffix}"));
+    std::fs::create_dir_all(&log_directory)
+        .with_context(|| format!("creating pod log directory {}", log_directory.display()))?;
+    Ok(cri::PodSandboxConfig {
+        metadata: Some(cri::PodSandboxMetadata {
+            name: format!("{name}-{suffix}"),
+            uid,
+            namespace: format!("e2e-{suffix}"),
+            attempt: 0,
+        }),
+        hostname: name.chars().take(63).collect(),
+        log_directory: log_directory.to_string_lossy().into_owned(),
+        linux: Some(cri::LinuxPodSandboxConfig {
+            cgroup_parent: cgroup_parent.into(),
+            ..Default::default()
+        }),
+        ..Default::default()
+    })
+}
+
+/// A container config: `image`, `command` as the entrypoint, the log file `<name>.log`
+/// relative to the pod's log directory (as kubelet does).
+pub fn container_config(name: &str, image: &str, command: &[&str]) -> cri::ContainerConfig {
+    cri::ContainerConfig {
+        metadata: Some(cri::ContainerMetadata {
+            name: name.into(),
+            attempt: 0,
+        }),
+        image: Some(image_spec(image)),
+        command: command.iter().map(|s| s.to_string()).collect(),
+        log_path: format!("{name}.log"),
+        ..Default::default()
+    }
+}
+
+/// The host path of a container's log file: the pod's log directory joined with the
+/// container's log path.
+pub fn log_file(pod: &cri::PodSandboxConfig, container: &cri::ContainerConfig) -> PathBuf {
+    Path::new(&pod.log_directory).join(&container.log_path)
+}
+
+/// One line of a CRI log file.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LogLine {
+    /// RFC 3339 timestamp with nanoseconds, as written.
+    pub time: String,
+    /// `stdout` or `stderr`.
+    pub stream: String,
+    /// `false` for `F` (full line), `true` for `P` (partial: continues in the next entry).
+    pub partial: bool,
+    pub text: String,
+}
+
+/// Parses one `<RFC3339Nano> <stream> <P|F> <text>` line.
+pub fn parse_log_line(line: &str) -> Result<LogLine> {
+    let mut parts = line.splitn(4, ' ');
+    let (Some(time), Some(stream), Some(tag)) = (parts.next(), parts.next(), parts.next()) else {
+        bail!("CRI log line has fewer than 3 fields: {line:?}");
+    };
+    let text = parts.next().unwrap_or("");
+    if !(time.len() >= 20 && time.as_bytes()[4] == b'-' && time.contains('T')) {
+        bail!("CRI log line does not start with an RFC 3339 time: {line:?}");
+    }
+    if stream != "stdout" && stream != "stderr" {
+        bail!("CRI log line has stream {stream:?}, not stdout/stderr: {line:?}");
+    }
+    // The tag may carry more flags after ':' in future formats; the first is P or F.
+    let partial = match tag.split(':').next() {
+        Some("P") => true,
+        Some("F") => false,
+        _ => bail!("CRI log line has tag {tag:?}, not P or F: {line:?}"),
+    };
+    Ok(LogLine {
+        time: time.into(),
+        stream: stream.into(),
+        partial,
+        text: text.into(),
+    })
+}
+
+/// Reads and parses every line of a CRI log file.
+pub fn read_log(path: &Path) -> Result<Vec<LogLine>> {
+    let content = std::fs::read_to_string(path)
+        .with_context(|| format!("reading CRI log {}", path.display()))?;
+    content
+        .lines()
+        .map(parse_log_line)
+        .collect::<Result<Vec<_>>>()
+        .with_context(|| format!("parsing CRI log {}", path.display()))
+}
+
+/// Waits until the log file holds a full line whose text is `text`: the runtime writes the
+/// log asynchronously, so a container can be EXITED before its last line is on disk.
+pub async fn wait_log_line(path: &Path, text: &str, timeout: Duration) -> Result<LogLine> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if path.exists()
+            && let Some(line) = read_log(path)?
+                .into_iter()
+                .find(|l| !l.partial && l.text == text)
+        {
+            return Ok(line);
+        }
+        if Instant::now() >= deadline {
+            let content = std::fs::read_to_string(path).unwrap_or_else(|e| format!("<{e}>"));
+            bail!(
+                "{} has no line {text:?} after {timeout:?}; content: {content:?}",
+                path.display()
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_full_and_partial_lines() {
+        let l = parse_log_line("2026-11-23T12:00:00.123456789Z stdout F hello crisp").unwrap();
+        assert_eq!(l.stream, "stdout");
+        assert!(!l.partial);
+        assert_eq!(l.text, "hello crisp");
+        let l = parse_log_line("2026-11-23T12:00:00.1+01:00 stderr P ").unwrap();
+        assert!(l.partial);
+        assert_eq!(l.text, "");
+    }
+
+    #[test]
+    fn rejects_malformed_lines() {
+        assert!(parse_log_line("hello").is_err());
+        assert!(parse_log_line("2026-11-23T12:00:00Z stdin F x").is_err());
+        assert!(parse_log_line("2026-11-23T12:00:00Z stdout X x").is_err());
+    }
+}

@@ -1,1 +1,924 @@
-//! (harness helper)
+//! A private CRI daemon per test: its own root, state dir, socket, CNI network (bridge and
+//! subnet), registry mirror config and cgroup parent; started by [`EnvBuilder::start`] and
+//! torn down by [`TestEnv::teardown`] or, if the test panicked first, by `Drop`.
+//!
+//! The same test code drives containerd (the reference) and crispd: only [`RuntimeKind`]
+//! differs.
+//!
+//! Teardown order matters: pods are stopped through CRI first (so the daemon undoes its own
+//! work), then the daemon and any shim are killed by recorded pid, processes left in our
+//! cgroups are killed, mounts under the root are detached deepest first, cgroups are removed
+//! deepest first, then the bridge, then the root itself, never crossing a mount point.
+
+use std::fmt;
+use std::fs::File;
+use std::io::{BufRead, BufReader};
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+
+use crate::containerd;
+use crate::cri::{self, CriClient};
+use crate::leaks::{self, Footprint, ProcRef};
+
+/// Which daemon answers the CRI socket.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RuntimeKind {
+    /// Debian's containerd 1.6 with its CRI plugin and runc: the reference.
+    Containerd,
+    /// Our own daemon (`crispd`, crate crisp-cri).
+    Crispd,
+}
+
+impl fmt::Display for RuntimeKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            RuntimeKind::Containerd => "containerd",
+            RuntimeKind::Crispd => "crispd",
+        })
+    }
+}
+
+/// The CNI plugins the tests use (Debian's containernetworking-plugins).
+pub const CNI_BIN_DIR: &str = "/usr/lib/cni";
+/// Where concurrent tests (separate processes under nextest) record which subnet is theirs.
+const LOCK_DIR: &str = "/run/crisp-e2e";
+/// How long a daemon may take to answer `Version`.
+const START_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Options for a test environment.
+#[derive(Debug, Clone)]
+pub struct EnvBuilder {
+    kind: RuntimeKind,
+    mirror: Option<String>,
+    containerd_fragments: Vec<String>,
+    crispd_config: Vec<String>,
+}
+
+impl EnvBuilder {
+    /// The registry ("127.0.0.1:PORT") that serves docker.io, registry.k8s.io, ... Without
+    /// one, those names point at a closed loopback port, so no pull ever leaves the host.
+    pub fn mirror(mut self, host: impl Into<String>) -> Self {
+        self.mirror = Some(host.into());
+        self
+    }
+
+    /// A TOML fragment merged into containerd's config (ignored for crispd).
+    pub fn containerd_config(mut self, fragment: impl Into<String>) -> Self {
+        self.containerd_fragments.push(fragment.into());
+        self
+    }
+
+    /// TOML appended to crispd's config file (ignored for containerd).
+    pub fn crispd_config(mut self, fragment: impl Into<String>) -> Self {
+        self.crispd_config.push(fragment.into());
+        self
+    }
+
+    /// Creates the private root, network and configs, starts the daemon and waits until it
+    /// answers CRI `Version`. On error everything made so far is torn down.
+    pub async fn start(self) -> Result<TestEnv> {
+        let base = std::env::var_os("CRISP_E2E_TMPDIR")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| "/var/tmp".into());
+        let root = tempfile::Builder::new()
+            .prefix("crisp-e2e-")
+            .tempdir_in(&base)
+            .with_context(|| format!("creating a test root under {}", base.display()))?
+            // Removal is ours: tempfile's recursive delete would cross mount points.
+            .keep();
+        let tag = root
+            .file_name()
+            .map(|n| n.to_string_lossy().replace("crisp-e2e-", ""))
+            .unwrap_or_default();
+        let mut env = TestEnv {
+            kind: self.kind,
+            state: root.join("state"),
+            socket: root.join("cri.sock"),
+            cni_conf_dir: root.join("net.d"),
+            hosts_dir: root.join("hosts.d"),
+            pod_log_dir: root.join("pods"),
+            daemon_log: root.join(format!("{}.log", self.kind)),
+            cgroup_parent: format!("/crisp-e2e-{}", cri::random_hex(8)),
+            root,
+            net: None,
+            daemon: None,
+            cri: None,
+            seen: Vec::new(),
+            torn_down: false,
+            keep_log_on_panic: true,
+        };
+        // `env` owns everything from here: an early return drops it, which tears down.
+        env.prepare(&self, &tag).await?;
+        Ok(env)
+    }
+}
+
+/// A running CRI daemon with everything it needs, private to one test.
+pub struct TestEnv {
+    pub kind: RuntimeKind,
+    /// Private root (mode 0711); everything below is the test's.
+    pub root: PathBuf,
+    /// The daemon's state dir (containerd `state`, crispd `--state`).
+    pub state: PathBuf,
+    pub socket: PathBuf,
+    pub cni_conf_dir: PathBuf,
+    pub hosts_dir: PathBuf,
+    /// Parent of the pods' log directories.
+    pub pod_log_dir: PathBuf,
+    /// The daemon's stdout and stderr.
+    pub daemon_log: PathBuf,
+    /// cgroupfs parent for every pod, e.g. `/crisp-e2e-0123abcd`.
+    pub cgroup_parent: String,
+    net: Option<Network>,
+    daemon: Option<Child>,
+    cri: Option<CriClient>,
+    /// Processes recorded while running (daemon, shims), for the leak check.
+    seen: Vec<ProcRef>,
+    torn_down: bool,
+    keep_log_on_panic: bool,
+}
+
+impl TestEnv {
+    pub fn builder(kind: RuntimeKind) -> EnvBuilder {
+        EnvBuilder {
+            kind,
+            mirror: None,
+            containerd_fragments: Vec::new(),
+            crispd_config: Vec::new(),
+        }
+    }
+
+    /// A started environment with `mirror` as the registry for all upstream names.
+    pub async fn start(kind: RuntimeKind, mirror: &str) -> Result<Self> {
+        Self::builder(kind).mirror(mirror).start().await
+    }
+
+    pub fn cri(&self) -> &CriClient {
+        self.cri
+            .as_ref()
+            .expect("TestEnv::cri before the daemon answered")
+    }
+
+    /// The pod network: bridge name, subnet, gateway.
+    pub fn network(&self) -> &Network {
+        self.net
+            .as_ref()
+            .expect("TestEnv::network before the network was made")
+    }
+
+    /// A pod config with a unique identity, its log directory under this env and the env's
+    /// cgroup parent.
+    pub fn pod_config(&self, name: &str) -> Result<crisp_proto::cri::v1::PodSandboxConfig> {
+        cri::pod_config(name, &self.pod_log_dir, &self.cgroup_parent)
+    }
+
+    /// The last `n` lines of the daemon's log (for failure messages).
+    pub fn daemon_log_tail(&self, n: usize) -> String {
+        tail(&self.daemon_log, n)
+    }
+
+    async fn prepare(&mut self, opts: &EnvBuilder, tag: &str) -> Result<()> {
+        // 0711: processes in a user namespace must be able to traverse to rootfs and logs.
+        std::fs::set_permissions(&self.root, std::fs::Permissions::from_mode(0o711))?;
+        for d in [
+            &self.state,
+            &self.cni_conf_dir,
+            &self.hosts_dir,
+            &self.pod_log_dir,
+        ] {
+            std::fs::create_dir_all(d).with_context(|| format!("creating {}", d.display()))?;
+        }
+        // Port 9 (discard) on loopback is closed: without a mirror, pulls fail locally.
+        let mirror = opts.mirror.as_deref().unwrap_or("127.0.0.1:9");
+        containerd::write_hosts_dir(&self.hosts_dir, mirror)?;
+
+        let net = Network::create(tag)?;
+        let conflist = net.conflist(&self.root.join("cni-ipam"));
+        let f = self.cni_conf_dir.join("10-crisp-e2e.conflist");
+        std::fs::write(&f, conflist).with_context(|| format!("writing {}", f.display()))?;
+        self.net = Some(net);
+
+        let mut cmd = match self.kind {
+            RuntimeKind::Containerd => self.containerd_command(opts)?,
+            RuntimeKind::Crispd => self.crispd_command(opts)?,
+        };
+        let log = File::create(&self.daemon_log)
+            .with_context(|| format!("creating {}", self.daemon_log.display()))?;
+        cmd.stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log);
+        let child = cmd.spawn().with_context(|| format!("starting {cmd:?}"))?;
+        self.seen.extend(ProcRef::of(
+            child.id() as i32,
+            format!("{} daemon", self.kind),
+        ));
+        self.daemon = Some(child);
+        self.cri = Some(self.wait_ready().await?);
+        Ok(())
+    }
+
+    fn containerd_command(&self, opts: &EnvBuilder) -> Result<Command> {
+        let bin = containerd::binary()?;
+        let paths = containerd::Paths {
+            root: self.root.join("root"),
+            state: self.state.clone(),
+            socket: self.socket.clone(),
+            cni_conf_dir: self.cni_conf_dir.clone(),
+            cni_bin_dir: CNI_BIN_DIR.into(),
+            hosts_dir: self.hosts_dir.clone(),
+        };
+        let mut config = containerd::Config::new(&paths)?;
+        for frag in &opts.containerd_fragments {
+            config.merge(frag)?;
+        }
+        let file = self.root.join("containerd.toml");
+        std::fs::write(&file, config.to_toml())
+            .with_context(|| format!("writing {}", file.display()))?;
+        let mut cmd = Command::new(bin);
+        cmd.arg("--config").arg(&file);
+        Ok(cmd)
+    }
+
+    fn crispd_command(&self, opts: &EnvBuilder) -> Result<Command> {
+        let bin = crispd_binary()?;
+        let file = self.root.join("crispd.toml");
+        let mut config = String::from("# Written by the e2e harness; paths come as flags.\n");
+        for frag in &opts.crispd_config {
+            config.push_str(frag);
+            config.push('\n');
+        }
+        std::fs::write(&file, config).with_context(|| format!("writing {}", file.display()))?;
+        let mut cmd = Command::new(bin);
+        cmd.arg("--config")
+            .arg(&file)
+            .arg("--root")
+            .arg(self.root.join("root"))
+            .arg("--state")
+            .arg(&self.state)
+            .arg("--listen")
+            .arg(&self.socket)
+            .arg("--cni-conf-dir")
+            .arg(&self.cni_conf_dir)
+            .arg("--cni-bin-dir")
+            .arg(CNI_BIN_DIR)
+            .arg("--registry-config-dir")
+            .arg(&self.hosts_dir)
+            .args([
+                "--runtime",
+                "runc",
+                "--cgroup-driver",
+                "cgroupfs",
+                "--log-level",
+                "debug",
+            ]);
+        Ok(cmd)
+    }
+
+    /// Polls the socket until `Version` answers, failing early (with the log) if the daemon
+    /// exits.
+    async fn wait_ready(&mut self) -> Result<CriClient> {
+        let deadline = Instant::now() + START_TIMEOUT;
+        let mut last_err = None;
+        loop {
+            if let Some(child) = self.daemon.as_mut()
+                && let Some(status) = child.try_wait()?
+            {
+                bail!(
+                    "{} exited during start-up ({status}); last log lines from {}:\n{}",
+                    self.kind,
+                    self.daemon_log.display(),
+                    self.daemon_log_tail(40)
+                );
+            }
+            if self.socket.exists() {
+                match CriClient::connect(&self.socket).await {
+                    Ok(c) => match c.version().await {
+                        Ok(_) => return Ok(c),
+                        Err(e) => last_err = Some(e),
+                    },
+                    Err(e) => last_err = Some(e),
+                }
+            }
+            if Instant::now() >= deadline {
+                bail!(
+                    "{} did not answer CRI Version on {} within {START_TIMEOUT:?} (last error: {:?}); \
+                     last log lines:\n{}",
+                    self.kind,
+                    self.socket.display(),
+                    last_err,
+                    self.daemon_log_tail(40)
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// Tears everything down and returns what the leak check still finds (empty = clean).
+    /// Tests `assert!(env.teardown().await.is_empty())`.
+    pub async fn teardown(mut self) -> Vec<String> {
+        if let Some(cri) = self.cri.clone() {
+            remove_all_pods(&cri).await;
+        }
+        tokio::task::spawn_blocking(move || self.teardown_blocking())
+            .await
+            .unwrap_or_else(|e| vec![format!("teardown panicked: {e}")])
+    }
+
+    /// What this env has created so far, as the leak check sees it: paths, cgroup parent,
+    /// network, and every process it knows (the daemon, and shims and containers found by
+    /// their pid files or by a command line naming a path under the root).
+    pub fn footprint(&self) -> Footprint {
+        let mut procs = self.seen.clone();
+        let mut outside = Vec::new();
+        scan_runtime_files(&self.root, &mut procs, &mut outside);
+        // With the trailing slash, a root that is a prefix of another test's root never matches.
+        let root_str = format!("{}/", self.root.display());
+        for pid in leaks::processes_mentioning(&root_str) {
+            if !procs.iter().any(|p| p.pid == pid) {
+                let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
+                let what = format!("{} (command line names {root_str})", comm.trim());
+                procs.extend(ProcRef::of(pid, what));
+            }
+        }
+        if self.kind == RuntimeKind::Containerd {
+            let log = std::fs::read_to_string(&self.daemon_log).unwrap_or_default();
+            for id in containerd::sandbox_ids_in_log(&log) {
+                let sock = containerd::shim_socket(&self.socket, containerd::CRI_NAMESPACE, &id);
+                if !outside.contains(&sock) {
+                    outside.push(sock);
+                }
+            }
+        }
+        Footprint {
+            root: self.root.clone(),
+            cgroup_parent: self.cgroup_parent.clone(),
+            bridge: self
+                .net
+                .as_ref()
+                .map(|n| n.bridge.clone())
+                .unwrap_or_default(),
+            cni_network: self
+                .net
+                .as_ref()
+                .map(|n| n.name.clone())
+                .unwrap_or_default(),
+            processes: procs,
+            outside_files: outside,
+        }
+    }
+
+    /// Whether a panic keeps the daemon log (under /var/tmp/crisp-e2e-logs); on by default,
+    /// off for tests that panic on purpose. Leaks always keep it.
+    pub fn keep_log_on_panic(&mut self, keep: bool) {
+        self.keep_log_on_panic = keep;
+    }
+
+    /// The daemon's pid while it runs (tests that crash it on purpose kill it by this).
+    pub fn daemon_pid(&self) -> Option<u32> {
+        self.daemon.as_ref().map(|c| c.id())
+    }
+
+    /// Everything after the CRI calls. Idempotent; safe on a half-started env.
+    fn teardown_blocking(&mut self) -> Vec<String> {
+        if self.torn_down {
+            return Vec::new();
+        }
+        self.torn_down = true;
+        // Record what is running before anything is removed: pid files vanish with the root.
+        let fp = self.footprint();
+
+        if let Some(child) = self.daemon.take() {
+            stop_child(child, Duration::from_secs(10));
+        }
+        // The daemon is gone; shims it left are ours by pid file or by command line.
+        for p in fp.processes.iter().filter(|p| p.alive()) {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(p.pid),
+                nix::sys::signal::Signal::SIGKILL,
+            );
+        }
+        kill_cgroup_processes(&self.cgroup_parent, Duration::from_secs(5));
+        for p in &fp.processes {
+            wait_gone(p, Duration::from_secs(5));
+        }
+
+        for _ in 0..3 {
+            let mounts = leaks::mounts_under(&self.root);
+            if mounts.is_empty() {
+                break;
+            }
+            for m in mounts {
+                let _ = nix::mount::umount2(&m, nix::mount::MntFlags::MNT_DETACH);
+            }
+        }
+        remove_cgroups(&self.cgroup_parent, Duration::from_secs(5));
+        if let Some(net) = &self.net {
+            net.remove();
+        }
+        for f in &fp.outside_files {
+            let _ = std::fs::remove_file(f);
+        }
+        for f in leaks::cni_cache_files(&fp.cni_network, &fp.root) {
+            let _ = std::fs::remove_file(f);
+        }
+
+        // Keep the daemon log when something went wrong: the root is about to go.
+        let before: Vec<String> = leaks::check(&fp)
+            .into_iter()
+            .filter(|l| !l.starts_with("test root"))
+            .collect();
+        if !before.is_empty() || (std::thread::panicking() && self.keep_log_on_panic) {
+            self.keep_daemon_log();
+        }
+        let removal = remove_tree(&self.root);
+        if let Some(net) = self.net.take() {
+            net.release();
+        }
+        let mut leaks = leaks::check(&fp);
+        if let Err(e) = removal {
+            leaks.push(format!("removing {}: {e:#}", self.root.display()));
+        }
+        leaks
+    }
+
+    fn keep_daemon_log(&self) {
+        let dir = Path::new("/var/tmp/crisp-e2e-logs");
+        let name = format!(
+            "{}-{}.log",
+            self.root
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_default(),
+            self.kind
+        );
+        let dest = dir.join(name);
+        if std::fs::create_dir_all(dir).is_ok() && std::fs::copy(&self.daemon_log, &dest).is_ok() {
+            eprintln!(
+                "{} log kept at {}; last lines:\n{}",
+                self.kind,
+                dest.display(),
+                self.daemon_log_tail(30)
+            );
+        }
+    }
+}
+
+impl Drop for TestEnv {
+    fn drop(&mut self) {
+        if self.torn_down {
+            return;
+        }
+        // We may be inside the test's runtime (even unwinding from a panic in it): make the
+        // best-effort CRI calls on a fresh runtime in a thread of their own.
+        if self.cri.is_some() {
+            let socket = self.socket.clone();
+            let _ = std::thread::spawn(move || {
+                let Ok(rt) = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                else {
+                    return;
+                };
+                rt.block_on(async {
+                    if let Ok(Ok(c)) =
+                        tokio::time::timeout(Duration::from_secs(5), CriClient::connect(&socket))
+                            .await
+                    {
+                        remove_all_pods(&c).await;
+                    }
+                });
+            })
+            .join();
+        }
+        let leaks = self.teardown_blocking();
+        if !leaks.is_empty() {
+            eprintln!(
+                "crisp-e2e: teardown of {} left: {leaks:#?}",
+                self.root.display()
+            );
+        }
+    }
+}
+
+/// Stops and removes every pod the daemon knows (all are ours: the daemon is private).
+async fn remove_all_pods(cri: &CriClient) {
+    let Ok(Ok(pods)) = tokio::time::timeout(Duration::from_secs(10), cri.list_pods()).await else {
+        return;
+    };
+    for id in pods {
+        let _ = tokio::time::timeout(Duration::from_secs(30), cri.stop_pod(&id)).await;
+        let _ = tokio::time::timeout(Duration::from_secs(30), cri.remove_pod(&id)).await;
+    }
+}
+
+/// Walks `root` (not crossing mounts) for pid files (containerd's `shim.pid`, `init.pid`,
+/// and any other `*.pid`) and `address` files naming sockets outside the root (containerd
+/// 1.6 puts shim sockets in /run/containerd/s/<hash of our socket path>).
+fn scan_runtime_files(root: &Path, procs: &mut Vec<ProcRef>, outside: &mut Vec<PathBuf>) {
+    let Ok(dev) = std::fs::symlink_metadata(root).map(|m| m.dev()) else {
+        return;
+    };
+    let mut stack = vec![root.to_path_buf()];
+    while let Some(dir) = stack.pop() {
+        let Ok(rd) = std::fs::read_dir(&dir) else {
+            continue;
+        };
+        for e in rd.flatten() {
+            let path = e.path();
+            let Ok(md) = std::fs::symlink_metadata(&path) else {
+                continue;
+            };
+            let name = e.file_name().to_string_lossy().into_owned();
+            if md.is_dir() {
+                // Rootfs mounts and the like: what is inside is the container's, not ours.
+                if md.dev() == dev {
+                    stack.push(path);
+                }
+            } else if md.is_file() && md.len() < 4096 {
+                if name.ends_with(".pid") {
+                    let pid = std::fs::read_to_string(&path)
+                        .ok()
+                        .and_then(|s| s.trim().parse::<i32>().ok());
+                    if let Some(pid) = pid
+                        && pid > 1
+                        && !procs.iter().any(|p| p.pid == pid)
+                    {
+                        procs.extend(ProcRef::of(pid, format!("pid file {}", path.display())));
+                    }
+                } else if name == "address"
+                    && let Ok(s) = std::fs::read_to_string(&path)
+                {
+                    let s = s.trim();
+                    let p = PathBuf::from(s.strip_prefix("unix://").unwrap_or(s));
+                    if p.is_absolute() && !p.starts_with(root) && !outside.contains(&p) {
+                        outside.push(p);
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// SIGTERM, then SIGKILL after `grace`; always reaps.
+fn stop_child(mut child: Child, grace: Duration) {
+    let pid = nix::unistd::Pid::from_raw(child.id() as i32);
+    let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
+    let deadline = Instant::now() + grace;
+    while Instant::now() < deadline {
+        if let Ok(Some(_)) = child.try_wait() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+}
+
+fn wait_gone(p: &ProcRef, timeout: Duration) {
+    let deadline = Instant::now() + timeout;
+    while p.alive() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Kills every process in a cgroup under `parent` (they are our containers), until the
+/// cgroups are empty or `timeout` passes.
+fn kill_cgroup_processes(parent: &str, timeout: Duration) {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let mut any = false;
+        for dir in leaks::cgroup_dirs(parent) {
+            let Ok(procs) = std::fs::read_to_string(dir.join("cgroup.procs")) else {
+                continue;
+            };
+            for pid in procs.lines().filter_map(|l| l.trim().parse::<i32>().ok()) {
+                any = true;
+                let _ = nix::sys::signal::kill(
+                    nix::unistd::Pid::from_raw(pid),
+                    nix::sys::signal::Signal::SIGKILL,
+                );
+            }
+        }
+        if !any || Instant::now() >= deadline {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// rmdir every cgroup under `parent`, deepest first, retrying while the kernel still
+/// releases them (EBUSY right after the last process died).
+fn remove_cgroups(parent: &str, timeout: Duration) {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let dirs = leaks::cgroup_dirs(parent);
+        if dirs.is_empty() {
+            return;
+        }
+        for d in dirs {
+            let _ = std::fs::remove_dir(&d);
+        }
+        if Instant::now() >= deadline {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Removes `root` recursively without ever crossing into another filesystem or a mount
+/// point (DESIGN.md promise 5): a directory still mounted is left, and reported.
+fn remove_tree(root: &Path) -> Result<()> {
+    if !root.exists() {
+        return Ok(());
+    }
+    let mounted = leaks::mounts_under(root);
+    if !mounted.is_empty() {
+        bail!("still mounted, not removing: {mounted:?}");
+    }
+    let dev = std::fs::symlink_metadata(root)?.dev();
+    remove_tree_on(root, dev)
+}
+
+fn remove_tree_on(dir: &Path, dev: u64) -> Result<()> {
+    for e in std::fs::read_dir(dir).with_context(|| format!("reading {}", dir.display()))? {
+        let path = e?.path();
+        let md = std::fs::symlink_metadata(&path)?;
+        if md.is_dir() {
+            if md.dev() != dev {
+                bail!("{} is on another filesystem; not removing", path.display());
+            }
+            remove_tree_on(&path, dev)?;
+        } else {
+            std::fs::remove_file(&path).with_context(|| format!("removing {}", path.display()))?;
+        }
+    }
+    std::fs::remove_dir(dir).with_context(|| format!("removing {}", dir.display()))
+}
+
+/// The test's pod network: a bridge the harness creates (with the gateway address on it),
+/// a /24 held by a lock file, and a CNI network name.
+///
+/// The harness makes the bridge itself and the CNI bridge plugin runs with
+/// `isGateway: false`: with `isGateway: true` the plugin turns on the host-wide
+/// net.ipv4.ip_forward, which tests must not change. The host still reaches pods (and pods
+/// the host) through the bridge address; nothing is routed beyond it.
+#[derive(Debug)]
+pub struct Network {
+    pub name: String,
+    pub bridge: String,
+    /// Third and second octets: the subnet is 10.<b>.<c>.0/24.
+    pub subnet: String,
+    pub gateway: String,
+    lock: Option<(File, PathBuf)>,
+}
+
+impl Network {
+    fn create(tag: &str) -> Result<Self> {
+        let taken = ipv4_prefixes_in_use()?;
+        std::fs::create_dir_all(LOCK_DIR).with_context(|| format!("creating {LOCK_DIR}"))?;
+        // Random start so concurrent tests rarely even contend for the same lock.
+        let start = u32::from_str_radix(&cri::random_hex(6), 16)? as usize;
+        let count = (250 - 88 + 1) * 256;
+        for i in 0..count {
+            let n = (start + i) % count;
+            let (b, c) = (88 + n / 256, n % 256);
+            let net = (10u32 << 24) | ((b as u32) << 16) | ((c as u32) << 8);
+            if taken
+                .iter()
+                .any(|&(addr, len)| overlaps(net, 24, addr, len))
+            {
+                continue;
+            }
+            let path = PathBuf::from(format!("{LOCK_DIR}/subnet-10.{b}.{c}.lock"));
+            let Some(file) = try_lock(&path)? else {
+                continue;
+            };
+            let mut me = Self {
+                name: format!("crisp-e2e-{tag}"),
+                bridge: String::new(),
+                subnet: format!("10.{b}.{c}.0/24"),
+                gateway: format!("10.{b}.{c}.1"),
+                lock: Some((file, path)),
+            };
+            me.bridge = make_bridge(&me.gateway)?;
+            return Ok(me);
+        }
+        bail!("no free /24 in 10.88.0.0-10.250.255.0 (all in use by routes or other tests)")
+    }
+
+    /// The CNI conflist: bridge + host-local with its allocations under the test root
+    /// (the default, /var/lib/cni/networks, is host state).
+    pub fn conflist(&self, ipam_dir: &Path) -> String {
+        serde_json::json!({
+            "cniVersion": "1.0.0",
+            "name": self.name,
+            "plugins": [{
+                "type": "bridge",
+                "bridge": self.bridge,
+                "isGateway": false,
+                "ipMasq": false,
+                "hairpinMode": true,
+                "ipam": {
+                    "type": "host-local",
+                    "ranges": [[{ "subnet": self.subnet, "gateway": self.gateway }]],
+                    "routes": [{ "dst": "0.0.0.0/0" }],
+                    "dataDir": ipam_dir,
+                }
+            }]
+        })
+        .to_string()
+    }
+
+    /// Deletes veths still attached to our bridge, and the bridge.
+    fn remove(&self) {
+        if !self.bridge.is_empty() && leaks::link_exists(&self.bridge) {
+            let brif = Path::new("/sys/class/net").join(&self.bridge).join("brif");
+            if let Ok(rd) = std::fs::read_dir(brif) {
+                for e in rd.flatten() {
+                    let _ = ip(&["link", "del", &e.file_name().to_string_lossy()]);
+                }
+            }
+            let _ = ip(&["link", "del", &self.bridge]);
+        }
+    }
+
+    /// Gives the subnet back. The lock file is unlinked while still locked, so a racing
+    /// test that opened the old inode notices (see `try_lock`).
+    fn release(mut self) {
+        if let Some((file, path)) = self.lock.take() {
+            let _ = std::fs::remove_file(&path);
+            drop(file);
+        }
+    }
+}
+
+/// Creates `crb<6 hex>` with `gateway`/24 on it, up.
+fn make_bridge(gateway: &str) -> Result<String> {
+    for _ in 0..10 {
+        let name = format!("crb{}", cri::random_hex(6));
+        if leaks::link_exists(&name) {
+            continue;
+        }
+        ip(&["link", "add", "name", &name, "type", "bridge"])?;
+        let setup = ip(&["addr", "add", &format!("{gateway}/24"), "dev", &name])
+            .and_then(|_| ip(&["link", "set", "dev", &name, "up"]));
+        if let Err(e) = setup {
+            let _ = ip(&["link", "del", &name]);
+            return Err(e);
+        }
+        return Ok(name);
+    }
+    bail!("could not find a free bridge name")
+}
+
+fn ip(args: &[&str]) -> Result<()> {
+    let out = Command::new("ip")
+        .args(args)
+        .output()
+        .context("running `ip` (Debian package iproute2)")?;
+    if !out.status.success() {
+        bail!(
+            "ip {}: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(())
+}
+
+/// Every IPv4 prefix on an interface or in any routing table, except default routes.
+fn ipv4_prefixes_in_use() -> Result<Vec<(u32, u8)>> {
+    let mut v = Vec::new();
+    for args in [
+        &["-4", "-o", "addr", "show"][..],
+        &["-4", "route", "show", "table", "all"][..],
+    ] {
+        let out = Command::new("ip")
+            .args(args)
+            .output()
+            .context("running `ip` (Debian package iproute2)")?;
+        for line in String::from_utf8_lossy(&out.stdout).lines() {
+            if let Some(p) = line.split_whitespace().find_map(parse_prefix) {
+                v.push(p);
+            }
+        }
+    }
+    Ok(v)
+}
+
+fn parse_prefix(s: &str) -> Option<(u32, u8)> {
+    let (addr, len) = match s.split_once('/') {
+        Some((a, l)) => (a, l.parse().ok()?),
+        None => (s, 32),
+    };
+    let ip: std::net::Ipv4Addr = addr.parse().ok()?;
+    (len > 0 && len <= 32).then_some((u32::from(ip), len))
+}
+
+fn overlaps(a: u32, alen: u8, b: u32, blen: u8) -> bool {
+    let len = alen.min(blen);
+    let mask = if len == 0 { 0 } else { u32::MAX << (32 - len) };
+    a & mask == b & mask
+}
+
+/// Takes an exclusive non-blocking flock on `path`; `None` if another test holds it.
+/// Rechecks the inode after locking: a holder that released meanwhile unlinked the file,
+/// and a lock on an unlinked inode protects nothing.
+fn try_lock(path: &Path) -> Result<Option<File>> {
+    use std::os::fd::AsRawFd;
+    for _ in 0..5 {
+        let f = File::options()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(path)
+            .with_context(|| format!("opening lock {}", path.display()))?;
+        // SAFETY: flock on a valid, owned fd.
+        if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+            return Ok(None);
+        }
+        match std::fs::metadata(path) {
+            Ok(md) if md.ino() == f.metadata()?.ino() => return Ok(Some(f)),
+            _ => continue,
+        }
+    }
+    Ok(None)
+}
+
+/// Finds `name` on PATH.
+pub fn which(name: &str) -> Result<PathBuf> {
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    std::env::split_paths(&path)
+        .map(|d| d.join(name))
+        .find(|p| {
+            p.metadata()
+                .map(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+                .unwrap_or(false)
+        })
+        .with_context(|| format!("{name} not found on PATH"))
+}
+
+/// crispd: `$CRISP_BIN`, else next to the test binary's profile dir
+/// (target/<profile>/crispd; test binaries live in target/<profile>/deps).
+pub fn crispd_binary() -> Result<PathBuf> {
+    if let Some(p) = std::env::var_os("CRISP_BIN") {
+        return Ok(PathBuf::from(p));
+    }
+    let exe = std::env::current_exe()?;
+    let candidate = exe
+        .parent()
+        .and_then(|d| {
+            if d.ends_with("deps") {
+                d.parent()
+            } else {
+                Some(d)
+            }
+        })
+        .map(|d| d.join("crispd"))
+        .context("locating the target dir from the test binary")?;
+    if !candidate.is_file() {
+        bail!(
+            "crispd not found at {} (build it with `cargo build -p crisp-cri`, or set CRISP_BIN)",
+            candidate.display()
+        );
+    }
+    Ok(candidate)
+}
+
+fn tail(path: &Path, n: usize) -> String {
+    let Ok(f) = File::open(path) else {
+        return format!("<no log at {}>", path.display());
+    };
+    let lines: Vec<String> = BufReader::new(f).lines().map_while(|l| l.ok()).collect();
+    lines[lines.len().saturating_sub(n)..].join("\n")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn prefixes_parse_and_overlap() {
+        assert_eq!(parse_prefix("10.88.3.0/24"), Some((0x0a580300, 24)));
+        assert_eq!(parse_prefix("192.0.2.2"), Some((0xc0000202, 32)));
+        assert_eq!(parse_prefix("default"), None);
+        assert!(overlaps(0x0a580300, 24, 0x0a000000, 8));
+        assert!(overlaps(0x0a580300, 24, 0x0a580305, 32));
+        assert!(!overlaps(0x0a580300, 24, 0x0a580400, 24));
+    }
+
+    #[test]
+    fn lock_is_exclusive_and_survives_release() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("x.lock");
+        let a = try_lock(&p).unwrap().expect("first lock");
+        assert!(try_lock(&p).unwrap().is_none());
+        std::fs::remove_file(&p).unwrap();
+        drop(a);
+        assert!(try_lock(&p).unwrap().is_some());
+    }
+}

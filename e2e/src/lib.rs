@@ -4,6 +4,9 @@
 //! Everything a test starts lives under its own temporary root, socket, port, subnet and
 //! cgroup parent, and is torn down on drop, even when the test fails.
 
+// Unit tests may unwrap: a panic there is the failure report.
+#![cfg_attr(test, allow(clippy::unwrap_used))]
+
 pub mod containerd;
 pub mod cri;
 pub mod harness;

@@ -1,0 +1,148 @@
+//! The harness itself: whatever happens to a test, nothing it started outlives it. Two ways
+//! a test can end badly are covered, each with a pod and a container still running: the test
+//! panics (teardown runs from `Drop` while unwinding), and the daemon dies first (teardown
+//! must find the shims, containers, mounts and cgroups on its own).
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use anyhow::{Context, Result, ensure};
+use crisp_e2e::cri::container_config;
+use crisp_e2e::harness::{RuntimeKind, TestEnv};
+use crisp_e2e::leaks::{self, Footprint};
+use crisp_e2e::registry::Registry;
+use crisp_proto::cri::v1::ContainerState;
+
+const BUSYBOX: &str = "docker.io/library/busybox:latest";
+
+/// Runs a pod with a long-running container and checks the footprint is real (a shim, the
+/// container processes, cgroups and mounts exist), so the later "no leaks" means something.
+async fn busy_pod(env: &TestEnv) -> Result<Footprint> {
+    let c = env.cri();
+    c.pull(BUSYBOX, None).await?;
+    let pod = env.pod_config("busy")?;
+    let pod_id = c.run_pod(&pod).await?;
+    let cfg = container_config("sleeper", BUSYBOX, &["sleep", "600"]);
+    let id = c.create_container(&pod_id, &cfg, &pod).await?;
+    c.start_container(&id).await?;
+    let st = c.container_status(&id).await?;
+    ensure!(
+        st.state == ContainerState::ContainerRunning as i32,
+        "sleeper is not running: {st:?}"
+    );
+
+    let fp = env.footprint();
+    // containerd 1.6's runc shim writes no pid file; it is found by its command line,
+    // which names our socket (`-address <root>/cri.sock`).
+    ensure!(
+        fp.processes.iter().any(|p| p.what.contains("command line")),
+        "no shim found in the footprint: {:?}",
+        fp.processes
+    );
+    ensure!(
+        fp.processes.len() >= 4,
+        "expected daemon, shim, pause and sleeper: {:?}",
+        fp.processes
+    );
+    ensure!(
+        !leaks::cgroup_dirs(&fp.cgroup_parent).is_empty(),
+        "no cgroup under {}",
+        fp.cgroup_parent
+    );
+    ensure!(
+        !leaks::mounts_under(&fp.root).is_empty(),
+        "no mount under {}",
+        fp.root.display()
+    );
+    ensure!(
+        leaks::link_exists(&fp.bridge),
+        "bridge {} missing",
+        fp.bridge
+    );
+    // containerd 1.6 cannot move its shim sockets out of /run/containerd/s: the harness
+    // must have found them (through the bundles' `address` files) to remove them.
+    if env.kind == RuntimeKind::Containerd {
+        // One pod, one shim: the socket named in its `address` file and the one computed
+        // from the sandbox id in the log must be the same file.
+        let sockets: Vec<_> = fp
+            .outside_files
+            .iter()
+            .filter(|f| f.starts_with("/run/containerd/s"))
+            .collect();
+        ensure!(
+            sockets.len() == 1 && sockets[0].exists(),
+            "want exactly one live shim socket recorded, got {sockets:?}"
+        );
+    }
+    Ok(fp)
+}
+
+async fn cleanup_after_panic(kind: RuntimeKind) -> Result<()> {
+    let registry = Registry::start()?;
+    registry.push(&["busybox", "pause"])?;
+    let mut env = TestEnv::start(kind, &registry.host()).await?;
+    env.keep_log_on_panic(false);
+    let seen: Arc<Mutex<Option<Result<Footprint>>>> = Arc::default();
+    let seen2 = seen.clone();
+    let task = tokio::spawn(async move {
+        let fp = busy_pod(&env).await;
+        *seen2.lock().expect("poisoned") = Some(fp);
+        panic!("deliberate panic with a pod running: TestEnv must clean up from Drop");
+    });
+    ensure!(
+        task.await.is_err_and(|e| e.is_panic()),
+        "the task was meant to panic"
+    );
+    let fp = seen
+        .lock()
+        .expect("poisoned")
+        .take()
+        .context("busy_pod never finished")??;
+    let leaks = leaks::check(&fp);
+    ensure!(
+        leaks.is_empty(),
+        "{kind}: after a panic, Drop left {leaks:#?}"
+    );
+    Ok(())
+}
+
+async fn cleanup_after_daemon_crash(kind: RuntimeKind) -> Result<()> {
+    let registry = Registry::start()?;
+    registry.push(&["busybox", "pause"])?;
+    let env = TestEnv::start(kind, &registry.host()).await?;
+    busy_pod(&env).await?;
+    let pid = env.daemon_pid().context("daemon not running")?;
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid as i32),
+        nix::sys::signal::Signal::SIGKILL,
+    )?;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let leaks = env.teardown().await;
+    ensure!(
+        leaks.is_empty(),
+        "{kind}: after the daemon was killed, teardown left {leaks:#?}"
+    );
+    Ok(())
+}
+
+macro_rules! per_runtime {
+    ($($prefix:ident => $kind:expr),* $(,)?) => {$(
+        mod $prefix {
+            use super::*;
+
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn cleanup_after_panic() -> Result<()> {
+                super::cleanup_after_panic($kind).await
+            }
+
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn cleanup_after_daemon_crash() -> Result<()> {
+                super::cleanup_after_daemon_crash($kind).await
+            }
+        }
+    )*};
+}
+
+per_runtime! {
+    containerd => RuntimeKind::Containerd,
+}
