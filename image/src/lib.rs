@@ -6,10 +6,15 @@ pub mod client;
 pub mod content;
 pub mod error;
 pub mod hosts;
+pub mod images;
 pub mod manifest;
 pub mod reference;
+pub mod store;
 mod sys;
 pub mod unpack;
 
 pub use error::{Error, Kind, Result};
 pub use reference::{Digest, Reference};
+pub use client::Auth;
+pub use images::{Config, FsInfo, FsUsage, GcReport, Images};
+pub use store::ImageRecord;

@@ -1,0 +1,713 @@
+//! The image service: pull, list, status, remove, filesystem info and garbage collection,
+//! over the content store, the image store and the snapshotter. crispd's CRI layer wraps this.
+//!
+//! Pull pipeline (chosen so unpacking respects the layer chain while downloads overlap):
+//! every missing layer's download starts at once into the content store (bounded by
+//! `max_concurrent_downloads`), and one unpacker walks the layers in order. The unpacker
+//! *follows* each layer's ingest file while it is being written, so a layer is decompressed
+//! and unpacked into its prepared snapshot while it streams; layer N+1 downloads meanwhile
+//! and is unpacked from what has already arrived once layer N is committed. A snapshot is
+//! committed (under its chain id) only after both the compressed digest (checked by the
+//! content store) and the diff_id (computed by the unpacker) verify; on any failure the
+//! active snapshot is removed.
+
+use std::collections::{HashMap, HashSet};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use futures::future::{BoxFuture, FutureExt, Shared};
+use futures::StreamExt;
+use crisp_snapshotter::{ErrorKind as SnapKind, Snapshotter};
+use tracing::Instrument;
+
+use crate::client::{Auth, RegistryClient};
+use crate::content::{Begin, ContentStore, Ingest, IngestState, IngestWriter};
+use crate::error::{Error, Kind, Result};
+use crate::manifest::{self, Descriptor, Parsed};
+use crate::reference::{Digest, Reference, parse_image_id};
+use crate::store::{ImageRecord, ImageStore};
+use crate::unpack;
+
+/// Settings of the image service; every field has a default that runs a node.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// containerd-style `certs.d` directory with `<registry>/hosts.toml` files.
+    pub hosts_dir: Option<PathBuf>,
+    /// Credentials per registry host, used when the CRI request carries none.
+    pub credentials: HashMap<String, Auth>,
+    /// Layer downloads running at once per pull.
+    pub max_concurrent_downloads: usize,
+    /// A download is stalled when it receives less than this many bytes per second...
+    pub stall_min_bytes_per_sec: u64,
+    /// ...averaged over this window.
+    pub stall_window: Duration,
+    /// How many times a stalled or dropped download is resumed (HTTP Range) before failing.
+    pub max_resumes: u32,
+    /// How often pull progress is logged.
+    pub progress_interval: Duration,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            hosts_dir: None,
+            credentials: HashMap::new(),
+            max_concurrent_downloads: 3,
+            stall_min_bytes_per_sec: 1024,
+            stall_window: Duration::from_secs(30),
+            max_resumes: 5,
+            progress_interval: Duration::from_secs(10),
+        }
+    }
+}
+
+/// Disk use of one part of the image store, for ImageFsInfo.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FsUsage {
+    pub mountpoint: PathBuf,
+    pub used_bytes: u64,
+    pub inodes_used: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FsInfo {
+    /// Unpacked layers (the snapshotter).
+    pub snapshots: FsUsage,
+    /// Compressed blobs, manifests and configs.
+    pub content: FsUsage,
+}
+
+/// What a GC run removed.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct GcReport {
+    pub blobs_removed: usize,
+    pub snapshots_removed: usize,
+}
+
+type SharedPull = Shared<BoxFuture<'static, Result<Digest>>>;
+
+/// The image service. Cheap to clone.
+#[derive(Clone)]
+pub struct Images {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    root: PathBuf,
+    config: Config,
+    content: ContentStore,
+    store: ImageStore,
+    snapshotter: Arc<Snapshotter>,
+    /// Identical pulls in flight share one future.
+    pulls: Mutex<HashMap<String, SharedPull>>,
+    /// Pulls hold it shared; GC holds it exclusive, so GC never removes what a pull is
+    /// about to reference.
+    gc_lock: tokio::sync::RwLock<()>,
+}
+
+fn snap_err(what: String, e: crisp_snapshotter::Error) -> Error {
+    let kind = match e.kind() {
+        SnapKind::NotFound => Kind::NotFound,
+        SnapKind::InvalidArgument => Kind::InvalidArgument,
+        SnapKind::FailedPrecondition | SnapKind::AlreadyExists => Kind::FailedPrecondition,
+        SnapKind::Internal => Kind::Internal,
+    };
+    Error::with_source(kind, what, e)
+}
+
+fn now_secs() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
+}
+
+async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T> + Send + 'static) -> Result<T> {
+    tokio::task::spawn_blocking(f).await.map_err(|e| Error::internal(format!("blocking task failed: {e}")))?
+}
+
+/// Where a layer's bytes come from for the unpacker.
+enum Source {
+    Blob,
+    Follow(Arc<Ingest>),
+}
+
+impl Images {
+    /// Open the service rooted at `root` (content store and `images.redb` live there).
+    pub fn open(root: &Path, snapshotter: Arc<Snapshotter>, config: Config) -> Result<Images> {
+        std::fs::create_dir_all(root).map_err(|e| Error::io(format!("creating {}", root.display()), e))?;
+        let content = ContentStore::open(root)?;
+        let store = ImageStore::open(root)?;
+        let inner = Arc::new(Inner {
+            root: root.to_path_buf(),
+            config,
+            content,
+            store,
+            snapshotter,
+            pulls: Mutex::new(HashMap::new()),
+            gc_lock: tokio::sync::RwLock::new(()),
+        });
+        // Extractions a crash interrupted leave active snapshots; nothing is in flight now.
+        inner.remove_stale_extractions();
+        Ok(Images { inner })
+    }
+
+    pub fn root(&self) -> &Path {
+        &self.inner.root
+    }
+
+    pub fn content(&self) -> &ContentStore {
+        &self.inner.content
+    }
+
+    /// Pull `reference` and return the image id. Identical concurrent pulls share one.
+    pub async fn pull(&self, reference: &str, auth: Option<Auth>) -> Result<Digest> {
+        let r = Reference::parse(reference)?;
+        let key = r.to_string();
+        let fut = {
+            let mut pulls = self.inner.pulls.lock().unwrap_or_else(|p| p.into_inner());
+            if let Some(f) = pulls.get(&key) {
+                tracing::info!(image = %key, "joining a pull already in flight");
+                f.clone()
+            } else {
+                let inner = self.inner.clone();
+                let k = key.clone();
+                // Spawned so that a caller that goes away (kubelet timing out) does not
+                // cancel the pull others may share; it then completes for the retry.
+                let handle = tokio::spawn(async move {
+                    let res = inner.clone().do_pull(r, auth).await;
+                    inner.pulls.lock().unwrap_or_else(|p| p.into_inner()).remove(&k);
+                    res
+                });
+                let f: BoxFuture<'static, Result<Digest>> = async move {
+                    handle.await.map_err(|e| Error::internal(format!("pull task failed: {e}")))?
+                }
+                .boxed();
+                let shared = f.shared();
+                pulls.insert(key.clone(), shared.clone());
+                shared
+            }
+        };
+        fut.await
+    }
+
+    /// Every image.
+    pub fn list(&self) -> Result<Vec<ImageRecord>> {
+        self.inner.store.list()
+    }
+
+    /// The image named by id (`sha256:…` or bare hex), tag or digest reference.
+    pub fn status(&self, name: &str) -> Result<Option<ImageRecord>> {
+        self.inner.find(name)
+    }
+
+    /// Remove the image named by id, tag or digest with all its tags, then collect what no
+    /// image references. Returns false if there was no such image.
+    pub async fn remove(&self, name: &str) -> Result<bool> {
+        let Some(rec) = self.inner.find(name)? else { return Ok(false) };
+        {
+            let _g = self.inner.gc_lock.write().await;
+            self.inner.store.delete(&rec.id)?;
+        }
+        tracing::info!(image = %name, id = %rec.id, "image removed");
+        self.gc().await?;
+        Ok(true)
+    }
+
+    /// Remove blobs and layer snapshots that no image references.
+    pub async fn gc(&self) -> Result<GcReport> {
+        let _g = self.inner.gc_lock.write().await;
+        let inner = self.inner.clone();
+        blocking(move || inner.gc_locked()).await
+    }
+
+    /// Bytes and inodes used by snapshots and content.
+    pub async fn fs_info(&self) -> Result<FsInfo> {
+        let inner = self.inner.clone();
+        blocking(move || {
+            let mut bytes = 0u64;
+            let mut inodes = 0u64;
+            let mut names = Vec::new();
+            inner
+                .snapshotter
+                .walk(&[] as &[&str], |i| {
+                    names.push(i.name.clone());
+                    Ok(())
+                })
+                .map_err(|e| snap_err("listing snapshots".into(), e))?;
+            for n in names {
+                if let Ok(u) = inner.snapshotter.usage(&n) {
+                    bytes += u.size.max(0) as u64;
+                    inodes += u.inodes.max(0) as u64;
+                }
+            }
+            let (cb, ci) = inner.content.usage();
+            Ok(FsInfo {
+                snapshots: FsUsage { mountpoint: inner.snapshotter.root().join("snapshots"), used_bytes: bytes, inodes_used: inodes },
+                content: FsUsage { mountpoint: inner.content.root().to_path_buf(), used_bytes: cb, inodes_used: ci },
+            })
+        })
+        .await
+    }
+}
+
+impl Inner {
+    fn find(&self, name: &str) -> Result<Option<ImageRecord>> {
+        let name = name.trim();
+        if name.is_empty() {
+            return Err(Error::invalid("image name is empty"));
+        }
+        if let Some(id) = parse_image_id(name) {
+            if let Some(r) = self.store.get(&id)? {
+                return Ok(Some(r));
+            }
+        }
+        let all = self.store.list()?;
+        // A short id prefix, as `crictl rmi 1a2b3c` passes.
+        if name.len() >= 12 && name.bytes().all(|b| b.is_ascii_hexdigit()) {
+            let hits: Vec<_> = all.iter().filter(|r| r.id.hex().starts_with(name)).collect();
+            if hits.len() == 1 {
+                return Ok(Some(hits[0].clone()));
+            }
+        }
+        let Ok(r) = Reference::parse(name) else { return Ok(None) };
+        if let Some(d) = &r.digest {
+            let want = r.with_digest(d);
+            return Ok(all.into_iter().find(|i| i.repo_digests.contains(&want)));
+        }
+        let Some(tag) = r.tagged() else { return Ok(None) };
+        Ok(all.into_iter().find(|i| i.repo_tags.contains(&tag)))
+    }
+
+    fn snapshot_exists(&self, chain: &Digest) -> bool {
+        self.snapshotter.stat(chain.as_str()).is_ok()
+    }
+
+    fn remove_stale_extractions(&self) {
+        let mut stale = Vec::new();
+        let _ = self.snapshotter.walk(&[] as &[&str], |i| {
+            if i.kind == crisp_snapshotter::Kind::Active && i.name.starts_with("extract-") {
+                stale.push(i.name.clone());
+            }
+            Ok(())
+        });
+        for k in stale {
+            match self.snapshotter.remove(&k) {
+                Ok(()) => tracing::info!(snapshot = %k, "removed unfinished layer extraction"),
+                Err(e) => tracing::warn!(snapshot = %k, error = %e, "could not remove unfinished layer extraction"),
+            }
+        }
+    }
+
+    fn gc_locked(&self) -> Result<GcReport> {
+        let records = self.store.list()?;
+        let mut keep_blobs: HashSet<Digest> = HashSet::new();
+        let mut keep_snaps: HashSet<String> = HashSet::new();
+        for r in &records {
+            keep_blobs.extend(r.blobs().cloned());
+            keep_snaps.extend(r.chain_ids.iter().map(|c| c.to_string()));
+        }
+        let mut report = GcReport::default();
+        for d in self.content.list()? {
+            if !keep_blobs.contains(&d) && !self.content.is_in_flight(&d) {
+                self.content.remove(&d)?;
+                report.blobs_removed += 1;
+            }
+        }
+        // Layer snapshots are ours when named by a chain id; extraction leftovers too.
+        let mut candidates = Vec::new();
+        self.snapshotter
+            .walk(&[] as &[&str], |i| {
+                let ours = match i.kind {
+                    crisp_snapshotter::Kind::Committed => Digest::parse(&i.name).is_ok() && !keep_snaps.contains(&i.name),
+                    crisp_snapshotter::Kind::Active => i.name.starts_with("extract-"),
+                    crisp_snapshotter::Kind::View => false,
+                };
+                if ours {
+                    candidates.push(i.name.clone());
+                }
+                Ok(())
+            })
+            .map_err(|e| snap_err("listing snapshots".into(), e))?;
+        // Children must go before parents; repeat while passes make progress. A snapshot
+        // that a container still builds on stays (the snapshotter refuses to remove it).
+        loop {
+            let mut progress = false;
+            let mut left = Vec::new();
+            for k in candidates {
+                match self.snapshotter.remove(&k) {
+                    Ok(()) => {
+                        report.snapshots_removed += 1;
+                        progress = true;
+                    }
+                    Err(e) if e.kind() == SnapKind::NotFound => {}
+                    Err(e) if e.kind() == SnapKind::FailedPrecondition => left.push(k),
+                    Err(e) => return Err(snap_err(format!("removing snapshot {k}"), e)),
+                }
+            }
+            candidates = left;
+            if !progress || candidates.is_empty() {
+                break;
+            }
+        }
+        tracing::info!(blobs = report.blobs_removed, snapshots = report.snapshots_removed, kept = candidates.len(), "image gc done");
+        Ok(report)
+    }
+
+    async fn do_pull(self: Arc<Self>, r: Reference, auth: Option<Auth>) -> Result<Digest> {
+        let span = tracing::info_span!("pull", image = %r);
+        let started = Instant::now();
+        let res = self.pull_inner(&r, auth).instrument(span.clone()).await;
+        match &res {
+            Ok(id) => span.in_scope(|| tracing::info!(id = %id, elapsed_ms = started.elapsed().as_millis() as u64, "pulled")),
+            Err(e) => span.in_scope(|| tracing::warn!(error = %e, "pull failed")),
+        }
+        res.map_err(|e| e.context(format!("pulling {r}")))
+    }
+
+    async fn pull_inner(self: &Arc<Self>, r: &Reference, auth: Option<Auth>) -> Result<Digest> {
+        let _g = self.gc_lock.read().await;
+        let auth = auth.filter(|a| !a.is_empty()).or_else(|| self.config.credentials.get(&r.registry).cloned()).unwrap_or_default();
+        let hosts = crate::hosts::resolve(self.config.hosts_dir.as_deref(), &r.registry)?;
+        let client = Arc::new(RegistryClient::new(r, hosts, auth)?);
+        let (body, ct, top) = client.manifest(&r.object()).await?;
+        let repo_digest = r.with_digest(&top);
+
+        // Already present: one manifest request and done.
+        if let Some(rec) = self.store.list()?.into_iter().find(|i| i.repo_digests.contains(&repo_digest)) {
+            if rec.chain_ids.last().is_none_or(|c| self.snapshot_exists(c)) {
+                tracing::info!(id = %rec.id, "image already present");
+                let mut update = rec.clone();
+                update.repo_tags = r.tagged().into_iter().collect();
+                update.repo_digests = vec![repo_digest];
+                return Ok(self.store.upsert(update)?.id);
+            }
+        }
+
+        self.content.put(&top, &body).await?;
+        let (manifest_digest, manifest_body, index_digest) = match manifest::parse(&body, &ct, &r.object())? {
+            Parsed::Manifest(_) => (top.clone(), body.clone(), None),
+            Parsed::Index(idx) => {
+                let want = manifest::node_platform();
+                let d = manifest::choose(&idx, &want).ok_or_else(|| {
+                    let have: Vec<String> = idx
+                        .manifests
+                        .iter()
+                        .filter_map(|d| d.platform.as_ref())
+                        .map(|p| format!("{}/{}{}", p.os, p.architecture, p.variant.as_deref().map(|v| format!("/{v}")).unwrap_or_default()))
+                        .collect();
+                    Error::not_found(format!(
+                        "index {top} has no manifest for {}/{} (it has: {})",
+                        want.os,
+                        want.architecture,
+                        have.join(", ")
+                    ))
+                })?;
+                let (b, _, md) = client.manifest(d.digest.as_str()).await?;
+                self.content.put(&md, &b).await?;
+                (md, b, Some(top.clone()))
+            }
+        };
+        let m = match manifest::parse(&manifest_body, "", manifest_digest.as_str())? {
+            Parsed::Manifest(m) => m,
+            Parsed::Index(_) => return Err(Error::precondition(format!("{manifest_digest}: an index points to another index"))),
+        };
+        let config_bytes = self.fetch_small(&client, &m.config.digest).await?;
+        let cfg = manifest::parse_config(&config_bytes, &m.config.digest)?;
+        if cfg.rootfs.diff_ids.len() != m.layers.len() {
+            return Err(Error::data_loss(format!(
+                "manifest {manifest_digest} lists {} layers but config {} has {} diff_ids",
+                m.layers.len(),
+                m.config.digest,
+                cfg.rootfs.diff_ids.len()
+            )));
+        }
+        let chain = manifest::chain_ids(&cfg.rootfs.diff_ids);
+        self.unpack_all(r, &client, &m.layers, &cfg.rootfs.diff_ids, &chain).await?;
+
+        let size = m.config.size.max(config_bytes.len() as u64)
+            + manifest_body.len() as u64
+            + m.layers.iter().map(|l| l.size).sum::<u64>();
+        let rec = ImageRecord {
+            id: m.config.digest.clone(),
+            repo_tags: r.tagged().into_iter().collect(),
+            repo_digests: vec![repo_digest],
+            size,
+            manifest_digest,
+            index_digests: index_digest.into_iter().collect(),
+            layers: m.layers.iter().map(|l| l.digest.clone()).collect(),
+            diff_ids: cfg.rootfs.diff_ids.clone(),
+            chain_ids: chain,
+            config: String::from_utf8_lossy(&config_bytes).into_owned(),
+            created: now_secs(),
+            pinned: false,
+        };
+        Ok(self.store.upsert(rec)?.id)
+    }
+
+    /// A small blob (a config) through the content store, so concurrent pulls fetch it once.
+    async fn fetch_small(&self, client: &RegistryClient, digest: &Digest) -> Result<Vec<u8>> {
+        match self.content.begin(digest)? {
+            Begin::Exists => {}
+            Begin::InFlight(i) => {
+                i.wait().await?;
+            }
+            Begin::Start(mut w) => {
+                let b = match client.blob_bytes(digest).await {
+                    Ok(b) => b,
+                    Err(e) => return Err(w.fail(e)),
+                };
+                w.write(&b).await?;
+                w.commit(Some(b.len() as u64)).await?;
+            }
+        }
+        self.content.read(digest)
+    }
+
+    async fn unpack_all(
+        self: &Arc<Self>,
+        r: &Reference,
+        client: &Arc<RegistryClient>,
+        layers: &[Descriptor],
+        diff_ids: &[Digest],
+        chain: &[Digest],
+    ) -> Result<()> {
+        // Highest layer whose snapshot exists: everything below it exists too (parents).
+        let start = (0..chain.len()).rev().find(|&i| self.snapshot_exists(&chain[i])).map(|i| i + 1).unwrap_or(0);
+        if start == chain.len() {
+            return Ok(());
+        }
+        let sem = Arc::new(tokio::sync::Semaphore::new(self.config.max_concurrent_downloads.max(1)));
+        let mut sources = Vec::new();
+        for layer in &layers[start..] {
+            let src = match self.content.begin(&layer.digest)? {
+                Begin::Exists => Source::Blob,
+                Begin::InFlight(i) => Source::Follow(i),
+                Begin::Start(w) => {
+                    let ing = ContentStore::ingest_of(&w);
+                    let client = client.clone();
+                    let sem = sem.clone();
+                    let cfg = self.config.clone();
+                    let layer = layer.clone();
+                    let span = tracing::info_span!("download", image = %r, layer = %layer.digest);
+                    // Detached: another pull may follow this ingest even if ours fails.
+                    tokio::spawn(
+                        async move {
+                            let _permit = sem.acquire_owned().await;
+                            if let Err(e) = download(&client, w, &layer, &cfg).await {
+                                tracing::warn!(error = %e, "layer download failed");
+                            }
+                        }
+                        .instrument(span),
+                    );
+                    Source::Follow(ing)
+                }
+            };
+            sources.push(src);
+        }
+        let progress = self.clone().progress_logger(r.clone(), layers[start..].to_vec(), &sources);
+        let res = async {
+            for (n, src) in sources.into_iter().enumerate() {
+                let i = start + n;
+                let inner = self.clone();
+                let layer = layers[i].clone();
+                let diff_id = diff_ids[i].clone();
+                let name = chain[i].clone();
+                let parent = if i == 0 { None } else { Some(chain[i - 1].clone()) };
+                let registry = r.registry.clone();
+                let total = layers.len();
+                let t0 = Instant::now();
+                blocking(move || inner.unpack_one(src, &layer, &diff_id, &name, parent.as_ref()))
+                    .await
+                    .map_err(|e| e.context(format!("layer {} ({}/{total}) from {registry}", layers[i].digest, i + 1)))?;
+                tracing::info!(layer = %layers[i].digest, chain_id = %chain[i], ms = t0.elapsed().as_millis() as u64, "layer unpacked");
+            }
+            Ok(())
+        }
+        .await;
+        progress.abort();
+        res
+    }
+
+    fn unpack_one(&self, src: Source, layer: &Descriptor, diff_id: &Digest, name: &Digest, parent: Option<&Digest>) -> Result<()> {
+        if self.snapshot_exists(name) {
+            // Another pull committed the same chain meanwhile.
+            return Ok(());
+        }
+        let key = format!("extract-{:016x}-{}", rand::random::<u64>(), name);
+        let labels = HashMap::from([("containerd.io/snapshot.ref".to_string(), name.to_string())]);
+        let mounts = self
+            .snapshotter
+            .prepare(&key, parent.map(|p| p.as_str()), labels)
+            .map_err(|e| snap_err(format!("preparing snapshot for {name}"), e))?;
+        let res = (|| -> Result<()> {
+            let upper = mounts
+                .iter()
+                .find_map(|m| m.upper_dir())
+                .ok_or_else(|| Error::internal(format!("snapshot {key}: no writable directory among its mounts {mounts:?}")))?;
+            let out = match src {
+                Source::Blob => unpack::unpack_layer(self.content.open_blob(&layer.digest)?, &upper)?,
+                Source::Follow(ing) => unpack::unpack_layer(ing.reader(), &upper)?,
+            };
+            if out.compressed_digest != layer.digest {
+                return Err(Error::data_loss(format!("content has digest {}, the manifest says {}", out.compressed_digest, layer.digest)));
+            }
+            if &out.diff_id != diff_id {
+                return Err(Error::data_loss(format!(
+                    "uncompressed content has digest {}, the image config says diff_id {diff_id}",
+                    out.diff_id
+                )));
+            }
+            match self.snapshotter.commit(name.as_str(), &key, HashMap::new()) {
+                Ok(()) => Ok(()),
+                Err(e) if e.kind() == SnapKind::AlreadyExists => {
+                    let _ = self.snapshotter.remove(&key);
+                    Ok(())
+                }
+                Err(e) => Err(snap_err(format!("committing snapshot {name}"), e)),
+            }
+        })();
+        if res.is_err() {
+            if let Err(e) = self.snapshotter.remove(&key) {
+                tracing::warn!(snapshot = %key, error = %e, "removing the half-built snapshot failed");
+            }
+        }
+        res
+    }
+
+    /// Logs per-layer bytes done / total at a steady interval until aborted.
+    fn progress_logger(self: Arc<Self>, r: Reference, layers: Vec<Descriptor>, sources: &[Source]) -> tokio::task::JoinHandle<()> {
+        let watched: Vec<Option<Arc<Ingest>>> = sources
+            .iter()
+            .map(|s| match s {
+                Source::Blob => None,
+                Source::Follow(i) => Some(i.clone()),
+            })
+            .collect();
+        let every = self.config.progress_interval;
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(every);
+            tick.tick().await;
+            loop {
+                tick.tick().await;
+                let mut parts = Vec::new();
+                let (mut done, mut total) = (0u64, 0u64);
+                for (l, w) in layers.iter().zip(&watched) {
+                    let got = match w.as_ref().map(|i| i.state()) {
+                        None | Some(IngestState::Done { .. }) => l.size,
+                        Some(IngestState::Running { written }) => written,
+                        Some(IngestState::Failed(_)) => 0,
+                    };
+                    done += got;
+                    total += l.size;
+                    parts.push(format!("{}:{}/{}", &l.digest.hex()[..12], got, l.size));
+                }
+                tracing::info!(image = %r, done, total, layers = %parts.join(" "), "pull progress");
+            }
+        })
+    }
+}
+
+/// Why one attempt at streaming a blob stopped early.
+enum Interrupted {
+    Stalled { rate: u64 },
+    Dropped(String),
+    Short,
+}
+
+/// Download one blob into `w`, resuming with HTTP Range after a stall, a dropped connection
+/// or a short body, at most `max_resumes` times; trying the next endpoint when one fails.
+async fn download(client: &RegistryClient, mut w: IngestWriter, layer: &Descriptor, cfg: &Config) -> Result<u64> {
+    let hosts = client.pull_hosts();
+    if hosts.is_empty() {
+        return Err(w.fail(Error::precondition("no configured host may serve blobs (check capabilities in hosts.toml)")));
+    }
+    let mut host_i = 0;
+    let mut resumes = 0u32;
+    loop {
+        let idx = hosts[host_i];
+        let host = client.host(idx).display();
+        let offset = w.written();
+        let resp = match client.open_blob_on(idx, &layer.digest, offset).await {
+            Ok(r) => r,
+            Err(e) => {
+                if host_i + 1 < hosts.len() {
+                    tracing::info!(host = %host, error = %e, "blob not available here; trying next host");
+                    host_i += 1;
+                    continue;
+                }
+                return Err(w.fail(e.context(format!("layer {} after {offset} bytes", layer.digest))));
+            }
+        };
+        // A server that ignores Range sends everything again: skip what we already have.
+        let mut skip = if offset > 0 && resp.status() == reqwest::StatusCode::OK { offset } else { 0 };
+        let mut stream = resp.bytes_stream();
+        let window = cfg.stall_window.max(Duration::from_millis(100));
+        let min_bytes = cfg.stall_min_bytes_per_sec.saturating_mul(window.as_millis() as u64) / 1000;
+        let mut window_start = tokio::time::Instant::now();
+        let mut window_bytes = 0u64;
+        let outcome: std::result::Result<(), Interrupted> = loop {
+            let deadline = window_start + window;
+            match tokio::time::timeout_at(deadline, stream.next()).await {
+                Ok(Some(Ok(mut chunk))) => {
+                    if skip > 0 {
+                        let n = skip.min(chunk.len() as u64) as usize;
+                        skip -= n as u64;
+                        chunk = chunk.slice(n..);
+                    }
+                    window_bytes += chunk.len() as u64;
+                    if !chunk.is_empty() {
+                        if let Err(e) = w.write(&chunk).await {
+                            return Err(w.fail(e));
+                        }
+                    }
+                    if tokio::time::Instant::now() >= deadline {
+                        if window_bytes < min_bytes {
+                            break Err(Interrupted::Stalled { rate: window_bytes * 1000 / window.as_millis().max(1) as u64 });
+                        }
+                        window_start = tokio::time::Instant::now();
+                        window_bytes = 0;
+                    }
+                }
+                Ok(Some(Err(e))) => break Err(Interrupted::Dropped(e.to_string())),
+                Ok(None) => {
+                    if layer.size > 0 && w.written() < layer.size {
+                        break Err(Interrupted::Short);
+                    }
+                    break Ok(());
+                }
+                Err(_) => {
+                    if window_bytes < min_bytes {
+                        break Err(Interrupted::Stalled { rate: window_bytes * 1000 / window.as_millis().max(1) as u64 });
+                    }
+                    window_start = tokio::time::Instant::now();
+                    window_bytes = 0;
+                }
+            }
+        };
+        match outcome {
+            Ok(()) => return w.commit(Some(layer.size).filter(|&s| s > 0)).await,
+            Err(why) => {
+                let _ = w.flush().await;
+                let last_problem = match why {
+                    Interrupted::Stalled { rate } => format!(
+                        "stalled at {rate} B/s (< {} B/s over {:?})",
+                        cfg.stall_min_bytes_per_sec, window
+                    ),
+                    Interrupted::Dropped(e) => format!("connection dropped: {e}"),
+                    Interrupted::Short => "body ended early".to_string(),
+                };
+                resumes += 1;
+                if resumes > cfg.max_resumes {
+                    let e = Error::unavailable(format!(
+                        "layer {} from {host}: {last_problem}; received {} of {} bytes; gave up after {} resumes",
+                        layer.digest,
+                        w.written(),
+                        layer.size,
+                        cfg.max_resumes
+                    ));
+                    return Err(w.fail(e));
+                }
+                tracing::warn!(host = %host, received = w.written(), total = layer.size, problem = %last_problem, attempt = resumes, "resuming layer download");
+            }
+        }
+    }
+}

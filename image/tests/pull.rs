@@ -1,0 +1,352 @@
+//! Pulls from a real local docker-registry (crisp_e2e::registry), through a `_default`
+//! hosts.toml mirror so upstream names (`busybox`, `registry.k8s.io/pause:3.9`) resolve to it.
+#![allow(clippy::unwrap_used)]
+
+use std::collections::HashMap;
+use std::os::unix::fs::{FileTypeExt, MetadataExt};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use crisp_e2e::registry::Registry;
+use crisp_image::{Config, Images, Kind};
+use crisp_snapshotter::Snapshotter;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+
+struct Env {
+    tmp: tempfile::TempDir,
+    snap: Arc<Snapshotter>,
+    images: Images,
+}
+
+fn env_with(mirror: &str, tweak: impl FnOnce(&mut Config)) -> Env {
+    let _ = tracing_subscriber::fmt().with_test_writer().with_env_filter("crisp_image=info").try_init();
+    let tmp = tempfile::tempdir().unwrap();
+    let certs = tmp.path().join("certs.d/_default");
+    std::fs::create_dir_all(&certs).unwrap();
+    std::fs::write(certs.join("hosts.toml"), format!("[host.\"http://{mirror}\"]\n  capabilities = [\"pull\", \"resolve\"]\n")).unwrap();
+    let snap = Arc::new(Snapshotter::open(&tmp.path().join("snapshotter"), Default::default()).unwrap());
+    let mut cfg = Config { hosts_dir: Some(tmp.path().join("certs.d")), ..Default::default() };
+    tweak(&mut cfg);
+    let images = Images::open(&tmp.path().join("images"), snap.clone(), cfg).unwrap();
+    Env { tmp, snap, images }
+}
+
+fn snapshots(s: &Snapshotter) -> Vec<String> {
+    let mut v = Vec::new();
+    s.walk(&[] as &[&str], |i| {
+        v.push(i.name.clone());
+        Ok(())
+    })
+    .unwrap();
+    v
+}
+
+fn dir_count(p: &Path) -> usize {
+    std::fs::read_dir(p).map(|d| d.count()).unwrap_or(0)
+}
+
+/// Mount a read-only view of the image's top layer and run `f` on the merged tree.
+fn with_rootfs<T>(env: &Env, name: &str, f: impl FnOnce(&Path) -> T) -> T {
+    let rec = env.images.status(name).unwrap().unwrap();
+    let top = rec.chain_ids.last().unwrap().to_string();
+    let key = format!("view-{}", rand_suffix());
+    let mounts = env.snap.view(&key, Some(&top), HashMap::new()).unwrap();
+    let target = env.tmp.path().join(&key);
+    std::fs::create_dir_all(&target).unwrap();
+    crisp_snapshotter::mount::mount_all(&mounts, &target).unwrap();
+    let out = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| f(&target)));
+    crisp_snapshotter::mount::unmount_all(&target).unwrap();
+    std::fs::remove_dir(&target).unwrap();
+    env.snap.remove(&key).unwrap();
+    match out {
+        Ok(v) => v,
+        Err(p) => std::panic::resume_unwind(p),
+    }
+}
+
+fn rand_suffix() -> String {
+    format!("{:x}", Instant::now().elapsed().as_nanos() ^ (std::process::id() as u128) << 20 ^ rand_u64() as u128)
+}
+
+fn rand_u64() -> u64 {
+    static N: AtomicUsize = AtomicUsize::new(0);
+    N.fetch_add(1, Ordering::Relaxed) as u64 * 7919 + std::process::id() as u64
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn pull_list_status_remove_gc() {
+    let reg = Registry::start().unwrap();
+    reg.push(&["busybox", "layers", "busybox-zstd", "multiarch", "pause"]).unwrap();
+    let env = env_with(&reg.host(), |_| {});
+
+    let id = env.images.pull("busybox", None).await.unwrap();
+    let before = reg.requests().unwrap().len();
+    let again = env.images.pull("docker.io/library/busybox:latest", None).await.unwrap();
+    assert_eq!(id, again);
+    let extra: Vec<String> = reg.requests().unwrap()[before..].to_vec();
+    assert_eq!(extra.len(), 1, "a second pull must cost one manifest request: {extra:?}");
+
+    let layers = env.images.pull("layers", None).await.unwrap();
+    let zstd = env.images.pull("busybox-zstd:latest", None).await.unwrap();
+    let multi = env.images.pull("multiarch", None).await.unwrap();
+    let pause = env.images.pull("registry.k8s.io/pause:3.9", None).await.unwrap();
+    // busybox-zstd has busybox's config (same diff_ids): one image, two tags, as in containerd.
+    assert_eq!(zstd, id);
+    assert_eq!(env.images.list().unwrap().len(), 4);
+    assert_eq!(env.images.status("busybox-zstd").unwrap().unwrap().repo_tags.len(), 2);
+
+    let rec = env.images.status("busybox").unwrap().unwrap();
+    assert_eq!(rec.id, id);
+    assert_eq!(rec.repo_tags, vec!["docker.io/library/busybox:latest".to_string(), "docker.io/library/busybox-zstd:latest".to_string()]);
+    assert_eq!(rec.repo_digests.len(), 2);
+    assert_eq!(env.images.status(rec.repo_digests[0].as_str()).unwrap().unwrap().id, id);
+    assert_eq!(env.images.status(id.as_str()).unwrap().unwrap().id, id);
+    assert_eq!(env.images.status(id.hex()).unwrap().unwrap().id, id);
+    assert_eq!(env.images.status(&id.hex()[..12]).unwrap().unwrap().id, id);
+    assert!(env.images.status("nothere").unwrap().is_none());
+    assert_eq!(env.images.status("registry.k8s.io/pause:3.9").unwrap().unwrap().id, pause);
+
+    with_rootfs(&env, "busybox", |root| {
+        assert!(root.join("bin/sh").exists());
+    });
+    with_rootfs(&env, "busybox-zstd", |root| assert!(root.join("bin/sh").exists()));
+    with_rootfs(&env, "multiarch", |root| {
+        let arch = std::fs::read_to_string(root.join("etc/crisp-arch")).unwrap();
+        let want = if cfg!(target_arch = "aarch64") { "arm64" } else { "amd64" };
+        assert_eq!(arch.trim(), want);
+    });
+    let _ = multi;
+    with_rootfs(&env, "layers", |root| {
+        use crisp_e2e::images::layers as l;
+        let p = |s: &str| root.join(s.trim_start_matches('/'));
+        assert_eq!(std::fs::read_dir(p(l::MANY_DIR)).unwrap().count(), 19);
+        assert!(!p(l::DELETED_DIR).exists());
+        assert!(!p(l::DELETED_FILE).exists());
+        assert_eq!(std::fs::read_to_string(p(l::KEPT_FILE)).unwrap(), "keep\n");
+        assert_eq!(std::fs::read_to_string(p(l::REPLACED_FILE)).unwrap(), "upper\n");
+        let opq: Vec<_> = std::fs::read_dir(p(l::OPAQUE_DIR)).unwrap().map(|e| e.unwrap().file_name()).collect();
+        assert_eq!(opq, vec![std::ffi::OsString::from("new.txt")]);
+        let a = std::fs::metadata(p(l::HARD_LINKS[0])).unwrap();
+        let b = std::fs::metadata(p(l::HARD_LINKS[1])).unwrap();
+        assert_eq!(a.ino(), b.ino());
+        assert_eq!(std::fs::read_link(p(l::SYMLINK)).unwrap(), PathBuf::from("keep.txt"));
+        assert_eq!(std::fs::read_link(p(l::ABS_SYMLINK)).unwrap(), PathBuf::from("/data/keep.txt"));
+        let suid = std::fs::metadata(p(l::SETUID_BINARY)).unwrap();
+        assert_eq!((suid.mode() & 0o7777, suid.uid(), suid.gid()), (0o4755, 0, 0));
+        assert!(!std::fs::symlink_metadata(p(l::HARD_LINKS[0])).unwrap().file_type().is_char_device());
+    });
+
+    // layers shares busybox's base layer: removing busybox keeps layers whole.
+    assert!(env.images.remove("docker.io/library/busybox:latest").await.unwrap());
+    assert!(!env.images.remove("busybox").await.unwrap());
+    assert!(env.images.status(id.as_str()).unwrap().is_none());
+    with_rootfs(&env, "layers", |root| assert!(root.join("bin/sh").exists()));
+    assert_eq!(env.images.status("layers").unwrap().unwrap().id, layers);
+
+    let info = env.images.fs_info().await.unwrap();
+    assert!(info.snapshots.used_bytes > 1_000_000 && info.snapshots.inodes_used > 100, "{info:?}");
+    assert!(info.content.used_bytes > 500_000 && info.content.inodes_used > 3, "{info:?}");
+
+    for r in env.images.list().unwrap() {
+        assert!(env.images.remove(r.id.as_str()).await.unwrap());
+    }
+    env.images.gc().await.unwrap();
+    assert!(snapshots(&env.snap).is_empty(), "{:?}", snapshots(&env.snap));
+    let content = env.images.content().root().to_path_buf();
+    assert_eq!(dir_count(&content.join("blobs/sha256")), 0);
+    assert_eq!(dir_count(&content.join("ingest")), 0);
+
+    // The store survives a restart.
+    env.images.pull("busybox", None).await.unwrap();
+    let reopened = Images::open(&env.tmp.path().join("images"), env.snap.clone(), Config::default()).unwrap();
+    assert_eq!(reopened.list().unwrap().len(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn concurrent_pulls_download_each_blob_once() {
+    let reg = Registry::start().unwrap();
+    reg.push(&["busybox", "layers", "user", "busybox-zstd"]).unwrap();
+    let env = env_with(&reg.host(), |_| {});
+    let names = ["busybox", "layers", "user", "busybox-zstd", "busybox:1.36", "layers", "user", "busybox"];
+    let mut tasks = Vec::new();
+    for n in names {
+        let images = env.images.clone();
+        tasks.push(tokio::spawn(async move { images.pull(n, None).await }));
+    }
+    for t in tasks {
+        t.await.unwrap().unwrap();
+    }
+    let mut counts: HashMap<String, usize> = HashMap::new();
+    for r in reg.requests().unwrap() {
+        if r.starts_with("GET ") && r.contains("/blobs/") && r.ends_with(" 200") {
+            let digest = r.split("/blobs/").nth(1).unwrap().split(' ').next().unwrap().to_string();
+            *counts.entry(digest).or_default() += 1;
+        }
+    }
+    // The same blob may live under several repositories; each digest is fetched once.
+    let dup: Vec<_> = counts.iter().filter(|(_, n)| **n > 1).collect();
+    assert!(dup.is_empty(), "blobs downloaded more than once: {dup:?}");
+    assert_eq!(env.images.list().unwrap().len(), 3);
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Mode {
+    /// The first blob response stops after 64 KiB for a while, then the connection drops.
+    StallOnce,
+    /// Every blob response stalls after 64 KiB.
+    StallAlways,
+    /// Every blob response has one byte flipped.
+    Corrupt,
+}
+
+/// A tiny HTTP proxy in front of the registry that misbehaves on blob bodies.
+async fn proxy(upstream: String, mode: Mode) -> (String, Arc<AtomicUsize>, Arc<AtomicUsize>) {
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap().to_string();
+    let stalls = Arc::new(AtomicUsize::new(0));
+    let ranges = Arc::new(AtomicUsize::new(0));
+    let (s2, r2) = (stalls.clone(), ranges.clone());
+    tokio::spawn(async move {
+        loop {
+            let Ok((mut c, _)) = l.accept().await else { return };
+            let upstream = upstream.clone();
+            let (stalls, ranges) = (s2.clone(), r2.clone());
+            tokio::spawn(async move {
+                let mut head = Vec::new();
+                let mut b = [0u8; 1];
+                while !head.ends_with(b"\r\n\r\n") {
+                    if c.read(&mut b).await.unwrap_or(0) == 0 {
+                        return;
+                    }
+                    head.push(b[0]);
+                }
+                let text = String::from_utf8_lossy(&head).to_string();
+                let is_blob = text.lines().next().is_some_and(|l| l.contains("/blobs/"));
+                if text.to_ascii_lowercase().contains("\r\nrange:") {
+                    ranges.fetch_add(1, Ordering::SeqCst);
+                }
+                // One request per connection keeps the proxy simple.
+                let mut req: String = text
+                    .split("\r\n")
+                    .filter(|l| !l.to_ascii_lowercase().starts_with("connection:") && !l.is_empty())
+                    .map(|l| format!("{l}\r\n"))
+                    .collect();
+                req.push_str("Connection: close\r\n\r\n");
+                let Ok(mut u) = TcpStream::connect(&upstream).await else { return };
+                if u.write_all(req.as_bytes()).await.is_err() {
+                    return;
+                }
+                let mut sent_body = 0usize;
+                let mut in_body = false;
+                let mut resp_head = Vec::new();
+                let mut buf = vec![0u8; 16 * 1024];
+                loop {
+                    let n = match u.read(&mut buf).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => n,
+                    };
+                    let mut chunk = buf[..n].to_vec();
+                    if !in_body {
+                        resp_head.extend_from_slice(&chunk);
+                        if let Some(pos) = resp_head.windows(4).position(|w| w == b"\r\n\r\n") {
+                            in_body = true;
+                            let body_start = pos + 4;
+                            let head_part = resp_head[..body_start].to_vec();
+                            let head_str = String::from_utf8_lossy(&head_part).replace("Connection: keep-alive", "Connection: close");
+                            if c.write_all(head_str.as_bytes()).await.is_err() {
+                                return;
+                            }
+                            chunk = resp_head[body_start..].to_vec();
+                        } else {
+                            continue;
+                        }
+                    }
+                    if is_blob && mode == Mode::Corrupt && sent_body == 0 && !chunk.is_empty() {
+                        chunk[0] ^= 0xff;
+                    }
+                    let stall = is_blob
+                        && match mode {
+                            Mode::StallOnce => stalls.load(Ordering::SeqCst) == 0,
+                            Mode::StallAlways => true,
+                            Mode::Corrupt => false,
+                        };
+                    if stall && sent_body + chunk.len() > 64 * 1024 {
+                        let keep = (64 * 1024usize).saturating_sub(sent_body);
+                        let _ = c.write_all(&chunk[..keep]).await;
+                        stalls.fetch_add(1, Ordering::SeqCst);
+                        tokio::time::sleep(Duration::from_secs(4)).await;
+                        return; // drop the connection
+                    }
+                    sent_body += chunk.len();
+                    if c.write_all(&chunk).await.is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    (addr, stalls, ranges)
+}
+
+fn stall_config(c: &mut Config) {
+    c.stall_window = Duration::from_millis(800);
+    c.stall_min_bytes_per_sec = 10_000;
+    c.max_resumes = 2;
+    c.progress_interval = Duration::from_millis(500);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn stalled_download_resumes_with_range() {
+    let reg = Registry::start().unwrap();
+    reg.push(&["busybox"]).unwrap();
+    let (addr, stalls, ranges) = proxy(reg.host(), Mode::StallOnce).await;
+    let env = env_with(&addr, stall_config);
+    let t0 = Instant::now();
+    env.images.pull("busybox", None).await.unwrap();
+    assert!(stalls.load(Ordering::SeqCst) >= 1);
+    assert!(ranges.load(Ordering::SeqCst) >= 1, "the resumed download must use a Range request");
+    assert!(t0.elapsed() < Duration::from_secs(30));
+    with_rootfs(&env, "busybox", |root| assert!(root.join("bin/sh").exists()));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn stalling_registry_gives_a_clear_error_in_time() {
+    let reg = Registry::start().unwrap();
+    reg.push(&["busybox"]).unwrap();
+    let (addr, _, _) = proxy(reg.host(), Mode::StallAlways).await;
+    let env = env_with(&addr, stall_config);
+    let t0 = Instant::now();
+    let e = tokio::time::timeout(Duration::from_secs(60), env.images.pull("busybox", None)).await.expect("pull must not hang").unwrap_err();
+    let msg = e.to_string();
+    assert_eq!(e.kind(), Kind::Unavailable, "{msg}");
+    assert!(msg.contains("layer sha256:") && msg.contains(&addr) && msg.contains("received ") && msg.contains(" bytes"), "{msg}");
+    assert!(t0.elapsed() < Duration::from_secs(30), "{:?}", t0.elapsed());
+    assert_no_leftovers(&env);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn corrupt_blob_is_rejected_and_leaves_nothing() {
+    let reg = Registry::start().unwrap();
+    reg.push(&["busybox"]).unwrap();
+    let (addr, _, _) = proxy(reg.host(), Mode::Corrupt).await;
+    let env = env_with(&addr, |_| {});
+    let e = env.images.pull("busybox", None).await.unwrap_err();
+    assert_eq!(e.kind(), Kind::DataLoss, "{e}");
+    assert!(e.to_string().contains("digest"), "{e}");
+    assert_no_leftovers(&env);
+}
+
+fn assert_no_leftovers(env: &Env) {
+    assert!(snapshots(&env.snap).is_empty(), "{:?}", snapshots(&env.snap));
+    let content = env.images.content().root().to_path_buf();
+    assert_eq!(dir_count(&content.join("ingest")), 0);
+    // Only manifests and configs (small, verified) may be stored; no layer blob.
+    for e in std::fs::read_dir(content.join("blobs/sha256")).unwrap() {
+        let m = e.unwrap().metadata().unwrap();
+        assert!(m.len() < 64 * 1024, "a layer blob was stored");
+    }
+    assert!(env.images.list().unwrap().is_empty());
+}
