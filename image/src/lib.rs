@@ -4,6 +4,7 @@
 
 pub mod client;
 pub mod content;
+pub mod cri;
 pub mod error;
 pub mod hosts;
 pub mod images;

@@ -161,7 +161,9 @@ async fn pull_list_status_remove_gc() {
 
     // The store survives a restart.
     env.images.pull("busybox", None).await.unwrap();
-    let reopened = Images::open(&env.tmp.path().join("images"), env.snap.clone(), Config::default()).unwrap();
+    let Env { tmp, snap, images } = env;
+    drop(images);
+    let reopened = Images::open(&tmp.path().join("images"), snap.clone(), Config::default()).unwrap();
     assert_eq!(reopened.list().unwrap().len(), 1);
 }
 
@@ -349,4 +351,39 @@ fn assert_no_leftovers(env: &Env) {
         assert!(m.len() < 64 * 1024, "a layer blob was stored");
     }
     assert!(env.images.list().unwrap().is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn cri_adapter_calls() {
+    use crisp_image::cri as adapter;
+    use crisp_proto::cri::v1 as cri;
+    let reg = Registry::start().unwrap();
+    reg.push(&["user", "pause"]).unwrap();
+    let env = env_with(&reg.host(), |_| {});
+    let spec = |s: &str| Some(cri::ImageSpec { image: s.into(), ..Default::default() });
+    let pulled = adapter::pull_image(&env.images, &cri::PullImageRequest { image: spec("user"), ..Default::default() }).await.unwrap();
+    assert!(pulled.image_ref.starts_with("sha256:"));
+    adapter::pull_image(&env.images, &cri::PullImageRequest { image: spec("registry.k8s.io/pause:3.9"), ..Default::default() }).await.unwrap();
+    let st = adapter::image_status(&env.images, &cri::ImageStatusRequest { image: spec("user:latest"), verbose: true }).unwrap();
+    let img = st.image.unwrap();
+    assert_eq!(img.id, pulled.image_ref);
+    assert_eq!(img.uid.map(|u| u.value), Some(1000));
+    let info: serde_json::Value = serde_json::from_str(&st.info["info"]).unwrap();
+    assert!(info["chainID"].as_str().unwrap().starts_with("sha256:"));
+    assert_eq!(info["imageSpec"]["config"]["User"], "1000:1000");
+    let pause = adapter::image_status(&env.images, &cri::ImageStatusRequest { image: spec("registry.k8s.io/pause:3.9"), verbose: false }).unwrap();
+    assert_eq!(pause.image.unwrap().uid.map(|u| u.value), Some(65535));
+    let missing = adapter::image_status(&env.images, &cri::ImageStatusRequest { image: spec("nope"), verbose: false }).unwrap();
+    assert!(missing.image.is_none());
+    let all = adapter::list_images(&env.images, &cri::ListImagesRequest::default()).unwrap();
+    assert_eq!(all.images.len(), 2);
+    let filtered = adapter::list_images(&env.images, &cri::ListImagesRequest { filter: Some(cri::ImageFilter { image: spec("docker.io/library/user") }) }).unwrap();
+    assert_eq!(filtered.images.len(), 1);
+    let fs = adapter::image_fs_info(&env.images).await.unwrap();
+    assert!(fs.image_filesystems[0].used_bytes.unwrap().value > 0);
+    adapter::remove_image(&env.images, &cri::RemoveImageRequest { image: spec(&pulled.image_ref) }).await.unwrap();
+    adapter::remove_image(&env.images, &cri::RemoveImageRequest { image: spec(&pulled.image_ref) }).await.unwrap();
+    let e = adapter::remove_image(&env.images, &cri::RemoveImageRequest { image: None }).await.unwrap_err();
+    assert_eq!(e.kind(), Kind::InvalidArgument);
+    assert_eq!(adapter::list_images(&env.images, &cri::ListImagesRequest::default()).unwrap().images.len(), 1);
 }
