@@ -155,7 +155,8 @@ config_path = {hosts}
     }
 }
 
-fn merge_tables(base: &mut toml::Table, over: toml::Table) {
+/// Deep merge: tables key by key, anything else replaced.
+pub(crate) fn merge_tables(base: &mut toml::Table, over: toml::Table) {
     for (k, v) in over {
         match (base.get_mut(&k), v) {
             (Some(toml::Value::Table(b)), toml::Value::Table(o)) => merge_tables(b, o),

@@ -132,6 +132,27 @@ impl CriClient {
         Ok(resp.into_inner().pod_sandbox_id)
     }
 
+    pub async fn pod_status(&self, pod_id: &str) -> Result<cri::PodSandboxStatus> {
+        self.runtime()
+            .pod_sandbox_status(cri::PodSandboxStatusRequest {
+                pod_sandbox_id: pod_id.into(),
+                verbose: false,
+            })
+            .await
+            .with_context(|| format!("PodSandboxStatus {pod_id}"))?
+            .into_inner()
+            .status
+            .with_context(|| format!("PodSandboxStatus {pod_id}: response has no status"))
+    }
+
+    /// The pod's primary IP from PodSandboxStatus.
+    pub async fn pod_ip(&self, pod_id: &str) -> Result<std::net::IpAddr> {
+        let st = self.pod_status(pod_id).await?;
+        let ip = st.network.map(|n| n.ip).unwrap_or_default();
+        ip.parse()
+            .with_context(|| format!("pod {pod_id} has no usable IP (got {ip:?})"))
+    }
+
     pub async fn stop_pod(&self, pod_id: &str) -> Result<()> {
         self.runtime()
             .stop_pod_sandbox(cri::StopPodSandboxRequest {

@@ -72,7 +72,7 @@ impl EnvBuilder {
         self
     }
 
-    /// TOML appended to crispd's config file (ignored for containerd).
+    /// A TOML fragment merged into crispd's config file (ignored for containerd).
     pub fn crispd_config(mut self, fragment: impl Into<String>) -> Self {
         self.crispd_config.push(fragment.into());
         self
@@ -246,12 +246,28 @@ impl TestEnv {
     fn crispd_command(&self, opts: &EnvBuilder) -> Result<Command> {
         let bin = crispd_binary()?;
         let file = self.root.join("crispd.toml");
-        let mut config = String::from("# Written by the e2e harness; paths come as flags.\n");
-        for frag in &opts.crispd_config {
-            config.push_str(frag);
-            config.push('\n');
+        let mut config = toml::Table::new();
+        // The built-in 127.0.0.1:1338 would make concurrent daemons collide: no metrics.
+        config.insert(
+            "metrics".into(),
+            toml::Value::Table(toml::toml! { address = "" }),
+        );
+        // The shim built with this crispd, not whatever `containerd-shim-crisp-v2` is on PATH.
+        let shim = bin.with_file_name("containerd-shim-crisp-v2");
+        if shim.is_file() {
+            config.insert(
+                "shim_binary".into(),
+                toml::Value::String(shim.display().to_string()),
+            );
         }
-        std::fs::write(&file, config).with_context(|| format!("writing {}", file.display()))?;
+        for frag in &opts.crispd_config {
+            let t = frag
+                .parse::<toml::Table>()
+                .with_context(|| format!("parsing crispd config fragment:\n{frag}"))?;
+            containerd::merge_tables(&mut config, t);
+        }
+        let text = format!("# Written by the e2e harness; paths come as flags.\n{config}");
+        std::fs::write(&file, text).with_context(|| format!("writing {}", file.display()))?;
         let mut cmd = Command::new(bin);
         cmd.arg("--config")
             .arg(&file)

@@ -146,3 +146,15 @@ macro_rules! per_runtime {
 per_runtime! {
     containerd => RuntimeKind::Containerd,
 }
+
+/// crispd does not run pods yet; until it does, this proves the harness starts it with the
+/// flags and config it takes, that it answers CRI, and that teardown leaves nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn crispd_starts_and_tears_down() -> Result<()> {
+    let env = TestEnv::builder(RuntimeKind::Crispd).start().await?;
+    let v = env.cri().version().await?;
+    ensure!(!v.runtime_name.is_empty(), "crispd Version has no runtime name: {v:?}");
+    let leaks = env.teardown().await;
+    ensure!(leaks.is_empty(), "crispd: teardown left {leaks:#?}");
+    Ok(())
+}
