@@ -12,6 +12,7 @@ pub mod idmap;
 pub mod instrument;
 pub mod netns;
 pub mod server;
+pub mod spec;
 pub mod startup;
 pub mod store;
 pub mod util;

@@ -130,7 +130,7 @@ pub fn remove(path: &Path) -> Result<(), NetnsError> {
 pub fn is_netns(path: &Path) -> bool {
     // NSFS_MAGIC: what statfs reports for a namespace file.
     const NSFS_MAGIC: i64 = 0x6e73_6673;
-    nix::sys::statfs::statfs(path).is_ok_and(|s| s.filesystem_type().0 as i64 == NSFS_MAGIC)
+    nix::sys::statfs::statfs(path).is_ok_and(|s| s.filesystem_type().0 == NSFS_MAGIC)
 }
 
 /// Run `f` on a thread that has joined the namespace at `path` (stats, checks, tests).
