@@ -13,6 +13,7 @@
 use std::fmt;
 use std::fs::File;
 use std::io::{BufRead, BufReader};
+use std::os::fd::AsRawFd;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -46,6 +47,10 @@ impl fmt::Display for RuntimeKind {
 pub const CNI_BIN_DIR: &str = "/usr/lib/cni";
 /// Where concurrent tests (separate processes under nextest) record which subnet is theirs.
 const LOCK_DIR: &str = "/run/crisp-e2e";
+/// `<root>/owner.lock`: flocked by the owning test process for the env's whole life.
+const OWNER_LOCK: &str = "owner.lock";
+/// `<root>/harness.json`: the env's cgroup parent, network and processes, for the sweeper.
+const RECORD: &str = "harness.json";
 /// How long a daemon may take to answer `Version`.
 const START_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -81,9 +86,9 @@ impl EnvBuilder {
     /// Creates the private root, network and configs, starts the daemon and waits until it
     /// answers CRI `Version`. On error everything made so far is torn down.
     pub async fn start(self) -> Result<TestEnv> {
-        let base = std::env::var_os("CRISP_E2E_TMPDIR")
-            .map(PathBuf::from)
-            .unwrap_or_else(|| "/var/tmp".into());
+        let base = base_dir();
+        // Leftovers of test processes that were killed before their `Drop` ran.
+        sweep_stale(&base);
         let root = tempfile::Builder::new()
             .prefix("crisp-e2e-")
             .tempdir_in(&base)
@@ -94,23 +99,15 @@ impl EnvBuilder {
             .file_name()
             .map(|n| n.to_string_lossy().replace("crisp-e2e-", ""))
             .unwrap_or_default();
-        let mut env = TestEnv {
-            kind: self.kind,
-            state: root.join("state"),
-            socket: root.join("cri.sock"),
-            cni_conf_dir: root.join("net.d"),
-            hosts_dir: root.join("hosts.d"),
-            pod_log_dir: root.join("pods"),
-            daemon_log: root.join(format!("{}.log", self.kind)),
-            cgroup_parent: format!("/crisp-e2e-{}", cri::random_hex(8)),
-            root,
-            net: None,
-            daemon: None,
-            cri: None,
-            seen: Vec::new(),
-            torn_down: false,
-            keep_log_on_panic: true,
-        };
+        // Held for the env's life: a sweeper that can take it knows the owner is dead.
+        let owner = File::create(root.join(OWNER_LOCK))?;
+        // SAFETY: flock on a valid, owned fd.
+        if unsafe { libc::flock(owner.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+            bail!("cannot lock {}", root.join(OWNER_LOCK).display());
+        }
+        let cgroup_parent = format!("/crisp-e2e-{}", cri::random_hex(8));
+        let mut env = TestEnv::at(self.kind, root, cgroup_parent);
+        env.owner = Some(owner);
         // `env` owns everything from here: an early return drops it, which tears down.
         env.prepare(&self, &tag).await?;
         Ok(env)
@@ -140,9 +137,92 @@ pub struct TestEnv {
     seen: Vec<ProcRef>,
     torn_down: bool,
     keep_log_on_panic: bool,
+    /// The flock on `<root>/owner.lock`, held while this process owns the env.
+    owner: Option<File>,
 }
 
 impl TestEnv {
+    /// The env's layout under `root`; nothing is created here.
+    fn at(kind: RuntimeKind, root: PathBuf, cgroup_parent: String) -> Self {
+        TestEnv {
+            kind,
+            state: root.join("state"),
+            socket: root.join("cri.sock"),
+            cni_conf_dir: root.join("net.d"),
+            hosts_dir: root.join("hosts.d"),
+            pod_log_dir: root.join("pods"),
+            daemon_log: root.join(format!("{kind}.log")),
+            cgroup_parent,
+            root,
+            net: None,
+            daemon: None,
+            cri: None,
+            seen: Vec::new(),
+            torn_down: false,
+            keep_log_on_panic: true,
+            owner: None,
+        }
+    }
+
+    /// Writes `<root>/harness.json`: what a sweeper needs to tear this env down if the test
+    /// process dies without running `Drop` (nextest's timeout, SIGKILL, abort).
+    fn write_record(&self) -> Result<()> {
+        let net = self.net.as_ref();
+        let record = serde_json::json!({
+            "kind": self.kind.to_string(),
+            "cgroup_parent": self.cgroup_parent,
+            "network": net.map(|n| serde_json::json!({
+                "name": n.name, "bridge": n.bridge, "subnet": n.subnet, "gateway": n.gateway,
+            })),
+            "processes": self.seen.iter().map(|p| serde_json::json!({
+                "pid": p.pid, "start_time": p.start_time, "what": p.what,
+            })).collect::<Vec<_>>(),
+        });
+        let tmp = self.root.join(".harness.json.tmp");
+        std::fs::write(&tmp, record.to_string())?;
+        std::fs::rename(&tmp, self.root.join(RECORD))?;
+        Ok(())
+    }
+
+    /// Rebuilds an env from its `harness.json` (for the sweeper). It owns nothing yet.
+    fn from_record(root: &Path) -> Result<Self> {
+        let text = std::fs::read_to_string(root.join(RECORD))
+            .with_context(|| format!("reading {}", root.join(RECORD).display()))?;
+        let r: serde_json::Value = serde_json::from_str(&text)?;
+        let kind = match r["kind"].as_str() {
+            Some("containerd") => RuntimeKind::Containerd,
+            Some("crispd") => RuntimeKind::Crispd,
+            other => bail!("{}: unknown kind {other:?}", root.display()),
+        };
+        let cgroup_parent = r["cgroup_parent"].as_str().unwrap_or_default().to_string();
+        if !cgroup_parent.starts_with("/crisp-e2e-") {
+            bail!(
+                "{}: cgroup parent {cgroup_parent:?} is not one of ours",
+                root.display()
+            );
+        }
+        let mut env = TestEnv::at(kind, root.to_path_buf(), cgroup_parent);
+        let field = |v: &serde_json::Value, k: &str| v[k].as_str().unwrap_or_default().to_string();
+        if r["network"].is_object() {
+            let n = &r["network"];
+            env.net = Some(Network {
+                name: field(n, "name"),
+                bridge: field(n, "bridge"),
+                subnet: field(n, "subnet"),
+                gateway: field(n, "gateway"),
+                lock: None,
+            });
+        }
+        for p in r["processes"].as_array().into_iter().flatten() {
+            env.seen.push(ProcRef {
+                pid: p["pid"].as_i64().unwrap_or_default() as i32,
+                start_time: p["start_time"].as_u64().unwrap_or_default(),
+                what: field(p, "what"),
+            });
+        }
+        Ok(env)
+    }
+
     pub fn builder(kind: RuntimeKind) -> EnvBuilder {
         EnvBuilder {
             kind,
@@ -201,6 +281,7 @@ impl TestEnv {
         let f = self.cni_conf_dir.join("10-crisp-e2e.conflist");
         std::fs::write(&f, conflist).with_context(|| format!("writing {}", f.display()))?;
         self.net = Some(net);
+        self.write_record()?;
 
         let mut cmd = match self.kind {
             RuntimeKind::Containerd => self.containerd_command(opts)?,
@@ -216,6 +297,7 @@ impl TestEnv {
             child.id() as i32,
             format!("{} daemon", self.kind),
         ));
+        self.write_record()?;
         self.daemon = Some(child);
         self.cri = Some(self.wait_ready().await?);
         Ok(())
@@ -520,6 +602,64 @@ impl Drop for TestEnv {
     }
 }
 
+/// Where test roots are made: `$CRISP_E2E_TMPDIR`, else /var/tmp.
+pub fn base_dir() -> PathBuf {
+    std::env::var_os("CRISP_E2E_TMPDIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| "/var/tmp".into())
+}
+
+/// Tears down every env under `base` whose owning test process is gone without running
+/// `Drop` (killed by a timeout, SIGKILL, abort). Ownership is the flock on `owner.lock`:
+/// it is free exactly when the owner is dead, and holding it keeps two sweepers apart.
+/// Returns each swept root with what its teardown still found.
+pub fn sweep_stale(base: &Path) -> Vec<(PathBuf, Vec<String>)> {
+    let mut swept = Vec::new();
+    let Ok(rd) = std::fs::read_dir(base) else {
+        return swept;
+    };
+    for e in rd.flatten() {
+        let root = e.path();
+        let named = e.file_name().to_string_lossy().starts_with("crisp-e2e-");
+        if !named || !root.join(RECORD).is_file() {
+            continue;
+        }
+        // Open without creating: a root still being made has no lock file yet; skip it.
+        let Ok(lock) = File::open(root.join(OWNER_LOCK)) else {
+            continue;
+        };
+        // SAFETY: flock on a valid, owned fd.
+        if unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+            continue; // alive, or another sweeper has it
+        }
+        let leaks = match TestEnv::from_record(&root) {
+            Ok(mut env) => {
+                env.owner = Some(lock);
+                env.keep_log_on_panic = false;
+                env.teardown_blocking()
+            }
+            Err(e) => vec![format!("unreadable record: {e:#}")],
+        };
+        if !leaks.is_empty() {
+            eprintln!(
+                "crisp-e2e: sweeping stale {} left {leaks:#?}",
+                root.display()
+            );
+        }
+        swept.push((root, leaks));
+    }
+    swept
+}
+
+/// The footprint of an env whose owner is gone, read from its record (tests of the sweeper
+/// take it before sweeping, to check afterwards that all of it went).
+pub fn stale_footprint(root: &Path) -> Result<Footprint> {
+    let mut env = TestEnv::from_record(root)?;
+    let fp = env.footprint();
+    env.torn_down = true; // only looked at: dropping it must not tear anything down
+    Ok(fp)
+}
+
 /// Stops and removes every pod the daemon knows (all are ours: the daemon is private).
 async fn remove_all_pods(cri: &CriClient) {
     let Ok(Ok(pods)) = tokio::time::timeout(Duration::from_secs(10), cri.list_pods()).await else {
@@ -709,7 +849,7 @@ impl Network {
             {
                 continue;
             }
-            let path = PathBuf::from(format!("{LOCK_DIR}/subnet-10.{b}.{c}.lock"));
+            let path = subnet_lock_path(&format!("10.{b}.{c}.0/24"));
             let Some(file) = try_lock(&path)? else {
                 continue;
             };
@@ -765,11 +905,22 @@ impl Network {
     /// Gives the subnet back. The lock file is unlinked while still locked, so a racing
     /// test that opened the old inode notices (see `try_lock`).
     fn release(mut self) {
-        if let Some((file, path)) = self.lock.take() {
+        // A sweeper does not hold the lock of the dead owner: take it first (it is free
+        // once the owner died), so the unlink cannot race a test that just locked it.
+        let lock = self.lock.take().or_else(|| {
+            let path = subnet_lock_path(&self.subnet);
+            try_lock(&path).ok().flatten().map(|f| (f, path))
+        });
+        if let Some((file, path)) = lock {
             let _ = std::fs::remove_file(&path);
             drop(file);
         }
     }
+}
+
+fn subnet_lock_path(subnet: &str) -> PathBuf {
+    let net = subnet.trim_end_matches(".0/24");
+    PathBuf::from(format!("{LOCK_DIR}/subnet-{net}.lock"))
 }
 
 /// Creates `crb<6 hex>` with `gateway`/24 on it, up.
@@ -845,7 +996,6 @@ fn overlaps(a: u32, alen: u8, b: u32, blen: u8) -> bool {
 /// Rechecks the inode after locking: a holder that released meanwhile unlinked the file,
 /// and a lock on an unlinked inode protects nothing.
 fn try_lock(path: &Path) -> Result<Option<File>> {
-    use std::os::fd::AsRawFd;
     for _ in 0..5 {
         let f = File::options()
             .create(true)

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use anyhow::{Context, Result, ensure};
 use crisp_e2e::cri::container_config;
-use crisp_e2e::harness::{RuntimeKind, TestEnv};
+use crisp_e2e::harness::{self, RuntimeKind, TestEnv};
 use crisp_e2e::leaks::{self, Footprint};
 use crisp_e2e::registry::Registry;
 use crisp_proto::cri::v1::ContainerState;
@@ -125,6 +125,75 @@ async fn cleanup_after_daemon_crash(kind: RuntimeKind) -> Result<()> {
     Ok(())
 }
 
+/// The helper for `cleanup_after_kill`, run in a child process: a busy pod, then it writes
+/// its root to `$CRISP_E2E_VICTIM_OUT` and waits to be SIGKILLed, so no `Drop` runs.
+async fn victim(kind: RuntimeKind) -> Result<()> {
+    let out = std::env::var_os("CRISP_E2E_VICTIM_OUT")
+        .context("victim runs only as the child of cleanup_after_kill")?;
+    let mirror = std::env::var("CRISP_E2E_VICTIM_MIRROR").context("CRISP_E2E_VICTIM_MIRROR")?;
+    let env = TestEnv::start(kind, &mirror).await?;
+    busy_pod(&env).await?;
+    std::fs::write(&out, env.root.to_string_lossy().as_bytes())?;
+    tokio::time::sleep(Duration::from_secs(600)).await;
+    Ok(())
+}
+
+/// A test process killed outright (nextest's timeout, SIGKILL) runs no `Drop`: the next
+/// env's start sweeps what it left, found through the record and the owner lock.
+async fn cleanup_after_kill(kind: RuntimeKind, victim_name: &str) -> Result<()> {
+    let registry = Registry::start()?;
+    registry.push(&["busybox", "pause"])?;
+    let dir = tempfile::tempdir()?;
+    let out = dir.path().join("root");
+    let mut child = std::process::Command::new(std::env::current_exe()?)
+        .args([victim_name, "--exact", "--ignored", "--nocapture"])
+        .env("CRISP_E2E_VICTIM_OUT", &out)
+        .env("CRISP_E2E_VICTIM_MIRROR", registry.host())
+        .stdout(std::process::Stdio::null())
+        .spawn()?;
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    let root = loop {
+        if let Ok(r) = std::fs::read_to_string(&out)
+            && !r.is_empty()
+        {
+            break std::path::PathBuf::from(r);
+        }
+        if let Some(st) = child.try_wait()? {
+            anyhow::bail!("victim exited early ({st}) without reporting its root");
+        }
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            anyhow::bail!("victim did not report its root within 60 s");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    // Read the record while the victim still holds it: a test starting elsewhere may sweep
+    // it the moment the victim dies.
+    let fp = harness::stale_footprint(&root)?;
+    child.kill()?; // SIGKILL
+    child.wait()?;
+    ensure!(
+        fp.processes.iter().any(|p| p.alive()),
+        "{kind}: nothing of the killed test is running, the sweep would prove nothing: {:?}",
+        fp.processes
+    );
+    let swept = harness::sweep_stale(&harness::base_dir());
+    if !swept.iter().any(|(r, _)| *r == root) {
+        // Another test's start-up swept it first: give that sweep time to finish.
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        while !leaks::check(&fp).is_empty() && std::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+    let leaks = leaks::check(&fp);
+    ensure!(
+        leaks.is_empty(),
+        "{kind}: after sweeping a killed test, left {leaks:#?}"
+    );
+    Ok(())
+}
+
 macro_rules! per_runtime {
     ($($prefix:ident => $kind:expr),* $(,)?) => {$(
         mod $prefix {
@@ -138,6 +207,17 @@ macro_rules! per_runtime {
             #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
             async fn cleanup_after_daemon_crash() -> Result<()> {
                 super::cleanup_after_daemon_crash($kind).await
+            }
+
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn cleanup_after_kill() -> Result<()> {
+                super::cleanup_after_kill($kind, concat!(stringify!($prefix), "::victim")).await
+            }
+
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            #[ignore = "helper process of cleanup_after_kill, not a test on its own"]
+            async fn victim() -> Result<()> {
+                super::victim($kind).await
             }
         }
     )*};
@@ -153,7 +233,10 @@ per_runtime! {
 async fn crispd_starts_and_tears_down() -> Result<()> {
     let env = TestEnv::builder(RuntimeKind::Crispd).start().await?;
     let v = env.cri().version().await?;
-    ensure!(!v.runtime_name.is_empty(), "crispd Version has no runtime name: {v:?}");
+    ensure!(
+        !v.runtime_name.is_empty(),
+        "crispd Version has no runtime name: {v:?}"
+    );
     let leaks = env.teardown().await;
     ensure!(leaks.is_empty(), "crispd: teardown left {leaks:#?}");
     Ok(())
