@@ -387,3 +387,63 @@ async fn cri_adapter_calls() {
     assert_eq!(e.kind(), Kind::InvalidArgument);
     assert_eq!(adapter::list_images(&env.images, &cri::ListImagesRequest::default()).unwrap().images.len(), 1);
 }
+
+/// Child half of `killed_pull_is_completed_by_the_next_one`: pulls `large` into the roots
+/// the parent names, until the parent kills it. Does nothing when run on its own.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn child_pull_until_killed() {
+    let (Some(root), Some(mirror)) = (std::env::var_os("CRISP_IMAGE_CHILD_ROOT"), std::env::var_os("CRISP_IMAGE_CHILD_MIRROR")) else {
+        return;
+    };
+    let root = PathBuf::from(root);
+    let certs = root.join("certs.d/_default");
+    std::fs::create_dir_all(&certs).unwrap();
+    std::fs::write(certs.join("hosts.toml"), format!("[host.\"http://{}\"]\n", mirror.to_string_lossy())).unwrap();
+    let snap = Arc::new(Snapshotter::open(&root.join("snapshotter"), Default::default()).unwrap());
+    let images = Images::open(&root.join("images"), snap, Config { hosts_dir: Some(root.join("certs.d")), ..Default::default() }).unwrap();
+    let _ = images.pull("large", None).await;
+    tokio::time::sleep(Duration::from_secs(600)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn killed_pull_is_completed_by_the_next_one() {
+    let reg = Registry::start().unwrap();
+    reg.push(&["large"]).unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path().to_path_buf();
+    let mut child = std::process::Command::new(std::env::current_exe().unwrap())
+        .args(["--exact", "child_pull_until_killed", "--nocapture"])
+        .env("CRISP_IMAGE_CHILD_ROOT", &root)
+        .env("CRISP_IMAGE_CHILD_MIRROR", reg.host())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    // Kill it once the big layer is well under way (its ingest file is growing).
+    let ingest = root.join("images/content/ingest");
+    let t0 = Instant::now();
+    loop {
+        let grown = std::fs::read_dir(&ingest)
+            .map(|d| d.flatten().any(|e| e.metadata().map(|m| m.len() > 20 << 20).unwrap_or(false)))
+            .unwrap_or(false);
+        if grown {
+            break;
+        }
+        assert!(t0.elapsed() < Duration::from_secs(60), "child pull never got under way");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    child.kill().unwrap();
+    child.wait().unwrap();
+
+    let snap = Arc::new(Snapshotter::open(&root.join("snapshotter"), Default::default()).unwrap());
+    let images = Images::open(&root.join("images"), snap.clone(), Config { hosts_dir: Some(root.join("certs.d")), ..Default::default() }).unwrap();
+    // Open cleared the partial download and the half-built snapshot.
+    assert_eq!(dir_count(&ingest), 0);
+    assert!(snapshots(&snap).iter().all(|s| !s.starts_with("extract-")), "{:?}", snapshots(&snap));
+    let id = images.pull("large", None).await.unwrap();
+    let env = Env { tmp, snap, images };
+    with_rootfs(&env, id.as_str(), |r| {
+        assert_eq!(std::fs::metadata(r.join("large.bin")).unwrap().len(), 208 << 20);
+        assert!(r.join("bin/sh").exists());
+    });
+}
