@@ -10,6 +10,7 @@ pub mod cri;
 pub mod daemon;
 pub mod idmap;
 pub mod instrument;
+pub mod logs;
 pub mod netns;
 pub mod server;
 pub mod spec;

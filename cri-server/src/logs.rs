@@ -1,0 +1,372 @@
+//! Container logs in the CRI format kubelet reads:
+//! `<RFC3339Nano timestamp> <stdout|stderr> <P|F> <text>\n`, one record per line; a line longer
+//! than the maximum is cut into partial (`P`) records followed by a final (`F`) one.
+//!
+//! As in containerd's CRI plugin, the daemon (not the shim) writes these: it reads the
+//! container's stdout/stderr FIFOs and appends to the log file. kubelet rotates by renaming the
+//! file and calling ReopenContainerLog, which is [`CriLog::reopen`]. Writing never blocks the
+//! container: if the file cannot be written (directory gone, disk full), the pipe is still
+//! drained and the records are dropped with one warning.
+
+use std::fs::{File, OpenOptions};
+use std::io::{self, Write};
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use tokio::io::{AsyncRead, AsyncReadExt};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stream {
+    Stdout,
+    Stderr,
+}
+
+impl Stream {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Stdout => "stdout",
+            Self::Stderr => "stderr",
+        }
+    }
+}
+
+/// One container's log file, shared by its stdout and stderr copiers. The mutex makes each
+/// record a single write, so records from the two streams never interleave mid-line.
+#[derive(Debug)]
+pub struct CriLog {
+    path: PathBuf,
+    file: Mutex<Option<File>>,
+    max_line: usize,
+    warned: AtomicBool,
+}
+
+fn open_append(path: &Path) -> io::Result<File> {
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    // 0640, as containerd creates them: kubelet (root) reads, the world does not.
+    use std::os::unix::fs::OpenOptionsExt;
+    OpenOptions::new()
+        .create(true)
+        .append(true)
+        .mode(0o640)
+        .open(path)
+}
+
+impl CriLog {
+    pub fn open(path: &Path, max_line: usize) -> io::Result<Self> {
+        let f = open_append(path)?;
+        Ok(Self {
+            path: path.to_path_buf(),
+            file: Mutex::new(Some(f)),
+            max_line: max_line.max(1),
+            warned: AtomicBool::new(false),
+        })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    pub fn max_line(&self) -> usize {
+        self.max_line
+    }
+
+    /// Open the path again (kubelet renamed the old file away). Records already written stay
+    /// in the old file; new ones go to the new one.
+    pub fn reopen(&self) -> io::Result<()> {
+        let f = open_append(&self.path)?;
+        let mut g = self.file.lock().unwrap_or_else(|p| p.into_inner());
+        *g = Some(f);
+        self.warned.store(false, Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// Stop writing (container removed); later records are dropped.
+    pub fn close(&self) {
+        let mut g = self.file.lock().unwrap_or_else(|p| p.into_inner());
+        *g = None;
+    }
+
+    /// Write one record, stamped now.
+    pub fn write_record(&self, stream: Stream, partial: bool, text: &[u8]) -> io::Result<()> {
+        self.write_record_at(SystemTime::now(), stream, partial, text)
+    }
+
+    pub fn write_record_at(
+        &self,
+        at: SystemTime,
+        stream: Stream,
+        partial: bool,
+        text: &[u8],
+    ) -> io::Result<()> {
+        let mut rec = Vec::with_capacity(text.len() + 48);
+        rec.extend_from_slice(format_timestamp(at).as_bytes());
+        rec.push(b' ');
+        rec.extend_from_slice(stream.as_str().as_bytes());
+        rec.extend_from_slice(if partial { b" P " } else { b" F " });
+        rec.extend_from_slice(text);
+        rec.push(b'\n');
+        let mut g = self.file.lock().unwrap_or_else(|p| p.into_inner());
+        match g.as_mut() {
+            Some(f) => f.write_all(&rec),
+            None => Ok(()),
+        }
+    }
+
+    fn warn_once(&self, e: &io::Error) {
+        if !self.warned.swap(true, Ordering::Relaxed) {
+            tracing::warn!(path = %self.path.display(), error = %e,
+                "cannot write container log; dropping records until reopened");
+        }
+    }
+}
+
+/// Copy one stream into the log until EOF, splitting into records. Returns the number of
+/// records written (or attempted).
+pub async fn copy_stream<R: AsyncRead + Unpin>(
+    mut r: R,
+    stream: Stream,
+    log: &CriLog,
+) -> io::Result<u64> {
+    let max = log.max_line;
+    let mut buf: Vec<u8> = Vec::with_capacity(max.min(64 * 1024) + 1);
+    let mut chunk = vec![0u8; 32 * 1024];
+    let mut records = 0u64;
+    let emit = |partial: bool, text: &[u8], records: &mut u64| {
+        *records += 1;
+        if let Err(e) = log.write_record(stream, partial, text) {
+            log.warn_once(&e);
+        }
+    };
+    loop {
+        let n = r.read(&mut chunk).await?;
+        if n == 0 {
+            break;
+        }
+        buf.extend_from_slice(&chunk[..n]);
+        let mut start = 0;
+        loop {
+            let rest = &buf[start..];
+            match rest.iter().position(|&b| b == b'\n') {
+                Some(i) if i <= max => {
+                    emit(false, &rest[..i], &mut records);
+                    start += i + 1;
+                }
+                _ if rest.len() >= max => {
+                    // No newline within the limit: a partial record of exactly `max` bytes.
+                    emit(true, &rest[..max], &mut records);
+                    start += max;
+                }
+                _ => break,
+            }
+        }
+        buf.drain(..start);
+    }
+    if !buf.is_empty() {
+        // The stream ended without a newline: the last line is still complete.
+        emit(false, &buf, &mut records);
+    }
+    Ok(records)
+}
+
+/// `2006-01-02T15:04:05.000000000Z`: RFC 3339 with nanoseconds, UTC, fixed width (the format
+/// containerd writes; kubelet parses it with RFC3339Nano).
+pub fn format_timestamp(t: SystemTime) -> String {
+    let d = t.duration_since(UNIX_EPOCH).unwrap_or_default();
+    let secs = d.as_secs() as i64;
+    let (days, sod) = (secs.div_euclid(86_400), secs.rem_euclid(86_400));
+    let (y, m, dd) = civil_from_days(days);
+    format!(
+        "{y:04}-{m:02}-{dd:02}T{:02}:{:02}:{:02}.{:09}Z",
+        sod / 3600,
+        (sod / 60) % 60,
+        sod % 60,
+        d.subsec_nanos()
+    )
+}
+
+/// Days since 1970-01-01 → (year, month, day), Howard Hinnant's algorithm.
+fn civil_from_days(z: i64) -> (i64, u32, u32) {
+    let z = z + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let y = yoe + era * 400;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = (doy - (153 * mp + 2) / 5 + 1) as u32;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
+    (if m <= 2 { y + 1 } else { y }, m, d)
+}
+
+/// A parsed record: (timestamp, stream, partial, text). For tests and log readers.
+pub fn parse_record(line: &str) -> Option<(&str, &str, bool, &str)> {
+    let mut it = line.splitn(4, ' ');
+    let ts = it.next()?;
+    let stream = it.next()?;
+    let tag = it.next()?;
+    let text = it.next().unwrap_or("");
+    let partial = match tag {
+        "P" => true,
+        "F" => false,
+        _ => return None,
+    };
+    Some((ts, stream, partial, text))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    fn records(path: &Path) -> Vec<(String, bool, String)> {
+        std::fs::read_to_string(path)
+            .expect("read log")
+            .lines()
+            .map(|l| {
+                let (_, s, p, t) = parse_record(l).expect("well-formed record");
+                (s.to_string(), p, t.to_string())
+            })
+            .collect()
+    }
+
+    #[test]
+    fn timestamps_are_rfc3339_nano_utc() {
+        assert_eq!(
+            format_timestamp(UNIX_EPOCH),
+            "1970-01-01T00:00:00.000000000Z"
+        );
+        let t = UNIX_EPOCH + Duration::new(1_700_000_000, 123_456_789);
+        assert_eq!(format_timestamp(t), "2023-11-14T22:13:20.123456789Z");
+        // A leap day.
+        let t = UNIX_EPOCH + Duration::from_secs(951_782_400);
+        assert_eq!(format_timestamp(t), "2000-02-29T00:00:00.000000000Z");
+        let t = UNIX_EPOCH + Duration::new(4_102_444_799, 5);
+        assert_eq!(format_timestamp(t), "2099-12-31T23:59:59.000000005Z");
+    }
+
+    #[tokio::test]
+    async fn lines_become_full_records() {
+        let d = tempfile::tempdir().expect("tempdir");
+        let log = CriLog::open(&d.path().join("pod/ctr/0.log"), 16 * 1024).expect("open");
+        let n = copy_stream(
+            &b"hello\nworld\n\nlast without newline"[..],
+            Stream::Stdout,
+            &log,
+        )
+        .await
+        .expect("copy");
+        assert_eq!(n, 4);
+        assert_eq!(
+            records(log.path()),
+            vec![
+                ("stdout".into(), false, "hello".into()),
+                ("stdout".into(), false, "world".into()),
+                ("stdout".into(), false, "".into()),
+                ("stdout".into(), false, "last without newline".into()),
+            ]
+        );
+    }
+
+    #[tokio::test]
+    async fn long_lines_split_into_partials() {
+        let d = tempfile::tempdir().expect("tempdir");
+        let log = CriLog::open(&d.path().join("0.log"), 10).expect("open");
+        let input = b"0123456789abcdefghijXYZ\nshort\n0123456789\n";
+        copy_stream(&input[..], Stream::Stderr, &log)
+            .await
+            .expect("copy");
+        assert_eq!(
+            records(log.path()),
+            vec![
+                ("stderr".into(), true, "0123456789".into()),
+                ("stderr".into(), true, "abcdefghij".into()),
+                ("stderr".into(), false, "XYZ".into()),
+                ("stderr".into(), false, "short".into()),
+                ("stderr".into(), false, "0123456789".into()),
+            ]
+        );
+    }
+
+    #[tokio::test]
+    async fn sixteen_kib_default_and_reassembly() {
+        let d = tempfile::tempdir().expect("tempdir");
+        let log = CriLog::open(&d.path().join("0.log"), 16 * 1024).expect("open");
+        let line = "x".repeat(40_000);
+        copy_stream(format!("{line}\n").as_bytes(), Stream::Stdout, &log)
+            .await
+            .expect("copy");
+        let recs = records(log.path());
+        assert_eq!(recs.len(), 3);
+        assert!(recs[0].1 && recs[1].1 && !recs[2].1);
+        assert_eq!(recs[0].2.len(), 16 * 1024);
+        let joined: String = recs.iter().map(|r| r.2.as_str()).collect();
+        assert_eq!(joined, line);
+    }
+
+    /// Input arriving in small pieces (as from a pipe) gives the same records.
+    #[tokio::test]
+    async fn chunked_input() {
+        let d = tempfile::tempdir().expect("tempdir");
+        let log = CriLog::open(&d.path().join("0.log"), 8).expect("open");
+        let (mut w, r) = tokio::io::duplex(3);
+        let writer = tokio::spawn(async move {
+            use tokio::io::AsyncWriteExt;
+            for piece in [&b"ab"[..], b"c\nde", b"fghijkl", b"m\n", b"tail"] {
+                w.write_all(piece).await.expect("write");
+            }
+        });
+        copy_stream(r, Stream::Stdout, &log).await.expect("copy");
+        writer.await.expect("writer");
+        assert_eq!(
+            records(log.path()),
+            vec![
+                ("stdout".into(), false, "abc".into()),
+                ("stdout".into(), true, "defghijk".into()),
+                ("stdout".into(), false, "lm".into()),
+                ("stdout".into(), false, "tail".into()),
+            ]
+        );
+    }
+
+    #[tokio::test]
+    async fn reopen_after_rotation_and_close() {
+        let d = tempfile::tempdir().expect("tempdir");
+        let path = d.path().join("0.log");
+        let log = CriLog::open(&path, 1024).expect("open");
+        log.write_record(Stream::Stdout, false, b"before")
+            .expect("write");
+        std::fs::rename(&path, d.path().join("0.log.1")).expect("rotate");
+        log.write_record(Stream::Stdout, false, b"still old file")
+            .expect("write");
+        log.reopen().expect("reopen");
+        log.write_record(Stream::Stderr, false, b"after")
+            .expect("write");
+        assert_eq!(
+            records(&path),
+            vec![("stderr".into(), false, "after".into())]
+        );
+        assert_eq!(records(&d.path().join("0.log.1")).len(), 2);
+        log.close();
+        log.write_record(Stream::Stdout, false, b"dropped")
+            .expect("no error after close");
+        assert_eq!(records(&path).len(), 1);
+    }
+
+    #[test]
+    fn parse_rejects_bad_tags() {
+        assert!(parse_record("2023-01-01T00:00:00.000000000Z stdout X hi").is_none());
+        assert_eq!(
+            parse_record("2023-01-01T00:00:00.000000000Z stdout F hi there"),
+            Some((
+                "2023-01-01T00:00:00.000000000Z",
+                "stdout",
+                false,
+                "hi there"
+            ))
+        );
+    }
+}
