@@ -470,7 +470,8 @@ impl TestEnv {
     }
 
     /// Whether a panic keeps the daemon log (under /var/tmp/crisp-e2e-logs); on by default,
-    /// off for tests that panic on purpose. Leaks always keep it.
+    /// off for tests that panic on purpose. Leaks always keep it, and so does
+    /// `CRISP_E2E_KEEP_LOGS=1`.
     pub fn keep_log_on_panic(&mut self, keep: bool) {
         self.keep_log_on_panic = keep;
     }
@@ -529,7 +530,9 @@ impl TestEnv {
             .into_iter()
             .filter(|l| !l.starts_with("test root"))
             .collect();
-        if !before.is_empty() || (std::thread::panicking() && self.keep_log_on_panic) {
+        let keep_always = std::env::var_os("CRISP_E2E_KEEP_LOGS").is_some_and(|v| v == "1");
+        if !before.is_empty() || keep_always || (std::thread::panicking() && self.keep_log_on_panic)
+        {
             self.keep_daemon_log();
         }
         let removal = remove_tree(&self.root);
