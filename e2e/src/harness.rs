@@ -432,7 +432,7 @@ impl TestEnv {
     pub fn footprint(&self) -> Footprint {
         let mut procs = self.seen.clone();
         let mut outside = Vec::new();
-        scan_runtime_files(&self.root, &mut procs, &mut outside);
+        scan_runtime_files(&self.root, &self.cgroup_parent, &mut procs, &mut outside);
         // With the trailing slash, a root that is a prefix of another test's root never matches.
         let root_str = format!("{}/", self.root.display());
         for pid in leaks::processes_mentioning(&root_str) {
@@ -674,10 +674,16 @@ async fn remove_all_pods(cri: &CriClient) {
     }
 }
 
-/// Walks `root` (not crossing mounts) for pid files (containerd's `shim.pid`, `init.pid`,
-/// and any other `*.pid`) and `address` files naming sockets outside the root (containerd
-/// 1.6 puts shim sockets in /run/containerd/s/<hash of our socket path>).
-fn scan_runtime_files(root: &Path, procs: &mut Vec<ProcRef>, outside: &mut Vec<PathBuf>) {
+/// Walks `root` (not crossing mounts) for pid files (containerd's `init.pid`, any other
+/// `*.pid`) of processes that are ours, and `address` files naming shim sockets outside the
+/// root (containerd 1.6 puts them in /run/containerd/s/<hash of our socket path>).
+fn scan_runtime_files(
+    root: &Path,
+    cgroup_parent: &str,
+    procs: &mut Vec<ProcRef>,
+    outside: &mut Vec<PathBuf>,
+) {
+    let root_str = format!("{}/", root.display());
     let Ok(dev) = std::fs::symlink_metadata(root).map(|m| m.dev()) else {
         return;
     };
@@ -702,9 +708,12 @@ fn scan_runtime_files(root: &Path, procs: &mut Vec<ProcRef>, outside: &mut Vec<P
                     let pid = std::fs::read_to_string(&path)
                         .ok()
                         .and_then(|s| s.trim().parse::<i32>().ok());
+                    // Image content under the root can hold any `*.pid` file: a pid counts only
+                    // if the process is in our cgroups or names our root (a shim).
                     if let Some(pid) = pid
                         && pid > 1
                         && !procs.iter().any(|p| p.pid == pid)
+                        && leaks::process_is_ours(pid, &root_str, cgroup_parent)
                     {
                         procs.extend(ProcRef::of(pid, format!("pid file {}", path.display())));
                     }
@@ -713,13 +722,23 @@ fn scan_runtime_files(root: &Path, procs: &mut Vec<ProcRef>, outside: &mut Vec<P
                 {
                     let s = s.trim();
                     let p = PathBuf::from(s.strip_prefix("unix://").unwrap_or(s));
-                    if p.is_absolute() && !p.starts_with(root) && !outside.contains(&p) {
+                    // Only containerd's shim socket dir: an `address` file in image content
+                    // must never make us delete an arbitrary host file.
+                    if is_shim_socket(&p) && !outside.contains(&p) {
                         outside.push(p);
                     }
                 }
             }
         }
     }
+}
+
+/// `/run/containerd/s/<64 hex>`: where containerd 1.6 shims listen.
+fn is_shim_socket(p: &Path) -> bool {
+    p.parent() == Some(Path::new("/run/containerd/s"))
+        && p.file_name()
+            .and_then(|n| n.to_str())
+            .is_some_and(|n| n.len() == 64 && n.bytes().all(|b| b.is_ascii_hexdigit()))
 }
 
 /// SIGTERM, then SIGKILL after `grace`; always reaps.

@@ -181,6 +181,21 @@ pub fn processes_mentioning(needle: &str) -> Vec<i32> {
         .collect()
 }
 
+/// Whether `pid` belongs to a test env: it sits in a cgroup at or below `cgroup_parent`
+/// (a container), or its command line names a path under `root_slash` (a daemon or shim).
+pub fn process_is_ours(pid: i32, root_slash: &str, cgroup_parent: &str) -> bool {
+    let in_cgroup = !cgroup_parent.trim_matches('/').is_empty()
+        && std::fs::read_to_string(format!("/proc/{pid}/cgroup")).is_ok_and(|c| {
+            c.lines().any(|l| {
+                let path = l.splitn(3, ':').nth(2).unwrap_or("");
+                path == cgroup_parent || path.starts_with(&format!("{cgroup_parent}/"))
+            })
+        });
+    in_cgroup
+        || std::fs::read(format!("/proc/{pid}/cmdline"))
+            .is_ok_and(|c| String::from_utf8_lossy(&c).contains(root_slash))
+}
+
 pub fn link_exists(name: &str) -> bool {
     !name.is_empty() && Path::new("/sys/class/net").join(name).exists()
 }
@@ -264,6 +279,17 @@ mod tests {
             ..me
         };
         assert!(!stale.alive());
+    }
+
+    #[test]
+    fn a_stranger_is_not_ours() {
+        let me = std::process::id() as i32;
+        assert!(!process_is_ours(
+            me,
+            "/nonexistent-crisp-root/",
+            "/crisp-e2e-nothere"
+        ));
+        assert!(!process_is_ours(me, "/nonexistent-crisp-root/", "/"));
     }
 
     #[test]
