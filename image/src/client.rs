@@ -256,12 +256,11 @@ impl RegistryClient {
                 }
             };
             let got = Digest::of(&body);
-            if let Some(want) = &by_digest {
-                if &got != want {
+            if let Some(want) = &by_digest
+                && &got != want {
                     errors.push(Error::data_loss(format!("{} served manifest {want} with digest {got}", host.display())));
                     continue;
                 }
-            }
             return Ok((body, ct, got));
         }
         Err(summarise(errors, &format!("manifest {object} of {}", self.reference.name())))
@@ -299,11 +298,10 @@ impl RegistryClient {
         let host = &self.hosts[idx].0;
         let url = self.url(host, &format!("/blobs/{digest}"));
         let mut h = HeaderMap::new();
-        if offset > 0 {
-            if let Ok(v) = HeaderValue::from_str(&format!("bytes={offset}-")) {
+        if offset > 0
+            && let Ok(v) = HeaderValue::from_str(&format!("bytes={offset}-")) {
                 h.insert(header::RANGE, v);
             }
-        }
         let resp = self.get(idx, &url, h, None).await?;
         let status = resp.status();
         if status == StatusCode::OK || status == StatusCode::PARTIAL_CONTENT {

@@ -165,15 +165,14 @@ impl IngestWriter {
     pub async fn commit(mut self, expected_size: Option<u64>) -> Result<u64> {
         self.flush().await?;
         let got = Digest::from_sha256(&std::mem::take(&mut self.hasher).finalize());
-        if let Some(sz) = expected_size {
-            if sz != self.written {
+        if let Some(sz) = expected_size
+            && sz != self.written {
                 let e = Error::data_loss(format!(
                     "blob {}: received {} bytes, the manifest says {sz}",
                     self.ingest.digest, self.written
                 ));
                 return Err(self.fail(e));
             }
-        }
         if got != self.ingest.digest {
             let e = Error::data_loss(format!("blob {}: content has digest {got}", self.ingest.digest));
             return Err(self.fail(e));
@@ -359,11 +358,10 @@ impl ContentStore {
         let rd = std::fs::read_dir(&dir).map_err(|e| Error::io(format!("listing {}", dir.display()), e))?;
         let mut out = Vec::new();
         for e in rd.flatten() {
-            if let Some(name) = e.file_name().to_str() {
-                if let Ok(d) = Digest::parse(&format!("sha256:{name}")) {
+            if let Some(name) = e.file_name().to_str()
+                && let Ok(d) = Digest::parse(&format!("sha256:{name}")) {
                     out.push(d);
                 }
-            }
         }
         Ok(out)
     }

@@ -255,11 +255,10 @@ impl Inner {
         if name.is_empty() {
             return Err(Error::invalid("image name is empty"));
         }
-        if let Some(id) = parse_image_id(name) {
-            if let Some(r) = self.store.get(&id)? {
+        if let Some(id) = parse_image_id(name)
+            && let Some(r) = self.store.get(&id)? {
                 return Ok(Some(r));
             }
-        }
         let all = self.store.list()?;
         // A short id prefix, as `crictl rmi 1a2b3c` passes.
         if name.len() >= 12 && name.bytes().all(|b| b.is_ascii_hexdigit()) {
@@ -372,15 +371,14 @@ impl Inner {
         let repo_digest = r.with_digest(&top);
 
         // Already present: one manifest request and done.
-        if let Some(rec) = self.store.list()?.into_iter().find(|i| i.repo_digests.contains(&repo_digest)) {
-            if rec.chain_ids.last().is_none_or(|c| self.snapshot_exists(c)) {
+        if let Some(rec) = self.store.list()?.into_iter().find(|i| i.repo_digests.contains(&repo_digest))
+            && rec.chain_ids.last().is_none_or(|c| self.snapshot_exists(c)) {
                 tracing::info!(id = %rec.id, "image already present");
                 let mut update = rec.clone();
                 update.repo_tags = r.tagged().into_iter().collect();
                 update.repo_digests = vec![repo_digest];
                 return Ok(self.store.upsert(update)?.id);
             }
-        }
 
         self.content.put(&top, &body).await?;
         let (manifest_digest, manifest_body, index_digest) = match manifest::parse(&body, &ct, &r.object())? {
@@ -565,11 +563,10 @@ impl Inner {
                 Err(e) => Err(snap_err(format!("committing snapshot {name}"), e)),
             }
         })();
-        if res.is_err() {
-            if let Err(e) = self.snapshotter.remove(&key) {
+        if res.is_err()
+            && let Err(e) = self.snapshotter.remove(&key) {
                 tracing::warn!(snapshot = %key, error = %e, "removing the half-built snapshot failed");
             }
-        }
         res
     }
 
@@ -654,11 +651,10 @@ async fn download(client: &RegistryClient, mut w: IngestWriter, layer: &Descript
                         chunk = chunk.slice(n..);
                     }
                     window_bytes += chunk.len() as u64;
-                    if !chunk.is_empty() {
-                        if let Err(e) = w.write(&chunk).await {
+                    if !chunk.is_empty()
+                        && let Err(e) = w.write(&chunk).await {
                             return Err(w.fail(e));
                         }
-                    }
                     if tokio::time::Instant::now() >= deadline {
                         if window_bytes < min_bytes {
                             break Err(Interrupted::Stalled { rate: window_bytes * 1000 / window.as_millis().max(1) as u64 });

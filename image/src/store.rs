@@ -106,11 +106,10 @@ impl ImageStore {
                 if k.value() == rec.id.as_str() {
                     continue;
                 }
-                if let Ok(o) = serde_json::from_slice::<ImageRecord>(v.value()) {
-                    if o.repo_tags.iter().any(|t| rec.repo_tags.contains(t)) {
+                if let Ok(o) = serde_json::from_slice::<ImageRecord>(v.value())
+                    && o.repo_tags.iter().any(|t| rec.repo_tags.contains(t)) {
                         others.push(o);
                     }
-                }
             }
             for mut o in others {
                 o.repo_tags.retain(|t| !rec.repo_tags.contains(t));

@@ -128,11 +128,10 @@ impl<R: Read> TarGuard<R> {
                 }
                 self.skip -= n as u64;
                 data = &data[n..];
-                if self.skip == 0 {
-                    if let Some(p) = self.pax.take() {
+                if self.skip == 0
+                    && let Some(p) = self.pax.take() {
                         self.next_size = pax_size(&p);
                     }
-                }
                 continue;
             }
             let n = (512 - self.fill).min(data.len());
@@ -356,8 +355,8 @@ fn mtime_of<R: Read>(entry: &mut tar::Entry<'_, R>) -> (i64, i64) {
     // PAX mtime carries sub-second precision; the ustar field only seconds.
     if let Ok(Some(exts)) = entry.pax_extensions() {
         for ext in exts.flatten() {
-            if ext.key_bytes() == b"mtime" {
-                if let Ok(v) = ext.value() {
+            if ext.key_bytes() == b"mtime"
+                && let Ok(v) = ext.value() {
                     let (s, frac) = v.split_once('.').unwrap_or((v, ""));
                     if let Ok(secs) = s.parse::<i64>() {
                         let mut digits: String = frac.chars().take(9).collect();
@@ -368,7 +367,6 @@ fn mtime_of<R: Read>(entry: &mut tar::Entry<'_, R>) -> (i64, i64) {
                         return (secs, if secs < 0 && nanos > 0 { -nanos } else { nanos });
                     }
                 }
-            }
         }
     }
     (entry.header().mtime().map(|m| m as i64).unwrap_or(0), 0)
@@ -522,11 +520,10 @@ impl Applier<'_> {
                 sys::symlinkat(target.as_os_str(), parent, &name).map_err(|e| io_err("creating symlink", e))?;
                 sys::lchownat(parent, &name, uid, gid).map_err(|e| io_err("chown of symlink", e))?;
                 for (k, v) in &xattrs {
-                    if let Err(e) = sys::lsetxattr_at(parent, &name, k, v) {
-                        if e.raw_os_error() != Some(libc::ENOTSUP) && e.raw_os_error() != Some(libc::EPERM) {
+                    if let Err(e) = sys::lsetxattr_at(parent, &name, k, v)
+                        && e.raw_os_error() != Some(libc::ENOTSUP) && e.raw_os_error() != Some(libc::EPERM) {
                             return Err(io_err(format!("setting xattr {k:?} on symlink"), e));
                         }
-                    }
                 }
                 sys::lutimensat(parent, &name, times.0, times.1).map_err(|e| io_err("setting times", e))?;
             }
@@ -616,11 +613,11 @@ fn remove_existing(parent: BorrowedFd<'_>, name: &OsStr, is_dir: bool) -> Result
         Ok(()) => Ok(()),
         Err(e) if e.raw_os_error() == Some(libc::ENOENT) => Ok(()),
         Err(e) if e.raw_os_error() == Some(libc::EISDIR) => {
-            sys::unlinkat(parent, name, true).or_else(|e| {
+            sys::unlinkat(parent, name, true).map_err(|e| {
                 if e.raw_os_error() == Some(libc::ENOTEMPTY) {
-                    Err(Error::precondition("entry would replace a non-empty directory"))
+                    Error::precondition("entry would replace a non-empty directory")
                 } else {
-                    Err(io_err("removing existing directory", e))
+                    io_err("removing existing directory", e)
                 }
             })
         }
