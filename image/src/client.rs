@@ -387,4 +387,96 @@ mod tests {
         assert_eq!(a.basic(), Some(("u".into(), "p:w".into())));
         assert_eq!(urlencode("repository:a/b:pull"), "repository%3Aa%2Fb%3Apull");
     }
+
+    /// A registry that wants a Bearer token from its token endpoint, which wants Basic
+    /// credentials "u:p"; or, with `basic_only`, Basic credentials on the registry itself.
+    async fn mock_registry(basic_only: bool) -> (String, std::sync::Arc<std::sync::atomic::AtomicUsize>) {
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap().to_string();
+        let tokens = std::sync::Arc::new(AtomicUsize::new(0));
+        let (a, t) = (addr.clone(), tokens.clone());
+        tokio::spawn(async move {
+            loop {
+                let Ok((mut c, _)) = l.accept().await else { return };
+                let (addr, tokens) = (a.clone(), t.clone());
+                tokio::spawn(async move {
+                    let mut buf = vec![0u8; 8192];
+                    let mut n = 0;
+                    while !buf[..n].windows(4).any(|w| w == b"\r\n\r\n") {
+                        match c.read(&mut buf[n..]).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(m) => n += m,
+                        }
+                    }
+                    let req = String::from_utf8_lossy(&buf[..n]).to_string();
+                    let path = req.split(' ').nth(1).unwrap_or("").to_string();
+                    let auth = req
+                        .lines()
+                        .find(|l| l.to_ascii_lowercase().starts_with("authorization:"))
+                        .map(|l| l[14..].trim().to_string())
+                        .unwrap_or_default();
+                    let basic = format!("Basic {}", base64::engine::general_purpose::STANDARD.encode("u:p"));
+                    let (status, headers, body) = if path.starts_with("/token") {
+                        tokens.fetch_add(1, Ordering::SeqCst);
+                        if auth == basic && path.contains("scope=repository%3Alib%2Fapp%3Apull") {
+                            ("200 OK", String::new(), r#"{"token":"tok"}"#.to_string())
+                        } else {
+                            ("401 Unauthorized", String::new(), String::new())
+                        }
+                    } else if (basic_only && auth == basic) || (!basic_only && auth == "Bearer tok") {
+                        ("200 OK", "Content-Type: application/vnd.oci.image.index.v1+json\r\n".to_string(), r#"{"manifests":[]}"#.to_string())
+                    } else if basic_only {
+                        ("401 Unauthorized", "WWW-Authenticate: Basic realm=\"reg\"\r\n".to_string(), String::new())
+                    } else {
+                        (
+                            "401 Unauthorized",
+                            format!("WWW-Authenticate: Bearer realm=\"http://{addr}/token\",service=\"reg\",scope=\"repository:lib/app:pull\"\r\n"),
+                            String::new(),
+                        )
+                    };
+                    let resp = format!("HTTP/1.1 {status}\r\n{headers}Content-Length: {}\r\nConnection: close\r\n\r\n{body}", body.len());
+                    let _ = c.write_all(resp.as_bytes()).await;
+                });
+            }
+        });
+        (addr, tokens)
+    }
+
+    fn client_for(addr: &str, auth: Auth) -> RegistryClient {
+        let r = Reference::parse(&format!("{addr}/lib/app:1")).unwrap();
+        let hosts = crate::hosts::resolve(None, &r.registry).unwrap();
+        RegistryClient::new(&r, hosts, auth).unwrap()
+    }
+
+    #[tokio::test]
+    async fn bearer_token_with_basic_credentials() {
+        let (addr, tokens) = mock_registry(false).await;
+        let good = client_for(&addr, Auth { username: "u".into(), password: "p".into(), ..Default::default() });
+        let (body, _, _) = good.manifest("1").await.unwrap();
+        assert_eq!(&body[..], br#"{"manifests":[]}"#);
+        // The token is cached: a second request needs no new one.
+        good.manifest("1").await.unwrap();
+        assert_eq!(tokens.load(std::sync::atomic::Ordering::SeqCst), 1);
+        let bad = client_for(&addr, Auth { username: "u".into(), password: "wrong".into(), ..Default::default() });
+        let e = bad.manifest("1").await.unwrap_err();
+        assert_eq!(e.kind(), Kind::Unauthenticated, "{e}");
+        assert!(e.to_string().contains("token endpoint"), "{e}");
+        // A registry token is sent as is.
+        let tok = client_for(&addr, Auth { registry_token: "tok".into(), ..Default::default() });
+        tok.manifest("1").await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn basic_challenge_uses_the_auth_field() {
+        let (addr, _) = mock_registry(true).await;
+        let auth = base64::engine::general_purpose::STANDARD.encode("u:p");
+        let c = client_for(&addr, Auth { auth, ..Default::default() });
+        c.manifest("1").await.unwrap();
+        let none = client_for(&addr, Auth::default());
+        let e = none.manifest("1").await.unwrap_err();
+        assert_eq!(e.kind(), Kind::Unauthenticated, "{e}");
+        assert!(e.to_string().contains("no credentials") || e.to_string().contains("none are configured"), "{e}");
+    }
 }
