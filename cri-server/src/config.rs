@@ -167,8 +167,9 @@ pub struct MetricsConfig {
 #[serde(default, deny_unknown_fields)]
 pub struct PullConfig {
     pub max_concurrent_downloads: usize,
-    /// A pull that makes no progress for this many seconds is cancelled.
-    pub progress_timeout_secs: u64,
+    /// A layer download slower than 1 KiB/s averaged over this many seconds counts as
+    /// stalled and is resumed (HTTP Range) on a fresh connection.
+    pub stall_window_secs: u64,
 }
 
 impl Default for Config {
@@ -245,7 +246,7 @@ impl Default for PullConfig {
     fn default() -> Self {
         Self {
             max_concurrent_downloads: 3,
-            progress_timeout_secs: 300,
+            stall_window_secs: 30,
         }
     }
 }
@@ -479,6 +480,9 @@ impl Config {
                 "must be at least 1",
             ));
         }
+        if self.pull.stall_window_secs == 0 {
+            return Err(invalid("pull.stall_window_secs", 0, "must be at least 1"));
+        }
         if self.max_container_log_line_size < 64 {
             return Err(invalid(
                 "max_container_log_line_size",
@@ -491,6 +495,25 @@ impl Config {
 
     pub fn db_path(&self) -> PathBuf {
         self.root.join("crisp.db")
+    }
+
+    pub fn snapshots_dir(&self) -> PathBuf {
+        self.root.join("snapshots")
+    }
+
+    pub fn images_dir(&self) -> PathBuf {
+        self.root.join("images")
+    }
+
+    /// The `hosts.toml` directory the image service reads: the first configured one that
+    /// exists (the image service takes one directory), else the first configured.
+    pub fn registry_hosts_dir(&self) -> Option<PathBuf> {
+        self.registry
+            .config_dirs
+            .iter()
+            .find(|d| d.is_dir())
+            .or_else(|| self.registry.config_dirs.first())
+            .cloned()
     }
 
     pub fn cni_cache_dir(&self) -> PathBuf {

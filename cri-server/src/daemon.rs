@@ -43,21 +43,46 @@ impl Conditions {
     }
 }
 
-#[derive(Debug)]
 pub struct Daemon {
     pub cfg: Arc<Config>,
     pub store: Store,
     pub cni: Arc<CniManager>,
     pub conditions: Conditions,
+    pub images: crisp_image::Images,
+    pub snapshotter: Arc<crisp_snapshotter::Snapshotter>,
+    pub idmap: crate::idmap::Allocator,
 }
 
 impl Daemon {
-    pub fn new(cfg: Arc<Config>, store: Store, cni: Arc<CniManager>) -> Self {
+    pub fn new(
+        cfg: Arc<Config>,
+        store: Store,
+        cni: Arc<CniManager>,
+        snapshotter: Arc<crisp_snapshotter::Snapshotter>,
+        images: crisp_image::Images,
+    ) -> Self {
+        let idmap = crate::idmap::Allocator::new(
+            store.clone(),
+            cfg.userns.user.clone(),
+            cfg.userns.subuid_file.clone(),
+            cfg.userns.subgid_file.clone(),
+        );
         Self {
             cfg,
             store,
             cni,
             conditions: Conditions::default(),
+            images,
+            snapshotter,
+            idmap,
         }
+    }
+}
+
+impl std::fmt::Debug for Daemon {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Daemon")
+            .field("root", &self.cfg.root)
+            .finish_non_exhaustive()
     }
 }

@@ -16,6 +16,10 @@ pub enum ErrorKind {
     /// The call is valid but the world is not ready for it (wrong state, missing CNI config).
     FailedPrecondition,
     ResourceExhausted,
+    /// A registry refused our credentials.
+    Unauthenticated,
+    /// Content arrived corrupt or truncated.
+    DataLoss,
     Unimplemented,
     Unavailable,
     DeadlineExceeded,
@@ -30,6 +34,8 @@ impl ErrorKind {
             Self::AlreadyExists => Code::AlreadyExists,
             Self::FailedPrecondition => Code::FailedPrecondition,
             Self::ResourceExhausted => Code::ResourceExhausted,
+            Self::Unauthenticated => Code::Unauthenticated,
+            Self::DataLoss => Code::DataLoss,
             Self::Unimplemented => Code::Unimplemented,
             Self::Unavailable => Code::Unavailable,
             Self::DeadlineExceeded => Code::DeadlineExceeded,
@@ -41,6 +47,22 @@ impl ErrorKind {
 /// Implemented by every module's error enum.
 pub trait HasKind {
     fn kind(&self) -> ErrorKind;
+}
+
+// The image crate has its own kinds (it knows nothing of gRPC); they map one to one.
+impl HasKind for crisp_image::Error {
+    fn kind(&self) -> ErrorKind {
+        use crisp_image::Kind;
+        match crisp_image::Error::kind(self) {
+            Kind::NotFound => ErrorKind::NotFound,
+            Kind::InvalidArgument => ErrorKind::InvalidArgument,
+            Kind::FailedPrecondition => ErrorKind::FailedPrecondition,
+            Kind::Unavailable => ErrorKind::Unavailable,
+            Kind::Unauthenticated => ErrorKind::Unauthenticated,
+            Kind::DataLoss => ErrorKind::DataLoss,
+            Kind::Internal => ErrorKind::Internal,
+        }
+    }
 }
 
 /// What a CRI call handler returns on failure: a kind and a message for the caller.
@@ -162,6 +184,8 @@ mod tests {
             AlreadyExists,
             FailedPrecondition,
             ResourceExhausted,
+            Unauthenticated,
+            DataLoss,
             Unimplemented,
             Unavailable,
             DeadlineExceeded,

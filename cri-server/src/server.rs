@@ -374,12 +374,13 @@ impl RuntimeService for Cri {
 impl ImageService for Cri {
     async fn list_images(
         &self,
-        _req: Request<pb::ListImagesRequest>,
+        req: Request<pb::ListImagesRequest>,
     ) -> Res<pb::ListImagesResponse> {
-        not_yet!(
-            "ListImages",
-            "the image service (crisp-image) is not wired into crispd yet"
-        )
+        let req = req.into_inner();
+        instrument::call(info_span!("ListImages"), async {
+            Ok(crisp_image::cri::list_images(&self.d.images, &req)?)
+        })
+        .await
     }
 
     type StreamImagesStream = BoxStream<pb::StreamImagesResponse>;
@@ -387,47 +388,66 @@ impl ImageService for Cri {
         &self,
         _req: Request<pb::StreamImagesRequest>,
     ) -> Res<Self::StreamImagesStream> {
-        not_yet!(
-            "StreamImages",
-            "the image service (crisp-image) is not wired into crispd yet"
-        )
+        not_yet!("StreamImages", "not implemented; use ListImages")
     }
 
     async fn image_status(
         &self,
-        _req: Request<pb::ImageStatusRequest>,
+        req: Request<pb::ImageStatusRequest>,
     ) -> Res<pb::ImageStatusResponse> {
-        not_yet!(
-            "ImageStatus",
-            "the image service (crisp-image) is not wired into crispd yet"
-        )
+        let req = req.into_inner();
+        let image = req
+            .image
+            .as_ref()
+            .map(|i| i.image.clone())
+            .unwrap_or_default();
+        instrument::call(info_span!("ImageStatus", %image), async {
+            Ok(crisp_image::cri::image_status(&self.d.images, &req)?)
+        })
+        .await
     }
 
-    async fn pull_image(&self, _req: Request<pb::PullImageRequest>) -> Res<pb::PullImageResponse> {
-        not_yet!(
-            "PullImage",
-            "the image service (crisp-image) is not wired into crispd yet"
-        )
+    async fn pull_image(&self, req: Request<pb::PullImageRequest>) -> Res<pb::PullImageResponse> {
+        let req = req.into_inner();
+        let image = req
+            .image
+            .as_ref()
+            .map(|i| i.image.clone())
+            .unwrap_or_default();
+        // Logged at info: pulls are slow and an operator wants to see them start and end.
+        instrument::call(info_span!("PullImage", %image), async {
+            tracing::info!("pulling");
+            let r = crisp_image::cri::pull_image(&self.d.images, &req).await?;
+            tracing::info!(image_ref = %r.image_ref, "pulled");
+            Ok(r)
+        })
+        .await
     }
 
     async fn remove_image(
         &self,
-        _req: Request<pb::RemoveImageRequest>,
+        req: Request<pb::RemoveImageRequest>,
     ) -> Res<pb::RemoveImageResponse> {
-        not_yet!(
-            "RemoveImage",
-            "the image service (crisp-image) is not wired into crispd yet"
-        )
+        let req = req.into_inner();
+        let image = req
+            .image
+            .as_ref()
+            .map(|i| i.image.clone())
+            .unwrap_or_default();
+        instrument::call(info_span!("RemoveImage", %image), async {
+            Ok(crisp_image::cri::remove_image(&self.d.images, &req).await?)
+        })
+        .await
     }
 
     async fn image_fs_info(
         &self,
         _req: Request<pb::ImageFsInfoRequest>,
     ) -> Res<pb::ImageFsInfoResponse> {
-        not_yet!(
-            "ImageFsInfo",
-            "the image service (crisp-image) is not wired into crispd yet"
-        )
+        instrument::call(info_span!("ImageFsInfo"), async {
+            Ok(crisp_image::cri::image_fs_info(&self.d.images).await?)
+        })
+        .await
     }
 }
 

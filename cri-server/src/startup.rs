@@ -48,13 +48,23 @@ pub async fn prepare(cfg: Config) -> anyhow::Result<Arc<Daemon>> {
     })
     .await?;
 
-    phase("snapshotter", async {
-        // The overlay snapshotter (crisp-snapshotter) lives under <root>; it is opened here once
-        // it is wired in, before recovery, because recovering containers needs their snapshots.
-        let dir = cfg.root.join("snapshots");
-        std::fs::create_dir_all(&dir)
-            .with_context(|| format!("creating snapshot directory {}", dir.display()))?;
-        Ok(())
+    let (snapshotter, images) = phase("snapshotter", async {
+        // Opened before recovery: recovering containers needs their snapshots, and the image
+        // service (which unpacks into the snapshotter) comes up with it.
+        let dir = cfg.snapshots_dir();
+        let sn = crisp_snapshotter::Snapshotter::open(&dir, Default::default())
+            .with_context(|| format!("opening snapshotter at {}", dir.display()))?;
+        let sn = Arc::new(sn);
+        let img_cfg = crisp_image::Config {
+            hosts_dir: cfg.registry_hosts_dir(),
+            max_concurrent_downloads: cfg.pull.max_concurrent_downloads,
+            stall_window: Duration::from_secs(cfg.pull.stall_window_secs),
+            ..Default::default()
+        };
+        let dir = cfg.images_dir();
+        let images = crisp_image::Images::open(&dir, Arc::clone(&sn), img_cfg)
+            .with_context(|| format!("opening image store at {}", dir.display()))?;
+        Ok((sn, images))
     })
     .await?;
 
@@ -94,7 +104,7 @@ pub async fn prepare(cfg: Config) -> anyhow::Result<Arc<Daemon>> {
     })
     .await?;
 
-    let d = Daemon::new(cfg, store, cni);
+    let d = Daemon::new(cfg, store, cni, snapshotter, images);
     for c in &conditions {
         tracing::warn!(key = %c.key, "{}", c.message);
     }

@@ -190,3 +190,116 @@ fn bad_config_names_key_and_value() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("`root`") && err.contains("relative"), "{err}");
 }
+
+/// The ImageService wraps crisp-image: pull an upstream name through a `_default` mirror to a
+/// local registry, list, status, remove.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pulls_lists_and_removes_images_through_a_mirror() {
+    use crisp_proto::cri::v1::image_service_client::ImageServiceClient;
+    let reg = match crisp_e2e::registry::Registry::start() {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("skipping: no local registry ({e:#})");
+            return;
+        }
+    };
+    if let Err(e) = reg.push(&["busybox"]) {
+        eprintln!("skipping: test images not built ({e:#})");
+        return;
+    }
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mirror = dir.path().join("hosts/_default");
+    std::fs::create_dir_all(&mirror).expect("mkdir");
+    std::fs::write(
+        mirror.join("hosts.toml"),
+        format!(
+            "[host.\"http://{}\"]\n  capabilities = [\"pull\", \"resolve\"]\n",
+            reg.host()
+        ),
+    )
+    .expect("hosts.toml");
+    let cni_dir = dir.path().join("net.d");
+    let (mut d, sock) = start(dir.path(), &cni_dir);
+    let mut c = ImageServiceClient::new(wait_for_socket(&sock, &mut d).await);
+    let spec = |name: &str| {
+        Some(pb::ImageSpec {
+            image: name.into(),
+            ..Default::default()
+        })
+    };
+
+    let pulled = c
+        .pull_image(pb::PullImageRequest {
+            image: spec("busybox"),
+            ..Default::default()
+        })
+        .await
+        .expect("PullImage")
+        .into_inner();
+    assert!(
+        pulled.image_ref.starts_with("sha256:"),
+        "{}",
+        pulled.image_ref
+    );
+
+    let list = c
+        .list_images(pb::ListImagesRequest::default())
+        .await
+        .expect("ListImages")
+        .into_inner();
+    assert_eq!(list.images.len(), 1);
+    assert!(
+        list.images[0]
+            .repo_tags
+            .iter()
+            .any(|t| t == "docker.io/library/busybox:latest"),
+        "{:?}",
+        list.images[0].repo_tags
+    );
+
+    let st = c
+        .image_status(pb::ImageStatusRequest {
+            image: spec("busybox"),
+            verbose: true,
+        })
+        .await
+        .expect("ImageStatus")
+        .into_inner();
+    assert_eq!(st.image.map(|i| i.id), Some(pulled.image_ref.clone()));
+    assert!(st.info.contains_key("info"));
+
+    let fs = c
+        .image_fs_info(pb::ImageFsInfoRequest {})
+        .await
+        .expect("ImageFsInfo")
+        .into_inner();
+    assert!(!fs.image_filesystems.is_empty());
+
+    c.remove_image(pb::RemoveImageRequest {
+        image: spec("busybox"),
+    })
+    .await
+    .expect("RemoveImage");
+    c.remove_image(pb::RemoveImageRequest {
+        image: spec("busybox"),
+    })
+    .await
+    .expect("RemoveImage of a missing image is OK");
+    let st = c
+        .image_status(pb::ImageStatusRequest {
+            image: spec("busybox"),
+            verbose: false,
+        })
+        .await
+        .expect("ImageStatus")
+        .into_inner();
+    assert!(st.image.is_none());
+    let e = c
+        .pull_image(pb::PullImageRequest {
+            image: spec(""),
+            ..Default::default()
+        })
+        .await
+        .expect_err("empty name");
+    assert_eq!(e.code(), tonic::Code::InvalidArgument);
+}

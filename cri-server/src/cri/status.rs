@@ -121,7 +121,14 @@ mod tests {
             dir.join("bin"),
             dir.join("cache"),
         ));
-        Daemon::new(Arc::new(cfg), store, cni)
+        let sn = Arc::new(
+            crisp_snapshotter::Snapshotter::open(&cfg.snapshots_dir(), Default::default())
+                .expect("snapshotter"),
+        );
+        let images =
+            crisp_image::Images::open(&cfg.images_dir(), Arc::clone(&sn), Default::default())
+                .expect("images");
+        Daemon::new(Arc::new(cfg), store, cni, sn, images)
     }
 
     #[tokio::test]
