@@ -101,6 +101,9 @@ struct Inner {
     snapshotter: Arc<Snapshotter>,
     /// Identical pulls in flight share one future.
     pulls: Mutex<HashMap<String, SharedPull>>,
+    /// One unpack per chain id at a time: pulls of images sharing a layer wait for the
+    /// first to commit it instead of unpacking it again.
+    unpacking: Mutex<HashMap<Digest, Arc<tokio::sync::Mutex<()>>>>,
     /// Pulls hold it shared; GC holds it exclusive, so GC never removes what a pull is
     /// about to reference.
     gc_lock: tokio::sync::RwLock<()>,
@@ -143,6 +146,7 @@ impl Images {
             store,
             snapshotter,
             pulls: Mutex::new(HashMap::new()),
+            unpacking: Mutex::new(HashMap::new()),
             gc_lock: tokio::sync::RwLock::new(()),
         });
         // Extractions a crash interrupted leave active snapshots; nothing is in flight now.
@@ -513,9 +517,24 @@ impl Inner {
                 let registry = r.registry.clone();
                 let total = layers.len();
                 let t0 = Instant::now();
-                blocking(move || inner.unpack_one(src, &layer, &diff_id, &name, parent.as_ref()))
-                    .await
-                    .map_err(|e| e.context(format!("layer {} ({}/{total}) from {registry}", layers[i].digest, i + 1)))?;
+                let lock = self
+                    .unpacking
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .entry(name.clone())
+                    .or_default()
+                    .clone();
+                let guard = lock.lock().await;
+                let res = blocking(move || inner.unpack_one(src, &layer, &diff_id, &name, parent.as_ref())).await;
+                drop(guard);
+                {
+                    let mut map = self.unpacking.lock().unwrap_or_else(|p| p.into_inner());
+                    // Ours and the map's: nobody else waits, forget the entry.
+                    if Arc::strong_count(&lock) == 2 {
+                        map.remove(&chain[i]);
+                    }
+                }
+                res.map_err(|e| e.context(format!("layer {} ({}/{total}) from {registry}", layers[i].digest, i + 1)))?;
                 tracing::info!(layer = %layers[i].digest, chain_id = %chain[i], ms = t0.elapsed().as_millis() as u64, "layer unpacked");
             }
             Ok(())

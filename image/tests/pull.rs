@@ -89,6 +89,11 @@ async fn pull_list_status_remove_gc() {
     let extra: Vec<String> = reg.requests().unwrap()[before..].to_vec();
     assert_eq!(extra.len(), 1, "a second pull must cost one manifest request: {extra:?}");
 
+    // By digest: the same image, recorded under the same repo digest.
+    let digest = crisp_e2e::images::get("busybox").unwrap().digest().unwrap();
+    assert_eq!(env.images.pull(&format!("busybox@{digest}"), None).await.unwrap(), id);
+    assert_eq!(env.images.status(&format!("docker.io/library/busybox@{digest}")).unwrap().unwrap().id, id);
+
     let layers = env.images.pull("layers", None).await.unwrap();
     let zstd = env.images.pull("busybox-zstd:latest", None).await.unwrap();
     let multi = env.images.pull("multiarch", None).await.unwrap();
