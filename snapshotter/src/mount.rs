@@ -93,6 +93,25 @@ impl From<Mount> for crisp_proto::containerd::types::Mount {
     }
 }
 
+#[cfg(feature = "shim-protos")]
+impl From<containerd_shim_protos::types::mount::Mount> for Mount {
+    fn from(m: containerd_shim_protos::types::mount::Mount) -> Self {
+        Mount { typ: m.type_, source: m.source, target: m.target, options: m.options }
+    }
+}
+
+#[cfg(feature = "shim-protos")]
+impl From<Mount> for containerd_shim_protos::types::mount::Mount {
+    fn from(m: Mount) -> Self {
+        let mut out = containerd_shim_protos::types::mount::Mount::new();
+        out.type_ = m.typ;
+        out.source = m.source;
+        out.target = m.target;
+        out.options = m.options;
+        out
+    }
+}
+
 /// Errors of the mount module.
 #[derive(Debug, Error)]
 pub enum MountError {
@@ -888,6 +907,17 @@ mod tests {
         assert_eq!(b.upper_dir(), Some(PathBuf::from("/s")));
         let r = Mount { options: vec!["ro".into(), "rbind".into()], ..b };
         assert_eq!(r.upper_dir(), None);
+    }
+
+    #[cfg(feature = "shim-protos")]
+    #[test]
+    fn shim_proto_round_trip() {
+        let m = Mount { typ: "overlay".into(), source: "overlay".into(), target: "t".into(), options: vec!["lowerdir=/a".into()] };
+        let p: containerd_shim_protos::types::mount::Mount = m.clone().into();
+        assert_eq!(p.type_, "overlay");
+        assert_eq!(Mount::from(p), m);
+        let q: crisp_proto::containerd::types::Mount = m.clone().into();
+        assert_eq!(Mount::from(q), m);
     }
 
     #[test]

@@ -439,3 +439,42 @@ fn idmapped_snapshot_owned_by_mapped_root() {
     sn.remove("ctr").expect("remove");
     sn.remove("base").expect("remove");
 }
+
+#[test]
+fn concurrent_prepare_commit_remove_from_many_threads() {
+    let s = Scratch::new("crisp-conf");
+    let sn = std::sync::Arc::new(open(&s));
+    sn.prepare("b", None, no_labels()).expect("prepare");
+    sn.commit("base", "b", no_labels()).expect("commit");
+    std::thread::scope(|scope| {
+        for t in 0..8 {
+            let sn = sn.clone();
+            scope.spawn(move || {
+                for i in 0..15 {
+                    let key = format!("t{t}-{i}");
+                    let m = sn.prepare(&key, Some("base"), no_labels()).expect("prepare");
+                    std::fs::write(m[0].upper_dir().expect("upper").join("f"), key.as_bytes()).expect("write");
+                    if i % 3 == 0 {
+                        sn.commit(&format!("{key}-c"), &key, no_labels()).expect("commit");
+                        sn.remove(&format!("{key}-c")).expect("remove committed");
+                    } else {
+                        sn.remove(&key).expect("remove");
+                    }
+                    // Racing cleanups must never take a live snapshot's directory.
+                    if i % 5 == 0 {
+                        sn.cleanup().expect("cleanup");
+                    }
+                }
+            });
+        }
+    });
+    let mut names = Vec::new();
+    sn.walk::<&str>(&[], |i| {
+        names.push(i.name.clone());
+        Ok(())
+    })
+    .expect("walk");
+    assert_eq!(names, vec!["base"]);
+    sn.cleanup().expect("cleanup");
+    assert_eq!(snapshot_dirs(&sn).len(), 1);
+}
