@@ -71,7 +71,7 @@ fn ctr(sock: &Path, args: &[&str]) -> String {
 fn top_of(sock: &Path, snapshotter: &str) -> String {
     let ls = ctr(sock, &["snapshots", "--snapshotter", snapshotter, "ls"]);
     let rows: Vec<Vec<String>> = ls.lines().skip(1).map(|l| l.split_whitespace().map(str::to_string).collect()).collect();
-    let parents: Vec<&String> = rows.iter().filter_map(|r| (r.len() == 3).then(|| &r[1])).collect();
+    let parents: Vec<&String> = rows.iter().filter(|r| r.len() == 3).map(|r| &r[1]).collect();
     let tops: Vec<&String> = rows.iter().map(|r| &r[0]).filter(|k| !parents.contains(k)).collect();
     assert_eq!(tops.len(), 1, "{ls}");
     tops[0].clone()

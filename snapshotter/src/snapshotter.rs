@@ -286,7 +286,14 @@ impl Snapshotter {
                 }
             };
             let mut m = txn.open_table(META).map_err(db)?;
-            let id = m.get("next_id").map_err(db)?.map(|v| v.value()).unwrap_or(1);
+            let mut id = m.get("next_id").map_err(db)?.map(|v| v.value()).unwrap_or(1);
+            // A crash after the rename but before the commit leaves `<id>` behind with the
+            // counter not advanced: never build on top of such an orphan, skip it (cleanup
+            // removes it).
+            while std::fs::symlink_metadata(self.dir(id)).is_ok() {
+                tracing::warn!(id, "snapshot directory exists without a record (crash leftover); skipping id");
+                id += 1;
+            }
             m.insert("next_id", id + 1).map_err(db)?;
 
             let mut guard = DirGuard(None);

@@ -338,6 +338,10 @@ fn crash_between_steps_leaves_nothing_or_whole() {
     assert_eq!(sn.stat("gone").expect_err("removed").kind(), ErrorKind::NotFound);
     let before = snapshot_dirs(&sn);
     assert!(before.iter().any(|d| d.starts_with("new-")), "{before:?}");
+    // The id the crashed prepare renamed into is still taken by its orphan directory:
+    // a new prepare must work before any cleanup.
+    sn.prepare("before-cleanup", None, no_labels()).expect("prepare next to an orphan");
+    sn.remove("before-cleanup").expect("remove");
     sn.cleanup().expect("cleanup");
     let after = snapshot_dirs(&sn);
     let mut live = Vec::new();
