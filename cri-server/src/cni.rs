@@ -309,6 +309,35 @@ impl CniManager {
     pub fn has_cache(&self, pod_id: &str) -> bool {
         self.cache_path(pod_id).exists()
     }
+
+    /// Pods with a cached ADD result, sorted: what recovery compares with the store.
+    pub fn cached_pods(&self) -> Vec<String> {
+        let mut v: Vec<String> = std::fs::read_dir(&self.cache_dir)
+            .map(|rd| {
+                rd.filter_map(Result::ok)
+                    .filter_map(|e| {
+                        let n = e.file_name().to_string_lossy().into_owned();
+                        n.strip_suffix(".json")
+                            .filter(|s| !s.starts_with('.'))
+                            .map(str::to_string)
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        v.sort();
+        v
+    }
+
+    /// DEL using only what the cache recorded (the pod is gone, so nothing else is known).
+    pub fn del_cached(&self, pod_id: &str) -> Result<(), CniError> {
+        let path = self.cache_path(pod_id);
+        let Some(entry) = read_cache(&path)? else {
+            // Unreadable: nothing to run DEL with; drop it so it is not retried forever.
+            let _ = std::fs::remove_file(&path);
+            return Ok(());
+        };
+        self.del(&entry.request)
+    }
 }
 
 /// Everything a plugin invocation needs about the pod.

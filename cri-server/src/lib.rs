@@ -12,6 +12,7 @@ pub mod idmap;
 pub mod instrument;
 pub mod logs;
 pub mod netns;
+pub mod recover;
 pub mod server;
 pub mod spec;
 pub mod startup;

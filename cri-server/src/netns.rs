@@ -53,6 +53,10 @@ fn io<'a>(path: &'a Path, op: &'static str) -> impl FnOnce(std::io::Error) -> Ne
 /// Make `dir` exist and be a shared mount point (bind-mounting it onto itself if it is not a
 /// mount point yet, as `ip netns` does).
 pub fn prepare_dir(dir: &Path) -> Result<(), NetnsError> {
+    // Serialised: two pods starting at once must not both see "not a mount point" and stack
+    // two bind mounts.
+    static LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let _g = LOCK.lock().unwrap_or_else(|p| p.into_inner());
     std::fs::create_dir_all(dir).map_err(io(dir, "mkdir"))?;
     let shared = |d: &Path| {
         mount(
@@ -81,8 +85,29 @@ pub fn prepare_dir(dir: &Path) -> Result<(), NetnsError> {
     }
 }
 
-/// Create a new network namespace pinned at `path` (parent directory must exist).
+/// Unmount the netns directory if no namespace is left in it (graceful shutdown), so a daemon
+/// that ran no pods leaves no mount behind.
+pub fn release_dir_if_empty(dir: &Path) {
+    if list(dir).is_empty() {
+        match umount2(dir, MntFlags::MNT_DETACH) {
+            Ok(()) => tracing::debug!(dir = %dir.display(), "netns dir unmounted"),
+            Err(Errno::EINVAL) | Err(Errno::ENOENT) => {}
+            Err(e) => tracing::warn!(dir = %dir.display(), error = %e, "cannot unmount netns dir"),
+        }
+    }
+}
+
+/// Create a new network namespace pinned at `path`, preparing its directory first (so the
+/// shared mount exists only once a pod needs it).
 pub fn create(path: &Path) -> Result<(), NetnsError> {
+    if let Some(dir) = path.parent() {
+        prepare_dir(dir)?;
+    }
+    create_in_prepared(path)
+}
+
+/// Create a new network namespace pinned at `path` (parent directory must exist).
+fn create_in_prepared(path: &Path) -> Result<(), NetnsError> {
     // The mount target must be a file; create_new fails if it exists, so two creators of the
     // same name cannot both succeed.
     File::options()

@@ -68,7 +68,7 @@ pub async fn prepare(cfg: Config) -> anyhow::Result<Arc<Daemon>> {
     })
     .await?;
 
-    let conditions = phase("recover", async {
+    let (conditions, mut report) = phase("recover", async {
         // Decoding every record here quarantines the undecodable ones before anything reads
         // them; counts go to the log so an operator can see what came back.
         let pods = store.list::<PodRecord>()?;
@@ -84,7 +84,16 @@ pub async fn prepare(cfg: Config) -> anyhow::Result<Arc<Daemon>> {
             quarantined,
             "records recovered"
         );
-        Ok(check_runtimes(&cfg))
+        let conditions = check_runtimes(&cfg);
+        let report = crate::recover::recover(&store, &cfg.netns_dir())?;
+        tracing::info!(
+            released_id_ranges = report.released_id_ranges.len(),
+            removed_netns = report.removed_netns.len(),
+            removed_containers = report.removed_containers.len(),
+            failures = report.failures.len(),
+            "orphans cleaned"
+        );
+        Ok((conditions, report))
     })
     .await?;
 
@@ -98,6 +107,14 @@ pub async fn prepare(cfg: Config) -> anyhow::Result<Arc<Daemon>> {
         if let Err(e) = cni.current() {
             tracing::warn!(key = "cni.conf_dir", value = %cfg.cni.conf_dir.display(), error = %e,
                 "no usable CNI config yet; watching for one");
+        }
+        // Attachments of pods that are gone: DEL from the cache, before anything new runs.
+        crate::recover::recover_cni(&store, &cni, &mut report)?;
+        if !report.cni_deleted.is_empty() {
+            tracing::info!(
+                count = report.cni_deleted.len(),
+                "orphaned CNI attachments deleted"
+            );
         }
         cni.spawn_watch(Duration::from_secs(1));
         Ok(cni)
@@ -119,7 +136,11 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
     phase("serve", async {
         let listener = crate::server::bind(&listen)?;
         tracing::info!(socket = %listen.display(), "serving CRI");
+        let netns_dir = d.cfg.netns_dir();
         crate::server::serve(d, listener, shutdown_signal()).await?;
+        // Leave no mount behind when no pod needs it (the dir is mounted when a pod's netns is
+        // first made; pods that still run keep it).
+        crate::netns::release_dir_if_empty(&netns_dir);
         tracing::info!("shut down");
         Ok(())
     })
