@@ -55,11 +55,13 @@ pub struct RegistryClient {
     auth: Auth,
     /// Authorization header value per endpoint host, learned from challenges.
     tokens: Mutex<HashMap<String, HeaderValue>>,
+    /// Limit for whole small requests (manifests, configs, tokens).
+    request_timeout: Duration,
 }
 
 /// Connection-level timeouts; slow bodies are handled by the stall detector instead.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(15);
-const MANIFEST_TIMEOUT: Duration = Duration::from_secs(60);
+pub const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(60);
 
 fn build_client(h: &RegistryHost) -> Result<reqwest::Client> {
     let mut b = reqwest::Client::builder()
@@ -99,7 +101,19 @@ impl RegistryClient {
                 Ok((h, c))
             })
             .collect::<Result<Vec<_>>>()?;
-        Ok(RegistryClient { reference: reference.clone(), hosts, auth, tokens: Mutex::new(HashMap::new()) })
+        Ok(RegistryClient {
+            reference: reference.clone(),
+            hosts,
+            auth,
+            tokens: Mutex::new(HashMap::new()),
+            request_timeout: DEFAULT_REQUEST_TIMEOUT,
+        })
+    }
+
+    /// Limit whole small requests (manifests, configs, tokens) to `d`.
+    pub fn with_request_timeout(mut self, d: Duration) -> Self {
+        self.request_timeout = d;
+        self
     }
 
     pub fn hosts(&self) -> impl Iterator<Item = &RegistryHost> {
@@ -188,12 +202,12 @@ impl RegistryClient {
                 .post(realm)
                 .header(header::CONTENT_TYPE, "application/x-www-form-urlencoded")
                 .body(body)
-                .timeout(MANIFEST_TIMEOUT)
+                .timeout(self.request_timeout)
                 .send()
                 .await
         } else {
             let url = format!("{realm}?service={}&scope={}", urlencode(service), urlencode(scope));
-            let mut req = client.get(url).timeout(MANIFEST_TIMEOUT);
+            let mut req = client.get(url).timeout(self.request_timeout);
             if let Some((u, p)) = self.auth.basic() {
                 req = req.basic_auth(u, Some(p));
             }
@@ -229,7 +243,7 @@ impl RegistryClient {
             let mut h = HeaderMap::new();
             h.insert(header::ACCEPT, HeaderValue::from_static(manifest::ACCEPT));
             let url = self.url(host, &format!("/manifests/{object}"));
-            let resp = match self.get(idx, &url, h, Some(MANIFEST_TIMEOUT)).await {
+            let resp = match self.get(idx, &url, h, Some(self.request_timeout)).await {
                 Ok(r) => r,
                 Err(e) => {
                     tracing::debug!(host = %host.display(), error = %e, "manifest request failed; trying next host");
@@ -271,13 +285,22 @@ impl RegistryClient {
         let mut errors = Vec::new();
         for idx in self.pull_hosts() {
             let host = &self.hosts[idx].0;
-            match self.open_blob_on(idx, digest, 0).await {
-                Ok(resp) => match resp.bytes().await {
-                    Ok(b) if Digest::of(&b) == *digest => return Ok(b),
-                    Ok(b) => errors.push(Error::data_loss(format!("{} served blob {digest} with digest {}", host.display(), Digest::of(&b)))),
-                    Err(e) => errors.push(net_err(host, "blob body", e)),
-                },
-                Err(e) => errors.push(e),
+            let attempt = async {
+                let resp = self.open_blob_on(idx, digest, 0).await?;
+                let b = resp.bytes().await.map_err(|e| net_err(host, "blob body", e))?;
+                if Digest::of(&b) != *digest {
+                    return Err(Error::data_loss(format!("{} served blob {digest} with digest {}", host.display(), Digest::of(&b))));
+                }
+                Ok(b)
+            };
+            match tokio::time::timeout(self.request_timeout, attempt).await {
+                Ok(Ok(b)) => return Ok(b),
+                Ok(Err(e)) => errors.push(e),
+                Err(_) => errors.push(Error::unavailable(format!(
+                    "{}: no complete answer for blob {digest} within {:?}",
+                    host.display(),
+                    self.request_timeout
+                ))),
             }
         }
         Err(summarise(errors, &format!("blob {digest} of {}", self.reference.name())))

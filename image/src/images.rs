@@ -46,6 +46,8 @@ pub struct Config {
     pub max_resumes: u32,
     /// How often pull progress is logged.
     pub progress_interval: Duration,
+    /// Limit for whole small requests: manifests, configs, tokens.
+    pub request_timeout: Duration,
 }
 
 impl Default for Config {
@@ -58,6 +60,7 @@ impl Default for Config {
             stall_window: Duration::from_secs(30),
             max_resumes: 5,
             progress_interval: Duration::from_secs(10),
+            request_timeout: crate::client::DEFAULT_REQUEST_TIMEOUT,
         }
     }
 }
@@ -370,7 +373,7 @@ impl Inner {
         let _g = self.gc_lock.read().await;
         let auth = auth.filter(|a| !a.is_empty()).or_else(|| self.config.credentials.get(&r.registry).cloned()).unwrap_or_default();
         let hosts = crate::hosts::resolve(self.config.hosts_dir.as_deref(), &r.registry)?;
-        let client = Arc::new(RegistryClient::new(r, hosts, auth)?);
+        let client = Arc::new(RegistryClient::new(r, hosts, auth)?.with_request_timeout(self.config.request_timeout));
         let (body, ct, top) = client.manifest(&r.object()).await?;
         let repo_digest = r.with_digest(&top);
 
@@ -642,7 +645,24 @@ async fn download(client: &RegistryClient, mut w: IngestWriter, layer: &Descript
         let idx = hosts[host_i];
         let host = client.host(idx).display();
         let offset = w.written();
-        let resp = match client.open_blob_on(idx, &layer.digest, offset).await {
+        // A registry that accepts the connection but never answers is a stall too.
+        let head_timeout = cfg.stall_window.max(Duration::from_millis(100));
+        let opened = match tokio::time::timeout(head_timeout, client.open_blob_on(idx, &layer.digest, offset)).await {
+            Ok(r) => r,
+            Err(_) => {
+                resumes += 1;
+                if resumes > cfg.max_resumes {
+                    let e = Error::unavailable(format!(
+                        "layer {} from {host}: no response within {head_timeout:?}; received {offset} of {} bytes; gave up after {} resumes",
+                        layer.digest, layer.size, cfg.max_resumes
+                    ));
+                    return Err(w.fail(e));
+                }
+                tracing::warn!(host = %host, received = offset, total = layer.size, attempt = resumes, "no response to blob request; retrying");
+                continue;
+            }
+        };
+        let resp = match opened {
             Ok(r) => r,
             Err(e) => {
                 if host_i + 1 < hosts.len() {

@@ -26,7 +26,12 @@ fn env_with(mirror: &str, tweak: impl FnOnce(&mut Config)) -> Env {
     let tmp = tempfile::tempdir().unwrap();
     let certs = tmp.path().join("certs.d/_default");
     std::fs::create_dir_all(&certs).unwrap();
-    std::fs::write(certs.join("hosts.toml"), format!("[host.\"http://{mirror}\"]\n  capabilities = [\"pull\", \"resolve\"]\n")).unwrap();
+    // `server` is the mirror too: tests must never fall through to a real registry.
+    std::fs::write(
+        certs.join("hosts.toml"),
+        format!("server = \"http://{mirror}\"\n[host.\"http://{mirror}\"]\n  capabilities = [\"pull\", \"resolve\"]\n"),
+    )
+    .unwrap();
     let snap = Arc::new(Snapshotter::open(&tmp.path().join("snapshotter"), Default::default()).unwrap());
     let mut cfg = Config { hosts_dir: Some(tmp.path().join("certs.d")), ..Default::default() };
     tweak(&mut cfg);
@@ -207,6 +212,8 @@ enum Mode {
     StallAlways,
     /// Every blob response has one byte flipped.
     Corrupt,
+    /// Blob requests are never answered.
+    Silent,
 }
 
 /// A tiny HTTP proxy in front of the registry that misbehaves on blob bodies.
@@ -234,6 +241,10 @@ async fn proxy(upstream: String, mode: Mode) -> (String, Arc<AtomicUsize>, Arc<A
                 let is_blob = text.lines().next().is_some_and(|l| l.contains("/blobs/"));
                 if text.to_ascii_lowercase().contains("\r\nrange:") {
                     ranges.fetch_add(1, Ordering::SeqCst);
+                }
+                if is_blob && mode == Mode::Silent {
+                    tokio::time::sleep(Duration::from_secs(30)).await;
+                    return;
                 }
                 // One request per connection keeps the proxy simple.
                 let mut req: String = text
@@ -278,7 +289,7 @@ async fn proxy(upstream: String, mode: Mode) -> (String, Arc<AtomicUsize>, Arc<A
                         && match mode {
                             Mode::StallOnce => stalls.load(Ordering::SeqCst) == 0,
                             Mode::StallAlways => true,
-                            Mode::Corrupt => false,
+                            Mode::Corrupt | Mode::Silent => false,
                         };
                     if stall && sent_body + chunk.len() > 64 * 1024 {
                         let keep = (64 * 1024usize).saturating_sub(sent_body);
@@ -299,6 +310,7 @@ async fn proxy(upstream: String, mode: Mode) -> (String, Arc<AtomicUsize>, Arc<A
 }
 
 fn stall_config(c: &mut Config) {
+    c.request_timeout = Duration::from_secs(2);
     c.stall_window = Duration::from_millis(800);
     c.stall_min_bytes_per_sec = 10_000;
     c.max_resumes = 2;
@@ -403,7 +415,8 @@ async fn child_pull_until_killed() {
     let root = PathBuf::from(root);
     let certs = root.join("certs.d/_default");
     std::fs::create_dir_all(&certs).unwrap();
-    std::fs::write(certs.join("hosts.toml"), format!("[host.\"http://{}\"]\n", mirror.to_string_lossy())).unwrap();
+    let m = mirror.to_string_lossy();
+    std::fs::write(certs.join("hosts.toml"), format!("server = \"http://{m}\"\n[host.\"http://{m}\"]\n")).unwrap();
     let snap = Arc::new(Snapshotter::open(&root.join("snapshotter"), Default::default()).unwrap());
     let images = Images::open(&root.join("images"), snap, Config { hosts_dir: Some(root.join("certs.d")), ..Default::default() }).unwrap();
     let _ = images.pull("large", None).await;
@@ -451,4 +464,20 @@ async fn killed_pull_is_completed_by_the_next_one() {
         assert_eq!(std::fs::metadata(r.join("large.bin")).unwrap().len(), 208 << 20);
         assert!(r.join("bin/sh").exists());
     });
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn silent_registry_gives_a_clear_error_in_time() {
+    let reg = Registry::start().unwrap();
+    reg.push(&["busybox"]).unwrap();
+    let (addr, _, _) = proxy(reg.host(), Mode::Silent).await;
+    let env = env_with(&addr, stall_config);
+    let t0 = Instant::now();
+    let e = tokio::time::timeout(Duration::from_secs(60), env.images.pull("busybox", None)).await.expect("pull must not hang").unwrap_err();
+    let msg = e.to_string();
+    assert_eq!(e.kind(), Kind::Unavailable, "{msg}");
+    // The config is the first blob asked for; its error names the blob and the host.
+    assert!((msg.contains("no response") || msg.contains("no complete answer")) && msg.contains(&addr) && msg.contains(" sha256:"), "{msg}");
+    assert!(t0.elapsed() < Duration::from_secs(10), "{:?}", t0.elapsed());
+    assert_no_leftovers(&env);
 }
