@@ -164,17 +164,29 @@ fn main() {
                     HashMap::new()
                 };
                 let mut times = Vec::new();
+                let mut phases = [Duration::ZERO; 4];
                 for i in 0..iters + 5 {
                     let t0 = Instant::now();
                     let m = sn.prepare(&format!("c{i}"), Some(&top), labels.clone()).expect("prepare");
+                    let t1 = Instant::now();
                     mounter.mount_all(&m, &target).expect("mount");
                     check_mounted(&target);
+                    let t2 = Instant::now();
                     mounter.unmount_all(&target).expect("unmount");
+                    let t3 = Instant::now();
                     sn.remove(&format!("c{i}")).expect("remove");
                     if i >= 5 {
                         times.push(t0.elapsed());
+                        for (p, d) in phases.iter_mut().zip([t1 - t0, t2 - t1, t3 - t2, t3.elapsed()]) {
+                            *p += d;
+                        }
                     }
                 }
+                let ms = |d: Duration| d.as_secs_f64() * 1000.0 / iters as f64;
+                eprintln!(
+                    "{tag} idmap={idmap}: prepare {:.2} ms, mount {:.2} ms, unmount {:.2} ms, remove {:.2} ms",
+                    ms(phases[0]), ms(phases[1]), ms(phases[2]), ms(phases[3])
+                );
                 let name = if idmap { format!("crisp library, idmapped, {tag} path") } else { "crisp library, no idmap".to_string() };
                 results.push(stats(&name, times));
             }
