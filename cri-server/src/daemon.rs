@@ -86,3 +86,29 @@ impl std::fmt::Debug for Daemon {
             .finish_non_exhaustive()
     }
 }
+
+#[cfg(test)]
+impl Daemon {
+    /// A daemon on temp dirs, for unit tests of CRI calls.
+    pub fn for_test(dir: &std::path::Path) -> Self {
+        let cfg = Config {
+            root: dir.join("root"),
+            state: dir.join("state"),
+            ..Config::default()
+        };
+        let store = Store::open(&cfg.db_path()).expect("store");
+        let cni = Arc::new(CniManager::new(
+            dir.join("net.d"),
+            dir.join("bin"),
+            dir.join("cache"),
+        ));
+        let sn = Arc::new(
+            crisp_snapshotter::Snapshotter::open(&cfg.snapshots_dir(), Default::default())
+                .expect("snapshotter"),
+        );
+        let images =
+            crisp_image::Images::open(&cfg.images_dir(), Arc::clone(&sn), Default::default())
+                .expect("images");
+        Daemon::new(Arc::new(cfg), store, cni, sn, images)
+    }
+}

@@ -115,6 +115,7 @@ impl<E: HasKind + std::fmt::Display> From<E> for CriError {
 /// Run one CRI call: log entry and exit with the elapsed time, map the error kind to a code.
 /// `span` carries the call's name and its pod_id / container_id fields.
 pub async fn call<R>(
+    method: &'static str,
     span: tracing::Span,
     fut: impl Future<Output = Result<R, CriError>>,
 ) -> Result<Response<R>, Status> {
@@ -122,7 +123,10 @@ pub async fn call<R>(
     async move {
         tracing::debug!("call");
         let result = fut.await;
-        let elapsed_ms = start.elapsed().as_secs_f64() * 1e3;
+        let elapsed = start.elapsed();
+        let elapsed_ms = elapsed.as_secs_f64() * 1e3;
+        let code = result.as_ref().map_or_else(|e| e.kind.code(), |_| Code::Ok);
+        crate::metrics::record_call(method, code, elapsed);
         match result {
             Ok(r) => {
                 tracing::debug!(elapsed_ms, "ok");
@@ -163,7 +167,7 @@ mod tests {
 
     #[tokio::test]
     async fn kinds_become_codes_and_messages_survive() {
-        let r: Result<Response<()>, Status> = call(tracing::Span::none(), async {
+        let r: Result<Response<()>, Status> = call("Test", tracing::Span::none(), async {
             Err::<(), _>(CriError::from(Gone("p1".into())))
         })
         .await;
@@ -171,7 +175,10 @@ mod tests {
         assert_eq!(s.code(), Code::NotFound);
         assert_eq!(s.message(), "pod p1 is gone");
 
-        let ok = call(tracing::Span::none(), async { Ok::<_, CriError>(5) }).await;
+        let ok = call("Test", tracing::Span::none(), async {
+            Ok::<_, CriError>(5)
+        })
+        .await;
         assert_eq!(ok.expect("ok").into_inner(), 5);
     }
 

@@ -11,6 +11,7 @@ pub mod daemon;
 pub mod idmap;
 pub mod instrument;
 pub mod logs;
+pub mod metrics;
 pub mod netns;
 pub mod recover;
 pub mod server;

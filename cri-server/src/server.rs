@@ -34,7 +34,7 @@ impl Cri {
 /// A call that is not wired yet: Unimplemented, with a message saying so and why.
 macro_rules! not_yet {
     ($name:literal, $why:literal) => {
-        instrument::call(info_span!($name), async {
+        instrument::call($name, info_span!($name), async {
             Err(CriError::unimplemented(concat!($name, ": ", $why)))
         })
         .await
@@ -45,6 +45,7 @@ macro_rules! not_yet {
 impl RuntimeService for Cri {
     async fn version(&self, req: Request<pb::VersionRequest>) -> Res<pb::VersionResponse> {
         instrument::call(
+            "Version",
             info_span!("Version"),
             cri::version::version(req.into_inner()),
         )
@@ -53,6 +54,7 @@ impl RuntimeService for Cri {
 
     async fn status(&self, req: Request<pb::StatusRequest>) -> Res<pb::StatusResponse> {
         instrument::call(
+            "Status",
             info_span!("Status"),
             cri::status::status(&self.d, req.into_inner()),
         )
@@ -64,6 +66,7 @@ impl RuntimeService for Cri {
         req: Request<pb::RuntimeConfigRequest>,
     ) -> Res<pb::RuntimeConfigResponse> {
         instrument::call(
+            "RuntimeConfig",
             info_span!("RuntimeConfig"),
             cri::runtime_config::runtime_config(&self.d.cfg, req.into_inner()),
         )
@@ -82,9 +85,11 @@ impl RuntimeService for Cri {
             .and_then(|c| c.network_config)
             .map(|n| n.pod_cidr)
             .unwrap_or_default();
-        instrument::call(info_span!("UpdateRuntimeConfig", pod_cidr = %cidr), async {
-            Ok(pb::UpdateRuntimeConfigResponse {})
-        })
+        instrument::call(
+            "UpdateRuntimeConfig",
+            info_span!("UpdateRuntimeConfig", pod_cidr = %cidr),
+            async { Ok(pb::UpdateRuntimeConfigResponse {}) },
+        )
         .await
     }
 
@@ -133,7 +138,7 @@ impl RuntimeService for Cri {
         _req: Request<pb::ListPodSandboxRequest>,
     ) -> Res<pb::ListPodSandboxResponse> {
         // No pods can exist yet, so the honest answer is an empty list (kubelet polls this).
-        instrument::call(info_span!("ListPodSandbox"), async {
+        instrument::call("ListPodSandbox", info_span!("ListPodSandbox"), async {
             Ok(pb::ListPodSandboxResponse { items: vec![] })
         })
         .await
@@ -191,7 +196,7 @@ impl RuntimeService for Cri {
         &self,
         _req: Request<pb::ListContainersRequest>,
     ) -> Res<pb::ListContainersResponse> {
-        instrument::call(info_span!("ListContainers"), async {
+        instrument::call("ListContainers", info_span!("ListContainers"), async {
             Ok(pb::ListContainersResponse { containers: vec![] })
         })
         .await
@@ -280,9 +285,11 @@ impl RuntimeService for Cri {
         &self,
         _req: Request<pb::ListContainerStatsRequest>,
     ) -> Res<pb::ListContainerStatsResponse> {
-        instrument::call(info_span!("ListContainerStats"), async {
-            Ok(pb::ListContainerStatsResponse { stats: vec![] })
-        })
+        instrument::call(
+            "ListContainerStats",
+            info_span!("ListContainerStats"),
+            async { Ok(pb::ListContainerStatsResponse { stats: vec![] }) },
+        )
         .await
     }
 
@@ -308,9 +315,11 @@ impl RuntimeService for Cri {
         &self,
         _req: Request<pb::ListPodSandboxStatsRequest>,
     ) -> Res<pb::ListPodSandboxStatsResponse> {
-        instrument::call(info_span!("ListPodSandboxStats"), async {
-            Ok(pb::ListPodSandboxStatsResponse { stats: vec![] })
-        })
+        instrument::call(
+            "ListPodSandboxStats",
+            info_span!("ListPodSandboxStats"),
+            async { Ok(pb::ListPodSandboxStatsResponse { stats: vec![] }) },
+        )
         .await
     }
 
@@ -377,7 +386,7 @@ impl ImageService for Cri {
         req: Request<pb::ListImagesRequest>,
     ) -> Res<pb::ListImagesResponse> {
         let req = req.into_inner();
-        instrument::call(info_span!("ListImages"), async {
+        instrument::call("ListImages", info_span!("ListImages"), async {
             Ok(crisp_image::cri::list_images(&self.d.images, &req)?)
         })
         .await
@@ -401,7 +410,7 @@ impl ImageService for Cri {
             .as_ref()
             .map(|i| i.image.clone())
             .unwrap_or_default();
-        instrument::call(info_span!("ImageStatus", %image), async {
+        instrument::call("ImageStatus", info_span!("ImageStatus", %image), async {
             Ok(crisp_image::cri::image_status(&self.d.images, &req)?)
         })
         .await
@@ -415,7 +424,7 @@ impl ImageService for Cri {
             .map(|i| i.image.clone())
             .unwrap_or_default();
         // Logged at info: pulls are slow and an operator wants to see them start and end.
-        instrument::call(info_span!("PullImage", %image), async {
+        instrument::call("PullImage", info_span!("PullImage", %image), async {
             tracing::info!("pulling");
             let r = crisp_image::cri::pull_image(&self.d.images, &req).await?;
             tracing::info!(image_ref = %r.image_ref, "pulled");
@@ -434,7 +443,7 @@ impl ImageService for Cri {
             .as_ref()
             .map(|i| i.image.clone())
             .unwrap_or_default();
-        instrument::call(info_span!("RemoveImage", %image), async {
+        instrument::call("RemoveImage", info_span!("RemoveImage", %image), async {
             Ok(crisp_image::cri::remove_image(&self.d.images, &req).await?)
         })
         .await
@@ -444,7 +453,7 @@ impl ImageService for Cri {
         &self,
         _req: Request<pb::ImageFsInfoRequest>,
     ) -> Res<pb::ImageFsInfoResponse> {
-        instrument::call(info_span!("ImageFsInfo"), async {
+        instrument::call("ImageFsInfo", info_span!("ImageFsInfo"), async {
             Ok(crisp_image::cri::image_fs_info(&self.d.images).await?)
         })
         .await

@@ -136,6 +136,17 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
     phase("serve", async {
         let listener = crate::server::bind(&listen)?;
         tracing::info!(socket = %listen.display(), "serving CRI");
+        if !d.cfg.metrics.address.is_empty() {
+            // Validated as a loopback host:port by the config phase.
+            match d.cfg.metrics.address.parse() {
+                Ok(addr) => match crate::metrics::spawn(Arc::clone(&d), addr).await {
+                    Ok(a) => tracing::info!(address = %a, "serving metrics"),
+                    Err(e) => tracing::warn!(key = "metrics.address",
+                        value = %d.cfg.metrics.address, error = %e, "metrics not served"),
+                },
+                Err(e) => tracing::warn!(key = "metrics.address", error = %e, "metrics not served"),
+            }
+        }
         let netns_dir = d.cfg.netns_dir();
         crate::server::serve(d, listener, shutdown_signal()).await?;
         // Leave no mount behind when no pod needs it (the dir is mounted when a pod's netns is

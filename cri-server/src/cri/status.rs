@@ -104,31 +104,9 @@ fn handler(name: &str, h: &Option<crate::config::RuntimeHandler>) -> RuntimeHand
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::cni::CniManager;
-    use crate::config::Config;
-    use crate::store::Store;
-    use std::sync::Arc;
 
     fn daemon(dir: &std::path::Path) -> Daemon {
-        let cfg = Config {
-            root: dir.join("root"),
-            state: dir.join("state"),
-            ..Config::default()
-        };
-        let store = Store::open(&cfg.db_path()).expect("store");
-        let cni = Arc::new(CniManager::new(
-            dir.join("net.d"),
-            dir.join("bin"),
-            dir.join("cache"),
-        ));
-        let sn = Arc::new(
-            crisp_snapshotter::Snapshotter::open(&cfg.snapshots_dir(), Default::default())
-                .expect("snapshotter"),
-        );
-        let images =
-            crisp_image::Images::open(&cfg.images_dir(), Arc::clone(&sn), Default::default())
-                .expect("images");
-        Daemon::new(Arc::new(cfg), store, cni, sn, images)
+        Daemon::for_test(dir)
     }
 
     #[tokio::test]
