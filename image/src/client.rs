@@ -63,6 +63,27 @@ pub struct RegistryClient {
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(15);
 pub const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(60);
 
+/// Manifests, indexes and configs are read into memory; a registry may not make us hold more.
+pub const MAX_MANIFEST_BYTES: u64 = 8 << 20;
+pub const MAX_CONFIG_BYTES: u64 = 32 << 20;
+
+/// Read a whole body, refusing more than `limit` bytes.
+async fn read_limited(host: &RegistryHost, mut resp: Response, limit: u64, what: &str) -> Result<Bytes> {
+    if let Some(n) = resp.content_length() {
+        if n > limit {
+            return Err(Error::precondition(format!("{} sent a {n}-byte {what}; the limit is {limit}", host.display())));
+        }
+    }
+    let mut buf = bytes::BytesMut::new();
+    while let Some(chunk) = resp.chunk().await.map_err(|e| net_err(host, what, e))? {
+        if buf.len() as u64 + chunk.len() as u64 > limit {
+            return Err(Error::precondition(format!("{} sent a {what} over {limit} bytes", host.display())));
+        }
+        buf.extend_from_slice(&chunk);
+    }
+    Ok(buf.freeze())
+}
+
 fn build_client(h: &RegistryHost) -> Result<reqwest::Client> {
     let mut b = reqwest::Client::builder()
         .connect_timeout(CONNECT_TIMEOUT)
@@ -224,7 +245,7 @@ impl RegistryClient {
             token: Option<String>,
             access_token: Option<String>,
         }
-        let body = resp.bytes().await.map_err(|e| net_err(host, "token response", e))?;
+        let body = read_limited(host, resp, 1 << 20, "token response").await?;
         let t: Tok = serde_json::from_slice(&body).map_err(|e| Error::data_loss(format!("token endpoint {realm}: invalid JSON: {e}")))?;
         t.token.or(t.access_token).filter(|s| !s.is_empty()).ok_or_else(|| Error::data_loss(format!("token endpoint {realm} returned no token")))
     }
@@ -262,10 +283,10 @@ impl RegistryClient {
                 continue;
             }
             let ct = resp.headers().get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).unwrap_or("").to_string();
-            let body = match resp.bytes().await {
+            let body = match read_limited(host, resp, MAX_MANIFEST_BYTES, "manifest").await {
                 Ok(b) => b,
                 Err(e) => {
-                    errors.push(net_err(host, "manifest body", e));
+                    errors.push(e);
                     continue;
                 }
             };
@@ -287,7 +308,7 @@ impl RegistryClient {
             let host = &self.hosts[idx].0;
             let attempt = async {
                 let resp = self.open_blob_on(idx, digest, 0).await?;
-                let b = resp.bytes().await.map_err(|e| net_err(host, "blob body", e))?;
+                let b = read_limited(host, resp, MAX_CONFIG_BYTES, "config blob").await?;
                 if Digest::of(&b) != *digest {
                     return Err(Error::data_loss(format!("{} served blob {digest} with digest {}", host.display(), Digest::of(&b))));
                 }
