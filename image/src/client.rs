@@ -69,10 +69,10 @@ pub const MAX_CONFIG_BYTES: u64 = 32 << 20;
 
 /// Read a whole body, refusing more than `limit` bytes.
 async fn read_limited(host: &RegistryHost, mut resp: Response, limit: u64, what: &str) -> Result<Bytes> {
-    if let Some(n) = resp.content_length() {
-        if n > limit {
-            return Err(Error::precondition(format!("{} sent a {n}-byte {what}; the limit is {limit}", host.display())));
-        }
+    if let Some(n) = resp.content_length()
+        && n > limit
+    {
+        return Err(Error::precondition(format!("{} sent a {n}-byte {what}; the limit is {limit}", host.display())));
     }
     let mut buf = bytes::BytesMut::new();
     while let Some(chunk) = resp.chunk().await.map_err(|e| net_err(host, what, e))? {
