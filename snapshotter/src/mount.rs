@@ -313,7 +313,11 @@ impl Mounter {
             let dest = if m.target.is_empty() {
                 target.to_path_buf()
             } else {
-                target.join(m.target.trim_start_matches('/'))
+                let sub = Path::new(m.target.trim_start_matches('/'));
+                if sub.components().any(|c| !matches!(c, std::path::Component::Normal(_))) {
+                    return Err(invalid(&m.typ, format!("target {:?} must stay below the mount root", m.target)));
+                }
+                target.join(sub)
             };
             let span = tracing::debug_span!("mount", typ = %m.typ, target = %dest.display());
             let _g = span.enter();
@@ -918,6 +922,13 @@ mod tests {
         assert_eq!(Mount::from(p), m);
         let q: crisp_proto::containerd::types::Mount = m.clone().into();
         assert_eq!(Mount::from(q), m);
+    }
+
+    #[test]
+    fn target_may_not_escape() {
+        let m = Mount { typ: "tmpfs".into(), source: "tmpfs".into(), target: "../x".into(), options: vec![] };
+        let err = Mounter::new(IdmapMode::Fd, "/nonexistent").mount_all(&[m], Path::new("/nonexistent/t"));
+        assert!(matches!(err, Err(MountError::Invalid { .. })), "{err:?}");
     }
 
     #[test]
