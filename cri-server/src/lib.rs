@@ -14,6 +14,7 @@ pub mod logs;
 pub mod metrics;
 pub mod netns;
 pub mod recover;
+pub mod sandbox_files;
 pub mod server;
 pub mod spec;
 pub mod startup;

@@ -125,21 +125,23 @@ impl RuntimeService for Cri {
 
     async fn pod_sandbox_status(
         &self,
-        _req: Request<pb::PodSandboxStatusRequest>,
+        req: Request<pb::PodSandboxStatusRequest>,
     ) -> Res<pb::PodSandboxStatusResponse> {
-        not_yet!(
-            "PodSandboxStatus",
-            "pod sandboxes need the shim's sandbox service, not wired into crispd yet"
-        )
+        let req = req.into_inner();
+        let span = info_span!("PodSandboxStatus", pod_id = %req.pod_sandbox_id);
+        instrument::call("PodSandboxStatus", span, async {
+            cri::pods::pod_sandbox_status(&self.d.store, req)
+        })
+        .await
     }
 
     async fn list_pod_sandbox(
         &self,
-        _req: Request<pb::ListPodSandboxRequest>,
+        req: Request<pb::ListPodSandboxRequest>,
     ) -> Res<pb::ListPodSandboxResponse> {
-        // No pods can exist yet, so the honest answer is an empty list (kubelet polls this).
+        let req = req.into_inner();
         instrument::call("ListPodSandbox", info_span!("ListPodSandbox"), async {
-            Ok(pb::ListPodSandboxResponse { items: vec![] })
+            cri::pods::list_pod_sandbox(&self.d.store, req)
         })
         .await
     }
