@@ -182,6 +182,19 @@ impl Images {
                 let handle = tokio::spawn(async move {
                     let res = inner.clone().do_pull(r, auth).await;
                     inner.pulls.lock().unwrap_or_else(|p| p.into_inner()).remove(&k);
+                    if res.is_err() {
+                        // Verified blobs and committed layers of a failed pull belong to no
+                        // image: collect them once no pull is running (detached, so the
+                        // error reaches the caller now).
+                        let inner = inner.clone();
+                        tokio::spawn(async move {
+                            let _g = inner.gc_lock.write().await;
+                            let i = inner.clone();
+                            if let Err(e) = blocking(move || i.gc_locked()).await {
+                                tracing::warn!(error = %e, "gc after a failed pull");
+                            }
+                        });
+                    }
                     res
                 });
                 let f: BoxFuture<'static, Result<Digest>> = async move {

@@ -433,11 +433,12 @@ impl Applier<'_> {
         };
         let header = entry.header().clone();
         let typ = header.entry_type();
-        let uid = header.uid().map_err(|e| read_error(e, "uid field"))?;
-        let gid = header.gid().map_err(|e| read_error(e, "gid field"))?;
+        let old = header.as_old();
+        let uid = numeric(header.uid(), &old.uid, "uid")?;
+        let gid = numeric(header.gid(), &old.gid, "gid")?;
         let uid = u32::try_from(uid).map_err(|_| Error::data_loss(format!("uid {uid} out of range")))?;
         let gid = u32::try_from(gid).map_err(|_| Error::data_loss(format!("gid {gid} out of range")))?;
-        let mode = header.mode().map_err(|e| read_error(e, "mode field"))? & 0o7777;
+        let mode = numeric(header.mode().map(u64::from), &old.mode, "mode")? as u32 & 0o7777;
         let mtime = mtime_of(entry);
         let times = (mtime, mtime);
         let xattrs = xattrs_of(entry);
@@ -601,6 +602,16 @@ impl Applier<'_> {
                 .map_err(|e| io_err(format!("layer entry {:?}: setting times", path), e))?;
         }
         Ok(())
+    }
+}
+
+/// A numeric header field; an empty one (all NUL or spaces) is 0, as Go's archive/tar,
+/// and so containerd, read it.
+fn numeric(parsed: io::Result<u64>, raw: &[u8], field: &str) -> Result<u64> {
+    match parsed {
+        Ok(v) => Ok(v),
+        Err(_) if raw.iter().all(|&b| b == 0 || b == b' ') => Ok(0),
+        Err(e) => Err(read_error(e, &format!("{field} field"))),
     }
 }
 

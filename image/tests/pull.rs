@@ -481,3 +481,118 @@ async fn silent_registry_gives_a_clear_error_in_time() {
     assert!(t0.elapsed() < Duration::from_secs(10), "{:?}", t0.elapsed());
     assert_no_leftovers(&env);
 }
+
+/// A registry serving fixed bodies by path, for images no honest builder would make.
+async fn static_registry(files: HashMap<String, (String, Vec<u8>)>) -> String {
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap().to_string();
+    let files = Arc::new(files);
+    tokio::spawn(async move {
+        loop {
+            let Ok((mut c, _)) = l.accept().await else { return };
+            let files = files.clone();
+            tokio::spawn(async move {
+                let mut buf = vec![0u8; 8192];
+                let mut n = 0;
+                while !buf[..n].windows(4).any(|w| w == b"\r\n\r\n") {
+                    match c.read(&mut buf[n..]).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(m) => n += m,
+                    }
+                }
+                let req = String::from_utf8_lossy(&buf[..n]).to_string();
+                let path = req.split(' ').nth(1).unwrap_or("").split('?').next().unwrap_or("").to_string();
+                let (status, ct, body) = match files.get(&path) {
+                    Some((ct, b)) => ("200 OK", ct.clone(), b.clone()),
+                    None => ("404 Not Found", "text/plain".to_string(), Vec::new()),
+                };
+                let head = format!("HTTP/1.1 {status}\r\nContent-Type: {ct}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n", body.len());
+                let _ = c.write_all(head.as_bytes()).await;
+                let _ = c.write_all(&body).await;
+            });
+        }
+    });
+    addr
+}
+
+fn sha(b: &[u8]) -> String {
+    use sha2::Digest as _;
+    format!("sha256:{}", hex::encode(sha2::Sha256::digest(b)))
+}
+
+fn tar_gz(entries: &[(&str, &[u8])]) -> (Vec<u8>, Vec<u8>) {
+    let mut b = tar::Builder::new(Vec::new());
+    for (name, data) in entries {
+        let mut h = tar::Header::new_gnu();
+        {
+            let g = h.as_gnu_mut().unwrap();
+            g.name[..name.len()].copy_from_slice(name.as_bytes());
+        }
+        h.set_size(data.len() as u64);
+        h.set_mode(0o644);
+        h.set_entry_type(tar::EntryType::Regular);
+        h.set_cksum();
+        b.append(&h, *data).unwrap();
+    }
+    let tar = b.into_inner().unwrap();
+    let mut e = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+    std::io::Write::write_all(&mut e, &tar).unwrap();
+    (tar, e.finish().unwrap())
+}
+
+/// Serve a two-layer image; `diff_ids` override what the config claims.
+async fn crafted_image(layers: Vec<(Vec<u8>, Vec<u8>)>, diff_ids: Option<Vec<String>>) -> String {
+    let diff_ids = diff_ids.unwrap_or_else(|| layers.iter().map(|(t, _)| sha(t)).collect());
+    let config = serde_json::json!({"architecture": "amd64", "os": "linux", "rootfs": {"type": "layers", "diff_ids": diff_ids}}).to_string().into_bytes();
+    let mut files = HashMap::new();
+    let mut descs = Vec::new();
+    for (_, gz) in &layers {
+        descs.push(serde_json::json!({"mediaType": "application/vnd.oci.image.layer.v1.tar+gzip", "digest": sha(gz), "size": gz.len()}));
+        files.insert(format!("/v2/evil/app/blobs/{}", sha(gz)), ("application/octet-stream".to_string(), gz.clone()));
+    }
+    let manifest = serde_json::json!({
+        "schemaVersion": 2,
+        "mediaType": "application/vnd.oci.image.manifest.v1+json",
+        "config": {"mediaType": "application/vnd.oci.image.config.v1+json", "digest": sha(&config), "size": config.len()},
+        "layers": descs,
+    })
+    .to_string()
+    .into_bytes();
+    files.insert(format!("/v2/evil/app/blobs/{}", sha(&config)), ("application/octet-stream".to_string(), config));
+    files.insert("/v2/evil/app/manifests/latest".to_string(), ("application/vnd.oci.image.manifest.v1+json".to_string(), manifest));
+    static_registry(files).await
+}
+
+async fn expect_clean_failure(addr: &str, needles: &[&str], kind: Kind) {
+    let env = env_with(addr, |_| {});
+    let e = env.images.pull(&format!("{addr}/evil/app:latest"), None).await.unwrap_err();
+    let msg = e.to_string();
+    assert_eq!(e.kind(), kind, "{msg}");
+    for n in needles {
+        assert!(msg.contains(n), "{msg:?} does not mention {n:?}");
+    }
+    // GC after the failed pull leaves neither the committed first layer nor any blob.
+    env.images.gc().await.unwrap();
+    assert!(snapshots(&env.snap).is_empty(), "{:?}", snapshots(&env.snap));
+    let content = env.images.content().root().to_path_buf();
+    assert_eq!(dir_count(&content.join("ingest")), 0);
+    assert_eq!(dir_count(&content.join("blobs/sha256")), 0);
+    assert!(!env.tmp.path().join("escape").exists() && !env.tmp.path().join("images/escape").exists());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn malicious_layer_from_a_registry_fails_cleanly() {
+    let good = tar_gz(&[("a.txt", b"a")]);
+    let evil = tar_gz(&[("ok.txt", b"ok"), ("../../../../escape", b"x")]);
+    let addr = crafted_image(vec![good, evil], None).await;
+    expect_clean_failure(&addr, &["../../../../escape", "(2/2)"], Kind::FailedPrecondition).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn wrong_diff_id_fails_cleanly() {
+    let good = tar_gz(&[("a.txt", b"a")]);
+    let other = tar_gz(&[("b.txt", b"b")]);
+    let wrong = vec![sha(&good.0), sha(b"not the tar")];
+    let addr = crafted_image(vec![good, other], Some(wrong)).await;
+    expect_clean_failure(&addr, &["diff_id", "(2/2)"], Kind::DataLoss).await;
+}
