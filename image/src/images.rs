@@ -219,6 +219,14 @@ impl Images {
         self.inner.find(name)
     }
 
+    /// Mark an image pinned (kubelet's GC leaves pinned images alone, e.g. the sandbox
+    /// image). Returns false if there is no such image.
+    pub async fn set_pinned(&self, name: &str, pinned: bool) -> Result<bool> {
+        let Some(rec) = self.inner.find(name)? else { return Ok(false) };
+        let _g = self.inner.gc_lock.read().await;
+        self.inner.store.set_pinned(&rec.id, pinned)
+    }
+
     /// Remove the image named by id, tag or digest with all its tags, then collect what no
     /// image references. Returns false if there was no such image.
     pub async fn remove(&self, name: &str) -> Result<bool> {

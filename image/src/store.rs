@@ -146,6 +146,30 @@ impl ImageStore {
         Ok(merged)
     }
 
+    pub fn set_pinned(&self, id: &Digest, pinned: bool) -> Result<bool> {
+        let tx = self.db.begin_write().map_err(|e| db_err("begin", e))?;
+        let found = {
+            let mut t = tx.open_table(IMAGES).map_err(|e| db_err("open table", e))?;
+            let rec = match t.get(id.as_str()).map_err(|e| db_err("get", e))? {
+                Some(v) => Some(
+                    serde_json::from_slice::<ImageRecord>(v.value())
+                        .map_err(|e| Error::internal(format!("image store: record {id} is corrupt: {e}")))?,
+                ),
+                None => None,
+            };
+            match rec {
+                Some(mut r) => {
+                    r.pinned = pinned;
+                    put(&mut t, &r)?;
+                    true
+                }
+                None => false,
+            }
+        };
+        tx.commit().map_err(|e| db_err("commit", e))?;
+        Ok(found)
+    }
+
     pub fn delete(&self, id: &Digest) -> Result<bool> {
         let tx = self.db.begin_write().map_err(|e| db_err("begin", e))?;
         let existed = {
@@ -200,6 +224,9 @@ mod tests {
         let one = s.get(&Digest::of(&[1])).unwrap().unwrap();
         assert!(one.repo_tags.is_empty());
         assert_eq!(s.list().unwrap().len(), 2);
+        assert!(s.set_pinned(&Digest::of(&[2]), true).unwrap());
+        assert!(s.get(&Digest::of(&[2])).unwrap().unwrap().pinned);
+        assert!(!s.set_pinned(&Digest::of(&[9]), true).unwrap());
         assert!(s.delete(&Digest::of(&[1])).unwrap());
         assert!(!s.delete(&Digest::of(&[1])).unwrap());
         assert_eq!(s.list().unwrap().len(), 1);
