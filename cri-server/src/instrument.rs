@@ -66,7 +66,8 @@ impl HasKind for crisp_image::Error {
 }
 
 /// What a CRI call handler returns on failure: a kind and a message for the caller.
-#[derive(Debug)]
+/// Clone: a shared in-flight call hands the same error to every caller.
+#[derive(Debug, Clone)]
 pub struct CriError {
     pub kind: ErrorKind,
     pub message: String,

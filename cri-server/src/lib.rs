@@ -9,6 +9,7 @@ pub mod config;
 pub mod cri;
 pub mod daemon;
 pub mod idmap;
+pub mod inflight;
 pub mod instrument;
 pub mod logs;
 pub mod metrics;
