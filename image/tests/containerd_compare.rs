@@ -163,6 +163,19 @@ fn walk(root: &Path) -> BTreeMap<String, Node> {
     out
 }
 
+/// Detaches a mount when dropped, so a failed assertion never leaves the temp dir's removal
+/// walking into a mounted tree.
+struct Unmount(PathBuf);
+
+impl Drop for Unmount {
+    fn drop(&mut self) {
+        if let Ok(c) = CString::new(self.0.as_os_str().as_bytes()) {
+            // SAFETY: c is a valid NUL-terminated path; failure (not mounted) is fine.
+            unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) };
+        }
+    }
+}
+
 fn run(cmd: &str) {
     let st = Command::new("sh").arg("-c").arg(cmd).status().unwrap();
     assert!(st.success(), "{cmd}");
@@ -195,6 +208,7 @@ async fn trees_match_containerd() {
         let key = format!("cmp-{n}");
         let mounts = snap.view(&key, Some(&chain), HashMap::new()).unwrap();
         crisp_snapshotter::mount::mount_all(&mounts, &ours_mnt).unwrap();
+        let ours_guard = Unmount(ours_mnt.clone());
         // containerd's: a view of the same chain id in its overlayfs snapshotter.
         let theirs_mnt = tmp.path().join(format!("theirs-{n}"));
         std::fs::create_dir_all(&theirs_mnt).unwrap();
@@ -202,6 +216,7 @@ async fn trees_match_containerd() {
         // name only the parents' directories, which the pulled image keeps alive.
         let cmd = ctr(&cd, &["snapshots", "view", "--target", theirs_mnt.to_str().unwrap(), &key, &chain]).unwrap();
         run(cmd.trim());
+        let theirs_guard = Unmount(theirs_mnt.clone());
 
         let ours = walk(&ours_mnt);
         let theirs = walk(&theirs_mnt);
@@ -210,8 +225,9 @@ async fn trees_match_containerd() {
             (m.mode() & 0o7777, m.uid(), m.gid())
         };
         let roots = (root_meta(&ours_mnt), root_meta(&theirs_mnt));
-        run(&format!("umount {}", theirs_mnt.display()));
+        drop(theirs_guard);
         crisp_snapshotter::mount::unmount_all(&ours_mnt).unwrap();
+        std::mem::forget(ours_guard);
         snap.remove(&key).unwrap();
 
         let mut diffs = Vec::new();
