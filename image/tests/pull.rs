@@ -198,6 +198,12 @@ async fn concurrent_pulls_download_each_blob_once() {
             *counts.entry(digest).or_default() += 1;
         }
     }
+    // Identical pulls started together share one: one manifest request per name.
+    let reqs = reg.requests().unwrap();
+    for name in ["layers", "user"] {
+        let n = reqs.iter().filter(|r| r.starts_with(&format!("GET /v2/library/{name}/manifests/latest"))).count();
+        assert_eq!(n, 1, "{name}: {reqs:?}");
+    }
     // The same blob may live under several repositories; each digest is fetched once.
     let dup: Vec<_> = counts.iter().filter(|(_, n)| **n > 1).collect();
     assert!(dup.is_empty(), "blobs downloaded more than once: {dup:?}");
