@@ -196,10 +196,11 @@ impl RuntimeService for Cri {
 
     async fn list_containers(
         &self,
-        _req: Request<pb::ListContainersRequest>,
+        req: Request<pb::ListContainersRequest>,
     ) -> Res<pb::ListContainersResponse> {
+        let req = req.into_inner();
         instrument::call("ListContainers", info_span!("ListContainers"), async {
-            Ok(pb::ListContainersResponse { containers: vec![] })
+            cri::containers::list_containers(&self.d.store, req)
         })
         .await
     }
@@ -214,12 +215,14 @@ impl RuntimeService for Cri {
 
     async fn container_status(
         &self,
-        _req: Request<pb::ContainerStatusRequest>,
+        req: Request<pb::ContainerStatusRequest>,
     ) -> Res<pb::ContainerStatusResponse> {
-        not_yet!(
-            "ContainerStatus",
-            "containers need the shim's task service, not wired into crispd yet"
-        )
+        let req = req.into_inner();
+        let span = info_span!("ContainerStatus", container_id = %req.container_id);
+        instrument::call("ContainerStatus", span, async {
+            cri::containers::container_status(&self.d.store, req)
+        })
+        .await
     }
 
     async fn update_container_resources(

@@ -16,7 +16,7 @@ use crate::store::records::{PodRecord, PodState};
 
 /// Decode the CRI config kept with a record (hex of its protobuf encoding).
 pub fn pod_config(rec: &PodRecord) -> PodSandboxConfig {
-    hex_decode(&rec.config_pb)
+    crate::util::hex_decode(&rec.config_pb)
         .and_then(|b| PodSandboxConfig::decode(b.as_slice()).ok())
         .unwrap_or_default()
 }
@@ -25,16 +25,6 @@ pub fn encode_config(cfg: &PodSandboxConfig) -> String {
     cfg.encode_to_vec()
         .iter()
         .map(|b| format!("{b:02x}"))
-        .collect()
-}
-
-fn hex_decode(s: &str) -> Option<Vec<u8>> {
-    if !s.len().is_multiple_of(2) {
-        return None;
-    }
-    (0..s.len())
-        .step_by(2)
-        .map(|i| u8::from_str_radix(s.get(i..i + 2)?, 16).ok())
         .collect()
 }
 
@@ -298,7 +288,7 @@ mod tests {
     fn config_round_trips_through_hex() {
         let r = rec("x", PodState::Ready, "web", 1);
         assert_eq!(pod_config(&r).labels["app"], "web");
-        assert_eq!(hex_decode("0g"), None);
-        assert_eq!(hex_decode("abc"), None);
+        assert_eq!(crate::util::hex_decode("0g"), None);
+        assert_eq!(crate::util::hex_decode("abc"), None);
     }
 }

@@ -1,0 +1,307 @@
+//! Read-only container calls answered from the store: ListContainers (filters by id, pod,
+//! state, labels) and ContainerStatus. Live state comes from the shim's events, which update
+//! the records; these calls never wait on a shim.
+
+use std::collections::HashMap;
+
+use crisp_proto::cri::v1::{
+    Container, ContainerConfig, ContainerFilter, ContainerState as PbState, ContainerStatus,
+    ContainerStatusRequest, ContainerStatusResponse, ImageSpec, ListContainersRequest,
+    ListContainersResponse,
+};
+use prost::Message;
+
+use crate::instrument::CriError;
+use crate::store::Store;
+use crate::store::records::{ContainerRecord, ContainerState};
+
+pub fn container_config(rec: &ContainerRecord) -> ContainerConfig {
+    crate::util::hex_decode(&rec.config_pb)
+        .and_then(|b| ContainerConfig::decode(b.as_slice()).ok())
+        .unwrap_or_default()
+}
+
+pub fn encode_config(cfg: &ContainerConfig) -> String {
+    cfg.encode_to_vec()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+pub fn state_of(rec: &ContainerRecord) -> PbState {
+    match rec.state {
+        ContainerState::Created => PbState::ContainerCreated,
+        ContainerState::Running => PbState::ContainerRunning,
+        ContainerState::Exited => PbState::ContainerExited,
+        ContainerState::Unknown => PbState::ContainerUnknown,
+    }
+}
+
+pub fn matches(rec: &ContainerRecord, cfg: &ContainerConfig, f: &ContainerFilter) -> bool {
+    (f.id.is_empty() || rec.id.starts_with(&f.id))
+        && (f.pod_sandbox_id.is_empty() || rec.pod_id.starts_with(&f.pod_sandbox_id))
+        && f.state
+            .as_ref()
+            .is_none_or(|s| s.state == state_of(rec) as i32)
+        && f.label_selector
+            .iter()
+            .all(|(k, v)| cfg.labels.get(k) == Some(v))
+}
+
+pub fn list_containers(
+    store: &Store,
+    req: ListContainersRequest,
+) -> Result<ListContainersResponse, CriError> {
+    let filter = req.filter.unwrap_or_default();
+    let mut containers = Vec::new();
+    for (_, rec) in store.list::<ContainerRecord>()? {
+        let cfg = container_config(&rec);
+        if !matches(&rec, &cfg, &filter) {
+            continue;
+        }
+        containers.push(Container {
+            id: rec.id.clone(),
+            pod_sandbox_id: rec.pod_id.clone(),
+            metadata: cfg.metadata.clone(),
+            image: Some(ImageSpec {
+                image: rec.image.clone(),
+                ..Default::default()
+            }),
+            image_ref: rec.image_ref.clone(),
+            image_id: rec.image_ref.clone(),
+            state: state_of(&rec) as i32,
+            created_at: rec.created_at,
+            labels: cfg.labels.clone(),
+            annotations: cfg.annotations.clone(),
+        });
+    }
+    containers.sort_by_key(|c| c.created_at);
+    Ok(ListContainersResponse { containers })
+}
+
+pub fn find(store: &Store, id: &str) -> Result<ContainerRecord, CriError> {
+    if id.is_empty() {
+        return Err(CriError::invalid("container_id is empty"));
+    }
+    if let Some(r) = store.get::<ContainerRecord>(id)? {
+        return Ok(r);
+    }
+    let mut hits: Vec<ContainerRecord> = store
+        .list::<ContainerRecord>()?
+        .into_iter()
+        .map(|(_, r)| r)
+        .filter(|r| r.id.starts_with(id))
+        .collect();
+    match hits.len() {
+        1 => Ok(hits.remove(0)),
+        0 => Err(CriError::not_found(format!("container {id} not found"))),
+        n => Err(CriError::invalid(format!(
+            "container id prefix {id} is ambiguous ({n} containers)"
+        ))),
+    }
+}
+
+pub fn container_status(
+    store: &Store,
+    req: ContainerStatusRequest,
+) -> Result<ContainerStatusResponse, CriError> {
+    let rec = find(store, &req.container_id)?;
+    let cfg = container_config(&rec);
+    let mut info = HashMap::new();
+    if req.verbose {
+        let v = serde_json::json!({
+            "sandboxID": rec.pod_id,
+            "pid": rec.pid,
+            "logPath": rec.log_path,
+        });
+        info.insert("info".to_string(), v.to_string());
+    }
+    Ok(ContainerStatusResponse {
+        status: Some(ContainerStatus {
+            id: rec.id.clone(),
+            metadata: cfg.metadata.clone(),
+            state: state_of(&rec) as i32,
+            created_at: rec.created_at,
+            started_at: rec.started_at,
+            finished_at: rec.finished_at,
+            exit_code: rec.exit_code,
+            image: Some(ImageSpec {
+                image: rec.image.clone(),
+                ..Default::default()
+            }),
+            image_ref: rec.image_ref.clone(),
+            image_id: rec.image_ref.clone(),
+            reason: rec.reason.clone(),
+            message: rec.message.clone(),
+            labels: cfg.labels.clone(),
+            annotations: cfg.annotations.clone(),
+            mounts: cfg.mounts.clone(),
+            log_path: rec.log_path.clone(),
+            resources: None,
+            user: None,
+            stop_signal: cfg.stop_signal,
+        }),
+        info,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::instrument::ErrorKind;
+    use crisp_proto::cri::v1::{ContainerMetadata, ContainerStateValue};
+
+    fn rec(
+        id: &str,
+        pod: &str,
+        state: ContainerState,
+        tier: &str,
+        created: i64,
+    ) -> ContainerRecord {
+        let cfg = ContainerConfig {
+            metadata: Some(ContainerMetadata {
+                name: format!("n-{id}"),
+                attempt: 1,
+            }),
+            labels: [("tier".to_string(), tier.to_string())].into(),
+            log_path: format!("{id}/0.log"),
+            ..Default::default()
+        };
+        ContainerRecord {
+            id: id.into(),
+            pod_id: pod.into(),
+            name: format!("n-{id}"),
+            attempt: 1,
+            state,
+            created_at: created,
+            started_at: if state == ContainerState::Created {
+                0
+            } else {
+                created + 1
+            },
+            finished_at: if state == ContainerState::Exited {
+                created + 2
+            } else {
+                0
+            },
+            exit_code: if state == ContainerState::Exited {
+                1
+            } else {
+                0
+            },
+            reason: if state == ContainerState::Exited {
+                "Error".into()
+            } else {
+                String::new()
+            },
+            message: String::new(),
+            image: "busybox".into(),
+            image_ref: "sha256:abc".into(),
+            log_path: format!("/var/log/pods/x/{id}/0.log"),
+            config_pb: encode_config(&cfg),
+            pid: Some(7),
+        }
+    }
+
+    fn store() -> (tempfile::TempDir, Store) {
+        let d = tempfile::tempdir().expect("tempdir");
+        let s = Store::open(&d.path().join("crisp.db")).expect("store");
+        s.put("c1", &rec("c1", "p1", ContainerState::Running, "web", 3))
+            .expect("put");
+        s.put("c2", &rec("c2", "p1", ContainerState::Exited, "db", 1))
+            .expect("put");
+        s.put("d3", &rec("d3", "p2", ContainerState::Created, "web", 2))
+            .expect("put");
+        (d, s)
+    }
+
+    fn ids(r: ListContainersResponse) -> Vec<String> {
+        r.containers.into_iter().map(|c| c.id).collect()
+    }
+
+    #[test]
+    fn list_filters() {
+        let (_d, s) = store();
+        let f = |filter: ContainerFilter| {
+            ids(list_containers(
+                &s,
+                ListContainersRequest {
+                    filter: Some(filter),
+                },
+            )
+            .expect("list"))
+        };
+        assert_eq!(f(ContainerFilter::default()), vec!["c2", "d3", "c1"]);
+        assert_eq!(
+            f(ContainerFilter {
+                pod_sandbox_id: "p1".into(),
+                ..Default::default()
+            }),
+            vec!["c2", "c1"]
+        );
+        assert_eq!(
+            f(ContainerFilter {
+                id: "d".into(),
+                ..Default::default()
+            }),
+            vec!["d3"]
+        );
+        assert_eq!(
+            f(ContainerFilter {
+                state: Some(ContainerStateValue {
+                    state: PbState::ContainerRunning as i32
+                }),
+                ..Default::default()
+            }),
+            vec!["c1"]
+        );
+        assert_eq!(
+            f(ContainerFilter {
+                label_selector: [("tier".into(), "web".into())].into(),
+                ..Default::default()
+            }),
+            vec!["d3", "c1"]
+        );
+    }
+
+    #[test]
+    fn status_reports_exit_and_reason() {
+        let (_d, s) = store();
+        let r = container_status(
+            &s,
+            ContainerStatusRequest {
+                container_id: "c2".into(),
+                verbose: true,
+            },
+        )
+        .expect("status");
+        let st = r.status.expect("status");
+        assert_eq!(st.state, PbState::ContainerExited as i32);
+        assert_eq!((st.exit_code, st.reason.as_str()), (1, "Error"));
+        assert_eq!(st.finished_at, 3);
+        assert_eq!(
+            st.metadata.map(|m| (m.name, m.attempt)),
+            Some(("n-c2".into(), 1))
+        );
+        assert_eq!(st.log_path, "/var/log/pods/x/c2/0.log");
+        assert!(r.info["info"].contains("\"sandboxID\":\"p1\""));
+        let e = container_status(
+            &s,
+            ContainerStatusRequest {
+                container_id: "nope".into(),
+                verbose: false,
+            },
+        )
+        .expect_err("unknown");
+        assert_eq!(e.kind, ErrorKind::NotFound);
+        let e = container_status(
+            &s,
+            ContainerStatusRequest {
+                container_id: "c".into(),
+                verbose: false,
+            },
+        )
+        .expect_err("ambiguous");
+        assert_eq!(e.kind, ErrorKind::InvalidArgument);
+    }
+}
