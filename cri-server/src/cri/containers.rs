@@ -22,10 +22,7 @@ pub fn container_config(rec: &ContainerRecord) -> ContainerConfig {
 }
 
 pub fn encode_config(cfg: &ContainerConfig) -> String {
-    cfg.encode_to_vec()
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect()
+    crate::util::hex_encode(&cfg.encode_to_vec())
 }
 
 pub fn state_of(rec: &ContainerRecord) -> PbState {

@@ -22,10 +22,7 @@ pub fn pod_config(rec: &PodRecord) -> PodSandboxConfig {
 }
 
 pub fn encode_config(cfg: &PodSandboxConfig) -> String {
-    cfg.encode_to_vec()
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect()
+    crate::util::hex_encode(&cfg.encode_to_vec())
 }
 
 fn state_of(rec: &PodRecord) -> PodSandboxState {
