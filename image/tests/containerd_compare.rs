@@ -1,6 +1,6 @@
 //! Every test image pulled by crisp and by Debian's containerd (a private instance of ours,
 //! CRI plugin off) from the same local registry must give identical trees: paths, types,
-//! modes, uid/gid, xattrs, symlink targets, device numbers, hard-link groups, content hashes.
+//! modes, uid/gid, mtimes, xattrs, symlink targets, device numbers, hard-link groups, content hashes.
 #![allow(clippy::unwrap_used)]
 
 use std::collections::{BTreeMap, HashMap};
@@ -83,6 +83,9 @@ struct Node {
     uid: u32,
     gid: u32,
     rdev: u64,
+    /// None for directories the unpacker made because the layer lists no entry for them:
+    /// both runtimes stamp those with the time of the pull.
+    mtime: Option<(i64, i64)>,
     link: Option<PathBuf>,
     sha: Option<String>,
     xattrs: BTreeMap<String, Vec<u8>>,
@@ -112,7 +115,7 @@ fn xattrs(p: &Path) -> BTreeMap<String, Vec<u8>> {
     out
 }
 
-fn walk(root: &Path) -> BTreeMap<String, Node> {
+fn walk(root: &Path, made_after: i64) -> BTreeMap<String, Node> {
     let mut out = BTreeMap::new();
     let mut inodes: HashMap<u64, String> = HashMap::new();
     let mut stack = vec![root.to_path_buf()];
@@ -156,7 +159,7 @@ fn walk(root: &Path) -> BTreeMap<String, Node> {
             let link = ft.is_symlink().then(|| std::fs::read_link(&p).unwrap());
             out.insert(
                 rel,
-                Node { kind, mode: m.mode() & 0o7777, uid: m.uid(), gid: m.gid(), rdev: m.rdev(), link, sha, xattrs: xattrs(&p), hardlink_of },
+                Node { kind, mode: m.mode() & 0o7777, uid: m.uid(), gid: m.gid(), rdev: m.rdev(), mtime: (m.mtime() < made_after).then(|| (m.mtime(), m.mtime_nsec())), link, sha, xattrs: xattrs(&p), hardlink_of },
             );
         }
     }
@@ -183,6 +186,7 @@ fn run(cmd: &str) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn trees_match_containerd() {
+    let started = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs() as i64 - 5;
     let reg = Registry::start().unwrap();
     let names = ["busybox", "layers", "user", "busybox-zstd", "multiarch", "pause"];
     reg.push(&names).unwrap();
@@ -218,8 +222,8 @@ async fn trees_match_containerd() {
         run(cmd.trim());
         let theirs_guard = Unmount(theirs_mnt.clone());
 
-        let ours = walk(&ours_mnt);
-        let theirs = walk(&theirs_mnt);
+        let ours = walk(&ours_mnt, started);
+        let theirs = walk(&theirs_mnt, started);
         let root_meta = |p: &Path| {
             let m = std::fs::metadata(p).unwrap();
             (m.mode() & 0o7777, m.uid(), m.gid())
