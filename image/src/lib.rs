@@ -5,6 +5,7 @@
 pub mod client;
 pub mod content;
 pub mod cri;
+mod download;
 pub mod error;
 pub mod hosts;
 pub mod images;
