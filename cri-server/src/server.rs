@@ -105,22 +105,30 @@ impl RuntimeService for Cri {
 
     async fn stop_pod_sandbox(
         &self,
-        _req: Request<pb::StopPodSandboxRequest>,
+        req: Request<pb::StopPodSandboxRequest>,
     ) -> Res<pb::StopPodSandboxResponse> {
-        not_yet!(
+        let req = req.into_inner();
+        let span = info_span!("StopPodSandbox", pod_id = %req.pod_sandbox_id);
+        instrument::call(
             "StopPodSandbox",
-            "pod sandboxes need the shim's sandbox service, not wired into crispd yet"
+            span,
+            cri::pod_teardown::stop(&self.d, req),
         )
+        .await
     }
 
     async fn remove_pod_sandbox(
         &self,
-        _req: Request<pb::RemovePodSandboxRequest>,
+        req: Request<pb::RemovePodSandboxRequest>,
     ) -> Res<pb::RemovePodSandboxResponse> {
-        not_yet!(
+        let req = req.into_inner();
+        let span = info_span!("RemovePodSandbox", pod_id = %req.pod_sandbox_id);
+        instrument::call(
             "RemovePodSandbox",
-            "pod sandboxes need the shim's sandbox service, not wired into crispd yet"
+            span,
+            cri::pod_teardown::remove(&self.d, req),
         )
+        .await
     }
 
     async fn pod_sandbox_status(

@@ -3,6 +3,7 @@
 //! instrumentation that maps errors to codes.
 
 pub mod containers;
+pub mod pod_teardown;
 pub mod pods;
 pub mod runtime_config;
 pub mod status;
