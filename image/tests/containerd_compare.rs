@@ -188,7 +188,7 @@ fn run(cmd: &str) {
 async fn trees_match_containerd() {
     let started = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs() as i64 - 5;
     let reg = Registry::start().unwrap();
-    let names = ["busybox", "layers", "user", "busybox-zstd", "multiarch", "pause"];
+    let names = ["busybox", "layers", "user", "busybox-zstd", "multiarch", "pause", "large"];
     reg.push(&names).unwrap();
     let tmp = tempfile::tempdir().unwrap();
     let hosts = tmp.path().join("certs.d");
