@@ -95,12 +95,21 @@ impl RuntimeService for Cri {
 
     async fn run_pod_sandbox(
         &self,
-        _req: Request<pb::RunPodSandboxRequest>,
+        req: Request<pb::RunPodSandboxRequest>,
     ) -> Res<pb::RunPodSandboxResponse> {
-        not_yet!(
+        let req = req.into_inner();
+        let name = req
+            .config
+            .as_ref()
+            .and_then(|c| c.metadata.as_ref())
+            .map(|m| m.name.clone());
+        let span = info_span!("RunPodSandbox", pod_name = name.as_deref().unwrap_or(""));
+        instrument::call(
             "RunPodSandbox",
-            "pod sandboxes need the shim's sandbox service, not wired into crispd yet"
+            span,
+            cri::run_pod::run_pod_sandbox(&self.d, req),
         )
+        .await
     }
 
     async fn stop_pod_sandbox(

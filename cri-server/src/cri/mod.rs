@@ -5,6 +5,7 @@
 pub mod containers;
 pub mod pod_teardown;
 pub mod pods;
+pub mod run_pod;
 pub mod runtime_config;
 pub mod status;
 pub mod version;
