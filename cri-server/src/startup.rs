@@ -178,6 +178,14 @@ async fn shutdown_signal() {
 /// the pods that need it should fail.
 pub fn check_runtimes(cfg: &Config) -> Vec<Condition> {
     let mut out = Vec::new();
+    if crate::util::cgroup_mode(Path::new("/sys/fs/cgroup")).is_none() {
+        out.push(Condition {
+            key: "cgroup_driver".into(),
+            message: "no cgroup hierarchy mounted at /sys/fs/cgroup (neither v2 nor v1 \
+                      memory controller); pods cannot be placed in cgroups"
+                .into(),
+        });
+    }
     if find_binary(&cfg.shim_binary).is_none() {
         out.push(Condition {
             key: "shim_binary".into(),

@@ -81,6 +81,25 @@ pub fn new_id() -> String {
     format!("{a}{b}")
 }
 
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CgroupMode {
+    /// cgroup v2 only.
+    Unified,
+    /// cgroup v1 controllers (possibly with a v2 hierarchy beside them).
+    Legacy,
+}
+
+/// Which cgroup layout is mounted at `root` (normally /sys/fs/cgroup), if any.
+pub fn cgroup_mode(root: &Path) -> Option<CgroupMode> {
+    if root.join("cgroup.controllers").is_file() {
+        Some(CgroupMode::Unified)
+    } else if root.join("memory").is_dir() || root.join("cpu").is_dir() {
+        Some(CgroupMode::Legacy)
+    } else {
+        None
+    }
+}
+
 /// Lower-case hex, for protobuf bytes kept in JSON records.
 pub fn hex_encode(b: &[u8]) -> String {
     b.iter().map(|b| format!("{b:02x}")).collect()
@@ -125,6 +144,18 @@ mod tests {
         let e = wait_output_timeout(child, Duration::from_millis(100)).expect_err("timeout");
         assert_eq!(e.kind(), io::ErrorKind::TimedOut);
         assert!(start.elapsed() < Duration::from_secs(5));
+    }
+
+    #[test]
+    fn cgroup_mode_detection() {
+        let d = tempfile::tempdir().expect("tempdir");
+        assert_eq!(cgroup_mode(d.path()), None);
+        std::fs::create_dir(d.path().join("memory")).expect("mkdir");
+        assert_eq!(cgroup_mode(d.path()), Some(CgroupMode::Legacy));
+        std::fs::write(d.path().join("cgroup.controllers"), "cpu memory\n").expect("write");
+        assert_eq!(cgroup_mode(d.path()), Some(CgroupMode::Unified));
+        // This machine has some cgroup layout.
+        assert!(cgroup_mode(Path::new("/sys/fs/cgroup")).is_some());
     }
 
     #[test]

@@ -42,10 +42,9 @@ pub async fn status(d: &Daemon, req: StatusRequest) -> Result<StatusResponse, Cr
         message: String::new(),
     };
 
-    let mut handlers = vec![handler(
-        "",
-        &d.cfg.runtime_handlers.values().next().cloned(),
-    )];
+    // The default handler advertises the features of the named handler it runs as, if any.
+    let default = d.cfg.runtime_handlers.get(d.cfg.runtime.as_str()).cloned();
+    let mut handlers = vec![handler("", &default)];
     for (name, h) in &d.cfg.runtime_handlers {
         handlers.push(handler(name, &Some(h.clone())));
     }
