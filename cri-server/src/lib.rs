@@ -3,6 +3,25 @@
 //!
 //! Start-up order and what each module owns are described in `startup` and in
 //! `../shared/DESIGN.md`.
+//!
+//! | module | owns |
+//! |---|---|
+//! | `config` | the TOML file, CLI flags, validation naming key and value |
+//! | `startup` | the named phases: parse config → open store → snapshotter → recover → cni → serve |
+//! | `store` | `<root>/crisp.db` (redb): versioned records, quarantine of undecodable ones |
+//! | `idmap` | pod ID ranges from subuid/subgid, one store transaction per allocation |
+//! | `cni`, `netns` | network config discovery and polling, plugin chains, result cache; named netns |
+//! | `spec` | the OCI spec as a pure function of pod, container and image config |
+//! | `logs` | CRI-format container log files |
+//! | `recover` | orphans found at start-up (ID ranges, netns, CNI attachments, records) |
+//! | `inflight` | single flight for retried slow calls (RunPodSandbox) |
+//! | `instrument` | the one error-kind → gRPC-code mapping; call entry/exit logs and metrics |
+//! | `server`, `cri/` | the tonic services; one file per CRI call or family |
+//! | `metrics` | Prometheus text on a loopback port |
+//!
+//! Not wired yet: starting pods and containers through the shim (its sandbox and task ttrpc
+//! services), so RunPodSandbox stops after its checks with Unimplemented, and container
+//! create/start/stop/exec/stats are Unimplemented; streaming calls belong to a later issue.
 
 pub mod cni;
 pub mod config;
