@@ -110,7 +110,15 @@ fn build_client(h: &RegistryHost) -> Result<reqwest::Client> {
 }
 
 fn net_err(host: &RegistryHost, what: &str, e: reqwest::Error) -> Error {
-    Error::with_source(Kind::Unavailable, format!("{what} from {}", host.display()), e)
+    // reqwest's Display stops at "error sending request"; the cause (refused, TLS, reset)
+    // is further down the chain, and it is what an operator needs.
+    let mut msg = format!("{what} from {}: {e}", host.display());
+    let mut src = std::error::Error::source(&e);
+    while let Some(s) = src {
+        msg.push_str(&format!(": {s}"));
+        src = s.source();
+    }
+    Error::new(Kind::Unavailable, msg)
 }
 
 impl RegistryClient {

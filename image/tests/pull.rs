@@ -602,3 +602,99 @@ async fn wrong_diff_id_fails_cleanly() {
     let addr = crafted_image(vec![good, other], Some(wrong)).await;
     expect_clean_failure(&addr, &["diff_id", "(2/2)"], Kind::DataLoss).await;
 }
+
+/// docker-registry over TLS with a self-signed certificate, serving another registry's storage.
+struct TlsRegistry {
+    child: std::process::Child,
+    addr: String,
+    /// The CA that signed the server's certificate.
+    cert: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl Drop for TlsRegistry {
+    fn drop(&mut self) {
+        // Our own child, by its handle.
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn tls_registry(storage: &Path) -> TlsRegistry {
+    let dir = tempfile::tempdir().unwrap();
+    // A CA and a server certificate it signs: webpki refuses a CA certificate as a server's.
+    let (ca, cert, key) = (dir.path().join("ca.pem"), dir.path().join("cert.pem"), dir.path().join("key.pem"));
+    let d = dir.path().display();
+    let ext = dir.path().join("ext.cnf");
+    std::fs::write(&ext, "subjectAltName=IP:127.0.0.1\nbasicConstraints=CA:FALSE\nextendedKeyUsage=serverAuth\n").unwrap();
+    for cmd in [
+        format!("openssl req -x509 -newkey rsa:2048 -nodes -days 1 -subj /CN=crisp-test-ca -keyout {d}/ca.key -out {d}/ca.pem"),
+        format!("openssl req -newkey rsa:2048 -nodes -subj /CN=127.0.0.1 -keyout {d}/key.pem -out {d}/leaf.csr"),
+        format!("openssl x509 -req -in {d}/leaf.csr -CA {d}/ca.pem -CAkey {d}/ca.key -CAcreateserial -days 1 -extfile {d}/ext.cnf -out {d}/cert.pem"),
+    ] {
+        let st = std::process::Command::new("sh")
+            .arg("-c")
+            .arg(&cmd)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .status()
+            .unwrap();
+        assert!(st.success(), "{cmd}");
+    }
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let cfg = dir.path().join("config.yml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "version: 0.1\nlog:\n  level: warn\nstorage:\n  filesystem:\n    rootdirectory: {}\n  maintenance:\n    uploadpurging:\n      enabled: false\nhttp:\n  addr: 127.0.0.1:{port}\n  secret: x\n  tls:\n    certificate: {}\n    key: {}\n",
+            storage.display(),
+            cert.display(),
+            key.display()
+        ),
+    )
+    .unwrap();
+    let child = std::process::Command::new("docker-registry")
+        .arg("serve")
+        .arg(&cfg)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let addr = format!("127.0.0.1:{port}");
+    let t0 = Instant::now();
+    while std::net::TcpStream::connect(&addr).is_err() {
+        assert!(t0.elapsed() < Duration::from_secs(10), "TLS registry did not start");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    TlsRegistry { child, addr, cert: ca, _dir: dir }
+}
+
+fn tls_env(addr: &str, extra: &str) -> Env {
+    let tmp = tempfile::tempdir().unwrap();
+    let certs = tmp.path().join("certs.d").join(addr);
+    std::fs::create_dir_all(&certs).unwrap();
+    std::fs::write(certs.join("hosts.toml"), format!("server = \"https://{addr}\"\n{extra}")).unwrap();
+    let snap = Arc::new(Snapshotter::open(&tmp.path().join("snapshotter"), Default::default()).unwrap());
+    let cfg = Config { hosts_dir: Some(tmp.path().join("certs.d")), request_timeout: Duration::from_secs(10), ..Default::default() };
+    let images = Images::open(&tmp.path().join("images"), snap.clone(), cfg).unwrap();
+    Env { tmp, snap, images }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn tls_registry_with_ca_or_skip_verify() {
+    let reg = Registry::start().unwrap();
+    reg.push(&["pause"]).unwrap();
+    let tls = tls_registry(&reg.dir().join("storage"));
+    let name = format!("{}/pause:3.9", tls.addr);
+    // The hosts.toml `ca` makes the self-signed certificate trusted.
+    let env = tls_env(&tls.addr, &format!("ca = \"{}\"\n", tls.cert.display()));
+    env.images.pull(&name, None).await.unwrap();
+    // skip_verify accepts it without the CA.
+    let env = tls_env(&tls.addr, "skip_verify = true\n");
+    env.images.pull(&name, None).await.unwrap();
+    // Neither: the certificate is refused, and the error says which host.
+    let env = tls_env(&tls.addr, "");
+    let e = env.images.pull(&name, None).await.unwrap_err();
+    assert_eq!(e.kind(), Kind::Unavailable, "{e}");
+    assert!(e.to_string().contains(&format!("https://{}", tls.addr)), "{e}");
+}
