@@ -462,7 +462,22 @@ mod tests {
                             Ok(m) => n += m,
                         }
                     }
+                    // A POST's form body follows the headers (Content-Length bytes).
+                    let head_end = buf[..n].windows(4).position(|w| w == b"\r\n\r\n").unwrap() + 4;
+                    let head = String::from_utf8_lossy(&buf[..head_end]).to_string();
+                    let len: usize = head
+                        .lines()
+                        .find(|l| l.to_ascii_lowercase().starts_with("content-length:"))
+                        .and_then(|l| l[15..].trim().parse().ok())
+                        .unwrap_or(0);
+                    while n < head_end + len {
+                        match c.read(&mut buf[n..]).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(m) => n += m,
+                        }
+                    }
                     let req = String::from_utf8_lossy(&buf[..n]).to_string();
+                    let form = String::from_utf8_lossy(&buf[head_end..n]).to_string();
                     let path = req.split(' ').nth(1).unwrap_or("").to_string();
                     let auth = req
                         .lines()
@@ -470,7 +485,14 @@ mod tests {
                         .map(|l| l[14..].trim().to_string())
                         .unwrap_or_default();
                     let basic = format!("Basic {}", base64::engine::general_purpose::STANDARD.encode("u:p"));
-                    let (status, headers, body) = if path.starts_with("/token") {
+                    let (status, headers, body) = if req.starts_with("POST /token") {
+                        tokens.fetch_add(1, Ordering::SeqCst);
+                        if form.contains("grant_type=refresh_token") && form.contains("refresh_token=rt") && form.contains("scope=repository%3Alib%2Fapp%3Apull") {
+                            ("200 OK", String::new(), r#"{"access_token":"tok"}"#.to_string())
+                        } else {
+                            ("401 Unauthorized", String::new(), String::new())
+                        }
+                    } else if path.starts_with("/token") {
                         tokens.fetch_add(1, Ordering::SeqCst);
                         if auth == basic && path.contains("scope=repository%3Alib%2Fapp%3Apull") {
                             ("200 OK", String::new(), r#"{"token":"tok"}"#.to_string())
@@ -515,6 +537,11 @@ mod tests {
         let e = bad.manifest("1").await.unwrap_err();
         assert_eq!(e.kind(), Kind::Unauthenticated, "{e}");
         assert!(e.to_string().contains("token endpoint"), "{e}");
+        // An identity token is exchanged with the OAuth2 refresh-token grant.
+        let idt = client_for(&addr, Auth { identity_token: "rt".into(), ..Default::default() });
+        idt.manifest("1").await.unwrap();
+        let bad_idt = client_for(&addr, Auth { identity_token: "nope".into(), ..Default::default() });
+        assert_eq!(bad_idt.manifest("1").await.unwrap_err().kind(), Kind::Unauthenticated);
         // A registry token is sent as is.
         let tok = client_for(&addr, Auth { registry_token: "tok".into(), ..Default::default() });
         tok.manifest("1").await.unwrap();
