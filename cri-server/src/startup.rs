@@ -152,6 +152,8 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         // Leave no mount behind when no pod needs it (the dir is mounted when a pod's netns is
         // first made; pods that still run keep it).
         crate::netns::release_dir_if_empty(&netns_dir);
+        // A stale socket would make the next client hang on connect-refused retries.
+        let _ = std::fs::remove_file(&listen);
         tracing::info!("shut down");
         Ok(())
     })

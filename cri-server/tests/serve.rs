@@ -303,3 +303,29 @@ async fn pulls_lists_and_removes_images_through_a_mirror() {
         .expect_err("empty name");
     assert_eq!(e.code(), tonic::Code::InvalidArgument);
 }
+
+/// SIGTERM: crispd stops serving, exits 0 and leaves neither its socket nor a mount behind.
+#[tokio::test]
+async fn sigterm_shuts_down_cleanly() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let cni_dir = dir.path().join("net.d");
+    let (mut d, sock) = start(dir.path(), &cni_dir);
+    let _ = wait_for_socket(&sock, &mut d).await;
+    let pid = nix::unistd::Pid::from_raw(d.0.id() as i32);
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).expect("SIGTERM");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let status = loop {
+        if let Some(s) = d.0.try_wait().expect("wait") {
+            break s;
+        }
+        assert!(Instant::now() < deadline, "crispd did not exit on SIGTERM");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert!(status.success(), "{status}");
+    assert!(!sock.exists(), "socket removed");
+    let mounts = std::fs::read_to_string("/proc/self/mountinfo").expect("mountinfo");
+    assert!(
+        !mounts.contains(&dir.path().display().to_string()),
+        "no mount left under the test dir"
+    );
+}
