@@ -318,10 +318,16 @@ impl Config {
     /// Parse a TOML document; unknown keys are errors, because a misspelt key silently
     /// ignored is a setting that silently does nothing.
     pub fn from_toml(text: &str, path: &Path) -> Result<Self, ConfigError> {
-        toml::from_str(text).map_err(|e| ConfigError::Parse {
+        let mut cfg: Self = toml::from_str(text).map_err(|e| ConfigError::Parse {
             path: path.to_path_buf(),
             message: e.to_string(),
-        })
+        })?;
+        // Adding a handler must not silently drop the built-in runc and crun ones: the file's
+        // table is merged over the defaults (an entry of the same name replaces the default).
+        for (name, h) in Self::default().runtime_handlers {
+            cfg.runtime_handlers.entry(name).or_insert(h);
+        }
+        Ok(cfg)
     }
 
     pub fn to_toml(&self) -> String {
@@ -569,6 +575,21 @@ mod tests {
         assert_eq!(c.cni.conf_dir, PathBuf::from("/opt/cni"));
         assert_eq!(c.cni.bin_dir, PathBuf::from("/usr/lib/cni"));
         assert_eq!(c.state, PathBuf::from("/run/crisp"));
+    }
+
+    #[test]
+    fn handlers_in_the_file_add_to_the_built_in_ones() {
+        let c = Config::from_toml(
+            "[runtime_handlers.kata]\nbinary = \"/opt/kata/runtime\"\n[runtime_handlers.runc]\nbinary = \"/usr/local/sbin/runc\"\n",
+            Path::new("x"),
+        )
+        .expect("parses");
+        let names: Vec<_> = c.runtime_handlers.keys().map(String::as_str).collect();
+        assert_eq!(names, vec!["crun", "kata", "runc"]);
+        assert_eq!(
+            c.runtime_handlers["runc"].binary,
+            PathBuf::from("/usr/local/sbin/runc")
+        );
     }
 
     #[test]

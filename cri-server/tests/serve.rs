@@ -65,7 +65,24 @@ fn start(dir: &Path, cni_dir: &Path) -> (Daemon, PathBuf) {
 fn write_empty_config(dir: &Path) -> PathBuf {
     let p = dir.join("config.toml");
     // Metrics off: parallel tests must not fight over a port.
-    std::fs::write(&p, "[metrics]\naddress = \"\"\n").expect("write config");
+    // A handler whose binary does not exist: must not stop start-up (promise 4). The shim is
+    // the one built beside crispd when there is one; otherwise any existing binary stands in,
+    // since these tests never get as far as starting a shim.
+    let shim = std::path::Path::new(env!("CARGO_BIN_EXE_crispd"))
+        .with_file_name("containerd-shim-crisp-v2");
+    let shim = if shim.is_file() {
+        shim
+    } else {
+        PathBuf::from("/bin/true")
+    };
+    std::fs::write(
+        &p,
+        format!(
+            "shim_binary = \"{}\"\n[metrics]\naddress = \"\"\n[runtime_handlers.ghost]\nbinary = \"/nonexistent/ghost-runtime\"\n",
+            shim.display()
+        ),
+    )
+    .expect("write config");
     p
 }
 
@@ -328,4 +345,76 @@ async fn sigterm_shuts_down_cleanly() {
         !mounts.contains(&dir.path().display().to_string()),
         "no mount left under the test dir"
     );
+}
+
+/// Start-up order (promise 4): empty CNI dir and a handler whose binary is missing. crispd
+/// serves; RunPodSandbox names what is missing; a conflist written later is picked up within
+/// 5 s without a restart and then the network check passes.
+#[tokio::test]
+async fn missing_things_are_named_and_picked_up_later() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let cni_dir = dir.path().join("net.d");
+    std::fs::create_dir_all(&cni_dir).expect("mkdir");
+    let (mut d, sock) = start(dir.path(), &cni_dir);
+    let mut c = RuntimeServiceClient::new(wait_for_socket(&sock, &mut d).await);
+    let pod = |handler: &str| pb::RunPodSandboxRequest {
+        config: Some(pb::PodSandboxConfig {
+            metadata: Some(pb::PodSandboxMetadata {
+                name: "p".into(),
+                uid: "u".into(),
+                namespace: "ns".into(),
+                attempt: 0,
+            }),
+            ..Default::default()
+        }),
+        runtime_handler: handler.into(),
+    };
+    let s = c
+        .status(pb::StatusRequest::default())
+        .await
+        .expect("Status")
+        .into_inner();
+    let conds = s.status.clone().expect("status").conditions;
+    assert!(conds.iter().any(|c| c.r#type == "RuntimeReady" && c.status));
+    assert!(network_ready(&s).is_some_and(|n| !n.status));
+
+    let e = c
+        .run_pod_sandbox(pod("ghost"))
+        .await
+        .expect_err("ghost handler");
+    assert_eq!(e.code(), tonic::Code::FailedPrecondition);
+    assert!(
+        e.message().contains("runtime_handlers.ghost.binary"),
+        "{}",
+        e.message()
+    );
+    let e = c
+        .run_pod_sandbox(pod("runc"))
+        .await
+        .expect_err("no network");
+    assert_eq!(e.code(), tonic::Code::FailedPrecondition);
+    assert!(e.message().contains("net.d"), "{}", e.message());
+
+    std::fs::write(
+        cni_dir.join("10-test.conflist"),
+        r#"{"cniVersion":"1.0.0","name":"t","plugins":[{"type":"loopback"}]}"#,
+    )
+    .expect("write conflist");
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let e = c
+            .run_pod_sandbox(pod("runc"))
+            .await
+            .expect_err("pods are not wired yet");
+        if e.code() != tonic::Code::FailedPrecondition {
+            // Past every check: only the shim step, not wired yet, remains.
+            assert_eq!(e.code(), tonic::Code::Unimplemented, "{}", e.message());
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "CNI config not picked up within 5 s"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }
