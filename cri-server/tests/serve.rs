@@ -418,3 +418,79 @@ async fn missing_things_are_named_and_picked_up_later() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
+
+/// Recovery: a torn pod record is quarantined and never blocks start-up, an orphaned ID range
+/// is released, good records are served, and a `kill -9`ed crispd restarts on the same root.
+#[tokio::test]
+async fn recovers_after_kill_and_quarantines_torn_records() {
+    use crisp_cri::store::records::{IdRangeRecord, PodRecord, PodState};
+    use crisp_cri::store::{PODS, QUARANTINE, Store};
+    let dir = tempfile::tempdir().expect("tempdir");
+    let cni_dir = dir.path().join("net.d");
+    let db = dir.path().join("root/crisp.db");
+    {
+        let s = Store::open(&db).expect("store");
+        let good = PodRecord {
+            id: "good".into(),
+            name: "g".into(),
+            namespace: "ns".into(),
+            uid: "u".into(),
+            attempt: 0,
+            state: PodState::NotReady,
+            created_at: 1,
+            runtime_handler: String::new(),
+            config_pb: String::new(),
+            netns_path: None,
+            ips: vec![],
+            shim_address: None,
+            pause_pid: None,
+            cgroup_parent: String::new(),
+        };
+        s.put("good", &good).expect("put");
+        s.put(
+            "gone",
+            &IdRangeRecord {
+                host_uid: 1,
+                host_gid: 1,
+                len: 65536,
+            },
+        )
+        .expect("put");
+        // A record torn mid-write, written through redb itself.
+        s.write(|txn| {
+            let mut t = txn
+                .open_table(PODS)
+                .map_err(crisp_cri::store::StoreError::from)?;
+            t.insert("torn", &b"{\"version\":1,\"rec"[..])
+                .map_err(crisp_cri::store::StoreError::from)?;
+            Ok::<_, crisp_cri::store::StoreError>(())
+        })
+        .expect("raw write");
+    }
+    for round in 0..2 {
+        let (mut d, sock) = start(dir.path(), &cni_dir);
+        let mut c = RuntimeServiceClient::new(wait_for_socket(&sock, &mut d).await);
+        let pods = c
+            .list_pod_sandbox(pb::ListPodSandboxRequest::default())
+            .await
+            .expect("ListPodSandbox")
+            .into_inner();
+        let ids: Vec<_> = pods.items.iter().map(|p| p.id.as_str()).collect();
+        assert_eq!(ids, vec!["good"], "round {round}");
+        // kill -9 (Drop sends SIGKILL), then look at the store it left.
+        drop(c);
+        drop(d);
+        let s = Store::open(&db).expect("reopen");
+        let q: Vec<_> = s
+            .list_raw(QUARANTINE)
+            .expect("q")
+            .into_iter()
+            .map(|(k, _)| k)
+            .collect();
+        assert_eq!(q, vec!["pods/torn"]);
+        assert!(
+            s.get::<IdRangeRecord>("gone").expect("get").is_none(),
+            "orphan range released"
+        );
+    }
+}
