@@ -172,6 +172,53 @@ pub async fn copy_stream<R: AsyncRead + Unpin>(
     Ok(records)
 }
 
+/// Make a FIFO at `path` (mode 0600) for a container's stdout or stderr, as containerd's CRI
+/// plugin does before creating the task; the shim opens its write end.
+pub fn mkfifo(path: &Path) -> io::Result<()> {
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    match nix::unistd::mkfifo(path, nix::sys::stat::Mode::from_bits_truncate(0o600)) {
+        Ok(()) => Ok(()),
+        Err(nix::errno::Errno::EEXIST) => Ok(()),
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// Copy a FIFO into the log until every writer has closed it (the container's stdio is gone).
+///
+/// The read end is opened blocking, on a blocking thread, so the copy starts when the shim
+/// opens the write end: a non-blocking open would read EOF before any writer connected. If
+/// the container is never started, [`unblock_fifo`] releases the waiting open.
+pub async fn copy_fifo(
+    path: PathBuf,
+    stream: Stream,
+    log: std::sync::Arc<CriLog>,
+) -> io::Result<u64> {
+    let file = tokio::task::spawn_blocking(move || std::fs::File::open(&path))
+        .await
+        .map_err(io::Error::other)??;
+    let rx = tokio::net::unix::pipe::Receiver::from_file(file)?;
+    copy_stream(rx, stream, &log).await
+}
+
+/// Open and close the write end once, so a [`copy_fifo`] still waiting in open returns (and
+/// then reads EOF). Harmless when the copy is already running: other writers keep it open.
+/// Returns false when no reader is waiting yet (the open has not started): call again.
+pub fn unblock_fifo(path: &Path) -> io::Result<bool> {
+    use std::os::unix::fs::OpenOptionsExt;
+    // O_NONBLOCK: fails with ENXIO instead of blocking when there is no reader at all.
+    match OpenOptions::new()
+        .write(true)
+        .custom_flags(libc::O_NONBLOCK)
+        .open(path)
+    {
+        Ok(_) => Ok(true),
+        Err(e) if e.raw_os_error() == Some(libc::ENXIO) => Ok(false),
+        Err(e) => Err(e),
+    }
+}
+
 /// `2006-01-02T15:04:05.000000000Z`: RFC 3339 with nanoseconds, UTC, fixed width (the format
 /// containerd writes; kubelet parses it with RFC3339Nano).
 pub fn format_timestamp(t: SystemTime) -> String {
@@ -354,6 +401,62 @@ mod tests {
         log.write_record(Stream::Stdout, false, b"dropped")
             .expect("no error after close");
         assert_eq!(records(&path).len(), 1);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn fifo_copy_waits_for_the_writer_and_ends_at_its_close() {
+        let d = tempfile::tempdir().expect("tempdir");
+        let fifo = d.path().join("io/c1-stdout");
+        mkfifo(&fifo).expect("mkfifo");
+        mkfifo(&fifo).expect("mkfifo is idempotent");
+        let log = std::sync::Arc::new(CriLog::open(&d.path().join("0.log"), 1024).expect("open"));
+        let copy = tokio::spawn(copy_fifo(
+            fifo.clone(),
+            Stream::Stdout,
+            std::sync::Arc::clone(&log),
+        ));
+        // The writer (the shim, in life) connects a little later.
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let w = fifo.clone();
+        std::thread::spawn(move || {
+            let mut f = OpenOptions::new()
+                .write(true)
+                .open(&w)
+                .expect("open writer");
+            f.write_all(b"one\ntwo\n").expect("write");
+        })
+        .join()
+        .expect("writer");
+        let n = tokio::time::timeout(Duration::from_secs(5), copy)
+            .await
+            .expect("copy ends when the writer closes")
+            .expect("task")
+            .expect("copy");
+        assert_eq!(n, 2);
+        assert_eq!(records(log.path()).len(), 2);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn unblock_releases_a_copy_whose_writer_never_came() {
+        let d = tempfile::tempdir().expect("tempdir");
+        let fifo = d.path().join("c1-stderr");
+        mkfifo(&fifo).expect("mkfifo");
+        assert!(
+            !unblock_fifo(&fifo).expect("no reader yet"),
+            "nothing to unblock yet"
+        );
+        let log = std::sync::Arc::new(CriLog::open(&d.path().join("0.log"), 1024).expect("open"));
+        let copy = tokio::spawn(copy_fifo(fifo.clone(), Stream::Stderr, log));
+        // The copy's open may not have started yet: retry until a reader is there.
+        while !unblock_fifo(&fifo).expect("unblock") {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let n = tokio::time::timeout(Duration::from_secs(5), copy)
+            .await
+            .expect("released")
+            .expect("task")
+            .expect("copy");
+        assert_eq!(n, 0);
     }
 
     #[test]
