@@ -173,42 +173,53 @@ impl RuntimeService for Cri {
 
     async fn create_container(
         &self,
-        _req: Request<pb::CreateContainerRequest>,
+        req: Request<pb::CreateContainerRequest>,
     ) -> Res<pb::CreateContainerResponse> {
-        not_yet!(
-            "CreateContainer",
-            "containers need the shim's task service, not wired into crispd yet"
-        )
+        let req = req.into_inner();
+        let span = info_span!("CreateContainer", pod_id = %req.pod_sandbox_id);
+        instrument::call("CreateContainer", span, async {
+            cri::pods::find(&self.d.store, &req.pod_sandbox_id)?;
+            Err(CriError::unimplemented(
+                "CreateContainer: containers need the shim's task service, not wired into crispd yet",
+            ))
+        })
+        .await
     }
 
     async fn start_container(
         &self,
-        _req: Request<pb::StartContainerRequest>,
+        req: Request<pb::StartContainerRequest>,
     ) -> Res<pb::StartContainerResponse> {
-        not_yet!(
-            "StartContainer",
-            "containers need the shim's task service, not wired into crispd yet"
-        )
+        let req = req.into_inner();
+        let span = info_span!("StartContainer", container_id = %req.container_id);
+        instrument::call("StartContainer", span, async {
+            cri::containers::not_wired(&self.d.store, "StartContainer", &req.container_id, false)
+        })
+        .await
     }
 
     async fn stop_container(
         &self,
-        _req: Request<pb::StopContainerRequest>,
+        req: Request<pb::StopContainerRequest>,
     ) -> Res<pb::StopContainerResponse> {
-        not_yet!(
-            "StopContainer",
-            "containers need the shim's task service, not wired into crispd yet"
-        )
+        let req = req.into_inner();
+        let span = info_span!("StopContainer", container_id = %req.container_id);
+        instrument::call("StopContainer", span, async {
+            cri::containers::not_wired(&self.d.store, "StopContainer", &req.container_id, false)
+        })
+        .await
     }
 
     async fn remove_container(
         &self,
-        _req: Request<pb::RemoveContainerRequest>,
+        req: Request<pb::RemoveContainerRequest>,
     ) -> Res<pb::RemoveContainerResponse> {
-        not_yet!(
-            "RemoveContainer",
-            "containers need the shim's task service, not wired into crispd yet"
-        )
+        let req = req.into_inner();
+        let span = info_span!("RemoveContainer", container_id = %req.container_id);
+        instrument::call("RemoveContainer", span, async {
+            cri::containers::not_wired(&self.d.store, "RemoveContainer", &req.container_id, true)
+        })
+        .await
     }
 
     async fn list_containers(
@@ -244,29 +255,45 @@ impl RuntimeService for Cri {
 
     async fn update_container_resources(
         &self,
-        _req: Request<pb::UpdateContainerResourcesRequest>,
+        req: Request<pb::UpdateContainerResourcesRequest>,
     ) -> Res<pb::UpdateContainerResourcesResponse> {
-        not_yet!(
-            "UpdateContainerResources",
-            "containers need the shim's task service, not wired into crispd yet"
-        )
+        let req = req.into_inner();
+        let span = info_span!("UpdateContainerResources", container_id = %req.container_id);
+        instrument::call("UpdateContainerResources", span, async {
+            cri::containers::not_wired(
+                &self.d.store,
+                "UpdateContainerResources",
+                &req.container_id,
+                false,
+            )
+        })
+        .await
     }
 
     async fn reopen_container_log(
         &self,
-        _req: Request<pb::ReopenContainerLogRequest>,
+        req: Request<pb::ReopenContainerLogRequest>,
     ) -> Res<pb::ReopenContainerLogResponse> {
-        not_yet!(
-            "ReopenContainerLog",
-            "containers need the shim's task service, not wired into crispd yet"
-        )
+        let req = req.into_inner();
+        let span = info_span!("ReopenContainerLog", container_id = %req.container_id);
+        instrument::call("ReopenContainerLog", span, async {
+            cri::containers::not_wired(
+                &self.d.store,
+                "ReopenContainerLog",
+                &req.container_id,
+                false,
+            )
+        })
+        .await
     }
 
-    async fn exec_sync(&self, _req: Request<pb::ExecSyncRequest>) -> Res<pb::ExecSyncResponse> {
-        not_yet!(
-            "ExecSync",
-            "containers need the shim's task service, not wired into crispd yet"
-        )
+    async fn exec_sync(&self, req: Request<pb::ExecSyncRequest>) -> Res<pb::ExecSyncResponse> {
+        let req = req.into_inner();
+        let span = info_span!("ExecSync", container_id = %req.container_id);
+        instrument::call("ExecSync", span, async {
+            cri::containers::not_wired(&self.d.store, "ExecSync", &req.container_id, false)
+        })
+        .await
     }
 
     async fn exec(&self, _req: Request<pb::ExecRequest>) -> Res<pb::ExecResponse> {
@@ -295,12 +322,14 @@ impl RuntimeService for Cri {
 
     async fn container_stats(
         &self,
-        _req: Request<pb::ContainerStatsRequest>,
+        req: Request<pb::ContainerStatsRequest>,
     ) -> Res<pb::ContainerStatsResponse> {
-        not_yet!(
-            "ContainerStats",
-            "containers need the shim's task service, not wired into crispd yet"
-        )
+        let req = req.into_inner();
+        let span = info_span!("ContainerStats", container_id = %req.container_id);
+        instrument::call("ContainerStats", span, async {
+            cri::containers::not_wired(&self.d.store, "ContainerStats", &req.container_id, false)
+        })
+        .await
     }
 
     async fn list_container_stats(

@@ -180,6 +180,42 @@ async fn serves_version_status_and_picks_up_cni_config() {
         .expect_err("PortForward is a later issue");
     assert_eq!(e.code(), tonic::Code::Unimplemented);
     assert!(e.message().contains("later issue"), "{}", e.message());
+
+    // Unknown ids: NotFound, except removals, which CRI makes idempotent.
+    let e = c
+        .stop_container(pb::StopContainerRequest {
+            container_id: "nope".into(),
+            timeout: 0,
+        })
+        .await
+        .expect_err("unknown container");
+    assert_eq!(e.code(), tonic::Code::NotFound);
+    c.remove_container(pb::RemoveContainerRequest {
+        container_id: "nope".into(),
+    })
+    .await
+    .expect("removing a missing container is OK");
+    c.remove_pod_sandbox(pb::RemovePodSandboxRequest {
+        pod_sandbox_id: "nope".into(),
+    })
+    .await
+    .expect("removing a missing pod is OK");
+    let e = c
+        .pod_sandbox_status(pb::PodSandboxStatusRequest {
+            pod_sandbox_id: "nope".into(),
+            verbose: false,
+        })
+        .await
+        .expect_err("unknown pod");
+    assert_eq!(e.code(), tonic::Code::NotFound);
+    let e = c
+        .create_container(pb::CreateContainerRequest {
+            pod_sandbox_id: "nope".into(),
+            ..Default::default()
+        })
+        .await
+        .expect_err("unknown pod");
+    assert_eq!(e.code(), tonic::Code::NotFound);
 }
 
 #[test]
