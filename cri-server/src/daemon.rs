@@ -53,6 +53,12 @@ pub struct Daemon {
     pub idmap: crate::idmap::Allocator,
     /// One lock per pod for its state transitions (never held across a store-wide lock).
     pub pod_locks: ObjectLocks,
+    /// Container lifecycle events for GetContainerEvents subscribers (kubelet's evented PLEG).
+    /// Publishing never blocks: a subscriber that falls behind loses events and is told so.
+    pub events: tokio::sync::broadcast::Sender<crisp_proto::cri::v1::ContainerEventResponse>,
+    /// Set when crispd begins to shut down, so long-lived streams end and graceful shutdown
+    /// does not wait forever for them.
+    pub stopping: tokio::sync::watch::Sender<bool>,
 }
 
 /// Per-object async locks, created on demand and dropped when no one holds them, so
@@ -125,6 +131,8 @@ impl Daemon {
             snapshotter,
             idmap,
             pod_locks: ObjectLocks::default(),
+            events: tokio::sync::broadcast::channel(1024).0,
+            stopping: tokio::sync::watch::channel(false).0,
         }
     }
 }

@@ -394,10 +394,34 @@ impl RuntimeService for Cri {
         &self,
         _req: Request<pb::GetEventsRequest>,
     ) -> Res<Self::GetContainerEventsStream> {
-        not_yet!(
-            "GetContainerEvents",
-            "container events are not wired yet; use generic PLEG"
-        )
+        let rx = self.d.events.subscribe();
+        let stop = self.d.stopping.subscribe();
+        let span = info_span!("GetContainerEvents");
+        instrument::call("GetContainerEvents", span, async {
+            let stream = futures::stream::unfold((rx, stop), |(mut rx, mut stop)| async move {
+                use tokio::sync::broadcast::error::RecvError;
+                loop {
+                    // Ends at shutdown, so graceful shutdown never waits on kubelet's stream.
+                    if *stop.borrow() {
+                        return None;
+                    }
+                    let got = tokio::select! {
+                        r = rx.recv() => r,
+                        _ = stop.changed() => continue,
+                    };
+                    match got {
+                        Ok(ev) => return Some((Ok(ev), (rx, stop))),
+                        // kubelet relists on its own schedule; a gap only delays it.
+                        Err(RecvError::Lagged(n)) => {
+                            tracing::warn!(missed = n, "container event subscriber fell behind")
+                        }
+                        Err(RecvError::Closed) => return None,
+                    }
+                }
+            });
+            Ok(Box::pin(stream) as Self::GetContainerEventsStream)
+        })
+        .await
     }
 
     async fn list_metric_descriptors(

@@ -148,7 +148,12 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
             }
         }
         let netns_dir = d.cfg.netns_dir();
-        crate::server::serve(d, listener, shutdown_signal()).await?;
+        let stopping = d.stopping.clone();
+        let shutdown = async move {
+            shutdown_signal().await;
+            stopping.send_replace(true);
+        };
+        crate::server::serve(d, listener, shutdown).await?;
         // Leave no mount behind when no pod needs it (the dir is mounted when a pod's netns is
         // first made; pods that still run keep it).
         crate::netns::release_dir_if_empty(&netns_dir);

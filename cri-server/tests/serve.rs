@@ -181,6 +181,18 @@ async fn serves_version_status_and_picks_up_cni_config() {
     assert_eq!(e.code(), tonic::Code::Unimplemented);
     assert!(e.message().contains("later issue"), "{}", e.message());
 
+    // The event stream opens (and stays open: nothing happens on an idle node).
+    let mut events = c
+        .get_container_events(pb::GetEventsRequest {})
+        .await
+        .expect("GetContainerEvents")
+        .into_inner();
+    let next = tokio::time::timeout(Duration::from_millis(200), events.message()).await;
+    assert!(
+        next.is_err(),
+        "no events on an idle node, and the stream is not closed"
+    );
+
     // Unknown ids: NotFound, except removals, which CRI makes idempotent.
     let e = c
         .stop_container(pb::StopContainerRequest {
@@ -363,7 +375,14 @@ async fn sigterm_shuts_down_cleanly() {
     let dir = tempfile::tempdir().expect("tempdir");
     let cni_dir = dir.path().join("net.d");
     let (mut d, sock) = start(dir.path(), &cni_dir);
-    let _ = wait_for_socket(&sock, &mut d).await;
+    let ch = wait_for_socket(&sock, &mut d).await;
+    // An open event stream (kubelet keeps one) must not hold up shutdown.
+    let mut c = RuntimeServiceClient::new(ch);
+    let _events = c
+        .get_container_events(pb::GetEventsRequest {})
+        .await
+        .expect("GetContainerEvents")
+        .into_inner();
     let pid = nix::unistd::Pid::from_raw(d.0.id() as i32);
     nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).expect("SIGTERM");
     let deadline = Instant::now() + Duration::from_secs(10);
