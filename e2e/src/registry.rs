@@ -59,7 +59,10 @@ impl Response {
     /// The first header called `name` (case-insensitive).
     pub fn header(&self, name: &str) -> Option<&str> {
         let name = name.to_ascii_lowercase();
-        self.headers.iter().find(|(k, _)| *k == name).map(|(_, v)| v.as_str())
+        self.headers
+            .iter()
+            .find(|(k, _)| *k == name)
+            .map(|(_, v)| v.as_str())
     }
 
     /// The body as JSON.
@@ -88,7 +91,8 @@ impl Registry {
         for _ in 0..5 {
             let port = free_port()?;
             let config = dir.path().join("config.yml");
-            fs::write(&config, config_yaml(&root, port)).with_context(|| format!("writing {}", config.display()))?;
+            fs::write(&config, config_yaml(&root, port))
+                .with_context(|| format!("writing {}", config.display()))?;
             let out = File::options()
                 .create(true)
                 .append(true)
@@ -104,7 +108,14 @@ impl Registry {
                 .spawn()
                 .with_context(|| format!("starting {}", binary.display()))?;
             let pid = child.id();
-            let mut registry = Registry { child: Some(child), pid, port, dir: None, root: root.clone(), log: log.clone() };
+            let mut registry = Registry {
+                child: Some(child),
+                pid,
+                port,
+                dir: None,
+                root: root.clone(),
+                log: log.clone(),
+            };
             match registry.wait_ready() {
                 Ok(()) => {
                     registry.dir = Some(dir);
@@ -133,8 +144,14 @@ impl Registry {
             match self.get("/v2/", None) {
                 Ok(r) if r.status == 200 => return Ok(()),
                 Ok(r) => bail!("docker-registry answered /v2/ with HTTP {}", r.status),
-                Err(_) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(25)),
-                Err(e) => return Err(e).context(format!("docker-registry not answering after {START_TIMEOUT:?}")),
+                Err(_) if Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(25))
+                }
+                Err(e) => {
+                    return Err(e).context(format!(
+                        "docker-registry not answering after {START_TIMEOUT:?}"
+                    ));
+                }
             }
         }
     }
@@ -162,7 +179,8 @@ impl Registry {
     /// The requests it answered so far, oldest first, as "METHOD PATH STATUS"
     /// (e.g. "GET /v2/library/busybox/manifests/latest 200"), from its access log.
     pub fn requests(&self) -> Result<Vec<String>> {
-        let text = fs::read_to_string(&self.log).with_context(|| format!("reading {}", self.log.display()))?;
+        let text = fs::read_to_string(&self.log)
+            .with_context(|| format!("reading {}", self.log.display()))?;
         Ok(text.lines().filter_map(parse_access_line).collect())
     }
 
@@ -177,7 +195,8 @@ impl Registry {
         let seed = images::registry_seed()?;
         for name in names {
             let image = images::get(name)?;
-            self.push_from_seed(&seed, image).with_context(|| format!("making test image {name} available"))?;
+            self.push_from_seed(&seed, image)
+                .with_context(|| format!("making test image {name} available"))?;
         }
         Ok(())
     }
@@ -189,13 +208,24 @@ impl Registry {
     }
 
     fn push_from_seed(&self, seed: &Path, image: &TestImage) -> Result<()> {
-        let src_repo = seed.join(STORAGE).join("repositories").join(image.repository);
+        let src_repo = seed
+            .join(STORAGE)
+            .join("repositories")
+            .join(image.repository);
         if !src_repo.is_dir() {
-            bail!("{} has no repository {}: run `make test-images` (hack/images/build.sh)", seed.display(), image.repository);
+            bail!(
+                "{} has no repository {}: run `make test-images` (hack/images/build.sh)",
+                seed.display(),
+                image.repository
+            );
         }
         // Blobs first, links second: the registry never sees a tag whose blobs are missing.
         for digest in repo_digests(&src_repo)? {
-            let rel = Path::new(STORAGE).join("blobs/sha256").join(&digest[..2]).join(&digest).join("data");
+            let rel = Path::new(STORAGE)
+                .join("blobs/sha256")
+                .join(&digest[..2])
+                .join(&digest)
+                .join("data");
             let (src, dst) = (seed.join(&rel), self.root.join(&rel));
             if dst.exists() {
                 continue;
@@ -206,16 +236,27 @@ impl Registry {
                 Ok(()) => {}
                 // Another filesystem (TMPDIR elsewhere): copy instead.
                 Err(e) if e.kind() == ErrorKind::CrossesDevices => {
-                    fs::copy(&src, &dst).with_context(|| format!("copying {} to {}", src.display(), dst.display()))?;
+                    fs::copy(&src, &dst).with_context(|| {
+                        format!("copying {} to {}", src.display(), dst.display())
+                    })?;
                 }
                 Err(e) => {
-                    return Err(e).with_context(|| format!("linking {} to {}", src.display(), dst.display()));
+                    return Err(e).with_context(|| {
+                        format!("linking {} to {}", src.display(), dst.display())
+                    });
                 }
             }
         }
         // Link files are copied, never shared: the registry rewrites them in place (a tag
         // moved by a later push), which must not reach the seed.
-        copy_tree(&src_repo, &self.root.join(STORAGE).join("repositories").join(image.repository))
+        copy_tree(
+            &src_repo,
+            &self
+                .root
+                .join(STORAGE)
+                .join("repositories")
+                .join(image.repository),
+        )
     }
 
     /// Pushes the OCI layout `layout` (its ref `tag`) as `repository:tag2` ("library/foo:1")
@@ -272,7 +313,10 @@ impl Registry {
                     }
                     Ok(None) => std::thread::sleep(Duration::from_millis(20)),
                     Err(e) => {
-                        problems.push(format!("waiting for docker-registry (pid {}): {e}", self.pid));
+                        problems.push(format!(
+                            "waiting for docker-registry (pid {}): {e}",
+                            self.pid
+                        ));
                         break;
                     }
                 }
@@ -290,7 +334,11 @@ impl Registry {
                 problems.push(format!("removing {}: {e}", path.display()));
             }
         }
-        if problems.is_empty() { Ok(()) } else { bail!(problems.join("; ")) }
+        if problems.is_empty() {
+            Ok(())
+        } else {
+            bail!(problems.join("; "))
+        }
     }
 }
 
@@ -304,13 +352,14 @@ impl Drop for Registry {
 
 fn config_yaml(root: &Path, port: u16) -> String {
     // Access logs (one line per request on stdout) stay on: tests count requests with them.
-    // Level warn keeps the rest of the log quiet.
+    // Level warn keeps the rest of the log quiet; a fixed http secret (it only signs upload
+    // state, and the registry is loopback-only) avoids a warning in every log.
     format!(
         "version: 0.1\n\
          log:\n  level: warn\n  formatter: text\n\
          storage:\n  filesystem:\n    rootdirectory: {}\n  delete:\n    enabled: true\n  \
          maintenance:\n    uploadpurging:\n      enabled: false\n\
-         http:\n  addr: 127.0.0.1:{port}\n",
+         http:\n  addr: 127.0.0.1:{port}\n  secret: crisp-e2e-not-secret\n",
         root.display()
     )
 }
@@ -334,7 +383,10 @@ fn repo_digests(repo: &Path) -> Result<Vec<String>> {
         };
         for entry in entries {
             let entry = entry.with_context(|| format!("listing {}", dir.display()))?;
-            let name = entry.file_name().into_string().map_err(|n| anyhow::anyhow!("bad digest dir {n:?}"))?;
+            let name = entry
+                .file_name()
+                .into_string()
+                .map_err(|n| anyhow::anyhow!("bad digest dir {n:?}"))?;
             if name.len() != 64 || !name.bytes().all(|b| b.is_ascii_hexdigit()) {
                 bail!("unexpected entry {} in {}", name, dir.display());
             }
@@ -353,12 +405,15 @@ fn copy_tree(src: &Path, dst: &Path) -> Result<()> {
     for entry in fs::read_dir(src).with_context(|| format!("listing {}", src.display()))? {
         let entry = entry.with_context(|| format!("listing {}", src.display()))?;
         let (s, d) = (entry.path(), dst.join(entry.file_name()));
-        let ty = entry.file_type().with_context(|| format!("stat {}", s.display()))?;
+        let ty = entry
+            .file_type()
+            .with_context(|| format!("stat {}", s.display()))?;
         if ty.is_dir() {
             copy_tree(&s, &d)?;
         } else if ty.is_file() {
             if !d.exists() {
-                fs::copy(&s, &d).with_context(|| format!("copying {} to {}", s.display(), d.display()))?;
+                fs::copy(&s, &d)
+                    .with_context(|| format!("copying {} to {}", s.display(), d.display()))?;
             }
         } else {
             bail!("{} is neither a file nor a directory", s.display());
@@ -398,15 +453,18 @@ fn which(name: &str) -> Result<PathBuf> {
 /// HTTP/1.0 over a fresh connection: enough for a registry on loopback, and no client crate.
 fn http_request(host: &str, method: &str, path: &str, accept: Option<&str>) -> Result<Response> {
     let mut s = TcpStream::connect(host).with_context(|| format!("connecting to {host}"))?;
-    s.set_read_timeout(Some(Duration::from_secs(30))).context("setting a read timeout")?;
+    s.set_read_timeout(Some(Duration::from_secs(30)))
+        .context("setting a read timeout")?;
     let mut req = format!("{method} {path} HTTP/1.0\r\nHost: {host}\r\nUser-Agent: crisp-e2e\r\n");
     if let Some(a) = accept {
         req.push_str(&format!("Accept: {a}\r\n"));
     }
     req.push_str("\r\n");
-    s.write_all(req.as_bytes()).with_context(|| format!("sending {method} {path} to {host}"))?;
+    s.write_all(req.as_bytes())
+        .with_context(|| format!("sending {method} {path} to {host}"))?;
     let mut raw = Vec::new();
-    s.read_to_end(&mut raw).with_context(|| format!("reading the answer to {method} {path} from {host}"))?;
+    s.read_to_end(&mut raw)
+        .with_context(|| format!("reading the answer to {method} {path} from {host}"))?;
     let end = raw
         .windows(4)
         .position(|w| w == b"\r\n\r\n")
@@ -423,7 +481,11 @@ fn http_request(host: &str, method: &str, path: &str, accept: Option<&str>) -> R
         .filter_map(|l| l.split_once(':'))
         .map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_owned()))
         .collect();
-    Ok(Response { status, headers, body: raw[end + 4..].to_vec() })
+    Ok(Response {
+        status,
+        headers,
+        body: raw[end + 4..].to_vec(),
+    })
 }
 
 #[cfg(test)]
@@ -433,7 +495,13 @@ mod tests {
     #[test]
     fn parses_access_log_lines() {
         let l = r#"127.0.0.1 - - [23/Nov/2026:12:33:00 +0000] "GET /v2/library/busybox/manifests/latest HTTP/1.1" 200 527 "" "containerd/1.6""#;
-        assert_eq!(parse_access_line(l).as_deref(), Some("GET /v2/library/busybox/manifests/latest 200"));
-        assert_eq!(parse_access_line("time=\"x\" level=warning msg=\"hi\""), None);
+        assert_eq!(
+            parse_access_line(l).as_deref(),
+            Some("GET /v2/library/busybox/manifests/latest 200")
+        );
+        assert_eq!(
+            parse_access_line("time=\"x\" level=warning msg=\"hi\""),
+            None
+        );
     }
 }

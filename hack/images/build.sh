@@ -76,9 +76,11 @@ die() { echo "build.sh: FAILED: $*" >&2; exit 1; }
 # ------------------------------------------------------------------------------ material
 if ! compgen -G "$CACHE/busybox_*.deb" >/dev/null; then
   say "downloading Debian's busybox .deb"
-  # apt drops privileges to _apt, which cannot write everywhere; the download still works.
-  (cd "$CACHE" && apt-get download -q busybox 2>&1 | grep -v 'unsandboxed' >&2) ||
+  # (apt warns that _apt cannot write here and downloads as root: harmless)
+  (cd "$CACHE" && apt-get download -q busybox >"$WORK/apt.log" 2>&1) || {
+    cat "$WORK/apt.log" >&2
     die "apt-get download busybox (needs a Debian mirror once; the .deb is cached in $CACHE)"
+  }
 fi
 dpkg-deb -x "$(compgen -G "$CACHE/busybox_*.deb" | head -n1)" "$WORK/busybox-deb"
 BUSYBOX=$WORK/busybox-deb/bin/busybox
@@ -379,6 +381,7 @@ storage:
     enabled: true
 http:
   addr: 127.0.0.1:PORT
+  secret: crisp-build-not-secret
 EOF
 for port in $(shuf -i 20000-59999 -n 20); do
   (echo >"/dev/tcp/127.0.0.1/$port") 2>/dev/null && continue # taken
