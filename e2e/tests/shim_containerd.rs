@@ -1,0 +1,500 @@
+//! crisp's shim (`containerd-shim-crisp-v2`) under Debian's real containerd 1.6, through
+//! CRI only: containerd runs it as `runtime_type = "io.containerd.crisp.v2"`, the default
+//! runtime, and must not be able to tell it from its own runc shim.
+//!
+//! One pod, two containers (plus a third for the shim-kill check):
+//! - the sandbox and every container are served by one shim process (their parent);
+//! - stdout and stderr lines land in the CRI log, on the right stream;
+//! - exit code 3 comes back as 3;
+//! - StopContainer of `sleep` (PID 1 ignores SIGTERM) ends within its timeout;
+//! - ExecSync returns output and exit code;
+//! - /proc/<pid>/cgroup of the sandbox and the containers is `<pod parent>/crisp-<id>`;
+//! - killing the shim: containerd reports the containers exited and no rootfs stays mounted.
+//!
+//! The same scenario runs with runc and with crun (a second runtime handler whose options
+//! name crun). Debian's crun 1.8 refuses hybrid cgroup hosts such as this one: there the
+//! crun test asserts a prompt, clear error naming the hybrid-cgroup reason, and no leak.
+//!
+//! The harness has no helper for a runtime handler, verbose status or StopContainer/ExecSync;
+//! the few needed here call the CRI client directly.
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail, ensure};
+use crisp_e2e::cri::{self, container_config};
+use crisp_e2e::harness::{RuntimeKind, TestEnv};
+use crisp_e2e::leaks;
+use crisp_e2e::registry::Registry;
+use crisp_proto::cri::v1 as api;
+
+const BUSYBOX: &str = "docker.io/library/busybox:latest";
+const SHIM: &str = "containerd-shim-crisp-v2";
+const EXIT_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// Where `cargo build` put the shim: $CRISP_SHIM_DIR, else the profile dir of this test
+/// binary (target/<profile>/deps/..).
+fn shim_dir() -> Result<PathBuf> {
+    if let Some(d) = std::env::var_os("CRISP_SHIM_DIR") {
+        return Ok(PathBuf::from(d));
+    }
+    let exe = std::env::current_exe()?;
+    let dir = exe
+        .parent()
+        .and_then(|d| if d.ends_with("deps") { d.parent() } else { Some(d) })
+        .context("locating the target dir")?
+        .to_path_buf();
+    ensure!(
+        dir.join(SHIM).is_file(),
+        "{SHIM} not found in {} (build it with `cargo build -p crisp-shim`, or set CRISP_SHIM_DIR)",
+        dir.display()
+    );
+    Ok(dir)
+}
+
+/// Whether this host mixes cgroup v1 controllers with a cgroup2 hierarchy (crun 1.8 refuses it).
+fn hybrid_cgroups() -> bool {
+    const CGROUP2_SUPER_MAGIC: i64 = 0x6367_7270;
+    let magic = |p: &str| {
+        nix::sys::statfs::statfs(p)
+            .map(|s| s.filesystem_type().0 as i64)
+            .ok()
+    };
+    magic("/sys/fs/cgroup") != Some(CGROUP2_SUPER_MAGIC)
+        && magic("/sys/fs/cgroup/unified") == Some(CGROUP2_SUPER_MAGIC)
+}
+
+/// Runtime handlers `crisp` (runc, the default) and `crisp-crun`. containerd 1.6 hands a
+/// runtime type it does not know `cri.runtimeoptions.v1.Options`, whose `ConfigPath` names
+/// the file with runc-style options; the shim reads `BinaryName` and `Root` from it.
+fn containerd_fragment(dir: &Path) -> Result<String> {
+    let mut frag = String::from(
+        "[plugins.\"io.containerd.grpc.v1.cri\".containerd]\ndefault_runtime_name = \"crisp\"\n",
+    );
+    for (handler, binary) in [("crisp", "runc"), ("crisp-crun", "crun")] {
+        let file = dir.join(format!("{handler}.toml"));
+        let root = dir.join(format!("{binary}-state"));
+        std::fs::write(
+            &file,
+            format!("BinaryName = \"{binary}\"\nRoot = \"{}\"\n", root.display()),
+        )?;
+        frag.push_str(&format!(
+            "[plugins.\"io.containerd.grpc.v1.cri\".containerd.runtimes.{handler}]\n\
+             runtime_type = \"io.containerd.crisp.v2\"\n\
+             [plugins.\"io.containerd.grpc.v1.cri\".containerd.runtimes.{handler}.options]\n\
+             ConfigPath = \"{}\"\n",
+            file.display()
+        ));
+    }
+    Ok(frag)
+}
+
+async fn run_pod(env: &TestEnv, pod: &api::PodSandboxConfig, handler: &str) -> Result<String> {
+    let resp = env
+        .cri()
+        .runtime()
+        .run_pod_sandbox(api::RunPodSandboxRequest {
+            config: Some(pod.clone()),
+            runtime_handler: handler.into(),
+        })
+        .await
+        .with_context(|| format!("RunPodSandbox with handler {handler}"))?;
+    Ok(resp.into_inner().pod_sandbox_id)
+}
+
+/// The pid containerd reports in a verbose status (`info` is a JSON document with `pid`).
+fn info_pid(info: &std::collections::HashMap<String, String>) -> Result<i32> {
+    let doc: serde_json::Value =
+        serde_json::from_str(info.get("info").context("verbose status without info")?)?;
+    let pid = doc
+        .get("pid")
+        .and_then(|p| p.as_i64())
+        .context("info without pid")?;
+    Ok(pid as i32)
+}
+
+async fn sandbox_pid(env: &TestEnv, pod_id: &str) -> Result<i32> {
+    let resp = env
+        .cri()
+        .runtime()
+        .pod_sandbox_status(api::PodSandboxStatusRequest {
+            pod_sandbox_id: pod_id.into(),
+            verbose: true,
+        })
+        .await?
+        .into_inner();
+    info_pid(&resp.info)
+}
+
+async fn container_pid(env: &TestEnv, id: &str) -> Result<i32> {
+    let resp = env
+        .cri()
+        .runtime()
+        .container_status(api::ContainerStatusRequest {
+            container_id: id.into(),
+            verbose: true,
+        })
+        .await?
+        .into_inner();
+    info_pid(&resp.info)
+}
+
+/// Every v1 controller line of a `/proc/<pid>/cgroup` text must name `want`.
+fn check_cgroup(what: &str, text: &str, want: &str) -> Result<()> {
+    let mut v1 = 0;
+    for line in text.lines() {
+        let mut parts = line.splitn(3, ':');
+        let (Some(_), Some(ctrls), Some(path)) = (parts.next(), parts.next(), parts.next()) else {
+            continue;
+        };
+        if ctrls.is_empty() {
+            continue; // the cgroup2 (hugetlb-only here) hierarchy
+        }
+        v1 += 1;
+        ensure!(
+            path == want,
+            "{what}: controller {ctrls} at {path}, want {want}\n{text}"
+        );
+    }
+    ensure!(v1 > 0, "{what}: no cgroup v1 line in\n{text}");
+    Ok(())
+}
+
+fn proc_cgroup(pid: i32) -> Result<String> {
+    std::fs::read_to_string(format!("/proc/{pid}/cgroup")).with_context(|| format!("pid {pid}"))
+}
+
+fn ppid(pid: i32) -> Result<i32> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("PPid:"))
+        .and_then(|v| v.trim().parse().ok())
+        .context("no PPid")
+}
+
+/// Pids of crisp shims started by this env's containerd (its socket is on their command line).
+fn shims_of(env: &TestEnv) -> Vec<i32> {
+    shims_named(env, SHIM)
+}
+
+/// Pids of processes whose binary ends in `name` and whose command line names this env's
+/// containerd socket.
+fn shims_named(env: &TestEnv, name: &str) -> Vec<i32> {
+    let needle = env.socket.to_string_lossy().into_owned();
+    let mut out = Vec::new();
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return out;
+    };
+    for e in dir.flatten() {
+        let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<i32>().ok()) else {
+            continue;
+        };
+        let Ok(cmd) = std::fs::read(format!("/proc/{pid}/cmdline")) else {
+            continue;
+        };
+        let args: Vec<String> = cmd
+            .split(|b| *b == 0)
+            .map(|a| String::from_utf8_lossy(a).into_owned())
+            .collect();
+        if args.first().is_some_and(|a| a.ends_with(name)) && args.iter().any(|a| *a == needle) {
+            out.push(pid);
+        }
+    }
+    out
+}
+
+fn rootfs_mounts(env: &TestEnv) -> Vec<PathBuf> {
+    leaks::mounts_under(&env.root)
+        .into_iter()
+        .filter(|m| m.ends_with("rootfs"))
+        .collect()
+}
+
+async fn scenario(env: &TestEnv, handler: &str) -> Result<()> {
+    let c = env.cri();
+    c.pull(BUSYBOX, None).await?;
+    let pod = env.pod_config("shim")?;
+    let pod_id = run_pod(env, &pod, handler).await?;
+    let parent = env.cgroup_parent.trim_end_matches('/');
+
+    // Container A: both streams, its own cgroup, exit 3.
+    let a = container_config(
+        "streams",
+        BUSYBOX,
+        &[
+            "sh",
+            "-c",
+            "echo out-line; echo err-line >&2; cat /proc/self/cgroup; exit 3",
+        ],
+    );
+    let a_id = c.create_container(&pod_id, &a, &pod).await?;
+    // Container B: sleeps, for ExecSync, StopContainer and the cgroup of a live process.
+    let b = container_config("sleeper", BUSYBOX, &["sleep", "3600"]);
+    let b_id = c.create_container(&pod_id, &b, &pod).await?;
+    c.start_container(&a_id).await?;
+    c.start_container(&b_id).await?;
+
+    let st = c.wait_container_exit(&a_id, EXIT_TIMEOUT).await?;
+    ensure!(st.exit_code == 3, "exit code {}, want 3 ({:?})", st.exit_code, st.reason);
+    let log = cri::log_file(&pod, &a);
+    let out = cri::wait_log_line(&log, "out-line", Duration::from_secs(10)).await?;
+    ensure!(out.stream == "stdout", "out-line on {}", out.stream);
+    let err = cri::wait_log_line(&log, "err-line", Duration::from_secs(10)).await?;
+    ensure!(err.stream == "stderr", "err-line on {}", err.stream);
+    let a_cgroup: String = cri::read_log(&log)?
+        .into_iter()
+        .filter(|l| l.stream == "stdout" && l.text.contains(":/"))
+        .map(|l| l.text + "\n")
+        .collect();
+    check_cgroup("container A", &a_cgroup, &format!("{parent}/crisp-{a_id}"))?;
+
+    // One shim, parent of the sandbox and of B.
+    let shims = shims_of(env);
+    ensure!(shims.len() == 1, "want one crisp shim for the pod, found {shims:?}");
+    let shim = shims[0];
+    let sb_pid = sandbox_pid(env, &pod_id).await?;
+    let b_pid = container_pid(env, &b_id).await?;
+    ensure!(ppid(sb_pid)? == shim, "sandbox pid {sb_pid} is not a child of shim {shim}");
+    ensure!(ppid(b_pid)? == shim, "container B pid {b_pid} is not a child of shim {shim}");
+    check_cgroup("sandbox", &proc_cgroup(sb_pid)?, &format!("{parent}/crisp-{pod_id}"))?;
+    check_cgroup("container B", &proc_cgroup(b_pid)?, &format!("{parent}/crisp-{b_id}"))?;
+
+    // ExecSync: output of both streams and the exit code.
+    let exec = c
+        .runtime()
+        .exec_sync(api::ExecSyncRequest {
+            container_id: b_id.clone(),
+            cmd: ["sh", "-c", "echo exec-out; echo exec-err >&2; exit 7"]
+                .iter()
+                .map(|s| s.to_string())
+                .collect(),
+            timeout: 30,
+        })
+        .await
+        .context("ExecSync")?
+        .into_inner();
+    ensure!(exec.exit_code == 7, "ExecSync exit code {}", exec.exit_code);
+    ensure!(exec.stdout == b"exec-out\n", "ExecSync stdout {:?}", String::from_utf8_lossy(&exec.stdout));
+    ensure!(exec.stderr == b"exec-err\n", "ExecSync stderr {:?}", String::from_utf8_lossy(&exec.stderr));
+
+    // StopContainer: `sleep` as PID 1 ignores SIGTERM, so this takes the SIGKILL after 2 s.
+    let stop_timeout = 2;
+    let t = Instant::now();
+    c.runtime()
+        .stop_container(api::StopContainerRequest {
+            container_id: b_id.clone(),
+            timeout: stop_timeout,
+        })
+        .await
+        .context("StopContainer")?;
+    let took = t.elapsed();
+    ensure!(
+        took < Duration::from_secs(stop_timeout as u64 + 5),
+        "StopContainer took {took:?} with a {stop_timeout} s timeout"
+    );
+    let st = c.container_status(&b_id).await?;
+    ensure!(
+        st.state == api::ContainerState::ContainerExited as i32,
+        "sleeper not exited after StopContainer: {:?}",
+        st.state
+    );
+    eprintln!("{handler}: StopContainer({stop_timeout} s) took {took:?}");
+
+    // Kill the shim: containerd must see the tasks exit, and nothing may stay mounted.
+    let d = container_config("victim", BUSYBOX, &["sleep", "3600"]);
+    let d_id = c.create_container(&pod_id, &d, &pod).await?;
+    c.start_container(&d_id).await?;
+    ensure!(shims_of(env) == vec![shim], "a new container started another shim");
+    ensure!(!rootfs_mounts(env).is_empty(), "no rootfs mount seen while running");
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(shim),
+        nix::sys::signal::Signal::SIGKILL,
+    )?;
+    let st = c.wait_container_exit(&d_id, EXIT_TIMEOUT).await?;
+    eprintln!("{handler}: after the shim was killed, victim exited with {}", st.exit_code);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let mounts = rootfs_mounts(env);
+        if mounts.is_empty() {
+            break;
+        }
+        if Instant::now() > deadline {
+            bail!("rootfs still mounted after the shim was killed: {mounts:?}");
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let pods = c
+        .runtime()
+        .pod_sandbox_status(api::PodSandboxStatusRequest {
+            pod_sandbox_id: pod_id.clone(),
+            verbose: false,
+        })
+        .await?
+        .into_inner();
+    let ready = pods.status.map(|s| s.state) == Some(api::PodSandboxState::SandboxReady as i32);
+    ensure!(!ready, "sandbox still READY after its shim was killed");
+
+    c.stop_pod(&pod_id).await?;
+    c.remove_pod(&pod_id).await?;
+    Ok(())
+}
+
+/// crun on a hybrid host: RunPodSandbox must fail promptly with the reason, and leak nothing.
+async fn crun_refused(env: &TestEnv) -> Result<()> {
+    env.cri().pull(BUSYBOX, None).await?;
+    let pod = env.pod_config("crun")?;
+    let t = Instant::now();
+    let res = tokio::time::timeout(Duration::from_secs(60), run_pod(env, &pod, "crisp-crun"))
+        .await
+        .context("RunPodSandbox with crun hung")?;
+    let err = match res {
+        Ok(id) => bail!("crun started sandbox {id} on a hybrid cgroup host"),
+        Err(e) => format!("{e:#}"),
+    };
+    eprintln!("crun refused after {:?}: {err}", t.elapsed());
+    ensure!(err.contains("hybrid"), "error does not name the hybrid-cgroup reason: {err}");
+    ensure!(rootfs_mounts(env).is_empty(), "rootfs left mounted: {:?}", rootfs_mounts(env));
+    Ok(())
+}
+
+/// PATH with the shim's directory first, and a log file for the shims; set once per process,
+/// before any test of this file starts threads that could read the environment.
+fn setup_env() -> Result<PathBuf> {
+    static ONCE: std::sync::OnceLock<Result<PathBuf, String>> = std::sync::OnceLock::new();
+    ONCE.get_or_init(|| {
+        let dir = shim_dir().map_err(|e| format!("{e:#}"))?;
+        let log = PathBuf::from(format!("/var/tmp/crisp-shim-e2e-{}.log", std::process::id()));
+        let path = std::env::var_os("PATH").unwrap_or_default();
+        let mut paths = vec![dir];
+        paths.extend(std::env::split_paths(&path));
+        let joined = std::env::join_paths(paths).map_err(|e| e.to_string())?;
+        // SAFETY: runs once, first thing in each test (nextest runs one test per process);
+        // containerd inherits PATH and finds the shim there, and the shims their log file.
+        unsafe {
+            std::env::set_var("PATH", joined);
+            std::env::set_var("CRISP_SHIM_LOG", &log);
+        }
+        Ok(log)
+    })
+    .clone()
+    .map_err(|e| anyhow::anyhow!(e))
+}
+
+fn run(handler: &'static str) -> Result<()> {
+    let shim_log = setup_env()?;
+    let tmp = tempfile::Builder::new().prefix("crisp-shim-e2e-").tempdir_in("/var/tmp")?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    rt.block_on(async {
+        let registry = Registry::start()?;
+        registry.push(&["busybox", "pause"])?;
+        let env = TestEnv::builder(RuntimeKind::Containerd)
+            .mirror(registry.host())
+            .containerd_config(containerd_fragment(tmp.path())?)
+            .start()
+            .await?;
+        let outcome = if handler == "crisp-crun" && hybrid_cgroups() {
+            crun_refused(&env).await
+        } else {
+            scenario(&env, handler).await
+        };
+        if outcome.is_err() {
+            eprintln!("containerd log tail:\n{}", env.daemon_log_tail(60));
+            let log = std::fs::read_to_string(&shim_log).unwrap_or_default();
+            let tail: Vec<&str> = log.lines().rev().take(60).collect();
+            eprintln!("shim log tail:\n{}", tail.into_iter().rev().collect::<Vec<_>>().join("\n"));
+        }
+        let leaks = env.teardown().await;
+        outcome?;
+        ensure!(leaks.is_empty(), "{handler}: teardown left {leaks:#?}");
+        Ok(())
+    })
+}
+
+#[test]
+fn containerd_crisp_shim_runc() -> Result<()> {
+    run("crisp")
+}
+
+#[test]
+fn containerd_crisp_shim_crun() -> Result<()> {
+    run("crisp-crun")
+}
+
+fn vm_rss_kib(pid: i32) -> Option<u64> {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()?
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+}
+
+fn stats(v: &mut [f64]) -> (f64, f64) {
+    v.sort_by(|a, b| a.total_cmp(b));
+    let mean = v.iter().sum::<f64>() / v.len().max(1) as f64;
+    (mean, v.get(v.len() / 2).copied().unwrap_or(0.0))
+}
+
+/// Benchmark, not a test: 20 pods of 2 containers with crisp's shim and 20 with containerd's
+/// own runc shim, interleaved in one containerd; resident memory of each shim and pod start
+/// latency (RunPodSandbox + create/start of both containers).
+/// `cargo test -p crisp-e2e --test shim_containerd -- --ignored --nocapture`
+/// (CRISP_SHIM_DIR=target/release for a release shim).
+#[test]
+#[ignore]
+fn bench_shim_rss_and_pod_start() -> Result<()> {
+    setup_env()?;
+    let tmp = tempfile::Builder::new().prefix("crisp-shim-bench-").tempdir_in("/var/tmp")?;
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
+    rt.block_on(async {
+        let registry = Registry::start()?;
+        registry.push(&["busybox", "pause"])?;
+        let env = TestEnv::builder(RuntimeKind::Containerd)
+            .mirror(registry.host())
+            .containerd_config(containerd_fragment(tmp.path())?)
+            .start()
+            .await?;
+        let outcome = async {
+            let c = env.cri();
+            c.pull(BUSYBOX, None).await?;
+            let mut latency: std::collections::HashMap<&str, Vec<f64>> = Default::default();
+            for i in 0..40 {
+                let handler = if i % 2 == 0 { "crisp" } else { "runc" };
+                let pod = env.pod_config(&format!("bench-{handler}"))?;
+                let t = Instant::now();
+                let pod_id = run_pod(&env, &pod, handler).await?;
+                for name in ["a", "b"] {
+                    let cfg = container_config(name, BUSYBOX, &["sleep", "3600"]);
+                    let id = c.create_container(&pod_id, &cfg, &pod).await?;
+                    c.start_container(&id).await?;
+                }
+                latency.entry(handler).or_default().push(t.elapsed().as_secs_f64() * 1000.0);
+            }
+            tokio::time::sleep(Duration::from_secs(2)).await;
+            let mut report = Vec::new();
+            for (handler, bin) in [("crisp", SHIM), ("runc", "containerd-shim-runc-v2")] {
+                let pids = shims_named(&env, bin);
+                let mut rss: Vec<f64> = pids.iter().filter_map(|p| vm_rss_kib(*p)).map(|k| k as f64).collect();
+                let n = rss.len();
+                let (rss_mean, rss_median) = stats(&mut rss);
+                let (lat_mean, lat_median) = stats(latency.get_mut(handler).map(|v| v.as_mut_slice()).unwrap_or(&mut []));
+                eprintln!(
+                    "{handler:6} shims: {n:2}  VmRSS mean {rss_mean:7.0} KiB median {rss_median:7.0} KiB | pod start mean {lat_mean:6.1} ms median {lat_median:6.1} ms"
+                );
+                report.push((rss_mean, lat_mean));
+            }
+            if let [(crss, clat), (rrss, rlat)] = report[..] {
+                eprintln!("crisp/runc-shim ratios: VmRSS {:.2}, pod start {:.2}", crss / rrss, clat / rlat);
+            }
+            anyhow::Ok(())
+        }
+        .await;
+        let leaks = env.teardown().await;
+        outcome?;
+        ensure!(leaks.is_empty(), "bench: teardown left {leaks:#?}");
+        Ok(())
+    })
+}
