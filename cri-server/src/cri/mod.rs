@@ -2,6 +2,7 @@
 //! function from the request to `Result<Response, CriError>`; `server.rs` wraps it with the
 //! instrumentation that maps errors to codes.
 
+pub mod container_lifecycle;
 pub mod containers;
 pub mod pod_teardown;
 pub mod pods;
