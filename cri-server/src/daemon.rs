@@ -59,6 +59,10 @@ pub struct Daemon {
     /// Set when crispd begins to shut down, so long-lived streams end and graceful shutdown
     /// does not wait forever for them.
     pub stopping: tokio::sync::watch::Sender<bool>,
+    /// Live connections to the pods' shims, by pod id.
+    pub shims: crate::shim_client::Shims,
+    /// Task exits / OOMs the shims publish to crispd's events socket.
+    pub shim_events: tokio::sync::broadcast::Sender<crate::shim_events::ShimEvent>,
 }
 
 /// Per-object async locks, created on demand and dropped when no one holds them, so
@@ -133,6 +137,8 @@ impl Daemon {
             pod_locks: ObjectLocks::default(),
             events: tokio::sync::broadcast::channel(1024).0,
             stopping: tokio::sync::watch::channel(false).0,
+            shims: crate::shim_client::Shims::default(),
+            shim_events: tokio::sync::broadcast::channel(1024).0,
         }
     }
 }

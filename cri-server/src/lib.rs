@@ -36,6 +36,8 @@ pub mod netns;
 pub mod recover;
 pub mod sandbox_files;
 pub mod server;
+pub mod shim_client;
+pub mod shim_events;
 pub mod spec;
 pub mod startup;
 pub mod store;

@@ -1,0 +1,300 @@
+//! Talking to a pod's shim exactly as containerd does: the shim v2 `start` protocol (run the
+//! binary with `start` in the pod's bundle dir, read the ttrpc address it prints), then one
+//! ttrpc connection carrying both the task service (containers) and containerd's sandbox
+//! service (the pause process). [`Shims`] maps pod ids to live connections.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use containerd_shim_protos::protobuf::Message;
+use containerd_shim_protos::protobuf::well_known_types::any::Any;
+use containerd_shim_protos::sandbox_async::SandboxClient;
+use containerd_shim_protos::shim_async::TaskClient;
+use containerd_shim_protos::ttrpc;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+use crate::instrument::{ErrorKind, HasKind};
+
+/// How long `<shim> start` may take to print its address before we give up on it.
+const START_TIMEOUT: Duration = Duration::from_secs(20);
+/// How long connecting to a shim's socket may take.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+
+#[derive(Debug, thiserror::Error)]
+pub enum ShimError {
+    #[error("shim binary {binary} (setting `shim_binary`): {source}")]
+    Spawn {
+        binary: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("shim `start` for pod {pod_id} failed ({status}): {stderr}")]
+    Start {
+        pod_id: String,
+        status: String,
+        stderr: String,
+    },
+    #[error("shim `start` for pod {pod_id} did not finish within {secs}s")]
+    StartTimeout { pod_id: String, secs: u64 },
+    #[error("connecting to shim at {address}: {message}")]
+    Connect { address: String, message: String },
+}
+
+impl HasKind for ShimError {
+    fn kind(&self) -> ErrorKind {
+        match self {
+            Self::Spawn { .. } => ErrorKind::FailedPrecondition,
+            Self::StartTimeout { .. } => ErrorKind::DeadlineExceeded,
+            Self::Start { .. } => ErrorKind::Internal,
+            Self::Connect { .. } => ErrorKind::Unavailable,
+        }
+    }
+}
+
+/// A ttrpc deadline for one call (ttrpc carries it to the server too).
+pub fn ctx(timeout: Duration) -> ttrpc::context::Context {
+    ttrpc::context::with_timeout(i64::try_from(timeout.as_nanos()).unwrap_or(i64::MAX))
+}
+
+/// A connection to one pod's shim. Cloning is cheap and shares the connection.
+#[derive(Clone)]
+pub struct ShimClient {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    address: String,
+    pid: Option<u32>,
+    task: TaskClient,
+    sandbox: SandboxClient,
+}
+
+impl std::fmt::Debug for ShimClient {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ShimClient")
+            .field("address", &self.inner.address)
+            .field("pid", &self.inner.pid)
+            .finish()
+    }
+}
+
+/// What `start` needs to know.
+#[derive(Debug, Clone)]
+pub struct StartRequest<'a> {
+    pub shim_binary: &'a Path,
+    pub pod_id: &'a str,
+    /// The pod's bundle dir: the shim's cwd, where it writes `address` and `shim.pid`.
+    pub bundle: &'a Path,
+    /// crispd's events ttrpc socket (TTRPC_ADDRESS and `-address`).
+    pub events_socket: &'a Path,
+    /// Runtime options (`containerd.runc.v1.Options` as an Any), written to the shim's stdin
+    /// as containerd does.
+    pub options: Option<Any>,
+}
+
+impl ShimClient {
+    /// Start (or find already running) the pod's shim and connect to it.
+    pub async fn start(req: StartRequest<'_>) -> Result<ShimClient, ShimError> {
+        let exe = std::env::current_exe().unwrap_or_else(|_| PathBuf::from("crispd"));
+        let events = req.events_socket.display().to_string();
+        let mut cmd = tokio::process::Command::new(req.shim_binary);
+        cmd.args(["-namespace", "k8s.io", "-address", &events, "-publish-binary"])
+            .arg(&exe)
+            .args(["-id", req.pod_id, "start"])
+            .current_dir(req.bundle)
+            .env("TTRPC_ADDRESS", &events)
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .kill_on_drop(true);
+        let mut child = cmd.spawn().map_err(|source| ShimError::Spawn {
+            binary: req.shim_binary.to_path_buf(),
+            source,
+        })?;
+        let input = match &req.options {
+            Some(any) => any.write_to_bytes().unwrap_or_default(),
+            None => Vec::new(),
+        };
+        let mut stdin = child.stdin.take();
+        let mut stdout = child.stdout.take();
+        let mut stderr = child.stderr.take();
+        let run = async {
+            if let Some(mut s) = stdin.take() {
+                // A shim that does not read its options is fine: ignore EPIPE.
+                let _ = s.write_all(&input).await;
+                drop(s);
+            }
+            let mut out = Vec::new();
+            let mut err = Vec::new();
+            let (a, b) = tokio::join!(
+                async {
+                    match stdout.as_mut() {
+                        Some(o) => o.read_to_end(&mut out).await.map(|_| ()),
+                        None => Ok(()),
+                    }
+                },
+                async {
+                    match stderr.as_mut() {
+                        Some(e) => e.read_to_end(&mut err).await.map(|_| ()),
+                        None => Ok(()),
+                    }
+                }
+            );
+            let _ = (a, b);
+            let status = child.wait().await;
+            (status, out, err)
+        };
+        let (status, out, err) = tokio::time::timeout(START_TIMEOUT, run)
+            .await
+            .map_err(|_| ShimError::StartTimeout {
+                pod_id: req.pod_id.to_string(),
+                secs: START_TIMEOUT.as_secs(),
+            })?;
+        let ok = status.as_ref().is_ok_and(|s| s.success());
+        let address = String::from_utf8_lossy(&out).trim().to_string();
+        if !ok || address.is_empty() {
+            return Err(ShimError::Start {
+                pod_id: req.pod_id.to_string(),
+                status: match status {
+                    Ok(s) => s.to_string(),
+                    Err(e) => e.to_string(),
+                },
+                stderr: String::from_utf8_lossy(&err).trim().to_string(),
+            });
+        }
+        let pid = read_pid(&req.bundle.join("shim.pid"));
+        Self::connect_with_pid(&address, pid).await
+    }
+
+    /// Connect to a shim already running at `address` (recovery after a crispd restart).
+    pub async fn connect(address: &str) -> Result<ShimClient, ShimError> {
+        Self::connect_with_pid(address, None).await
+    }
+
+    /// Connect, remembering the shim's pid when known (it is recorded for cleanup by pid).
+    pub async fn connect_with_pid(address: &str, pid: Option<u32>) -> Result<ShimClient, ShimError> {
+        let err = |message: String| ShimError::Connect {
+            address: address.to_string(),
+            message,
+        };
+        // A socket file nobody listens on would make ttrpc's connect fail fast; a missing
+        // one too. Check first for a clearer message.
+        let path = address.strip_prefix("unix://").unwrap_or(address);
+        if !Path::new(path).exists() {
+            return Err(err("socket does not exist".into()));
+        }
+        let addr = if address.starts_with("unix://") {
+            address.to_string()
+        } else {
+            format!("unix://{address}")
+        };
+        let client = tokio::time::timeout(CONNECT_TIMEOUT, ttrpc::r#async::Client::connect(&addr))
+            .await
+            .map_err(|_| err("timed out".into()))?
+            .map_err(|e| err(e.to_string()))?;
+        Ok(ShimClient {
+            inner: Arc::new(Inner {
+                address: address.to_string(),
+                pid,
+                task: TaskClient::new(client.clone()),
+                sandbox: SandboxClient::new(client),
+            }),
+        })
+    }
+
+    pub fn address(&self) -> &str {
+        &self.inner.address
+    }
+
+    pub fn task(&self) -> &TaskClient {
+        &self.inner.task
+    }
+
+    pub fn sandbox(&self) -> &SandboxClient {
+        &self.inner.sandbox
+    }
+
+    /// The shim server's pid, when known (from the bundle's `shim.pid` or the store).
+    pub fn pid(&self) -> Option<u32> {
+        self.inner.pid
+    }
+}
+
+/// The pid in a `shim.pid` file, if readable.
+pub fn read_pid(path: &Path) -> Option<u32> {
+    std::fs::read_to_string(path)
+        .ok()
+        .and_then(|s| s.trim().parse().ok())
+}
+
+/// Live shim connections by pod id.
+#[derive(Default)]
+pub struct Shims {
+    map: RwLock<HashMap<String, ShimClient>>,
+}
+
+impl std::fmt::Debug for Shims {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Shims").field("len", &self.len()).finish()
+    }
+}
+
+impl Shims {
+    pub fn get(&self, pod_id: &str) -> Option<ShimClient> {
+        let m = self.map.read().unwrap_or_else(|p| p.into_inner());
+        m.get(pod_id).cloned()
+    }
+
+    pub fn insert(&self, pod_id: &str, shim: ShimClient) {
+        let mut m = self.map.write().unwrap_or_else(|p| p.into_inner());
+        m.insert(pod_id.to_string(), shim);
+    }
+
+    pub fn remove(&self, pod_id: &str) -> Option<ShimClient> {
+        let mut m = self.map.write().unwrap_or_else(|p| p.into_inner());
+        m.remove(pod_id)
+    }
+
+    pub fn len(&self) -> usize {
+        self.map.read().unwrap_or_else(|p| p.into_inner()).len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ctx_carries_the_deadline() {
+        assert_eq!(ctx(Duration::from_secs(2)).timeout_nano, 2_000_000_000);
+    }
+
+    #[tokio::test]
+    async fn start_reports_a_failing_shim_with_its_stderr() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let bin = dir.path().join("fake-shim");
+        std::fs::write(&bin, "#!/bin/sh\necho 'no sandbox for you' >&2\nexit 3\n").expect("write");
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&bin, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+        let e = ShimClient::start(StartRequest {
+            shim_binary: &bin,
+            pod_id: "p1",
+            bundle: dir.path(),
+            events_socket: &dir.path().join("events.sock"),
+            options: None,
+        })
+        .await
+        .expect_err("fails");
+        assert!(e.to_string().contains("no sandbox for you"), "{e}");
+        let e = ShimClient::connect(&dir.path().join("none.sock").display().to_string())
+            .await
+            .expect_err("no socket");
+        assert_eq!(e.kind(), ErrorKind::Unavailable);
+    }
+}
+pub use crate::shim_events::ShimEvent;
