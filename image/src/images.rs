@@ -247,6 +247,35 @@ impl Images {
         blocking(move || inner.gc_locked()).await
     }
 
+    /// The collection crispd runs once at start-up, before anything pulls: the snapshotter's
+    /// orphan directories (half-built `new-*`, half-removed `rm-*`), then blobs and layer
+    /// snapshots no image references, which is what a pull killed with crispd leaves (its
+    /// manifest, config and already verified layers belong to no record yet). Partial
+    /// downloads and unfinished extractions went at [`Images::open`]. Never fatal: a node
+    /// with a store it cannot tidy still starts, and the failure is logged.
+    pub async fn gc_on_start(&self) -> GcReport {
+        let _g = self.inner.gc_lock.write().await;
+        let inner = self.inner.clone();
+        let res = blocking(move || {
+            // Nothing else uses the snapshotter yet: sweeping directories without records is safe.
+            if let Err(e) = inner.snapshotter.cleanup() {
+                tracing::warn!(error = %e, "start-up gc: snapshotter cleanup left something");
+            }
+            inner.gc_locked()
+        })
+        .await;
+        match res {
+            Ok(r) => {
+                tracing::info!(blobs_removed = r.blobs_removed, snapshots_removed = r.snapshots_removed, "start-up image gc done");
+                r
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "start-up image gc failed; orphans stay until the next gc");
+                GcReport::default()
+            }
+        }
+    }
+
     /// Bytes and inodes used by snapshots and content.
     pub async fn fs_info(&self) -> Result<FsInfo> {
         let inner = self.inner.clone();
