@@ -61,6 +61,8 @@ pub struct EnvBuilder {
     mirror: Option<String>,
     containerd_fragments: Vec<String>,
     crispd_config: Vec<String>,
+    /// Write the network's conflist before the daemon starts (the default).
+    cni_config: bool,
 }
 
 impl EnvBuilder {
@@ -80,6 +82,13 @@ impl EnvBuilder {
     /// A TOML fragment merged into crispd's config file (ignored for containerd).
     pub fn crispd_config(mut self, fragment: impl Into<String>) -> Self {
         self.crispd_config.push(fragment.into());
+        self
+    }
+
+    /// Start with an empty CNI config directory: the bridge and subnet are made, but the
+    /// conflist is written only by [`TestEnv::write_cni_config`] (start-up order tests).
+    pub fn without_cni_config(mut self) -> Self {
+        self.cni_config = false;
         self
     }
 
@@ -114,6 +123,13 @@ impl EnvBuilder {
     }
 }
 
+/// What an idle daemon legitimately keeps (see [`TestEnv::idle_baseline`]).
+#[derive(Debug, Clone, Default)]
+pub struct Idle {
+    pub mounts: Vec<PathBuf>,
+    pub snapshots: Vec<PathBuf>,
+}
+
 /// A running CRI daemon with everything it needs, private to one test.
 pub struct TestEnv {
     pub kind: RuntimeKind,
@@ -139,6 +155,8 @@ pub struct TestEnv {
     keep_log_on_panic: bool,
     /// The flock on `<root>/owner.lock`, held while this process owns the env.
     owner: Option<File>,
+    /// How the daemon was started, for [`TestEnv::restart_daemon`].
+    opts: Option<EnvBuilder>,
 }
 
 impl TestEnv {
@@ -161,6 +179,7 @@ impl TestEnv {
             torn_down: false,
             keep_log_on_panic: true,
             owner: None,
+            opts: None,
         }
     }
 
@@ -229,6 +248,7 @@ impl TestEnv {
             mirror: None,
             containerd_fragments: Vec::new(),
             crispd_config: Vec::new(),
+            cni_config: true,
         }
     }
 
@@ -277,18 +297,28 @@ impl TestEnv {
         containerd::write_hosts_dir(&self.hosts_dir, mirror)?;
 
         let net = Network::create(tag)?;
-        let conflist = net.conflist(&self.root.join("cni-ipam"));
-        let f = self.cni_conf_dir.join("10-crisp-e2e.conflist");
-        std::fs::write(&f, conflist).with_context(|| format!("writing {}", f.display()))?;
         self.net = Some(net);
+        if opts.cni_config {
+            self.write_cni_config()?;
+        }
         self.write_record()?;
+        self.opts = Some(opts.clone());
+        self.spawn_daemon().await
+    }
 
+    /// Starts the daemon (first start or restart) with the options the env was made with,
+    /// appending to its log, and waits until it answers `Version`.
+    async fn spawn_daemon(&mut self) -> Result<()> {
+        let opts = self.opts.clone().context("daemon options not recorded")?;
         let mut cmd = match self.kind {
-            RuntimeKind::Containerd => self.containerd_command(opts)?,
-            RuntimeKind::Crispd => self.crispd_command(opts)?,
+            RuntimeKind::Containerd => self.containerd_command(&opts)?,
+            RuntimeKind::Crispd => self.crispd_command(&opts)?,
         };
-        let log = File::create(&self.daemon_log)
-            .with_context(|| format!("creating {}", self.daemon_log.display()))?;
+        let log = File::options()
+            .create(true)
+            .append(true)
+            .open(&self.daemon_log)
+            .with_context(|| format!("opening {}", self.daemon_log.display()))?;
         cmd.stdin(Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log);
@@ -479,6 +509,130 @@ impl TestEnv {
     /// The daemon's pid while it runs (tests that crash it on purpose kill it by this).
     pub fn daemon_pid(&self) -> Option<u32> {
         self.daemon.as_ref().map(|c| c.id())
+    }
+
+    /// Where the network's host-local IPAM keeps its allocations (under the root).
+    pub fn cni_ipam_dir(&self) -> PathBuf {
+        self.root.join("cni-ipam")
+    }
+
+    /// Writes the env's conflist into its CNI config directory (done at start unless the
+    /// env was built [`EnvBuilder::without_cni_config`]); returns the file written.
+    pub fn write_cni_config(&self) -> Result<PathBuf> {
+        let conflist = self.network().conflist(&self.cni_ipam_dir());
+        let f = self.cni_conf_dir.join("10-crisp-e2e.conflist");
+        // Written aside and renamed in, so a daemon watching the directory never reads half.
+        let tmp = self.root.join(".conflist.tmp");
+        std::fs::write(&tmp, conflist).with_context(|| format!("writing {}", tmp.display()))?;
+        std::fs::rename(&tmp, &f).with_context(|| format!("renaming to {}", f.display()))?;
+        Ok(f)
+    }
+
+    /// crispd's store (`<root>/root/crisp.db`, the `--root` the harness passes).
+    pub fn crispd_db(&self) -> PathBuf {
+        self.root.join("root").join("crisp.db")
+    }
+
+    /// `kill -9` the daemon, as a crash would, and reap it. Shims and containers keep running.
+    pub fn kill_daemon(&mut self) -> Result<()> {
+        let mut child = self.daemon.take().context("the daemon is not running")?;
+        child.kill().context("SIGKILL to the daemon")?;
+        child.wait().context("reaping the daemon")?;
+        self.cri = None;
+        Ok(())
+    }
+
+    /// Starts the daemon again on the same root, state, socket, config and flags (after
+    /// [`TestEnv::kill_daemon`]; a daemon still running is killed first) and waits until it
+    /// answers `Version`. The log continues in the same file after a marker line.
+    pub async fn restart_daemon(&mut self) -> Result<()> {
+        if self.daemon.is_some() {
+            self.kill_daemon()?;
+        }
+        {
+            use std::io::Write;
+            let mut log = File::options().append(true).open(&self.daemon_log)?;
+            writeln!(log, "===== crisp-e2e: restarting {} =====", self.kind)?;
+        }
+        self.spawn_daemon().await
+    }
+
+    /// Pids of the live crisp shims (`containerd-shim-crisp-v2`) whose command line names a
+    /// path under this env's root (crispd's events socket, containerd's socket).
+    pub fn shim_pids(&self) -> Vec<i32> {
+        let root = format!("{}/", self.root.display());
+        leaks::processes_mentioning(&root)
+            .into_iter()
+            .filter(|pid| {
+                std::fs::read(format!("/proc/{pid}/cmdline")).is_ok_and(|c| {
+                    c.split(|b| *b == 0)
+                        .next()
+                        .is_some_and(|a0| a0.ends_with(b"containerd-shim-crisp-v2"))
+                })
+            })
+            .collect()
+    }
+
+    /// Entries of crispd's snapshot directory (`<root>/root/snapshots/snapshots`): image
+    /// layers and containers' writable layers.
+    pub fn snapshot_dirs(&self) -> Vec<PathBuf> {
+        let dir = self.root.join("root").join("snapshots").join("snapshots");
+        let mut v: Vec<PathBuf> = std::fs::read_dir(dir)
+            .map(|rd| rd.flatten().map(|e| e.path()).collect())
+            .unwrap_or_default();
+        v.sort();
+        v
+    }
+
+    /// Named network namespaces crispd holds (`<state>/netns/*`).
+    pub fn netns_files(&self) -> Vec<PathBuf> {
+        std::fs::read_dir(self.state.join("netns"))
+            .map(|rd| rd.flatten().map(|e| e.path()).collect())
+            .unwrap_or_default()
+    }
+
+    /// What a daemon with no pods should not have, while it keeps running: shim processes,
+    /// processes or cgroups under the env's cgroup parent, mounts under the root that were
+    /// not in `baseline` (taken when the daemon was idle), netns files, and snapshots not in
+    /// `snapshots_baseline`. Empty means clean.
+    pub fn idle_leftovers(&self, baseline: &Idle) -> Vec<String> {
+        let mut v = Vec::new();
+        for pid in self.shim_pids() {
+            v.push(format!("shim process {pid}"));
+        }
+        let parent = self.cgroup_parent.trim_end_matches('/');
+        for d in leaks::cgroup_dirs(parent) {
+            let procs = std::fs::read_to_string(d.join("cgroup.procs")).unwrap_or_default();
+            for pid in procs.split_whitespace() {
+                v.push(format!("process {pid} in cgroup {}", d.display()));
+            }
+            // The parent itself may stay (the daemon or the harness made it); a child is a pod's.
+            if !d.ends_with(parent.trim_start_matches('/')) {
+                v.push(format!("cgroup {}", d.display()));
+            }
+        }
+        for m in leaks::mounts_under(&self.root) {
+            if !baseline.mounts.contains(&m) {
+                v.push(format!("mount {}", m.display()));
+            }
+        }
+        for f in self.netns_files() {
+            v.push(format!("netns {}", f.display()));
+        }
+        for s in self.snapshot_dirs() {
+            if !baseline.snapshots.contains(&s) {
+                v.push(format!("snapshot {}", s.display()));
+            }
+        }
+        v
+    }
+
+    /// What an idle daemon legitimately has: take it after pulling images, before any pod.
+    pub fn idle_baseline(&self) -> Idle {
+        Idle {
+            mounts: leaks::mounts_under(&self.root),
+            snapshots: self.snapshot_dirs(),
+        }
     }
 
     /// Everything after the CRI calls. Idempotent; safe on a half-started env.
