@@ -68,6 +68,9 @@ pub async fn prepare(cfg: Config) -> anyhow::Result<Arc<Daemon>> {
     })
     .await?;
 
+    // What a pull killed with crispd left: orphan blobs, layers, half-built snapshot dirs.
+    phase("image gc", async { anyhow::Ok(images.gc_on_start().await) }).await?;
+
     let (conditions, mut report) = phase("recover", async {
         // Decoding every record here quarantines the undecodable ones before anything reads
         // them; counts go to the log so an operator can see what came back.
