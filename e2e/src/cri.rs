@@ -253,6 +253,158 @@ impl CriClient {
         }
     }
 
+    /// RunPodSandbox with a runtime handler (`""` is the default one); returns the sandbox id.
+    pub async fn run_pod_with_handler(
+        &self,
+        config: &cri::PodSandboxConfig,
+        handler: &str,
+    ) -> Result<String> {
+        let resp = self
+            .runtime()
+            .run_pod_sandbox(cri::RunPodSandboxRequest {
+                config: Some(config.clone()),
+                runtime_handler: handler.into(),
+            })
+            .await
+            .with_context(|| format!("RunPodSandbox with handler {handler:?}"))?;
+        Ok(resp.into_inner().pod_sandbox_id)
+    }
+
+    /// StopContainer with `timeout` seconds before SIGKILL.
+    pub async fn stop_container(&self, id: &str, timeout: i64) -> Result<()> {
+        self.runtime()
+            .stop_container(cri::StopContainerRequest {
+                container_id: id.into(),
+                timeout,
+            })
+            .await
+            .with_context(|| format!("StopContainer {id}"))?;
+        Ok(())
+    }
+
+    /// ExecSync `cmd` in container `id` with a `timeout` in seconds (0 = none).
+    pub async fn exec_sync(
+        &self,
+        id: &str,
+        cmd: &[&str],
+        timeout: i64,
+    ) -> Result<cri::ExecSyncResponse> {
+        Ok(self
+            .runtime()
+            .exec_sync(cri::ExecSyncRequest {
+                container_id: id.into(),
+                cmd: cmd.iter().map(|s| s.to_string()).collect(),
+                timeout,
+            })
+            .await
+            .with_context(|| format!("ExecSync {cmd:?} in {id}"))?
+            .into_inner())
+    }
+
+    /// ExecSync that must exit 0; returns its stdout as text.
+    pub async fn exec_ok(&self, id: &str, cmd: &[&str]) -> Result<String> {
+        let r = self.exec_sync(id, cmd, 30).await?;
+        if r.exit_code != 0 {
+            bail!(
+                "ExecSync {cmd:?} in {id}: exit code {}, stderr {:?}",
+                r.exit_code,
+                String::from_utf8_lossy(&r.stderr)
+            );
+        }
+        Ok(String::from_utf8_lossy(&r.stdout).into_owned())
+    }
+
+    /// PodSandboxStatus with `verbose: true` (the `info` map).
+    pub async fn pod_status_verbose(&self, pod_id: &str) -> Result<cri::PodSandboxStatusResponse> {
+        Ok(self
+            .runtime()
+            .pod_sandbox_status(cri::PodSandboxStatusRequest {
+                pod_sandbox_id: pod_id.into(),
+                verbose: true,
+            })
+            .await
+            .with_context(|| format!("PodSandboxStatus {pod_id} (verbose)"))?
+            .into_inner())
+    }
+
+    /// ContainerStatus with `verbose: true` (the `info` map).
+    pub async fn container_status_verbose(&self, id: &str) -> Result<cri::ContainerStatusResponse> {
+        Ok(self
+            .runtime()
+            .container_status(cri::ContainerStatusRequest {
+                container_id: id.into(),
+                verbose: true,
+            })
+            .await
+            .with_context(|| format!("ContainerStatus {id} (verbose)"))?
+            .into_inner())
+    }
+
+    /// The process id the runtime reports in a verbose status: `info["info"]` is a JSON
+    /// document with `pid` (containerd's format, which crispd follows).
+    pub fn info_pid(info: &std::collections::HashMap<String, String>) -> Result<i32> {
+        let doc: serde_json::Value = serde_json::from_str(
+            info.get("info")
+                .with_context(|| format!("verbose status without \"info\": {info:?}"))?,
+        )?;
+        let pid = doc
+            .get("pid")
+            .and_then(|p| p.as_i64())
+            .with_context(|| format!("verbose info without pid: {doc}"))?;
+        Ok(pid as i32)
+    }
+
+    /// The pid of the pod's sandbox process (pause), from its verbose status.
+    pub async fn sandbox_pid(&self, pod_id: &str) -> Result<i32> {
+        Self::info_pid(&self.pod_status_verbose(pod_id).await?.info)
+            .with_context(|| format!("pid of sandbox {pod_id}"))
+    }
+
+    /// The pid of a container's init process, from its verbose status.
+    pub async fn container_pid(&self, id: &str) -> Result<i32> {
+        Self::info_pid(&self.container_status_verbose(id).await?.info)
+            .with_context(|| format!("pid of container {id}"))
+    }
+
+    /// ListContainers with an optional filter.
+    pub async fn list_containers(
+        &self,
+        filter: Option<cri::ContainerFilter>,
+    ) -> Result<Vec<cri::Container>> {
+        Ok(self
+            .runtime()
+            .list_containers(cri::ListContainersRequest { filter })
+            .await
+            .context("ListContainers")?
+            .into_inner()
+            .containers)
+    }
+
+    /// ListPodSandbox with an optional filter.
+    pub async fn list_pods_filtered(
+        &self,
+        filter: Option<cri::PodSandboxFilter>,
+    ) -> Result<Vec<cri::PodSandbox>> {
+        Ok(self
+            .runtime()
+            .list_pod_sandbox(cri::ListPodSandboxRequest { filter })
+            .await
+            .context("ListPodSandbox")?
+            .into_inner()
+            .items)
+    }
+
+    /// `Status` (verbose off).
+    pub async fn status(&self) -> Result<cri::RuntimeStatus> {
+        self.runtime()
+            .status(cri::StatusRequest { verbose: false })
+            .await
+            .context("CRI Status")?
+            .into_inner()
+            .status
+            .context("Status response without status")
+    }
+
     /// Ids of every pod sandbox the runtime knows.
     pub async fn list_pods(&self) -> Result<Vec<String>> {
         let resp = self
@@ -262,6 +414,18 @@ impl CriClient {
             .context("ListPodSandbox")?;
         Ok(resp.into_inner().items.into_iter().map(|p| p.id).collect())
     }
+}
+
+/// The gRPC status code anywhere in an error's chain (CriClient wraps it in context).
+pub fn grpc_code(err: &anyhow::Error) -> Option<tonic::Code> {
+    err.chain()
+        .find_map(|e| e.downcast_ref::<tonic::Status>())
+        .map(|s| s.code())
+}
+
+/// A named condition (`RuntimeReady`, `NetworkReady`) of a runtime status.
+pub fn condition<'a>(st: &'a cri::RuntimeStatus, name: &str) -> Option<&'a cri::RuntimeCondition> {
+    st.conditions.iter().find(|c| c.r#type == name)
 }
 
 pub fn image_spec(image: &str) -> cri::ImageSpec {

@@ -15,8 +15,9 @@
 //! name crun). Debian's crun 1.8 refuses hybrid cgroup hosts such as this one: there the
 //! crun test asserts a prompt, clear error naming the hybrid-cgroup reason, and no leak.
 //!
-//! The harness has no helper for a runtime handler, verbose status or StopContainer/ExecSync;
-//! the few needed here call the CRI client directly.
+//! The same scenario runs against crispd (`crispd_crisp_shim_*`), which starts the same shim
+//! the way containerd does: the assertions are unchanged, only the daemon differs. There the
+//! default handler is runc and `crun` is crispd's built-in crun handler.
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -90,53 +91,7 @@ fn containerd_fragment(dir: &Path) -> Result<String> {
 }
 
 async fn run_pod(env: &TestEnv, pod: &api::PodSandboxConfig, handler: &str) -> Result<String> {
-    let resp = env
-        .cri()
-        .runtime()
-        .run_pod_sandbox(api::RunPodSandboxRequest {
-            config: Some(pod.clone()),
-            runtime_handler: handler.into(),
-        })
-        .await
-        .with_context(|| format!("RunPodSandbox with handler {handler}"))?;
-    Ok(resp.into_inner().pod_sandbox_id)
-}
-
-/// The pid containerd reports in a verbose status (`info` is a JSON document with `pid`).
-fn info_pid(info: &std::collections::HashMap<String, String>) -> Result<i32> {
-    let doc: serde_json::Value =
-        serde_json::from_str(info.get("info").context("verbose status without info")?)?;
-    let pid = doc
-        .get("pid")
-        .and_then(|p| p.as_i64())
-        .context("info without pid")?;
-    Ok(pid as i32)
-}
-
-async fn sandbox_pid(env: &TestEnv, pod_id: &str) -> Result<i32> {
-    let resp = env
-        .cri()
-        .runtime()
-        .pod_sandbox_status(api::PodSandboxStatusRequest {
-            pod_sandbox_id: pod_id.into(),
-            verbose: true,
-        })
-        .await?
-        .into_inner();
-    info_pid(&resp.info)
-}
-
-async fn container_pid(env: &TestEnv, id: &str) -> Result<i32> {
-    let resp = env
-        .cri()
-        .runtime()
-        .container_status(api::ContainerStatusRequest {
-            container_id: id.into(),
-            verbose: true,
-        })
-        .await?
-        .into_inner();
-    info_pid(&resp.info)
+    env.cri().run_pod_with_handler(pod, handler).await
 }
 
 /// Every v1 controller line of a `/proc/<pid>/cgroup` text must name `want`.
@@ -173,9 +128,13 @@ fn ppid(pid: i32) -> Result<i32> {
         .context("no PPid")
 }
 
-/// Pids of crisp shims started by this env's containerd (its socket is on their command line).
+/// Pids of crisp shims started by this env's daemon (containerd names its socket on their
+/// command line, crispd its events socket under the root).
 fn shims_of(env: &TestEnv) -> Vec<i32> {
-    shims_named(env, SHIM)
+    match env.kind {
+        RuntimeKind::Containerd => shims_named(env, SHIM),
+        RuntimeKind::Crispd => env.shim_pids(),
+    }
 }
 
 /// Pids of processes whose binary ends in `name` and whose command line names this env's
@@ -253,8 +212,8 @@ async fn scenario(env: &TestEnv, handler: &str) -> Result<()> {
     let shims = shims_of(env);
     ensure!(shims.len() == 1, "want one crisp shim for the pod, found {shims:?}");
     let shim = shims[0];
-    let sb_pid = sandbox_pid(env, &pod_id).await?;
-    let b_pid = container_pid(env, &b_id).await?;
+    let sb_pid = c.sandbox_pid(&pod_id).await?;
+    let b_pid = c.container_pid(&b_id).await?;
     ensure!(ppid(sb_pid)? == shim, "sandbox pid {sb_pid} is not a child of shim {shim}");
     ensure!(ppid(b_pid)? == shim, "container B pid {b_pid} is not a child of shim {shim}");
     check_cgroup("sandbox", &proc_cgroup(sb_pid)?, &format!("{parent}/crisp-{pod_id}"))?;
@@ -262,18 +221,8 @@ async fn scenario(env: &TestEnv, handler: &str) -> Result<()> {
 
     // ExecSync: output of both streams and the exit code.
     let exec = c
-        .runtime()
-        .exec_sync(api::ExecSyncRequest {
-            container_id: b_id.clone(),
-            cmd: ["sh", "-c", "echo exec-out; echo exec-err >&2; exit 7"]
-                .iter()
-                .map(|s| s.to_string())
-                .collect(),
-            timeout: 30,
-        })
-        .await
-        .context("ExecSync")?
-        .into_inner();
+        .exec_sync(&b_id, &["sh", "-c", "echo exec-out; echo exec-err >&2; exit 7"], 30)
+        .await?;
     ensure!(exec.exit_code == 7, "ExecSync exit code {}", exec.exit_code);
     ensure!(exec.stdout == b"exec-out\n", "ExecSync stdout {:?}", String::from_utf8_lossy(&exec.stdout));
     ensure!(exec.stderr == b"exec-err\n", "ExecSync stderr {:?}", String::from_utf8_lossy(&exec.stderr));
@@ -281,13 +230,7 @@ async fn scenario(env: &TestEnv, handler: &str) -> Result<()> {
     // StopContainer: `sleep` as PID 1 ignores SIGTERM, so this takes the SIGKILL after 2 s.
     let stop_timeout = 2;
     let t = Instant::now();
-    c.runtime()
-        .stop_container(api::StopContainerRequest {
-            container_id: b_id.clone(),
-            timeout: stop_timeout,
-        })
-        .await
-        .context("StopContainer")?;
+    c.stop_container(&b_id, stop_timeout).await?;
     let took = t.elapsed();
     ensure!(
         took < Duration::from_secs(stop_timeout as u64 + 5),
@@ -324,15 +267,7 @@ async fn scenario(env: &TestEnv, handler: &str) -> Result<()> {
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
-    let pods = c
-        .runtime()
-        .pod_sandbox_status(api::PodSandboxStatusRequest {
-            pod_sandbox_id: pod_id.clone(),
-            verbose: false,
-        })
-        .await?
-        .into_inner();
-    let ready = pods.status.map(|s| s.state) == Some(api::PodSandboxState::SandboxReady as i32);
+    let ready = c.pod_status(&pod_id).await?.state == api::PodSandboxState::SandboxReady as i32;
     ensure!(!ready, "sandbox still READY after its shim was killed");
 
     c.stop_pod(&pod_id).await?;
@@ -341,11 +276,11 @@ async fn scenario(env: &TestEnv, handler: &str) -> Result<()> {
 }
 
 /// crun on a hybrid host: RunPodSandbox must fail promptly with the reason, and leak nothing.
-async fn crun_refused(env: &TestEnv) -> Result<()> {
+async fn crun_refused(env: &TestEnv, handler: &str) -> Result<()> {
     env.cri().pull(BUSYBOX, None).await?;
     let pod = env.pod_config("crun")?;
     let t = Instant::now();
-    let res = tokio::time::timeout(Duration::from_secs(60), run_pod(env, &pod, "crisp-crun"))
+    let res = tokio::time::timeout(Duration::from_secs(60), run_pod(env, &pod, handler))
         .await
         .context("RunPodSandbox with crun hung")?;
     let err = match res {
@@ -382,6 +317,12 @@ fn setup_env() -> Result<PathBuf> {
 }
 
 fn run(handler: &'static str) -> Result<()> {
+    run_on(RuntimeKind::Containerd, handler)
+}
+
+/// The scenario against `kind`; for crispd the shim is the one built beside crispd (the
+/// harness passes it as `shim_binary`), and `handler` is one of crispd's handlers.
+fn run_on(kind: RuntimeKind, handler: &'static str) -> Result<()> {
     let shim_log = setup_env()?;
     let tmp = tempfile::Builder::new().prefix("crisp-shim-e2e-").tempdir_in("/var/tmp")?;
     let rt = tokio::runtime::Builder::new_multi_thread()
@@ -391,18 +332,19 @@ fn run(handler: &'static str) -> Result<()> {
     rt.block_on(async {
         let registry = Registry::start()?;
         registry.push(&["busybox", "pause"])?;
-        let env = TestEnv::builder(RuntimeKind::Containerd)
+        let env = TestEnv::builder(kind)
             .mirror(registry.host())
             .containerd_config(containerd_fragment(tmp.path())?)
             .start()
             .await?;
-        let outcome = if handler == "crisp-crun" && hybrid_cgroups() {
-            crun_refused(&env).await
+        let crun = handler == "crisp-crun" || handler == "crun";
+        let outcome = if crun && hybrid_cgroups() {
+            crun_refused(&env, handler).await
         } else {
             scenario(&env, handler).await
         };
         if outcome.is_err() {
-            eprintln!("containerd log tail:\n{}", env.daemon_log_tail(60));
+            eprintln!("{kind} log tail:\n{}", env.daemon_log_tail(60));
             let log = std::fs::read_to_string(&shim_log).unwrap_or_default();
             let tail: Vec<&str> = log.lines().rev().take(60).collect();
             eprintln!("shim log tail:\n{}", tail.into_iter().rev().collect::<Vec<_>>().join("\n"));
@@ -422,6 +364,18 @@ fn containerd_crisp_shim_runc() -> Result<()> {
 #[test]
 fn containerd_crisp_shim_crun() -> Result<()> {
     run("crisp-crun")
+}
+
+/// The same scenario with crispd as the daemon: its default handler (runc).
+#[test]
+fn crispd_crisp_shim_runc() -> Result<()> {
+    run_on(RuntimeKind::Crispd, "")
+}
+
+/// crispd's built-in crun handler: refused on this hybrid host, with the reason.
+#[test]
+fn crispd_crisp_shim_crun() -> Result<()> {
+    run_on(RuntimeKind::Crispd, "crun")
 }
 
 fn vm_rss_kib(pid: i32) -> Option<u64> {
