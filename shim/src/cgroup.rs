@@ -29,6 +29,8 @@ pub enum CgroupError {
     Encode(String),
     #[error("oom watch on {0}: {1}")]
     Watch(String, String),
+    #[error("cgroup placement: {0}: {1}")]
+    Place(String, std::io::Error),
 }
 
 /// Where a process sits: controller (or "" for the cgroup2 hierarchy) → path.
@@ -321,6 +323,100 @@ fn watch_v2(dir: PathBuf, on_oom: impl Fn() + Send + 'static) -> Result<(), Cgro
     Ok(())
 }
 
+/// Mount points of every cgroup hierarchy (v1 controllers, named v1
+/// hierarchies such as `name=systemd`, and cgroup2), one per superblock.
+pub fn hierarchies() -> Result<Vec<PathBuf>, CgroupError> {
+    let text = fs::read_to_string("/proc/self/mountinfo").map_err(|e| CgroupError::Read("/proc/self/mountinfo".into(), e))?;
+    Ok(parse_hierarchies(&text))
+}
+
+fn parse_hierarchies(mountinfo: &str) -> Vec<PathBuf> {
+    let mut seen = std::collections::HashSet::new();
+    let mut out = Vec::new();
+    for line in mountinfo.lines() {
+        let Some((left, right)) = line.split_once(" - ") else { continue };
+        let fstype = right.split_whitespace().next().unwrap_or_default();
+        if fstype != "cgroup" && fstype != "cgroup2" {
+            continue;
+        }
+        let f: Vec<&str> = left.split_whitespace().collect();
+        let (Some(dev), Some(mountpoint)) = (f.get(2), f.get(4)) else { continue };
+        // The same hierarchy can be mounted twice (bind mounts); place once.
+        if seen.insert(dev.to_string()) {
+            out.push(PathBuf::from(mountpoint.replace("\\040", " ")));
+        }
+    }
+    out
+}
+
+/// The directories of cgroup `path` (as `/proc/<pid>/cgroup` shows it, e.g.
+/// `/kubepods/podX/crisp-id`) in every hierarchy: where the shim itself places
+/// a process it starts without an OCI runtime (the pod's pause).
+pub fn dirs_of(path: &str) -> Result<Vec<PathBuf>, CgroupError> {
+    let rel = path.trim_start_matches('/');
+    Ok(hierarchies()?.into_iter().map(|h| h.join(rel)).collect())
+}
+
+/// Creates each directory (with its missing parents) and moves `pid` into it,
+/// as runc's cgroupfs manager does. New cpuset cgroups start with no CPUs or
+/// memory nodes in v1, so they inherit their parent's first.
+pub fn enter(dirs: &[PathBuf], pid: i32) -> Result<(), CgroupError> {
+    let perr = |p: &Path, e| CgroupError::Place(p.display().to_string(), e);
+    for dir in dirs {
+        let mut missing = Vec::new();
+        let mut cur = dir.as_path();
+        while !cur.exists() {
+            missing.push(cur);
+            cur = match cur.parent() {
+                Some(p) => p,
+                None => break,
+            };
+        }
+        for d in missing.into_iter().rev() {
+            match fs::create_dir(d) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+                Err(e) => return Err(perr(d, e)),
+            }
+            for file in ["cpuset.cpus", "cpuset.mems"] {
+                let own = d.join(file);
+                let Some(parent) = d.parent() else { continue };
+                if own.exists() && fs::read_to_string(&own).is_ok_and(|s| s.trim().is_empty()) {
+                    let v = fs::read_to_string(parent.join(file)).map_err(|e| perr(&parent.join(file), e))?;
+                    fs::write(&own, v.trim()).map_err(|e| perr(&own, e))?;
+                }
+            }
+        }
+        let procs = dir.join("cgroup.procs");
+        fs::write(&procs, pid.to_string()).map_err(|e| perr(&procs, e))?;
+    }
+    Ok(())
+}
+
+/// Removes the (empty) leaf cgroups; parents belong to whoever made them.
+/// A cgroup whose last process was just reaped can be busy for a moment.
+pub fn remove(dirs: &[PathBuf]) -> Result<(), CgroupError> {
+    let mut first_err = None;
+    for dir in dirs {
+        let mut tries = 0;
+        loop {
+            match fs::remove_dir(dir) {
+                Ok(()) => break,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => break,
+                Err(e) if e.raw_os_error() == Some(libc::EBUSY) && tries < 50 => {
+                    tries += 1;
+                    std::thread::sleep(std::time::Duration::from_millis(10));
+                }
+                Err(e) => {
+                    first_err.get_or_insert(CgroupError::Place(dir.display().to_string(), e));
+                    break;
+                }
+            }
+        }
+    }
+    first_err.map_or(Ok(()), Err)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -333,6 +429,15 @@ mod tests {
         assert_eq!(m.0.get("cpuacct").map(String::as_str), Some("/kubepods/pod1/crisp-a"));
         assert_eq!(m.0.get("systemd").map(String::as_str), Some("/x"));
         assert_eq!(m.0.get("").map(String::as_str), Some("/"));
+    }
+
+    #[test]
+    fn hierarchies_from_mountinfo() {
+        let text = "30 24 0:26 / /sys/fs/cgroup/memory rw,nosuid - cgroup cgroup rw,memory\n\
+                    31 24 0:27 / /sys/fs/cgroup/unified rw - cgroup2 cgroup2 rw\n\
+                    32 24 0:26 / /mnt/memory-again rw - cgroup cgroup rw,memory\n\
+                    33 24 0:28 / /proc rw - proc proc rw\n";
+        assert_eq!(parse_hierarchies(text), vec![PathBuf::from("/sys/fs/cgroup/memory"), PathBuf::from("/sys/fs/cgroup/unified")]);
     }
 
     #[test]

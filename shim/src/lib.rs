@@ -4,6 +4,7 @@
 //! - `options`: handler runtime options merged with per-task overrides
 //! - `reaper`: the process-wide `waitpid`, so no exit status is ever stolen
 //! - `runtime`: the runc/crun CLI and the start-up probe that picks one
+//! - `sandbox`: containerd's sandbox API; the pod's pause started without a runtime
 
 pub mod cgroup;
 pub mod io;
@@ -12,5 +13,6 @@ pub mod options;
 pub mod placement;
 pub mod reaper;
 pub mod runtime;
+pub mod sandbox;
 pub mod service;
 pub mod spec;

@@ -26,6 +26,7 @@ use crisp_shim::{
     options,
     reaper::Reaper,
     runtime::{self, Runtime},
+    sandbox::{self, SandboxService},
     service::{self, Config, Events, TaskService},
     spec,
 };
@@ -240,7 +241,9 @@ fn serve(flags: &Flags) -> anyhow::Result<()> {
         };
         let shutdown = Arc::new(tokio::sync::Notify::new());
         let config = Config { namespace: flags.namespace.clone(), handler, default_runtime };
-        let svc = TaskService::new(config, Events::new(publisher, &flags.namespace), shutdown.clone());
+        let events = Events::new(publisher, &flags.namespace);
+        let svc = TaskService::new(config, events.clone(), shutdown.clone());
+        let sandbox = SandboxService::new(svc.clone(), events, shutdown.clone());
 
         let path = socket_path(&flags.socket).to_string();
         let listener = match UnixListener::bind(&path) {
@@ -252,7 +255,8 @@ fn serve(flags: &Flags) -> anyhow::Result<()> {
             Err(e) => return Err(anyhow::Error::new(e).context(format!("listen on {path}"))),
         };
         let listener = Listener::try_from(listener).context("ttrpc listener")?;
-        let mut server = Server::new().add_listener(listener).register_service(service::services(svc));
+        let mut server = Server::new().add_listener(listener).register_service(service::services(svc))
+            .register_service(sandbox::services(sandbox));
         server.start().await.context("start ttrpc server")?;
         tracing::info!(socket = %path, "serving");
         signal_ready();

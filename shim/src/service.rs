@@ -187,7 +187,7 @@ impl Events {
         (Events { publisher: None, namespace: namespace.to_string(), record: Some(log.clone()) }, log)
     }
 
-    async fn publish(&self, topic: &str, event: Box<dyn MessageDyn>) {
+    pub(crate) async fn publish(&self, topic: &str, event: Box<dyn MessageDyn>) {
         tracing::debug!(topic, "event");
         if let Some(r) = &self.record {
             let text = containerd_shim_protos::protobuf::text_format::print_to_string(event.as_ref());
@@ -217,6 +217,9 @@ struct Inner {
     pids: Mutex<HashMap<i32, (String, String)>>,
     oom_tx: mpsc::UnboundedSender<String>,
     shutdown: Arc<tokio::sync::Notify>,
+    /// Set while the sandbox service holds the shim (a pod sandbox exists that
+    /// has not been shut down): the task Shutdown then must not end the shim.
+    held: std::sync::atomic::AtomicBool,
 }
 
 #[derive(Clone)]
@@ -224,7 +227,7 @@ pub struct TaskService {
     inner: Arc<Inner>,
 }
 
-fn ts(t: SystemTime) -> Timestamp {
+pub(crate) fn ts(t: SystemTime) -> Timestamp {
     let d = t.duration_since(SystemTime::UNIX_EPOCH).unwrap_or_default();
     Timestamp { seconds: d.as_secs() as i64, nanos: d.subsec_nanos() as i32, ..Default::default() }
 }
@@ -242,6 +245,7 @@ impl TaskService {
                 pids: Mutex::default(),
                 oom_tx,
                 shutdown,
+                held: Default::default(),
             }),
         };
         let mut exits = Reaper::global().subscribe();
@@ -700,8 +704,23 @@ impl TaskService {
         Ok(api::ConnectResponse { shim_pid: std::process::id(), task_pid, version: env!("CARGO_PKG_VERSION").into(), ..Default::default() })
     }
 
+    /// Tasks the shim still has (created and not deleted).
+    pub fn task_count(&self) -> usize {
+        lock(&self.inner.containers).len()
+    }
+
+    /// While held, a task Shutdown does not end the shim (its pod sandbox lives).
+    pub fn hold(&self, held: bool) {
+        self.inner.held.store(held, std::sync::atomic::Ordering::SeqCst);
+    }
+
     fn shutdown(&self) {
-        // One shim serves the whole pod: it goes only when its last task has.
+        // One shim serves the whole pod: it goes only when its last task has,
+        // and its sandbox (if it serves one) has been shut down.
+        if self.inner.held.load(std::sync::atomic::Ordering::SeqCst) {
+            info!("task shutdown ignored: the pod sandbox still holds the shim");
+            return;
+        }
         if lock(&self.inner.containers).is_empty() {
             info!("no tasks left; shutting down");
             self.inner.shutdown.notify_one();

@@ -1,0 +1,412 @@
+//! Starting the pod's pause process without an OCI runtime: join the
+//! namespaces the spec names, clone into the new ones, place the child in its
+//! cgroup and set its oom_score_adj (and user namespace maps) while it waits
+//! on a pipe, then let it set hostname and sysctls and exec the embedded pause.
+//!
+//! The child runs between clone and exec in a copy of a multi-threaded process:
+//! it may only make raw system calls on data prepared before the clone (no
+//! allocation, no locks). Everything it needs is in [`ChildArgs`].
+
+use std::{
+    ffi::{CString, c_char},
+    fs::File,
+    io::{self, Read, Write},
+    os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd},
+    path::{Path, PathBuf},
+};
+
+use super::plan::{IdMap, NsAction, Plan};
+use crate::cgroup;
+
+/// The static pause binary built by build.rs from shim/pause/pause.c.
+static PAUSE: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/pause"));
+
+#[derive(Debug, thiserror::Error)]
+pub enum SpawnError {
+    #[error("load the pause binary: {0}")]
+    Load(io::Error),
+    #[error("join {ns} namespace {path}: {err}")]
+    Join { ns: &'static str, path: PathBuf, err: io::Error },
+    #[error("sysctl {key}: {err}")]
+    Sysctl { key: String, err: io::Error },
+    #[error("{what}: {err}")]
+    Setup { what: String, err: io::Error },
+    #[error("pause child failed to {step}: {err}")]
+    Child { step: &'static str, err: io::Error },
+    #[error(transparent)]
+    Cgroup(#[from] cgroup::CgroupError),
+    #[error("spawn thread: {0}")]
+    Thread(String),
+}
+
+/// An executable fd of the pause binary: a sealed memfd, or (where memfd
+/// exec is refused) a file written once under `fallback_dir`.
+pub struct PauseBinary {
+    fd: OwnedFd,
+}
+
+const MFD_CLOEXEC: u32 = 0x1;
+const MFD_ALLOW_SEALING: u32 = 0x2;
+/// Linux 6.3+: ask for an executable memfd even when vm.memfd_noexec says otherwise.
+const MFD_EXEC: u32 = 0x10;
+
+/// memfd_create(2).
+fn memfd_create(name: &str, flags: u32) -> io::Result<OwnedFd> {
+    let name = CString::new(name).map_err(io::Error::other)?;
+    // SAFETY: `name` is a valid NUL-terminated string; the result is checked.
+    let fd = unsafe { libc::syscall(libc::SYS_memfd_create, name.as_ptr(), flags) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: a fresh fd nothing else owns.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd as RawFd) })
+}
+
+impl PauseBinary {
+    pub fn load(fallback_dir: &Path) -> Result<PauseBinary, SpawnError> {
+        match Self::memfd() {
+            Ok(fd) => Ok(PauseBinary { fd }),
+            Err(e) => {
+                tracing::warn!(error = %e, "memfd for pause refused; writing it to a file");
+                Self::file(fallback_dir).map(|fd| PauseBinary { fd }).map_err(SpawnError::Load)
+            }
+        }
+    }
+
+    fn memfd() -> io::Result<OwnedFd> {
+        let fd = match memfd_create("crisp-pause", MFD_CLOEXEC | MFD_ALLOW_SEALING | MFD_EXEC) {
+            Err(e) if e.raw_os_error() == Some(libc::EINVAL) => memfd_create("crisp-pause", MFD_CLOEXEC | MFD_ALLOW_SEALING)?,
+            other => other?,
+        };
+        let mut f = File::from(fd);
+        f.write_all(PAUSE)?;
+        // Sealed: nothing in the shim (or anything it runs) can change pause.
+        let seals = libc::F_SEAL_SEAL | libc::F_SEAL_SHRINK | libc::F_SEAL_GROW | libc::F_SEAL_WRITE;
+        // SAFETY: fcntl on an fd we own with an integer argument.
+        if unsafe { libc::fcntl(f.as_raw_fd(), libc::F_ADD_SEALS, seals) } < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(OwnedFd::from(f))
+    }
+
+    fn file(dir: &Path) -> io::Result<OwnedFd> {
+        use std::os::unix::fs::OpenOptionsExt;
+        std::fs::create_dir_all(dir)?;
+        let path = dir.join(format!("pause-{}", PAUSE.len()));
+        if std::fs::read(&path).ok().as_deref() != Some(PAUSE) {
+            let tmp = dir.join(format!(".pause-{}.tmp", std::process::id()));
+            let mut f = std::fs::OpenOptions::new().write(true).create(true).truncate(true).mode(0o755).open(&tmp)?;
+            f.write_all(PAUSE)?;
+            f.sync_all()?;
+            drop(f);
+            std::fs::rename(&tmp, &path)?;
+        }
+        Ok(OwnedFd::from(File::open(&path)?))
+    }
+}
+
+/// A started pause.
+#[derive(Debug)]
+pub struct Spawned {
+    pub pid: i32,
+    /// Signals go through the pidfd, so they can never hit a recycled pid.
+    pub pidfd: OwnedFd,
+}
+
+/// pidfd_send_signal(2); an exited process is not an error.
+pub fn signal(pidfd: &OwnedFd, sig: i32) -> io::Result<()> {
+    // SAFETY: a valid pidfd, no siginfo, no flags.
+    let r = unsafe { libc::syscall(libc::SYS_pidfd_send_signal, pidfd.as_raw_fd(), sig, std::ptr::null::<libc::siginfo_t>(), 0) };
+    if r < 0 {
+        let e = io::Error::last_os_error();
+        if e.raw_os_error() != Some(libc::ESRCH) {
+            return Err(e);
+        }
+    }
+    Ok(())
+}
+
+/// What the child reads between clone and exec: only raw pointers into
+/// buffers owned by the parent's stack frame, which the clone copied.
+struct ChildArgs {
+    sync_r: RawFd,
+    err_w: RawFd,
+    exe: RawFd,
+    hostname: Option<CString>,
+    /// (path, value) of sysctls of the namespaces the child creates.
+    sysctls: Vec<(CString, CString)>,
+    uid: libc::uid_t,
+    gid: libc::gid_t,
+    groups: Vec<libc::gid_t>,
+    argv: [*const c_char; 2],
+    envp: [*const c_char; 1],
+    empty: CString,
+}
+
+/// Child steps, reported back through the error pipe.
+const STEPS: [&str; 7] = ["wait for the shim", "set the hostname", "write a sysctl", "set groups", "set gid", "set uid", "exec pause"];
+
+/// Runs in the child: raw syscalls only. Never returns.
+fn child_main(a: &ChildArgs) -> ! {
+    fn fail(a: &ChildArgs, step: usize) -> ! {
+        // SAFETY: errno location is thread-local and always valid.
+        let errno = unsafe { *libc::__errno_location() };
+        let msg = [(step as i32).to_ne_bytes(), errno.to_ne_bytes()].concat_array();
+        // SAFETY: write/_exit are async-signal-safe; msg lives on this stack.
+        unsafe {
+            libc::write(a.err_w, msg.as_ptr().cast(), msg.len());
+            libc::_exit(127)
+        }
+    }
+    let mut b = [0u8; 1];
+    // SAFETY: (all below) async-signal-safe syscalls on fds and buffers prepared
+    // before the clone; every result is checked.
+    unsafe {
+        if libc::read(a.sync_r, b.as_mut_ptr().cast(), 1) != 1 {
+            fail(a, 0);
+        }
+        if let Some(h) = &a.hostname
+            && libc::sethostname(h.as_ptr(), h.as_bytes().len()) < 0
+        {
+            fail(a, 1);
+        }
+        for (path, value) in &a.sysctls {
+            let fd = libc::open(path.as_ptr(), libc::O_WRONLY | libc::O_CLOEXEC);
+            if fd < 0 {
+                fail(a, 2);
+            }
+            let v = value.as_bytes();
+            if libc::write(fd, v.as_ptr().cast(), v.len()) != v.len() as isize {
+                fail(a, 2);
+            }
+            libc::close(fd);
+        }
+        if libc::setgroups(a.groups.len(), a.groups.as_ptr()) < 0 {
+            fail(a, 3);
+        }
+        if libc::setresgid(a.gid, a.gid, a.gid) < 0 {
+            fail(a, 4);
+        }
+        if libc::setresuid(a.uid, a.uid, a.uid) < 0 {
+            fail(a, 5);
+        }
+        libc::syscall(libc::SYS_execveat, a.exe, a.empty.as_ptr(), a.argv.as_ptr(), a.envp.as_ptr(), libc::AT_EMPTY_PATH);
+    }
+    fail(a, 6)
+}
+
+/// `[[u8; 4]; 2]` → `[u8; 8]` without allocating (the child may not allocate).
+trait ConcatArray {
+    fn concat_array(self) -> [u8; 8];
+}
+impl ConcatArray for [[u8; 4]; 2] {
+    fn concat_array(self) -> [u8; 8] {
+        let mut out = [0u8; 8];
+        out[..4].copy_from_slice(&self[0]);
+        out[4..].copy_from_slice(&self[1]);
+        out
+    }
+}
+
+/// pipe2(2) with O_CLOEXEC: (read end, write end).
+fn pipe() -> io::Result<(OwnedFd, OwnedFd)> {
+    let mut fds = [0 as RawFd; 2];
+    // SAFETY: `fds` has room for the two descriptors pipe2 writes.
+    if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: both are fresh fds nothing else owns.
+    Ok(unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) })
+}
+
+/// setns(2) into the namespace at `path`.
+fn join(ns: &'static str, flag: libc::c_int, path: &Path) -> Result<(), SpawnError> {
+    let err = |err| SpawnError::Join { ns, path: path.to_path_buf(), err };
+    let f = File::open(path).map_err(err)?;
+    // SAFETY: setns on an fd we hold open; affects only this (throwaway) thread.
+    if unsafe { libc::setns(f.as_raw_fd(), flag) } < 0 {
+        return Err(err(io::Error::last_os_error()));
+    }
+    Ok(())
+}
+
+#[repr(C)]
+#[derive(Default)]
+struct CloneArgs {
+    flags: u64,
+    pidfd: u64,
+    child_tid: u64,
+    parent_tid: u64,
+    exit_signal: u64,
+    stack: u64,
+    stack_size: u64,
+    tls: u64,
+}
+
+enum Forked {
+    Child,
+    Parent(i32, OwnedFd),
+}
+
+/// clone3(2) without a new stack (fork-like) and with a pidfd; where clone3 is
+/// filtered (older seccomp profiles), clone(2) + pidfd_open(2).
+fn fork_into(flags: u64) -> io::Result<Forked> {
+    let mut pidfd: libc::c_int = -1;
+    let mut args = CloneArgs {
+        flags: flags | libc::CLONE_PIDFD as u64,
+        pidfd: &mut pidfd as *mut libc::c_int as u64,
+        exit_signal: libc::SIGCHLD as u64,
+        ..Default::default()
+    };
+    // SAFETY: a valid clone_args of the size passed; no CLONE_VM, so the child
+    // gets a copy of this address space and continues on a copy of this stack.
+    let r = unsafe { libc::syscall(libc::SYS_clone3, &mut args as *mut CloneArgs, std::mem::size_of::<CloneArgs>()) };
+    let pid = if r < 0 && io::Error::last_os_error().raw_os_error() == Some(libc::ENOSYS) {
+        // SAFETY: raw clone with a NULL stack behaves like fork; the other
+        // arguments are zero, so their per-architecture order does not matter.
+        let r = unsafe { libc::syscall(libc::SYS_clone, flags | libc::SIGCHLD as u64, 0, 0, 0, 0) };
+        if r == 0 {
+            return Ok(Forked::Child);
+        }
+        if r < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: pidfd_open on our own (unreaped: it waits on our pipe) child.
+        let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, r as libc::pid_t, 0) };
+        if fd < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        pidfd = fd as libc::c_int;
+        r
+    } else if r < 0 {
+        return Err(io::Error::last_os_error());
+    } else {
+        r
+    };
+    if pid == 0 {
+        return Ok(Forked::Child);
+    }
+    // SAFETY: the kernel just created this pidfd for us.
+    Ok(Forked::Parent(pid as i32, unsafe { OwnedFd::from_raw_fd(pidfd) }))
+}
+
+fn map_text(maps: &[IdMap]) -> String {
+    maps.iter().map(|m| format!("{} {} {}\n", m.container_id, m.host_id, m.size)).collect()
+}
+
+fn cstring(what: &str, s: &str) -> Result<CString, SpawnError> {
+    CString::new(s).map_err(|e| SpawnError::Setup { what: what.to_string(), err: io::Error::other(e) })
+}
+
+/// Starts pause as `plan` says, in `cgroup_dirs`, with `oom_score_adj` (already
+/// floored at the shim's own). Blocking; the namespace joins happen on a thread
+/// of its own that ends with the call, so no shim thread keeps them.
+pub fn spawn(pause: &PauseBinary, plan: &Plan, cgroup_dirs: &[PathBuf], oom_score_adj: Option<i64>) -> Result<Spawned, SpawnError> {
+    let exe = pause.fd.as_raw_fd();
+    std::thread::scope(|s| {
+        std::thread::Builder::new()
+            .name("pause-spawn".into())
+            .spawn_scoped(s, || spawn_on_this_thread(exe, plan, cgroup_dirs, oom_score_adj))
+            .map_err(|e| SpawnError::Thread(e.to_string()))?
+            .join()
+            .map_err(|_| SpawnError::Thread("panicked".into()))?
+    })
+}
+
+fn spawn_on_this_thread(exe: RawFd, plan: &Plan, cgroup_dirs: &[PathBuf], oom_score_adj: Option<i64>) -> Result<Spawned, SpawnError> {
+    // 1. Join the namespaces given by path (as host root, before any user namespace).
+    let joins: [(&'static str, libc::c_int, &NsAction); 4] = [
+        ("ipc", libc::CLONE_NEWIPC, &plan.ipc),
+        ("uts", libc::CLONE_NEWUTS, &plan.uts),
+        ("network", libc::CLONE_NEWNET, &plan.net),
+        ("pid", libc::CLONE_NEWPID, &plan.pid),
+    ];
+    let mut flags: u64 = 0;
+    for (ns, flag, action) in joins {
+        match action {
+            NsAction::Join(path) => join(ns, flag, path)?,
+            NsAction::New => flags |= flag as u64,
+            NsAction::Host => {}
+        }
+    }
+    if plan.user == NsAction::New {
+        flags |= libc::CLONE_NEWUSER as u64;
+    }
+    // 2. Sysctls of joined namespaces are written here, with the host's
+    //    privileges over them; those of new namespaces by the child, inside them.
+    let mut child_sysctls = Vec::new();
+    for sc in &plan.sysctls {
+        let joined = matches!(
+            match sc.ns {
+                super::plan::SysctlNs::Net => &plan.net,
+                super::plan::SysctlNs::Ipc => &plan.ipc,
+                super::plan::SysctlNs::Uts => &plan.uts,
+            },
+            NsAction::Join(_)
+        );
+        if joined {
+            std::fs::write(sc.proc_path(), &sc.value).map_err(|err| SpawnError::Sysctl { key: sc.key.clone(), err })?;
+        } else {
+            child_sysctls.push((cstring("sysctl path", &sc.proc_path())?, cstring("sysctl value", &sc.value)?));
+        }
+    }
+    // 3. Everything the child touches, prepared now.
+    let (sync_r, sync_w) = pipe().map_err(|err| SpawnError::Setup { what: "pipe".into(), err })?;
+    let (err_r, err_w) = pipe().map_err(|err| SpawnError::Setup { what: "pipe".into(), err })?;
+    let name = cstring("argv", "pause")?;
+    let mut groups: Vec<libc::gid_t> = plan.additional_gids.clone();
+    groups.dedup();
+    let mut args = ChildArgs {
+        sync_r: sync_r.as_raw_fd(),
+        err_w: err_w.as_raw_fd(),
+        exe,
+        hostname: plan.hostname.as_deref().map(|h| cstring("hostname", h)).transpose()?,
+        sysctls: child_sysctls,
+        uid: plan.uid,
+        gid: plan.gid,
+        groups,
+        argv: [std::ptr::null(), std::ptr::null()],
+        envp: [std::ptr::null()],
+        empty: cstring("path", "")?,
+    };
+    args.argv[0] = name.as_ptr();
+
+    // 4. Clone.
+    let (pid, pidfd) = match fork_into(flags).map_err(|err| SpawnError::Setup { what: "clone".into(), err })? {
+        Forked::Child => child_main(&args),
+        Forked::Parent(pid, fd) => (pid, fd),
+    };
+    drop(sync_r);
+    drop(err_w);
+    let undo = |e: SpawnError| {
+        let _ = signal(&pidfd, libc::SIGKILL);
+        e
+    };
+
+    // 5. While the child waits: user namespace maps, oom_score_adj, cgroup.
+    let setup = |what: &str, path: String, text: String| {
+        std::fs::write(&path, text).map_err(|err| SpawnError::Setup { what: format!("{what} ({path})"), err })
+    };
+    if plan.user == NsAction::New {
+        setup("uid map", format!("/proc/{pid}/uid_map"), map_text(&plan.uid_mappings)).map_err(undo)?;
+        setup("gid map", format!("/proc/{pid}/gid_map"), map_text(&plan.gid_mappings)).map_err(undo)?;
+    }
+    if let Some(adj) = oom_score_adj {
+        setup("oom_score_adj", format!("/proc/{pid}/oom_score_adj"), adj.to_string()).map_err(undo)?;
+    }
+    cgroup::enter(cgroup_dirs, pid).map_err(SpawnError::from).map_err(undo)?;
+
+    // 6. Release the child and learn whether its exec worked: the error pipe
+    //    closes on exec (O_CLOEXEC) or carries (step, errno).
+    let mut w = File::from(sync_w);
+    w.write_all(&[0]).map_err(|err| undo(SpawnError::Setup { what: "release pause".into(), err }))?;
+    drop(w);
+    let mut msg = Vec::new();
+    File::from(err_r).read_to_end(&mut msg).map_err(|err| undo(SpawnError::Setup { what: "read pause status".into(), err }))?;
+    if msg.len() >= 8 {
+        let step = i32::from_ne_bytes([msg[0], msg[1], msg[2], msg[3]]) as usize;
+        let errno = i32::from_ne_bytes([msg[4], msg[5], msg[6], msg[7]]);
+        return Err(SpawnError::Child { step: STEPS.get(step).copied().unwrap_or("?"), err: io::Error::from_raw_os_error(errno) });
+    }
+    Ok(Spawned { pid, pidfd })
+}
