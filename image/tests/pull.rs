@@ -464,6 +464,19 @@ async fn killed_pull_is_completed_by_the_next_one() {
     // Open cleared the partial download and the half-built snapshot.
     assert_eq!(dir_count(&ingest), 0);
     assert!(snapshots(&snap).iter().all(|s| !s.starts_with("extract-")), "{:?}", snapshots(&snap));
+    // What the killed pull had verified (manifest, config, maybe the busybox layer) belongs
+    // to no image: crispd's start-up gc removes it, and a snapshot directory a crash left
+    // without a record (planted here, as the snapshotter's `new-*` build dir) goes too.
+    let blobs = images.content().root().join("blobs/sha256");
+    assert!(dir_count(&blobs) >= 2, "the manifest and config were stored before the kill");
+    let planted = root.join("snapshotter/snapshots/new-crashleftover");
+    std::fs::create_dir_all(planted.join("fs/etc")).unwrap();
+    let report = images.gc_on_start().await;
+    assert!(report.blobs_removed >= 2, "{report:?}");
+    assert_eq!(dir_count(&blobs), 0);
+    assert!(snapshots(&snap).is_empty(), "{:?}", snapshots(&snap));
+    assert!(!planted.exists());
+    assert_eq!(dir_count(&root.join("snapshotter/snapshots")), 0);
     let id = images.pull("large", None).await.unwrap();
     let env = Env { tmp, snap, images };
     with_rootfs(&env, id.as_str(), |r| {
