@@ -63,6 +63,10 @@ pub struct Daemon {
     pub shims: crate::shim_client::Shims,
     /// Task exits / OOMs the shims publish to crispd's events socket.
     pub shim_events: tokio::sync::broadcast::Sender<crate::shim_events::ShimEvent>,
+    /// RunPodSandbox calls in flight by pod name, so a retry joins the first call.
+    pub pod_inflight: crate::inflight::InFlight<crisp_proto::cri::v1::RunPodSandboxResponse>,
+    /// The events ttrpc server, once started (stopped and its socket removed at shutdown).
+    pub events_server: tokio::sync::Mutex<Option<crate::shim_events::EventsServer>>,
 }
 
 /// Per-object async locks, created on demand and dropped when no one holds them, so
@@ -139,6 +143,8 @@ impl Daemon {
             stopping: tokio::sync::watch::channel(false).0,
             shims: crate::shim_client::Shims::default(),
             shim_events: tokio::sync::broadcast::channel(1024).0,
+            pod_inflight: Default::default(),
+            events_server: tokio::sync::Mutex::new(None),
         }
     }
 }

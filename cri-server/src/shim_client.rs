@@ -99,15 +99,21 @@ impl ShimClient {
         let exe = std::env::current_exe().unwrap_or_else(|_| PathBuf::from("crispd"));
         let events = req.events_socket.display().to_string();
         let mut cmd = tokio::process::Command::new(req.shim_binary);
-        cmd.args(["-namespace", "k8s.io", "-address", &events, "-publish-binary"])
-            .arg(&exe)
-            .args(["-id", req.pod_id, "start"])
-            .current_dir(req.bundle)
-            .env("TTRPC_ADDRESS", &events)
-            .stdin(std::process::Stdio::piped())
-            .stdout(std::process::Stdio::piped())
-            .stderr(std::process::Stdio::piped())
-            .kill_on_drop(true);
+        cmd.args([
+            "-namespace",
+            "k8s.io",
+            "-address",
+            &events,
+            "-publish-binary",
+        ])
+        .arg(&exe)
+        .args(["-id", req.pod_id, "start"])
+        .current_dir(req.bundle)
+        .env("TTRPC_ADDRESS", &events)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true);
         let mut child = cmd.spawn().map_err(|source| ShimError::Spawn {
             binary: req.shim_binary.to_path_buf(),
             source,
@@ -173,7 +179,10 @@ impl ShimClient {
     }
 
     /// Connect, remembering the shim's pid when known (it is recorded for cleanup by pid).
-    pub async fn connect_with_pid(address: &str, pid: Option<u32>) -> Result<ShimClient, ShimError> {
+    pub async fn connect_with_pid(
+        address: &str,
+        pid: Option<u32>,
+    ) -> Result<ShimClient, ShimError> {
         let err = |message: String| ShimError::Connect {
             address: address.to_string(),
             message,
@@ -219,6 +228,52 @@ impl ShimClient {
     pub fn pid(&self) -> Option<u32> {
         self.inner.pid
     }
+}
+
+/// A shim call's error as a CRI error naming the call and the pod; the shim's gRPC-style code
+/// is kept (its NotFound / InvalidArgument / FailedPrecondition mean the same to kubelet).
+pub fn rpc_error(call: &str, pod_id: &str, e: ttrpc::Error) -> crate::instrument::CriError {
+    use crate::instrument::CriError;
+    match e {
+        ttrpc::Error::RpcStatus(s) => {
+            let kind = match s.code() {
+                ttrpc::Code::NOT_FOUND => ErrorKind::NotFound,
+                ttrpc::Code::INVALID_ARGUMENT => ErrorKind::InvalidArgument,
+                ttrpc::Code::FAILED_PRECONDITION => ErrorKind::FailedPrecondition,
+                ttrpc::Code::ALREADY_EXISTS => ErrorKind::AlreadyExists,
+                ttrpc::Code::UNIMPLEMENTED => ErrorKind::Unimplemented,
+                ttrpc::Code::DEADLINE_EXCEEDED => ErrorKind::DeadlineExceeded,
+                ttrpc::Code::UNAVAILABLE => ErrorKind::Unavailable,
+                ttrpc::Code::RESOURCE_EXHAUSTED => ErrorKind::ResourceExhausted,
+                _ => ErrorKind::Internal,
+            };
+            CriError::new(kind, format!("pod {pod_id}: shim {call}: {}", s.message()))
+        }
+        other => CriError::new(
+            if is_gone(&other) {
+                ErrorKind::Unavailable
+            } else {
+                ErrorKind::Internal
+            },
+            format!("pod {pod_id}: shim {call}: {other}"),
+        ),
+    }
+}
+
+/// The connection is dead: the shim exited or was killed.
+pub fn is_gone(e: &ttrpc::Error) -> bool {
+    matches!(
+        e,
+        ttrpc::Error::RemoteClosed
+            | ttrpc::Error::LocalClosed
+            | ttrpc::Error::Eof
+            | ttrpc::Error::Socket(_)
+    )
+}
+
+/// The shim does not know the sandbox/task (already gone: fine for idempotent teardown).
+pub fn is_not_found(e: &ttrpc::Error) -> bool {
+    matches!(e, ttrpc::Error::RpcStatus(s) if s.code() == ttrpc::Code::NOT_FOUND)
 }
 
 /// The pid in a `shim.pid` file, if readable.

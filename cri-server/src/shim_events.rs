@@ -48,7 +48,11 @@ pub fn decode(env: &Envelope) -> ShimEvent {
     let other = || ShimEvent::Other {
         topic: env.topic.clone(),
     };
-    let value = env.event.as_ref().map(|a| a.value.as_slice()).unwrap_or(&[]);
+    let value = env
+        .event
+        .as_ref()
+        .map(|a| a.value.as_slice())
+        .unwrap_or(&[]);
     match env.topic.as_str() {
         TOPIC_EXIT => match TaskExit::parse_from_bytes(value) {
             // An exec'd process exit carries the exec id in `id`; only the init process's exit
@@ -261,9 +265,12 @@ mod tests {
             envelope: MessageField::some(envelope(TOPIC_OOM, &oom)),
             ..Default::default()
         };
-        ev.forward(crate::shim_client::ctx(std::time::Duration::from_secs(2)), &req)
-            .await
-            .expect("forward");
+        ev.forward(
+            crate::shim_client::ctx(std::time::Duration::from_secs(2)),
+            &req,
+        )
+        .await
+        .expect("forward");
         let got = rx.recv().await.expect("event");
         assert_eq!(
             got,

@@ -1,14 +1,14 @@
-//! StopPodSandbox and RemovePodSandbox for what crispd itself owns: the pod's network (CNI DEL
-//! and its netns), its ID range, its resolv.conf/hosts/hostname files and its records. Both are
-//! idempotent and safe to call many times at once (promise 3): each pod's transitions run under
-//! its own lock; the store is only touched in short transactions between the slow steps.
-//!
-//! Stopping the pod's processes is the shim's part (its sandbox service); until crispd talks
-//! to the shim, a pod record can only come from a crispd that did (or from recovery), and these
-//! calls still release everything crispd holds for it.
+//! StopPodSandbox and RemovePodSandbox. Stop: every container (through the container
+//! lifecycle code), the pause process (the shim's StopSandbox), the pod's network (CNI DEL and
+//! its netns); Remove additionally shuts the shim down and releases the pod's files, ID range,
+//! cgroup and records. Both are idempotent and safe to call many times at once (promise 3):
+//! each pod's transitions run under its own lock; the store is only touched in short
+//! transactions between the slow steps. The same release helpers undo a failed RunPodSandbox.
 
 use std::path::Path;
+use std::time::Duration;
 
+use containerd_shim_protos::sandbox_api::{ShutdownSandboxRequest, StopSandboxRequest};
 use crisp_proto::cri::v1::{
     RemovePodSandboxRequest, RemovePodSandboxResponse, StopPodSandboxRequest,
     StopPodSandboxResponse,
@@ -17,7 +17,13 @@ use crisp_proto::cri::v1::{
 use crate::cni::AttachRequest;
 use crate::daemon::Daemon;
 use crate::instrument::{CriError, ErrorKind};
-use crate::store::records::{ContainerRecord, PodRecord, PodState};
+use crate::shim_client::{ShimClient, ctx};
+use crate::store::records::{PodRecord, PodState, ShimRecord};
+
+/// How long the pause gets after SIGTERM before SIGKILL.
+const PAUSE_STOP_SECS: u32 = 2;
+/// Deadline of one sandbox ttrpc call.
+const SHIM_CALL: Duration = Duration::from_secs(10);
 
 /// Run one named undo step; log its outcome by name.
 fn step(pod_id: &str, name: &'static str, r: Result<(), String>) -> Result<(), CriError> {
@@ -33,26 +39,223 @@ fn step(pod_id: &str, name: &'static str, r: Result<(), String>) -> Result<(), C
     }
 }
 
-async fn release_network(d: &Daemon, rec: &PodRecord) -> Result<(), CriError> {
-    let Some(netns) = rec.netns_path.clone() else {
+/// CNI DEL (from the cached result, so it works after a restart) and removal of the netns.
+pub async fn release_network(
+    d: &Daemon,
+    pod_id: &str,
+    netns: Option<&str>,
+) -> Result<(), CriError> {
+    let Some(netns) = netns.map(str::to_string) else {
         return Ok(());
     };
-    let cni = std::sync::Arc::clone(&d.cni);
-    let req = AttachRequest {
-        pod_id: rec.id.clone(),
-        netns: netns.clone(),
-        ifname: "eth0".into(),
-        args: Default::default(),
-        port_mappings: vec![],
-    };
-    // Plugins are processes: run them off the async workers, with no lock on the store.
-    let r = tokio::task::spawn_blocking(move || cni.del(&req))
-        .await
-        .map_err(|e| e.to_string())
-        .and_then(|r| r.map_err(|e| e.to_string()));
-    step(&rec.id, "cni del", r)?;
+    if d.cni.has_cache(pod_id) || Path::new(&netns).exists() {
+        let cni = std::sync::Arc::clone(&d.cni);
+        let req = AttachRequest {
+            pod_id: pod_id.to_string(),
+            netns: netns.clone(),
+            ifname: "eth0".into(),
+            args: Default::default(),
+            port_mappings: vec![],
+        };
+        // Plugins are processes: run them off the async workers, with no lock on the store.
+        let r = tokio::task::spawn_blocking(move || cni.del(&req))
+            .await
+            .map_err(|e| e.to_string())
+            .and_then(|r| r.map_err(|e| e.to_string()));
+        step(pod_id, "cni del", r)?;
+    }
     let r = crate::netns::remove(Path::new(&netns)).map_err(|e| e.to_string());
-    step(&rec.id, "remove netns", r)
+    step(pod_id, "remove netns", r)
+}
+
+/// The pod's shim: the live connection, or a reconnection to the recorded address.
+pub async fn shim_of(d: &Daemon, pod_id: &str, address: Option<&str>) -> Option<ShimClient> {
+    if let Some(s) = d.shims.get(pod_id) {
+        return Some(s);
+    }
+    let rec = d.store.get::<ShimRecord>(pod_id).ok().flatten();
+    let addr = address
+        .map(str::to_string)
+        .or_else(|| rec.as_ref().map(|r| r.address.clone()))?;
+    match ShimClient::connect_with_pid(&addr, rec.and_then(|r| r.pid)).await {
+        Ok(s) => {
+            d.shims.insert(pod_id, s.clone());
+            Some(s)
+        }
+        Err(e) => {
+            tracing::debug!(pod_id, error = %e, "shim not reachable");
+            None
+        }
+    }
+}
+
+/// Stop the pause process through the shim's sandbox service. A shim that is gone took its
+/// pause with it (the pause is the shim's child and dies with it... or is killed below).
+pub async fn stop_pause(d: &Daemon, rec: &PodRecord) -> Result<(), CriError> {
+    let Some(shim) = shim_of(d, &rec.id, rec.shim_address.as_deref()).await else {
+        kill_if_ours(rec.pause_pid, &[], "pause");
+        return Ok(());
+    };
+    let req = StopSandboxRequest {
+        sandbox_id: rec.id.clone(),
+        timeout_secs: PAUSE_STOP_SECS,
+        ..Default::default()
+    };
+    let call = Duration::from_secs(u64::from(PAUSE_STOP_SECS)) + SHIM_CALL;
+    match shim.sandbox().stop_sandbox(ctx(call), &req).await {
+        Ok(_) => Ok(()),
+        Err(e) if crate::shim_client::is_not_found(&e) => Ok(()),
+        Err(e) if crate::shim_client::is_gone(&e) => {
+            d.shims.remove(&rec.id);
+            kill_if_ours(rec.pause_pid, &[], "pause");
+            Ok(())
+        }
+        Err(e) => Err(crate::shim_client::rpc_error("StopSandbox", &rec.id, e)),
+    }
+}
+
+/// SIGKILL `pid` only if it still is what we think (its command line names `needles` /
+/// its comm is `comm`): a recorded pid may have been reused since.
+pub fn kill_if_ours(pid: Option<u32>, needles: &[&str], comm: &str) -> bool {
+    let Some(pid) = pid.filter(|p| *p > 1) else {
+        return false;
+    };
+    let cmdline = std::fs::read(format!("/proc/{pid}/cmdline"))
+        .map(|b| String::from_utf8_lossy(&b).replace('\0', " "))
+        .unwrap_or_default();
+    let pcomm = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
+    let ours = if needles.is_empty() {
+        pcomm.trim() == comm
+    } else {
+        needles.iter().all(|n| cmdline.contains(n))
+    };
+    if !ours {
+        return false;
+    }
+    let r = nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid as i32),
+        nix::sys::signal::Signal::SIGKILL,
+    );
+    tracing::info!(pid, comm, ok = r.is_ok(), "killed by recorded pid");
+    r.is_ok()
+}
+
+/// Whether `pid` is running (not gone, not a zombie).
+pub fn alive(pid: u32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        // The state follows the parenthesised comm.
+        Ok(s) => s
+            .rsplit_once(')')
+            .map(|(_, rest)| !rest.trim_start().starts_with(['Z', 'X']))
+            .unwrap_or(false),
+        Err(_) => false,
+    }
+}
+
+/// ShutdownSandbox: the shim exits once its tasks are gone and removes its socket. A shim that
+/// does not exit in time is killed by its recorded pid (checked to be that pod's shim).
+pub async fn shutdown_shim(
+    d: &Daemon,
+    pod_id: &str,
+    address: Option<&str>,
+) -> Result<(), CriError> {
+    let rec = d.store.get::<ShimRecord>(pod_id)?;
+    let shim = shim_of(d, pod_id, address).await;
+    let pid = shim
+        .as_ref()
+        .and_then(ShimClient::pid)
+        .or_else(|| rec.as_ref().and_then(|r| r.pid));
+    if let Some(shim) = &shim {
+        let req = ShutdownSandboxRequest {
+            sandbox_id: pod_id.to_string(),
+            ..Default::default()
+        };
+        match shim.sandbox().shutdown_sandbox(ctx(SHIM_CALL), &req).await {
+            Ok(_) => {}
+            Err(e) if crate::shim_client::is_gone(&e) || crate::shim_client::is_not_found(&e) => {}
+            Err(e) => {
+                tracing::warn!(pod_id, error = %e, "ShutdownSandbox failed; killing the shim")
+            }
+        }
+    }
+    d.shims.remove(pod_id);
+    if let Some(pid) = pid {
+        let deadline = std::time::Instant::now() + Duration::from_secs(3);
+        while alive(pid) && std::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        if alive(pid) {
+            kill_if_ours(Some(pid), &["-id", pod_id], "");
+        }
+    }
+    // The socket, if the shim could not remove it itself.
+    let addr = address
+        .map(str::to_string)
+        .or_else(|| rec.as_ref().map(|r| r.address.clone()));
+    if let Some(a) = addr {
+        let p = a.strip_prefix("unix://").unwrap_or(&a).to_string();
+        if !p.is_empty() && std::os::unix::net::UnixStream::connect(&p).is_err() {
+            let _ = std::fs::remove_file(&p);
+        }
+    }
+    d.store.delete::<ShimRecord>(pod_id)?;
+    Ok(())
+}
+
+/// rmdir the pod's (pause's) cgroup in every hierarchy; a missing one is fine. Containers
+/// have their own cgroups (the container code removes them).
+pub fn remove_pod_cgroup(d: &Daemon, cgroup_parent: &str, pod_id: &str) -> Result<(), String> {
+    use crisp_shim::placement::{self, CgroupDriver};
+    let driver = match d.cfg.cgroup_driver {
+        crate::config::CgroupDriver::Cgroupfs => CgroupDriver::Cgroupfs,
+        crate::config::CgroupDriver::Systemd => CgroupDriver::Systemd,
+    };
+    let Ok(path) = placement::cgroup_path(driver, cgroup_parent, pod_id)
+        .and_then(|p| placement::resolved_path(driver, &p))
+    else {
+        return Ok(());
+    };
+    let rel = path.trim_start_matches('/');
+    if rel.is_empty() {
+        return Ok(());
+    }
+    let root = Path::new("/sys/fs/cgroup");
+    let mut dirs = vec![root.to_path_buf()];
+    if let Ok(rd) = std::fs::read_dir(root) {
+        for e in rd.flatten() {
+            // Symlinked co-mounts (cpu -> cpu,cpuacct) are the same hierarchy.
+            if e.file_type().is_ok_and(|t| t.is_dir()) {
+                dirs.push(e.path());
+            }
+        }
+    }
+    let mut errs = Vec::new();
+    for h in dirs {
+        let p = h.join(rel);
+        match std::fs::remove_dir(&p) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => errs.push(format!("{}: {e}", p.display())),
+        }
+    }
+    if errs.is_empty() {
+        Ok(())
+    } else {
+        Err(errs.join("; "))
+    }
+}
+
+/// The stop sequence, called with the pod's lock held.
+async fn stop_locked(d: &Daemon, rec: &mut PodRecord) -> Result<(), CriError> {
+    crate::cri::container_lifecycle::stop_pod_containers(d, &rec.id, Duration::ZERO).await?;
+    stop_pause(d, rec).await?;
+    release_network(d, &rec.id, rec.netns_path.as_deref()).await?;
+    if rec.state != PodState::NotReady {
+        rec.state = PodState::NotReady;
+        // The netns is gone; keep IPs for status, as containerd does until removal.
+        d.store.put(&rec.id, &*rec)?;
+    }
+    Ok(())
 }
 
 pub async fn stop(
@@ -65,20 +268,8 @@ pub async fn stop(
     let Some(mut rec) = d.store.get::<PodRecord>(&rec.id)? else {
         return Ok(StopPodSandboxResponse {});
     };
-    for (id, c) in d.store.list::<ContainerRecord>()? {
-        if c.pod_id == rec.id && c.state == crate::store::records::ContainerState::Running {
-            // Without a shim connection the container's state cannot be confirmed; say so.
-            let mut c = c;
-            c.state = crate::store::records::ContainerState::Unknown;
-            d.store.put(&id, &c)?;
-        }
-    }
-    release_network(d, &rec).await?;
-    if rec.state != PodState::NotReady || rec.netns_path.is_some() {
-        rec.state = PodState::NotReady;
-        // The netns is gone; keep IPs for status, as containerd does until removal.
-        d.store.put(&rec.id, &rec)?;
-    }
+    stop_locked(d, &mut rec).await?;
+    tracing::info!(pod_id = %rec.id, "pod stopped");
     Ok(StopPodSandboxResponse {})
 }
 
@@ -93,15 +284,22 @@ pub async fn remove(
         Err(e) => return Err(e),
     };
     let _g = d.pod_locks.lock(&rec.id).await;
-    let Some(rec) = d.store.get::<PodRecord>(&rec.id)? else {
+    let Some(mut rec) = d.store.get::<PodRecord>(&rec.id)? else {
         return Ok(RemovePodSandboxResponse {});
     };
-    release_network(d, &rec).await?;
-    for (id, c) in d.store.list::<ContainerRecord>()? {
-        if c.pod_id == rec.id {
-            d.store.delete::<ContainerRecord>(&id)?;
-        }
-    }
+    // kubelet stops first, but CRI lets Remove be called on a running pod: stop it here.
+    stop_locked(d, &mut rec).await?;
+    crate::cri::container_lifecycle::remove_pod_containers(d, &rec.id).await?;
+    shutdown_shim(d, &rec.id, rec.shim_address.as_deref()).await?;
+    release_owned(d, &rec)?;
+    // Last: while the record exists, a retry can still find and finish the removal.
+    d.store.delete::<PodRecord>(&rec.id)?;
+    tracing::info!(pod_id = %rec.id, "pod removed");
+    Ok(RemovePodSandboxResponse {})
+}
+
+/// The pod's files, ID range and cgroup (after its processes are gone).
+pub fn release_owned(d: &Daemon, rec: &PodRecord) -> Result<(), CriError> {
     let dir = crate::sandbox_files::pod_dir(&d.cfg.state, &rec.id);
     step(&rec.id, "remove pod files", remove_pod_files(&dir))?;
     let r = d
@@ -110,16 +308,28 @@ pub async fn remove(
         .map(|_| ())
         .map_err(|e| e.to_string());
     step(&rec.id, "release id range", r)?;
-    // Last: while the record exists, a retry can still find and finish the removal.
-    d.store.delete::<PodRecord>(&rec.id)?;
-    tracing::info!(pod_id = %rec.id, "pod removed");
-    Ok(RemovePodSandboxResponse {})
+    // Not fatal: a cgroup busy for a moment is retried by the next Remove or start-up.
+    if let Err(e) = remove_pod_cgroup(d, &rec.cgroup_parent, &rec.id) {
+        tracing::warn!(pod_id = %rec.id, error = %e, "pod cgroup not removed");
+    }
+    Ok(())
 }
+
+/// What the pod dir may hold: crispd's files and the shim's (`address`, `shim.pid`, `log`).
+pub const POD_FILES: &[&str] = &[
+    "resolv.conf",
+    "hosts",
+    "hostname",
+    "address",
+    "shim.pid",
+    "log",
+    "config.json",
+];
 
 /// Remove the pod's own files one by one and then the (then empty) directory: never a
 /// recursive delete, which could cross a mount point (promise 5's rule, applied here too).
-fn remove_pod_files(dir: &Path) -> Result<(), String> {
-    for name in ["resolv.conf", "hosts", "hostname"] {
+pub fn remove_pod_files(dir: &Path) -> Result<(), String> {
+    for name in POD_FILES {
         match std::fs::remove_file(dir.join(name)) {
             Ok(()) => {}
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
@@ -136,7 +346,7 @@ fn remove_pod_files(dir: &Path) -> Result<(), String> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::store::records::{ContainerState, IdRangeRecord};
+    use crate::store::records::{ContainerRecord, ContainerState, IdRangeRecord};
     use std::sync::Arc;
 
     fn pod(id: &str, netns: Option<String>) -> PodRecord {
@@ -257,7 +467,6 @@ mod tests {
             }
         }
         assert_eq!(d.store.count(crate::store::PODS).expect("count"), 0);
-        assert_eq!(d.store.count(crate::store::CONTAINERS).expect("count"), 0);
         assert_eq!(d.store.count(crate::store::ID_RANGES).expect("count"), 0);
         assert!(crate::netns::list(&netns_dir).is_empty(), "no netns left");
         assert!(
