@@ -616,6 +616,130 @@ async fn wrong_diff_id_fails_cleanly() {
     expect_clean_failure(&addr, &["diff_id", "(2/2)"], Kind::DataLoss).await;
 }
 
+/// A tar entry with raw name and link bytes: tar::Builder's path setters refuse `..`, and
+/// these layers are what they refuse.
+fn raw_entry(b: &mut tar::Builder<Vec<u8>>, name: &str, typ: tar::EntryType, data: &[u8], link: Option<&str>) {
+    let mut h = tar::Header::new_gnu();
+    {
+        let g = h.as_gnu_mut().unwrap();
+        g.name = [0; 100];
+        g.name[..name.len()].copy_from_slice(name.as_bytes());
+        if let Some(l) = link {
+            g.linkname = [0; 100];
+            g.linkname[..l.len()].copy_from_slice(l.as_bytes());
+        }
+    }
+    h.set_entry_type(typ);
+    h.set_size(data.len() as u64);
+    h.set_mode(if typ == tar::EntryType::Directory { 0o755 } else { 0o644 });
+    h.set_mtime(1_600_000_000);
+    h.set_cksum();
+    b.append(&h, data).unwrap();
+}
+
+fn gz(tar: &[u8]) -> Vec<u8> {
+    let mut e = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+    std::io::Write::write_all(&mut e, tar).unwrap();
+    e.finish().unwrap()
+}
+
+/// Every malicious layer the unpacker's unit tests reject, now as the second layer of an
+/// image in a registry: each pull fails with an error naming the entry and the layer, writes
+/// nothing outside the store (the escapes aim at a real host path), and after the failed
+/// pull's gc no snapshot, blob or download is left.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn every_malicious_layer_fails_cleanly_through_a_pull() {
+    use tar::EntryType as T;
+    // A host path an escape would create: /var/tmp exists, this name does not.
+    let victim = format!("crisp-evil-{}-{}", std::process::id(), rand_u64());
+    let host_victim = PathBuf::from("/var/tmp").join(&victim);
+    let up = "../../../../../../../../../../../../../..";
+    type Case = (&'static str, Box<dyn Fn(&mut tar::Builder<Vec<u8>>)>, Vec<String>, Kind);
+    let v = victim.clone();
+    let cases: Vec<Case> = vec![
+        (
+            "write through a relative symlink to /",
+            Box::new(move |b| {
+                raw_entry(b, "esc", T::Symlink, b"", Some(up));
+                raw_entry(b, &format!("esc/var/tmp/{v}"), T::Regular, b"x", None);
+            }),
+            vec![format!("esc/var/tmp/{victim}"), "symlink".into()],
+            Kind::FailedPrecondition,
+        ),
+        (
+            "write through an absolute symlink",
+            Box::new({
+                let v = victim.clone();
+                move |b| {
+                    raw_entry(b, "abs", T::Symlink, b"", Some("/var/tmp"));
+                    raw_entry(b, &format!("abs/{v}"), T::Regular, b"x", None);
+                }
+            }),
+            vec![format!("abs/{victim}")],
+            Kind::FailedPrecondition,
+        ),
+        (
+            "hard link to a host file",
+            Box::new(|b| raw_entry(b, "hl", T::Link, b"", Some("/etc/passwd"))),
+            vec!["\"hl\"".into()],
+            Kind::FailedPrecondition,
+        ),
+        (
+            "hard link through a symlink to outside",
+            Box::new(|b| {
+                raw_entry(b, "s", T::Symlink, b"", Some("/etc"));
+                raw_entry(b, "hl", T::Link, b"", Some("s/passwd"));
+            }),
+            vec!["symlink".into()],
+            Kind::FailedPrecondition,
+        ),
+        (
+            "directory replacing a symlink",
+            Box::new({
+                let v = victim.clone();
+                move |b| {
+                    raw_entry(b, "d", T::Symlink, b"", Some("/var/tmp"));
+                    raw_entry(b, "d/", T::Directory, b"", None);
+                    raw_entry(b, &format!("d/{v}"), T::Regular, b"x", None);
+                }
+            }),
+            vec!["\"d/\"".into(), "replace a symlink".into()],
+            Kind::FailedPrecondition,
+        ),
+        (
+            "oversized extended header",
+            Box::new(|b| {
+                raw_entry(b, "././@LongLink", T::GNULongName, &vec![b'a'; (2 << 20) + 1], None);
+                raw_entry(b, "x", T::Regular, b"x", None);
+            }),
+            vec!["exceeds".into()],
+            Kind::DataLoss,
+        ),
+    ];
+    for (what, build, needles, kind) in cases {
+        let mut b = tar::Builder::new(Vec::new());
+        raw_entry(&mut b, "ok.txt", T::Regular, b"ok", None);
+        build(&mut b);
+        let tar = b.into_inner().unwrap();
+        let layer = (tar.clone(), gz(&tar));
+        let addr = crafted_image(vec![tar_gz(&[("a.txt", b"a")]), layer], None).await;
+        let mut n: Vec<&str> = needles.iter().map(String::as_str).collect();
+        n.push("(2/2)");
+        eprintln!("case: {what}");
+        expect_clean_failure(&addr, &n, kind).await;
+        assert!(!host_victim.exists(), "{what}: wrote {}", host_victim.display());
+    }
+    // Truncated gzip: the blob's digest is of the truncated bytes (so it verifies), the
+    // stream ends early and the diff_id (of the whole tar) cannot match.
+    let mut b = tar::Builder::new(Vec::new());
+    raw_entry(&mut b, "big", T::Regular, &(0..200_000u32).map(|i| (i * 7919 % 251) as u8).collect::<Vec<_>>(), None);
+    let tar = b.into_inner().unwrap();
+    let whole = gz(&tar);
+    let cut = whole[..whole.len() / 2].to_vec();
+    let addr = crafted_image(vec![tar_gz(&[("a.txt", b"a")]), (tar, cut)], None).await;
+    expect_clean_failure(&addr, &["(2/2)"], Kind::DataLoss).await;
+}
+
 /// docker-registry over TLS with a self-signed certificate, serving another registry's storage.
 struct TlsRegistry {
     child: std::process::Child,
