@@ -63,6 +63,8 @@ pub struct EnvBuilder {
     crispd_config: Vec<String>,
     /// Write the network's conflist before the daemon starts (the default).
     cni_config: bool,
+    /// Chain the portmap plugin after the bridge (hostPort tests).
+    portmap: bool,
 }
 
 impl EnvBuilder {
@@ -89,6 +91,13 @@ impl EnvBuilder {
     /// conflist is written only by [`TestEnv::write_cni_config`] (start-up order tests).
     pub fn without_cni_config(mut self) -> Self {
         self.cni_config = false;
+        self
+    }
+
+    /// Chain CNI's portmap plugin (capability `portMappings`) after the bridge, so pods'
+    /// hostPort mappings work. Off by default: portmap needs iptables and adds host rules.
+    pub fn portmap(mut self) -> Self {
+        self.portmap = true;
         self
     }
 
@@ -249,6 +258,7 @@ impl TestEnv {
             containerd_fragments: Vec::new(),
             crispd_config: Vec::new(),
             cni_config: true,
+            portmap: false,
         }
     }
 
@@ -298,11 +308,15 @@ impl TestEnv {
 
         let net = Network::create(tag)?;
         self.net = Some(net);
+        self.opts = Some(opts.clone());
+        if opts.portmap {
+            which("iptables")
+                .context("the portmap CNI plugin needs iptables (Debian package iptables)")?;
+        }
         if opts.cni_config {
             self.write_cni_config()?;
         }
         self.write_record()?;
-        self.opts = Some(opts.clone());
         self.spawn_daemon().await
     }
 
@@ -519,7 +533,17 @@ impl TestEnv {
     /// Writes the env's conflist into its CNI config directory (done at start unless the
     /// env was built [`EnvBuilder::without_cni_config`]); returns the file written.
     pub fn write_cni_config(&self) -> Result<PathBuf> {
-        let conflist = self.network().conflist(&self.cni_ipam_dir());
+        let portmap = self.opts.as_ref().is_some_and(|o| o.portmap);
+        let conflist = if portmap {
+            let plugin = serde_json::json!({
+                "type": "portmap",
+                "capabilities": { "portMappings": true },
+            });
+            self.network()
+                .conflist_with(&self.cni_ipam_dir(), &[plugin])
+        } else {
+            self.network().conflist(&self.cni_ipam_dir())
+        };
         let f = self.cni_conf_dir.join("10-crisp-e2e.conflist");
         // Written aside and renamed in, so a daemon watching the directory never reads half.
         let tmp = self.root.join(".conflist.tmp");
@@ -1049,7 +1073,12 @@ impl Network {
     /// The CNI conflist: bridge + host-local with its allocations under the test root
     /// (the default, /var/lib/cni/networks, is host state).
     pub fn conflist(&self, ipam_dir: &Path) -> String {
-        serde_json::json!({
+        self.conflist_with(ipam_dir, &[])
+    }
+
+    /// The conflist with `extra` plugins chained after the bridge (e.g. portmap).
+    pub fn conflist_with(&self, ipam_dir: &Path, extra: &[serde_json::Value]) -> String {
+        let mut list = serde_json::json!({
             "cniVersion": "1.0.0",
             "name": self.name,
             "plugins": [{
@@ -1065,8 +1094,11 @@ impl Network {
                     "dataDir": ipam_dir,
                 }
             }]
-        })
-        .to_string()
+        });
+        if let Some(plugins) = list["plugins"].as_array_mut() {
+            plugins.extend(extra.iter().cloned());
+        }
+        list.to_string()
     }
 
     /// Deletes veths still attached to our bridge, and the bridge.

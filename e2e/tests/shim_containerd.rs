@@ -42,7 +42,13 @@ fn shim_dir() -> Result<PathBuf> {
     let exe = std::env::current_exe()?;
     let dir = exe
         .parent()
-        .and_then(|d| if d.ends_with("deps") { d.parent() } else { Some(d) })
+        .and_then(|d| {
+            if d.ends_with("deps") {
+                d.parent()
+            } else {
+                Some(d)
+            }
+        })
         .context("locating the target dir")?
         .to_path_buf();
     ensure!(
@@ -195,7 +201,12 @@ async fn scenario(env: &TestEnv, handler: &str) -> Result<()> {
     c.start_container(&b_id).await?;
 
     let st = c.wait_container_exit(&a_id, EXIT_TIMEOUT).await?;
-    ensure!(st.exit_code == 3, "exit code {}, want 3 ({:?})", st.exit_code, st.reason);
+    ensure!(
+        st.exit_code == 3,
+        "exit code {}, want 3 ({:?})",
+        st.exit_code,
+        st.reason
+    );
     let log = cri::log_file(&pod, &a);
     let out = cri::wait_log_line(&log, "out-line", Duration::from_secs(10)).await?;
     ensure!(out.stream == "stdout", "out-line on {}", out.stream);
@@ -210,22 +221,51 @@ async fn scenario(env: &TestEnv, handler: &str) -> Result<()> {
 
     // One shim, parent of the sandbox and of B.
     let shims = shims_of(env);
-    ensure!(shims.len() == 1, "want one crisp shim for the pod, found {shims:?}");
+    ensure!(
+        shims.len() == 1,
+        "want one crisp shim for the pod, found {shims:?}"
+    );
     let shim = shims[0];
     let sb_pid = c.sandbox_pid(&pod_id).await?;
     let b_pid = c.container_pid(&b_id).await?;
-    ensure!(ppid(sb_pid)? == shim, "sandbox pid {sb_pid} is not a child of shim {shim}");
-    ensure!(ppid(b_pid)? == shim, "container B pid {b_pid} is not a child of shim {shim}");
-    check_cgroup("sandbox", &proc_cgroup(sb_pid)?, &format!("{parent}/crisp-{pod_id}"))?;
-    check_cgroup("container B", &proc_cgroup(b_pid)?, &format!("{parent}/crisp-{b_id}"))?;
+    ensure!(
+        ppid(sb_pid)? == shim,
+        "sandbox pid {sb_pid} is not a child of shim {shim}"
+    );
+    ensure!(
+        ppid(b_pid)? == shim,
+        "container B pid {b_pid} is not a child of shim {shim}"
+    );
+    check_cgroup(
+        "sandbox",
+        &proc_cgroup(sb_pid)?,
+        &format!("{parent}/crisp-{pod_id}"),
+    )?;
+    check_cgroup(
+        "container B",
+        &proc_cgroup(b_pid)?,
+        &format!("{parent}/crisp-{b_id}"),
+    )?;
 
     // ExecSync: output of both streams and the exit code.
     let exec = c
-        .exec_sync(&b_id, &["sh", "-c", "echo exec-out; echo exec-err >&2; exit 7"], 30)
+        .exec_sync(
+            &b_id,
+            &["sh", "-c", "echo exec-out; echo exec-err >&2; exit 7"],
+            30,
+        )
         .await?;
     ensure!(exec.exit_code == 7, "ExecSync exit code {}", exec.exit_code);
-    ensure!(exec.stdout == b"exec-out\n", "ExecSync stdout {:?}", String::from_utf8_lossy(&exec.stdout));
-    ensure!(exec.stderr == b"exec-err\n", "ExecSync stderr {:?}", String::from_utf8_lossy(&exec.stderr));
+    ensure!(
+        exec.stdout == b"exec-out\n",
+        "ExecSync stdout {:?}",
+        String::from_utf8_lossy(&exec.stdout)
+    );
+    ensure!(
+        exec.stderr == b"exec-err\n",
+        "ExecSync stderr {:?}",
+        String::from_utf8_lossy(&exec.stderr)
+    );
 
     // StopContainer: `sleep` as PID 1 ignores SIGTERM, so this takes the SIGKILL after 2 s.
     let stop_timeout = 2;
@@ -248,14 +288,23 @@ async fn scenario(env: &TestEnv, handler: &str) -> Result<()> {
     let d = container_config("victim", BUSYBOX, &["sleep", "3600"]);
     let d_id = c.create_container(&pod_id, &d, &pod).await?;
     c.start_container(&d_id).await?;
-    ensure!(shims_of(env) == vec![shim], "a new container started another shim");
-    ensure!(!rootfs_mounts(env).is_empty(), "no rootfs mount seen while running");
+    ensure!(
+        shims_of(env) == vec![shim],
+        "a new container started another shim"
+    );
+    ensure!(
+        !rootfs_mounts(env).is_empty(),
+        "no rootfs mount seen while running"
+    );
     nix::sys::signal::kill(
         nix::unistd::Pid::from_raw(shim),
         nix::sys::signal::Signal::SIGKILL,
     )?;
     let st = c.wait_container_exit(&d_id, EXIT_TIMEOUT).await?;
-    eprintln!("{handler}: after the shim was killed, victim exited with {}", st.exit_code);
+    eprintln!(
+        "{handler}: after the shim was killed, victim exited with {}",
+        st.exit_code
+    );
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
         let mounts = rootfs_mounts(env);
@@ -288,8 +337,15 @@ async fn crun_refused(env: &TestEnv, handler: &str) -> Result<()> {
         Err(e) => format!("{e:#}"),
     };
     eprintln!("crun refused after {:?}: {err}", t.elapsed());
-    ensure!(err.contains("hybrid"), "error does not name the hybrid-cgroup reason: {err}");
-    ensure!(rootfs_mounts(env).is_empty(), "rootfs left mounted: {:?}", rootfs_mounts(env));
+    ensure!(
+        err.contains("hybrid"),
+        "error does not name the hybrid-cgroup reason: {err}"
+    );
+    ensure!(
+        rootfs_mounts(env).is_empty(),
+        "rootfs left mounted: {:?}",
+        rootfs_mounts(env)
+    );
     Ok(())
 }
 
@@ -299,7 +355,10 @@ fn setup_env() -> Result<PathBuf> {
     static ONCE: std::sync::OnceLock<Result<PathBuf, String>> = std::sync::OnceLock::new();
     ONCE.get_or_init(|| {
         let dir = shim_dir().map_err(|e| format!("{e:#}"))?;
-        let log = PathBuf::from(format!("/var/tmp/crisp-shim-e2e-{}.log", std::process::id()));
+        let log = PathBuf::from(format!(
+            "/var/tmp/crisp-shim-e2e-{}.log",
+            std::process::id()
+        ));
         let path = std::env::var_os("PATH").unwrap_or_default();
         let mut paths = vec![dir];
         paths.extend(std::env::split_paths(&path));
@@ -324,7 +383,9 @@ fn run(handler: &'static str) -> Result<()> {
 /// harness passes it as `shim_binary`), and `handler` is one of crispd's handlers.
 fn run_on(kind: RuntimeKind, handler: &'static str) -> Result<()> {
     let shim_log = setup_env()?;
-    let tmp = tempfile::Builder::new().prefix("crisp-shim-e2e-").tempdir_in("/var/tmp")?;
+    let tmp = tempfile::Builder::new()
+        .prefix("crisp-shim-e2e-")
+        .tempdir_in("/var/tmp")?;
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -347,7 +408,10 @@ fn run_on(kind: RuntimeKind, handler: &'static str) -> Result<()> {
             eprintln!("{kind} log tail:\n{}", env.daemon_log_tail(60));
             let log = std::fs::read_to_string(&shim_log).unwrap_or_default();
             let tail: Vec<&str> = log.lines().rev().take(60).collect();
-            eprintln!("shim log tail:\n{}", tail.into_iter().rev().collect::<Vec<_>>().join("\n"));
+            eprintln!(
+                "shim log tail:\n{}",
+                tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+            );
         }
         let leaks = env.teardown().await;
         outcome?;
@@ -401,8 +465,13 @@ fn stats(v: &mut [f64]) -> (f64, f64) {
 #[ignore]
 fn bench_shim_rss_and_pod_start() -> Result<()> {
     setup_env()?;
-    let tmp = tempfile::Builder::new().prefix("crisp-shim-bench-").tempdir_in("/var/tmp")?;
-    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
+    let tmp = tempfile::Builder::new()
+        .prefix("crisp-shim-bench-")
+        .tempdir_in("/var/tmp")?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
     rt.block_on(async {
         let registry = Registry::start()?;
         registry.push(&["busybox", "pause"])?;
