@@ -202,6 +202,28 @@ pub async fn copy_fifo(
     copy_stream(rx, stream, &log).await
 }
 
+/// Open a FIFO's read end at once, without waiting for a writer (O_NONBLOCK). Held from
+/// before the task is created, it guarantees the container never writes to a FIFO without a
+/// reader (which would kill it with SIGPIPE) however late the copy starts.
+pub fn open_fifo_reader(path: &Path) -> io::Result<File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK)
+        .open(path)
+}
+
+/// Copy from a FIFO read end opened by [`open_fifo_reader`] until every writer has closed it.
+/// Start it only once a writer exists (the task is created): with none it reads EOF at once.
+pub async fn copy_from_fifo(
+    file: File,
+    stream: Stream,
+    log: std::sync::Arc<CriLog>,
+) -> io::Result<u64> {
+    let rx = tokio::net::unix::pipe::Receiver::from_file(file)?;
+    copy_stream(rx, stream, &log).await
+}
+
 /// Open and close the write end once, so a [`copy_fifo`] still waiting in open returns (and
 /// then reads EOF). Harmless when the copy is already running: other writers keep it open.
 /// Returns false when no reader is waiting yet (the open has not started): call again.
@@ -457,6 +479,37 @@ mod tests {
             .expect("task")
             .expect("copy");
         assert_eq!(n, 0);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn reader_opened_first_copies_once_a_writer_exists() {
+        let d = tempfile::tempdir().expect("tempdir");
+        let fifo = d.path().join("c1-stdout");
+        mkfifo(&fifo).expect("mkfifo");
+        let r = open_fifo_reader(&fifo).expect("opens without a writer");
+        // The writer (the container) can open and write before any copy runs: no SIGPIPE.
+        let mut w = OpenOptions::new()
+            .write(true)
+            .open(&fifo)
+            .expect("writer opens: a reader exists");
+        w.write_all(b"early\n").expect("write");
+        let log = std::sync::Arc::new(CriLog::open(&d.path().join("0.log"), 1024).expect("open"));
+        let copy = tokio::spawn(copy_from_fifo(r, Stream::Stdout, std::sync::Arc::clone(&log)));
+        w.write_all(b"late\n").expect("write");
+        drop(w);
+        let n = tokio::time::timeout(Duration::from_secs(5), copy)
+            .await
+            .expect("ends at the writer's close")
+            .expect("task")
+            .expect("copy");
+        assert_eq!(n, 2);
+        assert_eq!(
+            records(log.path()),
+            vec![
+                ("stdout".into(), false, "early".into()),
+                ("stdout".into(), false, "late".into())
+            ]
+        );
     }
 
     #[test]

@@ -177,12 +177,11 @@ impl RuntimeService for Cri {
     ) -> Res<pb::CreateContainerResponse> {
         let req = req.into_inner();
         let span = info_span!("CreateContainer", pod_id = %req.pod_sandbox_id);
-        instrument::call("CreateContainer", span, async {
-            cri::pods::find(&self.d.store, &req.pod_sandbox_id)?;
-            Err(CriError::unimplemented(
-                "CreateContainer: containers need the shim's task service, not wired into crispd yet",
-            ))
-        })
+        instrument::call(
+            "CreateContainer",
+            span,
+            cri::container_lifecycle::create_container(&self.d, req),
+        )
         .await
     }
 
@@ -192,9 +191,11 @@ impl RuntimeService for Cri {
     ) -> Res<pb::StartContainerResponse> {
         let req = req.into_inner();
         let span = info_span!("StartContainer", container_id = %req.container_id);
-        instrument::call("StartContainer", span, async {
-            cri::containers::not_wired(&self.d.store, "StartContainer", &req.container_id, false)
-        })
+        instrument::call(
+            "StartContainer",
+            span,
+            cri::container_lifecycle::start_container(&self.d, req),
+        )
         .await
     }
 
@@ -204,9 +205,11 @@ impl RuntimeService for Cri {
     ) -> Res<pb::StopContainerResponse> {
         let req = req.into_inner();
         let span = info_span!("StopContainer", container_id = %req.container_id);
-        instrument::call("StopContainer", span, async {
-            cri::containers::not_wired(&self.d.store, "StopContainer", &req.container_id, false)
-        })
+        instrument::call(
+            "StopContainer",
+            span,
+            cri::container_lifecycle::stop_container(&self.d, req),
+        )
         .await
     }
 
@@ -216,9 +219,11 @@ impl RuntimeService for Cri {
     ) -> Res<pb::RemoveContainerResponse> {
         let req = req.into_inner();
         let span = info_span!("RemoveContainer", container_id = %req.container_id);
-        instrument::call("RemoveContainer", span, async {
-            cri::containers::not_wired(&self.d.store, "RemoveContainer", &req.container_id, true)
-        })
+        instrument::call(
+            "RemoveContainer",
+            span,
+            cri::container_lifecycle::remove_container(&self.d, req),
+        )
         .await
     }
 
@@ -248,7 +253,7 @@ impl RuntimeService for Cri {
         let req = req.into_inner();
         let span = info_span!("ContainerStatus", container_id = %req.container_id);
         instrument::call("ContainerStatus", span, async {
-            cri::containers::container_status(&self.d.store, req)
+            cri::containers::container_status(&self.d.store, &self.d.cfg.state, req)
         })
         .await
     }

@@ -100,24 +100,35 @@ pub fn find(store: &Store, id: &str) -> Result<ContainerRecord, CriError> {
 
 pub fn container_status(
     store: &Store,
+    state: &std::path::Path,
     req: ContainerStatusRequest,
 ) -> Result<ContainerStatusResponse, CriError> {
     let rec = find(store, &req.container_id)?;
-    let cfg = container_config(&rec);
+    Ok(status_of(&rec, state, req.verbose))
+}
+
+/// A record as CRI's ContainerStatus; `verbose` adds containerd-style info (pid, bundle,
+/// snapshot key, the OCI spec as the shim runs it).
+pub fn status_of(rec: &ContainerRecord, state: &std::path::Path, verbose: bool) -> ContainerStatusResponse {
+    let cfg = container_config(rec);
     let mut info = HashMap::new();
-    if req.verbose {
+    if verbose {
+        let bundle = crate::bundle::dir(state, &rec.id);
         let v = serde_json::json!({
             "sandboxID": rec.pod_id,
             "pid": rec.pid,
+            "bundle": bundle.display().to_string(),
+            "snapshotKey": rec.id,
             "logPath": rec.log_path,
+            "runtimeSpec": crate::bundle::read_spec(&bundle),
         });
         info.insert("info".to_string(), v.to_string());
     }
-    Ok(ContainerStatusResponse {
+    ContainerStatusResponse {
         status: Some(ContainerStatus {
             id: rec.id.clone(),
             metadata: cfg.metadata.clone(),
-            state: state_of(&rec) as i32,
+            state: state_of(rec) as i32,
             created_at: rec.created_at,
             started_at: rec.started_at,
             finished_at: rec.finished_at,
@@ -139,7 +150,7 @@ pub fn container_status(
             stop_signal: cfg.stop_signal,
         }),
         info,
-    })
+    }
 }
 
 /// A container call that needs the shim: an unknown id gets the right answer now (NotFound,
@@ -296,6 +307,7 @@ mod tests {
         let (_d, s) = store();
         let r = container_status(
             &s,
+            std::path::Path::new("/nonexistent"),
             ContainerStatusRequest {
                 container_id: "c2".into(),
                 verbose: true,
@@ -312,8 +324,10 @@ mod tests {
         );
         assert_eq!(st.log_path, "/var/log/pods/x/c2/0.log");
         assert!(r.info["info"].contains("\"sandboxID\":\"p1\""));
+        assert!(r.info["info"].contains("\"snapshotKey\":\"c2\""));
         let e = container_status(
             &s,
+            std::path::Path::new("/nonexistent"),
             ContainerStatusRequest {
                 container_id: "nope".into(),
                 verbose: false,
@@ -323,6 +337,7 @@ mod tests {
         assert_eq!(e.kind, ErrorKind::NotFound);
         let e = container_status(
             &s,
+            std::path::Path::new("/nonexistent"),
             ContainerStatusRequest {
                 container_id: "c".into(),
                 verbose: false,
