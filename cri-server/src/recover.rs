@@ -9,8 +9,14 @@
 use std::collections::HashSet;
 use std::path::Path;
 
+use containerd_shim_protos::sandbox_api::{
+    SandboxStatusRequest, ShutdownSandboxRequest, StopSandboxRequest,
+};
+
 use crate::cni::CniManager;
-use crate::store::records::{ContainerRecord, IdRangeRecord, PodRecord};
+use crate::daemon::Daemon;
+use crate::shim_client::{ShimClient, ctx};
+use crate::store::records::{ContainerRecord, IdRangeRecord, PodRecord, PodState, ShimRecord};
 use crate::store::{Store, StoreError};
 
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
@@ -21,6 +27,14 @@ pub struct Report {
     pub removed_netns: Vec<String>,
     pub removed_containers: Vec<String>,
     pub cni_deleted: Vec<String>,
+    /// Pods whose shim answered: kept as they were.
+    pub pods_alive: Vec<String>,
+    /// Pods whose shim is gone: now NotReady, their network released.
+    pub pods_dead: Vec<String>,
+    /// Pods a crash left half-created (state Creating): undone and removed.
+    pub pods_undone: Vec<String>,
+    /// Shims (bundle dirs, shim records) no pod owns: stopped and removed.
+    pub orphan_shims: Vec<String>,
     pub failures: Vec<String>,
 }
 
@@ -73,6 +87,191 @@ pub fn recover(store: &Store, netns_dir: &Path) -> Result<Report, StoreError> {
         }
     }
     Ok(r)
+}
+
+const SHIM_CALL: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// Pods and shims after a restart (phase "recover", the events socket already serving): each
+/// pod with a live shim keeps its state and has its containers re-attached; a pod whose shim
+/// died is NotReady (its containers exited) with its network and cgroup released; a pod a
+/// crash left half-created is undone; shims and pod dirs no pod owns are stopped and removed
+/// (killed by their recorded pid only, after checking it is that pod's shim). Nothing here is
+/// fatal: failures are logged and reported.
+pub async fn recover_pods(d: &Daemon, r: &mut Report) -> Result<(), StoreError> {
+    use crate::cri::container_lifecycle::recover_pod_containers;
+    use crate::cri::pod_teardown as t;
+    let pods = d.store.list::<PodRecord>()?;
+    let live: HashSet<String> = pods.iter().map(|(k, _)| k.clone()).collect();
+    for (id, mut rec) in pods {
+        if rec.state == PodState::Creating {
+            // RunPodSandbox never finished: nobody got this id, so undo everything.
+            let res = async {
+                let _ = t::stop_pause(d, &rec).await;
+                t::shutdown_shim(d, &id, rec.shim_address.as_deref()).await?;
+                t::release_network(d, &id, rec.netns_path.as_deref()).await?;
+                t::release_owned(d, &rec)?;
+                d.store.delete::<PodRecord>(&id)?;
+                Ok::<_, crate::instrument::CriError>(())
+            }
+            .await;
+            match res {
+                Ok(()) => {
+                    tracing::info!(pod_id = %id, "half-created pod undone");
+                    r.pods_undone.push(id);
+                }
+                Err(e) => r.failures.push(format!("pod {id} (creating): {e}")),
+            }
+            continue;
+        }
+        let shim_rec = d.store.get::<ShimRecord>(&id)?;
+        let addr = rec
+            .shim_address
+            .clone()
+            .or_else(|| shim_rec.as_ref().map(|s| s.address.clone()));
+        let shim = match addr {
+            Some(a) => {
+                let pid = shim_rec.as_ref().and_then(|s| s.pid);
+                match ShimClient::connect_with_pid(&a, pid).await {
+                    Ok(s) => {
+                        let st = s
+                            .sandbox()
+                            .sandbox_status(
+                                ctx(SHIM_CALL),
+                                &SandboxStatusRequest {
+                                    sandbox_id: id.clone(),
+                                    ..Default::default()
+                                },
+                            )
+                            .await;
+                        match st {
+                            Ok(st) => Some((s, st.state == "SANDBOX_READY")),
+                            Err(e) => {
+                                tracing::warn!(pod_id = %id, error = %e, "shim does not answer SandboxStatus");
+                                None
+                            }
+                        }
+                    }
+                    Err(e) => {
+                        tracing::info!(pod_id = %id, error = %e, "shim gone");
+                        None
+                    }
+                }
+            }
+            None => None,
+        };
+        match shim {
+            Some((s, ready)) => {
+                d.shims.insert(&id, s.clone());
+                if !ready && rec.state == PodState::Ready {
+                    // The pause died while crispd was down.
+                    rec.state = PodState::NotReady;
+                    d.store.put(&id, &rec)?;
+                }
+                if let Err(e) = recover_pod_containers(d, &id, Some(s)).await {
+                    r.failures.push(format!("pod {id} containers: {e}"));
+                }
+                tracing::info!(pod_id = %id, ready, "pod's shim is alive");
+                r.pods_alive.push(id);
+            }
+            None => {
+                // The shim is gone; its pause may not be (it was the shim's child).
+                t::kill_if_ours(rec.pause_pid, &[], "pause");
+                if let Err(e) = recover_pod_containers(d, &id, None).await {
+                    r.failures.push(format!("pod {id} containers: {e}"));
+                }
+                if let Err(e) = t::release_network(d, &id, rec.netns_path.as_deref()).await {
+                    r.failures.push(format!("pod {id} network: {e}"));
+                }
+                if let Err(e) = t::remove_pod_cgroup(d, &rec.cgroup_parent, &id) {
+                    r.failures.push(format!("pod {id} cgroup: {e}"));
+                }
+                if let Some(a) = &rec.shim_address {
+                    let p = a.strip_prefix("unix://").unwrap_or(a);
+                    let _ = std::fs::remove_file(p);
+                }
+                d.store.delete::<ShimRecord>(&id)?;
+                if rec.state != PodState::NotReady {
+                    rec.state = PodState::NotReady;
+                    d.store.put(&id, &rec)?;
+                }
+                tracing::info!(pod_id = %id, "pod's shim is gone: pod NotReady");
+                r.pods_dead.push(id);
+            }
+        }
+    }
+
+    // Shims no pod owns: from shim records, and from pod bundle dirs (a record lost or torn).
+    let mut orphans: Vec<(String, Option<String>, Option<u32>)> = Vec::new();
+    for (id, s) in d.store.list::<ShimRecord>()? {
+        if !live.contains(&id) {
+            orphans.push((id, Some(s.address), s.pid));
+        }
+    }
+    let pods_dir = d.cfg.state.join("pods");
+    if let Ok(rd) = std::fs::read_dir(&pods_dir) {
+        for e in rd.flatten() {
+            let id = e.file_name().to_string_lossy().into_owned();
+            if live.contains(&id) || orphans.iter().any(|(o, _, _)| *o == id) {
+                continue;
+            }
+            let dir = e.path();
+            let addr = std::fs::read_to_string(dir.join("address"))
+                .ok()
+                .map(|s| s.trim().to_string())
+                .filter(|s| !s.is_empty());
+            let pid = crate::shim_client::read_pid(&dir.join("shim.pid"));
+            orphans.push((id, addr, pid));
+        }
+    }
+    for (id, addr, pid) in orphans {
+        if let Some(a) = &addr
+            && let Ok(s) = ShimClient::connect_with_pid(a, pid).await
+        {
+            let _ = s
+                .sandbox()
+                .stop_sandbox(
+                    ctx(SHIM_CALL),
+                    &StopSandboxRequest {
+                        sandbox_id: id.clone(),
+                        timeout_secs: 0,
+                        ..Default::default()
+                    },
+                )
+                .await;
+            let _ = s
+                .sandbox()
+                .shutdown_sandbox(
+                    ctx(SHIM_CALL),
+                    &ShutdownSandboxRequest {
+                        sandbox_id: id.clone(),
+                        ..Default::default()
+                    },
+                )
+                .await;
+        }
+        if let Some(pid) = pid {
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(2);
+            while t::alive(pid) && std::time::Instant::now() < deadline {
+                tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+            }
+            if t::alive(pid) {
+                t::kill_if_ours(Some(pid), &["-id", &id], "");
+            }
+        }
+        if let Some(a) = &addr {
+            let p = a.strip_prefix("unix://").unwrap_or(a);
+            if std::os::unix::net::UnixStream::connect(p).is_err() {
+                let _ = std::fs::remove_file(p);
+            }
+        }
+        d.store.delete::<ShimRecord>(&id)?;
+        if let Err(e) = t::remove_pod_files(&pods_dir.join(&id)) {
+            r.failures.push(format!("orphan pod dir {id}: {e}"));
+        }
+        tracing::info!(pod_id = %id, "orphaned shim stopped and its pod dir removed");
+        r.orphan_shims.push(id);
+    }
+    Ok(())
 }
 
 /// CNI attachments of pods that no longer exist (phase "cni", once plugins can run): DEL from

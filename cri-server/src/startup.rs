@@ -71,6 +71,21 @@ pub async fn prepare(cfg: Config) -> anyhow::Result<Arc<Daemon>> {
     // What a pull killed with crispd left: orphan blobs, layers, half-built snapshot dirs.
     phase("image gc", async { anyhow::Ok(images.gc_on_start().await) }).await?;
 
+    // Reading the CNI directory runs no plugin; the daemon exists from here so recovery can
+    // talk to shims and release pods' networks.
+    let cni = Arc::new(CniManager::new(
+        cfg.cni.conf_dir.clone(),
+        cfg.cni.bin_dir.clone(),
+        cfg.cni_cache_dir(),
+    ));
+    let d = Arc::new(Daemon::new(
+        Arc::clone(&cfg),
+        store.clone(),
+        Arc::clone(&cni),
+        snapshotter,
+        images,
+    ));
+
     let (conditions, mut report) = phase("recover", async {
         // Decoding every record here quarantines the undecodable ones before anything reads
         // them; counts go to the log so an operator can see what came back.
@@ -88,7 +103,7 @@ pub async fn prepare(cfg: Config) -> anyhow::Result<Arc<Daemon>> {
             "records recovered"
         );
         let conditions = check_runtimes(&cfg);
-        let report = crate::recover::recover(&store, &cfg.netns_dir())?;
+        let mut report = crate::recover::recover(&store, &cfg.netns_dir())?;
         tracing::info!(
             released_id_ranges = report.released_id_ranges.len(),
             removed_netns = report.removed_netns.len(),
@@ -96,16 +111,30 @@ pub async fn prepare(cfg: Config) -> anyhow::Result<Arc<Daemon>> {
             failures = report.failures.len(),
             "orphans cleaned"
         );
+        // Shims publish here; it serves before they are reconnected so no exit is lost.
+        let events = crate::shim_events::EventsServer::start(
+            &crate::shim_events::socket_path(&cfg.state),
+            d.shim_events.clone(),
+        )
+        .await?;
+        *d.events_server.lock().await = Some(events);
+        crate::recover::recover_pods(&d, &mut report).await?;
+        tracing::info!(
+            alive = report.pods_alive.len(),
+            dead = report.pods_dead.len(),
+            undone = report.pods_undone.len(),
+            orphan_shims = report.orphan_shims.len(),
+            failures = report.failures.len(),
+            "pods and shims recovered"
+        );
+        for f in &report.failures {
+            tracing::warn!(failure = %f, "recovery left something behind");
+        }
         Ok((conditions, report))
     })
     .await?;
 
-    let cni = phase("cni", async {
-        let cni = Arc::new(CniManager::new(
-            cfg.cni.conf_dir.clone(),
-            cfg.cni.bin_dir.clone(),
-            cfg.cni_cache_dir(),
-        ));
+    phase("cni", async {
         // Not fatal: Status reports NetworkReady=false until a config appears.
         if let Err(e) = cni.current() {
             tracing::warn!(key = "cni.conf_dir", value = %cfg.cni.conf_dir.display(), error = %e,
@@ -120,16 +149,47 @@ pub async fn prepare(cfg: Config) -> anyhow::Result<Arc<Daemon>> {
             );
         }
         cni.spawn_watch(Duration::from_secs(1));
-        Ok(cni)
+        Ok(())
     })
     .await?;
 
-    let d = Daemon::new(cfg, store, cni, snapshotter, images);
     for c in &conditions {
         tracing::warn!(key = %c.key, "{}", c.message);
     }
     d.conditions.set(conditions);
-    Ok(Arc::new(d))
+    spawn_pause_exit_watch(&d);
+    Ok(d)
+}
+
+/// A pod whose pause exits (its shim publishes `/tasks/exit` with the sandbox id) is no
+/// longer ready, as containerd reports it.
+fn spawn_pause_exit_watch(d: &Arc<Daemon>) {
+    let mut rx = d.shim_events.subscribe();
+    let weak = Arc::downgrade(d);
+    tokio::spawn(async move {
+        loop {
+            let ev = match rx.recv().await {
+                Ok(ev) => ev,
+                Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => continue,
+                Err(_) => return,
+            };
+            let crate::shim_events::ShimEvent::TaskExit { container_id, .. } = ev else {
+                continue;
+            };
+            let Some(d) = weak.upgrade() else { return };
+            let Ok(Some(_)) = d.store.get::<PodRecord>(&container_id) else {
+                continue;
+            };
+            let _g = d.pod_locks.lock(&container_id).await;
+            if let Ok(Some(mut rec)) = d.store.get::<PodRecord>(&container_id)
+                && rec.state == crate::store::records::PodState::Ready
+            {
+                rec.state = crate::store::records::PodState::NotReady;
+                let _ = d.store.put(&container_id, &rec);
+                tracing::info!(pod_id = %container_id, "pause exited: pod NotReady");
+            }
+        }
+    });
 }
 
 /// Start up, then serve until SIGINT or SIGTERM.
@@ -156,7 +216,12 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
             shutdown_signal().await;
             stopping.send_replace(true);
         };
+        let dd = Arc::clone(&d);
         crate::server::serve(d, listener, shutdown).await?;
+        // Shims keep running (pods survive a crispd restart); only our endpoint goes.
+        if let Some(ev) = dd.events_server.lock().await.take() {
+            ev.shutdown().await;
+        }
         // Leave no mount behind when no pod needs it (the dir is mounted when a pod's netns is
         // first made; pods that still run keep it).
         crate::netns::release_dir_if_empty(&netns_dir);

@@ -40,10 +40,13 @@ fn step(pod_id: &str, name: &'static str, r: Result<(), String>) -> Result<(), C
 }
 
 /// CNI DEL (from the cached result, so it works after a restart) and removal of the netns.
-pub async fn release_network(
+/// A failed DEL keeps the netns (a retry can DEL again) unless `force` (undo of a failed
+/// RunPodSandbox, whose ADD never completed: nothing to retry for).
+pub async fn release_network_opt(
     d: &Daemon,
     pod_id: &str,
     netns: Option<&str>,
+    force: bool,
 ) -> Result<(), CriError> {
     let Some(netns) = netns.map(str::to_string) else {
         return Ok(());
@@ -62,10 +65,21 @@ pub async fn release_network(
             .await
             .map_err(|e| e.to_string())
             .and_then(|r| r.map_err(|e| e.to_string()));
-        step(pod_id, "cni del", r)?;
+        let r = step(pod_id, "cni del", r);
+        if !force {
+            r?;
+        }
     }
     let r = crate::netns::remove(Path::new(&netns)).map_err(|e| e.to_string());
     step(pod_id, "remove netns", r)
+}
+
+pub async fn release_network(
+    d: &Daemon,
+    pod_id: &str,
+    netns: Option<&str>,
+) -> Result<(), CriError> {
+    release_network_opt(d, pod_id, netns, false).await
 }
 
 /// The pod's shim: the live connection, or a reconnection to the recorded address.

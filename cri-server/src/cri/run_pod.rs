@@ -526,7 +526,7 @@ async fn undo(d: &Daemon, id: &str, cfg: &PodSandboxConfig, done: Done) {
         }
     }
     if done.cni || done.netns.is_some() {
-        if let Err(e) = t::release_network(d, id, done.netns.as_deref()).await {
+        if let Err(e) = t::release_network_opt(d, id, done.netns.as_deref(), true).await {
             tracing::warn!(error = %e, "undo: release network");
         }
     }
