@@ -1,0 +1,1230 @@
+//! crispd's RuntimeService, call by call, with its error cases, end to end through the CRI
+//! client with real containers. Each test has its own crispd (root, socket, cgroup parent,
+//! bridge) and ends with a full teardown and leak check.
+//!
+//! - unknown ids: NotFound for every call that reads or changes a pod or container; OK for
+//!   the removals (kubelet retries them and treats "already gone" as done);
+//! - wrong state: FailedPrecondition (StartContainer twice, CreateContainer in a stopped pod,
+//!   ExecSync in an exited container);
+//! - bad config: InvalidArgument whose message names the field;
+//! - name reuse: AlreadyExists, for pods and for containers;
+//! - ContainerStatus: reasons Completed / Error / OOMKilled, exit codes, ordered timestamps;
+//! - ListPodSandbox / ListContainers filters (id, state, labels, pod);
+//! - Status / Version / RuntimeConfig;
+//! - StopContainer: the image's StopSignal is sent first, and a process that ignores it is
+//!   killed after the timeout.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::path::Path;
+use std::pin::Pin;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail, ensure};
+use crisp_e2e::cri::{self, container_config};
+use crisp_e2e::harness::{RuntimeKind, TestEnv};
+use crisp_e2e::registry::Registry;
+use crisp_proto::cri::v1 as api;
+use sha2::Digest;
+
+const BUSYBOX: &str = "docker.io/library/busybox:latest";
+/// busybox with `StopSignal: SIGUSR1` in its config, built by [`push_stopsignal_image`].
+const STOPSIG_IMAGE: &str = "docker.io/library/stopsignal:latest";
+const EXIT_TIMEOUT: Duration = Duration::from_secs(60);
+
+type Body = for<'a> fn(&'a TestEnv) -> Pin<Box<dyn Future<Output = Result<()>> + 'a>>;
+
+/// A fresh crispd with busybox pulled, `body`, the daemon's log tail on failure, teardown and
+/// the leak check; prints how long it took.
+async fn with_crispd(name: &str, body: Body) -> Result<()> {
+    let t0 = Instant::now();
+    let registry = Registry::start()?;
+    registry.push(&["busybox", "pause"])?;
+    if name == "stop_signal" {
+        push_stopsignal_image(&registry)?;
+    }
+    let env = TestEnv::start(RuntimeKind::Crispd, &registry.host()).await?;
+    let outcome = async {
+        env.cri().pull(BUSYBOX, None).await?;
+        body(&env).await
+    }
+    .await;
+    if outcome.is_err() {
+        eprintln!("crispd log tail:\n{}", env.daemon_log_tail(60));
+    }
+    let leaks = env.teardown().await;
+    eprintln!("{name}: {:?}", t0.elapsed());
+    outcome?;
+    ensure!(leaks.is_empty(), "{name}: teardown left {leaks:#?}");
+    Ok(())
+}
+
+/// A random id of the length runtimes use (64 hex), which no runtime has.
+fn ghost_id() -> String {
+    cri::random_hex(64)
+}
+
+/// The call must fail with `code`, and its message must name every word of `names`.
+fn expect_code<T: std::fmt::Debug>(
+    what: &str,
+    r: std::result::Result<tonic::Response<T>, tonic::Status>,
+    code: tonic::Code,
+    names: &[&str],
+) -> Result<()> {
+    match r {
+        Ok(resp) => bail!("{what}: succeeded ({:?}), want {code:?}", resp.into_inner()),
+        Err(s) => {
+            ensure!(
+                s.code() == code,
+                "{what}: {:?} ({:?}), want {code:?}",
+                s.code(),
+                s.message()
+            );
+            for n in names {
+                ensure!(
+                    s.message().contains(n),
+                    "{what}: {code:?} as wanted, but the message {:?} does not name {n:?}",
+                    s.message()
+                );
+            }
+            Ok(())
+        }
+    }
+}
+
+/// The call must succeed.
+fn expect_ok<T>(
+    what: &str,
+    r: std::result::Result<tonic::Response<T>, tonic::Status>,
+) -> Result<T> {
+    r.map(|r| r.into_inner())
+        .map_err(|s| anyhow::anyhow!("{what}: {:?} {:?}, want OK", s.code(), s.message()))
+}
+
+fn sleeper(name: &str) -> api::ContainerConfig {
+    container_config(name, BUSYBOX, &["sleep", "3600"])
+}
+
+async fn running(
+    env: &TestEnv,
+    pod_id: &str,
+    pod: &api::PodSandboxConfig,
+    cfg: &api::ContainerConfig,
+) -> Result<String> {
+    let c = env.cri();
+    let id = c.create_container(pod_id, cfg, pod).await?;
+    c.start_container(&id).await?;
+    Ok(id)
+}
+
+// ---------------------------------------------------------------------------------------
+// Unknown ids
+
+async fn unknown_ids(env: &TestEnv) -> Result<()> {
+    use tonic::Code::NotFound;
+    let c = env.cri();
+    let mut rt = c.runtime();
+    let id = ghost_id();
+    // A real pod, so CreateContainer's failure is about the unknown pod id and nothing else.
+    let pod = env.pod_config("ghosts")?;
+
+    expect_code(
+        "PodSandboxStatus(unknown)",
+        rt.pod_sandbox_status(api::PodSandboxStatusRequest {
+            pod_sandbox_id: id.clone(),
+            verbose: false,
+        })
+        .await,
+        NotFound,
+        &[&id],
+    )?;
+    expect_code(
+        "ContainerStatus(unknown)",
+        rt.container_status(api::ContainerStatusRequest {
+            container_id: id.clone(),
+            verbose: false,
+        })
+        .await,
+        NotFound,
+        &[&id],
+    )?;
+    expect_code(
+        "StartContainer(unknown)",
+        rt.start_container(api::StartContainerRequest {
+            container_id: id.clone(),
+        })
+        .await,
+        NotFound,
+        &[&id],
+    )?;
+    expect_code(
+        "StopContainer(unknown)",
+        rt.stop_container(api::StopContainerRequest {
+            container_id: id.clone(),
+            timeout: 1,
+        })
+        .await,
+        NotFound,
+        &[&id],
+    )?;
+    expect_code(
+        "ExecSync(unknown)",
+        rt.exec_sync(api::ExecSyncRequest {
+            container_id: id.clone(),
+            cmd: vec!["true".into()],
+            timeout: 5,
+        })
+        .await,
+        NotFound,
+        &[&id],
+    )?;
+    expect_code(
+        "ContainerStats(unknown)",
+        rt.container_stats(api::ContainerStatsRequest {
+            container_id: id.clone(),
+        })
+        .await,
+        NotFound,
+        &[&id],
+    )?;
+    expect_code(
+        "UpdateContainerResources(unknown)",
+        rt.update_container_resources(api::UpdateContainerResourcesRequest {
+            container_id: id.clone(),
+            linux: Some(api::LinuxContainerResources {
+                cpu_shares: 512,
+                ..Default::default()
+            }),
+            ..Default::default()
+        })
+        .await,
+        NotFound,
+        &[&id],
+    )?;
+    expect_code(
+        "ReopenContainerLog(unknown)",
+        rt.reopen_container_log(api::ReopenContainerLogRequest {
+            container_id: id.clone(),
+        })
+        .await,
+        NotFound,
+        &[&id],
+    )?;
+    expect_code(
+        "PodSandboxStats(unknown)",
+        rt.pod_sandbox_stats(api::PodSandboxStatsRequest {
+            pod_sandbox_id: id.clone(),
+        })
+        .await,
+        NotFound,
+        &[&id],
+    )?;
+    expect_code(
+        "CreateContainer(in an unknown pod)",
+        rt.create_container(api::CreateContainerRequest {
+            pod_sandbox_id: id.clone(),
+            config: Some(sleeper("orphan")),
+            sandbox_config: Some(pod.clone()),
+        })
+        .await,
+        NotFound,
+        &[&id],
+    )?;
+    // Removals of what is not there are done already.
+    expect_ok(
+        "RemoveContainer(unknown)",
+        rt.remove_container(api::RemoveContainerRequest {
+            container_id: id.clone(),
+        })
+        .await,
+    )?;
+    expect_ok(
+        "RemovePodSandbox(unknown)",
+        rt.remove_pod_sandbox(api::RemovePodSandboxRequest {
+            pod_sandbox_id: id.clone(),
+        })
+        .await,
+    )?;
+    // StopPodSandbox: containerd answers NotFound, the CRI spec allows OK; either, nothing else.
+    match rt
+        .stop_pod_sandbox(api::StopPodSandboxRequest {
+            pod_sandbox_id: id.clone(),
+        })
+        .await
+    {
+        Ok(_) => {}
+        Err(s) if s.code() == NotFound => {}
+        Err(s) => bail!(
+            "StopPodSandbox(unknown): {:?} {:?}, want OK or NotFound",
+            s.code(),
+            s.message()
+        ),
+    }
+
+    // Removing twice: the second removal of a real pod and container is OK too.
+    let pod_id = c.run_pod(&pod).await?;
+    let cid = c.create_container(&pod_id, &sleeper("twice"), &pod).await?;
+    for round in 1..=2 {
+        expect_ok(
+            &format!("RemoveContainer #{round}"),
+            rt.remove_container(api::RemoveContainerRequest {
+                container_id: cid.clone(),
+            })
+            .await,
+        )?;
+    }
+    expect_code(
+        "ContainerStatus(removed)",
+        rt.container_status(api::ContainerStatusRequest {
+            container_id: cid.clone(),
+            verbose: false,
+        })
+        .await,
+        NotFound,
+        &[],
+    )?;
+    c.stop_pod(&pod_id).await?;
+    for round in 1..=2 {
+        expect_ok(
+            &format!("RemovePodSandbox #{round}"),
+            rt.remove_pod_sandbox(api::RemovePodSandboxRequest {
+                pod_sandbox_id: pod_id.clone(),
+            })
+            .await,
+        )?;
+    }
+    expect_code(
+        "PodSandboxStatus(removed)",
+        rt.pod_sandbox_status(api::PodSandboxStatusRequest {
+            pod_sandbox_id: pod_id.clone(),
+            verbose: false,
+        })
+        .await,
+        NotFound,
+        &[],
+    )?;
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------
+// Wrong state
+
+async fn wrong_state(env: &TestEnv) -> Result<()> {
+    use tonic::Code::FailedPrecondition;
+    let c = env.cri();
+    let mut rt = c.runtime();
+    let pod = env.pod_config("state")?;
+    let pod_id = c.run_pod(&pod).await?;
+
+    // StartContainer on a running container.
+    let run_id = running(env, &pod_id, &pod, &sleeper("runner")).await?;
+    expect_code(
+        "StartContainer(running)",
+        rt.start_container(api::StartContainerRequest {
+            container_id: run_id.clone(),
+        })
+        .await,
+        FailedPrecondition,
+        &[&run_id],
+    )?;
+
+    // ExecSync and StartContainer on an exited container.
+    let done = container_config("done", BUSYBOX, &["true"]);
+    let done_id = running(env, &pod_id, &pod, &done).await?;
+    c.wait_container_exit(&done_id, EXIT_TIMEOUT).await?;
+    expect_code(
+        "ExecSync(exited)",
+        rt.exec_sync(api::ExecSyncRequest {
+            container_id: done_id.clone(),
+            cmd: vec!["true".into()],
+            timeout: 5,
+        })
+        .await,
+        FailedPrecondition,
+        &[&done_id],
+    )?;
+    expect_code(
+        "StartContainer(exited)",
+        rt.start_container(api::StartContainerRequest {
+            container_id: done_id.clone(),
+        })
+        .await,
+        FailedPrecondition,
+        &[&done_id],
+    )?;
+
+    // StopContainer of an exited container is a no-op, not an error (kubelet does it).
+    expect_ok(
+        "StopContainer(exited)",
+        rt.stop_container(api::StopContainerRequest {
+            container_id: done_id.clone(),
+            timeout: 1,
+        })
+        .await,
+    )?;
+
+    // CreateContainer in a stopped pod.
+    c.stop_pod(&pod_id).await?;
+    let st = c.container_status(&run_id).await?;
+    ensure!(
+        st.state == api::ContainerState::ContainerExited as i32,
+        "StopPodSandbox left container {run_id} in state {:?}",
+        st.state
+    );
+    expect_code(
+        "CreateContainer(stopped pod)",
+        rt.create_container(api::CreateContainerRequest {
+            pod_sandbox_id: pod_id.clone(),
+            config: Some(sleeper("late")),
+            sandbox_config: Some(pod.clone()),
+        })
+        .await,
+        FailedPrecondition,
+        &[&pod_id],
+    )?;
+    // StopPodSandbox again: idempotent.
+    c.stop_pod(&pod_id).await.context("second StopPodSandbox")?;
+    c.remove_pod(&pod_id).await?;
+    let left = c.list_containers(None).await?;
+    ensure!(left.is_empty(), "RemovePodSandbox left containers {left:?}");
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------
+// Bad config
+
+async fn bad_config(env: &TestEnv) -> Result<()> {
+    use tonic::Code::InvalidArgument;
+    let c = env.cri();
+    let mut rt = c.runtime();
+    let run = |cfg: api::PodSandboxConfig, handler: &str| api::RunPodSandboxRequest {
+        config: Some(cfg),
+        runtime_handler: handler.into(),
+    };
+
+    let mut no_meta = env.pod_config("bad")?;
+    no_meta.metadata = None;
+    expect_code(
+        "RunPodSandbox(no metadata)",
+        rt.run_pod_sandbox(run(no_meta, "")).await,
+        InvalidArgument,
+        &["metadata"],
+    )?;
+
+    let mut no_name = env.pod_config("bad")?;
+    if let Some(m) = no_name.metadata.as_mut() {
+        m.name.clear();
+    }
+    expect_code(
+        "RunPodSandbox(empty name)",
+        rt.run_pod_sandbox(run(no_name, "")).await,
+        InvalidArgument,
+        &["name"],
+    )?;
+
+    let ok_pod = env.pod_config("bad")?;
+    expect_code(
+        "RunPodSandbox(unknown handler)",
+        rt.run_pod_sandbox(run(ok_pod.clone(), "no-such-handler"))
+            .await,
+        InvalidArgument,
+        &["runtime_handler", "no-such-handler"],
+    )?;
+    ensure!(
+        c.list_pods().await?.is_empty(),
+        "a refused RunPodSandbox left a pod"
+    );
+
+    // Container configs, in a real pod.
+    let pod_id = c.run_pod(&ok_pod).await?;
+    let create = |cfg: api::ContainerConfig| api::CreateContainerRequest {
+        pod_sandbox_id: pod_id.clone(),
+        config: Some(cfg),
+        sandbox_config: Some(ok_pod.clone()),
+    };
+    let mut cfg = sleeper("x");
+    cfg.metadata = None;
+    expect_code(
+        "CreateContainer(no metadata)",
+        rt.create_container(create(cfg)).await,
+        InvalidArgument,
+        &["metadata"],
+    )?;
+
+    let cfg = sleeper("");
+    expect_code(
+        "CreateContainer(empty name)",
+        rt.create_container(create(cfg)).await,
+        InvalidArgument,
+        &["name"],
+    )?;
+
+    let mut cfg = sleeper("noimage");
+    cfg.image = None;
+    expect_code(
+        "CreateContainer(no image)",
+        rt.create_container(create(cfg)).await,
+        InvalidArgument,
+        &["image"],
+    )?;
+
+    let mut cfg = sleeper("abslog");
+    cfg.log_path = "/tmp/escape.log".into();
+    expect_code(
+        "CreateContainer(absolute log_path)",
+        rt.create_container(create(cfg)).await,
+        InvalidArgument,
+        &["log_path"],
+    )?;
+
+    let mut cfg = sleeper("dotdot");
+    cfg.log_path = "../escape.log".into();
+    expect_code(
+        "CreateContainer(log_path with ..)",
+        rt.create_container(create(cfg)).await,
+        InvalidArgument,
+        &["log_path"],
+    )?;
+
+    let mut cfg = sleeper("negshares");
+    cfg.linux = Some(api::LinuxContainerConfig {
+        resources: Some(api::LinuxContainerResources {
+            cpu_shares: -2,
+            ..Default::default()
+        }),
+        ..Default::default()
+    });
+    expect_code(
+        "CreateContainer(cpu_shares -2)",
+        rt.create_container(create(cfg)).await,
+        InvalidArgument,
+        &["cpu_shares"],
+    )?;
+
+    let left = c.list_containers(None).await?;
+    ensure!(
+        left.is_empty(),
+        "refused CreateContainer calls left containers: {left:?}"
+    );
+
+    // UpdateContainerResources with a bad value, on a real container.
+    let id = running(env, &pod_id, &ok_pod, &sleeper("upd")).await?;
+    expect_code(
+        "UpdateContainerResources(cpu_shares -2)",
+        rt.update_container_resources(api::UpdateContainerResourcesRequest {
+            container_id: id.clone(),
+            linux: Some(api::LinuxContainerResources {
+                cpu_shares: -2,
+                ..Default::default()
+            }),
+            ..Default::default()
+        })
+        .await,
+        InvalidArgument,
+        &["cpu_shares"],
+    )?;
+    c.stop_pod(&pod_id).await?;
+    c.remove_pod(&pod_id).await?;
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------
+// Name reuse
+
+async fn name_reuse(env: &TestEnv) -> Result<()> {
+    use tonic::Code::AlreadyExists;
+    let c = env.cri();
+    let mut rt = c.runtime();
+    let pod = env.pod_config("reuse")?;
+    let pod_id = c.run_pod(&pod).await?;
+    let name = pod
+        .metadata
+        .as_ref()
+        .map(|m| m.name.clone())
+        .unwrap_or_default();
+    expect_code(
+        "RunPodSandbox(same metadata)",
+        rt.run_pod_sandbox(api::RunPodSandboxRequest {
+            config: Some(pod.clone()),
+            runtime_handler: String::new(),
+        })
+        .await,
+        AlreadyExists,
+        &[&name],
+    )?;
+    // Another attempt of the same pod is a different name: allowed.
+    let mut next = pod.clone();
+    if let Some(m) = next.metadata.as_mut() {
+        m.attempt = 1;
+    }
+    let next_id = c
+        .run_pod(&next)
+        .await
+        .context("RunPodSandbox attempt 1 of the same pod")?;
+    ensure!(next_id != pod_id, "attempt 1 got the same id");
+
+    let cfg = sleeper("dup");
+    let cid = c.create_container(&pod_id, &cfg, &pod).await?;
+    expect_code(
+        "CreateContainer(same name and attempt)",
+        rt.create_container(api::CreateContainerRequest {
+            pod_sandbox_id: pod_id.clone(),
+            config: Some(cfg.clone()),
+            sandbox_config: Some(pod.clone()),
+        })
+        .await,
+        AlreadyExists,
+        &["dup"],
+    )?;
+    // Once removed, the name is free again.
+    c.remove_container(&cid).await?;
+    c.create_container(&pod_id, &cfg, &pod)
+        .await
+        .context("CreateContainer after the first was removed")?;
+    for id in [&pod_id, &next_id] {
+        c.stop_pod(id).await?;
+        c.remove_pod(id).await?;
+    }
+    // And the pod's name is free once it is removed.
+    let again = c
+        .run_pod(&pod)
+        .await
+        .context("RunPodSandbox with the removed pod's name")?;
+    c.stop_pod(&again).await?;
+    c.remove_pod(&again).await?;
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------
+// Exit reasons and timestamps
+
+async fn exit_reasons(env: &TestEnv) -> Result<()> {
+    let c = env.cri();
+    let pod = env.pod_config("reasons")?;
+    let pod_id = c.run_pod(&pod).await?;
+
+    let ok = container_config("ok", BUSYBOX, &["sh", "-c", "sleep 1; exit 0"]);
+    let bad = container_config("bad", BUSYBOX, &["sh", "-c", "exit 3"]);
+    let mut oom = container_config(
+        "oom",
+        BUSYBOX,
+        &["sh", "-c", "x=0123456789abcdef; while :; do x=$x$x; done"],
+    );
+    oom.linux = Some(api::LinuxContainerConfig {
+        resources: Some(api::LinuxContainerResources {
+            memory_limit_in_bytes: 16 << 20,
+            ..Default::default()
+        }),
+        ..Default::default()
+    });
+
+    for (cfg, code, reason) in [
+        (&ok, 0, "Completed"),
+        (&bad, 3, "Error"),
+        (&oom, 137, "OOMKilled"),
+    ] {
+        let name = cfg
+            .metadata
+            .as_ref()
+            .map(|m| m.name.clone())
+            .unwrap_or_default();
+        let before = now_ns();
+        let id = c.create_container(&pod_id, cfg, &pod).await?;
+        let created = c.container_status(&id).await?;
+        ensure!(
+            created.state == api::ContainerState::ContainerCreated as i32,
+            "{name}: state {:?} after CreateContainer, want CREATED",
+            created.state
+        );
+        ensure!(
+            created.started_at == 0 && created.finished_at == 0,
+            "{name}: created container has start/finish times: {created:?}"
+        );
+        c.start_container(&id).await?;
+        let st = c.wait_container_exit(&id, EXIT_TIMEOUT).await?;
+        let after = now_ns();
+        ensure!(
+            st.exit_code == code && st.reason == reason,
+            "{name}: exit code {} reason {:?} (message {:?}), want {code} {reason:?}",
+            st.exit_code,
+            st.reason,
+            st.message
+        );
+        ensure!(
+            before <= st.created_at
+                && st.created_at <= st.started_at
+                && st.started_at <= st.finished_at
+                && st.finished_at <= after,
+            "{name}: timestamps out of order: test start {before} <= created {} <= started {} <= finished {} <= test end {after}",
+            st.created_at,
+            st.started_at,
+            st.finished_at
+        );
+        if name == "ok" {
+            ensure!(
+                st.finished_at - st.started_at >= 900_000_000,
+                "ok: ran `sleep 1` but started {} finished {}",
+                st.started_at,
+                st.finished_at
+            );
+        }
+        ensure!(
+            st.image.as_ref().is_some_and(|i| !i.image.is_empty()) && !st.image_ref.is_empty(),
+            "{name}: status without image or image_ref: {st:?}"
+        );
+        ensure!(
+            st.log_path.ends_with(&format!("{name}.log")),
+            "{name}: log_path {:?}",
+            st.log_path
+        );
+    }
+    c.stop_pod(&pod_id).await?;
+    c.remove_pod(&pod_id).await?;
+    Ok(())
+}
+
+fn now_ns() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos() as i64)
+        .unwrap_or(0)
+}
+
+// ---------------------------------------------------------------------------------------
+// List filters
+
+fn labels(kv: &[(&str, &str)]) -> HashMap<String, String> {
+    kv.iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect()
+}
+
+async fn list_filters(env: &TestEnv) -> Result<()> {
+    let c = env.cri();
+    let mut p1 = env.pod_config("list-a")?;
+    p1.labels = labels(&[("app", "a"), ("tier", "web")]);
+    let mut p2 = env.pod_config("list-b")?;
+    p2.labels = labels(&[("app", "b"), ("tier", "web")]);
+    let mut p3 = env.pod_config("list-c")?;
+    p3.labels = labels(&[("app", "c")]);
+    let id1 = c.run_pod(&p1).await?;
+    let id2 = c.run_pod(&p2).await?;
+    let id3 = c.run_pod(&p3).await?;
+    c.stop_pod(&id3).await?;
+
+    let pods = |f: api::PodSandboxFilter| async move {
+        let mut v: Vec<String> = c
+            .list_pods_filtered(Some(f))
+            .await?
+            .into_iter()
+            .map(|p| p.id)
+            .collect();
+        v.sort();
+        anyhow::Ok(v)
+    };
+    let sorted = |mut v: Vec<String>| {
+        v.sort();
+        v
+    };
+    let ready = |s: api::PodSandboxState| Some(api::PodSandboxStateValue { state: s as i32 });
+    for (what, f, want) in [
+        (
+            "no filter",
+            api::PodSandboxFilter::default(),
+            vec![id1.clone(), id2.clone(), id3.clone()],
+        ),
+        (
+            "id",
+            api::PodSandboxFilter {
+                id: id2.clone(),
+                ..Default::default()
+            },
+            vec![id2.clone()],
+        ),
+        (
+            "unknown id",
+            api::PodSandboxFilter {
+                id: ghost_id(),
+                ..Default::default()
+            },
+            vec![],
+        ),
+        (
+            "state READY",
+            api::PodSandboxFilter {
+                state: ready(api::PodSandboxState::SandboxReady),
+                ..Default::default()
+            },
+            vec![id1.clone(), id2.clone()],
+        ),
+        (
+            "state NOTREADY",
+            api::PodSandboxFilter {
+                state: ready(api::PodSandboxState::SandboxNotready),
+                ..Default::default()
+            },
+            vec![id3.clone()],
+        ),
+        (
+            "label app=a",
+            api::PodSandboxFilter {
+                label_selector: labels(&[("app", "a")]),
+                ..Default::default()
+            },
+            vec![id1.clone()],
+        ),
+        (
+            "label tier=web",
+            api::PodSandboxFilter {
+                label_selector: labels(&[("tier", "web")]),
+                ..Default::default()
+            },
+            vec![id1.clone(), id2.clone()],
+        ),
+        (
+            "labels app=b,tier=web",
+            api::PodSandboxFilter {
+                label_selector: labels(&[("app", "b"), ("tier", "web")]),
+                ..Default::default()
+            },
+            vec![id2.clone()],
+        ),
+        (
+            "labels app=c,tier=web",
+            api::PodSandboxFilter {
+                label_selector: labels(&[("app", "c"), ("tier", "web")]),
+                ..Default::default()
+            },
+            vec![],
+        ),
+        (
+            "id + state mismatch",
+            api::PodSandboxFilter {
+                id: id3.clone(),
+                state: ready(api::PodSandboxState::SandboxReady),
+                ..Default::default()
+            },
+            vec![],
+        ),
+    ] {
+        let got = pods(f).await?;
+        ensure!(
+            got == sorted(want.clone()),
+            "ListPodSandbox filter {what}: got {got:?}, want {want:?}"
+        );
+    }
+    let items = c.list_pods_filtered(None).await?;
+    let item1 = items
+        .iter()
+        .find(|p| p.id == id1)
+        .context("pod 1 not listed")?;
+    ensure!(
+        item1.labels == p1.labels,
+        "ListPodSandbox labels {:?}, want {:?}",
+        item1.labels,
+        p1.labels
+    );
+    ensure!(
+        item1.metadata == p1.metadata,
+        "ListPodSandbox metadata {:?}, want {:?}",
+        item1.metadata,
+        p1.metadata
+    );
+    ensure!(
+        item1.created_at > 0,
+        "ListPodSandbox created_at {}",
+        item1.created_at
+    );
+
+    // Containers in pod 1: running, exited, created; one running in pod 2.
+    let mut web = sleeper("web");
+    web.labels = labels(&[("role", "web")]);
+    let mut job = container_config("job", BUSYBOX, &["true"]);
+    job.labels = labels(&[("role", "job")]);
+    let mut idle = sleeper("idle");
+    idle.labels = labels(&[("role", "idle")]);
+    let mut other = sleeper("other");
+    other.labels = labels(&[("role", "web")]);
+    let web_id = running(env, &id1, &p1, &web).await?;
+    let job_id = running(env, &id1, &p1, &job).await?;
+    c.wait_container_exit(&job_id, EXIT_TIMEOUT).await?;
+    let idle_id = c.create_container(&id1, &idle, &p1).await?;
+    let other_id = running(env, &id2, &p2, &other).await?;
+
+    let state = |s: api::ContainerState| Some(api::ContainerStateValue { state: s as i32 });
+    for (what, f, want) in [
+        (
+            "no filter",
+            api::ContainerFilter::default(),
+            vec![
+                web_id.clone(),
+                job_id.clone(),
+                idle_id.clone(),
+                other_id.clone(),
+            ],
+        ),
+        (
+            "id",
+            api::ContainerFilter {
+                id: job_id.clone(),
+                ..Default::default()
+            },
+            vec![job_id.clone()],
+        ),
+        (
+            "unknown id",
+            api::ContainerFilter {
+                id: ghost_id(),
+                ..Default::default()
+            },
+            vec![],
+        ),
+        (
+            "pod 1",
+            api::ContainerFilter {
+                pod_sandbox_id: id1.clone(),
+                ..Default::default()
+            },
+            vec![web_id.clone(), job_id.clone(), idle_id.clone()],
+        ),
+        (
+            "pod 2",
+            api::ContainerFilter {
+                pod_sandbox_id: id2.clone(),
+                ..Default::default()
+            },
+            vec![other_id.clone()],
+        ),
+        (
+            "state RUNNING",
+            api::ContainerFilter {
+                state: state(api::ContainerState::ContainerRunning),
+                ..Default::default()
+            },
+            vec![web_id.clone(), other_id.clone()],
+        ),
+        (
+            "state EXITED",
+            api::ContainerFilter {
+                state: state(api::ContainerState::ContainerExited),
+                ..Default::default()
+            },
+            vec![job_id.clone()],
+        ),
+        (
+            "state CREATED",
+            api::ContainerFilter {
+                state: state(api::ContainerState::ContainerCreated),
+                ..Default::default()
+            },
+            vec![idle_id.clone()],
+        ),
+        (
+            "label role=web",
+            api::ContainerFilter {
+                label_selector: labels(&[("role", "web")]),
+                ..Default::default()
+            },
+            vec![web_id.clone(), other_id.clone()],
+        ),
+        (
+            "pod 1 + label role=web",
+            api::ContainerFilter {
+                pod_sandbox_id: id1.clone(),
+                label_selector: labels(&[("role", "web")]),
+                ..Default::default()
+            },
+            vec![web_id.clone()],
+        ),
+        (
+            "pod 2 + state EXITED",
+            api::ContainerFilter {
+                pod_sandbox_id: id2.clone(),
+                state: state(api::ContainerState::ContainerExited),
+                ..Default::default()
+            },
+            vec![],
+        ),
+    ] {
+        let mut got: Vec<String> = c
+            .list_containers(Some(f))
+            .await?
+            .into_iter()
+            .map(|c| c.id)
+            .collect();
+        got.sort();
+        ensure!(
+            got == sorted(want.clone()),
+            "ListContainers filter {what}: got {got:?}, want {want:?}"
+        );
+    }
+    let all = c.list_containers(None).await?;
+    let w = all
+        .iter()
+        .find(|x| x.id == web_id)
+        .context("web not listed")?;
+    ensure!(
+        w.pod_sandbox_id == id1,
+        "web listed in pod {:?}",
+        w.pod_sandbox_id
+    );
+    ensure!(w.labels == web.labels, "web labels {:?}", w.labels);
+    ensure!(!w.image_ref.is_empty(), "web listed without image_ref");
+
+    for id in [&id1, &id2, &id3] {
+        c.stop_pod(id).await?;
+        c.remove_pod(id).await?;
+    }
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------
+// Status, Version, RuntimeConfig
+
+async fn status_version_config(env: &TestEnv) -> Result<()> {
+    let c = env.cri();
+    let v = c.version().await?;
+    ensure!(
+        v.runtime_api_version == "v1",
+        "Version runtime_api_version {:?}",
+        v.runtime_api_version
+    );
+    ensure!(
+        !v.runtime_name.is_empty() && !v.runtime_version.is_empty(),
+        "Version without name/version: {v:?}"
+    );
+
+    let st = c.status().await?;
+    for cond in ["RuntimeReady", "NetworkReady"] {
+        let got =
+            cri::condition(&st, cond).with_context(|| format!("Status has no {cond}: {st:?}"))?;
+        ensure!(
+            got.status,
+            "Status {cond} false: reason {:?} message {:?}",
+            got.reason,
+            got.message
+        );
+    }
+    let full = c
+        .runtime()
+        .status(api::StatusRequest { verbose: true })
+        .await
+        .context("Status verbose")?
+        .into_inner();
+    let handlers: Vec<&str> = full
+        .runtime_handlers
+        .iter()
+        .map(|h| h.name.as_str())
+        .collect();
+    ensure!(
+        handlers.contains(&""),
+        "Status runtime_handlers lack the default handler \"\": {handlers:?}"
+    );
+
+    let rc = c
+        .runtime()
+        .runtime_config(api::RuntimeConfigRequest {})
+        .await
+        .context("RuntimeConfig")?
+        .into_inner();
+    let driver = rc.linux.map(|l| l.cgroup_driver);
+    ensure!(
+        driver == Some(api::CgroupDriver::Cgroupfs as i32),
+        "RuntimeConfig cgroup driver {driver:?}, want cgroupfs (the harness runs --cgroup-driver cgroupfs)"
+    );
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------
+// StopContainer: StopSignal and timeout
+
+/// Pushes busybox with `StopSignal: SIGUSR1` in its image config as `library/stopsignal`.
+fn push_stopsignal_image(registry: &Registry) -> Result<()> {
+    let src = crisp_e2e::images::BUSYBOX.layout()?;
+    let tmp = tempfile::tempdir()?;
+    let dst = tmp.path();
+    let blobs = dst.join("blobs/sha256");
+    std::fs::create_dir_all(&blobs)?;
+    let read_json = |p: &Path| -> Result<serde_json::Value> {
+        Ok(serde_json::from_slice(
+            &std::fs::read(p).with_context(|| format!("reading {}", p.display()))?,
+        )?)
+    };
+    let blob = |digest: &str| {
+        src.join("blobs/sha256")
+            .join(digest.trim_start_matches("sha256:"))
+    };
+    let index = read_json(&src.join("index.json"))?;
+    let mdigest = index["manifests"][0]["digest"]
+        .as_str()
+        .context("busybox index without manifest")?;
+    let mut manifest = read_json(&blob(mdigest))?;
+    let mut config = read_json(&blob(
+        manifest["config"]["digest"].as_str().context("no config")?,
+    ))?;
+    for layer in manifest["layers"].as_array().context("no layers")? {
+        let d = layer["digest"].as_str().context("layer without digest")?;
+        std::fs::copy(blob(d), blobs.join(d.trim_start_matches("sha256:")))?;
+    }
+    config["config"]["StopSignal"] = "SIGUSR1".into();
+    let put = |bytes: Vec<u8>| -> Result<(String, usize)> {
+        let hex = hex::encode(sha2::Sha256::digest(&bytes));
+        std::fs::write(blobs.join(&hex), &bytes)?;
+        Ok((format!("sha256:{hex}"), bytes.len()))
+    };
+    let (cdigest, csize) = put(serde_json::to_vec(&config)?)?;
+    manifest["config"]["digest"] = cdigest.into();
+    manifest["config"]["size"] = csize.into();
+    let (mdigest, msize) = put(serde_json::to_vec(&manifest)?)?;
+    let index = serde_json::json!({
+        "schemaVersion": 2,
+        "manifests": [{
+            "mediaType": "application/vnd.oci.image.manifest.v1+json",
+            "digest": mdigest, "size": msize,
+            "annotations": { "org.opencontainers.image.ref.name": "latest" },
+        }],
+    });
+    std::fs::write(dst.join("index.json"), serde_json::to_vec(&index)?)?;
+    std::fs::write(dst.join("oci-layout"), br#"{"imageLayoutVersion":"1.0.0"}"#)?;
+    registry.push_layout(dst, "latest", "library/stopsignal:latest")
+}
+
+async fn stop_signal(env: &TestEnv) -> Result<()> {
+    let c = env.cri();
+    c.pull(STOPSIG_IMAGE, None).await?;
+    let pod = env.pod_config("stop")?;
+    let pod_id = c.run_pod(&pod).await?;
+    let timeout = 3i64;
+
+    // 1. Traps SIGTERM and keeps going: killed (137) after the timeout, not before.
+    let stubborn = container_config(
+        "stubborn",
+        BUSYBOX,
+        &[
+            "sh",
+            "-c",
+            "trap 'echo got-term' TERM; echo ready; while :; do sleep 0.2; done",
+        ],
+    );
+    let id = running(env, &pod_id, &pod, &stubborn).await?;
+    cri::wait_log_line(
+        &cri::log_file(&pod, &stubborn),
+        "ready",
+        Duration::from_secs(10),
+    )
+    .await?;
+    let t = Instant::now();
+    c.stop_container(&id, timeout).await?;
+    let took = t.elapsed();
+    let st = c.container_status(&id).await?;
+    ensure!(
+        st.state == api::ContainerState::ContainerExited as i32,
+        "stubborn: state {:?} after StopContainer",
+        st.state
+    );
+    ensure!(
+        took >= Duration::from_secs(timeout as u64)
+            && took < Duration::from_secs(timeout as u64 + 5),
+        "stubborn: StopContainer({timeout} s) returned after {took:?}"
+    );
+    ensure!(
+        st.exit_code == 137,
+        "stubborn: exit code {} ({:?}), want 137 (SIGKILL)",
+        st.exit_code,
+        st.reason
+    );
+    cri::wait_log_line(
+        &cri::log_file(&pod, &stubborn),
+        "got-term",
+        Duration::from_secs(5),
+    )
+    .await
+    .context("SIGTERM never reached the container before the SIGKILL")?;
+
+    // 2. Exits on SIGTERM: StopContainer returns at once, with its exit code.
+    let polite = container_config(
+        "polite",
+        BUSYBOX,
+        &[
+            "sh",
+            "-c",
+            "trap 'exit 0' TERM; echo ready; while :; do sleep 0.2; done",
+        ],
+    );
+    let id = running(env, &pod_id, &pod, &polite).await?;
+    cri::wait_log_line(
+        &cri::log_file(&pod, &polite),
+        "ready",
+        Duration::from_secs(10),
+    )
+    .await?;
+    let t = Instant::now();
+    c.stop_container(&id, 30).await?;
+    let took = t.elapsed();
+    let st = c.container_status(&id).await?;
+    ensure!(
+        took < Duration::from_secs(5),
+        "polite: StopContainer(30 s) took {took:?} for a container that exits on SIGTERM"
+    );
+    ensure!(
+        st.exit_code == 0,
+        "polite: exit code {} ({:?}), want 0",
+        st.exit_code,
+        st.reason
+    );
+
+    // 3. The image says StopSignal SIGUSR1: that is what arrives, not SIGTERM.
+    let usr1 = container_config(
+        "usr1",
+        STOPSIG_IMAGE,
+        &[
+            "sh",
+            "-c",
+            "trap 'exit 42' USR1; trap 'exit 43' TERM; echo ready; while :; do sleep 0.2; done",
+        ],
+    );
+    let id = running(env, &pod_id, &pod, &usr1).await?;
+    cri::wait_log_line(
+        &cri::log_file(&pod, &usr1),
+        "ready",
+        Duration::from_secs(10),
+    )
+    .await?;
+    let t = Instant::now();
+    c.stop_container(&id, 30).await?;
+    let took = t.elapsed();
+    let st = c.container_status(&id).await?;
+    ensure!(
+        st.exit_code == 42,
+        "usr1: exit code {} after {took:?}, want 42 (the image's StopSignal SIGUSR1; 43 means SIGTERM was sent)",
+        st.exit_code
+    );
+    c.stop_pod(&pod_id).await?;
+    c.remove_pod(&pod_id).await?;
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------
+
+macro_rules! tests {
+    ($($name:ident),* $(,)?) => {$(
+        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+        async fn $name() -> Result<()> {
+            with_crispd(stringify!($name), |e| Box::pin(super::$name(e))).await
+        }
+    )*};
+}
+
+mod crispd {
+    use super::*;
+    tests!(
+        unknown_ids,
+        wrong_state,
+        bad_config,
+        name_reuse,
+        exit_reasons,
+        list_filters,
+        status_version_config,
+        stop_signal
+    );
+}
