@@ -264,14 +264,11 @@ impl RuntimeService for Cri {
     ) -> Res<pb::UpdateContainerResourcesResponse> {
         let req = req.into_inner();
         let span = info_span!("UpdateContainerResources", container_id = %req.container_id);
-        instrument::call("UpdateContainerResources", span, async {
-            cri::containers::not_wired(
-                &self.d.store,
-                "UpdateContainerResources",
-                &req.container_id,
-                false,
-            )
-        })
+        instrument::call(
+            "UpdateContainerResources",
+            span,
+            cri::update::update_container_resources(&self.d, req),
+        )
         .await
     }
 
@@ -281,24 +278,18 @@ impl RuntimeService for Cri {
     ) -> Res<pb::ReopenContainerLogResponse> {
         let req = req.into_inner();
         let span = info_span!("ReopenContainerLog", container_id = %req.container_id);
-        instrument::call("ReopenContainerLog", span, async {
-            cri::containers::not_wired(
-                &self.d.store,
-                "ReopenContainerLog",
-                &req.container_id,
-                false,
-            )
-        })
+        instrument::call(
+            "ReopenContainerLog",
+            span,
+            cri::update::reopen_container_log(&self.d, req),
+        )
         .await
     }
 
     async fn exec_sync(&self, req: Request<pb::ExecSyncRequest>) -> Res<pb::ExecSyncResponse> {
         let req = req.into_inner();
         let span = info_span!("ExecSync", container_id = %req.container_id);
-        instrument::call("ExecSync", span, async {
-            cri::containers::not_wired(&self.d.store, "ExecSync", &req.container_id, false)
-        })
-        .await
+        instrument::call("ExecSync", span, cri::exec_sync::exec_sync(&self.d, req)).await
     }
 
     async fn exec(&self, _req: Request<pb::ExecRequest>) -> Res<pb::ExecResponse> {
@@ -331,20 +322,22 @@ impl RuntimeService for Cri {
     ) -> Res<pb::ContainerStatsResponse> {
         let req = req.into_inner();
         let span = info_span!("ContainerStats", container_id = %req.container_id);
-        instrument::call("ContainerStats", span, async {
-            cri::containers::not_wired(&self.d.store, "ContainerStats", &req.container_id, false)
-        })
+        instrument::call(
+            "ContainerStats",
+            span,
+            cri::container_stats::container_stats(&self.d, req),
+        )
         .await
     }
 
     async fn list_container_stats(
         &self,
-        _req: Request<pb::ListContainerStatsRequest>,
+        req: Request<pb::ListContainerStatsRequest>,
     ) -> Res<pb::ListContainerStatsResponse> {
         instrument::call(
             "ListContainerStats",
             info_span!("ListContainerStats"),
-            async { Ok(pb::ListContainerStatsResponse { stats: vec![] }) },
+            cri::container_stats::list_container_stats(&self.d, req.into_inner()),
         )
         .await
     }

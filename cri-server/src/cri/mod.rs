@@ -3,10 +3,13 @@
 //! instrumentation that maps errors to codes.
 
 pub mod container_lifecycle;
+pub mod container_stats;
 pub mod containers;
+pub mod exec_sync;
 pub mod pod_teardown;
 pub mod pods;
 pub mod run_pod;
 pub mod runtime_config;
 pub mod status;
+pub mod update;
 pub mod version;
