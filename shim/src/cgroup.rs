@@ -358,9 +358,38 @@ pub fn dirs_of(path: &str) -> Result<Vec<PathBuf>, CgroupError> {
 }
 
 /// Creates each directory (with its missing parents) and moves `pid` into it,
-/// as runc's cgroupfs manager does. New cpuset cgroups start with no CPUs or
-/// memory nodes in v1, so they inherit their parent's first.
+/// as runc's cgroupfs manager does.
 pub fn enter(dirs: &[PathBuf], pid: i32) -> Result<(), CgroupError> {
+    create(dirs)?;
+    add(dirs, pid)
+}
+
+/// Moves `pid` (the whole process) into each directory.
+pub fn add(dirs: &[PathBuf], pid: i32) -> Result<(), CgroupError> {
+    for dir in dirs {
+        let procs = dir.join("cgroup.procs");
+        fs::write(&procs, pid.to_string()).map_err(|e| CgroupError::Place(procs.display().to_string(), e))?;
+    }
+    Ok(())
+}
+
+/// Whether `dir` belongs to a cgroup2 hierarchy (only v2 has `cgroup.controllers`).
+pub fn is_v2(dir: &Path) -> bool {
+    dir.join("cgroup.controllers").exists()
+}
+
+/// Moves the calling *thread* (not its process) into the v1 cgroup `dir`.
+/// Writing `0` to `tasks` is the one migration the kernel does without the
+/// global threadgroup lock (whose RCU grace period costs ~16 ms here), so a
+/// throwaway thread moved first and then cloned places a child for free.
+pub fn move_current_thread(dir: &Path) -> Result<(), CgroupError> {
+    let tasks = dir.join("tasks");
+    fs::write(&tasks, "0").map_err(|e| CgroupError::Place(tasks.display().to_string(), e))
+}
+
+/// Creates each directory with its missing parents. New cpuset cgroups start
+/// with no CPUs or memory nodes in v1, so they inherit their parent's first.
+pub fn create(dirs: &[PathBuf]) -> Result<(), CgroupError> {
     let perr = |p: &Path, e| CgroupError::Place(p.display().to_string(), e);
     for dir in dirs {
         let mut missing = Vec::new();
@@ -387,8 +416,6 @@ pub fn enter(dirs: &[PathBuf], pid: i32) -> Result<(), CgroupError> {
                 }
             }
         }
-        let procs = dir.join("cgroup.procs");
-        fs::write(&procs, pid.to_string()).map_err(|e| perr(&procs, e))?;
     }
     Ok(())
 }

@@ -269,7 +269,8 @@ impl SandboxService {
         st.status = Status::Running;
         st.started_at = Some(now);
         sb.pid.store(spawned.pid, Ordering::SeqCst);
-        info!(sandbox_id = %sb.id, pid = spawned.pid, start_us = elapsed.as_micros() as u64, "pause started");
+        let phases: Vec<String> = spawned.phases.iter().map(|(n, us)| format!("{n}={us}us")).collect();
+        info!(sandbox_id = %sb.id, pid = spawned.pid, start_us = elapsed.as_micros() as u64, phases = %phases.join(" "), "pause started");
         // An exit reaped before the pid was known is waiting in the unclaimed table.
         if let Some(exit) = Reaper::global().take_unclaimed(spawned.pid) {
             self.exited(&sb, &mut st, exit).await;

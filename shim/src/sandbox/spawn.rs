@@ -111,6 +111,8 @@ pub struct Spawned {
     pub pid: i32,
     /// Signals go through the pidfd, so they can never hit a recycled pid.
     pub pidfd: OwnedFd,
+    /// Where the time went, in microseconds (logged with the start).
+    pub phases: Vec<(&'static str, u64)>,
 }
 
 /// pidfd_send_signal(2); an exited process is not an error.
@@ -241,16 +243,24 @@ struct CloneArgs {
     stack: u64,
     stack_size: u64,
     tls: u64,
+    set_tid: u64,
+    set_tid_size: u64,
+    cgroup: u64,
 }
+
+/// clone3's flag to start the child in the cgroup2 directory `clone_args.cgroup`.
+const CLONE_INTO_CGROUP: u64 = 0x2_0000_0000;
 
 enum Forked {
     Child,
-    Parent(i32, OwnedFd),
+    /// pid, pidfd, and whether the child started in the requested cgroup2 dir.
+    Parent(i32, OwnedFd, bool),
 }
 
-/// clone3(2) without a new stack (fork-like) and with a pidfd; where clone3 is
-/// filtered (older seccomp profiles), clone(2) + pidfd_open(2).
-fn fork_into(flags: u64) -> io::Result<Forked> {
+/// clone3(2) without a new stack (fork-like), with a pidfd, and into the
+/// cgroup2 directory `cgroup` if given; where clone3 is filtered (older
+/// seccomp profiles), clone(2) + pidfd_open(2).
+fn fork_into(flags: u64, cgroup: Option<RawFd>) -> io::Result<Forked> {
     let mut pidfd: libc::c_int = -1;
     let mut args = CloneArgs {
         flags: flags | libc::CLONE_PIDFD as u64,
@@ -258,10 +268,24 @@ fn fork_into(flags: u64) -> io::Result<Forked> {
         exit_signal: libc::SIGCHLD as u64,
         ..Default::default()
     };
+    if let Some(fd) = cgroup {
+        args.flags |= CLONE_INTO_CGROUP;
+        args.cgroup = fd as u64;
+    }
     // SAFETY: a valid clone_args of the size passed; no CLONE_VM, so the child
     // gets a copy of this address space and continues on a copy of this stack.
-    let r = unsafe { libc::syscall(libc::SYS_clone3, &mut args as *mut CloneArgs, std::mem::size_of::<CloneArgs>()) };
+    let mut r = unsafe { libc::syscall(libc::SYS_clone3, &mut args as *mut CloneArgs, std::mem::size_of::<CloneArgs>()) };
+    let mut placed = cgroup.is_some();
+    if r < 0 && placed && io::Error::last_os_error().raw_os_error() != Some(libc::ENOSYS) {
+        // The cgroup refused a direct start: place the child after the clone instead.
+        args.flags &= !CLONE_INTO_CGROUP;
+        args.cgroup = 0;
+        placed = false;
+        // SAFETY: as above.
+        r = unsafe { libc::syscall(libc::SYS_clone3, &mut args as *mut CloneArgs, std::mem::size_of::<CloneArgs>()) };
+    }
     let pid = if r < 0 && io::Error::last_os_error().raw_os_error() == Some(libc::ENOSYS) {
+        placed = false;
         // SAFETY: raw clone with a NULL stack behaves like fork; the other
         // arguments are zero, so their per-architecture order does not matter.
         let r = unsafe { libc::syscall(libc::SYS_clone, flags | libc::SIGCHLD as u64, 0, 0, 0, 0) };
@@ -287,7 +311,7 @@ fn fork_into(flags: u64) -> io::Result<Forked> {
         return Ok(Forked::Child);
     }
     // SAFETY: the kernel just created this pidfd for us.
-    Ok(Forked::Parent(pid as i32, unsafe { OwnedFd::from_raw_fd(pidfd) }))
+    Ok(Forked::Parent(pid as i32, unsafe { OwnedFd::from_raw_fd(pidfd) }, placed))
 }
 
 fn map_text(maps: &[IdMap]) -> String {
@@ -314,6 +338,12 @@ pub fn spawn(pause: &PauseBinary, plan: &Plan, cgroup_dirs: &[PathBuf], oom_scor
 }
 
 fn spawn_on_this_thread(exe: RawFd, plan: &Plan, cgroup_dirs: &[PathBuf], oom_score_adj: Option<i64>) -> Result<Spawned, SpawnError> {
+    let mut clock = std::time::Instant::now();
+    let mut phases = Vec::new();
+    let mut lap = |name: &'static str| {
+        phases.push((name, clock.elapsed().as_micros() as u64));
+        clock = std::time::Instant::now();
+    };
     // 1. Join the namespaces given by path (as host root, before any user namespace).
     let joins: [(&'static str, libc::c_int, &NsAction); 4] = [
         ("ipc", libc::CLONE_NEWIPC, &plan.ipc),
@@ -350,6 +380,27 @@ fn spawn_on_this_thread(exe: RawFd, plan: &Plan, cgroup_dirs: &[PathBuf], oom_sc
             child_sysctls.push((cstring("sysctl path", &sc.proc_path())?, cstring("sysctl value", &sc.value)?));
         }
     }
+    lap("join+sysctl");
+    // Cgroups: this throwaway thread moves itself into the v1 ones (cheap,
+    // see cgroup::move_current_thread) so the clone starts there; a cgroup2
+    // directory is entered by the clone itself (CLONE_INTO_CGROUP).
+    cgroup::create(cgroup_dirs)?;
+    let mut v2_dir = None;
+    let mut after_clone = Vec::new();
+    for dir in cgroup_dirs {
+        if cgroup::is_v2(dir) {
+            if v2_dir.is_none() {
+                let f = File::open(dir).map_err(|err| SpawnError::Setup { what: format!("open {}", dir.display()), err })?;
+                v2_dir = Some((f, dir.clone()));
+            } else {
+                after_clone.push(dir.clone());
+            }
+        } else if let Err(e) = cgroup::move_current_thread(dir) {
+            tracing::debug!(error = %e, "thread move refused; placing the child after the clone");
+            after_clone.push(dir.clone());
+        }
+    }
+    lap("cgroup");
     // 3. Everything the child touches, prepared now.
     let (sync_r, sync_w) = pipe().map_err(|err| SpawnError::Setup { what: "pipe".into(), err })?;
     let (err_r, err_w) = pipe().map_err(|err| SpawnError::Setup { what: "pipe".into(), err })?;
@@ -372,12 +423,17 @@ fn spawn_on_this_thread(exe: RawFd, plan: &Plan, cgroup_dirs: &[PathBuf], oom_sc
     args.argv[0] = name.as_ptr();
 
     // 4. Clone.
-    let (pid, pidfd) = match fork_into(flags).map_err(|err| SpawnError::Setup { what: "clone".into(), err })? {
+    let cgroup_fd = v2_dir.as_ref().map(|(f, _)| f.as_raw_fd());
+    let (pid, pidfd, placed) = match fork_into(flags, cgroup_fd).map_err(|err| SpawnError::Setup { what: "clone".into(), err })? {
         Forked::Child => child_main(&args),
-        Forked::Parent(pid, fd) => (pid, fd),
+        Forked::Parent(pid, fd, placed) => (pid, fd, placed),
     };
+    if let Some((_, dir)) = v2_dir.filter(|_| !placed) {
+        after_clone.push(dir);
+    }
     drop(sync_r);
     drop(err_w);
+    lap("clone");
     let undo = |e: SpawnError| {
         let _ = signal(&pidfd, libc::SIGKILL);
         e
@@ -394,7 +450,8 @@ fn spawn_on_this_thread(exe: RawFd, plan: &Plan, cgroup_dirs: &[PathBuf], oom_sc
     if let Some(adj) = oom_score_adj {
         setup("oom_score_adj", format!("/proc/{pid}/oom_score_adj"), adj.to_string()).map_err(undo)?;
     }
-    cgroup::enter(cgroup_dirs, pid).map_err(SpawnError::from).map_err(undo)?;
+    cgroup::add(&after_clone, pid).map_err(SpawnError::from).map_err(undo)?;
+    lap("maps+oom");
 
     // 6. Release the child and learn whether its exec worked: the error pipe
     //    closes on exec (O_CLOEXEC) or carries (step, errno).
@@ -408,5 +465,6 @@ fn spawn_on_this_thread(exe: RawFd, plan: &Plan, cgroup_dirs: &[PathBuf], oom_sc
         let errno = i32::from_ne_bytes([msg[4], msg[5], msg[6], msg[7]]);
         return Err(SpawnError::Child { step: STEPS.get(step).copied().unwrap_or("?"), err: io::Error::from_raw_os_error(errno) });
     }
-    Ok(Spawned { pid, pidfd })
+    lap("exec");
+    Ok(Spawned { pid, pidfd, phases })
 }
