@@ -333,6 +333,23 @@ async fn crun_refused(env: &TestEnv, handler: &str) -> Result<()> {
         .await
         .context("RunPodSandbox with crun hung")?;
     let err = match res {
+        // crispd starts the pause process without any OCI runtime, so a crun pod can run;
+        // crun is first asked for the pod's first container, and that must be refused.
+        Ok(id) if env.kind == RuntimeKind::Crispd => {
+            let c = env.cri();
+            let cfg = container_config("crun-first", BUSYBOX, &["true"]);
+            let started = async {
+                let cid = c.create_container(&id, &cfg, &pod).await?;
+                c.start_container(&cid).await
+            };
+            match tokio::time::timeout(Duration::from_secs(60), started)
+                .await
+                .context("CreateContainer/StartContainer with crun hung")?
+            {
+                Ok(()) => bail!("crun started a container in pod {id} on a hybrid cgroup host"),
+                Err(e) => format!("{e:#}"),
+            }
+        }
         Ok(id) => bail!("crun started sandbox {id} on a hybrid cgroup host"),
         Err(e) => format!("{e:#}"),
     };
