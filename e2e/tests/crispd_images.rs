@@ -174,3 +174,58 @@ async fn crispd_pull_killed_mid_layer_is_completed_after_restart() -> Result<()>
     ensure!(leaks.is_empty(), "teardown left {leaks:#?}");
     Ok(())
 }
+
+/// RemoveImage of busybox keeps `layers` (built on busybox's layer) runnable: a container
+/// from it runs and reads a file from the top layer and one from the shared base. Removing
+/// the container and the last image then leaves an empty store (ImageFsInfo's content and
+/// the snapshot directory).
+async fn shared_layers(env: &TestEnv) -> Result<()> {
+    let cri = env.cri();
+    let busybox = cri.pull("docker.io/library/busybox:latest", None).await?;
+    let layers = cri.pull("docker.io/library/layers:latest", None).await?;
+    ensure!(busybox != layers, "two different images");
+    cri.remove_image("docker.io/library/busybox:latest").await?;
+    ensure!(cri.image_status(&busybox).await?.is_none(), "busybox still listed");
+    ensure!(cri.image_status("docker.io/library/layers:latest").await?.is_some(), "layers went too");
+
+    let pod = env.pod_config("shared-layers")?;
+    let pod_id = cri.run_pod(&pod).await?;
+    let cfg = crisp_e2e::cri::container_config(
+        "reader",
+        "docker.io/library/layers:latest",
+        &["sh", "-c", "cat /data/keep.txt && test -x /bin/busybox && echo base-ok"],
+    );
+    let id = cri.create_container(&pod_id, &cfg, &pod).await?;
+    cri.start_container(&id).await?;
+    let st = cri.wait_container_exit(&id, Duration::from_secs(30)).await?;
+    let log = crisp_e2e::cri::read_log(&crisp_e2e::cri::log_file(&pod, &cfg))?;
+    let text: Vec<String> = log.iter().map(|l| l.text.clone()).collect();
+    ensure!(st.exit_code == 0, "exit code {} (log {text:?})", st.exit_code);
+    ensure!(text == ["keep", "base-ok"], "log {text:?}");
+    cri.remove_container(&id).await?;
+    cri.stop_pod(&pod_id).await?;
+    cri.remove_pod(&pod_id).await?;
+
+    cri.remove_image(&layers).await?;
+    let listed = cri.image().list_images(api::ListImagesRequest::default()).await?.into_inner().images;
+    ensure!(listed.is_empty(), "images left: {listed:?}");
+    let content = env.root.join("root/images/content");
+    ensure!(blob_names(&content).is_empty(), "blobs left: {:?}", blob_names(&content));
+    ensure!(env.snapshot_dirs().is_empty(), "snapshots left: {:?}", env.snapshot_dirs());
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn crispd_remove_image_keeps_layer_sharing_image_runnable_then_gc_empties_store() -> Result<()> {
+    let registry = Registry::start()?;
+    registry.push(&["busybox", "layers"])?;
+    let env = TestEnv::start(RuntimeKind::Crispd, &registry.host()).await?;
+    let outcome = shared_layers(&env).await;
+    if outcome.is_err() {
+        eprintln!("crispd log tail:\n{}", env.daemon_log_tail(60));
+    }
+    let leaks = env.teardown().await;
+    outcome?;
+    ensure!(leaks.is_empty(), "teardown left {leaks:#?}");
+    Ok(())
+}
