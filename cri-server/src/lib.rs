@@ -34,6 +34,7 @@ pub mod instrument;
 pub mod logs;
 pub mod metrics;
 pub mod netns;
+pub mod pod_stats;
 pub mod recover;
 pub mod sandbox_files;
 pub mod server;

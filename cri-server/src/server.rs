@@ -352,22 +352,25 @@ impl RuntimeService for Cri {
 
     async fn pod_sandbox_stats(
         &self,
-        _req: Request<pb::PodSandboxStatsRequest>,
+        req: Request<pb::PodSandboxStatsRequest>,
     ) -> Res<pb::PodSandboxStatsResponse> {
-        not_yet!(
-            "PodSandboxStats",
-            "pod sandboxes need the shim's sandbox service, not wired into crispd yet"
-        )
+        let req = req.into_inner();
+        let span = info_span!("PodSandboxStats", pod_id = %req.pod_sandbox_id);
+        instrument::call("PodSandboxStats", span, async {
+            crate::pod_stats::pod_sandbox_stats(&self.d, req)
+        })
+        .await
     }
 
     async fn list_pod_sandbox_stats(
         &self,
-        _req: Request<pb::ListPodSandboxStatsRequest>,
+        req: Request<pb::ListPodSandboxStatsRequest>,
     ) -> Res<pb::ListPodSandboxStatsResponse> {
+        let req = req.into_inner();
         instrument::call(
             "ListPodSandboxStats",
             info_span!("ListPodSandboxStats"),
-            async { Ok(pb::ListPodSandboxStatsResponse { stats: vec![] }) },
+            async { crate::pod_stats::list_pod_sandbox_stats(&self.d, req) },
         )
         .await
     }
