@@ -32,6 +32,11 @@ use crate::store::records::{ContainerRecord, ContainerState};
 /// Reading goes on past the cap, so a chatty command never blocks on a full pipe.
 pub const MAX_EXEC_OUTPUT: usize = 16 * 1024 * 1024;
 
+/// The most the two streams may carry together. kubelet (and crispd's own server) refuse gRPC
+/// messages over 16 MiB, so a response holding 16 MiB of each stream could never be delivered:
+/// the streams share this budget, less room for the message's own framing.
+pub const MAX_EXEC_RESPONSE: usize = 16 * 1024 * 1024 - 4096;
+
 /// Deadline of one ordinary shim call (Exec, Start, Kill, Delete, State).
 const SHIM_CALL: Duration = Duration::from_secs(30);
 /// After the exec process exits, how long to wait for its output to end. A background child
@@ -125,6 +130,25 @@ pub async fn read_bounded<R: AsyncRead + Unpin>(mut r: R, cap: usize) -> Bounded
         out.dropped += (n - take) as u64;
     }
     out
+}
+
+/// Trim the two outputs to [`MAX_EXEC_RESPONSE`] together: each is sure of half; what one
+/// does not use, the other may. Returns the bytes dropped.
+pub fn fit_response(stdout: &mut Vec<u8>, stderr: &mut Vec<u8>, budget: usize) -> u64 {
+    let (so, se) = (stdout.len(), stderr.len());
+    if so + se <= budget {
+        return 0;
+    }
+    let half = budget / 2;
+    if so <= half {
+        stderr.truncate(budget - so);
+    } else if se <= half {
+        stdout.truncate(budget - se);
+    } else {
+        stdout.truncate(half);
+        stderr.truncate(budget - half);
+    }
+    (so + se - stdout.len() - stderr.len()) as u64
 }
 
 /// The exec's OCI process: the container's own process (env, cwd, user, capabilities,
@@ -327,13 +351,15 @@ async fn run(
             }
         }
     }
-    let stderr = outs.pop().unwrap_or_default();
-    let stdout = outs.pop().unwrap_or_default();
-    if stdout.dropped > 0 || stderr.dropped > 0 {
+    let mut stderr = outs.pop().unwrap_or_default();
+    let mut stdout = outs.pop().unwrap_or_default();
+    let trimmed = fit_response(&mut stdout.data, &mut stderr.data, MAX_EXEC_RESPONSE);
+    if stdout.dropped > 0 || stderr.dropped > 0 || trimmed > 0 {
         tracing::info!(
             %exec_id,
             stdout_dropped = stdout.dropped,
             stderr_dropped = stderr.dropped,
+            trimmed,
             "exec output over the {MAX_EXEC_OUTPUT} byte cap; dropped the excess"
         );
     }
@@ -422,6 +448,24 @@ pub(crate) mod tests {
                 dropped: 0
             }
         );
+    }
+
+    #[test]
+    fn both_streams_fit_one_response() {
+        let (mut o, mut e) = (vec![1u8; 10], vec![2u8; 3]);
+        assert_eq!(fit_response(&mut o, &mut e, 20), 0);
+        assert_eq!((o.len(), e.len()), (10, 3));
+        // A small stderr leaves the rest to stdout.
+        assert_eq!(fit_response(&mut o, &mut e, 8), 5);
+        assert_eq!((o.len(), e.len()), (5, 3));
+        // Both big: half each.
+        let (mut o, mut e) = (vec![1u8; 100], vec![2u8; 100]);
+        fit_response(&mut o, &mut e, 11);
+        assert_eq!((o.len(), e.len()), (5, 6));
+        // A small stdout leaves the rest to stderr.
+        let (mut o, mut e) = (vec![1u8; 2], vec![2u8; 100]);
+        fit_response(&mut o, &mut e, 10);
+        assert_eq!((o.len(), e.len()), (2, 8));
     }
 
     /// A writer in small pieces past the cap is drained to its end (it never blocks).
