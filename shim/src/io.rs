@@ -47,6 +47,11 @@ pub struct ProcessIo {
     stdin: Option<StdinFeed>,
     /// pty master, for ResizePty.
     pub console: Option<Arc<File>>,
+    /// A read end of each output FIFO, never read: while the client (crispd, containerd) is
+    /// away, e.g. restarting, the FIFO still has a reader, so the container's writes block
+    /// when the pipe is full instead of killing it with SIGPIPE (containerd's shim does the
+    /// same). Read-only, so the client still sees EOF when the container's writers close.
+    keep_readers: Vec<File>,
 }
 
 impl ProcessIo {
@@ -119,6 +124,12 @@ pub fn open(paths: &StdioPaths) -> Result<([Stdio; 3], ProcessIo), IoError> {
     } else {
         open_output("stderr", &paths.stderr)?
     };
+    for uri in [&paths.stdout, &paths.stderr] {
+        if !uri.is_empty() && std::fs::metadata(uri).is_ok_and(|m| m.file_type().is_fifo()) {
+            let keep = OpenOptions::new().read(true).custom_flags(libc::O_NONBLOCK).open(uri);
+            io.keep_readers.push(keep.map_err(|err| IoError::Open { what: "fifo keeper", path: uri.clone(), err })?);
+        }
+    }
     let to_stdio = |f: Option<File>| f.map(Stdio::from).unwrap_or_else(Stdio::null);
     Ok(([stdin, to_stdio(stdout), to_stdio(stderr)], io))
 }
@@ -312,6 +323,21 @@ mod tests {
         (&f).write_all(b"a\n").expect("write");
         assert_eq!(std::fs::read(&file).expect("read"), b"a\n");
         assert!(open_output("stdout", "binary:///bin/logger").is_err());
+    }
+
+    #[test]
+    fn output_fifo_keeps_a_reader_so_a_gone_client_is_no_sigpipe() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let fifo = dir.path().join("out");
+        nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::from_bits_truncate(0o600)).expect("mkfifo");
+        let client = OpenOptions::new().read(true).custom_flags(libc::O_NONBLOCK).open(&fifo).expect("reader");
+        let paths = StdioPaths { stdout: fifo.display().to_string(), ..Default::default() };
+        let ([_, out, _], pio) = open(&paths).expect("open");
+        drop(client); // the client goes away (crispd killed)
+        // The writer the container gets still has a reader: no EPIPE.
+        let w = OpenOptions::new().write(true).custom_flags(libc::O_NONBLOCK).open(&fifo).expect("writer");
+        (&w).write_all(b"still fine").expect("no EPIPE while the shim keeps a reader");
+        drop((out, w, pio));
     }
 
     #[test]
