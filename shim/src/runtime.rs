@@ -263,7 +263,7 @@ pub enum CgroupLayout {
 const CGROUP2_SUPER_MAGIC: i64 = 0x6367_7270;
 
 pub fn cgroup_layout() -> CgroupLayout {
-    let fs_type = |p: &str| nix::sys::statfs::statfs(p).map(|s| s.filesystem_type().0 as i64).ok();
+    let fs_type = |p: &str| nix::sys::statfs::statfs(p).map(|s| s.filesystem_type().0).ok();
     if fs_type("/sys/fs/cgroup") == Some(CGROUP2_SUPER_MAGIC) {
         CgroupLayout::Unified
     } else if fs_type("/sys/fs/cgroup/unified") == Some(CGROUP2_SUPER_MAGIC) {

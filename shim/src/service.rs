@@ -171,7 +171,7 @@ pub struct Events {
     publisher: Option<Arc<RemotePublisher>>,
     namespace: String,
     /// Tests: every event as (topic, event in protobuf text format), in order.
-    record: Option<Arc<Mutex<Vec<(String, String)>>>>,
+    record: Option<EventLog>,
 }
 
 pub type EventLog = Arc<Mutex<Vec<(String, String)>>>;

@@ -299,6 +299,10 @@ async fn sandbox_lifecycle_through_the_real_shim() -> Result<()> {
         }
     }
     assert!(cg.lines().any(|l| l.contains(":memory:")), "{cg}");
+    // The cgroup2 hierarchy too (hybrid hosts mount it at /sys/fs/cgroup/unified).
+    if cgroup_hierarchies().iter().any(|h| h.join("cgroup.controllers").exists()) {
+        assert!(cg.lines().any(|l| l == format!("0::{want}")), "cgroup2 placement:\n{cg}");
+    }
 
     // Status: ready, with the pid.
     let st = client
@@ -397,5 +401,63 @@ async fn bad_sandbox_specs_are_invalid_arguments_naming_the_field() -> Result<()
     client.shutdown_sandbox(ctx(), &sb::ShutdownSandboxRequest { sandbox_id: id.clone(), ..Default::default() }).await?;
     let shim_pid = fx.shim_pid.context("shim pid")?;
     wait_until("the shim to exit", Duration::from_secs(5), || !alive(shim_pid)).await?;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn user_namespace_pause_maps_ids_and_keeps_the_joined_netns() -> Result<()> {
+    let mut fx = Fixture::new("userns").await?;
+    let id = format!("sbuserns{}", std::process::id());
+    let client = fx.start_shim(&id).await?;
+    let shim_pid = fx.shim_pid.context("shim pid")?;
+    let map = json!([{"containerID": 0, "hostID": 200000, "size": 65536}]);
+    let spec = json!({
+        "hostname": "userns-host",
+        "process": {"user": {"uid": 65535, "gid": 65535}},
+        "linux": {
+            "namespaces": [{"type": "pid"}, {"type": "ipc"}, {"type": "uts"}, {"type": "network", "path": fx.netns_path()}, {"type": "user"}],
+            "uidMappings": map, "gidMappings": map,
+            "sysctl": {"net.ipv4.ip_unprivileged_port_start": "77", "kernel.shmmni": "777"},
+            "cgroupsPath": format!("{}/x", fx.cgroup_parent),
+        },
+    });
+    let create = sb::CreateSandboxRequest {
+        sandbox_id: id.clone(),
+        bundle_path: fx.bundle().display().to_string(),
+        netns_path: fx.netns_path(),
+        options: spec_any(&spec),
+        ..Default::default()
+    };
+    client.create_sandbox(ctx(), &create).await.with_context(|| fx.log())?;
+    let started = client
+        .start_sandbox(ctx(), &sb::StartSandboxRequest { sandbox_id: id.clone(), ..Default::default() })
+        .await
+        .with_context(|| fx.log())?;
+    let pid = started.pid as i32;
+    fx.pause_pid = Some(pid);
+    assert_eq!(std::fs::read_to_string(format!("/proc/{pid}/uid_map"))?.split_whitespace().collect::<Vec<_>>(), ["0", "200000", "65536"]);
+    assert_eq!(std::fs::read_to_string(format!("/proc/{pid}/gid_map"))?.split_whitespace().collect::<Vec<_>>(), ["0", "200000", "65536"]);
+    // In-namespace 65535 is host 265535.
+    assert!(status_field(pid, "Uid:").starts_with("265535"), "{}", status_field(pid, "Uid:"));
+    assert!(status_field(pid, "Gid:").starts_with("265535"), "{}", status_field(pid, "Gid:"));
+    for ns in ["user", "pid", "ipc", "uts"] {
+        assert_ne!(ns_inode(format!("/proc/{pid}/ns/{ns}"))?, ns_inode(format!("/proc/{shim_pid}/ns/{ns}"))?, "{ns} namespace");
+    }
+    assert_eq!(ns_inode(format!("/proc/{pid}/ns/net"))?, ns_inode(fx.netns_path())?, "network namespace");
+    assert_eq!(nsenter(pid, "-u", &["cat", "/proc/sys/kernel/hostname"])?, "userns-host");
+    assert_eq!(nsenter(pid, "-n", &["cat", "/proc/sys/net/ipv4/ip_unprivileged_port_start"])?, "77");
+    assert_eq!(nsenter(pid, "-i", &["cat", "/proc/sys/kernel/shmmni"])?, "777");
+    let want = format!("{}/crisp-{id}", fx.cgroup_parent);
+    let cg = std::fs::read_to_string(format!("/proc/{pid}/cgroup"))?;
+    assert!(cg.lines().any(|l| l.contains(":memory:") && l.ends_with(&want)), "{cg}");
+
+    client.stop_sandbox(ctx(), &sb::StopSandboxRequest { sandbox_id: id.clone(), timeout_secs: 5, ..Default::default() }).await?;
+    let waited = client.wait_sandbox(ctx(), &sb::WaitSandboxRequest { sandbox_id: id.clone(), ..Default::default() }).await?;
+    assert_eq!(waited.exit_status, 0);
+    client.shutdown_sandbox(ctx(), &sb::ShutdownSandboxRequest { sandbox_id: id.clone(), ..Default::default() }).await?;
+    wait_until("the shim to exit", Duration::from_secs(5), || !alive(shim_pid)).await?;
+    for d in fx.leaf_dirs(&id) {
+        assert!(!d.exists(), "{} left behind", d.display());
+    }
     Ok(())
 }

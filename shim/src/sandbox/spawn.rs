@@ -137,6 +137,9 @@ struct ChildArgs {
     hostname: Option<CString>,
     /// (path, value) of sysctls of the namespaces the child creates.
     sysctls: Vec<(CString, CString)>,
+    /// In a new user namespace: become its root (mapped) before anything else,
+    /// since namespaced sysctls check the euid against the namespace's root.
+    ns_root: bool,
     uid: libc::uid_t,
     gid: libc::gid_t,
     groups: Vec<libc::gid_t>,
@@ -146,7 +149,8 @@ struct ChildArgs {
 }
 
 /// Child steps, reported back through the error pipe.
-const STEPS: [&str; 7] = ["wait for the shim", "set the hostname", "write a sysctl", "set groups", "set gid", "set uid", "exec pause"];
+const STEPS: [&str; 8] =
+    ["wait for the shim", "set the hostname", "write a sysctl", "set groups", "set gid", "set uid", "exec pause", "become root of its user namespace"];
 
 /// Runs in the child: raw syscalls only. Never returns.
 fn child_main(a: &ChildArgs) -> ! {
@@ -166,6 +170,9 @@ fn child_main(a: &ChildArgs) -> ! {
     unsafe {
         if libc::read(a.sync_r, b.as_mut_ptr().cast(), 1) != 1 {
             fail(a, 0);
+        }
+        if a.ns_root && (libc::setresgid(0, 0, 0) < 0 || libc::setresuid(0, 0, 0) < 0) {
+            fail(a, 7);
         }
         if let Some(h) = &a.hostname
             && libc::sethostname(h.as_ptr(), h.as_bytes().len()) < 0
@@ -413,6 +420,7 @@ fn spawn_on_this_thread(exe: RawFd, plan: &Plan, cgroup_dirs: &[PathBuf], oom_sc
         exe,
         hostname: plan.hostname.as_deref().map(|h| cstring("hostname", h)).transpose()?,
         sysctls: child_sysctls,
+        ns_root: plan.user == NsAction::New,
         uid: plan.uid,
         gid: plan.gid,
         groups,
