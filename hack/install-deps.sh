@@ -43,3 +43,29 @@ if ! cargo nextest --version >/dev/null 2>&1; then
   echo "install-deps: installing cargo-nextest" >&2
   cargo install --locked cargo-nextest
 fi
+
+# crispd gives pods that ask for a user namespace (without explicit mappings) 65536 IDs each
+# from the subordinate ranges of its `userns.user` (default `crisp`). Create that system user
+# and a range that overlaps no other user's, unless they exist. Without them crispd still
+# runs; only such pods fail, with FailedPrecondition naming the setting.
+CRISP_USER=${CRISP_USER:-crisp}
+if [ "$(id -u)" = 0 ]; then
+  if ! getent passwd "$CRISP_USER" >/dev/null; then
+    echo "install-deps: adding system user $CRISP_USER (owner of pod ID ranges)" >&2
+    useradd --system --no-create-home --shell /usr/sbin/nologin "$CRISP_USER"
+  fi
+  for f in /etc/subuid /etc/subgid; do
+    touch "$f"
+    if ! grep -q "^$CRISP_USER:" "$f"; then
+      # Above every existing range, and at least at 1e9 (clear of Debian's 100000+ ranges).
+      start=$(awk -F: 'BEGIN{m=1000000000} NF>=3 {e=$2+$3; if (e>m) m=e} END{printf "%.0f\n", m}' "$f")
+      count=65536000 # 1000 pods
+      if ((start + count > 4294967296)); then
+        echo "install-deps: no room in $f for a $count-ID range for $CRISP_USER; add one by hand" >&2
+      else
+        echo "install-deps: $f: $CRISP_USER:$start:$count" >&2
+        echo "$CRISP_USER:$start:$count" >>"$f"
+      fi
+    fi
+  done
+fi

@@ -281,6 +281,32 @@ pub fn check_runtimes(cfg: &Config) -> Vec<Condition> {
             ),
         });
     }
+    // User namespaces are per pod and only on request: a node without a subordinate range
+    // runs every other pod; the pods that ask get FailedPrecondition naming the setting.
+    for (key, file) in [
+        ("userns.subuid_file", &cfg.userns.subuid_file),
+        ("userns.subgid_file", &cfg.userns.subgid_file),
+    ] {
+        let text = std::fs::read_to_string(file).unwrap_or_default();
+        let uid = nix::unistd::User::from_name(&cfg.userns.user)
+            .ok()
+            .flatten()
+            .map(|u| u.uid.as_raw());
+        if crate::idmap::parse_subid(&text, &cfg.userns.user, uid).is_empty() {
+            out.push(Condition {
+                key: key.into(),
+                message: format!(
+                    "no subordinate ID range for user `{}` (setting `userns.user`) in {}: \
+                     pods asking for a user namespace without explicit mappings will fail \
+                     with FailedPrecondition; add a line like `{}:1000000000:65536000` \
+                     (hack/install-deps.sh does)",
+                    cfg.userns.user,
+                    file.display(),
+                    cfg.userns.user
+                ),
+            });
+        }
+    }
     for (name, h) in &cfg.runtime_handlers {
         if find_binary(&h.binary).is_none() {
             out.push(Condition {

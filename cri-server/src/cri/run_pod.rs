@@ -289,6 +289,9 @@ async fn create(
         ));
     }
     let id = crate::util::new_id();
+    // Held for the whole set-up: a Stop/Remove of this id (it is listed while Creating) waits
+    // for the pod to be complete or fully undone, never tears down under our feet.
+    let _g = d.pod_locks.lock(&id).await;
     let span = tracing::info_span!("pod", pod_id = %id);
     let started = Instant::now();
     let mut done = Done::default();
