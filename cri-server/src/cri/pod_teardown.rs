@@ -138,8 +138,10 @@ pub fn kill_if_ours(pid: Option<u32>, needles: &[&str], comm: &str) -> bool {
         .map(|b| String::from_utf8_lossy(&b).replace('\0', " "))
         .unwrap_or_default();
     let pcomm = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
+    // pause is exec'd from a memfd, so its comm is an fd number; its argv[0] is `pause`.
+    let argv0 = cmdline.split(' ').next().unwrap_or_default();
     let ours = if needles.is_empty() {
-        pcomm.trim() == comm
+        pcomm.trim() == comm || argv0 == comm
     } else {
         needles.iter().all(|n| cmdline.contains(n))
     };
