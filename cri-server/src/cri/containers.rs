@@ -145,7 +145,16 @@ pub fn status_of(rec: &ContainerRecord, state: &std::path::Path, verbose: bool) 
             annotations: cfg.annotations.clone(),
             mounts: cfg.mounts.clone(),
             log_path: rec.log_path.clone(),
-            resources: None,
+            // The config's resources, kept current by UpdateContainerResources (containerd
+            // reports the same).
+            resources: cfg
+                .linux
+                .as_ref()
+                .and_then(|l| l.resources.clone())
+                .map(|r| crisp_proto::cri::v1::ContainerResources {
+                    linux: Some(r),
+                    windows: None,
+                }),
             user: None,
             stop_signal: cfg.stop_signal,
         }),
