@@ -181,7 +181,7 @@ async fn exec_sync(env: &TestEnv) -> Result<()> {
     ensure!(r.exit_code == 0, "big output: exit code {}", r.exit_code);
     let n = r.stdout.len() as u64;
     ensure!(
-        n <= 16 * MIB && n >= 16 * MIB - 64 * 1024,
+        (16 * MIB - 64 * 1024..=16 * MIB).contains(&n),
         "big output: {n} bytes of stdout, want just under 16 MiB"
     );
     ensure!(
@@ -329,7 +329,7 @@ async fn stats(env: &TestEnv) -> Result<()> {
         "labels {:?}",
         attrs.labels
     );
-    let mem = first.memory.clone().context("memory")?;
+    let mem = first.memory.context("memory")?;
     ensure!(
         v(&mem.usage_bytes) >= v(&mem.working_set_bytes),
         "usage < working set: {mem:?}"
@@ -337,7 +337,7 @@ async fn stats(env: &TestEnv) -> Result<()> {
     ensure!(v(&mem.rss_bytes) >= 20 * MIB, "rss {}", v(&mem.rss_bytes));
     ensure!(v(&mem.page_faults) > 0, "no page faults: {mem:?}");
     ensure!(mem.timestamp > 0, "memory timestamp");
-    let cpu = first.cpu.clone().context("cpu")?;
+    let cpu = first.cpu.context("cpu")?;
     ensure!(v(&cpu.usage_core_nano_seconds) > 0, "no CPU time: {cpu:?}");
     let layer = first.writable_layer.clone().context("writable layer")?;
     ensure!(
