@@ -323,38 +323,77 @@ fn watch_v2(dir: PathBuf, on_oom: impl Fn() + Send + 'static) -> Result<(), Cgro
     Ok(())
 }
 
-/// Mount points of every cgroup hierarchy (v1 controllers, named v1
-/// hierarchies such as `name=systemd`, and cgroup2), one per superblock.
-pub fn hierarchies() -> Result<Vec<PathBuf>, CgroupError> {
+/// One mounted cgroup hierarchy.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Hierarchy {
+    pub mountpoint: PathBuf,
+    /// Its key in [`Membership`]: the first v1 controller (`cpu`), the name of
+    /// a named hierarchy (`systemd`), or "" for cgroup2.
+    pub key: String,
+}
+
+/// The v1 controllers the kernel knows, to tell them from other mount options.
+const V1_CONTROLLERS: &[&str] = &[
+    "cpuset", "cpu", "cpuacct", "io", "blkio", "memory", "devices", "freezer", "net_cls", "perf_event", "net_prio", "hugetlb", "pids", "rdma", "misc",
+];
+
+/// Every cgroup hierarchy (v1 controllers, named v1 hierarchies such as
+/// `name=systemd`, and cgroup2), one per superblock.
+pub fn hierarchies() -> Result<Vec<Hierarchy>, CgroupError> {
     let text = fs::read_to_string("/proc/self/mountinfo").map_err(|e| CgroupError::Read("/proc/self/mountinfo".into(), e))?;
     Ok(parse_hierarchies(&text))
 }
 
-fn parse_hierarchies(mountinfo: &str) -> Vec<PathBuf> {
+fn parse_hierarchies(mountinfo: &str) -> Vec<Hierarchy> {
     let mut seen = std::collections::HashSet::new();
     let mut out = Vec::new();
     for line in mountinfo.lines() {
         let Some((left, right)) = line.split_once(" - ") else { continue };
-        let fstype = right.split_whitespace().next().unwrap_or_default();
+        let r: Vec<&str> = right.split_whitespace().collect();
+        let fstype = r.first().copied().unwrap_or_default();
         if fstype != "cgroup" && fstype != "cgroup2" {
             continue;
         }
         let f: Vec<&str> = left.split_whitespace().collect();
         let (Some(dev), Some(mountpoint)) = (f.get(2), f.get(4)) else { continue };
         // The same hierarchy can be mounted twice (bind mounts); place once.
-        if seen.insert(dev.to_string()) {
-            out.push(PathBuf::from(mountpoint.replace("\\040", " ")));
+        if !seen.insert(dev.to_string()) {
+            continue;
         }
+        let key = if fstype == "cgroup2" {
+            String::new()
+        } else {
+            let opts: Vec<&str> = r.get(2).copied().unwrap_or_default().split(',').collect();
+            let ctrl = opts.iter().find(|o| V1_CONTROLLERS.contains(o)).map(|c| c.to_string());
+            let named = opts.iter().find_map(|o| o.strip_prefix("name=")).map(str::to_string);
+            match ctrl.or(named) {
+                Some(k) => k,
+                None => continue,
+            }
+        };
+        out.push(Hierarchy { mountpoint: PathBuf::from(mountpoint.replace("\\040", " ")), key });
     }
     out
 }
 
 /// The directories of cgroup `path` (as `/proc/<pid>/cgroup` shows it, e.g.
-/// `/kubepods/podX/crisp-id`) in every hierarchy: where the shim itself places
-/// a process it starts without an OCI runtime (the pod's pause).
+/// `/kubepods/podX/crisp-id`) in every hierarchy, in [`hierarchies`] order:
+/// where the shim itself places a process it starts without an OCI runtime.
 pub fn dirs_of(path: &str) -> Result<Vec<PathBuf>, CgroupError> {
     let rel = path.trim_start_matches('/');
-    Ok(hierarchies()?.into_iter().map(|h| h.join(rel)).collect())
+    Ok(hierarchies()?.into_iter().map(|h| h.mountpoint.join(rel)).collect())
+}
+
+/// The calling thread's own cgroup directory in every hierarchy, in
+/// [`hierarchies`] order (None where it cannot be told), so a thread that
+/// moved itself can move back.
+pub fn current_thread_dirs() -> Result<Vec<Option<PathBuf>>, CgroupError> {
+    let text = fs::read_to_string("/proc/thread-self/cgroup").map_err(|e| CgroupError::Read("/proc/thread-self/cgroup".into(), e))?;
+    let m = Membership::parse(&text);
+    Ok(hierarchies()?
+        .into_iter()
+        .map(|h| m.0.get(&h.key).map(|p| h.mountpoint.join(p.trim_start_matches('/'))))
+        .collect())
 }
 
 /// Creates each directory (with its missing parents) and moves `pid` into it,
@@ -464,7 +503,19 @@ mod tests {
                     31 24 0:27 / /sys/fs/cgroup/unified rw - cgroup2 cgroup2 rw\n\
                     32 24 0:26 / /mnt/memory-again rw - cgroup cgroup rw,memory\n\
                     33 24 0:28 / /proc rw - proc proc rw\n";
-        assert_eq!(parse_hierarchies(text), vec![PathBuf::from("/sys/fs/cgroup/memory"), PathBuf::from("/sys/fs/cgroup/unified")]);
+        let text = format!("{text}34 24 0:29 / /sys/fs/cgroup/systemd rw - cgroup cgroup rw,xattr,name=systemd\n35 24 0:30 / /sys/fs/cgroup/cpu,cpuacct rw - cgroup cgroup rw,cpu,cpuacct\n");
+        let h = |m: &str, k: &str| Hierarchy { mountpoint: PathBuf::from(m), key: k.into() };
+        assert_eq!(
+            parse_hierarchies(&text),
+            vec![
+                h("/sys/fs/cgroup/memory", "memory"),
+                h("/sys/fs/cgroup/unified", ""),
+                h("/sys/fs/cgroup/systemd", "systemd"),
+                h("/sys/fs/cgroup/cpu,cpuacct", "cpu"),
+            ]
+        );
+        // Every hierarchy of this host knows where this thread is.
+        assert!(current_thread_dirs().expect("own cgroups").iter().all(Option::is_some));
     }
 
     #[test]

@@ -304,6 +304,12 @@ async fn sandbox_lifecycle_through_the_real_shim() -> Result<()> {
         assert!(cg.lines().any(|l| l == format!("0::{want}")), "cgroup2 placement:\n{cg}");
     }
 
+    // No thread of the shim stayed in the pod's cgroup (the spawning thread moves back).
+    for task in std::fs::read_dir(format!("/proc/{shim_pid}/task"))? {
+        let tcg = std::fs::read_to_string(task?.path().join("cgroup")).unwrap_or_default();
+        assert!(!tcg.contains(&fx.cgroup_parent), "a shim thread is in the pod's cgroup:\n{tcg}");
+    }
+
     // Status: ready, with the pid.
     let st = client
         .sandbox_status(ctx(), &sb::SandboxStatusRequest { sandbox_id: id.clone(), verbose: true, ..Default::default() })
@@ -459,5 +465,30 @@ async fn user_namespace_pause_maps_ids_and_keeps_the_joined_netns() -> Result<()
     for d in fx.leaf_dirs(&id) {
         assert!(!d.exists(), "{} left behind", d.display());
     }
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pause_dies_with_its_shim() -> Result<()> {
+    let mut fx = Fixture::new("kill").await?;
+    let id = format!("sbkill{}", std::process::id());
+    let client = fx.start_shim(&id).await?;
+    let shim_pid = fx.shim_pid.context("shim pid")?;
+    let spec = json!({"linux": {"namespaces": [{"type": "pid"}, {"type": "network", "path": fx.netns_path()}], "cgroupsPath": format!("{}/x", fx.cgroup_parent)}});
+    let create = sb::CreateSandboxRequest {
+        sandbox_id: id.clone(),
+        bundle_path: fx.bundle().display().to_string(),
+        options: spec_any(&spec),
+        ..Default::default()
+    };
+    client.create_sandbox(ctx(), &create).await?;
+    let started = client.start_sandbox(ctx(), &sb::StartSandboxRequest { sandbox_id: id.clone(), ..Default::default() }).await?;
+    let pid = started.pid as i32;
+    fx.pause_pid = Some(pid);
+    assert!(alive(pid));
+    // containerd kills the pause task when its shim dies (`shim delete`); here the
+    // kernel does it (PR_SET_PDEATHSIG), so nothing of the pod outlives its shim.
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(shim_pid), nix::sys::signal::Signal::SIGKILL)?;
+    wait_until("pause to die with its shim", Duration::from_secs(5), || !alive(pid)).await?;
     Ok(())
 }

@@ -70,6 +70,8 @@ struct State {
     status: Status,
     pid: i32,
     pidfd: Option<OwnedFd>,
+    /// Dropped when pause has exited (it holds pause's parent-death thread).
+    keeper: Option<spawn::Keeper>,
     started_at: Option<SystemTime>,
     exited: Option<Exited>,
 }
@@ -165,6 +167,7 @@ impl SandboxService {
         }
         st.status = Status::Stopped;
         st.pidfd = None;
+        st.keeper = None;
         let e = Exited { status: exit.status as u32, at: exit.at };
         st.exited = Some(e);
         info!(sandbox_id = %sb.id, pid = exit.pid, status = exit.status, "pause exited");
@@ -217,7 +220,7 @@ impl SandboxService {
             cgroup_dirs,
             oom_score_adj,
             pid: AtomicI32::new(0),
-            state: tokio::sync::Mutex::new(State { status: Status::Created, pid: 0, pidfd: None, started_at: None, exited: None }),
+            state: tokio::sync::Mutex::new(State { status: Status::Created, pid: 0, pidfd: None, keeper: None, started_at: None, exited: None }),
             exited_tx: watch::channel(None).0,
         });
         {
@@ -246,8 +249,8 @@ impl SandboxService {
         }
         let pause = self.pause()?;
         let t0 = Instant::now();
-        let job = sb.clone();
-        let spawned = tokio::task::spawn_blocking(move || spawn::spawn(&pause, &job.plan, &job.cgroup_dirs, job.oom_score_adj))
+        let (plan, dirs, oom) = (sb.plan.clone(), sb.cgroup_dirs.clone(), sb.oom_score_adj);
+        let spawned = tokio::task::spawn_blocking(move || spawn::spawn(pause, plan, dirs, oom))
             .await
             .map_err(|e| TaskError::Internal(e.to_string()))?;
         let spawned = match spawned {
@@ -266,6 +269,7 @@ impl SandboxService {
         let now = SystemTime::now();
         st.pid = spawned.pid;
         st.pidfd = Some(spawned.pidfd);
+        st.keeper = Some(spawned.keeper);
         st.status = Status::Running;
         st.started_at = Some(now);
         sb.pid.store(spawned.pid, Ordering::SeqCst);

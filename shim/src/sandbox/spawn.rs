@@ -13,6 +13,7 @@ use std::{
     io::{self, Read, Write},
     os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd},
     path::{Path, PathBuf},
+    sync::Arc,
 };
 
 use super::plan::{IdMap, NsAction, Plan};
@@ -113,6 +114,21 @@ pub struct Spawned {
     pub pidfd: OwnedFd,
     /// Where the time went, in microseconds (logged with the start).
     pub phases: Vec<(&'static str, u64)>,
+    /// Keeps the thread that cloned pause alive; see [`Keeper`].
+    pub keeper: Keeper,
+}
+
+/// pause has PR_SET_PDEATHSIG=SIGKILL, which fires when the *thread* that
+/// cloned it ends: so that thread parks until this is dropped (pause exited),
+/// and a shim that dies (even by SIGKILL) takes its pod's pause with it, as
+/// containerd's `shim delete` would.
+#[derive(Debug)]
+pub struct Keeper(#[allow(dead_code)] std::sync::mpsc::Sender<()>);
+
+struct Started {
+    pid: i32,
+    pidfd: OwnedFd,
+    phases: Vec<(&'static str, u64)>,
 }
 
 /// pidfd_send_signal(2); an exited process is not an error.
@@ -149,8 +165,17 @@ struct ChildArgs {
 }
 
 /// Child steps, reported back through the error pipe.
-const STEPS: [&str; 8] =
-    ["wait for the shim", "set the hostname", "write a sysctl", "set groups", "set gid", "set uid", "exec pause", "become root of its user namespace"];
+const STEPS: [&str; 9] = [
+    "wait for the shim",
+    "set the hostname",
+    "write a sysctl",
+    "set groups",
+    "set gid",
+    "set uid",
+    "exec pause",
+    "become root of its user namespace",
+    "set its parent-death signal",
+];
 
 /// Runs in the child: raw syscalls only. Never returns.
 fn child_main(a: &ChildArgs) -> ! {
@@ -198,6 +223,10 @@ fn child_main(a: &ChildArgs) -> ! {
         }
         if libc::setresuid(a.uid, a.uid, a.uid) < 0 {
             fail(a, 5);
+        }
+        // After the id changes, which clear it.
+        if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as libc::c_ulong, 0, 0, 0) < 0 {
+            fail(a, 8);
         }
         libc::syscall(libc::SYS_execveat, a.exe, a.empty.as_ptr(), a.argv.as_ptr(), a.envp.as_ptr(), libc::AT_EMPTY_PATH);
     }
@@ -330,21 +359,29 @@ fn cstring(what: &str, s: &str) -> Result<CString, SpawnError> {
 }
 
 /// Starts pause as `plan` says, in `cgroup_dirs`, with `oom_score_adj` (already
-/// floored at the shim's own). Blocking; the namespace joins happen on a thread
-/// of its own that ends with the call, so no shim thread keeps them.
-pub fn spawn(pause: &PauseBinary, plan: &Plan, cgroup_dirs: &[PathBuf], oom_score_adj: Option<i64>) -> Result<Spawned, SpawnError> {
-    let exe = pause.fd.as_raw_fd();
-    std::thread::scope(|s| {
-        std::thread::Builder::new()
-            .name("pause-spawn".into())
-            .spawn_scoped(s, || spawn_on_this_thread(exe, plan, cgroup_dirs, oom_score_adj))
-            .map_err(|e| SpawnError::Thread(e.to_string()))?
-            .join()
-            .map_err(|_| SpawnError::Thread("panicked".into()))?
-    })
+/// floored at the shim's own). Blocking. The namespace joins happen on a thread
+/// of pause's own, which no other work ever runs on; it parks until the
+/// returned [`Keeper`] is dropped (or ends at once if the start failed).
+pub fn spawn(pause: Arc<PauseBinary>, plan: Plan, cgroup_dirs: Vec<PathBuf>, oom_score_adj: Option<i64>) -> Result<Spawned, SpawnError> {
+    let (res_tx, res_rx) = std::sync::mpsc::channel();
+    let (keep_tx, keep_rx) = std::sync::mpsc::channel::<()>();
+    std::thread::Builder::new()
+        .name("pause-keeper".into())
+        .spawn(move || {
+            let r = spawn_on_this_thread(pause.fd.as_raw_fd(), &plan, &cgroup_dirs, oom_score_adj);
+            let ok = r.is_ok();
+            let _ = res_tx.send(r);
+            if ok {
+                // Returns (Err) once the Keeper's sender is dropped.
+                let _ = keep_rx.recv();
+            }
+        })
+        .map_err(|e| SpawnError::Thread(e.to_string()))?;
+    let started = res_rx.recv().map_err(|_| SpawnError::Thread("pause-keeper thread died".into()))??;
+    Ok(Spawned { pid: started.pid, pidfd: started.pidfd, phases: started.phases, keeper: Keeper(keep_tx) })
 }
 
-fn spawn_on_this_thread(exe: RawFd, plan: &Plan, cgroup_dirs: &[PathBuf], oom_score_adj: Option<i64>) -> Result<Spawned, SpawnError> {
+fn spawn_on_this_thread(exe: RawFd, plan: &Plan, cgroup_dirs: &[PathBuf], oom_score_adj: Option<i64>) -> Result<Started, SpawnError> {
     let mut clock = std::time::Instant::now();
     let mut phases = Vec::new();
     let mut lap = |name: &'static str| {
@@ -392,6 +429,14 @@ fn spawn_on_this_thread(exe: RawFd, plan: &Plan, cgroup_dirs: &[PathBuf], oom_sc
     // see cgroup::move_current_thread) so the clone starts there; a cgroup2
     // directory is entered by the clone itself (CLONE_INTO_CGROUP).
     cgroup::create(cgroup_dirs)?;
+    // Where this thread was, to go back after the clone: it lives on as the
+    // Keeper and must not hold the pod's cgroups.
+    let homes: Vec<(PathBuf, PathBuf)> = cgroup::hierarchies()?
+        .into_iter()
+        .zip(cgroup::current_thread_dirs()?)
+        .filter_map(|(h, home)| Some((h.mountpoint, home?)))
+        .collect();
+    let mut moved = Vec::new();
     let mut v2_dir = None;
     let mut after_clone = Vec::new();
     for dir in cgroup_dirs {
@@ -402,9 +447,18 @@ fn spawn_on_this_thread(exe: RawFd, plan: &Plan, cgroup_dirs: &[PathBuf], oom_sc
             } else {
                 after_clone.push(dir.clone());
             }
-        } else if let Err(e) = cgroup::move_current_thread(dir) {
-            tracing::debug!(error = %e, "thread move refused; placing the child after the clone");
-            after_clone.push(dir.clone());
+        } else {
+            let home = homes.iter().filter(|(m, _)| dir.starts_with(m)).max_by_key(|(m, _)| m.as_os_str().len()).map(|(_, h)| h.clone());
+            match home {
+                Some(home) => match cgroup::move_current_thread(dir) {
+                    Ok(()) => moved.push(home),
+                    Err(e) => {
+                        tracing::debug!(error = %e, "thread move refused; placing the child after the clone");
+                        after_clone.push(dir.clone());
+                    }
+                },
+                None => after_clone.push(dir.clone()),
+            }
         }
     }
     lap("cgroup");
@@ -438,6 +492,12 @@ fn spawn_on_this_thread(exe: RawFd, plan: &Plan, cgroup_dirs: &[PathBuf], oom_sc
     };
     if let Some((_, dir)) = v2_dir.filter(|_| !placed) {
         after_clone.push(dir);
+    }
+    for home in &moved {
+        if let Err(e) = cgroup::move_current_thread(home) {
+            // The pod's cgroup then stays busy until this thread ends with pause.
+            tracing::warn!(error = %e, "pause-keeper thread could not leave the pod's cgroup");
+        }
     }
     drop(sync_r);
     drop(err_w);
@@ -474,5 +534,5 @@ fn spawn_on_this_thread(exe: RawFd, plan: &Plan, cgroup_dirs: &[PathBuf], oom_sc
         return Err(SpawnError::Child { step: STEPS.get(step).copied().unwrap_or("?"), err: io::Error::from_raw_os_error(errno) });
     }
     lap("exec");
-    Ok(Spawned { pid, pidfd, phases })
+    Ok(Started { pid, pidfd, phases })
 }
