@@ -96,6 +96,7 @@ struct Ctx {
     store: Store,
     state: PathBuf,
     events: broadcast::Sender<ContainerEventResponse>,
+    shim_binary: PathBuf,
 }
 
 impl Ctx {
@@ -104,6 +105,7 @@ impl Ctx {
             store: d.store.clone(),
             state: d.cfg.state.clone(),
             events: d.events.clone(),
+            shim_binary: d.cfg.shim_binary.clone(),
         }
     }
 }
@@ -868,7 +870,7 @@ async fn finish_locked(
             .unwrap_or_else(|| exit_reason(exit.code, oom).to_string());
         rec.message = exit.message.clone();
     }
-    let deleted = delete_task(shim, &ctx.state, id).await;
+    let deleted = delete_task(shim, ctx, id).await;
     if changed {
         ctx.store.put(id, &rec)?;
         tracing::info!(container_id = %id, exit_code = rec.exit_code, reason = %rec.reason, "container exited");
@@ -878,14 +880,10 @@ async fn finish_locked(
 }
 
 /// Delete the container's task on its shim; a task already gone is fine. Without a reachable
-/// shim, unmount the rootfs here (the shim's delete would have).
-async fn delete_task(shim: Option<&ShimClient>, state: &Path, id: &str) -> Result<(), CriError> {
-    let unmount = || -> Result<(), CriError> {
-        bundle::unmount_rootfs(&bundle::dir(state, id))?;
-        Ok(())
-    };
+/// shim, clean up as containerd does for a dead shim ([`cleanup_dead_task`]).
+async fn delete_task(shim: Option<&ShimClient>, ctx: &Ctx, id: &str) -> Result<(), CriError> {
     let Some(shim) = shim else {
-        return unmount();
+        return cleanup_dead_task(ctx, id).await;
     };
     let req = api::DeleteRequest {
         id: id.to_string(),
@@ -897,12 +895,50 @@ async fn delete_task(shim: Option<&ShimClient>, state: &Path, id: &str) -> Resul
         Err(e) => {
             let e = task_err("delete", id, e);
             if e.kind == ErrorKind::Unavailable {
-                tracing::warn!(container_id = %id, error = %e.message, "shim unreachable; unmounting the rootfs here");
-                return unmount();
+                tracing::warn!(container_id = %id, error = %e.message, "shim unreachable; cleaning up without it");
+                return cleanup_dead_task(ctx, id).await;
             }
             Err(e)
         }
     }
+}
+
+/// How long the shim binary's `delete` action may take.
+const CLEANUP_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// The container's shim is gone. Its processes may not be (they outlive a killed shim), so, as
+/// containerd does, run the shim binary's `delete` action in the bundle: it force-deletes the
+/// container through the OCI runtime (killing what is left) and unmounts the rootfs. Then make
+/// sure the rootfs is unmounted. Only when there is something to clean: a mounted rootfs or a
+/// live init process; an exited container's task was already deleted at its exit.
+async fn cleanup_dead_task(ctx: &Ctx, id: &str) -> Result<(), CriError> {
+    let b = bundle::dir(&ctx.state, id);
+    let mounted = crisp_snapshotter::fsutil::is_mount_point(&bundle::rootfs(&b)).unwrap_or(false);
+    let init_alive = crate::shim_client::read_pid(&b.join("init.pid"))
+        .is_some_and(|p| Path::new(&format!("/proc/{p}")).exists());
+    if !mounted && !init_alive {
+        return Ok(());
+    }
+    tracing::info!(container_id = %id, mounted, init_alive, "shim gone: running the shim's delete action");
+    let mut cmd = tokio::process::Command::new(&ctx.shim_binary);
+    cmd.args(["-namespace", "k8s.io", "-id", id, "-bundle"])
+        .arg(&b)
+        .arg("delete")
+        .current_dir(&b)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true);
+    match tokio::time::timeout(CLEANUP_TIMEOUT, cmd.output()).await {
+        Ok(Ok(out)) if out.status.success() => {}
+        Ok(Ok(out)) => tracing::warn!(container_id = %id, status = %out.status,
+            stderr = %String::from_utf8_lossy(&out.stderr).trim(), "shim delete action failed"),
+        Ok(Err(e)) => tracing::warn!(container_id = %id, error = %e, binary = %ctx.shim_binary.display(),
+            "cannot run the shim's delete action"),
+        Err(_) => tracing::warn!(container_id = %id, "shim delete action timed out"),
+    }
+    bundle::unmount_rootfs(&b)?;
+    Ok(())
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -937,9 +973,7 @@ async fn stop_locked(d: &Daemon, id: &str, timeout: Duration) -> Result<(), CriE
             reason: Some("Error".into()),
             message: "shim died".into(),
         };
-        finish_locked(&ctx, None, id, exit).await?;
-        bundle::unmount_rootfs(&bundle::dir(&d.cfg.state, id))?;
-        return Ok(());
+        return finish_locked(&ctx, None, id, exit).await;
     };
     let cfg = crate::cri::containers::container_config(&rec);
     let image_signal = d
@@ -965,9 +999,7 @@ async fn stop_locked(d: &Daemon, id: &str, timeout: Duration) -> Result<(), CriE
             reason: Some("Error".into()),
             message: "shim died".into(),
         };
-        finish_locked(ctxr, None, id, exit).await?;
-        bundle::unmount_rootfs(&bundle::dir(&d.cfg.state, id))?;
-        Ok::<(), CriError>(())
+        finish_locked(ctxr, None, id, exit).await
     };
     let mut result = None;
     if !timeout.is_zero() {
@@ -1061,7 +1093,7 @@ async fn remove_locked(d: &Daemon, id: &str) -> Result<(), CriError> {
         stop_locked(d, id, Duration::ZERO).await?;
     }
     let shim = d.shims.get(&rec.pod_id);
-    delete_task(shim.as_ref(), &d.cfg.state, id).await?;
+    delete_task(shim.as_ref(), &Ctx::of(d), id).await?;
     stop_live(id).await;
     let b = bundle::dir(&d.cfg.state, id);
     // The shim unmounted the rootfs at delete; a dead shim did not.
@@ -1116,7 +1148,7 @@ pub async fn stop_pod_containers(
         // failed then (the shim was busy), so the pod's shim can shut down.
         let still = d.store.get::<ContainerRecord>(&c.id)?;
         if still.is_some_and(|r| r.state == ContainerState::Exited) {
-            delete_task(d.shims.get(pod_id).as_ref(), &d.cfg.state, &c.id).await?;
+            delete_task(d.shims.get(pod_id).as_ref(), &Ctx::of(d), &c.id).await?;
         }
         Ok(())
     }))
@@ -1169,8 +1201,8 @@ async fn recover_one(
             };
             finish_locked(&ctx, None, id, exit).await?;
         }
-        bundle::unmount_rootfs(&b)?;
-        return Ok(());
+        // Whatever state it was recorded in, its processes and mount may have outlived the shim.
+        return cleanup_dead_task(&ctx, id).await;
     };
     let state = shim
         .task()
@@ -1195,8 +1227,7 @@ async fn recover_one(
                 };
                 finish_locked(&ctx, Some(shim), id, exit).await?;
             }
-            bundle::unmount_rootfs(&b)?;
-            return Ok(());
+            return cleanup_dead_task(&ctx, id).await;
         }
         Err(e) => return Err(task_err("state", id, e)),
     };
