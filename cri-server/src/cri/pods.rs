@@ -4,9 +4,9 @@
 use std::collections::HashMap;
 
 use crisp_proto::cri::v1::{
-    ListPodSandboxRequest, ListPodSandboxResponse, PodIp, PodSandbox, PodSandboxConfig,
-    PodSandboxFilter, PodSandboxNetworkStatus, PodSandboxState, PodSandboxStatus,
-    PodSandboxStatusRequest, PodSandboxStatusResponse,
+    LinuxPodSandboxStatus, ListPodSandboxRequest, ListPodSandboxResponse, Namespace, PodIp,
+    PodSandbox, PodSandboxConfig, PodSandboxFilter, PodSandboxNetworkStatus, PodSandboxState,
+    PodSandboxStatus, PodSandboxStatusRequest, PodSandboxStatusResponse,
 };
 use prost::Message;
 
@@ -127,7 +127,15 @@ pub fn pod_sandbox_status(
             state: state_of(&rec) as i32,
             created_at: rec.created_at,
             network,
-            linux: None,
+            linux: Some(LinuxPodSandboxStatus {
+                namespaces: Some(Namespace {
+                    options: cfg
+                        .linux
+                        .as_ref()
+                        .and_then(|l| l.security_context.as_ref())
+                        .and_then(|s| s.namespace_options.clone()),
+                }),
+            }),
             labels: cfg.labels.clone(),
             annotations: cfg.annotations.clone(),
             runtime_handler: rec.runtime_handler.clone(),

@@ -263,6 +263,19 @@ struct Done {
     files: bool,
     shim: Option<ShimClient>,
     sandbox_created: bool,
+    /// Milliseconds per step, for the "pod ready" log line (where RunPodSandbox's time goes).
+    steps: Vec<(&'static str, f64)>,
+    mark: Option<Instant>,
+}
+
+impl Done {
+    fn lap(&mut self, step: &'static str) {
+        let now = Instant::now();
+        if let Some(m) = self.mark {
+            self.steps.push((step, (now - m).as_secs_f64() * 1e3));
+        }
+        self.mark = Some(now);
+    }
 }
 
 async fn create(
@@ -301,8 +314,14 @@ async fn create(
     match r {
         Ok(resp) => {
             span.in_scope(|| {
+                let steps: Vec<String> = done
+                    .steps
+                    .iter()
+                    .map(|(n, ms)| format!("{n}={ms:.1}ms"))
+                    .collect();
                 tracing::info!(
                     elapsed_ms = started.elapsed().as_secs_f64() * 1e3,
+                    steps = %steps.join(" "),
                     "pod ready"
                 )
             });
@@ -338,6 +357,7 @@ async fn setup(
     let cgroups_path = crisp_shim::placement::cgroup_path(driver, &cgroup_parent, id)
         .map_err(|e| CriError::invalid(format!("config.linux.cgroup_parent: {e}")))?;
 
+    done.lap("start");
     // 1. The record first (state Creating): from here on, anything allocated has an owner that
     //    recovery can see.
     let mut rec = PodRecord {
@@ -359,6 +379,7 @@ async fn setup(
     d.store.insert_new(id, &rec)?;
     done.record = true;
 
+    done.lap("record");
     // 2. ID range (user namespace only when the pod asks for one).
     let userns = cfg
         .linux
@@ -369,6 +390,7 @@ async fn setup(
     let idmap = d.idmap.for_pod(id, userns)?;
     done.idmap = idmap.as_ref().is_some_and(|m| m.allocated);
 
+    done.lap("id range");
     // 3. Network namespace and CNI ADD.
     if !m.host_network {
         let path = d.cfg.netns_dir().join(id);
@@ -380,6 +402,7 @@ async fn setup(
         done.netns = Some(netns.clone());
         rec.netns_path = Some(netns.clone());
         d.store.put(id, &rec)?;
+        done.lap("netns");
         let attach = AttachRequest {
             pod_id: id.to_string(),
             netns,
@@ -402,6 +425,7 @@ async fn setup(
             .await
             .map_err(|e| CriError::internal(format!("CNI task: {e}")))??;
         rec.ips = result.ips;
+        done.lap("cni add");
     }
 
     // 4. The pod's files (bundle dir of the shim too).
@@ -426,6 +450,7 @@ async fn setup(
         .map_err(|e| CriError::internal(format!("writing pod files in {}: {e}", dir.display())))?;
     }
 
+    done.lap("pod files");
     // 5. The shim.
     let events = crate::shim_events::socket_path(&d.cfg.state);
     let shim_bin = crate::startup::find_binary(&d.cfg.shim_binary)
@@ -451,6 +476,7 @@ async fn setup(
     rec.shim_address = Some(shim.address().to_string());
     d.store.put(id, &rec)?;
 
+    done.lap("shim start");
     // 6. The pause process, through the shim's sandbox service.
     let spec = pause_spec(
         cfg,
@@ -501,6 +527,7 @@ async fn setup(
         .await
         .map_err(|e| crate::shim_client::rpc_error("StartSandbox", id, e))?;
 
+    done.lap("sandbox create+start");
     // 7. Ready.
     rec.pause_pid = Some(started.pid);
     rec.state = PodState::Ready;
