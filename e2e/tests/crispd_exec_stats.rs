@@ -164,6 +164,36 @@ async fn exec_sync(env: &TestEnv) -> Result<()> {
         "the timed-out command still runs:\n{ps}"
     );
 
+    // A caller whose own deadline passes first (kubelet and critest set the gRPC deadline to
+    // the exec timeout): the command is gone by the time its next call runs.
+    let mut req = tonic::Request::new(api::ExecSyncRequest {
+        container_id: id.clone(),
+        cmd: vec!["sleep".into(), "32".into()],
+        timeout: 0,
+    });
+    req.set_timeout(Duration::from_secs(1));
+    let r = rt.exec_sync(req).await;
+    ensure!(r.is_err(), "ExecSync past the caller's deadline succeeded");
+    let ps = c.exec_ok(&id, &["ps", "-o", "pid,args"]).await?;
+    ensure!(ps.contains("sleep 3600"), "ps does not show the container's own process:\n{ps}");
+    ensure!(!ps.contains("sleep 32"), "after the caller's deadline, the command still runs:\n{ps}");
+
+    // Concurrent calls (kubelet's probes overlap) each get their own output.
+    let mut calls = tokio::task::JoinSet::new();
+    for i in 0..8 {
+        let c = c.clone();
+        let id = id.clone();
+        calls.spawn(async move {
+            let cmd = format!("sleep 0.2; echo call-{i}");
+            let out = c.exec_ok(&id, &["sh", "-c", &cmd]).await?;
+            ensure!(out == format!("call-{i}\n"), "concurrent exec {i}: {out:?}");
+            anyhow::Ok(())
+        });
+    }
+    while let Some(r) = calls.join_next().await {
+        r??;
+    }
+
     // 20 MB of output: capped, dropped, no error; stderr still arrives.
     let r = rt
         .exec_sync(api::ExecSyncRequest {

@@ -224,28 +224,44 @@ pub async fn exec_sync(
         .state
         .join("exec")
         .join(format!("{}-{exec_id}", rec.id));
-    let cid = rec.id.clone();
     tracing::debug!(%exec_id, cmd = ?req.cmd, "exec");
     // Its own task: cleanup must run even if the caller goes away and this future is dropped.
+    // Dropping `_caller` (this future gone: the client hung up, or its gRPC deadline, which
+    // kubelet sets to the exec timeout, passed) stops the command at once, so a caller that
+    // checks right after its own timeout finds it gone.
+    let (_caller, caller_gone) = tokio::sync::oneshot::channel::<()>();
+    let x = Exec {
+        shim,
+        cid: rec.id.clone(),
+        exec_id,
+        dir,
+    };
     let task = tokio::spawn(async move {
         let mut progress = Progress::default();
-        let r = run(&shim, &cid, &exec_id, process, &dir, timeout, &mut progress).await;
-        cleanup(&shim, &cid, &exec_id, &dir, progress).await;
+        let r = run(&x, process, timeout, caller_gone, &mut progress).await;
+        cleanup(&x, progress).await;
         r
     });
     task.await
         .map_err(|e| CriError::internal(format!("ExecSync task: {e}")))?
 }
 
+/// One exec: where it runs and its FIFO directory.
+struct Exec {
+    shim: ShimClient,
+    cid: String,
+    exec_id: String,
+    dir: PathBuf,
+}
+
 async fn run(
-    shim: &ShimClient,
-    cid: &str,
-    exec_id: &str,
+    x: &Exec,
     process: Vec<u8>,
-    dir: &Path,
     timeout: Option<Duration>,
+    caller_gone: tokio::sync::oneshot::Receiver<()>,
     progress: &mut Progress,
 ) -> Result<ExecSyncResponse, CriError> {
+    let (shim, cid, exec_id, dir) = (&x.shim, x.cid.as_str(), x.exec_id.as_str(), x.dir.as_path());
     let io_err = |what: &str, p: &Path, e: io::Error| {
         CriError::internal(format!("ExecSync: {what} {}: {e}", p.display()))
     };
@@ -319,20 +335,25 @@ async fn run(
     let wait = shim
         .task()
         .wait(ttrpc::context::Context::default(), &wait_req);
-    let waited = match timeout {
-        Some(t) => match tokio::time::timeout(t, wait).await {
-            Ok(r) => r,
-            Err(_) => {
-                return Err(CriError::new(
-                    ErrorKind::DeadlineExceeded,
-                    format!(
-                        "ExecSync in container {cid}: timeout {}s exceeded; the command was killed",
-                        t.as_secs()
-                    ),
-                ));
-            }
-        },
-        None => wait.await,
+    // No timeout: a deadline no call reaches.
+    let limit = timeout.unwrap_or(Duration::from_secs(100 * 365 * 86_400));
+    let waited = tokio::select! {
+        r = wait => r,
+        _ = tokio::time::sleep(limit) => {
+            return Err(CriError::new(
+                ErrorKind::DeadlineExceeded,
+                format!(
+                    "ExecSync in container {cid}: timeout {}s exceeded; the command was killed",
+                    limit.as_secs()
+                ),
+            ));
+        }
+        _ = caller_gone => {
+            return Err(CriError::new(
+                ErrorKind::DeadlineExceeded,
+                format!("ExecSync in container {cid}: the caller went away; the command was killed"),
+            ));
+        }
     };
     let exit = waited.map_err(|e| task_error(&what("waiting for"), e))?;
     progress.exited = true;
@@ -372,7 +393,8 @@ async fn run(
 
 /// Undo what [`run`] did, whatever stopped it: kill a still-running exec and wait for it,
 /// delete it from the shim, stop the readers, remove the FIFOs.
-async fn cleanup(shim: &ShimClient, cid: &str, exec_id: &str, dir: &Path, p: Progress) {
+async fn cleanup(x: &Exec, p: Progress) {
+    let (shim, cid, exec_id, dir) = (&x.shim, x.cid.as_str(), x.exec_id.as_str(), x.dir.as_path());
     if p.added {
         if p.started && !p.exited {
             let kill = shim
