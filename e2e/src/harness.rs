@@ -486,6 +486,16 @@ impl TestEnv {
                 procs.extend(ProcRef::of(pid, what));
             }
         }
+        // A crisp shim listens in /run/containerd/s (as containerd's shims do) and removes its
+        // socket only when it exits cleanly: note the sockets of the live ones, so a shim
+        // killed by teardown leaves no socket behind.
+        for p in procs.iter().filter(|p| is_crisp_shim(p.pid)) {
+            for sock in unix_sockets_of(p.pid) {
+                if is_shim_socket(&sock) && !outside.contains(&sock) {
+                    outside.push(sock);
+                }
+            }
+        }
         if self.kind == RuntimeKind::Containerd {
             let log = std::fs::read_to_string(&self.daemon_log).unwrap_or_default();
             for id in containerd::sandbox_ids_in_log(&log) {
@@ -587,13 +597,7 @@ impl TestEnv {
         let root = format!("{}/", self.root.display());
         leaks::processes_mentioning(&root)
             .into_iter()
-            .filter(|pid| {
-                std::fs::read(format!("/proc/{pid}/cmdline")).is_ok_and(|c| {
-                    c.split(|b| *b == 0)
-                        .next()
-                        .is_some_and(|a0| a0.ends_with(b"containerd-shim-crisp-v2"))
-                })
-            })
+            .filter(|pid| is_crisp_shim(*pid))
             .collect()
     }
 
@@ -912,6 +916,54 @@ fn scan_runtime_files(
             }
         }
     }
+}
+
+/// Whether `pid` runs `containerd-shim-crisp-v2` (its argv[0]).
+fn is_crisp_shim(pid: i32) -> bool {
+    std::fs::read(format!("/proc/{pid}/cmdline")).is_ok_and(|c| {
+        c.split(|b| *b == 0)
+            .next()
+            .is_some_and(|a0| a0.ends_with(b"containerd-shim-crisp-v2"))
+    })
+}
+
+/// Paths of the named unix sockets process `pid` holds (a shim's ttrpc socket): the inodes
+/// of its `socket:[N]` fds, looked up in /proc/net/unix.
+pub fn unix_sockets_of(pid: i32) -> Vec<PathBuf> {
+    let inodes: Vec<String> = std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .map(|rd| {
+            rd.flatten()
+                .filter_map(|e| std::fs::read_link(e.path()).ok())
+                .filter_map(|l| {
+                    let l = l.to_string_lossy().into_owned();
+                    l.strip_prefix("socket:[")
+                        .and_then(|r| r.strip_suffix(']'))
+                        .map(str::to_string)
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    let table = std::fs::read_to_string("/proc/net/unix").unwrap_or_default();
+    let mut v: Vec<PathBuf> = table
+        .lines()
+        .skip(1)
+        .filter_map(|l| {
+            // Num RefCount Protocol Flags Type St Inode Path
+            let f: Vec<&str> = l.split_whitespace().collect();
+            let (inode, path) = (f.get(6)?, f.get(7)?);
+            (inodes.iter().any(|i| i == inode) && path.starts_with('/'))
+                .then(|| PathBuf::from(path))
+        })
+        .collect();
+    v.sort();
+    v.dedup();
+    v
+}
+
+/// Whether `p` is a containerd-style shim socket (`/run/containerd/s/<64 hex>`), the only
+/// files outside the root the harness ever removes.
+pub fn is_shim_socket_path(p: &Path) -> bool {
+    is_shim_socket(p)
 }
 
 /// `/run/containerd/s/<64 hex>`: where containerd 1.6 shims listen.

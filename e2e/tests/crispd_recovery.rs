@@ -5,7 +5,8 @@
 //! - the 19 recorded pods are listed READY with their containers RUNNING (same processes) and
 //!   stay controllable (ExecSync in one, StopContainer of another);
 //! - the unrecorded pod is cleaned up: its shim, pause and container processes are gone, and
-//!   so are its cgroups, netns and rootfs mount; its container is not listed; its name is free;
+//!   so are its cgroups, netns, rootfs mount and the shim's socket; its container is not
+//!   listed; its name is free;
 //! - new pods run, and reusing a live pod's name is AlreadyExists.
 //!
 //! The record is deleted with redb directly (table `pods`, key = pod id): the test depends on
@@ -16,7 +17,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail, ensure};
 use crisp_e2e::cri::container_config;
-use crisp_e2e::harness::{RuntimeKind, TestEnv};
+use crisp_e2e::harness::{self, RuntimeKind, TestEnv};
 use crisp_e2e::leaks::{self, ProcRef};
 use crisp_e2e::registry::Registry;
 use crisp_proto::cri::v1 as api;
@@ -69,8 +70,16 @@ fn shim_of(env: &TestEnv, pod_id: &str) -> Option<i32> {
 }
 
 /// Everything of `pod_id`/`container_id` that is still on the host.
-fn remains(env: &TestEnv, pod: &Pod, shim: &ProcRef) -> Vec<String> {
+fn remains(
+    env: &TestEnv,
+    pod: &Pod,
+    shim: &ProcRef,
+    shim_sockets: &[std::path::PathBuf],
+) -> Vec<String> {
     let mut v = Vec::new();
+    for s in shim_sockets.iter().filter(|s| s.exists()) {
+        v.push(format!("shim socket {}", s.display()));
+    }
     for p in [shim, &pod.pause_proc, &pod.container_proc] {
         if p.alive() {
             v.push(format!("{} (pid {})", p.what, p.pid));
@@ -96,7 +105,10 @@ fn remains(env: &TestEnv, pod: &Pod, shim: &ProcRef) -> Vec<String> {
     v
 }
 
-async fn scenario(env: &mut TestEnv) -> Result<()> {
+async fn scenario(
+    env: &mut TestEnv,
+    victim_sockets_out: &mut Vec<std::path::PathBuf>,
+) -> Result<()> {
     let c = env.cri().clone();
     c.pull(BUSYBOX, None).await?;
     let t = Instant::now();
@@ -132,6 +144,13 @@ async fn scenario(env: &mut TestEnv) -> Result<()> {
         )
     })?;
     let victim_shim = proc_ref(victim_shim, "shim process")?;
+    let victim_sockets = harness::unix_sockets_of(victim_shim.pid);
+    ensure!(
+        !victim_sockets.is_empty(),
+        "shim {} holds no named unix socket",
+        victim_shim.pid
+    );
+    victim_sockets_out.extend(victim_sockets.iter().cloned());
 
     env.kill_daemon()?;
     delete_pod_record(&env.crispd_db(), &victim.id)?;
@@ -233,7 +252,7 @@ async fn scenario(env: &mut TestEnv) -> Result<()> {
     // The unrecorded pod: everything of it goes (recovery may finish it in the background).
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
-        let left = remains(env, victim, &victim_shim);
+        let left = remains(env, victim, &victim_shim, &victim_sockets);
         if left.is_empty() {
             break;
         }
@@ -309,7 +328,16 @@ async fn crispd_recovery() -> Result<()> {
     let registry = Registry::start()?;
     registry.push(&["busybox", "pause"])?;
     let mut env = TestEnv::start(RuntimeKind::Crispd, &registry.host()).await?;
-    let outcome = scenario(&mut env).await;
+    let mut victim_sockets = Vec::new();
+    let outcome = scenario(&mut env, &mut victim_sockets).await;
+    // The unrecorded pod's shim socket is outside the root, where teardown cannot find it
+    // once its shim is gone: removed here, whatever crispd did.
+    for s in victim_sockets
+        .iter()
+        .filter(|s| harness::is_shim_socket_path(s))
+    {
+        let _ = std::fs::remove_file(s);
+    }
     if outcome.is_err() {
         eprintln!("crispd log tail:\n{}", env.daemon_log_tail(80));
     }
