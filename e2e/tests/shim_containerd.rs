@@ -64,7 +64,7 @@ fn hybrid_cgroups() -> bool {
     const CGROUP2_SUPER_MAGIC: i64 = 0x6367_7270;
     let magic = |p: &str| {
         nix::sys::statfs::statfs(p)
-            .map(|s| s.filesystem_type().0 as i64)
+            .map(|s| s.filesystem_type().0)
             .ok()
     };
     magic("/sys/fs/cgroup") != Some(CGROUP2_SUPER_MAGIC)
@@ -162,7 +162,7 @@ fn shims_named(env: &TestEnv, name: &str) -> Vec<i32> {
             .split(|b| *b == 0)
             .map(|a| String::from_utf8_lossy(a).into_owned())
             .collect();
-        if args.first().is_some_and(|a| a.ends_with(name)) && args.iter().any(|a| *a == needle) {
+        if args.first().is_some_and(|a| a.ends_with(name)) && args.contains(&needle) {
             out.push(pid);
         }
     }
