@@ -8,7 +8,8 @@
 //! hold exactly the new pods and their containers, one shim and one netns per pod, and
 //! nothing of a removed pod or container is left (process, cgroup, mount); at the end, with
 //! every pod removed, no shim, container process, pod cgroup, mount, netns or snapshot is
-//! left while crispd still runs, and the teardown's leak check is clean.
+//! left while crispd still runs, crisp.db (read offline once crispd is stopped) holds no pod,
+//! container, shim or ID-range record, and the teardown's leak check is clean.
 //!
 //! `CRISP_E2E_STORM_SEED=<n>` replays one shuffle order (each run prints its seed).
 
@@ -153,7 +154,7 @@ fn remains_of(env: &TestEnv, ids: &[String]) -> Vec<String> {
     v
 }
 
-async fn storm(env: &TestEnv, seed: u64) -> Result<()> {
+async fn storm(env: &mut TestEnv, seed: u64) -> Result<()> {
     let c = env.cri().clone();
     let pid = env.daemon_pid().context("crispd not running")?;
     c.pull(BUSYBOX, None).await?;
@@ -323,7 +324,39 @@ async fn storm(env: &TestEnv, seed: u64) -> Result<()> {
     }
     ensure!(env.daemon_pid() == Some(pid), "crispd was restarted");
     eprintln!("{ROUNDS} rounds in {:?}", total.elapsed());
+
+    // The store agrees: with crispd stopped, no pod, container, shim or ID-range record and
+    // nothing quarantined is left in crisp.db.
+    env.kill_daemon()?;
+    let left = store_records(&env.crispd_db())?;
+    ensure!(
+        left.is_empty(),
+        "crisp.db still holds records after every pod was removed: {left:#?}"
+    );
     Ok(())
+}
+
+/// `table/key` of every record in crisp.db's pod, container, shim, ID-range and quarantine
+/// tables (read offline with redb; crispd must be down).
+fn store_records(db: &std::path::Path) -> Result<Vec<String>> {
+    use redb::ReadableTable;
+    let db =
+        redb::Database::open(db).with_context(|| format!("opening {} offline", db.display()))?;
+    let txn = db.begin_read()?;
+    let mut out = Vec::new();
+    for name in ["pods", "containers", "shims", "id_ranges", "quarantine"] {
+        let def: redb::TableDefinition<&str, &[u8]> = redb::TableDefinition::new(name);
+        let table = match txn.open_table(def) {
+            Ok(t) => t,
+            Err(redb::TableError::TableDoesNotExist(_)) => continue,
+            Err(e) => return Err(e).with_context(|| format!("crisp.db table {name}")),
+        };
+        for entry in table.iter()? {
+            let (k, _) = entry?;
+            out.push(format!("{name}/{}", k.value()));
+        }
+    }
+    Ok(out)
 }
 
 /// `buffered`: run an async fn over items with bounded concurrency, keeping order, failing
@@ -391,8 +424,8 @@ async fn crispd_concurrent_removal() -> Result<()> {
     eprintln!("storm seed {seed} (CRISP_E2E_STORM_SEED={seed} replays the order)");
     let registry = Registry::start()?;
     registry.push(&["busybox", "pause"])?;
-    let env = TestEnv::start(RuntimeKind::Crispd, &registry.host()).await?;
-    let outcome = storm(&env, seed).await;
+    let mut env = TestEnv::start(RuntimeKind::Crispd, &registry.host()).await?;
+    let outcome = storm(&mut env, seed).await;
     if outcome.is_err() {
         eprintln!("crispd log tail:\n{}", env.daemon_log_tail(80));
     }
