@@ -196,7 +196,9 @@ pub fn log_path(log_directory: &str, log_path: &str) -> Result<String, CriError>
 }
 
 /// The nanosecond time of a protobuf timestamp (0 for none).
-fn ts_ns(t: Option<&containerd_shim_protos::protobuf::well_known_types::timestamp::Timestamp>) -> i64 {
+fn ts_ns(
+    t: Option<&containerd_shim_protos::protobuf::well_known_types::timestamp::Timestamp>,
+) -> i64 {
     t.map(|t| t.seconds.saturating_mul(1_000_000_000) + i64::from(t.nanos))
         .unwrap_or(0)
 }
@@ -445,9 +447,12 @@ pub async fn create_container(
         .clone()
         .filter(|c| c.metadata.is_some())
         .unwrap_or_else(|| crate::cri::pods::pod_config(&pod));
-    if let Some((_, other)) = d.store.list::<ContainerRecord>()?.into_iter().find(|(_, c)| {
-        c.pod_id == pod.id && c.name == meta.name && c.attempt == meta.attempt
-    }) {
+    if let Some((_, other)) = d
+        .store
+        .list::<ContainerRecord>()?
+        .into_iter()
+        .find(|(_, c)| c.pod_id == pod.id && c.name == meta.name && c.attempt == meta.attempt)
+    {
         return Err(CriError::new(
             ErrorKind::AlreadyExists,
             format!(
@@ -619,10 +624,12 @@ async fn start_task(
     let id = &rec.id;
     let b = bundle::dir(&d.cfg.state, id);
     let cfg = crate::cri::containers::container_config(rec);
-    let io_err = |what: &str, e: std::io::Error| {
-        CriError::internal(format!("container {id}: {what}: {e}"))
-    };
-    let (out, err) = (bundle::fifo(&b, Stream::Stdout), bundle::fifo(&b, Stream::Stderr));
+    let io_err =
+        |what: &str, e: std::io::Error| CriError::internal(format!("container {id}: {what}: {e}"));
+    let (out, err) = (
+        bundle::fifo(&b, Stream::Stdout),
+        bundle::fifo(&b, Stream::Stderr),
+    );
     logs::mkfifo(&out).map_err(|e| io_err("stdout fifo", e))?;
     logs::mkfifo(&err).map_err(|e| io_err("stderr fifo", e))?;
     let r_out = logs::open_fifo_reader(&out).map_err(|e| io_err("open stdout fifo", e))?;
@@ -706,8 +713,12 @@ fn spawn_copier(id: &str, r: std::fs::File, stream: Stream, log: Arc<CriLog>) ->
     let id = id.to_string();
     tokio::spawn(async move {
         match logs::copy_from_fifo(r, stream, log).await {
-            Ok(n) => tracing::debug!(container_id = %id, stream = stream.as_str(), records = n, "log copy done"),
-            Err(e) => tracing::warn!(container_id = %id, stream = stream.as_str(), error = %e, "log copy failed"),
+            Ok(n) => {
+                tracing::debug!(container_id = %id, stream = stream.as_str(), records = n, "log copy done")
+            }
+            Err(e) => {
+                tracing::warn!(container_id = %id, stream = stream.as_str(), error = %e, "log copy failed")
+            }
         }
     })
 }
@@ -838,9 +849,13 @@ fn cgroup_oom(bundle_dir: &Path) -> bool {
         })
     };
     let rel = cg.trim_start_matches('/');
-    count(Path::new("/sys/fs/cgroup/memory").join(rel).join("memory.oom_control"))
-        .or_else(|| count(Path::new("/sys/fs/cgroup").join(rel).join("memory.events")))
-        .is_some_and(|n| n > 0)
+    count(
+        Path::new("/sys/fs/cgroup/memory")
+            .join(rel)
+            .join("memory.oom_control"),
+    )
+    .or_else(|| count(Path::new("/sys/fs/cgroup").join(rel).join("memory.events")))
+    .is_some_and(|n| n > 0)
 }
 
 /// Record the exit of a container (caller holds its lock) and delete its task, which unmounts
@@ -933,8 +948,10 @@ async fn cleanup_dead_task(ctx: &Ctx, id: &str) -> Result<(), CriError> {
         Ok(Ok(out)) if out.status.success() => {}
         Ok(Ok(out)) => tracing::warn!(container_id = %id, status = %out.status,
             stderr = %String::from_utf8_lossy(&out.stderr).trim(), "shim delete action failed"),
-        Ok(Err(e)) => tracing::warn!(container_id = %id, error = %e, binary = %ctx.shim_binary.display(),
-            "cannot run the shim's delete action"),
+        Ok(Err(e)) => {
+            tracing::warn!(container_id = %id, error = %e, binary = %ctx.shim_binary.display(),
+            "cannot run the shim's delete action")
+        }
         Err(_) => tracing::warn!(container_id = %id, "shim delete action timed out"),
     }
     bundle::unmount_rootfs(&b)?;
@@ -988,7 +1005,10 @@ async fn stop_locked(d: &Daemon, id: &str, timeout: Duration) -> Result<(), CriE
         id: id.to_string(),
         ..Default::default()
     };
-    let wait = || shim.task().wait(ttrpc::context::Context::default(), &wait_req);
+    let wait = || {
+        shim.task()
+            .wait(ttrpc::context::Context::default(), &wait_req)
+    };
     let ctxr = &ctx;
     let shim_died = |e: CriError| async move {
         // The shim is gone and its containers with it: record that instead of failing.
@@ -1106,7 +1126,12 @@ async fn remove_locked(d: &Daemon, id: &str) -> Result<(), CriError> {
     match r {
         Ok(()) => {}
         Err(e) if e.kind() == crisp_snapshotter::ErrorKind::NotFound => {}
-        Err(e) => return Err(snap_err(&format!("container {id}: remove rootfs snapshot"), e)),
+        Err(e) => {
+            return Err(snap_err(
+                &format!("container {id}: remove rootfs snapshot"),
+                e,
+            ));
+        }
     }
     bundle::remove(&b)?;
     d.store.delete::<ContainerRecord>(id)?;
@@ -1119,8 +1144,7 @@ async fn remove_locked(d: &Daemon, id: &str) -> Result<(), CriError> {
 // Pod-wide (called by the pod calls with the pod's lock held).
 
 fn pod_containers(d: &Daemon, pod_id: &str) -> Result<Vec<ContainerRecord>, CriError> {
-    Ok(d
-        .store
+    Ok(d.store
         .list::<ContainerRecord>()?
         .into_iter()
         .map(|(_, c)| c)
@@ -1183,6 +1207,71 @@ pub async fn recover_pod_containers(
     first_err(results)
 }
 
+/// A container id as crispd makes them (64 lowercase hex digits), so snapshots of other
+/// owners (image layers named by digest, `extract-*` unpacking) are never taken for ours.
+fn is_container_id(s: &str) -> bool {
+    s.len() == 64
+        && s.bytes()
+            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+}
+
+/// Start-up, after the pods are recovered: bundles and rootfs snapshots no container record
+/// owns (a crash inside CreateContainer, a record dropped with its pod) are removed, and a
+/// task still running from such a bundle is force-deleted first. Returns the ids removed.
+pub async fn remove_orphans(d: &Daemon) -> Result<Vec<String>, CriError> {
+    let known: std::collections::HashSet<String> = d
+        .store
+        .list::<ContainerRecord>()?
+        .into_iter()
+        .map(|(id, _)| id)
+        .collect();
+    let mut orphans = std::collections::BTreeSet::new();
+    if let Ok(rd) = std::fs::read_dir(bundle::containers_dir(&d.cfg.state)) {
+        for e in rd.flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            if !known.contains(&name) {
+                orphans.insert(name);
+            }
+        }
+    }
+    d.snapshotter
+        .walk(&[] as &[&str], |i| {
+            if i.kind == crisp_snapshotter::Kind::Active
+                && is_container_id(&i.name)
+                && !known.contains(&i.name)
+            {
+                orphans.insert(i.name.clone());
+            }
+            Ok(())
+        })
+        .map_err(|e| snap_err("listing snapshots", e))?;
+    let ctx = Ctx::of(d);
+    let mut removed = Vec::new();
+    for id in orphans {
+        let _g = lock(&id).await;
+        let res = async {
+            cleanup_dead_task(&ctx, &id).await?;
+            bundle::remove(&bundle::dir(&d.cfg.state, &id))?;
+            match d.snapshotter.remove(&id) {
+                Ok(()) => Ok(()),
+                Err(e) if e.kind() == crisp_snapshotter::ErrorKind::NotFound => Ok(()),
+                Err(e) => Err(snap_err(&format!("orphan container {id}: snapshot"), e)),
+            }
+        }
+        .await;
+        match res {
+            Ok(()) => {
+                tracing::info!(container_id = %id, "removed orphaned container bundle/snapshot");
+                removed.push(id);
+            }
+            Err(e) => {
+                tracing::warn!(container_id = %id, error = %e, "cannot remove orphaned container")
+            }
+        }
+    }
+    Ok(removed)
+}
+
 async fn recover_one(
     d: &Daemon,
     rec: &ContainerRecord,
@@ -1242,9 +1331,8 @@ async fn recover_one(
                 PathBuf::from(&rec.log_path)
             };
             let log = Arc::new(
-                CriLog::open(&log_file, d.cfg.max_container_log_line_size).map_err(|e| {
-                    CriError::internal(format!("container {id}: open log: {e}"))
-                })?,
+                CriLog::open(&log_file, d.cfg.max_container_log_line_size)
+                    .map_err(|e| CriError::internal(format!("container {id}: open log: {e}")))?,
             );
             let mut copiers = Vec::new();
             for stream in [Stream::Stdout, Stream::Stderr] {
@@ -1355,7 +1443,11 @@ mod tests {
     #[test]
     fn layers_are_read_top_down_and_whiteouts_hide() {
         let d = tempfile::tempdir().expect("tempdir");
-        let (up, mid, low) = (d.path().join("up"), d.path().join("mid"), d.path().join("low"));
+        let (up, mid, low) = (
+            d.path().join("up"),
+            d.path().join("mid"),
+            d.path().join("low"),
+        );
         for l in [&up, &mid, &low] {
             std::fs::create_dir_all(l.join("etc")).expect("mkdir");
         }
@@ -1425,6 +1517,57 @@ mod tests {
         for v in l.values() {
             crisp_snapshotter::idmap::IdMap::parse(v).expect("the snapshotter parses it");
         }
+    }
+
+    #[tokio::test]
+    async fn orphaned_bundles_and_snapshots_are_removed_known_ones_kept() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let d = Daemon::for_test(dir.path());
+        let (known, orphan_b, orphan_s) = ("a".repeat(64), "b".repeat(64), "c".repeat(64));
+        let rec = ContainerRecord {
+            id: known.clone(),
+            pod_id: "p1".into(),
+            name: "n".into(),
+            attempt: 0,
+            state: ContainerState::Created,
+            created_at: 1,
+            started_at: 0,
+            finished_at: 0,
+            exit_code: 0,
+            reason: String::new(),
+            message: String::new(),
+            image: "busybox".into(),
+            image_ref: "sha256:x".into(),
+            log_path: String::new(),
+            config_pb: String::new(),
+            pid: None,
+        };
+        d.store.put(&known, &rec).expect("put");
+        for id in [&known, &orphan_b] {
+            bundle::create(
+                &bundle::dir(&d.cfg.state, id),
+                &oci_spec::runtime::Spec::default(),
+            )
+            .expect("bundle");
+        }
+        for id in [&known, &orphan_s] {
+            d.snapshotter
+                .prepare(id, None, HashMap::new())
+                .expect("prepare");
+        }
+        // Not ours: an image unpacking leftover.
+        d.snapshotter
+            .prepare("extract-1", None, HashMap::new())
+            .expect("prepare");
+        let mut removed = remove_orphans(&d).await.expect("sweep");
+        removed.sort();
+        assert_eq!(removed, vec![orphan_b.clone(), orphan_s.clone()]);
+        assert!(bundle::dir(&d.cfg.state, &known).exists());
+        assert!(!bundle::dir(&d.cfg.state, &orphan_b).exists());
+        assert!(d.snapshotter.stat(&known).is_ok());
+        assert!(d.snapshotter.stat(&orphan_s).is_err());
+        assert!(d.snapshotter.stat("extract-1").is_ok());
+        assert!(remove_orphans(&d).await.expect("again").is_empty());
     }
 
     #[test]
