@@ -430,4 +430,62 @@ mod tests {
             "{calls}"
         );
     }
+
+    #[tokio::test]
+    async fn pods_after_restart_half_created_undone_dead_shim_not_ready_orphans_removed() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let d = Daemon::for_test(dir.path());
+        // A pod a crash left in Creating, with an ID range and pod files.
+        let mut creating = pod("half");
+        creating.state = PodState::Creating;
+        d.store.put("half", &creating).expect("put");
+        d.store
+            .put(
+                "half",
+                &IdRangeRecord {
+                    host_uid: 1,
+                    host_gid: 1,
+                    len: 65536,
+                },
+            )
+            .expect("put");
+        let half_dir = crate::sandbox_files::pod_dir(&d.cfg.state, "half");
+        crate::sandbox_files::write(&half_dir, "h", None, dir.path()).expect("files");
+        // A Ready pod whose shim is gone (its socket does not exist).
+        let mut dead = pod("dead");
+        dead.shim_address = Some(format!("unix://{}/nope.sock", dir.path().display()));
+        d.store.put("dead", &dead).expect("put");
+        d.store
+            .put(
+                "dead",
+                &ShimRecord {
+                    address: dead.shim_address.clone().unwrap_or_default(),
+                    pid: None,
+                    bundle: String::new(),
+                },
+            )
+            .expect("put");
+        // A pod dir nobody owns, whose shim.pid names a process that is not its shim (this
+        // test process): it must not be killed, only the dir removed.
+        let orphan = crate::sandbox_files::pod_dir(&d.cfg.state, "orphan");
+        std::fs::create_dir_all(&orphan).expect("mkdir");
+        std::fs::write(orphan.join("shim.pid"), std::process::id().to_string()).expect("pid");
+
+        let mut r = Report::default();
+        recover_pods(&d, &mut r).await.expect("recover");
+        assert_eq!(r.pods_undone, vec!["half"]);
+        assert_eq!(r.pods_dead, vec!["dead"]);
+        assert_eq!(r.orphan_shims, vec!["orphan"]);
+        assert!(r.failures.is_empty(), "{:?}", r.failures);
+        assert!(d.store.get::<PodRecord>("half").expect("get").is_none());
+        assert!(d.store.get::<IdRangeRecord>("half").expect("get").is_none());
+        assert!(!half_dir.exists() && !orphan.exists());
+        let dead = d
+            .store
+            .get::<PodRecord>("dead")
+            .expect("get")
+            .expect("kept");
+        assert_eq!(dead.state, PodState::NotReady);
+        assert!(d.store.get::<ShimRecord>("dead").expect("get").is_none());
+    }
 }

@@ -165,7 +165,9 @@ impl EventsServer {
 
     /// Stop serving and remove the socket.
     pub async fn shutdown(mut self) {
-        let _ = self.server.shutdown().await;
+        // Bounded: live shims hold connections, and SIGTERM must not wait on them.
+        let _ =
+            tokio::time::timeout(std::time::Duration::from_secs(2), self.server.shutdown()).await;
         let _ = std::fs::remove_file(&self.path);
     }
 }
