@@ -219,11 +219,12 @@ pub async fn exec_sync(
         .map_err(|e| CriError::internal(format!("encoding exec process: {e}")))?;
 
     let exec_id = uuid::Uuid::new_v4().simple().to_string();
-    let dir = d
-        .cfg
-        .state
-        .join("exec")
-        .join(format!("{}-{exec_id}", rec.id));
+    let root = d.cfg.state.join("exec");
+    // FIFO dirs of execs a previous crispd was running when it died: nobody reads them now.
+    // Swept once, before this process's first exec makes a dir of its own.
+    static SWEPT: std::sync::Once = std::sync::Once::new();
+    SWEPT.call_once(|| sweep(&root));
+    let dir = root.join(format!("{}-{exec_id}", rec.id));
     tracing::debug!(%exec_id, cmd = ?req.cmd, "exec");
     // Its own task: cleanup must run even if the caller goes away and this future is dropped.
     // Dropping `_caller` (this future gone: the client hung up, or its gRPC deadline, which
@@ -391,6 +392,22 @@ async fn run(
     })
 }
 
+/// Remove every exec FIFO directory under `root` (crash leftovers).
+fn sweep(root: &Path) {
+    let Ok(rd) = std::fs::read_dir(root) else {
+        return;
+    };
+    for e in rd.flatten() {
+        let p = e.path();
+        match std::fs::remove_dir_all(&p) {
+            Ok(()) => tracing::info!(dir = %p.display(), "removed a stale exec FIFO directory"),
+            Err(err) => {
+                tracing::warn!(dir = %p.display(), error = %err, "removing a stale exec FIFO directory")
+            }
+        }
+    }
+}
+
 /// Undo what [`run`] did, whatever stopped it: kill a still-running exec and wait for it,
 /// delete it from the shim, stop the readers, remove the FIFOs.
 async fn cleanup(x: &Exec, p: Progress) {
@@ -470,6 +487,17 @@ pub(crate) mod tests {
                 dropped: 0
             }
         );
+    }
+
+    #[test]
+    fn sweep_removes_leftover_fifo_dirs() {
+        let d = tempfile::tempdir().expect("tempdir");
+        let old = d.path().join("exec/c1-abc");
+        std::fs::create_dir_all(&old).expect("mkdir");
+        crate::logs::mkfifo(&old.join("stdout")).expect("mkfifo");
+        sweep(&d.path().join("exec"));
+        assert!(!old.exists());
+        sweep(&d.path().join("absent"));
     }
 
     #[test]
