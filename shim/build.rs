@@ -10,13 +10,29 @@ fn main() {
     println!("cargo:rerun-if-env-changed=CC");
     let cc = env::var("CC").unwrap_or_else(|_| "cc".to_string());
     let status = Command::new(&cc)
-        .args(["-static", "-Os", "-s", "-Wall", "-Werror", "-o"])
+        // No libc (see pause.c): static, not PIE (nothing to relocate), no
+        // stack protector or unwind tables to pull runtime support in.
+        .args([
+            "-static",
+            "-nostdlib",
+            "-ffreestanding",
+            "-fno-stack-protector",
+            "-fno-asynchronous-unwind-tables",
+            "-fno-pie",
+            "-no-pie",
+            "-Os",
+            "-s",
+            "-Wl,--build-id=none",
+            "-Wall",
+            "-Werror",
+            "-o",
+        ])
         .arg(&out)
         .arg(&src)
         .status();
     match status {
         Ok(s) if s.success() => {}
-        Ok(s) => panic!("{cc} failed to build {} ({s}); gcc and libc6-dev (static libc) are needed, see hack/install-deps.sh", src.display()),
-        Err(e) => panic!("cannot run {cc} to build {}: {e}; install gcc and libc6-dev (hack/install-deps.sh)", src.display()),
+        Ok(s) => panic!("{cc} failed to build {} ({s}); gcc is needed, see hack/install-deps.sh", src.display()),
+        Err(e) => panic!("cannot run {cc} to build {}: {e}; install gcc (hack/install-deps.sh)", src.display()),
     }
 }

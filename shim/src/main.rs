@@ -156,6 +156,8 @@ fn delete(flags: &Flags) -> anyhow::Result<()> {
     rt.block_on(async {
         let runtime = match service::read_record(&bundle) {
             Some(r) => Runtime { binary: r.binary, root: r.root, systemd_cgroup: r.systemd_cgroup },
+            // The pod's own bundle: pause never ran under an OCI runtime.
+            None if sandbox::read_record(&bundle).is_some() => return anyhow::Ok(()),
             None => Runtime::new("runc", PathBuf::from("/run/crisp/runc").join(&flags.namespace), false)?,
         };
         if let Err(e) = runtime.delete(&flags.id, true).await {
@@ -165,6 +167,8 @@ fn delete(flags: &Flags) -> anyhow::Result<()> {
     })?;
     // The rootfs under this bundle is the only mount the shim made for the task.
     crisp_shim::mount::unmount_all(&bundle.join("rootfs")).context("unmount rootfs")?;
+    // A pod bundle: the pause died with the shim; its cgroup is left to remove.
+    sandbox::cleanup_after_dead_shim(&bundle).context("remove the pause's cgroup")?;
     let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
     let resp = DeleteResponse {
         pid: 0,

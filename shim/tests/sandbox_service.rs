@@ -323,6 +323,15 @@ async fn sandbox_lifecycle_through_the_real_shim() -> Result<()> {
         .expect_err("unknown id");
     assert_eq!(code(&unknown).map(|c| c.0), Some(Code::NOT_FOUND));
 
+    // PID 1 reaps: an orphan started inside the pod's pid namespace is re-parented to
+    // pause and must not stay a zombie once it exits.
+    nsenter(pid, "-p", &["sh", "-c", "(sleep 0.2 &); true"])?;
+    let children = || -> Vec<String> {
+        std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children")).unwrap_or_default().split_whitespace().map(str::to_string).collect()
+    };
+    wait_until("an orphan re-parented to pause", Duration::from_secs(2), || !children().is_empty()).await?;
+    wait_until("pause to reap the orphan", Duration::from_secs(5), || children().is_empty()).await?;
+
     // Wait in the background, stop, and see the exit everywhere.
     let waiter = {
         let c = client.clone();
@@ -346,10 +355,11 @@ async fn sandbox_lifecycle_through_the_real_shim() -> Result<()> {
         events.0.lock().unwrap().iter().any(|(t, cid, status)| t == "/tasks/exit" && *cid == id2 && *status == 0)
     })
     .await?;
-    // The pause's own cgroup went with it.
+    // The pause's own cgroup went with it, and the record `delete` would need.
     for d in fx.leaf_dirs(&id) {
         assert!(!d.exists(), "{} left behind", d.display());
     }
+    assert!(!fx.bundle().join("crisp-sandbox.json").exists());
 
     // Shutdown: the shim exits and removes its socket.
     client.shutdown_sandbox(ctx(), &sb::ShutdownSandboxRequest { sandbox_id: id.clone(), ..Default::default() }).await?;
@@ -490,5 +500,20 @@ async fn pause_dies_with_its_shim() -> Result<()> {
     // kernel does it (PR_SET_PDEATHSIG), so nothing of the pod outlives its shim.
     nix::sys::signal::kill(nix::unistd::Pid::from_raw(shim_pid), nix::sys::signal::Signal::SIGKILL)?;
     wait_until("pause to die with its shim", Duration::from_secs(5), || !alive(pid)).await?;
+    // What containerd (and crispd) then run: `delete` in the bundle removes the pause's cgroup.
+    assert!(fx.bundle().join("crisp-sandbox.json").exists(), "no sandbox record for delete");
+    assert!(fx.leaf_dirs(&id).iter().any(|d| d.exists()), "pause cgroup already gone?");
+    let events = fx.dir.path().join("events.sock").display().to_string();
+    let out = Command::new(SHIM)
+        .args(["-namespace", "k8s.io", "-address", &events, "-id", &id, "delete"])
+        .current_dir(fx.bundle())
+        .stdin(Stdio::null())
+        .output()?;
+    ensure!(out.status.success(), "shim delete: {}: {}", out.status, String::from_utf8_lossy(&out.stderr));
+    assert!(out.stderr.is_empty(), "{}", String::from_utf8_lossy(&out.stderr));
+    for d in fx.leaf_dirs(&id) {
+        assert!(!d.exists(), "{} left behind after delete", d.display());
+    }
+    assert!(!fx.bundle().join("crisp-sandbox.json").exists());
     Ok(())
 }

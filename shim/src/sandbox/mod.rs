@@ -53,6 +53,36 @@ pub const STATE_NOTREADY: &str = "SANDBOX_NOTREADY";
 /// Where pause is written when a memfd cannot be executed.
 const PAUSE_FALLBACK_DIR: &str = "/run/crisp/shim";
 
+/// Written into the pod's bundle while pause may hold a cgroup, so
+/// `containerd-shim-crisp-v2 delete` can remove it after the shim died
+/// (pause itself dies with the shim: parent-death signal).
+pub const SANDBOX_RECORD: &str = "crisp-sandbox.json";
+
+#[derive(Debug, serde::Serialize, serde::Deserialize)]
+pub struct SandboxRecord {
+    pub sandbox_id: String,
+    pub cgroup_dirs: Vec<PathBuf>,
+}
+
+/// Reads the record `delete` needs; None when there is none (or it is torn).
+pub fn read_record(bundle: &std::path::Path) -> Option<SandboxRecord> {
+    serde_json::from_slice(&std::fs::read(bundle.join(SANDBOX_RECORD)).ok()?).ok()
+}
+
+/// After the shim died: remove the pause's cgroups and the record.
+pub fn cleanup_after_dead_shim(bundle: &std::path::Path) -> std::result::Result<(), cgroup::CgroupError> {
+    let Some(rec) = read_record(bundle) else { return Ok(()) };
+    cgroup::remove(&rec.cgroup_dirs)?;
+    let _ = std::fs::remove_file(bundle.join(SANDBOX_RECORD));
+    Ok(())
+}
+
+fn write_record(bundle: &std::path::Path, rec: &SandboxRecord) -> std::io::Result<()> {
+    let tmp = bundle.join(format!(".{SANDBOX_RECORD}.tmp"));
+    std::fs::write(&tmp, serde_json::to_vec(rec)?)?;
+    std::fs::rename(tmp, bundle.join(SANDBOX_RECORD))
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Status {
     Created,
@@ -178,6 +208,7 @@ impl SandboxService {
             Ok(Err(e)) => warn!(sandbox_id = %sb.id, error = %e, "remove pause cgroup"),
             Err(e) => warn!(sandbox_id = %sb.id, error = %e, "remove pause cgroup"),
         }
+        let _ = std::fs::remove_file(sb.bundle.join(SANDBOX_RECORD));
         sb.exited_tx.send_replace(Some(e));
         let ev = TaskExit {
             container_id: sb.id.clone(),
@@ -248,6 +279,12 @@ impl SandboxService {
             return Err(TaskError::FailedPrecondition(format!("sandbox {} is {:?}, not created", sb.id, st.status)));
         }
         let pause = self.pause()?;
+        if sb.bundle.is_dir() {
+            let rec = SandboxRecord { sandbox_id: sb.id.clone(), cgroup_dirs: sb.cgroup_dirs.clone() };
+            if let Err(e) = write_record(&sb.bundle, &rec) {
+                warn!(sandbox_id = %sb.id, error = %e, "cannot record the sandbox for `delete`");
+            }
+        }
         let t0 = Instant::now();
         let (plan, dirs, oom) = (sb.plan.clone(), sb.cgroup_dirs.clone(), sb.oom_score_adj);
         let spawned = tokio::task::spawn_blocking(move || spawn::spawn(pause, plan, dirs, oom))
@@ -259,6 +296,7 @@ impl SandboxService {
                 // The child (if any) was killed; its cgroup goes once it is reaped.
                 let dirs = sb.cgroup_dirs.clone();
                 let _ = tokio::task::spawn_blocking(move || cgroup::remove(&dirs)).await;
+                let _ = std::fs::remove_file(sb.bundle.join(SANDBOX_RECORD));
                 return Err(match &e {
                     spawn::SpawnError::Join { err, .. } if err.kind() == std::io::ErrorKind::NotFound => invalid(e),
                     _ => TaskError::Internal(e.to_string()),
