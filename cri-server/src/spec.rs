@@ -78,6 +78,10 @@ pub trait HostInfo {
     fn host_devices(&self) -> Vec<DeviceInfo>;
     /// The text of a Localhost seccomp profile.
     fn read_profile(&self, path: &Path) -> Result<String, String>;
+    /// The capabilities crispd itself holds (its effective set, known names only): what a
+    /// privileged container or add ["ALL"] gets, as containerd's cap.Current(). runc cannot
+    /// grant a container a capability its caller lacks ("unable to apply caps").
+    fn current_caps(&self) -> Capabilities;
 }
 
 /// The real host.
@@ -139,6 +143,45 @@ impl HostInfo for RealHost {
     fn read_profile(&self, path: &Path) -> Result<String, String> {
         std::fs::read_to_string(path).map_err(|e| e.to_string())
     }
+
+    fn current_caps(&self) -> Capabilities {
+        // A process's capabilities do not change under it; read them once.
+        static CURRENT: std::sync::OnceLock<Capabilities> = std::sync::OnceLock::new();
+        CURRENT
+            .get_or_init(|| {
+                let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+                match parse_cap_eff(&status) {
+                    Some(bits) => caps_from_bitmap(bits),
+                    None => {
+                        // Cannot happen on Linux; fall back to every known capability so a
+                        // privileged container fails loudly in runc rather than silently
+                        // running with none.
+                        tracing::warn!("no CapEff in /proc/self/status; assuming all caps");
+                        all_caps()
+                    }
+                }
+            })
+            .clone()
+    }
+}
+
+/// The CapEff bitmap of a /proc/<pid>/status text.
+pub fn parse_cap_eff(status: &str) -> Option<u64> {
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("CapEff:"))
+        .and_then(|v| u64::from_str_radix(v.trim(), 16).ok())
+}
+
+/// The known capabilities (ALL_CAPS is in bit order) whose bits are set; unknown bits are
+/// ignored, as containerd's cap.FromBitmap does.
+pub fn caps_from_bitmap(bits: u64) -> Capabilities {
+    ALL_CAPS
+        .iter()
+        .enumerate()
+        .filter(|(i, _)| bits & (1u64 << i) != 0)
+        .filter_map(|(_, n)| Capability::from_str(n).ok())
+        .collect()
 }
 
 /// Facts about the pod and host that are not in the CRI configs.
@@ -257,7 +300,7 @@ pub fn build(
         return Err(invalid("working_dir", format!("{cwd:?} is not absolute")));
     }
     let user = resolve_user(&sc, img.user().as_deref().unwrap_or(""), ctx)?;
-    let caps = capabilities(&sc, privileged)?;
+    let caps = capabilities(&sc, privileged, &host.current_caps())?;
     let mut proc = ProcessBuilder::default()
         .terminal(ctr.tty)
         .args(args)
@@ -327,6 +370,7 @@ pub fn build(
         .cgroups_path(PathBuf::from(cgroups_path))
         .devices(devices)
         .build()?;
+    linux.set_rootfs_propagation(rootfs_propagation(ctr));
     let mut res = resources(linux_cfg.resources.as_ref(), ctx.cgroup_v2)?;
     let mut rules = vec![
         LinuxDeviceCgroupBuilder::default()
@@ -593,6 +637,14 @@ pub fn resolve_user(
         gid = Some(find_group("image config User", g)?);
     }
     if let Some(g) = &sc.run_as_group {
+        // As containerd: a group alone would pair with whatever user the image names, which
+        // the pod author did not choose.
+        if sc.run_as_user.is_none() && sc.run_as_username.is_empty() {
+            return Err(invalid(
+                "linux.security_context.run_as_group",
+                format!("user group \"{}\" is specified without user", g.value),
+            ));
+        }
         gid = Some(u32::try_from(g.value).map_err(|_| {
             invalid(
                 "linux.security_context.run_as_group",
@@ -635,7 +687,7 @@ fn parse_cap(field: &str, s: &str) -> Result<Capability, SpecError> {
     Capability::from_str(name).map_err(|_| invalid(field, format!("unknown capability {s:?}")))
 }
 
-/// Every capability the kernel has (as of 5.9), for privileged containers and "ALL".
+/// Every capability the kernel has (as of 5.9), in bit order (index = capability number).
 pub const ALL_CAPS: &[&str] = &[
     "CHOWN",
     "DAC_OVERRIDE",
@@ -687,15 +739,20 @@ fn all_caps() -> Capabilities {
         .collect()
 }
 
-/// Default set, plus adds, minus drops ("ALL" on either side, as Docker and containerd do:
-/// drop ALL then add is the usual least-privilege pattern).
+/// Default set, plus adds, minus drops, as containerd's CRI plugin does: add ["ALL"] means
+/// `current` (the capabilities crispd holds, not every capability the kernel knows: runc
+/// cannot grant more than its caller has), then drop ["ALL"] empties the set, then the single
+/// adds and drops apply (drop ALL + add X is the usual least-privilege pattern). A privileged
+/// container gets exactly `current`. A single add outside `current` is passed on as
+/// containerd does (runc refuses it when the container is created).
 pub fn capabilities(
     sc: &pb::LinuxContainerSecurityContext,
     privileged: bool,
+    current: &Capabilities,
 ) -> Result<oci_spec::runtime::LinuxCapabilities, SpecError> {
     let c = sc.capabilities.clone().unwrap_or_default();
     let mut set: Capabilities = if privileged {
-        all_caps()
+        current.clone()
     } else {
         DEFAULT_CAPS
             .iter()
@@ -704,11 +761,11 @@ pub fn capabilities(
     };
     if !privileged {
         let is_all = |v: &[String]| v.iter().any(|s| s.eq_ignore_ascii_case("ALL"));
+        if is_all(&c.add_capabilities) {
+            set = current.clone();
+        }
         if is_all(&c.drop_capabilities) {
             set.clear();
-        }
-        if is_all(&c.add_capabilities) {
-            set = all_caps();
         }
         for a in c
             .add_capabilities
@@ -913,6 +970,21 @@ pub fn mounts(
     // Stable: mounts at the same depth keep their order.
     out.sort_by_key(|m| m.destination().components().count());
     Ok(out)
+}
+
+/// The propagation of the container's root mount, as containerd sets it: a bidirectional
+/// volume needs a shared root (else mounts made in the container never reach the host, the
+/// volume being a slave of the runtime's default rslave root), a host-to-container one at
+/// least a slave root. None keeps runc's default (rslave) root.
+pub fn rootfs_propagation(ctr: &ContainerConfig) -> Option<String> {
+    let has = |p: MountPropagation| ctr.mounts.iter().any(|m| m.propagation == p as i32);
+    if has(MountPropagation::PropagationBidirectional) {
+        Some("rshared".into())
+    } else if has(MountPropagation::PropagationHostToContainer) {
+        Some("rslave".into())
+    } else {
+        None
+    }
 }
 
 fn join(ty: LinuxNamespaceType, pid: u32, name: &str) -> Result<LinuxNamespace, SpecError> {

@@ -44,7 +44,13 @@ impl HostInfo for FakeHost {
             _ => Err("No such file or directory".into()),
         }
     }
+    fn current_caps(&self) -> Capabilities {
+        caps_from_bitmap(FAKE_CAP_EFF)
+    }
 }
+
+/// This machine's CapEff: every capability of kernel 5.9 but CAP_SYS_RESOURCE (bit 24).
+const FAKE_CAP_EFF: u64 = 0x0000_01ff_feff_ffff;
 
 const PASSWD: &str = "root:x:0:0:root:/root:/bin/sh\nnobody:x:65534:65534::/:/bin/false\napp:x:1000:1000::/home/app:/bin/sh\n";
 const GROUP: &str = "root:x:0:\nwheel:x:10:app\nvideo:x:44:app,other\napp:x:1000:\nstaff:x:50:\n";
@@ -1121,4 +1127,145 @@ fn spec_serialises_to_valid_oci_json() {
     assert!(v["linux"]["namespaces"].is_array());
     let back: Spec = serde_json::from_value(v).expect("round trip");
     assert_eq!(back, s);
+}
+
+// ---- capabilities crispd itself holds ----
+
+#[test]
+fn cap_eff_parsing_keeps_known_bits_only() {
+    let status = "Name:\tcrispd\nCapInh:\t0000000000000000\nCapPrm:\t000001fffeffffff\n\
+                  CapEff:\t000021fffeffffff\nCapBnd:\t000001fffeffffff\n";
+    let bits = parse_cap_eff(status).expect("CapEff");
+    assert_eq!(bits, 0x0000_21ff_feff_ffff);
+    let caps = caps_from_bitmap(bits);
+    assert_eq!(
+        caps.len(),
+        ALL_CAPS.len() - 1,
+        "bit 45 is unknown, bit 24 unset"
+    );
+    assert!(!caps.contains(&cap("SYS_RESOURCE")));
+    assert!(caps.contains(&cap("CHOWN")) && caps.contains(&cap("CHECKPOINT_RESTORE")));
+    assert_eq!(parse_cap_eff("Name:\tx\n"), None);
+}
+
+#[test]
+fn privileged_gets_exactly_the_caps_crispd_holds() {
+    let sc = LinuxContainerSecurityContext {
+        privileged: true,
+        capabilities: Some(PbCap {
+            drop_capabilities: vec!["CHOWN".into()],
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    let s = build_ok(
+        &privileged_pod(),
+        &with_sc(ctr(), sc),
+        &image("", &["/e"], &[]),
+    );
+    let c = s
+        .process()
+        .as_ref()
+        .and_then(|p| p.capabilities().clone())
+        .expect("caps");
+    let want = caps_from_bitmap(FAKE_CAP_EFF);
+    assert_eq!(c.bounding().clone(), Some(want.clone()));
+    assert_eq!(c.effective().clone(), Some(want.clone()));
+    assert_eq!(c.permitted().clone(), Some(want));
+    assert!(!caps_of(&s).contains(&cap("SYS_RESOURCE")));
+}
+
+#[test]
+fn add_all_is_the_caps_crispd_holds_then_drop_all_wins() {
+    let with_caps = |add: &[&str], drop: &[&str]| {
+        let sc = LinuxContainerSecurityContext {
+            capabilities: Some(PbCap {
+                add_capabilities: add.iter().map(|s| s.to_string()).collect(),
+                drop_capabilities: drop.iter().map(|s| s.to_string()).collect(),
+                add_ambient_capabilities: vec![],
+            }),
+            ..Default::default()
+        };
+        caps_of(&build_ok(
+            &pod(),
+            &with_sc(ctr(), sc),
+            &image("", &["/e"], &[]),
+        ))
+    };
+    let mut want = caps_from_bitmap(FAKE_CAP_EFF);
+    assert_eq!(with_caps(&["ALL"], &[]), want);
+    want.remove(&cap("CHOWN"));
+    assert_eq!(with_caps(&["all"], &["CHOWN"]), want);
+    // containerd applies add ALL before drop ALL: both together leave only the single adds.
+    assert_eq!(
+        with_caps(&["ALL", "KILL"], &["ALL"]),
+        HashSet::from([cap("KILL")])
+    );
+    // A single add crispd lacks is passed on, as containerd does (runc then refuses it).
+    assert!(with_caps(&["SYS_RESOURCE"], &[]).contains(&cap("SYS_RESOURCE")));
+}
+
+#[test]
+fn run_as_group_without_user_is_invalid() {
+    let sc = LinuxContainerSecurityContext {
+        run_as_group: Some(Int64Value { value: 3000 }),
+        ..Default::default()
+    };
+    let e = build(
+        &pod(),
+        &with_sc(ctr(), sc.clone()),
+        &image("app", &["/e"], &[]),
+        &ctx(),
+        &FakeHost,
+    )
+    .expect_err("group without user");
+    assert_eq!(e.kind(), ErrorKind::InvalidArgument);
+    assert!(
+        e.to_string()
+            .contains("linux.security_context.run_as_group")
+            && e.to_string().contains("3000"),
+        "{e}"
+    );
+    let by_name = LinuxContainerSecurityContext {
+        run_as_username: "app".into(),
+        ..sc
+    };
+    let s = build_ok(&pod(), &with_sc(ctr(), by_name), &image("", &["/e"], &[]));
+    assert_eq!(user_of(&s).0, 1000);
+    assert_eq!(user_of(&s).1, 3000);
+}
+
+#[test]
+fn volume_propagation_sets_the_root_propagation_as_containerd() {
+    let with_props = |props: &[MountPropagation]| {
+        let mut c = ctr();
+        c.mounts = props
+            .iter()
+            .enumerate()
+            .map(|(i, p)| PbMount {
+                container_path: format!("/v{i}"),
+                host_path: format!("/host/v{i}"),
+                propagation: *p as i32,
+                ..Default::default()
+            })
+            .collect();
+        let s = build_ok(&pod(), &c, &image("", &["/e"], &[]));
+        s.linux()
+            .as_ref()
+            .and_then(|l| l.rootfs_propagation().clone())
+    };
+    assert_eq!(with_props(&[]), None);
+    assert_eq!(with_props(&[MountPropagation::PropagationPrivate]), None);
+    assert_eq!(
+        with_props(&[MountPropagation::PropagationHostToContainer]).as_deref(),
+        Some("rslave")
+    );
+    assert_eq!(
+        with_props(&[
+            MountPropagation::PropagationHostToContainer,
+            MountPropagation::PropagationBidirectional
+        ])
+        .as_deref(),
+        Some("rshared")
+    );
 }
