@@ -494,7 +494,11 @@ mod tests {
             .expect("writer opens: a reader exists");
         w.write_all(b"early\n").expect("write");
         let log = std::sync::Arc::new(CriLog::open(&d.path().join("0.log"), 1024).expect("open"));
-        let copy = tokio::spawn(copy_from_fifo(r, Stream::Stdout, std::sync::Arc::clone(&log)));
+        let copy = tokio::spawn(copy_from_fifo(
+            r,
+            Stream::Stdout,
+            std::sync::Arc::clone(&log),
+        ));
         w.write_all(b"late\n").expect("write");
         drop(w);
         let n = tokio::time::timeout(Duration::from_secs(5), copy)

@@ -109,7 +109,11 @@ pub fn container_status(
 
 /// A record as CRI's ContainerStatus; `verbose` adds containerd-style info (pid, bundle,
 /// snapshot key, the OCI spec as the shim runs it).
-pub fn status_of(rec: &ContainerRecord, state: &std::path::Path, verbose: bool) -> ContainerStatusResponse {
+pub fn status_of(
+    rec: &ContainerRecord,
+    state: &std::path::Path,
+    verbose: bool,
+) -> ContainerStatusResponse {
     let cfg = container_config(rec);
     let mut info = HashMap::new();
     if verbose {
