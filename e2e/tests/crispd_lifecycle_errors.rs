@@ -15,7 +15,10 @@
 //!   killed after the timeout;
 //! - Exec / Attach / PortForward: Unimplemented with a message (streaming is a later issue);
 //!   UpdateRuntimeConfig accepted;
-//! - GetContainerEvents: created, started, stopped, deleted, in order, with the pod status.
+//! - GetContainerEvents: created, started, stopped, deleted, in order, with the pod status;
+//! - concurrent retries of one RunPodSandbox all get the first one's pod;
+//! - PodSandboxStatus (state, times, metadata, labels, annotations, IP, namespaces, verbose);
+//! - PID namespace CONTAINER (own PID 1) and POD (pause is PID 1).
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -1208,6 +1211,181 @@ async fn stop_signal(env: &TestEnv) -> Result<()> {
 }
 
 // ---------------------------------------------------------------------------------------
+// A retried RunPodSandbox while the first is in flight gets the first one's result
+
+async fn retried_run_pod(env: &TestEnv) -> Result<()> {
+    let c = env.cri();
+    let pod = env.pod_config("retry")?;
+    let calls = (0..3).map(|_| {
+        let c = c.clone();
+        let pod = pod.clone();
+        tokio::spawn(async move { c.run_pod(&pod).await })
+    });
+    let mut ids = Vec::new();
+    for t in calls.collect::<Vec<_>>() {
+        ids.push(
+            t.await?
+                .context("a concurrent retry of RunPodSandbox failed")?,
+        );
+    }
+    ensure!(
+        ids.iter().all(|i| *i == ids[0]),
+        "concurrent retries of one RunPodSandbox got different pods: {ids:?}"
+    );
+    let listed = c.list_pods().await?;
+    ensure!(
+        listed == vec![ids[0].clone()],
+        "after 3 concurrent retries ListPodSandbox has {listed:?}"
+    );
+    c.stop_pod(&ids[0]).await?;
+    c.remove_pod(&ids[0]).await?;
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------
+// PodSandboxStatus
+
+async fn pod_status(env: &TestEnv) -> Result<()> {
+    let c = env.cri();
+    let mut pod = env.pod_config("status")?;
+    pod.labels = labels(&[("app", "status")]);
+    pod.annotations = labels(&[("crisp.e2e/note", "kept")]);
+    // What kubelet sends for an ordinary pod.
+    let ns_opts = api::NamespaceOption {
+        network: api::NamespaceMode::Pod as i32,
+        pid: api::NamespaceMode::Container as i32,
+        ipc: api::NamespaceMode::Pod as i32,
+        ..Default::default()
+    };
+    pod.linux.get_or_insert_default().security_context = Some(api::LinuxSandboxSecurityContext {
+        namespace_options: Some(ns_opts.clone()),
+        ..Default::default()
+    });
+    let before = now_ns();
+    let pod_id = c.run_pod(&pod).await?;
+    let st = c.pod_status(&pod_id).await?;
+    ensure!(st.id == pod_id, "status id {:?}", st.id);
+    ensure!(
+        st.state == api::PodSandboxState::SandboxReady as i32,
+        "state {:?} after RunPodSandbox",
+        st.state
+    );
+    ensure!(
+        st.created_at >= before && st.created_at <= now_ns(),
+        "created_at {} outside the call",
+        st.created_at
+    );
+    ensure!(
+        st.metadata == pod.metadata,
+        "metadata {:?}, want {:?}",
+        st.metadata,
+        pod.metadata
+    );
+    ensure!(st.labels == pod.labels, "labels {:?}", st.labels);
+    ensure!(
+        st.annotations == pod.annotations,
+        "annotations {:?}",
+        st.annotations
+    );
+    let ip = st
+        .network
+        .as_ref()
+        .map(|n| n.ip.clone())
+        .unwrap_or_default();
+    let prefix = env.network().subnet.trim_end_matches("0/24").to_string();
+    ensure!(
+        ip.starts_with(&prefix),
+        "pod IP {ip:?} outside {}",
+        env.network().subnet
+    );
+    let ns = st
+        .linux
+        .as_ref()
+        .and_then(|l| l.namespaces.as_ref())
+        .and_then(|n| n.options.as_ref());
+    ensure!(
+        ns == Some(&ns_opts),
+        "PodSandboxStatus linux.namespaces.options {ns:?}, want {ns_opts:?}"
+    );
+    let verbose = c.pod_status_verbose(&pod_id).await?;
+    ensure!(
+        !verbose.info.is_empty(),
+        "verbose PodSandboxStatus has no info"
+    );
+    crisp_e2e::cri::CriClient::info_pid(&verbose.info).context("verbose info")?;
+
+    c.stop_pod(&pod_id).await?;
+    let st = c.pod_status(&pod_id).await?;
+    ensure!(
+        st.state == api::PodSandboxState::SandboxNotready as i32,
+        "state {:?} after StopPodSandbox",
+        st.state
+    );
+    c.remove_pod(&pod_id).await?;
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------
+// PID namespace modes: shared with the pod (pause is PID 1) or the container's own
+
+async fn pid_namespace_modes(env: &TestEnv) -> Result<()> {
+    let c = env.cri();
+    let pod = env.pod_config("pidns")?;
+    let pod_id = c.run_pod(&pod).await?;
+    let with_pid = |name: &str, mode: api::NamespaceMode| {
+        let mut cfg = sleeper(name);
+        cfg.linux = Some(api::LinuxContainerConfig {
+            security_context: Some(api::LinuxContainerSecurityContext {
+                namespace_options: Some(api::NamespaceOption {
+                    pid: mode as i32,
+                    ..Default::default()
+                }),
+                ..Default::default()
+            }),
+            ..Default::default()
+        });
+        cfg
+    };
+    let own = running(
+        env,
+        &pod_id,
+        &pod,
+        &with_pid("own", api::NamespaceMode::Container),
+    )
+    .await?;
+    let shared = running(
+        env,
+        &pod_id,
+        &pod,
+        &with_pid("shared", api::NamespaceMode::Pod),
+    )
+    .await?;
+    let cmd1 = |id: String| async move {
+        let out = c.exec_ok(&id, &["cat", "/proc/1/cmdline"]).await?;
+        anyhow::Ok(out.replace('\0', " "))
+    };
+    let own1 = cmd1(own.clone()).await?;
+    ensure!(
+        own1.starts_with("sleep"),
+        "pid CONTAINER: PID 1 is {own1:?}, want the container's own sleep"
+    );
+    let shared1 = cmd1(shared.clone()).await?;
+    ensure!(
+        shared1.contains("pause"),
+        "pid POD: PID 1 is {shared1:?}, want the pod's pause"
+    );
+    // The shared container sees the other shared-namespace processes, not the private one.
+    let ps = c.exec_ok(&shared, &["ps", "-o", "pid,args"]).await?;
+    ensure!(
+        ps.lines().filter(|l| l.contains("sleep 3600")).count() == 1,
+        "pid POD: ps shows\n{ps}"
+    );
+    c.stop_pod(&pod_id).await?;
+    c.remove_pod(&pod_id).await?;
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------
 // Streaming calls (a later issue) and UpdateRuntimeConfig
 
 async fn streaming_unimplemented(env: &TestEnv) -> Result<()> {
@@ -1364,6 +1542,9 @@ mod crispd {
         status_version_config,
         stop_signal,
         streaming_unimplemented,
-        container_events
+        container_events,
+        retried_run_pod,
+        pod_status,
+        pid_namespace_modes
     );
 }
