@@ -425,9 +425,10 @@ fn spawn_on_this_thread(exe: RawFd, plan: &Plan, cgroup_dirs: &[PathBuf], oom_sc
         }
     }
     lap("join+sysctl");
-    // Cgroups: this throwaway thread moves itself into the v1 ones (cheap,
-    // see cgroup::move_current_thread) so the clone starts there; a cgroup2
-    // directory is entered by the clone itself (CLONE_INTO_CGROUP).
+    // Cgroups: this thread moves itself into the v1 ones (cheap, see
+    // cgroup::move_current_thread) so the clone starts there, and moves back
+    // right after; a cgroup2 directory is entered by the clone itself
+    // (CLONE_INTO_CGROUP). Elsewhere, the child is placed after the clone.
     cgroup::create(cgroup_dirs)?;
     // Where this thread was, to go back after the clone: it lives on as the
     // Keeper and must not hold the pod's cgroups.
@@ -467,6 +468,7 @@ fn spawn_on_this_thread(exe: RawFd, plan: &Plan, cgroup_dirs: &[PathBuf], oom_sc
     let (err_r, err_w) = pipe().map_err(|err| SpawnError::Setup { what: "pipe".into(), err })?;
     let name = cstring("argv", "pause")?;
     let mut groups: Vec<libc::gid_t> = plan.additional_gids.clone();
+    groups.sort_unstable();
     groups.dedup();
     let mut args = ChildArgs {
         sync_r: sync_r.as_raw_fd(),
