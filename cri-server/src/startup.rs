@@ -119,6 +119,15 @@ pub async fn prepare(cfg: Config) -> anyhow::Result<Arc<Daemon>> {
         .await?;
         *d.events_server.lock().await = Some(events);
         crate::recover::recover_pods(&d, &mut report).await?;
+        // Container bundles and rootfs snapshots whose record went with its pod (or a crash
+        // inside CreateContainer); their tasks are force-deleted even if their shim is gone.
+        match crate::cri::container_lifecycle::remove_orphans(&d).await {
+            Ok(ids) if !ids.is_empty() => {
+                tracing::info!(removed = ids.len(), "orphaned container bundles and snapshots removed")
+            }
+            Ok(_) => {}
+            Err(e) => report.failures.push(format!("orphaned containers: {e}")),
+        }
         tracing::info!(
             alive = report.pods_alive.len(),
             dead = report.pods_dead.len(),
