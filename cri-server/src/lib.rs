@@ -23,6 +23,7 @@
 //! services), so RunPodSandbox stops after its checks with Unimplemented, and container
 //! create/start/stop/exec/stats are Unimplemented; streaming calls belong to a later issue.
 
+pub mod authority;
 pub mod bundle;
 pub mod cni;
 pub mod config;

@@ -585,7 +585,12 @@ pub async fn serve(
     shutdown: impl std::future::Future<Output = ()> + Send,
 ) -> Result<(), ServeError> {
     let cri = Cri::new(d);
-    let incoming = tokio_stream::wrappers::UnixListenerStream::new(listener);
+    // Every connection goes through the :authority fix-up, so grpc-go < 1.53 clients
+    // (kubelet/crictl <= 1.27, which send the socket path as :authority) are understood.
+    let incoming = tokio_stream::StreamExt::map(
+        tokio_stream::wrappers::UnixListenerStream::new(listener),
+        |conn| conn.map(crate::authority::FixAuthority::new),
+    );
     // kubelet's default max message size is 16 MiB; match it so big ListContainers fit.
     const MAX: usize = 16 * 1024 * 1024;
     tonic::transport::Server::builder()
