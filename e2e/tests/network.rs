@@ -5,7 +5,8 @@
 //! - a hostPort mapping (CNI portmap) reaches a busybox httpd in a pod from the host's
 //!   loopback, and its iptables rules go with the pod;
 //! - the pod's DNSConfig (servers, searches, options) lands in its /etc/resolv.conf and the
-//!   pod's hostname is the container's.
+//!   pod's hostname is the container's;
+//! - a host-network pod's container is in the host's network namespace.
 
 use std::net::IpAddr;
 use std::time::{Duration, Instant};
@@ -367,6 +368,49 @@ async fn dns_and_hostname(env: &TestEnv) -> Result<()> {
     Ok(())
 }
 
+/// Host network (NamespaceMode NODE): no CNI, the container sees the host's interfaces
+/// (the test's bridge among them).
+async fn host_network(env: &TestEnv) -> Result<()> {
+    let c = env.cri();
+    c.pull(BUSYBOX, None).await?;
+    let mut pod = env.pod_config("hostnet")?;
+    // kubelet sends no hostname for a host-network pod (the UTS namespace is the host's).
+    pod.hostname.clear();
+    pod.linux.get_or_insert_default().security_context = Some(api::LinuxSandboxSecurityContext {
+        namespace_options: Some(api::NamespaceOption {
+            network: api::NamespaceMode::Node as i32,
+            pid: api::NamespaceMode::Container as i32,
+            ipc: api::NamespaceMode::Pod as i32,
+            ..Default::default()
+        }),
+        ..Default::default()
+    });
+    let pod_id = c.run_pod(&pod).await?;
+    let id = start_running(
+        env,
+        &pod_id,
+        &pod,
+        &container_config("h", BUSYBOX, &["sleep", "3600"]),
+    )
+    .await?;
+    let dev = c.exec_ok(&id, &["cat", "/proc/net/dev"]).await?;
+    let bridge = &env.network().bridge;
+    ensure!(
+        dev.contains(&format!("{bridge}:")),
+        "host-network container does not see the host's bridge {bridge}:\n{dev}"
+    );
+    let own = std::fs::read_link("/proc/self/ns/net")?;
+    let pid = c.container_pid(&id).await?;
+    let theirs = std::fs::read_link(format!("/proc/{pid}/ns/net"))?;
+    ensure!(
+        own == theirs,
+        "host-network container is in {theirs:?}, the host is in {own:?}"
+    );
+    c.stop_pod(&pod_id).await?;
+    c.remove_pod(&pod_id).await?;
+    Ok(())
+}
+
 macro_rules! per_runtime {
     ($($prefix:ident => $kind:expr),* $(,)?) => {$(
         mod $prefix {
@@ -385,6 +429,11 @@ macro_rules! per_runtime {
             #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
             async fn host_port() -> Result<()> {
                 with_env($kind, true, |e| Box::pin(super::host_port(e))).await
+            }
+
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn host_network() -> Result<()> {
+                with_env($kind, false, |e| Box::pin(super::host_network(e))).await
             }
 
             #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
