@@ -288,6 +288,11 @@ async fn sandbox_lifecycle_through_the_real_shim() -> Result<()> {
     assert_eq!(std::fs::read_to_string(format!("/proc/{pid}/oom_score_adj"))?.trim(), "321");
     assert!(status_field(pid, "Uid:").starts_with("65535"), "{}", status_field(pid, "Uid:"));
     assert!(status_field(pid, "Gid:").starts_with("65535"), "{}", status_field(pid, "Gid:"));
+    // No privilege at all.
+    for key in ["CapEff:", "CapPrm:", "CapBnd:"] {
+        assert_eq!(status_field(pid, key), "0000000000000000", "{key}");
+    }
+    assert_eq!(status_field(pid, "NoNewPrivs:"), "1");
 
     // Placement: the same crisp-<id> leaf under the parent in every v1 controller.
     let want = format!("{}/crisp-{id}", fx.cgroup_parent);
@@ -325,7 +330,8 @@ async fn sandbox_lifecycle_through_the_real_shim() -> Result<()> {
 
     // PID 1 reaps: an orphan started inside the pod's pid namespace is re-parented to
     // pause and must not stay a zombie once it exits.
-    nsenter(pid, "-p", &["sh", "-c", "(sleep 0.2 &); true"])?;
+    // (Its stdio away from nsenter's pipes, or output() would wait for it to exit.)
+    nsenter(pid, "-p", &["sh", "-c", "(sleep 1 </dev/null >/dev/null 2>&1 &); true"])?;
     let children = || -> Vec<String> {
         std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children")).unwrap_or_default().split_whitespace().map(str::to_string).collect()
     };

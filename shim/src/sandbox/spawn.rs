@@ -165,7 +165,7 @@ struct ChildArgs {
 }
 
 /// Child steps, reported back through the error pipe.
-const STEPS: [&str; 9] = [
+const STEPS: [&str; 10] = [
     "wait for the shim",
     "set the hostname",
     "write a sysctl",
@@ -175,6 +175,7 @@ const STEPS: [&str; 9] = [
     "exec pause",
     "become root of its user namespace",
     "set its parent-death signal",
+    "set no_new_privs",
 ];
 
 /// Runs in the child: raw syscalls only. Never returns.
@@ -221,12 +222,23 @@ fn child_main(a: &ChildArgs) -> ! {
         if libc::setresgid(a.gid, a.gid, a.gid) < 0 {
             fail(a, 4);
         }
+        // pause needs no privilege: empty its bounding set while it still may
+        // (CAP_SETPCAP), so even a root pause execs with no capabilities.
+        // Numbers past the kernel's last capability fail with EINVAL: ignored.
+        let mut cap = 0;
+        while cap < 64 {
+            libc::prctl(libc::PR_CAPBSET_DROP, cap as libc::c_ulong, 0, 0, 0);
+            cap += 1;
+        }
         if libc::setresuid(a.uid, a.uid, a.uid) < 0 {
             fail(a, 5);
         }
         // After the id changes, which clear it.
         if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as libc::c_ulong, 0, 0, 0) < 0 {
             fail(a, 8);
+        }
+        if libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1 as libc::c_ulong, 0, 0, 0) < 0 {
+            fail(a, 9);
         }
         libc::syscall(libc::SYS_execveat, a.exe, a.empty.as_ptr(), a.argv.as_ptr(), a.envp.as_ptr(), libc::AT_EMPTY_PATH);
     }
