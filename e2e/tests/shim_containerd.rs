@@ -316,8 +316,16 @@ async fn scenario(env: &TestEnv, handler: &str) -> Result<()> {
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
-    let ready = c.pod_status(&pod_id).await?.state == api::PodSandboxState::SandboxReady as i32;
-    ensure!(!ready, "sandbox still READY after its shim was killed");
+    // The daemon learns of the shim's death asynchronously (the sandbox's exit, a lost
+    // connection): give it the same 10 s the containers get.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while c.pod_status(&pod_id).await?.state == api::PodSandboxState::SandboxReady as i32 {
+        ensure!(
+            Instant::now() < deadline,
+            "sandbox still READY 10 s after its shim was killed"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
 
     c.stop_pod(&pod_id).await?;
     c.remove_pod(&pod_id).await?;
