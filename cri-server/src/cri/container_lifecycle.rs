@@ -742,6 +742,26 @@ async fn stop_live(id: &str) {
     oom_set().remove(id);
 }
 
+/// The container has exited: let its copiers write what it printed last, then close its log
+/// (no fd stays open for an exited container). The watcher stays: this may run inside it.
+async fn drain_io(id: &str) {
+    let (copiers, log) = match live().get_mut(id) {
+        Some(l) => (std::mem::take(&mut l.copiers), l.log.take()),
+        None => return,
+    };
+    for c in copiers {
+        let abort = c.abort_handle();
+        if tokio::time::timeout(COPIER_DRAIN, c).await.is_err() {
+            // A process that outlived init (shared pid namespace) still holds the FIFO.
+            tracing::debug!(container_id = %id, "log copier still busy after exit; stopped");
+            abort.abort();
+        }
+    }
+    if let Some(log) = log {
+        log.close();
+    }
+}
+
 /// ReopenContainerLog: the log file was renamed away by kubelet; write to a new one.
 pub fn reopen_log(d: &Daemon, container_id: &str) -> Result<(), CriError> {
     let rec = crate::cri::containers::find(&d.store, container_id)?;
@@ -887,6 +907,8 @@ async fn finish_locked(
     }
     let deleted = delete_task(shim, ctx, id).await;
     if changed {
+        // As containerd: the exit is reported once its output is in the log.
+        drain_io(id).await;
         ctx.store.put(id, &rec)?;
         tracing::info!(container_id = %id, exit_code = rec.exit_code, reason = %rec.reason, "container exited");
         publish(ctx, &rec, ContainerEventType::ContainerStoppedEvent);
