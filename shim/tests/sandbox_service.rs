@@ -322,6 +322,9 @@ async fn sandbox_lifecycle_through_the_real_shim() -> Result<()> {
     assert_eq!((st.state.as_str(), st.pid, st.sandbox_id.as_str()), ("SANDBOX_READY", started.pid, id.as_str()));
     assert_eq!(st.info.get("cgroupsPath").map(String::as_str), Some(want.as_str()));
     client.ping_sandbox(ctx(), &sb::PingRequest { sandbox_id: id.clone(), ..Default::default() }).await?;
+    let m = client.sandbox_metrics(ctx(), &sb::SandboxMetricsRequest { sandbox_id: id.clone(), ..Default::default() }).await?;
+    assert_eq!(m.metrics.id, id);
+    assert!(m.metrics.data.type_url.starts_with("io.containerd.cgroups.v"), "{}", m.metrics.data.type_url);
     let unknown = client
         .sandbox_status(ctx(), &sb::SandboxStatusRequest { sandbox_id: "nope".into(), ..Default::default() })
         .await

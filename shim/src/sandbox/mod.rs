@@ -417,6 +417,28 @@ impl SandboxService {
         Ok(resp)
     }
 
+    /// The pause's cgroup metrics (the same Any the task service's Stats returns).
+    pub async fn metrics(&self, req: api::SandboxMetricsRequest) -> Result<api::SandboxMetricsResponse> {
+        let sb = self.sandbox(&req.sandbox_id)?;
+        let pid = {
+            let st = sb.state.lock().await;
+            if st.status != Status::Running {
+                return Err(TaskError::FailedPrecondition(format!("sandbox {} is not running", sb.id)));
+            }
+            st.pid
+        };
+        let any = tokio::task::spawn_blocking(move || cgroup::stats(pid))
+            .await
+            .map_err(|e| TaskError::Internal(e.to_string()))?
+            .map_err(|e| TaskError::NotFound(e.to_string()))?;
+        let mut resp = api::SandboxMetricsResponse::default();
+        let m = resp.metrics.mut_or_insert_default();
+        m.id = sb.id.clone();
+        m.timestamp = MessageField::some(ts(SystemTime::now()));
+        m.data = MessageField::some(any);
+        Ok(resp)
+    }
+
     /// Stops pause if it still runs, then ends the shim once no task is left.
     pub async fn shutdown(&self, req: api::ShutdownSandboxRequest) -> Result<()> {
         let sb = self.sandbox(&req.sandbox_id)?;
@@ -489,6 +511,9 @@ impl SandboxApi for SandboxService {
     }
     async fn ping_sandbox(&self, _: &TtrpcContext, req: api::PingRequest) -> ttrpc::Result<api::PingResponse> {
         call!("ping_sandbox", req.sandbox_id.clone(), self.sandbox(&req.sandbox_id).map(|_| api::PingResponse::default()))
+    }
+    async fn sandbox_metrics(&self, _: &TtrpcContext, req: api::SandboxMetricsRequest) -> ttrpc::Result<api::SandboxMetricsResponse> {
+        call!("sandbox_metrics", req.sandbox_id.clone(), self.metrics(req).await)
     }
     async fn shutdown_sandbox(&self, _: &TtrpcContext, req: api::ShutdownSandboxRequest) -> ttrpc::Result<api::ShutdownSandboxResponse> {
         call!("shutdown_sandbox", req.sandbox_id.clone(), self.shutdown(req).await.map(|()| api::ShutdownSandboxResponse::default()))
