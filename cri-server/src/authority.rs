@@ -52,6 +52,9 @@ const MAX_TABLE: usize = 1 << 20;
 /// Size of an HPACK dynamic table before any size update (RFC 7541 §4.2, RFC 9113 §6.5.2).
 const DEFAULT_TABLE: usize = 4096;
 
+/// Whether the first rewrite was logged at info.
+static LOGGED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
 /// The client→server half: a pure state machine, bytes in, bytes out.
 pub struct AuthorityRewriter {
     state: State,
@@ -326,11 +329,22 @@ impl AuthorityRewriter {
                     never_indexed,
                 } => {
                     let value: &[u8] = if name == b":authority" && !valid_authority(value) {
+                        // Once per daemon where an operator sees it (it tells an old client
+                        // is around), then at debug: such clients send it on every call, and
+                        // crictl opens a connection per command.
+                        if !LOGGED.swap(true, std::sync::atomic::Ordering::Relaxed) {
+                            tracing::info!(
+                                authority = %String::from_utf8_lossy(value),
+                                "a client sends a malformed :authority (grpc-go < 1.53 on a \
+                                 unix socket); rewriting such values to localhost"
+                            );
+                        } else {
+                            tracing::debug!(
+                                authority = %String::from_utf8_lossy(value),
+                                "rewrote a malformed :authority to localhost"
+                            );
+                        }
                         self.rewritten += 1;
-                        tracing::debug!(
-                            authority = %String::from_utf8_lossy(value),
-                            "rewrote a malformed :authority (grpc-go unix socket client) to localhost"
-                        );
                         REPLACEMENT_AUTHORITY
                     } else {
                         value
