@@ -109,7 +109,7 @@ pub async fn recover_pods(d: &Daemon, r: &mut Report) -> Result<(), StoreError> 
                 let _ = t::stop_pause(d, &rec).await;
                 t::shutdown_shim(d, &id, rec.shim_address.as_deref()).await?;
                 t::release_network(d, &id, rec.netns_path.as_deref()).await?;
-                t::release_owned(d, &rec)?;
+                t::release_owned(d, &rec).await?;
                 d.store.delete::<PodRecord>(&id)?;
                 Ok::<_, crate::instrument::CriError>(())
             }
@@ -182,6 +182,7 @@ pub async fn recover_pods(d: &Daemon, r: &mut Report) -> Result<(), StoreError> 
                 if let Err(e) = t::release_network(d, &id, rec.netns_path.as_deref()).await {
                     r.failures.push(format!("pod {id} network: {e}"));
                 }
+                t::shim_delete_action(d, &id).await;
                 if let Err(e) = t::remove_pod_cgroup(d, &rec.cgroup_parent, &id) {
                     r.failures.push(format!("pod {id} cgroup: {e}"));
                 }
@@ -250,13 +251,7 @@ pub async fn recover_pods(d: &Daemon, r: &mut Report) -> Result<(), StoreError> 
                 .await;
         }
         if let Some(pid) = pid {
-            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(2);
-            while t::alive(pid) && std::time::Instant::now() < deadline {
-                tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-            }
-            if t::alive(pid) {
-                t::kill_if_ours(Some(pid), &["-id", &id], "");
-            }
+            t::end_shim(pid, &id, std::time::Duration::from_secs(2)).await;
         }
         if let Some(a) = &addr {
             let p = a.strip_prefix("unix://").unwrap_or(a);
@@ -265,6 +260,7 @@ pub async fn recover_pods(d: &Daemon, r: &mut Report) -> Result<(), StoreError> 
             }
         }
         d.store.delete::<ShimRecord>(&id)?;
+        t::shim_delete_action(d, &id).await;
         if let Err(e) = t::remove_pod_files(&pods_dir.join(&id)) {
             r.failures.push(format!("orphan pod dir {id}: {e}"));
         }

@@ -168,6 +168,22 @@ pub fn alive(pid: u32) -> bool {
     }
 }
 
+/// Give the shim `grace` to exit by itself, then SIGKILL it by pid (checked to be this pod's
+/// shim), and wait for it to be gone: only then is a socket left at its address stale (a
+/// process being killed may still accept a connect).
+pub async fn end_shim(pid: u32, pod_id: &str, grace: Duration) {
+    let wait = |limit: Duration| async move {
+        let deadline = std::time::Instant::now() + limit;
+        while alive(pid) && std::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    };
+    wait(grace).await;
+    if alive(pid) && kill_if_ours(Some(pid), &["-id", pod_id], "") {
+        wait(Duration::from_secs(2)).await;
+    }
+}
+
 /// ShutdownSandbox: the shim exits once its tasks are gone and removes its socket. A shim that
 /// does not exit in time is killed by its recorded pid (checked to be that pod's shim).
 pub async fn shutdown_shim(
@@ -196,13 +212,7 @@ pub async fn shutdown_shim(
     }
     d.shims.remove(pod_id);
     if let Some(pid) = pid {
-        let deadline = std::time::Instant::now() + Duration::from_secs(3);
-        while alive(pid) && std::time::Instant::now() < deadline {
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-        if alive(pid) {
-            kill_if_ours(Some(pid), &["-id", pod_id], "");
-        }
+        end_shim(pid, pod_id, Duration::from_secs(3)).await;
     }
     // The socket, if the shim could not remove it itself.
     let addr = address
@@ -307,15 +317,50 @@ pub async fn remove(
     stop_locked(d, &mut rec).await?;
     crate::cri::container_lifecycle::remove_pod_containers(d, &rec.id).await?;
     shutdown_shim(d, &rec.id, rec.shim_address.as_deref()).await?;
-    release_owned(d, &rec)?;
+    release_owned(d, &rec).await?;
     // Last: while the record exists, a retry can still find and finish the removal.
     d.store.delete::<PodRecord>(&rec.id)?;
     tracing::info!(pod_id = %rec.id, "pod removed");
     Ok(RemovePodSandboxResponse {})
 }
 
+/// The shim writes this in the pod dir while the pause runs and removes it when it cleans up
+/// after the pause; still there once the shim is gone means the shim died without cleaning.
+pub const SANDBOX_RECORD: &str = "crisp-sandbox.json";
+
+/// For a pod whose shim died without cleaning up: run the shim binary's `delete` action in
+/// the pod dir (as containerd does for a dead shim), which removes the pause's cgroups from
+/// the shim's own record of them. Nothing to do when that record is gone.
+pub async fn shim_delete_action(d: &Daemon, pod_id: &str) {
+    let dir = crate::sandbox_files::pod_dir(&d.cfg.state, pod_id);
+    if !dir.join(SANDBOX_RECORD).exists() {
+        return;
+    }
+    let bin = crate::startup::find_binary(&d.cfg.shim_binary)
+        .unwrap_or_else(|| d.cfg.shim_binary.clone());
+    let mut cmd = tokio::process::Command::new(&bin);
+    cmd.args(["-namespace", "k8s.io", "-id", pod_id, "-bundle"])
+        .arg(&dir)
+        .arg("delete")
+        .current_dir(&dir)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true);
+    match tokio::time::timeout(Duration::from_secs(30), cmd.output()).await {
+        Ok(Ok(out)) if out.status.success() => {
+            tracing::info!(pod_id, "shim delete action cleaned up after a dead shim")
+        }
+        Ok(Ok(out)) => tracing::warn!(pod_id, status = %out.status,
+            stderr = %String::from_utf8_lossy(&out.stderr).trim(), "shim delete action failed"),
+        Ok(Err(e)) => tracing::warn!(pod_id, error = %e, "cannot run the shim's delete action"),
+        Err(_) => tracing::warn!(pod_id, "shim delete action timed out"),
+    }
+}
+
 /// The pod's files, ID range and cgroup (after its processes are gone).
-pub fn release_owned(d: &Daemon, rec: &PodRecord) -> Result<(), CriError> {
+pub async fn release_owned(d: &Daemon, rec: &PodRecord) -> Result<(), CriError> {
+    shim_delete_action(d, &rec.id).await;
     let dir = crate::sandbox_files::pod_dir(&d.cfg.state, &rec.id);
     step(&rec.id, "remove pod files", remove_pod_files(&dir))?;
     let r = d
@@ -340,6 +385,10 @@ pub const POD_FILES: &[&str] = &[
     "shim.pid",
     "log",
     "config.json",
+    SANDBOX_RECORD,
+    ".crisp-sandbox.json.tmp",
+    "crisp-runtime.json",
+    ".crisp-runtime.json.tmp",
 ];
 
 /// Remove the pod's own files one by one and then the (then empty) directory: never a

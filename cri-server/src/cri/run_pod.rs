@@ -560,6 +560,9 @@ async fn undo(d: &Daemon, id: &str, cfg: &PodSandboxConfig, done: Done) {
             tracing::warn!(error = %e, "undo: release network");
         }
     }
+    if done.files {
+        t::shim_delete_action(d, id).await;
+    }
     if done.files
         && let Err(e) = t::remove_pod_files(&crate::sandbox_files::pod_dir(&d.cfg.state, id))
     {
