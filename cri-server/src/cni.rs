@@ -295,7 +295,10 @@ impl CniManager {
         // The netns may already be gone (pod removed after a reboot); plugins must still
         // release IPs and iptables rules, and CNI says DEL with an empty netns is allowed.
         let mut request = request;
-        if !Path::new(&request.netns).exists() {
+        // Also when the file is there but no longer a namespace (a crash between umount and
+        // unlink, or during creation): plugins reject a path that is not nsfs.
+        let ns = Path::new(&request.netns);
+        if !ns.exists() || (ns.is_file() && !crate::netns::is_netns(ns)) {
             request.netns = String::new();
         }
         run_list(&cfg, &self.bin_dir, Command::Del, &request, prev)?;

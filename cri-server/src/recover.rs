@@ -108,7 +108,12 @@ pub async fn recover_pods(d: &Daemon, r: &mut Report) -> Result<(), StoreError> 
             let res = async {
                 let _ = t::stop_pause(d, &rec).await;
                 t::shutdown_shim(d, &id, rec.shim_address.as_deref()).await?;
-                t::release_network(d, &id, rec.netns_path.as_deref()).await?;
+                // The netns may exist before the record names it (crash in between).
+                let netns = rec.netns_path.clone().or_else(|| {
+                    let p = d.cfg.netns_dir().join(&id);
+                    p.exists().then(|| p.display().to_string())
+                });
+                t::release_network_opt(d, &id, netns.as_deref(), true).await?;
                 t::release_owned(d, &rec).await?;
                 d.store.delete::<PodRecord>(&id)?;
                 Ok::<_, crate::instrument::CriError>(())

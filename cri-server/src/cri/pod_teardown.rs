@@ -87,11 +87,9 @@ pub async fn shim_of(d: &Daemon, pod_id: &str, address: Option<&str>) -> Option<
     if let Some(s) = d.shims.get(pod_id) {
         return Some(s);
     }
-    let rec = d.store.get::<ShimRecord>(pod_id).ok().flatten();
-    let addr = address
-        .map(str::to_string)
-        .or_else(|| rec.as_ref().map(|r| r.address.clone()))?;
-    match ShimClient::connect_with_pid(&addr, rec.and_then(|r| r.pid)).await {
+    let (addr, pid) = shim_location(d, pod_id, address);
+    let addr = addr?;
+    match ShimClient::connect_with_pid(&addr, pid).await {
         Ok(s) => {
             d.shims.insert(pod_id, s.clone());
             Some(s)
@@ -101,6 +99,31 @@ pub async fn shim_of(d: &Daemon, pod_id: &str, address: Option<&str>) -> Option<
             None
         }
     }
+}
+
+/// Where the pod's shim listens and its pid: from the caller, the shim record, or the files
+/// the shim's `start` writes in the pod dir (a crash between the shim's start and the record
+/// leaves only those).
+pub fn shim_location(
+    d: &Daemon,
+    pod_id: &str,
+    address: Option<&str>,
+) -> (Option<String>, Option<u32>) {
+    let rec = d.store.get::<ShimRecord>(pod_id).ok().flatten();
+    let dir = crate::sandbox_files::pod_dir(&d.cfg.state, pod_id);
+    let addr = address
+        .map(str::to_string)
+        .or_else(|| rec.as_ref().map(|r| r.address.clone()))
+        .or_else(|| {
+            std::fs::read_to_string(dir.join("address"))
+                .ok()
+                .map(|s| s.trim().to_string())
+                .filter(|s| !s.is_empty())
+        });
+    let pid = rec
+        .and_then(|r| r.pid)
+        .or_else(|| crate::shim_client::read_pid(&dir.join("shim.pid")));
+    (addr, pid)
 }
 
 /// Stop the pause process through the shim's sandbox service. A shim that is gone took its
@@ -191,12 +214,9 @@ pub async fn shutdown_shim(
     pod_id: &str,
     address: Option<&str>,
 ) -> Result<(), CriError> {
-    let rec = d.store.get::<ShimRecord>(pod_id)?;
+    let (loc_addr, loc_pid) = shim_location(d, pod_id, address);
     let shim = shim_of(d, pod_id, address).await;
-    let pid = shim
-        .as_ref()
-        .and_then(ShimClient::pid)
-        .or_else(|| rec.as_ref().and_then(|r| r.pid));
+    let pid = shim.as_ref().and_then(ShimClient::pid).or(loc_pid);
     if let Some(shim) = &shim {
         let req = ShutdownSandboxRequest {
             sandbox_id: pod_id.to_string(),
@@ -215,10 +235,7 @@ pub async fn shutdown_shim(
         end_shim(pid, pod_id, Duration::from_secs(3)).await;
     }
     // The socket, if the shim could not remove it itself.
-    let addr = address
-        .map(str::to_string)
-        .or_else(|| rec.as_ref().map(|r| r.address.clone()));
-    if let Some(a) = addr {
+    if let Some(a) = loc_addr {
         let p = a.strip_prefix("unix://").unwrap_or(&a).to_string();
         if !p.is_empty() && std::os::unix::net::UnixStream::connect(&p).is_err() {
             let _ = std::fs::remove_file(&p);
