@@ -27,7 +27,6 @@ use std::io;
 use std::pin::Pin;
 use std::task::{Context, Poll, ready};
 
-use loona_hpack::huffman::HuffmanDecoder;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 /// What a malformed `:authority` becomes: what grpc-go 1.53+ sends for unix sockets.
@@ -424,7 +423,7 @@ fn frame_header(out: &mut Vec<u8>, len: usize, typ: u8, flags: u8, stream_id: u3
 
 // ---------------------------------------------------------------------------------------
 // HPACK (RFC 7541): a decoder that follows the client's dynamic table, and the two encoding
-// primitives the re-encoder needs. Huffman decoding comes from loona-hpack.
+// primitives the re-encoder needs.
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 enum Field {
@@ -457,7 +456,6 @@ struct Decoder {
     table: VecDeque<(Vec<u8>, Vec<u8>)>,
     size: usize,
     max_size: usize,
-    huffman: HuffmanDecoder,
 }
 
 impl Decoder {
@@ -466,7 +464,6 @@ impl Decoder {
             table: VecDeque::new(),
             size: 0,
             max_size: DEFAULT_TABLE,
-            huffman: HuffmanDecoder::new(),
         }
     }
 
@@ -538,7 +535,7 @@ impl Decoder {
         let raw = buf.get(n..end).ok_or(HpackError::Truncated)?;
         *buf = &buf[end..];
         if huffman {
-            self.huffman.decode(raw).map_err(|_| HpackError::Huffman)
+            HUFFMAN.decode(raw)
         } else {
             Ok(raw.to_vec())
         }
@@ -583,6 +580,73 @@ impl Decoder {
                 }
             }
         }
+    }
+}
+
+/// Canonical-code Huffman decoder for RFC 7541 Appendix B (the code table itself comes
+/// from httlib-huffman): per code length, the first code and where its symbols start, so
+/// decoding costs a compare per bit and no lookups in maps.
+struct Huffman {
+    first: [u32; 31],
+    count: [u32; 31],
+    offset: [usize; 31],
+    symbols: Vec<u16>,
+}
+
+static HUFFMAN: std::sync::LazyLock<Huffman> = std::sync::LazyLock::new(Huffman::new);
+
+impl Huffman {
+    fn new() -> Huffman {
+        let table = &httlib_huffman::encoder::table::ENCODE_TABLE;
+        let mut h = Huffman {
+            first: [0; 31],
+            count: [0; 31],
+            offset: [0; 31],
+            symbols: Vec::with_capacity(table.len()),
+        };
+        for len in 1..=30u8 {
+            let mut codes: Vec<(u32, u16)> = (0u16..)
+                .zip(table.iter())
+                .filter(|(_, (l, _))| *l == len)
+                .map(|(sym, (_, code))| (*code, sym))
+                .collect();
+            codes.sort_unstable();
+            let l = usize::from(len);
+            h.first[l] = codes.first().map_or(0, |c| c.0);
+            h.count[l] = u32::try_from(codes.len()).unwrap_or(0);
+            h.offset[l] = h.symbols.len();
+            h.symbols.extend(codes.iter().map(|c| c.1));
+        }
+        h
+    }
+
+    fn decode(&self, src: &[u8]) -> Result<Vec<u8>, HpackError> {
+        let mut out = Vec::with_capacity(src.len() * 8 / 5 + 1);
+        let (mut code, mut len) = (0u32, 0usize);
+        for &byte in src {
+            for bit in (0..8).rev() {
+                code = (code << 1) | u32::from((byte >> bit) & 1);
+                len += 1;
+                if len > 30 {
+                    return Err(HpackError::Huffman);
+                }
+                // Canonical code: the codes of one length are consecutive.
+                let i = code.wrapping_sub(self.first[len]);
+                if i < self.count[len] {
+                    match self.symbols.get(self.offset[len] + i as usize) {
+                        Some(&sym) if sym < 256 => out.push(sym as u8),
+                        _ => return Err(HpackError::Huffman), // EOS inside a string
+                    }
+                    code = 0;
+                    len = 0;
+                }
+            }
+        }
+        // Padding: at most 7 bits, all ones (a prefix of EOS).
+        if len > 7 || code != (1u32 << len) - 1 {
+            return Err(HpackError::Huffman);
+        }
+        Ok(out)
     }
 }
 
@@ -710,6 +774,9 @@ static STATIC_TABLE: [(&[u8], &[u8]); 61] = [
 // ---------------------------------------------------------------------------------------
 // The I/O adapter tonic serves on.
 
+/// Verbatim runs at least this long are read straight into the reader's buffer.
+const DIRECT_MIN: usize = 4096;
+
 /// An accepted connection whose client→server bytes go through an `AuthorityRewriter`.
 pub struct FixAuthority<S> {
     inner: S,
@@ -763,9 +830,11 @@ impl<S: AsyncRead + Unpin> AsyncRead for FixAuthority<S> {
             if this.eof || buf.remaining() == 0 {
                 return Poll::Ready(Ok(()));
             }
-            // Bytes that pass unchanged (DATA payloads) go straight into the caller's buffer.
+            // Big runs of bytes that pass unchanged (DATA payloads) go straight into the
+            // caller's buffer; small ones ride along with the next frame header through
+            // `scratch`, not in a read of their own.
             let direct = this.rewriter.verbatim_budget().min(buf.remaining());
-            if direct > 0 {
+            if direct >= DIRECT_MIN {
                 let mut sub = ReadBuf::new(buf.initialize_unfilled_to(direct));
                 ready!(Pin::new(&mut this.inner).poll_read(cx, &mut sub))?;
                 let n = sub.filled().len();

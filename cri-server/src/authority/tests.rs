@@ -619,3 +619,78 @@ fn authority_validity_matches_h2() {
         assert!(!valid_authority(bad.as_bytes()), "{bad}");
     }
 }
+
+/// Huffman-encode with RFC 7541's table (test helper: the rewriter never encodes Huffman).
+fn huffman_encode(s: &[u8]) -> Vec<u8> {
+    let table = &httlib_huffman::encoder::table::ENCODE_TABLE;
+    let (mut acc, mut bits, mut out) = (0u64, 0u32, Vec::new());
+    for &b in s {
+        let (len, code) = table[usize::from(b)];
+        acc = (acc << len) | u64::from(code);
+        bits += u32::from(len);
+        while bits >= 8 {
+            bits -= 8;
+            out.push((acc >> bits) as u8);
+        }
+    }
+    if bits > 0 {
+        out.push(((acc << (8 - bits)) as u8) | (0xff >> bits));
+    }
+    out
+}
+
+#[test]
+fn huffman_codes_are_canonical() {
+    // The decoder relies on the codes of one length being consecutive.
+    let table = &httlib_huffman::encoder::table::ENCODE_TABLE;
+    for len in 1..=30u8 {
+        let mut codes: Vec<u32> = table
+            .iter()
+            .filter(|(l, _)| *l == len)
+            .map(|(_, c)| *c)
+            .collect();
+        codes.sort_unstable();
+        for w in codes.windows(2) {
+            assert_eq!(w[1], w[0] + 1, "length {len}");
+        }
+    }
+    // RFC 7541 C.4.1: "www.example.com".
+    let www = [
+        0xf1, 0xe3, 0xc2, 0xe5, 0xf2, 0x3a, 0x6b, 0xa0, 0xab, 0x90, 0xf4, 0xff,
+    ];
+    assert_eq!(HUFFMAN.decode(&www), Ok(b"www.example.com".to_vec()));
+    assert_eq!(huffman_encode(b"www.example.com"), www);
+}
+
+#[test]
+fn huffman_round_trips_and_matches_loona() {
+    let all: Vec<u8> = (0..=255u8).collect();
+    assert_eq!(HUFFMAN.decode(&huffman_encode(&all)), Ok(all.clone()));
+    let mut loona = loona_hpack::huffman::HuffmanDecoder::new();
+    let mut s: u32 = 12345;
+    for n in 0..500usize {
+        let v: Vec<u8> = (0..n % 40)
+            .map(|_| {
+                s = s.wrapping_mul(1_103_515_245).wrapping_add(12345);
+                (s >> 16) as u8
+            })
+            .collect();
+        let enc = huffman_encode(&v);
+        assert_eq!(HUFFMAN.decode(&enc), Ok(v.clone()));
+        assert_eq!(loona.decode(&enc).ok(), Some(v));
+        // Random bytes: both decoders agree on what is valid and what it means.
+        let noise: Vec<u8> = enc.iter().map(|b| b ^ (s as u8)).collect();
+        assert_eq!(
+            HUFFMAN.decode(&noise).ok(),
+            loona.decode(&noise).ok(),
+            "{noise:?}"
+        );
+    }
+    // Padding longer than 7 bits, padding not all ones, EOS inside a string.
+    assert!(HUFFMAN.decode(&[0xff]).is_err(), "8 bits of padding");
+    assert!(
+        HUFFMAN.decode(&[0x06]).is_err(),
+        "'0' then 0b110 padding"
+    );
+    assert!(HUFFMAN.decode(&[0xff, 0xff, 0xff, 0xfc]).is_err(), "EOS");
+}
