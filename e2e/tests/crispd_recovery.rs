@@ -11,6 +11,12 @@
 //!
 //! The record is deleted with redb directly (table `pods`, key = pod id): the test depends on
 //! the store's file format, not on crispd's code.
+//!
+//! `crispd_recovery_mid_flight` is the crash a real node sees: crispd is killed while pods
+//! and containers are being created and removed. After the restart every pod it lists is
+//! READY (with its containers in a true state) or NOTREADY, each can be stopped and removed,
+//! and then nothing is left: no shim, container process, pod cgroup, mount, netns or
+//! snapshot, while crispd keeps running.
 
 use std::path::Path;
 use std::time::{Duration, Instant};
@@ -343,6 +349,181 @@ async fn crispd_recovery() -> Result<()> {
     }
     let leaks = env.teardown().await;
     eprintln!("crispd_recovery: {:?}", t0.elapsed());
+    outcome?;
+    ensure!(leaks.is_empty(), "teardown left {leaks:#?}");
+    Ok(())
+}
+
+async fn mid_flight(env: &mut TestEnv) -> Result<()> {
+    let c = env.cri().clone();
+    c.pull(BUSYBOX, None).await?;
+    let baseline = env.idle_baseline();
+    // A few settled pods, one of which is being removed at the crash.
+    let mut settled = Vec::new();
+    for i in 0..4 {
+        let config = env.pod_config(&format!("settled{i}"))?;
+        let id = c.run_pod(&config).await?;
+        let cfg = container_config("app", BUSYBOX, &["sleep", "3600"]);
+        let cid = c.create_container(&id, &cfg, &config).await?;
+        c.start_container(&cid).await?;
+        settled.push(id);
+    }
+    // Busy: 12 pods being created (with two containers each) and the settled ones being
+    // stopped and removed, all at once; crispd is killed in the middle of it.
+    let mut busy = tokio::task::JoinSet::new();
+    for i in 0..12 {
+        let c = c.clone();
+        let config = env.pod_config(&format!("inflight{i}"))?;
+        busy.spawn(async move {
+            let id = c.run_pod(&config).await?;
+            for n in ["a", "b"] {
+                let cfg = container_config(n, BUSYBOX, &["sleep", "3600"]);
+                let cid = c.create_container(&id, &cfg, &config).await?;
+                c.start_container(&cid).await?;
+            }
+            anyhow::Ok(())
+        });
+    }
+    for id in settled.iter().take(2).cloned() {
+        let c = c.clone();
+        busy.spawn(async move {
+            c.stop_pod(&id).await?;
+            c.remove_pod(&id).await
+        });
+    }
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    env.kill_daemon()?;
+    let mut failed = 0;
+    while let Some(r) = busy.join_next().await {
+        if !matches!(r, Ok(Ok(()))) {
+            failed += 1;
+        }
+    }
+    eprintln!("crispd killed with {failed} of 14 operations cut short");
+    env.restart_daemon().await?;
+    let c = env.cri().clone();
+    let pid = env.daemon_pid().context("crispd not running")?;
+
+    // Every listed pod is in a true state, and so is every listed container.
+    let pods = c.list_pods_filtered(None).await?;
+    let mut ready = 0;
+    for p in &pods {
+        let st = c.pod_status(&p.id).await?;
+        ensure!(
+            st.state == p.state,
+            "pod {}: listed {:?} but status {:?}",
+            p.id,
+            p.state,
+            st.state
+        );
+        if p.state == api::PodSandboxState::SandboxReady as i32 {
+            ready += 1;
+            ensure!(
+                env.netns_files()
+                    .iter()
+                    .any(|f| f.display().to_string().contains(&p.id)),
+                "READY pod {} has no netns",
+                p.id
+            );
+        }
+    }
+    for x in c.list_containers(None).await? {
+        ensure!(
+            pods.iter().any(|p| p.id == x.pod_sandbox_id),
+            "container {} listed in pod {} that is not listed",
+            x.id,
+            x.pod_sandbox_id
+        );
+        if x.state == api::ContainerState::ContainerRunning as i32 {
+            let out = c
+                .exec_ok(&x.id, &["echo", "alive"])
+                .await
+                .with_context(|| format!("container {} listed RUNNING", x.id))?;
+            ensure!(out.trim() == "alive", "ExecSync in {}: {out:?}", x.id);
+        }
+    }
+    eprintln!(
+        "after the restart: {} pods listed, {ready} READY",
+        pods.len()
+    );
+    ensure!(
+        settled[2..]
+            .iter()
+            .all(|id| pods.iter().any(|p| &p.id == id)),
+        "an untouched settled pod is missing after the restart"
+    );
+
+    // Everything can be removed, and then nothing is left.
+    for p in &pods {
+        c.stop_pod(&p.id).await?;
+        // On failure, say what crispd left in the pod's state directory.
+        c.remove_pod(&p.id).await.with_context(|| {
+            let dir = env.state.join("pods").join(&p.id);
+            let files: Vec<String> = std::fs::read_dir(&dir)
+                .map(|rd| {
+                    rd.flatten()
+                        .map(|e| e.file_name().to_string_lossy().into_owned())
+                        .collect()
+                })
+                .unwrap_or_default();
+            format!(
+                "pod {} (listed {:?}); {} holds {files:?}",
+                p.id,
+                p.state,
+                dir.display()
+            )
+        })?;
+    }
+    ensure!(
+        c.list_pods().await?.is_empty(),
+        "pods left after removing all"
+    );
+    ensure!(
+        c.list_containers(None).await?.is_empty(),
+        "containers left after removing all"
+    );
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let left = env.idle_leftovers(&baseline);
+        if left.is_empty() {
+            break;
+        }
+        if Instant::now() > deadline {
+            // Name the pod each leftover shim serves (`-id <pod>` on its command line).
+            let shims: Vec<String> = env
+                .shim_pids()
+                .into_iter()
+                .map(|pid| {
+                    let cmd = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+                    format!(
+                        "{pid}: {}",
+                        String::from_utf8_lossy(&cmd).replace('\0', " ")
+                    )
+                })
+                .collect();
+            bail!(
+                "with every pod removed after the crash, crispd still has {left:#?}\nshims: {shims:#?}"
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    ensure!(env.daemon_pid() == Some(pid), "crispd restarted again");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn crispd_recovery_mid_flight() -> Result<()> {
+    let t0 = Instant::now();
+    let registry = Registry::start()?;
+    registry.push(&["busybox", "pause"])?;
+    let mut env = TestEnv::start(RuntimeKind::Crispd, &registry.host()).await?;
+    // Shims alive at the crash are in the footprint (their sockets included) for teardown.
+    let outcome = mid_flight(&mut env).await;
+    if outcome.is_err() {
+        eprintln!("crispd log tail:\n{}", env.daemon_log_tail(80));
+    }
+    let leaks = env.teardown().await;
+    eprintln!("crispd_recovery_mid_flight: {:?}", t0.elapsed());
     outcome?;
     ensure!(leaks.is_empty(), "teardown left {leaks:#?}");
     Ok(())
