@@ -311,60 +311,61 @@ impl AuthorityRewriter {
         let Some(block) = self.block.take() else {
             return;
         };
-        let mut fields = Vec::new();
-        if self.decoder.decode(&block.fragment, &mut fields).is_err() {
+        let mut enc = Vec::with_capacity(block.fragment.len() * 2 + 16);
+        let rewritten = &mut self.rewritten;
+        let decoded = self.decoder.decode_with(&block.fragment, |f| match f {
+            FieldRef::SizeUpdate(n) => encode_int(&mut enc, n, 5, 0x20),
+            FieldRef::Header {
+                name,
+                value,
+                never_indexed,
+                name_index,
+                mut full_index,
+            } => {
+                let value: &[u8] = if name == b":authority" && !valid_authority(value) {
+                    // Once per daemon where an operator sees it (it tells an old client is
+                    // around), then at debug: such clients send it on every call, and crictl
+                    // opens a connection per command.
+                    if !LOGGED.swap(true, std::sync::atomic::Ordering::Relaxed) {
+                        tracing::info!(
+                            authority = %String::from_utf8_lossy(value),
+                            "a client sends a malformed :authority (grpc-go < 1.53 on a \
+                             unix socket); rewriting such values to localhost"
+                        );
+                    } else {
+                        tracing::debug!(
+                            authority = %String::from_utf8_lossy(value),
+                            "rewrote a malformed :authority to localhost"
+                        );
+                    }
+                    *rewritten += 1;
+                    full_index = None;
+                    REPLACEMENT_AUTHORITY
+                } else {
+                    value
+                };
+                // A whole static-table entry is one indexed byte (no dynamic table).
+                if !never_indexed && let Some(i) = full_index {
+                    encode_int(&mut enc, i, 7, 0x80);
+                    return;
+                }
+                // 0000xxxx: literal without indexing; 0001xxxx: never indexed.
+                let first = if never_indexed { 0x10 } else { 0x00 };
+                match name_index {
+                    Some(i) => encode_int(&mut enc, i, 4, first),
+                    None => {
+                        enc.push(first);
+                        encode_str(&mut enc, name);
+                    }
+                }
+                encode_str(&mut enc, value);
+            }
+        });
+        if decoded.is_err() {
             // Malformed for us means malformed for h2 too: let it see the original.
             out.extend_from_slice(&block.raw);
             self.state = State::Passthrough;
             return;
-        }
-        let mut enc = Vec::with_capacity(block.fragment.len() * 2 + 16);
-        for f in &fields {
-            match f {
-                Field::SizeUpdate(n) => encode_int(&mut enc, *n, 5, 0x20),
-                Field::Header {
-                    name,
-                    value,
-                    never_indexed,
-                } => {
-                    let value: &[u8] = if name == b":authority" && !valid_authority(value) {
-                        // Once per daemon where an operator sees it (it tells an old client
-                        // is around), then at debug: such clients send it on every call, and
-                        // crictl opens a connection per command.
-                        if !LOGGED.swap(true, std::sync::atomic::Ordering::Relaxed) {
-                            tracing::info!(
-                                authority = %String::from_utf8_lossy(value),
-                                "a client sends a malformed :authority (grpc-go < 1.53 on a \
-                                 unix socket); rewriting such values to localhost"
-                            );
-                        } else {
-                            tracing::debug!(
-                                authority = %String::from_utf8_lossy(value),
-                                "rewrote a malformed :authority to localhost"
-                            );
-                        }
-                        self.rewritten += 1;
-                        REPLACEMENT_AUTHORITY
-                    } else {
-                        value
-                    };
-                    // A whole static-table entry is one indexed byte (no dynamic table).
-                    if !*never_indexed && let Some(i) = static_index(name, value) {
-                        encode_int(&mut enc, i, 7, 0x80);
-                        continue;
-                    }
-                    // 0000xxxx: literal without indexing; 0001xxxx: never indexed.
-                    let first = if *never_indexed { 0x10 } else { 0x00 };
-                    match static_name_index(name) {
-                        Some(i) => encode_int(&mut enc, i, 4, first),
-                        None => {
-                            enc.push(first);
-                            encode_str(&mut enc, name);
-                        }
-                    }
-                    encode_str(&mut enc, value);
-                }
-            }
         }
         write_block(out, &block, &enc);
     }
@@ -425,6 +426,7 @@ fn frame_header(out: &mut Vec<u8>, len: usize, typ: u8, flags: u8, stream_id: u3
 // HPACK (RFC 7541): a decoder that follows the client's dynamic table, and the two encoding
 // primitives the re-encoder needs.
 
+#[cfg(test)]
 #[derive(Debug, Clone, PartialEq, Eq)]
 enum Field {
     SizeUpdate(usize),
@@ -451,9 +453,34 @@ enum HpackError {
     TableTooBig(usize),
 }
 
+/// One decoded field, borrowed for the time of the callback, with what the re-encoder
+/// needs to know about the static table (looked up once per table entry, not per use).
+enum FieldRef<'a> {
+    SizeUpdate(usize),
+    Header {
+        name: &'a [u8],
+        value: &'a [u8],
+        never_indexed: bool,
+        /// A static-table index with this name.
+        name_index: Option<usize>,
+        /// A static-table index with this name and value.
+        full_index: Option<usize>,
+    },
+}
+
+/// A decoded literal: name, a static-table index with that name, value.
+type Literal = (Vec<u8>, Option<usize>, Vec<u8>);
+
+struct Entry {
+    name: Vec<u8>,
+    value: Vec<u8>,
+    name_index: Option<usize>,
+    full_index: Option<usize>,
+}
+
 struct Decoder {
     /// Newest first, as HPACK indexes it (index 62 = front).
-    table: VecDeque<(Vec<u8>, Vec<u8>)>,
+    table: VecDeque<Entry>,
     size: usize,
     max_size: usize,
 }
@@ -467,26 +494,54 @@ impl Decoder {
         }
     }
 
-    /// Decode one complete header block, updating the dynamic table as the encoder did.
-    fn decode(&mut self, mut buf: &[u8], out: &mut Vec<Field>) -> Result<(), HpackError> {
+    /// Decode one complete header block into owned fields (tests, diagnostics).
+    #[cfg(test)]
+    fn decode(&mut self, buf: &[u8], out: &mut Vec<Field>) -> Result<(), HpackError> {
+        self.decode_with(buf, |f| {
+            out.push(match f {
+                FieldRef::SizeUpdate(n) => Field::SizeUpdate(n),
+                FieldRef::Header {
+                    name,
+                    value,
+                    never_indexed,
+                    ..
+                } => Field::Header {
+                    name: name.to_vec(),
+                    value: value.to_vec(),
+                    never_indexed,
+                },
+            })
+        })
+    }
+
+    /// Decode one complete header block, updating the dynamic table as the encoder did,
+    /// handing each field to `cb` in order. On error the block is to be dropped whole.
+    fn decode_with(
+        &mut self,
+        mut buf: &[u8],
+        mut cb: impl FnMut(FieldRef<'_>),
+    ) -> Result<(), HpackError> {
         let mut seen_header = false;
         while let Some(&b) = buf.first() {
             if b & 0x80 != 0 {
                 let (idx, n) = decode_int(buf, 7)?;
                 buf = &buf[n..];
-                let (name, value) = self.get(idx)?;
-                out.push(Field::Header {
-                    name: name.to_vec(),
-                    value: value.to_vec(),
-                    never_indexed: false,
-                });
+                cb(self.get(idx)?);
             } else if b & 0x40 != 0 {
-                let (name, value) = self.literal(&mut buf, 6)?;
-                self.insert(name.clone(), value.clone());
-                out.push(Field::Header {
+                let (name, name_index, value) = self.literal(&mut buf, 6)?;
+                let full_index = static_index(&name, &value);
+                cb(FieldRef::Header {
+                    name: &name,
+                    value: &value,
+                    never_indexed: false,
+                    name_index,
+                    full_index,
+                });
+                self.insert(Entry {
                     name,
                     value,
-                    never_indexed: false,
+                    name_index,
+                    full_index,
                 });
             } else if b & 0x20 != 0 {
                 if seen_header {
@@ -499,15 +554,16 @@ impl Decoder {
                 }
                 self.max_size = size;
                 self.evict(0);
-                out.push(Field::SizeUpdate(size));
+                cb(FieldRef::SizeUpdate(size));
                 continue;
             } else {
-                let never_indexed = b & 0x10 != 0;
-                let (name, value) = self.literal(&mut buf, 4)?;
-                out.push(Field::Header {
-                    name,
-                    value,
-                    never_indexed,
+                let (name, name_index, value) = self.literal(&mut buf, 4)?;
+                cb(FieldRef::Header {
+                    name: &name,
+                    value: &value,
+                    never_indexed: b & 0x10 != 0,
+                    name_index,
+                    full_index: None,
                 });
             }
             seen_header = true;
@@ -516,16 +572,24 @@ impl Decoder {
     }
 
     /// A literal field: name index (or 0 and a name string), then the value string.
-    fn literal(&mut self, buf: &mut &[u8], prefix: u8) -> Result<(Vec<u8>, Vec<u8>), HpackError> {
+    /// Returns (name, a static index with that name, value).
+    fn literal(&mut self, buf: &mut &[u8], prefix: u8) -> Result<Literal, HpackError> {
         let (idx, n) = decode_int(buf, prefix)?;
         *buf = &buf[n..];
-        let name = if idx == 0 {
-            self.string(buf)?
+        let (name, name_index) = if idx == 0 {
+            let name = self.string(buf)?;
+            let i = static_name_index(&name);
+            (name, i)
         } else {
-            self.get(idx)?.0.to_vec()
+            match self.get(idx)? {
+                FieldRef::Header {
+                    name, name_index, ..
+                } => (name.to_vec(), name_index),
+                FieldRef::SizeUpdate(_) => return Err(HpackError::BadIndex(idx)),
+            }
         };
         let value = self.string(buf)?;
-        Ok((name, value))
+        Ok((name, name_index, value))
     }
 
     fn string(&mut self, buf: &mut &[u8]) -> Result<Vec<u8>, HpackError> {
@@ -541,23 +605,35 @@ impl Decoder {
         }
     }
 
-    fn get(&self, idx: usize) -> Result<(&[u8], &[u8]), HpackError> {
+    fn get(&self, idx: usize) -> Result<FieldRef<'_>, HpackError> {
         match idx {
             0 => Err(HpackError::BadIndex(0)),
             1..=61 => {
-                let (n, v) = STATIC_TABLE[idx - 1];
-                Ok((n, v))
+                let (name, value) = STATIC_TABLE[idx - 1];
+                Ok(FieldRef::Header {
+                    name,
+                    value,
+                    never_indexed: false,
+                    name_index: Some(idx),
+                    full_index: Some(idx),
+                })
             }
             _ => self
                 .table
                 .get(idx - 62)
-                .map(|(n, v)| (n.as_slice(), v.as_slice()))
+                .map(|e| FieldRef::Header {
+                    name: &e.name,
+                    value: &e.value,
+                    never_indexed: false,
+                    name_index: e.name_index,
+                    full_index: e.full_index,
+                })
                 .ok_or(HpackError::BadIndex(idx)),
         }
     }
 
-    fn insert(&mut self, name: Vec<u8>, value: Vec<u8>) {
-        let size = name.len() + value.len() + 32;
+    fn insert(&mut self, e: Entry) {
+        let size = e.name.len() + e.value.len() + 32;
         if size > self.max_size {
             // RFC 7541 §4.4: an entry larger than the table empties it and is not added.
             self.table.clear();
@@ -566,14 +642,14 @@ impl Decoder {
         }
         self.evict(size);
         self.size += size;
-        self.table.push_front((name, value));
+        self.table.push_front(e);
     }
 
     /// Evict oldest entries until `extra` more octets fit.
     fn evict(&mut self, extra: usize) {
         while self.size + extra > self.max_size {
             match self.table.pop_back() {
-                Some((n, v)) => self.size -= n.len() + v.len() + 32,
+                Some(e) => self.size -= e.name.len() + e.value.len() + 32,
                 None => {
                     self.size = 0;
                     break;
