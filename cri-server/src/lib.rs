@@ -13,15 +13,17 @@
 //! | `cni`, `netns` | network config discovery and polling, plugin chains, result cache; named netns |
 //! | `spec` | the OCI spec as a pure function of pod, container and image config |
 //! | `logs` | CRI-format container log files |
-//! | `recover` | orphans found at start-up (ID ranges, netns, CNI attachments, records) |
+//! | `recover` | start-up: orphans (ID ranges, netns, CNI attachments, records, shims), pods reconnected to their shims or marked NotReady |
+//! | `shim_client` | the shim v2 `start` protocol; one ttrpc connection per pod (task + sandbox services) |
+//! | `shim_events` | crispd's ttrpc events endpoint the shims publish task exits / OOMs to |
+//! | `pod_stats` | PodSandboxStats from the pod's cgroup and the pause's eth0 |
 //! | `inflight` | single flight for retried slow calls (RunPodSandbox) |
 //! | `instrument` | the one error-kind → gRPC-code mapping; call entry/exit logs and metrics |
 //! | `server`, `cri/` | the tonic services; one file per CRI call or family |
 //! | `metrics` | Prometheus text on a loopback port |
 //!
-//! Not wired yet: starting pods and containers through the shim (its sandbox and task ttrpc
-//! services), so RunPodSandbox stops after its checks with Unimplemented, and container
-//! create/start/stop/exec/stats are Unimplemented; streaming calls belong to a later issue.
+//! Pods run through the shim's sandbox service (the pause), containers through its task
+//! service. Streaming calls (Exec, Attach, PortForward) belong to a later issue.
 
 pub mod authority;
 pub mod bundle;
