@@ -16,6 +16,7 @@ use containerd_shim_protos::ttrpc;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use crate::instrument::{ErrorKind, HasKind};
+pub use crate::shim_events::ShimEvent;
 
 /// How long `<shim> start` may take to print its address before we give up on it.
 const START_TIMEOUT: Duration = Duration::from_secs(20);
@@ -352,4 +353,3 @@ mod tests {
         assert_eq!(e.kind(), ErrorKind::Unavailable);
     }
 }
-pub use crate::shim_events::ShimEvent;

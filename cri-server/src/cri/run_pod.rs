@@ -555,10 +555,10 @@ async fn undo(d: &Daemon, id: &str, cfg: &PodSandboxConfig, done: Done) {
             tracing::warn!(error = %e, "undo: shut down shim");
         }
     }
-    if done.cni || done.netns.is_some() {
-        if let Err(e) = t::release_network_opt(d, id, done.netns.as_deref(), true).await {
-            tracing::warn!(error = %e, "undo: release network");
-        }
+    if (done.cni || done.netns.is_some())
+        && let Err(e) = t::release_network_opt(d, id, done.netns.as_deref(), true).await
+    {
+        tracing::warn!(error = %e, "undo: release network");
     }
     if done.files {
         t::shim_delete_action(d, id).await;
