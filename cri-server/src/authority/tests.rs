@@ -688,9 +688,6 @@ fn huffman_round_trips_and_matches_loona() {
     }
     // Padding longer than 7 bits, padding not all ones, EOS inside a string.
     assert!(HUFFMAN.decode(&[0xff]).is_err(), "8 bits of padding");
-    assert!(
-        HUFFMAN.decode(&[0x06]).is_err(),
-        "'0' then 0b110 padding"
-    );
+    assert!(HUFFMAN.decode(&[0x06]).is_err(), "'0' then 0b110 padding");
     assert!(HUFFMAN.decode(&[0xff, 0xff, 0xff, 0xfc]).is_err(), "EOS");
 }
