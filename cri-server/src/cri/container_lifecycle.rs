@@ -413,6 +413,9 @@ pub async fn create_container(
     d: &Daemon,
     req: CreateContainerRequest,
 ) -> Result<CreateContainerResponse, CriError> {
+    // The sandbox first, as containerd does: a call for an unknown pod is NotFound whatever
+    // else is wrong with it.
+    let pod = crate::cri::pods::find(&d.store, &req.pod_sandbox_id)?;
     let cfg = req
         .config
         .ok_or_else(|| CriError::invalid("config is missing"))?;
@@ -429,7 +432,6 @@ pub async fn create_container(
         .map(|i| i.image.trim().to_string())
         .filter(|s| !s.is_empty())
         .ok_or_else(|| CriError::invalid("config.image.image is empty"))?;
-    let pod = crate::cri::pods::find(&d.store, &req.pod_sandbox_id)?;
     let _pod_guard = d.pod_locks.lock(&pod.id).await;
     // Re-read under the lock: the pod may have been stopped or removed meanwhile.
     let pod = d
