@@ -138,6 +138,50 @@ fn create_in_prepared(path: &Path) -> Result<(), NetnsError> {
     r
 }
 
+/// Pin the network namespace of process `pid` at `path` (preparing its directory first): how a
+/// user-namespaced pod gets its netns. Such a pod's network namespace must be owned by its user
+/// namespace (or runc, having joined the user namespace, may not setns into it), so the shim
+/// creates it together with the pause's user namespace and crispd pins it afterwards, as
+/// containerd does. The result is removed by [`remove`] like a [`create`]d one.
+///
+/// Refuses a process that is in crispd's own network namespace: CNI would otherwise configure
+/// the host's network.
+pub fn bind_from_pid(path: &Path, pid: u32) -> Result<(), NetnsError> {
+    use std::os::unix::fs::MetadataExt;
+    if let Some(dir) = path.parent() {
+        prepare_dir(dir)?;
+    }
+    let source = PathBuf::from(format!("/proc/{pid}/ns/net"));
+    let theirs = std::fs::metadata(&source).map_err(io(&source, "stat"))?;
+    let ours = std::fs::metadata("/proc/self/ns/net").map_err(io(path, "stat own ns/net"))?;
+    if (theirs.dev(), theirs.ino()) == (ours.dev(), ours.ino()) {
+        return Err(NetnsError::Sys {
+            path: source,
+            op: "check it is a private network namespace",
+            source: std::io::Error::other(format!(
+                "process {pid} is in the host's network namespace"
+            )),
+        });
+    }
+    File::options()
+        .write(true)
+        .create_new(true)
+        .open(path)
+        .map_err(io(path, "create file"))?;
+    let r = mount(
+        Some(&source),
+        path,
+        None::<&str>,
+        MsFlags::MS_BIND,
+        None::<&str>,
+    )
+    .map_err(sys(path, "bind mount /proc/<pid>/ns/net"));
+    if r.is_err() {
+        let _ = std::fs::remove_file(path);
+    }
+    r
+}
+
 /// Unmount and unlink; a missing or already unmounted path is success.
 pub fn remove(path: &Path) -> Result<(), NetnsError> {
     match umount2(path, MntFlags::MNT_DETACH) {
@@ -229,5 +273,58 @@ mod tests {
         remove(&p).expect("remove");
         assert!(!p.exists());
         remove(&p).expect("remove twice");
+    }
+
+    #[test]
+    fn bind_from_pid_pins_a_process_netns() {
+        if !is_root() {
+            eprintln!("skipping: needs root");
+            return;
+        }
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let dir = tmp.path().join("netns");
+        prepare_dir(&dir).expect("prepare");
+        let _guard = DirMount(dir.clone());
+        // Our own process is in the host's network namespace: refused, nothing left.
+        let p = dir.join("self");
+        assert!(bind_from_pid(&p, std::process::id()).is_err());
+        assert!(!p.exists());
+        // A child in a new network namespace: pinned, and still there after the child is gone.
+        struct Kill(std::process::Child);
+        impl Drop for Kill {
+            fn drop(&mut self) {
+                let _ = self.0.kill();
+                let _ = self.0.wait();
+            }
+        }
+        let child = Kill(
+            std::process::Command::new("unshare")
+                .args(["--net", "sleep", "30"])
+                .spawn()
+                .expect("spawn unshare"),
+        );
+        let pid = child.0.id();
+        // Wait until unshare has exec'd sleep in the new namespace.
+        let own = std::fs::read_link("/proc/self/ns/net").expect("readlink");
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        while std::fs::read_link(format!("/proc/{pid}/ns/net"))
+            .ok()
+            .as_ref()
+            == Some(&own)
+        {
+            assert!(std::time::Instant::now() < deadline, "child never unshared");
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+        let q = dir.join("pod");
+        bind_from_pid(&q, pid).expect("bind");
+        assert!(is_netns(&q));
+        assert!(
+            bind_from_pid(&q, pid).is_err(),
+            "second bind of the same name fails"
+        );
+        drop(child);
+        assert!(is_netns(&q), "pinned past the process");
+        remove(&q).expect("remove");
+        assert!(!q.exists());
     }
 }

@@ -90,6 +90,18 @@ pub fn preflight(d: &Daemon, req: &RunPodSandboxRequest) -> Result<(), CriError>
         // FailedPrecondition, naming the directory and what is missing in it.
         d.cni.current()?;
     }
+    let userns_pod = ns
+        .and_then(|n| n.userns_options.as_ref())
+        .is_some_and(|u| u.mode == NamespaceMode::Pod as i32);
+    if userns_pod && host_network {
+        // As kubelet's validation ("hostNetwork is not allowed when user namespaces are
+        // enabled"): the host's netns is owned by the host's user namespace, which a
+        // container that joined the pod's user namespace can neither enter nor mount sysfs for.
+        return Err(CriError::invalid(
+            "config.linux.security_context.namespace_options: network NODE (host network) \
+             cannot be combined with userns_options.mode POD (a user namespace)",
+        ));
+    }
     if let Some(u) = ns.and_then(|n| n.userns_options.as_ref())
         && u.mode == NamespaceMode::Pod as i32
         && !(u.uids.is_empty() && u.gids.is_empty())
@@ -391,8 +403,12 @@ async fn setup(
     done.idmap = idmap.as_ref().is_some_and(|m| m.allocated);
 
     done.lap("id range");
-    // 3. Network namespace and CNI ADD.
-    if !m.host_network {
+    // 3. Network namespace and CNI ADD. A user-namespaced pod's netns must be owned by its user
+    //    namespace (runc joins the user namespace first, then could not setns into a netns of
+    //    the host's): the shim creates both for the pause, and crispd pins and attaches the
+    //    netns after StartSandbox (step 6b), as containerd does.
+    let netns_after_pause = !m.host_network && idmap.is_some();
+    if !m.host_network && !netns_after_pause {
         let path = d.cfg.netns_dir().join(id);
         let p = path.clone();
         tokio::task::spawn_blocking(move || crate::netns::create(&p))
@@ -403,29 +419,7 @@ async fn setup(
         rec.netns_path = Some(netns.clone());
         d.store.put(id, &rec)?;
         done.lap("netns");
-        let attach = AttachRequest {
-            pod_id: id.to_string(),
-            netns,
-            ifname: "eth0".into(),
-            args: [
-                ("IgnoreUnknown", "1".to_string()),
-                ("K8S_POD_NAMESPACE", meta.namespace.clone()),
-                ("K8S_POD_NAME", meta.name.clone()),
-                ("K8S_POD_INFRA_CONTAINER_ID", id.to_string()),
-                ("K8S_POD_UID", meta.uid.clone()),
-            ]
-            .into_iter()
-            .map(|(k, v)| (k.to_string(), v))
-            .collect(),
-            port_mappings: port_mappings(cfg),
-        };
-        let cni = Arc::clone(&d.cni);
-        done.cni = true; // DEL is safe even if ADD failed half-way (plugins must allow it).
-        let result = tokio::task::spawn_blocking(move || cni.add(&attach))
-            .await
-            .map_err(|e| CriError::internal(format!("CNI task: {e}")))??;
-        rec.ips = result.ips;
-        done.lap("cni add");
+        cni_add(d, id, meta, cfg, netns, &mut rec, done).await?;
     }
 
     // 4. The pod's files (bundle dir of the shim too).
@@ -528,14 +522,66 @@ async fn setup(
         .map_err(|e| crate::shim_client::rpc_error("StartSandbox", id, e))?;
 
     done.lap("sandbox create+start");
-    // 7. Ready.
     rec.pause_pid = Some(started.pid);
+    // 6b. A user-namespaced pod: pin the pause's new netns where every other pod's is, then
+    //     CNI ADD on it. Undo (CNI DEL, unmount + unlink) is the same as for any pod.
+    if netns_after_pause {
+        let path = d.cfg.netns_dir().join(id);
+        let p = path.clone();
+        let pid = started.pid;
+        tokio::task::spawn_blocking(move || crate::netns::bind_from_pid(&p, pid))
+            .await
+            .map_err(|e| CriError::internal(format!("netns task: {e}")))??;
+        let netns = path.display().to_string();
+        done.netns = Some(netns.clone());
+        rec.netns_path = Some(netns.clone());
+        d.store.put(id, &rec)?;
+        done.lap("netns");
+        cni_add(d, id, meta, cfg, netns, &mut rec, done).await?;
+    }
+    // 7. Ready.
     rec.state = PodState::Ready;
     d.store.put(id, &rec)?;
     tracing::info!(pause_pid = started.pid, ips = ?rec.ips, "pod sandbox started");
     Ok(RunPodSandboxResponse {
         pod_sandbox_id: id.to_string(),
     })
+}
+
+/// CNI ADD of the pod's `eth0` in `netns`; the IPs go to the record (stored by the caller).
+async fn cni_add(
+    d: &Arc<Daemon>,
+    id: &str,
+    meta: &crisp_proto::cri::v1::PodSandboxMetadata,
+    cfg: &PodSandboxConfig,
+    netns: String,
+    rec: &mut PodRecord,
+    done: &mut Done,
+) -> Result<(), CriError> {
+    let attach = AttachRequest {
+        pod_id: id.to_string(),
+        netns,
+        ifname: "eth0".into(),
+        args: [
+            ("IgnoreUnknown", "1".to_string()),
+            ("K8S_POD_NAMESPACE", meta.namespace.clone()),
+            ("K8S_POD_NAME", meta.name.clone()),
+            ("K8S_POD_INFRA_CONTAINER_ID", id.to_string()),
+            ("K8S_POD_UID", meta.uid.clone()),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v))
+        .collect(),
+        port_mappings: port_mappings(cfg),
+    };
+    let cni = Arc::clone(&d.cni);
+    done.cni = true; // DEL is safe even if ADD failed half-way (plugins must allow it).
+    let result = tokio::task::spawn_blocking(move || cni.add(&attach))
+        .await
+        .map_err(|e| CriError::internal(format!("CNI task: {e}")))??;
+    rec.ips = result.ips;
+    done.lap("cni add");
+    Ok(())
 }
 
 /// Undo whatever `setup` did, in reverse; each step is attempted even if an earlier one fails
@@ -718,6 +764,44 @@ mod tests {
         );
     }
 
+    #[test]
+    fn host_network_with_a_user_namespace_is_refused() {
+        use crisp_proto::cri::v1::{
+            LinuxPodSandboxConfig, LinuxSandboxSecurityContext, NamespaceOption, UserNamespace,
+        };
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut d = Daemon::for_test(dir.path());
+        let mut c = (*d.cfg).clone();
+        c.shim_binary = "/bin/sh".into();
+        d.cfg = std::sync::Arc::new(c);
+        let mut r = req("");
+        if let Some(cfg) = r.config.as_mut() {
+            cfg.linux = Some(LinuxPodSandboxConfig {
+                security_context: Some(LinuxSandboxSecurityContext {
+                    namespace_options: Some(NamespaceOption {
+                        network: NamespaceMode::Node as i32,
+                        userns_options: Some(UserNamespace {
+                            mode: NamespaceMode::Pod as i32,
+                            ..Default::default()
+                        }),
+                        ..Default::default()
+                    }),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            });
+        }
+        let e = preflight(&d, &r).expect_err("host network + userns");
+        assert_eq!(e.kind, ErrorKind::InvalidArgument);
+        assert!(
+            e.message.contains("namespace_options")
+                && e.message.contains("userns_options.mode")
+                && e.message.contains("network"),
+            "{}",
+            e.message
+        );
+    }
+
     fn config() -> PodSandboxConfig {
         use crisp_proto::cri::v1::{
             IdMapping, LinuxPodSandboxConfig, LinuxSandboxSecurityContext, NamespaceOption,
@@ -820,6 +904,24 @@ mod tests {
         );
         assert_eq!(spec["linux"]["gidMappings"][0]["hostID"], 200000);
         assert_eq!(spec["process"]["oomScoreAdj"], PAUSE_OOM_SCORE_ADJ);
+
+        // A user-namespaced pod network pod: a NEW network namespace (no path) with the user
+        // namespace, so the netns is owned by it (crispd pins it after StartSandbox).
+        let spec = pause_spec(
+            &config(),
+            &PauseInputs {
+                pod_id: "p3",
+                netns_path: None,
+                cgroups_path: "/crisp-p3".into(),
+                idmap: Some(&map),
+                current_oom_score_adj: 0,
+            },
+        );
+        assert_eq!(
+            spec["linux"]["namespaces"],
+            json!([{"type": "pid"}, {"type": "ipc"}, {"type": "uts"}, {"type": "network"},
+                   {"type": "user"}])
+        );
     }
 
     #[test]
