@@ -38,6 +38,7 @@ pub mod logs;
 pub mod metrics;
 pub mod netns;
 pub mod pod_stats;
+pub mod pod_watch;
 pub mod recover;
 pub mod sandbox_files;
 pub mod server;

@@ -167,6 +167,7 @@ pub async fn prepare(cfg: Config) -> anyhow::Result<Arc<Daemon>> {
     }
     d.conditions.set(conditions);
     spawn_pause_exit_watch(&d);
+    crate::pod_watch::spawn(&d);
     Ok(d)
 }
 

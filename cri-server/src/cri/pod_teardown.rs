@@ -418,6 +418,17 @@ pub fn remove_pod_files(dir: &Path) -> Result<(), String> {
             Err(e) => return Err(format!("{}: {e}", dir.join(name).display())),
         }
     }
+    // A crash in the middle of an atomic write (util::write_atomic) leaves its
+    // `.<name>.tmp-<pid>`; it is ours too and must not keep the directory alive.
+    if let Ok(entries) = std::fs::read_dir(dir) {
+        for e in entries.flatten() {
+            let name = e.file_name();
+            let name = name.to_string_lossy();
+            if name.starts_with('.') && name.contains(".tmp-") {
+                let _ = std::fs::remove_file(e.path());
+            }
+        }
+    }
     match std::fs::remove_dir(dir) {
         Ok(()) => Ok(()),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
