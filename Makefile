@@ -27,9 +27,13 @@ test: deps test-images
 	$(CARGO) build --workspace --bins
 	$(CARGO) nextest run --workspace --no-fail-fast
 
+# Benchmarks print figures (crisp against Debian's containerd in the same run); they assert
+# nothing about time. The ignored ones need the debug binaries the e2e harness starts.
 bench: deps test-images
-	$(CARGO) build --workspace --release --bins
 	$(CARGO) bench --workspace
+	$(CARGO) build --workspace --bins
+	$(CARGO) nextest run --workspace --run-ignored only --no-capture --test-threads 1 \
+	  -E 'test(bench_large_pull) | test(bench_pods_crispd_vs_containerd) | test(bench_shim_rss_and_pod_start) | test(adapter_overhead)'
 
 clean:
 	$(CARGO) clean
