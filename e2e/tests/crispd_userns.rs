@@ -7,13 +7,14 @@
 //!
 //! - Two pods get disjoint host ID ranges (promise 1); each container's root is the first ID
 //!   of its pod's range on the host (/proc/<pid>/status), `id -u` inside is 0, the rootfs is
-//!   owned by 0 inside (`ls -ln /`), and eth0 carries the IP PodSandboxStatus reports.
+//!   owned by 0 inside (`ls -ln /`), eth0 carries the IP PodSandboxStatus reports, and the
+//!   host reaches a server in the pod at that IP.
 //! - With both ranges of the (test-private) subuid file in use, a third pod is refused with
 //!   ResourceExhausted and leaves nothing; once a pod is removed, the third gets its range.
 //! - Host network with a user namespace is InvalidArgument naming the fields (as kubelet).
 //! - Teardown finds no leak (netns, mounts, cgroups, processes).
 
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail, ensure};
 use crisp_e2e::cri::{self, container_config};
@@ -63,7 +64,9 @@ struct Running {
 async fn run_and_check(env: &TestEnv, name: &str) -> Result<Running> {
     let cfg = userns_pod(env, name)?;
     let pod = env.cri().run_pod(&cfg).await?;
-    let cc = container_config("main", BUSYBOX, &["sleep", "3600"]);
+    // One answer per connection, forever: the host may connect before nc listens.
+    let serve = format!("while true; do echo hello-{name} | nc -l -p 8080; done");
+    let cc = container_config("main", BUSYBOX, &["sh", "-c", &serve]);
     let container = env.cri().create_container(&pod, &cc, &cfg).await?;
     env.cri().start_container(&container).await?;
 
@@ -145,11 +148,37 @@ async fn run_and_check(env: &TestEnv, name: &str) -> Result<Running> {
         lo.contains(&ip.to_string()),
         "{name}: fib_trie lacks {ip}:\n{lo}"
     );
+    // And the host reaches a server in the pod over the bridge.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        match read_once(ip, 8080).await {
+            Ok(got) if got.trim() == format!("hello-{name}") => break,
+            other if Instant::now() >= deadline => {
+                bail!("{name}: no answer from {ip}:8080: {other:?}")
+            }
+            _ => tokio::time::sleep(Duration::from_millis(200)).await,
+        }
+    }
     Ok(Running {
         pod,
         container,
         host_uid,
     })
+}
+
+async fn read_once(ip: std::net::IpAddr, port: u16) -> Result<String> {
+    use tokio::io::AsyncReadExt;
+    let mut s = tokio::time::timeout(
+        Duration::from_secs(2),
+        tokio::net::TcpStream::connect((ip, port)),
+    )
+    .await
+    .context("connect timed out")??;
+    let mut buf = String::new();
+    tokio::time::timeout(Duration::from_secs(2), s.read_to_string(&mut buf))
+        .await
+        .context("read timed out")??;
+    Ok(buf)
 }
 
 async fn remove(env: &TestEnv, r: &Running) -> Result<()> {
@@ -267,6 +296,90 @@ async fn crispd_userns_pods() -> Result<()> {
     }
     let leaks = env.teardown().await;
     eprintln!("crispd_userns_pods: {:?}", t0.elapsed());
+    outcome?;
+    ensure!(leaks.is_empty(), "teardown left {leaks:#?}");
+    Ok(())
+}
+
+/// A CNI ADD that fails after the pause's netns was pinned (a chained plugin refuses) undoes
+/// everything: no pod, netns, shim, veth or IP allocation left, and the ID range is released —
+/// with room for one range only, a second attempt fails the same way instead of
+/// ResourceExhausted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn crispd_userns_failed_cni_add_undoes() -> Result<()> {
+    let t0 = Instant::now();
+    let registry = Registry::start()?;
+    registry.push(&["pause"])?;
+    let ids = tempfile::tempdir()?;
+    let subuid = ids.path().join("subuid");
+    let subgid = ids.path().join("subgid");
+    std::fs::write(&subuid, format!("crisp:{UID_BASE}:{RANGE}\n"))?;
+    std::fs::write(&subgid, format!("crisp:{GID_BASE}:{RANGE}\n"))?;
+    let env = TestEnv::builder(RuntimeKind::Crispd)
+        .mirror(registry.host())
+        .without_cni_config()
+        .crispd_config(format!(
+            "[userns]\nsubuid_file = \"{}\"\nsubgid_file = \"{}\"\n",
+            subuid.display(),
+            subgid.display()
+        ))
+        .start()
+        .await?;
+    let outcome = async {
+        // bridge + host-local succeed, then tuning fails on a sysctl that does not exist.
+        let tuning = serde_json::json!({
+            "type": "tuning",
+            "sysctl": { "net.ipv4.conf.eth0.crisp_no_such_sysctl": "1" },
+        });
+        let conflist = env.network().conflist_with(&env.cni_ipam_dir(), &[tuning]);
+        let tmp = env.root.join(".conflist.tmp");
+        std::fs::write(&tmp, conflist)?;
+        std::fs::rename(&tmp, env.cni_conf_dir.join("10-crisp-e2e.conflist"))?;
+        for attempt in 0..2 {
+            let cfg = userns_pod(&env, &format!("cni-fails-{attempt}"))?;
+            let deadline = Instant::now() + Duration::from_secs(10);
+            let err = loop {
+                match env.cri().run_pod(&cfg).await {
+                    Ok(id) => bail!("pod {id} started although CNI ADD must fail"),
+                    // The daemon has not seen the conflist yet.
+                    Err(e)
+                        if cri::grpc_code(&e) == Some(tonic::Code::FailedPrecondition)
+                            && Instant::now() < deadline =>
+                    {
+                        tokio::time::sleep(Duration::from_millis(100)).await
+                    }
+                    Err(e) => break e,
+                }
+            };
+            let msg = format!("{err:#}");
+            ensure!(
+                cri::grpc_code(&err) != Some(tonic::Code::ResourceExhausted),
+                "attempt {attempt}: the ID range of the failed pod was not released: {msg}"
+            );
+            ensure!(msg.contains("tuning"), "attempt {attempt}: {msg}");
+            ensure!(
+                env.cri().list_pods().await?.is_empty(),
+                "attempt {attempt}: a pod record is left"
+            );
+            ensure!(
+                env.netns_files().is_empty(),
+                "attempt {attempt}: netns left: {:?}",
+                env.netns_files()
+            );
+            ensure!(
+                env.shim_pids().is_empty(),
+                "attempt {attempt}: shims left: {:?}",
+                env.shim_pids()
+            );
+        }
+        Ok(())
+    }
+    .await;
+    if outcome.is_err() {
+        eprintln!("crispd log tail:\n{}", env.daemon_log_tail(80));
+    }
+    let leaks = env.teardown().await;
+    eprintln!("crispd_userns_failed_cni_add_undoes: {:?}", t0.elapsed());
     outcome?;
     ensure!(leaks.is_empty(), "teardown left {leaks:#?}");
     Ok(())
