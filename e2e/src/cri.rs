@@ -123,10 +123,7 @@ impl CriClient {
             .unwrap_or("");
         let resp = self
             .runtime()
-            .run_pod_sandbox(cri::RunPodSandboxRequest {
-                config: Some(config.clone()),
-                runtime_handler: String::new(),
-            })
+            .run_pod_sandbox(req::run_pod(config, ""))
             .await
             .with_context(|| format!("RunPodSandbox {name}"))?;
         Ok(resp.into_inner().pod_sandbox_id)
@@ -134,10 +131,7 @@ impl CriClient {
 
     pub async fn pod_status(&self, pod_id: &str) -> Result<cri::PodSandboxStatus> {
         self.runtime()
-            .pod_sandbox_status(cri::PodSandboxStatusRequest {
-                pod_sandbox_id: pod_id.into(),
-                verbose: false,
-            })
+            .pod_sandbox_status(req::pod_status(pod_id))
             .await
             .with_context(|| format!("PodSandboxStatus {pod_id}"))?
             .into_inner()
@@ -165,9 +159,7 @@ impl CriClient {
 
     pub async fn remove_pod(&self, pod_id: &str) -> Result<()> {
         self.runtime()
-            .remove_pod_sandbox(cri::RemovePodSandboxRequest {
-                pod_sandbox_id: pod_id.into(),
-            })
+            .remove_pod_sandbox(req::remove_pod(pod_id))
             .await
             .with_context(|| format!("RemovePodSandbox {pod_id}"))?;
         Ok(())
@@ -187,11 +179,7 @@ impl CriClient {
             .unwrap_or("");
         let resp = self
             .runtime()
-            .create_container(cri::CreateContainerRequest {
-                pod_sandbox_id: pod_id.into(),
-                config: Some(config.clone()),
-                sandbox_config: Some(pod_config.clone()),
-            })
+            .create_container(req::create_container(pod_id, config, pod_config))
             .await
             .with_context(|| format!("CreateContainer {name} in pod {pod_id}"))?;
         Ok(resp.into_inner().container_id)
@@ -199,19 +187,33 @@ impl CriClient {
 
     pub async fn start_container(&self, id: &str) -> Result<()> {
         self.runtime()
-            .start_container(cri::StartContainerRequest {
-                container_id: id.into(),
-            })
+            .start_container(req::start_container(id))
             .await
             .with_context(|| format!("StartContainer {id}"))?;
         Ok(())
     }
 
+    /// CreateContainer then StartContainer; returns the container id.
+    pub async fn run_container(
+        &self,
+        pod_id: &str,
+        config: &cri::ContainerConfig,
+        pod_config: &cri::PodSandboxConfig,
+    ) -> Result<String> {
+        let id = self.create_container(pod_id, config, pod_config).await?;
+        self.start_container(&id).await?;
+        Ok(id)
+    }
+
+    /// StopPodSandbox then RemovePodSandbox: the end of most tests' pods.
+    pub async fn stop_and_remove_pod(&self, pod_id: &str) -> Result<()> {
+        self.stop_pod(pod_id).await?;
+        self.remove_pod(pod_id).await
+    }
+
     pub async fn remove_container(&self, id: &str) -> Result<()> {
         self.runtime()
-            .remove_container(cri::RemoveContainerRequest {
-                container_id: id.into(),
-            })
+            .remove_container(req::remove_container(id))
             .await
             .with_context(|| format!("RemoveContainer {id}"))?;
         Ok(())
@@ -219,10 +221,7 @@ impl CriClient {
 
     pub async fn container_status(&self, id: &str) -> Result<cri::ContainerStatus> {
         self.runtime()
-            .container_status(cri::ContainerStatusRequest {
-                container_id: id.into(),
-                verbose: false,
-            })
+            .container_status(req::container_status(id))
             .await
             .with_context(|| format!("ContainerStatus {id}"))?
             .into_inner()
@@ -261,10 +260,7 @@ impl CriClient {
     ) -> Result<String> {
         let resp = self
             .runtime()
-            .run_pod_sandbox(cri::RunPodSandboxRequest {
-                config: Some(config.clone()),
-                runtime_handler: handler.into(),
-            })
+            .run_pod_sandbox(req::run_pod(config, handler))
             .await
             .with_context(|| format!("RunPodSandbox with handler {handler:?}"))?;
         Ok(resp.into_inner().pod_sandbox_id)
@@ -273,10 +269,7 @@ impl CriClient {
     /// StopContainer with `timeout` seconds before SIGKILL.
     pub async fn stop_container(&self, id: &str, timeout: i64) -> Result<()> {
         self.runtime()
-            .stop_container(cri::StopContainerRequest {
-                container_id: id.into(),
-                timeout,
-            })
+            .stop_container(req::stop_container(id, timeout))
             .await
             .with_context(|| format!("StopContainer {id}"))?;
         Ok(())
@@ -291,11 +284,7 @@ impl CriClient {
     ) -> Result<cri::ExecSyncResponse> {
         Ok(self
             .runtime()
-            .exec_sync(cri::ExecSyncRequest {
-                container_id: id.into(),
-                cmd: cmd.iter().map(|s| s.to_string()).collect(),
-                timeout,
-            })
+            .exec_sync(req::exec_sync(id, cmd, timeout))
             .await
             .with_context(|| format!("ExecSync {cmd:?} in {id}"))?
             .into_inner())
@@ -421,6 +410,141 @@ pub fn grpc_code(err: &anyhow::Error) -> Option<tonic::Code> {
     err.chain()
         .find_map(|e| e.downcast_ref::<tonic::Status>())
         .map(|s| s.code())
+}
+
+/// The call must fail with `code`, and its message must name every word of `names` (CRI
+/// errors name the field and the value they are about).
+pub fn expect_code<T: std::fmt::Debug>(
+    what: &str,
+    r: std::result::Result<tonic::Response<T>, tonic::Status>,
+    code: tonic::Code,
+    names: &[&str],
+) -> Result<()> {
+    let s = match r {
+        Ok(resp) => bail!("{what}: succeeded ({:?}), want {code:?}", resp.into_inner()),
+        Err(s) => s,
+    };
+    anyhow::ensure!(
+        s.code() == code,
+        "{what}: {:?} ({:?}), want {code:?}",
+        s.code(),
+        s.message()
+    );
+    for n in names {
+        anyhow::ensure!(
+            s.message().contains(n),
+            "{what}: {code:?} as wanted, but the message {:?} does not name {n:?}",
+            s.message()
+        );
+    }
+    Ok(())
+}
+
+/// The call must succeed; returns the response body.
+pub fn expect_ok<T>(
+    what: &str,
+    r: std::result::Result<tonic::Response<T>, tonic::Status>,
+) -> Result<T> {
+    r.map(|r| r.into_inner())
+        .map_err(|s| anyhow::anyhow!("{what}: {:?} {:?}, want OK", s.code(), s.message()))
+}
+
+/// An ExecSync answer must have exactly this exit code, stdout and stderr.
+pub fn expect_exec(
+    what: &str,
+    r: &cri::ExecSyncResponse,
+    exit_code: i32,
+    stdout: &str,
+    stderr: &str,
+) -> Result<()> {
+    anyhow::ensure!(
+        r.exit_code == exit_code,
+        "{what}: exit code {}, want {exit_code}",
+        r.exit_code
+    );
+    anyhow::ensure!(
+        r.stdout == stdout.as_bytes(),
+        "{what}: stdout {:?}, want {stdout:?}",
+        String::from_utf8_lossy(&r.stdout)
+    );
+    anyhow::ensure!(
+        r.stderr == stderr.as_bytes(),
+        "{what}: stderr {:?}, want {stderr:?}",
+        String::from_utf8_lossy(&r.stderr)
+    );
+    Ok(())
+}
+
+/// Request bodies of the RuntimeService calls, for the client's methods and for tests that
+/// call `runtime()` directly to see the raw gRPC status.
+pub mod req {
+    use super::cri;
+
+    pub fn run_pod(config: &cri::PodSandboxConfig, handler: &str) -> cri::RunPodSandboxRequest {
+        cri::RunPodSandboxRequest {
+            config: Some(config.clone()),
+            runtime_handler: handler.into(),
+        }
+    }
+
+    pub fn pod_status(pod_id: &str) -> cri::PodSandboxStatusRequest {
+        cri::PodSandboxStatusRequest {
+            pod_sandbox_id: pod_id.into(),
+            verbose: false,
+        }
+    }
+
+    pub fn remove_pod(pod_id: &str) -> cri::RemovePodSandboxRequest {
+        cri::RemovePodSandboxRequest {
+            pod_sandbox_id: pod_id.into(),
+        }
+    }
+
+    pub fn create_container(
+        pod_id: &str,
+        config: &cri::ContainerConfig,
+        pod_config: &cri::PodSandboxConfig,
+    ) -> cri::CreateContainerRequest {
+        cri::CreateContainerRequest {
+            pod_sandbox_id: pod_id.into(),
+            config: Some(config.clone()),
+            sandbox_config: Some(pod_config.clone()),
+        }
+    }
+
+    pub fn start_container(id: &str) -> cri::StartContainerRequest {
+        cri::StartContainerRequest {
+            container_id: id.into(),
+        }
+    }
+
+    pub fn stop_container(id: &str, timeout: i64) -> cri::StopContainerRequest {
+        cri::StopContainerRequest {
+            container_id: id.into(),
+            timeout,
+        }
+    }
+
+    pub fn remove_container(id: &str) -> cri::RemoveContainerRequest {
+        cri::RemoveContainerRequest {
+            container_id: id.into(),
+        }
+    }
+
+    pub fn container_status(id: &str) -> cri::ContainerStatusRequest {
+        cri::ContainerStatusRequest {
+            container_id: id.into(),
+            verbose: false,
+        }
+    }
+
+    pub fn exec_sync(id: &str, cmd: &[&str], timeout: i64) -> cri::ExecSyncRequest {
+        cri::ExecSyncRequest {
+            container_id: id.into(),
+            cmd: cmd.iter().map(|s| s.to_string()).collect(),
+            timeout,
+        }
+    }
 }
 
 /// A named condition (`RuntimeReady`, `NetworkReady`) of a runtime status.

@@ -1282,6 +1282,42 @@ fn try_lock(path: &Path) -> Result<Option<File>> {
     Ok(None)
 }
 
+/// A test body for [`with_crispd`]: borrows the env for as long as it runs.
+pub type CrispdBody =
+    for<'a> fn(
+        &'a TestEnv,
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<()>> + 'a>>;
+
+/// A fresh crispd whose local registry serves busybox and pause (and whatever `prepare`
+/// pushes), with busybox pulled; then `body`, the daemon's log tail on failure, teardown and
+/// the leak check; prints how long it took.
+pub async fn with_crispd(
+    name: &str,
+    prepare: impl FnOnce(&crate::registry::Registry) -> Result<()>,
+    body: CrispdBody,
+) -> Result<()> {
+    let t0 = Instant::now();
+    let registry = crate::registry::Registry::start()?;
+    registry.push(&["busybox", "pause"])?;
+    prepare(&registry)?;
+    let env = TestEnv::start(RuntimeKind::Crispd, &registry.host()).await?;
+    let outcome = async {
+        env.cri()
+            .pull(&crate::images::BUSYBOX.upstream(), None)
+            .await?;
+        body(&env).await
+    }
+    .await;
+    if outcome.is_err() {
+        eprintln!("crispd log tail:\n{}", env.daemon_log_tail(60));
+    }
+    let leaks = env.teardown().await;
+    eprintln!("{name}: {:?}", t0.elapsed());
+    outcome?;
+    anyhow::ensure!(leaks.is_empty(), "{name}: teardown left {leaks:#?}");
+    Ok(())
+}
+
 /// Finds `name` on PATH.
 pub fn which(name: &str) -> Result<PathBuf> {
     let path = std::env::var_os("PATH").unwrap_or_default();

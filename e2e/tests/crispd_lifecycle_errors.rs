@@ -21,14 +21,12 @@
 //! - PID namespace CONTAINER (own PID 1) and POD (pause is PID 1).
 
 use std::collections::HashMap;
-use std::future::Future;
 use std::path::Path;
-use std::pin::Pin;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail, ensure};
-use crisp_e2e::cri::{self, container_config};
-use crisp_e2e::harness::{RuntimeKind, TestEnv};
+use crisp_e2e::cri::{self, container_config, expect_code, expect_ok, req};
+use crisp_e2e::harness::{TestEnv, with_crispd};
 use crisp_e2e::registry::Registry;
 use crisp_proto::cri::v1 as api;
 use sha2::Digest;
@@ -38,30 +36,11 @@ const BUSYBOX: &str = "docker.io/library/busybox:latest";
 const STOPSIG_IMAGE: &str = "docker.io/library/stopsignal:latest";
 const EXIT_TIMEOUT: Duration = Duration::from_secs(60);
 
-type Body = for<'a> fn(&'a TestEnv) -> Pin<Box<dyn Future<Output = Result<()>> + 'a>>;
-
-/// A fresh crispd with busybox pulled, `body`, the daemon's log tail on failure, teardown and
-/// the leak check; prints how long it took.
-async fn with_crispd(name: &str, body: Body) -> Result<()> {
-    let t0 = Instant::now();
-    let registry = Registry::start()?;
-    registry.push(&["busybox", "pause"])?;
+/// What a test needs in its registry beyond busybox and pause.
+fn prepare(name: &str, registry: &Registry) -> Result<()> {
     if name == "stop_signal" {
-        push_stopsignal_image(&registry)?;
+        push_stopsignal_image(registry)?;
     }
-    let env = TestEnv::start(RuntimeKind::Crispd, &registry.host()).await?;
-    let outcome = async {
-        env.cri().pull(BUSYBOX, None).await?;
-        body(&env).await
-    }
-    .await;
-    if outcome.is_err() {
-        eprintln!("crispd log tail:\n{}", env.daemon_log_tail(60));
-    }
-    let leaks = env.teardown().await;
-    eprintln!("{name}: {:?}", t0.elapsed());
-    outcome?;
-    ensure!(leaks.is_empty(), "{name}: teardown left {leaks:#?}");
     Ok(())
 }
 
@@ -70,57 +49,8 @@ fn ghost_id() -> String {
     cri::random_hex(64)
 }
 
-/// The call must fail with `code`, and its message must name every word of `names`.
-fn expect_code<T: std::fmt::Debug>(
-    what: &str,
-    r: std::result::Result<tonic::Response<T>, tonic::Status>,
-    code: tonic::Code,
-    names: &[&str],
-) -> Result<()> {
-    match r {
-        Ok(resp) => bail!("{what}: succeeded ({:?}), want {code:?}", resp.into_inner()),
-        Err(s) => {
-            ensure!(
-                s.code() == code,
-                "{what}: {:?} ({:?}), want {code:?}",
-                s.code(),
-                s.message()
-            );
-            for n in names {
-                ensure!(
-                    s.message().contains(n),
-                    "{what}: {code:?} as wanted, but the message {:?} does not name {n:?}",
-                    s.message()
-                );
-            }
-            Ok(())
-        }
-    }
-}
-
-/// The call must succeed.
-fn expect_ok<T>(
-    what: &str,
-    r: std::result::Result<tonic::Response<T>, tonic::Status>,
-) -> Result<T> {
-    r.map(|r| r.into_inner())
-        .map_err(|s| anyhow::anyhow!("{what}: {:?} {:?}, want OK", s.code(), s.message()))
-}
-
 fn sleeper(name: &str) -> api::ContainerConfig {
     container_config(name, BUSYBOX, &["sleep", "3600"])
-}
-
-async fn running(
-    env: &TestEnv,
-    pod_id: &str,
-    pod: &api::PodSandboxConfig,
-    cfg: &api::ContainerConfig,
-) -> Result<String> {
-    let c = env.cri();
-    let id = c.create_container(pod_id, cfg, pod).await?;
-    c.start_container(&id).await?;
-    Ok(id)
 }
 
 // ---------------------------------------------------------------------------------------
@@ -136,51 +66,31 @@ async fn unknown_ids(env: &TestEnv) -> Result<()> {
 
     expect_code(
         "PodSandboxStatus(unknown)",
-        rt.pod_sandbox_status(api::PodSandboxStatusRequest {
-            pod_sandbox_id: id.clone(),
-            verbose: false,
-        })
-        .await,
+        rt.pod_sandbox_status(req::pod_status(&id)).await,
         NotFound,
         &[&id],
     )?;
     expect_code(
         "ContainerStatus(unknown)",
-        rt.container_status(api::ContainerStatusRequest {
-            container_id: id.clone(),
-            verbose: false,
-        })
-        .await,
+        rt.container_status(req::container_status(&id)).await,
         NotFound,
         &[&id],
     )?;
     expect_code(
         "StartContainer(unknown)",
-        rt.start_container(api::StartContainerRequest {
-            container_id: id.clone(),
-        })
-        .await,
+        rt.start_container(req::start_container(&id)).await,
         NotFound,
         &[&id],
     )?;
     expect_code(
         "StopContainer(unknown)",
-        rt.stop_container(api::StopContainerRequest {
-            container_id: id.clone(),
-            timeout: 1,
-        })
-        .await,
+        rt.stop_container(req::stop_container(&id, 1)).await,
         NotFound,
         &[&id],
     )?;
     expect_code(
         "ExecSync(unknown)",
-        rt.exec_sync(api::ExecSyncRequest {
-            container_id: id.clone(),
-            cmd: vec!["true".into()],
-            timeout: 5,
-        })
-        .await,
+        rt.exec_sync(req::exec_sync(&id, &["true"], 5)).await,
         NotFound,
         &[&id],
     )?;
@@ -227,29 +137,19 @@ async fn unknown_ids(env: &TestEnv) -> Result<()> {
     )?;
     expect_code(
         "CreateContainer(in an unknown pod)",
-        rt.create_container(api::CreateContainerRequest {
-            pod_sandbox_id: id.clone(),
-            config: Some(sleeper("orphan")),
-            sandbox_config: Some(pod.clone()),
-        })
-        .await,
+        rt.create_container(req::create_container(&id, &sleeper("orphan"), &pod))
+            .await,
         NotFound,
         &[&id],
     )?;
     // Removals of what is not there are done already.
     expect_ok(
         "RemoveContainer(unknown)",
-        rt.remove_container(api::RemoveContainerRequest {
-            container_id: id.clone(),
-        })
-        .await,
+        rt.remove_container(req::remove_container(&id)).await,
     )?;
     expect_ok(
         "RemovePodSandbox(unknown)",
-        rt.remove_pod_sandbox(api::RemovePodSandboxRequest {
-            pod_sandbox_id: id.clone(),
-        })
-        .await,
+        rt.remove_pod_sandbox(req::remove_pod(&id)).await,
     )?;
     // StopPodSandbox: containerd answers NotFound, the CRI spec allows OK; either, nothing else.
     match rt
@@ -273,19 +173,12 @@ async fn unknown_ids(env: &TestEnv) -> Result<()> {
     for round in 1..=2 {
         expect_ok(
             &format!("RemoveContainer #{round}"),
-            rt.remove_container(api::RemoveContainerRequest {
-                container_id: cid.clone(),
-            })
-            .await,
+            rt.remove_container(req::remove_container(&cid)).await,
         )?;
     }
     expect_code(
         "ContainerStatus(removed)",
-        rt.container_status(api::ContainerStatusRequest {
-            container_id: cid.clone(),
-            verbose: false,
-        })
-        .await,
+        rt.container_status(req::container_status(&cid)).await,
         NotFound,
         &[],
     )?;
@@ -293,19 +186,12 @@ async fn unknown_ids(env: &TestEnv) -> Result<()> {
     for round in 1..=2 {
         expect_ok(
             &format!("RemovePodSandbox #{round}"),
-            rt.remove_pod_sandbox(api::RemovePodSandboxRequest {
-                pod_sandbox_id: pod_id.clone(),
-            })
-            .await,
+            rt.remove_pod_sandbox(req::remove_pod(&pod_id)).await,
         )?;
     }
     expect_code(
         "PodSandboxStatus(removed)",
-        rt.pod_sandbox_status(api::PodSandboxStatusRequest {
-            pod_sandbox_id: pod_id.clone(),
-            verbose: false,
-        })
-        .await,
+        rt.pod_sandbox_status(req::pod_status(&pod_id)).await,
         NotFound,
         &[],
     )?;
@@ -323,38 +209,30 @@ async fn wrong_state(env: &TestEnv) -> Result<()> {
     let pod_id = c.run_pod(&pod).await?;
 
     // StartContainer on a running container.
-    let run_id = running(env, &pod_id, &pod, &sleeper("runner")).await?;
+    let run_id = env
+        .cri()
+        .run_container(&pod_id, &sleeper("runner"), &pod)
+        .await?;
     expect_code(
         "StartContainer(running)",
-        rt.start_container(api::StartContainerRequest {
-            container_id: run_id.clone(),
-        })
-        .await,
+        rt.start_container(req::start_container(&run_id)).await,
         FailedPrecondition,
         &[&run_id],
     )?;
 
     // ExecSync and StartContainer on an exited container.
     let done = container_config("done", BUSYBOX, &["true"]);
-    let done_id = running(env, &pod_id, &pod, &done).await?;
+    let done_id = env.cri().run_container(&pod_id, &done, &pod).await?;
     c.wait_container_exit(&done_id, EXIT_TIMEOUT).await?;
     expect_code(
         "ExecSync(exited)",
-        rt.exec_sync(api::ExecSyncRequest {
-            container_id: done_id.clone(),
-            cmd: vec!["true".into()],
-            timeout: 5,
-        })
-        .await,
+        rt.exec_sync(req::exec_sync(&done_id, &["true"], 5)).await,
         FailedPrecondition,
         &[&done_id],
     )?;
     expect_code(
         "StartContainer(exited)",
-        rt.start_container(api::StartContainerRequest {
-            container_id: done_id.clone(),
-        })
-        .await,
+        rt.start_container(req::start_container(&done_id)).await,
         FailedPrecondition,
         &[&done_id],
     )?;
@@ -362,11 +240,7 @@ async fn wrong_state(env: &TestEnv) -> Result<()> {
     // StopContainer of an exited container is a no-op, not an error (kubelet does it).
     expect_ok(
         "StopContainer(exited)",
-        rt.stop_container(api::StopContainerRequest {
-            container_id: done_id.clone(),
-            timeout: 1,
-        })
-        .await,
+        rt.stop_container(req::stop_container(&done_id, 1)).await,
     )?;
 
     // CreateContainer in a stopped pod.
@@ -379,12 +253,8 @@ async fn wrong_state(env: &TestEnv) -> Result<()> {
     );
     expect_code(
         "CreateContainer(stopped pod)",
-        rt.create_container(api::CreateContainerRequest {
-            pod_sandbox_id: pod_id.clone(),
-            config: Some(sleeper("late")),
-            sandbox_config: Some(pod.clone()),
-        })
-        .await,
+        rt.create_container(req::create_container(&pod_id, &sleeper("late"), &pod))
+            .await,
         FailedPrecondition,
         &[&pod_id],
     )?;
@@ -443,11 +313,7 @@ async fn bad_config(env: &TestEnv) -> Result<()> {
 
     // Container configs, in a real pod.
     let pod_id = c.run_pod(&ok_pod).await?;
-    let create = |cfg: api::ContainerConfig| api::CreateContainerRequest {
-        pod_sandbox_id: pod_id.clone(),
-        config: Some(cfg),
-        sandbox_config: Some(ok_pod.clone()),
-    };
+    let create = |cfg: api::ContainerConfig| req::create_container(&pod_id, &cfg, &ok_pod);
     let mut cfg = sleeper("x");
     cfg.metadata = None;
     expect_code(
@@ -514,7 +380,10 @@ async fn bad_config(env: &TestEnv) -> Result<()> {
     );
 
     // UpdateContainerResources with a bad value, on a real container.
-    let id = running(env, &pod_id, &ok_pod, &sleeper("upd")).await?;
+    let id = env
+        .cri()
+        .run_container(&pod_id, &sleeper("upd"), &ok_pod)
+        .await?;
     expect_code(
         "UpdateContainerResources(cpu_shares -2)",
         rt.update_container_resources(api::UpdateContainerResourcesRequest {
@@ -529,8 +398,7 @@ async fn bad_config(env: &TestEnv) -> Result<()> {
         InvalidArgument,
         &["cpu_shares"],
     )?;
-    c.stop_pod(&pod_id).await?;
-    c.remove_pod(&pod_id).await?;
+    c.stop_and_remove_pod(&pod_id).await?;
     Ok(())
 }
 
@@ -550,11 +418,7 @@ async fn name_reuse(env: &TestEnv) -> Result<()> {
         .unwrap_or_default();
     expect_code(
         "RunPodSandbox(same metadata)",
-        rt.run_pod_sandbox(api::RunPodSandboxRequest {
-            config: Some(pod.clone()),
-            runtime_handler: String::new(),
-        })
-        .await,
+        rt.run_pod_sandbox(req::run_pod(&pod, "")).await,
         AlreadyExists,
         &[&name],
     )?;
@@ -573,12 +437,8 @@ async fn name_reuse(env: &TestEnv) -> Result<()> {
     let cid = c.create_container(&pod_id, &cfg, &pod).await?;
     expect_code(
         "CreateContainer(same name and attempt)",
-        rt.create_container(api::CreateContainerRequest {
-            pod_sandbox_id: pod_id.clone(),
-            config: Some(cfg.clone()),
-            sandbox_config: Some(pod.clone()),
-        })
-        .await,
+        rt.create_container(req::create_container(&pod_id, &cfg, &pod))
+            .await,
         AlreadyExists,
         &["dup"],
     )?;
@@ -588,16 +448,14 @@ async fn name_reuse(env: &TestEnv) -> Result<()> {
         .await
         .context("CreateContainer after the first was removed")?;
     for id in [&pod_id, &next_id] {
-        c.stop_pod(id).await?;
-        c.remove_pod(id).await?;
+        c.stop_and_remove_pod(id).await?;
     }
     // And the pod's name is free once it is removed.
     let again = c
         .run_pod(&pod)
         .await
         .context("RunPodSandbox with the removed pod's name")?;
-    c.stop_pod(&again).await?;
-    c.remove_pod(&again).await?;
+    c.stop_and_remove_pod(&again).await?;
     Ok(())
 }
 
@@ -684,8 +542,7 @@ async fn exit_reasons(env: &TestEnv) -> Result<()> {
             st.log_path
         );
     }
-    c.stop_pod(&pod_id).await?;
-    c.remove_pod(&pod_id).await?;
+    c.stop_and_remove_pod(&pod_id).await?;
     Ok(())
 }
 
@@ -851,11 +708,11 @@ async fn list_filters(env: &TestEnv) -> Result<()> {
     idle.labels = labels(&[("role", "idle")]);
     let mut other = sleeper("other");
     other.labels = labels(&[("role", "web")]);
-    let web_id = running(env, &id1, &p1, &web).await?;
-    let job_id = running(env, &id1, &p1, &job).await?;
+    let web_id = env.cri().run_container(&id1, &web, &p1).await?;
+    let job_id = env.cri().run_container(&id1, &job, &p1).await?;
     c.wait_container_exit(&job_id, EXIT_TIMEOUT).await?;
     let idle_id = c.create_container(&id1, &idle, &p1).await?;
-    let other_id = running(env, &id2, &p2, &other).await?;
+    let other_id = env.cri().run_container(&id2, &other, &p2).await?;
 
     let state = |s: api::ContainerState| Some(api::ContainerStateValue { state: s as i32 });
     for (what, f, want) in [
@@ -978,8 +835,7 @@ async fn list_filters(env: &TestEnv) -> Result<()> {
     ensure!(!w.image_ref.is_empty(), "web listed without image_ref");
 
     for id in [&id1, &id2, &id3] {
-        c.stop_pod(id).await?;
-        c.remove_pod(id).await?;
+        c.stop_and_remove_pod(id).await?;
     }
     Ok(())
 }
@@ -1112,7 +968,7 @@ async fn stop_signal(env: &TestEnv) -> Result<()> {
             "trap 'echo got-term' TERM; echo ready; while :; do sleep 0.2; done",
         ],
     );
-    let id = running(env, &pod_id, &pod, &stubborn).await?;
+    let id = env.cri().run_container(&pod_id, &stubborn, &pod).await?;
     cri::wait_log_line(
         &cri::log_file(&pod, &stubborn),
         "ready",
@@ -1157,7 +1013,7 @@ async fn stop_signal(env: &TestEnv) -> Result<()> {
             "trap 'exit 0' TERM; echo ready; while :; do sleep 0.2; done",
         ],
     );
-    let id = running(env, &pod_id, &pod, &polite).await?;
+    let id = env.cri().run_container(&pod_id, &polite, &pod).await?;
     cri::wait_log_line(
         &cri::log_file(&pod, &polite),
         "ready",
@@ -1189,7 +1045,7 @@ async fn stop_signal(env: &TestEnv) -> Result<()> {
             "trap 'exit 42' USR1; trap 'exit 43' TERM; echo ready; while :; do sleep 0.2; done",
         ],
     );
-    let id = running(env, &pod_id, &pod, &usr1).await?;
+    let id = env.cri().run_container(&pod_id, &usr1, &pod).await?;
     cri::wait_log_line(
         &cri::log_file(&pod, &usr1),
         "ready",
@@ -1205,8 +1061,7 @@ async fn stop_signal(env: &TestEnv) -> Result<()> {
         "usr1: exit code {} after {took:?}, want 42 (the image's StopSignal SIGUSR1; 43 means SIGTERM was sent)",
         st.exit_code
     );
-    c.stop_pod(&pod_id).await?;
-    c.remove_pod(&pod_id).await?;
+    c.stop_and_remove_pod(&pod_id).await?;
     Ok(())
 }
 
@@ -1237,8 +1092,7 @@ async fn retried_run_pod(env: &TestEnv) -> Result<()> {
         listed == vec![ids[0].clone()],
         "after 3 concurrent retries ListPodSandbox has {listed:?}"
     );
-    c.stop_pod(&ids[0]).await?;
-    c.remove_pod(&ids[0]).await?;
+    c.stop_and_remove_pod(&ids[0]).await?;
     Ok(())
 }
 
@@ -1346,20 +1200,16 @@ async fn pid_namespace_modes(env: &TestEnv) -> Result<()> {
         });
         cfg
     };
-    let own = running(
-        env,
-        &pod_id,
-        &pod,
-        &with_pid("own", api::NamespaceMode::Container),
-    )
-    .await?;
-    let shared = running(
-        env,
-        &pod_id,
-        &pod,
-        &with_pid("shared", api::NamespaceMode::Pod),
-    )
-    .await?;
+    let own = c
+        .run_container(
+            &pod_id,
+            &with_pid("own", api::NamespaceMode::Container),
+            &pod,
+        )
+        .await?;
+    let shared = c
+        .run_container(&pod_id, &with_pid("shared", api::NamespaceMode::Pod), &pod)
+        .await?;
     let cmd1 = |id: String| async move {
         let out = c.exec_ok(&id, &["cat", "/proc/1/cmdline"]).await?;
         anyhow::Ok(out.replace('\0', " "))
@@ -1380,8 +1230,7 @@ async fn pid_namespace_modes(env: &TestEnv) -> Result<()> {
         ps.lines().filter(|l| l.contains("sleep 3600")).count() == 1,
         "pid POD: ps shows\n{ps}"
     );
-    c.stop_pod(&pod_id).await?;
-    c.remove_pod(&pod_id).await?;
+    c.stop_and_remove_pod(&pod_id).await?;
     Ok(())
 }
 
@@ -1394,7 +1243,10 @@ async fn streaming_unimplemented(env: &TestEnv) -> Result<()> {
     let mut rt = c.runtime();
     let pod = env.pod_config("stream")?;
     let pod_id = c.run_pod(&pod).await?;
-    let id = running(env, &pod_id, &pod, &sleeper("s")).await?;
+    let id = env
+        .cri()
+        .run_container(&pod_id, &sleeper("s"), &pod)
+        .await?;
     // Known ids, so only "not implemented" is left to say; the message must say something.
     let check = |what: &str, r: std::result::Result<(), tonic::Status>| -> Result<()> {
         match r {
@@ -1453,8 +1305,7 @@ async fn streaming_unimplemented(env: &TestEnv) -> Result<()> {
         })
         .await,
     )?;
-    c.stop_pod(&pod_id).await?;
-    c.remove_pod(&pod_id).await?;
+    c.stop_and_remove_pod(&pod_id).await?;
     Ok(())
 }
 
@@ -1514,8 +1365,7 @@ async fn container_events(env: &TestEnv) -> Result<()> {
         got == want,
         "GetContainerEvents for {id}: {got:?}, want {want:?}"
     );
-    c.stop_pod(&pod_id).await?;
-    c.remove_pod(&pod_id).await?;
+    c.stop_and_remove_pod(&pod_id).await?;
     Ok(())
 }
 
@@ -1525,7 +1375,12 @@ macro_rules! tests {
     ($($name:ident),* $(,)?) => {$(
         #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
         async fn $name() -> Result<()> {
-            with_crispd(stringify!($name), |e| Box::pin(super::$name(e))).await
+            with_crispd(
+                stringify!($name),
+                |r| prepare(stringify!($name), r),
+                |e| Box::pin(super::$name(e)),
+            )
+            .await
         }
     )*};
 }
