@@ -17,82 +17,16 @@
 //! - ReopenContainerLog: after kubelet-style rotation (rename), new lines go to a new file at
 //!   the same path; an exited container is FailedPrecondition.
 
-use std::future::Future;
 use std::path::{Path, PathBuf};
-use std::pin::Pin;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail, ensure};
-use crisp_e2e::cri::{self, container_config};
-use crisp_e2e::harness::{RuntimeKind, TestEnv};
-use crisp_e2e::registry::Registry;
+use crisp_e2e::cri::{self, container_config, expect_code, expect_exec, req};
+use crisp_e2e::harness::{TestEnv, with_crispd};
 use crisp_proto::cri::v1 as api;
 
 const BUSYBOX: &str = "docker.io/library/busybox:latest";
 const MIB: u64 = 1024 * 1024;
-
-/// A fresh crispd with busybox pulled, `body`, the daemon's log tail on failure, teardown and
-/// the leak check.
-type Body = for<'a> fn(&'a TestEnv) -> Pin<Box<dyn Future<Output = Result<()>> + 'a>>;
-
-async fn with_crispd(name: &str, body: Body) -> Result<()> {
-    let t0 = Instant::now();
-    let registry = Registry::start()?;
-    registry.push(&["busybox", "pause"])?;
-    let env = TestEnv::start(RuntimeKind::Crispd, &registry.host()).await?;
-    let outcome = async {
-        env.cri().pull(BUSYBOX, None).await?;
-        body(&env).await
-    }
-    .await;
-    if outcome.is_err() {
-        eprintln!("crispd log tail:\n{}", env.daemon_log_tail(60));
-    }
-    let leaks = env.teardown().await;
-    eprintln!("{name}: {:?}", t0.elapsed());
-    outcome?;
-    ensure!(leaks.is_empty(), "{name}: teardown left {leaks:#?}");
-    Ok(())
-}
-
-fn expect_code<T: std::fmt::Debug>(
-    what: &str,
-    r: std::result::Result<tonic::Response<T>, tonic::Status>,
-    code: tonic::Code,
-    names: &[&str],
-) -> Result<()> {
-    match r {
-        Ok(resp) => bail!("{what}: succeeded ({:?}), want {code:?}", resp.into_inner()),
-        Err(s) => {
-            ensure!(
-                s.code() == code,
-                "{what}: {:?} ({:?}), want {code:?}",
-                s.code(),
-                s.message()
-            );
-            for n in names {
-                ensure!(
-                    s.message().contains(n),
-                    "{what}: message {:?} does not name {n:?}",
-                    s.message()
-                );
-            }
-            Ok(())
-        }
-    }
-}
-
-async fn running(
-    env: &TestEnv,
-    pod_id: &str,
-    pod: &api::PodSandboxConfig,
-    cfg: &api::ContainerConfig,
-) -> Result<String> {
-    let c = env.cri();
-    let id = c.create_container(pod_id, cfg, pod).await?;
-    c.start_container(&id).await?;
-    Ok(id)
-}
 
 /// Entries left under crispd's exec FIFO directory.
 fn exec_leftovers(state: &Path) -> Vec<PathBuf> {
@@ -116,23 +50,13 @@ async fn exec_sync(env: &TestEnv) -> Result<()> {
         value: "bar-from-cri".into(),
     });
     cfg.working_dir = "/tmp".into();
-    let id = running(env, &pod_id, &pod, &cfg).await?;
+    let id = c.run_container(&pod_id, &cfg, &pod).await?;
 
     // Both streams and the exit code.
     let r = c
         .exec_sync(&id, &["sh", "-c", "echo out; echo err >&2; exit 7"], 10)
         .await?;
-    ensure!(r.exit_code == 7, "exit code {}", r.exit_code);
-    ensure!(
-        r.stdout == b"out\n",
-        "stdout {:?}",
-        String::from_utf8_lossy(&r.stdout)
-    );
-    ensure!(
-        r.stderr == b"err\n",
-        "stderr {:?}",
-        String::from_utf8_lossy(&r.stderr)
-    );
+    expect_exec("ExecSync(both streams)", &r, 7, "out\n", "err\n")?;
 
     // The container's own process settings.
     let out = c.exec_ok(&id, &["sh", "-c", "echo $FOO; pwd"]).await?;
@@ -141,11 +65,7 @@ async fn exec_sync(env: &TestEnv) -> Result<()> {
     // Timeout: DeadlineExceeded, soon, and the command is gone.
     let t0 = Instant::now();
     let r = rt
-        .exec_sync(api::ExecSyncRequest {
-            container_id: id.clone(),
-            cmd: vec!["sleep".into(), "31".into()],
-            timeout: 2,
-        })
+        .exec_sync(req::exec_sync(&id, &["sleep", "31"], 2))
         .await;
     expect_code(
         "ExecSync(timeout 2s)",
@@ -166,13 +86,9 @@ async fn exec_sync(env: &TestEnv) -> Result<()> {
 
     // A caller whose own deadline passes first (kubelet and critest set the gRPC deadline to
     // the exec timeout): the command is gone by the time its next call runs.
-    let mut req = tonic::Request::new(api::ExecSyncRequest {
-        container_id: id.clone(),
-        cmd: vec!["sleep".into(), "32".into()],
-        timeout: 0,
-    });
-    req.set_timeout(Duration::from_secs(1));
-    let r = rt.exec_sync(req).await;
+    let mut request = tonic::Request::new(req::exec_sync(&id, &["sleep", "32"], 0));
+    request.set_timeout(Duration::from_secs(1));
+    let r = rt.exec_sync(request).await;
     ensure!(r.is_err(), "ExecSync past the caller's deadline succeeded");
     let ps = c.exec_ok(&id, &["ps", "-o", "pid,args"]).await?;
     ensure!(ps.contains("sleep 3600"), "ps does not show the container's own process:\n{ps}");
@@ -196,15 +112,7 @@ async fn exec_sync(env: &TestEnv) -> Result<()> {
 
     // 20 MB of output: capped, dropped, no error; stderr still arrives.
     let r = rt
-        .exec_sync(api::ExecSyncRequest {
-            container_id: id.clone(),
-            cmd: vec![
-                "sh".into(),
-                "-c".into(),
-                "head -c 20000000 /dev/zero; echo tail >&2".into(),
-            ],
-            timeout: 60,
-        })
+        .exec_sync(req::exec_sync(&id, &["sh", "-c", "head -c 20000000 /dev/zero; echo tail >&2"], 60))
         .await
         .context("ExecSync with 20 MB of output")?
         .into_inner();
@@ -226,11 +134,7 @@ async fn exec_sync(env: &TestEnv) -> Result<()> {
 
     // A command that cannot start is an error, not a hang.
     let r = rt
-        .exec_sync(api::ExecSyncRequest {
-            container_id: id.clone(),
-            cmd: vec!["/no/such/binary".into()],
-            timeout: 10,
-        })
+        .exec_sync(req::exec_sync(&id, &["/no/such/binary"], 10))
         .await;
     match r {
         Err(_) => {}
@@ -243,11 +147,7 @@ async fn exec_sync(env: &TestEnv) -> Result<()> {
 
     // Empty cmd.
     let r = rt
-        .exec_sync(api::ExecSyncRequest {
-            container_id: id.clone(),
-            cmd: vec![],
-            timeout: 0,
-        })
+        .exec_sync(req::exec_sync(&id, &[], 0))
         .await;
     expect_code(
         "ExecSync(no cmd)",
@@ -264,8 +164,7 @@ async fn exec_sync(env: &TestEnv) -> Result<()> {
     let left = exec_leftovers(&env.state);
     ensure!(left.is_empty(), "exec FIFOs left: {left:?}");
 
-    c.stop_pod(&pod_id).await?;
-    c.remove_pod(&pod_id).await?;
+    c.stop_and_remove_pod(&pod_id).await?;
     Ok(())
 }
 
@@ -324,9 +223,9 @@ async fn stats(env: &TestEnv) -> Result<()> {
         ],
     );
     busy.labels.insert("role".into(), "busy".into());
-    let busy_id = running(env, &pod_id, &pod, &busy).await?;
+    let busy_id = c.run_container(&pod_id, &busy, &pod).await?;
     let done = container_config("done", BUSYBOX, &["true"]);
-    let done_id = running(env, &pod_id, &pod, &done).await?;
+    let done_id = c.run_container(&pod_id, &done, &pod).await?;
     c.wait_container_exit(&done_id, Duration::from_secs(60))
         .await?;
 
@@ -443,8 +342,7 @@ async fn stats(env: &TestEnv) -> Result<()> {
         .await;
     expect_code("ContainerStats(unknown)", r, tonic::Code::NotFound, &[])?;
 
-    c.stop_pod(&pod_id).await?;
-    c.remove_pod(&pod_id).await?;
+    c.stop_and_remove_pod(&pod_id).await?;
     Ok(())
 }
 
@@ -519,7 +417,7 @@ async fn update_resources(env: &TestEnv) -> Result<()> {
         resources: Some(memory_limit(256 * MIB as i64)),
         ..Default::default()
     });
-    let id = running(env, &pod_id, &pod, &cfg).await?;
+    let id = c.run_container(&pod_id, &cfg, &pod).await?;
     let mem = cgroup_dir(env, &id, "memory").await?;
     let cpu = cgroup_dir(env, &id, "cpu").await?;
     let limit = read_num(&mem.join("memory.limit_in_bytes"))?;
@@ -593,8 +491,7 @@ async fn update_resources(env: &TestEnv) -> Result<()> {
         "created-then-updated container started with limit {limit}"
     );
 
-    c.stop_pod(&pod_id).await?;
-    c.remove_pod(&pod_id).await?;
+    c.stop_and_remove_pod(&pod_id).await?;
     Ok(())
 }
 
@@ -634,7 +531,7 @@ async fn reopen_log(env: &TestEnv) -> Result<()> {
             "i=0; while :; do echo line-$i; i=$((i+1)); sleep 0.2; done",
         ],
     );
-    let id = running(env, &pod_id, &pod, &cfg).await?;
+    let id = c.run_container(&pod_id, &cfg, &pod).await?;
     let log = cri::log_file(&pod, &cfg);
     wait_talk(&log, Duration::from_secs(20)).await?;
 
@@ -675,8 +572,7 @@ async fn reopen_log(env: &TestEnv) -> Result<()> {
         &["running"],
     )?;
 
-    c.stop_pod(&pod_id).await?;
-    c.remove_pod(&pod_id).await?;
+    c.stop_and_remove_pod(&pod_id).await?;
     Ok(())
 }
 
@@ -687,21 +583,21 @@ mod crispd {
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn exec_sync() -> Result<()> {
-        with_crispd("exec_sync", |e| Box::pin(super::exec_sync(e))).await
+        with_crispd("exec_sync", |_| Ok(()), |e| Box::pin(super::exec_sync(e))).await
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn stats() -> Result<()> {
-        with_crispd("stats", |e| Box::pin(super::stats(e))).await
+        with_crispd("stats", |_| Ok(()), |e| Box::pin(super::stats(e))).await
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn update_resources() -> Result<()> {
-        with_crispd("update_resources", |e| Box::pin(super::update_resources(e))).await
+        with_crispd("update_resources", |_| Ok(()), |e| Box::pin(super::update_resources(e))).await
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn reopen_log() -> Result<()> {
-        with_crispd("reopen_log", |e| Box::pin(super::reopen_log(e))).await
+        with_crispd("reopen_log", |_| Ok(()), |e| Box::pin(super::reopen_log(e))).await
     }
 }
