@@ -1282,6 +1282,23 @@ fn try_lock(path: &Path) -> Result<Option<File>> {
     Ok(None)
 }
 
+/// Connects to `ip:port` and reads until the server closes (2 s for each step): one answer
+/// of a test's `nc -l` or httpd server.
+pub async fn read_once(ip: std::net::IpAddr, port: u16) -> Result<String> {
+    use tokio::io::AsyncReadExt;
+    let mut s = tokio::time::timeout(
+        Duration::from_secs(2),
+        tokio::net::TcpStream::connect((ip, port)),
+    )
+    .await
+    .context("connect timed out")??;
+    let mut buf = String::new();
+    tokio::time::timeout(Duration::from_secs(2), s.read_to_string(&mut buf))
+        .await
+        .context("read timed out")??;
+    Ok(buf)
+}
+
 /// A test body for [`with_crispd`]: borrows the env for as long as it runs.
 pub type CrispdBody =
     for<'a> fn(

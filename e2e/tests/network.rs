@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail, ensure};
 use crisp_e2e::cri::container_config;
-use crisp_e2e::harness::{RuntimeKind, TestEnv};
+use crisp_e2e::harness::{RuntimeKind, TestEnv, read_once};
 use crisp_e2e::registry::Registry;
 use crisp_proto::cri::v1 as api;
 use tokio::io::AsyncReadExt;
@@ -59,8 +59,7 @@ async fn serve_from_pod(env: &TestEnv) -> Result<()> {
             "while true; do echo hello-from-pod | nc -l -p 8080; done",
         ],
     );
-    let id = c.create_container(&pod_id, &server, &pod).await?;
-    c.start_container(&id).await?;
+    c.run_container(&pod_id, &server, &pod).await?;
 
     let deadline = Instant::now() + Duration::from_secs(20);
     let got = loop {
@@ -77,23 +76,8 @@ async fn serve_from_pod(env: &TestEnv) -> Result<()> {
     };
     ensure!(got.trim() == "hello-from-pod", "unexpected answer {got:?}");
 
-    c.stop_pod(&pod_id).await?;
-    c.remove_pod(&pod_id).await?;
+    c.stop_and_remove_pod(&pod_id).await?;
     Ok(())
-}
-
-async fn read_once(ip: IpAddr, port: u16) -> Result<String> {
-    let mut s = tokio::time::timeout(
-        Duration::from_secs(2),
-        tokio::net::TcpStream::connect((ip, port)),
-    )
-    .await
-    .context("connect timed out")??;
-    let mut buf = String::new();
-    tokio::time::timeout(Duration::from_secs(2), s.read_to_string(&mut buf))
-        .await
-        .context("read timed out")??;
-    Ok(buf)
 }
 
 /// Runs `body` in a fresh env of `kind` (portmap chained if `portmap`), prints the daemon's
@@ -140,8 +124,7 @@ async fn start_running(
     cfg: &api::ContainerConfig,
 ) -> Result<String> {
     let c = env.cri();
-    let id = c.create_container(pod_id, cfg, pod).await?;
-    c.start_container(&id).await?;
+    let id = c.run_container(pod_id, cfg, pod).await?;
     let st = c.container_status(&id).await?;
     ensure!(
         st.state == api::ContainerState::ContainerRunning as i32,
@@ -206,8 +189,7 @@ async fn pods_reach_each_other(env: &TestEnv) -> Result<()> {
     );
 
     for id in [&a_id, &b_id] {
-        c.stop_pod(id).await?;
-        c.remove_pod(id).await?;
+        c.stop_and_remove_pod(id).await?;
     }
     Ok(())
 }
@@ -363,8 +345,7 @@ async fn dns_and_hostname(env: &TestEnv) -> Result<()> {
         "/etc/hosts has no localhost entry:\n{hosts}"
     );
 
-    c.stop_pod(&pod_id).await?;
-    c.remove_pod(&pod_id).await?;
+    c.stop_and_remove_pod(&pod_id).await?;
     Ok(())
 }
 
@@ -406,8 +387,7 @@ async fn host_network(env: &TestEnv) -> Result<()> {
         own == theirs,
         "host-network container is in {theirs:?}, the host is in {own:?}"
     );
-    c.stop_pod(&pod_id).await?;
-    c.remove_pod(&pod_id).await?;
+    c.stop_and_remove_pod(&pod_id).await?;
     Ok(())
 }
 

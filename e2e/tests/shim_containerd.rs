@@ -255,17 +255,7 @@ async fn scenario(env: &TestEnv, handler: &str) -> Result<()> {
             30,
         )
         .await?;
-    ensure!(exec.exit_code == 7, "ExecSync exit code {}", exec.exit_code);
-    ensure!(
-        exec.stdout == b"exec-out\n",
-        "ExecSync stdout {:?}",
-        String::from_utf8_lossy(&exec.stdout)
-    );
-    ensure!(
-        exec.stderr == b"exec-err\n",
-        "ExecSync stderr {:?}",
-        String::from_utf8_lossy(&exec.stderr)
-    );
+    cri::expect_exec("ExecSync", &exec, 7, "exec-out\n", "exec-err\n")?;
 
     // StopContainer: `sleep` as PID 1 ignores SIGTERM, so this takes the SIGKILL after 2 s.
     let stop_timeout = 2;
@@ -286,8 +276,7 @@ async fn scenario(env: &TestEnv, handler: &str) -> Result<()> {
 
     // Kill the shim: containerd must see the tasks exit, and nothing may stay mounted.
     let d = container_config("victim", BUSYBOX, &["sleep", "3600"]);
-    let d_id = c.create_container(&pod_id, &d, &pod).await?;
-    c.start_container(&d_id).await?;
+    let d_id = c.run_container(&pod_id, &d, &pod).await?;
     ensure!(
         shims_of(env) == vec![shim],
         "a new container started another shim"
@@ -327,8 +316,7 @@ async fn scenario(env: &TestEnv, handler: &str) -> Result<()> {
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
 
-    c.stop_pod(&pod_id).await?;
-    c.remove_pod(&pod_id).await?;
+    c.stop_and_remove_pod(&pod_id).await?;
     Ok(())
 }
 
@@ -516,8 +504,7 @@ fn bench_shim_rss_and_pod_start() -> Result<()> {
                 let pod_id = run_pod(&env, &pod, handler).await?;
                 for name in ["a", "b"] {
                     let cfg = container_config(name, BUSYBOX, &["sleep", "3600"]);
-                    let id = c.create_container(&pod_id, &cfg, &pod).await?;
-                    c.start_container(&id).await?;
+                    c.run_container(&pod_id, &cfg, &pod).await?;
                 }
                 latency.entry(handler).or_default().push(t.elapsed().as_secs_f64() * 1000.0);
             }
