@@ -580,47 +580,34 @@ pub(crate) mod tests {
         assert_eq!(e.kind, ErrorKind::Unavailable);
     }
 
+    /// ExecSync of `true` in container `id`, which must fail (`why` names the case).
+    async fn exec_true_err(d: &Arc<Daemon>, id: &str, why: &str) -> CriError {
+        exec_sync(
+            d,
+            ExecSyncRequest {
+                container_id: id.into(),
+                cmd: vec!["true".into()],
+                timeout: 0,
+            },
+        )
+        .await
+        .expect_err(why)
+    }
+
     #[tokio::test]
     async fn calls_check_the_container_first() {
         let dir = tempfile::tempdir().expect("tempdir");
         let d = Arc::new(Daemon::for_test(dir.path()));
-        let e = exec_sync(
-            &d,
-            ExecSyncRequest {
-                container_id: "nope".into(),
-                cmd: vec!["true".into()],
-                timeout: 0,
-            },
-        )
-        .await
-        .expect_err("unknown");
+        let e = exec_true_err(&d, "nope", "unknown").await;
         assert_eq!(e.kind, ErrorKind::NotFound);
         let mut rec = test_record("c1", ContainerState::Exited);
         d.store.put("c1", &rec).expect("put");
-        let e = exec_sync(
-            &d,
-            ExecSyncRequest {
-                container_id: "c1".into(),
-                cmd: vec!["true".into()],
-                timeout: 0,
-            },
-        )
-        .await
-        .expect_err("exited");
+        let e = exec_true_err(&d, "c1", "exited").await;
         assert_eq!(e.kind, ErrorKind::FailedPrecondition);
         assert!(e.message.contains("CONTAINER_EXITED"), "{}", e.message);
         rec.state = ContainerState::Running;
         d.store.put("c1", &rec).expect("put");
-        let e = exec_sync(
-            &d,
-            ExecSyncRequest {
-                container_id: "c1".into(),
-                cmd: vec!["true".into()],
-                timeout: 0,
-            },
-        )
-        .await
-        .expect_err("no shim");
+        let e = exec_true_err(&d, "c1", "no shim").await;
         assert_eq!(e.kind, ErrorKind::FailedPrecondition);
         assert!(e.message.contains("shim"), "{}", e.message);
     }
