@@ -255,13 +255,25 @@ pub async fn recover_pods(d: &Daemon, r: &mut Report) -> Result<(), StoreError> 
                 )
                 .await;
         }
+        // A shim record may lack the pid; the pod dir's shim.pid still names it.
+        let pid = pid.or_else(|| crate::shim_client::read_pid(&pods_dir.join(&id).join("shim.pid")));
         if let Some(pid) = pid {
             t::end_shim(pid, &id, std::time::Duration::from_secs(2)).await;
         }
         if let Some(a) = &addr {
-            let p = a.strip_prefix("unix://").unwrap_or(a);
-            if std::os::unix::net::UnixStream::connect(p).is_err() {
-                let _ = std::fs::remove_file(p);
+            let p = a.strip_prefix("unix://").unwrap_or(a).to_string();
+            // A loaded machine may take a moment to finish the shim's exit: its socket goes
+            // once nobody listens on it any more, never while a shim still serves it.
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(3);
+            while std::os::unix::net::UnixStream::connect(&p).is_ok()
+                && std::time::Instant::now() < deadline
+            {
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+            }
+            if std::os::unix::net::UnixStream::connect(&p).is_err() {
+                let _ = std::fs::remove_file(&p);
+            } else {
+                tracing::warn!(pod_id = %id, socket = %p, "orphaned shim still listening; socket left");
             }
         }
         d.store.delete::<ShimRecord>(&id)?;

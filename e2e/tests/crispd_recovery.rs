@@ -263,6 +263,13 @@ async fn scenario(
             break;
         }
         if Instant::now() > deadline {
+            // What crispd said about the victim and its orphan sweep: the clue when this flakes.
+            let log = std::fs::read_to_string(&env.daemon_log).unwrap_or_default();
+            for l in log.lines().filter(|l| {
+                l.contains(victim.id.as_str()) || l.contains("orphan") || l.contains("recover")
+            }) {
+                eprintln!("crispd: {l}");
+            }
             bail!(
                 "30 s after restart the unrecorded pod {} still has {left:#?}",
                 victim.id
