@@ -799,6 +799,33 @@ struct Exit {
     message: String,
 }
 
+impl Exit {
+    /// Ended without an exit status of its own (its task or its shim is gone): 255, Error, now.
+    fn lost(message: impl Into<String>) -> Exit {
+        Exit {
+            code: 255,
+            at_ns: crate::util::now_nanos(),
+            reason: Some("Error".into()),
+            message: message.into(),
+        }
+    }
+
+    /// What the task's Wait answered; a task its shim no longer knows counts as lost, any other
+    /// error is the caller's to judge (the shim itself may be gone).
+    fn of_wait(res: Result<api::WaitResponse, ttrpc::Error>) -> Result<Exit, ttrpc::Error> {
+        match res {
+            Ok(r) => Ok(Exit {
+                code: r.exit_status as i32,
+                at_ns: ts_ns(r.exited_at.as_ref()),
+                reason: None,
+                message: String::new(),
+            }),
+            Err(e) if is_not_found(&e) => Ok(Exit::lost("task not found in its shim")),
+            Err(e) => Err(e),
+        }
+    }
+}
+
 /// Watch one running container: its task's Wait, and the shim's OOM events for it.
 async fn watch(ctx: Ctx, shim: ShimClient, id: String, mut events: broadcast::Receiver<ShimEvent>) {
     let req = api::WaitRequest {
@@ -821,29 +848,10 @@ async fn watch(ctx: Ctx, shim: ShimClient, id: String, mut events: broadcast::Re
             }
         }
     };
-    let exit = match res {
-        Ok(r) => Exit {
-            code: r.exit_status as i32,
-            at_ns: ts_ns(r.exited_at.as_ref()),
-            reason: None,
-            message: String::new(),
-        },
-        Err(e) if is_not_found(&e) => Exit {
-            code: 255,
-            at_ns: crate::util::now_nanos(),
-            reason: Some("Error".into()),
-            message: "task not found in its shim".into(),
-        },
-        Err(e) => {
-            tracing::warn!(container_id = %id, error = %e, "lost the shim while waiting");
-            Exit {
-                code: 255,
-                at_ns: crate::util::now_nanos(),
-                reason: Some("Error".into()),
-                message: format!("shim died: {e}"),
-            }
-        }
-    };
+    let exit = Exit::of_wait(res).unwrap_or_else(|e| {
+        tracing::warn!(container_id = %id, error = %e, "lost the shim while waiting");
+        Exit::lost(format!("shim died: {e}"))
+    });
     let _g = lock(&id).await;
     if let Err(e) = finish_locked(&ctx, Some(&shim), &id, exit).await {
         tracing::warn!(container_id = %id, error = %e, "recording exit");
@@ -1008,12 +1016,7 @@ async fn stop_locked(d: &Daemon, id: &str, timeout: Duration) -> Result<(), CriE
     let ctx = Ctx::of(d);
     let Some(shim) = d.shims.get(&rec.pod_id) else {
         // Nothing to signal: the pod's shim is gone, and the container with it.
-        let exit = Exit {
-            code: 255,
-            at_ns: crate::util::now_nanos(),
-            reason: Some("Error".into()),
-            message: "shim died".into(),
-        };
+        let exit = Exit::lost("shim died");
         return finish_locked(&ctx, None, id, exit).await;
     };
     let cfg = crate::cri::containers::container_config(&rec);
@@ -1037,12 +1040,7 @@ async fn stop_locked(d: &Daemon, id: &str, timeout: Duration) -> Result<(), CriE
     let shim_died = |e: CriError| async move {
         // The shim is gone and its containers with it: record that instead of failing.
         tracing::warn!(container_id = %id, error = %e.message, "shim unreachable at stop");
-        let exit = Exit {
-            code: 255,
-            at_ns: crate::util::now_nanos(),
-            reason: Some("Error".into()),
-            message: "shim died".into(),
-        };
+        let exit = Exit::lost("shim died");
         finish_locked(ctxr, None, id, exit).await
     };
     let mut result = None;
@@ -1076,21 +1074,7 @@ async fn stop_locked(d: &Daemon, id: &str, timeout: Duration) -> Result<(), CriE
             })?
         }
     };
-    let exit = match result {
-        Ok(r) => Exit {
-            code: r.exit_status as i32,
-            at_ns: ts_ns(r.exited_at.as_ref()),
-            reason: None,
-            message: String::new(),
-        },
-        Err(e) if is_not_found(&e) => Exit {
-            code: 255,
-            at_ns: crate::util::now_nanos(),
-            reason: Some("Error".into()),
-            message: "task not found in its shim".into(),
-        },
-        Err(e) => return Err(task_err("wait", id, e)),
-    };
+    let exit = Exit::of_wait(result).map_err(|e| task_err("wait", id, e))?;
     finish_locked(&ctx, Some(&shim), id, exit).await
 }
 
@@ -1306,12 +1290,7 @@ async fn recover_one(
     let b = bundle::dir(&d.cfg.state, id);
     let Some(shim) = shim else {
         if may_run(rec.state) {
-            let exit = Exit {
-                code: 255,
-                at_ns: crate::util::now_nanos(),
-                reason: Some("Error".into()),
-                message: "shim died".into(),
-            };
+            let exit = Exit::lost("shim died");
             finish_locked(&ctx, None, id, exit).await?;
         }
         // Whatever state it was recorded in, its processes and mount may have outlived the shim.
@@ -1332,12 +1311,7 @@ async fn recover_one(
         Err(e) if is_not_found(&e) => {
             // No task: a Created container never had one; a running one was lost.
             if may_run(rec.state) {
-                let exit = Exit {
-                    code: 255,
-                    at_ns: crate::util::now_nanos(),
-                    reason: Some("Error".into()),
-                    message: "task not found in its shim after restart".into(),
-                };
+                let exit = Exit::lost("task not found in its shim after restart");
                 finish_locked(&ctx, Some(shim), id, exit).await?;
             }
             return cleanup_dead_task(&ctx, id).await;
