@@ -124,6 +124,18 @@ impl Fixture {
         format!("/run/netns/{}", self.netns)
     }
 
+    /// CreateSandbox of `id` in this fixture's bundle, `spec` as the options and `netns_path`
+    /// ("" for none) as crispd sends it.
+    fn create_request(&self, id: &str, spec: &Value, netns_path: &str) -> sb::CreateSandboxRequest {
+        sb::CreateSandboxRequest {
+            sandbox_id: id.to_string(),
+            bundle_path: self.bundle().display().to_string(),
+            netns_path: netns_path.to_string(),
+            options: spec_any(spec),
+            ..Default::default()
+        }
+    }
+
     /// `containerd-shim-crisp-v2 ... -id <pod> start` exactly as crispd runs it.
     async fn start_shim(&mut self, pod_id: &str) -> Result<SandboxClient> {
         std::fs::create_dir_all(self.bundle())?;
@@ -180,6 +192,10 @@ impl Drop for Fixture {
         }
         let _ = Command::new("ip").args(["netns", "del", &self.netns]).status();
     }
+}
+
+fn start_request(id: &str) -> sb::StartSandboxRequest {
+    sb::StartSandboxRequest { sandbox_id: id.to_string(), ..Default::default() }
 }
 
 fn spec_any(spec: &Value) -> MessageField<Any> {
@@ -240,13 +256,7 @@ async fn sandbox_lifecycle_through_the_real_shim() -> Result<()> {
             "cgroupsPath": format!("{}/whatever-crispd-wrote", fx.cgroup_parent),
         },
     });
-    let create = sb::CreateSandboxRequest {
-        sandbox_id: id.clone(),
-        bundle_path: fx.bundle().display().to_string(),
-        netns_path: fx.netns_path(),
-        options: spec_any(&spec),
-        ..Default::default()
-    };
+    let create = fx.create_request(&id, &spec, &fx.netns_path());
     client.create_sandbox(ctx(), &create).await.with_context(|| fx.log())?;
     // A second create of the same id is refused.
     let again = client.create_sandbox(ctx(), &create).await.expect_err("second create");
@@ -254,7 +264,7 @@ async fn sandbox_lifecycle_through_the_real_shim() -> Result<()> {
 
     let t0 = Instant::now();
     let started = client
-        .start_sandbox(ctx(), &sb::StartSandboxRequest { sandbox_id: id.clone(), ..Default::default() })
+        .start_sandbox(ctx(), &start_request(&id))
         .await
         .with_context(|| fx.log())?;
     let latency = t0.elapsed();
@@ -386,13 +396,7 @@ async fn bad_sandbox_specs_are_invalid_arguments_naming_the_field() -> Result<()
     let mut fx = Fixture::new("bad").await?;
     let id = format!("sbbad{}", std::process::id());
     let client = fx.start_shim(&id).await?;
-    let create = |spec: Value, netns: &str| sb::CreateSandboxRequest {
-        sandbox_id: id.clone(),
-        bundle_path: fx.bundle().display().to_string(),
-        netns_path: netns.to_string(),
-        options: spec_any(&spec),
-        ..Default::default()
-    };
+    let create = |spec: Value, netns: &str| fx.create_request(&id, &spec, netns);
     let cases = [
         (create(json!({"hostname": "h"}), ""), "hostname"),
         (create(json!({"linux": {"namespaces": [{"type": "bogus"}]}}), ""), "linux.namespaces[0].type"),
@@ -414,7 +418,7 @@ async fn bad_sandbox_specs_are_invalid_arguments_naming_the_field() -> Result<()
     client
         .create_sandbox(ctx(), &create(json!({"linux": {"namespaces": [{"type": "network"}], "cgroupsPath": format!("{}/x", fx.cgroup_parent)}}), &missing))
         .await?;
-    let e = client.start_sandbox(ctx(), &sb::StartSandboxRequest { sandbox_id: id.clone(), ..Default::default() }).await.expect_err("missing netns");
+    let e = client.start_sandbox(ctx(), &start_request(&id)).await.expect_err("missing netns");
     let (c, msg) = code(&e).context("status")?;
     assert_eq!(c, Code::INVALID_ARGUMENT, "{msg}");
     assert!(msg.contains(&missing), "{msg}");
@@ -446,16 +450,10 @@ async fn user_namespace_pause_maps_ids_and_keeps_the_joined_netns() -> Result<()
             "cgroupsPath": format!("{}/x", fx.cgroup_parent),
         },
     });
-    let create = sb::CreateSandboxRequest {
-        sandbox_id: id.clone(),
-        bundle_path: fx.bundle().display().to_string(),
-        netns_path: fx.netns_path(),
-        options: spec_any(&spec),
-        ..Default::default()
-    };
+    let create = fx.create_request(&id, &spec, &fx.netns_path());
     client.create_sandbox(ctx(), &create).await.with_context(|| fx.log())?;
     let started = client
-        .start_sandbox(ctx(), &sb::StartSandboxRequest { sandbox_id: id.clone(), ..Default::default() })
+        .start_sandbox(ctx(), &start_request(&id))
         .await
         .with_context(|| fx.log())?;
     let pid = started.pid as i32;
@@ -494,14 +492,9 @@ async fn pause_dies_with_its_shim() -> Result<()> {
     let client = fx.start_shim(&id).await?;
     let shim_pid = fx.shim_pid.context("shim pid")?;
     let spec = json!({"linux": {"namespaces": [{"type": "pid"}, {"type": "network", "path": fx.netns_path()}], "cgroupsPath": format!("{}/x", fx.cgroup_parent)}});
-    let create = sb::CreateSandboxRequest {
-        sandbox_id: id.clone(),
-        bundle_path: fx.bundle().display().to_string(),
-        options: spec_any(&spec),
-        ..Default::default()
-    };
+    let create = fx.create_request(&id, &spec, "");
     client.create_sandbox(ctx(), &create).await?;
-    let started = client.start_sandbox(ctx(), &sb::StartSandboxRequest { sandbox_id: id.clone(), ..Default::default() }).await?;
+    let started = client.start_sandbox(ctx(), &start_request(&id)).await?;
     let pid = started.pid as i32;
     fx.pause_pid = Some(pid);
     assert!(alive(pid));
