@@ -459,6 +459,18 @@ impl TestEnv {
         }
     }
 
+    /// The end of a test: the daemon's log tail if `outcome` failed, teardown, the leak check.
+    /// Returns `outcome`'s error first, else the leaks as one; `what` names the test.
+    pub async fn finish(self, what: &str, outcome: Result<()>) -> Result<()> {
+        if outcome.is_err() {
+            eprintln!("{what}: daemon log tail:\n{}", self.daemon_log_tail(60));
+        }
+        let leaks = self.teardown().await;
+        outcome?;
+        anyhow::ensure!(leaks.is_empty(), "{what}: teardown left {leaks:#?}");
+        Ok(())
+    }
+
     /// Tears everything down and returns what the leak check still finds (empty = clean).
     /// Tests `assert!(env.teardown().await.is_empty())`.
     pub async fn teardown(mut self) -> Vec<String> {
@@ -1325,14 +1337,9 @@ pub async fn with_crispd(
         body(&env).await
     }
     .await;
-    if outcome.is_err() {
-        eprintln!("crispd log tail:\n{}", env.daemon_log_tail(60));
-    }
-    let leaks = env.teardown().await;
+    let result = env.finish(name, outcome).await;
     eprintln!("{name}: {:?}", t0.elapsed());
-    outcome?;
-    anyhow::ensure!(leaks.is_empty(), "{name}: teardown left {leaks:#?}");
-    Ok(())
+    result
 }
 
 /// Finds `name` on PATH.

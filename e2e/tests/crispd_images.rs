@@ -166,13 +166,7 @@ async fn crispd_pull_killed_mid_layer_is_completed_after_restart() -> Result<()>
     registry.push(&["large"])?;
     let mut env = TestEnv::start(RuntimeKind::Crispd, &registry.host()).await?;
     let outcome = scenario(&mut env).await;
-    if outcome.is_err() {
-        eprintln!("crispd log tail:\n{}", env.daemon_log_tail(60));
-    }
-    let leaks = env.teardown().await;
-    outcome?;
-    ensure!(leaks.is_empty(), "teardown left {leaks:#?}");
-    Ok(())
+    env.finish("crispd", outcome).await
 }
 
 /// RemoveImage of busybox keeps `layers` (built on busybox's layer) runnable: a container
@@ -221,11 +215,5 @@ async fn crispd_remove_image_keeps_layer_sharing_image_runnable_then_gc_empties_
     registry.push(&["busybox", "layers"])?;
     let env = TestEnv::start(RuntimeKind::Crispd, &registry.host()).await?;
     let outcome = shared_layers(&env).await;
-    if outcome.is_err() {
-        eprintln!("crispd log tail:\n{}", env.daemon_log_tail(60));
-    }
-    let leaks = env.teardown().await;
-    outcome?;
-    ensure!(leaks.is_empty(), "teardown left {leaks:#?}");
-    Ok(())
+    env.finish("crispd", outcome).await
 }

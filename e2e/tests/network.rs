@@ -97,14 +97,9 @@ where
     }
     let env = b.start().await?;
     let outcome = body(&env).await;
-    if outcome.is_err() {
-        eprintln!("{kind} log tail:\n{}", env.daemon_log_tail(60));
-    }
-    let leaks = env.teardown().await;
+    let result = env.finish(&kind.to_string(), outcome).await;
     eprintln!("{kind}: done in {:?}", t0.elapsed());
-    outcome?;
-    ensure!(leaks.is_empty(), "{kind}: teardown left {leaks:#?}");
-    Ok(())
+    result
 }
 
 /// A busybox httpd on `port` serving `text` as /index.html (foreground, so it is PID 1's child
