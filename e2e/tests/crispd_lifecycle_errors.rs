@@ -951,6 +951,24 @@ fn push_stopsignal_image(registry: &Registry) -> Result<()> {
     registry.push_layout(dst, "latest", "library/stopsignal:latest")
 }
 
+/// Runs `cfg`, which logs "ready" once its signal traps are set, then StopContainer with
+/// `timeout`: how long that took, and the container's status after it.
+async fn stop_when_ready(
+    env: &TestEnv,
+    pod_id: &str,
+    pod: &api::PodSandboxConfig,
+    cfg: &api::ContainerConfig,
+    timeout: i64,
+) -> Result<(Duration, api::ContainerStatus)> {
+    let c = env.cri();
+    let id = c.run_container(pod_id, cfg, pod).await?;
+    cri::wait_log_line(&cri::log_file(pod, cfg), "ready", Duration::from_secs(10)).await?;
+    let t = Instant::now();
+    c.stop_container(&id, timeout).await?;
+    let took = t.elapsed();
+    Ok((took, c.container_status(&id).await?))
+}
+
 async fn stop_signal(env: &TestEnv) -> Result<()> {
     let c = env.cri();
     c.pull(STOPSIG_IMAGE, None).await?;
@@ -968,17 +986,7 @@ async fn stop_signal(env: &TestEnv) -> Result<()> {
             "trap 'echo got-term' TERM; echo ready; while :; do sleep 0.2; done",
         ],
     );
-    let id = env.cri().run_container(&pod_id, &stubborn, &pod).await?;
-    cri::wait_log_line(
-        &cri::log_file(&pod, &stubborn),
-        "ready",
-        Duration::from_secs(10),
-    )
-    .await?;
-    let t = Instant::now();
-    c.stop_container(&id, timeout).await?;
-    let took = t.elapsed();
-    let st = c.container_status(&id).await?;
+    let (took, st) = stop_when_ready(env, &pod_id, &pod, &stubborn, timeout).await?;
     ensure!(
         st.state == api::ContainerState::ContainerExited as i32,
         "stubborn: state {:?} after StopContainer",
@@ -1013,17 +1021,7 @@ async fn stop_signal(env: &TestEnv) -> Result<()> {
             "trap 'exit 0' TERM; echo ready; while :; do sleep 0.2; done",
         ],
     );
-    let id = env.cri().run_container(&pod_id, &polite, &pod).await?;
-    cri::wait_log_line(
-        &cri::log_file(&pod, &polite),
-        "ready",
-        Duration::from_secs(10),
-    )
-    .await?;
-    let t = Instant::now();
-    c.stop_container(&id, 30).await?;
-    let took = t.elapsed();
-    let st = c.container_status(&id).await?;
+    let (took, st) = stop_when_ready(env, &pod_id, &pod, &polite, 30).await?;
     ensure!(
         took < Duration::from_secs(5),
         "polite: StopContainer(30 s) took {took:?} for a container that exits on SIGTERM"
@@ -1045,17 +1043,7 @@ async fn stop_signal(env: &TestEnv) -> Result<()> {
             "trap 'exit 42' USR1; trap 'exit 43' TERM; echo ready; while :; do sleep 0.2; done",
         ],
     );
-    let id = env.cri().run_container(&pod_id, &usr1, &pod).await?;
-    cri::wait_log_line(
-        &cri::log_file(&pod, &usr1),
-        "ready",
-        Duration::from_secs(10),
-    )
-    .await?;
-    let t = Instant::now();
-    c.stop_container(&id, 30).await?;
-    let took = t.elapsed();
-    let st = c.container_status(&id).await?;
+    let (took, st) = stop_when_ready(env, &pod_id, &pod, &usr1, 30).await?;
     ensure!(
         st.exit_code == 42,
         "usr1: exit code {} after {took:?}, want 42 (the image's StopSignal SIGUSR1; 43 means SIGTERM was sent)",
