@@ -636,11 +636,7 @@ async fn start_task(
     logs::mkfifo(&err).map_err(|e| io_err("stderr fifo", e))?;
     let r_out = logs::open_fifo_reader(&out).map_err(|e| io_err("open stdout fifo", e))?;
     let r_err = logs::open_fifo_reader(&err).map_err(|e| io_err("open stderr fifo", e))?;
-    let log_file = if rec.log_path.is_empty() {
-        PathBuf::from("/dev/null")
-    } else {
-        PathBuf::from(&rec.log_path)
-    };
+    let log_file = log_file(rec);
     let log = Arc::new(
         CriLog::open(&log_file, d.cfg.max_container_log_line_size)
             .map_err(|e| io_err(&format!("open log {}", log_file.display()), e))?,
@@ -788,6 +784,15 @@ pub fn reopen_log(d: &Daemon, container_id: &str) -> Result<(), CriError> {
 
 // ---------------------------------------------------------------------------------------------
 // Exit
+
+/// Where the container's output goes: its CRI log file, or nowhere when kubelet gave none.
+fn log_file(rec: &ContainerRecord) -> PathBuf {
+    if rec.log_path.is_empty() {
+        PathBuf::from("/dev/null")
+    } else {
+        PathBuf::from(&rec.log_path)
+    }
+}
 
 /// How a container ended.
 #[derive(Debug, Clone)]
@@ -1323,13 +1328,8 @@ async fn recover_one(
         Status::RUNNING | Status::PAUSED | Status::PAUSING => {
             // Alive: reopen the FIFOs (the container holds their write ends) and watch it.
             let events = d.shim_events.subscribe();
-            let log_file = if rec.log_path.is_empty() {
-                PathBuf::from("/dev/null")
-            } else {
-                PathBuf::from(&rec.log_path)
-            };
             let log = Arc::new(
-                CriLog::open(&log_file, d.cfg.max_container_log_line_size)
+                CriLog::open(&log_file(&rec), d.cfg.max_container_log_line_size)
                     .map_err(|e| CriError::internal(format!("container {id}: open log: {e}")))?,
             );
             let mut copiers = Vec::new();
