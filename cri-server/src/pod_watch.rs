@@ -89,8 +89,12 @@ async fn watch(
                 tracing::warn!(pod_id = %pod_id, error = %e, "cannot record pod NotReady");
             }
             match &outcome {
-                Ok(r) => tracing::info!(pod_id = %pod_id, exit_status = r.exit_status, "pause exited: pod NotReady"),
-                Err(e) => tracing::warn!(pod_id = %pod_id, error = %e, "lost the pod's shim: pod NotReady"),
+                Ok(r) => {
+                    tracing::info!(pod_id = %pod_id, exit_status = r.exit_status, "pause exited: pod NotReady")
+                }
+                Err(e) => {
+                    tracing::warn!(pod_id = %pod_id, error = %e, "lost the pod's shim: pod NotReady")
+                }
             }
         }
         _ => {}

@@ -256,7 +256,8 @@ pub async fn recover_pods(d: &Daemon, r: &mut Report) -> Result<(), StoreError> 
                 .await;
         }
         // A shim record may lack the pid; the pod dir's shim.pid still names it.
-        let pid = pid.or_else(|| crate::shim_client::read_pid(&pods_dir.join(&id).join("shim.pid")));
+        let pid =
+            pid.or_else(|| crate::shim_client::read_pid(&pods_dir.join(&id).join("shim.pid")));
         if let Some(pid) = pid {
             t::end_shim(pid, &id, std::time::Duration::from_secs(2)).await;
         }

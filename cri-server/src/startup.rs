@@ -123,7 +123,10 @@ pub async fn prepare(cfg: Config) -> anyhow::Result<Arc<Daemon>> {
         // inside CreateContainer); their tasks are force-deleted even if their shim is gone.
         match crate::cri::container_lifecycle::remove_orphans(&d).await {
             Ok(ids) if !ids.is_empty() => {
-                tracing::info!(removed = ids.len(), "orphaned container bundles and snapshots removed")
+                tracing::info!(
+                    removed = ids.len(),
+                    "orphaned container bundles and snapshots removed"
+                )
             }
             Ok(_) => {}
             Err(e) => report.failures.push(format!("orphaned containers: {e}")),

@@ -77,25 +77,13 @@ pub fn list_containers(
 }
 
 pub fn find(store: &Store, id: &str) -> Result<ContainerRecord, CriError> {
-    if id.is_empty() {
-        return Err(CriError::invalid("container_id is empty"));
-    }
-    if let Some(r) = store.get::<ContainerRecord>(id)? {
-        return Ok(r);
-    }
-    let mut hits: Vec<ContainerRecord> = store
-        .list::<ContainerRecord>()?
-        .into_iter()
-        .map(|(_, r)| r)
-        .filter(|r| r.id.starts_with(id))
-        .collect();
-    match hits.len() {
-        1 => Ok(hits.remove(0)),
-        0 => Err(CriError::not_found(format!("container {id} not found"))),
-        n => Err(CriError::invalid(format!(
-            "container id prefix {id} is ambiguous ({n} containers)"
-        ))),
-    }
+    super::find_by_id_or_prefix(
+        store,
+        id,
+        "container_id",
+        "container",
+        |r: &ContainerRecord| &r.id,
+    )
 }
 
 pub fn container_status(

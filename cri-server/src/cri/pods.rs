@@ -73,25 +73,13 @@ pub fn list_pod_sandbox(
 
 /// Find a pod by full id or unique prefix.
 pub fn find(store: &Store, id: &str) -> Result<PodRecord, CriError> {
-    if id.is_empty() {
-        return Err(CriError::invalid("pod_sandbox_id is empty"));
-    }
-    if let Some(r) = store.get::<PodRecord>(id)? {
-        return Ok(r);
-    }
-    let mut hits: Vec<PodRecord> = store
-        .list::<PodRecord>()?
-        .into_iter()
-        .map(|(_, r)| r)
-        .filter(|r| r.id.starts_with(id))
-        .collect();
-    match hits.len() {
-        1 => Ok(hits.remove(0)),
-        0 => Err(CriError::not_found(format!("pod sandbox {id} not found"))),
-        n => Err(CriError::invalid(format!(
-            "pod sandbox id prefix {id} is ambiguous ({n} pods)"
-        ))),
-    }
+    super::find_by_id_or_prefix(
+        store,
+        id,
+        "pod_sandbox_id",
+        "pod sandbox",
+        |r: &PodRecord| &r.id,
+    )
 }
 
 pub fn pod_sandbox_status(
