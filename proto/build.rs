@@ -7,7 +7,8 @@ use std::path::{Path, PathBuf};
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let vendor = Path::new("vendor");
     let cri_rel = "k8s.io/cri-api/pkg/apis/runtime/v1/api.proto";
-    let snapshots_rel = "github.com/containerd/containerd/api/services/snapshots/v1/snapshots.proto";
+    let snapshots_rel =
+        "github.com/containerd/containerd/api/services/snapshots/v1/snapshots.proto";
     println!("cargo:rerun-if-changed=vendor");
 
     // Debian 12's protoc (3.21) predates the `debug_redact` field option (protobuf 22) that
@@ -22,6 +23,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     tonic_prost_build::configure()
         .build_client(true)
         .build_server(true)
-        .compile_protos(&[cri_out, vendor.join(snapshots_rel)], &[out, vendor.to_path_buf()])?;
+        .compile_protos(
+            &[cri_out, vendor.join(snapshots_rel)],
+            &[out, vendor.to_path_buf()],
+        )?;
     Ok(())
 }

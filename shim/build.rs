@@ -4,7 +4,9 @@
 use std::{env, path::PathBuf, process::Command};
 
 fn main() {
-    let src = PathBuf::from(env::var_os("CARGO_MANIFEST_DIR").expect("cargo sets CARGO_MANIFEST_DIR")).join("pause/pause.c");
+    let src =
+        PathBuf::from(env::var_os("CARGO_MANIFEST_DIR").expect("cargo sets CARGO_MANIFEST_DIR"))
+            .join("pause/pause.c");
     let out = PathBuf::from(env::var_os("OUT_DIR").expect("cargo sets OUT_DIR")).join("pause");
     println!("cargo:rerun-if-changed={}", src.display());
     println!("cargo:rerun-if-env-changed=CC");
@@ -32,7 +34,13 @@ fn main() {
         .status();
     match status {
         Ok(s) if s.success() => {}
-        Ok(s) => panic!("{cc} failed to build {} ({s}); gcc is needed, see hack/install-deps.sh", src.display()),
-        Err(e) => panic!("cannot run {cc} to build {}: {e}; install gcc (hack/install-deps.sh)", src.display()),
+        Ok(s) => panic!(
+            "{cc} failed to build {} ({s}); gcc is needed, see hack/install-deps.sh",
+            src.display()
+        ),
+        Err(e) => panic!(
+            "cannot run {cc} to build {}: {e}; install gcc (hack/install-deps.sh)",
+            src.display()
+        ),
     }
 }

@@ -147,13 +147,19 @@ impl TestImage {
     /// Its upstream name, first tag, e.g. `docker.io/library/busybox:latest`: what a runtime
     /// whose mirror for the upstream registry is the test registry pulls.
     pub fn upstream(&self) -> String {
-        format!("{}/{}:{}", self.upstream_registry, self.repository, self.tag())
+        format!(
+            "{}/{}:{}",
+            self.upstream_registry,
+            self.repository,
+            self.tag()
+        )
     }
 
     /// The manifest (or index) digest recorded in its layout, "sha256:…".
     pub fn digest(&self) -> Result<String> {
         let path = self.layout()?.join("index.json");
-        let text = fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
+        let text =
+            fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
         let index: serde_json::Value =
             serde_json::from_str(&text).with_context(|| format!("parsing {}", path.display()))?;
         index["manifests"][0]["digest"]
@@ -174,7 +180,10 @@ pub fn get(name: &str) -> Result<&'static TestImage> {
 /// The workspace root (the images dir default and hack/images are found from it).
 pub fn workspace_root() -> PathBuf {
     // e2e/ is one level below the workspace root.
-    Path::new(env!("CARGO_MANIFEST_DIR")).parent().map(Path::to_path_buf).unwrap_or_default()
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .map(Path::to_path_buf)
+        .unwrap_or_default()
 }
 
 /// Where the images are: `$CRISP_TEST_IMAGES`, else `<workspace>/target/test-images`;
@@ -186,7 +195,9 @@ pub fn images_dir() -> Result<PathBuf> {
             Some(d) if !d.is_empty() => PathBuf::from(d),
             _ => workspace_root().join("target/test-images"),
         };
-        check_images_dir(&dir).map(|()| dir).map_err(|e| format!("{e:#}"))
+        check_images_dir(&dir)
+            .map(|()| dir)
+            .map_err(|e| format!("{e:#}"))
     })
     .clone()
     .map_err(anyhow::Error::msg)
@@ -212,7 +223,10 @@ pub fn check_images_dir(dir: &Path) -> Result<()> {
     };
     let mut missing: Vec<String> = Vec::new();
     for image in ALL {
-        for p in [dir.join(image.name).join("index.json"), dir.join(format!("{}.tar", image.name))] {
+        for p in [
+            dir.join(image.name).join("index.json"),
+            dir.join(format!("{}.tar", image.name)),
+        ] {
             if !p.exists() {
                 missing.push(p.display().to_string());
             }
@@ -222,7 +236,11 @@ pub fn check_images_dir(dir: &Path) -> Result<()> {
         missing.push(dir.join("registry/docker").display().to_string());
     }
     if !missing.is_empty() {
-        bail!("test images in {} are incomplete (missing {}): {build}", dir.display(), missing.join(", "));
+        bail!(
+            "test images in {} are incomplete (missing {}): {build}",
+            dir.display(),
+            missing.join(", ")
+        );
     }
     let hack = workspace_root().join("hack/images");
     // Without the sources (tests run from a copied binary) the stamp cannot be checked;
@@ -230,7 +248,10 @@ pub fn check_images_dir(dir: &Path) -> Result<()> {
     if hack.is_dir() {
         let want = sources_hash(&hack)?;
         if stamp != want {
-            bail!("test images in {} are stale (hack/images changed since they were built): {build}", dir.display());
+            bail!(
+                "test images in {} are stale (hack/images changed since they were built): {build}",
+                dir.display()
+            );
         }
     }
     Ok(())
@@ -243,7 +264,11 @@ pub fn sources_hash(dir: &Path) -> Result<String> {
     for entry in fs::read_dir(dir).with_context(|| format!("listing {}", dir.display()))? {
         let entry = entry.with_context(|| format!("listing {}", dir.display()))?;
         if entry.file_type()?.is_file() {
-            names.push(entry.file_name().into_string().map_err(|n| anyhow::anyhow!("non-UTF-8 file name {n:?} in {}", dir.display()))?);
+            names.push(
+                entry.file_name().into_string().map_err(|n| {
+                    anyhow::anyhow!("non-UTF-8 file name {n:?} in {}", dir.display())
+                })?,
+            );
         }
     }
     names.sort();
@@ -251,7 +276,10 @@ pub fn sources_hash(dir: &Path) -> Result<String> {
     for name in names {
         let path = dir.join(&name);
         let bytes = fs::read(&path).with_context(|| format!("reading {}", path.display()))?;
-        listing.push_str(&format!("{}  {name}\n", hex::encode(Sha256::digest(&bytes))));
+        listing.push_str(&format!(
+            "{}  {name}\n",
+            hex::encode(Sha256::digest(&bytes))
+        ));
     }
     Ok(hex::encode(Sha256::digest(listing.as_bytes())))
 }
@@ -263,7 +291,10 @@ mod tests {
     #[test]
     fn missing_images_name_the_build_command() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let err = format!("{:#}", check_images_dir(dir.path()).expect_err("empty dir must fail"));
+        let err = format!(
+            "{:#}",
+            check_images_dir(dir.path()).expect_err("empty dir must fail")
+        );
         assert!(err.contains("make test-images"), "{err}");
         assert!(err.contains("hack/images/build.sh"), "{err}");
     }
@@ -273,8 +304,14 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let hash = sources_hash(&workspace_root().join("hack/images")).expect("hash");
         fs::write(dir.path().join(".stamp"), format!("{hash}\n")).expect("stamp");
-        let err = format!("{:#}", check_images_dir(dir.path()).expect_err("no layouts must fail"));
-        assert!(err.contains("incomplete") && err.contains("make test-images"), "{err}");
+        let err = format!(
+            "{:#}",
+            check_images_dir(dir.path()).expect_err("no layouts must fail")
+        );
+        assert!(
+            err.contains("incomplete") && err.contains("make test-images"),
+            "{err}"
+        );
     }
 
     #[test]
@@ -289,14 +326,23 @@ mod tests {
             .output()
             .expect("bash");
         assert!(out.status.success());
-        assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), sources_hash(&hack).expect("hash"));
+        assert_eq!(
+            String::from_utf8_lossy(&out.stdout).trim(),
+            sources_hash(&hack).expect("hash")
+        );
     }
 
     #[test]
     fn names_and_references() {
-        assert_eq!(get("busybox").expect("busybox").upstream(), "docker.io/library/busybox:latest");
+        assert_eq!(
+            get("busybox").expect("busybox").upstream(),
+            "docker.io/library/busybox:latest"
+        );
         assert_eq!(PAUSE.upstream(), "registry.k8s.io/pause:3.9");
-        assert_eq!(BUSYBOX.reference("127.0.0.1:5000"), "127.0.0.1:5000/library/busybox:latest");
+        assert_eq!(
+            BUSYBOX.reference("127.0.0.1:5000"),
+            "127.0.0.1:5000/library/busybox:latest"
+        );
         assert!(get("nope").is_err());
     }
 }

@@ -29,7 +29,10 @@ const BUSYBOX: &str = "docker.io/library/busybox:latest";
 const PARALLELISM: usize = 4;
 
 fn env_count(name: &str, default: usize) -> usize {
-    std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
 }
 
 fn loadavg() -> String {
@@ -56,7 +59,9 @@ fn shim_pids(env: &TestEnv) -> Vec<i32> {
             std::fs::read(format!("/proc/{pid}/cmdline")).is_ok_and(|c| {
                 c.split(|b| *b == 0).next().is_some_and(|a0| {
                     let a0 = String::from_utf8_lossy(a0);
-                    a0.rsplit('/').next().is_some_and(|n| n.starts_with("containerd-shim"))
+                    a0.rsplit('/')
+                        .next()
+                        .is_some_and(|n| n.starts_with("containerd-shim"))
                 })
             })
         })
@@ -146,7 +151,11 @@ where
 async fn measure(env: &TestEnv, n_seq: usize, n_pods: usize) -> Result<Figures> {
     let cri = env.cri().clone();
     cri.pull(BUSYBOX, None).await?;
-    let mut f = Figures { load_before: loadavg(), pods: n_pods, ..Default::default() };
+    let mut f = Figures {
+        load_before: loadavg(),
+        pods: n_pods,
+        ..Default::default()
+    };
 
     // Sequential latencies; one untimed pod first so that first-use costs (pause image,
     // CNI plugin binaries in the page cache) are not in the figures.
@@ -154,7 +163,8 @@ async fn measure(env: &TestEnv, n_seq: usize, n_pods: usize) -> Result<Figures> 
     stop_remove(&cri, &warm.0).await?;
     let mut seq = Vec::new();
     for i in 0..n_seq {
-        let (id, run, cs) = pod_with_container(&cri, env.pod_config(&format!("bench-seq-{i}"))?).await?;
+        let (id, run, cs) =
+            pod_with_container(&cri, env.pod_config(&format!("bench-seq-{i}"))?).await?;
         f.run_pod_ms.push(ms(run));
         f.create_start_ms.push(ms(cs));
         seq.push(id);
@@ -175,7 +185,11 @@ async fn measure(env: &TestEnv, n_seq: usize, n_pods: usize) -> Result<Figures> 
     })
     .await?;
     f.start_all_s = t.elapsed().as_secs_f64();
-    ensure!(started.len() == n_pods, "{} of {n_pods} pods started", started.len());
+    ensure!(
+        started.len() == n_pods,
+        "{} of {n_pods} pods started",
+        started.len()
+    );
 
     // Memory with every pod running; a moment for lazily started goroutines/tasks to settle.
     tokio::time::sleep(Duration::from_secs(2)).await;
@@ -197,11 +211,19 @@ async fn measure(env: &TestEnv, n_seq: usize, n_pods: usize) -> Result<Figures> 
     Ok(f)
 }
 
-async fn run_one(kind: RuntimeKind, registry: &Registry, n_seq: usize, n_pods: usize) -> Result<Figures> {
+async fn run_one(
+    kind: RuntimeKind,
+    registry: &Registry,
+    n_seq: usize,
+    n_pods: usize,
+) -> Result<Figures> {
     let env = TestEnv::start(kind, &registry.host()).await?;
     let outcome = measure(&env, n_seq, n_pods).await;
     if let Err(e) = &outcome {
-        eprintln!("{kind}: {e:#}\n{kind} log tail:\n{}", env.daemon_log_tail(40));
+        eprintln!(
+            "{kind}: {e:#}\n{kind} log tail:\n{}",
+            env.daemon_log_tail(40)
+        );
     }
     let leaks = env.teardown().await;
     let f = outcome?;
@@ -213,7 +235,10 @@ fn print_table(cd: Option<&Figures>, cr: Option<&Figures>) {
     let row = |name: &str, unit: &str, get: &dyn Fn(&Figures) -> f64| {
         let a = cd.map(get);
         let b = cr.map(get);
-        let fmt = |v: Option<f64>| v.map(|v| format!("{v:>12.1}")).unwrap_or_else(|| format!("{:>12}", "-"));
+        let fmt = |v: Option<f64>| {
+            v.map(|v| format!("{v:>12.1}"))
+                .unwrap_or_else(|| format!("{:>12}", "-"))
+        };
         let ratio = match (a, b) {
             (Some(a), Some(b)) if a > 0.0 => format!("{:>8.2}", b / a),
             _ => format!("{:>8}", "-"),
@@ -221,16 +246,33 @@ fn print_table(cd: Option<&Figures>, cr: Option<&Figures>) {
         println!("{name:<38} {unit:<4} {} {} {ratio}", fmt(a), fmt(b));
     };
     println!();
-    println!("{:<38} {:<4} {:>12} {:>12} {:>8}", "pods with runc", "", "containerd", "crispd", "crispd/cd");
-    row("RunPodSandbox mean", "ms", &|f| mean_median(&f.run_pod_ms).0);
-    row("RunPodSandbox median", "ms", &|f| mean_median(&f.run_pod_ms).1);
-    row("CreateContainer+StartContainer mean", "ms", &|f| mean_median(&f.create_start_ms).0);
-    row("CreateContainer+StartContainer median", "ms", &|f| mean_median(&f.create_start_ms).1);
+    println!(
+        "{:<38} {:<4} {:>12} {:>12} {:>8}",
+        "pods with runc", "", "containerd", "crispd", "crispd/cd"
+    );
+    row("RunPodSandbox mean", "ms", &|f| {
+        mean_median(&f.run_pod_ms).0
+    });
+    row("RunPodSandbox median", "ms", &|f| {
+        mean_median(&f.run_pod_ms).1
+    });
+    row("CreateContainer+StartContainer mean", "ms", &|f| {
+        mean_median(&f.create_start_ms).0
+    });
+    row("CreateContainer+StartContainer median", "ms", &|f| {
+        mean_median(&f.create_start_ms).1
+    });
     row("start N pods x1 container, par 4", "s", &|f| f.start_all_s);
     row("stop+remove N pods, par 4", "s", &|f| f.stop_remove_all_s);
-    row("daemon VmRSS, N pods running", "MiB", &|f| f.daemon_rss_kib as f64 / 1024.0);
-    row("shims VmRSS sum", "MiB", &|f| f.shims_rss_kib as f64 / 1024.0);
-    row("daemon + shims VmRSS", "MiB", &|f| (f.daemon_rss_kib + f.shims_rss_kib) as f64 / 1024.0);
+    row("daemon VmRSS, N pods running", "MiB", &|f| {
+        f.daemon_rss_kib as f64 / 1024.0
+    });
+    row("shims VmRSS sum", "MiB", &|f| {
+        f.shims_rss_kib as f64 / 1024.0
+    });
+    row("daemon + shims VmRSS", "MiB", &|f| {
+        (f.daemon_rss_kib + f.shims_rss_kib) as f64 / 1024.0
+    });
     row("shim processes", "", &|f| f.shims as f64);
     for (name, f) in [("containerd", cd), ("crispd", cr)] {
         if let Some(f) = f {
@@ -251,7 +293,10 @@ fn bench_pods_crispd_vs_containerd() -> Result<()> {
     let n_seq = env_count("CRISP_BENCH_SEQ", 10);
     let n_pods = env_count("CRISP_BENCH_PODS", 50);
     let only = std::env::var("CRISP_BENCH_ONLY").unwrap_or_default();
-    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
     rt.block_on(async {
         let registry = Registry::start()?;
         registry.push(&["busybox", "pause"])?;
@@ -267,7 +312,10 @@ fn bench_pods_crispd_vs_containerd() -> Result<()> {
             }
             results.push(Some(r));
         }
-        let figs: Vec<Option<&Figures>> = results.iter().map(|r| r.as_ref().and_then(|r| r.as_ref().ok())).collect();
+        let figs: Vec<Option<&Figures>> = results
+            .iter()
+            .map(|r| r.as_ref().and_then(|r| r.as_ref().ok()))
+            .collect();
         print_table(figs[0], figs[1]);
         for r in results.into_iter().flatten() {
             r?;

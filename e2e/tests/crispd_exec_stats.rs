@@ -64,9 +64,7 @@ async fn exec_sync(env: &TestEnv) -> Result<()> {
 
     // Timeout: DeadlineExceeded, soon, and the command is gone.
     let t0 = Instant::now();
-    let r = rt
-        .exec_sync(req::exec_sync(&id, &["sleep", "31"], 2))
-        .await;
+    let r = rt.exec_sync(req::exec_sync(&id, &["sleep", "31"], 2)).await;
     expect_code(
         "ExecSync(timeout 2s)",
         r,
@@ -91,8 +89,14 @@ async fn exec_sync(env: &TestEnv) -> Result<()> {
     let r = rt.exec_sync(request).await;
     ensure!(r.is_err(), "ExecSync past the caller's deadline succeeded");
     let ps = c.exec_ok(&id, &["ps", "-o", "pid,args"]).await?;
-    ensure!(ps.contains("sleep 3600"), "ps does not show the container's own process:\n{ps}");
-    ensure!(!ps.contains("sleep 32"), "after the caller's deadline, the command still runs:\n{ps}");
+    ensure!(
+        ps.contains("sleep 3600"),
+        "ps does not show the container's own process:\n{ps}"
+    );
+    ensure!(
+        !ps.contains("sleep 32"),
+        "after the caller's deadline, the command still runs:\n{ps}"
+    );
 
     // Concurrent calls (kubelet's probes overlap) each get their own output.
     let mut calls = tokio::task::JoinSet::new();
@@ -112,7 +116,11 @@ async fn exec_sync(env: &TestEnv) -> Result<()> {
 
     // 20 MB of output: capped, dropped, no error; stderr still arrives.
     let r = rt
-        .exec_sync(req::exec_sync(&id, &["sh", "-c", "head -c 20000000 /dev/zero; echo tail >&2"], 60))
+        .exec_sync(req::exec_sync(
+            &id,
+            &["sh", "-c", "head -c 20000000 /dev/zero; echo tail >&2"],
+            60,
+        ))
         .await
         .context("ExecSync with 20 MB of output")?
         .into_inner();
@@ -146,9 +154,7 @@ async fn exec_sync(env: &TestEnv) -> Result<()> {
     }
 
     // Empty cmd.
-    let r = rt
-        .exec_sync(req::exec_sync(&id, &[], 0))
-        .await;
+    let r = rt.exec_sync(req::exec_sync(&id, &[], 0)).await;
     expect_code(
         "ExecSync(no cmd)",
         r,
@@ -593,7 +599,12 @@ mod crispd {
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn update_resources() -> Result<()> {
-        with_crispd("update_resources", |_| Ok(()), |e| Box::pin(super::update_resources(e))).await
+        with_crispd(
+            "update_resources",
+            |_| Ok(()),
+            |e| Box::pin(super::update_resources(e)),
+        )
+        .await
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

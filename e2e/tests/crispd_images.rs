@@ -35,7 +35,10 @@ fn files(dir: &Path) -> Vec<(PathBuf, u64)> {
 fn blob_names(content: &Path) -> BTreeSet<String> {
     files(&content.join("blobs/sha256"))
         .into_iter()
-        .filter_map(|(p, _)| p.file_name().map(|n| format!("sha256:{}", n.to_string_lossy())))
+        .filter_map(|(p, _)| {
+            p.file_name()
+                .map(|n| format!("sha256:{}", n.to_string_lossy()))
+        })
         .collect()
 }
 
@@ -53,9 +56,15 @@ async fn scenario(env: &mut TestEnv) -> Result<()> {
             break;
         }
         if pull.is_finished() {
-            bail!("the pull ended before the big layer was seen streaming: {:?}", pull.await);
+            bail!(
+                "the pull ended before the big layer was seen streaming: {:?}",
+                pull.await
+            );
         }
-        ensure!(t0.elapsed() < Duration::from_secs(60), "the pull never got under way");
+        ensure!(
+            t0.elapsed() < Duration::from_secs(60),
+            "the pull never got under way"
+        );
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
     env.kill_daemon()?;
@@ -71,9 +80,15 @@ async fn scenario(env: &mut TestEnv) -> Result<()> {
         ingest.display()
     );
     let orphan_blobs = blob_names(&content);
-    ensure!(orphan_blobs.len() >= 2, "manifest and config were stored: {orphan_blobs:?}");
+    ensure!(
+        orphan_blobs.len() >= 2,
+        "manifest and config were stored: {orphan_blobs:?}"
+    );
     let orphan_snaps = env.snapshot_dirs();
-    ensure!(!orphan_snaps.is_empty(), "the unpacker had started: no snapshot directory");
+    ensure!(
+        !orphan_snaps.is_empty(),
+        "the unpacker had started: no snapshot directory"
+    );
 
     env.restart_daemon().await?;
     let log = std::fs::read_to_string(&env.daemon_log)?;
@@ -86,7 +101,11 @@ async fn scenario(env: &mut TestEnv) -> Result<()> {
         "the restarted crispd did not log its start-up image gc:\n{}",
         env.daemon_log_tail(40)
     );
-    ensure!(files(&ingest).is_empty(), "partial downloads left: {:?}", files(&ingest));
+    ensure!(
+        files(&ingest).is_empty(),
+        "partial downloads left: {:?}",
+        files(&ingest)
+    );
     ensure!(
         blob_names(&content).is_empty(),
         "orphan blobs left: {:?}",
@@ -98,14 +117,25 @@ async fn scenario(env: &mut TestEnv) -> Result<()> {
         env.snapshot_dirs()
     );
     let mounts = leaks::mounts_under(&env.root);
-    ensure!(mounts.is_empty(), "mounts under the root after the crash: {mounts:?}");
+    ensure!(
+        mounts.is_empty(),
+        "mounts under the root after the crash: {mounts:?}"
+    );
 
     // The next pull completes.
     let id = env.cri().pull(LARGE, None).await?;
     ensure!(id.starts_with("sha256:"), "PullImage returned {id:?}");
-    let img = env.cri().image_status(LARGE).await?.context("ImageStatus: no image")?;
+    let img = env
+        .cri()
+        .image_status(LARGE)
+        .await?
+        .context("ImageStatus: no image")?;
     ensure!(img.id == id, "ImageStatus id {} != pulled {id}", img.id);
-    ensure!(img.repo_tags.iter().any(|t| t == LARGE), "tags {:?}", img.repo_tags);
+    ensure!(
+        img.repo_tags.iter().any(|t| t == LARGE),
+        "tags {:?}",
+        img.repo_tags
+    );
     ensure!(img.size > LARGE_BIN, "size {}", img.size);
     let listed = env
         .cri()
@@ -115,7 +145,9 @@ async fn scenario(env: &mut TestEnv) -> Result<()> {
         .into_inner()
         .images;
     ensure!(
-        listed.iter().any(|i| i.id == id && i.repo_tags.iter().any(|t| t == LARGE)),
+        listed
+            .iter()
+            .any(|i| i.id == id && i.repo_tags.iter().any(|t| t == LARGE)),
         "ListImages: {listed:?}"
     );
 
@@ -124,11 +156,18 @@ async fn scenario(env: &mut TestEnv) -> Result<()> {
     let verbose = env
         .cri()
         .image()
-        .image_status(api::ImageStatusRequest { image: Some(image_spec(LARGE)), verbose: true })
+        .image_status(api::ImageStatusRequest {
+            image: Some(image_spec(LARGE)),
+            verbose: true,
+        })
         .await?
         .into_inner();
-    let info: serde_json::Value =
-        serde_json::from_str(verbose.info.get("info").context("verbose ImageStatus without info")?)?;
+    let info: serde_json::Value = serde_json::from_str(
+        verbose
+            .info
+            .get("info")
+            .context("verbose ImageStatus without info")?,
+    )?;
     let layers: Vec<String> = info["layers"]
         .as_array()
         .context("info.layers")?
@@ -137,10 +176,19 @@ async fn scenario(env: &mut TestEnv) -> Result<()> {
         .collect();
     let mut want: BTreeSet<String> = layers.iter().cloned().collect();
     want.insert(id.clone());
-    want.insert(info["manifestDigest"].as_str().context("info.manifestDigest")?.to_string());
+    want.insert(
+        info["manifestDigest"]
+            .as_str()
+            .context("info.manifestDigest")?
+            .to_string(),
+    );
     let have = blob_names(&content);
     ensure!(have == want, "blobs {have:?}, the image needs {want:?}");
-    ensure!(files(&ingest).is_empty(), "downloads left: {:?}", files(&ingest));
+    ensure!(
+        files(&ingest).is_empty(),
+        "downloads left: {:?}",
+        files(&ingest)
+    );
     let snaps = env.snapshot_dirs();
     ensure!(
         snaps.len() == layers.len(),
@@ -150,9 +198,16 @@ async fn scenario(env: &mut TestEnv) -> Result<()> {
     );
     let big: Vec<u64> = snaps
         .iter()
-        .filter_map(|s| std::fs::metadata(s.join("fs/large.bin")).ok().map(|m| m.len()))
+        .filter_map(|s| {
+            std::fs::metadata(s.join("fs/large.bin"))
+                .ok()
+                .map(|m| m.len())
+        })
         .collect();
-    ensure!(big == vec![LARGE_BIN], "large.bin sizes in the snapshots: {big:?}");
+    ensure!(
+        big == vec![LARGE_BIN],
+        "large.bin sizes in the snapshots: {big:?}"
+    );
     ensure!(
         snaps.iter().any(|s| s.join("fs/bin/sh").exists()),
         "no snapshot holds busybox's /bin/sh"
@@ -179,38 +234,70 @@ async fn shared_layers(env: &TestEnv) -> Result<()> {
     let layers = cri.pull("docker.io/library/layers:latest", None).await?;
     ensure!(busybox != layers, "two different images");
     cri.remove_image("docker.io/library/busybox:latest").await?;
-    ensure!(cri.image_status(&busybox).await?.is_none(), "busybox still listed");
-    ensure!(cri.image_status("docker.io/library/layers:latest").await?.is_some(), "layers went too");
+    ensure!(
+        cri.image_status(&busybox).await?.is_none(),
+        "busybox still listed"
+    );
+    ensure!(
+        cri.image_status("docker.io/library/layers:latest")
+            .await?
+            .is_some(),
+        "layers went too"
+    );
 
     let pod = env.pod_config("shared-layers")?;
     let pod_id = cri.run_pod(&pod).await?;
     let cfg = crisp_e2e::cri::container_config(
         "reader",
         "docker.io/library/layers:latest",
-        &["sh", "-c", "cat /data/keep.txt && test -x /bin/busybox && echo base-ok"],
+        &[
+            "sh",
+            "-c",
+            "cat /data/keep.txt && test -x /bin/busybox && echo base-ok",
+        ],
     );
     let id = cri.create_container(&pod_id, &cfg, &pod).await?;
     cri.start_container(&id).await?;
-    let st = cri.wait_container_exit(&id, Duration::from_secs(30)).await?;
+    let st = cri
+        .wait_container_exit(&id, Duration::from_secs(30))
+        .await?;
     let log = crisp_e2e::cri::read_log(&crisp_e2e::cri::log_file(&pod, &cfg))?;
     let text: Vec<String> = log.iter().map(|l| l.text.clone()).collect();
-    ensure!(st.exit_code == 0, "exit code {} (log {text:?})", st.exit_code);
+    ensure!(
+        st.exit_code == 0,
+        "exit code {} (log {text:?})",
+        st.exit_code
+    );
     ensure!(text == ["keep", "base-ok"], "log {text:?}");
     cri.remove_container(&id).await?;
     cri.stop_pod(&pod_id).await?;
     cri.remove_pod(&pod_id).await?;
 
     cri.remove_image(&layers).await?;
-    let listed = cri.image().list_images(api::ListImagesRequest::default()).await?.into_inner().images;
+    let listed = cri
+        .image()
+        .list_images(api::ListImagesRequest::default())
+        .await?
+        .into_inner()
+        .images;
     ensure!(listed.is_empty(), "images left: {listed:?}");
     let content = env.root.join("root/images/content");
-    ensure!(blob_names(&content).is_empty(), "blobs left: {:?}", blob_names(&content));
-    ensure!(env.snapshot_dirs().is_empty(), "snapshots left: {:?}", env.snapshot_dirs());
+    ensure!(
+        blob_names(&content).is_empty(),
+        "blobs left: {:?}",
+        blob_names(&content)
+    );
+    ensure!(
+        env.snapshot_dirs().is_empty(),
+        "snapshots left: {:?}",
+        env.snapshot_dirs()
+    );
     Ok(())
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn crispd_remove_image_keeps_layer_sharing_image_runnable_then_gc_empties_store() -> Result<()> {
+async fn crispd_remove_image_keeps_layer_sharing_image_runnable_then_gc_empties_store() -> Result<()>
+{
     let registry = Registry::start()?;
     registry.push(&["busybox", "layers"])?;
     let env = TestEnv::start(RuntimeKind::Crispd, &registry.host()).await?;

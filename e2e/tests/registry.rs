@@ -23,9 +23,13 @@ fn skopeo_inspect(args: &[&str], reference: &str) -> Result<Value> {
         .output()
         .context("running skopeo (Debian package skopeo)")?;
     if !out.status.success() {
-        bail!("skopeo inspect {args:?} {reference}: {}", String::from_utf8_lossy(&out.stderr).trim());
+        bail!(
+            "skopeo inspect {args:?} {reference}: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
     }
-    serde_json::from_slice(&out.stdout).with_context(|| format!("skopeo inspect {args:?} {reference}: not JSON"))
+    serde_json::from_slice(&out.stdout)
+        .with_context(|| format!("skopeo inspect {args:?} {reference}: not JSON"))
 }
 
 fn process_exists(pid: u32) -> bool {
@@ -44,16 +48,28 @@ fn serves_every_test_image_as_built() -> Result<()> {
     for image in images::ALL {
         let want = image.digest()?;
         for tag in image.tags {
-            let r = registry.request("HEAD", &format!("/v2/{}/manifests/{tag}", image.repository), Some(ACCEPT_ALL))?;
+            let r = registry.request(
+                "HEAD",
+                &format!("/v2/{}/manifests/{tag}", image.repository),
+                Some(ACCEPT_ALL),
+            )?;
             assert_eq!(r.status, 200, "{}:{tag}", image.repository);
-            assert_eq!(r.header("docker-content-digest"), Some(want.as_str()), "{}:{tag}", image.repository);
+            assert_eq!(
+                r.header("docker-content-digest"),
+                Some(want.as_str()),
+                "{}:{tag}",
+                image.repository
+            );
         }
         assert!(image.archive()?.is_file(), "{} has no archive", image.name);
     }
 
     // busybox: an OCI manifest whose config runs sh.
     let manifest = skopeo_inspect(&["--raw"], &BUSYBOX.reference(&host))?;
-    assert_eq!(manifest["mediaType"].as_str().unwrap_or(OCI_MANIFEST), OCI_MANIFEST);
+    assert_eq!(
+        manifest["mediaType"].as_str().unwrap_or(OCI_MANIFEST),
+        OCI_MANIFEST
+    );
     let config = skopeo_inspect(&["--config"], &format!("{host}/library/busybox:1.36"))?;
     assert_eq!(config["config"]["Cmd"], serde_json::json!(["sh"]));
     assert_eq!(config["architecture"], "amd64");
@@ -74,17 +90,42 @@ fn serves_every_test_image_as_built() -> Result<()> {
         .as_array()
         .context("index without manifests")?
         .iter()
-        .map(|m| format!("{}/{}", m["platform"]["os"].as_str().unwrap_or("?"), m["platform"]["architecture"].as_str().unwrap_or("?")))
+        .map(|m| {
+            format!(
+                "{}/{}",
+                m["platform"]["os"].as_str().unwrap_or("?"),
+                m["platform"]["architecture"].as_str().unwrap_or("?")
+            )
+        })
         .collect();
     assert_eq!(platforms, ["linux/amd64", "linux/arm64"]);
-    let arm = skopeo_inspect(&["--config", "--override-arch", "arm64", "--override-variant", "v8"], &MULTIARCH.reference(&host))?;
+    let arm = skopeo_inspect(
+        &[
+            "--config",
+            "--override-arch",
+            "arm64",
+            "--override-variant",
+            "v8",
+        ],
+        &MULTIARCH.reference(&host),
+    )?;
     assert_eq!(arm["architecture"], "arm64");
 
     // busybox-zstd: every layer zstd.
     let manifest = skopeo_inspect(&["--raw"], &BUSYBOX_ZSTD.reference(&host))?;
-    let types: Vec<&str> =
-        manifest["layers"].as_array().context("no layers")?.iter().filter_map(|l| l["mediaType"].as_str()).collect();
-    assert!(!types.is_empty() && types.iter().all(|t| *t == "application/vnd.oci.image.layer.v1.tar+zstd"), "{types:?}");
+    let types: Vec<&str> = manifest["layers"]
+        .as_array()
+        .context("no layers")?
+        .iter()
+        .filter_map(|l| l["mediaType"].as_str())
+        .collect();
+    assert!(
+        !types.is_empty()
+            && types
+                .iter()
+                .all(|t| *t == "application/vnd.oci.image.layer.v1.tar+zstd"),
+        "{types:?}"
+    );
 
     // large: one layer of at least 200 MiB, and the blob really downloads at that size.
     let manifest = skopeo_inspect(&["--raw"], &LARGE.reference(&host))?;
@@ -96,25 +137,41 @@ fn serves_every_test_image_as_built() -> Result<()> {
         .context("no layers")?;
     assert!(big["size"].as_u64().unwrap_or(0) >= 200 << 20, "{big}");
     let digest = big["digest"].as_str().context("no digest")?;
-    let blob = registry.request("HEAD", &format!("/v2/{}/blobs/{digest}", LARGE.repository), None)?;
+    let blob = registry.request(
+        "HEAD",
+        &format!("/v2/{}/blobs/{digest}", LARGE.repository),
+        None,
+    )?;
     assert_eq!(blob.status, 200);
-    assert_eq!(blob.header("content-length").and_then(|l| l.parse::<u64>().ok()), big["size"].as_u64());
+    assert_eq!(
+        blob.header("content-length")
+            .and_then(|l| l.parse::<u64>().ok()),
+        big["size"].as_u64()
+    );
 
     // pause: the sandbox image under the upstream path, both tags kubelet and containerd use.
     for tag in ["3.6", "3.9"] {
         let config = skopeo_inspect(&["--config"], &format!("{host}/{}:{tag}", PAUSE.repository))?;
-        assert_eq!(config["config"]["Entrypoint"], serde_json::json!(["/pause"]));
+        assert_eq!(
+            config["config"]["Entrypoint"],
+            serde_json::json!(["/pause"])
+        );
     }
 
     // The access log counts what was asked.
     let requests = registry.requests()?;
     assert!(
-        requests.iter().any(|r| r == "GET /v2/library/busybox/manifests/latest 200"),
+        requests
+            .iter()
+            .any(|r| r == "GET /v2/library/busybox/manifests/latest 200"),
         "busybox manifest GET not in the access log: {requests:?}"
     );
 
     registry.stop()?;
-    assert!(!process_exists(pid), "docker-registry pid {pid} still running");
+    assert!(
+        !process_exists(pid),
+        "docker-registry pid {pid} still running"
+    );
     assert!(!dir.exists(), "{} left behind", dir.display());
     Ok(())
 }
@@ -127,8 +184,18 @@ fn push_makes_only_the_named_images_available() -> Result<()> {
     let busybox = registry.get("/v2/library/busybox/manifests/latest", Some(ACCEPT_ALL))?;
     assert_eq!(busybox.status, 200);
     assert_eq!(busybox.json()?["schemaVersion"], 2);
-    assert_eq!(registry.get("/v2/pause/manifests/3.6", Some(ACCEPT_ALL))?.status, 200);
-    assert_eq!(registry.get("/v2/library/layers/manifests/latest", Some(ACCEPT_ALL))?.status, 404);
+    assert_eq!(
+        registry
+            .get("/v2/pause/manifests/3.6", Some(ACCEPT_ALL))?
+            .status,
+        200
+    );
+    assert_eq!(
+        registry
+            .get("/v2/library/layers/manifests/latest", Some(ACCEPT_ALL))?
+            .status,
+        404
+    );
     assert!(registry.push(&["no-such-image"]).is_err());
     Ok(())
 }
@@ -141,13 +208,29 @@ fn deletes_do_not_reach_the_seed_or_other_registries() -> Result<()> {
     a.push(&["busybox"])?;
     b.push(&["busybox"])?;
     let digest = BUSYBOX.digest()?;
-    let del = a.request("DELETE", &format!("/v2/library/busybox/manifests/{digest}"), None)?;
+    let del = a.request(
+        "DELETE",
+        &format!("/v2/library/busybox/manifests/{digest}"),
+        None,
+    )?;
     assert_eq!(del.status, 202, "delete is enabled");
-    assert_eq!(a.get("/v2/library/busybox/manifests/latest", Some(ACCEPT_ALL))?.status, 404);
-    assert_eq!(b.get("/v2/library/busybox/manifests/latest", Some(ACCEPT_ALL))?.status, 200);
+    assert_eq!(
+        a.get("/v2/library/busybox/manifests/latest", Some(ACCEPT_ALL))?
+            .status,
+        404
+    );
+    assert_eq!(
+        b.get("/v2/library/busybox/manifests/latest", Some(ACCEPT_ALL))?
+            .status,
+        200
+    );
     let c = Registry::start()?;
     c.push(&["busybox"])?;
-    assert_eq!(c.get("/v2/library/busybox/manifests/latest", Some(ACCEPT_ALL))?.status, 200);
+    assert_eq!(
+        c.get("/v2/library/busybox/manifests/latest", Some(ACCEPT_ALL))?
+            .status,
+        200
+    );
     Ok(())
 }
 
@@ -159,7 +242,10 @@ fn drop_stops_the_registry_and_removes_its_files() -> Result<()> {
         assert!(process_exists(registry.pid()));
         (registry.pid(), registry.dir().to_path_buf())
     };
-    assert!(!process_exists(pid), "docker-registry pid {pid} still running after drop");
+    assert!(
+        !process_exists(pid),
+        "docker-registry pid {pid} still running after drop"
+    );
     assert!(!dir.exists(), "{} left behind after drop", dir.display());
     // The seed keeps what the dropped registry hard-linked.
     assert!(LARGE.layout()?.join("index.json").is_file());
@@ -172,6 +258,9 @@ fn pushes_a_layout_with_skopeo() -> Result<()> {
     registry.push_layout(&USER.layout()?, USER.tag(), "crisp/pushed:v1")?;
     let r = registry.request("HEAD", "/v2/crisp/pushed/manifests/v1", Some(ACCEPT_ALL))?;
     assert_eq!(r.status, 200);
-    assert_eq!(r.header("docker-content-digest"), Some(USER.digest()?.as_str()));
+    assert_eq!(
+        r.header("docker-content-digest"),
+        Some(USER.digest()?.as_str())
+    );
     Ok(())
 }

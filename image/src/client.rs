@@ -35,7 +35,9 @@ impl Auth {
             return Some((self.username.clone(), self.password.clone()));
         }
         if !self.auth.is_empty() {
-            let raw = base64::engine::general_purpose::STANDARD.decode(self.auth.trim()).ok()?;
+            let raw = base64::engine::general_purpose::STANDARD
+                .decode(self.auth.trim())
+                .ok()?;
             let s = String::from_utf8(raw).ok()?;
             let (u, p) = s.split_once(':')?;
             return Some((u.to_string(), p.to_string()));
@@ -68,16 +70,27 @@ pub const MAX_MANIFEST_BYTES: u64 = 8 << 20;
 pub const MAX_CONFIG_BYTES: u64 = 32 << 20;
 
 /// Read a whole body, refusing more than `limit` bytes.
-async fn read_limited(host: &RegistryHost, mut resp: Response, limit: u64, what: &str) -> Result<Bytes> {
+async fn read_limited(
+    host: &RegistryHost,
+    mut resp: Response,
+    limit: u64,
+    what: &str,
+) -> Result<Bytes> {
     if let Some(n) = resp.content_length()
         && n > limit
     {
-        return Err(Error::precondition(format!("{} sent a {n}-byte {what}; the limit is {limit}", host.display())));
+        return Err(Error::precondition(format!(
+            "{} sent a {n}-byte {what}; the limit is {limit}",
+            host.display()
+        )));
     }
     let mut buf = bytes::BytesMut::new();
     while let Some(chunk) = resp.chunk().await.map_err(|e| net_err(host, what, e))? {
         if buf.len() as u64 + chunk.len() as u64 > limit {
-            return Err(Error::precondition(format!("{} sent a {what} over {limit} bytes", host.display())));
+            return Err(Error::precondition(format!(
+                "{} sent a {what} over {limit} bytes",
+                host.display()
+            )));
         }
         buf.extend_from_slice(&chunk);
     }
@@ -90,9 +103,19 @@ fn build_client(h: &RegistryHost) -> Result<reqwest::Client> {
         .user_agent(concat!("crisp/", env!("CARGO_PKG_VERSION")))
         .danger_accept_invalid_certs(h.skip_verify);
     for ca in &h.ca {
-        let pem = std::fs::read(ca).map_err(|e| Error::io(format!("reading CA file {} for {}", ca.display(), h.display()), e))?;
-        let certs = reqwest::Certificate::from_pem_bundle(&pem)
-            .map_err(|e| Error::with_source(Kind::InvalidArgument, format!("CA file {}", ca.display()), e))?;
+        let pem = std::fs::read(ca).map_err(|e| {
+            Error::io(
+                format!("reading CA file {} for {}", ca.display(), h.display()),
+                e,
+            )
+        })?;
+        let certs = reqwest::Certificate::from_pem_bundle(&pem).map_err(|e| {
+            Error::with_source(
+                Kind::InvalidArgument,
+                format!("CA file {}", ca.display()),
+                e,
+            )
+        })?;
         for c in certs {
             b = b.add_root_certificate(c);
         }
@@ -101,12 +124,17 @@ fn build_client(h: &RegistryHost) -> Result<reqwest::Client> {
     for (k, v) in &h.headers {
         let name = header::HeaderName::from_bytes(k.as_bytes())
             .map_err(|_| Error::invalid(format!("header name {k:?} for {}", h.display())))?;
-        let value = HeaderValue::from_str(v).map_err(|_| Error::invalid(format!("header {k:?} value for {}", h.display())))?;
+        let value = HeaderValue::from_str(v)
+            .map_err(|_| Error::invalid(format!("header {k:?} value for {}", h.display())))?;
         headers.append(name, value);
     }
-    b.default_headers(headers)
-        .build()
-        .map_err(|e| Error::with_source(Kind::Internal, format!("building HTTP client for {}", h.display()), e))
+    b.default_headers(headers).build().map_err(|e| {
+        Error::with_source(
+            Kind::Internal,
+            format!("building HTTP client for {}", h.display()),
+            e,
+        )
+    })
 }
 
 fn net_err(host: &RegistryHost, what: &str, e: reqwest::Error) -> Error {
@@ -159,12 +187,22 @@ impl RegistryClient {
     }
 
     fn token_for(&self, host: &RegistryHost) -> Option<HeaderValue> {
-        self.tokens.lock().unwrap_or_else(|p| p.into_inner()).get(&host.host).cloned()
+        self.tokens
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&host.host)
+            .cloned()
     }
 
     /// GET `url` on `host` with auth: the first 401 is answered by a token request (Bearer)
     /// or Basic credentials, then the request is repeated once.
-    async fn get(&self, idx: usize, url: &str, extra: HeaderMap, timeout: Option<Duration>) -> Result<Response> {
+    async fn get(
+        &self,
+        idx: usize,
+        url: &str,
+        extra: HeaderMap,
+        timeout: Option<Duration>,
+    ) -> Result<Response> {
         let (host, client) = &self.hosts[idx];
         let mut attempt = 0;
         loop {
@@ -190,33 +228,69 @@ impl RegistryClient {
                 .map(str::to_string)
                 .collect::<Vec<_>>();
             let value = self.answer_challenge(host, client, &challenge).await?;
-            self.tokens.lock().unwrap_or_else(|p| p.into_inner()).insert(host.host.clone(), value);
+            self.tokens
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .insert(host.host.clone(), value);
         }
     }
 
-    async fn answer_challenge(&self, host: &RegistryHost, client: &reqwest::Client, challenges: &[String]) -> Result<HeaderValue> {
+    async fn answer_challenge(
+        &self,
+        host: &RegistryHost,
+        client: &reqwest::Client,
+        challenges: &[String],
+    ) -> Result<HeaderValue> {
         for c in challenges {
             let (scheme, params) = c.split_once(' ').unwrap_or((c.as_str(), ""));
             let params = parse_params(params);
             if scheme.eq_ignore_ascii_case("basic") {
                 let Some((u, p)) = self.auth.basic() else {
-                    return Err(Error::new(Kind::Unauthenticated, format!("{} asks for credentials and none are configured", host.display())));
+                    return Err(Error::new(
+                        Kind::Unauthenticated,
+                        format!(
+                            "{} asks for credentials and none are configured",
+                            host.display()
+                        ),
+                    ));
                 };
                 let v = base64::engine::general_purpose::STANDARD.encode(format!("{u}:{p}"));
-                return HeaderValue::from_str(&format!("Basic {v}")).map_err(|_| Error::invalid("credentials contain invalid characters"));
+                return HeaderValue::from_str(&format!("Basic {v}"))
+                    .map_err(|_| Error::invalid("credentials contain invalid characters"));
             }
             if scheme.eq_ignore_ascii_case("bearer") {
-                let Some(realm) = params.get("realm") else { continue };
-                let scope = params.get("scope").cloned().unwrap_or_else(|| format!("repository:{}:pull", self.reference.repository));
+                let Some(realm) = params.get("realm") else {
+                    continue;
+                };
+                let scope = params
+                    .get("scope")
+                    .cloned()
+                    .unwrap_or_else(|| format!("repository:{}:pull", self.reference.repository));
                 let service = params.get("service").cloned().unwrap_or_default();
-                let token = self.fetch_token(host, client, realm, &service, &scope).await?;
-                return HeaderValue::from_str(&format!("Bearer {token}")).map_err(|_| Error::data_loss("token contains invalid characters"));
+                let token = self
+                    .fetch_token(host, client, realm, &service, &scope)
+                    .await?;
+                return HeaderValue::from_str(&format!("Bearer {token}"))
+                    .map_err(|_| Error::data_loss("token contains invalid characters"));
             }
         }
-        Err(Error::new(Kind::Unauthenticated, format!("{} answered 401 without a usable WWW-Authenticate challenge", host.display())))
+        Err(Error::new(
+            Kind::Unauthenticated,
+            format!(
+                "{} answered 401 without a usable WWW-Authenticate challenge",
+                host.display()
+            ),
+        ))
     }
 
-    async fn fetch_token(&self, host: &RegistryHost, client: &reqwest::Client, realm: &str, service: &str, scope: &str) -> Result<String> {
+    async fn fetch_token(
+        &self,
+        host: &RegistryHost,
+        client: &reqwest::Client,
+        realm: &str,
+        service: &str,
+        scope: &str,
+    ) -> Result<String> {
         let resp = if !self.auth.identity_token.is_empty() {
             // OAuth2 refresh-token grant, as containerd does for identity tokens.
             let form = [
@@ -226,7 +300,11 @@ impl RegistryClient {
                 ("scope", scope),
                 ("client_id", "crisp"),
             ];
-            let body = form.iter().map(|(k, v)| format!("{k}={}", urlencode(v))).collect::<Vec<_>>().join("&");
+            let body = form
+                .iter()
+                .map(|(k, v)| format!("{k}={}", urlencode(v)))
+                .collect::<Vec<_>>()
+                .join("&");
             client
                 .post(realm)
                 .header(header::CONTENT_TYPE, "application/x-www-form-urlencoded")
@@ -235,7 +313,11 @@ impl RegistryClient {
                 .send()
                 .await
         } else {
-            let url = format!("{realm}?service={}&scope={}", urlencode(service), urlencode(scope));
+            let url = format!(
+                "{realm}?service={}&scope={}",
+                urlencode(service),
+                urlencode(scope)
+            );
             let mut req = client.get(url).timeout(self.request_timeout);
             if let Some((u, p)) = self.auth.basic() {
                 req = req.basic_auth(u, Some(p));
@@ -245,8 +327,18 @@ impl RegistryClient {
         .map_err(|e| net_err(host, "token request", e))?;
         let status = resp.status();
         if !status.is_success() {
-            let kind = if status == StatusCode::UNAUTHORIZED || status == StatusCode::FORBIDDEN { Kind::Unauthenticated } else { Kind::Unavailable };
-            return Err(Error::new(kind, format!("token endpoint {realm} for {} answered {status}", host.display())));
+            let kind = if status == StatusCode::UNAUTHORIZED || status == StatusCode::FORBIDDEN {
+                Kind::Unauthenticated
+            } else {
+                Kind::Unavailable
+            };
+            return Err(Error::new(
+                kind,
+                format!(
+                    "token endpoint {realm} for {} answered {status}",
+                    host.display()
+                ),
+            ));
         }
         #[derive(serde::Deserialize)]
         struct Tok {
@@ -254,8 +346,12 @@ impl RegistryClient {
             access_token: Option<String>,
         }
         let body = read_limited(host, resp, 1 << 20, "token response").await?;
-        let t: Tok = serde_json::from_slice(&body).map_err(|e| Error::data_loss(format!("token endpoint {realm}: invalid JSON: {e}")))?;
-        t.token.or(t.access_token).filter(|s| !s.is_empty()).ok_or_else(|| Error::data_loss(format!("token endpoint {realm} returned no token")))
+        let t: Tok = serde_json::from_slice(&body)
+            .map_err(|e| Error::data_loss(format!("token endpoint {realm}: invalid JSON: {e}")))?;
+        t.token
+            .or(t.access_token)
+            .filter(|s| !s.is_empty())
+            .ok_or_else(|| Error::data_loss(format!("token endpoint {realm} returned no token")))
     }
 
     /// Fetch a manifest or index by tag or digest. Tags are resolved only on endpoints with
@@ -265,7 +361,11 @@ impl RegistryClient {
         let by_digest = Digest::parse(object).ok();
         let mut errors = Vec::new();
         for (idx, (host, _)) in self.hosts.iter().enumerate() {
-            let cap = if by_digest.is_some() { host.capabilities.pull } else { host.capabilities.resolve };
+            let cap = if by_digest.is_some() {
+                host.capabilities.pull
+            } else {
+                host.capabilities.resolve
+            };
             if !cap {
                 continue;
             }
@@ -287,10 +387,22 @@ impl RegistryClient {
                     StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN => Kind::Unauthenticated,
                     _ => Kind::Unavailable,
                 };
-                errors.push(Error::new(kind, format!("{} answered {status} for manifest {object} of {}", host.display(), self.reference.repository)));
+                errors.push(Error::new(
+                    kind,
+                    format!(
+                        "{} answered {status} for manifest {object} of {}",
+                        host.display(),
+                        self.reference.repository
+                    ),
+                ));
                 continue;
             }
-            let ct = resp.headers().get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).unwrap_or("").to_string();
+            let ct = resp
+                .headers()
+                .get(header::CONTENT_TYPE)
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or("")
+                .to_string();
             let body = match read_limited(host, resp, MAX_MANIFEST_BYTES, "manifest").await {
                 Ok(b) => b,
                 Err(e) => {
@@ -300,13 +412,20 @@ impl RegistryClient {
             };
             let got = Digest::of(&body);
             if let Some(want) = &by_digest
-                && &got != want {
-                    errors.push(Error::data_loss(format!("{} served manifest {want} with digest {got}", host.display())));
-                    continue;
-                }
+                && &got != want
+            {
+                errors.push(Error::data_loss(format!(
+                    "{} served manifest {want} with digest {got}",
+                    host.display()
+                )));
+                continue;
+            }
             return Ok((body, ct, got));
         }
-        Err(summarise(errors, &format!("manifest {object} of {}", self.reference.name())))
+        Err(summarise(
+            errors,
+            &format!("manifest {object} of {}", self.reference.name()),
+        ))
     }
 
     /// Fetch a small blob (a config) whole, verifying its digest.
@@ -318,7 +437,11 @@ impl RegistryClient {
                 let resp = self.open_blob_on(idx, digest, 0).await?;
                 let b = read_limited(host, resp, MAX_CONFIG_BYTES, "config blob").await?;
                 if Digest::of(&b) != *digest {
-                    return Err(Error::data_loss(format!("{} served blob {digest} with digest {}", host.display(), Digest::of(&b))));
+                    return Err(Error::data_loss(format!(
+                        "{} served blob {digest} with digest {}",
+                        host.display(),
+                        Digest::of(&b)
+                    )));
                 }
                 Ok(b)
             };
@@ -332,12 +455,17 @@ impl RegistryClient {
                 ))),
             }
         }
-        Err(summarise(errors, &format!("blob {digest} of {}", self.reference.name())))
+        Err(summarise(
+            errors,
+            &format!("blob {digest} of {}", self.reference.name()),
+        ))
     }
 
     /// Indices of endpoints that may serve blobs, in order.
     pub fn pull_hosts(&self) -> Vec<usize> {
-        (0..self.hosts.len()).filter(|&i| self.hosts[i].0.capabilities.pull).collect()
+        (0..self.hosts.len())
+            .filter(|&i| self.hosts[i].0.capabilities.pull)
+            .collect()
     }
 
     pub fn host(&self, idx: usize) -> &RegistryHost {
@@ -351,9 +479,10 @@ impl RegistryClient {
         let url = self.url(host, &format!("/blobs/{digest}"));
         let mut h = HeaderMap::new();
         if offset > 0
-            && let Ok(v) = HeaderValue::from_str(&format!("bytes={offset}-")) {
-                h.insert(header::RANGE, v);
-            }
+            && let Ok(v) = HeaderValue::from_str(&format!("bytes={offset}-"))
+        {
+            h.insert(header::RANGE, v);
+        }
         let resp = self.get(idx, &url, h, None).await?;
         let status = resp.status();
         if status == StatusCode::OK || status == StatusCode::PARTIAL_CONTENT {
@@ -364,14 +493,19 @@ impl RegistryClient {
             StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN => Kind::Unauthenticated,
             _ => Kind::Unavailable,
         };
-        Err(Error::new(kind, format!("{} answered {status} for blob {digest}", host.display())))
+        Err(Error::new(
+            kind,
+            format!("{} answered {status} for blob {digest}", host.display()),
+        ))
     }
 }
 
 /// One error out of the per-host errors: the most telling kind, every host's message.
 fn summarise(errors: Vec<Error>, what: &str) -> Error {
     if errors.is_empty() {
-        return Error::precondition(format!("{what}: no configured host may serve it (check capabilities in hosts.toml)"));
+        return Error::precondition(format!(
+            "{what}: no configured host may serve it (check capabilities in hosts.toml)"
+        ));
     }
     let kind = if errors.iter().all(|e| e.kind() == Kind::NotFound) {
         Kind::NotFound
@@ -391,7 +525,11 @@ fn parse_params(s: &str) -> HashMap<String, String> {
     let mut rest = s.trim();
     while !rest.is_empty() {
         let Some(eq) = rest.find('=') else { break };
-        let key = rest[..eq].trim().trim_start_matches(',').trim().to_ascii_lowercase();
+        let key = rest[..eq]
+            .trim()
+            .trim_start_matches(',')
+            .trim()
+            .to_ascii_lowercase();
         rest = &rest[eq + 1..];
         let value;
         if let Some(r) = rest.strip_prefix('"') {
@@ -427,7 +565,9 @@ mod tests {
 
     #[test]
     fn challenge_params() {
-        let p = parse_params(r#"realm="https://auth.docker.io/token",service="registry.docker.io",scope="repository:library/busybox:pull""#);
+        let p = parse_params(
+            r#"realm="https://auth.docker.io/token",service="registry.docker.io",scope="repository:library/busybox:pull""#,
+        );
         assert_eq!(p["realm"], "https://auth.docker.io/token");
         assert_eq!(p["service"], "registry.docker.io");
         assert_eq!(p["scope"], "repository:library/busybox:pull");
@@ -435,14 +575,22 @@ mod tests {
 
     #[test]
     fn basic_from_auth_field() {
-        let a = Auth { auth: base64::engine::general_purpose::STANDARD.encode("u:p:w"), ..Default::default() };
+        let a = Auth {
+            auth: base64::engine::general_purpose::STANDARD.encode("u:p:w"),
+            ..Default::default()
+        };
         assert_eq!(a.basic(), Some(("u".into(), "p:w".into())));
-        assert_eq!(urlencode("repository:a/b:pull"), "repository%3Aa%2Fb%3Apull");
+        assert_eq!(
+            urlencode("repository:a/b:pull"),
+            "repository%3Aa%2Fb%3Apull"
+        );
     }
 
     /// A registry that wants a Bearer token from its token endpoint, which wants Basic
     /// credentials "u:p"; or, with `basic_only`, Basic credentials on the registry itself.
-    async fn mock_registry(basic_only: bool) -> (String, std::sync::Arc<std::sync::atomic::AtomicUsize>) {
+    async fn mock_registry(
+        basic_only: bool,
+    ) -> (String, std::sync::Arc<std::sync::atomic::AtomicUsize>) {
         use std::sync::atomic::{AtomicUsize, Ordering};
         use tokio::io::{AsyncReadExt, AsyncWriteExt};
         let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -451,7 +599,9 @@ mod tests {
         let (a, t) = (addr.clone(), tokens.clone());
         tokio::spawn(async move {
             loop {
-                let Ok((mut c, _)) = l.accept().await else { return };
+                let Ok((mut c, _)) = l.accept().await else {
+                    return;
+                };
                 let (addr, tokens) = (a.clone(), t.clone());
                 tokio::spawn(async move {
                     let mut buf = vec![0u8; 8192];
@@ -484,11 +634,21 @@ mod tests {
                         .find(|l| l.to_ascii_lowercase().starts_with("authorization:"))
                         .map(|l| l[14..].trim().to_string())
                         .unwrap_or_default();
-                    let basic = format!("Basic {}", base64::engine::general_purpose::STANDARD.encode("u:p"));
+                    let basic = format!(
+                        "Basic {}",
+                        base64::engine::general_purpose::STANDARD.encode("u:p")
+                    );
                     let (status, headers, body) = if req.starts_with("POST /token") {
                         tokens.fetch_add(1, Ordering::SeqCst);
-                        if form.contains("grant_type=refresh_token") && form.contains("refresh_token=rt") && form.contains("scope=repository%3Alib%2Fapp%3Apull") {
-                            ("200 OK", String::new(), r#"{"access_token":"tok"}"#.to_string())
+                        if form.contains("grant_type=refresh_token")
+                            && form.contains("refresh_token=rt")
+                            && form.contains("scope=repository%3Alib%2Fapp%3Apull")
+                        {
+                            (
+                                "200 OK",
+                                String::new(),
+                                r#"{"access_token":"tok"}"#.to_string(),
+                            )
                         } else {
                             ("401 Unauthorized", String::new(), String::new())
                         }
@@ -499,18 +659,32 @@ mod tests {
                         } else {
                             ("401 Unauthorized", String::new(), String::new())
                         }
-                    } else if (basic_only && auth == basic) || (!basic_only && auth == "Bearer tok") {
-                        ("200 OK", "Content-Type: application/vnd.oci.image.index.v1+json\r\n".to_string(), r#"{"manifests":[]}"#.to_string())
+                    } else if (basic_only && auth == basic) || (!basic_only && auth == "Bearer tok")
+                    {
+                        (
+                            "200 OK",
+                            "Content-Type: application/vnd.oci.image.index.v1+json\r\n".to_string(),
+                            r#"{"manifests":[]}"#.to_string(),
+                        )
                     } else if basic_only {
-                        ("401 Unauthorized", "WWW-Authenticate: Basic realm=\"reg\"\r\n".to_string(), String::new())
+                        (
+                            "401 Unauthorized",
+                            "WWW-Authenticate: Basic realm=\"reg\"\r\n".to_string(),
+                            String::new(),
+                        )
                     } else {
                         (
                             "401 Unauthorized",
-                            format!("WWW-Authenticate: Bearer realm=\"http://{addr}/token\",service=\"reg\",scope=\"repository:lib/app:pull\"\r\n"),
+                            format!(
+                                "WWW-Authenticate: Bearer realm=\"http://{addr}/token\",service=\"reg\",scope=\"repository:lib/app:pull\"\r\n"
+                            ),
                             String::new(),
                         )
                     };
-                    let resp = format!("HTTP/1.1 {status}\r\n{headers}Content-Length: {}\r\nConnection: close\r\n\r\n{body}", body.len());
+                    let resp = format!(
+                        "HTTP/1.1 {status}\r\n{headers}Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                        body.len()
+                    );
                     let _ = c.write_all(resp.as_bytes()).await;
                 });
             }
@@ -527,23 +701,58 @@ mod tests {
     #[tokio::test]
     async fn bearer_token_with_basic_credentials() {
         let (addr, tokens) = mock_registry(false).await;
-        let good = client_for(&addr, Auth { username: "u".into(), password: "p".into(), ..Default::default() });
+        let good = client_for(
+            &addr,
+            Auth {
+                username: "u".into(),
+                password: "p".into(),
+                ..Default::default()
+            },
+        );
         let (body, _, _) = good.manifest("1").await.unwrap();
         assert_eq!(&body[..], br#"{"manifests":[]}"#);
         // The token is cached: a second request needs no new one.
         good.manifest("1").await.unwrap();
         assert_eq!(tokens.load(std::sync::atomic::Ordering::SeqCst), 1);
-        let bad = client_for(&addr, Auth { username: "u".into(), password: "wrong".into(), ..Default::default() });
+        let bad = client_for(
+            &addr,
+            Auth {
+                username: "u".into(),
+                password: "wrong".into(),
+                ..Default::default()
+            },
+        );
         let e = bad.manifest("1").await.unwrap_err();
         assert_eq!(e.kind(), Kind::Unauthenticated, "{e}");
         assert!(e.to_string().contains("token endpoint"), "{e}");
         // An identity token is exchanged with the OAuth2 refresh-token grant.
-        let idt = client_for(&addr, Auth { identity_token: "rt".into(), ..Default::default() });
+        let idt = client_for(
+            &addr,
+            Auth {
+                identity_token: "rt".into(),
+                ..Default::default()
+            },
+        );
         idt.manifest("1").await.unwrap();
-        let bad_idt = client_for(&addr, Auth { identity_token: "nope".into(), ..Default::default() });
-        assert_eq!(bad_idt.manifest("1").await.unwrap_err().kind(), Kind::Unauthenticated);
+        let bad_idt = client_for(
+            &addr,
+            Auth {
+                identity_token: "nope".into(),
+                ..Default::default()
+            },
+        );
+        assert_eq!(
+            bad_idt.manifest("1").await.unwrap_err().kind(),
+            Kind::Unauthenticated
+        );
         // A registry token is sent as is.
-        let tok = client_for(&addr, Auth { registry_token: "tok".into(), ..Default::default() });
+        let tok = client_for(
+            &addr,
+            Auth {
+                registry_token: "tok".into(),
+                ..Default::default()
+            },
+        );
         tok.manifest("1").await.unwrap();
     }
 
@@ -551,11 +760,21 @@ mod tests {
     async fn basic_challenge_uses_the_auth_field() {
         let (addr, _) = mock_registry(true).await;
         let auth = base64::engine::general_purpose::STANDARD.encode("u:p");
-        let c = client_for(&addr, Auth { auth, ..Default::default() });
+        let c = client_for(
+            &addr,
+            Auth {
+                auth,
+                ..Default::default()
+            },
+        );
         c.manifest("1").await.unwrap();
         let none = client_for(&addr, Auth::default());
         let e = none.manifest("1").await.unwrap_err();
         assert_eq!(e.kind(), Kind::Unauthenticated, "{e}");
-        assert!(e.to_string().contains("no credentials") || e.to_string().contains("none are configured"), "{e}");
+        assert!(
+            e.to_string().contains("no credentials")
+                || e.to_string().contains("none are configured"),
+            "{e}"
+        );
     }
 }

@@ -59,14 +59,22 @@ impl Ingest {
                 IngestState::Running { .. } => {}
             }
             if rx.changed().await.is_err() {
-                return Err(Error::internal(format!("download of {} was abandoned", self.digest)));
+                return Err(Error::internal(format!(
+                    "download of {} was abandoned",
+                    self.digest
+                )));
             }
         }
     }
 
     /// A blocking reader over the blob as it is being written.
     pub fn reader(self: &Arc<Self>) -> IngestReader {
-        IngestReader { file: self.file.clone(), rx: self.state.subscribe(), offset: 0, digest: self.digest.clone() }
+        IngestReader {
+            file: self.file.clone(),
+            rx: self.state.subscribe(),
+            offset: 0,
+            digest: self.digest.clone(),
+        }
     }
 }
 
@@ -90,7 +98,10 @@ impl Read for IngestReader {
                 let want = ((limit - self.offset) as usize).min(buf.len());
                 let n = self.file.read_at(&mut buf[..want], self.offset)?;
                 if n == 0 {
-                    return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "ingest file shorter than reported"));
+                    return Err(io::Error::new(
+                        io::ErrorKind::UnexpectedEof,
+                        "ingest file shorter than reported",
+                    ));
                 }
                 self.offset += n as u64;
                 return Ok(n);
@@ -100,7 +111,10 @@ impl Read for IngestReader {
             }
             // Called from a blocking thread (the unpacker); watch works without a runtime.
             if futures::executor::block_on(self.rx.changed()).is_err() {
-                return Err(io::Error::other(Error::internal(format!("download of {} was abandoned", self.digest))));
+                return Err(io::Error::other(Error::internal(format!(
+                    "download of {} was abandoned",
+                    self.digest
+                ))));
             }
         }
     }
@@ -157,7 +171,9 @@ impl IngestWriter {
         self.written += len;
         buf.clear();
         self.buf = buf;
-        self.ingest.state.send_replace(IngestState::Running { written: self.written });
+        self.ingest.state.send_replace(IngestState::Running {
+            written: self.written,
+        });
         Ok(())
     }
 
@@ -166,15 +182,19 @@ impl IngestWriter {
         self.flush().await?;
         let got = Digest::from_sha256(&std::mem::take(&mut self.hasher).finalize());
         if let Some(sz) = expected_size
-            && sz != self.written {
-                let e = Error::data_loss(format!(
-                    "blob {}: received {} bytes, the manifest says {sz}",
-                    self.ingest.digest, self.written
-                ));
-                return Err(self.fail(e));
-            }
+            && sz != self.written
+        {
+            let e = Error::data_loss(format!(
+                "blob {}: received {} bytes, the manifest says {sz}",
+                self.ingest.digest, self.written
+            ));
+            return Err(self.fail(e));
+        }
         if got != self.ingest.digest {
-            let e = Error::data_loss(format!("blob {}: content has digest {got}", self.ingest.digest));
+            let e = Error::data_loss(format!(
+                "blob {}: content has digest {got}",
+                self.ingest.digest
+            ));
             return Err(self.fail(e));
         }
         let file = self.file.clone();
@@ -190,12 +210,16 @@ impl IngestWriter {
         })
         .await
         .map_err(|e| Error::internal(format!("ingest commit task: {e}")))
-        .and_then(|r| r.map_err(|e| Error::io(format!("committing blob {}", self.ingest.digest), e)));
+        .and_then(|r| {
+            r.map_err(|e| Error::io(format!("committing blob {}", self.ingest.digest), e))
+        });
         if let Err(e) = res {
             return Err(self.fail(e));
         }
         self.finished = true;
-        self.ingest.state.send_replace(IngestState::Done { size: self.written });
+        self.ingest
+            .state
+            .send_replace(IngestState::Done { size: self.written });
         self.store.forget(&self.ingest.digest);
         Ok(self.written)
     }
@@ -205,7 +229,9 @@ impl IngestWriter {
         if !self.finished {
             self.finished = true;
             let _ = std::fs::remove_file(&self.ingest.path);
-            self.ingest.state.send_replace(IngestState::Failed(e.clone()));
+            self.ingest
+                .state
+                .send_replace(IngestState::Failed(e.clone()));
             self.store.forget(&self.ingest.digest);
         }
         e
@@ -249,12 +275,19 @@ impl ContentStore {
         let ingest = root.join("ingest");
         if ingest.exists() {
             // No pull is in flight at open; partial files are garbage.
-            std::fs::remove_dir_all(&ingest).map_err(|e| Error::io(format!("clearing {}", ingest.display()), e))?;
+            std::fs::remove_dir_all(&ingest)
+                .map_err(|e| Error::io(format!("clearing {}", ingest.display()), e))?;
         }
         for d in [root.join("blobs/sha256"), ingest] {
-            std::fs::create_dir_all(&d).map_err(|e| Error::io(format!("creating {}", d.display()), e))?;
+            std::fs::create_dir_all(&d)
+                .map_err(|e| Error::io(format!("creating {}", d.display()), e))?;
         }
-        Ok(ContentStore { inner: Arc::new(Inner { root, inflight: Mutex::new(HashMap::new()) }) })
+        Ok(ContentStore {
+            inner: Arc::new(Inner {
+                root,
+                inflight: Mutex::new(HashMap::new()),
+            }),
+        })
     }
 
     pub fn root(&self) -> &Path {
@@ -271,7 +304,10 @@ impl ContentStore {
 
     fn inflight(&self) -> std::sync::MutexGuard<'_, HashMap<Digest, Arc<Ingest>>> {
         // A panic while holding this lock leaves a plain map; keep using it.
-        self.inner.inflight.lock().unwrap_or_else(|p| p.into_inner())
+        self.inner
+            .inflight
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
     }
 
     fn forget(&self, d: &Digest) {
@@ -298,9 +334,15 @@ impl ContentStore {
             .create_new(true)
             .open(&path)
             .map_err(|e| Error::io(format!("creating {}", path.display()), e))?;
-        let rfile = File::open(&path).map_err(|e| Error::io(format!("opening {}", path.display()), e))?;
+        let rfile =
+            File::open(&path).map_err(|e| Error::io(format!("opening {}", path.display()), e))?;
         let (tx, _) = watch::channel(IngestState::Running { written: 0 });
-        let ingest = Arc::new(Ingest { digest: digest.clone(), path, file: Arc::new(rfile), state: tx });
+        let ingest = Arc::new(Ingest {
+            digest: digest.clone(),
+            path,
+            file: Arc::new(rfile),
+            state: tx,
+        });
         map.insert(digest.clone(), ingest.clone());
         Ok(Begin::Start(IngestWriter {
             ingest,
@@ -322,7 +364,9 @@ impl ContentStore {
     pub async fn put(&self, digest: &Digest, data: &[u8]) -> Result<()> {
         let got = Digest::of(data);
         if &got != digest {
-            return Err(Error::data_loss(format!("blob {digest}: content has digest {got}")));
+            return Err(Error::data_loss(format!(
+                "blob {digest}: content has digest {got}"
+            )));
         }
         match self.begin(digest)? {
             Begin::Exists => Ok(()),
@@ -355,13 +399,15 @@ impl ContentStore {
     /// All committed blobs.
     pub fn list(&self) -> Result<Vec<Digest>> {
         let dir = self.inner.root.join("blobs/sha256");
-        let rd = std::fs::read_dir(&dir).map_err(|e| Error::io(format!("listing {}", dir.display()), e))?;
+        let rd = std::fs::read_dir(&dir)
+            .map_err(|e| Error::io(format!("listing {}", dir.display()), e))?;
         let mut out = Vec::new();
         for e in rd.flatten() {
             if let Some(name) = e.file_name().to_str()
-                && let Ok(d) = Digest::parse(&format!("sha256:{name}")) {
-                    out.push(d);
-                }
+                && let Ok(d) = Digest::parse(&format!("sha256:{name}"))
+            {
+                out.push(d);
+            }
         }
         Ok(out)
     }
@@ -404,9 +450,13 @@ mod tests {
         let cs = ContentStore::open(tmp.path()).unwrap();
         let data = vec![42u8; 3 << 20];
         let d = Digest::of(&data);
-        let Begin::Start(mut w) = cs.begin(&d).unwrap() else { panic!("expected start") };
+        let Begin::Start(mut w) = cs.begin(&d).unwrap() else {
+            panic!("expected start")
+        };
         // A second user joins the in-flight ingest instead of downloading again.
-        let Begin::InFlight(ing) = cs.begin(&d).unwrap() else { panic!("expected in flight") };
+        let Begin::InFlight(ing) = cs.begin(&d).unwrap() else {
+            panic!("expected in flight")
+        };
         let mut reader = ing.reader();
         let follower = tokio::task::spawn_blocking(move || {
             let mut v = Vec::new();
@@ -419,7 +469,12 @@ mod tests {
         assert_eq!(follower.await.unwrap().unwrap(), data);
         assert!(cs.exists(&d));
         assert!(matches!(cs.begin(&d).unwrap(), Begin::Exists));
-        assert_eq!(std::fs::read_dir(tmp.path().join("content/ingest")).unwrap().count(), 0);
+        assert_eq!(
+            std::fs::read_dir(tmp.path().join("content/ingest"))
+                .unwrap()
+                .count(),
+            0
+        );
     }
 
     #[tokio::test]
@@ -427,8 +482,12 @@ mod tests {
         let tmp = tempfile::tempdir().unwrap();
         let cs = ContentStore::open(tmp.path()).unwrap();
         let d = Digest::of(b"expected");
-        let Begin::Start(mut w) = cs.begin(&d).unwrap() else { panic!() };
-        let Begin::InFlight(ing) = cs.begin(&d).unwrap() else { panic!() };
+        let Begin::Start(mut w) = cs.begin(&d).unwrap() else {
+            panic!()
+        };
+        let Begin::InFlight(ing) = cs.begin(&d).unwrap() else {
+            panic!()
+        };
         let mut reader = ing.reader();
         w.write(b"something else").await.unwrap();
         let e = w.commit(None).await.unwrap_err();
@@ -438,13 +497,25 @@ mod tests {
         assert!(ing.wait().await.is_err());
         let mut v = Vec::new();
         assert!(reader.read_to_end(&mut v).is_err());
-        assert_eq!(std::fs::read_dir(tmp.path().join("content/ingest")).unwrap().count(), 0);
+        assert_eq!(
+            std::fs::read_dir(tmp.path().join("content/ingest"))
+                .unwrap()
+                .count(),
+            0
+        );
         // Dropping a writer unfinished also cleans up.
-        let Begin::Start(mut w) = cs.begin(&d).unwrap() else { panic!() };
+        let Begin::Start(mut w) = cs.begin(&d).unwrap() else {
+            panic!()
+        };
         w.write(b"partial").await.unwrap();
         w.flush().await.unwrap();
         drop(w);
-        assert_eq!(std::fs::read_dir(tmp.path().join("content/ingest")).unwrap().count(), 0);
+        assert_eq!(
+            std::fs::read_dir(tmp.path().join("content/ingest"))
+                .unwrap()
+                .count(),
+            0
+        );
         assert!(cs.put(&d, b"wrong").await.is_err());
         cs.put(&d, b"expected").await.unwrap();
         assert_eq!(cs.read(&d).unwrap(), b"expected");

@@ -25,10 +25,17 @@ enum Interrupted {
 
 /// Download one blob into `w`, resuming with HTTP Range after a stall, a dropped connection
 /// or a short body, at most `max_resumes` times; trying the next endpoint when one fails.
-pub(crate) async fn download(client: &RegistryClient, mut w: IngestWriter, layer: &Descriptor, cfg: &Config) -> Result<u64> {
+pub(crate) async fn download(
+    client: &RegistryClient,
+    mut w: IngestWriter,
+    layer: &Descriptor,
+    cfg: &Config,
+) -> Result<u64> {
     let hosts = client.pull_hosts();
     if hosts.is_empty() {
-        return Err(w.fail(Error::precondition("no configured host may serve blobs (check capabilities in hosts.toml)")));
+        return Err(w.fail(Error::precondition(
+            "no configured host may serve blobs (check capabilities in hosts.toml)",
+        )));
     }
     let mut host_i = 0;
     let mut resumes = 0u32;
@@ -38,7 +45,12 @@ pub(crate) async fn download(client: &RegistryClient, mut w: IngestWriter, layer
         let offset = w.written();
         // A registry that accepts the connection but never answers is a stall too.
         let head_timeout = cfg.stall_window.max(Duration::from_millis(100));
-        let opened = match tokio::time::timeout(head_timeout, client.open_blob_on(idx, &layer.digest, offset)).await {
+        let opened = match tokio::time::timeout(
+            head_timeout,
+            client.open_blob_on(idx, &layer.digest, offset),
+        )
+        .await
+        {
             Ok(r) => r,
             Err(_) => {
                 resumes += 1;
@@ -61,14 +73,23 @@ pub(crate) async fn download(client: &RegistryClient, mut w: IngestWriter, layer
                     host_i += 1;
                     continue;
                 }
-                return Err(w.fail(e.context(format!("layer {} after {offset} bytes", layer.digest))));
+                return Err(
+                    w.fail(e.context(format!("layer {} after {offset} bytes", layer.digest)))
+                );
             }
         };
         // A server that ignores Range sends everything again: skip what we already have.
-        let mut skip = if offset > 0 && resp.status() == reqwest::StatusCode::OK { offset } else { 0 };
+        let mut skip = if offset > 0 && resp.status() == reqwest::StatusCode::OK {
+            offset
+        } else {
+            0
+        };
         let mut stream = resp.bytes_stream();
         let window = cfg.stall_window.max(Duration::from_millis(100));
-        let min_bytes = cfg.stall_min_bytes_per_sec.saturating_mul(window.as_millis() as u64) / 1000;
+        let min_bytes = cfg
+            .stall_min_bytes_per_sec
+            .saturating_mul(window.as_millis() as u64)
+            / 1000;
         let mut window_start = tokio::time::Instant::now();
         let mut window_bytes = 0u64;
         let outcome: std::result::Result<(), Interrupted> = loop {
@@ -82,12 +103,15 @@ pub(crate) async fn download(client: &RegistryClient, mut w: IngestWriter, layer
                     }
                     window_bytes += chunk.len() as u64;
                     if !chunk.is_empty()
-                        && let Err(e) = w.write(&chunk).await {
-                            return Err(w.fail(e));
-                        }
+                        && let Err(e) = w.write(&chunk).await
+                    {
+                        return Err(w.fail(e));
+                    }
                     if tokio::time::Instant::now() >= deadline {
                         if window_bytes < min_bytes {
-                            break Err(Interrupted::Stalled { rate: window_bytes * 1000 / window.as_millis().max(1) as u64 });
+                            break Err(Interrupted::Stalled {
+                                rate: window_bytes * 1000 / window.as_millis().max(1) as u64,
+                            });
                         }
                         window_start = tokio::time::Instant::now();
                         window_bytes = 0;
@@ -102,7 +126,9 @@ pub(crate) async fn download(client: &RegistryClient, mut w: IngestWriter, layer
                 }
                 Err(_) => {
                     if window_bytes < min_bytes {
-                        break Err(Interrupted::Stalled { rate: window_bytes * 1000 / window.as_millis().max(1) as u64 });
+                        break Err(Interrupted::Stalled {
+                            rate: window_bytes * 1000 / window.as_millis().max(1) as u64,
+                        });
                     }
                     window_start = tokio::time::Instant::now();
                     window_bytes = 0;

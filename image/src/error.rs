@@ -47,7 +47,11 @@ impl fmt::Display for Error {
 
 impl Error {
     pub fn new(kind: Kind, message: impl Into<String>) -> Self {
-        Error { kind, message: message.into(), source: None }
+        Error {
+            kind,
+            message: message.into(),
+            source: None,
+        }
     }
 
     pub fn with_source(
@@ -55,7 +59,11 @@ impl Error {
         message: impl Into<String>,
         source: impl std::error::Error + Send + Sync + 'static,
     ) -> Self {
-        Error { kind, message: message.into(), source: Some(Arc::new(source)) }
+        Error {
+            kind,
+            message: message.into(),
+            source: Some(Arc::new(source)),
+        }
     }
 
     pub fn kind(&self) -> Kind {

@@ -30,7 +30,11 @@ pub struct Capabilities {
 }
 
 impl Capabilities {
-    pub const ALL: Capabilities = Capabilities { pull: true, resolve: true, push: true };
+    pub const ALL: Capabilities = Capabilities {
+        pull: true,
+        resolve: true,
+        push: true,
+    };
 }
 
 /// One endpoint to try for a registry.
@@ -86,7 +90,11 @@ pub fn resolve(config_dir: Option<&Path>, registry: &str) -> Result<Vec<Registry
     let Some(dir) = config_dir else {
         return Ok(vec![origin_default]);
     };
-    for name in [registry.to_string(), registry.replace(':', "_") + "_", "_default".to_string()] {
+    for name in [
+        registry.to_string(),
+        registry.replace(':', "_") + "_",
+        "_default".to_string(),
+    ] {
         let d = dir.join(&name);
         if !d.is_dir() {
             continue;
@@ -151,14 +159,19 @@ pub fn parse_hosts_toml(text: &str, base: &Path, registry: &str) -> Result<Vec<R
     let mut hosts = Vec::new();
     if let Some(h) = table.get("host") {
         let Some(h) = h.as_table() else {
-            return Err(Error::invalid("`host` must be a table of [host.\"<url>\"] sections"));
+            return Err(Error::invalid(
+                "`host` must be a table of [host.\"<url>\"] sections",
+            ));
         };
         // preserve_order keeps the file order: mirrors are tried in the order written.
         for (url, cfg) in h {
             let Some(cfg) = cfg.as_table() else {
                 return Err(Error::invalid(format!("host {url:?}: must be a table")));
             };
-            hosts.push(parse_host(url, cfg, base, false).map_err(|e| e.context(format!("host {url:?}")))?);
+            hosts.push(
+                parse_host(url, cfg, base, false)
+                    .map_err(|e| e.context(format!("host {url:?}")))?,
+            );
         }
     }
     let origin = match table.get("server") {
@@ -166,7 +179,8 @@ pub fn parse_hosts_toml(text: &str, base: &Path, registry: &str) -> Result<Vec<R
             let Some(server) = v.as_str() else {
                 return Err(Error::invalid("`server` must be a string URL"));
             };
-            parse_host(server, &table, base, true).map_err(|e| e.context(format!("server {server:?}")))?
+            parse_host(server, &table, base, true)
+                .map_err(|e| e.context(format!("server {server:?}")))?
         }
         None => {
             let mut o = default_origin(registry);
@@ -199,11 +213,17 @@ fn parse_host(url: &str, cfg: &toml::Table, base: &Path, is_origin: bool) -> Res
     }
     let override_path = match cfg.get("override_path") {
         None => false,
-        Some(v) => v.as_bool().ok_or_else(|| Error::invalid("override_path must be true or false"))?,
+        Some(v) => v
+            .as_bool()
+            .ok_or_else(|| Error::invalid("override_path must be true or false"))?,
     };
     let path = clean_path(path);
     let path = if path.is_empty() {
-        if override_path { String::new() } else { "/v2".to_string() }
+        if override_path {
+            String::new()
+        } else {
+            "/v2".to_string()
+        }
     } else if !override_path && !path.ends_with("/v2") {
         format!("{path}/v2")
     } else {
@@ -212,8 +232,14 @@ fn parse_host(url: &str, cfg: &toml::Table, base: &Path, is_origin: bool) -> Res
     let capabilities = match cfg.get("capabilities") {
         None => Capabilities::ALL,
         Some(v) => {
-            let arr = v.as_array().ok_or_else(|| Error::invalid("capabilities must be a list of strings"))?;
-            let mut c = Capabilities { pull: false, resolve: false, push: false };
+            let arr = v
+                .as_array()
+                .ok_or_else(|| Error::invalid("capabilities must be a list of strings"))?;
+            let mut c = Capabilities {
+                pull: false,
+                resolve: false,
+                push: false,
+            };
             for item in arr {
                 match item.as_str() {
                     Some("pull") => c.pull = true,
@@ -231,39 +257,69 @@ fn parse_host(url: &str, cfg: &toml::Table, base: &Path, is_origin: bool) -> Res
     };
     let skip_verify = match cfg.get("skip_verify") {
         None => false,
-        Some(v) => v.as_bool().ok_or_else(|| Error::invalid("skip_verify must be true or false"))?,
+        Some(v) => v
+            .as_bool()
+            .ok_or_else(|| Error::invalid("skip_verify must be true or false"))?,
     };
     let ca = match cfg.get("ca") {
         None => Vec::new(),
         Some(toml::Value::String(s)) => vec![base.join(s)],
         Some(toml::Value::Array(a)) => a
             .iter()
-            .map(|v| v.as_str().map(|s| base.join(s)).ok_or_else(|| Error::invalid("ca must be a path or a list of paths")))
+            .map(|v| {
+                v.as_str()
+                    .map(|s| base.join(s))
+                    .ok_or_else(|| Error::invalid("ca must be a path or a list of paths"))
+            })
             .collect::<Result<_>>()?,
         Some(_) => return Err(Error::invalid("ca must be a path or a list of paths")),
     };
     let mut headers = Vec::new();
     if let Some(h) = cfg.get("header") {
-        let t = h.as_table().ok_or_else(|| Error::invalid("header must be a table of name = value"))?;
+        let t = h
+            .as_table()
+            .ok_or_else(|| Error::invalid("header must be a table of name = value"))?;
         for (k, v) in t {
             match v {
                 toml::Value::String(s) => headers.push((k.clone(), s.clone())),
                 toml::Value::Array(a) => {
                     for x in a {
-                        let s = x.as_str().ok_or_else(|| Error::invalid(format!("header {k:?}: values must be strings")))?;
+                        let s = x.as_str().ok_or_else(|| {
+                            Error::invalid(format!("header {k:?}: values must be strings"))
+                        })?;
                         headers.push((k.clone(), s.to_string()));
                     }
                 }
-                _ => return Err(Error::invalid(format!("header {k:?}: value must be a string or list of strings"))),
+                _ => {
+                    return Err(Error::invalid(format!(
+                        "header {k:?}: value must be a string or list of strings"
+                    )));
+                }
             }
         }
     }
-    Ok(RegistryHost { scheme, host: host.to_string(), path, capabilities, skip_verify, ca, headers, is_origin })
+    Ok(RegistryHost {
+        scheme,
+        host: host.to_string(),
+        path,
+        capabilities,
+        skip_verify,
+        ca,
+        headers,
+        is_origin,
+    })
 }
 
 fn clean_path(p: &str) -> String {
-    let parts: Vec<&str> = p.split('/').filter(|c| !c.is_empty() && *c != ".").collect();
-    if parts.is_empty() { String::new() } else { format!("/{}", parts.join("/")) }
+    let parts: Vec<&str> = p
+        .split('/')
+        .filter(|c| !c.is_empty() && *c != ".")
+        .collect();
+    if parts.is_empty() {
+        String::new()
+    } else {
+        format!("/{}", parts.join("/"))
+    }
 }
 
 #[cfg(test)]
@@ -279,7 +335,10 @@ mod tests {
     fn no_config_means_origin_only() {
         let h = resolve(None, "docker.io").unwrap();
         assert_eq!(h.len(), 1);
-        assert_eq!(h[0].url("/library/busybox/manifests/latest"), "https://registry-1.docker.io/v2/library/busybox/manifests/latest");
+        assert_eq!(
+            h[0].url("/library/busybox/manifests/latest"),
+            "https://registry-1.docker.io/v2/library/busybox/manifests/latest"
+        );
         let h = resolve(None, "localhost:5000").unwrap();
         assert_eq!(h[0].scheme, "http");
         let h = resolve(None, "quay.io").unwrap();
@@ -313,10 +372,20 @@ server = "https://registry-1.docker.io"
         assert_eq!(h[1].url("/x"), "https://mirror.example.com/base/v2/x");
         assert!(!h[1].capabilities.resolve);
         assert!(h[1].skip_verify);
-        assert_eq!(h[1].ca, vec![tmp.path().join("docker.io/ca1.pem"), PathBuf::from("/abs/ca2.pem")]);
+        assert_eq!(
+            h[1].ca,
+            vec![
+                tmp.path().join("docker.io/ca1.pem"),
+                PathBuf::from("/abs/ca2.pem")
+            ]
+        );
         assert_eq!(
             h[1].headers,
-            vec![("X-A".into(), "1".into()), ("X-B".into(), "2".into()), ("X-B".into(), "3".into())]
+            vec![
+                ("X-A".into(), "1".into()),
+                ("X-B".into(), "2".into()),
+                ("X-B".into(), "3".into())
+            ]
         );
         assert_eq!(h[2].url("/x"), "https://other.example.com/custom/x");
         assert!(h[3].is_origin && !h[2].is_origin);
@@ -327,7 +396,11 @@ server = "https://registry-1.docker.io"
     fn default_dir_and_port_dirs() {
         let tmp = tempfile::tempdir().unwrap();
         write(tmp.path(), "_default", "[host.\"http://127.0.0.1:9\"]\n");
-        write(tmp.path(), "localhost:5000", "server = \"http://localhost:5000\"\nskip_verify = true\n");
+        write(
+            tmp.path(),
+            "localhost:5000",
+            "server = \"http://localhost:5000\"\nskip_verify = true\n",
+        );
         let h = resolve(Some(tmp.path()), "quay.io").unwrap();
         assert_eq!(h.len(), 2);
         assert_eq!(h[0].display(), "http://127.0.0.1:9");
@@ -341,7 +414,11 @@ server = "https://registry-1.docker.io"
     #[test]
     fn top_level_settings_apply_to_default_origin() {
         let tmp = tempfile::tempdir().unwrap();
-        write(tmp.path(), "reg.example", "ca = \"ca.pem\"\n[header]\nAuthorization = \"x\"\n");
+        write(
+            tmp.path(),
+            "reg.example",
+            "ca = \"ca.pem\"\n[header]\nAuthorization = \"x\"\n",
+        );
         let h = resolve(Some(tmp.path()), "reg.example").unwrap();
         assert_eq!(h.len(), 1);
         assert_eq!(h[0].display(), "https://reg.example");
@@ -356,7 +433,10 @@ server = "https://registry-1.docker.io"
             ("server = 5", "server"),
             ("[host.\"ftp://x\"]\n", "ftp"),
             ("[host.\"https://x\"]\ncapabilities = [\"fly\"]\n", "fly"),
-            ("[host.\"https://x\"]\nskip_verify = \"yes\"\n", "skip_verify"),
+            (
+                "[host.\"https://x\"]\nskip_verify = \"yes\"\n",
+                "skip_verify",
+            ),
             ("this is not toml", "TOML"),
         ] {
             write(tmp.path(), "r.example", text);

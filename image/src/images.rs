@@ -16,8 +16,8 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use futures::future::{BoxFuture, FutureExt, Shared};
 use crisp_snapshotter::{ErrorKind as SnapKind, Snapshotter};
+use futures::future::{BoxFuture, FutureExt, Shared};
 use tracing::Instrument;
 
 use crate::client::{Auth, RegistryClient};
@@ -123,11 +123,16 @@ fn snap_err(what: String, e: crisp_snapshotter::Error) -> Error {
 }
 
 fn now_secs() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
 }
 
 async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T> + Send + 'static) -> Result<T> {
-    tokio::task::spawn_blocking(f).await.map_err(|e| Error::internal(format!("blocking task failed: {e}")))?
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| Error::internal(format!("blocking task failed: {e}")))?
 }
 
 /// Where a layer's bytes come from for the unpacker.
@@ -139,7 +144,8 @@ enum Source {
 impl Images {
     /// Open the service rooted at `root` (content store and `images.redb` live there).
     pub fn open(root: &Path, snapshotter: Arc<Snapshotter>, config: Config) -> Result<Images> {
-        std::fs::create_dir_all(root).map_err(|e| Error::io(format!("creating {}", root.display()), e))?;
+        std::fs::create_dir_all(root)
+            .map_err(|e| Error::io(format!("creating {}", root.display()), e))?;
         let content = ContentStore::open(root)?;
         let store = ImageStore::open(root)?;
         let inner = Arc::new(Inner {
@@ -181,7 +187,11 @@ impl Images {
                 // cancel the pull others may share; it then completes for the retry.
                 let handle = tokio::spawn(async move {
                     let res = inner.clone().do_pull(r, auth).await;
-                    inner.pulls.lock().unwrap_or_else(|p| p.into_inner()).remove(&k);
+                    inner
+                        .pulls
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .remove(&k);
                     if res.is_err() {
                         // Verified blobs and committed layers of a failed pull belong to no
                         // image: collect them once no pull is running (detached, so the
@@ -198,7 +208,9 @@ impl Images {
                     res
                 });
                 let f: BoxFuture<'static, Result<Digest>> = async move {
-                    handle.await.map_err(|e| Error::internal(format!("pull task failed: {e}")))?
+                    handle
+                        .await
+                        .map_err(|e| Error::internal(format!("pull task failed: {e}")))?
                 }
                 .boxed();
                 let shared = f.shared();
@@ -222,7 +234,9 @@ impl Images {
     /// Mark an image pinned (kubelet's GC leaves pinned images alone, e.g. the sandbox
     /// image). Returns false if there is no such image.
     pub async fn set_pinned(&self, name: &str, pinned: bool) -> Result<bool> {
-        let Some(rec) = self.inner.find(name)? else { return Ok(false) };
+        let Some(rec) = self.inner.find(name)? else {
+            return Ok(false);
+        };
         let _g = self.inner.gc_lock.read().await;
         self.inner.store.set_pinned(&rec.id, pinned)
     }
@@ -230,7 +244,9 @@ impl Images {
     /// Remove the image named by id, tag or digest with all its tags, then collect what no
     /// image references. Returns false if there was no such image.
     pub async fn remove(&self, name: &str) -> Result<bool> {
-        let Some(rec) = self.inner.find(name)? else { return Ok(false) };
+        let Some(rec) = self.inner.find(name)? else {
+            return Ok(false);
+        };
         {
             let _g = self.inner.gc_lock.write().await;
             self.inner.store.delete(&rec.id)?;
@@ -266,7 +282,11 @@ impl Images {
         .await;
         match res {
             Ok(r) => {
-                tracing::info!(blobs_removed = r.blobs_removed, snapshots_removed = r.snapshots_removed, "start-up image gc done");
+                tracing::info!(
+                    blobs_removed = r.blobs_removed,
+                    snapshots_removed = r.snapshots_removed,
+                    "start-up image gc done"
+                );
                 r
             }
             Err(e) => {
@@ -298,8 +318,16 @@ impl Images {
             }
             let (cb, ci) = inner.content.usage();
             Ok(FsInfo {
-                snapshots: FsUsage { mountpoint: inner.snapshotter.root().join("snapshots"), used_bytes: bytes, inodes_used: inodes },
-                content: FsUsage { mountpoint: inner.content.root().to_path_buf(), used_bytes: cb, inodes_used: ci },
+                snapshots: FsUsage {
+                    mountpoint: inner.snapshotter.root().join("snapshots"),
+                    used_bytes: bytes,
+                    inodes_used: inodes,
+                },
+                content: FsUsage {
+                    mountpoint: inner.content.root().to_path_buf(),
+                    used_bytes: cb,
+                    inodes_used: ci,
+                },
             })
         })
         .await
@@ -313,23 +341,31 @@ impl Inner {
             return Err(Error::invalid("image name is empty"));
         }
         if let Some(id) = parse_image_id(name)
-            && let Some(r) = self.store.get(&id)? {
-                return Ok(Some(r));
-            }
+            && let Some(r) = self.store.get(&id)?
+        {
+            return Ok(Some(r));
+        }
         let all = self.store.list()?;
         // A short id prefix, as `crictl rmi 1a2b3c` passes.
         if name.len() >= 12 && name.bytes().all(|b| b.is_ascii_hexdigit()) {
-            let hits: Vec<_> = all.iter().filter(|r| r.id.hex().starts_with(name)).collect();
+            let hits: Vec<_> = all
+                .iter()
+                .filter(|r| r.id.hex().starts_with(name))
+                .collect();
             if hits.len() == 1 {
                 return Ok(Some(hits[0].clone()));
             }
         }
-        let Ok(r) = Reference::parse(name) else { return Ok(None) };
+        let Ok(r) = Reference::parse(name) else {
+            return Ok(None);
+        };
         if let Some(d) = &r.digest {
             let want = r.with_digest(d);
             return Ok(all.into_iter().find(|i| i.repo_digests.contains(&want)));
         }
-        let Some(tag) = r.tagged() else { return Ok(None) };
+        let Some(tag) = r.tagged() else {
+            return Ok(None);
+        };
         Ok(all.into_iter().find(|i| i.repo_tags.contains(&tag)))
     }
 
@@ -348,7 +384,9 @@ impl Inner {
         for k in stale {
             match self.snapshotter.remove(&k) {
                 Ok(()) => tracing::info!(snapshot = %k, "removed unfinished layer extraction"),
-                Err(e) => tracing::warn!(snapshot = %k, error = %e, "could not remove unfinished layer extraction"),
+                Err(e) => {
+                    tracing::warn!(snapshot = %k, error = %e, "could not remove unfinished layer extraction")
+                }
             }
         }
     }
@@ -373,7 +411,9 @@ impl Inner {
         self.snapshotter
             .walk(&[] as &[&str], |i| {
                 let ours = match i.kind {
-                    crisp_snapshotter::Kind::Committed => Digest::parse(&i.name).is_ok() && !keep_snaps.contains(&i.name),
+                    crisp_snapshotter::Kind::Committed => {
+                        Digest::parse(&i.name).is_ok() && !keep_snaps.contains(&i.name)
+                    }
                     crisp_snapshotter::Kind::Active => i.name.starts_with("extract-"),
                     crisp_snapshotter::Kind::View => false,
                 };
@@ -404,7 +444,12 @@ impl Inner {
                 break;
             }
         }
-        tracing::info!(blobs = report.blobs_removed, snapshots = report.snapshots_removed, kept = candidates.len(), "image gc done");
+        tracing::info!(
+            blobs = report.blobs_removed,
+            snapshots = report.snapshots_removed,
+            kept = candidates.len(),
+            "image gc done"
+        );
         Ok(report)
     }
 
@@ -421,49 +466,74 @@ impl Inner {
 
     async fn pull_inner(self: &Arc<Self>, r: &Reference, auth: Option<Auth>) -> Result<Digest> {
         let _g = self.gc_lock.read().await;
-        let auth = auth.filter(|a| !a.is_empty()).or_else(|| self.config.credentials.get(&r.registry).cloned()).unwrap_or_default();
+        let auth = auth
+            .filter(|a| !a.is_empty())
+            .or_else(|| self.config.credentials.get(&r.registry).cloned())
+            .unwrap_or_default();
         let hosts = crate::hosts::resolve(self.config.hosts_dir.as_deref(), &r.registry)?;
-        let client = Arc::new(RegistryClient::new(r, hosts, auth)?.with_request_timeout(self.config.request_timeout));
+        let client = Arc::new(
+            RegistryClient::new(r, hosts, auth)?.with_request_timeout(self.config.request_timeout),
+        );
         let (body, ct, top) = client.manifest(&r.object()).await?;
         let repo_digest = r.with_digest(&top);
 
         // Already present: one manifest request and done.
-        if let Some(rec) = self.store.list()?.into_iter().find(|i| i.repo_digests.contains(&repo_digest))
-            && rec.chain_ids.last().is_none_or(|c| self.snapshot_exists(c)) {
-                tracing::info!(id = %rec.id, "image already present");
-                let mut update = rec.clone();
-                update.repo_tags = r.tagged().into_iter().collect();
-                update.repo_digests = vec![repo_digest];
-                return Ok(self.store.upsert(update)?.id);
-            }
+        if let Some(rec) = self
+            .store
+            .list()?
+            .into_iter()
+            .find(|i| i.repo_digests.contains(&repo_digest))
+            && rec.chain_ids.last().is_none_or(|c| self.snapshot_exists(c))
+        {
+            tracing::info!(id = %rec.id, "image already present");
+            let mut update = rec.clone();
+            update.repo_tags = r.tagged().into_iter().collect();
+            update.repo_digests = vec![repo_digest];
+            return Ok(self.store.upsert(update)?.id);
+        }
 
         self.content.put(&top, &body).await?;
-        let (manifest_digest, manifest_body, index_digest) = match manifest::parse(&body, &ct, &r.object())? {
-            Parsed::Manifest(_) => (top.clone(), body.clone(), None),
-            Parsed::Index(idx) => {
-                let want = manifest::node_platform();
-                let d = manifest::choose(&idx, &want).ok_or_else(|| {
-                    let have: Vec<String> = idx
-                        .manifests
-                        .iter()
-                        .filter_map(|d| d.platform.as_ref())
-                        .map(|p| format!("{}/{}{}", p.os, p.architecture, p.variant.as_deref().map(|v| format!("/{v}")).unwrap_or_default()))
-                        .collect();
-                    Error::not_found(format!(
-                        "index {top} has no manifest for {}/{} (it has: {})",
-                        want.os,
-                        want.architecture,
-                        have.join(", ")
-                    ))
-                })?;
-                let (b, _, md) = client.manifest(d.digest.as_str()).await?;
-                self.content.put(&md, &b).await?;
-                (md, b, Some(top.clone()))
-            }
-        };
+        let (manifest_digest, manifest_body, index_digest) =
+            match manifest::parse(&body, &ct, &r.object())? {
+                Parsed::Manifest(_) => (top.clone(), body.clone(), None),
+                Parsed::Index(idx) => {
+                    let want = manifest::node_platform();
+                    let d = manifest::choose(&idx, &want).ok_or_else(|| {
+                        let have: Vec<String> = idx
+                            .manifests
+                            .iter()
+                            .filter_map(|d| d.platform.as_ref())
+                            .map(|p| {
+                                format!(
+                                    "{}/{}{}",
+                                    p.os,
+                                    p.architecture,
+                                    p.variant
+                                        .as_deref()
+                                        .map(|v| format!("/{v}"))
+                                        .unwrap_or_default()
+                                )
+                            })
+                            .collect();
+                        Error::not_found(format!(
+                            "index {top} has no manifest for {}/{} (it has: {})",
+                            want.os,
+                            want.architecture,
+                            have.join(", ")
+                        ))
+                    })?;
+                    let (b, _, md) = client.manifest(d.digest.as_str()).await?;
+                    self.content.put(&md, &b).await?;
+                    (md, b, Some(top.clone()))
+                }
+            };
         let m = match manifest::parse(&manifest_body, "", manifest_digest.as_str())? {
             Parsed::Manifest(m) => m,
-            Parsed::Index(_) => return Err(Error::precondition(format!("{manifest_digest}: an index points to another index"))),
+            Parsed::Index(_) => {
+                return Err(Error::precondition(format!(
+                    "{manifest_digest}: an index points to another index"
+                )));
+            }
         };
         let config_bytes = self.fetch_small(&client, &m.config.digest).await?;
         let cfg = manifest::parse_config(&config_bytes, &m.config.digest)?;
@@ -476,7 +546,8 @@ impl Inner {
             )));
         }
         let chain = manifest::chain_ids(&cfg.rootfs.diff_ids);
-        self.unpack_all(r, &client, &m.layers, &cfg.rootfs.diff_ids, &chain).await?;
+        self.unpack_all(r, &client, &m.layers, &cfg.rootfs.diff_ids, &chain)
+            .await?;
 
         let size = m.config.size.max(config_bytes.len() as u64)
             + manifest_body.len() as u64
@@ -526,11 +597,17 @@ impl Inner {
         chain: &[Digest],
     ) -> Result<()> {
         // Highest layer whose snapshot exists: everything below it exists too (parents).
-        let start = (0..chain.len()).rev().find(|&i| self.snapshot_exists(&chain[i])).map(|i| i + 1).unwrap_or(0);
+        let start = (0..chain.len())
+            .rev()
+            .find(|&i| self.snapshot_exists(&chain[i]))
+            .map(|i| i + 1)
+            .unwrap_or(0);
         if start == chain.len() {
             return Ok(());
         }
-        let sem = Arc::new(tokio::sync::Semaphore::new(self.config.max_concurrent_downloads.max(1)));
+        let sem = Arc::new(tokio::sync::Semaphore::new(
+            self.config.max_concurrent_downloads.max(1),
+        ));
         let mut sources = Vec::new();
         for layer in &layers[start..] {
             let src = match self.content.begin(&layer.digest)? {
@@ -558,7 +635,9 @@ impl Inner {
             };
             sources.push(src);
         }
-        let progress = self.clone().progress_logger(r.clone(), layers[start..].to_vec(), &sources);
+        let progress = self
+            .clone()
+            .progress_logger(r.clone(), layers[start..].to_vec(), &sources);
         let res = async {
             for (n, src) in sources.into_iter().enumerate() {
                 let i = start + n;
@@ -597,7 +676,14 @@ impl Inner {
         res
     }
 
-    fn unpack_one(&self, src: Source, layer: &Descriptor, diff_id: &Digest, name: &Digest, parent: Option<&Digest>) -> Result<()> {
+    fn unpack_one(
+        &self,
+        src: Source,
+        layer: &Descriptor,
+        diff_id: &Digest,
+        name: &Digest,
+        parent: Option<&Digest>,
+    ) -> Result<()> {
         if self.snapshot_exists(name) {
             // Another pull committed the same chain meanwhile.
             return Ok(());
@@ -609,16 +695,22 @@ impl Inner {
             .prepare(&key, parent.map(|p| p.as_str()), labels)
             .map_err(|e| snap_err(format!("preparing snapshot for {name}"), e))?;
         let res = (|| -> Result<()> {
-            let upper = mounts
-                .iter()
-                .find_map(|m| m.upper_dir())
-                .ok_or_else(|| Error::internal(format!("snapshot {key}: no writable directory among its mounts {mounts:?}")))?;
+            let upper = mounts.iter().find_map(|m| m.upper_dir()).ok_or_else(|| {
+                Error::internal(format!(
+                    "snapshot {key}: no writable directory among its mounts {mounts:?}"
+                ))
+            })?;
             let out = match src {
-                Source::Blob => unpack::unpack_layer(self.content.open_blob(&layer.digest)?, &upper)?,
+                Source::Blob => {
+                    unpack::unpack_layer(self.content.open_blob(&layer.digest)?, &upper)?
+                }
                 Source::Follow(ing) => unpack::unpack_layer(ing.reader(), &upper)?,
             };
             if out.compressed_digest != layer.digest {
-                return Err(Error::data_loss(format!("content has digest {}, the manifest says {}", out.compressed_digest, layer.digest)));
+                return Err(Error::data_loss(format!(
+                    "content has digest {}, the manifest says {}",
+                    out.compressed_digest, layer.digest
+                )));
             }
             if &out.diff_id != diff_id {
                 return Err(Error::data_loss(format!(
@@ -636,14 +728,20 @@ impl Inner {
             }
         })();
         if res.is_err()
-            && let Err(e) = self.snapshotter.remove(&key) {
-                tracing::warn!(snapshot = %key, error = %e, "removing the half-built snapshot failed");
-            }
+            && let Err(e) = self.snapshotter.remove(&key)
+        {
+            tracing::warn!(snapshot = %key, error = %e, "removing the half-built snapshot failed");
+        }
         res
     }
 
     /// Logs per-layer bytes done / total at a steady interval until aborted.
-    fn progress_logger(self: Arc<Self>, r: Reference, layers: Vec<Descriptor>, sources: &[Source]) -> tokio::task::JoinHandle<()> {
+    fn progress_logger(
+        self: Arc<Self>,
+        r: Reference,
+        layers: Vec<Descriptor>,
+        sources: &[Source],
+    ) -> tokio::task::JoinHandle<()> {
         let watched: Vec<Option<Arc<Ingest>>> = sources
             .iter()
             .map(|s| match s {

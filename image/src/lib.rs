@@ -15,8 +15,8 @@ pub mod store;
 mod sys;
 pub mod unpack;
 
-pub use error::{Error, Kind, Result};
-pub use reference::{Digest, Reference};
 pub use client::Auth;
+pub use error::{Error, Kind, Result};
 pub use images::{Config, FsInfo, FsUsage, GcReport, Images};
+pub use reference::{Digest, Reference};
 pub use store::ImageRecord;

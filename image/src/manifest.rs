@@ -70,8 +70,17 @@ pub fn parse(body: &[u8], content_type: &str, what: &str) -> Result<Parsed> {
             "manifest {what}: Docker schema 1 manifests are not supported; push the image again with a current client"
         )));
     }
-    let mt = probe.media_type.clone().unwrap_or_else(|| content_type.split(';').next().unwrap_or("").trim().to_string());
-    let is_index = mt == DOCKER_LIST || mt == OCI_INDEX || (probe.manifests.is_some() && probe.config.is_none());
+    let mt = probe.media_type.clone().unwrap_or_else(|| {
+        content_type
+            .split(';')
+            .next()
+            .unwrap_or("")
+            .trim()
+            .to_string()
+    });
+    let is_index = mt == DOCKER_LIST
+        || mt == OCI_INDEX
+        || (probe.manifests.is_some() && probe.config.is_none());
     if is_index {
         let idx: Index = serde_json::from_slice(body)
             .map_err(|e| Error::data_loss(format!("index {what}: {e}")))?;
@@ -82,7 +91,9 @@ pub fn parse(body: &[u8], content_type: &str, what: &str) -> Result<Parsed> {
             .map_err(|e| Error::data_loss(format!("manifest {what}: {e}")))?;
         return Ok(Parsed::Manifest(m));
     }
-    Err(Error::precondition(format!("manifest {what}: unsupported media type {mt:?}")))
+    Err(Error::precondition(format!(
+        "manifest {what}: unsupported media type {mt:?}"
+    )))
 }
 
 /// This node's platform in OCI terms.
@@ -100,7 +111,11 @@ pub fn node_platform() -> Platform {
         "arm" => Some("v7".to_string()),
         _ => None,
     };
-    Platform { architecture: arch.to_string(), os: "linux".to_string(), variant }
+    Platform {
+        architecture: arch.to_string(),
+        os: "linux".to_string(),
+        variant,
+    }
 }
 
 /// Choose the manifest for `want` from an index, as containerd's platform matcher does:
@@ -151,7 +166,8 @@ pub struct RootFs {
 }
 
 pub fn parse_config(body: &[u8], digest: &Digest) -> Result<ImageConfig> {
-    serde_json::from_slice(body).map_err(|e| Error::data_loss(format!("image config {digest}: {e}")))
+    serde_json::from_slice(body)
+        .map_err(|e| Error::data_loss(format!("image config {digest}: {e}")))
 }
 
 /// Chain ids as the OCI image spec defines them: chain[0] = diff[0],
@@ -177,20 +193,44 @@ mod tests {
             media_type: OCI_MANIFEST.into(),
             digest: Digest::of(&[n]),
             size: 1,
-            platform: Some(Platform { architecture: arch.into(), os: "linux".into(), variant: variant.map(Into::into) }),
+            platform: Some(Platform {
+                architecture: arch.into(),
+                os: "linux".into(),
+                variant: variant.map(Into::into),
+            }),
         }
     }
 
     #[test]
     fn platform_choice() {
-        let idx = Index { manifests: vec![desc("arm", Some("v7"), 1), desc("arm64", Some("v8"), 2), desc("amd64", None, 3)] };
-        let amd = Platform { architecture: "amd64".into(), os: "linux".into(), variant: None };
+        let idx = Index {
+            manifests: vec![
+                desc("arm", Some("v7"), 1),
+                desc("arm64", Some("v8"), 2),
+                desc("amd64", None, 3),
+            ],
+        };
+        let amd = Platform {
+            architecture: "amd64".into(),
+            os: "linux".into(),
+            variant: None,
+        };
         assert_eq!(choose(&idx, &amd).unwrap().digest, Digest::of(&[3]));
-        let arm = Platform { architecture: "arm64".into(), os: "linux".into(), variant: Some("v8".into()) };
+        let arm = Platform {
+            architecture: "arm64".into(),
+            os: "linux".into(),
+            variant: Some("v8".into()),
+        };
         assert_eq!(choose(&idx, &arm).unwrap().digest, Digest::of(&[2]));
-        let idx2 = Index { manifests: vec![desc("arm64", None, 4)] };
+        let idx2 = Index {
+            manifests: vec![desc("arm64", None, 4)],
+        };
         assert_eq!(choose(&idx2, &arm).unwrap().digest, Digest::of(&[4]));
-        let s390 = Platform { architecture: "s390x".into(), os: "linux".into(), variant: None };
+        let s390 = Platform {
+            architecture: "s390x".into(),
+            os: "linux".into(),
+            variant: None,
+        };
         assert!(choose(&idx, &s390).is_none());
     }
 
@@ -206,10 +246,20 @@ mod tests {
     #[test]
     fn parses_both_formats() {
         let d = Digest::of(b"x");
-        let m = format!(r#"{{"schemaVersion":2,"mediaType":"{DOCKER_MANIFEST}","config":{{"mediaType":"c","digest":"{d}","size":1}},"layers":[]}}"#);
-        assert!(matches!(parse(m.as_bytes(), "", "t").unwrap(), Parsed::Manifest(_)));
-        let i = format!(r#"{{"schemaVersion":2,"manifests":[{{"mediaType":"{OCI_MANIFEST}","digest":"{d}","size":1}}]}}"#);
-        assert!(matches!(parse(i.as_bytes(), OCI_INDEX, "t").unwrap(), Parsed::Index(_)));
+        let m = format!(
+            r#"{{"schemaVersion":2,"mediaType":"{DOCKER_MANIFEST}","config":{{"mediaType":"c","digest":"{d}","size":1}},"layers":[]}}"#
+        );
+        assert!(matches!(
+            parse(m.as_bytes(), "", "t").unwrap(),
+            Parsed::Manifest(_)
+        ));
+        let i = format!(
+            r#"{{"schemaVersion":2,"manifests":[{{"mediaType":"{OCI_MANIFEST}","digest":"{d}","size":1}}]}}"#
+        );
+        assert!(matches!(
+            parse(i.as_bytes(), OCI_INDEX, "t").unwrap(),
+            Parsed::Index(_)
+        ));
         let e = parse(br#"{"schemaVersion":1}"#, "", "t").err().unwrap();
         assert!(e.to_string().contains("schema 1"));
     }

@@ -12,7 +12,9 @@ const OFFICIAL_REPO_PREFIX: &str = "library/";
 pub const DEFAULT_TAG: &str = "latest";
 
 /// A content digest. Only sha256 is accepted: it is the only algorithm we can verify.
-#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, serde::Deserialize)]
+#[derive(
+    Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, serde::Deserialize,
+)]
 #[serde(try_from = "String", into = "String")]
 pub struct Digest(String);
 
@@ -24,7 +26,9 @@ impl Digest {
             )));
         };
         if hex.len() != 64 || !hex.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f')) {
-            return Err(Error::invalid(format!("digest {s:?}: expected sha256:<64 lowercase hex>")));
+            return Err(Error::invalid(format!(
+                "digest {s:?}: expected sha256:<64 lowercase hex>"
+            )));
         }
         Ok(Digest(s.to_string()))
     }
@@ -89,7 +93,10 @@ impl Reference {
             return Err(Error::invalid("image reference is empty"));
         }
         if s.len() > 4096 {
-            return Err(Error::invalid(format!("image reference is {} bytes long", s.len())));
+            return Err(Error::invalid(format!(
+                "image reference is {} bytes long",
+                s.len()
+            )));
         }
         // A bare 64-hex string is an image id, not a repository name (docker refuses it too).
         if s.len() == 64 && s.bytes().all(|b| b.is_ascii_hexdigit()) {
@@ -98,7 +105,13 @@ impl Reference {
             )));
         }
         let (rest, digest) = match s.split_once('@') {
-            Some((r, d)) => (r, Some(Digest::parse(d).map_err(|e| e.context(format!("image reference {input:?}")))?)),
+            Some((r, d)) => (
+                r,
+                Some(
+                    Digest::parse(d)
+                        .map_err(|e| e.context(format!("image reference {input:?}")))?,
+                ),
+            ),
             None => (s, None),
         };
         // The tag is after the last ':' that comes after the last '/', so a port is not a tag.
@@ -124,14 +137,21 @@ impl Reference {
         if registry == DEFAULT_REGISTRY && !repository.contains('/') {
             repository = format!("{OFFICIAL_REPO_PREFIX}{repository}");
         }
-        validate_repository(&repository).map_err(|e| e.context(format!("image reference {input:?}")))?;
-        validate_registry(&registry).map_err(|e| e.context(format!("image reference {input:?}")))?;
+        validate_repository(&repository)
+            .map_err(|e| e.context(format!("image reference {input:?}")))?;
+        validate_registry(&registry)
+            .map_err(|e| e.context(format!("image reference {input:?}")))?;
         let tag = match (tag, &digest) {
             (Some(t), _) => Some(t.to_string()),
             (None, None) => Some(DEFAULT_TAG.to_string()),
             (None, Some(_)) => None,
         };
-        Ok(Reference { registry, repository, tag, digest })
+        Ok(Reference {
+            registry,
+            repository,
+            tag,
+            digest,
+        })
     }
 
     /// `registry/repository`, the name part without tag or digest.
@@ -178,7 +198,13 @@ fn validate_tag(t: &str) -> Result<()> {
         && t.bytes().enumerate().all(|(i, b)| {
             b.is_ascii_alphanumeric() || b == b'_' || (i > 0 && (b == b'.' || b == b'-'))
         });
-    if ok { Ok(()) } else { Err(Error::invalid(format!("tag {t:?}: must match [A-Za-z0-9_][A-Za-z0-9_.-]{{0,127}}"))) }
+    if ok {
+        Ok(())
+    } else {
+        Err(Error::invalid(format!(
+            "tag {t:?}: must match [A-Za-z0-9_][A-Za-z0-9_.-]{{0,127}}"
+        )))
+    }
 }
 
 fn validate_repository(r: &str) -> Result<()> {
@@ -227,16 +253,29 @@ fn is_alnum(b: u8) -> bool {
 fn validate_registry(r: &str) -> Result<()> {
     let host = match r.rsplit_once(':') {
         Some((h, port)) if !r.starts_with('[') || h.ends_with(']') => {
-            if port.is_empty() || !port.bytes().all(|b| b.is_ascii_digit()) || port.parse::<u16>().is_err() {
-                return Err(Error::invalid(format!("registry {r:?}: port {port:?} is not a number 0-65535")));
+            if port.is_empty()
+                || !port.bytes().all(|b| b.is_ascii_digit())
+                || port.parse::<u16>().is_err()
+            {
+                return Err(Error::invalid(format!(
+                    "registry {r:?}: port {port:?} is not a number 0-65535"
+                )));
             }
             h
         }
         _ => r,
     };
     let ok = !host.is_empty()
-        && host.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'-' | b'[' | b']' | b':'));
-    if ok { Ok(()) } else { Err(Error::invalid(format!("registry host {host:?} is not a valid host name"))) }
+        && host
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'-' | b'[' | b']' | b':'));
+    if ok {
+        Ok(())
+    } else {
+        Err(Error::invalid(format!(
+            "registry host {host:?} is not a valid host name"
+        )))
+    }
 }
 
 /// Whether `s` names an image by id: `sha256:<hex>` or bare 64 hex, as kubelet passes them
@@ -270,8 +309,14 @@ mod tests {
         assert_eq!(norm("busybox"), "docker.io/library/busybox:latest");
         assert_eq!(norm("busybox:1.36"), "docker.io/library/busybox:1.36");
         assert_eq!(norm("library/busybox"), "docker.io/library/busybox:latest");
-        assert_eq!(norm("docker.io/busybox"), "docker.io/library/busybox:latest");
-        assert_eq!(norm("index.docker.io/busybox"), "docker.io/library/busybox:latest");
+        assert_eq!(
+            norm("docker.io/busybox"),
+            "docker.io/library/busybox:latest"
+        );
+        assert_eq!(
+            norm("index.docker.io/busybox"),
+            "docker.io/library/busybox:latest"
+        );
         assert_eq!(norm("user/app:v1"), "docker.io/user/app:v1");
     }
 
@@ -280,7 +325,10 @@ mod tests {
         assert_eq!(norm("localhost/app"), "localhost/app:latest");
         assert_eq!(norm("localhost:5000/app"), "localhost:5000/app:latest");
         assert_eq!(norm("127.0.0.1:5000/a/b/c:t"), "127.0.0.1:5000/a/b/c:t");
-        assert_eq!(norm("registry.k8s.io/pause:3.10"), "registry.k8s.io/pause:3.10");
+        assert_eq!(
+            norm("registry.k8s.io/pause:3.10"),
+            "registry.k8s.io/pause:3.10"
+        );
         assert_eq!(norm("myhost:5000/app"), "myhost:5000/app:latest");
         let r = Reference::parse("localhost:5000/app").unwrap();
         assert_eq!(r.registry, "localhost:5000");
@@ -290,11 +338,17 @@ mod tests {
 
     #[test]
     fn digests() {
-        assert_eq!(norm(&format!("busybox@{D}")), format!("docker.io/library/busybox@{D}"));
+        assert_eq!(
+            norm(&format!("busybox@{D}")),
+            format!("docker.io/library/busybox@{D}")
+        );
         let r = Reference::parse(&format!("busybox:1.0@{D}")).unwrap();
         assert_eq!(r.tag.as_deref(), Some("1.0"));
         assert_eq!(r.object(), D);
-        assert_eq!(r.with_digest(r.digest.as_ref().unwrap()), format!("docker.io/library/busybox@{D}"));
+        assert_eq!(
+            r.with_digest(r.digest.as_ref().unwrap()),
+            format!("docker.io/library/busybox@{D}")
+        );
         let r = Reference::parse(&format!("localhost:5000/x@{D}")).unwrap();
         assert_eq!(r.tag, None);
         assert_eq!(r.tagged(), None);

@@ -41,13 +41,20 @@ pub struct ImageRecord {
 impl ImageRecord {
     /// Blobs this image needs kept.
     pub fn blobs(&self) -> impl Iterator<Item = &Digest> {
-        std::iter::once(&self.id).chain(std::iter::once(&self.manifest_digest)).chain(&self.index_digests).chain(&self.layers)
+        std::iter::once(&self.id)
+            .chain(std::iter::once(&self.manifest_digest))
+            .chain(&self.index_digests)
+            .chain(&self.layers)
     }
 
     /// The config's `User`, for CRI's uid/username.
     pub fn user(&self) -> Option<String> {
         let v: serde_json::Value = serde_json::from_str(&self.config).ok()?;
-        v.get("config")?.get("User")?.as_str().map(str::to_string).filter(|s| !s.is_empty())
+        v.get("config")?
+            .get("User")?
+            .as_str()
+            .map(str::to_string)
+            .filter(|s| !s.is_empty())
     }
 }
 
@@ -62,9 +69,11 @@ fn db_err(what: &str, e: impl std::error::Error + Send + Sync + 'static) -> Erro
 impl ImageStore {
     pub fn open(root: &Path) -> Result<ImageStore> {
         let path = root.join("images.redb");
-        let db = Database::create(&path).map_err(|e| db_err(&format!("opening {}", path.display()), e))?;
+        let db = Database::create(&path)
+            .map_err(|e| db_err(&format!("opening {}", path.display()), e))?;
         let tx = db.begin_write().map_err(|e| db_err("begin", e))?;
-        tx.open_table(IMAGES).map_err(|e| db_err("creating table", e))?;
+        tx.open_table(IMAGES)
+            .map_err(|e| db_err("creating table", e))?;
         tx.commit().map_err(|e| db_err("commit", e))?;
         Ok(ImageStore { db })
     }
@@ -75,8 +84,9 @@ impl ImageStore {
         let mut out = Vec::new();
         for item in t.iter().map_err(|e| db_err("iterate", e))? {
             let (k, v) = item.map_err(|e| db_err("read", e))?;
-            let rec: ImageRecord = serde_json::from_slice(v.value())
-                .map_err(|e| Error::internal(format!("image store: record {} is corrupt: {e}", k.value())))?;
+            let rec: ImageRecord = serde_json::from_slice(v.value()).map_err(|e| {
+                Error::internal(format!("image store: record {} is corrupt: {e}", k.value()))
+            })?;
             out.push(rec);
         }
         Ok(out)
@@ -107,9 +117,10 @@ impl ImageStore {
                     continue;
                 }
                 if let Ok(o) = serde_json::from_slice::<ImageRecord>(v.value())
-                    && o.repo_tags.iter().any(|t| rec.repo_tags.contains(t)) {
-                        others.push(o);
-                    }
+                    && o.repo_tags.iter().any(|t| rec.repo_tags.contains(t))
+                {
+                    others.push(o);
+                }
             }
             for mut o in others {
                 o.repo_tags.retain(|t| !rec.repo_tags.contains(t));
@@ -150,13 +161,13 @@ impl ImageStore {
         let tx = self.db.begin_write().map_err(|e| db_err("begin", e))?;
         let found = {
             let mut t = tx.open_table(IMAGES).map_err(|e| db_err("open table", e))?;
-            let rec = match t.get(id.as_str()).map_err(|e| db_err("get", e))? {
-                Some(v) => Some(
-                    serde_json::from_slice::<ImageRecord>(v.value())
-                        .map_err(|e| Error::internal(format!("image store: record {id} is corrupt: {e}")))?,
-                ),
-                None => None,
-            };
+            let rec =
+                match t.get(id.as_str()).map_err(|e| db_err("get", e))? {
+                    Some(v) => Some(serde_json::from_slice::<ImageRecord>(v.value()).map_err(
+                        |e| Error::internal(format!("image store: record {id} is corrupt: {e}")),
+                    )?),
+                    None => None,
+                };
             match rec {
                 Some(mut r) => {
                     r.pinned = pinned;
@@ -174,7 +185,9 @@ impl ImageStore {
         let tx = self.db.begin_write().map_err(|e| db_err("begin", e))?;
         let existed = {
             let mut t = tx.open_table(IMAGES).map_err(|e| db_err("open table", e))?;
-            t.remove(id.as_str()).map_err(|e| db_err("remove", e))?.is_some()
+            t.remove(id.as_str())
+                .map_err(|e| db_err("remove", e))?
+                .is_some()
         };
         tx.commit().map_err(|e| db_err("commit", e))?;
         Ok(existed)
@@ -182,8 +195,10 @@ impl ImageStore {
 }
 
 fn put(t: &mut redb::Table<'_, &str, &[u8]>, rec: &ImageRecord) -> Result<()> {
-    let v = serde_json::to_vec(rec).map_err(|e| Error::internal(format!("image store: encoding {}: {e}", rec.id)))?;
-    t.insert(rec.id.as_str(), v.as_slice()).map_err(|e| db_err("insert", e))?;
+    let v = serde_json::to_vec(rec)
+        .map_err(|e| Error::internal(format!("image store: encoding {}: {e}", rec.id)))?;
+    t.insert(rec.id.as_str(), v.as_slice())
+        .map_err(|e| db_err("insert", e))?;
     Ok(())
 }
 
@@ -218,7 +233,10 @@ mod tests {
             let mut r = rec(2, "a:v2");
             r.repo_digests.clear();
             let m = s.upsert(r).unwrap();
-            assert_eq!(m.repo_tags, vec!["a:latest".to_string(), "a:v2".to_string()]);
+            assert_eq!(
+                m.repo_tags,
+                vec!["a:latest".to_string(), "a:v2".to_string()]
+            );
         }
         let s = ImageStore::open(tmp.path()).unwrap();
         let one = s.get(&Digest::of(&[1])).unwrap().unwrap();

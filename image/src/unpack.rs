@@ -69,10 +69,18 @@ pub struct HashReader<R> {
 
 impl<R: Read> HashReader<R> {
     pub fn new(inner: R) -> Self {
-        HashReader { inner, hasher: Sha256::new(), count: 0 }
+        HashReader {
+            inner,
+            hasher: Sha256::new(),
+            count: 0,
+        }
     }
     pub fn finish(self) -> (Digest, u64, R) {
-        (Digest::from_sha256(&self.hasher.finalize()), self.count, self.inner)
+        (
+            Digest::from_sha256(&self.hasher.finalize()),
+            self.count,
+            self.inner,
+        )
     }
 }
 
@@ -129,9 +137,10 @@ impl<R: Read> TarGuard<R> {
                 self.skip -= n as u64;
                 data = &data[n..];
                 if self.skip == 0
-                    && let Some(p) = self.pax.take() {
-                        self.next_size = pax_size(&p);
-                    }
+                    && let Some(p) = self.pax.take()
+                {
+                    self.next_size = pax_size(&p);
+                }
                 continue;
             }
             let n = (512 - self.fill).min(data.len());
@@ -159,8 +168,12 @@ impl<R: Read> TarGuard<R> {
         if b.iter().all(|&x| x == 0) {
             return Ok(());
         }
-        let size = parse_size(&b[124..136])
-            .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidData, "tar header has an invalid size field"))?;
+        let size = parse_size(&b[124..136]).ok_or_else(|| {
+            io::Error::new(
+                io::ErrorKind::InvalidData,
+                "tar header has an invalid size field",
+            )
+        })?;
         let typ = b[156];
         match typ {
             b'x' | b'g' | b'L' | b'K' => {
@@ -206,7 +219,12 @@ fn parse_size(f: &[u8]) -> Option<u64> {
         }
         return Some(v);
     }
-    let s: Vec<u8> = f.iter().copied().take_while(|&c| c != 0 && c != b' ').skip_while(|&c| c == b' ').collect();
+    let s: Vec<u8> = f
+        .iter()
+        .copied()
+        .take_while(|&c| c != 0 && c != b' ')
+        .skip_while(|&c| c == b' ')
+        .collect();
     if s.is_empty() {
         return Some(0);
     }
@@ -243,7 +261,8 @@ impl<R: Read> Read for TarGuard<R> {
 /// Unpack a (possibly compressed) layer tar from `reader` into the existing directory `dir`.
 /// On error the directory is left as it is: the caller removes the whole snapshot.
 pub fn unpack_layer<R: Read>(reader: R, dir: &Path) -> Result<Unpacked> {
-    let root = sys::open_dir(dir).map_err(|e| Error::io(format!("opening layer directory {}", dir.display()), e))?;
+    let root = sys::open_dir(dir)
+        .map_err(|e| Error::io(format!("opening layer directory {}", dir.display()), e))?;
     let mut raw = BufReader::with_capacity(256 * 1024, HashReader::new(reader));
     let prefix = raw.fill_buf().map_err(|e| read_error(e, "reading layer"))?;
     let compression = detect(prefix);
@@ -267,15 +286,24 @@ pub fn unpack_layer<R: Read>(reader: R, dir: &Path) -> Result<Unpacked> {
     };
     // Whatever follows the compressed stream still belongs to the blob and its digest.
     let mut raw = raw;
-    io::copy(&mut raw, &mut io::sink()).map_err(|e| read_error(e, "reading the end of the layer"))?;
+    io::copy(&mut raw, &mut io::sink())
+        .map_err(|e| read_error(e, "reading the end of the layer"))?;
     let (compressed_digest, compressed_size, _) = raw.into_inner().finish();
-    Ok(Unpacked { diff_id: uncompressed_digest, compressed_digest, compressed_size, uncompressed_size, entries })
+    Ok(Unpacked {
+        diff_id: uncompressed_digest,
+        compressed_digest,
+        compressed_size,
+        uncompressed_size,
+        entries,
+    })
 }
 
 /// A read failure: corrupt or truncated input is DataLoss, failures of our own are Internal.
 fn read_error(e: io::Error, what: &str) -> Error {
     let kind = match e.kind() {
-        io::ErrorKind::InvalidData | io::ErrorKind::UnexpectedEof | io::ErrorKind::InvalidInput => Kind::DataLoss,
+        io::ErrorKind::InvalidData | io::ErrorKind::UnexpectedEof | io::ErrorKind::InvalidInput => {
+            Kind::DataLoss
+        }
         io::ErrorKind::Other if e.get_ref().is_some_and(|i| i.is::<Error>()) => {
             // Errors from the content follower carry their own kind.
             match e.get_ref().and_then(|i| i.downcast_ref::<Error>()) {
@@ -290,11 +318,17 @@ fn read_error(e: io::Error, what: &str) -> Error {
 
 fn apply_tar<R: Read>(input: &mut R, root: BorrowedFd<'_>) -> Result<(Digest, u64, u64)> {
     let mut hashed = HashReader::new(TarGuard::new(input));
-    let mut applier = Applier { root, dirs: Vec::new(), parent_cache: None };
+    let mut applier = Applier {
+        root,
+        dirs: Vec::new(),
+        parent_cache: None,
+    };
     let mut count = 0u64;
     {
         let mut archive = tar::Archive::new(&mut hashed);
-        let entries = archive.entries().map_err(|e| read_error(e, "reading layer tar"))?;
+        let entries = archive
+            .entries()
+            .map_err(|e| read_error(e, "reading layer tar"))?;
         let mut last = String::new();
         for entry in entries {
             let mut entry = entry.map_err(|e| {
@@ -306,12 +340,15 @@ fn apply_tar<R: Read>(input: &mut R, root: BorrowedFd<'_>) -> Result<(Digest, u6
                 read_error(e, &what)
             })?;
             last = String::from_utf8_lossy(&entry.path_bytes()).into_owned();
-            applier.entry(&mut entry).map_err(|e| e.context(format!("layer entry {last:?}")))?;
+            applier
+                .entry(&mut entry)
+                .map_err(|e| e.context(format!("layer entry {last:?}")))?;
             count += 1;
         }
     }
     // The diff_id covers the whole tar, including the end-of-archive blocks and padding.
-    io::copy(&mut hashed, &mut io::sink()).map_err(|e| read_error(e, "reading the end of the layer tar"))?;
+    io::copy(&mut hashed, &mut io::sink())
+        .map_err(|e| read_error(e, "reading the end of the layer tar"))?;
     applier.finish_dirs()?;
     let (d, n, _) = hashed.finish();
     Ok((d, n, count))
@@ -332,21 +369,29 @@ fn split_path(p: &Path) -> Result<Option<(PathBuf, OsString)>> {
             Component::RootDir | Component::CurDir => {}
             Component::Normal(n) => comps.push(n.to_os_string()),
             Component::ParentDir => {
-                return Err(Error::precondition("path contains a '..' component; refusing to leave the layer"));
+                return Err(Error::precondition(
+                    "path contains a '..' component; refusing to leave the layer",
+                ));
             }
             Component::Prefix(_) => return Err(Error::precondition("path has a prefix")),
         }
     }
-    let Some(name) = comps.pop() else { return Ok(None) };
+    let Some(name) = comps.pop() else {
+        return Ok(None);
+    };
     Ok(Some((comps.iter().collect(), name)))
 }
 
 fn io_err(what: impl Into<String>, e: io::Error) -> Error {
     let what = what.into();
     match e.raw_os_error() {
-        Some(libc::ELOOP) => Error::precondition(format!("{what}: path goes through a symlink; refusing to follow it")),
+        Some(libc::ELOOP) => Error::precondition(format!(
+            "{what}: path goes through a symlink; refusing to follow it"
+        )),
         Some(libc::EXDEV) => Error::precondition(format!("{what}: path escapes the layer")),
-        Some(libc::ENOTDIR) => Error::precondition(format!("{what}: a path component is not a directory")),
+        Some(libc::ENOTDIR) => {
+            Error::precondition(format!("{what}: a path component is not a directory"))
+        }
         _ => Error::io(what, e),
     }
 }
@@ -356,17 +401,18 @@ fn mtime_of<R: Read>(entry: &mut tar::Entry<'_, R>) -> (i64, i64) {
     if let Ok(Some(exts)) = entry.pax_extensions() {
         for ext in exts.flatten() {
             if ext.key_bytes() == b"mtime"
-                && let Ok(v) = ext.value() {
-                    let (s, frac) = v.split_once('.').unwrap_or((v, ""));
-                    if let Ok(secs) = s.parse::<i64>() {
-                        let mut digits: String = frac.chars().take(9).collect();
-                        while digits.len() < 9 {
-                            digits.push('0');
-                        }
-                        let nanos = digits.parse::<i64>().unwrap_or(0);
-                        return (secs, if secs < 0 && nanos > 0 { -nanos } else { nanos });
+                && let Ok(v) = ext.value()
+            {
+                let (s, frac) = v.split_once('.').unwrap_or((v, ""));
+                if let Ok(secs) = s.parse::<i64>() {
+                    let mut digits: String = frac.chars().take(9).collect();
+                    while digits.len() < 9 {
+                        digits.push('0');
                     }
+                    let nanos = digits.parse::<i64>().unwrap_or(0);
+                    return (secs, if secs < 0 && nanos > 0 { -nanos } else { nanos });
                 }
+            }
         }
     }
     (entry.header().mtime().map(|m| m as i64).unwrap_or(0), 0)
@@ -377,7 +423,10 @@ fn xattrs_of<R: Read>(entry: &mut tar::Entry<'_, R>) -> Vec<(OsString, Vec<u8>)>
     if let Ok(Some(exts)) = entry.pax_extensions() {
         for ext in exts.flatten() {
             if let Some(name) = ext.key_bytes().strip_prefix(b"SCHILY.xattr.") {
-                out.push((OsStr::from_bytes(name).to_os_string(), ext.value_bytes().to_vec()));
+                out.push((
+                    OsStr::from_bytes(name).to_os_string(),
+                    ext.value_bytes().to_vec(),
+                ));
             }
         }
     }
@@ -402,19 +451,22 @@ impl Applier<'_> {
     fn open_parent(&self, parent: &Path) -> Result<OwnedFd> {
         let flags = libc::O_PATH | libc::O_DIRECTORY;
         if parent.as_os_str().is_empty() {
-            return sys::openat2_in_root(self.root, OsStr::new("."), flags, true).map_err(|e| io_err("opening layer root", e));
+            return sys::openat2_in_root(self.root, OsStr::new("."), flags, true)
+                .map_err(|e| io_err("opening layer root", e));
         }
         match sys::openat2_in_root(self.root, parent.as_os_str(), flags, true) {
             Ok(fd) => return Ok(fd),
             Err(e) if e.raw_os_error() == Some(libc::ENOENT) => {}
             Err(e) => return Err(io_err(format!("resolving parent {:?}", parent), e)),
         }
-        let mut cur = sys::openat2_in_root(self.root, OsStr::new("."), flags, true).map_err(|e| io_err("opening layer root", e))?;
+        let mut cur = sys::openat2_in_root(self.root, OsStr::new("."), flags, true)
+            .map_err(|e| io_err("opening layer root", e))?;
         for comp in parent.iter() {
             let next = match sys::openat2_in_root(cur.as_fd(), comp, flags, true) {
                 Ok(fd) => fd,
                 Err(e) if e.raw_os_error() == Some(libc::ENOENT) => {
-                    sys::mkdirat(cur.as_fd(), comp, 0o755).map_err(|e| io_err(format!("creating parent {comp:?}"), e))?;
+                    sys::mkdirat(cur.as_fd(), comp, 0o755)
+                        .map_err(|e| io_err(format!("creating parent {comp:?}"), e))?;
                     sys::openat2_in_root(cur.as_fd(), comp, flags, true)
                         .map_err(|e| io_err(format!("opening parent {comp:?}"), e))?
                 }
@@ -426,7 +478,10 @@ impl Applier<'_> {
     }
 
     fn entry<R: Read>(&mut self, entry: &mut tar::Entry<'_, R>) -> Result<()> {
-        let path = entry.path().map_err(|e| read_error(e, "entry path"))?.into_owned();
+        let path = entry
+            .path()
+            .map_err(|e| read_error(e, "entry path"))?
+            .into_owned();
         let Some((parent_path, name)) = split_path(&path)? else {
             // containerd ignores entries that resolve to the layer root.
             return Ok(());
@@ -436,8 +491,10 @@ impl Applier<'_> {
         let old = header.as_old();
         let uid = numeric(header.uid(), &old.uid, "uid")?;
         let gid = numeric(header.gid(), &old.gid, "gid")?;
-        let uid = u32::try_from(uid).map_err(|_| Error::data_loss(format!("uid {uid} out of range")))?;
-        let gid = u32::try_from(gid).map_err(|_| Error::data_loss(format!("gid {gid} out of range")))?;
+        let uid =
+            u32::try_from(uid).map_err(|_| Error::data_loss(format!("uid {uid} out of range")))?;
+        let gid =
+            u32::try_from(gid).map_err(|_| Error::data_loss(format!("gid {gid} out of range")))?;
         let mode = numeric(header.mode().map(u64::from), &old.mode, "mode")? as u32 & 0o7777;
         let mtime = mtime_of(entry);
         let times = (mtime, mtime);
@@ -448,8 +505,13 @@ impl Applier<'_> {
         if let Some(rest) = name_bytes.strip_prefix(b".wh.") {
             let parent = self.parent(&parent_path)?;
             if rest == b".wh..opq" {
-                let dir = sys::openat2_in_root(parent, OsStr::new("."), libc::O_RDONLY | libc::O_DIRECTORY, true)
-                    .map_err(|e| io_err("opening directory for opaque marker", e))?;
+                let dir = sys::openat2_in_root(
+                    parent,
+                    OsStr::new("."),
+                    libc::O_RDONLY | libc::O_DIRECTORY,
+                    true,
+                )
+                .map_err(|e| io_err("opening directory for opaque marker", e))?;
                 sys::fsetxattr(dir.as_fd(), OsStr::new("trusted.overlay.opaque"), b"y")
                     .map_err(|e| io_err("setting trusted.overlay.opaque", e))?;
                 return Ok(());
@@ -463,7 +525,8 @@ impl Applier<'_> {
                 return Err(Error::data_loss("whiteout names no file"));
             }
             remove_existing(parent, target, false)?;
-            sys::mknodat(parent, target, libc::S_IFCHR, sys::makedev(0, 0)).map_err(|e| io_err("creating whiteout", e))?;
+            sys::mknodat(parent, target, libc::S_IFCHR, sys::makedev(0, 0))
+                .map_err(|e| io_err("creating whiteout", e))?;
             sys::lchownat(parent, target, uid, gid).map_err(|e| io_err("chown of whiteout", e))?;
             return Ok(());
         }
@@ -475,7 +538,9 @@ impl Applier<'_> {
             if is_dir && existing == libc::S_IFDIR {
                 // Keep the directory and its contents; only metadata changes.
             } else if is_dir && existing == libc::S_IFLNK {
-                return Err(Error::precondition("directory entry would replace a symlink; refusing"));
+                return Err(Error::precondition(
+                    "directory entry would replace a symlink; refusing",
+                ));
             } else {
                 remove_existing(parent, &name, existing == libc::S_IFDIR)?;
             }
@@ -483,29 +548,50 @@ impl Applier<'_> {
 
         match typ {
             tar::EntryType::Regular | tar::EntryType::Continuous | tar::EntryType::GNUSparse => {
-                let fd = sys::openat(parent, &name, libc::O_WRONLY | libc::O_CREAT | libc::O_EXCL | libc::O_NOFOLLOW, 0o600)
-                    .map_err(|e| io_err("creating file", e))?;
+                let fd = sys::openat(
+                    parent,
+                    &name,
+                    libc::O_WRONLY | libc::O_CREAT | libc::O_EXCL | libc::O_NOFOLLOW,
+                    0o600,
+                )
+                .map_err(|e| io_err("creating file", e))?;
                 let mut file = std::fs::File::from(fd);
                 let want = entry.size();
                 let got = io::copy(entry, &mut file).map_err(|e| {
                     // An errno means our write failed (disk full); anything else is the input.
-                    if e.raw_os_error().is_some() { Error::io("writing file content", e) } else { read_error(e, "reading file content") }
+                    if e.raw_os_error().is_some() {
+                        Error::io("writing file content", e)
+                    } else {
+                        read_error(e, "reading file content")
+                    }
                 })?;
                 if got != want {
-                    return Err(Error::data_loss(format!("layer is truncated: file content has {got} of {want} bytes")));
+                    return Err(Error::data_loss(format!(
+                        "layer is truncated: file content has {got} of {want} bytes"
+                    )));
                 }
                 sys::fchown(file.as_fd(), uid, gid).map_err(|e| io_err("chown", e))?;
                 // After chown: chown clears setuid/setgid.
                 sys::fchmod(file.as_fd(), mode).map_err(|e| io_err("chmod", e))?;
                 set_xattrs_fd(file.as_fd(), &xattrs)?;
-                sys::futimens(file.as_fd(), times.0, times.1).map_err(|e| io_err("setting times", e))?;
+                sys::futimens(file.as_fd(), times.0, times.1)
+                    .map_err(|e| io_err("setting times", e))?;
             }
             tar::EntryType::Directory => {
-                if sys::lstatat(parent, &name).map_err(|e| io_err("stat", e))?.is_none() {
-                    sys::mkdirat(parent, &name, 0o700).map_err(|e| io_err("creating directory", e))?;
+                if sys::lstatat(parent, &name)
+                    .map_err(|e| io_err("stat", e))?
+                    .is_none()
+                {
+                    sys::mkdirat(parent, &name, 0o700)
+                        .map_err(|e| io_err("creating directory", e))?;
                 }
-                let fd = sys::openat(parent, &name, libc::O_RDONLY | libc::O_DIRECTORY | libc::O_NOFOLLOW, 0)
-                    .map_err(|e| io_err("opening directory", e))?;
+                let fd = sys::openat(
+                    parent,
+                    &name,
+                    libc::O_RDONLY | libc::O_DIRECTORY | libc::O_NOFOLLOW,
+                    0,
+                )
+                .map_err(|e| io_err("opening directory", e))?;
                 sys::fchown(fd.as_fd(), uid, gid).map_err(|e| io_err("chown", e))?;
                 sys::fchmod(fd.as_fd(), mode).map_err(|e| io_err("chmod", e))?;
                 set_xattrs_fd(fd.as_fd(), &xattrs)?;
@@ -518,15 +604,20 @@ impl Applier<'_> {
                     .ok_or_else(|| Error::data_loss("symlink has no target"))?;
                 // The target is stored as data; it is resolved later inside the container's
                 // root, never by us.
-                sys::symlinkat(target.as_os_str(), parent, &name).map_err(|e| io_err("creating symlink", e))?;
-                sys::lchownat(parent, &name, uid, gid).map_err(|e| io_err("chown of symlink", e))?;
+                sys::symlinkat(target.as_os_str(), parent, &name)
+                    .map_err(|e| io_err("creating symlink", e))?;
+                sys::lchownat(parent, &name, uid, gid)
+                    .map_err(|e| io_err("chown of symlink", e))?;
                 for (k, v) in &xattrs {
                     if let Err(e) = sys::lsetxattr_at(parent, &name, k, v)
-                        && e.raw_os_error() != Some(libc::ENOTSUP) && e.raw_os_error() != Some(libc::EPERM) {
-                            return Err(io_err(format!("setting xattr {k:?} on symlink"), e));
-                        }
+                        && e.raw_os_error() != Some(libc::ENOTSUP)
+                        && e.raw_os_error() != Some(libc::EPERM)
+                    {
+                        return Err(io_err(format!("setting xattr {k:?} on symlink"), e));
+                    }
                 }
-                sys::lutimensat(parent, &name, times.0, times.1).map_err(|e| io_err("setting times", e))?;
+                sys::lutimensat(parent, &name, times.0, times.1)
+                    .map_err(|e| io_err("setting times", e))?;
             }
             tar::EntryType::Link => {
                 let target = entry
@@ -534,12 +625,17 @@ impl Applier<'_> {
                     .map_err(|e| read_error(e, "hard link target"))?
                     .ok_or_else(|| Error::data_loss("hard link has no target"))?
                     .into_owned();
-                let Some((tparent, tname)) =
-                    split_path(&target).map_err(|e| e.context(format!("hard link target {target:?}")))?
+                let Some((tparent, tname)) = split_path(&target)
+                    .map_err(|e| e.context(format!("hard link target {target:?}")))?
                 else {
                     return Err(Error::precondition("hard link to the layer root"));
                 };
-                let tdir = match sys::openat2_in_root(self.root, tparent_os(&tparent), libc::O_PATH | libc::O_DIRECTORY, true) {
+                let tdir = match sys::openat2_in_root(
+                    self.root,
+                    tparent_os(&tparent),
+                    libc::O_PATH | libc::O_DIRECTORY,
+                    true,
+                ) {
                     Ok(fd) => fd,
                     Err(e) if e.raw_os_error() == Some(libc::ENOENT) => {
                         return Err(Error::precondition(format!(
@@ -569,7 +665,12 @@ impl Applier<'_> {
                 };
                 let major = header.device_major().ok().flatten().unwrap_or(0);
                 let minor = header.device_minor().ok().flatten().unwrap_or(0);
-                match sys::mknodat(parent, &name, kind | (mode & 0o777), sys::makedev(major, minor)) {
+                match sys::mknodat(
+                    parent,
+                    &name,
+                    kind | (mode & 0o777),
+                    sys::makedev(major, minor),
+                ) {
                     Ok(()) => {}
                     Err(e) if e.raw_os_error() == Some(libc::EPERM) && kind != libc::S_IFIFO => {
                         // Device nodes cannot be made in a user namespace; runtimes create
@@ -581,9 +682,13 @@ impl Applier<'_> {
                 }
                 sys::lchownat(parent, &name, uid, gid).map_err(|e| io_err("chown", e))?;
                 sys::fchmodat(parent, &name, mode).map_err(|e| io_err("chmod", e))?;
-                sys::lutimensat(parent, &name, times.0, times.1).map_err(|e| io_err("setting times", e))?;
+                sys::lutimensat(parent, &name, times.0, times.1)
+                    .map_err(|e| io_err("setting times", e))?;
             }
-            tar::EntryType::XGlobalHeader | tar::EntryType::XHeader | tar::EntryType::GNULongName | tar::EntryType::GNULongLink => {}
+            tar::EntryType::XGlobalHeader
+            | tar::EntryType::XHeader
+            | tar::EntryType::GNULongName
+            | tar::EntryType::GNULongLink => {}
             other => {
                 tracing::debug!(entry = %path.display(), kind = ?other, "ignoring tar entry of unsupported type");
             }
@@ -596,8 +701,13 @@ impl Applier<'_> {
         // Deepest first is not needed for mtimes set through fds, but later entries of the
         // same directory must win: apply in tar order.
         for (path, mtime) in std::mem::take(&mut self.dirs) {
-            let fd = sys::openat2_in_root(self.root, path.as_os_str(), libc::O_RDONLY | libc::O_DIRECTORY, true)
-                .map_err(|e| io_err(format!("layer entry {:?}: reopening directory", path), e))?;
+            let fd = sys::openat2_in_root(
+                self.root,
+                path.as_os_str(),
+                libc::O_RDONLY | libc::O_DIRECTORY,
+                true,
+            )
+            .map_err(|e| io_err(format!("layer entry {:?}: reopening directory", path), e))?;
             sys::futimens(fd.as_fd(), mtime, mtime)
                 .map_err(|e| io_err(format!("layer entry {:?}: setting times", path), e))?;
         }
@@ -616,25 +726,28 @@ fn numeric(parsed: io::Result<u64>, raw: &[u8], field: &str) -> Result<u64> {
 }
 
 fn tparent_os(p: &Path) -> &OsStr {
-    if p.as_os_str().is_empty() { OsStr::new(".") } else { p.as_os_str() }
+    if p.as_os_str().is_empty() {
+        OsStr::new(".")
+    } else {
+        p.as_os_str()
+    }
 }
 
 fn remove_existing(parent: BorrowedFd<'_>, name: &OsStr, is_dir: bool) -> Result<()> {
     match sys::unlinkat(parent, name, is_dir) {
         Ok(()) => Ok(()),
         Err(e) if e.raw_os_error() == Some(libc::ENOENT) => Ok(()),
-        Err(e) if e.raw_os_error() == Some(libc::EISDIR) => {
-            sys::unlinkat(parent, name, true).map_err(|e| {
+        Err(e) if e.raw_os_error() == Some(libc::EISDIR) => sys::unlinkat(parent, name, true)
+            .map_err(|e| {
                 if e.raw_os_error() == Some(libc::ENOTEMPTY) {
                     Error::precondition("entry would replace a non-empty directory")
                 } else {
                     io_err("removing existing directory", e)
                 }
-            })
-        }
-        Err(e) if e.raw_os_error() == Some(libc::ENOTEMPTY) => {
-            Err(Error::precondition("entry would replace a non-empty directory"))
-        }
+            }),
+        Err(e) if e.raw_os_error() == Some(libc::ENOTEMPTY) => Err(Error::precondition(
+            "entry would replace a non-empty directory",
+        )),
         Err(e) => Err(io_err("removing existing entry", e)),
     }
 }

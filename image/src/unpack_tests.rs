@@ -4,7 +4,14 @@ use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
 
 /// Build a tar entry header with the raw name bytes as given: tar::Builder's path setters
 /// refuse `..`, and the point here is to craft what they refuse.
-fn raw(b: &mut tar::Builder<Vec<u8>>, name: &str, typ: tar::EntryType, data: &[u8], link: Option<&str>, mode: u32) {
+fn raw(
+    b: &mut tar::Builder<Vec<u8>>,
+    name: &str,
+    typ: tar::EntryType,
+    data: &[u8],
+    link: Option<&str>,
+    mode: u32,
+) {
     let mut h = tar::Header::new_gnu();
     {
         let g = h.as_gnu_mut().expect("gnu header");
@@ -53,13 +60,23 @@ fn sandbox() -> Sandbox {
     let layer = tmp.path().join("store/layer");
     fs::create_dir_all(&outside).expect("mkdir");
     fs::create_dir_all(&layer).expect("mkdir");
-    Sandbox { _tmp: tmp, outside, layer }
+    Sandbox {
+        _tmp: tmp,
+        outside,
+        layer,
+    }
 }
 
 impl Sandbox {
     fn outside_is_empty(&self) -> bool {
-        fs::read_dir(&self.outside).expect("read_dir").next().is_none()
-            && fs::read_dir(self.layer.parent().expect("parent")).expect("read_dir").count() == 1
+        fs::read_dir(&self.outside)
+            .expect("read_dir")
+            .next()
+            .is_none()
+            && fs::read_dir(self.layer.parent().expect("parent"))
+                .expect("read_dir")
+                .count()
+                == 1
     }
 }
 
@@ -67,14 +84,56 @@ fn sample_tar() -> Vec<u8> {
     let mut b = tar::Builder::new(Vec::new());
     raw(&mut b, "./", tar::EntryType::Directory, b"", None, 0o755);
     raw(&mut b, "bin/", tar::EntryType::Directory, b"", None, 0o755);
-    raw(&mut b, "bin/tool", tar::EntryType::Regular, b"#!/bin/sh\necho hi\n", None, 0o4755);
-    raw(&mut b, "bin/alias", tar::EntryType::Symlink, b"", Some("tool"), 0o777);
-    raw(&mut b, "bin/hard", tar::EntryType::Link, b"", Some("bin/tool"), 0o755);
-    raw(&mut b, "abs", tar::EntryType::Symlink, b"", Some("/etc/passwd"), 0o777);
+    raw(
+        &mut b,
+        "bin/tool",
+        tar::EntryType::Regular,
+        b"#!/bin/sh\necho hi\n",
+        None,
+        0o4755,
+    );
+    raw(
+        &mut b,
+        "bin/alias",
+        tar::EntryType::Symlink,
+        b"",
+        Some("tool"),
+        0o777,
+    );
+    raw(
+        &mut b,
+        "bin/hard",
+        tar::EntryType::Link,
+        b"",
+        Some("bin/tool"),
+        0o755,
+    );
+    raw(
+        &mut b,
+        "abs",
+        tar::EntryType::Symlink,
+        b"",
+        Some("/etc/passwd"),
+        0o777,
+    );
     raw(&mut b, "dev/null", tar::EntryType::Char, b"", None, 0o666);
     raw(&mut b, "run/fifo", tar::EntryType::Fifo, b"", None, 0o600);
-    raw(&mut b, "etc/.wh.gone", tar::EntryType::Regular, b"", None, 0o600);
-    raw(&mut b, "var/.wh..wh..opq", tar::EntryType::Regular, b"", None, 0o600);
+    raw(
+        &mut b,
+        "etc/.wh.gone",
+        tar::EntryType::Regular,
+        b"",
+        None,
+        0o600,
+    );
+    raw(
+        &mut b,
+        "var/.wh..wh..opq",
+        tar::EntryType::Regular,
+        b"",
+        None,
+        0o600,
+    );
     // A file with a PAX xattr and uid.
     let mut h = tar::Header::new_ustar();
     h.set_entry_type(tar::EntryType::Regular);
@@ -83,8 +142,10 @@ fn sample_tar() -> Vec<u8> {
     h.set_uid(1000);
     h.set_gid(1001);
     h.set_mtime(1_500_000_000);
-    b.append_pax_extensions([("SCHILY.xattr.user.test", b"val".as_slice())]).expect("pax");
-    b.append_data(&mut h, "etc/conf", b"abc".as_slice()).expect("append");
+    b.append_pax_extensions([("SCHILY.xattr.user.test", b"val".as_slice())])
+        .expect("pax");
+    b.append_data(&mut h, "etc/conf", b"abc".as_slice())
+        .expect("append");
     finish(b)
 }
 
@@ -101,11 +162,22 @@ fn unpacks_every_entry_kind() {
     assert_eq!(tool.permissions().mode() & 0o7777, 0o4755);
     assert_eq!(tool.mtime(), 1_600_000_000);
     assert_eq!(tool.nlink(), 2);
-    assert_eq!(fs::read_link(l.join("bin/alias")).expect("link"), Path::new("tool"));
-    assert_eq!(fs::read_link(l.join("abs")).expect("link"), Path::new("/etc/passwd"));
+    assert_eq!(
+        fs::read_link(l.join("bin/alias")).expect("link"),
+        Path::new("tool")
+    );
+    assert_eq!(
+        fs::read_link(l.join("abs")).expect("link"),
+        Path::new("/etc/passwd")
+    );
     let null = fs::symlink_metadata(l.join("dev/null")).expect("null");
     assert!(null.file_type().is_char_device());
-    assert!(fs::symlink_metadata(l.join("run/fifo")).expect("fifo").file_type().is_fifo());
+    assert!(
+        fs::symlink_metadata(l.join("run/fifo"))
+            .expect("fifo")
+            .file_type()
+            .is_fifo()
+    );
     let wh = fs::symlink_metadata(l.join("etc/gone")).expect("whiteout");
     assert!(wh.file_type().is_char_device());
     assert_eq!(wh.rdev(), 0);
@@ -114,13 +186,19 @@ fn unpacks_every_entry_kind() {
     assert_eq!(opq.as_deref(), Some(b"y".as_slice()));
     assert!(!l.join("var/.wh..wh..opq").exists());
     let conf = fs::metadata(l.join("etc/conf")).expect("conf");
-    assert_eq!((conf.uid(), conf.gid(), conf.mode() & 0o7777, conf.mtime()), (1000, 1001, 0o640, 1_500_000_000));
+    assert_eq!(
+        (conf.uid(), conf.gid(), conf.mode() & 0o7777, conf.mtime()),
+        (1000, 1001, 0o640, 1_500_000_000)
+    );
     // tmpfs and ext4 both take user xattrs; skip the check if this one does not.
     if let Some(v) = read_xattr(&l.join("etc/conf"), "user.test") {
         assert_eq!(v, b"val");
     }
     // Directory times are set after their content.
-    assert_eq!(fs::metadata(l.join("bin")).expect("bin").mtime(), 1_600_000_000);
+    assert_eq!(
+        fs::metadata(l.join("bin")).expect("bin").mtime(),
+        1_600_000_000
+    );
     assert!(sb.outside_is_empty());
 }
 
@@ -129,7 +207,14 @@ fn read_xattr(p: &Path, name: &str) -> Option<Vec<u8>> {
     let n = std::ffi::CString::new(name).ok()?;
     let mut buf = vec![0u8; 256];
     // SAFETY: test helper; buffers outlive the call.
-    let r = unsafe { libc::lgetxattr(path.as_ptr(), n.as_ptr(), buf.as_mut_ptr().cast(), buf.len()) };
+    let r = unsafe {
+        libc::lgetxattr(
+            path.as_ptr(),
+            n.as_ptr(),
+            buf.as_mut_ptr().cast(),
+            buf.len(),
+        )
+    };
     if r < 0 {
         return None;
     }
@@ -144,7 +229,8 @@ fn gzip_and_zstd_give_the_same_diff_id() {
     let zs = zstd::encode_all(tar.as_slice(), 3).expect("zstd");
     for (data, name) in [(gz, "gzip"), (zs, "zstd")] {
         let sb = sandbox();
-        let out = unpack_layer(data.as_slice(), &sb.layer).unwrap_or_else(|e| panic!("{name}: {e}"));
+        let out =
+            unpack_layer(data.as_slice(), &sb.layer).unwrap_or_else(|e| panic!("{name}: {e}"));
         assert_eq!(out.diff_id, sha(&tar), "{name}");
         assert_eq!(out.compressed_digest, sha(&data), "{name}");
         assert_eq!(out.compressed_size, data.len() as u64, "{name}");
@@ -157,8 +243,14 @@ fn expect_rejected(tar: &[u8], needle: &str) -> Error {
     let sb = sandbox();
     let err = unpack_layer(tar, &sb.layer).expect_err("must fail");
     let msg = err.to_string();
-    assert!(msg.contains(needle), "error {msg:?} does not mention {needle:?}");
-    assert!(sb.outside_is_empty(), "something was written outside the layer: {msg}");
+    assert!(
+        msg.contains(needle),
+        "error {msg:?} does not mention {needle:?}"
+    );
+    assert!(
+        sb.outside_is_empty(),
+        "something was written outside the layer: {msg}"
+    );
     assert!(!sb.outside.join("pwned").exists());
     err
 }
@@ -166,7 +258,14 @@ fn expect_rejected(tar: &[u8], needle: &str) -> Error {
 #[test]
 fn rejects_path_traversal() {
     let mut b = tar::Builder::new(Vec::new());
-    raw(&mut b, "../outside/pwned", tar::EntryType::Regular, b"x", None, 0o644);
+    raw(
+        &mut b,
+        "../outside/pwned",
+        tar::EntryType::Regular,
+        b"x",
+        None,
+        0o644,
+    );
     let e = expect_rejected(&finish(b), "../outside/pwned");
     assert!(e.to_string().contains(".."), "{e}");
     assert_eq!(e.kind(), Kind::FailedPrecondition);
@@ -176,39 +275,109 @@ fn rejects_path_traversal() {
 fn rejects_write_through_symlink() {
     // Relative symlink pointing out, then a write through it.
     let mut b = tar::Builder::new(Vec::new());
-    raw(&mut b, "esc", tar::EntryType::Symlink, b"", Some("../../outside"), 0o777);
-    raw(&mut b, "esc/pwned", tar::EntryType::Regular, b"x", None, 0o644);
+    raw(
+        &mut b,
+        "esc",
+        tar::EntryType::Symlink,
+        b"",
+        Some("../../outside"),
+        0o777,
+    );
+    raw(
+        &mut b,
+        "esc/pwned",
+        tar::EntryType::Regular,
+        b"x",
+        None,
+        0o644,
+    );
     let e = expect_rejected(&finish(b), "esc/pwned");
     assert!(e.to_string().contains("symlink"), "{e}");
     // Absolute symlink, then a write through it.
     let mut b = tar::Builder::new(Vec::new());
-    raw(&mut b, "abs", tar::EntryType::Symlink, b"", Some("/"), 0o777);
-    raw(&mut b, "abs/tmp/pwned", tar::EntryType::Regular, b"x", None, 0o644);
+    raw(
+        &mut b,
+        "abs",
+        tar::EntryType::Symlink,
+        b"",
+        Some("/"),
+        0o777,
+    );
+    raw(
+        &mut b,
+        "abs/tmp/pwned",
+        tar::EntryType::Regular,
+        b"x",
+        None,
+        0o644,
+    );
     expect_rejected(&finish(b), "abs/tmp/pwned");
 }
 
 #[test]
 fn rejects_hardlink_outside() {
     let mut b = tar::Builder::new(Vec::new());
-    raw(&mut b, "hl", tar::EntryType::Link, b"", Some("../outside/secret"), 0o644);
+    raw(
+        &mut b,
+        "hl",
+        tar::EntryType::Link,
+        b"",
+        Some("../outside/secret"),
+        0o644,
+    );
     expect_rejected(&finish(b), "\"hl\"");
     let mut b = tar::Builder::new(Vec::new());
-    raw(&mut b, "hl", tar::EntryType::Link, b"", Some("/etc/passwd"), 0o644);
+    raw(
+        &mut b,
+        "hl",
+        tar::EntryType::Link,
+        b"",
+        Some("/etc/passwd"),
+        0o644,
+    );
     let e = expect_rejected(&finish(b), "does not exist inside the layer");
     assert!(e.to_string().contains("\"hl\""), "{e}");
     // A hard link through a symlink to outside.
     let mut b = tar::Builder::new(Vec::new());
-    raw(&mut b, "s", tar::EntryType::Symlink, b"", Some("/etc"), 0o777);
-    raw(&mut b, "hl", tar::EntryType::Link, b"", Some("s/passwd"), 0o644);
+    raw(
+        &mut b,
+        "s",
+        tar::EntryType::Symlink,
+        b"",
+        Some("/etc"),
+        0o777,
+    );
+    raw(
+        &mut b,
+        "hl",
+        tar::EntryType::Link,
+        b"",
+        Some("s/passwd"),
+        0o644,
+    );
     expect_rejected(&finish(b), "symlink");
 }
 
 #[test]
 fn rejects_directory_over_symlink() {
     let mut b = tar::Builder::new(Vec::new());
-    raw(&mut b, "d", tar::EntryType::Symlink, b"", Some("../../outside"), 0o777);
+    raw(
+        &mut b,
+        "d",
+        tar::EntryType::Symlink,
+        b"",
+        Some("../../outside"),
+        0o777,
+    );
     raw(&mut b, "d/", tar::EntryType::Directory, b"", None, 0o755);
-    raw(&mut b, "d/pwned", tar::EntryType::Regular, b"x", None, 0o644);
+    raw(
+        &mut b,
+        "d/pwned",
+        tar::EntryType::Regular,
+        b"x",
+        None,
+        0o644,
+    );
     let e = expect_rejected(&finish(b), "\"d/\"");
     assert!(e.to_string().contains("replace a symlink"), "{e}");
 }
@@ -217,7 +386,14 @@ fn rejects_directory_over_symlink() {
 fn rejects_oversized_extended_header() {
     let mut b = tar::Builder::new(Vec::new());
     let big = vec![b'a'; (MAX_EXTENDED_HEADER + 1) as usize];
-    raw(&mut b, "././@LongLink", tar::EntryType::GNULongName, &big, None, 0o644);
+    raw(
+        &mut b,
+        "././@LongLink",
+        tar::EntryType::GNULongName,
+        &big,
+        None,
+        0o644,
+    );
     raw(&mut b, "x", tar::EntryType::Regular, b"x", None, 0o644);
     let e = expect_rejected(&finish(b), "exceeds");
     assert_eq!(e.kind(), Kind::DataLoss);
@@ -231,7 +407,14 @@ fn rejects_truncated_input() {
     assert_eq!(e.kind(), Kind::DataLoss, "{e}");
     // A plain tar cut inside a file's content.
     let mut b = tar::Builder::new(Vec::new());
-    raw(&mut b, "f", tar::EntryType::Regular, &[7u8; 4096], None, 0o644);
+    raw(
+        &mut b,
+        "f",
+        tar::EntryType::Regular,
+        &[7u8; 4096],
+        None,
+        0o644,
+    );
     let t = finish(b);
     let e = expect_rejected(&t[..1024], "\"f\"");
     assert_eq!(e.kind(), Kind::DataLoss, "{e}");

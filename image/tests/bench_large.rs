@@ -14,7 +14,15 @@ use crisp_image::{Config, Images};
 use crisp_snapshotter::Snapshotter;
 
 fn ctr(sock: &Path, args: &[&str]) -> bool {
-    Command::new("ctr").arg("--address").arg(sock).args(["--namespace", "bench"]).args(args).stdout(Stdio::null()).status().map(|s| s.success()).unwrap_or(false)
+    Command::new("ctr")
+        .arg("--address")
+        .arg(sock)
+        .args(["--namespace", "bench"])
+        .args(args)
+        .stdout(Stdio::null())
+        .status()
+        .map(|s| s.success())
+        .unwrap_or(false)
 }
 
 fn drop_caches() {
@@ -34,8 +42,17 @@ async fn bench_large_pull() {
     crisp_e2e::containerd::write_hosts_dir(&hosts, &reg.host()).unwrap();
 
     // crisp
-    let snap = Arc::new(Snapshotter::open(&tmp.path().join("snapshotter"), Default::default()).unwrap());
-    let images = Images::open(&tmp.path().join("images"), snap, Config { hosts_dir: Some(hosts.clone()), ..Default::default() }).unwrap();
+    let snap =
+        Arc::new(Snapshotter::open(&tmp.path().join("snapshotter"), Default::default()).unwrap());
+    let images = Images::open(
+        &tmp.path().join("images"),
+        snap,
+        Config {
+            hosts_dir: Some(hosts.clone()),
+            ..Default::default()
+        },
+    )
+    .unwrap();
     drop_caches();
     let t0 = Instant::now();
     let id = images.pull(&upstream, None).await.unwrap();
@@ -61,7 +78,13 @@ async fn bench_large_pull() {
         ),
     )
     .unwrap();
-    let mut child = Command::new("containerd").arg("--config").arg(cdir.join("config.toml")).stdout(Stdio::null()).stderr(Stdio::null()).spawn().unwrap();
+    let mut child = Command::new("containerd")
+        .arg("--config")
+        .arg(cdir.join("config.toml"))
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
     let t0 = Instant::now();
     while !ctr(&sock, &["version"]) {
         assert!(t0.elapsed() < Duration::from_secs(20));
@@ -69,11 +92,29 @@ async fn bench_large_pull() {
     }
     drop_caches();
     let t0 = Instant::now();
-    assert!(ctr(&sock, &["images", "pull", "--hosts-dir", hosts.to_str().unwrap(), &upstream]));
+    assert!(ctr(
+        &sock,
+        &[
+            "images",
+            "pull",
+            "--hosts-dir",
+            hosts.to_str().unwrap(),
+            &upstream
+        ]
+    ));
     let cd_cold = t0.elapsed();
     let before = reg.requests().unwrap().len();
     let t0 = Instant::now();
-    assert!(ctr(&sock, &["images", "pull", "--hosts-dir", hosts.to_str().unwrap(), &upstream]));
+    assert!(ctr(
+        &sock,
+        &[
+            "images",
+            "pull",
+            "--hosts-dir",
+            hosts.to_str().unwrap(),
+            &upstream
+        ]
+    ));
     let cd_warm = t0.elapsed();
     let cd_warm_requests = reg.requests().unwrap().len() - before;
     let _ = child.kill();
@@ -81,7 +122,20 @@ async fn bench_large_pull() {
 
     let mb = size as f64 / 1e6;
     eprintln!("large image: {mb:.1} MB (compressed layers + config + manifest)");
-    eprintln!("crisp      cold {:>7.2}s {:>7.1} MB/s   second pull {:>6.1} ms, {crisp_warm_requests} registry request(s)", crisp_cold.as_secs_f64(), mb / crisp_cold.as_secs_f64(), crisp_warm.as_secs_f64() * 1e3);
-    eprintln!("containerd cold {:>7.2}s {:>7.1} MB/s   second pull {:>6.1} ms, {cd_warm_requests} registry request(s)", cd_cold.as_secs_f64(), mb / cd_cold.as_secs_f64(), cd_warm.as_secs_f64() * 1e3);
-    eprintln!("ratio containerd/crisp cold time: {:.2}", cd_cold.as_secs_f64() / crisp_cold.as_secs_f64());
+    eprintln!(
+        "crisp      cold {:>7.2}s {:>7.1} MB/s   second pull {:>6.1} ms, {crisp_warm_requests} registry request(s)",
+        crisp_cold.as_secs_f64(),
+        mb / crisp_cold.as_secs_f64(),
+        crisp_warm.as_secs_f64() * 1e3
+    );
+    eprintln!(
+        "containerd cold {:>7.2}s {:>7.1} MB/s   second pull {:>6.1} ms, {cd_warm_requests} registry request(s)",
+        cd_cold.as_secs_f64(),
+        mb / cd_cold.as_secs_f64(),
+        cd_warm.as_secs_f64() * 1e3
+    );
+    eprintln!(
+        "ratio containerd/crisp cold time: {:.2}",
+        cd_cold.as_secs_f64() / crisp_cold.as_secs_f64()
+    );
 }

@@ -55,7 +55,10 @@ fn start_containerd(dir: &Path) -> Containerd {
     let c = Containerd { child, sock };
     let t0 = Instant::now();
     while ctr(&c, &["version"]).is_err() {
-        assert!(t0.elapsed() < Duration::from_secs(20), "containerd did not start");
+        assert!(
+            t0.elapsed() < Duration::from_secs(20),
+            "containerd did not start"
+        );
         std::thread::sleep(Duration::from_millis(100));
     }
     c
@@ -72,7 +75,10 @@ fn ctr(c: &Containerd, args: &[&str]) -> Result<String, String> {
     if out.status.success() {
         Ok(String::from_utf8_lossy(&out.stdout).into_owned())
     } else {
-        Err(format!("ctr {args:?}: {}", String::from_utf8_lossy(&out.stderr)))
+        Err(format!(
+            "ctr {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        ))
     }
 }
 
@@ -102,7 +108,10 @@ fn xattrs(p: &Path) -> BTreeMap<String, Vec<u8>> {
     if n <= 0 {
         return out;
     }
-    for name in names[..n as usize].split(|b| *b == 0).filter(|s| !s.is_empty()) {
+    for name in names[..n as usize]
+        .split(|b| *b == 0)
+        .filter(|s| !s.is_empty())
+    {
         let cn = CString::new(name).unwrap();
         let mut v = vec![0u8; 65536];
         // SAFETY: as above.
@@ -155,11 +164,24 @@ fn walk(root: &Path, made_after: i64) -> BTreeMap<String, Node> {
             } else {
                 None
             };
-            let sha = ft.is_file().then(|| hex::encode(Sha256::digest(std::fs::read(&p).unwrap())));
+            let sha = ft
+                .is_file()
+                .then(|| hex::encode(Sha256::digest(std::fs::read(&p).unwrap())));
             let link = ft.is_symlink().then(|| std::fs::read_link(&p).unwrap());
             out.insert(
                 rel,
-                Node { kind, mode: m.mode() & 0o7777, uid: m.uid(), gid: m.gid(), rdev: m.rdev(), mtime: (m.mtime() < made_after).then(|| (m.mtime(), m.mtime_nsec())), link, sha, xattrs: xattrs(&p), hardlink_of },
+                Node {
+                    kind,
+                    mode: m.mode() & 0o7777,
+                    uid: m.uid(),
+                    gid: m.gid(),
+                    rdev: m.rdev(),
+                    mtime: (m.mtime() < made_after).then(|| (m.mtime(), m.mtime_nsec())),
+                    link,
+                    sha,
+                    xattrs: xattrs(&p),
+                    hardlink_of,
+                },
             );
         }
     }
@@ -186,16 +208,37 @@ fn run(cmd: &str) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn trees_match_containerd() {
-    let started = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs() as i64 - 5;
+    let started = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64
+        - 5;
     let reg = Registry::start().unwrap();
-    let names = ["busybox", "layers", "user", "busybox-zstd", "multiarch", "pause", "large"];
+    let names = [
+        "busybox",
+        "layers",
+        "user",
+        "busybox-zstd",
+        "multiarch",
+        "pause",
+        "large",
+    ];
     reg.push(&names).unwrap();
     let tmp = tempfile::tempdir().unwrap();
     let hosts = tmp.path().join("certs.d");
     crisp_e2e::containerd::write_hosts_dir(&hosts, &reg.host()).unwrap();
     let cd = start_containerd(&tmp.path().join("containerd"));
-    let snap = Arc::new(Snapshotter::open(&tmp.path().join("snapshotter"), Default::default()).unwrap());
-    let images = Images::open(&tmp.path().join("images"), snap.clone(), Config { hosts_dir: Some(hosts.clone()), ..Default::default() }).unwrap();
+    let snap =
+        Arc::new(Snapshotter::open(&tmp.path().join("snapshotter"), Default::default()).unwrap());
+    let images = Images::open(
+        &tmp.path().join("images"),
+        snap.clone(),
+        Config {
+            hosts_dir: Some(hosts.clone()),
+            ..Default::default()
+        },
+    )
+    .unwrap();
 
     for (n, name) in names.iter().enumerate() {
         let image = crisp_e2e::images::get(name).unwrap();
@@ -204,7 +247,17 @@ async fn trees_match_containerd() {
         let rec = images.status(id.as_str()).unwrap().unwrap();
         let chain = rec.chain_ids.last().unwrap().to_string();
 
-        ctr(&cd, &["images", "pull", "--hosts-dir", hosts.to_str().unwrap(), &upstream]).unwrap();
+        ctr(
+            &cd,
+            &[
+                "images",
+                "pull",
+                "--hosts-dir",
+                hosts.to_str().unwrap(),
+                &upstream,
+            ],
+        )
+        .unwrap();
 
         // Ours.
         let ours_mnt = tmp.path().join(format!("ours-{n}"));
@@ -218,7 +271,18 @@ async fn trees_match_containerd() {
         std::fs::create_dir_all(&theirs_mnt).unwrap();
         // The view has no GC root in containerd, so take its mounts when creating it: they
         // name only the parents' directories, which the pulled image keeps alive.
-        let cmd = ctr(&cd, &["snapshots", "view", "--target", theirs_mnt.to_str().unwrap(), &key, &chain]).unwrap();
+        let cmd = ctr(
+            &cd,
+            &[
+                "snapshots",
+                "view",
+                "--target",
+                theirs_mnt.to_str().unwrap(),
+                &key,
+                &chain,
+            ],
+        )
+        .unwrap();
         run(cmd.trim());
         let theirs_guard = Unmount(theirs_mnt.clone());
 
@@ -236,7 +300,10 @@ async fn trees_match_containerd() {
 
         let mut diffs = Vec::new();
         if roots.0 != roots.1 {
-            diffs.push(format!("/: crisp {:?} != containerd {:?}", roots.0, roots.1));
+            diffs.push(format!(
+                "/: crisp {:?} != containerd {:?}",
+                roots.0, roots.1
+            ));
         }
         for (p, t) in &theirs {
             match ours.get(p) {
@@ -248,7 +315,17 @@ async fn trees_match_containerd() {
         for p in ours.keys().filter(|p| !theirs.contains_key(*p)) {
             diffs.push(format!("{p}: only in crisp"));
         }
-        assert!(diffs.is_empty(), "{name}: {} differences:\n{}", diffs.len(), diffs.iter().take(30).cloned().collect::<Vec<_>>().join("\n"));
+        assert!(
+            diffs.is_empty(),
+            "{name}: {} differences:\n{}",
+            diffs.len(),
+            diffs
+                .iter()
+                .take(30)
+                .cloned()
+                .collect::<Vec<_>>()
+                .join("\n")
+        );
         assert!(!ours.is_empty(), "{name}: empty tree");
         eprintln!("{name}: {} entries identical", ours.len());
     }

@@ -22,7 +22,10 @@ struct Env {
 }
 
 fn env_with(mirror: &str, tweak: impl FnOnce(&mut Config)) -> Env {
-    let _ = tracing_subscriber::fmt().with_test_writer().with_env_filter("crisp_image=info").try_init();
+    let _ = tracing_subscriber::fmt()
+        .with_test_writer()
+        .with_env_filter("crisp_image=info")
+        .try_init();
     let tmp = tempfile::tempdir().unwrap();
     let certs = tmp.path().join("certs.d/_default");
     std::fs::create_dir_all(&certs).unwrap();
@@ -32,8 +35,12 @@ fn env_with(mirror: &str, tweak: impl FnOnce(&mut Config)) -> Env {
         format!("server = \"http://{mirror}\"\n[host.\"http://{mirror}\"]\n  capabilities = [\"pull\", \"resolve\"]\n"),
     )
     .unwrap();
-    let snap = Arc::new(Snapshotter::open(&tmp.path().join("snapshotter"), Default::default()).unwrap());
-    let mut cfg = Config { hosts_dir: Some(tmp.path().join("certs.d")), ..Default::default() };
+    let snap =
+        Arc::new(Snapshotter::open(&tmp.path().join("snapshotter"), Default::default()).unwrap());
+    let mut cfg = Config {
+        hosts_dir: Some(tmp.path().join("certs.d")),
+        ..Default::default()
+    };
     tweak(&mut cfg);
     let images = Images::open(&tmp.path().join("images"), snap.clone(), cfg).unwrap();
     Env { tmp, snap, images }
@@ -73,7 +80,12 @@ fn with_rootfs<T>(env: &Env, name: &str, f: impl FnOnce(&Path) -> T) -> T {
 }
 
 fn rand_suffix() -> String {
-    format!("{:x}", Instant::now().elapsed().as_nanos() ^ (std::process::id() as u128) << 20 ^ rand_u64() as u128)
+    format!(
+        "{:x}",
+        Instant::now().elapsed().as_nanos()
+            ^ (std::process::id() as u128) << 20
+            ^ rand_u64() as u128
+    )
 }
 
 fn rand_u64() -> u64 {
@@ -84,48 +96,108 @@ fn rand_u64() -> u64 {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn pull_list_status_remove_gc() {
     let reg = Registry::start().unwrap();
-    reg.push(&["busybox", "layers", "busybox-zstd", "multiarch", "pause"]).unwrap();
+    reg.push(&["busybox", "layers", "busybox-zstd", "multiarch", "pause"])
+        .unwrap();
     let env = env_with(&reg.host(), |_| {});
 
     let id = env.images.pull("busybox", None).await.unwrap();
     let before = reg.requests().unwrap().len();
-    let again = env.images.pull("docker.io/library/busybox:latest", None).await.unwrap();
+    let again = env
+        .images
+        .pull("docker.io/library/busybox:latest", None)
+        .await
+        .unwrap();
     assert_eq!(id, again);
     let extra: Vec<String> = reg.requests().unwrap()[before..].to_vec();
-    assert_eq!(extra.len(), 1, "a second pull must cost one manifest request: {extra:?}");
+    assert_eq!(
+        extra.len(),
+        1,
+        "a second pull must cost one manifest request: {extra:?}"
+    );
 
     // By digest: the same image, recorded under the same repo digest.
     let digest = crisp_e2e::images::get("busybox").unwrap().digest().unwrap();
-    assert_eq!(env.images.pull(&format!("busybox@{digest}"), None).await.unwrap(), id);
-    assert_eq!(env.images.status(&format!("docker.io/library/busybox@{digest}")).unwrap().unwrap().id, id);
+    assert_eq!(
+        env.images
+            .pull(&format!("busybox@{digest}"), None)
+            .await
+            .unwrap(),
+        id
+    );
+    assert_eq!(
+        env.images
+            .status(&format!("docker.io/library/busybox@{digest}"))
+            .unwrap()
+            .unwrap()
+            .id,
+        id
+    );
 
     let layers = env.images.pull("layers", None).await.unwrap();
     let zstd = env.images.pull("busybox-zstd:latest", None).await.unwrap();
     let multi = env.images.pull("multiarch", None).await.unwrap();
-    let pause = env.images.pull("registry.k8s.io/pause:3.9", None).await.unwrap();
+    let pause = env
+        .images
+        .pull("registry.k8s.io/pause:3.9", None)
+        .await
+        .unwrap();
     // busybox-zstd has busybox's config (same diff_ids): one image, two tags, as in containerd.
     assert_eq!(zstd, id);
     assert_eq!(env.images.list().unwrap().len(), 4);
-    assert_eq!(env.images.status("busybox-zstd").unwrap().unwrap().repo_tags.len(), 2);
+    assert_eq!(
+        env.images
+            .status("busybox-zstd")
+            .unwrap()
+            .unwrap()
+            .repo_tags
+            .len(),
+        2
+    );
 
     let rec = env.images.status("busybox").unwrap().unwrap();
     assert_eq!(rec.id, id);
-    assert_eq!(rec.repo_tags, vec!["docker.io/library/busybox:latest".to_string(), "docker.io/library/busybox-zstd:latest".to_string()]);
+    assert_eq!(
+        rec.repo_tags,
+        vec![
+            "docker.io/library/busybox:latest".to_string(),
+            "docker.io/library/busybox-zstd:latest".to_string()
+        ]
+    );
     assert_eq!(rec.repo_digests.len(), 2);
-    assert_eq!(env.images.status(rec.repo_digests[0].as_str()).unwrap().unwrap().id, id);
+    assert_eq!(
+        env.images
+            .status(rec.repo_digests[0].as_str())
+            .unwrap()
+            .unwrap()
+            .id,
+        id
+    );
     assert_eq!(env.images.status(id.as_str()).unwrap().unwrap().id, id);
     assert_eq!(env.images.status(id.hex()).unwrap().unwrap().id, id);
     assert_eq!(env.images.status(&id.hex()[..12]).unwrap().unwrap().id, id);
     assert!(env.images.status("nothere").unwrap().is_none());
-    assert_eq!(env.images.status("registry.k8s.io/pause:3.9").unwrap().unwrap().id, pause);
+    assert_eq!(
+        env.images
+            .status("registry.k8s.io/pause:3.9")
+            .unwrap()
+            .unwrap()
+            .id,
+        pause
+    );
 
     with_rootfs(&env, "busybox", |root| {
         assert!(root.join("bin/sh").exists());
     });
-    with_rootfs(&env, "busybox-zstd", |root| assert!(root.join("bin/sh").exists()));
+    with_rootfs(&env, "busybox-zstd", |root| {
+        assert!(root.join("bin/sh").exists())
+    });
     with_rootfs(&env, "multiarch", |root| {
         let arch = std::fs::read_to_string(root.join("etc/crisp-arch")).unwrap();
-        let want = if cfg!(target_arch = "aarch64") { "arm64" } else { "amd64" };
+        let want = if cfg!(target_arch = "aarch64") {
+            "arm64"
+        } else {
+            "amd64"
+        };
         assert_eq!(arch.trim(), want);
     });
     let _ = multi;
@@ -136,35 +208,70 @@ async fn pull_list_status_remove_gc() {
         assert!(!p(l::DELETED_DIR).exists());
         assert!(!p(l::DELETED_FILE).exists());
         assert_eq!(std::fs::read_to_string(p(l::KEPT_FILE)).unwrap(), "keep\n");
-        assert_eq!(std::fs::read_to_string(p(l::REPLACED_FILE)).unwrap(), "upper\n");
-        let opq: Vec<_> = std::fs::read_dir(p(l::OPAQUE_DIR)).unwrap().map(|e| e.unwrap().file_name()).collect();
+        assert_eq!(
+            std::fs::read_to_string(p(l::REPLACED_FILE)).unwrap(),
+            "upper\n"
+        );
+        let opq: Vec<_> = std::fs::read_dir(p(l::OPAQUE_DIR))
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
         assert_eq!(opq, vec![std::ffi::OsString::from("new.txt")]);
         let a = std::fs::metadata(p(l::HARD_LINKS[0])).unwrap();
         let b = std::fs::metadata(p(l::HARD_LINKS[1])).unwrap();
         assert_eq!(a.ino(), b.ino());
-        assert_eq!(std::fs::read_link(p(l::SYMLINK)).unwrap(), PathBuf::from("keep.txt"));
-        assert_eq!(std::fs::read_link(p(l::ABS_SYMLINK)).unwrap(), PathBuf::from("/data/keep.txt"));
+        assert_eq!(
+            std::fs::read_link(p(l::SYMLINK)).unwrap(),
+            PathBuf::from("keep.txt")
+        );
+        assert_eq!(
+            std::fs::read_link(p(l::ABS_SYMLINK)).unwrap(),
+            PathBuf::from("/data/keep.txt")
+        );
         let suid = std::fs::metadata(p(l::SETUID_BINARY)).unwrap();
-        assert_eq!((suid.mode() & 0o7777, suid.uid(), suid.gid()), (0o4755, 0, 0));
-        assert!(!std::fs::symlink_metadata(p(l::HARD_LINKS[0])).unwrap().file_type().is_char_device());
+        assert_eq!(
+            (suid.mode() & 0o7777, suid.uid(), suid.gid()),
+            (0o4755, 0, 0)
+        );
+        assert!(
+            !std::fs::symlink_metadata(p(l::HARD_LINKS[0]))
+                .unwrap()
+                .file_type()
+                .is_char_device()
+        );
     });
 
     // layers shares busybox's base layer: removing busybox keeps layers whole.
-    assert!(env.images.remove("docker.io/library/busybox:latest").await.unwrap());
+    assert!(
+        env.images
+            .remove("docker.io/library/busybox:latest")
+            .await
+            .unwrap()
+    );
     assert!(!env.images.remove("busybox").await.unwrap());
     assert!(env.images.status(id.as_str()).unwrap().is_none());
     with_rootfs(&env, "layers", |root| assert!(root.join("bin/sh").exists()));
     assert_eq!(env.images.status("layers").unwrap().unwrap().id, layers);
 
     let info = env.images.fs_info().await.unwrap();
-    assert!(info.snapshots.used_bytes > 1_000_000 && info.snapshots.inodes_used > 100, "{info:?}");
-    assert!(info.content.used_bytes > 500_000 && info.content.inodes_used > 3, "{info:?}");
+    assert!(
+        info.snapshots.used_bytes > 1_000_000 && info.snapshots.inodes_used > 100,
+        "{info:?}"
+    );
+    assert!(
+        info.content.used_bytes > 500_000 && info.content.inodes_used > 3,
+        "{info:?}"
+    );
 
     for r in env.images.list().unwrap() {
         assert!(env.images.remove(r.id.as_str()).await.unwrap());
     }
     env.images.gc().await.unwrap();
-    assert!(snapshots(&env.snap).is_empty(), "{:?}", snapshots(&env.snap));
+    assert!(
+        snapshots(&env.snap).is_empty(),
+        "{:?}",
+        snapshots(&env.snap)
+    );
     let content = env.images.content().root().to_path_buf();
     assert_eq!(dir_count(&content.join("blobs/sha256")), 0);
     assert_eq!(dir_count(&content.join("ingest")), 0);
@@ -173,16 +280,27 @@ async fn pull_list_status_remove_gc() {
     env.images.pull("busybox", None).await.unwrap();
     let Env { tmp, snap, images } = env;
     drop(images);
-    let reopened = Images::open(&tmp.path().join("images"), snap.clone(), Config::default()).unwrap();
+    let reopened =
+        Images::open(&tmp.path().join("images"), snap.clone(), Config::default()).unwrap();
     assert_eq!(reopened.list().unwrap().len(), 1);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn concurrent_pulls_download_each_blob_once() {
     let reg = Registry::start().unwrap();
-    reg.push(&["busybox", "layers", "user", "busybox-zstd"]).unwrap();
+    reg.push(&["busybox", "layers", "user", "busybox-zstd"])
+        .unwrap();
     let env = env_with(&reg.host(), |_| {});
-    let names = ["busybox", "layers", "user", "busybox-zstd", "busybox:1.36", "layers", "user", "busybox"];
+    let names = [
+        "busybox",
+        "layers",
+        "user",
+        "busybox-zstd",
+        "busybox:1.36",
+        "layers",
+        "user",
+        "busybox",
+    ];
     let mut tasks = Vec::new();
     for n in names {
         let images = env.images.clone();
@@ -194,14 +312,24 @@ async fn concurrent_pulls_download_each_blob_once() {
     let mut counts: HashMap<String, usize> = HashMap::new();
     for r in reg.requests().unwrap() {
         if r.starts_with("GET ") && r.contains("/blobs/") && r.ends_with(" 200") {
-            let digest = r.split("/blobs/").nth(1).unwrap().split(' ').next().unwrap().to_string();
+            let digest = r
+                .split("/blobs/")
+                .nth(1)
+                .unwrap()
+                .split(' ')
+                .next()
+                .unwrap()
+                .to_string();
             *counts.entry(digest).or_default() += 1;
         }
     }
     // Identical pulls started together share one: one manifest request per name.
     let reqs = reg.requests().unwrap();
     for name in ["layers", "user"] {
-        let n = reqs.iter().filter(|r| r.starts_with(&format!("GET /v2/library/{name}/manifests/latest"))).count();
+        let n = reqs
+            .iter()
+            .filter(|r| r.starts_with(&format!("GET /v2/library/{name}/manifests/latest")))
+            .count();
         assert_eq!(n, 1, "{name}: {reqs:?}");
     }
     // The same blob may live under several repositories; each digest is fetched once.
@@ -231,7 +359,9 @@ async fn proxy(upstream: String, mode: Mode) -> (String, Arc<AtomicUsize>, Arc<A
     let (s2, r2) = (stalls.clone(), ranges.clone());
     tokio::spawn(async move {
         loop {
-            let Ok((mut c, _)) = l.accept().await else { return };
+            let Ok((mut c, _)) = l.accept().await else {
+                return;
+            };
             let upstream = upstream.clone();
             let (stalls, ranges) = (s2.clone(), r2.clone());
             tokio::spawn(async move {
@@ -259,7 +389,9 @@ async fn proxy(upstream: String, mode: Mode) -> (String, Arc<AtomicUsize>, Arc<A
                     .map(|l| format!("{l}\r\n"))
                     .collect();
                 req.push_str("Connection: close\r\n\r\n");
-                let Ok(mut u) = TcpStream::connect(&upstream).await else { return };
+                let Ok(mut u) = TcpStream::connect(&upstream).await else {
+                    return;
+                };
                 if u.write_all(req.as_bytes()).await.is_err() {
                     return;
                 }
@@ -279,7 +411,8 @@ async fn proxy(upstream: String, mode: Mode) -> (String, Arc<AtomicUsize>, Arc<A
                             in_body = true;
                             let body_start = pos + 4;
                             let head_part = resp_head[..body_start].to_vec();
-                            let head_str = String::from_utf8_lossy(&head_part).replace("Connection: keep-alive", "Connection: close");
+                            let head_str = String::from_utf8_lossy(&head_part)
+                                .replace("Connection: keep-alive", "Connection: close");
                             if c.write_all(head_str.as_bytes()).await.is_err() {
                                 return;
                             }
@@ -332,9 +465,14 @@ async fn stalled_download_resumes_with_range() {
     let t0 = Instant::now();
     env.images.pull("busybox", None).await.unwrap();
     assert!(stalls.load(Ordering::SeqCst) >= 1);
-    assert!(ranges.load(Ordering::SeqCst) >= 1, "the resumed download must use a Range request");
+    assert!(
+        ranges.load(Ordering::SeqCst) >= 1,
+        "the resumed download must use a Range request"
+    );
     assert!(t0.elapsed() < Duration::from_secs(30));
-    with_rootfs(&env, "busybox", |root| assert!(root.join("bin/sh").exists()));
+    with_rootfs(&env, "busybox", |root| {
+        assert!(root.join("bin/sh").exists())
+    });
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -344,10 +482,19 @@ async fn stalling_registry_gives_a_clear_error_in_time() {
     let (addr, _, _) = proxy(reg.host(), Mode::StallAlways).await;
     let env = env_with(&addr, stall_config);
     let t0 = Instant::now();
-    let e = tokio::time::timeout(Duration::from_secs(60), env.images.pull("busybox", None)).await.expect("pull must not hang").unwrap_err();
+    let e = tokio::time::timeout(Duration::from_secs(60), env.images.pull("busybox", None))
+        .await
+        .expect("pull must not hang")
+        .unwrap_err();
     let msg = e.to_string();
     assert_eq!(e.kind(), Kind::Unavailable, "{msg}");
-    assert!(msg.contains("layer sha256:") && msg.contains(&addr) && msg.contains("received ") && msg.contains(" bytes"), "{msg}");
+    assert!(
+        msg.contains("layer sha256:")
+            && msg.contains(&addr)
+            && msg.contains("received ")
+            && msg.contains(" bytes"),
+        "{msg}"
+    );
     assert!(t0.elapsed() < Duration::from_secs(30), "{:?}", t0.elapsed());
     assert_no_leftovers(&env);
 }
@@ -365,7 +512,11 @@ async fn corrupt_blob_is_rejected_and_leaves_nothing() {
 }
 
 fn assert_no_leftovers(env: &Env) {
-    assert!(snapshots(&env.snap).is_empty(), "{:?}", snapshots(&env.snap));
+    assert!(
+        snapshots(&env.snap).is_empty(),
+        "{:?}",
+        snapshots(&env.snap)
+    );
     let content = env.images.content().root().to_path_buf();
     assert_eq!(dir_count(&content.join("ingest")), 0);
     // Only manifests and configs (small, verified) may be stored; no layer blob.
@@ -383,48 +534,135 @@ async fn cri_adapter_calls() {
     let reg = Registry::start().unwrap();
     reg.push(&["user", "pause"]).unwrap();
     let env = env_with(&reg.host(), |_| {});
-    let spec = |s: &str| Some(cri::ImageSpec { image: s.into(), ..Default::default() });
-    let pulled = adapter::pull_image(&env.images, &cri::PullImageRequest { image: spec("user"), ..Default::default() }).await.unwrap();
+    let spec = |s: &str| {
+        Some(cri::ImageSpec {
+            image: s.into(),
+            ..Default::default()
+        })
+    };
+    let pulled = adapter::pull_image(
+        &env.images,
+        &cri::PullImageRequest {
+            image: spec("user"),
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap();
     assert!(pulled.image_ref.starts_with("sha256:"));
-    adapter::pull_image(&env.images, &cri::PullImageRequest { image: spec("registry.k8s.io/pause:3.9"), ..Default::default() }).await.unwrap();
-    let st = adapter::image_status(&env.images, &cri::ImageStatusRequest { image: spec("user:latest"), verbose: true }).unwrap();
+    adapter::pull_image(
+        &env.images,
+        &cri::PullImageRequest {
+            image: spec("registry.k8s.io/pause:3.9"),
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap();
+    let st = adapter::image_status(
+        &env.images,
+        &cri::ImageStatusRequest {
+            image: spec("user:latest"),
+            verbose: true,
+        },
+    )
+    .unwrap();
     let img = st.image.unwrap();
     assert_eq!(img.id, pulled.image_ref);
     assert_eq!(img.uid.map(|u| u.value), Some(1000));
     let info: serde_json::Value = serde_json::from_str(&st.info["info"]).unwrap();
     assert!(info["chainID"].as_str().unwrap().starts_with("sha256:"));
     assert_eq!(info["imageSpec"]["config"]["User"], "1000:1000");
-    let pause = adapter::image_status(&env.images, &cri::ImageStatusRequest { image: spec("registry.k8s.io/pause:3.9"), verbose: false }).unwrap();
+    let pause = adapter::image_status(
+        &env.images,
+        &cri::ImageStatusRequest {
+            image: spec("registry.k8s.io/pause:3.9"),
+            verbose: false,
+        },
+    )
+    .unwrap();
     assert_eq!(pause.image.unwrap().uid.map(|u| u.value), Some(65535));
-    let missing = adapter::image_status(&env.images, &cri::ImageStatusRequest { image: spec("nope"), verbose: false }).unwrap();
+    let missing = adapter::image_status(
+        &env.images,
+        &cri::ImageStatusRequest {
+            image: spec("nope"),
+            verbose: false,
+        },
+    )
+    .unwrap();
     assert!(missing.image.is_none());
     let all = adapter::list_images(&env.images, &cri::ListImagesRequest::default()).unwrap();
     assert_eq!(all.images.len(), 2);
-    let filtered = adapter::list_images(&env.images, &cri::ListImagesRequest { filter: Some(cri::ImageFilter { image: spec("docker.io/library/user") }) }).unwrap();
+    let filtered = adapter::list_images(
+        &env.images,
+        &cri::ListImagesRequest {
+            filter: Some(cri::ImageFilter {
+                image: spec("docker.io/library/user"),
+            }),
+        },
+    )
+    .unwrap();
     assert_eq!(filtered.images.len(), 1);
     let fs = adapter::image_fs_info(&env.images).await.unwrap();
     assert!(fs.image_filesystems[0].used_bytes.unwrap().value > 0);
-    adapter::remove_image(&env.images, &cri::RemoveImageRequest { image: spec(&pulled.image_ref) }).await.unwrap();
-    adapter::remove_image(&env.images, &cri::RemoveImageRequest { image: spec(&pulled.image_ref) }).await.unwrap();
-    let e = adapter::remove_image(&env.images, &cri::RemoveImageRequest { image: None }).await.unwrap_err();
+    adapter::remove_image(
+        &env.images,
+        &cri::RemoveImageRequest {
+            image: spec(&pulled.image_ref),
+        },
+    )
+    .await
+    .unwrap();
+    adapter::remove_image(
+        &env.images,
+        &cri::RemoveImageRequest {
+            image: spec(&pulled.image_ref),
+        },
+    )
+    .await
+    .unwrap();
+    let e = adapter::remove_image(&env.images, &cri::RemoveImageRequest { image: None })
+        .await
+        .unwrap_err();
     assert_eq!(e.kind(), Kind::InvalidArgument);
-    assert_eq!(adapter::list_images(&env.images, &cri::ListImagesRequest::default()).unwrap().images.len(), 1);
+    assert_eq!(
+        adapter::list_images(&env.images, &cri::ListImagesRequest::default())
+            .unwrap()
+            .images
+            .len(),
+        1
+    );
 }
 
 /// Child half of `killed_pull_is_completed_by_the_next_one`: pulls `large` into the roots
 /// the parent names, until the parent kills it. Does nothing when run on its own.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn child_pull_until_killed() {
-    let (Some(root), Some(mirror)) = (std::env::var_os("CRISP_IMAGE_CHILD_ROOT"), std::env::var_os("CRISP_IMAGE_CHILD_MIRROR")) else {
+    let (Some(root), Some(mirror)) = (
+        std::env::var_os("CRISP_IMAGE_CHILD_ROOT"),
+        std::env::var_os("CRISP_IMAGE_CHILD_MIRROR"),
+    ) else {
         return;
     };
     let root = PathBuf::from(root);
     let certs = root.join("certs.d/_default");
     std::fs::create_dir_all(&certs).unwrap();
     let m = mirror.to_string_lossy();
-    std::fs::write(certs.join("hosts.toml"), format!("server = \"http://{m}\"\n[host.\"http://{m}\"]\n")).unwrap();
+    std::fs::write(
+        certs.join("hosts.toml"),
+        format!("server = \"http://{m}\"\n[host.\"http://{m}\"]\n"),
+    )
+    .unwrap();
     let snap = Arc::new(Snapshotter::open(&root.join("snapshotter"), Default::default()).unwrap());
-    let images = Images::open(&root.join("images"), snap, Config { hosts_dir: Some(root.join("certs.d")), ..Default::default() }).unwrap();
+    let images = Images::open(
+        &root.join("images"),
+        snap,
+        Config {
+            hosts_dir: Some(root.join("certs.d")),
+            ..Default::default()
+        },
+    )
+    .unwrap();
     let _ = images.pull("large", None).await;
     tokio::time::sleep(Duration::from_secs(600)).await;
 }
@@ -448,27 +686,48 @@ async fn killed_pull_is_completed_by_the_next_one() {
     let t0 = Instant::now();
     loop {
         let grown = std::fs::read_dir(&ingest)
-            .map(|d| d.flatten().any(|e| e.metadata().map(|m| m.len() > 20 << 20).unwrap_or(false)))
+            .map(|d| {
+                d.flatten()
+                    .any(|e| e.metadata().map(|m| m.len() > 20 << 20).unwrap_or(false))
+            })
             .unwrap_or(false);
         if grown {
             break;
         }
-        assert!(t0.elapsed() < Duration::from_secs(60), "child pull never got under way");
+        assert!(
+            t0.elapsed() < Duration::from_secs(60),
+            "child pull never got under way"
+        );
         std::thread::sleep(Duration::from_millis(5));
     }
     child.kill().unwrap();
     child.wait().unwrap();
 
     let snap = Arc::new(Snapshotter::open(&root.join("snapshotter"), Default::default()).unwrap());
-    let images = Images::open(&root.join("images"), snap.clone(), Config { hosts_dir: Some(root.join("certs.d")), ..Default::default() }).unwrap();
+    let images = Images::open(
+        &root.join("images"),
+        snap.clone(),
+        Config {
+            hosts_dir: Some(root.join("certs.d")),
+            ..Default::default()
+        },
+    )
+    .unwrap();
     // Open cleared the partial download and the half-built snapshot.
     assert_eq!(dir_count(&ingest), 0);
-    assert!(snapshots(&snap).iter().all(|s| !s.starts_with("extract-")), "{:?}", snapshots(&snap));
+    assert!(
+        snapshots(&snap).iter().all(|s| !s.starts_with("extract-")),
+        "{:?}",
+        snapshots(&snap)
+    );
     // What the killed pull had verified (manifest, config, maybe the busybox layer) belongs
     // to no image: crispd's start-up gc removes it, and a snapshot directory a crash left
     // without a record (planted here, as the snapshotter's `new-*` build dir) goes too.
     let blobs = images.content().root().join("blobs/sha256");
-    assert!(dir_count(&blobs) >= 2, "the manifest and config were stored before the kill");
+    assert!(
+        dir_count(&blobs) >= 2,
+        "the manifest and config were stored before the kill"
+    );
     let planted = root.join("snapshotter/snapshots/new-crashleftover");
     std::fs::create_dir_all(planted.join("fs/etc")).unwrap();
     let report = images.gc_on_start().await;
@@ -480,7 +739,10 @@ async fn killed_pull_is_completed_by_the_next_one() {
     let id = images.pull("large", None).await.unwrap();
     let env = Env { tmp, snap, images };
     with_rootfs(&env, id.as_str(), |r| {
-        assert_eq!(std::fs::metadata(r.join("large.bin")).unwrap().len(), 208 << 20);
+        assert_eq!(
+            std::fs::metadata(r.join("large.bin")).unwrap().len(),
+            208 << 20
+        );
         assert!(r.join("bin/sh").exists());
     });
 }
@@ -492,11 +754,19 @@ async fn silent_registry_gives_a_clear_error_in_time() {
     let (addr, _, _) = proxy(reg.host(), Mode::Silent).await;
     let env = env_with(&addr, stall_config);
     let t0 = Instant::now();
-    let e = tokio::time::timeout(Duration::from_secs(60), env.images.pull("busybox", None)).await.expect("pull must not hang").unwrap_err();
+    let e = tokio::time::timeout(Duration::from_secs(60), env.images.pull("busybox", None))
+        .await
+        .expect("pull must not hang")
+        .unwrap_err();
     let msg = e.to_string();
     assert_eq!(e.kind(), Kind::Unavailable, "{msg}");
     // The config is the first blob asked for; its error names the blob and the host.
-    assert!((msg.contains("no response") || msg.contains("no complete answer")) && msg.contains(&addr) && msg.contains(" sha256:"), "{msg}");
+    assert!(
+        (msg.contains("no response") || msg.contains("no complete answer"))
+            && msg.contains(&addr)
+            && msg.contains(" sha256:"),
+        "{msg}"
+    );
     assert!(t0.elapsed() < Duration::from_secs(10), "{:?}", t0.elapsed());
     assert_no_leftovers(&env);
 }
@@ -508,7 +778,9 @@ async fn static_registry(files: HashMap<String, (String, Vec<u8>)>) -> String {
     let files = Arc::new(files);
     tokio::spawn(async move {
         loop {
-            let Ok((mut c, _)) = l.accept().await else { return };
+            let Ok((mut c, _)) = l.accept().await else {
+                return;
+            };
             let files = files.clone();
             tokio::spawn(async move {
                 let mut buf = vec![0u8; 8192];
@@ -520,12 +792,22 @@ async fn static_registry(files: HashMap<String, (String, Vec<u8>)>) -> String {
                     }
                 }
                 let req = String::from_utf8_lossy(&buf[..n]).to_string();
-                let path = req.split(' ').nth(1).unwrap_or("").split('?').next().unwrap_or("").to_string();
+                let path = req
+                    .split(' ')
+                    .nth(1)
+                    .unwrap_or("")
+                    .split('?')
+                    .next()
+                    .unwrap_or("")
+                    .to_string();
                 let (status, ct, body) = match files.get(&path) {
                     Some((ct, b)) => ("200 OK", ct.clone(), b.clone()),
                     None => ("404 Not Found", "text/plain".to_string(), Vec::new()),
                 };
-                let head = format!("HTTP/1.1 {status}\r\nContent-Type: {ct}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n", body.len());
+                let head = format!(
+                    "HTTP/1.1 {status}\r\nContent-Type: {ct}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+                    body.len()
+                );
                 let _ = c.write_all(head.as_bytes()).await;
                 let _ = c.write_all(&body).await;
             });
@@ -567,7 +849,10 @@ async fn crafted_image(layers: Vec<(Vec<u8>, Vec<u8>)>, diff_ids: Option<Vec<Str
     let mut descs = Vec::new();
     for (_, gz) in &layers {
         descs.push(serde_json::json!({"mediaType": "application/vnd.oci.image.layer.v1.tar+gzip", "digest": sha(gz), "size": gz.len()}));
-        files.insert(format!("/v2/evil/app/blobs/{}", sha(gz)), ("application/octet-stream".to_string(), gz.clone()));
+        files.insert(
+            format!("/v2/evil/app/blobs/{}", sha(gz)),
+            ("application/octet-stream".to_string(), gz.clone()),
+        );
     }
     let manifest = serde_json::json!({
         "schemaVersion": 2,
@@ -577,14 +862,27 @@ async fn crafted_image(layers: Vec<(Vec<u8>, Vec<u8>)>, diff_ids: Option<Vec<Str
     })
     .to_string()
     .into_bytes();
-    files.insert(format!("/v2/evil/app/blobs/{}", sha(&config)), ("application/octet-stream".to_string(), config));
-    files.insert("/v2/evil/app/manifests/latest".to_string(), ("application/vnd.oci.image.manifest.v1+json".to_string(), manifest));
+    files.insert(
+        format!("/v2/evil/app/blobs/{}", sha(&config)),
+        ("application/octet-stream".to_string(), config),
+    );
+    files.insert(
+        "/v2/evil/app/manifests/latest".to_string(),
+        (
+            "application/vnd.oci.image.manifest.v1+json".to_string(),
+            manifest,
+        ),
+    );
     static_registry(files).await
 }
 
 async fn expect_clean_failure(addr: &str, needles: &[&str], kind: Kind) {
     let env = env_with(addr, |_| {});
-    let e = env.images.pull(&format!("{addr}/evil/app:latest"), None).await.unwrap_err();
+    let e = env
+        .images
+        .pull(&format!("{addr}/evil/app:latest"), None)
+        .await
+        .unwrap_err();
     let msg = e.to_string();
     assert_eq!(e.kind(), kind, "{msg}");
     for n in needles {
@@ -592,11 +890,17 @@ async fn expect_clean_failure(addr: &str, needles: &[&str], kind: Kind) {
     }
     // GC after the failed pull leaves neither the committed first layer nor any blob.
     env.images.gc().await.unwrap();
-    assert!(snapshots(&env.snap).is_empty(), "{:?}", snapshots(&env.snap));
+    assert!(
+        snapshots(&env.snap).is_empty(),
+        "{:?}",
+        snapshots(&env.snap)
+    );
     let content = env.images.content().root().to_path_buf();
     assert_eq!(dir_count(&content.join("ingest")), 0);
     assert_eq!(dir_count(&content.join("blobs/sha256")), 0);
-    assert!(!env.tmp.path().join("escape").exists() && !env.tmp.path().join("images/escape").exists());
+    assert!(
+        !env.tmp.path().join("escape").exists() && !env.tmp.path().join("images/escape").exists()
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -604,7 +908,12 @@ async fn malicious_layer_from_a_registry_fails_cleanly() {
     let good = tar_gz(&[("a.txt", b"a")]);
     let evil = tar_gz(&[("ok.txt", b"ok"), ("../../../../escape", b"x")]);
     let addr = crafted_image(vec![good, evil], None).await;
-    expect_clean_failure(&addr, &["../../../../escape", "(2/2)"], Kind::FailedPrecondition).await;
+    expect_clean_failure(
+        &addr,
+        &["../../../../escape", "(2/2)"],
+        Kind::FailedPrecondition,
+    )
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -618,7 +927,13 @@ async fn wrong_diff_id_fails_cleanly() {
 
 /// A tar entry with raw name and link bytes: tar::Builder's path setters refuse `..`, and
 /// these layers are what they refuse.
-fn raw_entry(b: &mut tar::Builder<Vec<u8>>, name: &str, typ: tar::EntryType, data: &[u8], link: Option<&str>) {
+fn raw_entry(
+    b: &mut tar::Builder<Vec<u8>>,
+    name: &str,
+    typ: tar::EntryType,
+    data: &[u8],
+    link: Option<&str>,
+) {
     let mut h = tar::Header::new_gnu();
     {
         let g = h.as_gnu_mut().unwrap();
@@ -631,7 +946,11 @@ fn raw_entry(b: &mut tar::Builder<Vec<u8>>, name: &str, typ: tar::EntryType, dat
     }
     h.set_entry_type(typ);
     h.set_size(data.len() as u64);
-    h.set_mode(if typ == tar::EntryType::Directory { 0o755 } else { 0o644 });
+    h.set_mode(if typ == tar::EntryType::Directory {
+        0o755
+    } else {
+        0o644
+    });
     h.set_mtime(1_600_000_000);
     h.set_cksum();
     b.append(&h, data).unwrap();
@@ -654,7 +973,12 @@ async fn every_malicious_layer_fails_cleanly_through_a_pull() {
     let victim = format!("crisp-evil-{}-{}", std::process::id(), rand_u64());
     let host_victim = PathBuf::from("/var/tmp").join(&victim);
     let up = "../../../../../../../../../../../../../..";
-    type Case = (&'static str, Box<dyn Fn(&mut tar::Builder<Vec<u8>>)>, Vec<String>, Kind);
+    type Case = (
+        &'static str,
+        Box<dyn Fn(&mut tar::Builder<Vec<u8>>)>,
+        Vec<String>,
+        Kind,
+    );
     let v = victim.clone();
     let cases: Vec<Case> = vec![
         (
@@ -709,7 +1033,13 @@ async fn every_malicious_layer_fails_cleanly_through_a_pull() {
         (
             "oversized extended header",
             Box::new(|b| {
-                raw_entry(b, "././@LongLink", T::GNULongName, &vec![b'a'; (2 << 20) + 1], None);
+                raw_entry(
+                    b,
+                    "././@LongLink",
+                    T::GNULongName,
+                    &vec![b'a'; (2 << 20) + 1],
+                    None,
+                );
                 raw_entry(b, "x", T::Regular, b"x", None);
             }),
             vec!["exceeds".into()],
@@ -727,12 +1057,24 @@ async fn every_malicious_layer_fails_cleanly_through_a_pull() {
         n.push("(2/2)");
         eprintln!("case: {what}");
         expect_clean_failure(&addr, &n, kind).await;
-        assert!(!host_victim.exists(), "{what}: wrote {}", host_victim.display());
+        assert!(
+            !host_victim.exists(),
+            "{what}: wrote {}",
+            host_victim.display()
+        );
     }
     // Truncated gzip: the blob's digest is of the truncated bytes (so it verifies), the
     // stream ends early and the diff_id (of the whole tar) cannot match.
     let mut b = tar::Builder::new(Vec::new());
-    raw_entry(&mut b, "big", T::Regular, &(0..200_000u32).map(|i| (i * 7919 % 251) as u8).collect::<Vec<_>>(), None);
+    raw_entry(
+        &mut b,
+        "big",
+        T::Regular,
+        &(0..200_000u32)
+            .map(|i| (i * 7919 % 251) as u8)
+            .collect::<Vec<_>>(),
+        None,
+    );
     let tar = b.into_inner().unwrap();
     let whole = gz(&tar);
     let cut = whole[..whole.len() / 2].to_vec();
@@ -760,14 +1102,28 @@ impl Drop for TlsRegistry {
 fn tls_registry(storage: &Path) -> TlsRegistry {
     let dir = tempfile::tempdir().unwrap();
     // A CA and a server certificate it signs: webpki refuses a CA certificate as a server's.
-    let (ca, cert, key) = (dir.path().join("ca.pem"), dir.path().join("cert.pem"), dir.path().join("key.pem"));
+    let (ca, cert, key) = (
+        dir.path().join("ca.pem"),
+        dir.path().join("cert.pem"),
+        dir.path().join("key.pem"),
+    );
     let d = dir.path().display();
     let ext = dir.path().join("ext.cnf");
-    std::fs::write(&ext, "subjectAltName=IP:127.0.0.1\nbasicConstraints=CA:FALSE\nextendedKeyUsage=serverAuth\n").unwrap();
+    std::fs::write(
+        &ext,
+        "subjectAltName=IP:127.0.0.1\nbasicConstraints=CA:FALSE\nextendedKeyUsage=serverAuth\n",
+    )
+    .unwrap();
     for cmd in [
-        format!("openssl req -x509 -newkey rsa:2048 -nodes -days 1 -subj /CN=crisp-test-ca -keyout {d}/ca.key -out {d}/ca.pem"),
-        format!("openssl req -newkey rsa:2048 -nodes -subj /CN=127.0.0.1 -keyout {d}/key.pem -out {d}/leaf.csr"),
-        format!("openssl x509 -req -in {d}/leaf.csr -CA {d}/ca.pem -CAkey {d}/ca.key -CAcreateserial -days 1 -extfile {d}/ext.cnf -out {d}/cert.pem"),
+        format!(
+            "openssl req -x509 -newkey rsa:2048 -nodes -days 1 -subj /CN=crisp-test-ca -keyout {d}/ca.key -out {d}/ca.pem"
+        ),
+        format!(
+            "openssl req -newkey rsa:2048 -nodes -subj /CN=127.0.0.1 -keyout {d}/key.pem -out {d}/leaf.csr"
+        ),
+        format!(
+            "openssl x509 -req -in {d}/leaf.csr -CA {d}/ca.pem -CAkey {d}/ca.key -CAcreateserial -days 1 -extfile {d}/ext.cnf -out {d}/cert.pem"
+        ),
     ] {
         let st = std::process::Command::new("sh")
             .arg("-c")
@@ -778,7 +1134,11 @@ fn tls_registry(storage: &Path) -> TlsRegistry {
             .unwrap();
         assert!(st.success(), "{cmd}");
     }
-    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
     let cfg = dir.path().join("config.yml");
     std::fs::write(
         &cfg,
@@ -800,19 +1160,36 @@ fn tls_registry(storage: &Path) -> TlsRegistry {
     let addr = format!("127.0.0.1:{port}");
     let t0 = Instant::now();
     while std::net::TcpStream::connect(&addr).is_err() {
-        assert!(t0.elapsed() < Duration::from_secs(10), "TLS registry did not start");
+        assert!(
+            t0.elapsed() < Duration::from_secs(10),
+            "TLS registry did not start"
+        );
         std::thread::sleep(Duration::from_millis(50));
     }
-    TlsRegistry { child, addr, cert: ca, _dir: dir }
+    TlsRegistry {
+        child,
+        addr,
+        cert: ca,
+        _dir: dir,
+    }
 }
 
 fn tls_env(addr: &str, extra: &str) -> Env {
     let tmp = tempfile::tempdir().unwrap();
     let certs = tmp.path().join("certs.d").join(addr);
     std::fs::create_dir_all(&certs).unwrap();
-    std::fs::write(certs.join("hosts.toml"), format!("server = \"https://{addr}\"\n{extra}")).unwrap();
-    let snap = Arc::new(Snapshotter::open(&tmp.path().join("snapshotter"), Default::default()).unwrap());
-    let cfg = Config { hosts_dir: Some(tmp.path().join("certs.d")), request_timeout: Duration::from_secs(10), ..Default::default() };
+    std::fs::write(
+        certs.join("hosts.toml"),
+        format!("server = \"https://{addr}\"\n{extra}"),
+    )
+    .unwrap();
+    let snap =
+        Arc::new(Snapshotter::open(&tmp.path().join("snapshotter"), Default::default()).unwrap());
+    let cfg = Config {
+        hosts_dir: Some(tmp.path().join("certs.d")),
+        request_timeout: Duration::from_secs(10),
+        ..Default::default()
+    };
     let images = Images::open(&tmp.path().join("images"), snap.clone(), cfg).unwrap();
     Env { tmp, snap, images }
 }
@@ -833,5 +1210,8 @@ async fn tls_registry_with_ca_or_skip_verify() {
     let env = tls_env(&tls.addr, "");
     let e = env.images.pull(&name, None).await.unwrap_err();
     assert_eq!(e.kind(), Kind::Unavailable, "{e}");
-    assert!(e.to_string().contains(&format!("https://{}", tls.addr)), "{e}");
+    assert!(
+        e.to_string().contains(&format!("https://{}", tls.addr)),
+        "{e}"
+    );
 }

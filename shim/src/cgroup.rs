@@ -39,7 +39,8 @@ pub struct Membership(pub HashMap<String, String>);
 
 impl Membership {
     pub fn of(pid: i32) -> Result<Membership, CgroupError> {
-        let text = fs::read_to_string(format!("/proc/{pid}/cgroup")).map_err(|_| CgroupError::NoCgroup(pid))?;
+        let text = fs::read_to_string(format!("/proc/{pid}/cgroup"))
+            .map_err(|_| CgroupError::NoCgroup(pid))?;
         Ok(Self::parse(&text))
     }
 
@@ -48,7 +49,10 @@ impl Membership {
         let mut map = HashMap::new();
         for line in text.lines() {
             let mut parts = line.splitn(3, ':');
-            let (Some(_), Some(ctrls), Some(path)) = (parts.next(), parts.next(), parts.next()) else { continue };
+            let (Some(_), Some(ctrls), Some(path)) = (parts.next(), parts.next(), parts.next())
+            else {
+                continue;
+            };
             if ctrls.is_empty() {
                 map.insert(String::new(), path.to_string());
             }
@@ -63,7 +67,9 @@ impl Membership {
     /// The directory of a v1 controller's cgroup, if the host mounts it.
     pub fn v1_dir(&self, controller: &str) -> Option<PathBuf> {
         let path = self.0.get(controller)?;
-        let dir = Path::new(CGROUP_ROOT).join(controller).join(path.trim_start_matches('/'));
+        let dir = Path::new(CGROUP_ROOT)
+            .join(controller)
+            .join(path.trim_start_matches('/'));
         dir.is_dir().then_some(dir)
     }
 
@@ -81,7 +87,11 @@ impl Membership {
 fn read_u64(path: &Path) -> Option<u64> {
     let s = fs::read_to_string(path).ok()?;
     let s = s.trim();
-    if s == "max" { Some(u64::MAX) } else { s.parse().ok() }
+    if s == "max" {
+        Some(u64::MAX)
+    } else {
+        s.parse().ok()
+    }
 }
 
 fn read_kv(path: &Path) -> HashMap<String, u64> {
@@ -108,7 +118,9 @@ fn pack<M: MessageFull>(msg: &M) -> Result<Any, CgroupError> {
     Ok(Any {
         // containerd registers these under their bare proto names.
         type_url: M::descriptor().full_name().to_string(),
-        value: msg.write_to_bytes().map_err(|e| CgroupError::Encode(e.to_string()))?,
+        value: msg
+            .write_to_bytes()
+            .map_err(|e| CgroupError::Encode(e.to_string()))?,
         ..Default::default()
     })
 }
@@ -118,7 +130,9 @@ pub fn stats_v1(m: &Membership) -> v1::Metrics {
     if let Some(dir) = m.v1_dir("pids") {
         let mut p = v1::PidsStat::new();
         p.current = read_u64(&dir.join("pids.current")).unwrap_or(0);
-        p.limit = read_u64(&dir.join("pids.max")).filter(|v| *v != u64::MAX).unwrap_or(0);
+        p.limit = read_u64(&dir.join("pids.max"))
+            .filter(|v| *v != u64::MAX)
+            .unwrap_or(0);
         out.pids = Some(p).into();
     }
     let cpuacct = m.v1_dir("cpuacct");
@@ -204,7 +218,9 @@ pub fn stats_v2(dir: &Path) -> v2::Metrics {
     let mut out = v2::Metrics::new();
     let mut p = v2::PidsStat::new();
     p.current = read_u64(&dir.join("pids.current")).unwrap_or(0);
-    p.limit = read_u64(&dir.join("pids.max")).filter(|v| *v != u64::MAX).unwrap_or(0);
+    p.limit = read_u64(&dir.join("pids.max"))
+        .filter(|v| *v != u64::MAX)
+        .unwrap_or(0);
     out.pids = Some(p).into();
 
     let kv = read_kv(&dir.join("cpu.stat"));
@@ -268,7 +284,8 @@ pub fn watch_oom(pid: i32, on_oom: impl Fn() + Send + 'static) -> Result<(), Cgr
 
 fn watch_v1(dir: PathBuf, on_oom: impl Fn() + Send + 'static) -> Result<(), CgroupError> {
     let werr = |e: String| CgroupError::Watch(dir.display().to_string(), e);
-    let control = fs::File::open(dir.join("memory.oom_control")).map_err(|e| werr(e.to_string()))?;
+    let control =
+        fs::File::open(dir.join("memory.oom_control")).map_err(|e| werr(e.to_string()))?;
     // SAFETY: eventfd(2) with valid flags; the result is checked before use.
     let raw = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC) };
     if raw < 0 {
@@ -276,8 +293,11 @@ fn watch_v1(dir: PathBuf, on_oom: impl Fn() + Send + 'static) -> Result<(), Cgro
     }
     // SAFETY: `raw` is a fresh eventfd that nothing else owns.
     let efd = unsafe { OwnedFd::from_raw_fd(raw) };
-    fs::write(dir.join("cgroup.event_control"), format!("{} {}", efd.as_raw_fd(), control.as_raw_fd()))
-        .map_err(|e| werr(e.to_string()))?;
+    fs::write(
+        dir.join("cgroup.event_control"),
+        format!("{} {}", efd.as_raw_fd(), control.as_raw_fd()),
+    )
+    .map_err(|e| werr(e.to_string()))?;
     std::thread::Builder::new()
         .name("oom-v1".into())
         .spawn(move || {
@@ -304,11 +324,16 @@ fn watch_v2(dir: PathBuf, on_oom: impl Fn() + Send + 'static) -> Result<(), Cgro
         .name("oom-v2".into())
         .spawn(move || {
             let events = dir.join("memory.events");
-            let count = |p: &Path| fs::read_to_string(p).ok().map(|s| {
-                s.lines()
-                    .find_map(|l| l.strip_prefix("oom_kill ").and_then(|v| v.trim().parse::<u64>().ok()))
-                    .unwrap_or(0)
-            });
+            let count = |p: &Path| {
+                fs::read_to_string(p).ok().map(|s| {
+                    s.lines()
+                        .find_map(|l| {
+                            l.strip_prefix("oom_kill ")
+                                .and_then(|v| v.trim().parse::<u64>().ok())
+                        })
+                        .unwrap_or(0)
+                })
+            };
             let mut last = count(&events).unwrap_or(0);
             // Polled: a missed wakeup is impossible, and once a second is cheap.
             while let Some(now) = count(&events) {
@@ -334,13 +359,28 @@ pub struct Hierarchy {
 
 /// The v1 controllers the kernel knows, to tell them from other mount options.
 const V1_CONTROLLERS: &[&str] = &[
-    "cpuset", "cpu", "cpuacct", "io", "blkio", "memory", "devices", "freezer", "net_cls", "perf_event", "net_prio", "hugetlb", "pids", "rdma", "misc",
+    "cpuset",
+    "cpu",
+    "cpuacct",
+    "io",
+    "blkio",
+    "memory",
+    "devices",
+    "freezer",
+    "net_cls",
+    "perf_event",
+    "net_prio",
+    "hugetlb",
+    "pids",
+    "rdma",
+    "misc",
 ];
 
 /// Every cgroup hierarchy (v1 controllers, named v1 hierarchies such as
 /// `name=systemd`, and cgroup2), one per superblock.
 pub fn hierarchies() -> Result<Vec<Hierarchy>, CgroupError> {
-    let text = fs::read_to_string("/proc/self/mountinfo").map_err(|e| CgroupError::Read("/proc/self/mountinfo".into(), e))?;
+    let text = fs::read_to_string("/proc/self/mountinfo")
+        .map_err(|e| CgroupError::Read("/proc/self/mountinfo".into(), e))?;
     Ok(parse_hierarchies(&text))
 }
 
@@ -348,14 +388,18 @@ fn parse_hierarchies(mountinfo: &str) -> Vec<Hierarchy> {
     let mut seen = std::collections::HashSet::new();
     let mut out = Vec::new();
     for line in mountinfo.lines() {
-        let Some((left, right)) = line.split_once(" - ") else { continue };
+        let Some((left, right)) = line.split_once(" - ") else {
+            continue;
+        };
         let r: Vec<&str> = right.split_whitespace().collect();
         let fstype = r.first().copied().unwrap_or_default();
         if fstype != "cgroup" && fstype != "cgroup2" {
             continue;
         }
         let f: Vec<&str> = left.split_whitespace().collect();
-        let (Some(dev), Some(mountpoint)) = (f.get(2), f.get(4)) else { continue };
+        let (Some(dev), Some(mountpoint)) = (f.get(2), f.get(4)) else {
+            continue;
+        };
         // The same hierarchy can be mounted twice (bind mounts); place once.
         if !seen.insert(dev.to_string()) {
             continue;
@@ -364,14 +408,23 @@ fn parse_hierarchies(mountinfo: &str) -> Vec<Hierarchy> {
             String::new()
         } else {
             let opts: Vec<&str> = r.get(2).copied().unwrap_or_default().split(',').collect();
-            let ctrl = opts.iter().find(|o| V1_CONTROLLERS.contains(o)).map(|c| c.to_string());
-            let named = opts.iter().find_map(|o| o.strip_prefix("name=")).map(str::to_string);
+            let ctrl = opts
+                .iter()
+                .find(|o| V1_CONTROLLERS.contains(o))
+                .map(|c| c.to_string());
+            let named = opts
+                .iter()
+                .find_map(|o| o.strip_prefix("name="))
+                .map(str::to_string);
             match ctrl.or(named) {
                 Some(k) => k,
                 None => continue,
             }
         };
-        out.push(Hierarchy { mountpoint: PathBuf::from(mountpoint.replace("\\040", " ")), key });
+        out.push(Hierarchy {
+            mountpoint: PathBuf::from(mountpoint.replace("\\040", " ")),
+            key,
+        });
     }
     out
 }
@@ -381,18 +434,25 @@ fn parse_hierarchies(mountinfo: &str) -> Vec<Hierarchy> {
 /// where the shim itself places a process it starts without an OCI runtime.
 pub fn dirs_of(path: &str) -> Result<Vec<PathBuf>, CgroupError> {
     let rel = path.trim_start_matches('/');
-    Ok(hierarchies()?.into_iter().map(|h| h.mountpoint.join(rel)).collect())
+    Ok(hierarchies()?
+        .into_iter()
+        .map(|h| h.mountpoint.join(rel))
+        .collect())
 }
 
 /// The calling thread's own cgroup directory in every hierarchy, in
 /// [`hierarchies`] order (None where it cannot be told), so a thread that
 /// moved itself can move back.
 pub fn current_thread_dirs() -> Result<Vec<Option<PathBuf>>, CgroupError> {
-    let text = fs::read_to_string("/proc/thread-self/cgroup").map_err(|e| CgroupError::Read("/proc/thread-self/cgroup".into(), e))?;
+    let text = fs::read_to_string("/proc/thread-self/cgroup")
+        .map_err(|e| CgroupError::Read("/proc/thread-self/cgroup".into(), e))?;
     let m = Membership::parse(&text);
     Ok(hierarchies()?
         .into_iter()
-        .map(|h| m.0.get(&h.key).map(|p| h.mountpoint.join(p.trim_start_matches('/'))))
+        .map(|h| {
+            m.0.get(&h.key)
+                .map(|p| h.mountpoint.join(p.trim_start_matches('/')))
+        })
         .collect())
 }
 
@@ -407,7 +467,8 @@ pub fn enter(dirs: &[PathBuf], pid: i32) -> Result<(), CgroupError> {
 pub fn add(dirs: &[PathBuf], pid: i32) -> Result<(), CgroupError> {
     for dir in dirs {
         let procs = dir.join("cgroup.procs");
-        fs::write(&procs, pid.to_string()).map_err(|e| CgroupError::Place(procs.display().to_string(), e))?;
+        fs::write(&procs, pid.to_string())
+            .map_err(|e| CgroupError::Place(procs.display().to_string(), e))?;
     }
     Ok(())
 }
@@ -450,7 +511,8 @@ pub fn create(dirs: &[PathBuf]) -> Result<(), CgroupError> {
                 let own = d.join(file);
                 let Some(parent) = d.parent() else { continue };
                 if own.exists() && fs::read_to_string(&own).is_ok_and(|s| s.trim().is_empty()) {
-                    let v = fs::read_to_string(parent.join(file)).map_err(|e| perr(&parent.join(file), e))?;
+                    let v = fs::read_to_string(parent.join(file))
+                        .map_err(|e| perr(&parent.join(file), e))?;
                     fs::write(&own, v.trim()).map_err(|e| perr(&own, e))?;
                 }
             }
@@ -491,8 +553,14 @@ mod tests {
     fn parses_hybrid_proc_cgroup() {
         let text = "12:memory:/kubepods/pod1/crisp-a\n11:cpu,cpuacct:/kubepods/pod1/crisp-a\n1:name=systemd:/x\n0::/\n";
         let m = Membership::parse(text);
-        assert_eq!(m.0.get("memory").map(String::as_str), Some("/kubepods/pod1/crisp-a"));
-        assert_eq!(m.0.get("cpuacct").map(String::as_str), Some("/kubepods/pod1/crisp-a"));
+        assert_eq!(
+            m.0.get("memory").map(String::as_str),
+            Some("/kubepods/pod1/crisp-a")
+        );
+        assert_eq!(
+            m.0.get("cpuacct").map(String::as_str),
+            Some("/kubepods/pod1/crisp-a")
+        );
         assert_eq!(m.0.get("systemd").map(String::as_str), Some("/x"));
         assert_eq!(m.0.get("").map(String::as_str), Some("/"));
     }
@@ -503,8 +571,13 @@ mod tests {
                     31 24 0:27 / /sys/fs/cgroup/unified rw - cgroup2 cgroup2 rw\n\
                     32 24 0:26 / /mnt/memory-again rw - cgroup cgroup rw,memory\n\
                     33 24 0:28 / /proc rw - proc proc rw\n";
-        let text = format!("{text}34 24 0:29 / /sys/fs/cgroup/systemd rw - cgroup cgroup rw,xattr,name=systemd\n35 24 0:30 / /sys/fs/cgroup/cpu,cpuacct rw - cgroup cgroup rw,cpu,cpuacct\n");
-        let h = |m: &str, k: &str| Hierarchy { mountpoint: PathBuf::from(m), key: k.into() };
+        let text = format!(
+            "{text}34 24 0:29 / /sys/fs/cgroup/systemd rw - cgroup cgroup rw,xattr,name=systemd\n35 24 0:30 / /sys/fs/cgroup/cpu,cpuacct rw - cgroup cgroup rw,cpu,cpuacct\n"
+        );
+        let h = |m: &str, k: &str| Hierarchy {
+            mountpoint: PathBuf::from(m),
+            key: k.into(),
+        };
         assert_eq!(
             parse_hierarchies(&text),
             vec![
@@ -515,7 +588,12 @@ mod tests {
             ]
         );
         // Every hierarchy of this host knows where this thread is.
-        assert!(current_thread_dirs().expect("own cgroups").iter().all(Option::is_some));
+        assert!(
+            current_thread_dirs()
+                .expect("own cgroups")
+                .iter()
+                .all(Option::is_some)
+        );
     }
 
     #[test]

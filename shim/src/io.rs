@@ -12,7 +12,10 @@ use std::{
     io::{Read, Write},
     os::{
         fd::{AsRawFd, OwnedFd},
-        unix::{fs::{FileTypeExt, OpenOptionsExt}, net::UnixListener},
+        unix::{
+            fs::{FileTypeExt, OpenOptionsExt},
+            net::UnixListener,
+        },
     },
     path::PathBuf,
     process::Stdio,
@@ -25,7 +28,11 @@ use std::{
 #[derive(Debug, thiserror::Error)]
 pub enum IoError {
     #[error("open {what} {path}: {err}")]
-    Open { what: &'static str, path: String, err: std::io::Error },
+    Open {
+        what: &'static str,
+        path: String,
+        err: std::io::Error,
+    },
     #[error("stdio URI scheme of {0:?} is not supported (fifo paths and file:// are)")]
     Unsupported(String),
     #[error("console socket: {0}")]
@@ -64,7 +71,10 @@ impl ProcessIo {
 
     pub fn resize(&self, width: u32, height: u32) -> Result<(), std::io::Error> {
         let Some(console) = &self.console else {
-            return Err(std::io::Error::new(std::io::ErrorKind::NotFound, "process has no terminal"));
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::NotFound,
+                "process has no terminal",
+            ));
         };
         let ws = libc::winsize {
             ws_row: u16::try_from(height).unwrap_or(u16::MAX),
@@ -74,7 +84,11 @@ impl ProcessIo {
         };
         // SAFETY: TIOCSWINSZ reads one winsize from the pointer, which lives across the call.
         let rc = unsafe { libc::ioctl(console.as_raw_fd(), libc::TIOCSWINSZ, &ws) };
-        if rc < 0 { Err(std::io::Error::last_os_error()) } else { Ok(()) }
+        if rc < 0 {
+            Err(std::io::Error::last_os_error())
+        } else {
+            Ok(())
+        }
     }
 }
 
@@ -94,7 +108,11 @@ impl StdinFeed {
         }
         // The copier may still sit in open(2) waiting for a writer: be that
         // writer for an instant so it wakes up, sees `closed` and stops.
-        if let Ok(f) = OpenOptions::new().write(true).custom_flags(libc::O_NONBLOCK).open(&self.path) {
+        if let Ok(f) = OpenOptions::new()
+            .write(true)
+            .custom_flags(libc::O_NONBLOCK)
+            .open(&self.path)
+        {
             drop(f);
         }
     }
@@ -118,7 +136,11 @@ pub fn open(paths: &StdioPaths) -> Result<([Stdio; 3], ProcessIo), IoError> {
     let stdout = open_output("stdout", &paths.stdout)?;
     let stderr = if !paths.stderr.is_empty() && paths.stderr == paths.stdout {
         match &stdout {
-            Some(f) => Some(f.try_clone().map_err(|err| IoError::Open { what: "stderr", path: paths.stderr.clone(), err })?),
+            Some(f) => Some(f.try_clone().map_err(|err| IoError::Open {
+                what: "stderr",
+                path: paths.stderr.clone(),
+                err,
+            })?),
             None => None,
         }
     } else {
@@ -126,8 +148,15 @@ pub fn open(paths: &StdioPaths) -> Result<([Stdio; 3], ProcessIo), IoError> {
     };
     for uri in [&paths.stdout, &paths.stderr] {
         if !uri.is_empty() && std::fs::metadata(uri).is_ok_and(|m| m.file_type().is_fifo()) {
-            let keep = OpenOptions::new().read(true).custom_flags(libc::O_NONBLOCK).open(uri);
-            io.keep_readers.push(keep.map_err(|err| IoError::Open { what: "fifo keeper", path: uri.clone(), err })?);
+            let keep = OpenOptions::new()
+                .read(true)
+                .custom_flags(libc::O_NONBLOCK)
+                .open(uri);
+            io.keep_readers.push(keep.map_err(|err| IoError::Open {
+                what: "fifo keeper",
+                path: uri.clone(),
+                err,
+            })?);
         }
     }
     let to_stdio = |f: Option<File>| f.map(Stdio::from).unwrap_or_else(Stdio::null);
@@ -138,24 +167,44 @@ fn open_output(what: &'static str, uri: &str) -> Result<Option<File>, IoError> {
     if uri.is_empty() {
         return Ok(None);
     }
-    let err = |err| IoError::Open { what, path: uri.to_string(), err };
+    let err = |err| IoError::Open {
+        what,
+        path: uri.to_string(),
+        err,
+    };
     if let Some(path) = uri.strip_prefix("file://") {
-        let f = OpenOptions::new().create(true).append(true).mode(0o640).open(path).map_err(err)?;
+        let f = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .mode(0o640)
+            .open(path)
+            .map_err(err)?;
         return Ok(Some(f));
     }
     if uri.contains("://") {
         return Err(IoError::Unsupported(uri.to_string()));
     }
-    let is_fifo = std::fs::metadata(uri).map(|m| m.file_type().is_fifo()).unwrap_or(false);
+    let is_fifo = std::fs::metadata(uri)
+        .map(|m| m.file_type().is_fifo())
+        .unwrap_or(false);
     if !is_fifo {
-        let f = OpenOptions::new().create(true).append(true).mode(0o640).open(uri).map_err(err)?;
+        let f = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .mode(0o640)
+            .open(uri)
+            .map_err(err)?;
         return Ok(Some(f));
     }
     // Opening a FIFO write-only blocks until a reader exists. Open it read-write
     // first (never blocks), which makes the write-only open below succeed at
     // once, then drop the read-write one: the container keeps a plain writer and
     // the client's reader sees EOF once the container is gone.
-    let rw = OpenOptions::new().read(true).write(true).open(uri).map_err(err)?;
+    let rw = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(uri)
+        .map_err(err)?;
     let w = OpenOptions::new().write(true).open(uri).map_err(err)?;
     drop(rw);
     Ok(Some(w))
@@ -165,35 +214,51 @@ fn stdin_feed(uri: &str) -> Result<(OwnedFd, StdinFeed), IoError> {
     if uri.contains("://") {
         return Err(IoError::Unsupported(uri.to_string()));
     }
-    let (r, w) = nix::unistd::pipe().map_err(|e| IoError::Open { what: "stdin pipe", path: uri.to_string(), err: e.into() })?;
+    let (r, w) = nix::unistd::pipe().map_err(|e| IoError::Open {
+        what: "stdin pipe",
+        path: uri.to_string(),
+        err: e.into(),
+    })?;
     let writer = Arc::new(Mutex::new(Some(File::from(w))));
     let closed = Arc::new(AtomicBool::new(false));
-    let feed = StdinFeed { path: PathBuf::from(uri), closed: closed.clone(), writer: writer.clone() };
+    let feed = StdinFeed {
+        path: PathBuf::from(uri),
+        closed: closed.clone(),
+        writer: writer.clone(),
+    };
     let path = PathBuf::from(uri);
-    let spawned = std::thread::Builder::new().name("stdin".into()).spawn(move || {
-        // Blocks until the client opens its end.
-        let Ok(mut fifo) = File::open(&path) else { return };
-        let mut buf = [0u8; 32 * 1024];
-        loop {
-            if closed.load(Ordering::SeqCst) {
-                break;
-            }
-            let n = match fifo.read(&mut buf) {
-                Ok(0) | Err(_) => break,
-                Ok(n) => n,
+    let spawned = std::thread::Builder::new()
+        .name("stdin".into())
+        .spawn(move || {
+            // Blocks until the client opens its end.
+            let Ok(mut fifo) = File::open(&path) else {
+                return;
             };
-            let Ok(mut guard) = writer.lock() else { break };
-            let Some(w) = guard.as_mut() else { break };
-            if w.write_all(&buf[..n]).is_err() {
-                break;
+            let mut buf = [0u8; 32 * 1024];
+            loop {
+                if closed.load(Ordering::SeqCst) {
+                    break;
+                }
+                let n = match fifo.read(&mut buf) {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => n,
+                };
+                let Ok(mut guard) = writer.lock() else { break };
+                let Some(w) = guard.as_mut() else { break };
+                if w.write_all(&buf[..n]).is_err() {
+                    break;
+                }
             }
-        }
-        if let Ok(mut g) = writer.lock() {
-            g.take();
-        }
-    });
+            if let Ok(mut g) = writer.lock() {
+                g.take();
+            }
+        });
     if let Err(e) = spawned {
-        return Err(IoError::Open { what: "stdin copier", path: uri.to_string(), err: e });
+        return Err(IoError::Open {
+            what: "stdin copier",
+            path: uri.to_string(),
+            err: e,
+        });
     }
     Ok((r, feed))
 }
@@ -210,7 +275,8 @@ impl Console {
         let n = N.fetch_add(1, Ordering::Relaxed);
         let dir = std::env::temp_dir().join(format!("crisp-pty-{}-{n}", std::process::id()));
         std::fs::create_dir_all(&dir).map_err(|e| IoError::Console(e.to_string()))?;
-        let listener = UnixListener::bind(dir.join("pty.sock")).map_err(|e| IoError::Console(e.to_string()))?;
+        let listener = UnixListener::bind(dir.join("pty.sock"))
+            .map_err(|e| IoError::Console(e.to_string()))?;
         Ok(Console { dir, listener })
     }
 
@@ -222,14 +288,26 @@ impl Console {
     /// connected and sent it by then; the kernel buffers it until we accept).
     pub fn receive(self) -> Result<File, IoError> {
         use nix::sys::socket::{ControlMessageOwned, MsgFlags, recvmsg};
-        self.listener.set_nonblocking(true).map_err(|e| IoError::Console(e.to_string()))?;
-        let (stream, _) = self.listener.accept().map_err(|e| IoError::Console(format!("runtime sent no terminal: {e}")))?;
-        stream.set_nonblocking(false).map_err(|e| IoError::Console(e.to_string()))?;
+        self.listener
+            .set_nonblocking(true)
+            .map_err(|e| IoError::Console(e.to_string()))?;
+        let (stream, _) = self
+            .listener
+            .accept()
+            .map_err(|e| IoError::Console(format!("runtime sent no terminal: {e}")))?;
+        stream
+            .set_nonblocking(false)
+            .map_err(|e| IoError::Console(e.to_string()))?;
         let mut buf = [0u8; 4096];
         let mut iov = [std::io::IoSliceMut::new(&mut buf)];
         let mut cmsg = nix::cmsg_space!([std::os::fd::RawFd; 1]);
-        let msg = recvmsg::<()>(stream.as_raw_fd(), &mut iov, Some(&mut cmsg), MsgFlags::empty())
-            .map_err(|e| IoError::Console(e.to_string()))?;
+        let msg = recvmsg::<()>(
+            stream.as_raw_fd(),
+            &mut iov,
+            Some(&mut cmsg),
+            MsgFlags::empty(),
+        )
+        .map_err(|e| IoError::Console(e.to_string()))?;
         for c in msg.cmsgs().map_err(|e| IoError::Console(e.to_string()))? {
             if let ControlMessageOwned::ScmRights(fds) = c
                 && let Some(&fd) = fds.first()
@@ -238,7 +316,9 @@ impl Console {
                 return Ok(unsafe { <File as std::os::fd::FromRawFd>::from_raw_fd(fd) });
             }
         }
-        Err(IoError::Console("no file descriptor in the console message".into()))
+        Err(IoError::Console(
+            "no file descriptor in the console message".into(),
+        ))
     }
 }
 
@@ -254,43 +334,53 @@ pub fn attach_console(master: File, paths: &StdioPaths, io: &mut ProcessIo) -> R
     let master = Arc::new(master);
     if let Some(out) = open_output("stdout", &paths.stdout)? {
         let m = master.clone();
-        let _ = std::thread::Builder::new().name("pty-out".into()).spawn(move || {
-            let mut out = out;
-            let mut buf = [0u8; 32 * 1024];
-            let mut reader: &File = &m;
-            loop {
-                match reader.read(&mut buf) {
-                    Ok(0) | Err(_) => break,
-                    Ok(n) => {
-                        if out.write_all(&buf[..n]).is_err() {
-                            break;
+        let _ = std::thread::Builder::new()
+            .name("pty-out".into())
+            .spawn(move || {
+                let mut out = out;
+                let mut buf = [0u8; 32 * 1024];
+                let mut reader: &File = &m;
+                loop {
+                    match reader.read(&mut buf) {
+                        Ok(0) | Err(_) => break,
+                        Ok(n) => {
+                            if out.write_all(&buf[..n]).is_err() {
+                                break;
+                            }
                         }
                     }
                 }
-            }
-        });
+            });
     }
     if !paths.stdin.is_empty() {
         let m = master.clone();
         let path = PathBuf::from(&paths.stdin);
         let closed = Arc::new(AtomicBool::new(false));
         let writer: Arc<Mutex<Option<File>>> = Arc::new(Mutex::new(None));
-        io.stdin = Some(StdinFeed { path: path.clone(), closed: closed.clone(), writer });
-        let _ = std::thread::Builder::new().name("pty-in".into()).spawn(move || {
-            let Ok(mut fifo) = File::open(&path) else { return };
-            let mut buf = [0u8; 32 * 1024];
-            let mut w: &File = &m;
-            while !closed.load(Ordering::SeqCst) {
-                match fifo.read(&mut buf) {
-                    Ok(0) | Err(_) => break,
-                    Ok(n) => {
-                        if w.write_all(&buf[..n]).is_err() {
-                            break;
+        io.stdin = Some(StdinFeed {
+            path: path.clone(),
+            closed: closed.clone(),
+            writer,
+        });
+        let _ = std::thread::Builder::new()
+            .name("pty-in".into())
+            .spawn(move || {
+                let Ok(mut fifo) = File::open(&path) else {
+                    return;
+                };
+                let mut buf = [0u8; 32 * 1024];
+                let mut w: &File = &m;
+                while !closed.load(Ordering::SeqCst) {
+                    match fifo.read(&mut buf) {
+                        Ok(0) | Err(_) => break,
+                        Ok(n) => {
+                            if w.write_all(&buf[..n]).is_err() {
+                                break;
+                            }
                         }
                     }
                 }
-            }
-        });
+            });
     }
     io.console = Some(master);
     Ok(())
@@ -309,9 +399,16 @@ mod tests {
     fn fifo_output_opens_without_a_reader_and_file_uris_append() {
         let dir = tempfile::tempdir().expect("tmp");
         let fifo = dir.path().join("out");
-        nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::from_bits_truncate(0o600)).expect("mkfifo");
-        let reader = OpenOptions::new().read(true).custom_flags(libc::O_NONBLOCK).open(&fifo).expect("reader");
-        let w = open_output("stdout", fifo.to_str().expect("utf8")).expect("open").expect("some");
+        nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::from_bits_truncate(0o600))
+            .expect("mkfifo");
+        let reader = OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_NONBLOCK)
+            .open(&fifo)
+            .expect("reader");
+        let w = open_output("stdout", fifo.to_str().expect("utf8"))
+            .expect("open")
+            .expect("some");
         (&w).write_all(b"hello").expect("write");
         let mut got = [0u8; 5];
         (&reader).read_exact(&mut got).expect("read");
@@ -329,14 +426,27 @@ mod tests {
     fn output_fifo_keeps_a_reader_so_a_gone_client_is_no_sigpipe() {
         let dir = tempfile::tempdir().expect("tmp");
         let fifo = dir.path().join("out");
-        nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::from_bits_truncate(0o600)).expect("mkfifo");
-        let client = OpenOptions::new().read(true).custom_flags(libc::O_NONBLOCK).open(&fifo).expect("reader");
-        let paths = StdioPaths { stdout: fifo.display().to_string(), ..Default::default() };
+        nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::from_bits_truncate(0o600))
+            .expect("mkfifo");
+        let client = OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_NONBLOCK)
+            .open(&fifo)
+            .expect("reader");
+        let paths = StdioPaths {
+            stdout: fifo.display().to_string(),
+            ..Default::default()
+        };
         let ([_, out, _], pio) = open(&paths).expect("open");
         drop(client); // the client goes away (crispd killed)
         // The writer the container gets still has a reader: no EPIPE.
-        let w = OpenOptions::new().write(true).custom_flags(libc::O_NONBLOCK).open(&fifo).expect("writer");
-        (&w).write_all(b"still fine").expect("no EPIPE while the shim keeps a reader");
+        let w = OpenOptions::new()
+            .write(true)
+            .custom_flags(libc::O_NONBLOCK)
+            .open(&fifo)
+            .expect("writer");
+        (&w).write_all(b"still fine")
+            .expect("no EPIPE while the shim keeps a reader");
         drop((out, w, pio));
     }
 
@@ -344,7 +454,8 @@ mod tests {
     fn stdin_eof_on_close() {
         let dir = tempfile::tempdir().expect("tmp");
         let fifo = dir.path().join("in");
-        nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::from_bits_truncate(0o600)).expect("mkfifo");
+        nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::from_bits_truncate(0o600))
+            .expect("mkfifo");
         let (r, feed) = stdin_feed(fifo.to_str().expect("utf8")).expect("feed");
         // Nobody ever opened the FIFO for writing: close must still give EOF.
         feed.close();

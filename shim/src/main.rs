@@ -19,7 +19,10 @@ use anyhow::{Context, bail};
 use containerd_shim::Flags;
 use containerd_shim_protos::{
     api::DeleteResponse,
-    protobuf::{Message, MessageField, well_known_types::{any::Any, timestamp::Timestamp}},
+    protobuf::{
+        Message, MessageField,
+        well_known_types::{any::Any, timestamp::Timestamp},
+    },
     ttrpc::r#async::{Server, transport::Listener},
 };
 use crisp_shim::{
@@ -65,7 +68,10 @@ fn main() {
 }
 
 fn info() -> anyhow::Result<()> {
-    let info = containerd_shim_protos::types::introspection::RuntimeInfo { name: "io.containerd.crisp.v2".into(), ..Default::default() };
+    let info = containerd_shim_protos::types::introspection::RuntimeInfo {
+        name: "io.containerd.crisp.v2".into(),
+        ..Default::default()
+    };
     std::io::stdout().write_all(&info.write_to_bytes()?)?;
     Ok(())
 }
@@ -92,7 +98,10 @@ fn start(flags: &Flags) -> anyhow::Result<()> {
     // Serialise starts of one pod: without it a second start could take the
     // first one's fresh socket for a stale one and remove it.
     // One lock file for all pods, so no per-pod lock file is left behind.
-    let lock_path = path.parent().unwrap_or(Path::new("/")).join("crisp-shim-start.lock");
+    let lock_path = path
+        .parent()
+        .unwrap_or(Path::new("/"))
+        .join("crisp-shim-start.lock");
     let lock_file = File::create(&lock_path).context("shim start lock")?;
     let _lock = nix::fcntl::Flock::lock(lock_file, nix::fcntl::FlockArg::LockExclusive)
         .map_err(|(_, e)| anyhow::anyhow!("lock shim start: {e}"))?;
@@ -100,7 +109,8 @@ fn start(flags: &Flags) -> anyhow::Result<()> {
     if UnixStream::connect(&path).is_err() {
         if std::fs::symlink_metadata(&path).is_ok_and(|m| m.file_type().is_socket()) {
             // Nobody listens: a shim that died left it behind.
-            std::fs::remove_file(&path).with_context(|| format!("remove stale socket {}", path.display()))?;
+            std::fs::remove_file(&path)
+                .with_context(|| format!("remove stale socket {}", path.display()))?;
         }
         spawn_server(flags, &bundle, &address)?;
     }
@@ -119,7 +129,16 @@ fn spawn_server(flags: &Flags, bundle: &Path, address: &str) -> anyhow::Result<(
         let _ = std::io::stdin().take(10 << 20).read_to_end(&mut input);
     }
     let mut cmd = Command::new(exe);
-    cmd.args(["-namespace", &flags.namespace, "-id", &flags.id, "-address", &flags.address, "-socket", address]);
+    cmd.args([
+        "-namespace",
+        &flags.namespace,
+        "-id",
+        &flags.id,
+        "-address",
+        &flags.address,
+        "-socket",
+        address,
+    ]);
     if !flags.publish_binary.is_empty() {
         cmd.args(["-publish-binary", &flags.publish_binary]);
     }
@@ -131,7 +150,10 @@ fn spawn_server(flags: &Flags, bundle: &Path, address: &str) -> anyhow::Result<(
     {
         cmd.env(HANDLER_OPTIONS_ENV, to_hex(&any.write_to_bytes()?));
     }
-    cmd.current_dir(bundle).stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::null());
+    cmd.current_dir(bundle)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null());
     // Its own process group: signals meant for containerd's group never reach it.
     cmd.process_group(0);
     let mut child = cmd.spawn().context("spawn shim server")?;
@@ -143,7 +165,10 @@ fn spawn_server(flags: &Flags, bundle: &Path, address: &str) -> anyhow::Result<(
     }
     if UnixStream::connect(socket_path(address)).is_err() {
         let status = child.try_wait().ok().flatten();
-        bail!("shim server (pid {shim_pid}) did not start serving on {address} (status {status:?}): {}", String::from_utf8_lossy(&ready).trim());
+        bail!(
+            "shim server (pid {shim_pid}) did not start serving on {address} (status {status:?}): {}",
+            String::from_utf8_lossy(&ready).trim()
+        );
     }
     std::fs::write(bundle.join("shim.pid"), shim_pid.to_string()).context("write shim.pid")?;
     Ok(())
@@ -151,14 +176,28 @@ fn spawn_server(flags: &Flags, bundle: &Path, address: &str) -> anyhow::Result<(
 
 /// `delete`: clean up after a task whose shim is gone.
 fn delete(flags: &Flags) -> anyhow::Result<()> {
-    let bundle = if flags.bundle.is_empty() { std::env::current_dir()? } else { PathBuf::from(&flags.bundle) };
-    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    let bundle = if flags.bundle.is_empty() {
+        std::env::current_dir()?
+    } else {
+        PathBuf::from(&flags.bundle)
+    };
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
     rt.block_on(async {
         let runtime = match service::read_record(&bundle) {
-            Some(r) => Runtime { binary: r.binary, root: r.root, systemd_cgroup: r.systemd_cgroup },
+            Some(r) => Runtime {
+                binary: r.binary,
+                root: r.root,
+                systemd_cgroup: r.systemd_cgroup,
+            },
             // The pod's own bundle: pause never ran under an OCI runtime.
             None if sandbox::read_record(&bundle).is_some() => return anyhow::Ok(()),
-            None => Runtime::new("runc", PathBuf::from("/run/crisp/runc").join(&flags.namespace), false)?,
+            None => Runtime::new(
+                "runc",
+                PathBuf::from("/run/crisp/runc").join(&flags.namespace),
+                false,
+            )?,
         };
         if let Err(e) = runtime.delete(&flags.id, true).await {
             eprintln!("delete {}: {e}", flags.id);
@@ -169,11 +208,17 @@ fn delete(flags: &Flags) -> anyhow::Result<()> {
     crisp_shim::mount::unmount_all(&bundle.join("rootfs")).context("unmount rootfs")?;
     // A pod bundle: the pause died with the shim; its cgroup is left to remove.
     sandbox::cleanup_after_dead_shim(&bundle).context("remove the pause's cgroup")?;
-    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default();
     let resp = DeleteResponse {
         pid: 0,
         exit_status: 128 + libc::SIGKILL as u32,
-        exited_at: MessageField::some(Timestamp { seconds: now.as_secs() as i64, nanos: now.subsec_nanos() as i32, ..Default::default() }),
+        exited_at: MessageField::some(Timestamp {
+            seconds: now.as_secs() as i64,
+            nanos: now.subsec_nanos() as i32,
+            ..Default::default()
+        }),
         ..Default::default()
     };
     std::io::stdout().write_all(&resp.write_to_bytes()?)?;
@@ -188,16 +233,25 @@ fn init_logging(flags: &Flags) {
         },
         // containerd reads the bundle's `log` FIFO and forwards it to its own log.
         // Non-blocking, so a reader that went away can never stall the shim.
-        None => match OpenOptions::new().write(true).custom_flags(libc::O_NONBLOCK).open("log") {
+        None => match OpenOptions::new()
+            .write(true)
+            .custom_flags(libc::O_NONBLOCK)
+            .open("log")
+        {
             Ok(f) => Box::new(f),
             Err(_) => Box::new(std::io::sink()),
         },
     };
     let level = if flags.debug { "debug" } else { "info" };
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(level));
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(level));
     let writer = Arc::new(Mutex::new(writer));
     let make = move || LockedWriter(writer.clone());
-    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_ansi(false).with_writer(make).try_init();
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(false)
+        .with_writer(make)
+        .try_init();
 }
 
 struct LockedWriter(Arc<Mutex<Box<dyn Write + Send>>>);
@@ -222,12 +276,20 @@ fn serve(flags: &Flags) -> anyhow::Result<()> {
     // Subreaper: container processes re-parent to us when runc exits, so their
     // exits reach our reaper.
     nix::sys::prctl::set_child_subreaper(true).context("PR_SET_CHILD_SUBREAPER")?;
-    let handler = match std::env::var(HANDLER_OPTIONS_ENV).ok().and_then(|h| from_hex(&h)) {
-        Some(bytes) => Any::parse_from_bytes(&bytes).ok().and_then(|a| options::decode(&a).ok().flatten()).unwrap_or_default(),
+    let handler = match std::env::var(HANDLER_OPTIONS_ENV)
+        .ok()
+        .and_then(|h| from_hex(&h))
+    {
+        Some(bytes) => Any::parse_from_bytes(&bytes)
+            .ok()
+            .and_then(|a| options::decode(&a).ok().flatten())
+            .unwrap_or_default(),
         None => Default::default(),
     };
     // One thread: the shim mostly waits; blocking work has its own threads.
-    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
     rt.block_on(async move {
         let span = tracing::info_span!("shim", namespace = %flags.namespace, id = %flags.id, pid = std::process::id());
         let _enter = span.enter();
@@ -290,5 +352,8 @@ fn to_hex(b: &[u8]) -> String {
 }
 
 fn from_hex(s: &str) -> Option<Vec<u8>> {
-    (0..s.len()).step_by(2).map(|i| s.get(i..i + 2).and_then(|h| u8::from_str_radix(h, 16).ok())).collect()
+    (0..s.len())
+        .step_by(2)
+        .map(|i| s.get(i..i + 2).and_then(|h| u8::from_str_radix(h, 16).ok()))
+        .collect()
 }

@@ -8,7 +8,12 @@ pub use crisp_snapshotter::mount::{Mount, MountError, mount_all, unmount_all};
 pub fn from_proto(mounts: &[containerd_shim_protos::api::Mount]) -> Vec<Mount> {
     mounts
         .iter()
-        .map(|m| Mount { typ: m.type_.clone(), source: m.source.clone(), target: m.target.clone(), options: m.options.clone() })
+        .map(|m| Mount {
+            typ: m.type_.clone(),
+            source: m.source.clone(),
+            target: m.target.clone(),
+            options: m.options.clone(),
+        })
         .collect()
 }
 
@@ -29,7 +34,10 @@ mod tests {
         };
         mount_all(&from_proto(&[proto]), dst.path()).expect("mount");
         assert!(dst.path().join("f").exists());
-        assert!(std::fs::write(dst.path().join("g"), b"y").is_err(), "read-only bind is writable");
+        assert!(
+            std::fs::write(dst.path().join("g"), b"y").is_err(),
+            "read-only bind is writable"
+        );
         unmount_all(dst.path()).expect("unmount");
         assert!(!dst.path().join("f").exists());
         assert!(src.path().join("f").exists());

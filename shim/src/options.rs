@@ -62,11 +62,26 @@ pub fn decode(any: &Any) -> Result<Option<Options>, OptionsError> {
 /// Reads runc-style options from a TOML file (the keys of containerd's
 /// `[plugins."io.containerd.grpc.v1.cri".containerd.runtimes.X.options]`).
 pub fn load_toml(path: &Path) -> Result<Options, OptionsError> {
-    let text = std::fs::read_to_string(path).map_err(|e| OptionsError::Config(path.display().to_string(), e.to_string()))?;
-    let table: toml::Table = text.parse().map_err(|e: toml::de::Error| OptionsError::Config(path.display().to_string(), e.to_string()))?;
-    let s = |k: &str| table.get(k).and_then(|v| v.as_str()).unwrap_or_default().to_string();
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| OptionsError::Config(path.display().to_string(), e.to_string()))?;
+    let table: toml::Table = text.parse().map_err(|e: toml::de::Error| {
+        OptionsError::Config(path.display().to_string(), e.to_string())
+    })?;
+    let s = |k: &str| {
+        table
+            .get(k)
+            .and_then(|v| v.as_str())
+            .unwrap_or_default()
+            .to_string()
+    };
     let b = |k: &str| table.get(k).and_then(|v| v.as_bool()).unwrap_or(false);
-    let u = |k: &str| table.get(k).and_then(|v| v.as_integer()).and_then(|v| u32::try_from(v).ok()).unwrap_or(0);
+    let u = |k: &str| {
+        table
+            .get(k)
+            .and_then(|v| v.as_integer())
+            .and_then(|v| u32::try_from(v).ok())
+            .unwrap_or(0)
+    };
     Ok(Options {
         no_pivot_root: b("NoPivotRoot"),
         no_new_keyring: b("NoNewKeyring"),
@@ -143,7 +158,11 @@ pub fn merge(handler: &Options, overrides: Option<&Options>) -> Options {
 
 /// The cgroup driver the effective options ask for.
 pub fn driver(options: &Options) -> CgroupDriver {
-    if options.systemd_cgroup { CgroupDriver::Systemd } else { CgroupDriver::Cgroupfs }
+    if options.systemd_cgroup {
+        CgroupDriver::Systemd
+    } else {
+        CgroupDriver::Cgroupfs
+    }
 }
 
 #[cfg(test)]
@@ -174,7 +193,11 @@ mod tests {
     fn every_handler_option_survives_a_userns_override() {
         let handler = full_handler();
         // Exactly what containerd 2.0's userns path sent instead of the handler's options.
-        let overrides = Options { io_uid: 65536, io_gid: 65536, ..Default::default() };
+        let overrides = Options {
+            io_uid: 65536,
+            io_gid: 65536,
+            ..Default::default()
+        };
         let merged = merge(&handler, Some(&overrides));
         assert_eq!(merged.io_uid, 65536);
         assert_eq!(merged.io_gid, 65536);
@@ -193,14 +216,20 @@ mod tests {
             let is_default = matches!(h, ReflectValueRef::Bool(false))
                 || matches!(h, ReflectValueRef::String(""))
                 || matches!(h, ReflectValueRef::U32(0));
-            assert!(!is_default, "test handler leaves {name} unset; set it so the test covers it");
+            assert!(
+                !is_default,
+                "test handler leaves {name} unset; set it so the test covers it"
+            );
         }
     }
 
     #[test]
     fn overrides_replace_only_what_they_set() {
         let handler = full_handler();
-        let overrides = Options { binary_name: "crun".into(), ..Default::default() };
+        let overrides = Options {
+            binary_name: "crun".into(),
+            ..Default::default()
+        };
         let merged = merge(&handler, Some(&overrides));
         assert_eq!(merged.binary_name, "crun");
         assert_eq!(merged.root, handler.root);
@@ -212,30 +241,56 @@ mod tests {
     fn cri_runtime_options_point_at_a_toml_file() {
         let dir = tempfile::tempdir().expect("tmp");
         let file = dir.path().join("crisp-crun.toml");
-        std::fs::write(&file, "BinaryName = \"crun\"\nSystemdCgroup = true\nRoot = \"/run/x\"\n").expect("write");
+        std::fs::write(
+            &file,
+            "BinaryName = \"crun\"\nSystemdCgroup = true\nRoot = \"/run/x\"\n",
+        )
+        .expect("write");
         // cri.runtimeoptions.v1.Options { type_url = 1, config_path = 2 }, encoded by hand.
         let path = file.display().to_string();
         let mut value = vec![0x0a, 1, b'x', 0x12, path.len() as u8];
         value.extend_from_slice(path.as_bytes());
-        let any = Any { type_url: CRI_RUNTIME_OPTIONS.into(), value, ..Default::default() };
+        let any = Any {
+            type_url: CRI_RUNTIME_OPTIONS.into(),
+            value,
+            ..Default::default()
+        };
         let opts = decode(&any).expect("decodes").expect("some");
         assert_eq!(opts.binary_name, "crun");
         assert_eq!(opts.root, "/run/x");
         assert!(opts.systemd_cgroup);
-        let empty = Any { type_url: CRI_RUNTIME_OPTIONS.into(), value: vec![], ..Default::default() };
+        let empty = Any {
+            type_url: CRI_RUNTIME_OPTIONS.into(),
+            value: vec![],
+            ..Default::default()
+        };
         assert!(decode(&empty).expect("decodes").is_none());
     }
 
     #[test]
     fn decode_accepts_bare_and_prefixed_type_urls() {
-        let opts = Options { systemd_cgroup: true, ..Default::default() };
+        let opts = Options {
+            systemd_cgroup: true,
+            ..Default::default()
+        };
         let value = opts.write_to_bytes().expect("encode");
-        for url in ["containerd.runc.v1.Options", "type.googleapis.com/containerd.runc.v1.Options"] {
-            let any = Any { type_url: url.into(), value: value.clone(), ..Default::default() };
+        for url in [
+            "containerd.runc.v1.Options",
+            "type.googleapis.com/containerd.runc.v1.Options",
+        ] {
+            let any = Any {
+                type_url: url.into(),
+                value: value.clone(),
+                ..Default::default()
+            };
             assert_eq!(decode(&any).expect("decodes"), Some(opts.clone()));
         }
         assert!(decode(&Any::default()).expect("empty").is_none());
-        let other = Any { type_url: "x.Other".into(), value, ..Default::default() };
+        let other = Any {
+            type_url: "x.Other".into(),
+            value,
+            ..Default::default()
+        };
         assert!(decode(&other).is_err());
     }
 }

@@ -33,7 +33,9 @@ impl fmt::Display for CgroupDriver {
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum PlacementError {
-    #[error("task id {0:?} cannot name a cgroup: it must be non-empty and free of '/', ':' and NUL")]
+    #[error(
+        "task id {0:?} cannot name a cgroup: it must be non-empty and free of '/', ':' and NUL"
+    )]
     InvalidId(String),
     #[error("cgroup parent {0:?} is not a valid systemd slice name: {1}")]
     InvalidSlice(String, &'static str),
@@ -59,7 +61,11 @@ pub fn cgroup_path(driver: CgroupDriver, parent: &str, id: &str) -> Result<Strin
             Ok(format!("{parent}/{CGROUP_PREFIX}-{id}"))
         }
         CgroupDriver::Systemd => {
-            let slice = parent.trim_end_matches('/').rsplit('/').next().unwrap_or_default();
+            let slice = parent
+                .trim_end_matches('/')
+                .rsplit('/')
+                .next()
+                .unwrap_or_default();
             if slice.is_empty() {
                 return Err(PlacementError::EmptySlice);
             }
@@ -86,7 +92,11 @@ pub fn resolved_path(driver: CgroupDriver, cgroups_path: &str) -> Result<String,
                     ));
                 }
             };
-            let slice = if slice.is_empty() { "system.slice" } else { slice };
+            let slice = if slice.is_empty() {
+                "system.slice"
+            } else {
+                slice
+            };
             let dir = expand_slice(slice)?;
             // runc and crun name the unit `<prefix>-<name>.scope`.
             Ok(format!("{dir}/{prefix}-{name}.scope"))
@@ -117,13 +127,17 @@ pub fn expand_slice(slice: &str) -> Result<String, PlacementError> {
         .bytes()
         .all(|b| b.is_ascii_alphanumeric() || matches!(b, b':' | b'-' | b'_' | b'.' | b'\\'))
     {
-        return Err(bad("it holds a character systemd does not allow in unit names"));
+        return Err(bad(
+            "it holds a character systemd does not allow in unit names",
+        ));
     }
     let mut path = String::new();
     let mut prefix = String::new();
     for component in name.split('-') {
         if component.is_empty() {
-            return Err(bad("a leading, trailing or doubled '-' makes an empty slice component"));
+            return Err(bad(
+                "a leading, trailing or doubled '-' makes an empty slice component",
+            ));
         }
         if !prefix.is_empty() {
             prefix.push('-');
@@ -167,7 +181,10 @@ fn normalise_path(path: &str) -> Result<String, PlacementError> {
     let mut out = String::new();
     for part in path.split('/').filter(|p| !p.is_empty() && *p != ".") {
         if part == ".." {
-            return Err(PlacementError::InvalidPath(path.to_string(), "'..' is not allowed"));
+            return Err(PlacementError::InvalidPath(
+                path.to_string(),
+                "'..' is not allowed",
+            ));
         }
         if part.contains('\0') {
             return Err(PlacementError::InvalidPath(path.to_string(), "NUL byte"));
@@ -192,7 +209,11 @@ pub fn parent_of(cgroups_path: &str) -> Option<String> {
     }
     let trimmed = cgroups_path.trim_end_matches('/');
     let (parent, _) = trimmed.rsplit_once('/')?;
-    Some(if parent.is_empty() { "/".to_string() } else { parent.to_string() })
+    Some(if parent.is_empty() {
+        "/".to_string()
+    } else {
+        parent.to_string()
+    })
 }
 
 #[cfg(test)]
@@ -243,11 +264,29 @@ mod tests {
         for driver in [CgroupDriver::Cgroupfs, CgroupDriver::Systemd] {
             for qos in [Qos::Guaranteed, Qos::Burstable, Qos::BestEffort] {
                 let parent = kubelet_parent(driver, qos);
-                let plain = Task { driver, parent: parent.clone(), id: ID, userns: None };
-                let userns = Task { driver, parent: parent.clone(), id: ID, userns: Some((65536, 65536)) };
-                let sandbox = Task { driver, parent: parent.clone(), id: "sandbox0", userns: Some((65536, 65536)) };
+                let plain = Task {
+                    driver,
+                    parent: parent.clone(),
+                    id: ID,
+                    userns: None,
+                };
+                let userns = Task {
+                    driver,
+                    parent: parent.clone(),
+                    id: ID,
+                    userns: Some((65536, 65536)),
+                };
+                let sandbox = Task {
+                    driver,
+                    parent: parent.clone(),
+                    id: "sandbox0",
+                    userns: Some((65536, 65536)),
+                };
                 let (p, u, s) = (place(&plain), place(&userns), place(&sandbox));
-                assert_eq!(p, u, "{driver} {qos:?}: user namespace changed the placement");
+                assert_eq!(
+                    p, u,
+                    "{driver} {qos:?}: user namespace changed the placement"
+                );
 
                 let expected = match driver {
                     CgroupDriver::Cgroupfs => format!("{parent}/crisp-{ID}"),
@@ -255,7 +294,11 @@ mod tests {
                 };
                 assert_eq!(p, expected, "{driver} {qos:?}");
                 // The sandbox has the same form, differing only by id.
-                assert_eq!(s, expected.replace(ID, "sandbox0"), "{driver} {qos:?} sandbox");
+                assert_eq!(
+                    s,
+                    expected.replace(ID, "sandbox0"),
+                    "{driver} {qos:?} sandbox"
+                );
 
                 // And it resolves to a cgroup under the pod's own cgroup.
                 let resolved = resolved_path(driver, &p).expect("resolves");
@@ -263,10 +306,16 @@ mod tests {
                     CgroupDriver::Cgroupfs => parent.clone(),
                     CgroupDriver::Systemd => expand_slice(&parent).expect("slice"),
                 };
-                assert!(resolved.starts_with(&format!("{pod_dir}/")), "{resolved} not under {pod_dir}");
+                assert!(
+                    resolved.starts_with(&format!("{pod_dir}/")),
+                    "{resolved} not under {pod_dir}"
+                );
                 assert!(!resolved.contains("system.slice"), "{resolved}");
                 let leaf = resolved.rsplit('/').next().unwrap_or_default();
-                assert!(leaf == format!("crisp-{ID}") || leaf == format!("crisp-{ID}.scope"), "{leaf}");
+                assert!(
+                    leaf == format!("crisp-{ID}") || leaf == format!("crisp-{ID}.scope"),
+                    "{leaf}"
+                );
             }
         }
     }
@@ -280,14 +329,25 @@ mod tests {
             )
             .as_str())
         );
-        assert_eq!(expand_slice("kubepods.slice").as_deref(), Ok("/kubepods.slice"));
+        assert_eq!(
+            expand_slice("kubepods.slice").as_deref(),
+            Ok("/kubepods.slice")
+        );
         assert_eq!(expand_slice("-.slice").as_deref(), Ok(""));
         // An escaped dash is part of its component, as in systemd.
         assert_eq!(
             expand_slice("kubepods-pod1\\x2d2.slice").as_deref(),
             Ok("/kubepods.slice/kubepods-pod1\\x2d2.slice")
         );
-        for bad in ["kubepods", "-kubepods.slice", "kubepods-.slice", "a--b.slice", "a/b.slice", "a b.slice", ".slice"] {
+        for bad in [
+            "kubepods",
+            "-kubepods.slice",
+            "kubepods-.slice",
+            "a--b.slice",
+            "a/b.slice",
+            "a b.slice",
+            ".slice",
+        ] {
             assert!(expand_slice(bad).is_err(), "{bad} accepted");
         }
     }
@@ -307,7 +367,8 @@ mod tests {
 
     #[test]
     fn systemd_parent_given_as_path_uses_its_slice() {
-        let path = format!("/kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod{UID}.slice");
+        let path =
+            format!("/kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod{UID}.slice");
         assert_eq!(
             cgroup_path(CgroupDriver::Systemd, &path, ID),
             Ok(format!("kubepods-burstable-pod{UID}.slice:crisp:{ID}"))
@@ -321,13 +382,22 @@ mod tests {
         assert!(cgroup_path(CgroupDriver::Cgroupfs, "/kubepods/../etc", ID).is_err());
         assert!(cgroup_path(CgroupDriver::Systemd, "", ID).is_err());
         assert!(cgroup_path(CgroupDriver::Systemd, "/kubepods/burstable", ID).is_err());
-        assert_eq!(cgroup_path(CgroupDriver::Cgroupfs, "kubepods//x/", ID), Ok(format!("/kubepods/x/crisp-{ID}")));
-        assert_eq!(cgroup_path(CgroupDriver::Cgroupfs, "", ID), Ok(format!("/crisp-{ID}")));
+        assert_eq!(
+            cgroup_path(CgroupDriver::Cgroupfs, "kubepods//x/", ID),
+            Ok(format!("/kubepods/x/crisp-{ID}"))
+        );
+        assert_eq!(
+            cgroup_path(CgroupDriver::Cgroupfs, "", ID),
+            Ok(format!("/crisp-{ID}"))
+        );
     }
 
     #[test]
     fn parent_recovered_from_foreign_paths() {
-        assert_eq!(parent_of("/kubepods/burstable/podX/abc").as_deref(), Some("/kubepods/burstable/podX"));
+        assert_eq!(
+            parent_of("/kubepods/burstable/podX/abc").as_deref(),
+            Some("/kubepods/burstable/podX")
+        );
         assert_eq!(
             parent_of("kubepods-burstable-podX.slice:cri-containerd:abc").as_deref(),
             Some("kubepods-burstable-podX.slice")

@@ -99,17 +99,26 @@ impl Reaper {
     /// subscriber that takes it from there is the one that handles it.
     pub fn subscribe(&self) -> mpsc::UnboundedReceiver<Exit> {
         let (tx, rx) = mpsc::unbounded_channel();
-        self.subscribers.lock().unwrap_or_else(|p| p.into_inner()).push(tx);
+        self.subscribers
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(tx);
         rx
     }
 
     fn reap_forever(&self) {
         loop {
             let exit = match waitpid(Pid::from_raw(-1), None) {
-                Ok(WaitStatus::Exited(pid, code)) => Exit { pid: pid.as_raw(), status: code, at: now() },
-                Ok(WaitStatus::Signaled(pid, sig, _)) => {
-                    Exit { pid: pid.as_raw(), status: 128 + sig as i32, at: now() }
-                }
+                Ok(WaitStatus::Exited(pid, code)) => Exit {
+                    pid: pid.as_raw(),
+                    status: code,
+                    at: now(),
+                },
+                Ok(WaitStatus::Signaled(pid, sig, _)) => Exit {
+                    pid: pid.as_raw(),
+                    status: 128 + sig as i32,
+                    at: now(),
+                },
                 Ok(_) | Err(Errno::EINTR) => continue,
                 Err(Errno::ECHILD) => {
                     // No children right now: sleep until a spawn wakes us, or a
@@ -135,7 +144,9 @@ impl Reaper {
             return;
         }
         let cutoff = Instant::now();
-        table.unclaimed.retain(|_, (_, t)| cutoff.duration_since(*t) < UNCLAIMED_TTL);
+        table
+            .unclaimed
+            .retain(|_, (_, t)| cutoff.duration_since(*t) < UNCLAIMED_TTL);
         table.unclaimed.insert(exit.pid, (exit, Instant::now()));
         drop(table);
         self.subscribers
@@ -161,7 +172,9 @@ impl Reaper {
             // Holding the table lock across fork+exec: the reaper cannot dispatch
             // this pid's exit until the waiter is registered.
             let mut table = self.table.lock().unwrap_or_else(|p| p.into_inner());
-            let child = cmd.spawn().map_err(|e| ReaperError::Spawn(name.clone(), e))?;
+            let child = cmd
+                .spawn()
+                .map_err(|e| ReaperError::Spawn(name.clone(), e))?;
             table.waiters.insert(child.id() as i32, tx);
             self.wake.notify_all();
             child
@@ -197,7 +210,9 @@ impl Reaper {
         let (tx, rx) = oneshot::channel();
         let child = {
             let mut table = self.table.lock().unwrap_or_else(|p| p.into_inner());
-            let child = cmd.spawn().map_err(|e| ReaperError::Spawn(name.clone(), e))?;
+            let child = cmd
+                .spawn()
+                .map_err(|e| ReaperError::Spawn(name.clone(), e))?;
             table.waiters.insert(child.id() as i32, tx);
             self.wake.notify_all();
             child
@@ -236,11 +251,20 @@ mod tests {
             let r = reaper;
             jobs.push(tokio::spawn(async move {
                 let mut cmd = Command::new("sh");
-                cmd.args(["-c", &format!("echo out{i}; echo err{i} >&2; exit {}", i % 7)]);
+                cmd.args([
+                    "-c",
+                    &format!("echo out{i}; echo err{i} >&2; exit {}", i % 7),
+                ]);
                 let out = r.run(cmd).await.expect("runs");
                 assert_eq!(out.status, i % 7);
-                assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), format!("out{i}"));
-                assert_eq!(String::from_utf8_lossy(&out.stderr).trim(), format!("err{i}"));
+                assert_eq!(
+                    String::from_utf8_lossy(&out.stdout).trim(),
+                    format!("out{i}")
+                );
+                assert_eq!(
+                    String::from_utf8_lossy(&out.stderr).trim(),
+                    format!("err{i}")
+                );
             }));
         }
         for j in jobs {

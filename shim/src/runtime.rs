@@ -16,11 +16,20 @@ pub enum RuntimeError {
     #[error("OCI runtime {binary:?} not found on PATH")]
     NotFound { binary: String },
     #[error("{binary} {command} failed (exit {status}): {message}")]
-    Failed { binary: String, command: &'static str, status: i32, message: String },
+    Failed {
+        binary: String,
+        command: &'static str,
+        status: i32,
+        message: String,
+    },
     #[error(transparent)]
     Reaper(#[from] ReaperError),
     #[error("{binary} {command}: unexpected output: {message}")]
-    Output { binary: String, command: &'static str, message: String },
+    Output {
+        binary: String,
+        command: &'static str,
+        message: String,
+    },
 }
 
 /// One OCI runtime binary with its state root.
@@ -45,12 +54,21 @@ pub struct CreateOpts<'a> {
 
 impl Runtime {
     pub fn new(binary: &str, root: PathBuf, systemd_cgroup: bool) -> Result<Runtime, RuntimeError> {
-        let binary = which(binary).ok_or_else(|| RuntimeError::NotFound { binary: binary.to_string() })?;
-        Ok(Runtime { binary, root, systemd_cgroup })
+        let binary = which(binary).ok_or_else(|| RuntimeError::NotFound {
+            binary: binary.to_string(),
+        })?;
+        Ok(Runtime {
+            binary,
+            root,
+            systemd_cgroup,
+        })
     }
 
     fn name(&self) -> String {
-        self.binary.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default()
+        self.binary
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default()
     }
 
     fn command(&self) -> Command {
@@ -86,7 +104,11 @@ impl Runtime {
         stdio: [std::process::Stdio; 3],
     ) -> Result<(), RuntimeError> {
         let mut cmd = self.command();
-        cmd.arg("create").arg("--bundle").arg(bundle).arg("--pid-file").arg(opts.pid_file);
+        cmd.arg("create")
+            .arg("--bundle")
+            .arg(bundle)
+            .arg("--pid-file")
+            .arg(opts.pid_file);
         if let Some(sock) = opts.console_socket {
             cmd.arg("--console-socket").arg(sock);
         }
@@ -174,7 +196,10 @@ impl Runtime {
         stdio: [std::process::Stdio; 3],
     ) -> Result<(), RuntimeError> {
         let mut cmd = self.command();
-        cmd.arg("exec").arg("--detach").arg("--process").arg(process_json);
+        cmd.arg("exec")
+            .arg("--detach")
+            .arg("--process")
+            .arg(process_json);
         cmd.arg("--pid-file").arg(opts.pid_file);
         if let Some(sock) = opts.console_socket {
             cmd.arg("--console-socket").arg(sock);
@@ -191,13 +216,20 @@ impl Runtime {
         let out = self.run("ps", cmd).await?;
         serde_json::from_slice::<Option<Vec<u32>>>(&out)
             .map(Option::unwrap_or_default)
-            .map_err(|e| RuntimeError::Output { binary: self.name(), command: "ps", message: e.to_string() })
+            .map_err(|e| RuntimeError::Output {
+                binary: self.name(),
+                command: "ps",
+                message: e.to_string(),
+            })
     }
 
     /// `update --resources <file>`; `resources` is a LinuxResources JSON document.
     pub async fn update(&self, id: &str, resources_json: &Path) -> Result<(), RuntimeError> {
         let mut cmd = self.command();
-        cmd.arg("update").arg("--resources").arg(resources_json).arg(id);
+        cmd.arg("update")
+            .arg("--resources")
+            .arg(resources_json)
+            .arg(id);
         self.run("update", cmd).await.map(drop)
     }
 
@@ -205,7 +237,11 @@ impl Runtime {
         let mut cmd = Command::new(&self.binary);
         cmd.arg("--version");
         let out = self.run("--version", cmd).await?;
-        Ok(String::from_utf8_lossy(&out).lines().next().unwrap_or_default().to_string())
+        Ok(String::from_utf8_lossy(&out)
+            .lines()
+            .next()
+            .unwrap_or_default()
+            .to_string())
     }
 }
 
@@ -229,24 +265,39 @@ pub fn json_log_errors(log: &[u8]) -> String {
             }
         }
     }
-    if msgs.is_empty() { text.trim().to_string() } else { msgs.join("; ") }
+    if msgs.is_empty() {
+        text.trim().to_string()
+    } else {
+        msgs.join("; ")
+    }
 }
 
 fn error_message(stderr: &[u8], stdout: &[u8]) -> String {
     let e = String::from_utf8_lossy(stderr).trim().to_string();
-    if e.is_empty() { String::from_utf8_lossy(stdout).trim().to_string() } else { e }
+    if e.is_empty() {
+        String::from_utf8_lossy(stdout).trim().to_string()
+    } else {
+        e
+    }
 }
 
 /// Finds `binary` on PATH (or takes it as given when it holds a '/').
 pub fn which(binary: &str) -> Option<PathBuf> {
     use std::os::unix::fs::PermissionsExt;
-    let executable = |p: &Path| p.metadata().map(|m| m.is_file() && m.permissions().mode() & 0o111 != 0).unwrap_or(false);
+    let executable = |p: &Path| {
+        p.metadata()
+            .map(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+            .unwrap_or(false)
+    };
     if binary.contains('/') {
         let p = PathBuf::from(binary);
         return executable(&p).then_some(p);
     }
-    let path = std::env::var_os("PATH").unwrap_or_else(|| "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin".into());
-    std::env::split_paths(&path).map(|d| d.join(binary)).find(|p| executable(p))
+    let path = std::env::var_os("PATH")
+        .unwrap_or_else(|| "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin".into());
+    std::env::split_paths(&path)
+        .map(|d| d.join(binary))
+        .find(|p| executable(p))
 }
 
 /// The cgroup layout of this host, as OCI runtimes care about it.
@@ -263,7 +314,11 @@ pub enum CgroupLayout {
 const CGROUP2_SUPER_MAGIC: i64 = 0x6367_7270;
 
 pub fn cgroup_layout() -> CgroupLayout {
-    let fs_type = |p: &str| nix::sys::statfs::statfs(p).map(|s| s.filesystem_type().0).ok();
+    let fs_type = |p: &str| {
+        nix::sys::statfs::statfs(p)
+            .map(|s| s.filesystem_type().0)
+            .ok()
+    };
     if fs_type("/sys/fs/cgroup") == Some(CGROUP2_SUPER_MAGIC) {
         CgroupLayout::Unified
     } else if fs_type("/sys/fs/cgroup/unified") == Some(CGROUP2_SUPER_MAGIC) {
@@ -277,7 +332,10 @@ pub fn cgroup_layout() -> CgroupLayout {
 /// crun (at least up to the 1.8 Debian ships) refuses hybrid layouts with
 /// "cgroups in hybrid mode not supported".
 pub fn known_unusable(binary: &str, layout: CgroupLayout) -> Option<String> {
-    let name = Path::new(binary).file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let name = Path::new(binary)
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
     (name == "crun" && layout == CgroupLayout::Hybrid).then(|| {
         "crun refuses this host's hybrid cgroup layout (v1 controllers plus cgroup2 at /sys/fs/cgroup/unified): \"cgroups in hybrid mode not supported\"".to_string()
     })
@@ -289,7 +347,10 @@ pub async fn probe_default() -> String {
     let layout = cgroup_layout();
     match which("crun") {
         None => {
-            tracing::info!(runtime = "runc", "default OCI runtime: runc (crun is not installed)");
+            tracing::info!(
+                runtime = "runc",
+                "default OCI runtime: runc (crun is not installed)"
+            );
             "runc".into()
         }
         Some(crun) => {
@@ -297,7 +358,11 @@ pub async fn probe_default() -> String {
                 tracing::info!(runtime = "runc", reason = %why, "default OCI runtime: runc");
                 return "runc".into();
             }
-            let rt = Runtime { binary: crun, root: std::env::temp_dir(), systemd_cgroup: false };
+            let rt = Runtime {
+                binary: crun,
+                root: std::env::temp_dir(),
+                systemd_cgroup: false,
+            };
             match rt.version().await {
                 Ok(v) => {
                     tracing::info!(runtime = "crun", version = %v, ?layout, "default OCI runtime: crun");

@@ -17,8 +17,14 @@ use async_trait::async_trait;
 use containerd_shim::publisher::RemotePublisher;
 use containerd_shim_protos::{
     api::{self, Status},
-    events::task::{TaskCreate, TaskDelete, TaskExecAdded, TaskExecStarted, TaskExit, TaskIO, TaskOOM, TaskStart},
-    protobuf::{EnumOrUnknown, MessageDyn, MessageField, well_known_types::{any::Any, empty::Empty, timestamp::Timestamp}},
+    events::task::{
+        TaskCreate, TaskDelete, TaskExecAdded, TaskExecStarted, TaskExit, TaskIO, TaskOOM,
+        TaskStart,
+    },
+    protobuf::{
+        EnumOrUnknown, MessageDyn, MessageField,
+        well_known_types::{any::Any, empty::Empty, timestamp::Timestamp},
+    },
     shim::oci::ProcessDetails,
     shim_async::Task,
     topics,
@@ -112,7 +118,9 @@ impl ProcState {
                 self.status = to;
                 Ok(())
             }
-            (from, to) => Err(TaskError::FailedPrecondition(format!("process cannot go from {from:?} to {to:?}"))),
+            (from, to) => Err(TaskError::FailedPrecondition(format!(
+                "process cannot go from {from:?} to {to:?}"
+            ))),
         }
     }
 }
@@ -133,7 +141,11 @@ impl Proc {
             exec_id: exec_id.to_string(),
             stdio,
             exec_spec,
-            state: tokio::sync::Mutex::new(ProcState { status: ProcStatus::Created, pid: 0, exited: None }),
+            state: tokio::sync::Mutex::new(ProcState {
+                status: ProcStatus::Created,
+                pid: 0,
+                exited: None,
+            }),
             exited_tx: watch::channel(None).0,
             io: Mutex::new(ProcessIo::default()),
         })
@@ -178,23 +190,42 @@ pub type EventLog = Arc<Mutex<Vec<(String, String)>>>;
 
 impl Events {
     pub fn new(publisher: Option<RemotePublisher>, namespace: &str) -> Events {
-        Events { publisher: publisher.map(Arc::new), namespace: namespace.to_string(), record: None }
+        Events {
+            publisher: publisher.map(Arc::new),
+            namespace: namespace.to_string(),
+            record: None,
+        }
     }
 
     /// Events that are only recorded, for tests.
     pub fn recorder(namespace: &str) -> (Events, EventLog) {
         let log = EventLog::default();
-        (Events { publisher: None, namespace: namespace.to_string(), record: Some(log.clone()) }, log)
+        (
+            Events {
+                publisher: None,
+                namespace: namespace.to_string(),
+                record: Some(log.clone()),
+            },
+            log,
+        )
     }
 
     pub(crate) async fn publish(&self, topic: &str, event: Box<dyn MessageDyn>) {
         tracing::debug!(topic, "event");
         if let Some(r) = &self.record {
-            let text = containerd_shim_protos::protobuf::text_format::print_to_string(event.as_ref());
+            let text =
+                containerd_shim_protos::protobuf::text_format::print_to_string(event.as_ref());
             lock(r).push((topic.to_string(), text));
         }
         if let Some(p) = &self.publisher
-            && let Err(e) = p.publish(ttrpc::context::Context::default(), topic, &self.namespace, event).await
+            && let Err(e) = p
+                .publish(
+                    ttrpc::context::Context::default(),
+                    topic,
+                    &self.namespace,
+                    event,
+                )
+                .await
         {
             warn!(topic, error = %e, "publish event failed");
         }
@@ -229,7 +260,11 @@ pub struct TaskService {
 
 pub(crate) fn ts(t: SystemTime) -> Timestamp {
     let d = t.duration_since(SystemTime::UNIX_EPOCH).unwrap_or_default();
-    Timestamp { seconds: d.as_secs() as i64, nanos: d.subsec_nanos() as i32, ..Default::default() }
+    Timestamp {
+        seconds: d.as_secs() as i64,
+        nanos: d.subsec_nanos() as i32,
+        ..Default::default()
+    }
 }
 
 impl TaskService {
@@ -259,15 +294,24 @@ impl TaskService {
         tokio::spawn(async move {
             while let Some(id) = oom_rx.recv().await {
                 info!(container_id = %id, "oom");
-                let ev = TaskOOM { container_id: id, ..Default::default() };
-                s.inner.events.publish(topics::TASK_OOM_EVENT_TOPIC, Box::new(ev)).await;
+                let ev = TaskOOM {
+                    container_id: id,
+                    ..Default::default()
+                };
+                s.inner
+                    .events
+                    .publish(topics::TASK_OOM_EVENT_TOPIC, Box::new(ev))
+                    .await;
             }
         });
         svc
     }
 
     fn container(&self, id: &str) -> Result<Arc<Container>> {
-        lock(&self.inner.containers).get(id).cloned().ok_or_else(|| TaskError::NotFound(format!("task {id} not found")))
+        lock(&self.inner.containers)
+            .get(id)
+            .cloned()
+            .ok_or_else(|| TaskError::NotFound(format!("task {id} not found")))
     }
 
     /// An exit the reaper could not hand to a waiting command.
@@ -288,7 +332,10 @@ impl TaskService {
         if st.transition(ProcStatus::Stopped).is_err() {
             return;
         }
-        let exited = Exited { status: exit.status as u32, at: exit.at };
+        let exited = Exited {
+            status: exit.status as u32,
+            at: exit.at,
+        };
         st.exited = Some(exited);
         lock(&self.inner.pids).remove(&exit.pid);
         // send_replace: `send` drops the value when nobody is waiting yet.
@@ -296,33 +343,54 @@ impl TaskService {
         info!(container_id = %c.id, exec_id = %p.exec_id, pid = exit.pid, status = exit.status, "exited");
         let ev = TaskExit {
             container_id: c.id.clone(),
-            id: if p.exec_id.is_empty() { c.id.clone() } else { p.exec_id.clone() },
+            id: if p.exec_id.is_empty() {
+                c.id.clone()
+            } else {
+                p.exec_id.clone()
+            },
             pid: exit.pid as u32,
             exit_status: exited.status,
             exited_at: MessageField::some(ts(exited.at)),
             ..Default::default()
         };
-        self.inner.events.publish(topics::TASK_EXIT_EVENT_TOPIC, Box::new(ev)).await;
+        self.inner
+            .events
+            .publish(topics::TASK_EXIT_EVENT_TOPIC, Box::new(ev))
+            .await;
     }
 
     fn runtime_for(&self, opts: &Options) -> Result<Runtime> {
-        let binary = if opts.binary_name.is_empty() { self.inner.config.default_runtime.clone() } else { opts.binary_name.clone() };
-        let name = Path::new(&binary).file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| binary.clone());
+        let binary = if opts.binary_name.is_empty() {
+            self.inner.config.default_runtime.clone()
+        } else {
+            opts.binary_name.clone()
+        };
+        let name = Path::new(&binary)
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_else(|| binary.clone());
         let root = if opts.root.is_empty() {
-            PathBuf::from("/run/crisp").join(&name).join(&self.inner.config.namespace)
+            PathBuf::from("/run/crisp")
+                .join(&name)
+                .join(&self.inner.config.namespace)
         } else {
             PathBuf::from(&opts.root)
         };
-        Runtime::new(&binary, root, opts.systemd_cgroup).map_err(|e| TaskError::FailedPrecondition(e.to_string()))
+        Runtime::new(&binary, root, opts.systemd_cgroup)
+            .map_err(|e| TaskError::FailedPrecondition(e.to_string()))
     }
 
     pub async fn create(&self, req: api::CreateTaskRequest) -> Result<api::CreateTaskResponse> {
         let id = req.id.clone();
         if lock(&self.inner.containers).contains_key(&id) {
-            return Err(TaskError::AlreadyExists(format!("task {id} already exists")));
+            return Err(TaskError::AlreadyExists(format!(
+                "task {id} already exists"
+            )));
         }
         let overrides = match req.options.as_ref() {
-            Some(any) => options::decode(any).map_err(|e| TaskError::InvalidArgument(e.to_string()))?,
+            Some(any) => {
+                options::decode(any).map_err(|e| TaskError::InvalidArgument(e.to_string()))?
+            }
             None => None,
         };
         let opts = options::merge(&self.inner.config.handler, overrides.as_ref());
@@ -332,11 +400,19 @@ impl TaskService {
 
         // The one placement, and the oom_score_adj floor.
         let mut oci = spec::read(&bundle).map_err(|e| TaskError::InvalidArgument(e.to_string()))?;
-        let cgroups_path = spec::place(&mut oci, driver, &id).map_err(|e| TaskError::InvalidArgument(e.to_string()))?;
+        let cgroups_path = spec::place(&mut oci, driver, &id)
+            .map_err(|e| TaskError::InvalidArgument(e.to_string()))?;
         if let Some(process) = oci.get_mut("process")
-            && let Some((from, to)) = spec::restrict_oom_score_adj(process, spec::own_oom_score_adj(), spec::has_cap_sys_resource())
+            && let Some((from, to)) = spec::restrict_oom_score_adj(
+                process,
+                spec::own_oom_score_adj(),
+                spec::has_cap_sys_resource(),
+            )
         {
-            info!(from, to, "no CAP_SYS_RESOURCE: oom_score_adj raised to the shim's own");
+            info!(
+                from,
+                to, "no CAP_SYS_RESOURCE: oom_score_adj raised to the shim's own"
+            );
         }
         spec::write(&bundle, &oci).map_err(|e| internal!("{e}"))?;
         info!(runtime = %runtime.binary.display(), %cgroups_path, %driver, "creating");
@@ -374,7 +450,12 @@ impl TaskService {
             return Err(internal!("{}", undo(format!("record runtime: {e}")).await));
         }
 
-        let paths = StdioPaths { stdin: req.stdin.clone(), stdout: req.stdout.clone(), stderr: req.stderr.clone(), terminal: req.terminal };
+        let paths = StdioPaths {
+            stdin: req.stdin.clone(),
+            stdout: req.stdout.clone(),
+            stderr: req.stderr.clone(),
+            terminal: req.terminal,
+        };
         let (stdio, mut pio) = match io::open(&paths) {
             Ok(x) => x,
             Err(e) => return Err(TaskError::InvalidArgument(undo(e.to_string()).await)),
@@ -397,14 +478,18 @@ impl TaskService {
         };
         if let Err(e) = runtime.create(&id, &bundle, &copts, stdio).await {
             let mut msg = e.to_string();
-            if let Some(why) = runtime::known_unusable(&runtime.binary.to_string_lossy(), runtime::cgroup_layout()) {
+            if let Some(why) =
+                runtime::known_unusable(&runtime.binary.to_string_lossy(), runtime::cgroup_layout())
+            {
                 msg = format!("{msg} ({why})");
             }
             warn!(error = %msg, "create failed");
             return Err(TaskError::FailedPrecondition(undo(msg).await));
         }
         if let Some(console) = console {
-            let attached = console.receive().and_then(|m| io::attach_console(m, &paths, &mut pio));
+            let attached = console
+                .receive()
+                .and_then(|m| io::attach_console(m, &paths, &mut pio));
             if let Err(e) = attached {
                 return Err(internal!("{}", undo(e.to_string()).await));
             }
@@ -417,7 +502,14 @@ impl TaskService {
         let init = Proc::new("", paths.clone(), None);
         *lock(&init.io) = pio;
         init.state.lock().await.pid = pid;
-        let c = Arc::new(Container { id: id.clone(), bundle: bundle.clone(), runtime, rootfs, init, execs: Mutex::default() });
+        let c = Arc::new(Container {
+            id: id.clone(),
+            bundle: bundle.clone(),
+            runtime,
+            rootfs,
+            init,
+            execs: Mutex::default(),
+        });
         lock(&self.inner.containers).insert(id.clone(), c);
         lock(&self.inner.pids).insert(pid, (id.clone(), String::new()));
 
@@ -425,13 +517,25 @@ impl TaskService {
             container_id: id.clone(),
             bundle: req.bundle.clone(),
             rootfs: req.rootfs.clone(),
-            io: MessageField::some(TaskIO { stdin: req.stdin, stdout: req.stdout, stderr: req.stderr, terminal: req.terminal, ..Default::default() }),
+            io: MessageField::some(TaskIO {
+                stdin: req.stdin,
+                stdout: req.stdout,
+                stderr: req.stderr,
+                terminal: req.terminal,
+                ..Default::default()
+            }),
             checkpoint: req.checkpoint,
             pid: pid as u32,
             ..Default::default()
         };
-        self.inner.events.publish(topics::TASK_CREATE_EVENT_TOPIC, Box::new(ev)).await;
-        Ok(api::CreateTaskResponse { pid: pid as u32, ..Default::default() })
+        self.inner
+            .events
+            .publish(topics::TASK_CREATE_EVENT_TOPIC, Box::new(ev))
+            .await;
+        Ok(api::CreateTaskResponse {
+            pid: pid as u32,
+            ..Default::default()
+        })
     }
 
     pub async fn start(&self, req: api::StartRequest) -> Result<api::StartResponse> {
@@ -439,13 +543,23 @@ impl TaskService {
         let p = c.process(&req.exec_id)?;
         let mut st = p.state.lock().await;
         if st.status != ProcStatus::Created {
-            return Err(TaskError::FailedPrecondition(format!("process is {:?}, not created", st.status)));
+            return Err(TaskError::FailedPrecondition(format!(
+                "process is {:?}, not created",
+                st.status
+            )));
         }
         if p.exec_id.is_empty() {
             c.runtime.start(&c.id).await.map_err(runtime_error)?;
             st.transition(ProcStatus::Running)?;
-            let ev = TaskStart { container_id: c.id.clone(), pid: st.pid as u32, ..Default::default() };
-            self.inner.events.publish(topics::TASK_START_EVENT_TOPIC, Box::new(ev)).await;
+            let ev = TaskStart {
+                container_id: c.id.clone(),
+                pid: st.pid as u32,
+                ..Default::default()
+            };
+            self.inner
+                .events
+                .publish(topics::TASK_START_EVENT_TOPIC, Box::new(ev))
+                .await;
             let oom_tx = self.inner.oom_tx.clone();
             let cid = c.id.clone();
             if let Err(e) = cgroup::watch_oom(st.pid, move || {
@@ -458,8 +572,16 @@ impl TaskService {
             st.pid = pid;
             st.transition(ProcStatus::Running)?;
             lock(&self.inner.pids).insert(pid, (c.id.clone(), p.exec_id.clone()));
-            let ev = TaskExecStarted { container_id: c.id.clone(), exec_id: p.exec_id.clone(), pid: pid as u32, ..Default::default() };
-            self.inner.events.publish(topics::TASK_EXEC_STARTED_EVENT_TOPIC, Box::new(ev)).await;
+            let ev = TaskExecStarted {
+                container_id: c.id.clone(),
+                exec_id: p.exec_id.clone(),
+                pid: pid as u32,
+                ..Default::default()
+            };
+            self.inner
+                .events
+                .publish(topics::TASK_EXEC_STARTED_EVENT_TOPIC, Box::new(ev))
+                .await;
         }
         // The process may have exited (and been reaped) before it was indexed;
         // its start event is out, so its exit can follow now.
@@ -467,26 +589,47 @@ impl TaskService {
         if let Some(exit) = Reaper::global().take_unclaimed(pid) {
             self.process_exited(&c, &p, &mut st, exit).await;
         }
-        Ok(api::StartResponse { pid: pid as u32, ..Default::default() })
+        Ok(api::StartResponse {
+            pid: pid as u32,
+            ..Default::default()
+        })
     }
 
     async fn start_exec(&self, c: &Container, p: &Proc) -> Result<i32> {
         let spec_path = c.bundle.join(format!("exec-{}.json", p.exec_id));
         let pid_file = c.bundle.join(format!("exec-{}.pid", p.exec_id));
         let mut process: serde_json::Value =
-            serde_json::from_slice(p.exec_spec.as_deref().unwrap_or(b"{}")).map_err(|e| TaskError::InvalidArgument(format!("exec spec: {e}")))?;
-        spec::restrict_oom_score_adj(&mut process, spec::own_oom_score_adj(), spec::has_cap_sys_resource());
+            serde_json::from_slice(p.exec_spec.as_deref().unwrap_or(b"{}"))
+                .map_err(|e| TaskError::InvalidArgument(format!("exec spec: {e}")))?;
+        spec::restrict_oom_score_adj(
+            &mut process,
+            spec::own_oom_score_adj(),
+            spec::has_cap_sys_resource(),
+        );
         let bytes = serde_json::to_vec(&process).map_err(|e| internal!("{e}"))?;
         std::fs::write(&spec_path, bytes).map_err(|e| internal!("write exec spec: {e}"))?;
-        let (stdio, mut pio) = io::open(&p.stdio).map_err(|e| TaskError::InvalidArgument(e.to_string()))?;
-        let console = if p.stdio.terminal { Some(Console::new().map_err(|e| internal!("{e}"))?) } else { None };
+        let (stdio, mut pio) =
+            io::open(&p.stdio).map_err(|e| TaskError::InvalidArgument(e.to_string()))?;
+        let console = if p.stdio.terminal {
+            Some(Console::new().map_err(|e| internal!("{e}"))?)
+        } else {
+            None
+        };
         let console_path = console.as_ref().map(Console::path);
-        let copts = CreateOpts { pid_file: &pid_file, console_socket: console_path.as_deref(), no_pivot: false, no_new_keyring: false };
+        let copts = CreateOpts {
+            pid_file: &pid_file,
+            console_socket: console_path.as_deref(),
+            no_pivot: false,
+            no_new_keyring: false,
+        };
         let res = c.runtime.exec(&c.id, &spec_path, &copts, stdio).await;
         let _ = std::fs::remove_file(&spec_path);
         res.map_err(runtime_error)?;
         if let Some(console) = console {
-            console.receive().and_then(|m| io::attach_console(m, &p.stdio, &mut pio)).map_err(|e| internal!("{e}"))?;
+            console
+                .receive()
+                .and_then(|m| io::attach_console(m, &p.stdio, &mut pio))
+                .map_err(|e| internal!("{e}"))?;
         }
         *lock(&p.io) = pio;
         let pid = read_pid(&pid_file).map_err(|e| internal!("{e}"))?;
@@ -500,16 +643,30 @@ impl TaskService {
             let p = c.process(&req.exec_id)?;
             let st = p.state.lock().await;
             if st.status == ProcStatus::Running {
-                return Err(TaskError::FailedPrecondition(format!("exec {} is still running", req.exec_id)));
+                return Err(TaskError::FailedPrecondition(format!(
+                    "exec {} is still running",
+                    req.exec_id
+                )));
             }
             lock(&c.execs).remove(&req.exec_id);
             lock(&p.io).close_stdin();
-            let e = st.exited.unwrap_or(Exited { status: 0, at: SystemTime::now() });
-            return Ok(api::DeleteResponse { pid: st.pid as u32, exit_status: e.status, exited_at: MessageField::some(ts(e.at)), ..Default::default() });
+            let e = st.exited.unwrap_or(Exited {
+                status: 0,
+                at: SystemTime::now(),
+            });
+            return Ok(api::DeleteResponse {
+                pid: st.pid as u32,
+                exit_status: e.status,
+                exited_at: MessageField::some(ts(e.at)),
+                ..Default::default()
+            });
         }
         let mut st = c.init.state.lock().await;
         if st.status == ProcStatus::Running {
-            return Err(TaskError::FailedPrecondition(format!("task {} is still running", c.id)));
+            return Err(TaskError::FailedPrecondition(format!(
+                "task {} is still running",
+                c.id
+            )));
         }
         if let Err(e) = c.runtime.delete(&c.id, true).await {
             // A container the runtime no longer knows is already deleted.
@@ -524,12 +681,18 @@ impl TaskService {
         if st.status == ProcStatus::Created {
             // Never started: deleted before it ran. Report it like a kill.
             let _ = st.transition(ProcStatus::Stopped);
-            st.exited = Some(Exited { status: 128 + 9, at: SystemTime::now() });
+            st.exited = Some(Exited {
+                status: 128 + 9,
+                at: SystemTime::now(),
+            });
             c.init.exited_tx.send_replace(st.exited);
         }
         lock(&self.inner.containers).remove(&c.id);
         lock(&self.inner.pids).retain(|_, (cid, _)| *cid != c.id);
-        let e = st.exited.unwrap_or(Exited { status: 0, at: SystemTime::now() });
+        let e = st.exited.unwrap_or(Exited {
+            status: 0,
+            at: SystemTime::now(),
+        });
         let ev = TaskDelete {
             container_id: c.id.clone(),
             pid: st.pid as u32,
@@ -538,9 +701,17 @@ impl TaskService {
             id: c.id.clone(),
             ..Default::default()
         };
-        self.inner.events.publish(topics::TASK_DELETE_EVENT_TOPIC, Box::new(ev)).await;
+        self.inner
+            .events
+            .publish(topics::TASK_DELETE_EVENT_TOPIC, Box::new(ev))
+            .await;
         info!("deleted");
-        Ok(api::DeleteResponse { pid: st.pid as u32, exit_status: e.status, exited_at: MessageField::some(ts(e.at)), ..Default::default() })
+        Ok(api::DeleteResponse {
+            pid: st.pid as u32,
+            exit_status: e.status,
+            exited_at: MessageField::some(ts(e.at)),
+            ..Default::default()
+        })
     }
 
     pub async fn kill(&self, req: api::KillRequest) -> Result<()> {
@@ -549,46 +720,81 @@ impl TaskService {
         let st = p.state.lock().await;
         if p.exec_id.is_empty() {
             if st.status == ProcStatus::Stopped && !req.all {
-                return Err(TaskError::NotFound(format!("task {} has already exited", c.id)));
+                return Err(TaskError::NotFound(format!(
+                    "task {} has already exited",
+                    c.id
+                )));
             }
             return match c.runtime.kill(&c.id, req.signal, req.all).await {
                 Ok(()) => Ok(()),
-                Err(RuntimeError::Failed { message, .. }) if message.contains("not running") || message.contains("does not exist") => {
+                Err(RuntimeError::Failed { message, .. })
+                    if message.contains("not running") || message.contains("does not exist") =>
+                {
                     Err(TaskError::NotFound(format!("task {}: {message}", c.id)))
                 }
                 Err(e) => Err(runtime_error(e)),
             };
         }
         if st.status != ProcStatus::Running {
-            return Err(TaskError::NotFound(format!("exec {} is not running", p.exec_id)));
+            return Err(TaskError::NotFound(format!(
+                "exec {} is not running",
+                p.exec_id
+            )));
         }
-        let sig = nix::sys::signal::Signal::try_from(req.signal as i32).map_err(|e| TaskError::InvalidArgument(e.to_string()))?;
+        let sig = nix::sys::signal::Signal::try_from(req.signal as i32)
+            .map_err(|e| TaskError::InvalidArgument(e.to_string()))?;
         // The pid cannot be reused: it is our child and not reaped while Running
         // (the reaper's exit goes through this same lock first).
-        nix::sys::signal::kill(nix::unistd::Pid::from_raw(st.pid), sig).map_err(|e| internal!("kill {}: {e}", st.pid))
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(st.pid), sig)
+            .map_err(|e| internal!("kill {}: {e}", st.pid))
     }
 
     pub async fn exec(&self, req: api::ExecProcessRequest) -> Result<()> {
         let c = self.container(&req.id)?;
         if c.init.state.lock().await.status != ProcStatus::Running {
-            return Err(TaskError::FailedPrecondition(format!("task {} is not running", c.id)));
+            return Err(TaskError::FailedPrecondition(format!(
+                "task {} is not running",
+                c.id
+            )));
         }
-        let spec = req.spec.as_ref().map(|a| a.value.clone()).ok_or_else(|| TaskError::InvalidArgument("exec without a process spec".into()))?;
+        let spec = req
+            .spec
+            .as_ref()
+            .map(|a| a.value.clone())
+            .ok_or_else(|| TaskError::InvalidArgument("exec without a process spec".into()))?;
         for s in [&req.stdin, &req.stdout, &req.stderr] {
             if !io::is_supported(s) {
                 return Err(TaskError::InvalidArgument(format!("unsupported stdio {s}")));
             }
         }
-        let paths = StdioPaths { stdin: req.stdin.clone(), stdout: req.stdout.clone(), stderr: req.stderr.clone(), terminal: req.terminal };
+        let paths = StdioPaths {
+            stdin: req.stdin.clone(),
+            stdout: req.stdout.clone(),
+            stderr: req.stderr.clone(),
+            terminal: req.terminal,
+        };
         {
             let mut execs = lock(&c.execs);
             if execs.contains_key(&req.exec_id) {
-                return Err(TaskError::AlreadyExists(format!("exec {} already exists", req.exec_id)));
+                return Err(TaskError::AlreadyExists(format!(
+                    "exec {} already exists",
+                    req.exec_id
+                )));
             }
-            execs.insert(req.exec_id.clone(), Proc::new(&req.exec_id, paths, Some(spec)));
+            execs.insert(
+                req.exec_id.clone(),
+                Proc::new(&req.exec_id, paths, Some(spec)),
+            );
         }
-        let ev = TaskExecAdded { container_id: c.id.clone(), exec_id: req.exec_id.clone(), ..Default::default() };
-        self.inner.events.publish(topics::TASK_EXEC_ADDED_EVENT_TOPIC, Box::new(ev)).await;
+        let ev = TaskExecAdded {
+            container_id: c.id.clone(),
+            exec_id: req.exec_id.clone(),
+            ..Default::default()
+        };
+        self.inner
+            .events
+            .publish(topics::TASK_EXEC_ADDED_EVENT_TOPIC, Box::new(ev))
+            .await;
         Ok(())
     }
 
@@ -602,7 +808,11 @@ impl TaskService {
             ProcStatus::Stopped => Status::STOPPED,
         };
         let mut resp = api::StateResponse {
-            id: if p.exec_id.is_empty() { c.id.clone() } else { p.exec_id.clone() },
+            id: if p.exec_id.is_empty() {
+                c.id.clone()
+            } else {
+                p.exec_id.clone()
+            },
             bundle: c.bundle.display().to_string(),
             pid: st.pid as u32,
             status: EnumOrUnknown::new(status),
@@ -632,7 +842,11 @@ impl TaskService {
                 return Err(internal!("process vanished"));
             }
         };
-        Ok(api::WaitResponse { exit_status: e.status, exited_at: MessageField::some(ts(e.at)), ..Default::default() })
+        Ok(api::WaitResponse {
+            exit_status: e.status,
+            exited_at: MessageField::some(ts(e.at)),
+            ..Default::default()
+        })
     }
 
     pub async fn pids(&self, req: api::PidsRequest) -> Result<api::PidsResponse> {
@@ -647,9 +861,15 @@ impl TaskService {
         let processes = pids
             .into_iter()
             .map(|pid| {
-                let mut info = api::ProcessInfo { pid, ..Default::default() };
+                let mut info = api::ProcessInfo {
+                    pid,
+                    ..Default::default()
+                };
                 if let Some(exec_id) = execs.get(&pid) {
-                    let d = ProcessDetails { exec_id: exec_id.clone(), ..Default::default() };
+                    let d = ProcessDetails {
+                        exec_id: exec_id.clone(),
+                        ..Default::default()
+                    };
                     if let Ok(any) = Any::pack(&d) {
                         info.info = MessageField::some(any);
                     }
@@ -657,12 +877,18 @@ impl TaskService {
                 info
             })
             .collect();
-        Ok(api::PidsResponse { processes, ..Default::default() })
+        Ok(api::PidsResponse {
+            processes,
+            ..Default::default()
+        })
     }
 
     pub async fn update(&self, req: api::UpdateTaskRequest) -> Result<()> {
         let c = self.container(&req.id)?;
-        let resources = req.resources.as_ref().ok_or_else(|| TaskError::InvalidArgument("update without resources".into()))?;
+        let resources = req
+            .resources
+            .as_ref()
+            .ok_or_else(|| TaskError::InvalidArgument("update without resources".into()))?;
         // containerd encodes runtime-spec types as JSON inside the Any.
         let path = c.bundle.join("update-resources.json");
         std::fs::write(&path, &resources.value).map_err(|e| internal!("{e}"))?;
@@ -678,7 +904,10 @@ impl TaskService {
             .await
             .map_err(|e| internal!("{e}"))?
             .map_err(|e| TaskError::NotFound(e.to_string()))?;
-        Ok(api::StatsResponse { stats: MessageField::some(any), ..Default::default() })
+        Ok(api::StatsResponse {
+            stats: MessageField::some(any),
+            ..Default::default()
+        })
     }
 
     pub fn close_io(&self, req: api::CloseIORequest) -> Result<()> {
@@ -693,7 +922,9 @@ impl TaskService {
     pub fn resize_pty(&self, req: api::ResizePtyRequest) -> Result<()> {
         let c = self.container(&req.id)?;
         let p = c.process(&req.exec_id)?;
-        lock(&p.io).resize(req.width, req.height).map_err(|e| TaskError::FailedPrecondition(e.to_string()))
+        lock(&p.io)
+            .resize(req.width, req.height)
+            .map_err(|e| TaskError::FailedPrecondition(e.to_string()))
     }
 
     pub async fn connect(&self, req: api::ConnectRequest) -> Result<api::ConnectResponse> {
@@ -701,7 +932,12 @@ impl TaskService {
             Ok(c) => c.init.state.lock().await.pid as u32,
             Err(_) => 0,
         };
-        Ok(api::ConnectResponse { shim_pid: std::process::id(), task_pid, version: env!("CARGO_PKG_VERSION").into(), ..Default::default() })
+        Ok(api::ConnectResponse {
+            shim_pid: std::process::id(),
+            task_pid,
+            version: env!("CARGO_PKG_VERSION").into(),
+            ..Default::default()
+        })
     }
 
     /// Tasks the shim still has (created and not deleted).
@@ -711,7 +947,9 @@ impl TaskService {
 
     /// While held, a task Shutdown does not end the shim (its pod sandbox lives).
     pub fn hold(&self, held: bool) {
-        self.inner.held.store(held, std::sync::atomic::Ordering::SeqCst);
+        self.inner
+            .held
+            .store(held, std::sync::atomic::Ordering::SeqCst);
     }
 
     fn shutdown(&self) {
@@ -736,8 +974,11 @@ fn runtime_error(e: RuntimeError) -> TaskError {
 }
 
 fn read_pid(path: &Path) -> std::result::Result<i32, String> {
-    let s = std::fs::read_to_string(path).map_err(|e| format!("read pid file {}: {e}", path.display()))?;
-    s.trim().parse().map_err(|e| format!("pid file {}: {e}", path.display()))
+    let s = std::fs::read_to_string(path)
+        .map_err(|e| format!("read pid file {}: {e}", path.display()))?;
+    s.trim()
+        .parse()
+        .map_err(|e| format!("pid file {}: {e}", path.display()))
 }
 
 fn write_record(bundle: &Path, record: &RuntimeRecord) -> std::io::Result<()> {
@@ -769,47 +1010,111 @@ macro_rules! call {
 
 #[async_trait]
 impl Task for TaskService {
-    async fn state(&self, _: &TtrpcContext, req: api::StateRequest) -> ttrpc::Result<api::StateResponse> {
+    async fn state(
+        &self,
+        _: &TtrpcContext,
+        req: api::StateRequest,
+    ) -> ttrpc::Result<api::StateResponse> {
         call!(self, "state", req, self.state(req.clone()).await)
     }
-    async fn create(&self, _: &TtrpcContext, req: api::CreateTaskRequest) -> ttrpc::Result<api::CreateTaskResponse> {
+    async fn create(
+        &self,
+        _: &TtrpcContext,
+        req: api::CreateTaskRequest,
+    ) -> ttrpc::Result<api::CreateTaskResponse> {
         call!(self, "create", req, self.create(req.clone()).await)
     }
-    async fn start(&self, _: &TtrpcContext, req: api::StartRequest) -> ttrpc::Result<api::StartResponse> {
+    async fn start(
+        &self,
+        _: &TtrpcContext,
+        req: api::StartRequest,
+    ) -> ttrpc::Result<api::StartResponse> {
         call!(self, "start", req, self.start(req.clone()).await)
     }
-    async fn delete(&self, _: &TtrpcContext, req: api::DeleteRequest) -> ttrpc::Result<api::DeleteResponse> {
+    async fn delete(
+        &self,
+        _: &TtrpcContext,
+        req: api::DeleteRequest,
+    ) -> ttrpc::Result<api::DeleteResponse> {
         call!(self, "delete", req, self.delete(req.clone()).await)
     }
-    async fn pids(&self, _: &TtrpcContext, req: api::PidsRequest) -> ttrpc::Result<api::PidsResponse> {
+    async fn pids(
+        &self,
+        _: &TtrpcContext,
+        req: api::PidsRequest,
+    ) -> ttrpc::Result<api::PidsResponse> {
         call!(self, "pids", req, self.pids(req.clone()).await)
     }
     async fn kill(&self, _: &TtrpcContext, req: api::KillRequest) -> ttrpc::Result<Empty> {
-        call!(self, "kill", req, self.kill(req.clone()).await.map(|()| Empty::new()))
+        call!(
+            self,
+            "kill",
+            req,
+            self.kill(req.clone()).await.map(|()| Empty::new())
+        )
     }
     async fn exec(&self, _: &TtrpcContext, req: api::ExecProcessRequest) -> ttrpc::Result<Empty> {
-        call!(self, "exec", req, self.exec(req.clone()).await.map(|()| Empty::new()))
+        call!(
+            self,
+            "exec",
+            req,
+            self.exec(req.clone()).await.map(|()| Empty::new())
+        )
     }
-    async fn resize_pty(&self, _: &TtrpcContext, req: api::ResizePtyRequest) -> ttrpc::Result<Empty> {
-        call!(self, "resize_pty", req, self.resize_pty(req.clone()).map(|()| Empty::new()))
+    async fn resize_pty(
+        &self,
+        _: &TtrpcContext,
+        req: api::ResizePtyRequest,
+    ) -> ttrpc::Result<Empty> {
+        call!(
+            self,
+            "resize_pty",
+            req,
+            self.resize_pty(req.clone()).map(|()| Empty::new())
+        )
     }
     async fn close_io(&self, _: &TtrpcContext, req: api::CloseIORequest) -> ttrpc::Result<Empty> {
-        call!(self, "close_io", req, self.close_io(req.clone()).map(|()| Empty::new()))
+        call!(
+            self,
+            "close_io",
+            req,
+            self.close_io(req.clone()).map(|()| Empty::new())
+        )
     }
     async fn update(&self, _: &TtrpcContext, req: api::UpdateTaskRequest) -> ttrpc::Result<Empty> {
-        call!(self, "update", req, self.update(req.clone()).await.map(|()| Empty::new()))
+        call!(
+            self,
+            "update",
+            req,
+            self.update(req.clone()).await.map(|()| Empty::new())
+        )
     }
-    async fn wait(&self, _: &TtrpcContext, req: api::WaitRequest) -> ttrpc::Result<api::WaitResponse> {
+    async fn wait(
+        &self,
+        _: &TtrpcContext,
+        req: api::WaitRequest,
+    ) -> ttrpc::Result<api::WaitResponse> {
         call!(self, "wait", req, self.wait(req.clone()).await)
     }
-    async fn stats(&self, _: &TtrpcContext, req: api::StatsRequest) -> ttrpc::Result<api::StatsResponse> {
+    async fn stats(
+        &self,
+        _: &TtrpcContext,
+        req: api::StatsRequest,
+    ) -> ttrpc::Result<api::StatsResponse> {
         call!(self, "stats", req, self.stats(req.clone()).await)
     }
-    async fn connect(&self, _: &TtrpcContext, req: api::ConnectRequest) -> ttrpc::Result<api::ConnectResponse> {
+    async fn connect(
+        &self,
+        _: &TtrpcContext,
+        req: api::ConnectRequest,
+    ) -> ttrpc::Result<api::ConnectResponse> {
         call!(self, "connect", req, self.connect(req.clone()).await)
     }
     async fn shutdown(&self, _: &TtrpcContext, req: api::ShutdownRequest) -> ttrpc::Result<Empty> {
-        call!(self, "shutdown", req, { self.shutdown(); Ok::<_, TaskError>(Empty::new()) })
+        call!(self, "shutdown", req, {
+            self.shutdown();
+            Ok::<_, TaskError>(Empty::new())
+        })
     }
 }
 
@@ -835,29 +1140,51 @@ mod tests {
 
     #[test]
     fn process_state_machine_refuses_the_impossible() {
-        let mut st = ProcState { status: ProcStatus::Created, pid: 1, exited: None };
+        let mut st = ProcState {
+            status: ProcStatus::Created,
+            pid: 1,
+            exited: None,
+        };
         assert!(st.transition(ProcStatus::Created).is_err());
-        st.transition(ProcStatus::Running).expect("created → running");
+        st.transition(ProcStatus::Running)
+            .expect("created → running");
         assert!(st.transition(ProcStatus::Running).is_err());
         assert!(st.transition(ProcStatus::Created).is_err());
-        st.transition(ProcStatus::Stopped).expect("running → stopped");
-        assert!(st.transition(ProcStatus::Stopped).is_err(), "an exit is handled once");
+        st.transition(ProcStatus::Stopped)
+            .expect("running → stopped");
+        assert!(
+            st.transition(ProcStatus::Stopped).is_err(),
+            "an exit is handled once"
+        );
         assert!(st.transition(ProcStatus::Running).is_err());
     }
 
     #[test]
     fn both_task_api_generations_are_served() {
         let (events, _) = Events::recorder("t");
-        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("rt");
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("rt");
         let names: Vec<String> = rt.block_on(async {
             let svc = TaskService::new(
-                Config { namespace: "t".into(), handler: Options::default(), default_runtime: "runc".into() },
+                Config {
+                    namespace: "t".into(),
+                    handler: Options::default(),
+                    default_runtime: "runc".into(),
+                },
                 events,
                 Arc::default(),
             );
             services(svc).into_keys().collect()
         });
-        assert!(names.iter().any(|n| n == "containerd.task.v2.Task"), "{names:?}");
-        assert!(names.iter().any(|n| n == "containerd.task.v3.Task"), "{names:?}");
+        assert!(
+            names.iter().any(|n| n == "containerd.task.v2.Task"),
+            "{names:?}"
+        );
+        assert!(
+            names.iter().any(|n| n == "containerd.task.v3.Task"),
+            "{names:?}"
+        );
     }
 }

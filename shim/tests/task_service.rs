@@ -35,21 +35,40 @@ async fn run(mut cmd: Command) -> Result<()> {
     let what = format!("{cmd:?}");
     cmd.stdin(std::process::Stdio::null());
     let out = Reaper::global().run(cmd).await?;
-    ensure!(out.status == 0, "{what}: exit {}: {}", out.status, String::from_utf8_lossy(&out.stderr));
+    ensure!(
+        out.status == 0,
+        "{what}: exit {}: {}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
     Ok(())
 }
 
 /// Unpacks the busybox test image's layers (plain tar+gzip) into `dir`.
 async fn unpack_busybox(dir: &Path) -> Result<()> {
     let layout = images_dir().join("busybox");
-    let blob = |digest: &str| layout.join("blobs/sha256").join(digest.trim_start_matches("sha256:"));
-    let index: serde_json::Value = serde_json::from_slice(&std::fs::read(layout.join("index.json")).with_context(
-        || format!("busybox test image missing under {} (run `make test-images`)", layout.display()),
-    )?)?;
-    let manifest_digest = index["manifests"][0]["digest"].as_str().context("index without manifest")?;
-    let manifest: serde_json::Value = serde_json::from_slice(&std::fs::read(blob(manifest_digest))?)?;
+    let blob = |digest: &str| {
+        layout
+            .join("blobs/sha256")
+            .join(digest.trim_start_matches("sha256:"))
+    };
+    let index: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(layout.join("index.json")).with_context(|| {
+            format!(
+                "busybox test image missing under {} (run `make test-images`)",
+                layout.display()
+            )
+        })?)?;
+    let manifest_digest = index["manifests"][0]["digest"]
+        .as_str()
+        .context("index without manifest")?;
+    let manifest: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(blob(manifest_digest))?)?;
     std::fs::create_dir_all(dir)?;
-    for layer in manifest["layers"].as_array().context("manifest without layers")? {
+    for layer in manifest["layers"]
+        .as_array()
+        .context("manifest without layers")?
+    {
         let digest = layer["digest"].as_str().context("layer without digest")?;
         let mut tar = Command::new("tar");
         tar.arg("-xzf").arg(blob(digest)).arg("-C").arg(dir);
@@ -66,7 +85,9 @@ struct Bundle {
 
 impl Bundle {
     async fn new(args: &[&str]) -> Result<Bundle> {
-        let dir = tempfile::Builder::new().prefix("crisp-shim-test-").tempdir_in("/var/tmp")?;
+        let dir = tempfile::Builder::new()
+            .prefix("crisp-shim-test-")
+            .tempdir_in("/var/tmp")?;
         let mut spec = Command::new("runc");
         spec.arg("spec").current_dir(dir.path());
         run(spec).await?;
@@ -109,7 +130,11 @@ impl Drop for Bundle {
     fn drop(&mut self) {
         // Clean up even after a failed assertion: our mount, then our cgroups.
         let _ = crisp_shim::mount::unmount_all(&self.path().join("rootfs"));
-        for ctrl in std::fs::read_dir("/sys/fs/cgroup").into_iter().flatten().flatten() {
+        for ctrl in std::fs::read_dir("/sys/fs/cgroup")
+            .into_iter()
+            .flatten()
+            .flatten()
+        {
             let parent = ctrl.path().join(self.cgroup_parent.trim_start_matches('/'));
             if let Ok(children) = std::fs::read_dir(&parent) {
                 for c in children.flatten().filter(|c| c.path().is_dir()) {
@@ -130,21 +155,37 @@ struct Env {
 
 async fn env() -> Result<Env> {
     let _ = tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()))
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()),
+        )
         .with_test_writer()
         .try_init();
     nix::sys::prctl::set_child_subreaper(true)?;
-    let image = tempfile::Builder::new().prefix("crisp-shim-img-").tempdir_in("/var/tmp")?;
+    let image = tempfile::Builder::new()
+        .prefix("crisp-shim-img-")
+        .tempdir_in("/var/tmp")?;
     unpack_busybox(image.path()).await?;
     let runc_root = tempfile::tempdir()?;
     let (events, log) = Events::recorder(NS);
-    let handler = Options { root: runc_root.path().display().to_string(), ..Default::default() };
+    let handler = Options {
+        root: runc_root.path().display().to_string(),
+        ..Default::default()
+    };
     let svc = TaskService::new(
-        Config { namespace: NS.into(), handler, default_runtime: "runc".into() },
+        Config {
+            namespace: NS.into(),
+            handler,
+            default_runtime: "runc".into(),
+        },
         events,
         Default::default(),
     );
-    Ok(Env { svc, events: log, image, runc_root })
+    Ok(Env {
+        svc,
+        events: log,
+        image,
+        runc_root,
+    })
 }
 
 impl Env {
@@ -180,53 +221,123 @@ impl Env {
 
     /// Best-effort cleanup of a task that a failed assertion left behind.
     async fn force_delete(&self, id: &str) {
-        let _ = self.svc.kill(api::KillRequest { id: id.into(), signal: 9, all: true, ..Default::default() }).await;
+        let _ = self
+            .svc
+            .kill(api::KillRequest {
+                id: id.into(),
+                signal: 9,
+                all: true,
+                ..Default::default()
+            })
+            .await;
         let _ = tokio::time::timeout(
             Duration::from_secs(10),
-            self.svc.wait(api::WaitRequest { id: id.into(), ..Default::default() }),
+            self.svc.wait(api::WaitRequest {
+                id: id.into(),
+                ..Default::default()
+            }),
         )
         .await;
-        let _ = self.svc.delete(api::DeleteRequest { id: id.into(), ..Default::default() }).await;
+        let _ = self
+            .svc
+            .delete(api::DeleteRequest {
+                id: id.into(),
+                ..Default::default()
+            })
+            .await;
         let mut rm = Command::new("runc");
-        rm.arg("--root").arg(self.runc_root.path()).args(["delete", "--force", id]);
+        rm.arg("--root")
+            .arg(self.runc_root.path())
+            .args(["delete", "--force", id]);
         let _ = run(rm).await;
     }
 }
 
 fn wait_req(id: &str, exec_id: &str) -> api::WaitRequest {
-    api::WaitRequest { id: id.into(), exec_id: exec_id.into(), ..Default::default() }
+    api::WaitRequest {
+        id: id.into(),
+        exec_id: exec_id.into(),
+        ..Default::default()
+    }
 }
 
-const EXIT_ARGS: &[&str] = &["sh", "-c", "echo hi; cat /proc/self/oom_score_adj; cat /proc/self/cgroup; exit 4"];
+const EXIT_ARGS: &[&str] = &[
+    "sh",
+    "-c",
+    "echo hi; cat /proc/self/oom_score_adj; cat /proc/self/cgroup; exit 4",
+];
 
 async fn run_to_exit(env: &Env, id: &str, bundle: &Bundle) -> Result<()> {
     let out = bundle.path().join("stdout.log");
-    let pid = env.create(id, bundle, &format!("file://{}", out.display())).await?;
+    let pid = env
+        .create(id, bundle, &format!("file://{}", out.display()))
+        .await?;
     ensure!(pid > 0, "create returned pid 0");
     ensure!(bundle.rootfs_mounted(), "rootfs not mounted after create");
-    env.svc.start(api::StartRequest { id: id.into(), ..Default::default() }).await?;
+    env.svc
+        .start(api::StartRequest {
+            id: id.into(),
+            ..Default::default()
+        })
+        .await?;
     let w = tokio::time::timeout(Duration::from_secs(30), env.svc.wait(wait_req(id, ""))).await??;
     ensure!(w.exit_status == 4, "exit status {}", w.exit_status);
-    let state = env.svc.state(api::StateRequest { id: id.into(), ..Default::default() }).await?;
-    ensure!(state.exit_status == 4 && state.pid == pid, "state {state:?}");
-    let d = env.svc.delete(api::DeleteRequest { id: id.into(), ..Default::default() }).await?;
+    let state = env
+        .svc
+        .state(api::StateRequest {
+            id: id.into(),
+            ..Default::default()
+        })
+        .await?;
+    ensure!(
+        state.exit_status == 4 && state.pid == pid,
+        "state {state:?}"
+    );
+    let d = env
+        .svc
+        .delete(api::DeleteRequest {
+            id: id.into(),
+            ..Default::default()
+        })
+        .await?;
     ensure!(d.exit_status == 4, "delete exit status {}", d.exit_status);
-    ensure!(!bundle.rootfs_mounted(), "rootfs still mounted after delete");
+    ensure!(
+        !bundle.rootfs_mounted(),
+        "rootfs still mounted after delete"
+    );
 
     let text = std::fs::read_to_string(&out)?;
     let mut lines = text.lines();
     ensure!(lines.next() == Some("hi"), "stdout {text:?}");
-    let own: i64 = std::fs::read_to_string("/proc/self/oom_score_adj")?.trim().parse()?;
+    let own: i64 = std::fs::read_to_string("/proc/self/oom_score_adj")?
+        .trim()
+        .parse()?;
     let adj: i64 = lines.next().context("no oom_score_adj line")?.parse()?;
-    let want_adj = if crisp_shim::spec::has_cap_sys_resource() { -999 } else { own.max(-999) };
-    ensure!(adj == want_adj, "oom_score_adj {adj}, want {want_adj} (shim's own {own})");
+    let want_adj = if crisp_shim::spec::has_cap_sys_resource() {
+        -999
+    } else {
+        own.max(-999)
+    };
+    ensure!(
+        adj == want_adj,
+        "oom_score_adj {adj}, want {want_adj} (shim's own {own})"
+    );
     let want = format!("{}/crisp-{id}", bundle.cgroup_parent);
     for l in lines.filter(|l| !l.starts_with("0::")) {
-        ensure!(l.ends_with(&format!(":{want}")), "cgroup line {l:?}, want path {want}");
+        ensure!(
+            l.ends_with(&format!(":{want}")),
+            "cgroup line {l:?}, want path {want}"
+        );
     }
     let topics = env.topics(id);
     ensure!(
-        topics == ["/tasks/create", "/tasks/start", "/tasks/exit", "/tasks/delete"],
+        topics
+            == [
+                "/tasks/create",
+                "/tasks/start",
+                "/tasks/exit",
+                "/tasks/delete"
+            ],
         "events {topics:?}"
     );
     Ok(())
@@ -234,10 +345,19 @@ async fn run_to_exit(env: &Env, id: &str, bundle: &Bundle) -> Result<()> {
 
 async fn exec_storm(env: &Env, id: &str, bundle: &Bundle) -> Result<()> {
     env.create(id, bundle, "").await?;
-    env.svc.start(api::StartRequest { id: id.into(), ..Default::default() }).await?;
+    env.svc
+        .start(api::StartRequest {
+            id: id.into(),
+            ..Default::default()
+        })
+        .await?;
     let process = |code: usize| -> Result<Any> {
         let p = serde_json::json!({"args": ["sh", "-c", format!("exit {code}")], "cwd": "/", "env": ["PATH=/bin"], "user": {"uid": 0, "gid": 0}});
-        Ok(Any { type_url: "types.containerd.io/opencontainers/runtime-spec/1/Process".into(), value: serde_json::to_vec(&p)?, ..Default::default() })
+        Ok(Any {
+            type_url: "types.containerd.io/opencontainers/runtime-spec/1/Process".into(),
+            value: serde_json::to_vec(&p)?,
+            ..Default::default()
+        })
     };
     let mut jobs = Vec::new();
     for i in 0..24 {
@@ -246,39 +366,102 @@ async fn exec_storm(env: &Env, id: &str, bundle: &Bundle) -> Result<()> {
         let id = id.to_string();
         jobs.push(tokio::spawn(async move {
             let exec_id = format!("e{i}");
-            svc.exec(api::ExecProcessRequest { id: id.clone(), exec_id: exec_id.clone(), spec: Some(spec).into(), ..Default::default() })
-                .await?;
-            svc.start(api::StartRequest { id: id.clone(), exec_id: exec_id.clone(), ..Default::default() }).await?;
-            let w = tokio::time::timeout(Duration::from_secs(30), svc.wait(wait_req(&id, &exec_id)))
-                .await
-                .with_context(|| format!("exec {exec_id} did not exit"))??;
-            svc.delete(api::DeleteRequest { id: id.clone(), exec_id, ..Default::default() }).await?;
+            svc.exec(api::ExecProcessRequest {
+                id: id.clone(),
+                exec_id: exec_id.clone(),
+                spec: Some(spec).into(),
+                ..Default::default()
+            })
+            .await?;
+            svc.start(api::StartRequest {
+                id: id.clone(),
+                exec_id: exec_id.clone(),
+                ..Default::default()
+            })
+            .await?;
+            let w =
+                tokio::time::timeout(Duration::from_secs(30), svc.wait(wait_req(&id, &exec_id)))
+                    .await
+                    .with_context(|| format!("exec {exec_id} did not exit"))??;
+            svc.delete(api::DeleteRequest {
+                id: id.clone(),
+                exec_id,
+                ..Default::default()
+            })
+            .await?;
             anyhow::Ok((i, w.exit_status))
         }));
     }
     for j in jobs {
         let (i, status) = j.await??;
-        ensure!(status == (i % 5) as u32, "exec e{i}: status {status}, want {}", i % 5);
+        ensure!(
+            status == (i % 5) as u32,
+            "exec e{i}: status {status}, want {}",
+            i % 5
+        );
     }
     // Per exec: added, started, exit, in that order.
     let log = env.events.lock().unwrap().clone();
     for i in 0..24 {
         let needle = format!("\"e{i}\"");
-        let seq: Vec<&str> = log.iter().filter(|(_, t)| t.contains(&needle)).map(|(t, _)| t.as_str()).collect();
-        ensure!(seq == ["/tasks/exec-added", "/tasks/exec-started", "/tasks/exit"], "e{i}: events {seq:?}");
+        let seq: Vec<&str> = log
+            .iter()
+            .filter(|(_, t)| t.contains(&needle))
+            .map(|(t, _)| t.as_str())
+            .collect();
+        ensure!(
+            seq == ["/tasks/exec-added", "/tasks/exec-started", "/tasks/exit"],
+            "e{i}: events {seq:?}"
+        );
     }
-    let pids = env.svc.pids(api::PidsRequest { id: id.into(), ..Default::default() }).await?;
-    ensure!(pids.processes.len() == 1, "pids after the execs: {:?}", pids.processes);
+    let pids = env
+        .svc
+        .pids(api::PidsRequest {
+            id: id.into(),
+            ..Default::default()
+        })
+        .await?;
+    ensure!(
+        pids.processes.len() == 1,
+        "pids after the execs: {:?}",
+        pids.processes
+    );
 
-    env.svc.kill(api::KillRequest { id: id.into(), signal: 9, ..Default::default() }).await?;
+    env.svc
+        .kill(api::KillRequest {
+            id: id.into(),
+            signal: 9,
+            ..Default::default()
+        })
+        .await?;
     let w = tokio::time::timeout(Duration::from_secs(30), env.svc.wait(wait_req(id, ""))).await??;
-    ensure!(w.exit_status == 137, "killed init: status {}", w.exit_status);
-    match env.svc.kill(api::KillRequest { id: id.into(), signal: 9, ..Default::default() }).await {
+    ensure!(
+        w.exit_status == 137,
+        "killed init: status {}",
+        w.exit_status
+    );
+    match env
+        .svc
+        .kill(api::KillRequest {
+            id: id.into(),
+            signal: 9,
+            ..Default::default()
+        })
+        .await
+    {
         Err(e) if e.to_string().contains("already exited") => {}
         other => bail!("kill of an exited task: {other:?}"),
     }
-    env.svc.delete(api::DeleteRequest { id: id.into(), ..Default::default() }).await?;
-    ensure!(!bundle.rootfs_mounted(), "rootfs still mounted after delete");
+    env.svc
+        .delete(api::DeleteRequest {
+            id: id.into(),
+            ..Default::default()
+        })
+        .await?;
+    ensure!(
+        !bundle.rootfs_mounted(),
+        "rootfs still mounted after delete"
+    );
     Ok(())
 }
 
@@ -287,15 +470,30 @@ async fn exec_storm(env: &Env, id: &str, bundle: &Bundle) -> Result<()> {
 async fn stats_update_oom(env: &Env, id: &str, bundle: &Bundle) -> Result<()> {
     use containerd_shim_protos::protobuf::Message;
     env.create(id, bundle, "").await?;
-    env.svc.start(api::StartRequest { id: id.into(), ..Default::default() }).await?;
+    env.svc
+        .start(api::StartRequest {
+            id: id.into(),
+            ..Default::default()
+        })
+        .await?;
 
-    let stats = env.svc.stats(api::StatsRequest { id: id.into(), ..Default::default() }).await?;
+    let stats = env
+        .svc
+        .stats(api::StatsRequest {
+            id: id.into(),
+            ..Default::default()
+        })
+        .await?;
     let any = stats.stats.into_option().context("no stats")?;
     if any.type_url.ends_with("v1.Metrics") {
         let m = containerd_shim_protos::cgroups::metrics::Metrics::parse_from_bytes(&any.value)?;
         ensure!(m.memory.usage.usage > 0, "memory usage 0: {m:?}");
         ensure!(m.pids.current >= 1, "pids.current {}", m.pids.current);
-        ensure!(m.memory.usage.limit == 32 << 20, "memory limit {}", m.memory.usage.limit);
+        ensure!(
+            m.memory.usage.limit == 32 << 20,
+            "memory limit {}",
+            m.memory.usage.limit
+        );
     }
 
     let resources = serde_json::json!({"pids": {"limit": 77}});
@@ -311,33 +509,82 @@ async fn stats_update_oom(env: &Env, id: &str, bundle: &Bundle) -> Result<()> {
             ..Default::default()
         })
         .await?;
-    let pids_max = format!("/sys/fs/cgroup/pids{}/crisp-{id}/pids.max", bundle.cgroup_parent);
+    let pids_max = format!(
+        "/sys/fs/cgroup/pids{}/crisp-{id}/pids.max",
+        bundle.cgroup_parent
+    );
     if Path::new("/sys/fs/cgroup/pids").is_dir() {
-        ensure!(std::fs::read_to_string(&pids_max)?.trim() == "77", "{pids_max} not updated");
+        ensure!(
+            std::fs::read_to_string(&pids_max)?.trim() == "77",
+            "{pids_max} not updated"
+        );
     }
 
     // Now eat memory past the 32 MiB limit.
     let eat = serde_json::json!({"args": ["sh", "-c", "tail /dev/zero"], "cwd": "/", "env": ["PATH=/bin:/usr/bin"], "user": {"uid": 0, "gid": 0}});
-    let spec = Any { type_url: "types.containerd.io/opencontainers/runtime-spec/1/Process".into(), value: serde_json::to_vec(&eat)?, ..Default::default() };
-    env.svc.exec(api::ExecProcessRequest { id: id.into(), exec_id: "eat".into(), spec: Some(spec).into(), ..Default::default() }).await?;
-    env.svc.start(api::StartRequest { id: id.into(), exec_id: "eat".into(), ..Default::default() }).await?;
-    let w = tokio::time::timeout(Duration::from_secs(60), env.svc.wait(wait_req(id, "eat"))).await.context("eater never died")??;
+    let spec = Any {
+        type_url: "types.containerd.io/opencontainers/runtime-spec/1/Process".into(),
+        value: serde_json::to_vec(&eat)?,
+        ..Default::default()
+    };
+    env.svc
+        .exec(api::ExecProcessRequest {
+            id: id.into(),
+            exec_id: "eat".into(),
+            spec: Some(spec).into(),
+            ..Default::default()
+        })
+        .await?;
+    env.svc
+        .start(api::StartRequest {
+            id: id.into(),
+            exec_id: "eat".into(),
+            ..Default::default()
+        })
+        .await?;
+    let w = tokio::time::timeout(Duration::from_secs(60), env.svc.wait(wait_req(id, "eat")))
+        .await
+        .context("eater never died")??;
     ensure!(w.exit_status == 137, "eater exit {}", w.exit_status);
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
     while !env.topics(id).iter().any(|t| t == "/tasks/oom") {
-        ensure!(std::time::Instant::now() < deadline, "no /tasks/oom event: {:?}", env.topics(id));
+        ensure!(
+            std::time::Instant::now() < deadline,
+            "no /tasks/oom event: {:?}",
+            env.topics(id)
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    env.svc.delete(api::DeleteRequest { id: id.into(), exec_id: "eat".into(), ..Default::default() }).await?;
-    env.svc.kill(api::KillRequest { id: id.into(), signal: 9, ..Default::default() }).await?;
+    env.svc
+        .delete(api::DeleteRequest {
+            id: id.into(),
+            exec_id: "eat".into(),
+            ..Default::default()
+        })
+        .await?;
+    env.svc
+        .kill(api::KillRequest {
+            id: id.into(),
+            signal: 9,
+            ..Default::default()
+        })
+        .await?;
     tokio::time::timeout(Duration::from_secs(30), env.svc.wait(wait_req(id, ""))).await??;
-    env.svc.delete(api::DeleteRequest { id: id.into(), ..Default::default() }).await?;
+    env.svc
+        .delete(api::DeleteRequest {
+            id: id.into(),
+            ..Default::default()
+        })
+        .await?;
     Ok(())
 }
 
 #[test]
 fn task_service_with_runc() -> Result<()> {
-    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
     rt.block_on(async {
         let env = env().await?;
         // Each bundle outlives its task: on failure the task is force-deleted first, then

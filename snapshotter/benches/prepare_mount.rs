@@ -50,7 +50,13 @@ impl Drop for Proc {
 
 fn spawn(cmd: &mut Command, log: &Path) -> Proc {
     let f = std::fs::File::create(log).expect("log");
-    Proc(cmd.stdin(Stdio::null()).stdout(f.try_clone().expect("dup")).stderr(f).spawn().expect("spawn"))
+    Proc(
+        cmd.stdin(Stdio::null())
+            .stdout(f.try_clone().expect("dup"))
+            .stderr(f)
+            .spawn()
+            .expect("spawn"),
+    )
 }
 
 fn wait_for(what: &str, mut ok: impl FnMut() -> bool) {
@@ -62,17 +68,39 @@ fn wait_for(what: &str, mut ok: impl FnMut() -> bool) {
 }
 
 fn ctr(sock: &Path, args: &[&str]) -> String {
-    let out = Command::new("ctr").arg("--address").arg(sock).args(["--namespace", "bench"]).args(args).output().expect("ctr");
-    assert!(out.status.success(), "ctr {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    let out = Command::new("ctr")
+        .arg("--address")
+        .arg(sock)
+        .args(["--namespace", "bench"])
+        .args(args)
+        .output()
+        .expect("ctr");
+    assert!(
+        out.status.success(),
+        "ctr {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
 /// The committed snapshot nobody has as parent (the image's top layer).
 fn top_of(sock: &Path, snapshotter: &str) -> String {
     let ls = ctr(sock, &["snapshots", "--snapshotter", snapshotter, "ls"]);
-    let rows: Vec<Vec<String>> = ls.lines().skip(1).map(|l| l.split_whitespace().map(str::to_string).collect()).collect();
-    let parents: Vec<&String> = rows.iter().filter(|r| r.len() == 3).map(|r| &r[1]).collect();
-    let tops: Vec<&String> = rows.iter().map(|r| &r[0]).filter(|k| !parents.contains(k)).collect();
+    let rows: Vec<Vec<String>> = ls
+        .lines()
+        .skip(1)
+        .map(|l| l.split_whitespace().map(str::to_string).collect())
+        .collect();
+    let parents: Vec<&String> = rows
+        .iter()
+        .filter(|r| r.len() == 3)
+        .map(|r| &r[1])
+        .collect();
+    let tops: Vec<&String> = rows
+        .iter()
+        .map(|r| &r[0])
+        .filter(|k| !parents.contains(k))
+        .collect();
     assert_eq!(tops.len(), 1, "{ls}");
     tops[0].clone()
 }
@@ -91,7 +119,8 @@ async fn connect(sock: PathBuf) -> SnapshotsClient<Channel> {
 
 fn req<T>(t: T) -> tonic::Request<T> {
     let mut r = tonic::Request::new(t);
-    r.metadata_mut().insert("containerd-namespace", "bench".parse().expect("metadata"));
+    r.metadata_mut()
+        .insert("containerd-namespace", "bench".parse().expect("metadata"));
     r
 }
 
@@ -107,11 +136,20 @@ fn stats(name: &str, mut v: Vec<Duration>) -> Stats {
     v.sort();
     let ms = |d: Duration| d.as_secs_f64() * 1000.0;
     let mean = v.iter().map(|d| ms(*d)).sum::<f64>() / v.len() as f64;
-    Stats { name: name.to_string(), mean, p50: ms(v[v.len() / 2]), p95: ms(v[v.len() * 95 / 100]) }
+    Stats {
+        name: name.to_string(),
+        mean,
+        p50: ms(v[v.len() / 2]),
+        p95: ms(v[v.len() * 95 / 100]),
+    }
 }
 
 fn check_mounted(target: &Path) {
-    assert!(target.join("bin/busybox").exists(), "rootfs not mounted at {}", target.display());
+    assert!(
+        target.join("bin/busybox").exists(),
+        "rootfs not mounted at {}",
+        target.display()
+    );
 }
 
 fn main() {
@@ -123,7 +161,10 @@ fn main() {
         eprintln!("prepare_mount bench needs root; skipped");
         return;
     }
-    let iters: usize = std::env::var("CRISP_BENCH_ITERS").ok().and_then(|v| v.parse().ok()).unwrap_or(100);
+    let iters: usize = std::env::var("CRISP_BENCH_ITERS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(100);
     let images = std::env::var_os("CRISP_TEST_IMAGES")
         .map(PathBuf::from)
         .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/test-images"));
@@ -134,21 +175,46 @@ fn main() {
     // ---- crisp library in-process, layers unpacked with tar.
     {
         let layout = images.join("layers");
-        let index: serde_json::Value = serde_json::from_slice(&std::fs::read(layout.join("index.json")).expect("index")).expect("json");
-        let blob = |d: &str| layout.join("blobs/sha256").join(d.trim_start_matches("sha256:"));
-        let manifest: serde_json::Value =
-            serde_json::from_slice(&std::fs::read(blob(index["manifests"][0]["digest"].as_str().expect("digest"))).expect("manifest")).expect("json");
+        let index: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(layout.join("index.json")).expect("index"))
+                .expect("json");
+        let blob = |d: &str| {
+            layout
+                .join("blobs/sha256")
+                .join(d.trim_start_matches("sha256:"))
+        };
+        let manifest: serde_json::Value = serde_json::from_slice(
+            &std::fs::read(blob(
+                index["manifests"][0]["digest"].as_str().expect("digest"),
+            ))
+            .expect("manifest"),
+        )
+        .expect("json");
         for (mode, tag) in [(IdmapMode::Fd, "fd"), (IdmapMode::TempMount, "temp-mount")] {
             let root = dir.join(format!("lib-{tag}"));
             let sn = Snapshotter::open(&root, Config { idmap_mode: mode }).expect("open");
             let mut parent: Option<String> = None;
-            for (i, l) in manifest["layers"].as_array().expect("layers").iter().enumerate() {
+            for (i, l) in manifest["layers"]
+                .as_array()
+                .expect("layers")
+                .iter()
+                .enumerate()
+            {
                 let key = format!("x{i}");
-                let m = sn.prepare(&key, parent.as_deref(), HashMap::new()).expect("prepare");
+                let m = sn
+                    .prepare(&key, parent.as_deref(), HashMap::new())
+                    .expect("prepare");
                 let up = m[0].upper_dir().expect("upper");
-                let st = Command::new("tar").args(["--numeric-owner", "--xattrs", "--xattrs-include=*", "-xpf"]).arg(blob(l["digest"].as_str().expect("d"))).arg("-C").arg(&up).status().expect("tar");
+                let st = Command::new("tar")
+                    .args(["--numeric-owner", "--xattrs", "--xattrs-include=*", "-xpf"])
+                    .arg(blob(l["digest"].as_str().expect("d")))
+                    .arg("-C")
+                    .arg(&up)
+                    .status()
+                    .expect("tar");
                 assert!(st.success());
-                sn.commit(&format!("l{i}"), &key, HashMap::new()).expect("commit");
+                sn.commit(&format!("l{i}"), &key, HashMap::new())
+                    .expect("commit");
                 parent = Some(format!("l{i}"));
             }
             let top = parent.expect("layers");
@@ -159,7 +225,17 @@ fn main() {
                     continue; // without a mapping both modes mount the same way
                 }
                 let labels: HashMap<String, String> = if idmap {
-                    [("containerd.io/snapshot/uidmapping".to_string(), MAP.to_string()), ("containerd.io/snapshot/gidmapping".to_string(), MAP.to_string())].into()
+                    [
+                        (
+                            "containerd.io/snapshot/uidmapping".to_string(),
+                            MAP.to_string(),
+                        ),
+                        (
+                            "containerd.io/snapshot/gidmapping".to_string(),
+                            MAP.to_string(),
+                        ),
+                    ]
+                    .into()
                 } else {
                     HashMap::new()
                 };
@@ -167,7 +243,9 @@ fn main() {
                 let mut phases = [Duration::ZERO; 4];
                 for i in 0..iters + 5 {
                     let t0 = Instant::now();
-                    let m = sn.prepare(&format!("c{i}"), Some(&top), labels.clone()).expect("prepare");
+                    let m = sn
+                        .prepare(&format!("c{i}"), Some(&top), labels.clone())
+                        .expect("prepare");
                     let t1 = Instant::now();
                     mounter.mount_all(&m, &target).expect("mount");
                     check_mounted(&target);
@@ -177,7 +255,11 @@ fn main() {
                     sn.remove(&format!("c{i}")).expect("remove");
                     if i >= 5 {
                         times.push(t0.elapsed());
-                        for (p, d) in phases.iter_mut().zip([t1 - t0, t2 - t1, t3 - t2, t3.elapsed()]) {
+                        for (p, d) in
+                            phases
+                                .iter_mut()
+                                .zip([t1 - t0, t2 - t1, t3 - t2, t3.elapsed()])
+                        {
                             *p += d;
                         }
                     }
@@ -185,9 +267,16 @@ fn main() {
                 let ms = |d: Duration| d.as_secs_f64() * 1000.0 / iters as f64;
                 eprintln!(
                     "{tag} idmap={idmap}: prepare {:.2} ms, mount {:.2} ms, unmount {:.2} ms, remove {:.2} ms",
-                    ms(phases[0]), ms(phases[1]), ms(phases[2]), ms(phases[3])
+                    ms(phases[0]),
+                    ms(phases[1]),
+                    ms(phases[2]),
+                    ms(phases[3])
                 );
-                let name = if idmap { format!("crisp library, idmapped, {tag} path") } else { "crisp library, no idmap".to_string() };
+                let name = if idmap {
+                    format!("crisp library, idmapped, {tag} path")
+                } else {
+                    "crisp library, no idmap".to_string()
+                };
                 results.push(stats(&name, times));
             }
         }
@@ -196,18 +285,41 @@ fn main() {
     // ---- containerd (overlayfs) and crisp-snapshotter over gRPC, layers pulled by containerd.
     let seed = images.join("registry");
     let storage = dir.join("registry");
-    assert!(Command::new("cp").arg("-al").arg(&seed).arg(&storage).status().expect("cp").success());
-    let port = TcpListener::bind("127.0.0.1:0").expect("port").local_addr().expect("addr").port();
+    assert!(
+        Command::new("cp")
+            .arg("-al")
+            .arg(&seed)
+            .arg(&storage)
+            .status()
+            .expect("cp")
+            .success()
+    );
+    let port = TcpListener::bind("127.0.0.1:0")
+        .expect("port")
+        .local_addr()
+        .expect("addr")
+        .port();
     std::fs::write(
         dir.join("registry.yml"),
         format!("version: 0.1\nlog:\n  level: warn\nstorage:\n  filesystem:\n    rootdirectory: {}\nhttp:\n  addr: 127.0.0.1:{port}\n  secret: x\n", storage.display()),
     )
     .expect("config");
-    let _reg = spawn(Command::new("docker-registry").arg("serve").arg(dir.join("registry.yml")), &dir.join("registry.log"));
-    wait_for("registry", || std::net::TcpStream::connect(("127.0.0.1", port)).is_ok());
+    let _reg = spawn(
+        Command::new("docker-registry")
+            .arg("serve")
+            .arg(dir.join("registry.yml")),
+        &dir.join("registry.log"),
+    );
+    wait_for("registry", || {
+        std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
+    });
     let sn_sock = dir.join("sn.sock");
     let _sn = spawn(
-        Command::new(env!("CARGO_BIN_EXE_crisp-snapshotter")).arg("--root").arg(dir.join("sn-root")).arg("--address").arg(&sn_sock),
+        Command::new(env!("CARGO_BIN_EXE_crisp-snapshotter"))
+            .arg("--root")
+            .arg(dir.join("sn-root"))
+            .arg("--address")
+            .arg(&sn_sock),
         &dir.join("sn.log"),
     );
     wait_for("crisp-snapshotter", || sn_sock.exists());
@@ -225,27 +337,80 @@ fn main() {
         ),
     )
     .expect("config");
-    let _ctd = spawn(Command::new("containerd").arg("--config").arg(ctd.join("config.toml")), &dir.join("containerd.log"));
-    wait_for("containerd", || Command::new("ctr").arg("--address").arg(&ctd_sock).arg("version").output().map(|o| o.status.success()).unwrap_or(false));
+    let _ctd = spawn(
+        Command::new("containerd")
+            .arg("--config")
+            .arg(ctd.join("config.toml")),
+        &dir.join("containerd.log"),
+    );
+    wait_for("containerd", || {
+        Command::new("ctr")
+            .arg("--address")
+            .arg(&ctd_sock)
+            .arg("version")
+            .output()
+            .map(|o| o.status.success())
+            .unwrap_or(false)
+    });
     let image = format!("127.0.0.1:{port}/library/layers:latest");
     for sn in ["overlayfs", "crisp"] {
-        ctr(&ctd_sock, &["images", "pull", "--plain-http", "--snapshotter", sn, &image]);
+        ctr(
+            &ctd_sock,
+            &[
+                "images",
+                "pull",
+                "--plain-http",
+                "--snapshotter",
+                sn,
+                &image,
+            ],
+        );
     }
-    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("runtime");
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
     let mounter = Mounter::new(IdmapMode::Fd, dir.join("tmp-mounts"));
     let target = s.mkdir("mnt-grpc");
     for (label, sock, snapshotter, idmap) in [
-        ("containerd overlayfs (containerd gRPC)", ctd_sock.clone(), "overlayfs", false),
-        ("crisp-snapshotter direct gRPC, no idmap", sn_sock.clone(), "crisp", false),
-        ("crisp-snapshotter direct gRPC, idmapped fd", sn_sock.clone(), "crisp", true),
-        ("crisp via containerd proxy plugin, no idmap", ctd_sock.clone(), "crisp", false),
+        (
+            "containerd overlayfs (containerd gRPC)",
+            ctd_sock.clone(),
+            "overlayfs",
+            false,
+        ),
+        (
+            "crisp-snapshotter direct gRPC, no idmap",
+            sn_sock.clone(),
+            "crisp",
+            false,
+        ),
+        (
+            "crisp-snapshotter direct gRPC, idmapped fd",
+            sn_sock.clone(),
+            "crisp",
+            true,
+        ),
+        (
+            "crisp via containerd proxy plugin, no idmap",
+            ctd_sock.clone(),
+            "crisp",
+            false,
+        ),
     ] {
         let times = rt.block_on(async {
             let mut c = connect(sock.clone()).await;
             let top = if sock == sn_sock {
                 // containerd's metadata layer names backend snapshots "<ns>/<n>/<chain id>":
                 // find the top one in our own list.
-                let mut st = c.list(req(pb::ListSnapshotsRequest { snapshotter: "crisp".into(), filters: vec![] })).await.expect("list").into_inner();
+                let mut st = c
+                    .list(req(pb::ListSnapshotsRequest {
+                        snapshotter: "crisp".into(),
+                        filters: vec![],
+                    }))
+                    .await
+                    .expect("list")
+                    .into_inner();
                 let mut infos = Vec::new();
                 while let Some(m) = st.message().await.expect("list") {
                     infos.extend(m.info);
@@ -265,7 +430,17 @@ fn main() {
             for i in 0..iters + 5 {
                 let key = format!("bench-{snapshotter}-{idmap}-{i}");
                 let labels: HashMap<String, String> = if idmap {
-                    [("containerd.io/snapshot/uidmapping".to_string(), MAP.to_string()), ("containerd.io/snapshot/gidmapping".to_string(), MAP.to_string())].into()
+                    [
+                        (
+                            "containerd.io/snapshot/uidmapping".to_string(),
+                            MAP.to_string(),
+                        ),
+                        (
+                            "containerd.io/snapshot/gidmapping".to_string(),
+                            MAP.to_string(),
+                        ),
+                    ]
+                    .into()
                 } else {
                     // Without a lease or a gc.root label containerd's GC would collect it
                     // mid-iteration.
@@ -273,7 +448,12 @@ fn main() {
                 };
                 let t0 = Instant::now();
                 let m = c
-                    .prepare(req(pb::PrepareSnapshotRequest { snapshotter: snapshotter.into(), key: key.clone(), parent: top.clone(), labels }))
+                    .prepare(req(pb::PrepareSnapshotRequest {
+                        snapshotter: snapshotter.into(),
+                        key: key.clone(),
+                        parent: top.clone(),
+                        labels,
+                    }))
                     .await
                     .expect("prepare")
                     .into_inner()
@@ -287,7 +467,12 @@ fn main() {
                 })
                 .await
                 .expect("join");
-                c.remove(req(pb::RemoveSnapshotRequest { snapshotter: snapshotter.into(), key })).await.expect("remove");
+                c.remove(req(pb::RemoveSnapshotRequest {
+                    snapshotter: snapshotter.into(),
+                    key,
+                }))
+                .await
+                .expect("remove");
                 if i >= 5 {
                     times.push(t0.elapsed());
                 }
@@ -298,10 +483,26 @@ fn main() {
     }
     ctr(&ctd_sock, &["images", "rm", "--sync", &image]);
 
-    let base = results.iter().find(|r| r.name.starts_with("containerd overlayfs")).map(|r| r.mean).unwrap_or(f64::NAN);
-    println!("\nprepare + mount + unmount + remove on the 5-layer `layers` image, {iters} iterations each");
-    println!("{:<48} {:>9} {:>9} {:>9} {:>12}", "variant", "mean ms", "p50 ms", "p95 ms", "vs ctrd ovl");
+    let base = results
+        .iter()
+        .find(|r| r.name.starts_with("containerd overlayfs"))
+        .map(|r| r.mean)
+        .unwrap_or(f64::NAN);
+    println!(
+        "\nprepare + mount + unmount + remove on the 5-layer `layers` image, {iters} iterations each"
+    );
+    println!(
+        "{:<48} {:>9} {:>9} {:>9} {:>12}",
+        "variant", "mean ms", "p50 ms", "p95 ms", "vs ctrd ovl"
+    );
     for r in &results {
-        println!("{:<48} {:>9.3} {:>9.3} {:>9.3} {:>11.2}x", r.name, r.mean, r.p50, r.p95, r.mean / base);
+        println!(
+            "{:<48} {:>9.3} {:>9.3} {:>9.3} {:>11.2}x",
+            r.name,
+            r.mean,
+            r.p50,
+            r.p95,
+            r.mean / base
+        );
     }
 }

@@ -78,7 +78,12 @@ impl Error {
             Error::AlreadyExists(_) => ErrorKind::AlreadyExists,
             Error::FailedPrecondition(_) => ErrorKind::FailedPrecondition,
             Error::InvalidArgument(_) => ErrorKind::InvalidArgument,
-            Error::Mount(m) if matches!(**m, MountError::Invalid { .. } | MountError::Idmap(IdmapError::Invalid { .. })) => {
+            Error::Mount(m)
+                if matches!(
+                    **m,
+                    MountError::Invalid { .. } | MountError::Idmap(IdmapError::Invalid { .. })
+                ) =>
+            {
                 ErrorKind::InvalidArgument
             }
             _ => ErrorKind::Internal,

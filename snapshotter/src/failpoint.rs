@@ -45,13 +45,23 @@ fn from_env(name: &str) -> Option<Action> {
     let v = std::env::var("CRISP_FAILPOINT").ok()?;
     v.split(',').find_map(|item| {
         let (n, a) = item.split_once('=').unwrap_or((item, "abort"));
-        (n.trim() == name).then(|| if a.trim() == "error" { Action::Error } else { Action::Abort })
+        (n.trim() == name).then(|| {
+            if a.trim() == "error" {
+                Action::Error
+            } else {
+                Action::Abort
+            }
+        })
     })
 }
 
 /// Called at each named place.
 pub(crate) fn hit(name: &str) -> Result<(), Error> {
-    let armed = registry().lock().ok().and_then(|r| r.get(name).copied()).or_else(|| from_env(name));
+    let armed = registry()
+        .lock()
+        .ok()
+        .and_then(|r| r.get(name).copied())
+        .or_else(|| from_env(name));
     match armed {
         None => Ok(()),
         Some(Action::Error) => {

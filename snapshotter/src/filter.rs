@@ -53,7 +53,9 @@ fn split_outside_quotes(s: &str, sep: char) -> Vec<String> {
 fn unquote(s: &str) -> String {
     let s = s.trim();
     if s.len() >= 2 && s.starts_with('"') && s.ends_with('"') {
-        s[1..s.len() - 1].replace("\\\"", "\"").replace("\\\\", "\\")
+        s[1..s.len() - 1]
+            .replace("\\\"", "\"")
+            .replace("\\\\", "\\")
     } else {
         s.to_string()
     }
@@ -66,11 +68,14 @@ fn find_op(s: &str) -> Option<(usize, &'static str)> {
         match b[i] {
             b'"' => quoted = !quoted,
             b'=' | b'!' | b'~' if !quoted && b.get(i + 1) == Some(&b'=') => {
-                return Some((i, match b[i] {
-                    b'=' => "==",
-                    b'!' => "!=",
-                    _ => "~=",
-                }));
+                return Some((
+                    i,
+                    match b[i] {
+                        b'=' => "==",
+                        b'!' => "!=",
+                        _ => "~=",
+                    },
+                ));
             }
             _ => {}
         }
@@ -98,14 +103,24 @@ impl Filters {
                     Some((i, "==")) => (&sel[..i], Op::Eq(unquote(&sel[i + 2..]))),
                     Some((i, "!=")) => (&sel[..i], Op::Ne(unquote(&sel[i + 2..]))),
                     Some(_) => {
-                        return Err(Error::InvalidArgument(format!("filter {f:?}: regular expressions (~=) are not supported")));
+                        return Err(Error::InvalidArgument(format!(
+                            "filter {f:?}: regular expressions (~=) are not supported"
+                        )));
                     }
                 };
-                let path: Vec<String> = split_outside_quotes(path.trim(), '.').iter().map(|p| unquote(p)).collect();
+                let path: Vec<String> = split_outside_quotes(path.trim(), '.')
+                    .iter()
+                    .map(|p| unquote(p))
+                    .collect();
                 match path.first().map(String::as_str) {
                     Some("name" | "parent" | "kind") if path.len() == 1 => {}
                     Some("labels") if path.len() >= 2 => {}
-                    _ => return Err(Error::InvalidArgument(format!("filter {f:?}: unknown field {:?}", path.join(".")))),
+                    _ => {
+                        return Err(Error::InvalidArgument(format!(
+                            "filter {f:?}: unknown field {:?}",
+                            path.join(".")
+                        )));
+                    }
                 }
                 sels.push(Selector { path, op });
             }
@@ -118,7 +133,11 @@ impl Filters {
 
     /// Whether `info` passes.
     pub fn matches(&self, info: &Info) -> bool {
-        self.0.is_empty() || self.0.iter().any(|sels| sels.iter().all(|s| s.matches(info)))
+        self.0.is_empty()
+            || self
+                .0
+                .iter()
+                .any(|sels| sels.iter().all(|s| s.matches(info)))
     }
 }
 

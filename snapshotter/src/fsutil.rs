@@ -22,7 +22,9 @@ use thiserror::Error;
 #[derive(Debug, Error)]
 pub enum RemoveError {
     /// A directory inside the tree is on another mount (device or mount id differs).
-    #[error("refusing to remove {path}: it is on another mount (mount id {found_mnt} dev {found_dev:#x}, expected mount id {want_mnt} dev {want_dev:#x}); nothing beyond it was touched")]
+    #[error(
+        "refusing to remove {path}: it is on another mount (mount id {found_mnt} dev {found_dev:#x}, expected mount id {want_mnt} dev {want_dev:#x}); nothing beyond it was touched"
+    )]
     CrossesMount {
         /// The directory that is a mount point.
         path: PathBuf,
@@ -50,7 +52,11 @@ pub enum RemoveError {
 
 impl RemoveError {
     fn io(op: &'static str, path: &Path, e: rustix::io::Errno) -> Self {
-        RemoveError::Io { op, path: path.to_path_buf(), source: e.into() }
+        RemoveError::Io {
+            op,
+            path: path.to_path_buf(),
+            source: e.into(),
+        }
     }
 }
 
@@ -63,18 +69,32 @@ pub struct MountIdent {
     pub mnt_id: u64,
 }
 
-fn ident_at(dirfd: BorrowedFd<'_>, name: &CStr, path: &Path) -> Result<(MountIdent, bool), RemoveError> {
+fn ident_at(
+    dirfd: BorrowedFd<'_>,
+    name: &CStr,
+    path: &Path,
+) -> Result<(MountIdent, bool), RemoveError> {
     let flags = if name.to_bytes().is_empty() {
         AtFlags::EMPTY_PATH | AtFlags::SYMLINK_NOFOLLOW
     } else {
         AtFlags::SYMLINK_NOFOLLOW
     };
-    let st = rustix::fs::statx(dirfd, name, flags, StatxFlags::BASIC_STATS | StatxFlags::MNT_ID)
-        .map_err(|e| RemoveError::io("statx", path, e))?;
-    let mnt_id = if st.stx_mask & StatxFlags::MNT_ID.bits() != 0 { st.stx_mnt_id } else { 0 };
+    let st = rustix::fs::statx(
+        dirfd,
+        name,
+        flags,
+        StatxFlags::BASIC_STATS | StatxFlags::MNT_ID,
+    )
+    .map_err(|e| RemoveError::io("statx", path, e))?;
+    let mnt_id = if st.stx_mask & StatxFlags::MNT_ID.bits() != 0 {
+        st.stx_mnt_id
+    } else {
+        0
+    };
     let dev = rustix::fs::makedev(st.stx_dev_major, st.stx_dev_minor);
     // STATX_ATTR_MOUNT_ROOT = 0x2000: the file is the root of a mount.
-    let mount_root = st.stx_attributes_mask.bits() & 0x2000 != 0 && st.stx_attributes.bits() & 0x2000 != 0;
+    let mount_root =
+        st.stx_attributes_mask.bits() & 0x2000 != 0 && st.stx_attributes.bits() & 0x2000 != 0;
     Ok((MountIdent { dev, mnt_id }, mount_root))
 }
 
@@ -93,7 +113,11 @@ pub fn is_mount_point(path: &Path) -> Result<bool, RemoveError> {
         return Ok(true);
     }
     let parent = path.parent().unwrap_or(Path::new("/"));
-    let parent = if parent.as_os_str().is_empty() { Path::new(".") } else { parent };
+    let parent = if parent.as_os_str().is_empty() {
+        Path::new(".")
+    } else {
+        parent
+    };
     let pc = cpath(parent)?;
     let (p, _) = ident_at(CWD, &pc, parent)?;
     Ok(p != me)
@@ -138,7 +162,10 @@ pub fn remove_all_no_xdev(path: &Path) -> Result<(), RemoveError> {
             Err(e) => Err(RemoveError::io("unlink", path, e)),
         };
     }
-    let parent = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    let parent = path
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
     let parent_ident = mount_ident(parent)?;
     let root = open_dir_at(CWD, &c, path)?;
     let (want, mount_root) = ident_at(root.as_fd(), c"", path)?;
@@ -180,7 +207,12 @@ fn list(dir: BorrowedFd<'_>, path: &Path) -> Result<Vec<(CString, Option<bool>)>
 
 const MAX_DEPTH: usize = 4096;
 
-fn remove_contents(dir: BorrowedFd<'_>, path: &Path, want: MountIdent, depth: usize) -> Result<(), RemoveError> {
+fn remove_contents(
+    dir: BorrowedFd<'_>,
+    path: &Path,
+    want: MountIdent,
+    depth: usize,
+) -> Result<(), RemoveError> {
     if depth > MAX_DEPTH {
         return Err(RemoveError::Io {
             op: "walk",
@@ -192,16 +224,22 @@ fn remove_contents(dir: BorrowedFd<'_>, path: &Path, want: MountIdent, depth: us
         let child = path.join(OsStr::from_bytes(name.to_bytes()));
         let is_dir = match is_dir {
             Some(d) => d,
-            None => match rustix::fs::statx(dir, &name, AtFlags::SYMLINK_NOFOLLOW, StatxFlags::TYPE) {
-                Ok(st) => u32::from(st.stx_mode) & libc::S_IFMT == libc::S_IFDIR,
-                Err(rustix::io::Errno::NOENT) => continue,
-                Err(e) => return Err(RemoveError::io("statx", &child, e)),
-            },
+            None => {
+                match rustix::fs::statx(dir, &name, AtFlags::SYMLINK_NOFOLLOW, StatxFlags::TYPE) {
+                    Ok(st) => u32::from(st.stx_mode) & libc::S_IFMT == libc::S_IFDIR,
+                    Err(rustix::io::Errno::NOENT) => continue,
+                    Err(e) => return Err(RemoveError::io("statx", &child, e)),
+                }
+            }
         };
         if is_dir {
             let fd = match open_dir_at(dir, &name, &child) {
                 Ok(fd) => fd,
-                Err(RemoveError::Io { source, .. }) if source.raw_os_error() == Some(libc::ENOENT) => continue,
+                Err(RemoveError::Io { source, .. })
+                    if source.raw_os_error() == Some(libc::ENOENT) =>
+                {
+                    continue;
+                }
                 Err(e) => return Err(e),
             };
             let (got, mount_root) = ident_at(fd.as_fd(), c"", &child)?;

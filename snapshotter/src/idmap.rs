@@ -57,7 +57,10 @@ pub struct IdMap(pub Vec<IdRange>);
 impl IdMap {
     /// Parses containerd's syntax `ctr:host:size[,ctr:host:size...]`.
     pub fn parse(s: &str) -> Result<Self, IdmapError> {
-        let invalid = |reason| IdmapError::Invalid { value: s.to_string(), reason };
+        let invalid = |reason| IdmapError::Invalid {
+            value: s.to_string(),
+            reason,
+        };
         let mut ranges = Vec::new();
         for part in s.split(',') {
             let mut it = part.trim().split(':');
@@ -65,12 +68,21 @@ impl IdMap {
             else {
                 return Err(invalid("want container-id:host-id:size[,...]"));
             };
-            let num = |x: &str| x.parse::<u32>().map_err(|_| invalid("ids and size must be unsigned 32-bit integers"));
-            let r = IdRange { container: num(c)?, host: num(h)?, size: num(n)? };
+            let num = |x: &str| {
+                x.parse::<u32>()
+                    .map_err(|_| invalid("ids and size must be unsigned 32-bit integers"))
+            };
+            let r = IdRange {
+                container: num(c)?,
+                host: num(h)?,
+                size: num(n)?,
+            };
             if r.size == 0 {
                 return Err(invalid("size must not be 0"));
             }
-            if r.container.checked_add(r.size - 1).is_none() || r.host.checked_add(r.size - 1).is_none() {
+            if r.container.checked_add(r.size - 1).is_none()
+                || r.host.checked_add(r.size - 1).is_none()
+            {
                 return Err(invalid("range overflows 32 bits"));
             }
             ranges.push(r);
@@ -94,7 +106,10 @@ impl IdMap {
     }
 
     fn proc_format(&self) -> String {
-        self.0.iter().map(|r| format!("{} {} {}\n", r.container, r.host, r.size)).collect()
+        self.0
+            .iter()
+            .map(|r| format!("{} {} {}\n", r.container, r.host, r.size))
+            .collect()
     }
 }
 

@@ -23,10 +23,18 @@ use crisp_snapshotter::{Config, Snapshotter};
 #[command(name = "crisp-snapshotter", version)]
 struct Args {
     /// Root directory: metadata.redb, snapshots/, tmp-mounts/.
-    #[arg(long, env = "CRISP_SNAPSHOTTER_ROOT", default_value = "/var/lib/crisp/snapshotter")]
+    #[arg(
+        long,
+        env = "CRISP_SNAPSHOTTER_ROOT",
+        default_value = "/var/lib/crisp/snapshotter"
+    )]
     root: PathBuf,
     /// Unix socket to listen on (a stale socket file is replaced).
-    #[arg(long, env = "CRISP_SNAPSHOTTER_ADDRESS", default_value = "/run/crisp/snapshotter.sock")]
+    #[arg(
+        long,
+        env = "CRISP_SNAPSHOTTER_ADDRESS",
+        default_value = "/run/crisp/snapshotter.sock"
+    )]
     address: PathBuf,
     /// How idmapped lower layers are mounted: auto (probe), fd, or temp-mount.
     #[arg(long, env = "CRISP_IDMAP_MODE", default_value = "auto")]
@@ -45,14 +53,21 @@ fn main() -> anyhow::Result<()> {
         .with_writer(std::io::stderr)
         .init();
     let args = Args::parse();
-    let sn = Snapshotter::open(&args.root, Config { idmap_mode: args.idmap_mode })
-        .with_context(|| format!("opening snapshotter at --root {}", args.root.display()))?;
+    let sn = Snapshotter::open(
+        &args.root,
+        Config {
+            idmap_mode: args.idmap_mode,
+        },
+    )
+    .with_context(|| format!("opening snapshotter at --root {}", args.root.display()))?;
     if args.cleanup
         && let Err(e) = sn.cleanup()
     {
         tracing::warn!(error = %e, "start-up cleanup");
     }
-    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
     rt.block_on(serve(Arc::new(sn), args.address))
 }
 
@@ -63,14 +78,17 @@ async fn serve(sn: Arc<Snapshotter>, address: PathBuf) -> anyhow::Result<()> {
     match std::fs::remove_file(&address) {
         Ok(()) => {}
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-        Err(e) => return Err(e).with_context(|| format!("removing stale socket {}", address.display())),
+        Err(e) => {
+            return Err(e).with_context(|| format!("removing stale socket {}", address.display()));
+        }
     }
     let listener = tokio::net::UnixListener::bind(&address)
         .with_context(|| format!("binding --address {}", address.display()))?;
     tracing::info!(address = %address.display(), "serving containerd.services.snapshots.v1.Snapshots");
     let incoming = tokio_stream::wrappers::UnixListenerStream::new(listener);
     let shutdown = async {
-        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
+        let mut term =
+            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
         tokio::select! {
             _ = tokio::signal::ctrl_c() => {}
             _ = async { match term.as_mut() { Some(t) => { t.recv().await; } None => std::future::pending().await } } => {}

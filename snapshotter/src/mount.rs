@@ -78,7 +78,12 @@ impl Mount {
 
 impl From<crisp_proto::containerd::types::Mount> for Mount {
     fn from(m: crisp_proto::containerd::types::Mount) -> Self {
-        Mount { typ: m.r#type, source: m.source, target: m.target, options: m.options }
+        Mount {
+            typ: m.r#type,
+            source: m.source,
+            target: m.target,
+            options: m.options,
+        }
     }
 }
 
@@ -96,7 +101,12 @@ impl From<Mount> for crisp_proto::containerd::types::Mount {
 #[cfg(feature = "shim-protos")]
 impl From<containerd_shim_protos::types::mount::Mount> for Mount {
     fn from(m: containerd_shim_protos::types::mount::Mount) -> Self {
-        Mount { typ: m.type_, source: m.source, target: m.target, options: m.options }
+        Mount {
+            typ: m.type_,
+            source: m.source,
+            target: m.target,
+            options: m.options,
+        }
     }
 }
 
@@ -144,12 +154,23 @@ pub enum MountError {
     Remove(#[from] RemoveError),
 }
 
-fn sys_err<'a>(op: &'static str, path: &'a Path) -> impl FnOnce(rustix::io::Errno) -> MountError + 'a {
-    move |e| MountError::Sys { op, path: path.to_path_buf(), source: e.into(), detail: String::new() }
+fn sys_err<'a>(
+    op: &'static str,
+    path: &'a Path,
+) -> impl FnOnce(rustix::io::Errno) -> MountError + 'a {
+    move |e| MountError::Sys {
+        op,
+        path: path.to_path_buf(),
+        source: e.into(),
+        detail: String::new(),
+    }
 }
 
 fn invalid(typ: &str, reason: impl Into<String>) -> MountError {
-    MountError::Invalid { typ: typ.to_string(), reason: reason.into() }
+    MountError::Invalid {
+        typ: typ.to_string(),
+        reason: reason.into(),
+    }
 }
 
 /// How idmapped overlay lower layers are made.
@@ -183,7 +204,9 @@ impl FromStr for IdmapMode {
             "auto" => Ok(IdmapMode::Auto),
             "fd" => Ok(IdmapMode::Fd),
             "temp-mount" | "tempmount" | "temp" => Ok(IdmapMode::TempMount),
-            _ => Err(format!("unknown idmap mode {s:?} (want auto, fd or temp-mount)")),
+            _ => Err(format!(
+                "unknown idmap mode {s:?} (want auto, fd or temp-mount)"
+            )),
         }
     }
 }
@@ -240,7 +263,8 @@ impl FaultySyscalls {
 }
 
 fn take_one(n: &AtomicUsize) -> bool {
-    n.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |v| v.checked_sub(1)).is_ok()
+    n.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |v| v.checked_sub(1))
+        .is_ok()
 }
 
 impl Syscalls for FaultySyscalls {
@@ -277,7 +301,11 @@ pub struct Mounter {
 impl Mounter {
     /// A mounter; `tmp_root` holds temporary mounts of the fallback path (created 0700 on use).
     pub fn new(mode: IdmapMode, tmp_root: impl Into<PathBuf>) -> Self {
-        Mounter { mode, tmp_root: tmp_root.into(), sys: Arc::new(RealSyscalls) }
+        Mounter {
+            mode,
+            tmp_root: tmp_root.into(),
+            sys: Arc::new(RealSyscalls),
+        }
     }
 
     /// Replaces the teardown syscalls (fault injection in tests).
@@ -314,8 +342,14 @@ impl Mounter {
                 target.to_path_buf()
             } else {
                 let sub = Path::new(m.target.trim_start_matches('/'));
-                if sub.components().any(|c| !matches!(c, std::path::Component::Normal(_))) {
-                    return Err(invalid(&m.typ, format!("target {:?} must stay below the mount root", m.target)));
+                if sub
+                    .components()
+                    .any(|c| !matches!(c, std::path::Component::Normal(_)))
+                {
+                    return Err(invalid(
+                        &m.typ,
+                        format!("target {:?} must stay below the mount root", m.target),
+                    ));
                 }
                 target.join(sub)
             };
@@ -355,29 +389,56 @@ impl Mounter {
             "overlay" => self.mount_overlay(&opts, userns.as_ref(), target),
             "bind" | "rbind" => {
                 let rec = m.typ == "rbind" || opts.rbind;
-                mount_bind(Path::new(&m.source), target, rec, opts.attrs, userns.as_ref())
+                mount_bind(
+                    Path::new(&m.source),
+                    target,
+                    rec,
+                    opts.attrs,
+                    userns.as_ref(),
+                )
             }
-            _ if opts.bind => {
-                mount_bind(Path::new(&m.source), target, opts.rbind, opts.attrs, userns.as_ref())
-            }
+            _ if opts.bind => mount_bind(
+                Path::new(&m.source),
+                target,
+                opts.rbind,
+                opts.attrs,
+                userns.as_ref(),
+            ),
             typ => {
                 if userns.is_some() {
-                    return Err(invalid(typ, "uidmap/gidmap are only supported on overlay and bind mounts"));
+                    return Err(invalid(
+                        typ,
+                        "uidmap/gidmap are only supported on overlay and bind mounts",
+                    ));
                 }
                 let data = join_data(&opts.data);
                 let data = CString::new(data).map_err(|_| invalid(typ, "NUL byte in options"))?;
-                rustix::mount::mount(m.source.as_str(), target, typ, opts.flags, Some(data.as_c_str()))
-                    .map_err(sys_err("mount", target))
+                rustix::mount::mount(
+                    m.source.as_str(),
+                    target,
+                    typ,
+                    opts.flags,
+                    Some(data.as_c_str()),
+                )
+                .map_err(sys_err("mount", target))
             }
         }
     }
 
-    fn mount_overlay(&self, o: &Options, userns: Option<&Userns>, target: &Path) -> Result<(), MountError> {
+    fn mount_overlay(
+        &self,
+        o: &Options,
+        userns: Option<&Userns>,
+        target: &Path,
+    ) -> Result<(), MountError> {
         if o.lower.is_empty() {
             return Err(invalid("overlay", "no lowerdir"));
         }
         if o.upper.is_some() != o.work.is_some() {
-            return Err(invalid("overlay", "upperdir and workdir must be given together"));
+            return Err(invalid(
+                "overlay",
+                "upperdir and workdir must be given together",
+            ));
         }
         match (userns, self.mode()) {
             (Some(ns), IdmapMode::TempMount) => self.mount_overlay_tempmounts(o, ns, target),
@@ -387,7 +448,12 @@ impl Mounter {
         }
     }
 
-    fn mount_overlay_tempmounts(&self, o: &Options, ns: &Userns, target: &Path) -> Result<(), MountError> {
+    fn mount_overlay_tempmounts(
+        &self,
+        o: &Options,
+        ns: &Userns,
+        target: &Path,
+    ) -> Result<(), MountError> {
         let mut b = std::fs::DirBuilder::new();
         b.recursive(true).mode(0o700);
         b.create(&self.tmp_root).map_err(|e| MountError::Sys {
@@ -404,7 +470,12 @@ impl Mounter {
             source: e,
             detail: String::new(),
         })?;
-        let mut tmp = TempMounts { dir, paths: Vec::new(), sys: self.sys.clone(), created: Vec::new() };
+        let mut tmp = TempMounts {
+            dir,
+            paths: Vec::new(),
+            sys: self.sys.clone(),
+            created: Vec::new(),
+        };
         let res = (|| {
             let mut lowers = Vec::new();
             for (i, l) in o.lower.iter().enumerate() {
@@ -417,8 +488,14 @@ impl Mounter {
                 })?;
                 tmp.created.push(p.clone());
                 let fd = idmapped_clone(Path::new(l), ns)?;
-                rustix::mount::move_mount(fd.as_fd(), c"", CWD, &p, MoveMountFlags::MOVE_MOUNT_F_EMPTY_PATH)
-                    .map_err(sys_err("move_mount", &p))?;
+                rustix::mount::move_mount(
+                    fd.as_fd(),
+                    c"",
+                    CWD,
+                    &p,
+                    MoveMountFlags::MOVE_MOUNT_F_EMPTY_PATH,
+                )
+                .map_err(sys_err("move_mount", &p))?;
                 tmp.paths.push(p.clone());
                 lowers.push(p.to_string_lossy().into_owned());
             }
@@ -463,7 +540,9 @@ fn rmdir_if_not_mountpoint(sys: &dyn Syscalls, p: &Path) {
         Ok(true) => {
             tracing::error!(path = %p.display(), "still a mount point; not removing it");
         }
-        Err(e) => tracing::warn!(path = %p.display(), error = %e, "cannot check mount point; not removing it"),
+        Err(e) => {
+            tracing::warn!(path = %p.display(), error = %e, "cannot check mount point; not removing it")
+        }
     }
 }
 
@@ -490,13 +569,23 @@ fn unmount_path(sys: &dyn Syscalls, p: &Path) -> Result<(), MountError> {
                     return Ok(());
                 }
                 if detach {
-                    return Err(MountError::Sys { op: "umount", path: p.to_path_buf(), source: e, detail: String::new() });
+                    return Err(MountError::Sys {
+                        op: "umount",
+                        path: p.to_path_buf(),
+                        source: e,
+                        detail: String::new(),
+                    });
                 }
                 busy = UNMOUNT_RETRIES;
             }
             Err(e) => {
                 if detach {
-                    return Err(MountError::Sys { op: "umount", path: p.to_path_buf(), source: e, detail: String::new() });
+                    return Err(MountError::Sys {
+                        op: "umount",
+                        path: p.to_path_buf(),
+                        source: e,
+                        detail: String::new(),
+                    });
                 }
                 busy = UNMOUNT_RETRIES;
             }
@@ -518,28 +607,57 @@ fn idmapped_clone(dir: &Path, ns: &Userns) -> Result<OwnedFd, MountError> {
         OpenTreeFlags::OPEN_TREE_CLONE | OpenTreeFlags::OPEN_TREE_CLOEXEC,
     )
     .map_err(sys_err("open_tree", dir))?;
-    sys::mount_setattr(fd.as_fd(), sys::MOUNT_ATTR_IDMAP | sys::MOUNT_ATTR_RDONLY, Some(ns.as_fd()), false)
-        .map_err(|e| MountError::Sys { op: "mount_setattr(idmap)", path: dir.to_path_buf(), source: e, detail: String::new() })?;
+    sys::mount_setattr(
+        fd.as_fd(),
+        sys::MOUNT_ATTR_IDMAP | sys::MOUNT_ATTR_RDONLY,
+        Some(ns.as_fd()),
+        false,
+    )
+    .map_err(|e| MountError::Sys {
+        op: "mount_setattr(idmap)",
+        path: dir.to_path_buf(),
+        source: e,
+        detail: String::new(),
+    })?;
     Ok(fd)
 }
 
-fn mount_bind(source: &Path, target: &Path, rec: bool, attrs: u64, ns: Option<&Userns>) -> Result<(), MountError> {
+fn mount_bind(
+    source: &Path,
+    target: &Path,
+    rec: bool,
+    attrs: u64,
+    ns: Option<&Userns>,
+) -> Result<(), MountError> {
     let mut flags = OpenTreeFlags::OPEN_TREE_CLONE | OpenTreeFlags::OPEN_TREE_CLOEXEC;
     if rec {
         flags |= OpenTreeFlags::AT_RECURSIVE;
     }
     let fd = rustix::mount::open_tree(CWD, source, flags).map_err(sys_err("open_tree", source))?;
-    let set = attrs | if ns.is_some() { sys::MOUNT_ATTR_IDMAP } else { 0 };
+    let set = attrs
+        | if ns.is_some() {
+            sys::MOUNT_ATTR_IDMAP
+        } else {
+            0
+        };
     if set != 0 {
-        sys::mount_setattr(fd.as_fd(), set, ns.map(|n| n.as_fd()), rec).map_err(|e| MountError::Sys {
-            op: "mount_setattr",
-            path: source.to_path_buf(),
-            source: e,
-            detail: String::new(),
+        sys::mount_setattr(fd.as_fd(), set, ns.map(|n| n.as_fd()), rec).map_err(|e| {
+            MountError::Sys {
+                op: "mount_setattr",
+                path: source.to_path_buf(),
+                source: e,
+                detail: String::new(),
+            }
         })?;
     }
-    rustix::mount::move_mount(fd.as_fd(), c"", CWD, target, MoveMountFlags::MOVE_MOUNT_F_EMPTY_PATH)
-        .map_err(sys_err("move_mount", target))
+    rustix::mount::move_mount(
+        fd.as_fd(),
+        c"",
+        CWD,
+        target,
+        MoveMountFlags::MOVE_MOUNT_F_EMPTY_PATH,
+    )
+    .map_err(sys_err("move_mount", target))
 }
 
 /// Reads overlayfs' messages from an fs context fd (best effort).
@@ -604,8 +722,14 @@ fn mount_overlay_fd(o: &Options, ns: Option<&Userns>, target: &Path) -> Result<(
     )
     .map_err(|e| ctx_err("fsmount", target, e))?;
     drop(layer_fds);
-    rustix::mount::move_mount(mnt.as_fd(), c"", CWD, target, MoveMountFlags::MOVE_MOUNT_F_EMPTY_PATH)
-        .map_err(sys_err("move_mount", target))
+    rustix::mount::move_mount(
+        mnt.as_fd(),
+        c"",
+        CWD,
+        target,
+        MoveMountFlags::MOVE_MOUNT_F_EMPTY_PATH,
+    )
+    .map_err(sys_err("move_mount", target))
 }
 
 /// Overlay through classic `mount(2)` with a `lowerdir=a:b:c` option string.
@@ -622,7 +746,10 @@ fn mount_overlay_legacy(o: &Options, lowers: &[String], target: &Path) -> Result
     if data.len() >= page {
         return Err(invalid(
             "overlay",
-            format!("options are {} bytes, over the {page}-byte page limit of mount(2); this kernel needs fsconfig lowerdir+ for chains this deep", data.len()),
+            format!(
+                "options are {} bytes, over the {page}-byte page limit of mount(2); this kernel needs fsconfig lowerdir+ for chains this deep",
+                data.len()
+            ),
         ));
     }
     let data = CString::new(data).map_err(|_| invalid("overlay", "NUL byte in options"))?;
@@ -698,7 +825,11 @@ fn parse_options(typ: &str, options: &[String]) -> Result<Options, MountError> {
             ("uidmap", Some(v)) => o.uidmap = Some(IdMap::parse(v)?),
             ("gidmap", Some(v)) => o.gidmap = Some(IdMap::parse(v)?),
             ("lowerdir", Some(v)) if typ == "overlay" => {
-                o.lower = v.split(':').filter(|s| !s.is_empty()).map(str::to_string).collect()
+                o.lower = v
+                    .split(':')
+                    .filter(|s| !s.is_empty())
+                    .map(str::to_string)
+                    .collect()
             }
             ("upperdir", Some(v)) if typ == "overlay" => o.upper = Some(v.to_string()),
             ("workdir", Some(v)) if typ == "overlay" => o.work = Some(v.to_string()),
@@ -771,15 +902,23 @@ pub fn probe_fd_path(scratch: &Path) -> bool {
 fn try_probe(scratch: &Path) -> Result<(), MountError> {
     let dir = scratch.join(format!("probe-{}", rand_name()));
     let mk = |p: &Path| {
-        std::fs::DirBuilder::new().recursive(true).mode(0o700).create(p).map_err(|e| MountError::Sys {
-            op: "mkdir",
-            path: p.to_path_buf(),
-            source: e,
-            detail: String::new(),
-        })
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(p)
+            .map_err(|e| MountError::Sys {
+                op: "mkdir",
+                path: p.to_path_buf(),
+                source: e,
+                detail: String::new(),
+            })
     };
-    let (lower, upper, work, merged) =
-        (dir.join("lower"), dir.join("upper"), dir.join("work"), dir.join("merged"));
+    let (lower, upper, work, merged) = (
+        dir.join("lower"),
+        dir.join("upper"),
+        dir.join("work"),
+        dir.join("merged"),
+    );
     for p in [&lower, &upper, &work, &merged] {
         mk(p)?;
     }
@@ -801,11 +940,22 @@ fn try_probe(scratch: &Path) -> Result<(), MountError> {
         mount_overlay_fd(&o, Some(&ns), &merged)?;
         let st = std::fs::metadata(merged.join("f"));
         let unmount = unmount_path(&RealSyscalls, &merged);
-        let st = st.map_err(|e| MountError::Sys { op: "stat", path: merged.join("f"), source: e, detail: String::new() })?;
+        let st = st.map_err(|e| MountError::Sys {
+            op: "stat",
+            path: merged.join("f"),
+            source: e,
+            detail: String::new(),
+        })?;
         unmount?;
         use std::os::unix::fs::MetadataExt;
         if st.uid() != 100000 {
-            return Err(invalid("overlay", format!("probe saw uid {} through the idmapped layer, want 100000", st.uid())));
+            return Err(invalid(
+                "overlay",
+                format!(
+                    "probe saw uid {} through the idmapped layer, want 100000",
+                    st.uid()
+                ),
+            ));
         }
         Ok(())
     })();
@@ -864,7 +1014,10 @@ fn unescape_mountinfo(s: &str) -> PathBuf {
     let mut out = Vec::with_capacity(b.len());
     let mut i = 0;
     while i < b.len() {
-        if b[i] == b'\\' && i + 3 < b.len() && b[i + 1..i + 4].iter().all(|c| (b'0'..=b'7').contains(c)) {
+        if b[i] == b'\\'
+            && i + 3 < b.len()
+            && b[i + 1..i + 4].iter().all(|c| (b'0'..=b'7').contains(c))
+        {
             let v = (b[i + 1] - b'0') * 64 + (b[i + 2] - b'0') * 8 + (b[i + 3] - b'0');
             out.push(v);
             i += 4;
@@ -905,18 +1058,36 @@ mod tests {
 
     #[test]
     fn upper_dir_of_mounts() {
-        let m = Mount { typ: "overlay".into(), source: "overlay".into(), target: String::new(), options: vec!["upperdir=/x/fs".into(), "lowerdir=/y".into()] };
+        let m = Mount {
+            typ: "overlay".into(),
+            source: "overlay".into(),
+            target: String::new(),
+            options: vec!["upperdir=/x/fs".into(), "lowerdir=/y".into()],
+        };
         assert_eq!(m.upper_dir(), Some(PathBuf::from("/x/fs")));
-        let b = Mount { typ: "bind".into(), source: "/s".into(), target: String::new(), options: vec!["rw".into(), "rbind".into()] };
+        let b = Mount {
+            typ: "bind".into(),
+            source: "/s".into(),
+            target: String::new(),
+            options: vec!["rw".into(), "rbind".into()],
+        };
         assert_eq!(b.upper_dir(), Some(PathBuf::from("/s")));
-        let r = Mount { options: vec!["ro".into(), "rbind".into()], ..b };
+        let r = Mount {
+            options: vec!["ro".into(), "rbind".into()],
+            ..b
+        };
         assert_eq!(r.upper_dir(), None);
     }
 
     #[cfg(feature = "shim-protos")]
     #[test]
     fn shim_proto_round_trip() {
-        let m = Mount { typ: "overlay".into(), source: "overlay".into(), target: "t".into(), options: vec!["lowerdir=/a".into()] };
+        let m = Mount {
+            typ: "overlay".into(),
+            source: "overlay".into(),
+            target: "t".into(),
+            options: vec!["lowerdir=/a".into()],
+        };
         let p: containerd_shim_protos::types::mount::Mount = m.clone().into();
         assert_eq!(p.type_, "overlay");
         assert_eq!(Mount::from(p), m);
@@ -926,8 +1097,14 @@ mod tests {
 
     #[test]
     fn target_may_not_escape() {
-        let m = Mount { typ: "tmpfs".into(), source: "tmpfs".into(), target: "../x".into(), options: vec![] };
-        let err = Mounter::new(IdmapMode::Fd, "/nonexistent").mount_all(&[m], Path::new("/nonexistent/t"));
+        let m = Mount {
+            typ: "tmpfs".into(),
+            source: "tmpfs".into(),
+            target: "../x".into(),
+            options: vec![],
+        };
+        let err = Mounter::new(IdmapMode::Fd, "/nonexistent")
+            .mount_all(&[m], Path::new("/nonexistent/t"));
         assert!(matches!(err, Err(MountError::Invalid { .. })), "{err:?}");
     }
 

@@ -64,7 +64,10 @@ impl Service {
 
 fn ts(t: SystemTime) -> prost_types::Timestamp {
     let d = t.duration_since(UNIX_EPOCH).unwrap_or_default();
-    prost_types::Timestamp { seconds: d.as_secs() as i64, nanos: d.subsec_nanos() as i32 }
+    prost_types::Timestamp {
+        seconds: d.as_secs() as i64,
+        nanos: d.subsec_nanos() as i32,
+    }
 }
 
 fn from_ts(t: Option<prost_types::Timestamp>) -> SystemTime {
@@ -105,51 +108,89 @@ fn mounts(v: Vec<crate::mount::Mount>) -> Vec<crisp_proto::containerd::types::Mo
 
 #[tonic::async_trait]
 impl Snapshots for Service {
-    async fn prepare(&self, req: Request<pb::PrepareSnapshotRequest>) -> Result<Response<pb::PrepareSnapshotResponse>, Status> {
+    async fn prepare(
+        &self,
+        req: Request<pb::PrepareSnapshotRequest>,
+    ) -> Result<Response<pb::PrepareSnapshotResponse>, Status> {
         let r = req.into_inner();
         let key = r.key.clone();
-        let m = self.call("Prepare", key, move |s| s.prepare(&r.key, Some(&r.parent), r.labels)).await?;
-        Ok(Response::new(pb::PrepareSnapshotResponse { mounts: mounts(m) }))
+        let m = self
+            .call("Prepare", key, move |s| {
+                s.prepare(&r.key, Some(&r.parent), r.labels)
+            })
+            .await?;
+        Ok(Response::new(pb::PrepareSnapshotResponse {
+            mounts: mounts(m),
+        }))
     }
 
-    async fn view(&self, req: Request<pb::ViewSnapshotRequest>) -> Result<Response<pb::ViewSnapshotResponse>, Status> {
+    async fn view(
+        &self,
+        req: Request<pb::ViewSnapshotRequest>,
+    ) -> Result<Response<pb::ViewSnapshotResponse>, Status> {
         let r = req.into_inner();
         let key = r.key.clone();
-        let m = self.call("View", key, move |s| s.view(&r.key, Some(&r.parent), r.labels)).await?;
-        Ok(Response::new(pb::ViewSnapshotResponse { mounts: mounts(m) }))
+        let m = self
+            .call("View", key, move |s| {
+                s.view(&r.key, Some(&r.parent), r.labels)
+            })
+            .await?;
+        Ok(Response::new(pb::ViewSnapshotResponse {
+            mounts: mounts(m),
+        }))
     }
 
-    async fn mounts(&self, req: Request<pb::MountsRequest>) -> Result<Response<pb::MountsResponse>, Status> {
+    async fn mounts(
+        &self,
+        req: Request<pb::MountsRequest>,
+    ) -> Result<Response<pb::MountsResponse>, Status> {
         let r = req.into_inner();
         let key = r.key.clone();
         let m = self.call("Mounts", key, move |s| s.mounts(&r.key)).await?;
         Ok(Response::new(pb::MountsResponse { mounts: mounts(m) }))
     }
 
-    async fn commit(&self, req: Request<pb::CommitSnapshotRequest>) -> Result<Response<()>, Status> {
+    async fn commit(
+        &self,
+        req: Request<pb::CommitSnapshotRequest>,
+    ) -> Result<Response<()>, Status> {
         let r = req.into_inner();
         let key = r.key.clone();
-        self.call("Commit", key, move |s| s.commit(&r.name, &r.key, r.labels)).await?;
+        self.call("Commit", key, move |s| s.commit(&r.name, &r.key, r.labels))
+            .await?;
         Ok(Response::new(()))
     }
 
-    async fn remove(&self, req: Request<pb::RemoveSnapshotRequest>) -> Result<Response<()>, Status> {
+    async fn remove(
+        &self,
+        req: Request<pb::RemoveSnapshotRequest>,
+    ) -> Result<Response<()>, Status> {
         let r = req.into_inner();
         let key = r.key.clone();
         self.call("Remove", key, move |s| s.remove(&r.key)).await?;
         Ok(Response::new(()))
     }
 
-    async fn stat(&self, req: Request<pb::StatSnapshotRequest>) -> Result<Response<pb::StatSnapshotResponse>, Status> {
+    async fn stat(
+        &self,
+        req: Request<pb::StatSnapshotRequest>,
+    ) -> Result<Response<pb::StatSnapshotResponse>, Status> {
         let r = req.into_inner();
         let key = r.key.clone();
         let i = self.call("Stat", key, move |s| s.stat(&r.key)).await?;
-        Ok(Response::new(pb::StatSnapshotResponse { info: Some(i.into()) }))
+        Ok(Response::new(pb::StatSnapshotResponse {
+            info: Some(i.into()),
+        }))
     }
 
-    async fn update(&self, req: Request<pb::UpdateSnapshotRequest>) -> Result<Response<pb::UpdateSnapshotResponse>, Status> {
+    async fn update(
+        &self,
+        req: Request<pb::UpdateSnapshotRequest>,
+    ) -> Result<Response<pb::UpdateSnapshotResponse>, Status> {
         let r = req.into_inner();
-        let info = r.info.ok_or_else(|| Status::invalid_argument("update: info is required"))?;
+        let info = r
+            .info
+            .ok_or_else(|| Status::invalid_argument("update: info is required"))?;
         let paths = r.update_mask.map(|m| m.paths).unwrap_or_default();
         let key = info.name.clone();
         let info = Info {
@@ -160,13 +201,21 @@ impl Snapshots for Service {
             created: from_ts(info.created_at),
             updated: from_ts(info.updated_at),
         };
-        let i = self.call("Update", key, move |s| s.update(info, &paths)).await?;
-        Ok(Response::new(pb::UpdateSnapshotResponse { info: Some(i.into()) }))
+        let i = self
+            .call("Update", key, move |s| s.update(info, &paths))
+            .await?;
+        Ok(Response::new(pb::UpdateSnapshotResponse {
+            info: Some(i.into()),
+        }))
     }
 
-    type ListStream = tokio_stream::Iter<std::vec::IntoIter<Result<pb::ListSnapshotsResponse, Status>>>;
+    type ListStream =
+        tokio_stream::Iter<std::vec::IntoIter<Result<pb::ListSnapshotsResponse, Status>>>;
 
-    async fn list(&self, req: Request<pb::ListSnapshotsRequest>) -> Result<Response<Self::ListStream>, Status> {
+    async fn list(
+        &self,
+        req: Request<pb::ListSnapshotsRequest>,
+    ) -> Result<Response<Self::ListStream>, Status> {
         let r = req.into_inner();
         let infos = self
             .call("List", String::new(), move |s| {
@@ -186,11 +235,17 @@ impl Snapshots for Service {
         Ok(Response::new(tokio_stream::iter(batches)))
     }
 
-    async fn usage(&self, req: Request<pb::UsageRequest>) -> Result<Response<pb::UsageResponse>, Status> {
+    async fn usage(
+        &self,
+        req: Request<pb::UsageRequest>,
+    ) -> Result<Response<pb::UsageResponse>, Status> {
         let r = req.into_inner();
         let key = r.key.clone();
         let u = self.call("Usage", key, move |s| s.usage(&r.key)).await?;
-        Ok(Response::new(pb::UsageResponse { size: u.size, inodes: u.inodes }))
+        Ok(Response::new(pb::UsageResponse {
+            size: u.size,
+            inodes: u.inodes,
+        }))
     }
 
     async fn cleanup(&self, _req: Request<pb::CleanupRequest>) -> Result<Response<()>, Status> {

@@ -113,7 +113,10 @@ struct Record {
 }
 
 fn now_ns() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_nanos() as u64).unwrap_or(0)
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_nanos() as u64)
+        .unwrap_or(0)
 }
 
 fn ns_time(ns: u64) -> SystemTime {
@@ -134,7 +137,10 @@ impl Record {
 }
 
 fn decode(key: &str, v: &[u8]) -> Result<Record> {
-    serde_json::from_slice(v).map_err(|source| Error::Decode { key: key.to_string(), source })
+    serde_json::from_slice(v).map_err(|source| Error::Decode {
+        key: key.to_string(),
+        source,
+    })
 }
 
 fn encode(r: &Record) -> Vec<u8> {
@@ -161,7 +167,10 @@ pub struct Snapshotter {
 
 impl fmt::Debug for Snapshotter {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Snapshotter").field("root", &self.root).field("mounter", &self.mounter).finish()
+        f.debug_struct("Snapshotter")
+            .field("root", &self.root)
+            .field("mounter", &self.mounter)
+            .finish()
     }
 }
 
@@ -193,7 +202,10 @@ impl Drop for DirGuard {
 }
 
 fn mkdir(p: &Path, mode: u32) -> Result<()> {
-    DirBuilder::new().mode(mode).create(p).map_err(Error::io(format!("mkdir {}", p.display())))
+    DirBuilder::new()
+        .mode(mode)
+        .create(p)
+        .map_err(Error::io(format!("mkdir {}", p.display())))
 }
 
 fn fsync_dir(p: &Path) -> Result<()> {
@@ -219,7 +231,10 @@ impl Snapshotter {
             .recursive(true)
             .mode(0o700)
             .create(root.join("snapshots"))
-            .map_err(Error::io(format!("mkdir {}", root.join("snapshots").display())))?;
+            .map_err(Error::io(format!(
+                "mkdir {}",
+                root.join("snapshots").display()
+            )))?;
         let database = Database::create(root.join("metadata.redb")).map_err(db)?;
         let txn = database.begin_write().map_err(db)?;
         {
@@ -230,7 +245,12 @@ impl Snapshotter {
         let mounter = Mounter::new(config.idmap_mode, root.join("tmp-mounts"));
         let mode = mounter.mode();
         tracing::info!(root = %root.display(), idmap_mode = %mode, "snapshotter opened");
-        Ok(Snapshotter { root: root.to_path_buf(), db: database, mounter, dirs: Mutex::new(()) })
+        Ok(Snapshotter {
+            root: root.to_path_buf(),
+            db: database,
+            mounter,
+            dirs: Mutex::new(()),
+        })
     }
 
     /// The mounter configured for this snapshotter (idmap mode, temporary mount dir).
@@ -252,20 +272,38 @@ impl Snapshotter {
     }
 
     /// Creates an active snapshot on `parent` (None or "" for none); returns its mounts.
-    pub fn prepare(&self, key: &str, parent: Option<&str>, labels: HashMap<String, String>) -> Result<Vec<Mount>> {
+    pub fn prepare(
+        &self,
+        key: &str,
+        parent: Option<&str>,
+        labels: HashMap<String, String>,
+    ) -> Result<Vec<Mount>> {
         let _s = tracing::info_span!("prepare", snapshot = key).entered();
         self.create(Kind::Active, key, parent, labels)
     }
 
     /// Creates a read-only view of `parent`; returns its mounts.
-    pub fn view(&self, key: &str, parent: Option<&str>, labels: HashMap<String, String>) -> Result<Vec<Mount>> {
+    pub fn view(
+        &self,
+        key: &str,
+        parent: Option<&str>,
+        labels: HashMap<String, String>,
+    ) -> Result<Vec<Mount>> {
         let _s = tracing::info_span!("view", snapshot = key).entered();
         self.create(Kind::View, key, parent, labels)
     }
 
-    fn create(&self, kind: Kind, key: &str, parent: Option<&str>, labels: HashMap<String, String>) -> Result<Vec<Mount>> {
+    fn create(
+        &self,
+        kind: Kind,
+        key: &str,
+        parent: Option<&str>,
+        labels: HashMap<String, String>,
+    ) -> Result<Vec<Mount>> {
         if key.is_empty() {
-            return Err(Error::InvalidArgument("snapshot key must not be empty".into()));
+            return Err(Error::InvalidArgument(
+                "snapshot key must not be empty".into(),
+            ));
         }
         let parent = parent.filter(|p| !p.is_empty());
         let maps = mappings(&labels)?;
@@ -280,24 +318,35 @@ impl Snapshotter {
                 Some(p) => {
                     let pr = get(&t, p)?.ok_or_else(|| Error::NotFound(p.to_string()))?;
                     if pr.kind != Kind::Committed {
-                        return Err(Error::InvalidArgument(format!("parent {p:?} is not a committed snapshot")));
+                        return Err(Error::InvalidArgument(format!(
+                            "parent {p:?} is not a committed snapshot"
+                        )));
                     }
                     self.chain(&t, p)?
                 }
             };
             let mut m = txn.open_table(META).map_err(db)?;
-            let mut id = m.get("next_id").map_err(db)?.map(|v| v.value()).unwrap_or(1);
+            let mut id = m
+                .get("next_id")
+                .map_err(db)?
+                .map(|v| v.value())
+                .unwrap_or(1);
             // A crash after the rename but before the commit leaves `<id>` behind with the
             // counter not advanced: never build on top of such an orphan, skip it (cleanup
             // removes it).
             while std::fs::symlink_metadata(self.dir(id)).is_ok() {
-                tracing::warn!(id, "snapshot directory exists without a record (crash leftover); skipping id");
+                tracing::warn!(
+                    id,
+                    "snapshot directory exists without a record (crash leftover); skipping id"
+                );
                 id += 1;
             }
             m.insert("next_id", id + 1).map_err(db)?;
 
             let mut guard = DirGuard(None);
-            let tmp = self.snapshots_dir().join(format!("new-{}", crate::mount::rand_name()));
+            let tmp = self
+                .snapshots_dir()
+                .join(format!("new-{}", crate::mount::rand_name()));
             mkdir(&tmp, 0o700)?;
             guard.set(tmp.clone());
             let fs = tmp.join("fs");
@@ -307,7 +356,9 @@ impl Snapshotter {
             }
             if let (Some((u, g)), Kind::Active) = (&maps, kind) {
                 let (Some(uid), Some(gid)) = (u.root_host_id(), g.root_host_id()) else {
-                    return Err(Error::InvalidArgument("id mapping does not map id 0 (the container's root)".into()));
+                    return Err(Error::InvalidArgument(
+                        "id mapping does not map id 0 (the container's root)".into(),
+                    ));
                 };
                 for d in [fs.clone(), tmp.join("work")] {
                     std::os::unix::fs::chown(&d, Some(uid), Some(gid))
@@ -316,8 +367,11 @@ impl Snapshotter {
             }
             failpoint::hit("snapshotter.prepare.before_rename")?;
             let dst = self.dir(id);
-            std::fs::rename(&tmp, &dst)
-                .map_err(Error::io(format!("rename {} to {}", tmp.display(), dst.display())))?;
+            std::fs::rename(&tmp, &dst).map_err(Error::io(format!(
+                "rename {} to {}",
+                tmp.display(),
+                dst.display()
+            )))?;
             guard.set(dst);
             fsync_dir(&self.snapshots_dir())?;
             failpoint::hit("snapshotter.prepare.after_rename")?;
@@ -344,7 +398,11 @@ impl Snapshotter {
     }
 
     /// Ids of `name` and its ancestors, nearest first.
-    fn chain<T: ReadableTable<&'static str, &'static [u8]>>(&self, t: &T, name: &str) -> Result<Vec<u64>> {
+    fn chain<T: ReadableTable<&'static str, &'static [u8]>>(
+        &self,
+        t: &T,
+        name: &str,
+    ) -> Result<Vec<u64>> {
         let mut ids = Vec::new();
         let mut cur = name.to_string();
         loop {
@@ -354,13 +412,21 @@ impl Snapshotter {
                 return Ok(ids);
             }
             if ids.len() > 100_000 {
-                return Err(Error::FailedPrecondition(format!("parent chain of {name:?} loops")));
+                return Err(Error::FailedPrecondition(format!(
+                    "parent chain of {name:?} loops"
+                )));
             }
             cur = r.parent;
         }
     }
 
-    fn mounts_for(&self, id: u64, kind: Kind, parents: &[u64], labels: &HashMap<String, String>) -> Vec<Mount> {
+    fn mounts_for(
+        &self,
+        id: u64,
+        kind: Kind,
+        parents: &[u64],
+        labels: &HashMap<String, String>,
+    ) -> Vec<Mount> {
         let fs = |id: u64| self.dir(id).join("fs").to_string_lossy().into_owned();
         let idmap_opts = || -> Vec<String> {
             match (labels.get(LABEL_UID_MAPPING), labels.get(LABEL_GID_MAPPING)) {
@@ -371,25 +437,51 @@ impl Snapshotter {
         if parents.is_empty() {
             // Its own (empty, already chowned) dir: no mapping needed.
             let ro = if kind == Kind::Active { "rw" } else { "ro" };
-            return vec![Mount { typ: "bind".into(), source: fs(id), target: String::new(), options: vec![ro.into(), "rbind".into()] }];
+            return vec![Mount {
+                typ: "bind".into(),
+                source: fs(id),
+                target: String::new(),
+                options: vec![ro.into(), "rbind".into()],
+            }];
         }
         if kind == Kind::Active {
             let mut options = vec![
                 format!("workdir={}", self.dir(id).join("work").display()),
                 format!("upperdir={}", fs(id)),
-                format!("lowerdir={}", parents.iter().map(|p| fs(*p)).collect::<Vec<_>>().join(":")),
+                format!(
+                    "lowerdir={}",
+                    parents.iter().map(|p| fs(*p)).collect::<Vec<_>>().join(":")
+                ),
             ];
             options.extend(idmap_opts());
-            return vec![Mount { typ: "overlay".into(), source: "overlay".into(), target: String::new(), options }];
+            return vec![Mount {
+                typ: "overlay".into(),
+                source: "overlay".into(),
+                target: String::new(),
+                options,
+            }];
         }
         if parents.len() == 1 {
             let mut options = vec!["ro".to_string(), "rbind".to_string()];
             options.extend(idmap_opts());
-            return vec![Mount { typ: "bind".into(), source: fs(parents[0]), target: String::new(), options }];
+            return vec![Mount {
+                typ: "bind".into(),
+                source: fs(parents[0]),
+                target: String::new(),
+                options,
+            }];
         }
-        let mut options = vec![format!("lowerdir={}", parents.iter().map(|p| fs(*p)).collect::<Vec<_>>().join(":"))];
+        let mut options = vec![format!(
+            "lowerdir={}",
+            parents.iter().map(|p| fs(*p)).collect::<Vec<_>>().join(":")
+        )];
         options.extend(idmap_opts());
-        vec![Mount { typ: "overlay".into(), source: "overlay".into(), target: String::new(), options }]
+        vec![Mount {
+            typ: "overlay".into(),
+            source: "overlay".into(),
+            target: String::new(),
+            options,
+        }]
     }
 
     /// Mounts of an active snapshot or view.
@@ -399,9 +491,15 @@ impl Snapshotter {
         let t = txn.open_table(SNAPSHOTS).map_err(db)?;
         let r = get(&t, key)?.ok_or_else(|| Error::NotFound(key.to_string()))?;
         if r.kind == Kind::Committed {
-            return Err(Error::FailedPrecondition(format!("snapshot {key:?} is committed; only active snapshots and views have mounts")));
+            return Err(Error::FailedPrecondition(format!(
+                "snapshot {key:?} is committed; only active snapshots and views have mounts"
+            )));
         }
-        let parents = if r.parent.is_empty() { Vec::new() } else { self.chain(&t, &r.parent)? };
+        let parents = if r.parent.is_empty() {
+            Vec::new()
+        } else {
+            self.chain(&t, &r.parent)?
+        };
         Ok(self.mounts_for(r.id, r.kind, &parents, &r.labels))
     }
 
@@ -409,14 +507,19 @@ impl Snapshotter {
     pub fn commit(&self, name: &str, key: &str, labels: HashMap<String, String>) -> Result<()> {
         let _s = tracing::info_span!("commit", snapshot = key, name).entered();
         if name.is_empty() {
-            return Err(Error::InvalidArgument("commit name must not be empty".into()));
+            return Err(Error::InvalidArgument(
+                "commit name must not be empty".into(),
+            ));
         }
         let txn = self.db.begin_write().map_err(db)?;
         {
             let mut t = txn.open_table(SNAPSHOTS).map_err(db)?;
             let r = get(&t, key)?.ok_or_else(|| Error::NotFound(key.to_string()))?;
             if r.kind != Kind::Active {
-                return Err(Error::FailedPrecondition(format!("snapshot {key:?} is a {}, only active snapshots can be committed", r.kind)));
+                return Err(Error::FailedPrecondition(format!(
+                    "snapshot {key:?} is a {}, only active snapshots can be committed",
+                    r.kind
+                )));
             }
             if t.get(name).map_err(db)?.is_some() {
                 return Err(Error::AlreadyExists(name.to_string()));
@@ -508,11 +611,15 @@ impl Snapshotter {
                         None => r.labels.remove(k),
                     };
                 } else {
-                    return Err(Error::InvalidArgument(format!("cannot update field {fp:?} of snapshot {:?}", info.name)));
+                    return Err(Error::InvalidArgument(format!(
+                        "cannot update field {fp:?} of snapshot {:?}",
+                        info.name
+                    )));
                 }
             }
             r.updated_ns = now_ns();
-            t.insert(info.name.as_str(), encode(&r).as_slice()).map_err(db)?;
+            t.insert(info.name.as_str(), encode(&r).as_slice())
+                .map_err(db)?;
             r.info(&info.name)
         };
         txn.commit().map_err(db)?;
@@ -536,7 +643,11 @@ impl Snapshotter {
     }
 
     /// Calls `f` for each snapshot matching `filters` (containerd filter syntax, any of them).
-    pub fn walk<S: AsRef<str>>(&self, filters: &[S], mut f: impl FnMut(&Info) -> Result<()>) -> Result<()> {
+    pub fn walk<S: AsRef<str>>(
+        &self,
+        filters: &[S],
+        mut f: impl FnMut(&Info) -> Result<()>,
+    ) -> Result<()> {
         let filters = Filters::parse(filters)?;
         let infos = {
             let txn = self.db.begin_read().map_err(db)?;
@@ -577,7 +688,10 @@ impl Snapshotter {
                 Ok(e) => e,
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => return,
                 Err(e) => {
-                    first_err.get_or_insert(Error::Io { context: format!("read {}", dir.display()), source: e });
+                    first_err.get_or_insert(Error::Io {
+                        context: format!("read {}", dir.display()),
+                        source: e,
+                    });
                     return;
                 }
             };

@@ -34,7 +34,11 @@ pub(crate) fn mount_setattr(
     recursive: bool,
 ) -> io::Result<()> {
     let flags = libc::AT_EMPTY_PATH as libc::c_uint
-        | if recursive { libc::AT_RECURSIVE as libc::c_uint } else { 0 };
+        | if recursive {
+            libc::AT_RECURSIVE as libc::c_uint
+        } else {
+            0
+        };
     let attr = MountAttr {
         attr_set,
         attr_clr: 0,

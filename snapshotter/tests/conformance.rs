@@ -13,7 +13,13 @@ use crisp_snapshotter::mount::{IdmapMode, Mount};
 use crisp_snapshotter::{Config, ErrorKind, Kind, Snapshotter, failpoint};
 
 fn open(s: &Scratch) -> Snapshotter {
-    Snapshotter::open(&s.path().join("root"), Config { idmap_mode: IdmapMode::Auto }).expect("open")
+    Snapshotter::open(
+        &s.path().join("root"),
+        Config {
+            idmap_mode: IdmapMode::Auto,
+        },
+    )
+    .expect("open")
 }
 
 fn no_labels() -> HashMap<String, String> {
@@ -21,14 +27,19 @@ fn no_labels() -> HashMap<String, String> {
 }
 
 fn labels(kv: &[(&str, &str)]) -> HashMap<String, String> {
-    kv.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+    kv.iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect()
 }
 
 /// Mounts `mounts` at a fresh dir and returns a guard that unmounts it.
 fn mount_at<'a>(sn: &'a Snapshotter, s: &Scratch, name: &str, mounts: &[Mount]) -> MountGuard<'a> {
     let target = s.mkdir(&format!("mnt/{name}"));
     sn.mounter().mount_all(mounts, &target).expect("mount_all");
-    MountGuard { mounter: sn.mounter(), target }
+    MountGuard {
+        mounter: sn.mounter(),
+        target,
+    }
 }
 
 fn snapshot_dirs(sn: &Snapshotter) -> Vec<String> {
@@ -46,7 +57,9 @@ fn build_chain(sn: &Snapshotter, s: &Scratch, prefix: &str, depth: usize) -> Vec
     let mut parent: Option<String> = None;
     for i in 0..depth {
         let key = format!("{prefix}-active-{i}");
-        let mounts = sn.prepare(&key, parent.as_deref(), no_labels()).expect("prepare");
+        let mounts = sn
+            .prepare(&key, parent.as_deref(), no_labels())
+            .expect("prepare");
         let upper = mounts[0].upper_dir().expect("upper dir");
         std::fs::write(upper.join(format!("layer-{i}")), format!("{i}")).expect("write");
         std::fs::write(upper.join("top"), format!("{i}")).expect("write");
@@ -78,12 +91,16 @@ fn prepare_commit_view_and_mounts() {
     }
     let i = sn.stat("a").expect("stat");
     assert_eq!((i.kind, i.parent.clone()), (Kind::Active, None));
-    sn.commit("base", "a", labels(&[("l", "1")])).expect("commit");
+    sn.commit("base", "a", labels(&[("l", "1")]))
+        .expect("commit");
     assert_eq!(sn.stat("a").expect_err("gone").kind(), ErrorKind::NotFound);
     let base = sn.stat("base").expect("stat");
     assert_eq!(base.kind, Kind::Committed);
     assert_eq!(base.labels.get("l").map(String::as_str), Some("1"));
-    assert_eq!(sn.mounts("base").expect_err("committed").kind(), ErrorKind::FailedPrecondition);
+    assert_eq!(
+        sn.mounts("base").expect_err("committed").kind(),
+        ErrorKind::FailedPrecondition
+    );
 
     // Active on a parent: overlay; writes land in the upper dir only.
     let m = sn.prepare("b", Some("base"), no_labels()).expect("prepare");
@@ -91,7 +108,10 @@ fn prepare_commit_view_and_mounts() {
     let upper = m[0].upper_dir().expect("upper");
     {
         let g = mount_at(&sn, &s, "b", &m);
-        assert_eq!(std::fs::read(g.target.join("hello")).expect("read"), b"world");
+        assert_eq!(
+            std::fs::read(g.target.join("hello")).expect("read"),
+            b"world"
+        );
         std::fs::write(g.target.join("hello"), b"changed").expect("write");
         std::fs::write(g.target.join("new"), b"n").expect("write");
     }
@@ -108,7 +128,12 @@ fn prepare_commit_view_and_mounts() {
         let err = std::fs::write(g.target.join("x"), b"x").expect_err("view must be read-only");
         assert_eq!(err.raw_os_error(), Some(libc::EROFS), "{err}");
         drop(g);
-        assert_eq!(sn.commit("c", key, no_labels()).expect_err("commit view").kind(), ErrorKind::FailedPrecondition);
+        assert_eq!(
+            sn.commit("c", key, no_labels())
+                .expect_err("commit view")
+                .kind(),
+            ErrorKind::FailedPrecondition
+        );
     }
     // Every kind is walked.
     let mut seen = Vec::new();
@@ -120,7 +145,12 @@ fn prepare_commit_view_and_mounts() {
     seen.sort_by(|a, b| a.0.cmp(&b.0));
     assert_eq!(
         seen,
-        vec![("base".into(), Kind::Committed), ("layer2".into(), Kind::Committed), ("v1".into(), Kind::View), ("v2".into(), Kind::View)]
+        vec![
+            ("base".into(), Kind::Committed),
+            ("layer2".into(), Kind::Committed),
+            ("v1".into(), Kind::View),
+            ("v2".into(), Kind::View)
+        ]
     );
 }
 
@@ -129,31 +159,86 @@ fn error_kinds() {
     let s = Scratch::new("crisp-conf");
     let sn = open(&s);
     sn.prepare("a", None, no_labels()).expect("prepare");
-    assert_eq!(sn.prepare("a", None, no_labels()).expect_err("dup").kind(), ErrorKind::AlreadyExists);
-    assert_eq!(sn.prepare("x", Some("nope"), no_labels()).expect_err("no parent").kind(), ErrorKind::NotFound);
-    assert_eq!(sn.prepare("x", Some("a"), no_labels()).expect_err("active parent").kind(), ErrorKind::InvalidArgument);
-    assert_eq!(sn.prepare("", None, no_labels()).expect_err("empty key").kind(), ErrorKind::InvalidArgument);
+    assert_eq!(
+        sn.prepare("a", None, no_labels()).expect_err("dup").kind(),
+        ErrorKind::AlreadyExists
+    );
+    assert_eq!(
+        sn.prepare("x", Some("nope"), no_labels())
+            .expect_err("no parent")
+            .kind(),
+        ErrorKind::NotFound
+    );
+    assert_eq!(
+        sn.prepare("x", Some("a"), no_labels())
+            .expect_err("active parent")
+            .kind(),
+        ErrorKind::InvalidArgument
+    );
+    assert_eq!(
+        sn.prepare("", None, no_labels())
+            .expect_err("empty key")
+            .kind(),
+        ErrorKind::InvalidArgument
+    );
     sn.prepare("b", None, no_labels()).expect("prepare");
     sn.commit("c", "a", no_labels()).expect("commit");
-    assert_eq!(sn.commit("c", "b", no_labels()).expect_err("name taken").kind(), ErrorKind::AlreadyExists);
-    assert_eq!(sn.commit("d", "nope", no_labels()).expect_err("no key").kind(), ErrorKind::NotFound);
-    assert_eq!(sn.commit("d", "c", no_labels()).expect_err("committed").kind(), ErrorKind::FailedPrecondition);
-    assert_eq!(sn.remove("nope").expect_err("remove missing").kind(), ErrorKind::NotFound);
-    assert_eq!(sn.stat("nope").expect_err("stat missing").kind(), ErrorKind::NotFound);
-    assert_eq!(sn.usage("nope").expect_err("usage missing").kind(), ErrorKind::NotFound);
-    assert_eq!(sn.mounts("nope").expect_err("mounts missing").kind(), ErrorKind::NotFound);
+    assert_eq!(
+        sn.commit("c", "b", no_labels())
+            .expect_err("name taken")
+            .kind(),
+        ErrorKind::AlreadyExists
+    );
+    assert_eq!(
+        sn.commit("d", "nope", no_labels())
+            .expect_err("no key")
+            .kind(),
+        ErrorKind::NotFound
+    );
+    assert_eq!(
+        sn.commit("d", "c", no_labels())
+            .expect_err("committed")
+            .kind(),
+        ErrorKind::FailedPrecondition
+    );
+    assert_eq!(
+        sn.remove("nope").expect_err("remove missing").kind(),
+        ErrorKind::NotFound
+    );
+    assert_eq!(
+        sn.stat("nope").expect_err("stat missing").kind(),
+        ErrorKind::NotFound
+    );
+    assert_eq!(
+        sn.usage("nope").expect_err("usage missing").kind(),
+        ErrorKind::NotFound
+    );
+    assert_eq!(
+        sn.mounts("nope").expect_err("mounts missing").kind(),
+        ErrorKind::NotFound
+    );
     // Kind → gRPC code in one place.
     let st: tonic::Status = sn.stat("nope").expect_err("missing").into();
     assert_eq!(st.code(), tonic::Code::NotFound);
-    sn.prepare("child", Some("c"), no_labels()).expect("prepare child");
+    sn.prepare("child", Some("c"), no_labels())
+        .expect("prepare child");
     let st: tonic::Status = sn.remove("c").expect_err("has child").into();
     assert_eq!(st.code(), tonic::Code::FailedPrecondition);
     let st: tonic::Status = sn.prepare("b", None, no_labels()).expect_err("dup").into();
     assert_eq!(st.code(), tonic::Code::AlreadyExists);
     let bad = labels(&[("containerd.io/snapshot/uidmapping", "0:1")]);
-    assert_eq!(sn.prepare("m", None, bad).expect_err("half mapping").kind(), ErrorKind::InvalidArgument);
-    let bad = labels(&[("containerd.io/snapshot/uidmapping", "x"), ("containerd.io/snapshot/gidmapping", "0:1:1")]);
-    assert_eq!(sn.prepare("m", None, bad).expect_err("bad mapping").kind(), ErrorKind::InvalidArgument);
+    assert_eq!(
+        sn.prepare("m", None, bad).expect_err("half mapping").kind(),
+        ErrorKind::InvalidArgument
+    );
+    let bad = labels(&[
+        ("containerd.io/snapshot/uidmapping", "x"),
+        ("containerd.io/snapshot/gidmapping", "0:1:1"),
+    ]);
+    assert_eq!(
+        sn.prepare("m", None, bad).expect_err("bad mapping").kind(),
+        ErrorKind::InvalidArgument
+    );
 }
 
 #[test]
@@ -162,20 +247,40 @@ fn deep_chain_and_removal_order() {
     let sn = open(&s);
     let depth = 12;
     let names = build_chain(&sn, &s, "l", depth);
-    let m = sn.prepare("top", Some(&names[depth - 1]), no_labels()).expect("prepare");
-    let lower = m[0].options.iter().find(|o| o.starts_with("lowerdir=")).expect("lowerdir");
-    assert_eq!(lower.matches(':').count(), depth - 1, "all {depth} parents, nearest first: {lower}");
+    let m = sn
+        .prepare("top", Some(&names[depth - 1]), no_labels())
+        .expect("prepare");
+    let lower = m[0]
+        .options
+        .iter()
+        .find(|o| o.starts_with("lowerdir="))
+        .expect("lowerdir");
+    assert_eq!(
+        lower.matches(':').count(),
+        depth - 1,
+        "all {depth} parents, nearest first: {lower}"
+    );
     {
         let g = mount_at(&sn, &s, "top", &m);
         for i in 0..depth {
-            assert_eq!(std::fs::read_to_string(g.target.join(format!("layer-{i}"))).expect("read"), i.to_string());
+            assert_eq!(
+                std::fs::read_to_string(g.target.join(format!("layer-{i}"))).expect("read"),
+                i.to_string()
+            );
         }
-        assert_eq!(std::fs::read_to_string(g.target.join("top")).expect("read"), (depth - 1).to_string());
+        assert_eq!(
+            std::fs::read_to_string(g.target.join("top")).expect("read"),
+            (depth - 1).to_string()
+        );
         assert!(g.target.join("via-mount").exists());
     }
     // A parent with children cannot go.
     for n in &names {
-        assert_eq!(sn.remove(n).expect_err("has child").kind(), ErrorKind::FailedPrecondition, "{n}");
+        assert_eq!(
+            sn.remove(n).expect_err("has child").kind(),
+            ErrorKind::FailedPrecondition,
+            "{n}"
+        );
     }
     sn.remove("top").expect("remove top");
     for n in names.iter().rev() {
@@ -195,15 +300,27 @@ fn deep_chain_and_removal_order() {
 fn labels_update_and_walk_filters() {
     let s = Scratch::new("crisp-conf");
     let sn = open(&s);
-    sn.prepare("a", None, labels(&[("x", "1"), ("containerd.io/gc.root", "yes")])).expect("prepare");
-    sn.prepare("b", None, labels(&[("x", "2")])).expect("prepare");
+    sn.prepare(
+        "a",
+        None,
+        labels(&[("x", "1"), ("containerd.io/gc.root", "yes")]),
+    )
+    .expect("prepare");
+    sn.prepare("b", None, labels(&[("x", "2")]))
+        .expect("prepare");
     let before = sn.stat("a").expect("stat");
     std::thread::sleep(std::time::Duration::from_millis(2));
     // labels.<k>: set one, delete another.
     let mut info = before.clone();
     info.labels = labels(&[("y", "new")]);
     let after = sn
-        .update(info, &["labels.y".to_string(), "labels.containerd.io/gc.root".to_string()])
+        .update(
+            info,
+            &[
+                "labels.y".to_string(),
+                "labels.containerd.io/gc.root".to_string(),
+            ],
+        )
         .expect("update");
     assert_eq!(after.labels, labels(&[("x", "1"), ("y", "new")]));
     assert_eq!(after.created, before.created);
@@ -212,10 +329,21 @@ fn labels_update_and_walk_filters() {
     // No fieldpaths: labels replaced.
     let mut info = after.clone();
     info.labels = labels(&[("only", "this")]);
-    assert_eq!(sn.update(info.clone(), &[]).expect("update").labels, labels(&[("only", "this")]));
-    assert_eq!(sn.update(info.clone(), &["kind".into()]).expect_err("immutable").kind(), ErrorKind::InvalidArgument);
+    assert_eq!(
+        sn.update(info.clone(), &[]).expect("update").labels,
+        labels(&[("only", "this")])
+    );
+    assert_eq!(
+        sn.update(info.clone(), &["kind".into()])
+            .expect_err("immutable")
+            .kind(),
+        ErrorKind::InvalidArgument
+    );
     info.name = "nope".into();
-    assert_eq!(sn.update(info, &[]).expect_err("missing").kind(), ErrorKind::NotFound);
+    assert_eq!(
+        sn.update(info, &[]).expect_err("missing").kind(),
+        ErrorKind::NotFound
+    );
 
     let names = |filters: &[&str]| {
         let mut v = Vec::new();
@@ -258,20 +386,33 @@ fn usage_counts_bytes_and_inodes() {
 fn failpoint_error_rolls_back() {
     let s = Scratch::new("crisp-conf");
     let sn = open(&s);
-    for fp in ["snapshotter.prepare.before_rename", "snapshotter.prepare.after_rename"] {
+    for fp in [
+        "snapshotter.prepare.before_rename",
+        "snapshotter.prepare.after_rename",
+    ] {
         failpoint::set(fp, failpoint::Action::Error);
         let e = sn.prepare("a", None, no_labels()).expect_err("failpoint");
         failpoint::clear(fp);
         assert_eq!(e.kind(), ErrorKind::Internal);
-        assert_eq!(sn.stat("a").expect_err("nothing").kind(), ErrorKind::NotFound);
-        assert!(snapshot_dirs(&sn).is_empty(), "{fp}: {:?}", snapshot_dirs(&sn));
+        assert_eq!(
+            sn.stat("a").expect_err("nothing").kind(),
+            ErrorKind::NotFound
+        );
+        assert!(
+            snapshot_dirs(&sn).is_empty(),
+            "{fp}: {:?}",
+            snapshot_dirs(&sn)
+        );
     }
     sn.prepare("a", None, no_labels()).expect("prepare");
     failpoint::set("snapshotter.commit.before_commit", failpoint::Action::Error);
     sn.commit("c", "a", no_labels()).expect_err("failpoint");
     failpoint::clear("snapshotter.commit.before_commit");
     assert_eq!(sn.stat("a").expect("still active").kind, Kind::Active);
-    assert_eq!(sn.stat("c").expect_err("not committed").kind(), ErrorKind::NotFound);
+    assert_eq!(
+        sn.stat("c").expect_err("not committed").kind(),
+        ErrorKind::NotFound
+    );
 }
 
 /// Runs `op` in a child process (this test binary, re-executed) with `CRISP_FAILPOINT` armed
@@ -285,16 +426,26 @@ fn crash_in_child(root: &Path, op: &str, failpoint: &str) {
         .env("CRISP_FAILPOINT", failpoint)
         .output()
         .expect("spawn child");
-    assert!(!out.status.success(), "child should have crashed: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        !out.status.success(),
+        "child should have crashed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let stderr = String::from_utf8_lossy(&out.stdout) + String::from_utf8_lossy(&out.stderr);
-    assert!(stderr.contains("CRASH-HELPER-STARTED"), "child did not run the op: {stderr}");
+    assert!(
+        stderr.contains("CRASH-HELPER-STARTED"),
+        "child did not run the op: {stderr}"
+    );
 }
 
 /// Not a test of its own: the body of [`crash_in_child`]'s child. Does nothing unless the
 /// parent set `CRISP_CRASH_ROOT`.
 #[test]
 fn crash_helper() {
-    let (Some(root), Ok(op)) = (std::env::var_os("CRISP_CRASH_ROOT"), std::env::var("CRISP_CRASH_OP")) else {
+    let (Some(root), Ok(op)) = (
+        std::env::var_os("CRISP_CRASH_ROOT"),
+        std::env::var("CRISP_CRASH_OP"),
+    ) else {
         return;
     };
     let sn = Snapshotter::open(&PathBuf::from(root), Config::default()).expect("open");
@@ -317,7 +468,8 @@ fn crash_between_steps_leaves_nothing_or_whole() {
         build_chain(&sn, &s, "base-chain", 1);
         sn.prepare("base-x", None, no_labels()).expect("prepare");
         sn.commit("base", "base-x", no_labels()).expect("commit");
-        sn.prepare("act", Some("base"), no_labels()).expect("prepare");
+        sn.prepare("act", Some("base"), no_labels())
+            .expect("prepare");
         sn.prepare("gone", None, no_labels()).expect("prepare");
     }
     for (op, fp) in [
@@ -330,17 +482,27 @@ fn crash_between_steps_leaves_nothing_or_whole() {
     }
     let sn = open(&s);
     // prepare crashed: nothing.
-    assert_eq!(sn.stat("crashy").expect_err("no record").kind(), ErrorKind::NotFound);
+    assert_eq!(
+        sn.stat("crashy").expect_err("no record").kind(),
+        ErrorKind::NotFound
+    );
     // commit crashed before the txn committed: still the whole active snapshot.
     assert_eq!(sn.stat("act").expect("active").kind, Kind::Active);
-    assert_eq!(sn.stat("crashy-c").expect_err("not committed").kind(), ErrorKind::NotFound);
+    assert_eq!(
+        sn.stat("crashy-c").expect_err("not committed").kind(),
+        ErrorKind::NotFound
+    );
     // remove crashed after the record went: gone, directory orphaned.
-    assert_eq!(sn.stat("gone").expect_err("removed").kind(), ErrorKind::NotFound);
+    assert_eq!(
+        sn.stat("gone").expect_err("removed").kind(),
+        ErrorKind::NotFound
+    );
     let before = snapshot_dirs(&sn);
     assert!(before.iter().any(|d| d.starts_with("new-")), "{before:?}");
     // The id the crashed prepare renamed into is still taken by its orphan directory:
     // a new prepare must work before any cleanup.
-    sn.prepare("before-cleanup", None, no_labels()).expect("prepare next to an orphan");
+    sn.prepare("before-cleanup", None, no_labels())
+        .expect("prepare next to an orphan");
     sn.remove("before-cleanup").expect("remove");
     sn.cleanup().expect("cleanup");
     let after = snapshot_dirs(&sn);
@@ -350,13 +512,18 @@ fn crash_between_steps_leaves_nothing_or_whole() {
         Ok(())
     })
     .expect("walk");
-    assert_eq!(after.len(), live.len(), "only live snapshots keep a directory: {after:?}");
+    assert_eq!(
+        after.len(),
+        live.len(),
+        "only live snapshots keep a directory: {after:?}"
+    );
     assert!(after.iter().all(|d| d.parse::<u64>().is_ok()));
     // Still usable: the active snapshot mounts and commits.
     let m = sn.mounts("act").expect("mounts");
     drop(mount_at(&sn, &s, "act", &m));
     sn.commit("act-c", "act", no_labels()).expect("commit");
-    sn.prepare("crashy", Some("base"), no_labels()).expect("prepare after crash");
+    sn.prepare("crashy", Some("base"), no_labels())
+        .expect("prepare after crash");
 }
 
 #[test]
@@ -374,27 +541,45 @@ fn remove_and_cleanup_never_cross_a_bind_mount() {
     // Someone bind-mounted a precious directory inside the snapshot.
     sn.mounter()
         .mount_all(
-            &[Mount { typ: "bind".into(), source: precious.display().to_string(), target: String::new(), options: vec!["rbind".into()] }],
+            &[Mount {
+                typ: "bind".into(),
+                source: precious.display().to_string(),
+                target: String::new(),
+                options: vec!["rbind".into()],
+            }],
             &mp,
         )
         .expect("bind");
-    let _g = MountGuard { mounter: sn.mounter(), target: mp.clone() };
+    let _g = MountGuard {
+        mounter: sn.mounter(),
+        target: mp.clone(),
+    };
 
     // The remover alone: refuses and names the mount point.
-    let e = crisp_snapshotter::fsutil::remove_all_no_xdev(upper.parent().expect("dir")).expect_err("must refuse");
+    let e = crisp_snapshotter::fsutil::remove_all_no_xdev(upper.parent().expect("dir"))
+        .expect_err("must refuse");
     assert!(e.to_string().contains("sub"), "{e}");
 
     // Snapshot remove: the record goes, the directory stays for cleanup, data survives.
     sn.remove("a").expect("remove");
-    assert_eq!(std::fs::read(precious.join("deep/data")).expect("intact"), b"keep me");
+    assert_eq!(
+        std::fs::read(precious.join("deep/data")).expect("intact"),
+        b"keep me"
+    );
     let e = sn.cleanup().expect_err("cleanup must refuse to cross");
     assert!(e.to_string().contains("sub"), "{e}");
-    assert_eq!(std::fs::read(precious.join("deep/data")).expect("intact"), b"keep me");
+    assert_eq!(
+        std::fs::read(precious.join("deep/data")).expect("intact"),
+        b"keep me"
+    );
     // Once unmounted, cleanup finishes the job (the path moved to rm-<id>).
     s.unmount_everything();
     sn.cleanup().expect("cleanup");
     assert!(snapshot_dirs(&sn).is_empty(), "{:?}", snapshot_dirs(&sn));
-    assert_eq!(std::fs::read(precious.join("deep/data")).expect("intact"), b"keep me");
+    assert_eq!(
+        std::fs::read(precious.join("deep/data")).expect("intact"),
+        b"keep me"
+    );
 }
 
 #[test]
@@ -412,12 +597,22 @@ fn idmapped_snapshot_owned_by_mapped_root() {
         ("containerd.io/snapshot/uidmapping", "0:100000:65536"),
         ("containerd.io/snapshot/gidmapping", "0:200000:65536"),
     ]);
-    let m = sn.prepare("ctr", Some("base"), map.clone()).expect("prepare");
-    assert!(m[0].options.contains(&"uidmap=0:100000:65536".to_string()), "{:?}", m[0].options);
+    let m = sn
+        .prepare("ctr", Some("base"), map.clone())
+        .expect("prepare");
+    assert!(
+        m[0].options.contains(&"uidmap=0:100000:65536".to_string()),
+        "{:?}",
+        m[0].options
+    );
     assert!(m[0].options.contains(&"gidmap=0:200000:65536".to_string()));
     let upper = m[0].upper_dir().expect("upper");
     let md = std::fs::metadata(&upper).expect("stat");
-    assert_eq!((md.uid(), md.gid()), (100000, 200000), "upper dir belongs to the mapped root");
+    assert_eq!(
+        (md.uid(), md.gid()),
+        (100000, 200000),
+        "upper dir belongs to the mapped root"
+    );
     let work = upper.parent().expect("dir").join("work");
     assert_eq!(std::fs::metadata(&work).expect("stat").uid(), 100000);
     let g = mount_at(&sn, &s, "ctr", &m);
@@ -429,15 +624,25 @@ fn idmapped_snapshot_owned_by_mapped_root() {
     let out = common::run_in_userns(
         "0 100000 65536",
         "0 200000 65536",
-        &format!("stat -c '%u:%g %n' {} {}", g.target.join("rootfile").display(), g.target.join("userfile").display()),
+        &format!(
+            "stat -c '%u:%g %n' {} {}",
+            g.target.join("rootfile").display(),
+            g.target.join("userfile").display()
+        ),
     );
     let text = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let lines: Vec<&str> = text.lines().collect();
     assert!(lines[0].starts_with("0:0 "), "{text}");
     assert!(lines[1].starts_with("1000:1000 "), "{text}");
     // On disk nothing changed.
-    let d = std::fs::metadata(sn.root().join("snapshots")).map(|_| ()).and_then(|_| std::fs::metadata(up.join("rootfile")));
+    let d = std::fs::metadata(sn.root().join("snapshots"))
+        .map(|_| ())
+        .and_then(|_| std::fs::metadata(up.join("rootfile")));
     assert_eq!(d.expect("stat").uid(), 0);
     drop(g);
     sn.remove("ctr").expect("remove");
@@ -456,10 +661,14 @@ fn concurrent_prepare_commit_remove_from_many_threads() {
             scope.spawn(move || {
                 for i in 0..15 {
                     let key = format!("t{t}-{i}");
-                    let m = sn.prepare(&key, Some("base"), no_labels()).expect("prepare");
-                    std::fs::write(m[0].upper_dir().expect("upper").join("f"), key.as_bytes()).expect("write");
+                    let m = sn
+                        .prepare(&key, Some("base"), no_labels())
+                        .expect("prepare");
+                    std::fs::write(m[0].upper_dir().expect("upper").join("f"), key.as_bytes())
+                        .expect("write");
                     if i % 3 == 0 {
-                        sn.commit(&format!("{key}-c"), &key, no_labels()).expect("commit");
+                        sn.commit(&format!("{key}-c"), &key, no_labels())
+                            .expect("commit");
                         sn.remove(&format!("{key}-c")).expect("remove committed");
                     } else {
                         sn.remove(&key).expect("remove");

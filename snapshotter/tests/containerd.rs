@@ -79,15 +79,28 @@ fn ctr(sock: &Path, args: &[&str]) -> String {
 #[test]
 fn containerd_pulls_and_runs_with_crisp_snapshotter() {
     let seed = images_dir().join("registry");
-    assert!(seed.join("docker").is_dir(), "no registry seed at {} (run `make test-images`)", seed.display());
+    assert!(
+        seed.join("docker").is_dir(),
+        "no registry seed at {} (run `make test-images`)",
+        seed.display()
+    );
     let s = Scratch::new("crisp-ctd");
     let dir = s.path();
 
     // Registry: hard-linked copy of the seed storage (the registry never rewrites a blob).
     let storage = dir.join("registry");
-    let st = Command::new("cp").arg("-al").arg(&seed).arg(&storage).status().expect("cp");
+    let st = Command::new("cp")
+        .arg("-al")
+        .arg(&seed)
+        .arg(&storage)
+        .status()
+        .expect("cp");
     assert!(st.success());
-    let port = TcpListener::bind("127.0.0.1:0").expect("port").local_addr().expect("addr").port();
+    let port = TcpListener::bind("127.0.0.1:0")
+        .expect("port")
+        .local_addr()
+        .expect("addr")
+        .port();
     std::fs::write(
         dir.join("registry.yml"),
         format!(
@@ -98,17 +111,25 @@ fn containerd_pulls_and_runs_with_crisp_snapshotter() {
     .expect("registry config");
     let _registry = spawn(
         "docker-registry",
-        Command::new("docker-registry").arg("serve").arg(dir.join("registry.yml")),
+        Command::new("docker-registry")
+            .arg("serve")
+            .arg(dir.join("registry.yml")),
         &dir.join("registry.log"),
     );
-    wait_for("docker-registry", || std::net::TcpStream::connect(("127.0.0.1", port)).is_ok());
+    wait_for("docker-registry", || {
+        std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
+    });
 
     // Our snapshotter.
     let sn_root = dir.join("sn-root");
     let sn_sock = dir.join("sn.sock");
     let sn_proc = spawn(
         "crisp-snapshotter",
-        Command::new(env!("CARGO_BIN_EXE_crisp-snapshotter")).arg("--root").arg(&sn_root).arg("--address").arg(&sn_sock),
+        Command::new(env!("CARGO_BIN_EXE_crisp-snapshotter"))
+            .arg("--root")
+            .arg(&sn_root)
+            .arg("--address")
+            .arg(&sn_sock),
         &dir.join("snapshotter.log"),
     );
     wait_for("crisp-snapshotter", || sn_sock.exists());
@@ -139,26 +160,61 @@ disabled_plugins = ["io.containerd.grpc.v1.cri"]
     .expect("containerd config");
     let containerd = spawn(
         "containerd",
-        Command::new("containerd").arg("--config").arg(ctd.join("config.toml")),
+        Command::new("containerd")
+            .arg("--config")
+            .arg(ctd.join("config.toml")),
         &dir.join("containerd.log"),
     );
     wait_for("containerd", || {
-        Command::new("ctr").arg("--address").arg(&ctd_sock).arg("version").output().map(|o| o.status.success()).unwrap_or(false)
+        Command::new("ctr")
+            .arg("--address")
+            .arg(&ctd_sock)
+            .arg("version")
+            .output()
+            .map(|o| o.status.success())
+            .unwrap_or(false)
     });
 
     let image = format!("127.0.0.1:{port}/library/busybox:latest");
-    ctr(&ctd_sock, &["images", "pull", "--plain-http", "--snapshotter", "crisp", &image]);
+    ctr(
+        &ctd_sock,
+        &[
+            "images",
+            "pull",
+            "--plain-http",
+            "--snapshotter",
+            "crisp",
+            &image,
+        ],
+    );
     let snaps = ctr(&ctd_sock, &["snapshots", "--snapshotter", "crisp", "ls"]);
-    assert!(snaps.lines().count() >= 2, "layers committed in crisp: {snaps}");
+    assert!(
+        snaps.lines().count() >= 2,
+        "layers committed in crisp: {snaps}"
+    );
     let out = ctr(
         &ctd_sock,
-        &["run", "--rm", "--snapshotter", "crisp", &image, "crisp-run-1", "sh", "-c", "echo hello-from-crisp; cat /etc/passwd | head -1"],
+        &[
+            "run",
+            "--rm",
+            "--snapshotter",
+            "crisp",
+            &image,
+            "crisp-run-1",
+            "sh",
+            "-c",
+            "echo hello-from-crisp; cat /etc/passwd | head -1",
+        ],
     );
     assert!(out.contains("hello-from-crisp"), "{out}");
     assert!(out.contains("root:"), "{out}");
     ctr(&ctd_sock, &["images", "rm", "--sync", &image]);
     let left = ctr(&ctd_sock, &["snapshots", "--snapshotter", "crisp", "ls"]);
-    assert_eq!(left.lines().skip(1).count(), 0, "containerd still lists snapshots: {left}");
+    assert_eq!(
+        left.lines().skip(1).count(),
+        0,
+        "containerd still lists snapshots: {left}"
+    );
 
     // Our own store is empty too (stop the server, open the store directly).
     drop(containerd);
@@ -172,5 +228,10 @@ disabled_plugins = ["io.containerd.grpc.v1.cri"]
     .expect("walk");
     assert!(names.is_empty(), "store not empty: {names:?}");
     sn.cleanup().expect("cleanup");
-    assert_eq!(std::fs::read_dir(sn_root.join("snapshots")).expect("dir").count(), 0);
+    assert_eq!(
+        std::fs::read_dir(sn_root.join("snapshots"))
+            .expect("dir")
+            .count(),
+        0
+    );
 }

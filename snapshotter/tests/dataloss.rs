@@ -47,7 +47,9 @@ fn layer_blobs() -> Option<Vec<PathBuf>> {
         return None;
     }
     let index = json(&layout.join("index.json"));
-    let mdigest = index["manifests"][0]["digest"].as_str().expect("manifest digest");
+    let mdigest = index["manifests"][0]["digest"]
+        .as_str()
+        .expect("manifest digest");
     let manifest = json(&blob(&layout, mdigest));
     Some(
         manifest["layers"]
@@ -67,7 +69,9 @@ fn unpack(sn: &Snapshotter) -> (String, bool) {
     let mut parent: Option<String> = None;
     for i in 0..n {
         let key = format!("extract-{i}");
-        let m = sn.prepare(&key, parent.as_deref(), HashMap::new()).expect("prepare");
+        let m = sn
+            .prepare(&key, parent.as_deref(), HashMap::new())
+            .expect("prepare");
         let upper = m[0].upper_dir().expect("upper");
         match &blobs {
             Some(b) => {
@@ -84,9 +88,11 @@ fn unpack(sn: &Snapshotter) -> (String, bool) {
                 let d = upper.join(format!("dir{i}"));
                 std::fs::create_dir_all(&d).expect("mkdir");
                 for f in 0..200 {
-                    std::fs::write(d.join(format!("f{f}")), format!("layer {i} file {f}")).expect("write");
+                    std::fs::write(d.join(format!("f{f}")), format!("layer {i} file {f}"))
+                        .expect("write");
                 }
-                std::os::unix::fs::symlink("dir0/f0", upper.join(format!("link{i}"))).expect("symlink");
+                std::os::unix::fs::symlink("dir0/f0", upper.join(format!("link{i}")))
+                    .expect("symlink");
                 std::os::unix::fs::chown(d.join("f1"), Some(1000), Some(1000)).expect("chown");
             }
         }
@@ -99,15 +105,25 @@ fn unpack(sn: &Snapshotter) -> (String, bool) {
 
 fn xattrs(p: &Path) -> String {
     let mut buf = vec![0u8; 65536];
-    let Ok(n) = rustix::fs::llistxattr(p, &mut buf) else { return String::new() };
-    let mut names: Vec<Vec<u8>> = buf[..n].split(|b| *b == 0).filter(|s| !s.is_empty()).map(<[u8]>::to_vec).collect();
+    let Ok(n) = rustix::fs::llistxattr(p, &mut buf) else {
+        return String::new();
+    };
+    let mut names: Vec<Vec<u8>> = buf[..n]
+        .split(|b| *b == 0)
+        .filter(|s| !s.is_empty())
+        .map(<[u8]>::to_vec)
+        .collect();
     names.sort();
     let mut out = String::new();
     for name in names {
         let cname = std::ffi::CString::new(name.clone()).expect("xattr name");
         let mut v = vec![0u8; 65536];
         let len = rustix::fs::lgetxattr(p, cname.as_c_str(), &mut v).unwrap_or(0);
-        out.push_str(&format!(" {}={}", String::from_utf8_lossy(&name), hex::encode(&v[..len])));
+        out.push_str(&format!(
+            " {}={}",
+            String::from_utf8_lossy(&name),
+            hex::encode(&v[..len])
+        ));
     }
     out
 }
@@ -118,7 +134,10 @@ fn manifest(sn: &Snapshotter) -> BTreeMap<String, String> {
     let mut stack = vec![sn.root().join("snapshots")];
     let root = sn.root().join("snapshots");
     while let Some(dir) = stack.pop() {
-        let mut entries: Vec<_> = std::fs::read_dir(&dir).expect("read_dir").map(|e| e.expect("entry").path()).collect();
+        let mut entries: Vec<_> = std::fs::read_dir(&dir)
+            .expect("read_dir")
+            .map(|e| e.expect("entry").path())
+            .collect();
         entries.sort();
         for p in entries {
             let md = std::fs::symlink_metadata(&p).expect("lstat");
@@ -132,9 +151,24 @@ fn manifest(sn: &Snapshotter) -> BTreeMap<String, String> {
             } else {
                 String::new()
             };
-            let rel = p.strip_prefix(&root).expect("under root").display().to_string();
+            let rel = p
+                .strip_prefix(&root)
+                .expect("under root")
+                .display()
+                .to_string();
             let size = if ft.is_dir() { 0 } else { md.size() };
-            out.insert(rel, format!("{:o} {}:{} {} {}{}", md.mode(), md.uid(), md.gid(), size, content, xattrs(&p)));
+            out.insert(
+                rel,
+                format!(
+                    "{:o} {}:{} {} {}{}",
+                    md.mode(),
+                    md.uid(),
+                    md.gid(),
+                    size,
+                    content,
+                    xattrs(&p)
+                ),
+            );
             if ft.is_dir() {
                 stack.push(p);
             }
@@ -160,7 +194,10 @@ impl Syscalls for Checking {
             match std::fs::write(target.join(".crisp-write-probe"), b"x") {
                 Err(e) if e.raw_os_error() == Some(libc::EROFS) => {}
                 other => {
-                    eprintln!("temporary mount {} accepted a write: {other:?}", target.display());
+                    eprintln!(
+                        "temporary mount {} accepted a write: {other:?}",
+                        target.display()
+                    );
                     self.ro_violations.fetch_add(1, Ordering::SeqCst);
                 }
             }
@@ -193,14 +230,22 @@ impl Poller {
                 c.fetch_add(1, Ordering::SeqCst);
             }
         });
-        Poller { stop, seen, polls, handle: Some(handle) }
+        Poller {
+            stop,
+            seen,
+            polls,
+            handle: Some(handle),
+        }
     }
     fn finish(mut self) -> (usize, usize) {
         self.stop.store(true, Ordering::SeqCst);
         if let Some(h) = self.handle.take() {
             let _ = h.join();
         }
-        (self.seen.load(Ordering::SeqCst), self.polls.load(Ordering::SeqCst))
+        (
+            self.seen.load(Ordering::SeqCst),
+            self.polls.load(Ordering::SeqCst),
+        )
     }
 }
 
@@ -221,11 +266,25 @@ impl Drop for Proc {
 }
 
 /// One container run: prepare, mount, process, teardown while running, kill, remove.
-fn one_run(sn: &Snapshotter, mounter: &Mounter, s: &Scratch, top: &str, i: usize, chroot: bool, tag: &str) {
+fn one_run(
+    sn: &Snapshotter,
+    mounter: &Mounter,
+    s: &Scratch,
+    top: &str,
+    i: usize,
+    chroot: bool,
+    tag: &str,
+) {
     let key = format!("{tag}-ctr-{i}");
     let labels: HashMap<String, String> = [
-        ("containerd.io/snapshot/uidmapping".to_string(), MAP.to_string()),
-        ("containerd.io/snapshot/gidmapping".to_string(), MAP.to_string()),
+        (
+            "containerd.io/snapshot/uidmapping".to_string(),
+            MAP.to_string(),
+        ),
+        (
+            "containerd.io/snapshot/gidmapping".to_string(),
+            MAP.to_string(),
+        ),
     ]
     .into();
     let mounts = sn.prepare(&key, Some(top), labels).expect("prepare");
@@ -247,11 +306,15 @@ fn one_run(sn: &Snapshotter, mounter: &Mounter, s: &Scratch, top: &str, i: usize
         )]);
         c
     };
-    cmd.stdout(std::process::Stdio::piped()).stderr(std::process::Stdio::piped()).stdin(std::process::Stdio::null());
+    cmd.stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .stdin(std::process::Stdio::null());
     let uid_map = "0 100000 65536";
     let mut p = Proc(common::spawn_in_userns(chroot, uid_map, uid_map, &mut cmd));
     let mut line = String::new();
-    BufReader::new(p.0.stdout.as_mut().expect("stdout")).read_line(&mut line).expect("read ready");
+    BufReader::new(p.0.stdout.as_mut().expect("stdout"))
+        .read_line(&mut line)
+        .expect("read ready");
     if line.trim().is_empty() {
         let _ = p.0.kill();
         let out = p.0.wait_with_output_ref();
@@ -261,9 +324,16 @@ fn one_run(sn: &Snapshotter, mounter: &Mounter, s: &Scratch, top: &str, i: usize
     assert_eq!(line.trim(), "ready 0:0 0", "{tag} run {i}");
     // The FIFO landed in the upper dir owned by the mapped root.
     let upper = mounts[0].upper_dir().expect("upper");
-    assert_eq!(std::fs::symlink_metadata(upper.join("crisp-fifo")).expect("fifo").uid(), 100000);
+    assert_eq!(
+        std::fs::symlink_metadata(upper.join("crisp-fifo"))
+            .expect("fifo")
+            .uid(),
+        100000
+    );
     // Tear down while the process still runs.
-    mounter.unmount_all(&target).expect("unmount_all while busy");
+    mounter
+        .unmount_all(&target)
+        .expect("unmount_all while busy");
     assert!(!crisp_snapshotter::fsutil::is_mount_point(&target).expect("check"));
     drop(p);
     sn.remove(&key).expect("remove");
@@ -289,7 +359,11 @@ impl WaitRef for std::process::Child {
 fn campaign(mode: IdmapMode) {
     let s = Scratch::new("crisp-dataloss");
     // The container's root (host uid 100000) must be able to reach its rootfs.
-    std::fs::set_permissions(s.path(), std::os::unix::fs::PermissionsExt::from_mode(0o755)).expect("chmod");
+    std::fs::set_permissions(
+        s.path(),
+        std::os::unix::fs::PermissionsExt::from_mode(0o755),
+    )
+    .expect("chmod");
     let root = s.path().join("root");
     let sn = Snapshotter::open(&root, Config { idmap_mode: mode }).expect("open");
     let (top, has_image) = unpack(&sn);
@@ -297,7 +371,10 @@ fn campaign(mode: IdmapMode) {
     assert!(before.len() > 10, "manifest too small: {}", before.len());
     let tmp_root = root.join("tmp-mounts");
     let checking = Arc::new(Checking {
-        faults: FaultySyscalls::new(if mode == IdmapMode::TempMount { 12 } else { 0 }, if mode == IdmapMode::TempMount { 1 } else { 0 }),
+        faults: FaultySyscalls::new(
+            if mode == IdmapMode::TempMount { 12 } else { 0 },
+            if mode == IdmapMode::TempMount { 1 } else { 0 },
+        ),
         tmp_root: tmp_root.clone(),
         ro_checked: AtomicUsize::new(0),
         ro_violations: AtomicUsize::new(0),
@@ -337,17 +414,29 @@ fn campaign(mode: IdmapMode) {
     assert!(left.is_empty(), "still mounted: {left:?}");
     assert!(polls > 0);
     match mode {
-        IdmapMode::Fd => assert_eq!(seen, 0, "fd path: a temporary mount appeared under the snapshotter root"),
+        IdmapMode::Fd => assert_eq!(
+            seen, 0,
+            "fd path: a temporary mount appeared under the snapshotter root"
+        ),
         _ => {
             assert_eq!(checking.faults.injected_ebusy.load(Ordering::SeqCst), 12);
             assert_eq!(checking.faults.injected_enotempty.load(Ordering::SeqCst), 1);
             assert!(checking.ro_checked.load(Ordering::SeqCst) > 0);
-            assert!(seen > 0, "the poller should have seen the fallback's temporary mounts");
+            assert!(
+                seen > 0,
+                "the poller should have seen the fallback's temporary mounts"
+            );
         }
     }
-    assert_eq!(checking.ro_violations.load(Ordering::SeqCst), 0, "a temporary layer mount was writable");
+    assert_eq!(
+        checking.ro_violations.load(Ordering::SeqCst),
+        0,
+        "a temporary layer mount was writable"
+    );
     // Only the committed layers remain.
-    let dirs = std::fs::read_dir(root.join("snapshots")).expect("dir").count();
+    let dirs = std::fs::read_dir(root.join("snapshots"))
+        .expect("dir")
+        .count();
     let mut live = 0;
     sn.walk::<&str>(&[], |_| {
         live += 1;
@@ -355,7 +444,10 @@ fn campaign(mode: IdmapMode) {
     })
     .expect("walk");
     assert_eq!(dirs, live);
-    assert_eq!(std::fs::read_dir(&tmp_root).map(|d| d.count()).unwrap_or(0), 0);
+    assert_eq!(
+        std::fs::read_dir(&tmp_root).map(|d| d.count()).unwrap_or(0),
+        0
+    );
 }
 
 #[test]

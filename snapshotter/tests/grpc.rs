@@ -57,40 +57,96 @@ async fn serves_the_snapshots_api() {
     let mut c = connect(sock).await;
     let snap = "crisp".to_string();
     let m = c
-        .prepare(pb::PrepareSnapshotRequest { snapshotter: snap.clone(), key: "a".into(), parent: String::new(), labels: Default::default() })
+        .prepare(pb::PrepareSnapshotRequest {
+            snapshotter: snap.clone(),
+            key: "a".into(),
+            parent: String::new(),
+            labels: Default::default(),
+        })
         .await
         .expect("prepare")
         .into_inner()
         .mounts;
     assert_eq!(m[0].r#type, "bind");
     std::fs::write(PathBuf::from(&m[0].source).join("f"), b"x").expect("write");
-    c.commit(pb::CommitSnapshotRequest { snapshotter: snap.clone(), name: "base".into(), key: "a".into(), labels: Default::default() })
-        .await
-        .expect("commit");
+    c.commit(pb::CommitSnapshotRequest {
+        snapshotter: snap.clone(),
+        name: "base".into(),
+        key: "a".into(),
+        labels: Default::default(),
+    })
+    .await
+    .expect("commit");
     let m = c
-        .prepare(pb::PrepareSnapshotRequest { snapshotter: snap.clone(), key: "b".into(), parent: "base".into(), labels: Default::default() })
+        .prepare(pb::PrepareSnapshotRequest {
+            snapshotter: snap.clone(),
+            key: "b".into(),
+            parent: "base".into(),
+            labels: Default::default(),
+        })
         .await
         .expect("prepare")
         .into_inner()
         .mounts;
     assert_eq!(m[0].r#type, "overlay");
-    let again = c.mounts(pb::MountsRequest { snapshotter: snap.clone(), key: "b".into() }).await.expect("mounts").into_inner().mounts;
+    let again = c
+        .mounts(pb::MountsRequest {
+            snapshotter: snap.clone(),
+            key: "b".into(),
+        })
+        .await
+        .expect("mounts")
+        .into_inner()
+        .mounts;
     assert_eq!(again, m);
-    let info = c.stat(pb::StatSnapshotRequest { snapshotter: snap.clone(), key: "base".into() }).await.expect("stat").into_inner().info.expect("info");
+    let info = c
+        .stat(pb::StatSnapshotRequest {
+            snapshotter: snap.clone(),
+            key: "base".into(),
+        })
+        .await
+        .expect("stat")
+        .into_inner()
+        .info
+        .expect("info");
     assert_eq!(info.kind, pb::Kind::Committed as i32);
     let mut upd = info.clone();
-    upd.labels.insert("containerd.io/gc.root".into(), "x".into());
+    upd.labels
+        .insert("containerd.io/gc.root".into(), "x".into());
     let out = c
-        .update(pb::UpdateSnapshotRequest { snapshotter: snap.clone(), info: Some(upd), update_mask: Some(prost_types::FieldMask { paths: vec!["labels.containerd.io/gc.root".into()] }) })
+        .update(pb::UpdateSnapshotRequest {
+            snapshotter: snap.clone(),
+            info: Some(upd),
+            update_mask: Some(prost_types::FieldMask {
+                paths: vec!["labels.containerd.io/gc.root".into()],
+            }),
+        })
         .await
         .expect("update")
         .into_inner()
         .info
         .expect("info");
-    assert_eq!(out.labels.get("containerd.io/gc.root").map(String::as_str), Some("x"));
-    let u = c.usage(pb::UsageRequest { snapshotter: snap.clone(), key: "base".into() }).await.expect("usage").into_inner();
+    assert_eq!(
+        out.labels.get("containerd.io/gc.root").map(String::as_str),
+        Some("x")
+    );
+    let u = c
+        .usage(pb::UsageRequest {
+            snapshotter: snap.clone(),
+            key: "base".into(),
+        })
+        .await
+        .expect("usage")
+        .into_inner();
     assert!(u.inodes >= 2 && u.size > 0, "{u:?}");
-    let mut stream = c.list(pb::ListSnapshotsRequest { snapshotter: snap.clone(), filters: vec![] }).await.expect("list").into_inner();
+    let mut stream = c
+        .list(pb::ListSnapshotsRequest {
+            snapshotter: snap.clone(),
+            filters: vec![],
+        })
+        .await
+        .expect("list")
+        .into_inner();
     let mut names = Vec::new();
     while let Some(msg) = stream.message().await.expect("stream") {
         names.extend(msg.info.into_iter().map(|i| i.name));
@@ -99,18 +155,52 @@ async fn serves_the_snapshots_api() {
     assert_eq!(names, vec!["b", "base"]);
 
     // Error codes as containerd expects them.
-    let e = c.stat(pb::StatSnapshotRequest { snapshotter: snap.clone(), key: "nope".into() }).await.expect_err("missing");
+    let e = c
+        .stat(pb::StatSnapshotRequest {
+            snapshotter: snap.clone(),
+            key: "nope".into(),
+        })
+        .await
+        .expect_err("missing");
     assert_eq!(e.code(), tonic::Code::NotFound);
     let e = c
-        .prepare(pb::PrepareSnapshotRequest { snapshotter: snap.clone(), key: "b".into(), parent: String::new(), labels: Default::default() })
+        .prepare(pb::PrepareSnapshotRequest {
+            snapshotter: snap.clone(),
+            key: "b".into(),
+            parent: String::new(),
+            labels: Default::default(),
+        })
         .await
         .expect_err("dup");
     assert_eq!(e.code(), tonic::Code::AlreadyExists);
-    let e = c.remove(pb::RemoveSnapshotRequest { snapshotter: snap.clone(), key: "base".into() }).await.expect_err("has child");
+    let e = c
+        .remove(pb::RemoveSnapshotRequest {
+            snapshotter: snap.clone(),
+            key: "base".into(),
+        })
+        .await
+        .expect_err("has child");
     assert_eq!(e.code(), tonic::Code::FailedPrecondition);
 
-    c.remove(pb::RemoveSnapshotRequest { snapshotter: snap.clone(), key: "b".into() }).await.expect("remove");
-    c.remove(pb::RemoveSnapshotRequest { snapshotter: snap.clone(), key: "base".into() }).await.expect("remove");
-    c.cleanup(pb::CleanupRequest { snapshotter: snap }).await.expect("cleanup");
-    assert_eq!(std::fs::read_dir(s.path().join("root/snapshots")).expect("dir").count(), 0);
+    c.remove(pb::RemoveSnapshotRequest {
+        snapshotter: snap.clone(),
+        key: "b".into(),
+    })
+    .await
+    .expect("remove");
+    c.remove(pb::RemoveSnapshotRequest {
+        snapshotter: snap.clone(),
+        key: "base".into(),
+    })
+    .await
+    .expect("remove");
+    c.cleanup(pb::CleanupRequest { snapshotter: snap })
+        .await
+        .expect("cleanup");
+    assert_eq!(
+        std::fs::read_dir(s.path().join("root/snapshots"))
+            .expect("dir")
+            .count(),
+        0
+    );
 }

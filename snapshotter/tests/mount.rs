@@ -14,7 +14,12 @@ struct Scratch {
 
 impl Scratch {
     fn new() -> Self {
-        Scratch { dir: tempfile::Builder::new().prefix("crisp-mount-test").tempdir().expect("tempdir") }
+        Scratch {
+            dir: tempfile::Builder::new()
+                .prefix("crisp-mount-test")
+                .tempdir()
+                .expect("tempdir"),
+        }
     }
     fn path(&self) -> &Path {
         self.dir.path()
@@ -29,7 +34,8 @@ impl Scratch {
 impl Drop for Scratch {
     fn drop(&mut self) {
         let m = Mounter::new(IdmapMode::TempMount, self.path().join("tmp"));
-        let mut mps = crisp_snapshotter::mount::mountinfo_paths_under(self.path()).unwrap_or_default();
+        let mut mps =
+            crisp_snapshotter::mount::mountinfo_paths_under(self.path()).unwrap_or_default();
         mps.sort();
         for p in mps.iter().rev() {
             let _ = m.unmount_all(p);
@@ -44,19 +50,34 @@ fn overlay(lower: &[&Path], upper: &Path, work: &Path, map: Option<&str>) -> Mou
         format!("upperdir={}", upper.display()),
         format!(
             "lowerdir={}",
-            lower.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(":")
+            lower
+                .iter()
+                .map(|p| p.display().to_string())
+                .collect::<Vec<_>>()
+                .join(":")
         ),
     ];
     if let Some(m) = map {
         options.push(format!("uidmap={m}"));
         options.push(format!("gidmap={m}"));
     }
-    Mount { typ: "overlay".into(), source: "overlay".into(), target: String::new(), options }
+    Mount {
+        typ: "overlay".into(),
+        source: "overlay".into(),
+        target: String::new(),
+        options,
+    }
 }
 
 fn idmapped_overlay(mode: IdmapMode, faults: Option<Arc<FaultySyscalls>>) {
     let s = Scratch::new();
-    let (l1, l2, up, wk, mnt) = (s.mkdir("l1"), s.mkdir("l2"), s.mkdir("up"), s.mkdir("wk"), s.mkdir("mnt"));
+    let (l1, l2, up, wk, mnt) = (
+        s.mkdir("l1"),
+        s.mkdir("l2"),
+        s.mkdir("up"),
+        s.mkdir("wk"),
+        s.mkdir("mnt"),
+    );
     std::fs::write(l1.join("top"), b"top").expect("write");
     std::fs::write(l2.join("bottom"), b"bottom").expect("write");
     std::fs::write(l2.join("top"), b"shadowed").expect("write");
@@ -65,17 +86,26 @@ fn idmapped_overlay(mode: IdmapMode, faults: Option<Arc<FaultySyscalls>>) {
     if let Some(f) = &faults {
         m = m.with_syscalls(f.clone());
     }
-    m.mount_all(&[overlay(&[&l1, &l2], &up, &wk, Some("0:100000:65536"))], &mnt).expect("mount");
+    m.mount_all(
+        &[overlay(&[&l1, &l2], &up, &wk, Some("0:100000:65536"))],
+        &mnt,
+    )
+    .expect("mount");
     assert_eq!(std::fs::read(mnt.join("top")).expect("read"), b"top");
     assert_eq!(std::fs::read(mnt.join("bottom")).expect("read"), b"bottom");
     let md = std::fs::metadata(mnt.join("bottom")).expect("stat");
-    assert_eq!((md.uid(), md.gid()), (100000, 100000), "lower files appear as the mapped root");
+    assert_eq!(
+        (md.uid(), md.gid()),
+        (100000, 100000),
+        "lower files appear as the mapped root"
+    );
     // On disk they stay root's.
     assert_eq!(std::fs::metadata(l2.join("bottom")).expect("stat").uid(), 0);
     std::fs::write(mnt.join("new"), b"n").expect("write through overlay");
     assert!(up.join("new").exists());
     // No temporary mount is left in the mount table.
-    let under_tmp = crisp_snapshotter::mount::mountinfo_paths_under(&s.path().join("tmp")).expect("mountinfo");
+    let under_tmp =
+        crisp_snapshotter::mount::mountinfo_paths_under(&s.path().join("tmp")).expect("mountinfo");
     assert!(under_tmp.is_empty(), "{under_tmp:?}");
     m.unmount_all(&mnt).expect("unmount");
     assert!(!fsutil::is_mount_point(&mnt).expect("check"));
@@ -96,8 +126,15 @@ fn idmapped_overlay_temp_mount_path() {
 fn idmapped_overlay_temp_mount_path_with_ebusy_and_enotempty() {
     let f = Arc::new(FaultySyscalls::new(3, 1));
     idmapped_overlay(IdmapMode::TempMount, Some(f.clone()));
-    assert_eq!(f.injected_ebusy.load(std::sync::atomic::Ordering::SeqCst), 3);
-    assert_eq!(f.injected_enotempty.load(std::sync::atomic::Ordering::SeqCst), 1);
+    assert_eq!(
+        f.injected_ebusy.load(std::sync::atomic::Ordering::SeqCst),
+        3
+    );
+    assert_eq!(
+        f.injected_enotempty
+            .load(std::sync::atomic::Ordering::SeqCst),
+        1
+    );
 }
 
 #[test]
@@ -107,17 +144,29 @@ fn bind_ro_and_idmapped_bind() {
     std::fs::write(src.join("f"), b"x").expect("write");
     let m = Mounter::new(IdmapMode::Auto, s.path().join("tmp"));
     m.mount_all(
-        &[Mount { typ: "bind".into(), source: src.display().to_string(), target: String::new(), options: vec!["ro".into(), "rbind".into()] }],
+        &[Mount {
+            typ: "bind".into(),
+            source: src.display().to_string(),
+            target: String::new(),
+            options: vec!["ro".into(), "rbind".into()],
+        }],
         &a,
     )
     .expect("bind");
-    assert!(std::fs::write(a.join("g"), b"y").is_err(), "ro bind must refuse writes");
+    assert!(
+        std::fs::write(a.join("g"), b"y").is_err(),
+        "ro bind must refuse writes"
+    );
     m.mount_all(
         &[Mount {
             typ: "bind".into(),
             source: src.display().to_string(),
             target: String::new(),
-            options: vec!["rbind".into(), "uidmap=0:2000:10".into(), "gidmap=0:3000:10".into()],
+            options: vec![
+                "rbind".into(),
+                "uidmap=0:2000:10".into(),
+                "gidmap=0:3000:10".into(),
+            ],
         }],
         &b,
     )
@@ -136,7 +185,9 @@ fn plain_overlay_deep_chain() {
     // 200, and enough to check the order (top-most first).
     let mut lowers = Vec::new();
     for i in 0..40 {
-        let p = s.mkdir(&format!("layer-with-a-rather-long-name-to-fill-the-page-{i:03}"));
+        let p = s.mkdir(&format!(
+            "layer-with-a-rather-long-name-to-fill-the-page-{i:03}"
+        ));
         std::fs::write(p.join("who"), format!("{i}")).expect("write");
         std::fs::write(p.join(format!("f{i}")), b"").expect("write");
         lowers.push(p);
@@ -144,7 +195,8 @@ fn plain_overlay_deep_chain() {
     let (up, wk, mnt) = (s.mkdir("up"), s.mkdir("wk"), s.mkdir("mnt"));
     let refs: Vec<&Path> = lowers.iter().map(|p| p.as_path()).collect();
     let m = Mounter::new(IdmapMode::Fd, s.path().join("tmp"));
-    m.mount_all(&[overlay(&refs, &up, &wk, None)], &mnt).expect("mount");
+    m.mount_all(&[overlay(&refs, &up, &wk, None)], &mnt)
+        .expect("mount");
     assert_eq!(std::fs::read_to_string(mnt.join("who")).expect("read"), "0");
     assert!(mnt.join("f39").exists());
     m.unmount_all(&mnt).expect("unmount");

@@ -70,8 +70,12 @@ pub fn read_record(bundle: &std::path::Path) -> Option<SandboxRecord> {
 }
 
 /// After the shim died: remove the pause's cgroups and the record.
-pub fn cleanup_after_dead_shim(bundle: &std::path::Path) -> std::result::Result<(), cgroup::CgroupError> {
-    let Some(rec) = read_record(bundle) else { return Ok(()) };
+pub fn cleanup_after_dead_shim(
+    bundle: &std::path::Path,
+) -> std::result::Result<(), cgroup::CgroupError> {
+    let Some(rec) = read_record(bundle) else {
+        return Ok(());
+    };
     cgroup::remove(&rec.cgroup_dirs)?;
     let _ = std::fs::remove_file(bundle.join(SANDBOX_RECORD));
     Ok(())
@@ -144,7 +148,11 @@ fn invalid(e: impl std::fmt::Display) -> TaskError {
 
 /// The driver a cgroupsPath is written for: `slice:prefix:name` is systemd's form.
 fn driver_of(cgroups_path: &str) -> CgroupDriver {
-    if cgroups_path.split(':').count() == 3 { CgroupDriver::Systemd } else { CgroupDriver::Cgroupfs }
+    if cgroups_path.split(':').count() == 3 {
+        CgroupDriver::Systemd
+    } else {
+        CgroupDriver::Cgroupfs
+    }
 }
 
 impl SandboxService {
@@ -152,7 +160,13 @@ impl SandboxService {
     /// against its task Shutdown); `shutdown` ends the shim.
     pub fn new(tasks: TaskService, events: Events, shutdown: Arc<Notify>) -> SandboxService {
         let svc = SandboxService {
-            inner: Arc::new(Inner { tasks, events, shutdown, pause: Mutex::default(), slot: Mutex::default() }),
+            inner: Arc::new(Inner {
+                tasks,
+                events,
+                shutdown,
+                pause: Mutex::default(),
+                slot: Mutex::default(),
+            }),
         };
         let mut exits = Reaper::global().subscribe();
         let s = svc.clone();
@@ -177,14 +191,19 @@ impl SandboxService {
         if let Some(b) = p.as_ref() {
             return Ok(b.clone());
         }
-        let b = Arc::new(PauseBinary::load(std::path::Path::new(PAUSE_FALLBACK_DIR)).map_err(|e| TaskError::Internal(e.to_string()))?);
+        let b = Arc::new(
+            PauseBinary::load(std::path::Path::new(PAUSE_FALLBACK_DIR))
+                .map_err(|e| TaskError::Internal(e.to_string()))?,
+        );
         *p = Some(b.clone());
         Ok(b)
     }
 
     async fn on_reaped(&self, exit: Exit) {
         let sb = lock(&self.inner.slot).clone();
-        let Some(sb) = sb.filter(|s| s.pid.load(Ordering::SeqCst) == exit.pid) else { return };
+        let Some(sb) = sb.filter(|s| s.pid.load(Ordering::SeqCst) == exit.pid) else {
+            return;
+        };
         let mut st = sb.state.lock().await;
         if Reaper::global().take_unclaimed(exit.pid).is_some() {
             self.exited(&sb, &mut st, exit).await;
@@ -198,7 +217,10 @@ impl SandboxService {
         st.status = Status::Stopped;
         st.pidfd = None;
         st.keeper = None;
-        let e = Exited { status: exit.status as u32, at: exit.at };
+        let e = Exited {
+            status: exit.status as u32,
+            at: exit.at,
+        };
         st.exited = Some(e);
         info!(sandbox_id = %sb.id, pid = exit.pid, status = exit.status, "pause exited");
         // Its cgroup is empty now; the pod's parent cgroup is not ours to remove.
@@ -218,15 +240,25 @@ impl SandboxService {
             exited_at: MessageField::some(ts(e.at)),
             ..Default::default()
         };
-        self.inner.events.publish(topics::TASK_EXIT_EVENT_TOPIC, Box::new(ev)).await;
+        self.inner
+            .events
+            .publish(topics::TASK_EXIT_EVENT_TOPIC, Box::new(ev))
+            .await;
     }
 
-    pub async fn create(&self, req: api::CreateSandboxRequest) -> Result<api::CreateSandboxResponse> {
+    pub async fn create(
+        &self,
+        req: api::CreateSandboxRequest,
+    ) -> Result<api::CreateSandboxResponse> {
         let id = req.sandbox_id.clone();
         if id.is_empty() {
             return Err(invalid("sandbox_id: \"\": must not be empty"));
         }
-        let (type_url, value) = req.options.as_ref().map(|a| (a.type_url.as_str(), a.value.as_slice())).unwrap_or(("", &[]));
+        let (type_url, value) = req
+            .options
+            .as_ref()
+            .map(|a| (a.type_url.as_str(), a.value.as_slice()))
+            .unwrap_or(("", &[]));
         let mut oci = plan::spec_from_any(type_url, value).map_err(invalid)?;
         let plan = plan::plan(&oci, &req.netns_path).map_err(invalid)?;
         // The one placement (promise 2): same function, same form as every container.
@@ -235,10 +267,17 @@ impl SandboxService {
             .map_err(|e| invalid(format!("linux.cgroupsPath: {:?}: {e}", plan.cgroups_path)))?;
         let resolved = placement::resolved_path(driver, &cgroups_path)
             .map_err(|e| invalid(format!("linux.cgroupsPath: {cgroups_path:?}: {e}")))?;
-        let cgroup_dirs = cgroup::dirs_of(&resolved).map_err(|e| TaskError::Internal(e.to_string()))?;
+        let cgroup_dirs =
+            cgroup::dirs_of(&resolved).map_err(|e| TaskError::Internal(e.to_string()))?;
         // Without CAP_SYS_RESOURCE a value below the shim's own would fail.
         let own = spec::own_oom_score_adj();
-        let oom_score_adj = plan.oom_score_adj.map(|adj| if adj < own && !spec::has_cap_sys_resource() { own } else { adj });
+        let oom_score_adj = plan.oom_score_adj.map(|adj| {
+            if adj < own && !spec::has_cap_sys_resource() {
+                own
+            } else {
+                adj
+            }
+        });
         if oom_score_adj != plan.oom_score_adj {
             info!(sandbox_id = %id, requested = ?plan.oom_score_adj, used = ?oom_score_adj, "no CAP_SYS_RESOURCE: oom_score_adj raised to the shim's own");
         }
@@ -251,13 +290,24 @@ impl SandboxService {
             cgroup_dirs,
             oom_score_adj,
             pid: AtomicI32::new(0),
-            state: tokio::sync::Mutex::new(State { status: Status::Created, pid: 0, pidfd: None, keeper: None, started_at: None, exited: None }),
+            state: tokio::sync::Mutex::new(State {
+                status: Status::Created,
+                pid: 0,
+                pidfd: None,
+                keeper: None,
+                started_at: None,
+                exited: None,
+            }),
             exited_tx: watch::channel(None).0,
         });
         {
             let mut slot = lock(&self.inner.slot);
             match slot.as_ref() {
-                Some(s) if s.id == id => return Err(TaskError::AlreadyExists(format!("sandbox {id:?} already exists"))),
+                Some(s) if s.id == id => {
+                    return Err(TaskError::AlreadyExists(format!(
+                        "sandbox {id:?} already exists"
+                    )));
+                }
                 Some(s) => {
                     return Err(TaskError::FailedPrecondition(format!(
                         "sandbox_id: {id:?}: this shim already serves sandbox {:?} (one pod per shim)",
@@ -276,11 +326,17 @@ impl SandboxService {
         let sb = self.sandbox(&req.sandbox_id)?;
         let mut st = sb.state.lock().await;
         if st.status != Status::Created {
-            return Err(TaskError::FailedPrecondition(format!("sandbox {} is {:?}, not created", sb.id, st.status)));
+            return Err(TaskError::FailedPrecondition(format!(
+                "sandbox {} is {:?}, not created",
+                sb.id, st.status
+            )));
         }
         let pause = self.pause()?;
         if sb.bundle.is_dir() {
-            let rec = SandboxRecord { sandbox_id: sb.id.clone(), cgroup_dirs: sb.cgroup_dirs.clone() };
+            let rec = SandboxRecord {
+                sandbox_id: sb.id.clone(),
+                cgroup_dirs: sb.cgroup_dirs.clone(),
+            };
             if let Err(e) = write_record(&sb.bundle, &rec) {
                 warn!(sandbox_id = %sb.id, error = %e, "cannot record the sandbox for `delete`");
             }
@@ -298,7 +354,11 @@ impl SandboxService {
                 let _ = tokio::task::spawn_blocking(move || cgroup::remove(&dirs)).await;
                 let _ = std::fs::remove_file(sb.bundle.join(SANDBOX_RECORD));
                 return Err(match &e {
-                    spawn::SpawnError::Join { err, .. } if err.kind() == std::io::ErrorKind::NotFound => invalid(e),
+                    spawn::SpawnError::Join { err, .. }
+                        if err.kind() == std::io::ErrorKind::NotFound =>
+                    {
+                        invalid(e)
+                    }
                     _ => TaskError::Internal(e.to_string()),
                 });
             }
@@ -311,13 +371,21 @@ impl SandboxService {
         st.status = Status::Running;
         st.started_at = Some(now);
         sb.pid.store(spawned.pid, Ordering::SeqCst);
-        let phases: Vec<String> = spawned.phases.iter().map(|(n, us)| format!("{n}={us}us")).collect();
+        let phases: Vec<String> = spawned
+            .phases
+            .iter()
+            .map(|(n, us)| format!("{n}={us}us"))
+            .collect();
         info!(sandbox_id = %sb.id, pid = spawned.pid, start_us = elapsed.as_micros() as u64, phases = %phases.join(" "), "pause started");
         // An exit reaped before the pid was known is waiting in the unclaimed table.
         if let Some(exit) = Reaper::global().take_unclaimed(spawned.pid) {
             self.exited(&sb, &mut st, exit).await;
         }
-        Ok(api::StartSandboxResponse { pid: spawned.pid as u32, created_at: MessageField::some(ts(now)), ..Default::default() })
+        Ok(api::StartSandboxResponse {
+            pid: spawned.pid as u32,
+            created_at: MessageField::some(ts(now)),
+            ..Default::default()
+        })
     }
 
     async fn wait_exit(sb: &Sandbox, limit: Duration) -> Option<Exited> {
@@ -345,32 +413,48 @@ impl SandboxService {
                 Status::Created => {
                     // Never started: nothing runs, report it like a kill.
                     st.status = Status::Stopped;
-                    let e = Exited { status: 128 + libc::SIGKILL as u32, at: SystemTime::now() };
+                    let e = Exited {
+                        status: 128 + libc::SIGKILL as u32,
+                        at: SystemTime::now(),
+                    };
                     st.exited = Some(e);
                     sb.exited_tx.send_replace(Some(e));
                     return Ok(());
                 }
                 Status::Running => {
-                    let sig = if req.timeout_secs == 0 { libc::SIGKILL } else { libc::SIGTERM };
+                    let sig = if req.timeout_secs == 0 {
+                        libc::SIGKILL
+                    } else {
+                        libc::SIGTERM
+                    };
                     if let Some(fd) = &st.pidfd {
-                        spawn::signal(fd, sig).map_err(|e| TaskError::Internal(format!("signal pause {}: {e}", st.pid)))?;
+                        spawn::signal(fd, sig).map_err(|e| {
+                            TaskError::Internal(format!("signal pause {}: {e}", st.pid))
+                        })?;
                     }
                 }
             }
         }
-        if Self::wait_exit(&sb, Duration::from_secs(u64::from(req.timeout_secs))).await.is_some() {
+        if Self::wait_exit(&sb, Duration::from_secs(u64::from(req.timeout_secs)))
+            .await
+            .is_some()
+        {
             return Ok(());
         }
         {
             let st = sb.state.lock().await;
             if let Some(fd) = &st.pidfd {
                 info!(sandbox_id = %sb.id, timeout_secs = req.timeout_secs, "pause ignored SIGTERM; SIGKILL");
-                spawn::signal(fd, libc::SIGKILL).map_err(|e| TaskError::Internal(format!("kill pause {}: {e}", st.pid)))?;
+                spawn::signal(fd, libc::SIGKILL)
+                    .map_err(|e| TaskError::Internal(format!("kill pause {}: {e}", st.pid)))?;
             }
         }
         match Self::wait_exit(&sb, Duration::from_secs(10)).await {
             Some(_) => Ok(()),
-            None => Err(TaskError::Internal(format!("sandbox {}: pause did not exit 10 s after SIGKILL", sb.id))),
+            None => Err(TaskError::Internal(format!(
+                "sandbox {}: pause did not exit 10 s after SIGKILL",
+                sb.id
+            ))),
         }
     }
 
@@ -385,16 +469,28 @@ impl SandboxService {
                 return Err(TaskError::Internal("sandbox vanished".into()));
             }
         };
-        Ok(api::WaitSandboxResponse { exit_status: e.status, exited_at: MessageField::some(ts(e.at)), ..Default::default() })
+        Ok(api::WaitSandboxResponse {
+            exit_status: e.status,
+            exited_at: MessageField::some(ts(e.at)),
+            ..Default::default()
+        })
     }
 
-    pub async fn status(&self, req: api::SandboxStatusRequest) -> Result<api::SandboxStatusResponse> {
+    pub async fn status(
+        &self,
+        req: api::SandboxStatusRequest,
+    ) -> Result<api::SandboxStatusResponse> {
         let sb = self.sandbox(&req.sandbox_id)?;
         let st = sb.state.lock().await;
         let mut resp = api::SandboxStatusResponse {
             sandbox_id: sb.id.clone(),
             pid: st.pid as u32,
-            state: if st.status == Status::Running { STATE_READY } else { STATE_NOTREADY }.to_string(),
+            state: if st.status == Status::Running {
+                STATE_READY
+            } else {
+                STATE_NOTREADY
+            }
+            .to_string(),
             ..Default::default()
         };
         if let Some(t) = st.started_at {
@@ -408,7 +504,10 @@ impl SandboxService {
             info.insert("cgroupsPath".to_string(), sb.cgroups_path.clone());
             info.insert("netnsPath".to_string(), sb.netns_path.clone());
             info.insert("bundle".to_string(), sb.bundle.display().to_string());
-            info.insert("status".to_string(), format!("{:?}", st.status).to_lowercase());
+            info.insert(
+                "status".to_string(),
+                format!("{:?}", st.status).to_lowercase(),
+            );
             if let Some(e) = st.exited {
                 info.insert("exitStatus".to_string(), e.status.to_string());
             }
@@ -418,12 +517,18 @@ impl SandboxService {
     }
 
     /// The pause's cgroup metrics (the same Any the task service's Stats returns).
-    pub async fn metrics(&self, req: api::SandboxMetricsRequest) -> Result<api::SandboxMetricsResponse> {
+    pub async fn metrics(
+        &self,
+        req: api::SandboxMetricsRequest,
+    ) -> Result<api::SandboxMetricsResponse> {
         let sb = self.sandbox(&req.sandbox_id)?;
         let pid = {
             let st = sb.state.lock().await;
             if st.status != Status::Running {
-                return Err(TaskError::FailedPrecondition(format!("sandbox {} is not running", sb.id)));
+                return Err(TaskError::FailedPrecondition(format!(
+                    "sandbox {} is not running",
+                    sb.id
+                )));
             }
             st.pid
         };
@@ -442,7 +547,12 @@ impl SandboxService {
     /// Stops pause if it still runs, then ends the shim once no task is left.
     pub async fn shutdown(&self, req: api::ShutdownSandboxRequest) -> Result<()> {
         let sb = self.sandbox(&req.sandbox_id)?;
-        self.stop(api::StopSandboxRequest { sandbox_id: sb.id.clone(), timeout_secs: 0, ..Default::default() }).await?;
+        self.stop(api::StopSandboxRequest {
+            sandbox_id: sb.id.clone(),
+            timeout_secs: 0,
+            ..Default::default()
+        })
+        .await?;
         self.inner.tasks.hold(false);
         let tasks = self.inner.tasks.clone();
         let shutdown = self.inner.shutdown.clone();
@@ -483,40 +593,116 @@ macro_rules! call {
 
 #[async_trait]
 impl SandboxApi for SandboxService {
-    async fn create_sandbox(&self, _: &TtrpcContext, req: api::CreateSandboxRequest) -> ttrpc::Result<api::CreateSandboxResponse> {
-        call!("create_sandbox", req.sandbox_id.clone(), self.create(req).await)
+    async fn create_sandbox(
+        &self,
+        _: &TtrpcContext,
+        req: api::CreateSandboxRequest,
+    ) -> ttrpc::Result<api::CreateSandboxResponse> {
+        call!(
+            "create_sandbox",
+            req.sandbox_id.clone(),
+            self.create(req).await
+        )
     }
-    async fn start_sandbox(&self, _: &TtrpcContext, req: api::StartSandboxRequest) -> ttrpc::Result<api::StartSandboxResponse> {
-        call!("start_sandbox", req.sandbox_id.clone(), self.start(req).await)
+    async fn start_sandbox(
+        &self,
+        _: &TtrpcContext,
+        req: api::StartSandboxRequest,
+    ) -> ttrpc::Result<api::StartSandboxResponse> {
+        call!(
+            "start_sandbox",
+            req.sandbox_id.clone(),
+            self.start(req).await
+        )
     }
-    async fn platform(&self, _: &TtrpcContext, req: api::PlatformRequest) -> ttrpc::Result<api::PlatformResponse> {
+    async fn platform(
+        &self,
+        _: &TtrpcContext,
+        req: api::PlatformRequest,
+    ) -> ttrpc::Result<api::PlatformResponse> {
         call!("platform", req.sandbox_id.clone(), {
             let architecture = match std::env::consts::ARCH {
                 "x86_64" => "amd64",
                 "aarch64" => "arm64",
                 other => other,
             };
-            let platform = Platform { os: "linux".into(), architecture: architecture.into(), ..Default::default() };
-            Ok::<_, TaskError>(api::PlatformResponse { platform: MessageField::some(platform), ..Default::default() })
+            let platform = Platform {
+                os: "linux".into(),
+                architecture: architecture.into(),
+                ..Default::default()
+            };
+            Ok::<_, TaskError>(api::PlatformResponse {
+                platform: MessageField::some(platform),
+                ..Default::default()
+            })
         })
     }
-    async fn stop_sandbox(&self, _: &TtrpcContext, req: api::StopSandboxRequest) -> ttrpc::Result<api::StopSandboxResponse> {
-        call!("stop_sandbox", req.sandbox_id.clone(), self.stop(req).await.map(|()| api::StopSandboxResponse::default()))
+    async fn stop_sandbox(
+        &self,
+        _: &TtrpcContext,
+        req: api::StopSandboxRequest,
+    ) -> ttrpc::Result<api::StopSandboxResponse> {
+        call!(
+            "stop_sandbox",
+            req.sandbox_id.clone(),
+            self.stop(req)
+                .await
+                .map(|()| api::StopSandboxResponse::default())
+        )
     }
-    async fn wait_sandbox(&self, _: &TtrpcContext, req: api::WaitSandboxRequest) -> ttrpc::Result<api::WaitSandboxResponse> {
+    async fn wait_sandbox(
+        &self,
+        _: &TtrpcContext,
+        req: api::WaitSandboxRequest,
+    ) -> ttrpc::Result<api::WaitSandboxResponse> {
         call!("wait_sandbox", req.sandbox_id.clone(), self.wait(req).await)
     }
-    async fn sandbox_status(&self, _: &TtrpcContext, req: api::SandboxStatusRequest) -> ttrpc::Result<api::SandboxStatusResponse> {
-        call!("sandbox_status", req.sandbox_id.clone(), self.status(req).await)
+    async fn sandbox_status(
+        &self,
+        _: &TtrpcContext,
+        req: api::SandboxStatusRequest,
+    ) -> ttrpc::Result<api::SandboxStatusResponse> {
+        call!(
+            "sandbox_status",
+            req.sandbox_id.clone(),
+            self.status(req).await
+        )
     }
-    async fn ping_sandbox(&self, _: &TtrpcContext, req: api::PingRequest) -> ttrpc::Result<api::PingResponse> {
-        call!("ping_sandbox", req.sandbox_id.clone(), self.sandbox(&req.sandbox_id).map(|_| api::PingResponse::default()))
+    async fn ping_sandbox(
+        &self,
+        _: &TtrpcContext,
+        req: api::PingRequest,
+    ) -> ttrpc::Result<api::PingResponse> {
+        call!(
+            "ping_sandbox",
+            req.sandbox_id.clone(),
+            self.sandbox(&req.sandbox_id)
+                .map(|_| api::PingResponse::default())
+        )
     }
-    async fn sandbox_metrics(&self, _: &TtrpcContext, req: api::SandboxMetricsRequest) -> ttrpc::Result<api::SandboxMetricsResponse> {
-        call!("sandbox_metrics", req.sandbox_id.clone(), self.metrics(req).await)
+    async fn sandbox_metrics(
+        &self,
+        _: &TtrpcContext,
+        req: api::SandboxMetricsRequest,
+    ) -> ttrpc::Result<api::SandboxMetricsResponse> {
+        call!(
+            "sandbox_metrics",
+            req.sandbox_id.clone(),
+            self.metrics(req).await
+        )
     }
-    async fn shutdown_sandbox(&self, _: &TtrpcContext, req: api::ShutdownSandboxRequest) -> ttrpc::Result<api::ShutdownSandboxResponse> {
-        call!("shutdown_sandbox", req.sandbox_id.clone(), self.shutdown(req).await.map(|()| api::ShutdownSandboxResponse::default()))
+    async fn shutdown_sandbox(
+        &self,
+        _: &TtrpcContext,
+        req: api::ShutdownSandboxRequest,
+    ) -> ttrpc::Result<api::ShutdownSandboxResponse> {
+        call!(
+            "shutdown_sandbox",
+            req.sandbox_id.clone(),
+            self.shutdown(req)
+                .await
+                .map(|()| api::ShutdownSandboxResponse::default())
+        )
     }
 }
 

@@ -20,7 +20,11 @@ pub struct PlanError {
 }
 
 fn bad(field: impl Into<String>, value: impl ToString, why: impl Into<String>) -> PlanError {
-    PlanError { field: field.into(), value: value.to_string(), why: why.into() }
+    PlanError {
+        field: field.into(),
+        value: value.to_string(),
+        why: why.into(),
+    }
 }
 
 /// What happens to one namespace type.
@@ -53,7 +57,11 @@ pub struct Sysctl {
 impl Sysctl {
     /// `/proc/sys/...` for the key (dots are separators unless the key uses slashes).
     pub fn proc_path(&self) -> String {
-        let rel = if self.key.contains('/') { self.key.clone() } else { self.key.replace('.', "/") };
+        let rel = if self.key.contains('/') {
+            self.key.clone()
+        } else {
+            self.key.replace('.', "/")
+        };
         format!("/proc/sys/{rel}")
     }
 }
@@ -92,30 +100,55 @@ pub fn spec_from_any(type_url: &str, value: &[u8]) -> Result<Value, PlanError> {
         return Ok(Value::Object(Default::default()));
     }
     // containerd may register the type with or without a host prefix.
-    let name = type_url.strip_prefix("type.googleapis.com/").unwrap_or(type_url);
+    let name = type_url
+        .strip_prefix("type.googleapis.com/")
+        .unwrap_or(type_url);
     if name != SPEC_TYPE_URL {
-        return Err(bad("options.type_url", format!("{type_url:?}"), format!("expected {SPEC_TYPE_URL:?}")));
+        return Err(bad(
+            "options.type_url",
+            format!("{type_url:?}"),
+            format!("expected {SPEC_TYPE_URL:?}"),
+        ));
     }
-    serde_json::from_slice(value).map_err(|e| bad("options.value", "(runtime spec JSON)", e.to_string()))
+    serde_json::from_slice(value)
+        .map_err(|e| bad("options.value", "(runtime spec JSON)", e.to_string()))
 }
 
 fn u32_field(v: &Value, field: &str) -> Result<u32, PlanError> {
     match v {
         Value::Null => Ok(0),
-        Value::Number(n) => n.as_u64().and_then(|n| u32::try_from(n).ok()).ok_or_else(|| bad(field, n, "not a 32-bit unsigned id")),
+        Value::Number(n) => n
+            .as_u64()
+            .and_then(|n| u32::try_from(n).ok())
+            .ok_or_else(|| bad(field, n, "not a 32-bit unsigned id")),
         other => Err(bad(field, other, "not a number")),
     }
 }
 
 fn id_maps(v: Option<&Value>, field: &str) -> Result<Vec<IdMap>, PlanError> {
-    let Some(v) = v.filter(|v| !v.is_null()) else { return Ok(Vec::new()) };
+    let Some(v) = v.filter(|v| !v.is_null()) else {
+        return Ok(Vec::new());
+    };
     let list = v.as_array().ok_or_else(|| bad(field, v, "not a list"))?;
     let mut out = Vec::new();
     for (i, m) in list.iter().enumerate() {
-        let f = |k: &str| u32_field(m.get(k).unwrap_or(&Value::Null), &format!("{field}[{i}].{k}"));
-        let map = IdMap { container_id: f("containerID")?, host_id: f("hostID")?, size: f("size")? };
+        let f = |k: &str| {
+            u32_field(
+                m.get(k).unwrap_or(&Value::Null),
+                &format!("{field}[{i}].{k}"),
+            )
+        };
+        let map = IdMap {
+            container_id: f("containerID")?,
+            host_id: f("hostID")?,
+            size: f("size")?,
+        };
         if map.size == 0 {
-            return Err(bad(format!("{field}[{i}].size"), 0, "an id mapping must map at least one id"));
+            return Err(bad(
+                format!("{field}[{i}].size"),
+                0,
+                "an id mapping must map at least one id",
+            ));
         }
         out.push(map);
     }
@@ -126,7 +159,11 @@ fn classify_sysctl(key: &str) -> Option<SysctlNs> {
     let k = key.replace('/', ".");
     if k.starts_with("net.") {
         Some(SysctlNs::Net)
-    } else if k.starts_with("fs.mqueue.") || k == "kernel.sem" || k.starts_with("kernel.shm") || k.starts_with("kernel.msg") {
+    } else if k.starts_with("fs.mqueue.")
+        || k == "kernel.sem"
+        || k.starts_with("kernel.shm")
+        || k.starts_with("kernel.msg")
+    {
         Some(SysctlNs::Ipc)
     } else if k == "kernel.hostname" || k == "kernel.domainname" {
         Some(SysctlNs::Uts)
@@ -141,11 +178,17 @@ pub fn plan(spec: &Value, netns_path: &str) -> Result<Plan, PlanError> {
     let mut p = Plan::default();
     let linux = spec.get("linux").cloned().unwrap_or(Value::Null);
     if let Some(list) = linux.get("namespaces").filter(|v| !v.is_null()) {
-        let list = list.as_array().ok_or_else(|| bad("linux.namespaces", list, "not a list"))?;
+        let list = list
+            .as_array()
+            .ok_or_else(|| bad("linux.namespaces", list, "not a list"))?;
         for (i, ns) in list.iter().enumerate() {
             let ty = ns.get("type").and_then(Value::as_str).unwrap_or_default();
             let path = ns.get("path").and_then(Value::as_str).unwrap_or_default();
-            let action = if path.is_empty() { NsAction::New } else { NsAction::Join(PathBuf::from(path)) };
+            let action = if path.is_empty() {
+                NsAction::New
+            } else {
+                NsAction::Join(PathBuf::from(path))
+            };
             let slot = match ty {
                 "pid" => &mut p.pid,
                 "ipc" => &mut p.ipc,
@@ -155,10 +198,20 @@ pub fn plan(spec: &Value, netns_path: &str) -> Result<Plan, PlanError> {
                 // pause needs neither a mount nor a cgroup namespace, and a copy of
                 // the host's mounts would only pin them.
                 "mount" | "cgroup" | "time" => continue,
-                other => return Err(bad(format!("linux.namespaces[{i}].type"), format!("{other:?}"), "not a namespace type")),
+                other => {
+                    return Err(bad(
+                        format!("linux.namespaces[{i}].type"),
+                        format!("{other:?}"),
+                        "not a namespace type",
+                    ));
+                }
             };
             if *slot != NsAction::Host {
-                return Err(bad(format!("linux.namespaces[{i}].type"), format!("{ty:?}"), "listed twice"));
+                return Err(bad(
+                    format!("linux.namespaces[{i}].type"),
+                    format!("{ty:?}"),
+                    "listed twice",
+                ));
             }
             *slot = action;
         }
@@ -170,17 +223,28 @@ pub fn plan(spec: &Value, netns_path: &str) -> Result<Plan, PlanError> {
                 return Err(bad(
                     "netns_path",
                     netns_path,
-                    format!("differs from the spec's network namespace path {}", path.display()),
+                    format!(
+                        "differs from the spec's network namespace path {}",
+                        path.display()
+                    ),
                 ));
             }
             NsAction::Join(_) => {}
             NsAction::Host => {
-                return Err(bad("netns_path", netns_path, "given, but the spec has no network namespace (host network)"));
+                return Err(bad(
+                    "netns_path",
+                    netns_path,
+                    "given, but the spec has no network namespace (host network)",
+                ));
             }
         }
     }
     if let NsAction::Join(path) = &p.user {
-        return Err(bad("linux.namespaces[type=user].path", path.display(), "joining an existing user namespace is not supported; list it without a path"));
+        return Err(bad(
+            "linux.namespaces[type=user].path",
+            path.display(),
+            "joining an existing user namespace is not supported; list it without a path",
+        ));
     }
 
     p.uid_mappings = id_maps(linux.get("uidMappings"), "linux.uidMappings")?;
@@ -190,12 +254,24 @@ pub fn plan(spec: &Value, netns_path: &str) -> Result<Plan, PlanError> {
         p.user = NsAction::New; // mappings imply a user namespace, as in runc
     }
     if p.user == NsAction::New && (p.uid_mappings.is_empty() || p.gid_mappings.is_empty()) {
-        return Err(bad("linux.uidMappings/gidMappings", "(empty)", "a new user namespace needs both uid and gid mappings"));
+        return Err(bad(
+            "linux.uidMappings/gidMappings",
+            "(empty)",
+            "a new user namespace needs both uid and gid mappings",
+        ));
     }
 
-    if let Some(h) = spec.get("hostname").and_then(Value::as_str).filter(|h| !h.is_empty()) {
+    if let Some(h) = spec
+        .get("hostname")
+        .and_then(Value::as_str)
+        .filter(|h| !h.is_empty())
+    {
         if p.uts == NsAction::Host {
-            return Err(bad("hostname", h, "cannot be set without a private uts namespace"));
+            return Err(bad(
+                "hostname",
+                h,
+                "cannot be set without a private uts namespace",
+            ));
         }
         if h.len() > 64 || h.contains('\0') {
             return Err(bad("hostname", h, "longer than 64 bytes or holds a NUL"));
@@ -204,35 +280,64 @@ pub fn plan(spec: &Value, netns_path: &str) -> Result<Plan, PlanError> {
     }
 
     if let Some(map) = linux.get("sysctl").filter(|v| !v.is_null()) {
-        let map = map.as_object().ok_or_else(|| bad("linux.sysctl", map, "not a map"))?;
+        let map = map
+            .as_object()
+            .ok_or_else(|| bad("linux.sysctl", map, "not a map"))?;
         let mut keys: Vec<&String> = map.keys().collect();
         keys.sort(); // deterministic order
         for key in keys {
             let field = format!("linux.sysctl[{key:?}]");
-            let value = map[key].as_str().ok_or_else(|| bad(&field, &map[key], "value is not a string"))?;
-            if key.is_empty() || key.contains("..") || key.contains('\0') || key.starts_with(['.', '/']) {
+            let value = map[key]
+                .as_str()
+                .ok_or_else(|| bad(&field, &map[key], "value is not a string"))?;
+            if key.is_empty()
+                || key.contains("..")
+                || key.contains('\0')
+                || key.starts_with(['.', '/'])
+            {
                 return Err(bad(&field, key, "not a sysctl name"));
             }
             if value.contains('\0') {
                 return Err(bad(&field, value, "value holds a NUL"));
             }
-            let ns = classify_sysctl(key).ok_or_else(|| bad(&field, key, "not a namespaced sysctl (net.*, kernel.shm*/msg*/sem, fs.mqueue.*)"))?;
+            let ns = classify_sysctl(key).ok_or_else(|| {
+                bad(
+                    &field,
+                    key,
+                    "not a namespaced sysctl (net.*, kernel.shm*/msg*/sem, fs.mqueue.*)",
+                )
+            })?;
             let (private, ns_name) = match ns {
                 SysctlNs::Net => (p.net != NsAction::Host, "network"),
                 SysctlNs::Ipc => (p.ipc != NsAction::Host, "ipc"),
                 SysctlNs::Uts => (p.uts != NsAction::Host, "uts"),
             };
             if !private {
-                return Err(bad(&field, key, format!("needs a private {ns_name} namespace; the spec shares the host's")));
+                return Err(bad(
+                    &field,
+                    key,
+                    format!("needs a private {ns_name} namespace; the spec shares the host's"),
+                ));
             }
-            p.sysctls.push(Sysctl { key: key.clone(), value: value.to_string(), ns });
+            p.sysctls.push(Sysctl {
+                key: key.clone(),
+                value: value.to_string(),
+                ns,
+            });
         }
     }
 
-    p.cgroups_path = linux.get("cgroupsPath").and_then(Value::as_str).unwrap_or_default().to_string();
+    p.cgroups_path = linux
+        .get("cgroupsPath")
+        .and_then(Value::as_str)
+        .unwrap_or_default()
+        .to_string();
     let process = spec.get("process").cloned().unwrap_or(Value::Null);
     if let Some(v) = process.get("oomScoreAdj").filter(|v| !v.is_null()) {
-        let adj = v.as_i64().filter(|a| (-1000..=1000).contains(a)).ok_or_else(|| bad("process.oomScoreAdj", v, "not in -1000..=1000"))?;
+        let adj = v
+            .as_i64()
+            .filter(|a| (-1000..=1000).contains(a))
+            .ok_or_else(|| bad("process.oomScoreAdj", v, "not in -1000..=1000"))?;
         p.oom_score_adj = Some(adj);
     }
     let user = process.get("user").cloned().unwrap_or(Value::Null);
@@ -240,7 +345,8 @@ pub fn plan(spec: &Value, netns_path: &str) -> Result<Plan, PlanError> {
     p.gid = u32_field(user.get("gid").unwrap_or(&Value::Null), "process.user.gid")?;
     if let Some(list) = user.get("additionalGids").and_then(Value::as_array) {
         for (i, g) in list.iter().enumerate() {
-            p.additional_gids.push(u32_field(g, &format!("process.user.additionalGids[{i}]"))?);
+            p.additional_gids
+                .push(u32_field(g, &format!("process.user.additionalGids[{i}]"))?);
         }
     }
     Ok(p)
@@ -267,13 +373,19 @@ mod tests {
     #[test]
     fn pod_spec_becomes_a_namespace_plan() {
         let p = plan(&pod_spec(), "/run/netns/a").expect("plan");
-        assert_eq!((p.pid.clone(), p.ipc.clone(), p.uts.clone()), (NsAction::New, NsAction::New, NsAction::New));
+        assert_eq!(
+            (p.pid.clone(), p.ipc.clone(), p.uts.clone()),
+            (NsAction::New, NsAction::New, NsAction::New)
+        );
         assert_eq!(p.net, NsAction::Join("/run/netns/a".into()));
         assert_eq!(p.user, NsAction::Host);
         assert_eq!(p.hostname.as_deref(), Some("pod-a"));
         assert_eq!(p.sysctls.len(), 2);
         assert_eq!(p.sysctls[0].ns, SysctlNs::Ipc);
-        assert_eq!(p.sysctls[1].proc_path(), "/proc/sys/net/ipv4/ip_unprivileged_port_start");
+        assert_eq!(
+            p.sysctls[1].proc_path(),
+            "/proc/sys/net/ipv4/ip_unprivileged_port_start"
+        );
         assert_eq!(p.cgroups_path, "/kubepods/besteffort/podU/sandbox");
         assert_eq!(p.oom_score_adj, Some(-998));
         assert_eq!((p.uid, p.gid), (65535, 65535));
@@ -282,7 +394,10 @@ mod tests {
     #[test]
     fn request_netns_fills_a_pathless_network_namespace() {
         let spec = json!({"linux": {"namespaces": [{"type": "network"}]}});
-        assert_eq!(plan(&spec, "/run/netns/b").expect("plan").net, NsAction::Join("/run/netns/b".into()));
+        assert_eq!(
+            plan(&spec, "/run/netns/b").expect("plan").net,
+            NsAction::Join("/run/netns/b".into())
+        );
         assert_eq!(plan(&spec, "").expect("plan").net, NsAction::New);
         // Host network: absent type stays in the host's.
         assert_eq!(plan(&json!({}), "").expect("plan").net, NsAction::Host);
@@ -296,9 +411,21 @@ mod tests {
         }});
         let p = plan(&spec, "").expect("plan");
         assert_eq!(p.user, NsAction::New);
-        assert_eq!(p.uid_mappings, vec![IdMap { container_id: 0, host_id: 100000, size: 65536 }]);
+        assert_eq!(
+            p.uid_mappings,
+            vec![IdMap {
+                container_id: 0,
+                host_id: 100000,
+                size: 65536
+            }]
+        );
         let half = json!({"linux": {"namespaces": [{"type": "user"}], "uidMappings": [{"containerID": 0, "hostID": 1, "size": 1}]}});
-        assert!(plan(&half, "").expect_err("no gid map").field.contains("gidMappings"));
+        assert!(
+            plan(&half, "")
+                .expect_err("no gid map")
+                .field
+                .contains("gidMappings")
+        );
     }
 
     fn field_of(spec: Value, netns: &str) -> String {
@@ -307,18 +434,64 @@ mod tests {
 
     #[test]
     fn bad_specs_name_their_field() {
-        assert_eq!(field_of(json!({"linux": {"namespaces": [{"type": "bogus"}]}}), ""), "linux.namespaces[0].type");
-        assert_eq!(field_of(json!({"linux": {"namespaces": [{"type": "pid"}, {"type": "pid"}]}}), ""), "linux.namespaces[1].type");
+        assert_eq!(
+            field_of(json!({"linux": {"namespaces": [{"type": "bogus"}]}}), ""),
+            "linux.namespaces[0].type"
+        );
+        assert_eq!(
+            field_of(
+                json!({"linux": {"namespaces": [{"type": "pid"}, {"type": "pid"}]}}),
+                ""
+            ),
+            "linux.namespaces[1].type"
+        );
         assert_eq!(field_of(json!({"hostname": "x"}), ""), "hostname");
-        assert_eq!(field_of(json!({"linux": {"sysctl": {"net.core.somaxconn": "1"}}}), ""), "linux.sysctl[\"net.core.somaxconn\"]");
-        assert_eq!(field_of(json!({"linux": {"namespaces": [{"type": "network"}], "sysctl": {"vm.swappiness": "1"}}}), ""), "linux.sysctl[\"vm.swappiness\"]");
-        assert_eq!(field_of(json!({"linux": {"namespaces": [{"type": "ipc"}], "sysctl": {"kernel.shmmax": 1}}}), ""), "linux.sysctl[\"kernel.shmmax\"]");
-        assert_eq!(field_of(json!({"process": {"oomScoreAdj": 5000}}), ""), "process.oomScoreAdj");
-        assert_eq!(field_of(json!({"process": {"user": {"uid": -1}}}), ""), "process.user.uid");
+        assert_eq!(
+            field_of(
+                json!({"linux": {"sysctl": {"net.core.somaxconn": "1"}}}),
+                ""
+            ),
+            "linux.sysctl[\"net.core.somaxconn\"]"
+        );
+        assert_eq!(
+            field_of(
+                json!({"linux": {"namespaces": [{"type": "network"}], "sysctl": {"vm.swappiness": "1"}}}),
+                ""
+            ),
+            "linux.sysctl[\"vm.swappiness\"]"
+        );
+        assert_eq!(
+            field_of(
+                json!({"linux": {"namespaces": [{"type": "ipc"}], "sysctl": {"kernel.shmmax": 1}}}),
+                ""
+            ),
+            "linux.sysctl[\"kernel.shmmax\"]"
+        );
+        assert_eq!(
+            field_of(json!({"process": {"oomScoreAdj": 5000}}), ""),
+            "process.oomScoreAdj"
+        );
+        assert_eq!(
+            field_of(json!({"process": {"user": {"uid": -1}}}), ""),
+            "process.user.uid"
+        );
         assert_eq!(field_of(json!({}), "/run/netns/x"), "netns_path");
-        assert_eq!(field_of(json!({"linux": {"namespaces": [{"type": "network", "path": "/a"}]}}), "/b"), "netns_path");
-        assert_eq!(field_of(json!({"linux": {"namespaces": [{"type": "user", "path": "/proc/1/ns/user"}]}}), ""), "linux.namespaces[type=user].path");
-        let e = plan(&json!({"linux": {"namespaces": [{"type": "bogus"}]}}), "").expect_err("refused");
+        assert_eq!(
+            field_of(
+                json!({"linux": {"namespaces": [{"type": "network", "path": "/a"}]}}),
+                "/b"
+            ),
+            "netns_path"
+        );
+        assert_eq!(
+            field_of(
+                json!({"linux": {"namespaces": [{"type": "user", "path": "/proc/1/ns/user"}]}}),
+                ""
+            ),
+            "linux.namespaces[type=user].path"
+        );
+        let e =
+            plan(&json!({"linux": {"namespaces": [{"type": "bogus"}]}}), "").expect_err("refused");
         assert!(e.to_string().contains("\"bogus\""), "{e}");
     }
 
@@ -326,8 +499,23 @@ mod tests {
     fn options_any_is_the_runtime_spec() {
         let v = spec_from_any(SPEC_TYPE_URL, br#"{"hostname":"h"}"#).expect("spec");
         assert_eq!(v["hostname"], "h");
-        assert!(spec_from_any("", b"").expect("empty").as_object().is_some_and(|o| o.is_empty()));
-        assert_eq!(spec_from_any("containerd.runc.v1.Options", b"x").expect_err("wrong type").field, "options.type_url");
-        assert_eq!(spec_from_any(SPEC_TYPE_URL, b"{not json").expect_err("bad json").field, "options.value");
+        assert!(
+            spec_from_any("", b"")
+                .expect("empty")
+                .as_object()
+                .is_some_and(|o| o.is_empty())
+        );
+        assert_eq!(
+            spec_from_any("containerd.runc.v1.Options", b"x")
+                .expect_err("wrong type")
+                .field,
+            "options.type_url"
+        );
+        assert_eq!(
+            spec_from_any(SPEC_TYPE_URL, b"{not json")
+                .expect_err("bad json")
+                .field,
+            "options.value"
+        );
     }
 }

@@ -27,7 +27,11 @@ pub enum SpawnError {
     #[error("load the pause binary: {0}")]
     Load(io::Error),
     #[error("join {ns} namespace {path}: {err}")]
-    Join { ns: &'static str, path: PathBuf, err: io::Error },
+    Join {
+        ns: &'static str,
+        path: PathBuf,
+        err: io::Error,
+    },
     #[error("sysctl {key}: {err}")]
     Sysctl { key: String, err: io::Error },
     #[error("{what}: {err}")]
@@ -69,20 +73,25 @@ impl PauseBinary {
             Ok(fd) => Ok(PauseBinary { fd }),
             Err(e) => {
                 tracing::warn!(error = %e, "memfd for pause refused; writing it to a file");
-                Self::file(fallback_dir).map(|fd| PauseBinary { fd }).map_err(SpawnError::Load)
+                Self::file(fallback_dir)
+                    .map(|fd| PauseBinary { fd })
+                    .map_err(SpawnError::Load)
             }
         }
     }
 
     fn memfd() -> io::Result<OwnedFd> {
         let fd = match memfd_create("crisp-pause", MFD_CLOEXEC | MFD_ALLOW_SEALING | MFD_EXEC) {
-            Err(e) if e.raw_os_error() == Some(libc::EINVAL) => memfd_create("crisp-pause", MFD_CLOEXEC | MFD_ALLOW_SEALING)?,
+            Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
+                memfd_create("crisp-pause", MFD_CLOEXEC | MFD_ALLOW_SEALING)?
+            }
             other => other?,
         };
         let mut f = File::from(fd);
         f.write_all(PAUSE)?;
         // Sealed: nothing in the shim (or anything it runs) can change pause.
-        let seals = libc::F_SEAL_SEAL | libc::F_SEAL_SHRINK | libc::F_SEAL_GROW | libc::F_SEAL_WRITE;
+        let seals =
+            libc::F_SEAL_SEAL | libc::F_SEAL_SHRINK | libc::F_SEAL_GROW | libc::F_SEAL_WRITE;
         // SAFETY: fcntl on an fd we own with an integer argument.
         if unsafe { libc::fcntl(f.as_raw_fd(), libc::F_ADD_SEALS, seals) } < 0 {
             return Err(io::Error::last_os_error());
@@ -96,7 +105,12 @@ impl PauseBinary {
         let path = dir.join(format!("pause-{}", PAUSE.len()));
         if std::fs::read(&path).ok().as_deref() != Some(PAUSE) {
             let tmp = dir.join(format!(".pause-{}.tmp", std::process::id()));
-            let mut f = std::fs::OpenOptions::new().write(true).create(true).truncate(true).mode(0o755).open(&tmp)?;
+            let mut f = std::fs::OpenOptions::new()
+                .write(true)
+                .create(true)
+                .truncate(true)
+                .mode(0o755)
+                .open(&tmp)?;
             f.write_all(PAUSE)?;
             f.sync_all()?;
             drop(f);
@@ -134,7 +148,15 @@ struct Started {
 /// pidfd_send_signal(2); an exited process is not an error.
 pub fn signal(pidfd: &OwnedFd, sig: i32) -> io::Result<()> {
     // SAFETY: a valid pidfd, no siginfo, no flags.
-    let r = unsafe { libc::syscall(libc::SYS_pidfd_send_signal, pidfd.as_raw_fd(), sig, std::ptr::null::<libc::siginfo_t>(), 0) };
+    let r = unsafe {
+        libc::syscall(
+            libc::SYS_pidfd_send_signal,
+            pidfd.as_raw_fd(),
+            sig,
+            std::ptr::null::<libc::siginfo_t>(),
+            0,
+        )
+    };
     if r < 0 {
         let e = io::Error::last_os_error();
         if e.raw_os_error() != Some(libc::ESRCH) {
@@ -234,13 +256,27 @@ fn child_main(a: &ChildArgs) -> ! {
             fail(a, 5);
         }
         // After the id changes, which clear it.
-        if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as libc::c_ulong, 0, 0, 0) < 0 {
+        if libc::prctl(
+            libc::PR_SET_PDEATHSIG,
+            libc::SIGKILL as libc::c_ulong,
+            0,
+            0,
+            0,
+        ) < 0
+        {
             fail(a, 8);
         }
         if libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1 as libc::c_ulong, 0, 0, 0) < 0 {
             fail(a, 9);
         }
-        libc::syscall(libc::SYS_execveat, a.exe, a.empty.as_ptr(), a.argv.as_ptr(), a.envp.as_ptr(), libc::AT_EMPTY_PATH);
+        libc::syscall(
+            libc::SYS_execveat,
+            a.exe,
+            a.empty.as_ptr(),
+            a.argv.as_ptr(),
+            a.envp.as_ptr(),
+            libc::AT_EMPTY_PATH,
+        );
     }
     fail(a, 6)
 }
@@ -271,7 +307,11 @@ fn pipe() -> io::Result<(OwnedFd, OwnedFd)> {
 
 /// setns(2) into the namespace at `path`.
 fn join(ns: &'static str, flag: libc::c_int, path: &Path) -> Result<(), SpawnError> {
-    let err = |err| SpawnError::Join { ns, path: path.to_path_buf(), err };
+    let err = |err| SpawnError::Join {
+        ns,
+        path: path.to_path_buf(),
+        err,
+    };
     let f = File::open(path).map_err(err)?;
     // SAFETY: setns on an fd we hold open; affects only this (throwaway) thread.
     if unsafe { libc::setns(f.as_raw_fd(), flag) } < 0 {
@@ -322,7 +362,13 @@ fn fork_into(flags: u64, cgroup: Option<RawFd>) -> io::Result<Forked> {
     }
     // SAFETY: a valid clone_args of the size passed; no CLONE_VM, so the child
     // gets a copy of this address space and continues on a copy of this stack.
-    let mut r = unsafe { libc::syscall(libc::SYS_clone3, &mut args as *mut CloneArgs, std::mem::size_of::<CloneArgs>()) };
+    let mut r = unsafe {
+        libc::syscall(
+            libc::SYS_clone3,
+            &mut args as *mut CloneArgs,
+            std::mem::size_of::<CloneArgs>(),
+        )
+    };
     let mut placed = cgroup.is_some();
     if r < 0 && placed && io::Error::last_os_error().raw_os_error() != Some(libc::ENOSYS) {
         // The cgroup refused a direct start: place the child after the clone instead.
@@ -330,7 +376,13 @@ fn fork_into(flags: u64, cgroup: Option<RawFd>) -> io::Result<Forked> {
         args.cgroup = 0;
         placed = false;
         // SAFETY: as above.
-        r = unsafe { libc::syscall(libc::SYS_clone3, &mut args as *mut CloneArgs, std::mem::size_of::<CloneArgs>()) };
+        r = unsafe {
+            libc::syscall(
+                libc::SYS_clone3,
+                &mut args as *mut CloneArgs,
+                std::mem::size_of::<CloneArgs>(),
+            )
+        };
     }
     let pid = if r < 0 && io::Error::last_os_error().raw_os_error() == Some(libc::ENOSYS) {
         placed = false;
@@ -359,22 +411,36 @@ fn fork_into(flags: u64, cgroup: Option<RawFd>) -> io::Result<Forked> {
         return Ok(Forked::Child);
     }
     // SAFETY: the kernel just created this pidfd for us.
-    Ok(Forked::Parent(pid as i32, unsafe { OwnedFd::from_raw_fd(pidfd) }, placed))
+    Ok(Forked::Parent(
+        pid as i32,
+        unsafe { OwnedFd::from_raw_fd(pidfd) },
+        placed,
+    ))
 }
 
 fn map_text(maps: &[IdMap]) -> String {
-    maps.iter().map(|m| format!("{} {} {}\n", m.container_id, m.host_id, m.size)).collect()
+    maps.iter()
+        .map(|m| format!("{} {} {}\n", m.container_id, m.host_id, m.size))
+        .collect()
 }
 
 fn cstring(what: &str, s: &str) -> Result<CString, SpawnError> {
-    CString::new(s).map_err(|e| SpawnError::Setup { what: what.to_string(), err: io::Error::other(e) })
+    CString::new(s).map_err(|e| SpawnError::Setup {
+        what: what.to_string(),
+        err: io::Error::other(e),
+    })
 }
 
 /// Starts pause as `plan` says, in `cgroup_dirs`, with `oom_score_adj` (already
 /// floored at the shim's own). Blocking. The namespace joins happen on a thread
 /// of pause's own, which no other work ever runs on; it parks until the
 /// returned [`Keeper`] is dropped (or ends at once if the start failed).
-pub fn spawn(pause: Arc<PauseBinary>, plan: Plan, cgroup_dirs: Vec<PathBuf>, oom_score_adj: Option<i64>) -> Result<Spawned, SpawnError> {
+pub fn spawn(
+    pause: Arc<PauseBinary>,
+    plan: Plan,
+    cgroup_dirs: Vec<PathBuf>,
+    oom_score_adj: Option<i64>,
+) -> Result<Spawned, SpawnError> {
     let (res_tx, res_rx) = std::sync::mpsc::channel();
     let (keep_tx, keep_rx) = std::sync::mpsc::channel::<()>();
     std::thread::Builder::new()
@@ -389,11 +455,23 @@ pub fn spawn(pause: Arc<PauseBinary>, plan: Plan, cgroup_dirs: Vec<PathBuf>, oom
             }
         })
         .map_err(|e| SpawnError::Thread(e.to_string()))?;
-    let started = res_rx.recv().map_err(|_| SpawnError::Thread("pause-keeper thread died".into()))??;
-    Ok(Spawned { pid: started.pid, pidfd: started.pidfd, phases: started.phases, keeper: Keeper(keep_tx) })
+    let started = res_rx
+        .recv()
+        .map_err(|_| SpawnError::Thread("pause-keeper thread died".into()))??;
+    Ok(Spawned {
+        pid: started.pid,
+        pidfd: started.pidfd,
+        phases: started.phases,
+        keeper: Keeper(keep_tx),
+    })
 }
 
-fn spawn_on_this_thread(exe: RawFd, plan: &Plan, cgroup_dirs: &[PathBuf], oom_score_adj: Option<i64>) -> Result<Started, SpawnError> {
+fn spawn_on_this_thread(
+    exe: RawFd,
+    plan: &Plan,
+    cgroup_dirs: &[PathBuf],
+    oom_score_adj: Option<i64>,
+) -> Result<Started, SpawnError> {
     let mut clock = std::time::Instant::now();
     let mut phases = Vec::new();
     let mut lap = |name: &'static str| {
@@ -431,9 +509,15 @@ fn spawn_on_this_thread(exe: RawFd, plan: &Plan, cgroup_dirs: &[PathBuf], oom_sc
             NsAction::Join(_)
         );
         if joined {
-            std::fs::write(sc.proc_path(), &sc.value).map_err(|err| SpawnError::Sysctl { key: sc.key.clone(), err })?;
+            std::fs::write(sc.proc_path(), &sc.value).map_err(|err| SpawnError::Sysctl {
+                key: sc.key.clone(),
+                err,
+            })?;
         } else {
-            child_sysctls.push((cstring("sysctl path", &sc.proc_path())?, cstring("sysctl value", &sc.value)?));
+            child_sysctls.push((
+                cstring("sysctl path", &sc.proc_path())?,
+                cstring("sysctl value", &sc.value)?,
+            ));
         }
     }
     lap("join+sysctl");
@@ -455,13 +539,20 @@ fn spawn_on_this_thread(exe: RawFd, plan: &Plan, cgroup_dirs: &[PathBuf], oom_sc
     for dir in cgroup_dirs {
         if cgroup::is_v2(dir) {
             if v2_dir.is_none() {
-                let f = File::open(dir).map_err(|err| SpawnError::Setup { what: format!("open {}", dir.display()), err })?;
+                let f = File::open(dir).map_err(|err| SpawnError::Setup {
+                    what: format!("open {}", dir.display()),
+                    err,
+                })?;
                 v2_dir = Some((f, dir.clone()));
             } else {
                 after_clone.push(dir.clone());
             }
         } else {
-            let home = homes.iter().filter(|(m, _)| dir.starts_with(m)).max_by_key(|(m, _)| m.as_os_str().len()).map(|(_, h)| h.clone());
+            let home = homes
+                .iter()
+                .filter(|(m, _)| dir.starts_with(m))
+                .max_by_key(|(m, _)| m.as_os_str().len())
+                .map(|(_, h)| h.clone());
             match home {
                 Some(home) => match cgroup::move_current_thread(dir) {
                     Ok(()) => moved.push(home),
@@ -476,8 +567,14 @@ fn spawn_on_this_thread(exe: RawFd, plan: &Plan, cgroup_dirs: &[PathBuf], oom_sc
     }
     lap("cgroup");
     // 3. Everything the child touches, prepared now.
-    let (sync_r, sync_w) = pipe().map_err(|err| SpawnError::Setup { what: "pipe".into(), err })?;
-    let (err_r, err_w) = pipe().map_err(|err| SpawnError::Setup { what: "pipe".into(), err })?;
+    let (sync_r, sync_w) = pipe().map_err(|err| SpawnError::Setup {
+        what: "pipe".into(),
+        err,
+    })?;
+    let (err_r, err_w) = pipe().map_err(|err| SpawnError::Setup {
+        what: "pipe".into(),
+        err,
+    })?;
     let name = cstring("argv", "pause")?;
     let mut groups: Vec<libc::gid_t> = plan.additional_gids.clone();
     groups.sort_unstable();
@@ -486,7 +583,11 @@ fn spawn_on_this_thread(exe: RawFd, plan: &Plan, cgroup_dirs: &[PathBuf], oom_sc
         sync_r: sync_r.as_raw_fd(),
         err_w: err_w.as_raw_fd(),
         exe,
-        hostname: plan.hostname.as_deref().map(|h| cstring("hostname", h)).transpose()?,
+        hostname: plan
+            .hostname
+            .as_deref()
+            .map(|h| cstring("hostname", h))
+            .transpose()?,
         sysctls: child_sysctls,
         ns_root: plan.user == NsAction::New,
         uid: plan.uid,
@@ -500,10 +601,14 @@ fn spawn_on_this_thread(exe: RawFd, plan: &Plan, cgroup_dirs: &[PathBuf], oom_sc
 
     // 4. Clone.
     let cgroup_fd = v2_dir.as_ref().map(|(f, _)| f.as_raw_fd());
-    let (pid, pidfd, placed) = match fork_into(flags, cgroup_fd).map_err(|err| SpawnError::Setup { what: "clone".into(), err })? {
-        Forked::Child => child_main(&args),
-        Forked::Parent(pid, fd, placed) => (pid, fd, placed),
-    };
+    let (pid, pidfd, placed) =
+        match fork_into(flags, cgroup_fd).map_err(|err| SpawnError::Setup {
+            what: "clone".into(),
+            err,
+        })? {
+            Forked::Child => child_main(&args),
+            Forked::Parent(pid, fd, placed) => (pid, fd, placed),
+        };
     if let Some((_, dir)) = v2_dir.filter(|_| !placed) {
         after_clone.push(dir);
     }
@@ -523,29 +628,62 @@ fn spawn_on_this_thread(exe: RawFd, plan: &Plan, cgroup_dirs: &[PathBuf], oom_sc
 
     // 5. While the child waits: user namespace maps, oom_score_adj, cgroup.
     let setup = |what: &str, path: String, text: String| {
-        std::fs::write(&path, text).map_err(|err| SpawnError::Setup { what: format!("{what} ({path})"), err })
+        std::fs::write(&path, text).map_err(|err| SpawnError::Setup {
+            what: format!("{what} ({path})"),
+            err,
+        })
     };
     if plan.user == NsAction::New {
-        setup("uid map", format!("/proc/{pid}/uid_map"), map_text(&plan.uid_mappings)).map_err(undo)?;
-        setup("gid map", format!("/proc/{pid}/gid_map"), map_text(&plan.gid_mappings)).map_err(undo)?;
+        setup(
+            "uid map",
+            format!("/proc/{pid}/uid_map"),
+            map_text(&plan.uid_mappings),
+        )
+        .map_err(undo)?;
+        setup(
+            "gid map",
+            format!("/proc/{pid}/gid_map"),
+            map_text(&plan.gid_mappings),
+        )
+        .map_err(undo)?;
     }
     if let Some(adj) = oom_score_adj {
-        setup("oom_score_adj", format!("/proc/{pid}/oom_score_adj"), adj.to_string()).map_err(undo)?;
+        setup(
+            "oom_score_adj",
+            format!("/proc/{pid}/oom_score_adj"),
+            adj.to_string(),
+        )
+        .map_err(undo)?;
     }
-    cgroup::add(&after_clone, pid).map_err(SpawnError::from).map_err(undo)?;
+    cgroup::add(&after_clone, pid)
+        .map_err(SpawnError::from)
+        .map_err(undo)?;
     lap("maps+oom");
 
     // 6. Release the child and learn whether its exec worked: the error pipe
     //    closes on exec (O_CLOEXEC) or carries (step, errno).
     let mut w = File::from(sync_w);
-    w.write_all(&[0]).map_err(|err| undo(SpawnError::Setup { what: "release pause".into(), err }))?;
+    w.write_all(&[0]).map_err(|err| {
+        undo(SpawnError::Setup {
+            what: "release pause".into(),
+            err,
+        })
+    })?;
     drop(w);
     let mut msg = Vec::new();
-    File::from(err_r).read_to_end(&mut msg).map_err(|err| undo(SpawnError::Setup { what: "read pause status".into(), err }))?;
+    File::from(err_r).read_to_end(&mut msg).map_err(|err| {
+        undo(SpawnError::Setup {
+            what: "read pause status".into(),
+            err,
+        })
+    })?;
     if msg.len() >= 8 {
         let step = i32::from_ne_bytes([msg[0], msg[1], msg[2], msg[3]]) as usize;
         let errno = i32::from_ne_bytes([msg[4], msg[5], msg[6], msg[7]]);
-        return Err(SpawnError::Child { step: STEPS.get(step).copied().unwrap_or("?"), err: io::Error::from_raw_os_error(errno) });
+        return Err(SpawnError::Child {
+            step: STEPS.get(step).copied().unwrap_or("?"),
+            err: io::Error::from_raw_os_error(errno),
+        });
     }
     lap("exec");
     Ok(Started { pid, pidfd, phases })

@@ -15,12 +15,18 @@ pub struct Scratch {
 
 impl Scratch {
     pub fn new(prefix: &str) -> Self {
-        let dir = tempfile::Builder::new().prefix(prefix).tempdir_in(std::env::temp_dir()).expect("tempdir");
+        let dir = tempfile::Builder::new()
+            .prefix(prefix)
+            .tempdir_in(std::env::temp_dir())
+            .expect("tempdir");
         Scratch { dir: Some(dir) }
     }
 
     pub fn path(&self) -> &Path {
-        self.dir.as_ref().map(|d| d.path()).unwrap_or(Path::new("/nonexistent"))
+        self.dir
+            .as_ref()
+            .map(|d| d.path())
+            .unwrap_or(Path::new("/nonexistent"))
     }
 
     pub fn mkdir(&self, rel: &str) -> PathBuf {
@@ -103,7 +109,10 @@ pub fn spawn_in_userns(
             if libc::read(go_r, (&mut b as *mut u8).cast(), 1) != 1 {
                 return Err(std::io::Error::other("parent went away"));
             }
-            if libc::setresgid(0, 0, 0) != 0 || libc::setgroups(0, std::ptr::null()) != 0 || libc::setresuid(0, 0, 0) != 0 {
+            if libc::setresgid(0, 0, 0) != 0
+                || libc::setgroups(0, std::ptr::null()) != 0
+                || libc::setresuid(0, 0, 0) != 0
+            {
                 return Err(std::io::Error::last_os_error());
             }
             Ok(())
@@ -141,6 +150,10 @@ pub fn spawn_in_userns(
 /// Runs `sh -c script` as root of a new user namespace with these maps.
 pub fn run_in_userns(uid_map: &str, gid_map: &str, script: &str) -> std::process::Output {
     let mut cmd = std::process::Command::new("sh");
-    cmd.args(["-c", script]).stdout(std::process::Stdio::piped()).stderr(std::process::Stdio::piped());
-    spawn_in_userns(false, uid_map, gid_map, &mut cmd).wait_with_output().expect("wait")
+    cmd.args(["-c", script])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped());
+    spawn_in_userns(false, uid_map, gid_map, &mut cmd)
+        .wait_with_output()
+        .expect("wait")
 }
