@@ -593,7 +593,18 @@ pub async fn serve(
     );
     // kubelet's default max message size is 16 MiB; match it so big ListContainers fit.
     const MAX: usize = 16 * 1024 * 1024;
-    tonic::transport::Server::builder()
+    // Graceful shutdown waits for every connection to close; a client that never answers the
+    // GOAWAY (a hung kubelet) must not keep crispd from stopping, so it gets GRACE.
+    const GRACE: std::time::Duration = std::time::Duration::from_secs(5);
+    let begun = Arc::new(tokio::sync::Notify::new());
+    let shutdown = {
+        let begun = Arc::clone(&begun);
+        async move {
+            shutdown.await;
+            begun.notify_one();
+        }
+    };
+    let server = tonic::transport::Server::builder()
         .add_service(
             RuntimeServiceServer::new(cri.clone())
                 .max_decoding_message_size(MAX)
@@ -604,7 +615,13 @@ pub async fn serve(
                 .max_decoding_message_size(MAX)
                 .max_encoding_message_size(MAX),
         )
-        .serve_with_incoming_shutdown(incoming, shutdown)
-        .await?;
+        .serve_with_incoming_shutdown(incoming, shutdown);
+    tokio::select! {
+        r = server => r?,
+        () = async {
+            begun.notified().await;
+            tokio::time::sleep(GRACE).await;
+        } => tracing::warn!(grace = ?GRACE, "CRI connections still open after shutdown began; closing them"),
+    }
     Ok(())
 }

@@ -20,6 +20,21 @@ impl Drop for Daemon {
     }
 }
 
+impl Daemon {
+    /// Graceful stop (SIGTERM), as a node would: a crispd that ran a pod then unmounts its
+    /// netns directory, which a SIGKILL in Drop would leave behind. Async, so this test's own
+    /// client connections can answer crispd's GOAWAY meanwhile.
+    async fn stop(mut self) {
+        let pid = nix::unistd::Pid::from_raw(self.0.id() as i32);
+        nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).expect("SIGTERM");
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while matches!(self.0.try_wait(), Ok(None)) {
+            assert!(Instant::now() < deadline, "crispd did not exit on SIGTERM");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}
+
 async fn connect(sock: &Path) -> anyhow::Result<Channel> {
     let sock = sock.to_path_buf();
     let ch = Endpoint::try_from("http://[::]:50051")?
@@ -482,6 +497,13 @@ async fn missing_things_are_named_and_picked_up_later() {
             Err(e) => panic!("RunPodSandbox after the conflist appeared: {e:?}"),
         }
     }
+    d.stop().await;
+    let mounts = std::fs::read_to_string("/proc/self/mountinfo").expect("mountinfo");
+    assert!(
+        !mounts.contains(&dir.path().display().to_string()),
+        "crispd left a mount under {}",
+        dir.path().display()
+    );
 }
 
 /// Recovery: a torn pod record is quarantined and never blocks start-up, an orphaned ID range
