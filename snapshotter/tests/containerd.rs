@@ -58,11 +58,32 @@ fn spawn(name: &'static str, cmd: &mut Command, log: &Path) -> Proc {
     Proc(child, name)
 }
 
+/// Our containerd namespace. containerd places a `ctr run` container in the cgroup
+/// `/<namespace>/<id>` and runc removes only the leaf, so the namespace is per process and its
+/// cgroup directories are removed by [`NamespaceCgroups`].
+fn namespace() -> String {
+    format!("crisp-test-{}", std::process::id())
+}
+
+/// Removes this test's `/<namespace>` cgroup in every hierarchy, pass or fail.
+struct NamespaceCgroups;
+impl Drop for NamespaceCgroups {
+    fn drop(&mut self) {
+        let Ok(hierarchies) = std::fs::read_dir("/sys/fs/cgroup") else {
+            return;
+        };
+        for h in hierarchies.flatten() {
+            // rmdir only: it fails on a cgroup that still has processes or children.
+            let _ = std::fs::remove_dir(h.path().join(namespace()));
+        }
+    }
+}
+
 fn ctr(sock: &Path, args: &[&str]) -> String {
     let out = Command::new("ctr")
         .arg("--address")
         .arg(sock)
-        .args(["--namespace", "crisp-test"])
+        .args(["--namespace", &namespace()])
         .args(args)
         .output()
         .expect("ctr");
@@ -78,6 +99,7 @@ fn ctr(sock: &Path, args: &[&str]) -> String {
 
 #[test]
 fn containerd_pulls_and_runs_with_crisp_snapshotter() {
+    let _cgroups = NamespaceCgroups;
     let seed = images_dir().join("registry");
     assert!(
         seed.join("docker").is_dir(),
