@@ -154,26 +154,6 @@ pub fn status_of(
     }
 }
 
-/// A container call that needs the shim: an unknown id gets the right answer now (NotFound,
-/// or OK where CRI says removal of a missing container is not an error), a known one is
-/// Unimplemented until crispd drives the shim's task service.
-pub fn not_wired<T: Default>(
-    store: &Store,
-    call: &str,
-    id: &str,
-    missing_ok: bool,
-) -> Result<T, CriError> {
-    match find(store, id) {
-        Err(e) if missing_ok && e.kind == crate::instrument::ErrorKind::NotFound => {
-            Ok(T::default())
-        }
-        Err(e) => Err(e),
-        Ok(_) => Err(CriError::unimplemented(format!(
-            "{call}: containers need the shim's task service, not wired into crispd yet"
-        ))),
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -246,16 +226,6 @@ mod tests {
 
     fn ids(r: ListContainersResponse) -> Vec<String> {
         r.containers.into_iter().map(|c| c.id).collect()
-    }
-
-    #[test]
-    fn calls_on_unknown_containers() {
-        let (_d, s) = store();
-        let e = not_wired::<()>(&s, "StopContainer", "nope", false).expect_err("unknown");
-        assert_eq!(e.kind, ErrorKind::NotFound);
-        not_wired::<()>(&s, "RemoveContainer", "nope", true).expect("removing a missing one is OK");
-        let e = not_wired::<()>(&s, "StopContainer", "c1", false).expect_err("known");
-        assert_eq!(e.kind, ErrorKind::Unimplemented);
     }
 
     #[test]
