@@ -1329,7 +1329,7 @@ async fn recover_one(
             // Alive: reopen the FIFOs (the container holds their write ends) and watch it.
             let events = d.shim_events.subscribe();
             let log = Arc::new(
-                CriLog::open(&log_file(&rec), d.cfg.max_container_log_line_size)
+                CriLog::open(&log_file(rec), d.cfg.max_container_log_line_size)
                     .map_err(|e| CriError::internal(format!("container {id}: open log: {e}")))?,
             );
             let mut copiers = Vec::new();
