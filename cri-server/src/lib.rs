@@ -2,7 +2,7 @@
 //! unix socket, runs each pod in a containerd-style shim, and keeps its state in one store.
 //!
 //! Start-up order and what each module owns are described in `startup` and in
-//! `../shared/DESIGN.md`.
+//! `docs/design.md`.
 //!
 //! | module | owns |
 //! |---|---|
@@ -16,7 +16,12 @@
 //! | `recover` | start-up: orphans (ID ranges, netns, CNI attachments, records, shims), pods reconnected to their shims or marked NotReady |
 //! | `shim_client` | the shim v2 `start` protocol; one ttrpc connection per pod (task + sandbox services) |
 //! | `shim_events` | crispd's ttrpc events endpoint the shims publish task exits / OOMs to |
+//! | `pod_watch` | one WaitSandbox per ready pod: a dead shim or pause makes the pod NotReady |
 //! | `pod_stats` | PodSandboxStats from the pod's cgroup and the pause's eth0 |
+//! | `daemon` | what the calls share: config, store, services, per-pod locks, event channels |
+//! | `sandbox_files` | the pod's hostname, hosts and resolv.conf |
+//! | `bundle` | a container's bundle directory and its `config.json` |
+//! | `authority` | HTTP/2 `:authority` fix-up for grpc-go < 1.53 clients (kubelet ≤ 1.27) |
 //! | `inflight` | single flight for retried slow calls (RunPodSandbox) |
 //! | `instrument` | the one error-kind → gRPC-code mapping; call entry/exit logs and metrics |
 //! | `server`, `cri/` | the tonic services; one file per CRI call or family |

@@ -180,7 +180,7 @@ pub async fn recover_pods(d: &Daemon, r: &mut Report) -> Result<(), StoreError> 
             }
             None => {
                 // The shim is gone; its pause may not be (it was the shim's child).
-                t::kill_if_ours(rec.pause_pid, &[], "pause");
+                t::kill_pause_if_ours(rec.pause_pid, &id);
                 if let Err(e) = recover_pod_containers(d, &id, None).await {
                     r.failures.push(format!("pod {id} containers: {e}"));
                 }

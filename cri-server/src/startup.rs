@@ -169,40 +169,8 @@ pub async fn prepare(cfg: Config) -> anyhow::Result<Arc<Daemon>> {
         tracing::warn!(key = %c.key, "{}", c.message);
     }
     d.conditions.set(conditions);
-    spawn_pause_exit_watch(&d);
     crate::pod_watch::spawn(&d);
     Ok(d)
-}
-
-/// A pod whose pause exits (its shim publishes `/tasks/exit` with the sandbox id) is no
-/// longer ready, as containerd reports it.
-fn spawn_pause_exit_watch(d: &Arc<Daemon>) {
-    let mut rx = d.shim_events.subscribe();
-    let weak = Arc::downgrade(d);
-    tokio::spawn(async move {
-        loop {
-            let ev = match rx.recv().await {
-                Ok(ev) => ev,
-                Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => continue,
-                Err(_) => return,
-            };
-            let crate::shim_events::ShimEvent::TaskExit { container_id, .. } = ev else {
-                continue;
-            };
-            let Some(d) = weak.upgrade() else { return };
-            let Ok(Some(_)) = d.store.get::<PodRecord>(&container_id) else {
-                continue;
-            };
-            let _g = d.pod_locks.lock(&container_id).await;
-            if let Ok(Some(mut rec)) = d.store.get::<PodRecord>(&container_id)
-                && rec.state == crate::store::records::PodState::Ready
-            {
-                rec.state = crate::store::records::PodState::NotReady;
-                let _ = d.store.put(&container_id, &rec);
-                tracing::info!(pod_id = %container_id, "pause exited: pod NotReady");
-            }
-        }
-    });
 }
 
 /// Start up, then serve until SIGINT or SIGTERM.

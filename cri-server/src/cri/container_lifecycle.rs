@@ -86,7 +86,7 @@ fn oom_set() -> std::sync::MutexGuard<'static, std::collections::HashSet<String>
 }
 
 /// The per-container lock (see the module docs for the order).
-async fn lock(id: &str) -> crate::daemon::ObjectGuard<'static> {
+pub(crate) async fn lock(id: &str) -> crate::daemon::ObjectGuard<'static> {
     REGISTRY.locks.lock(id).await
 }
 
@@ -556,8 +556,17 @@ pub async fn create_container(
             if let Err(u) = bundle::remove(&bundle::dir(&d.cfg.state, &id)) {
                 tracing::warn!(container_id = %id, step = "remove bundle", error = %u, "undo");
             }
-            if let Err(u) = d.snapshotter.remove(&id) {
-                tracing::warn!(container_id = %id, step = "remove snapshot", error = %u, "undo");
+            // The store commit fsyncs: off the async workers, as prepare and remove are.
+            let sn = Arc::clone(&d.snapshotter);
+            let key = id.clone();
+            match tokio::task::spawn_blocking(move || sn.remove(&key)).await {
+                Ok(Ok(_)) => {}
+                Ok(Err(u)) => {
+                    tracing::warn!(container_id = %id, step = "remove snapshot", error = %u, "undo")
+                }
+                Err(u) => {
+                    tracing::warn!(container_id = %id, step = "remove snapshot", error = %u, "undo")
+                }
             }
             Err(e)
         }

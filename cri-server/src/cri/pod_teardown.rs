@@ -130,7 +130,7 @@ pub fn shim_location(
 /// pause with it (the pause is the shim's child and dies with it... or is killed below).
 pub async fn stop_pause(d: &Daemon, rec: &PodRecord) -> Result<(), CriError> {
     let Some(shim) = shim_of(d, &rec.id, rec.shim_address.as_deref()).await else {
-        kill_if_ours(rec.pause_pid, &[], "pause");
+        kill_pause_if_ours(rec.pause_pid, &rec.id);
         return Ok(());
     };
     let req = StopSandboxRequest {
@@ -144,11 +144,23 @@ pub async fn stop_pause(d: &Daemon, rec: &PodRecord) -> Result<(), CriError> {
         Err(e) if crate::shim_client::is_not_found(&e) => Ok(()),
         Err(e) if crate::shim_client::is_gone(&e) => {
             d.shims.remove(&rec.id);
-            kill_if_ours(rec.pause_pid, &[], "pause");
+            kill_pause_if_ours(rec.pause_pid, &rec.id);
             Ok(())
         }
         Err(e) => Err(crate::shim_client::rpc_error("StopSandbox", &rec.id, e)),
     }
+}
+
+/// SIGKILL a pod's pause by its recorded pid, only if that pid still is *this pod's* pause:
+/// every pod's pause is called `pause`, and a dead pause's pid may already belong to another
+/// pod's, so its cgroup (named after the pod id by the placement function) must name the pod.
+pub fn kill_pause_if_ours(pid: Option<u32>, pod_id: &str) -> bool {
+    let Some(p) = pid.filter(|p| *p > 1) else {
+        return false;
+    };
+    let in_pod =
+        std::fs::read_to_string(format!("/proc/{p}/cgroup")).is_ok_and(|c| c.contains(pod_id));
+    in_pod && kill_if_ours(pid, &[], "pause")
 }
 
 /// SIGKILL `pid` only if it still is what we think (its command line names `needles` /

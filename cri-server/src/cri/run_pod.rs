@@ -600,6 +600,12 @@ async fn undo(d: &Daemon, id: &str, cfg: &PodSandboxConfig, done: Done) {
         if let Err(e) = t::shutdown_shim(d, id, addr.as_deref()).await {
             tracing::warn!(error = %e, "undo: shut down shim");
         }
+    } else if done.files {
+        // `start` may have spawned the shim and then failed (e.g. the connection timed out):
+        // the pod dir's address/shim.pid still find it, before the dir is removed below.
+        if let Err(e) = t::shutdown_shim(d, id, None).await {
+            tracing::warn!(error = %e, "undo: shut down a shim that never connected");
+        }
     }
     if (done.cni || done.netns.is_some())
         && let Err(e) = t::release_network_opt(d, id, done.netns.as_deref(), true).await

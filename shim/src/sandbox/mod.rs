@@ -535,7 +535,7 @@ impl SandboxService {
         let any = tokio::task::spawn_blocking(move || cgroup::stats(pid))
             .await
             .map_err(|e| TaskError::Internal(e.to_string()))?
-            .map_err(|e| TaskError::NotFound(e.to_string()))?;
+            .map_err(|e| TaskError::Internal(format!("pause cgroup stats: {e}")))?;
         let mut resp = api::SandboxMetricsResponse::default();
         let m = resp.metrics.mut_or_insert_default();
         m.id = sb.id.clone();
