@@ -69,6 +69,16 @@ pub enum CgroupDriver {
     Systemd,
 }
 
+/// The shim's placement function takes its own driver type: one conversion, used everywhere.
+impl From<CgroupDriver> for crisp_shim::placement::CgroupDriver {
+    fn from(d: CgroupDriver) -> Self {
+        match d {
+            CgroupDriver::Cgroupfs => Self::Cgroupfs,
+            CgroupDriver::Systemd => Self::Systemd,
+        }
+    }
+}
+
 impl CgroupDriver {
     pub fn as_str(self) -> &'static str {
         match self {

@@ -149,10 +149,7 @@ fn nano_cores(pod_id: &str, now: i64, usage: u64) -> Option<u64> {
 /// The cgroup (relative path) the pod's stats come from.
 fn pod_cgroup(d: &Daemon, rec: &PodRecord) -> Option<String> {
     use crisp_shim::placement::{self, CgroupDriver};
-    let driver = match d.cfg.cgroup_driver {
-        crate::config::CgroupDriver::Cgroupfs => CgroupDriver::Cgroupfs,
-        crate::config::CgroupDriver::Systemd => CgroupDriver::Systemd,
-    };
+    let driver = CgroupDriver::from(d.cfg.cgroup_driver);
     if !rec.cgroup_parent.is_empty() && driver == CgroupDriver::Cgroupfs {
         return Some(rec.cgroup_parent.clone());
     }

@@ -356,10 +356,7 @@ pub fn build(
         .as_ref()
         .map(|l| l.cgroup_parent.as_str())
         .unwrap_or("");
-    let driver = match ctx.cgroup_driver {
-        CgroupDriver::Cgroupfs => crisp_shim::placement::CgroupDriver::Cgroupfs,
-        CgroupDriver::Systemd => crisp_shim::placement::CgroupDriver::Systemd,
-    };
+    let driver = crisp_shim::placement::CgroupDriver::from(ctx.cgroup_driver);
     // Promise 2: the one placement function, shared with the shim.
     let cgroups_path = crisp_shim::placement::cgroup_path(driver, cgroup_parent, ctx.container_id)
         .map_err(|e| invalid("pod linux.cgroup_parent", e.to_string()))?;

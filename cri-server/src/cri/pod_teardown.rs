@@ -261,10 +261,7 @@ pub async fn shutdown_shim(
 /// have their own cgroups (the container code removes them).
 pub fn remove_pod_cgroup(d: &Daemon, cgroup_parent: &str, pod_id: &str) -> Result<(), String> {
     use crisp_shim::placement::{self, CgroupDriver};
-    let driver = match d.cfg.cgroup_driver {
-        crate::config::CgroupDriver::Cgroupfs => CgroupDriver::Cgroupfs,
-        crate::config::CgroupDriver::Systemd => CgroupDriver::Systemd,
-    };
+    let driver = CgroupDriver::from(d.cfg.cgroup_driver);
     let Ok(path) = placement::cgroup_path(driver, cgroup_parent, pod_id)
         .and_then(|p| placement::resolved_path(driver, &p))
     else {
@@ -274,19 +271,11 @@ pub fn remove_pod_cgroup(d: &Daemon, cgroup_parent: &str, pod_id: &str) -> Resul
     if rel.is_empty() {
         return Ok(());
     }
-    let root = Path::new("/sys/fs/cgroup");
-    let mut dirs = vec![root.to_path_buf()];
-    if let Ok(rd) = std::fs::read_dir(root) {
-        for e in rd.flatten() {
-            // Symlinked co-mounts (cpu -> cpu,cpuacct) are the same hierarchy.
-            if e.file_type().is_ok_and(|t| t.is_dir()) {
-                dirs.push(e.path());
-            }
-        }
-    }
+    // The mounted hierarchies (from mountinfo, as the shim finds them): on a pure v2 host the
+    // children of /sys/fs/cgroup are cgroups, not hierarchies.
+    let dirs = crisp_shim::cgroup::dirs_of(rel).map_err(|e| e.to_string())?;
     let mut errs = Vec::new();
-    for h in dirs {
-        let p = h.join(rel);
+    for p in dirs {
         match std::fs::remove_dir(&p) {
             Ok(()) => {}
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}

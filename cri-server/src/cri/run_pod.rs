@@ -361,10 +361,7 @@ async fn setup(
         .as_ref()
         .map(|l| l.cgroup_parent.clone())
         .unwrap_or_default();
-    let driver = match d.cfg.cgroup_driver {
-        crate::config::CgroupDriver::Cgroupfs => crisp_shim::placement::CgroupDriver::Cgroupfs,
-        crate::config::CgroupDriver::Systemd => crisp_shim::placement::CgroupDriver::Systemd,
-    };
+    let driver = crisp_shim::placement::CgroupDriver::from(d.cfg.cgroup_driver);
     // Promise 2: the one placement function.
     let cgroups_path = crisp_shim::placement::cgroup_path(driver, &cgroup_parent, id)
         .map_err(|e| CriError::invalid(format!("config.linux.cgroup_parent: {e}")))?;
