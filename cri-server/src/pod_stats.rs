@@ -137,13 +137,23 @@ pub fn parse_net_dev(text: &str, iface: &str) -> Option<NetworkInterfaceUsage> {
 /// Previous CPU samples per pod, for usage_nano_cores (a rate needs two samples).
 static LAST_CPU: Mutex<Option<HashMap<String, (i64, u64)>>> = Mutex::new(None);
 
+/// None for a pod's first sample (no rate yet); the arithmetic is the containers' one.
 fn nano_cores(pod_id: &str, now: i64, usage: u64) -> Option<u64> {
     let mut g = LAST_CPU.lock().unwrap_or_else(|p| p.into_inner());
     let map = g.get_or_insert_with(HashMap::new);
-    let prev = map.insert(pod_id.to_string(), (now, usage));
-    let (t0, u0) = prev?;
-    let dt = u64::try_from(now - t0).ok().filter(|d| *d > 0)?;
-    Some(usage.saturating_sub(u0).saturating_mul(1_000_000_000) / dt)
+    let prev = map.insert(pod_id.to_string(), (now, usage))?;
+    Some(crate::cri::container_stats::nano_cores(
+        Some(prev),
+        (now, usage),
+    ))
+}
+
+/// Forget the samples of pods that no longer exist, so the map does not grow forever.
+fn prune_samples(live: &std::collections::HashSet<String>) {
+    let mut g = LAST_CPU.lock().unwrap_or_else(|p| p.into_inner());
+    if let Some(map) = g.as_mut() {
+        map.retain(|id, _| live.contains(id));
+    }
 }
 
 /// The cgroup (relative path) the pod's stats come from.
@@ -225,7 +235,9 @@ pub fn list_pod_sandbox_stats(
 ) -> Result<ListPodSandboxStatsResponse, CriError> {
     let f = req.filter.unwrap_or_default();
     let mut stats = Vec::new();
-    for (_, rec) in d.store.list::<PodRecord>()? {
+    let pods = d.store.list::<PodRecord>()?;
+    prune_samples(&pods.iter().map(|(id, _)| id.clone()).collect());
+    for (_, rec) in pods {
         if !f.id.is_empty() && !rec.id.starts_with(&f.id) {
             continue;
         }
