@@ -236,20 +236,10 @@ impl ShimClient {
 pub fn rpc_error(call: &str, pod_id: &str, e: ttrpc::Error) -> crate::instrument::CriError {
     use crate::instrument::CriError;
     match e {
-        ttrpc::Error::RpcStatus(s) => {
-            let kind = match s.code() {
-                ttrpc::Code::NOT_FOUND => ErrorKind::NotFound,
-                ttrpc::Code::INVALID_ARGUMENT => ErrorKind::InvalidArgument,
-                ttrpc::Code::FAILED_PRECONDITION => ErrorKind::FailedPrecondition,
-                ttrpc::Code::ALREADY_EXISTS => ErrorKind::AlreadyExists,
-                ttrpc::Code::UNIMPLEMENTED => ErrorKind::Unimplemented,
-                ttrpc::Code::DEADLINE_EXCEEDED => ErrorKind::DeadlineExceeded,
-                ttrpc::Code::UNAVAILABLE => ErrorKind::Unavailable,
-                ttrpc::Code::RESOURCE_EXHAUSTED => ErrorKind::ResourceExhausted,
-                _ => ErrorKind::Internal,
-            };
-            CriError::new(kind, format!("pod {pod_id}: shim {call}: {}", s.message()))
-        }
+        ttrpc::Error::RpcStatus(s) => CriError::new(
+            status_kind(s.code()),
+            format!("pod {pod_id}: shim {call}: {}", s.message()),
+        ),
         other => CriError::new(
             if is_gone(&other) {
                 ErrorKind::Unavailable
@@ -258,6 +248,22 @@ pub fn rpc_error(call: &str, pod_id: &str, e: ttrpc::Error) -> crate::instrument
             },
             format!("pod {pod_id}: shim {call}: {other}"),
         ),
+    }
+}
+
+/// The shim's gRPC-style status code as crispd's error kind: the one mapping every shim call
+/// uses (its NotFound / InvalidArgument / FailedPrecondition mean the same to kubelet).
+pub fn status_kind(code: ttrpc::Code) -> ErrorKind {
+    match code {
+        ttrpc::Code::NOT_FOUND => ErrorKind::NotFound,
+        ttrpc::Code::INVALID_ARGUMENT => ErrorKind::InvalidArgument,
+        ttrpc::Code::FAILED_PRECONDITION => ErrorKind::FailedPrecondition,
+        ttrpc::Code::ALREADY_EXISTS => ErrorKind::AlreadyExists,
+        ttrpc::Code::UNIMPLEMENTED => ErrorKind::Unimplemented,
+        ttrpc::Code::DEADLINE_EXCEEDED => ErrorKind::DeadlineExceeded,
+        ttrpc::Code::UNAVAILABLE => ErrorKind::Unavailable,
+        ttrpc::Code::RESOURCE_EXHAUSTED => ErrorKind::ResourceExhausted,
+        _ => ErrorKind::Internal,
     }
 }
 

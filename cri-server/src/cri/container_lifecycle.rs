@@ -46,7 +46,7 @@ use crate::bundle;
 use crate::daemon::{Daemon, ObjectLocks};
 use crate::instrument::{CriError, ErrorKind};
 use crate::logs::{self, CriLog, Stream};
-use crate::shim_client::{ShimClient, ctx};
+use crate::shim_client::{ShimClient, ctx, is_not_found};
 use crate::shim_events::ShimEvent;
 use crate::store::Store;
 use crate::store::records::{ContainerRecord, ContainerState, PodRecord, PodState};
@@ -226,26 +226,14 @@ fn snap_err(what: &str, e: crisp_snapshotter::Error) -> CriError {
     CriError::new(kind, format!("{what}: {e}"))
 }
 
-fn is_not_found(e: &ttrpc::Error) -> bool {
-    matches!(e, ttrpc::Error::RpcStatus(s) if s.code() == ttrpc::Code::NOT_FOUND)
-}
-
 /// A task call's error as a CRI error: the shim's own code when it answered, Unavailable when
 /// it could not be reached.
 fn task_err(call: &str, id: &str, e: ttrpc::Error) -> CriError {
     match &e {
-        ttrpc::Error::RpcStatus(s) => {
-            let kind = match s.code() {
-                ttrpc::Code::NOT_FOUND => ErrorKind::NotFound,
-                ttrpc::Code::ALREADY_EXISTS => ErrorKind::AlreadyExists,
-                ttrpc::Code::FAILED_PRECONDITION => ErrorKind::FailedPrecondition,
-                ttrpc::Code::INVALID_ARGUMENT => ErrorKind::InvalidArgument,
-                ttrpc::Code::DEADLINE_EXCEEDED => ErrorKind::DeadlineExceeded,
-                ttrpc::Code::UNAVAILABLE => ErrorKind::Unavailable,
-                _ => ErrorKind::Internal,
-            };
-            CriError::new(kind, format!("container {id}: task {call}: {}", s.message))
-        }
+        ttrpc::Error::RpcStatus(s) => CriError::new(
+            crate::shim_client::status_kind(s.code()),
+            format!("container {id}: task {call}: {}", s.message),
+        ),
         _ => CriError::new(
             ErrorKind::Unavailable,
             format!("container {id}: task {call}: shim unreachable: {e}"),

@@ -25,10 +25,11 @@ use crisp_proto::cri::v1::{
 };
 
 use crate::cri::containers;
-use crate::cri::exec_sync::{is_not_found, task_error};
+use crate::cri::exec_sync::task_error;
 use crate::daemon::Daemon;
 use crate::instrument::{CriError, ErrorKind};
 use crate::shim_client::ctx;
+use crate::shim_client::is_not_found;
 use crate::store::records::{ContainerRecord, ContainerState};
 
 const STATS_CALL: std::time::Duration = std::time::Duration::from_secs(10);

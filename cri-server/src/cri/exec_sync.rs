@@ -52,29 +52,16 @@ const PROCESS_TYPE_URL: &str = "types.containerd.io/opencontainers/runtime-spec/
 /// A shim (ttrpc) failure as a CRI error: the shim's own code carries over, a broken
 /// connection is Unavailable. `what` names the call and object.
 pub fn task_error(what: &str, e: ttrpc::Error) -> CriError {
-    use ttrpc::Code;
     match e {
-        ttrpc::Error::RpcStatus(s) => {
-            let kind = match s.code() {
-                Code::NOT_FOUND => ErrorKind::NotFound,
-                Code::INVALID_ARGUMENT => ErrorKind::InvalidArgument,
-                Code::ALREADY_EXISTS => ErrorKind::AlreadyExists,
-                Code::FAILED_PRECONDITION => ErrorKind::FailedPrecondition,
-                Code::DEADLINE_EXCEEDED => ErrorKind::DeadlineExceeded,
-                Code::UNAVAILABLE => ErrorKind::Unavailable,
-                Code::UNIMPLEMENTED => ErrorKind::Unimplemented,
-                Code::RESOURCE_EXHAUSTED => ErrorKind::ResourceExhausted,
-                _ => ErrorKind::Internal,
-            };
-            CriError::new(kind, format!("{what}: {}", s.message()))
-        }
+        ttrpc::Error::RpcStatus(s) => CriError::new(
+            crate::shim_client::status_kind(s.code()),
+            format!("{what}: {}", s.message()),
+        ),
         other => CriError::new(ErrorKind::Unavailable, format!("{what}: shim: {other}")),
     }
 }
 
-pub fn is_not_found(e: &ttrpc::Error) -> bool {
-    matches!(e, ttrpc::Error::RpcStatus(s) if s.code() == ttrpc::Code::NOT_FOUND)
-}
+use crate::shim_client::is_not_found;
 
 /// The container must be Running, with a live shim connection for its pod.
 pub fn running_shim(d: &Daemon, rec: &ContainerRecord, call: &str) -> Result<ShimClient, CriError> {

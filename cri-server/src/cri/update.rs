@@ -19,10 +19,11 @@ use crisp_proto::cri::v1::{
 use redb::ReadableTable;
 
 use crate::cri::containers;
-use crate::cri::exec_sync::{is_not_found, state_name, task_error};
+use crate::cri::exec_sync::{state_name, task_error};
 use crate::daemon::Daemon;
 use crate::instrument::CriError;
 use crate::shim_client::ctx;
+use crate::shim_client::is_not_found;
 use crate::store::records::{ContainerRecord, ContainerState};
 use crate::store::{Record, StoreError};
 
