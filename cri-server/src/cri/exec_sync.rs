@@ -185,23 +185,14 @@ pub async fn exec_sync(
     }
     let timeout = (req.timeout > 0).then(|| Duration::from_secs(req.timeout as u64));
 
-    // The task knows its bundle: the container's OCI spec is there, as the runtime saw it.
-    let state = shim
-        .task()
-        .state(
-            ctx(SHIM_CALL),
-            &api::StateRequest {
-                id: rec.id.clone(),
-                ..Default::default()
-            },
-        )
-        .await
-        .map_err(|e| task_error(&format!("ExecSync: task of container {}", rec.id), e))?;
-    let config = Path::new(&state.bundle).join("config.json");
-    let spec: serde_json::Value = std::fs::read(&config)
-        .map_err(|e| e.to_string())
-        .and_then(|b| serde_json::from_slice(&b).map_err(|e| e.to_string()))
-        .map_err(|e| CriError::internal(format!("reading {}: {e}", config.display())))?;
+    // The container's OCI spec, as the runtime saw it, is in its bundle.
+    let bundle = crate::bundle::dir(&d.cfg.state, &rec.id);
+    let spec = crate::bundle::read_spec(&bundle).ok_or_else(|| {
+        CriError::internal(format!(
+            "ExecSync: no readable config.json in {}",
+            bundle.display()
+        ))
+    })?;
     let process = serde_json::to_vec(&exec_process(&spec, &req.cmd)?)
         .map_err(|e| CriError::internal(format!("encoding exec process: {e}")))?;
 
