@@ -14,6 +14,7 @@ use std::fs::File;
 use std::io::{self, Read, Write};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 use sha2::{Digest as _, Sha256};
@@ -38,9 +39,23 @@ pub struct Ingest {
     /// Read handle kept open so followers can read even after the rename into blobs/.
     file: Arc<File>,
     state: watch::Sender<IngestState>,
+    /// Pulls that joined this ingest after the one that started it; an ingest nobody joined
+    /// may be abandoned by its starter ([`ContentStore::abandon`]).
+    joined: AtomicUsize,
+    /// Set when the starter abandons the download; the downloader stops at its next await.
+    cancel: watch::Sender<bool>,
 }
 
 impl Ingest {
+    /// Resolves once the ingest was abandoned. The downloader selects on this wherever it
+    /// waits for the network, never while committing, so an abandoned download ends either
+    /// with its file removed or with a verified blob in place, never half-way.
+    pub async fn cancelled(&self) {
+        let mut rx = self.cancel.subscribe();
+        // The sender lives in `self`, so the channel cannot close while we wait.
+        let _ = rx.wait_for(|c| *c).await;
+    }
+
     pub fn state(&self) -> IngestState {
         self.state.borrow().clone()
     }
@@ -220,7 +235,7 @@ impl IngestWriter {
         self.ingest
             .state
             .send_replace(IngestState::Done { size: self.written });
-        self.store.forget(&self.ingest.digest);
+        self.store.forget(&self.ingest);
         Ok(self.written)
     }
 
@@ -232,7 +247,7 @@ impl IngestWriter {
             self.ingest
                 .state
                 .send_replace(IngestState::Failed(e.clone()));
-            self.store.forget(&self.ingest.digest);
+            self.store.forget(&self.ingest);
         }
         e
     }
@@ -310,8 +325,34 @@ impl ContentStore {
             .unwrap_or_else(|p| p.into_inner())
     }
 
-    fn forget(&self, d: &Digest) {
-        self.inflight().remove(d);
+    /// Drop `ingest` from the in-flight map, unless it was abandoned and a newer ingest of the
+    /// same digest took its place.
+    fn forget(&self, ingest: &Arc<Ingest>) {
+        let mut map = self.inflight();
+        if map.get(&ingest.digest).is_some_and(|cur| Arc::ptr_eq(cur, ingest)) {
+            map.remove(&ingest.digest);
+        }
+    }
+
+    /// The pull that started `ingest` no longer needs it. If no other pull joined it, it is
+    /// taken out of the in-flight map (a later pull starts afresh) and its downloader told to
+    /// stop; returns true when the caller should wait for that downloader to end, so that a
+    /// failed pull leaves nothing in `ingest/` behind it. Deciding under the map's lock makes
+    /// this atomic with [`ContentStore::begin`]: nobody can join an ingest being abandoned.
+    pub fn abandon(&self, ingest: &Arc<Ingest>) -> bool {
+        let mut map = self.inflight();
+        if ingest.joined.load(Ordering::SeqCst) > 0 {
+            return false;
+        }
+        match map.get(&ingest.digest) {
+            Some(cur) if Arc::ptr_eq(cur, ingest) => {
+                map.remove(&ingest.digest);
+            }
+            // Already committed or failed: its file is settled.
+            _ => return false,
+        }
+        ingest.cancel.send_replace(true);
+        true
     }
 
     pub fn is_in_flight(&self, d: &Digest) -> bool {
@@ -322,6 +363,7 @@ impl ContentStore {
     pub fn begin(&self, digest: &Digest) -> Result<Begin> {
         let mut map = self.inflight();
         if let Some(i) = map.get(digest) {
+            i.joined.fetch_add(1, Ordering::SeqCst);
             return Ok(Begin::InFlight(i.clone()));
         }
         if self.exists(digest) {
@@ -342,6 +384,8 @@ impl ContentStore {
             path,
             file: Arc::new(rfile),
             state: tx,
+            joined: AtomicUsize::new(0),
+            cancel: watch::channel(false).0,
         });
         map.insert(digest.clone(), ingest.clone());
         Ok(Begin::Start(IngestWriter {
@@ -519,5 +563,41 @@ mod tests {
         assert!(cs.put(&d, b"wrong").await.is_err());
         cs.put(&d, b"expected").await.unwrap();
         assert_eq!(cs.read(&d).unwrap(), b"expected");
+    }
+
+    #[tokio::test]
+    async fn abandon_only_what_nobody_joined() {
+        let tmp = tempfile::tempdir().unwrap();
+        let cs = ContentStore::open(tmp.path()).unwrap();
+        let d = Digest::of(b"layer");
+        let Begin::Start(w) = cs.begin(&d).unwrap() else {
+            panic!()
+        };
+        let ing = ContentStore::ingest_of(&w);
+        assert!(cs.abandon(&ing));
+        // The downloader sees the cancellation; a new pull starts its own ingest at once.
+        tokio::time::timeout(std::time::Duration::from_secs(5), ing.cancelled())
+            .await
+            .expect("the abandoned ingest is cancelled");
+        let Begin::Start(w2) = cs.begin(&d).unwrap() else {
+            panic!("an abandoned ingest must not be joined")
+        };
+        // The old writer ending does not unregister the new ingest.
+        drop(w);
+        assert!(cs.is_in_flight(&d));
+        // An ingest another pull joined keeps going.
+        let ing2 = ContentStore::ingest_of(&w2);
+        let Begin::InFlight(_) = cs.begin(&d).unwrap() else {
+            panic!()
+        };
+        assert!(!cs.abandon(&ing2));
+        assert!(cs.is_in_flight(&d));
+        drop(w2);
+        assert_eq!(
+            std::fs::read_dir(tmp.path().join("content/ingest"))
+                .unwrap()
+                .count(),
+            0
+        );
     }
 }

@@ -11,7 +11,7 @@ use std::time::Duration;
 use futures::StreamExt;
 
 use crate::client::RegistryClient;
-use crate::content::IngestWriter;
+use crate::content::{ContentStore, IngestWriter};
 use crate::error::{Error, Result};
 use crate::images::Config;
 use crate::manifest::Descriptor;
@@ -37,6 +37,13 @@ pub(crate) async fn download(
             "no configured host may serve blobs (check capabilities in hosts.toml)",
         )));
     }
+    let ingest = ContentStore::ingest_of(&w);
+    let cancelled = || {
+        Error::unavailable(format!(
+            "download of {} was abandoned by the pull that started it",
+            layer.digest
+        ))
+    };
     let mut host_i = 0;
     let mut resumes = 0u32;
     loop {
@@ -45,12 +52,12 @@ pub(crate) async fn download(
         let offset = w.written();
         // A registry that accepts the connection but never answers is a stall too.
         let head_timeout = cfg.stall_window.max(Duration::from_millis(100));
-        let opened = match tokio::time::timeout(
-            head_timeout,
-            client.open_blob_on(idx, &layer.digest, offset),
-        )
-        .await
-        {
+        let opened = tokio::select! {
+            biased;
+            _ = ingest.cancelled() => return Err(w.fail(cancelled())),
+            r = tokio::time::timeout(head_timeout, client.open_blob_on(idx, &layer.digest, offset)) => r,
+        };
+        let opened = match opened {
             Ok(r) => r,
             Err(_) => {
                 resumes += 1;
@@ -94,7 +101,12 @@ pub(crate) async fn download(
         let mut window_bytes = 0u64;
         let outcome: std::result::Result<(), Interrupted> = loop {
             let deadline = window_start + window;
-            match tokio::time::timeout_at(deadline, stream.next()).await {
+            let next = tokio::select! {
+                biased;
+                _ = ingest.cancelled() => return Err(w.fail(cancelled())),
+                r = tokio::time::timeout_at(deadline, stream.next()) => r,
+            };
+            match next {
                 Ok(Some(Ok(mut chunk))) => {
                     if skip > 0 {
                         let n = skip.min(chunk.len() as u64) as usize;

@@ -609,31 +609,49 @@ impl Inner {
             self.config.max_concurrent_downloads.max(1),
         ));
         let mut sources = Vec::new();
-        for layer in &layers[start..] {
-            let src = match self.content.begin(&layer.digest)? {
-                Begin::Exists => Source::Blob,
-                Begin::InFlight(i) => Source::Follow(i),
-                Begin::Start(w) => {
-                    let ing = ContentStore::ingest_of(&w);
-                    let client = client.clone();
-                    let sem = sem.clone();
-                    let cfg = self.config.clone();
-                    let layer = layer.clone();
-                    let span = tracing::info_span!("download", image = %r, layer = %layer.digest);
-                    // Detached: another pull may follow this ingest even if ours fails.
-                    tokio::spawn(
-                        async move {
-                            let _permit = sem.acquire_owned().await;
-                            if let Err(e) = download(&client, w, &layer, &cfg).await {
-                                tracing::warn!(error = %e, "layer download failed");
+        // Downloads this pull started, so that a failed pull can abandon the ones nobody else
+        // joined and wait for them: it then leaves no ingest file behind.
+        let mut started = Vec::new();
+        let begun = (|| -> Result<()> {
+            for layer in &layers[start..] {
+                let src = match self.content.begin(&layer.digest)? {
+                    Begin::Exists => Source::Blob,
+                    Begin::InFlight(i) => Source::Follow(i),
+                    Begin::Start(w) => {
+                        let ing = ContentStore::ingest_of(&w);
+                        let client = client.clone();
+                        let sem = sem.clone();
+                        let cfg = self.config.clone();
+                        let layer = layer.clone();
+                        let span =
+                            tracing::info_span!("download", image = %r, layer = %layer.digest);
+                        let watched = ing.clone();
+                        // Detached: another pull may follow this ingest even if ours fails.
+                        let task = tokio::spawn(
+                            async move {
+                                let _permit = tokio::select! {
+                                    biased;
+                                    // Dropping the writer fails the ingest and removes its file.
+                                    _ = watched.cancelled() => return,
+                                    p = sem.acquire_owned() => p,
+                                };
+                                if let Err(e) = download(&client, w, &layer, &cfg).await {
+                                    tracing::warn!(error = %e, "layer download failed");
+                                }
                             }
-                        }
-                        .instrument(span),
-                    );
-                    Source::Follow(ing)
-                }
-            };
-            sources.push(src);
+                            .instrument(span),
+                        );
+                        started.push((ing.clone(), task));
+                        Source::Follow(ing)
+                    }
+                };
+                sources.push(src);
+            }
+            Ok(())
+        })();
+        if let Err(e) = begun {
+            self.abandon_downloads(started).await;
+            return Err(e);
         }
         let progress = self
             .clone()
@@ -673,7 +691,20 @@ impl Inner {
         }
         .await;
         progress.abort();
+        if res.is_err() {
+            self.abandon_downloads(started).await;
+        }
         res
+    }
+
+    /// Stop the downloads a failed pull started that no other pull joined, and wait until each
+    /// has removed its ingest file or committed its (verified, now unreferenced) blob.
+    async fn abandon_downloads(&self, started: Vec<(Arc<Ingest>, tokio::task::JoinHandle<()>)>) {
+        for (ing, task) in started {
+            if self.content.abandon(&ing) {
+                let _ = task.await;
+            }
+        }
     }
 
     fn unpack_one(
