@@ -463,6 +463,17 @@ fn vm_rss_kib(pid: i32) -> Option<u64> {
         .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
 }
 
+/// A field of /proc/<pid>/smaps_rollup in KiB: `Pss` shares each page among the processes
+/// mapping it (N shims of one binary pay for its text once), `Anonymous` is what each shim
+/// really adds.
+fn smaps_kib(pid: i32, field: &str) -> Option<u64> {
+    std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup"))
+        .ok()?
+        .lines()
+        .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+}
+
 fn stats(v: &mut [f64]) -> (f64, f64) {
     v.sort_by(|a, b| a.total_cmp(b));
     let mean = v.iter().sum::<f64>() / v.len().max(1) as f64;
@@ -519,6 +530,11 @@ fn bench_shim_rss_and_pod_start() -> Result<()> {
                 eprintln!(
                     "{handler:6} shims: {n:2}  VmRSS mean {rss_mean:7.0} KiB median {rss_median:7.0} KiB | pod start mean {lat_mean:6.1} ms median {lat_median:6.1} ms"
                 );
+                let mut pss: Vec<f64> = pids.iter().filter_map(|p| smaps_kib(*p, "Pss")).map(|k| k as f64).collect();
+                let mut anon: Vec<f64> = pids.iter().filter_map(|p| smaps_kib(*p, "Anonymous")).map(|k| k as f64).collect();
+                let (pss_mean, _) = stats(&mut pss);
+                let (anon_mean, _) = stats(&mut anon);
+                eprintln!("{handler:6} shims: Pss mean {pss_mean:7.0} KiB, Anonymous mean {anon_mean:7.0} KiB");
                 report.push((rss_mean, lat_mean));
             }
             if let [(crss, clat), (rrss, rlat)] = report[..] {
