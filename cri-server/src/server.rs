@@ -253,7 +253,7 @@ impl RuntimeService for Cri {
         let req = req.into_inner();
         let span = info_span!("ContainerStatus", container_id = %req.container_id);
         instrument::call("ContainerStatus", span, async {
-            cri::containers::container_status(&self.d.store, &self.d.cfg.state, req)
+            cri::containers::container_status(&self.d.store, &self.d.images, &self.d.cfg.state, req)
         })
         .await
     }

@@ -41,10 +41,10 @@ async fn pod_with_two_containers(env: &TestEnv) -> Result<()> {
         !image_ref.is_empty(),
         "PullImage returned an empty image ref"
     );
-    ensure!(
-        c.image_status(BUSYBOX).await?.is_some(),
-        "ImageStatus: {BUSYBOX} missing after pull"
-    );
+    let image = c
+        .image_status(BUSYBOX)
+        .await?
+        .with_context(|| format!("ImageStatus: {BUSYBOX} missing after pull"))?;
 
     let pod = env.pod_config("lifecycle")?;
     let pod_id = c.run_pod(&pod).await?;
@@ -65,6 +65,15 @@ async fn pod_with_two_containers(env: &TestEnv) -> Result<()> {
         st.reason == "Completed",
         "hello: reason {:?}, want Completed",
         st.reason
+    );
+    // kubelet shows image_ref as the container's imageID: the registry-pulled image's
+    // repo digest (`…/busybox@sha256:…`), as containerd reports it, not the config id.
+    ensure!(
+        image.repo_digests.first() == Some(&st.image_ref),
+        "hello: image_ref {:?}, want the image's first repo digest (repo_digests {:?}, id {})",
+        st.image_ref,
+        image.repo_digests,
+        image.id
     );
     let line = cri::wait_log_line(
         &cri::log_file(&pod, &ok),

@@ -94,6 +94,7 @@ pub(crate) async fn lock(id: &str) -> crate::daemon::ObjectGuard<'static> {
 #[derive(Clone)]
 struct Ctx {
     store: Store,
+    images: crisp_image::Images,
     state: PathBuf,
     events: broadcast::Sender<ContainerEventResponse>,
     shim_binary: PathBuf,
@@ -103,6 +104,7 @@ impl Ctx {
     fn of(d: &Daemon) -> Self {
         Self {
             store: d.store.clone(),
+            images: d.images.clone(),
             state: d.cfg.state.clone(),
             events: d.events.clone(),
             shim_binary: d.cfg.shim_binary.clone(),
@@ -374,7 +376,7 @@ fn sandbox_mounts(state: &Path, pod_id: &str, cfg: &pb::PodSandboxConfig) -> Vec
 }
 
 fn publish(ctx: &Ctx, rec: &ContainerRecord, ty: ContainerEventType) {
-    let status = crate::cri::containers::status_of(rec, &ctx.state, false).status;
+    let status = crate::cri::containers::status_of(rec, &ctx.images, &ctx.state, false).status;
     let pod_status = crate::cri::pods::pod_sandbox_status(
         &ctx.store,
         pb::PodSandboxStatusRequest {

@@ -64,6 +64,7 @@ pub fn list_containers(
                 image: rec.image.clone(),
                 ..Default::default()
             }),
+            // The id here, the repo digest only in ContainerStatus: containerd does the same.
             image_ref: rec.image_ref.clone(),
             image_id: rec.image_ref.clone(),
             state: state_of(&rec) as i32,
@@ -88,17 +89,41 @@ pub fn find(store: &Store, id: &str) -> Result<ContainerRecord, CriError> {
 
 pub fn container_status(
     store: &Store,
+    images: &crisp_image::Images,
     state: &std::path::Path,
     req: ContainerStatusRequest,
 ) -> Result<ContainerStatusResponse, CriError> {
     let rec = find(store, &req.container_id)?;
-    Ok(status_of(&rec, state, req.verbose))
+    Ok(status_of(&rec, images, state, req.verbose))
+}
+
+/// The image_ref ContainerStatus reports, which kubelet shows as the container's imageID:
+/// as containerd does, the image's first repo digest (`docker.io/library/busybox@sha256:…`)
+/// when the image is still here and has one, else the image id the record holds. The
+/// record keeps the id because a digest names content the node may no longer have.
+pub fn image_ref(images: &crisp_image::Images, rec: &ContainerRecord) -> String {
+    if rec.image_ref.is_empty() {
+        return String::new();
+    }
+    match images.status(&rec.image_ref) {
+        Ok(image) => image
+            .and_then(|i| i.repo_digests.into_iter().next())
+            .unwrap_or_else(|| rec.image_ref.clone()),
+        // A status is still worth answering with the id (containerd fails the call
+        // instead; kubelet would then see no status at all for a broken image record).
+        Err(e) => {
+            tracing::warn!(container_id = %rec.id, image = %rec.image_ref, error = %e,
+                "image lookup for image_ref failed; reporting the image id");
+            rec.image_ref.clone()
+        }
+    }
 }
 
 /// A record as CRI's ContainerStatus; `verbose` adds containerd-style info (pid, bundle,
 /// snapshot key, the OCI spec as the shim runs it).
 pub fn status_of(
     rec: &ContainerRecord,
+    images: &crisp_image::Images,
     state: &std::path::Path,
     verbose: bool,
 ) -> ContainerStatusResponse {
@@ -129,7 +154,7 @@ pub fn status_of(
                 image: rec.image.clone(),
                 ..Default::default()
             }),
-            image_ref: rec.image_ref.clone(),
+            image_ref: image_ref(images, rec),
             image_id: rec.image_ref.clone(),
             reason: rec.reason.clone(),
             message: rec.message.clone(),
@@ -275,9 +300,11 @@ mod tests {
 
     #[test]
     fn status_reports_exit_and_reason() {
-        let (_d, s) = store();
+        let (d, s) = store();
+        let images = crate::daemon::Daemon::for_test(d.path()).images;
         let r = container_status(
             &s,
+            &images,
             std::path::Path::new("/nonexistent"),
             ContainerStatusRequest {
                 container_id: "c2".into(),
@@ -296,8 +323,14 @@ mod tests {
         assert_eq!(st.log_path, "/var/log/pods/x/c2/0.log");
         assert!(r.info["info"].contains("\"sandboxID\":\"p1\""));
         assert!(r.info["info"].contains("\"snapshotKey\":\"c2\""));
+        // An image the store does not know (removed since): both fields keep the id.
+        assert_eq!(
+            (st.image_ref.as_str(), st.image_id.as_str()),
+            ("sha256:abc", "sha256:abc")
+        );
         let e = container_status(
             &s,
+            &images,
             std::path::Path::new("/nonexistent"),
             ContainerStatusRequest {
                 container_id: "nope".into(),
@@ -308,6 +341,7 @@ mod tests {
         assert_eq!(e.kind, ErrorKind::NotFound);
         let e = container_status(
             &s,
+            &images,
             std::path::Path::new("/nonexistent"),
             ContainerStatusRequest {
                 container_id: "c".into(),
