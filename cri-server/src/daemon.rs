@@ -53,6 +53,9 @@ pub struct Daemon {
     pub idmap: crate::idmap::Allocator,
     /// One lock per pod for its state transitions (never held across a store-wide lock).
     pub pod_locks: ObjectLocks,
+    /// One lock per container (taken after its pod's), and the log copiers and exit watchers
+    /// of started containers; shared with the watcher tasks.
+    pub containers: Arc<crate::cri::container_lifecycle::Registry>,
     /// Container lifecycle events for GetContainerEvents subscribers (kubelet's evented PLEG).
     /// Publishing never blocks: a subscriber that falls behind loses events and is told so.
     pub events: tokio::sync::broadcast::Sender<crisp_proto::cri::v1::ContainerEventResponse>,
@@ -139,6 +142,7 @@ impl Daemon {
             snapshotter,
             idmap,
             pod_locks: ObjectLocks::default(),
+            containers: Arc::default(),
             events: tokio::sync::broadcast::channel(1024).0,
             stopping: tokio::sync::watch::channel(false).0,
             shims: crate::shim_client::Shims::default(),

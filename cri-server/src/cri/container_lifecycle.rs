@@ -21,13 +21,14 @@
 //! container's (they may wait out a grace period, which must not block the pod). The pod-wide
 //! functions here are called with the pod's lock held and take only container locks.
 //!
-//! Per-container runtime state (log copiers, the exit watcher) lives in a process-wide registry
-//! keyed by container id: ids are random and never reused, and the watcher, a task that outlives
-//! the call that started it, needs no reference to the daemon.
+//! The container locks and per-container runtime state (log copiers, the exit watcher, OOM
+//! reports) live in the daemon's [`Registry`], keyed by container id, so two daemons in one
+//! process (unit tests) share none of it. The watcher, a task that outlives the call that
+//! started it, holds the registry through its [`Ctx`], not the daemon.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, LazyLock, Mutex};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use containerd_shim_protos::api;
@@ -67,27 +68,28 @@ struct Live {
     watcher: Option<JoinHandle<()>>,
 }
 
+/// One daemon's container locks and the runtime state of its started containers.
 #[derive(Default)]
-struct Registry {
+pub struct Registry {
     locks: ObjectLocks,
     live: Mutex<HashMap<String, Live>>,
     /// Containers the shim reported an OOM kill for, until their exit is recorded.
     oom: Mutex<std::collections::HashSet<String>>,
 }
 
-static REGISTRY: LazyLock<Registry> = LazyLock::new(Registry::default);
+impl Registry {
+    /// The per-container lock (see the module docs for the order).
+    pub async fn lock(&self, id: &str) -> crate::daemon::ObjectGuard<'_> {
+        self.locks.lock(id).await
+    }
 
-fn live() -> std::sync::MutexGuard<'static, HashMap<String, Live>> {
-    REGISTRY.live.lock().unwrap_or_else(|p| p.into_inner())
-}
+    fn live(&self) -> std::sync::MutexGuard<'_, HashMap<String, Live>> {
+        self.live.lock().unwrap_or_else(|p| p.into_inner())
+    }
 
-fn oom_set() -> std::sync::MutexGuard<'static, std::collections::HashSet<String>> {
-    REGISTRY.oom.lock().unwrap_or_else(|p| p.into_inner())
-}
-
-/// The per-container lock (see the module docs for the order).
-pub(crate) async fn lock(id: &str) -> crate::daemon::ObjectGuard<'static> {
-    REGISTRY.locks.lock(id).await
+    fn oom(&self) -> std::sync::MutexGuard<'_, std::collections::HashSet<String>> {
+        self.oom.lock().unwrap_or_else(|p| p.into_inner())
+    }
 }
 
 /// What the exit path needs of the daemon; cheap clones, so a watcher task can own them.
@@ -98,6 +100,7 @@ struct Ctx {
     state: PathBuf,
     events: broadcast::Sender<ContainerEventResponse>,
     shim_binary: PathBuf,
+    registry: Arc<Registry>,
 }
 
 impl Ctx {
@@ -108,6 +111,7 @@ impl Ctx {
             state: d.cfg.state.clone(),
             events: d.events.clone(),
             shim_binary: d.cfg.shim_binary.clone(),
+            registry: Arc::clone(&d.containers),
         }
     }
 }
@@ -572,7 +576,7 @@ pub async fn start_container(
 ) -> Result<StartContainerResponse, CriError> {
     let rec = crate::cri::containers::find(&d.store, &req.container_id)?;
     let _pod_guard = d.pod_locks.lock(&rec.pod_id).await;
-    let _g = lock(&rec.id).await;
+    let _g = d.containers.lock(&rec.id).await;
     let rec = d
         .store
         .get::<ContainerRecord>(&rec.id)?
@@ -609,7 +613,7 @@ pub async fn start_container(
             if let Err(f) = finish_locked(&ctx, Some(&shim), &rec.id, exit).await {
                 tracing::warn!(container_id = %rec.id, error = %f, "recording start failure");
             }
-            stop_live(&rec.id).await;
+            stop_live(&d.containers, &rec.id).await;
             Err(e)
         }
     }
@@ -669,7 +673,7 @@ async fn start_task(
         spawn_copier(id, r_out, Stream::Stdout, Arc::clone(&log)),
         spawn_copier(id, r_err, Stream::Stderr, Arc::clone(&log)),
     ];
-    live().insert(
+    ctx.registry.live().insert(
         id.clone(),
         Live {
             log: Some(log),
@@ -696,7 +700,7 @@ async fn start_task(
     tracing::info!(container_id = %id, pid = started.pid, "container started");
     publish(ctx, &rec, ContainerEventType::ContainerStartedEvent);
     let watcher = tokio::spawn(watch(ctx.clone(), shim.clone(), id.clone(), events));
-    if let Some(l) = live().get_mut(id) {
+    if let Some(l) = ctx.registry.live().get_mut(id) {
         l.watcher = Some(watcher);
     }
     Ok(())
@@ -722,8 +726,10 @@ fn spawn_copier(id: &str, r: std::fs::File, stream: Stream, log: Arc<CriLog>) ->
 
 /// Stop the watcher and copiers of a container and close its log. Copiers get a moment to
 /// drain what the container wrote last (they end by themselves once its stdio is closed).
-async fn stop_live(id: &str) {
-    let Some(l) = live().remove(id) else { return };
+async fn stop_live(registry: &Registry, id: &str) {
+    let Some(l) = registry.live().remove(id) else {
+        return;
+    };
     if let Some(w) = l.watcher {
         w.abort();
     }
@@ -736,13 +742,13 @@ async fn stop_live(id: &str) {
     if let Some(log) = l.log {
         log.close();
     }
-    oom_set().remove(id);
+    registry.oom().remove(id);
 }
 
 /// The container has exited: let its copiers write what it printed last, then close its log
 /// (no fd stays open for an exited container). The watcher stays: this may run inside it.
-async fn drain_io(id: &str) {
-    let (copiers, log) = match live().get_mut(id) {
+async fn drain_io(registry: &Registry, id: &str) {
+    let (copiers, log) = match registry.live().get_mut(id) {
         Some(l) => (std::mem::take(&mut l.copiers), l.log.take()),
         None => return,
     };
@@ -769,7 +775,7 @@ pub fn reopen_log(d: &Daemon, container_id: &str) -> Result<(), CriError> {
             state_name(rec.state)
         )));
     }
-    let log = live().get(&rec.id).and_then(|l| l.log.clone());
+    let log = d.containers.live().get(&rec.id).and_then(|l| l.log.clone());
     match log {
         Some(l) => l
             .reopen()
@@ -845,7 +851,7 @@ async fn watch(ctx: Ctx, shim: ShimClient, id: String, mut events: broadcast::Re
             ev = events.recv() => match ev {
                 Ok(ShimEvent::TaskOom { container_id }) if container_id == id => {
                     tracing::info!(container_id = %id, "OOM kill reported");
-                    oom_set().insert(id.clone());
+                    ctx.registry.oom().insert(id.clone());
                 }
                 Err(broadcast::error::RecvError::Closed) => break (&mut wait).await,
                 _ => {}
@@ -856,7 +862,7 @@ async fn watch(ctx: Ctx, shim: ShimClient, id: String, mut events: broadcast::Re
         tracing::warn!(container_id = %id, error = %e, "lost the shim while waiting");
         Exit::lost(format!("shim died: {e}"))
     });
-    let _g = lock(&id).await;
+    let _g = ctx.registry.lock(&id).await;
     if let Err(e) = finish_locked(&ctx, Some(&shim), &id, exit).await {
         tracing::warn!(container_id = %id, error = %e, "recording exit");
     }
@@ -904,7 +910,7 @@ async fn finish_locked(
         return Ok(());
     };
     let b = bundle::dir(&ctx.state, id);
-    let oom = oom_set().remove(id) || cgroup_oom(&b);
+    let oom = ctx.registry.oom().remove(id) || cgroup_oom(&b);
     let changed = rec.state != ContainerState::Exited;
     if changed {
         rec.state = ContainerState::Exited;
@@ -922,7 +928,7 @@ async fn finish_locked(
     let deleted = delete_task(shim, ctx, id).await;
     if changed {
         // As containerd: the exit is reported once its output is in the log.
-        drain_io(id).await;
+        drain_io(&ctx.registry, id).await;
         ctx.store.put(id, &rec)?;
         tracing::info!(container_id = %id, exit_code = rec.exit_code, reason = %rec.reason, "container exited");
         publish(ctx, &rec, ContainerEventType::ContainerStoppedEvent);
@@ -1003,7 +1009,7 @@ pub async fn stop_container(
 ) -> Result<StopContainerResponse, CriError> {
     let rec = crate::cri::containers::find(&d.store, &req.container_id)?;
     let timeout = Duration::from_secs(u64::try_from(req.timeout).unwrap_or(0));
-    let _g = lock(&rec.id).await;
+    let _g = d.containers.lock(&rec.id).await;
     stop_locked(d, &rec.id, timeout).await?;
     Ok(StopContainerResponse {})
 }
@@ -1109,7 +1115,7 @@ pub async fn remove_container(
         Err(e) if e.kind == ErrorKind::NotFound => return Ok(RemoveContainerResponse {}),
         Err(e) => return Err(e),
     };
-    let _g = lock(&rec.id).await;
+    let _g = d.containers.lock(&rec.id).await;
     remove_locked(d, &rec.id).await?;
     Ok(RemoveContainerResponse {})
 }
@@ -1126,7 +1132,7 @@ async fn remove_locked(d: &Daemon, id: &str) -> Result<(), CriError> {
     }
     let shim = d.shims.get(&rec.pod_id);
     delete_task(shim.as_ref(), &Ctx::of(d), id).await?;
-    stop_live(id).await;
+    stop_live(&d.containers, id).await;
     let b = bundle::dir(&d.cfg.state, id);
     // The shim unmounted the rootfs at delete; a dead shim did not.
     bundle::unmount_rootfs(&b)?;
@@ -1178,7 +1184,7 @@ pub async fn stop_pod_containers(
 ) -> Result<(), CriError> {
     let ctrs = pod_containers(d, pod_id)?;
     let results = futures::future::join_all(ctrs.iter().map(|c| async move {
-        let _g = lock(&c.id).await;
+        let _g = d.containers.lock(&c.id).await;
         stop_locked(d, &c.id, timeout).await?;
         // An exited container's task was deleted at its exit; this catches one whose delete
         // failed then (the shim was busy), so the pod's shim can shut down.
@@ -1196,7 +1202,7 @@ pub async fn stop_pod_containers(
 pub async fn remove_pod_containers(d: &Daemon, pod_id: &str) -> Result<(), CriError> {
     let ctrs = pod_containers(d, pod_id)?;
     let results = futures::future::join_all(ctrs.iter().map(|c| async move {
-        let _g = lock(&c.id).await;
+        let _g = d.containers.lock(&c.id).await;
         remove_locked(d, &c.id).await
     }))
     .await;
@@ -1213,7 +1219,7 @@ pub async fn recover_pod_containers(
     let ctrs = pod_containers(d, pod_id)?;
     let mut results = Vec::new();
     for c in ctrs {
-        let _g = lock(&c.id).await;
+        let _g = d.containers.lock(&c.id).await;
         results.push(recover_one(d, &c, shim.as_ref()).await);
     }
     first_err(results)
@@ -1260,7 +1266,7 @@ pub async fn remove_orphans(d: &Daemon) -> Result<Vec<String>, CriError> {
     let ctx = Ctx::of(d);
     let mut removed = Vec::new();
     for id in orphans {
-        let _g = lock(&id).await;
+        let _g = d.containers.lock(&id).await;
         let res = async {
             cleanup_dead_task(&ctx, &id).await?;
             bundle::remove(&bundle::dir(&d.cfg.state, &id))?;
@@ -1348,7 +1354,7 @@ async fn recover_one(
                 d.store.put(id, &r)?;
             }
             let watcher = tokio::spawn(watch(ctx, shim.clone(), id.clone(), events));
-            live().insert(
+            d.containers.live().insert(
                 id.clone(),
                 Live {
                     log: Some(log),
@@ -1565,6 +1571,20 @@ mod tests {
         assert!(d.snapshotter.stat(&orphan_s).is_err());
         assert!(d.snapshotter.stat("extract-1").is_ok());
         assert!(remove_orphans(&d).await.expect("again").is_empty());
+    }
+
+    #[tokio::test]
+    async fn each_daemon_has_its_own_container_locks() {
+        let (a, b) = (
+            tempfile::tempdir().expect("tempdir"),
+            tempfile::tempdir().expect("tempdir"),
+        );
+        let (da, db) = (Daemon::for_test(a.path()), Daemon::for_test(b.path()));
+        let id = "d".repeat(64);
+        let _held = da.containers.lock(&id).await;
+        tokio::time::timeout(Duration::from_secs(5), db.containers.lock(&id))
+            .await
+            .expect("another daemon's lock on the same id does not wait");
     }
 
     #[test]

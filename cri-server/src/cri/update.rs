@@ -190,7 +190,7 @@ pub async fn update_container_resources(
     let found = containers::find(&d.store, &req.container_id)?;
     // Under the container's lock, re-read: concurrent updates must not merge into a stale
     // record, and a StartContainer in between must not miss the new limits.
-    let _guard = crate::cri::container_lifecycle::lock(&found.id).await;
+    let _guard = d.containers.lock(&found.id).await;
     let rec = containers::find(&d.store, &found.id)?;
     // Windows resources only: nothing applies on Linux (containerd ignores them too).
     let Some(new) = req.linux else {
