@@ -27,7 +27,7 @@ use crisp_proto::cri::v1::{
 use crate::cri::containers;
 use crate::cri::exec_sync::task_error;
 use crate::daemon::Daemon;
-use crate::instrument::{CriError, ErrorKind};
+use crate::instrument::CriError;
 use crate::shim_client::ctx;
 use crate::shim_client::is_not_found;
 use crate::store::records::{ContainerRecord, ContainerState};
@@ -188,13 +188,10 @@ fn now_ns() -> i64 {
         .unwrap_or(0)
 }
 
-/// Stats of one container. `strict`: a failing shim is an error (ContainerStats) rather than
-/// a logged gap (ListContainerStats, where one bad container must not hide the others).
-async fn stats_of(
-    d: &Daemon,
-    rec: &ContainerRecord,
-    strict: bool,
-) -> Result<ContainerStats, CriError> {
+/// Stats of one container, and why its cgroup figures are missing if reading them failed:
+/// ContainerStats answers with that error, ListContainerStats logs it and keeps the rest (one
+/// bad container must not hide the others).
+async fn stats_of(d: &Daemon, rec: &ContainerRecord) -> (ContainerStats, Option<CriError>) {
     let cfg = containers::container_config(rec);
     let mut out = ContainerStats {
         attributes: Some(ContainerAttributes {
@@ -207,10 +204,10 @@ async fn stats_of(
     };
     out.writable_layer = writable_layer(d, &rec.id).await;
     if rec.state != ContainerState::Running {
-        return Ok(out);
+        return (out, None);
     }
     let Some(shim) = d.shims.get(&rec.pod_id) else {
-        return Ok(out);
+        return (out, None);
     };
     let resp = shim
         .task()
@@ -226,28 +223,20 @@ async fn stats_of(
     let any = match resp {
         Ok(r) => match r.stats.into_option() {
             Some(a) => a,
-            None => return Ok(out),
+            None => return (out, None),
         },
         // The task exited between the record and the call: no cgroup any more.
-        Err(e) if is_not_found(&e) => return Ok(out),
+        Err(e) if is_not_found(&e) => return (out, None),
         Err(e) => {
             let e = task_error(&format!("Stats of container {}", rec.id), e);
-            if strict {
-                return Err(e);
-            }
-            tracing::warn!(container_id = %rec.id, error = %e.message, "no cgroup stats");
-            return Ok(out);
+            return (out, Some(e));
         }
     };
     let dec = match decode(&any, ts) {
         Ok(x) => x,
         Err(why) => {
             let e = CriError::internal(format!("Stats of container {}: {why}", rec.id));
-            if strict {
-                return Err(e);
-            }
-            tracing::warn!(container_id = %rec.id, error = %e.message, "undecodable cgroup stats");
-            return Ok(out);
+            return (out, Some(e));
         }
     };
     if let Some(cpu_ns) = dec.cpu_ns {
@@ -260,7 +249,7 @@ async fn stats_of(
     }
     out.memory = dec.memory;
     out.swap = dec.swap;
-    Ok(out)
+    (out, None)
 }
 
 /// Usage of the container's writable layer: its active snapshot (keyed by container id, as
@@ -294,9 +283,10 @@ pub async fn container_stats(
     req: ContainerStatsRequest,
 ) -> Result<ContainerStatsResponse, CriError> {
     let rec = containers::find(&d.store, &req.container_id)?;
-    Ok(ContainerStatsResponse {
-        stats: Some(stats_of(d, &rec, true).await?),
-    })
+    match stats_of(d, &rec).await {
+        (stats, None) => Ok(ContainerStatsResponse { stats: Some(stats) }),
+        (_, Some(e)) => Err(e),
+    }
 }
 
 pub async fn list_container_stats(
@@ -322,22 +312,23 @@ pub async fn list_container_stats(
         .filter(|r| containers::matches(r, &containers::container_config(r), &filter))
         .collect();
     recs.sort_by_key(|r| r.created_at);
-    let results = futures::future::join_all(recs.iter().map(|r| stats_of(d, r, false))).await;
-    let mut stats = Vec::with_capacity(results.len());
-    for r in results {
-        match r {
-            Ok(s) => stats.push(s),
-            // Non-strict calls only fail on the store; say so rather than answer partly.
-            Err(e) if e.kind == ErrorKind::Internal => return Err(e),
-            Err(e) => tracing::warn!(error = %e.message, "container stats"),
+    // The store was read above; from here on nothing fails the call, a container whose cgroup
+    // cannot be read is listed without CPU and memory figures.
+    let stats = futures::future::join_all(recs.iter().map(|r| async move {
+        let (stats, err) = stats_of(d, r).await;
+        if let Some(e) = err {
+            tracing::warn!(container_id = %r.id, error = %e.message, "no cgroup stats");
         }
-    }
+        stats
+    }))
+    .await;
     Ok(ListContainerStatsResponse { stats })
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::instrument::ErrorKind;
     use containerd_shim_protos::protobuf::MessageFull;
 
     fn pack<M: MessageFull>(m: &M) -> Any {
