@@ -391,8 +391,9 @@ async fn mid_flight(env: &mut TestEnv) -> Result<()> {
             anyhow::Ok(())
         });
     }
-    for id in settled.iter().take(2).cloned() {
-        let c = c.clone();
+    for id in &settled[..2] {
+        // Owned copies: the spawned task outlives this loop.
+        let (c, id) = (c.clone(), id.clone());
         busy.spawn(async move {
             c.stop_pod(&id).await?;
             c.remove_pod(&id).await
