@@ -146,9 +146,11 @@ impl RuntimeService for Cri {
     ) -> Res<pb::PodSandboxStatusResponse> {
         let req = req.into_inner();
         let span = info_span!("PodSandboxStatus", pod_id = %req.pod_sandbox_id);
-        instrument::call("PodSandboxStatus", span, async {
-            cri::pods::pod_sandbox_status(&self.d.store, req)
-        })
+        instrument::call(
+            "PodSandboxStatus",
+            span,
+            cri::pods::pod_sandbox_status_served(&self.d, req),
+        )
         .await
     }
 

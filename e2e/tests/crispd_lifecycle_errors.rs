@@ -1155,6 +1155,14 @@ async fn pod_status(env: &TestEnv) -> Result<()> {
         "verbose PodSandboxStatus has no info"
     );
     crisp_e2e::cri::CriClient::info_pid(&verbose.info).context("verbose info")?;
+    // The shim's own SandboxStatus details join the map, as containerd passes them through.
+    ensure!(
+        verbose.info.get("status").map(String::as_str) == Some("running")
+            && verbose.info.get("bundle").is_some_and(|b| !b.is_empty())
+            && verbose.info.contains_key("cgroupsPath"),
+        "verbose PodSandboxStatus without the shim's status, bundle and cgroupsPath: {:?}",
+        verbose.info
+    );
 
     c.stop_pod(&pod_id).await?;
     let st = c.pod_status(&pod_id).await?;

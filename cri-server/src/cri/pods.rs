@@ -1,7 +1,11 @@
 //! Read-only pod calls answered from the store: ListPodSandbox (filters by id, state and
-//! labels) and PodSandboxStatus. The store is the source of truth; these never call a shim.
+//! labels) and PodSandboxStatus. The store is the source of truth; only a verbose
+//! PodSandboxStatus also asks the pod's shim, for the details it alone knows.
 
 use std::collections::HashMap;
+use std::time::Duration;
+
+use containerd_shim_protos::sandbox_api::SandboxStatusRequest;
 
 use crisp_proto::cri::v1::{
     LinuxPodSandboxStatus, ListPodSandboxRequest, ListPodSandboxResponse, Namespace, PodIp,
@@ -10,7 +14,9 @@ use crisp_proto::cri::v1::{
 };
 use prost::Message;
 
+use crate::daemon::Daemon;
 use crate::instrument::CriError;
+use crate::shim_client::ctx;
 use crate::store::Store;
 use crate::store::records::{PodRecord, PodState};
 
@@ -132,6 +138,56 @@ pub fn pod_sandbox_status(
         containers_statuses: vec![],
         timestamp: crate::util::now_nanos(),
     })
+}
+
+/// How long a verbose PodSandboxStatus waits for the pod's shim (a human's `crictl inspectp`;
+/// kubelet does not ask for verbose).
+const SHIM_STATUS_CALL: Duration = Duration::from_secs(5);
+
+/// PodSandboxStatus as served. With `verbose`, the entries of the shim's own verbose
+/// SandboxStatus (cgroupsPath, netnsPath, bundle, status, exitStatus) join the info map, as
+/// containerd passes a shim sandboxer's info through. Without a shim that answers (gone,
+/// or a pod still being set up) the store's answer stands: the details are extras.
+pub async fn pod_sandbox_status_served(
+    d: &Daemon,
+    req: PodSandboxStatusRequest,
+) -> Result<PodSandboxStatusResponse, CriError> {
+    let verbose = req.verbose;
+    let mut resp = pod_sandbox_status(&d.store, req)?;
+    let Some(id) = resp
+        .status
+        .as_ref()
+        .filter(|_| verbose)
+        .map(|s| s.id.clone())
+    else {
+        return Ok(resp);
+    };
+    let Some(shim) = d.shims.get(&id) else {
+        return Ok(resp);
+    };
+    let req = SandboxStatusRequest {
+        sandbox_id: id.clone(),
+        verbose: true,
+        ..Default::default()
+    };
+    match shim
+        .sandbox()
+        .sandbox_status(ctx(SHIM_STATUS_CALL), &req)
+        .await
+    {
+        Ok(st) => merge_shim_info(&mut resp.info, st.info),
+        Err(e) => {
+            tracing::warn!(pod_id = %id, error = %e, "verbose PodSandboxStatus: the shim did not answer; store's info only")
+        }
+    }
+    Ok(resp)
+}
+
+/// The shim's entries join ours; on a clash ours (the `info` document) stays.
+fn merge_shim_info(info: &mut HashMap<String, String>, shim: HashMap<String, String>) {
+    for (k, v) in shim {
+        info.entry(k).or_insert(v);
+    }
 }
 
 #[cfg(test)]
@@ -283,5 +339,42 @@ mod tests {
         assert_eq!(pod_config(&r).labels["app"], "web");
         assert_eq!(crate::util::hex_decode("0g"), None);
         assert_eq!(crate::util::hex_decode("abc"), None);
+    }
+
+    #[test]
+    fn shim_info_joins_ours_without_replacing_it() {
+        let mut info: HashMap<String, String> = [("info".to_string(), "{}".to_string())].into();
+        merge_shim_info(
+            &mut info,
+            [
+                ("info".to_string(), "theirs".to_string()),
+                ("bundle".to_string(), "/run/x".to_string()),
+                ("status".to_string(), "running".to_string()),
+            ]
+            .into(),
+        );
+        assert_eq!(info["info"], "{}");
+        assert_eq!(info["bundle"], "/run/x");
+        assert_eq!(info["status"], "running");
+    }
+
+    #[tokio::test]
+    async fn verbose_status_without_a_shim_is_the_store_answer() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let d = Daemon::for_test(dir.path());
+        d.store
+            .put("aaa111", &rec("aaa111", PodState::NotReady, "web", 2))
+            .expect("put");
+        let r = pod_sandbox_status_served(
+            &d,
+            PodSandboxStatusRequest {
+                pod_sandbox_id: "aaa".into(),
+                verbose: true,
+            },
+        )
+        .await
+        .expect("status");
+        assert_eq!(r.info.keys().collect::<Vec<_>>(), vec!["info"]);
+        assert!(r.info["info"].contains("\"pid\":42"), "{}", r.info["info"]);
     }
 }
