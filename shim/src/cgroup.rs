@@ -14,8 +14,10 @@ use std::{
 use containerd_shim_protos::{
     cgroups::metrics as v1,
     cgroups_v2::metrics as v2,
-    protobuf::{MessageFull, well_known_types::any::Any},
+    protobuf::well_known_types::any::Any,
 };
+
+use crate::events::Named;
 
 pub const CGROUP_ROOT: &str = "/sys/fs/cgroup";
 
@@ -114,15 +116,9 @@ pub fn stats(pid: i32) -> Result<Any, CgroupError> {
     pack(&stats_v1(&m))
 }
 
-fn pack<M: MessageFull>(msg: &M) -> Result<Any, CgroupError> {
-    Ok(Any {
-        // containerd registers these under their bare proto names.
-        type_url: M::descriptor().full_name().to_string(),
-        value: msg
-            .write_to_bytes()
-            .map_err(|e| CgroupError::Encode(e.to_string()))?,
-        ..Default::default()
-    })
+fn pack<M: Named>(msg: &M) -> Result<Any, CgroupError> {
+    // containerd registers these under their bare proto names.
+    crate::events::pack("", msg).map_err(|e| CgroupError::Encode(e.to_string()))
 }
 
 pub fn stats_v1(m: &Membership) -> v1::Metrics {

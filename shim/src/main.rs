@@ -296,7 +296,7 @@ fn serve(flags: &Flags) -> anyhow::Result<()> {
         Reaper::global();
         let default_runtime = runtime::probe_default().await;
         let publisher = match std::env::var("TTRPC_ADDRESS") {
-            Ok(addr) => match containerd_shim::publisher::RemotePublisher::new(&addr).await {
+            Ok(addr) => match crisp_shim::events::Publisher::connect(&addr).await {
                 Ok(p) => Some(p),
                 Err(e) => {
                     tracing::warn!(error = %e, %addr, "no event publisher");

@@ -8,7 +8,7 @@
 
 use std::path::Path;
 
-use containerd_shim_protos::protobuf::{Message, MessageFull, well_known_types::any::Any};
+use containerd_shim_protos::protobuf::{Message, well_known_types::any::Any};
 pub use containerd_shim_protos::shim::oci::Options;
 
 use crate::placement::CgroupDriver;
@@ -26,8 +26,12 @@ pub enum OptionsError {
 /// Whether `any` holds a `containerd.runc.v1.Options`, whatever host prefix its
 /// type URL carries (containerd writes the bare name).
 fn is_options(any: &Any) -> bool {
-    any.type_url.rsplit('/').next() == Some(Options::descriptor().full_name())
+    any.type_url.rsplit('/').next() == Some(OPTIONS)
 }
+
+/// `Options`' full name, spelled out: `Options::descriptor()` would build the
+/// descriptors of its .proto file and imports (see `crate::events`).
+const OPTIONS: &str = "containerd.runc.v1.Options";
 
 /// The options type containerd 1.6's CRI plugin sends for runtime types it does
 /// not know (ours): `{type_url, config_path}`, where `config_path` names the
@@ -167,9 +171,14 @@ pub fn driver(options: &Options) -> CgroupDriver {
 
 #[cfg(test)]
 mod tests {
-    use containerd_shim_protos::protobuf::reflect::ReflectValueRef;
+    use containerd_shim_protos::protobuf::{MessageFull, reflect::ReflectValueRef};
 
     use super::*;
+
+    #[test]
+    fn options_name_is_the_descriptors() {
+        assert_eq!(OPTIONS, Options::descriptor().full_name());
+    }
 
     fn full_handler() -> Options {
         Options {

@@ -14,7 +14,6 @@ use std::{
 };
 
 use async_trait::async_trait;
-use containerd_shim::publisher::RemotePublisher;
 use containerd_shim_protos::{
     api::{self, Status},
     events::task::{
@@ -22,8 +21,8 @@ use containerd_shim_protos::{
         TaskStart,
     },
     protobuf::{
-        EnumOrUnknown, MessageDyn, MessageField,
-        well_known_types::{any::Any, empty::Empty, timestamp::Timestamp},
+        EnumOrUnknown, MessageField, MessageFull,
+        well_known_types::{empty::Empty, timestamp::Timestamp},
     },
     shim::oci::ProcessDetails,
     shim_async::Task,
@@ -35,6 +34,7 @@ use tracing::{Instrument, info, info_span, warn};
 
 use crate::{
     cgroup,
+    events::{self, Named, Publisher},
     io::{self, Console, ProcessIo, StdioPaths},
     mount,
     options::{self, Options},
@@ -180,7 +180,7 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 /// Publishes events in call order (containerd's publisher is one FIFO queue).
 #[derive(Clone)]
 pub struct Events {
-    publisher: Option<Arc<RemotePublisher>>,
+    publisher: Option<Arc<Publisher>>,
     namespace: String,
     /// Tests: every event as (topic, event in protobuf text format), in order.
     record: Option<EventLog>,
@@ -189,7 +189,7 @@ pub struct Events {
 pub type EventLog = Arc<Mutex<Vec<(String, String)>>>;
 
 impl Events {
-    pub fn new(publisher: Option<RemotePublisher>, namespace: &str) -> Events {
+    pub fn new(publisher: Option<Publisher>, namespace: &str) -> Events {
         Events {
             publisher: publisher.map(Arc::new),
             namespace: namespace.to_string(),
@@ -210,22 +210,15 @@ impl Events {
         )
     }
 
-    pub(crate) async fn publish(&self, topic: &str, event: Box<dyn MessageDyn>) {
+    pub(crate) async fn publish<E: Named + MessageFull>(&self, topic: &str, event: E) {
         tracing::debug!(topic, "event");
         if let Some(r) = &self.record {
-            let text =
-                containerd_shim_protos::protobuf::text_format::print_to_string(event.as_ref());
+            // Tests only: the text format needs the reflection the publisher avoids.
+            let text = containerd_shim_protos::protobuf::text_format::print_to_string(&event);
             lock(r).push((topic.to_string(), text));
         }
         if let Some(p) = &self.publisher
-            && let Err(e) = p
-                .publish(
-                    ttrpc::context::Context::default(),
-                    topic,
-                    &self.namespace,
-                    event,
-                )
-                .await
+            && let Err(e) = p.publish(topic, &self.namespace, &event).await
         {
             warn!(topic, error = %e, "publish event failed");
         }
@@ -300,7 +293,7 @@ impl TaskService {
                 };
                 s.inner
                     .events
-                    .publish(topics::TASK_OOM_EVENT_TOPIC, Box::new(ev))
+                    .publish(topics::TASK_OOM_EVENT_TOPIC, ev)
                     .await;
             }
         });
@@ -355,7 +348,7 @@ impl TaskService {
         };
         self.inner
             .events
-            .publish(topics::TASK_EXIT_EVENT_TOPIC, Box::new(ev))
+            .publish(topics::TASK_EXIT_EVENT_TOPIC, ev)
             .await;
     }
 
@@ -530,7 +523,7 @@ impl TaskService {
         };
         self.inner
             .events
-            .publish(topics::TASK_CREATE_EVENT_TOPIC, Box::new(ev))
+            .publish(topics::TASK_CREATE_EVENT_TOPIC, ev)
             .await;
         Ok(api::CreateTaskResponse {
             pid: pid as u32,
@@ -558,7 +551,7 @@ impl TaskService {
             };
             self.inner
                 .events
-                .publish(topics::TASK_START_EVENT_TOPIC, Box::new(ev))
+                .publish(topics::TASK_START_EVENT_TOPIC, ev)
                 .await;
             let oom_tx = self.inner.oom_tx.clone();
             let cid = c.id.clone();
@@ -580,7 +573,7 @@ impl TaskService {
             };
             self.inner
                 .events
-                .publish(topics::TASK_EXEC_STARTED_EVENT_TOPIC, Box::new(ev))
+                .publish(topics::TASK_EXEC_STARTED_EVENT_TOPIC, ev)
                 .await;
         }
         // The process may have exited (and been reaped) before it was indexed;
@@ -703,7 +696,7 @@ impl TaskService {
         };
         self.inner
             .events
-            .publish(topics::TASK_DELETE_EVENT_TOPIC, Box::new(ev))
+            .publish(topics::TASK_DELETE_EVENT_TOPIC, ev)
             .await;
         info!("deleted");
         Ok(api::DeleteResponse {
@@ -793,7 +786,7 @@ impl TaskService {
         };
         self.inner
             .events
-            .publish(topics::TASK_EXEC_ADDED_EVENT_TOPIC, Box::new(ev))
+            .publish(topics::TASK_EXEC_ADDED_EVENT_TOPIC, ev)
             .await;
         Ok(())
     }
@@ -870,7 +863,7 @@ impl TaskService {
                         exec_id: exec_id.clone(),
                         ..Default::default()
                     };
-                    if let Ok(any) = Any::pack(&d) {
+                    if let Ok(any) = events::pack("type.googleapis.com/", &d) {
                         info.info = MessageField::some(any);
                     }
                 }

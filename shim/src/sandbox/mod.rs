@@ -242,7 +242,7 @@ impl SandboxService {
         };
         self.inner
             .events
-            .publish(topics::TASK_EXIT_EVENT_TOPIC, Box::new(ev))
+            .publish(topics::TASK_EXIT_EVENT_TOPIC, ev)
             .await;
     }
 
