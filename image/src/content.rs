@@ -329,7 +329,10 @@ impl ContentStore {
     /// same digest took its place.
     fn forget(&self, ingest: &Arc<Ingest>) {
         let mut map = self.inflight();
-        if map.get(&ingest.digest).is_some_and(|cur| Arc::ptr_eq(cur, ingest)) {
+        if map
+            .get(&ingest.digest)
+            .is_some_and(|cur| Arc::ptr_eq(cur, ingest))
+        {
             map.remove(&ingest.digest);
         }
     }
