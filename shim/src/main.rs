@@ -242,13 +242,22 @@ fn init_logging(flags: &Flags) {
             Err(_) => Box::new(std::io::sink()),
         },
     };
-    let level = if flags.debug { "debug" } else { "info" };
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(level));
+    // A plain level, not an EnvFilter: parsing even "info" into an EnvFilter
+    // compiles regexes, code and heap every shim would carry for nothing.
+    // RUST_LOG still counts when it is a bare level ("debug", "trace").
+    use tracing_subscriber::filter::LevelFilter;
+    let level = std::env::var("RUST_LOG")
+        .ok()
+        .and_then(|v| v.parse::<LevelFilter>().ok())
+        .unwrap_or(if flags.debug {
+            LevelFilter::DEBUG
+        } else {
+            LevelFilter::INFO
+        });
     let writer = Arc::new(Mutex::new(writer));
     let make = move || LockedWriter(writer.clone());
     let _ = tracing_subscriber::fmt()
-        .with_env_filter(filter)
+        .with_max_level(level)
         .with_ansi(false)
         .with_writer(make)
         .try_init();
