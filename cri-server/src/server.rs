@@ -168,9 +168,23 @@ impl RuntimeService for Cri {
     type StreamPodSandboxesStream = BoxStream<pb::StreamPodSandboxesResponse>;
     async fn stream_pod_sandboxes(
         &self,
-        _req: Request<pb::StreamPodSandboxesRequest>,
+        req: Request<pb::StreamPodSandboxesRequest>,
     ) -> Res<Self::StreamPodSandboxesStream> {
-        not_yet!("StreamPodSandboxes", "not implemented")
+        let filter = req.into_inner().filter;
+        instrument::call(
+            "StreamPodSandboxes",
+            info_span!("StreamPodSandboxes"),
+            async {
+                let list = cri::pods::list_pod_sandbox(
+                    &self.d.store,
+                    pb::ListPodSandboxRequest { filter },
+                )?;
+                Ok(chunked(list.items, |pod_sandboxes| {
+                    pb::StreamPodSandboxesResponse { pod_sandboxes }
+                }))
+            },
+        )
+        .await
     }
 
     async fn create_container(
@@ -243,9 +257,19 @@ impl RuntimeService for Cri {
     type StreamContainersStream = BoxStream<pb::StreamContainersResponse>;
     async fn stream_containers(
         &self,
-        _req: Request<pb::StreamContainersRequest>,
+        req: Request<pb::StreamContainersRequest>,
     ) -> Res<Self::StreamContainersStream> {
-        not_yet!("StreamContainers", "not implemented")
+        let filter = req.into_inner().filter;
+        instrument::call("StreamContainers", info_span!("StreamContainers"), async {
+            let list = cri::containers::list_containers(
+                &self.d.store,
+                pb::ListContainersRequest { filter },
+            )?;
+            Ok(chunked(list.containers, |containers| {
+                pb::StreamContainersResponse { containers }
+            }))
+        })
+        .await
     }
 
     async fn container_status(
@@ -347,9 +371,24 @@ impl RuntimeService for Cri {
     type StreamContainerStatsStream = BoxStream<pb::StreamContainerStatsResponse>;
     async fn stream_container_stats(
         &self,
-        _req: Request<pb::StreamContainerStatsRequest>,
+        req: Request<pb::StreamContainerStatsRequest>,
     ) -> Res<Self::StreamContainerStatsStream> {
-        not_yet!("StreamContainerStats", "not implemented")
+        let filter = req.into_inner().filter;
+        instrument::call(
+            "StreamContainerStats",
+            info_span!("StreamContainerStats"),
+            async {
+                let list = cri::container_stats::list_container_stats(
+                    &self.d,
+                    pb::ListContainerStatsRequest { filter },
+                )
+                .await?;
+                Ok(chunked(list.stats, |container_stats| {
+                    pb::StreamContainerStatsResponse { container_stats }
+                }))
+            },
+        )
+        .await
     }
 
     async fn pod_sandbox_stats(
@@ -380,9 +419,23 @@ impl RuntimeService for Cri {
     type StreamPodSandboxStatsStream = BoxStream<pb::StreamPodSandboxStatsResponse>;
     async fn stream_pod_sandbox_stats(
         &self,
-        _req: Request<pb::StreamPodSandboxStatsRequest>,
+        req: Request<pb::StreamPodSandboxStatsRequest>,
     ) -> Res<Self::StreamPodSandboxStatsStream> {
-        not_yet!("StreamPodSandboxStats", "not implemented")
+        let filter = req.into_inner().filter;
+        instrument::call(
+            "StreamPodSandboxStats",
+            info_span!("StreamPodSandboxStats"),
+            async {
+                let list = crate::pod_stats::list_pod_sandbox_stats(
+                    &self.d,
+                    pb::ListPodSandboxStatsRequest { filter },
+                )?;
+                Ok(chunked(list.stats, |pod_sandbox_stats| {
+                    pb::StreamPodSandboxStatsResponse { pod_sandbox_stats }
+                }))
+            },
+        )
+        .await
     }
 
     async fn checkpoint_container(
@@ -446,7 +499,12 @@ impl RuntimeService for Cri {
         &self,
         _req: Request<pb::StreamPodSandboxMetricsRequest>,
     ) -> Res<Self::StreamPodSandboxMetricsStream> {
-        not_yet!("StreamPodSandboxMetrics", "not implemented")
+        // The stream carries what ListPodSandboxMetrics lists, and that is not implemented
+        // either; kubelet falls back to the unary call and gets the same answer.
+        not_yet!(
+            "StreamPodSandboxMetrics",
+            "not implemented, as ListPodSandboxMetrics is not"
+        )
     }
 
     async fn update_pod_sandbox_resources(
@@ -473,9 +531,17 @@ impl ImageService for Cri {
     type StreamImagesStream = BoxStream<pb::StreamImagesResponse>;
     async fn stream_images(
         &self,
-        _req: Request<pb::StreamImagesRequest>,
+        req: Request<pb::StreamImagesRequest>,
     ) -> Res<Self::StreamImagesStream> {
-        not_yet!("StreamImages", "not implemented; use ListImages")
+        let filter = req.into_inner().filter;
+        instrument::call("StreamImages", info_span!("StreamImages"), async {
+            let list =
+                crisp_image::cri::list_images(&self.d.images, &pb::ListImagesRequest { filter })?;
+            Ok(chunked(list.images, |images| pb::StreamImagesResponse {
+                images,
+            }))
+        })
+        .await
     }
 
     async fn image_status(
@@ -536,6 +602,53 @@ impl ImageService for Cri {
         })
         .await
     }
+}
+
+/// Most encoded bytes of items in one message of a CRI 1.36 `Stream*` call. Those calls exist
+/// because a node's full list can pass the 16 MiB message limit of kubelet and crictl (and
+/// 4 MiB is grpc-go's default), so a message stays far below both; a few hundred containers
+/// fit in one, so a usual node still answers in a single message.
+const STREAM_CHUNK_BYTES: usize = 1024 * 1024;
+
+/// A `Stream*` answer: the unary List's items, in order, split by [`chunks`] and each chunk
+/// wrapped in the call's response message. The list is built before the stream starts, so a
+/// failure is the call's status exactly as the List call would return it, and a stream that
+/// started never fails midway.
+fn chunked<T, R>(items: Vec<T>, wrap: impl Fn(Vec<T>) -> R) -> BoxStream<R>
+where
+    T: prost::Message,
+    R: Send + 'static,
+{
+    let msgs: Vec<Result<R, Status>> = chunks(items, STREAM_CHUNK_BYTES)
+        .into_iter()
+        .map(|c| Ok(wrap(c)))
+        .collect();
+    Box::pin(futures::stream::iter(msgs))
+}
+
+/// Split `items` into consecutive chunks whose items encode to at most `max_bytes` (with
+/// their field key and length prefix). The CRI proto asks for at least one item per message,
+/// so an item larger than the bound goes alone and an empty list gives no chunk at all (the
+/// stream just ends).
+fn chunks<T: prost::Message>(items: Vec<T>, max_bytes: usize) -> Vec<Vec<T>> {
+    let mut out = Vec::new();
+    let mut cur = Vec::new();
+    let mut size = 0;
+    for item in items {
+        let len = item.encoded_len();
+        // 1 byte of key (field 1, length-delimited) and the varint length.
+        let len = 1 + prost::encoding::encoded_len_varint(len as u64) + len;
+        if !cur.is_empty() && size + len > max_bytes {
+            out.push(std::mem::take(&mut cur));
+            size = 0;
+        }
+        size += len;
+        cur.push(item);
+    }
+    if !cur.is_empty() {
+        out.push(cur);
+    }
+    out
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -626,4 +739,50 @@ pub async fn serve(
         } => tracing::warn!(grace = ?GRACE, "CRI connections still open after shutdown began; closing them"),
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use prost::Message;
+
+    fn pod(id: &str, note: usize) -> pb::PodSandbox {
+        pb::PodSandbox {
+            id: id.into(),
+            annotations: [("note".to_string(), "x".repeat(note))].into(),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn chunks_are_bounded_ordered_and_never_empty() {
+        let items: Vec<pb::PodSandbox> = (0..50).map(|i| pod(&format!("p{i:02}"), 100)).collect();
+        let max = 1000;
+        let got = chunks(items.clone(), max);
+        assert!(got.len() > 1, "50 items of ~120 bytes need several chunks");
+        for c in &got {
+            assert!(!c.is_empty());
+            // The bound is on the whole message as it goes on the wire.
+            let msg = pb::StreamPodSandboxesResponse {
+                pod_sandboxes: c.clone(),
+            };
+            assert!(msg.encoded_len() <= max, "{} > {max}", msg.encoded_len());
+        }
+        // Every item exactly once, in the List's order.
+        assert_eq!(got.concat(), items);
+    }
+
+    #[test]
+    fn an_oversized_item_goes_alone_and_nothing_gives_no_message() {
+        let items = vec![pod("small", 10), pod("big", 5000), pod("small2", 10)];
+        let got = chunks(items.clone(), 1000);
+        let ids: Vec<Vec<&str>> = got
+            .iter()
+            .map(|c| c.iter().map(|p| p.id.as_str()).collect())
+            .collect();
+        assert_eq!(ids, vec![vec!["small"], vec!["big"], vec!["small2"]]);
+        assert!(chunks(Vec::<pb::PodSandbox>::new(), 1000).is_empty());
+        // Under the bound: one message.
+        assert_eq!(chunks(items, usize::MAX).len(), 1);
+    }
 }

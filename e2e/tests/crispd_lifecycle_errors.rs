@@ -9,7 +9,8 @@
 //! - bad config: InvalidArgument whose message names the field;
 //! - name reuse: AlreadyExists, for pods and for containers;
 //! - ContainerStatus: reasons Completed / Error / OOMKilled, exit codes, ordered timestamps;
-//! - ListPodSandbox / ListContainers filters (id, state, labels, pod);
+//! - ListPodSandbox / ListContainers filters (id, state, labels, pod), and CRI 1.36's Stream*
+//!   calls (pods, containers, their stats, images) streaming what the List calls list;
 //! - Status / Version / RuntimeConfig;
 //! - StopContainer: the image's StopSignal is sent first, and a process that ignores it is
 //!   killed after the timeout;
@@ -661,6 +662,15 @@ async fn list_filters(env: &TestEnv) -> Result<()> {
             vec![],
         ),
         (
+            // No such state: nothing matches, in the List call as in the stream.
+            "state out of range",
+            api::PodSandboxFilter {
+                state: Some(api::PodSandboxStateValue { state: 99 }),
+                ..Default::default()
+            },
+            vec![],
+        ),
+        (
             "id + state mismatch",
             api::PodSandboxFilter {
                 id: id3.clone(),
@@ -670,10 +680,27 @@ async fn list_filters(env: &TestEnv) -> Result<()> {
             vec![],
         ),
     ] {
-        let got = pods(f).await?;
+        let got = pods(f.clone()).await?;
         ensure!(
             got == sorted(want.clone()),
             "ListPodSandbox filter {what}: got {got:?}, want {want:?}"
+        );
+        let listed = c.list_pods_filtered(Some(f.clone())).await?;
+        let streamed = drain(
+            c.runtime()
+                .stream_pod_sandboxes(api::StreamPodSandboxesRequest { filter: Some(f) })
+                .await,
+        )
+        .await
+        .with_context(|| format!("StreamPodSandboxes filter {what}"))?;
+        let streamed = items_once(
+            "StreamPodSandboxes",
+            streamed.into_iter().map(|m| m.pod_sandboxes),
+            |p| p.id.clone(),
+        )?;
+        ensure!(
+            streamed == listed,
+            "StreamPodSandboxes filter {what}: {streamed:?}, ListPodSandbox {listed:?}"
         );
     }
     let items = c.list_pods_filtered(None).await?;
@@ -809,18 +836,92 @@ async fn list_filters(env: &TestEnv) -> Result<()> {
             vec![],
         ),
     ] {
-        let mut got: Vec<String> = c
-            .list_containers(Some(f))
-            .await?
-            .into_iter()
-            .map(|c| c.id)
-            .collect();
+        let listed = c.list_containers(Some(f.clone())).await?;
+        let mut got: Vec<String> = listed.iter().map(|c| c.id.clone()).collect();
         got.sort();
         ensure!(
             got == sorted(want.clone()),
             "ListContainers filter {what}: got {got:?}, want {want:?}"
         );
+        let streamed = drain(
+            c.runtime()
+                .stream_containers(api::StreamContainersRequest {
+                    filter: Some(f.clone()),
+                })
+                .await,
+        )
+        .await
+        .with_context(|| format!("StreamContainers filter {what}"))?;
+        let streamed = items_once(
+            "StreamContainers",
+            streamed.into_iter().map(|m| m.containers),
+            |c| c.id.clone(),
+        )?;
+        ensure!(
+            streamed == listed,
+            "StreamContainers filter {what}: {streamed:?}, ListContainers {listed:?}"
+        );
+        // Stats take the same filter minus the state; their figures move between two calls,
+        // so the ids are compared.
+        let sf = api::ContainerStatsFilter {
+            id: f.id.clone(),
+            pod_sandbox_id: f.pod_sandbox_id.clone(),
+            label_selector: f.label_selector.clone(),
+        };
+        stats_streamed_as_listed(c, what, sf).await?;
     }
+    for (what, f) in [
+        ("no filter", api::PodSandboxStatsFilter::default()),
+        (
+            "id",
+            api::PodSandboxStatsFilter {
+                id: id2.clone(),
+                ..Default::default()
+            },
+        ),
+        (
+            "label tier=web",
+            api::PodSandboxStatsFilter {
+                label_selector: labels(&[("tier", "web")]),
+                ..Default::default()
+            },
+        ),
+    ] {
+        let listed = c
+            .runtime()
+            .list_pod_sandbox_stats(api::ListPodSandboxStatsRequest {
+                filter: Some(f.clone()),
+            })
+            .await
+            .context("ListPodSandboxStats")?
+            .into_inner()
+            .stats;
+        let streamed = drain(
+            c.runtime()
+                .stream_pod_sandbox_stats(api::StreamPodSandboxStatsRequest { filter: Some(f) })
+                .await,
+        )
+        .await
+        .with_context(|| format!("StreamPodSandboxStats filter {what}"))?;
+        let pod_id = |s: &api::PodSandboxStats| {
+            s.attributes
+                .as_ref()
+                .map(|a| a.id.clone())
+                .unwrap_or_default()
+        };
+        let streamed = items_once(
+            "StreamPodSandboxStats",
+            streamed.into_iter().map(|m| m.pod_sandbox_stats),
+            pod_id,
+        )?;
+        let want: Vec<String> = listed.iter().map(pod_id).collect();
+        let got: Vec<String> = streamed.iter().map(pod_id).collect();
+        ensure!(
+            got == want,
+            "StreamPodSandboxStats filter {what}: {got:?}, ListPodSandboxStats {want:?}"
+        );
+    }
+    images_streamed_as_listed(c).await?;
     let all = c.list_containers(None).await?;
     let w = all
         .iter()
@@ -836,6 +937,139 @@ async fn list_filters(env: &TestEnv) -> Result<()> {
 
     for id in [&id1, &id2, &id3] {
         c.stop_and_remove_pod(id).await?;
+    }
+    Ok(())
+}
+
+/// Every message of a server-streaming call, or the status it failed with.
+async fn drain<M>(
+    r: std::result::Result<tonic::Response<tonic::Streaming<M>>, tonic::Status>,
+) -> std::result::Result<Vec<M>, tonic::Status> {
+    let mut s = r?.into_inner();
+    let mut out = Vec::new();
+    while let Some(m) = s.message().await? {
+        out.push(m);
+    }
+    Ok(out)
+}
+
+/// The items of a Stream* call's messages, in order, after checking what the proto asks:
+/// each message carries at least one item and no item appears twice.
+fn items_once<T>(
+    call: &str,
+    msgs: impl Iterator<Item = Vec<T>>,
+    key: impl Fn(&T) -> String,
+) -> Result<Vec<T>> {
+    let mut out = Vec::new();
+    let mut seen = std::collections::HashSet::new();
+    for (n, items) in msgs.enumerate() {
+        ensure!(!items.is_empty(), "{call}: message {n} carries no item");
+        for i in items {
+            ensure!(seen.insert(key(&i)), "{call}: {} sent twice", key(&i));
+            out.push(i);
+        }
+    }
+    Ok(out)
+}
+
+async fn stats_streamed_as_listed(
+    c: &cri::CriClient,
+    what: &str,
+    f: api::ContainerStatsFilter,
+) -> Result<()> {
+    let id = |s: &api::ContainerStats| {
+        s.attributes
+            .as_ref()
+            .map(|a| a.id.clone())
+            .unwrap_or_default()
+    };
+    let want: Vec<String> = c
+        .runtime()
+        .list_container_stats(api::ListContainerStatsRequest {
+            filter: Some(f.clone()),
+        })
+        .await
+        .context("ListContainerStats")?
+        .into_inner()
+        .stats
+        .iter()
+        .map(id)
+        .collect();
+    let streamed = drain(
+        c.runtime()
+            .stream_container_stats(api::StreamContainerStatsRequest { filter: Some(f) })
+            .await,
+    )
+    .await
+    .with_context(|| format!("StreamContainerStats filter {what}"))?;
+    let got: Vec<String> = items_once(
+        "StreamContainerStats",
+        streamed.into_iter().map(|m| m.container_stats),
+        id,
+    )?
+    .iter()
+    .map(id)
+    .collect();
+    ensure!(
+        got == want,
+        "StreamContainerStats filter {what}: {got:?}, ListContainerStats {want:?}"
+    );
+    Ok(())
+}
+
+/// StreamImages against ListImages: all, by name, by an unknown name, and by a name that is
+/// no reference at all (the List call answers that with an empty list, not an error: the
+/// stream must answer the same).
+async fn images_streamed_as_listed(c: &cri::CriClient) -> Result<()> {
+    for (what, name) in [
+        ("no filter", None),
+        ("busybox", Some(BUSYBOX)),
+        ("unknown", Some("docker.io/library/nothing-here:1")),
+        ("not a reference", Some("Not::A Reference")),
+    ] {
+        let filter = name.map(|n| api::ImageFilter {
+            image: Some(cri::image_spec(n)),
+        });
+        let listed = c
+            .image()
+            .list_images(api::ListImagesRequest {
+                filter: filter.clone(),
+            })
+            .await
+            .map(|r| r.into_inner().images);
+        let streamed = drain(
+            c.image()
+                .stream_images(api::StreamImagesRequest { filter })
+                .await,
+        )
+        .await;
+        match (listed, streamed) {
+            (Ok(listed), Ok(streamed)) => {
+                let streamed = items_once(
+                    "StreamImages",
+                    streamed.into_iter().map(|m| m.images),
+                    |i| i.id.clone(),
+                )?;
+                ensure!(
+                    streamed == listed,
+                    "StreamImages filter {what}: {streamed:?}, ListImages {listed:?}"
+                );
+                if what == "busybox" {
+                    ensure!(listed.len() == 1, "ListImages busybox: {listed:?}");
+                }
+            }
+            (Err(l), Err(s)) => ensure!(
+                l.code() == s.code(),
+                "filter {what}: ListImages {:?}, StreamImages {:?}",
+                l.code(),
+                s.code()
+            ),
+            (l, s) => bail!(
+                "filter {what}: ListImages {:?}, StreamImages {:?}",
+                l.map(|v| v.len()),
+                s.map(|v| v.len())
+            ),
+        }
     }
     Ok(())
 }
