@@ -11,7 +11,8 @@
 //!   host reaches a server in the pod at that IP.
 //! - With both ranges of the (test-private) subuid file in use, a third pod is refused with
 //!   ResourceExhausted and leaves nothing; once a pod is removed, the third gets its range.
-//! - Host network with a user namespace is InvalidArgument naming the fields (as kubelet).
+//! - Host network, PID or IPC with a user namespace is InvalidArgument naming the field and
+//!   value (as kubelet), and leaves no pod.
 //! - Teardown finds no leak (netns, mounts, cgroups, processes).
 
 use std::time::{Duration, Instant};
@@ -191,30 +192,41 @@ async fn remove(env: &TestEnv, r: &Running) -> Result<()> {
 async fn body(env: &TestEnv) -> Result<()> {
     env.cri().pull(BUSYBOX, None).await?;
 
-    // Host network + user namespace: refused before anything is made.
-    let mut bad = userns_pod(env, "hostnet")?;
-    if let Some(ns) = bad
-        .linux
-        .as_mut()
-        .and_then(|l| l.security_context.as_mut())
-        .and_then(|s| s.namespace_options.as_mut())
-    {
-        ns.network = api::NamespaceMode::Node as i32;
-    }
-    match env.cri().run_pod(&bad).await {
-        Ok(id) => bail!("host network + userns pod {id} was accepted"),
-        Err(e) => {
-            ensure!(
-                cri::grpc_code(&e) == Some(tonic::Code::InvalidArgument),
-                "host network + userns: {e:#}"
-            );
-            let msg = format!("{e:#}");
-            ensure!(
-                msg.contains("namespace_options") && msg.contains("userns_options"),
-                "host network + userns: message does not name the fields: {msg}"
-            );
+    // Host network, PID or IPC + user namespace: refused before anything is made.
+    for field in ["network", "pid", "ipc"] {
+        let mut bad = userns_pod(env, &format!("host{field}"))?;
+        if let Some(ns) = bad
+            .linux
+            .as_mut()
+            .and_then(|l| l.security_context.as_mut())
+            .and_then(|s| s.namespace_options.as_mut())
+        {
+            let node = api::NamespaceMode::Node as i32;
+            match field {
+                "network" => ns.network = node,
+                "pid" => ns.pid = node,
+                _ => ns.ipc = node,
+            }
+        }
+        match env.cri().run_pod(&bad).await {
+            Ok(id) => bail!("host {field} + userns pod {id} was accepted"),
+            Err(e) => {
+                ensure!(
+                    cri::grpc_code(&e) == Some(tonic::Code::InvalidArgument),
+                    "host {field} + userns: {e:#}"
+                );
+                let msg = format!("{e:#}");
+                ensure!(
+                    msg.contains("namespace_options")
+                        && msg.contains("userns_options")
+                        && msg.contains(&format!("{field} NODE")),
+                    "host {field} + userns: message does not name the field and value: {msg}"
+                );
+            }
         }
     }
+    let left = env.cri().list_pods().await?;
+    ensure!(left.is_empty(), "refused pods left records: {left:?}");
 
     let a = run_and_check(env, "userns-a").await?;
     let b = run_and_check(env, "userns-b").await?;

@@ -86,21 +86,32 @@ pub fn preflight(d: &Daemon, req: &RunPodSandboxRequest) -> Result<(), CriError>
     let sc = cfg.linux.as_ref().and_then(|l| l.security_context.as_ref());
     let ns = sc.and_then(|s| s.namespace_options.as_ref());
     let host_network = ns.is_some_and(|n| n.network == NamespaceMode::Node as i32);
-    if !host_network {
-        // FailedPrecondition, naming the directory and what is missing in it.
-        d.cni.current()?;
-    }
     let userns_pod = ns
         .and_then(|n| n.userns_options.as_ref())
         .is_some_and(|u| u.mode == NamespaceMode::Pod as i32);
-    if userns_pod && host_network {
-        // As kubelet's validation ("hostNetwork is not allowed when user namespaces are
-        // enabled"): the host's netns is owned by the host's user namespace, which a
-        // container that joined the pod's user namespace can neither enter nor mount sysfs for.
-        return Err(CriError::invalid(
-            "config.linux.security_context.namespace_options: network NODE (host network) \
-             cannot be combined with userns_options.mode POD (a user namespace)",
-        ));
+    // As kubelet's validation ("hostNetwork/hostPID/hostIPC is not allowed when user
+    // namespaces are enabled"): the host's namespaces are owned by the host's user namespace,
+    // over which a process in the pod's user namespace has no capability. It could neither
+    // mount sysfs for the host's netns, nor procfs for the host's PID namespace, nor mqueue
+    // for the host's IPC namespace. Checked before the CNI precondition: the config is wrong
+    // whatever the node's state.
+    if let Some(n) = ns.filter(|_| userns_pod) {
+        for (field, mode, what) in [
+            ("network", n.network, "host network"),
+            ("pid", n.pid, "host PID"),
+            ("ipc", n.ipc, "host IPC"),
+        ] {
+            if mode == NamespaceMode::Node as i32 {
+                return Err(CriError::invalid(format!(
+                    "config.linux.security_context.namespace_options: {field} NODE ({what}) \
+                     cannot be combined with userns_options.mode POD (a user namespace)"
+                )));
+            }
+        }
+    }
+    if !host_network {
+        // FailedPrecondition, naming the directory and what is missing in it.
+        d.cni.current()?;
     }
     if let Some(u) = ns.and_then(|n| n.userns_options.as_ref())
         && u.mode == NamespaceMode::Pod as i32
@@ -666,7 +677,7 @@ fn current_oom_score_adj() -> i32 {
 mod tests {
     use super::*;
     use crate::instrument::ErrorKind;
-    use crisp_proto::cri::v1::{PodSandboxConfig, PodSandboxMetadata};
+    use crisp_proto::cri::v1::{NamespaceOption, PodSandboxConfig, PodSandboxMetadata};
 
     fn req(handler: &str) -> RunPodSandboxRequest {
         RunPodSandboxRequest {
@@ -767,42 +778,77 @@ mod tests {
         );
     }
 
-    #[test]
-    fn host_network_with_a_user_namespace_is_refused() {
+    /// A pod with a user namespace (mode POD) and the given namespace options.
+    fn userns_pod_with(ns: NamespaceOption) -> RunPodSandboxRequest {
         use crisp_proto::cri::v1::{
-            LinuxPodSandboxConfig, LinuxSandboxSecurityContext, NamespaceOption, UserNamespace,
+            LinuxPodSandboxConfig, LinuxSandboxSecurityContext, UserNamespace,
         };
-        let dir = tempfile::tempdir().expect("tempdir");
-        let mut d = Daemon::for_test(dir.path());
-        let mut c = (*d.cfg).clone();
-        c.shim_binary = "/bin/sh".into();
-        d.cfg = std::sync::Arc::new(c);
         let mut r = req("");
         if let Some(cfg) = r.config.as_mut() {
             cfg.linux = Some(LinuxPodSandboxConfig {
                 security_context: Some(LinuxSandboxSecurityContext {
                     namespace_options: Some(NamespaceOption {
-                        network: NamespaceMode::Node as i32,
                         userns_options: Some(UserNamespace {
                             mode: NamespaceMode::Pod as i32,
                             ..Default::default()
                         }),
-                        ..Default::default()
+                        ..ns
                     }),
                     ..Default::default()
                 }),
                 ..Default::default()
             });
         }
-        let e = preflight(&d, &r).expect_err("host network + userns");
-        assert_eq!(e.kind, ErrorKind::InvalidArgument);
-        assert!(
-            e.message.contains("namespace_options")
-                && e.message.contains("userns_options.mode")
-                && e.message.contains("network"),
-            "{}",
-            e.message
-        );
+        r
+    }
+
+    #[test]
+    fn host_namespaces_with_a_user_namespace_are_refused() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut d = Daemon::for_test(dir.path());
+        let mut c = (*d.cfg).clone();
+        c.shim_binary = "/bin/sh".into();
+        d.cfg = std::sync::Arc::new(c);
+        let node = NamespaceMode::Node as i32;
+        for (field, ns) in [
+            (
+                "network",
+                NamespaceOption {
+                    network: node,
+                    ..Default::default()
+                },
+            ),
+            (
+                "pid",
+                NamespaceOption {
+                    pid: node,
+                    ..Default::default()
+                },
+            ),
+            (
+                "ipc",
+                NamespaceOption {
+                    ipc: node,
+                    ..Default::default()
+                },
+            ),
+        ] {
+            // No CNI config in this daemon: the config error comes first for every field,
+            // host network or not.
+            let e = preflight(&d, &userns_pod_with(ns)).expect_err(field);
+            assert_eq!(e.kind, ErrorKind::InvalidArgument, "{field}: {}", e.message);
+            assert!(
+                e.message.contains("namespace_options")
+                    && e.message.contains("userns_options.mode POD")
+                    && e.message.contains(&format!("{field} NODE")),
+                "{}",
+                e.message
+            );
+        }
+        // The pod's own PID and IPC namespaces with a user namespace pass these checks (and
+        // stop at the missing CNI config).
+        let e = preflight(&d, &userns_pod_with(NamespaceOption::default())).expect_err("no CNI");
+        assert_eq!(e.kind, ErrorKind::FailedPrecondition, "{}", e.message);
     }
 
     fn config() -> PodSandboxConfig {
