@@ -49,8 +49,14 @@ async fn pod_with_two_containers(env: &TestEnv) -> Result<()> {
     let pod = env.pod_config("lifecycle")?;
     let pod_id = c.run_pod(&pod).await?;
 
-    // A container that prints a line and succeeds.
-    let ok = container_config("hello", BUSYBOX, &["sh", "-c", "echo hello-crisp; exit 0"]);
+    // A container that prints a line and succeeds. Its config names the image by id, with
+    // the pod spec's name beside it, as kubelet sends it.
+    let mut ok = container_config("hello", BUSYBOX, &["sh", "-c", "echo hello-crisp; exit 0"]);
+    ok.image = Some(crisp_proto::cri::v1::ImageSpec {
+        image: image.id.clone(),
+        user_specified_image: BUSYBOX.into(),
+        ..Default::default()
+    });
     let ok_id = c.create_container(&pod_id, &ok, &pod).await?;
     c.start_container(&ok_id).await?;
     let st = c.wait_container_exit(&ok_id, EXIT_TIMEOUT).await?;
@@ -73,6 +79,16 @@ async fn pod_with_two_containers(env: &TestEnv) -> Result<()> {
         "hello: image_ref {:?}, want the image's first repo digest (repo_digests {:?}, id {})",
         st.image_ref,
         image.repo_digests,
+        image.id
+    );
+    // And `image` is the image's first tag, not the id the config gave (kubelet shows it as
+    // the container's image).
+    ensure!(
+        st.image.as_ref().map(|i| &i.image) == image.repo_tags.first()
+            && image.repo_tags.first().map(String::as_str) == Some(BUSYBOX),
+        "hello: image {:?}, want the image's first repo tag (repo_tags {:?}, config {})",
+        st.image,
+        image.repo_tags,
         image.id
     );
     let line = cri::wait_log_line(

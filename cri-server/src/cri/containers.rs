@@ -97,24 +97,51 @@ pub fn container_status(
     Ok(status_of(&rec, images, state, req.verbose))
 }
 
-/// The image_ref ContainerStatus reports, which kubelet shows as the container's imageID:
-/// as containerd does, the image's first repo digest (`docker.io/library/busybox@sha256:…`)
-/// when the image is still here and has one, else the image id the record holds. The
-/// record keeps the id because a digest names content the node may no longer have.
-pub fn image_ref(images: &crisp_image::Images, rec: &ContainerRecord) -> String {
+/// The image and image_ref ContainerStatus reports, from one lookup of the image, as
+/// containerd does. kubelet's config names the image by id, so:
+/// - `image` is the image's first repo tag (`docker.io/library/busybox:latest`) when the
+///   image is still here and has one, which is what a user reads in the pod's status; else
+///   the config's image spec as given;
+/// - `image_ref`, which kubelet shows as the container's imageID, is the image's first repo
+///   digest (`docker.io/library/busybox@sha256:…`) when it has one, else the image id the
+///   record holds. The record keeps the id because a digest names content the node may no
+///   longer have.
+pub fn image_names(
+    images: &crisp_image::Images,
+    rec: &ContainerRecord,
+    cfg: &ContainerConfig,
+) -> (ImageSpec, String) {
+    let configured = cfg.image.clone().unwrap_or_else(|| ImageSpec {
+        image: rec.image.clone(),
+        ..Default::default()
+    });
     if rec.image_ref.is_empty() {
-        return String::new();
+        return (configured, String::new());
     }
     match images.status(&rec.image_ref) {
-        Ok(image) => image
-            .and_then(|i| i.repo_digests.into_iter().next())
-            .unwrap_or_else(|| rec.image_ref.clone()),
-        // A status is still worth answering with the id (containerd fails the call
-        // instead; kubelet would then see no status at all for a broken image record).
+        Ok(Some(image)) => {
+            let spec = match image.repo_tags.first() {
+                // Only the tag, as containerd answers (the config's annotations stay with it).
+                Some(tag) => ImageSpec {
+                    image: tag.clone(),
+                    ..Default::default()
+                },
+                None => configured,
+            };
+            let image_ref = image
+                .repo_digests
+                .into_iter()
+                .next()
+                .unwrap_or_else(|| rec.image_ref.clone());
+            (spec, image_ref)
+        }
+        Ok(None) => (configured, rec.image_ref.clone()),
+        // A status is still worth answering with the config's names (containerd fails the
+        // call instead; kubelet would then see no status at all for a broken image record).
         Err(e) => {
             tracing::warn!(container_id = %rec.id, image = %rec.image_ref, error = %e,
-                "image lookup for image_ref failed; reporting the image id");
-            rec.image_ref.clone()
+                "image lookup for ContainerStatus failed; reporting the config's image and the image id");
+            (configured, rec.image_ref.clone())
         }
     }
 }
@@ -141,6 +168,7 @@ pub fn status_of(
         });
         info.insert("info".to_string(), v.to_string());
     }
+    let (image, image_ref) = image_names(images, rec, &cfg);
     ContainerStatusResponse {
         status: Some(ContainerStatus {
             id: rec.id.clone(),
@@ -150,11 +178,8 @@ pub fn status_of(
             started_at: rec.started_at,
             finished_at: rec.finished_at,
             exit_code: rec.exit_code,
-            image: Some(ImageSpec {
-                image: rec.image.clone(),
-                ..Default::default()
-            }),
-            image_ref: image_ref(images, rec),
+            image: Some(image),
+            image_ref,
             image_id: rec.image_ref.clone(),
             reason: rec.reason.clone(),
             message: rec.message.clone(),
@@ -299,6 +324,27 @@ mod tests {
     }
 
     #[test]
+    fn image_of_an_unknown_image_is_the_configs_spec() {
+        let d = tempfile::tempdir().expect("tempdir");
+        let images = crate::daemon::Daemon::for_test(d.path()).images;
+        let r = rec("c1", "p1", ContainerState::Running, "web", 1);
+        // As kubelet sends it: the id, and what the pod spec said.
+        let spec = ImageSpec {
+            image: "sha256:abc".into(),
+            user_specified_image: "busybox".into(),
+            ..Default::default()
+        };
+        let cfg = ContainerConfig {
+            image: Some(spec.clone()),
+            ..Default::default()
+        };
+        assert_eq!(
+            image_names(&images, &r, &cfg),
+            (spec, "sha256:abc".to_string())
+        );
+    }
+
+    #[test]
     fn status_reports_exit_and_reason() {
         let (d, s) = store();
         let images = crate::daemon::Daemon::for_test(d.path()).images;
@@ -323,11 +369,13 @@ mod tests {
         assert_eq!(st.log_path, "/var/log/pods/x/c2/0.log");
         assert!(r.info["info"].contains("\"sandboxID\":\"p1\""));
         assert!(r.info["info"].contains("\"snapshotKey\":\"c2\""));
-        // An image the store does not know (removed since): both fields keep the id.
+        // An image the store does not know (removed since): both fields keep the id, and the
+        // image is the one the record names (the config here has none).
         assert_eq!(
             (st.image_ref.as_str(), st.image_id.as_str()),
             ("sha256:abc", "sha256:abc")
         );
+        assert_eq!(st.image.map(|i| i.image), Some("busybox".to_string()));
         let e = container_status(
             &s,
             &images,
