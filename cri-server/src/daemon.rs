@@ -66,6 +66,10 @@ pub struct Daemon {
     pub shims: crate::shim_client::Shims,
     /// Task exits / OOMs the shims publish to crispd's events socket.
     pub shim_events: tokio::sync::broadcast::Sender<crate::shim_events::ShimEvent>,
+    /// The previous CPU sample of each container and of each pod, for the CPU rate the stats
+    /// calls report (a rate needs two samples).
+    pub container_cpu: crate::cri::container_stats::CpuSamples,
+    pub pod_cpu: crate::cri::container_stats::CpuSamples,
     /// RunPodSandbox calls in flight by pod name, so a retry joins the first call.
     pub pod_inflight: crate::inflight::InFlight<crisp_proto::cri::v1::RunPodSandboxResponse>,
     /// The events ttrpc server, once started (stopped and its socket removed at shutdown).
@@ -147,6 +151,8 @@ impl Daemon {
             stopping: tokio::sync::watch::channel(false).0,
             shims: crate::shim_client::Shims::default(),
             shim_events: tokio::sync::broadcast::channel(1024).0,
+            container_cpu: Default::default(),
+            pod_cpu: Default::default(),
             pod_inflight: Default::default(),
             events_server: tokio::sync::Mutex::new(None),
         }

@@ -5,7 +5,6 @@
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
 
 use crisp_proto::cri::v1::{
     CpuUsage, LinuxPodSandboxStats, ListPodSandboxStatsRequest, ListPodSandboxStatsResponse,
@@ -134,26 +133,18 @@ pub fn parse_net_dev(text: &str, iface: &str) -> Option<NetworkInterfaceUsage> {
     None
 }
 
-/// Previous CPU samples per pod, for usage_nano_cores (a rate needs two samples).
-static LAST_CPU: Mutex<Option<HashMap<String, (i64, u64)>>> = Mutex::new(None);
-
 /// None for a pod's first sample (no rate yet); the arithmetic is the containers' one.
-fn nano_cores(pod_id: &str, now: i64, usage: u64) -> Option<u64> {
-    let mut g = LAST_CPU.lock().unwrap_or_else(|p| p.into_inner());
-    let map = g.get_or_insert_with(HashMap::new);
-    let prev = map.insert(pod_id.to_string(), (now, usage))?;
+fn nano_cores(
+    samples: &crate::cri::container_stats::CpuSamples,
+    pod_id: &str,
+    now: i64,
+    usage: u64,
+) -> Option<u64> {
+    let prev = samples.record(pod_id, (now, usage))?;
     Some(crate::cri::container_stats::nano_cores(
         Some(prev),
         (now, usage),
     ))
-}
-
-/// Forget the samples of pods that no longer exist, so the map does not grow forever.
-fn prune_samples(live: &std::collections::HashSet<String>) {
-    let mut g = LAST_CPU.lock().unwrap_or_else(|p| p.into_inner());
-    if let Some(map) = g.as_mut() {
-        map.retain(|id, _| live.contains(id));
-    }
 }
 
 /// The cgroup (relative path) the pod's stats come from.
@@ -177,7 +168,9 @@ pub fn stats_of(d: &Daemon, rec: &PodRecord) -> PodSandboxStats {
         linux.cpu = Some(CpuUsage {
             timestamp: now,
             usage_core_nano_seconds: u(c.cpu_usage_ns),
-            usage_nano_cores: u(c.cpu_usage_ns.and_then(|v| nano_cores(&rec.id, now, v))),
+            usage_nano_cores: u(c
+                .cpu_usage_ns
+                .and_then(|v| nano_cores(&d.pod_cpu, &rec.id, now, v))),
             psi: None,
         });
         linux.memory = Some(MemoryUsage {
@@ -236,7 +229,9 @@ pub fn list_pod_sandbox_stats(
     let f = req.filter.unwrap_or_default();
     let mut stats = Vec::new();
     let pods = d.store.list::<PodRecord>()?;
-    prune_samples(&pods.iter().map(|(id, _)| id.clone()).collect());
+    // Forget the samples of pods that no longer exist, so the map does not grow forever.
+    let live: std::collections::HashSet<&str> = pods.iter().map(|(id, _)| id.as_str()).collect();
+    d.pod_cpu.retain(|id| live.contains(id));
     for (_, rec) in pods {
         if !f.id.is_empty() && !rec.id.starts_with(&f.id) {
             continue;
@@ -306,11 +301,17 @@ mod tests {
 
     #[test]
     fn nano_cores_needs_two_samples() {
-        assert_eq!(nano_cores("x", 1_000_000_000, 0), None);
+        let s = crate::cri::container_stats::CpuSamples::default();
+        assert_eq!(nano_cores(&s, "x", 1_000_000_000, 0), None);
         // Half a core over one second.
         assert_eq!(
-            nano_cores("x", 2_000_000_000, 500_000_000),
+            nano_cores(&s, "x", 2_000_000_000, 500_000_000),
             Some(500_000_000)
         );
+        // Another cache (another daemon) has seen nothing yet.
+        let other = crate::cri::container_stats::CpuSamples::default();
+        assert_eq!(nano_cores(&other, "x", 3_000_000_000, 600_000_000), None);
+        s.retain(|id| id != "x");
+        assert!(s.is_empty());
     }
 }

@@ -10,7 +10,7 @@
 //! layer only.
 
 use std::collections::HashMap;
-use std::sync::{LazyLock, Mutex};
+use std::sync::Mutex;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use containerd_shim_protos::api;
@@ -165,20 +165,41 @@ pub fn nano_cores(prev: Option<(i64, u64)>, now: (i64, u64)) -> u64 {
     ((now.1 - c0) as f64 / dt as f64 * 1e9) as u64
 }
 
-/// The previous CPU sample of each container, for [`nano_cores`]. Process-wide rather than in
-/// [`Daemon`]: it is a cache of the last answer, nothing else reads it, and it is pruned to
-/// the containers that still exist on every ListContainerStats.
-static CPU_SAMPLES: LazyLock<Mutex<HashMap<String, (i64, u64)>>> = LazyLock::new(Mutex::default);
-
-fn cpu_rate(id: &str, ts: i64, cpu_ns: u64) -> u64 {
-    let mut m = CPU_SAMPLES.lock().unwrap_or_else(|p| p.into_inner());
-    let prev = m.insert(id.to_string(), (ts, cpu_ns));
-    nano_cores(prev, (ts, cpu_ns))
+/// The previous CPU sample `(timestamp ns, cumulative cpu ns)` of each container or pod, for
+/// [`nano_cores`] (a rate needs two samples). A cache of the last answer that nothing else
+/// reads; the [`Daemon`] owns one for containers and one for pods, so two daemons in one
+/// process keep their own. Pruned to what still exists on every List call.
+#[derive(Debug, Default)]
+pub struct CpuSamples {
+    map: Mutex<HashMap<String, (i64, u64)>>,
 }
 
-fn prune_samples(live: &[String]) {
-    let mut m = CPU_SAMPLES.lock().unwrap_or_else(|p| p.into_inner());
-    m.retain(|id, _| live.iter().any(|l| l == id));
+impl CpuSamples {
+    /// Record `now` as `id`'s sample and return the one it replaces.
+    pub fn record(&self, id: &str, now: (i64, u64)) -> Option<(i64, u64)> {
+        let mut m = self.map.lock().unwrap_or_else(|p| p.into_inner());
+        m.insert(id.to_string(), now)
+    }
+
+    /// Forget the samples of ids `live` says no longer exist, so the map does not grow with
+    /// every container or pod ever seen.
+    pub fn retain(&self, live: impl Fn(&str) -> bool) {
+        let mut m = self.map.lock().unwrap_or_else(|p| p.into_inner());
+        m.retain(|id, _| live(id));
+    }
+
+    pub fn len(&self) -> usize {
+        self.map.lock().unwrap_or_else(|p| p.into_inner()).len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+fn cpu_rate(d: &Daemon, id: &str, ts: i64, cpu_ns: u64) -> u64 {
+    let prev = d.container_cpu.record(id, (ts, cpu_ns));
+    nano_cores(prev, (ts, cpu_ns))
 }
 
 fn now_ns() -> i64 {
@@ -243,7 +264,7 @@ async fn stats_of(d: &Daemon, rec: &ContainerRecord) -> (ContainerStats, Option<
         out.cpu = Some(CpuUsage {
             timestamp: ts,
             usage_core_nano_seconds: u64v(cpu_ns),
-            usage_nano_cores: u64v(cpu_rate(&rec.id, ts, cpu_ns)),
+            usage_nano_cores: u64v(cpu_rate(d, &rec.id, ts, cpu_ns)),
             psi: None,
         });
     }
@@ -306,7 +327,8 @@ pub async fn list_container_stats(
         .into_iter()
         .map(|(_, r)| r)
         .collect();
-    prune_samples(&all.iter().map(|r| r.id.clone()).collect::<Vec<_>>());
+    let live: std::collections::HashSet<&str> = all.iter().map(|r| r.id.as_str()).collect();
+    d.container_cpu.retain(|id| live.contains(id));
     let mut recs: Vec<&ContainerRecord> = all
         .iter()
         .filter(|r| containers::matches(r, &containers::container_config(r), &filter))
