@@ -7,15 +7,16 @@
 use std::{
     collections::HashMap,
     fs,
+    io::Read,
     os::fd::{AsRawFd, FromRawFd, OwnedFd},
     path::{Path, PathBuf},
 };
 
 use containerd_shim_protos::{
-    cgroups::metrics as v1,
-    cgroups_v2::metrics as v2,
-    protobuf::well_known_types::any::Any,
+    cgroups::metrics as v1, cgroups_v2::metrics as v2, protobuf::well_known_types::any::Any,
 };
+
+use tokio::io::unix::AsyncFd;
 
 use crate::events::Named;
 
@@ -264,13 +265,16 @@ pub fn stats_v2(dir: &Path) -> v2::Metrics {
     out
 }
 
-/// Calls `on_oom` (from a dedicated thread) each time the cgroup of `pid` hits
-/// an OOM, until the cgroup goes away. v1: an eventfd registered on
-/// `memory.oom_control`; v2: the `oom_kill` count in `memory.events`, polled.
+/// Calls `on_oom` each time the cgroup of `pid` hits an OOM, until the cgroup
+/// goes away. v1: an eventfd registered on `memory.oom_control`; v2: the
+/// `oom_kill` count in `memory.events`, polled. The watch is a task on the
+/// caller's tokio runtime, not a thread: a thread per container cost a stack,
+/// a kernel task and a malloc arena for a wait that almost never ends.
 pub fn watch_oom(pid: i32, on_oom: impl Fn() + Send + 'static) -> Result<(), CgroupError> {
     let m = Membership::of(pid)?;
     if let Some(dir) = m.v2_dir() {
-        return watch_v2(dir, on_oom);
+        watch_v2(dir, on_oom);
+        return Ok(());
     }
     let Some(dir) = m.v1_dir("memory") else {
         return Ok(()); // No memory controller: nothing can OOM-kill by cgroup.
@@ -283,7 +287,7 @@ fn watch_v1(dir: PathBuf, on_oom: impl Fn() + Send + 'static) -> Result<(), Cgro
     let control =
         fs::File::open(dir.join("memory.oom_control")).map_err(|e| werr(e.to_string()))?;
     // SAFETY: eventfd(2) with valid flags; the result is checked before use.
-    let raw = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC) };
+    let raw = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC | libc::EFD_NONBLOCK) };
     if raw < 0 {
         return Err(werr(std::io::Error::last_os_error().to_string()));
     }
@@ -294,54 +298,59 @@ fn watch_v1(dir: PathBuf, on_oom: impl Fn() + Send + 'static) -> Result<(), Cgro
         format!("{} {}", efd.as_raw_fd(), control.as_raw_fd()),
     )
     .map_err(|e| werr(e.to_string()))?;
-    std::thread::Builder::new()
-        .name("oom-v1".into())
-        .spawn(move || {
-            let _control = control; // must stay open for the registration
-            let mut efd = fs::File::from(efd);
-            let mut buf = [0u8; 8];
-            loop {
-                if std::io::Read::read_exact(&mut efd, &mut buf).is_err() {
-                    return;
-                }
-                // The eventfd also fires when the cgroup is removed.
-                if !dir.join("memory.oom_control").exists() {
-                    return;
-                }
-                on_oom();
+    // SAFETY: the File owns the eventfd until the AsyncFd drops it, and its
+    // as_raw_fd() is that same fd throughout.
+    let efd = unsafe { AsyncFd::register(fs::File::from(efd)) }.map_err(|e| werr(e.to_string()))?;
+    tokio::spawn(async move {
+        let _control = control; // must stay open for the registration
+        let mut buf = [0u8; 8];
+        loop {
+            let Ok(mut ready) = efd.readable().await else {
+                return;
+            };
+            match ready.try_io(|f| (&mut f.get_ref()).read(&mut buf)) {
+                Err(_would_block) => continue,
+                Ok(Ok(8)) => {}
+                Ok(_) => return,
             }
-        })
-        .map_err(|e| CgroupError::Watch("thread".into(), e.to_string()))?;
+            // The eventfd also fires when the cgroup is removed.
+            if !dir.join("memory.oom_control").exists() {
+                return;
+            }
+            on_oom();
+        }
+    });
     Ok(())
 }
 
-fn watch_v2(dir: PathBuf, on_oom: impl Fn() + Send + 'static) -> Result<(), CgroupError> {
-    std::thread::Builder::new()
-        .name("oom-v2".into())
-        .spawn(move || {
-            let events = dir.join("memory.events");
-            let count = |p: &Path| {
-                fs::read_to_string(p).ok().map(|s| {
-                    s.lines()
-                        .find_map(|l| {
-                            l.strip_prefix("oom_kill ")
-                                .and_then(|v| v.trim().parse::<u64>().ok())
-                        })
-                        .unwrap_or(0)
+fn watch_v2(dir: PathBuf, on_oom: impl Fn() + Send + 'static) {
+    let events = dir.join("memory.events");
+    let count = |p: &Path| {
+        fs::read_to_string(p).ok().map(|s| {
+            s.lines()
+                .find_map(|l| {
+                    l.strip_prefix("oom_kill ")
+                        .and_then(|v| v.trim().parse::<u64>().ok())
                 })
-            };
-            let mut last = count(&events).unwrap_or(0);
-            // Polled: a missed wakeup is impossible, and once a second is cheap.
-            while let Some(now) = count(&events) {
-                if now > last {
-                    on_oom();
-                    last = now;
-                }
-                std::thread::sleep(std::time::Duration::from_secs(1));
-            }
+                .unwrap_or(0)
         })
-        .map_err(|e| CgroupError::Watch("thread".into(), e.to_string()))?;
-    Ok(())
+    };
+    tokio::spawn(async move {
+        let mut last = count(&events).unwrap_or(0);
+        // Polled: a missed wakeup is impossible, and once a second is cheap.
+        // A cgroupfs read never waits on a disk, so it is done in place.
+        let mut tick = tokio::time::interval(std::time::Duration::from_secs(1));
+        loop {
+            tick.tick().await;
+            let Some(now) = count(&events) else {
+                return;
+            };
+            if now > last {
+                on_oom();
+                last = now;
+            }
+        }
+    });
 }
 
 /// One mounted cgroup hierarchy.
