@@ -297,8 +297,11 @@ fn serve(flags: &Flags) -> anyhow::Result<()> {
         None => Default::default(),
     };
     // One thread: the shim mostly waits; blocking work has its own threads.
+    // A few dozen fds at most (sockets, an eventfd per container): the default
+    // epoll batch of 1024 events is a 12 KiB buffer for nothing.
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
+        .max_io_events_per_tick(64)
         .build()?;
     rt.block_on(async move {
         let span = tracing::info_span!("shim", namespace = %flags.namespace, id = %flags.id, pid = std::process::id());
