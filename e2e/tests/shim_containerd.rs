@@ -484,7 +484,10 @@ fn stats(v: &mut [f64]) -> (f64, f64) {
 /// own runc shim, interleaved in one containerd; resident memory of each shim and pod start
 /// latency (RunPodSandbox + create/start of both containers).
 /// `cargo test -p crisp-e2e --test shim_containerd -- --ignored --nocapture`
-/// (CRISP_SHIM_DIR=target/release for a release shim).
+/// By default the shim next to this test binary (a debug build) runs; containerd's shim is a
+/// release build, so compare like with like: `cargo build --release -p crisp-shim` and
+/// `CRISP_SHIM_DIR=target/release`. `CRISP_BENCH_HOLD=<secs>` keeps the pods running after
+/// the figures (shim pids printed) to look at the shims' /proc/<pid>/smaps.
 #[test]
 #[ignore]
 fn bench_shim_rss_and_pod_start() -> Result<()> {
@@ -535,10 +538,21 @@ fn bench_shim_rss_and_pod_start() -> Result<()> {
                 let (pss_mean, _) = stats(&mut pss);
                 let (anon_mean, _) = stats(&mut anon);
                 eprintln!("{handler:6} shims: Pss mean {pss_mean:7.0} KiB, Anonymous mean {anon_mean:7.0} KiB");
-                report.push((rss_mean, lat_mean));
+                report.push((rss_mean, pss_mean, anon_mean, lat_mean));
             }
-            if let [(crss, clat), (rrss, rlat)] = report[..] {
-                eprintln!("crisp/runc-shim ratios: VmRSS {:.2}, pod start {:.2}", crss / rrss, clat / rlat);
+            eprintln!("crisp shim binary: {}", shim_dir()?.join(SHIM).display());
+            if let [(crss, cpss, canon, clat), (rrss, rpss, ranon, rlat)] = report[..] {
+                eprintln!(
+                    "crisp/runc-shim ratios: VmRSS {:.2}, Pss {:.2}, Anonymous {:.2}, pod start {:.2}",
+                    crss / rrss,
+                    cpss / rpss,
+                    canon / ranon,
+                    clat / rlat
+                );
+            }
+            if let Some(secs) = std::env::var("CRISP_BENCH_HOLD").ok().and_then(|s| s.parse().ok()) {
+                eprintln!("holding {secs} s: crisp shims {:?}", shims_named(&env, SHIM));
+                tokio::time::sleep(Duration::from_secs(secs)).await;
             }
             anyhow::Ok(())
         }
