@@ -5,7 +5,8 @@
 //! - wall time to start 50 pods of one container each at parallelism 4, and to stop and
 //!   remove them (StopPodSandbox + RemovePodSandbox) at parallelism 4;
 //! - resident memory with the 50 pods running: VmRSS of the daemon plus the sum over its
-//!   shims (`containerd-shim-*` whose command line names the env's root).
+//!   shims (`containerd-shim-*` whose command line names the env's root), and the shims'
+//!   Pss and Anonymous sums (VmRSS counts their shared text and libc once per shim).
 //!
 //! It prints a table with crispd/containerd ratios, and the load average before and after
 //! (a 2-core machine shared with builds: figures move with it).
@@ -68,6 +69,17 @@ fn shim_pids(env: &TestEnv) -> Vec<i32> {
         .collect()
 }
 
+/// A field of /proc/<pid>/smaps_rollup in KiB. VmRSS counts every shared page (the
+/// binary's text, libc) in full in each shim; the sum of `Pss` over the shims is what
+/// they cost together, `Anonymous` what each adds of its own.
+fn smaps_kib(pid: i32, field: &str) -> Option<u64> {
+    std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup"))
+        .ok()?
+        .lines()
+        .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+}
+
 fn mean_median(v: &[f64]) -> (f64, f64) {
     let mut v = v.to_vec();
     v.sort_by(|a, b| a.total_cmp(b));
@@ -87,6 +99,8 @@ struct Figures {
     stop_remove_all_s: f64,
     daemon_rss_kib: u64,
     shims_rss_kib: u64,
+    shims_pss_kib: u64,
+    shims_anon_kib: u64,
     shims: usize,
     pods: usize,
     load_before: String,
@@ -198,6 +212,11 @@ async fn measure(env: &TestEnv, n_seq: usize, n_pods: usize) -> Result<Figures> 
     let shims = shim_pids(env);
     f.shims = shims.len();
     f.shims_rss_kib = shims.iter().filter_map(|p| vm_rss_kib(*p)).sum();
+    f.shims_pss_kib = shims.iter().filter_map(|p| smaps_kib(*p, "Pss")).sum();
+    f.shims_anon_kib = shims
+        .iter()
+        .filter_map(|p| smaps_kib(*p, "Anonymous"))
+        .sum();
 
     let t = Instant::now();
     let c = cri.clone();
@@ -272,6 +291,10 @@ fn print_table(cd: Option<&Figures>, cr: Option<&Figures>) {
     });
     row("daemon + shims VmRSS", "MiB", &|f| {
         (f.daemon_rss_kib + f.shims_rss_kib) as f64 / 1024.0
+    });
+    row("shims Pss sum", "MiB", &|f| f.shims_pss_kib as f64 / 1024.0);
+    row("shims Anonymous sum", "MiB", &|f| {
+        f.shims_anon_kib as f64 / 1024.0
     });
     row("shim processes", "", &|f| f.shims as f64);
     for (name, f) in [("containerd", cd), ("crispd", cr)] {
