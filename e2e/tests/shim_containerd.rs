@@ -429,6 +429,9 @@ fn run_on(kind: RuntimeKind, handler: &'static str) -> Result<()> {
         let leaks = env.teardown().await;
         outcome?;
         ensure!(leaks.is_empty(), "{handler}: teardown left {leaks:#?}");
+        // A failing test keeps the shims' log (its tail is printed above); a passing one
+        // leaves nothing in /var/tmp.
+        let _ = std::fs::remove_file(&shim_log);
         Ok(())
     })
 }
@@ -491,7 +494,7 @@ fn stats(v: &mut [f64]) -> (f64, f64) {
 #[test]
 #[ignore]
 fn bench_shim_rss_and_pod_start() -> Result<()> {
-    setup_env()?;
+    let shim_log = setup_env()?;
     let tmp = tempfile::Builder::new()
         .prefix("crisp-shim-bench-")
         .tempdir_in("/var/tmp")?;
@@ -560,6 +563,7 @@ fn bench_shim_rss_and_pod_start() -> Result<()> {
         let leaks = env.teardown().await;
         outcome?;
         ensure!(leaks.is_empty(), "bench: teardown left {leaks:#?}");
+        let _ = std::fs::remove_file(&shim_log);
         Ok(())
     })
 }
