@@ -309,13 +309,7 @@ fn serve(flags: &Flags) -> anyhow::Result<()> {
         Reaper::global();
         let default_runtime = runtime::probe_default().await;
         let publisher = match std::env::var("TTRPC_ADDRESS") {
-            Ok(addr) => match crisp_shim::events::Publisher::connect(&addr).await {
-                Ok(p) => Some(p),
-                Err(e) => {
-                    tracing::warn!(error = %e, %addr, "no event publisher");
-                    None
-                }
-            },
+            Ok(addr) => Some(crisp_shim::events::Publisher::connect(&addr).await),
             Err(_) => None,
         };
         let shutdown = Arc::new(tokio::sync::Notify::new());
