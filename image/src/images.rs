@@ -611,9 +611,19 @@ impl Inner {
         let mut sources = Vec::new();
         // Downloads this pull started, so that a failed pull can abandon the ones nobody else
         // joined and wait for them: it then leaves no ingest file behind.
-        let mut started = Vec::new();
+        let mut started = Started {
+            content: self.content.clone(),
+            tasks: Vec::new(),
+        };
         let begun = (|| -> Result<()> {
             for layer in &layers[start..] {
+                // A layer listed twice follows this pull's own download: joining it through
+                // `begin` would count as another pull and keep it from being abandoned.
+                if let Some((ing, _)) = started.tasks.iter().find(|(i, _)| i.digest == layer.digest)
+                {
+                    sources.push(Source::Follow(ing.clone()));
+                    continue;
+                }
                 let src = match self.content.begin(&layer.digest)? {
                     Begin::Exists => Source::Blob,
                     Begin::InFlight(i) => Source::Follow(i),
@@ -641,7 +651,7 @@ impl Inner {
                             }
                             .instrument(span),
                         );
-                        started.push((ing.clone(), task));
+                        started.tasks.push((ing.clone(), task));
                         Source::Follow(ing)
                     }
                 };
@@ -650,7 +660,7 @@ impl Inner {
             Ok(())
         })();
         if let Err(e) = begun {
-            self.abandon_downloads(started).await;
+            started.abandon_and_wait().await;
             return Err(e);
         }
         let progress = self
@@ -691,20 +701,11 @@ impl Inner {
         }
         .await;
         progress.abort();
-        if res.is_err() {
-            self.abandon_downloads(started).await;
+        match res {
+            Ok(()) => started.tasks.clear(),
+            Err(_) => started.abandon_and_wait().await,
         }
         res
-    }
-
-    /// Stop the downloads a failed pull started that no other pull joined, and wait until each
-    /// has removed its ingest file or committed its (verified, now unreferenced) blob.
-    async fn abandon_downloads(&self, started: Vec<(Arc<Ingest>, tokio::task::JoinHandle<()>)>) {
-        for (ing, task) in started {
-            if self.content.abandon(&ing) {
-                let _ = task.await;
-            }
-        }
     }
 
     fn unpack_one(
@@ -801,5 +802,37 @@ impl Inner {
                 tracing::info!(image = %r, done, total, layers = %parts.join(" "), "pull progress");
             }
         })
+    }
+}
+
+/// The layer downloads one pull started. A pull runs as a task of its own (a caller that goes
+/// away does not cancel it), so it ends by returning; should it unwind instead, whatever is
+/// left here is abandoned on drop unless another pull joined it, and the cancelled downloader
+/// removes its own ingest file.
+struct Started {
+    content: ContentStore,
+    tasks: Vec<(Arc<Ingest>, tokio::task::JoinHandle<()>)>,
+}
+
+impl Started {
+    /// Abandon every download nobody else joined, then wait until each has removed its
+    /// ingest file or committed its (verified, now unreferenced) blob. All are cancelled
+    /// first, so none keeps fetching (or gets joined) while an earlier one winds down.
+    async fn abandon_and_wait(mut self) {
+        let tasks = std::mem::take(&mut self.tasks);
+        let waits: Vec<_> = tasks
+            .into_iter()
+            .filter(|(ing, _)| self.content.abandon(ing))
+            .map(|(_, task)| task)
+            .collect();
+        futures::future::join_all(waits).await;
+    }
+}
+
+impl Drop for Started {
+    fn drop(&mut self) {
+        for (ing, _) in &self.tasks {
+            self.content.abandon(ing);
+        }
     }
 }
