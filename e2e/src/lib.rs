@@ -35,4 +35,5 @@ pub mod cri;
 pub mod harness;
 pub mod images;
 pub mod leaks;
+pub mod procfs;
 pub mod registry;

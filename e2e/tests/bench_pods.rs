@@ -23,6 +23,7 @@ use anyhow::{Context, Result, ensure};
 use crisp_e2e::cri::{CriClient, container_config};
 use crisp_e2e::harness::{RuntimeKind, TestEnv};
 use crisp_e2e::leaks;
+use crisp_e2e::procfs::{smaps_kib, vm_rss_kib};
 use crisp_e2e::registry::Registry;
 use crisp_proto::cri::v1 as api;
 
@@ -42,14 +43,6 @@ fn loadavg() -> String {
         .unwrap_or_default()
 }
 
-fn vm_rss_kib(pid: i32) -> Option<u64> {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .ok()?
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-}
-
 /// Shims of this env: `containerd-shim-*` processes whose command line names its root
 /// (containerd's socket for runc-v2 shims, crispd's events socket for crisp's).
 fn shim_pids(env: &TestEnv) -> Vec<i32> {
@@ -67,17 +60,6 @@ fn shim_pids(env: &TestEnv) -> Vec<i32> {
             })
         })
         .collect()
-}
-
-/// A field of /proc/<pid>/smaps_rollup in KiB. VmRSS counts every shared page (the
-/// binary's text, libc) in full in each shim; the sum of `Pss` over the shims is what
-/// they cost together, `Anonymous` what each adds of its own.
-fn smaps_kib(pid: i32, field: &str) -> Option<u64> {
-    std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup"))
-        .ok()?
-        .lines()
-        .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
 }
 
 fn mean_median(v: &[f64]) -> (f64, f64) {

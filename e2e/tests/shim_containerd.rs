@@ -26,6 +26,7 @@ use anyhow::{Context, Result, bail, ensure};
 use crisp_e2e::cri::{self, container_config};
 use crisp_e2e::harness::{RuntimeKind, TestEnv};
 use crisp_e2e::leaks;
+use crisp_e2e::procfs::{smaps_kib, vm_rss_kib};
 use crisp_e2e::registry::Registry;
 use crisp_proto::cri::v1 as api;
 
@@ -456,25 +457,6 @@ fn crispd_crisp_shim_runc() -> Result<()> {
 #[test]
 fn crispd_crisp_shim_crun() -> Result<()> {
     run_on(RuntimeKind::Crispd, "crun")
-}
-
-fn vm_rss_kib(pid: i32) -> Option<u64> {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .ok()?
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-}
-
-/// A field of /proc/<pid>/smaps_rollup in KiB: `Pss` shares each page among the processes
-/// mapping it (N shims of one binary pay for its text once), `Anonymous` is what each shim
-/// really adds.
-fn smaps_kib(pid: i32, field: &str) -> Option<u64> {
-    std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup"))
-        .ok()?
-        .lines()
-        .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
 }
 
 fn stats(v: &mut [f64]) -> (f64, f64) {
