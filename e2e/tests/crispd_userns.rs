@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail, ensure};
 use crisp_e2e::cri::{self, container_config};
-use crisp_e2e::harness::{RuntimeKind, TestEnv};
+use crisp_e2e::harness::{RuntimeKind, TestEnv, read_once};
 use crisp_e2e::registry::Registry;
 use crisp_proto::cri::v1 as api;
 
@@ -165,21 +165,6 @@ async fn run_and_check(env: &TestEnv, name: &str) -> Result<Running> {
         container,
         host_uid,
     })
-}
-
-async fn read_once(ip: std::net::IpAddr, port: u16) -> Result<String> {
-    use tokio::io::AsyncReadExt;
-    let mut s = tokio::time::timeout(
-        Duration::from_secs(2),
-        tokio::net::TcpStream::connect((ip, port)),
-    )
-    .await
-    .context("connect timed out")??;
-    let mut buf = String::new();
-    tokio::time::timeout(Duration::from_secs(2), s.read_to_string(&mut buf))
-        .await
-        .context("read timed out")??;
-    Ok(buf)
 }
 
 async fn remove(env: &TestEnv, r: &Running) -> Result<()> {
