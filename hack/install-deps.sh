@@ -7,8 +7,8 @@ set -euo pipefail
 PACKAGES=(
   # OCI runtimes and what runs containers and pods
   runc crun containernetworking-plugins iptables iproute2 util-linux
-  # the build
-  protobuf-compiler gcc libc6-dev make pkg-config
+  # the build (libprotobuf-dev carries the well-known .proto files protoc imports: empty, timestamp, field_mask)
+  protobuf-compiler libprotobuf-dev gcc libc6-dev make pkg-config
   # test images: busybox (the dynamic one is downloaded, not installed; see hack/images/),
   # umoci builds OCI layouts, skopeo pushes them, zstd/gzip compress layers
   busybox-static umoci skopeo zstd gzip attr curl jq
