@@ -4,6 +4,9 @@
 //! This crate knows nothing of pods, shims or the store: what a session does is asked of a
 //! [`Backend`] that crispd implements. Arrows run one way: crispd → crisp-stream.
 
+pub mod activity;
 pub mod backend;
+pub mod metrics;
+pub mod spdy;
 
 pub use backend::{AttachRequest, Backend, BackendError, ExecRequest, Streams, TermSize};
