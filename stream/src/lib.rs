@@ -7,6 +7,12 @@
 pub mod activity;
 pub mod backend;
 pub mod metrics;
+pub mod portforward;
+pub mod remotecommand;
+pub mod server;
 pub mod spdy;
+pub mod ws;
 
 pub use backend::{AttachRequest, Backend, BackendError, ExecRequest, Streams, TermSize};
+pub use metrics::MetricsSnapshot;
+pub use server::{PortForwardRequest, StartError, StreamConfig, StreamServer, TokenError};
