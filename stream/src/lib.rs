@@ -6,6 +6,7 @@
 
 pub mod activity;
 pub mod backend;
+pub mod client;
 pub mod metrics;
 pub mod portforward;
 pub mod remotecommand;
