@@ -104,8 +104,12 @@ impl Backend for Fake {
             }
             ["big", n] => {
                 let n: usize = n.parse().expect("size");
-                let data: Vec<u8> = (0..n).map(|i| (i % 251) as u8).collect();
-                out(&mut s, &data).await;
+                for start in (0..n).step_by(64 * 1024) {
+                    let chunk: Vec<u8> = (start..n.min(start + 64 * 1024))
+                        .map(|i| (i % 251) as u8)
+                        .collect();
+                    out(&mut s, &chunk).await;
+                }
                 0
             }
             ["sizes", n] => {
@@ -542,6 +546,42 @@ async fn spdy_idle_timeout_fires_although_the_client_pings() {
         e.c.cancelled.load(Ordering::SeqCst) == 1
     })
     .await;
+}
+
+/// A client that stops reading stdout stalls the process: the server holds a bounded
+/// amount (queues and socket buffers), never the whole output.
+#[tokio::test]
+async fn spdy_client_that_stops_reading_blocks_the_producer() {
+    let e = env().await;
+    let url = e
+        .server
+        .exec_url(exec(&["big", "268435456"], false, true, false, false))
+        .expect("url");
+    let (tcp, _) = client::upgrade::spdy(&url, &["v4.channel.k8s.io"])
+        .await
+        .expect("upgrade");
+    let conn = Connection::new(tcp, ConnConfig::new(Role::Client));
+    let h = |t: &str| crisp_stream::spdy::Headers::new().with("streamType", t);
+    let _err = conn.open_stream(h("error")).await.expect("error stream");
+    let _unread_stdout = conn.open_stream(h("stdout")).await.expect("stdout stream");
+    eventually("exec started", || e.c.started.load(Ordering::SeqCst) == 1).await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let stalled = e.server.metrics().bytes_out;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let later = e.server.metrics().bytes_out;
+    assert_eq!(
+        stalled, later,
+        "output kept flowing to a client that does not read"
+    );
+    assert!(
+        stalled < 32 << 20,
+        "{stalled} of 256 MiB buffered for a client that does not read"
+    );
+    assert_eq!(
+        e.c.finished.load(Ordering::SeqCst),
+        0,
+        "the producer was never blocked"
+    );
 }
 
 #[tokio::test]

@@ -110,8 +110,16 @@ pub async fn exec_spdy_offering(
     let mut background = tokio::task::JoinSet::new();
     if let Some((mut from, s)) = stdin {
         background.spawn(async move {
-            let (_, mut w) = s.split();
-            let _ = tokio::io::copy(&mut from, &mut w).await;
+            let (mut r, mut w) = s.split();
+            // As client-go: stdin ends when the input does or when the server closes its
+            // side of the stdin stream, whichever comes first.
+            let server_closed = async {
+                let _ = tokio::io::copy(&mut r, &mut tokio::io::sink()).await;
+            };
+            tokio::select! {
+                _ = tokio::io::copy(&mut from, &mut w) => {}
+                _ = server_closed => {}
+            }
             let _ = w.shutdown().await;
         });
     }

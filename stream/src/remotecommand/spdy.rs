@@ -90,8 +90,14 @@ pub(crate) async fn serve(
         )))),
         _ => None,
     };
+    // client-go ends its stdin copy as soon as our side of the stdin stream closes (its
+    // old "hijack" wait), so our half stays open until the session is over.
+    let (stdin, _stdin_hold) = match c.stdin.map(Stream::split) {
+        Some((r, w)) => (Some(Box::pin(r) as BoxRead), Some(w)),
+        None => (None, None),
+    };
     let streams = Streams {
-        stdin: c.stdin.map(|s| Box::pin(s.split().0) as BoxRead),
+        stdin,
         stdout: c.stdout.map(|s| Box::pin(s.split().1) as BoxWrite),
         stderr: c.stderr.map(|s| Box::pin(s.split().1) as BoxWrite),
         resize: pump.is_some().then_some(resize_rx),
