@@ -16,4 +16,6 @@ pub mod ws;
 
 pub use backend::{AttachRequest, Backend, BackendError, ExecRequest, Streams, TermSize};
 pub use metrics::MetricsSnapshot;
-pub use server::{PortForwardRequest, StartError, StreamConfig, StreamServer, TokenError};
+pub use server::{
+    PortForwardRequest, StartError, StreamConfig, StreamServer, TlsError, TlsFiles, TokenError,
+};

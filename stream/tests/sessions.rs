@@ -1049,3 +1049,105 @@ async fn ws_port_forward_without_ports_is_400() {
         .expect("400");
     assert_eq!(err.http_status(), Some(400));
 }
+
+// ---------------------------------------------------------------------------------------
+// TLS.
+
+/// `tls-cert.pem`/`tls-key.pem`: a self-signed, test-only P-256 certificate for 127.0.0.1
+/// and localhost (made with `openssl req -x509`, valid 100 years), never used elsewhere.
+fn fixture(name: &str) -> std::path::PathBuf {
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures")
+        .join(name)
+}
+
+#[tokio::test]
+async fn tls_serves_https_urls_and_sessions_over_them() {
+    use rustls_pki_types::pem::PemObject;
+    use rustls_pki_types::{CertificateDer, ServerName};
+    use tokio_rustls::rustls;
+
+    let e = env_with(StreamConfig {
+        tls: Some(crisp_stream::TlsFiles {
+            cert: fixture("tls-cert.pem"),
+            key: fixture("tls-key.pem"),
+        }),
+        ..StreamConfig::default()
+    })
+    .await;
+    let url = e
+        .server
+        .exec_url(exec(&["echo", "over", "tls"], false, true, false, false))
+        .expect("url");
+    assert!(url.starts_with("https://127.0.0.1:"), "{url}");
+
+    let mut roots = rustls::RootCertStore::empty();
+    for c in CertificateDer::pem_file_iter(fixture("tls-cert.pem")).expect("cert") {
+        roots.add(c.expect("pem")).expect("trust");
+    }
+    let cfg = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .expect("versions")
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    let tcp = TcpStream::connect(e.server.local_addr())
+        .await
+        .expect("connect");
+    let name = ServerName::try_from("127.0.0.1").expect("name");
+    let tls = tokio_rustls::TlsConnector::from(Arc::new(cfg))
+        .connect(name, tcp)
+        .await
+        .expect("TLS handshake with the configured certificate");
+    let (tls, version) = client::upgrade::spdy_on(tls, &url, &client::exec::SPDY_OFFER)
+        .await
+        .expect("upgrade");
+    let conn = Connection::new(tls, ConnConfig::new(Role::Client));
+    let o = Buf::default();
+    let outcome = client::run_spdy(
+        &conn,
+        &version.unwrap_or_default(),
+        false,
+        io(None, Some(&o), None),
+    )
+    .await
+    .expect("exec over TLS");
+    assert_eq!(outcome, Outcome::Exited(0));
+    assert_eq!(o.take(), b"over tls\n");
+
+    // Plain HTTP on the TLS port gets no upgrade.
+    let plain = e
+        .server
+        .exec_url(exec(&["echo"], false, true, false, false))
+        .expect("url");
+    let plain = plain.replace("https://", "http://");
+    assert!(
+        client::exec_spdy(&plain, false, io(None, Some(&o), None))
+            .await
+            .is_err()
+    );
+    assert_eq!(e.c.started.load(Ordering::SeqCst), 1);
+}
+
+#[tokio::test]
+async fn tls_with_an_unreadable_key_fails_start_naming_the_file() {
+    let backend = Arc::new(Fake {
+        c: Arc::default(),
+        echo: echo_server().await,
+    });
+    let cfg = StreamConfig {
+        tls: Some(crisp_stream::TlsFiles {
+            cert: fixture("tls-cert.pem"),
+            key: "/nonexistent/stream-key.pem".into(),
+        }),
+        ..StreamConfig::default()
+    };
+    let Err(err) = StreamServer::start(cfg, backend).await else {
+        panic!("started without its key");
+    };
+    assert!(
+        err.to_string().contains("/nonexistent/stream-key.pem"),
+        "{err}"
+    );
+}

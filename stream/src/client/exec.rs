@@ -86,6 +86,18 @@ pub async fn exec_spdy_offering(
     let (tcp, version) = upgrade::spdy(url, protocols).await?;
     let version = version.unwrap_or_default();
     let conn = Connection::new(tcp, ConnConfig::new(Role::Client));
+    let outcome = run_spdy(&conn, &version, tty, streams).await?;
+    Ok((version, outcome))
+}
+
+/// Runs an exec or attach on an upgraded SPDY connection whose negotiated version is
+/// `version`.
+pub async fn run_spdy(
+    conn: &Connection,
+    version: &str,
+    tty: bool,
+    streams: Streams,
+) -> Result<Outcome, ClientError> {
     let resize_ok = version != "channel.k8s.io" && version != "v2.channel.k8s.io";
     // client-go's order: error, stdin, stdout, stderr, resize.
     let error = conn.open_stream(typed("error")).await?;
@@ -148,7 +160,7 @@ pub async fn exec_spdy_offering(
     let mut body = Vec::new();
     error_r.read_to_end(&mut body).await?;
     background.abort_all();
-    Ok((version.clone(), parse_error_stream(&version, &body)))
+    Ok(parse_error_stream(version, &body))
 }
 
 /// Exec or attach over WebSocket with one subprotocol (`v5.channel.k8s.io`,

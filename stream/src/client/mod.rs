@@ -9,7 +9,7 @@ pub mod exec;
 pub mod portforward;
 pub mod upgrade;
 
-pub use exec::{Outcome, exec_spdy, exec_spdy_offering, exec_ws};
+pub use exec::{Outcome, exec_spdy, exec_spdy_offering, exec_ws, run_spdy};
 pub use portforward::{PortForwardStream, SpdyPortForward, WsPortForward, WsPortStream};
 
 use crate::spdy::ConnError;
@@ -54,6 +54,7 @@ impl ClientError {
 pub(crate) fn split_url(url: &str) -> Result<(String, String), ClientError> {
     let rest = url
         .strip_prefix("http://")
+        .or_else(|| url.strip_prefix("https://"))
         .or_else(|| url.strip_prefix("ws://"))
         .ok_or_else(|| ClientError::Url(url.to_string()))?;
     let (authority, path) = match rest.find(['/', '?']) {

@@ -1,7 +1,7 @@
 //! The HTTP/1.1 upgrade handshakes a client makes, written by hand so the client does not
 //! share the server's HTTP stack.
 
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
@@ -29,8 +29,21 @@ pub async fn spdy(
     url: &str,
     protocols: &[&str],
 ) -> Result<(TcpStream, Option<String>), ClientError> {
+    let (addr, _) = split_url(url)?;
+    let tcp = connect(&addr).await?;
+    spdy_on(tcp, url, protocols).await
+}
+
+/// As [`spdy`] on a transport the caller connected (TLS, for an `https://` URL).
+pub async fn spdy_on<T>(
+    mut tcp: T,
+    url: &str,
+    protocols: &[&str],
+) -> Result<(T, Option<String>), ClientError>
+where
+    T: AsyncRead + AsyncWrite + Unpin,
+{
     let (addr, path) = split_url(url)?;
-    let mut tcp = connect(&addr).await?;
     let mut req = format!(
         "POST {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: Upgrade\r\nUpgrade: SPDY/3.1\r\nContent-Length: 0\r\n"
     );

@@ -59,23 +59,45 @@ pub(crate) async fn accept_loop(state: Arc<State>, listener: TcpListener) {
         let _ = tcp.set_nodelay(true);
         let st = state.clone();
         state.tasks.spawn(async move {
-            let shutdown = st.shutdown.clone();
-            let svc = service_fn(move |req| {
-                let st = st.clone();
-                async move { Ok::<_, Infallible>(route(st, req).await) }
-            });
-            let conn = http1::Builder::new()
-                .timer(TokioTimer::new())
-                .header_read_timeout(HEADER_READ_TIMEOUT)
-                .serve_connection(TokioIo::new(tcp), svc)
-                .with_upgrades();
-            tokio::select! {
-                _ = shutdown.cancelled() => {}
-                r = conn => if let Err(e) = r {
-                    tracing::debug!(%peer, error = %e, "streaming HTTP connection");
-                },
+            match st.tls.clone() {
+                None => serve_connection(st, tcp, peer).await,
+                Some(acceptor) => {
+                    let handshake = tokio::time::timeout(HEADER_READ_TIMEOUT, acceptor.accept(tcp));
+                    let tls = tokio::select! {
+                        r = handshake => r,
+                        _ = st.shutdown.cancelled() => return,
+                    };
+                    match tls {
+                        Ok(Ok(io)) => serve_connection(st, io, peer).await,
+                        Ok(Err(e)) => tracing::debug!(%peer, error = %e, "TLS handshake failed"),
+                        Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
+                    }
+                }
             }
         });
+    }
+}
+
+/// Serves HTTP/1.1 on one client connection until it closes or crispd shuts down.
+async fn serve_connection<I>(state: Arc<State>, io: I, peer: std::net::SocketAddr)
+where
+    I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let shutdown = state.shutdown.clone();
+    let svc = service_fn(move |req| {
+        let st = state.clone();
+        async move { Ok::<_, Infallible>(route(st, req).await) }
+    });
+    let conn = http1::Builder::new()
+        .timer(TokioTimer::new())
+        .header_read_timeout(HEADER_READ_TIMEOUT)
+        .serve_connection(TokioIo::new(io), svc)
+        .with_upgrades();
+    tokio::select! {
+        _ = shutdown.cancelled() => {}
+        r = conn => if let Err(e) = r {
+            tracing::debug!(%peer, error = %e, "streaming HTTP connection");
+        },
     }
 }
 

@@ -3,6 +3,7 @@
 
 mod http;
 pub(crate) mod session;
+pub mod tls;
 pub mod token;
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
@@ -15,6 +16,7 @@ use tokio_util::task::TaskTracker;
 
 use crate::backend::{AttachRequest, Backend, ExecRequest};
 use crate::metrics::{Metrics, MetricsSnapshot};
+pub use tls::{TlsError, TlsFiles};
 use token::TokenCache;
 pub use token::TokenError;
 
@@ -47,6 +49,8 @@ pub struct StreamConfig {
     pub stream_creation_timeout: Duration,
     pub token_ttl: Duration,
     pub max_in_flight: usize,
+    /// Serve HTTPS (URLs then start with `https://`).
+    pub tls: Option<TlsFiles>,
 }
 
 impl Default for StreamConfig {
@@ -58,6 +62,7 @@ impl Default for StreamConfig {
             stream_creation_timeout: Duration::from_secs(30),
             token_ttl: token::DEFAULT_TTL,
             max_in_flight: token::DEFAULT_MAX_IN_FLIGHT,
+            tls: None,
         }
     }
 }
@@ -69,6 +74,8 @@ pub enum StartError {
         addr: SocketAddr,
         source: std::io::Error,
     },
+    #[error(transparent)]
+    Tls(#[from] TlsError),
 }
 
 pub(crate) struct State {
@@ -78,6 +85,7 @@ pub(crate) struct State {
     pub metrics: Arc<Metrics>,
     pub shutdown: CancellationToken,
     pub tasks: TaskTracker,
+    pub tls: Option<tokio_rustls::TlsAcceptor>,
 }
 
 /// The running server. Dropping it does not stop it; call [`StreamServer::shutdown`].
@@ -92,6 +100,7 @@ impl StreamServer {
         config: StreamConfig,
         backend: Arc<dyn Backend>,
     ) -> Result<Self, StartError> {
+        let acceptor = config.tls.as_ref().map(tls::acceptor).transpose()?;
         let addr = SocketAddr::new(config.address, config.port);
         let listener = TcpListener::bind(addr)
             .await
@@ -105,7 +114,8 @@ impl StreamServer {
             IpAddr::V6(v6) if v6.is_unspecified() => IpAddr::V6(std::net::Ipv6Addr::LOCALHOST),
             ip => ip,
         };
-        let base_url = format!("http://{}", SocketAddr::new(url_ip, local_addr.port()));
+        let scheme = if acceptor.is_some() { "https" } else { "http" };
+        let base_url = format!("{scheme}://{}", SocketAddr::new(url_ip, local_addr.port()));
         let state = Arc::new(State {
             backend,
             tokens: TokenCache::new(config.token_ttl, config.max_in_flight),
@@ -113,6 +123,7 @@ impl StreamServer {
             metrics: Arc::new(Metrics::default()),
             shutdown: CancellationToken::new(),
             tasks: TaskTracker::new(),
+            tls: acceptor,
         });
         state
             .tasks
@@ -129,7 +140,7 @@ impl StreamServer {
         self.local_addr
     }
 
-    /// `http://host:port`, what every URL starts with.
+    /// `http://host:port` (`https://` with TLS), what every URL starts with.
     pub fn base_url(&self) -> &str {
         &self.base_url
     }
