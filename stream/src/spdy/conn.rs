@@ -206,7 +206,7 @@ impl Connection {
         let _ = shared.me.set(Arc::downgrade(&shared));
         tokio::spawn(read_loop(
             shared.clone(),
-            FramedRead::new(r, FrameDecoder::new()),
+            FramedRead::with_capacity(r, FrameDecoder::new(), 64 * 1024),
             in_tx,
         ));
         tokio::spawn(write_loop(shared.clone(), out_rx, w));

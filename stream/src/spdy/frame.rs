@@ -18,6 +18,8 @@ pub const FLAG_UNIDIRECTIONAL: u8 = 0x02;
 pub const MAX_PAYLOAD: usize = 0x00FF_FFFF;
 /// Control frames carry a few headers at most; anything larger is refused before buffering.
 pub const MAX_CONTROL_PAYLOAD: usize = 256 * 1024;
+/// How much buffer the decoder asks for while a DATA frame is still arriving.
+const READ_AHEAD: usize = 64 * 1024;
 
 const SYN_STREAM: u16 = 1;
 const SYN_REPLY: u16 = 2;
@@ -153,6 +155,8 @@ impl FrameDecoder {
             self.data_left = None;
         } else {
             self.data_left = Some((stream_id, left, fin));
+            // Let the next read bring a large piece, not what split_to left of the buffer.
+            src.reserve(left.min(READ_AHEAD));
         }
         Some(Frame::Data {
             stream_id,
