@@ -917,6 +917,55 @@ async fn ws_message_on_an_unknown_channel_closes_with_protocol_error() {
     .await;
 }
 
+#[tokio::test]
+async fn ws_idle_timeout_fires_although_the_client_pings() {
+    use futures::SinkExt;
+    use tokio_tungstenite::tungstenite::Message;
+    let e = env_with(StreamConfig {
+        idle_timeout: Duration::from_millis(800),
+        ..StreamConfig::default()
+    })
+    .await;
+    let url = e
+        .server
+        .exec_url(exec(&["sleep"], false, true, false, false))
+        .expect("url");
+    let (ws, _) = client::upgrade::websocket(&url, &["v5.channel.k8s.io"])
+        .await
+        .expect("ws");
+    let (mut tx, mut rx) = ws.split();
+    eventually("exec started", || e.c.started.load(Ordering::SeqCst) == 1).await;
+    let start = std::time::Instant::now();
+    let pinger = tokio::spawn(async move {
+        loop {
+            if tx.send(Message::Ping(vec![1u8].into())).await.is_err() {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    });
+    let close = tokio::time::timeout(Duration::from_secs(10), async {
+        while let Some(Ok(m)) = rx.next().await {
+            if let Message::Close(f) = m {
+                return f;
+            }
+        }
+        None
+    })
+    .await
+    .expect("idle session closed");
+    pinger.abort();
+    assert!(
+        start.elapsed() >= Duration::from_millis(700),
+        "closed too early"
+    );
+    assert_eq!(close.expect("close frame").reason.as_str(), "idle timeout");
+    eventually("backend future dropped", || {
+        e.c.cancelled.load(Ordering::SeqCst) == 1
+    })
+    .await;
+}
+
 // ---------------------------------------------------------------------------------------
 // Port-forward.
 
