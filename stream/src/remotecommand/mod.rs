@@ -10,7 +10,7 @@ use serde::Deserialize;
 use tokio::io::{AsyncRead, AsyncReadExt};
 use tokio::sync::mpsc;
 
-use crate::backend::{AttachRequest, ExecRequest, TermSize};
+use crate::backend::{AttachRequest, Backend, ExecRequest, Streams, TermSize};
 
 /// An exec or attach a token stood for.
 #[derive(Debug, Clone)]
@@ -79,6 +79,21 @@ pub fn negotiate_spdy(offers: &[String]) -> Option<(&'static str, SpdyVersion)> 
         V1 => Some((V1, SpdyVersion::V1)),
         _ => None,
     })
+}
+
+/// Runs the command on the backend; its result as the Status the client gets.
+pub(crate) async fn run(backend: &dyn Backend, cmd: Command, streams: Streams) -> status::Status {
+    use status::Status;
+    match cmd {
+        Command::Exec(req) => match backend.exec(req, streams).await {
+            Ok(code) => Status::exit(code),
+            Err(e) => Status::from_backend("error executing command in container", &e),
+        },
+        Command::Attach(req) => match backend.attach(req, streams).await {
+            Ok(()) => Status::success(),
+            Err(e) => Status::from_backend("error attaching to container", &e),
+        },
+    }
 }
 
 #[derive(Deserialize)]

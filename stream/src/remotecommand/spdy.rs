@@ -102,18 +102,7 @@ pub(crate) async fn serve(
         stderr: c.stderr.map(|s| Box::pin(s.split().1) as BoxWrite),
         resize: pump.is_some().then_some(resize_rx),
     };
-    let work = async {
-        match cmd {
-            Command::Exec(req) => match ctx.backend.exec(req, streams).await {
-                Ok(code) => Status::exit(code),
-                Err(e) => Status::from_backend("error executing command in container", &e),
-            },
-            Command::Attach(req) => match ctx.backend.attach(req, streams).await {
-                Ok(()) => Status::success(),
-                Err(e) => Status::from_backend("error attaching to container", &e),
-            },
-        }
-    };
+    let work = super::run(ctx.backend.as_ref(), cmd, streams);
     let res = guarded(
         work,
         conn.closed(),

@@ -13,7 +13,6 @@ use tokio::sync::mpsc;
 use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 
-use super::status::Status;
 use super::{Command, ResizeDecoder};
 use crate::activity::{Activity, idle_expired};
 use crate::backend::{BoxRead, BoxWrite, Streams, TermSize};
@@ -158,18 +157,7 @@ where
         activity: activity.clone(),
         counters: ctx.counters.clone(),
     };
-    let work = async {
-        match cmd {
-            Command::Exec(req) => match ctx.backend.exec(req, streams).await {
-                Ok(code) => Status::exit(code),
-                Err(e) => Status::from_backend("error executing command in container", &e),
-            },
-            Command::Attach(req) => match ctx.backend.attach(req, streams).await {
-                Ok(()) => Status::success(),
-                Err(e) => Status::from_backend("error attaching to container", &e),
-            },
-        }
-    };
+    let work = super::run(ctx.backend.as_ref(), cmd, streams);
     let close = tokio::select! {
         status = work => {
             let body = if json_status { Some(status.to_json()) } else { status.to_v1_message() };

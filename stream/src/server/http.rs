@@ -383,6 +383,15 @@ fn port_forward(state: Arc<State>, mut req: Request<Incoming>, pf: PortForwardRe
         );
         return resp;
     }
+    port_forward_spdy(state, req, pf)
+}
+
+fn port_forward_spdy(
+    state: Arc<State>,
+    mut req: Request<Incoming>,
+    pf: PortForwardRequest,
+) -> Resp {
+    let h = req.headers();
     if !upgrade_to(h, SPDY_UPGRADE) {
         return plain(
             StatusCode::BAD_REQUEST,

@@ -165,6 +165,51 @@ impl FrameDecoder {
         })
     }
 
+    /// SYN_STREAM, SYN_REPLY and HEADERS: the frames that carry a compressed header block.
+    fn header_frame(&mut self, kind: u16, flags: u8, mut p: Bytes) -> Result<Frame, FrameError> {
+        let (name, min) = match kind {
+            SYN_STREAM => ("SYN_STREAM", 10),
+            SYN_REPLY => ("SYN_REPLY", 4),
+            _ => ("HEADERS", 4),
+        };
+        if p.len() < min {
+            return Err(FrameError::BadLength {
+                kind: name,
+                len: p.len(),
+            });
+        }
+        let stream_id = p.get_u32() & 0x7FFF_FFFF;
+        nonzero(name, stream_id)?;
+        if kind == SYN_STREAM {
+            let associated_to = p.get_u32() & 0x7FFF_FFFF;
+            let priority = p.get_u8() >> 5;
+            let _slot = p.get_u8();
+            let headers = self.inflate.decode(&p)?;
+            return Ok(Frame::SynStream {
+                stream_id,
+                associated_to,
+                priority,
+                flags,
+                headers,
+            });
+        }
+        // Inflate even a block that is then ignored: the zlib context spans the connection.
+        let headers = self.inflate.decode(&p)?;
+        Ok(if kind == SYN_REPLY {
+            Frame::SynReply {
+                stream_id,
+                flags,
+                headers,
+            }
+        } else {
+            Frame::Headers {
+                stream_id,
+                flags,
+                headers,
+            }
+        })
+    }
+
     fn control(&mut self, kind: u16, flags: u8, mut p: Bytes) -> Result<Option<Frame>, FrameError> {
         let need = |name: &'static str, p: &Bytes, min: usize, exact: bool| {
             if p.len() < min || (exact && p.len() != min) {
@@ -177,47 +222,7 @@ impl FrameDecoder {
             }
         };
         let frame = match kind {
-            SYN_STREAM => {
-                need("SYN_STREAM", &p, 10, false)?;
-                let stream_id = p.get_u32() & 0x7FFF_FFFF;
-                let associated_to = p.get_u32() & 0x7FFF_FFFF;
-                let priority = p.get_u8() >> 5;
-                let _slot = p.get_u8();
-                nonzero("SYN_STREAM", stream_id)?;
-                let headers = self.inflate.decode(&p)?;
-                Frame::SynStream {
-                    stream_id,
-                    associated_to,
-                    priority,
-                    flags,
-                    headers,
-                }
-            }
-            SYN_REPLY | HEADERS => {
-                let name = if kind == SYN_REPLY {
-                    "SYN_REPLY"
-                } else {
-                    "HEADERS"
-                };
-                need(name, &p, 4, false)?;
-                let stream_id = p.get_u32() & 0x7FFF_FFFF;
-                nonzero(name, stream_id)?;
-                // Inflate even a block we then ignore: the zlib context spans the connection.
-                let headers = self.inflate.decode(&p)?;
-                if kind == SYN_REPLY {
-                    Frame::SynReply {
-                        stream_id,
-                        flags,
-                        headers,
-                    }
-                } else {
-                    Frame::Headers {
-                        stream_id,
-                        flags,
-                        headers,
-                    }
-                }
-            }
+            SYN_STREAM | SYN_REPLY | HEADERS => self.header_frame(kind, flags, p)?,
             RST_STREAM => {
                 need("RST_STREAM", &p, 8, true)?;
                 let stream_id = p.get_u32() & 0x7FFF_FFFF;
