@@ -195,11 +195,6 @@ pub struct StreamConfig {
     /// A session with no traffic (PINGs do not count) for this long is closed and its exec
     /// killed: a number with a unit, `s`, `m` or `h` (e.g. `30m`).
     pub idle_timeout: String,
-    /// PEM certificate and key: serve HTTPS instead of HTTP. Both or neither.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub tls_cert: Option<PathBuf>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub tls_key: Option<PathBuf>,
 }
 
 impl Default for StreamConfig {
@@ -208,8 +203,6 @@ impl Default for StreamConfig {
             address: "127.0.0.1".into(),
             port: 0,
             idle_timeout: "4h".into(),
-            tls_cert: None,
-            tls_key: None,
         }
     }
 }
@@ -253,26 +246,6 @@ impl StreamConfig {
     fn validate(&self) -> Result<(), ConfigError> {
         self.listen_addr()?;
         self.idle()?;
-        match (&self.tls_cert, &self.tls_key) {
-            (None, None) => {}
-            (Some(c), Some(k)) => {
-                for (key, p) in [("stream.tls_cert", c), ("stream.tls_key", k)] {
-                    if !p.is_absolute() {
-                        return Err(invalid(key, p.display(), "must be an absolute path"));
-                    }
-                }
-            }
-            (Some(c), None) => {
-                return Err(invalid("stream.tls_key", "", format!(
-                    "missing: `stream.tls_cert` ({}) needs its key", c.display()
-                )));
-            }
-            (None, Some(k)) => {
-                return Err(invalid("stream.tls_cert", "", format!(
-                    "missing: `stream.tls_key` ({}) needs its certificate", k.display()
-                )));
-            }
-        }
         Ok(())
     }
 }
@@ -680,8 +653,6 @@ mod tests {
             ("[stream]\nidle_timeout = \"0s\"\n", "stream.idle_timeout"),
             ("[stream]\nidle_timeout = \"4\"\n", "stream.idle_timeout"),
             ("[stream]\nidle_timeout = \"4d\"\n", "stream.idle_timeout"),
-            ("[stream]\ntls_cert = \"/etc/crisp/s.pem\"\n", "stream.tls_key"),
-            ("[stream]\ntls_cert = \"s.pem\"\ntls_key = \"/k.pem\"\n", "stream.tls_cert"),
         ] {
             let c = Config::from_toml(text, Path::new("x")).expect("parses");
             match c.validate() {
@@ -690,6 +661,8 @@ mod tests {
             }
         }
         assert!(Config::from_toml("[stream]\nport = 70000\n", Path::new("x")).is_err());
+        // TLS is not offered (the stream server speaks plain HTTP): the key is unknown.
+        assert!(Config::from_toml("[stream]\ntls_cert = \"/c.pem\"\n", Path::new("x")).is_err());
     }
 
     #[test]

@@ -759,3 +759,88 @@ mod crispd_only {
         with_env(RuntimeKind::Crispd, "bad_input", |e| Box::pin(super::bad_input(e))).await
     }
 }
+
+// ---------------------------------------------------------------------------------------
+// Benchmark (not a test): crispd against containerd in the same run.
+
+/// (exec round trips per second, exec stdout MiB/s, port-forward MiB/s) for one runtime.
+async fn measure(env: &TestEnv) -> Result<(Duration, f64, f64)> {
+    const ROUNDS: u32 = 30;
+    const BIG: usize = 256 * MIB;
+    let (pod_id, id) = running_pod(env, "bench", &httpd(8080, "bench")).await?;
+    wait_http(env, &id, 8080).await?;
+    // Exec round trip: the CRI call, the dial and `echo hi` to its status, as kubelet does.
+    sh(env, &id, "echo warm", None, Transport::Spdy).await?;
+    let t0 = Instant::now();
+    for _ in 0..ROUNDS {
+        let url = exec_url(env, &id, &["echo", "hi"], false, (false, true, true)).await?;
+        let r = dial(&url, Transport::Spdy, false, None, true, true, None).await?;
+        ensure!(text(&r.stdout) == "hi\n", "echo hi: {r:?}");
+    }
+    let rtt = t0.elapsed() / ROUNDS;
+    // 256 MiB of stdout through one exec, counted and dropped as it arrives.
+    let url = exec_url(env, &id, &["head", "-c", &BIG.to_string(), "/dev/zero"], false, (false, true, false)).await?;
+    let (out_w, mut out_r) = tokio::io::duplex(1 << 20);
+    let counter = tokio::spawn(async move { tokio::io::copy(&mut out_r, &mut tokio::io::sink()).await });
+    let t0 = Instant::now();
+    let outcome = client::exec_spdy(&url, false, Streams { stdin: None, stdout: Some(Box::pin(out_w)), stderr: None, resize: None }).await?;
+    let n = counter.await??;
+    let exec_mibs = n as f64 / MIB as f64 / t0.elapsed().as_secs_f64();
+    ensure!(outcome == Outcome::Exited(0) && n as usize == BIG, "exec throughput: {outcome:?}, {n} bytes");
+    // 256 MiB through port-forward: nc in the pod serves /dev/zero on 9090, once.
+    let script = format!("head -c {BIG} /dev/zero | nc -l -p 9090");
+    let url = exec_url(env, &id, &["sh", "-c", &script], false, (false, true, false)).await?;
+    let server = tokio::spawn(async move { dial(&url, Transport::Spdy, false, None, true, false, None).await });
+    let pf = SpdyPortForward::connect(&port_forward_url(env, &pod_id, &[9090]).await?).await?;
+    let mut s = None;
+    for _ in 0..50 {
+        // nc may not listen yet: an error stream message means "try again".
+        let st = pf.open(9090).await?;
+        let (mut r, w) = st.data.split();
+        let mut first = vec![0u8; 64 * 1024];
+        let k = r.read(&mut first).await.unwrap_or(0);
+        if k > 0 {
+            s = Some((r, w, k));
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let (mut r, _w, k) = s.context("nc in the pod never answered through port-forward")?;
+    let t0 = Instant::now();
+    let rest = tokio::io::copy(&mut r, &mut tokio::io::sink()).await?;
+    let pf_mibs = (rest as usize + k) as f64 / MIB as f64 / t0.elapsed().as_secs_f64();
+    ensure!(rest as usize + k == BIG, "port-forward moved {} bytes", rest as usize + k);
+    pf.close().await;
+    let _ = server.await;
+    env.cri().stop_and_remove_pod(&pod_id).await?;
+    Ok((rtt, exec_mibs, pf_mibs))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "benchmark: make bench"]
+async fn bench_streaming() -> Result<()> {
+    let mut results = Vec::new();
+    for kind in [RuntimeKind::Containerd, RuntimeKind::Crispd] {
+        let cell = std::sync::Arc::new(std::sync::Mutex::new(None));
+        let c2 = cell.clone();
+        with_env(kind, "bench_streaming", move |e| {
+            Box::pin(async move {
+                let m = measure(e).await?;
+                *c2.lock().map_err(|_| anyhow::anyhow!("poisoned"))? = Some(m);
+                Ok(())
+            })
+        })
+        .await?;
+        let m = cell.lock().map_err(|_| anyhow::anyhow!("poisoned"))?.context("no figures")?;
+        eprintln!("{kind}: exec echo hi round trip {:?}, exec stdout {:.0} MiB/s, port-forward {:.0} MiB/s", m.0, m.1, m.2);
+        results.push(m);
+    }
+    let (c, x) = (results[0], results[1]);
+    eprintln!(
+        "crispd/containerd: round trip {:.2}x (goal <= 0.5), exec throughput {:.2}x (goal >= 1), port-forward throughput {:.2}x (goal >= 1)",
+        x.0.as_secs_f64() / c.0.as_secs_f64(),
+        x.1 / c.1,
+        x.2 / c.2
+    );
+    Ok(())
+}
