@@ -36,7 +36,7 @@ bench: deps test-images
 	# CRISP_SHIM_DIR; the other benches run the debug crispd and the shim beside it).
 	$(CARGO) build --release -p crisp-shim
 	CRISP_SHIM_DIR=$(CURDIR)/target/release $(CARGO) nextest run --workspace --run-ignored only --no-capture --test-threads 1 \
-	  -E 'test(bench_large_pull) | test(bench_pods_crispd_vs_containerd) | test(bench_shim_rss_and_pod_start) | test(adapter_overhead)'
+	  -E 'test(bench_large_pull) | test(bench_pods_crispd_vs_containerd) | test(bench_shim_rss_and_pod_start) | test(adapter_overhead) | test(bench_streaming)'
 
 clean:
 	$(CARGO) clean

@@ -112,6 +112,7 @@ pub struct Config {
     pub userns: UsernsConfig,
     pub metrics: MetricsConfig,
     pub pull: PullConfig,
+    pub stream: StreamConfig,
     /// Longest CRI log record; longer lines are split into partial (`P`) records.
     pub max_container_log_line_size: usize,
 }
@@ -182,6 +183,73 @@ pub struct PullConfig {
     pub stall_window_secs: u64,
 }
 
+/// The streaming server (exec, attach, port-forward URLs kubelet and crictl dial).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct StreamConfig {
+    /// The IP address it listens on. kubelet dials the URL itself, so on a node this is
+    /// usually loopback (kubelet proxies it to the API server).
+    pub address: String,
+    /// TCP port; 0 picks a free one at start.
+    pub port: u16,
+    /// A session with no traffic (PINGs do not count) for this long is closed and its exec
+    /// killed: a number with a unit, `s`, `m` or `h` (e.g. `30m`).
+    pub idle_timeout: String,
+}
+
+impl Default for StreamConfig {
+    fn default() -> Self {
+        Self {
+            address: "127.0.0.1".into(),
+            port: 0,
+            idle_timeout: "4h".into(),
+        }
+    }
+}
+
+/// `30s`, `15m`, `4h`: a positive whole number and a unit.
+pub fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
+    let s = s.trim();
+    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+    let (num, unit) = s.split_at(split);
+    let n: u64 = num
+        .parse()
+        .map_err(|_| "expected a whole number and a unit, like `4h`".to_string())?;
+    let secs = match unit {
+        "s" => Some(n),
+        "m" => n.checked_mul(60),
+        "h" => n.checked_mul(3600),
+        "" => return Err("missing unit (`s`, `m` or `h`)".into()),
+        other => return Err(format!("unknown unit `{other}` (`s`, `m` or `h`)")),
+    }
+    .ok_or_else(|| "too large".to_string())?;
+    if secs == 0 {
+        return Err("must be more than zero".into());
+    }
+    Ok(std::time::Duration::from_secs(secs))
+}
+
+impl StreamConfig {
+    /// The socket address to listen on (validated by [`Config::validate`]).
+    pub fn listen_addr(&self) -> Result<SocketAddr, ConfigError> {
+        let ip: std::net::IpAddr = self.address.parse().map_err(|e| {
+            invalid("stream.address", &self.address, format!("not an IP address ({e})"))
+        })?;
+        Ok(SocketAddr::new(ip, self.port))
+    }
+
+    pub fn idle(&self) -> Result<std::time::Duration, ConfigError> {
+        parse_duration(&self.idle_timeout)
+            .map_err(|why| invalid("stream.idle_timeout", &self.idle_timeout, why))
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        self.listen_addr()?;
+        self.idle()?;
+        Ok(())
+    }
+}
+
 impl Default for Config {
     fn default() -> Self {
         let mut runtime_handlers = BTreeMap::new();
@@ -208,6 +276,7 @@ impl Default for Config {
             userns: UsernsConfig::default(),
             metrics: MetricsConfig::default(),
             pull: PullConfig::default(),
+            stream: StreamConfig::default(),
             max_container_log_line_size: 16 * 1024,
         }
     }
@@ -499,6 +568,7 @@ impl Config {
         if self.pull.stall_window_secs == 0 {
             return Err(invalid("pull.stall_window_secs", 0, "must be at least 1"));
         }
+        self.stream.validate()?;
         if self.max_container_log_line_size < 64 {
             return Err(invalid(
                 "max_container_log_line_size",
@@ -566,6 +636,33 @@ mod tests {
         let text = d.to_toml();
         let back = Config::from_toml(&text, Path::new("x")).expect("printed defaults parse");
         assert_eq!(d, back);
+    }
+
+    #[test]
+    fn stream_section_defaults_and_checks_name_the_key() {
+        let d = Config::default();
+        assert!(d.to_toml().contains("[stream]"), "{}", d.to_toml());
+        assert_eq!(d.stream.listen_addr().expect("addr").to_string(), "127.0.0.1:0");
+        assert_eq!(d.stream.idle().expect("idle").as_secs(), 4 * 3600);
+        let c = Config::from_toml("[stream]\nport = 10010\nidle_timeout = \"30m\"\n", Path::new("x"))
+            .expect("parses");
+        assert_eq!(c.stream.port, 10010);
+        assert_eq!(c.stream.idle().expect("idle").as_secs(), 1800);
+        for (text, key) in [
+            ("[stream]\naddress = \"localhost\"\n", "stream.address"),
+            ("[stream]\nidle_timeout = \"0s\"\n", "stream.idle_timeout"),
+            ("[stream]\nidle_timeout = \"4\"\n", "stream.idle_timeout"),
+            ("[stream]\nidle_timeout = \"4d\"\n", "stream.idle_timeout"),
+        ] {
+            let c = Config::from_toml(text, Path::new("x")).expect("parses");
+            match c.validate() {
+                Err(ConfigError::Invalid { key: k, .. }) => assert_eq!(k, key, "{text}"),
+                other => panic!("{text}: {other:?}"),
+            }
+        }
+        assert!(Config::from_toml("[stream]\nport = 70000\n", Path::new("x")).is_err());
+        // TLS is not offered (the stream server speaks plain HTTP): the key is unknown.
+        assert!(Config::from_toml("[stream]\ntls_cert = \"/c.pem\"\n", Path::new("x")).is_err());
     }
 
     #[test]

@@ -74,6 +74,11 @@ pub struct Daemon {
     pub pod_inflight: crate::inflight::InFlight<crisp_proto::cri::v1::RunPodSandboxResponse>,
     /// The events ttrpc server, once started (stopped and its socket removed at shutdown).
     pub events_server: tokio::sync::Mutex<Option<crate::shim_events::EventsServer>>,
+    /// Streaming (exec, attach, port-forward): the attach hubs of running containers, the
+    /// sessions still running or cleaning up, and the stream server once started.
+    pub attach: Arc<crate::stream::attach::Hubs>,
+    pub stream_sessions: Arc<crate::stream::Sessions>,
+    pub stream: std::sync::OnceLock<crate::stream::Streaming>,
 }
 
 /// Per-object async locks, created on demand and dropped when no one holds them, so
@@ -155,6 +160,9 @@ impl Daemon {
             pod_cpu: Default::default(),
             pod_inflight: Default::default(),
             events_server: tokio::sync::Mutex::new(None),
+            attach: Arc::default(),
+            stream_sessions: Arc::default(),
+            stream: std::sync::OnceLock::new(),
         }
     }
 }

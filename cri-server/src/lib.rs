@@ -26,9 +26,10 @@
 //! | `instrument` | the one error-kind → gRPC-code mapping; call entry/exit logs and metrics |
 //! | `server`, `cri/` | the tonic services; one file per CRI call or family |
 //! | `metrics` | Prometheus text on a loopback port |
+//! | `stream` | exec, attach and port-forward sessions behind the stream server (`crisp-stream`) |
 //!
 //! Pods run through the shim's sandbox service (the pause), containers through its task
-//! service. Streaming calls (Exec, Attach, PortForward) belong to a later issue.
+//! service.
 
 pub mod authority;
 pub mod bundle;
@@ -52,4 +53,5 @@ pub mod shim_events;
 pub mod spec;
 pub mod startup;
 pub mod store;
+pub mod stream;
 pub mod util;

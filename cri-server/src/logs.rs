@@ -127,9 +127,20 @@ impl CriLog {
 /// Copy one stream into the log until EOF, splitting into records. Returns the number of
 /// records written (or attempted).
 pub async fn copy_stream<R: AsyncRead + Unpin>(
+    r: R,
+    stream: Stream,
+    log: &CriLog,
+) -> io::Result<u64> {
+    copy_stream_tapped(r, stream, log, None).await
+}
+
+/// [`copy_stream`], also offering each chunk read to the container's attach sessions
+/// (`crate::stream::attach`; never blocks the copy).
+pub async fn copy_stream_tapped<R: AsyncRead + Unpin>(
     mut r: R,
     stream: Stream,
     log: &CriLog,
+    tap: Option<&crate::stream::attach::Tap>,
 ) -> io::Result<u64> {
     let max = log.max_line;
     let mut buf: Vec<u8> = Vec::with_capacity(max.min(64 * 1024) + 1);
@@ -145,6 +156,9 @@ pub async fn copy_stream<R: AsyncRead + Unpin>(
         let n = r.read(&mut chunk).await?;
         if n == 0 {
             break;
+        }
+        if let Some(t) = tap {
+            t.publish(stream, &chunk[..n]);
         }
         buf.extend_from_slice(&chunk[..n]);
         let mut start = 0;
@@ -215,13 +229,15 @@ pub fn open_fifo_reader(path: &Path) -> io::Result<File> {
 
 /// Copy from a FIFO read end opened by [`open_fifo_reader`] until every writer has closed it.
 /// Start it only once a writer exists (the task is created): with none it reads EOF at once.
+/// `tap`: the container's attach hub, held until the copy ends.
 pub async fn copy_from_fifo(
     file: File,
     stream: Stream,
     log: std::sync::Arc<CriLog>,
+    tap: Option<std::sync::Arc<crate::stream::attach::Tap>>,
 ) -> io::Result<u64> {
     let rx = tokio::net::unix::pipe::Receiver::from_file(file)?;
-    copy_stream(rx, stream, &log).await
+    copy_stream_tapped(rx, stream, &log, tap.as_deref()).await
 }
 
 /// Open and close the write end once, so a [`copy_fifo`] still waiting in open returns (and
@@ -498,6 +514,7 @@ mod tests {
             r,
             Stream::Stdout,
             std::sync::Arc::clone(&log),
+            None,
         ));
         w.write_all(b"late\n").expect("write");
         drop(w);

@@ -100,6 +100,7 @@ pub fn render(d: &Daemon) -> String {
         out,
         "# HELP crisp_network_ready Whether a usable CNI config is loaded.\n# TYPE crisp_network_ready gauge\ncrisp_network_ready {ready}"
     );
+    crate::stream::server::render_metrics(d, &mut out);
     out
 }
 

@@ -318,28 +318,25 @@ impl RuntimeService for Cri {
         instrument::call("ExecSync", span, cri::exec_sync::exec_sync(&self.d, req)).await
     }
 
-    async fn exec(&self, _req: Request<pb::ExecRequest>) -> Res<pb::ExecResponse> {
-        not_yet!(
-            "Exec",
-            "streaming (exec/attach/port-forward) belongs to a later issue"
-        )
+    async fn exec(&self, req: Request<pb::ExecRequest>) -> Res<pb::ExecResponse> {
+        let req = req.into_inner();
+        let span = info_span!("Exec", container_id = %req.container_id);
+        instrument::call("Exec", span, cri::streaming::exec(&self.d, req)).await
     }
 
-    async fn attach(&self, _req: Request<pb::AttachRequest>) -> Res<pb::AttachResponse> {
-        not_yet!(
-            "Attach",
-            "streaming (exec/attach/port-forward) belongs to a later issue"
-        )
+    async fn attach(&self, req: Request<pb::AttachRequest>) -> Res<pb::AttachResponse> {
+        let req = req.into_inner();
+        let span = info_span!("Attach", container_id = %req.container_id);
+        instrument::call("Attach", span, cri::streaming::attach(&self.d, req)).await
     }
 
     async fn port_forward(
         &self,
-        _req: Request<pb::PortForwardRequest>,
+        req: Request<pb::PortForwardRequest>,
     ) -> Res<pb::PortForwardResponse> {
-        not_yet!(
-            "PortForward",
-            "streaming (exec/attach/port-forward) belongs to a later issue"
-        )
+        let req = req.into_inner();
+        let span = info_span!("PortForward", pod_id = %req.pod_sandbox_id);
+        instrument::call("PortForward", span, cri::streaming::port_forward(&self.d, req)).await
     }
 
     async fn container_stats(

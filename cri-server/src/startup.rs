@@ -1,5 +1,5 @@
 //! Ordered start-up (promise 4): parse config → open store → snapshotter → recover → CNI →
-//! serve. Each phase is logged by name with its duration. Only a broken config or an
+//! stream → serve. Each phase is logged by name with its duration. Only a broken config or an
 //! unopenable store is fatal; things that may appear later (a CNI config, a runtime binary)
 //! are recorded as conditions that Status and the calls needing them report.
 
@@ -165,6 +165,15 @@ pub async fn prepare(cfg: Config) -> anyhow::Result<Arc<Daemon>> {
     })
     .await?;
 
+    // Streaming: its own phase, after recovery (sessions need the pods' shims). A port that
+    // cannot be bound is fatal, like the CRI socket: kubelet would get URLs nobody serves.
+    phase("stream", async {
+        let addr = crate::stream::server::start(&d).await?;
+        tracing::info!(address = %addr, "serving streams (exec, attach, port-forward)");
+        Ok(())
+    })
+    .await?;
+
     for c in &conditions {
         tracing::warn!(key = %c.key, "{}", c.message);
     }
@@ -199,6 +208,8 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         };
         let dd = Arc::clone(&d);
         crate::server::serve(d, listener, shutdown).await?;
+        // Sessions end with the stream server; their execs are killed and deleted.
+        crate::stream::server::shutdown(&dd).await;
         // Shims keep running (pods survive a crispd restart); only our endpoint goes.
         if let Some(ev) = dd.events_server.lock().await.take() {
             ev.shutdown().await;

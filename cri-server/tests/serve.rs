@@ -190,11 +190,11 @@ async fn serves_version_status_and_picks_up_cni_config() {
     }
 
     let e = c
-        .port_forward(pb::PortForwardRequest::default())
+        .checkpoint_container(pb::CheckpointContainerRequest::default())
         .await
-        .expect_err("PortForward is a later issue");
+        .expect_err("checkpointing is not supported");
     assert_eq!(e.code(), tonic::Code::Unimplemented);
-    assert!(e.message().contains("later issue"), "{}", e.message());
+    assert!(e.message().contains("not supported"), "{}", e.message());
 
     // The event stream opens (and stays open: nothing happens on an idle node).
     let mut events = c

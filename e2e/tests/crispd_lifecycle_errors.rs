@@ -14,8 +14,8 @@
 //! - Status / Version / RuntimeConfig;
 //! - StopContainer: the image's StopSignal is sent first, and a process that ignores it is
 //!   killed after the timeout;
-//! - Exec / Attach / PortForward: Unimplemented with a message (streaming is a later issue);
-//!   UpdateRuntimeConfig accepted;
+//! - Exec / Attach / PortForward: validated before a URL is handed out (InvalidArgument
+//!   naming the field, NotFound, FailedPrecondition); UpdateRuntimeConfig accepted;
 //! - GetContainerEvents: created, started, stopped, deleted, in order, with the pod status;
 //! - concurrent retries of one RunPodSandbox all get the first one's pod;
 //! - PodSandboxStatus (state, times, metadata, labels, annotations, IP, namespaces, verbose);
@@ -1465,10 +1465,10 @@ async fn pid_namespace_modes(env: &TestEnv) -> Result<()> {
 }
 
 // ---------------------------------------------------------------------------------------
-// Streaming calls (a later issue) and UpdateRuntimeConfig
+// Streaming calls (validated before a URL is handed out) and UpdateRuntimeConfig
 
-async fn streaming_unimplemented(env: &TestEnv) -> Result<()> {
-    use tonic::Code::Unimplemented;
+async fn streaming_validation(env: &TestEnv) -> Result<()> {
+    use tonic::Code::{FailedPrecondition, InvalidArgument, NotFound};
     let c = env.cri();
     let mut rt = c.runtime();
     let pod = env.pod_config("stream")?;
@@ -1477,52 +1477,47 @@ async fn streaming_unimplemented(env: &TestEnv) -> Result<()> {
         .cri()
         .run_container(&pod_id, &sleeper("s"), &pod)
         .await?;
-    // Known ids, so only "not implemented" is left to say; the message must say something.
-    let check = |what: &str, r: std::result::Result<(), tonic::Status>| -> Result<()> {
-        match r {
-            Ok(()) => bail!("{what}: OK; streaming is a later issue, want Unimplemented"),
-            Err(s) => {
-                ensure!(
-                    s.code() == Unimplemented,
-                    "{what}: {:?} {:?}, want Unimplemented",
-                    s.code(),
-                    s.message()
-                );
-                ensure!(
-                    !s.message().trim().is_empty(),
-                    "{what}: Unimplemented without a message"
-                );
-                Ok(())
-            }
+    let exec = |container_id: &str, tty: bool, stdin: bool, stdout: bool, stderr: bool| {
+        api::ExecRequest {
+            container_id: container_id.into(),
+            cmd: vec!["sh".into()],
+            tty,
+            stdin,
+            stdout,
+            stderr,
         }
     };
-    let r = rt
-        .exec(api::ExecRequest {
-            container_id: id.clone(),
-            cmd: vec!["sh".into()],
-            stdout: true,
-            ..Default::default()
-        })
-        .await
-        .map(|_| ());
-    check("Exec", r)?;
-    let r = rt
-        .attach(api::AttachRequest {
-            container_id: id.clone(),
-            stdout: true,
-            ..Default::default()
-        })
-        .await
-        .map(|_| ());
-    check("Attach", r)?;
-    let r = rt
-        .port_forward(api::PortForwardRequest {
-            pod_sandbox_id: pod_id.clone(),
-            port: vec![80],
-        })
-        .await
-        .map(|_| ());
-    check("PortForward", r)?;
+    expect_code("Exec tty+stderr", rt.exec(exec(&id, true, false, true, true)).await, InvalidArgument, &["stderr", "tty"])?;
+    expect_code("Exec no stream", rt.exec(exec(&id, false, false, false, false)).await, InvalidArgument, &["stdin", "stdout", "stderr"])?;
+    expect_code("Exec unknown", rt.exec(exec("0123456789abcdef", false, false, true, false)).await, NotFound, &["0123456789abcdef"])?;
+    let mut no_cmd = exec(&id, false, false, true, false);
+    no_cmd.cmd.clear();
+    expect_code("Exec no cmd", rt.exec(no_cmd).await, InvalidArgument, &["cmd"])?;
+    let url = expect_ok("Exec", rt.exec(exec(&id, false, false, true, false)).await)?.url;
+    ensure!(url.starts_with("http://127.0.0.1:") && url.contains("/exec/"), "Exec URL {url}");
+    // The sleeper was created without stdin: attaching stdin is refused, naming it.
+    let attach = |stdin: bool| api::AttachRequest {
+        container_id: id.clone(),
+        stdin,
+        stdout: true,
+        ..Default::default()
+    };
+    expect_code("Attach stdin", rt.attach(attach(true)).await, InvalidArgument, &["stdin", &id])?;
+    let url = expect_ok("Attach", rt.attach(attach(false)).await)?.url;
+    ensure!(url.contains("/attach/"), "Attach URL {url}");
+    let pf = |pod: &str, port: i32| api::PortForwardRequest {
+        pod_sandbox_id: pod.into(),
+        port: vec![port],
+    };
+    for bad in [0, 70000, -1] {
+        expect_code("PortForward port", rt.port_forward(pf(&pod_id, bad)).await, InvalidArgument, &["port", &bad.to_string()])?;
+    }
+    expect_code("PortForward unknown pod", rt.port_forward(pf("0123456789abcdef", 80)).await, NotFound, &["0123456789abcdef"])?;
+    let url = expect_ok("PortForward", rt.port_forward(pf(&pod_id, 80)).await)?.url;
+    ensure!(url.contains("/portforward/"), "PortForward URL {url}");
+    // A stopped container: FailedPrecondition naming its state.
+    c.stop_container(&id, 0).await?;
+    expect_code("Exec exited", rt.exec(exec(&id, false, false, true, false)).await, FailedPrecondition, &["CONTAINER_EXITED"])?;
     // kubelet sends the pod CIDR at start: accepted (the CNI config owns addressing).
     expect_ok(
         "UpdateRuntimeConfig",
@@ -1626,7 +1621,7 @@ mod crispd {
         list_filters,
         status_version_config,
         stop_signal,
-        streaming_unimplemented,
+        streaming_validation,
         container_events,
         retried_run_pod,
         pod_status,

@@ -648,12 +648,25 @@ async fn start_task(
         .snapshotter
         .mounts(id)
         .map_err(|e| snap_err(&format!("container {id}: rootfs mounts"), e))?;
+    // Attach: a stdin FIFO when the container asked for one (crispd holds it open), and the
+    // hub the log copiers offer output to.
+    let stdin = cfg.stdin.then(|| crate::stream::attach::stdin_fifo(&b));
+    if let Some(p) = &stdin {
+        logs::mkfifo(p).map_err(|e| io_err("stdin fifo", e))?;
+    }
+    let tap = d
+        .attach
+        .register(id, cfg.tty, stdin.as_deref(), cfg.stdin_once)
+        .map_err(|e| io_err("open stdin fifo", e))?;
     let create = api::CreateTaskRequest {
         id: id.clone(),
         bundle: b.display().to_string(),
         rootfs: mounts.iter().map(to_proto).collect(),
         terminal: cfg.tty,
-        stdin: String::new(),
+        stdin: stdin
+            .as_ref()
+            .map(|p| p.display().to_string())
+            .unwrap_or_default(),
         stdout: out.display().to_string(),
         stderr: if cfg.tty {
             String::new()
@@ -670,8 +683,8 @@ async fn start_task(
         .map_err(|e| task_err("create", id, e))?;
     // The container holds the FIFOs' write ends now: the copies can start.
     let copiers = vec![
-        spawn_copier(id, r_out, Stream::Stdout, Arc::clone(&log)),
-        spawn_copier(id, r_err, Stream::Stderr, Arc::clone(&log)),
+        spawn_copier(id, r_out, Stream::Stdout, Arc::clone(&log), Some(Arc::clone(&tap))),
+        spawn_copier(id, r_err, Stream::Stderr, Arc::clone(&log), Some(tap)),
     ];
     ctx.registry.live().insert(
         id.clone(),
@@ -710,10 +723,16 @@ fn ctx_t() -> ttrpc::context::Context {
     ctx(TASK_TIMEOUT)
 }
 
-fn spawn_copier(id: &str, r: std::fs::File, stream: Stream, log: Arc<CriLog>) -> JoinHandle<()> {
+fn spawn_copier(
+    id: &str,
+    r: std::fs::File,
+    stream: Stream,
+    log: Arc<CriLog>,
+    tap: Option<Arc<crate::stream::attach::Tap>>,
+) -> JoinHandle<()> {
     let id = id.to_string();
     tokio::spawn(async move {
-        match logs::copy_from_fifo(r, stream, log).await {
+        match logs::copy_from_fifo(r, stream, log, tap).await {
             Ok(n) => {
                 tracing::debug!(container_id = %id, stream = stream.as_str(), records = n, "log copy done")
             }
@@ -1338,10 +1357,21 @@ async fn recover_one(
                     .map_err(|e| CriError::internal(format!("container {id}: open log: {e}")))?,
             );
             let mut copiers = Vec::new();
+            // Attach works again after a restart; the stdin FIFO (if any) is reopened.
+            let cfg = crate::cri::containers::container_config(rec);
+            let stdin = crate::stream::attach::stdin_fifo(&b);
+            let stdin = (cfg.stdin && stdin.exists()).then_some(stdin);
+            let tap = match d.attach.register(id, cfg.tty, stdin.as_deref(), cfg.stdin_once) {
+                Ok(t) => Some(t),
+                Err(e) => {
+                    tracing::warn!(container_id = %id, error = %e, "cannot reopen stdin fifo; attach unavailable");
+                    None
+                }
+            };
             for stream in [Stream::Stdout, Stream::Stderr] {
                 let f = bundle::fifo(&b, stream);
                 match logs::open_fifo_reader(&f) {
-                    Ok(r) => copiers.push(spawn_copier(id, r, stream, Arc::clone(&log))),
+                    Ok(r) => copiers.push(spawn_copier(id, r, stream, Arc::clone(&log), tap.clone())),
                     Err(e) => {
                         tracing::warn!(container_id = %id, stream = stream.as_str(), error = %e, "cannot reopen fifo; output lost")
                     }

@@ -38,16 +38,16 @@ pub const MAX_EXEC_OUTPUT: usize = 16 * 1024 * 1024;
 pub const MAX_EXEC_RESPONSE: usize = 16 * 1024 * 1024 - 4096;
 
 /// Deadline of one ordinary shim call (Exec, Start, Kill, Delete, State).
-const SHIM_CALL: Duration = Duration::from_secs(30);
+pub(crate) const SHIM_CALL: Duration = Duration::from_secs(30);
 /// After the exec process exits, how long to wait for its output to end. A background child
 /// that inherited the pipe keeps it open forever; containerd bounds this the same way
 /// (`drain_exec_sync_io_timeout`).
-const DRAIN_AFTER_EXIT: Duration = Duration::from_secs(10);
+pub(crate) const DRAIN_AFTER_EXIT: Duration = Duration::from_secs(10);
 /// After SIGKILL, how long to wait for the exec process to be reaped before deleting it.
 const KILL_WAIT: Duration = Duration::from_secs(10);
 
 /// The OCI type containerd gives an exec's process spec.
-const PROCESS_TYPE_URL: &str = "types.containerd.io/opencontainers/runtime-spec/1/Process";
+pub(crate) const PROCESS_TYPE_URL: &str = "types.containerd.io/opencontainers/runtime-spec/1/Process";
 
 /// A shim (ttrpc) failure as a CRI error: the shim's own code carries over, a broken
 /// connection is Unavailable. `what` names the call and object.
@@ -161,11 +161,11 @@ pub fn exec_process(
 
 /// How far one exec got, so cleanup undoes exactly that.
 #[derive(Default)]
-struct Progress {
-    added: bool,
-    started: bool,
-    exited: bool,
-    readers: Vec<JoinHandle<Bounded>>,
+pub(crate) struct Progress {
+    pub added: bool,
+    pub started: bool,
+    pub exited: bool,
+    pub readers: Vec<JoinHandle<Bounded>>,
 }
 
 pub async fn exec_sync(
@@ -197,12 +197,7 @@ pub async fn exec_sync(
         .map_err(|e| CriError::internal(format!("encoding exec process: {e}")))?;
 
     let exec_id = uuid::Uuid::new_v4().simple().to_string();
-    let root = d.cfg.state.join("exec");
-    // FIFO dirs of execs a previous crispd was running when it died: nobody reads them now.
-    // Swept once, before this process's first exec makes a dir of its own.
-    static SWEPT: std::sync::Once = std::sync::Once::new();
-    SWEPT.call_once(|| sweep(&root));
-    let dir = root.join(format!("{}-{exec_id}", rec.id));
+    let dir = fifo_dir(d, &rec.id, &exec_id);
     tracing::debug!(%exec_id, cmd = ?req.cmd, "exec");
     // Its own task: cleanup must run even if the caller goes away and this future is dropped.
     // Dropping `_caller` (this future gone: the client hung up, or its gRPC deadline, which
@@ -225,12 +220,23 @@ pub async fn exec_sync(
         .map_err(|e| CriError::internal(format!("ExecSync task: {e}")))?
 }
 
+/// Where one exec's FIFOs go: `<state>/exec/<container>-<exec id>`. Shared with the streaming
+/// exec (`crate::stream::exec`).
+pub(crate) fn fifo_dir(d: &Daemon, container_id: &str, exec_id: &str) -> PathBuf {
+    let root = d.cfg.state.join("exec");
+    // FIFO dirs of execs a previous crispd was running when it died: nobody reads them now.
+    // Swept once, before this process's first exec makes a dir of its own.
+    static SWEPT: std::sync::Once = std::sync::Once::new();
+    SWEPT.call_once(|| sweep(&root));
+    root.join(format!("{container_id}-{exec_id}"))
+}
+
 /// One exec: where it runs and its FIFO directory.
-struct Exec {
-    shim: ShimClient,
-    cid: String,
-    exec_id: String,
-    dir: PathBuf,
+pub(crate) struct Exec {
+    pub shim: ShimClient,
+    pub cid: String,
+    pub exec_id: String,
+    pub dir: PathBuf,
 }
 
 async fn run(
@@ -388,7 +394,7 @@ fn sweep(root: &Path) {
 
 /// Undo what [`run`] did, whatever stopped it: kill a still-running exec and wait for it,
 /// delete it from the shim, stop the readers, remove the FIFOs.
-async fn cleanup(x: &Exec, p: Progress) {
+pub(crate) async fn cleanup(x: &Exec, p: Progress) {
     let (shim, cid, exec_id, dir) = (&x.shim, x.cid.as_str(), x.exec_id.as_str(), x.dir.as_path());
     if p.added {
         if p.started && !p.exited {

@@ -11,6 +11,7 @@ pub mod pods;
 pub mod run_pod;
 pub mod runtime_config;
 pub mod status;
+pub mod streaming;
 pub mod update;
 pub mod version;
 
