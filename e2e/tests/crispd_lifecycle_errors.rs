@@ -1392,13 +1392,20 @@ async fn pod_status(env: &TestEnv) -> Result<()> {
         "verbose PodSandboxStatus has no info"
     );
     crisp_e2e::cri::CriClient::info_pid(&verbose.info).context("verbose info")?;
-    // The shim's own SandboxStatus details join the map, as containerd passes them through.
+    // The shim's own SandboxStatus details join the `info` object (never the map, whose
+    // keys crictl merges over its own `status`); the pause's state is `processStatus`.
     ensure!(
-        verbose.info.get("status").map(String::as_str) == Some("running")
-            && verbose.info.get("bundle").is_some_and(|b| !b.is_empty())
-            && verbose.info.contains_key("cgroupsPath"),
-        "verbose PodSandboxStatus without the shim's status, bundle and cgroupsPath: {:?}",
-        verbose.info
+        verbose.info.keys().collect::<Vec<_>>() == vec!["info"],
+        "verbose PodSandboxStatus keys {:?}, want only \"info\"",
+        verbose.info.keys()
+    );
+    let doc: serde_json::Value = serde_json::from_str(&verbose.info["info"])?;
+    ensure!(
+        doc["processStatus"] == "running"
+            && doc["bundle"].as_str().is_some_and(|b| !b.is_empty())
+            && doc["cgroupsPath"].is_string(),
+        "verbose PodSandboxStatus info without the shim's processStatus, bundle and \
+         cgroupsPath: {doc}"
     );
 
     c.stop_pod(&pod_id).await?;
