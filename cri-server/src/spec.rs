@@ -563,7 +563,8 @@ fn group_entries(text: &str) -> Vec<(String, u32, Vec<String>)> {
 
 /// Who the process runs as: CRI run_as_user / run_as_username / run_as_group over the image's
 /// USER, names resolved in the image's /etc/passwd and /etc/group; supplemental groups are the
-/// user's groups in the image (unless the policy is Strict) plus the CRI ones.
+/// primary group, the user's groups in the image (unless the policy is Strict) and the CRI
+/// ones, each once.
 pub fn resolve_user(
     sc: &pb::LinuxContainerSecurityContext,
     image_user: &str,
@@ -650,12 +651,15 @@ pub fn resolve_user(
         })?);
     }
     let gid = gid.unwrap_or(0);
-    let mut extra: Vec<u32> = Vec::new();
+    // The primary group is a supplementary group too, as containerd (since the fix for
+    // CVE-2023-25173) and Docker set it: a process that drops its gid keeps that access, and
+    // ContainerStatus.user lists it (critest's SupplementalGroupsPolicy specs expect it).
+    let mut extra: Vec<u32> = vec![gid];
     let strict = SupplementalGroupsPolicy::try_from(sc.supplemental_groups_policy)
         == Ok(SupplementalGroupsPolicy::Strict);
     if !strict && let Some(n) = &name {
         for (_, g, members) in &groups {
-            if members.iter().any(|m| m == n) && *g != gid && !extra.contains(g) {
+            if members.iter().any(|m| m == n) && !extra.contains(g) {
                 extra.push(*g);
             }
         }

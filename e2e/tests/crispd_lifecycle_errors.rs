@@ -3,7 +3,8 @@
 //! bridge) and ends with a full teardown and leak check.
 //!
 //! - unknown ids: NotFound for every call that reads or changes a pod or container; OK for
-//!   the removals (kubelet retries them and treats "already gone" as done);
+//!   the stops and removals (CRI makes them idempotent; kubelet retries them and treats
+//!   "already gone" as done);
 //! - wrong state: FailedPrecondition (StartContainer twice, CreateContainer in a stopped pod,
 //!   ExecSync in an exited container);
 //! - bad config: InvalidArgument whose message names the field;
@@ -84,12 +85,6 @@ async fn unknown_ids(env: &TestEnv) -> Result<()> {
         &[&id],
     )?;
     expect_code(
-        "StopContainer(unknown)",
-        rt.stop_container(req::stop_container(&id, 1)).await,
-        NotFound,
-        &[&id],
-    )?;
-    expect_code(
         "ExecSync(unknown)",
         rt.exec_sync(req::exec_sync(&id, &["true"], 5)).await,
         NotFound,
@@ -143,7 +138,19 @@ async fn unknown_ids(env: &TestEnv) -> Result<()> {
         NotFound,
         &[&id],
     )?;
-    // Removals of what is not there are done already.
+    // Removals and stops of what is not there are done already (CRI: the four calls are
+    // idempotent; critest's Idempotence specs call Stop* with a fresh UUID).
+    expect_ok(
+        "StopContainer(unknown)",
+        rt.stop_container(req::stop_container(&id, 1)).await,
+    )?;
+    expect_ok(
+        "StopPodSandbox(unknown)",
+        rt.stop_pod_sandbox(api::StopPodSandboxRequest {
+            pod_sandbox_id: id.clone(),
+        })
+        .await,
+    )?;
     expect_ok(
         "RemoveContainer(unknown)",
         rt.remove_container(req::remove_container(&id)).await,
@@ -152,21 +159,6 @@ async fn unknown_ids(env: &TestEnv) -> Result<()> {
         "RemovePodSandbox(unknown)",
         rt.remove_pod_sandbox(req::remove_pod(&id)).await,
     )?;
-    // StopPodSandbox: containerd answers NotFound, the CRI spec allows OK; either, nothing else.
-    match rt
-        .stop_pod_sandbox(api::StopPodSandboxRequest {
-            pod_sandbox_id: id.clone(),
-        })
-        .await
-    {
-        Ok(_) => {}
-        Err(s) if s.code() == NotFound => {}
-        Err(s) => bail!(
-            "StopPodSandbox(unknown): {:?} {:?}, want OK or NotFound",
-            s.code(),
-            s.message()
-        ),
-    }
 
     // Removing twice: the second removal of a real pod and container is OK too.
     let pod_id = c.run_pod(&pod).await?;
@@ -183,6 +175,10 @@ async fn unknown_ids(env: &TestEnv) -> Result<()> {
         NotFound,
         &[],
     )?;
+    expect_ok(
+        "StopContainer(removed)",
+        rt.stop_container(req::stop_container(&cid, 1)).await,
+    )?;
     c.stop_pod(&pod_id).await?;
     for round in 1..=2 {
         expect_ok(
@@ -195,6 +191,13 @@ async fn unknown_ids(env: &TestEnv) -> Result<()> {
         rt.pod_sandbox_status(req::pod_status(&pod_id)).await,
         NotFound,
         &[],
+    )?;
+    expect_ok(
+        "StopPodSandbox(removed)",
+        rt.stop_pod_sandbox(api::StopPodSandboxRequest {
+            pod_sandbox_id: pod_id.clone(),
+        })
+        .await,
     )?;
     Ok(())
 }
@@ -1389,13 +1392,20 @@ async fn pod_status(env: &TestEnv) -> Result<()> {
         "verbose PodSandboxStatus has no info"
     );
     crisp_e2e::cri::CriClient::info_pid(&verbose.info).context("verbose info")?;
-    // The shim's own SandboxStatus details join the map, as containerd passes them through.
+    // The shim's own SandboxStatus details join the `info` object (never the map, whose
+    // keys crictl merges over its own `status`); the pause's state is `processStatus`.
     ensure!(
-        verbose.info.get("status").map(String::as_str) == Some("running")
-            && verbose.info.get("bundle").is_some_and(|b| !b.is_empty())
-            && verbose.info.contains_key("cgroupsPath"),
-        "verbose PodSandboxStatus without the shim's status, bundle and cgroupsPath: {:?}",
-        verbose.info
+        verbose.info.keys().collect::<Vec<_>>() == vec!["info"],
+        "verbose PodSandboxStatus keys {:?}, want only \"info\"",
+        verbose.info.keys()
+    );
+    let doc: serde_json::Value = serde_json::from_str(&verbose.info["info"])?;
+    ensure!(
+        doc["processStatus"] == "running"
+            && doc["bundle"].as_str().is_some_and(|b| !b.is_empty())
+            && doc["cgroupsPath"].is_string(),
+        "verbose PodSandboxStatus info without the shim's processStatus, bundle and \
+         cgroupsPath: {doc}"
     );
 
     c.stop_pod(&pod_id).await?;

@@ -6,7 +6,8 @@
 //! which joins the user namespace first, can still join the pod's netns.
 //!
 //! - Two pods get disjoint host ID ranges (promise 1); each container's root is the first ID
-//!   of its pod's range on the host (/proc/<pid>/status), `id -u` inside is 0, the rootfs is
+//!   of its pod's range on the host (/proc/<pid>/status), `id -u` inside is 0 and so is
+//!   ContainerStatus.user (IDs inside the container, not the host's), the rootfs is
 //!   owned by 0 inside (`ls -ln /`), eth0 carries the IP PodSandboxStatus reports, and the
 //!   host reaches a server in the pod at that IP.
 //! - With both ranges of the (test-private) subuid file in use, a third pod is refused with
@@ -109,6 +110,14 @@ async fn run_and_check(env: &TestEnv, name: &str) -> Result<Running> {
     ensure!(
         host_gid == GID_BASE + (host_uid - UID_BASE),
         "{name}: container root is host gid {host_gid} (uid {host_uid})"
+    );
+    // ContainerStatus.user is the identity inside the container (what the pod asked for and
+    // `id` prints there), not the host IDs it maps to.
+    let user = env.cri().container_status(&container).await?.user;
+    let linux = user.as_ref().and_then(|u| u.linux.as_ref());
+    ensure!(
+        linux.is_some_and(|l| l.uid == 0 && l.gid == 0 && l.supplemental_groups.contains(&0)),
+        "{name}: ContainerStatus.user {user:?}, want uid 0, gid 0 inside (host {host_uid}:{host_gid})"
     );
     // The pause is in the same user namespace (its 65535 is the range's last ID).
     let pause = env.cri().sandbox_pid(&pod).await?;

@@ -1026,7 +1026,13 @@ pub async fn stop_container(
     d: &Daemon,
     req: StopContainerRequest,
 ) -> Result<StopContainerResponse, CriError> {
-    let rec = crate::cri::containers::find(&d.store, &req.container_id)?;
+    let rec = match crate::cri::containers::find(&d.store, &req.container_id) {
+        Ok(r) => r,
+        // CRI: StopContainer is idempotent; a container already gone (removed, or never
+        // here) is stopped. An empty or ambiguous id is still an error.
+        Err(e) if e.kind == ErrorKind::NotFound => return Ok(StopContainerResponse {}),
+        Err(e) => return Err(e),
+    };
     let timeout = Duration::from_secs(u64::try_from(req.timeout).unwrap_or(0));
     let _g = d.containers.lock(&rec.id).await;
     stop_locked(d, &rec.id, timeout).await?;
@@ -1642,5 +1648,23 @@ mod tests {
         };
         let m = sandbox_mounts(d.path(), "p1", &host_ipc);
         assert!(m.contains(&("/dev/shm".into(), "/dev/shm".into())));
+    }
+
+    #[tokio::test]
+    async fn stop_of_an_unknown_container_is_ok_but_a_bad_id_is_not() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let d = Daemon::for_test(dir.path());
+        let stop = |id: &str| StopContainerRequest {
+            container_id: id.into(),
+            timeout: 1,
+        };
+        stop_container(&d, stop(&"d".repeat(64)))
+            .await
+            .expect("StopContainer of a container that is not there is OK (CRI: idempotent)");
+        let e = stop_container(&d, stop(""))
+            .await
+            .expect_err("an empty id names nothing");
+        assert_eq!(e.kind, ErrorKind::InvalidArgument);
+        assert!(e.to_string().contains("container_id"), "{e}");
     }
 }

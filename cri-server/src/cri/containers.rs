@@ -6,8 +6,8 @@ use std::collections::HashMap;
 
 use crisp_proto::cri::v1::{
     Container, ContainerConfig, ContainerFilter, ContainerState as PbState, ContainerStatus,
-    ContainerStatusRequest, ContainerStatusResponse, ImageSpec, ListContainersRequest,
-    ListContainersResponse,
+    ContainerStatusRequest, ContainerStatusResponse, ContainerUser, ImageSpec, LinuxContainerUser,
+    ListContainersRequest, ListContainersResponse,
 };
 use prost::Message;
 
@@ -155,16 +155,25 @@ pub fn status_of(
     verbose: bool,
 ) -> ContainerStatusResponse {
     let cfg = container_config(rec);
+    let bundle = crate::bundle::dir(state, &rec.id);
+    // The spec the shim handed to the OCI runtime: the bundle lives from CreateContainer to
+    // RemoveContainer, as long as the record does.
+    let spec = crate::bundle::read_spec(&bundle);
+    if spec.is_none() {
+        tracing::warn!(container_id = %rec.id, bundle = %bundle.display(),
+            "ContainerStatus: the bundle's config.json is unreadable; no user, no runtimeSpec");
+    }
+    let user = spec.as_ref().and_then(user_of);
     let mut info = HashMap::new();
     if verbose {
-        let bundle = crate::bundle::dir(state, &rec.id);
+        // containerd's key names (sandboxID, pid, snapshotKey, runtimeSpec) where it has one.
         let v = serde_json::json!({
             "sandboxID": rec.pod_id,
             "pid": rec.pid,
             "bundle": bundle.display().to_string(),
             "snapshotKey": rec.id,
             "logPath": rec.log_path,
-            "runtimeSpec": crate::bundle::read_spec(&bundle),
+            "runtimeSpec": spec,
         });
         info.insert("info".to_string(), v.to_string());
     }
@@ -197,11 +206,33 @@ pub fn status_of(
                     linux: Some(r),
                     windows: None,
                 }),
-            user: None,
+            user,
             stop_signal: cfg.stop_signal,
         }),
         info,
     }
+}
+
+/// ContainerStatus.user: the uid, gid and supplementary groups the container's first process
+/// was started with, which CRI defines it as ("initially attached to the first process"),
+/// read from the OCI spec's `process.user` as containerd does. These are IDs inside the
+/// container: with a user namespace the spec holds them unmapped, as the pod asked for them.
+/// The runtime applies them as written (setgroups(additionalGids), setgid, setuid), so they
+/// are what /proc/<pid>/status shows for that process, mapped back into its namespace.
+fn user_of(spec: &serde_json::Value) -> Option<ContainerUser> {
+    let user = spec.get("process")?.get("user")?;
+    let id = |v: &serde_json::Value| v.as_u64().map(|n| n as i64);
+    let supplemental_groups = match user.get("additionalGids") {
+        Some(serde_json::Value::Array(a)) => a.iter().filter_map(id).collect(),
+        _ => Vec::new(),
+    };
+    Some(ContainerUser {
+        linux: Some(LinuxContainerUser {
+            uid: id(user.get("uid")?)?,
+            gid: id(user.get("gid")?)?,
+            supplemental_groups,
+        }),
+    })
 }
 
 #[cfg(test)]
@@ -341,6 +372,51 @@ mod tests {
         assert_eq!(
             image_names(&images, &r, &cfg),
             (spec, "sha256:abc".to_string())
+        );
+    }
+
+    #[test]
+    fn user_is_the_specs_process_user_and_absent_without_a_bundle() {
+        let (d, s) = store();
+        let images = crate::daemon::Daemon::for_test(d.path()).images;
+        let state = d.path().join("state");
+        let spec: oci_spec::runtime::Spec = serde_json::from_value(serde_json::json!({
+            "ociVersion": "1.0.2",
+            "process": {
+                "cwd": "/",
+                "user": {"uid": 1000, "gid": 1000, "additionalGids": [1000, 1234, 50000]},
+            },
+        }))
+        .expect("spec");
+        crate::bundle::create(&crate::bundle::dir(&state, "c1"), &spec).expect("bundle");
+        let status = |id: &str| {
+            container_status(
+                &s,
+                &images,
+                &state,
+                ContainerStatusRequest {
+                    container_id: id.into(),
+                    verbose: false,
+                },
+            )
+            .expect("status")
+            .status
+            .expect("status")
+        };
+        assert_eq!(
+            status("c1").user,
+            Some(ContainerUser {
+                linux: Some(LinuxContainerUser {
+                    uid: 1000,
+                    gid: 1000,
+                    supplemental_groups: vec![1000, 1234, 50000],
+                }),
+            })
+        );
+        assert_eq!(
+            status("c2").user,
+            None,
+            "no bundle: no user, not a made-up one"
         );
     }
 

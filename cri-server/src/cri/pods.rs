@@ -105,6 +105,10 @@ pub fn pod_sandbox_status(
     });
     let mut info = HashMap::new();
     if req.verbose {
+        // One key, `info`, holding a JSON object, as containerd answers: crictl merges every
+        // key of this map into the top level of its output, after its own `status`, so any
+        // other key could shadow what crictl prints. Names follow containerd's where it has
+        // the same fact (pid, runtimeHandler).
         let v = serde_json::json!({
             "pid": rec.pause_pid,
             "netNamespacePath": rec.netns_path,
@@ -145,9 +149,9 @@ pub fn pod_sandbox_status(
 const SHIM_STATUS_CALL: Duration = Duration::from_secs(5);
 
 /// PodSandboxStatus as served. With `verbose`, the entries of the shim's own verbose
-/// SandboxStatus (cgroupsPath, netnsPath, bundle, status, exitStatus) join the info map, as
-/// containerd passes a shim sandboxer's info through. Without a shim that answers (gone,
-/// or a pod still being set up) the store's answer stands: the details are extras.
+/// SandboxStatus (cgroupsPath, bundle, status, exitStatus) join the `info` object. Without a
+/// shim that answers (gone, or a pod still being set up) the store's answer stands: the
+/// details are extras.
 pub async fn pod_sandbox_status_served(
     d: &Daemon,
     req: PodSandboxStatusRequest,
@@ -183,11 +187,33 @@ pub async fn pod_sandbox_status_served(
     Ok(resp)
 }
 
-/// The shim's entries join ours; on a clash ours (the `info` document) stays.
+/// The shim's entries join our `info` object, never the map itself (its `status` would
+/// replace crictl's). Its `status` is the pause process's state, which containerd calls
+/// `processStatus`; `netnsPath` repeats our `netNamespacePath`. On a clash ours stays.
 fn merge_shim_info(info: &mut HashMap<String, String>, shim: HashMap<String, String>) {
+    let Some(doc) = info.get_mut("info") else {
+        return;
+    };
+    let mut obj = match serde_json::from_str::<serde_json::Value>(doc) {
+        Ok(serde_json::Value::Object(o)) => o,
+        _ => return,
+    };
     for (k, v) in shim {
-        info.entry(k).or_insert(v);
+        let key = match k.as_str() {
+            "status" => "processStatus".to_string(),
+            "netnsPath" => continue,
+            _ => k,
+        };
+        let value = match key.as_str() {
+            "exitStatus" => v
+                .parse::<u32>()
+                .map(serde_json::Value::from)
+                .unwrap_or(serde_json::Value::String(v)),
+            _ => serde_json::Value::String(v),
+        };
+        obj.entry(key).or_insert(value);
     }
+    *doc = serde_json::Value::Object(obj).to_string();
 }
 
 #[cfg(test)]
@@ -342,20 +368,31 @@ mod tests {
     }
 
     #[test]
-    fn shim_info_joins_ours_without_replacing_it() {
-        let mut info: HashMap<String, String> = [("info".to_string(), "{}".to_string())].into();
+    fn shim_info_joins_our_info_object_and_never_the_map() {
+        let mut info: HashMap<String, String> =
+            [("info".to_string(), r#"{"pid":42}"#.to_string())].into();
         merge_shim_info(
             &mut info,
             [
-                ("info".to_string(), "theirs".to_string()),
+                ("pid".to_string(), "7".to_string()),
                 ("bundle".to_string(), "/run/x".to_string()),
-                ("status".to_string(), "running".to_string()),
+                ("status".to_string(), "stopped".to_string()),
+                ("exitStatus".to_string(), "137".to_string()),
+                ("netnsPath".to_string(), "/run/netns/x".to_string()),
             ]
             .into(),
         );
-        assert_eq!(info["info"], "{}");
-        assert_eq!(info["bundle"], "/run/x");
-        assert_eq!(info["status"], "running");
+        // crictl inspectp merges these keys over its own `status`: only `info` may be here.
+        assert_eq!(info.keys().collect::<Vec<_>>(), vec!["info"]);
+        let doc: serde_json::Value = serde_json::from_str(&info["info"]).expect("JSON");
+        assert_eq!(doc["pid"], 42, "ours wins a clash");
+        assert_eq!(doc["bundle"], "/run/x");
+        assert_eq!(doc["processStatus"], "stopped");
+        assert_eq!(doc["exitStatus"], 137);
+        assert!(
+            doc.get("status").is_none() && doc.get("netnsPath").is_none(),
+            "{doc}"
+        );
     }
 
     #[tokio::test]

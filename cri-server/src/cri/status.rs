@@ -51,26 +51,7 @@ pub async fn status(d: &Daemon, req: StatusRequest) -> Result<StatusResponse, Cr
 
     let mut info = HashMap::new();
     if req.verbose {
-        let conds: Vec<_> = d
-            .conditions
-            .list()
-            .into_iter()
-            .map(|c| serde_json::json!({"key": c.key, "message": c.message}))
-            .collect();
-        info.insert(
-            "conditions".into(),
-            serde_json::Value::Array(conds).to_string(),
-        );
-        info.insert(
-            "config".into(),
-            serde_json::to_string(&*d.cfg).unwrap_or_else(|e| format!("unrenderable: {e}")),
-        );
-        if let Ok(c) = d.cni.current() {
-            info.insert(
-                "cniconfig".into(),
-                serde_json::to_string(&*c).unwrap_or_default(),
-            );
-        }
+        info.insert("info".to_string(), verbose_info(d).to_string());
     }
 
     Ok(StatusResponse {
@@ -83,6 +64,36 @@ pub async fn status(d: &Daemon, req: StatusRequest) -> Result<StatusResponse, Cr
             supplemental_groups_policy: true,
             user_namespaces_host_network: false,
         }),
+    })
+}
+
+/// Status's verbose data, all under the one key `info` (a JSON object): `crictl info`
+/// merges every key of the map into the top level of its output after its own `status`,
+/// `runtimeHandlers` and `features`, so any other key risks shadowing one of them, now or
+/// in a later crictl. Inside, containerd's names for the same facts: `config` (the daemon's
+/// effective configuration), `cniconfig` (the network config in use) and
+/// `lastCNILoadStatus` ("OK" or why none loaded); `conditions` are crispd's start-up notes.
+fn verbose_info(d: &Daemon) -> serde_json::Value {
+    let conds: Vec<_> = d
+        .conditions
+        .list()
+        .into_iter()
+        .map(|c| serde_json::json!({"key": c.key, "message": c.message}))
+        .collect();
+    let config = serde_json::to_value(&*d.cfg)
+        .unwrap_or_else(|e| serde_json::Value::String(format!("unrenderable: {e}")));
+    let (cni, cni_status) = match d.cni.current() {
+        Ok(c) => (
+            serde_json::to_value(&*c).unwrap_or(serde_json::Value::Null),
+            "OK".to_string(),
+        ),
+        Err(e) => (serde_json::Value::Null, e.to_string()),
+    };
+    serde_json::json!({
+        "config": config,
+        "cniconfig": cni,
+        "lastCNILoadStatus": cni_status,
+        "conditions": conds,
     })
 }
 
@@ -130,7 +141,17 @@ mod tests {
         assert!(net.message.contains("net.d"), "{}", net.message);
         let names: Vec<_> = s.runtime_handlers.iter().map(|h| h.name.as_str()).collect();
         assert_eq!(names, vec!["", "crun", "runc"]);
-        assert!(s.info.contains_key("config"));
+        // crictl info merges the map over its own status/runtimeHandlers/features: one key.
+        assert_eq!(s.info.keys().collect::<Vec<_>>(), vec!["info"]);
+        let doc: serde_json::Value = serde_json::from_str(&s.info["info"]).expect("JSON");
+        assert!(doc["config"]["listen"].is_string(), "{doc}");
+        assert!(doc["cniconfig"].is_null(), "{doc}");
+        assert!(
+            doc["lastCNILoadStatus"]
+                .as_str()
+                .is_some_and(|m| m.contains("net.d")),
+            "{doc}"
+        );
     }
 
     #[tokio::test]

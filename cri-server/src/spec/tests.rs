@@ -275,7 +275,7 @@ fn user_of(s: &Spec) -> (u32, u32, Vec<u32>) {
 #[test]
 fn image_user_by_name_resolves_uid_gid_and_groups() {
     let s = build_ok(&pod(), &ctr(), &image("app", &["/e"], &[]));
-    assert_eq!(user_of(&s), (1000, 1000, vec![10, 44]));
+    assert_eq!(user_of(&s), (1000, 1000, vec![1000, 10, 44]));
 }
 
 #[test]
@@ -284,9 +284,9 @@ fn image_user_with_group_and_numeric_forms() {
     assert_eq!(user_of(&s).0, 1000);
     assert_eq!(user_of(&s).1, 50);
     let s = build_ok(&pod(), &ctr(), &image("1234:99", &["/e"], &[]));
-    assert_eq!(user_of(&s), (1234, 99, vec![]));
+    assert_eq!(user_of(&s), (1234, 99, vec![99]));
     let s = build_ok(&pod(), &ctr(), &image("", &["/e"], &[]));
-    assert_eq!(user_of(&s), (0, 0, vec![]));
+    assert_eq!(user_of(&s), (0, 0, vec![0]));
 }
 
 #[test]
@@ -318,7 +318,7 @@ fn cri_run_as_user_group_and_supplemental_groups_override() {
         &with_sc(ctr(), sc.clone()),
         &image("nobody", &["/e"], &[]),
     );
-    assert_eq!(user_of(&s), (1000, 3000, vec![10, 44, 4000]));
+    assert_eq!(user_of(&s), (1000, 3000, vec![3000, 10, 44, 4000]));
     let strict = LinuxContainerSecurityContext {
         supplemental_groups_policy: SupplementalGroupsPolicy::Strict as i32,
         ..sc
@@ -330,7 +330,7 @@ fn cri_run_as_user_group_and_supplemental_groups_override() {
     );
     assert_eq!(
         user_of(&s),
-        (1000, 3000, vec![4000, 10]),
+        (1000, 3000, vec![3000, 4000, 10]),
         "Strict ignores the image's groups"
     );
     let by_name = LinuxContainerSecurityContext {
