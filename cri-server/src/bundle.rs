@@ -29,9 +29,9 @@ pub enum BundleError {
     Remove { path: PathBuf, message: String },
 }
 
-impl crate::instrument::HasKind for BundleError {
-    fn kind(&self) -> crate::instrument::ErrorKind {
-        crate::instrument::ErrorKind::Internal
+impl crate::error::HasKind for BundleError {
+    fn kind(&self) -> crate::error::ErrorKind {
+        crate::error::ErrorKind::Internal
     }
 }
 

@@ -74,6 +74,8 @@ pub struct Daemon {
     pub pod_inflight: crate::inflight::InFlight<crisp_proto::cri::v1::RunPodSandboxResponse>,
     /// The events ttrpc server, once started (stopped and its socket removed at shutdown).
     pub events_server: tokio::sync::Mutex<Option<crate::shim_events::EventsServer>>,
+    /// This daemon's CRI call counters (recorded by `instrument::call`).
+    pub metrics: Arc<crate::metrics::Metrics>,
 }
 
 /// Per-object async locks, created on demand and dropped when no one holds them, so
@@ -155,6 +157,16 @@ impl Daemon {
             pod_cpu: Default::default(),
             pod_inflight: Default::default(),
             events_server: tokio::sync::Mutex::new(None),
+            metrics: Arc::default(),
+        }
+    }
+
+    /// What the metrics endpoint reads at each scrape.
+    pub fn scrape(&self) -> crate::metrics::Scrape {
+        crate::metrics::Scrape {
+            metrics: Arc::clone(&self.metrics),
+            store: self.store.clone(),
+            cni: Arc::clone(&self.cni),
         }
     }
 }

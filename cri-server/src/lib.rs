@@ -23,6 +23,7 @@
 //! | `bundle` | a container's bundle directory and its `config.json` |
 //! | `authority` | HTTP/2 `:authority` fix-up for grpc-go < 1.53 clients (kubelet ≤ 1.27) |
 //! | `inflight` | single flight for retried slow calls (RunPodSandbox) |
+//! | `error` | error kinds (`HasKind`) and the CRI error; no gRPC, no metrics |
 //! | `instrument` | the one error-kind → gRPC-code mapping; call entry/exit logs and metrics |
 //! | `server`, `cri/` | the tonic services; one file per CRI call or family |
 //! | `metrics` | Prometheus text on a loopback port |
@@ -36,6 +37,7 @@ pub mod cni;
 pub mod config;
 pub mod cri;
 pub mod daemon;
+pub mod error;
 pub mod idmap;
 pub mod inflight;
 pub mod instrument;

@@ -13,7 +13,7 @@ use crisp_proto::cri::v1::{
 };
 
 use crate::daemon::Daemon;
-use crate::instrument::CriError;
+use crate::error::CriError;
 use crate::store::records::{PodRecord, PodState};
 
 const CGROUP_ROOT: &str = "/sys/fs/cgroup";

@@ -116,7 +116,7 @@ pub async fn recover_pods(d: &Daemon, r: &mut Report) -> Result<(), StoreError> 
                 t::release_network_opt(d, &id, netns.as_deref(), true).await?;
                 t::release_owned(d, &rec).await?;
                 d.store.delete::<PodRecord>(&id)?;
-                Ok::<_, crate::instrument::CriError>(())
+                Ok::<_, crate::error::CriError>(())
             }
             .await;
             match res {

@@ -27,7 +27,7 @@ use oci_spec::runtime::{
 
 use crate::config::CgroupDriver;
 use crate::idmap::PodIdMap;
-use crate::instrument::{ErrorKind, HasKind};
+use crate::error::{ErrorKind, HasKind};
 
 #[derive(Debug, thiserror::Error)]
 pub enum SpecError {

@@ -183,7 +183,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         if !d.cfg.metrics.address.is_empty() {
             // Validated as a loopback host:port by the config phase.
             match d.cfg.metrics.address.parse() {
-                Ok(addr) => match crate::metrics::spawn(Arc::clone(&d), addr).await {
+                Ok(addr) => match crate::metrics::spawn(d.scrape(), addr).await {
                     Ok(a) => tracing::info!(address = %a, "serving metrics"),
                     Err(e) => tracing::warn!(key = "metrics.address",
                         value = %d.cfg.metrics.address, error = %e, "metrics not served"),

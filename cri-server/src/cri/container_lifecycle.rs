@@ -45,9 +45,9 @@ use tokio::task::JoinHandle;
 
 use crate::bundle;
 use crate::daemon::{Daemon, ObjectLocks};
-use crate::instrument::{CriError, ErrorKind};
+use crate::error::{CriError, ErrorKind};
 use crate::logs::{self, CriLog, Stream};
-use crate::shim_client::{ShimClient, ctx, is_not_found};
+use crate::shim_client::{ShimCallError, ShimClient, ctx, is_not_found};
 use crate::shim_events::ShimEvent;
 use crate::store::Store;
 use crate::store::records::{ContainerRecord, ContainerState, PodRecord, PodState};
@@ -221,30 +221,13 @@ fn to_proto(m: &crisp_snapshotter::mount::Mount) -> api::Mount {
 }
 
 fn snap_err(what: &str, e: crisp_snapshotter::Error) -> CriError {
-    use crisp_snapshotter::ErrorKind as K;
-    let kind = match e.kind() {
-        K::NotFound => ErrorKind::NotFound,
-        K::AlreadyExists => ErrorKind::AlreadyExists,
-        K::FailedPrecondition => ErrorKind::FailedPrecondition,
-        K::InvalidArgument => ErrorKind::InvalidArgument,
-        K::Internal => ErrorKind::Internal,
-    };
-    CriError::new(kind, format!("{what}: {e}"))
+    CriError::context(what, e)
 }
 
-/// A task call's error as a CRI error: the shim's own code when it answered, Unavailable when
-/// it could not be reached.
+/// A task call's error: the shim's own code when it answered, Unavailable when it could not
+/// be reached.
 fn task_err(call: &str, id: &str, e: ttrpc::Error) -> CriError {
-    match &e {
-        ttrpc::Error::RpcStatus(s) => CriError::new(
-            crate::shim_client::status_kind(s.code()),
-            format!("container {id}: task {call}: {}", s.message),
-        ),
-        _ => CriError::new(
-            ErrorKind::Unavailable,
-            format!("container {id}: task {call}: shim unreachable: {e}"),
-        ),
-    }
+    ShimCallError::task(format!("container {id}: task {call}"), e).into()
 }
 
 /// A file of the image read from its layer directories, topmost first (no mount needed).

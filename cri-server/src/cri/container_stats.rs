@@ -27,7 +27,7 @@ use crisp_proto::cri::v1::{
 use crate::cri::containers;
 use crate::cri::exec_sync::task_error;
 use crate::daemon::Daemon;
-use crate::instrument::CriError;
+use crate::error::CriError;
 use crate::shim_client::ctx;
 use crate::shim_client::is_not_found;
 use crate::store::records::{ContainerRecord, ContainerState};
@@ -350,7 +350,7 @@ pub async fn list_container_stats(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::instrument::ErrorKind;
+    use crate::error::ErrorKind;
     use containerd_shim_protos::protobuf::MessageFull;
 
     fn pack<M: MessageFull>(m: &M) -> Any {

@@ -11,7 +11,7 @@ use crisp_proto::cri::v1::{
 };
 use prost::Message;
 
-use crate::instrument::CriError;
+use crate::error::CriError;
 use crate::store::Store;
 use crate::store::records::{ContainerRecord, ContainerState};
 
@@ -207,7 +207,7 @@ pub fn status_of(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::instrument::ErrorKind;
+    use crate::error::ErrorKind;
     use crisp_proto::cri::v1::{ContainerMetadata, ContainerStateValue};
 
     fn rec(

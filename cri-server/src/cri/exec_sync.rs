@@ -23,7 +23,7 @@ use tokio::task::JoinHandle;
 
 use crate::cri::containers;
 use crate::daemon::Daemon;
-use crate::instrument::{CriError, ErrorKind};
+use crate::error::{CriError, ErrorKind};
 use crate::shim_client::{ShimClient, ctx};
 use crate::store::records::{ContainerRecord, ContainerState};
 
@@ -52,13 +52,7 @@ const PROCESS_TYPE_URL: &str = "types.containerd.io/opencontainers/runtime-spec/
 /// A shim (ttrpc) failure as a CRI error: the shim's own code carries over, a broken
 /// connection is Unavailable. `what` names the call and object.
 pub fn task_error(what: &str, e: ttrpc::Error) -> CriError {
-    match e {
-        ttrpc::Error::RpcStatus(s) => CriError::new(
-            crate::shim_client::status_kind(s.code()),
-            format!("{what}: {}", s.message()),
-        ),
-        other => CriError::new(ErrorKind::Unavailable, format!("{what}: shim: {other}")),
-    }
+    crate::shim_client::ShimCallError::task(what, e).into()
 }
 
 use crate::shim_client::is_not_found;
@@ -541,21 +535,6 @@ pub(crate) mod tests {
         assert_eq!(p["noNewPrivileges"], true);
         let e = exec_process(&serde_json::json!({}), &["true".into()]).expect_err("no process");
         assert_eq!(e.kind, ErrorKind::Internal);
-    }
-
-    #[test]
-    fn shim_codes_carry_over() {
-        let e = task_error(
-            "Stats",
-            ttrpc::Error::RpcStatus(ttrpc::get_status(
-                ttrpc::Code::NOT_FOUND,
-                "task c1 not found",
-            )),
-        );
-        assert_eq!(e.kind, ErrorKind::NotFound);
-        assert_eq!(e.message, "Stats: task c1 not found");
-        let e = task_error("Stats", ttrpc::Error::Socket("broken pipe".into()));
-        assert_eq!(e.kind, ErrorKind::Unavailable);
     }
 
     /// ExecSync of `true` in container `id`, which must fail (`why` names the case).

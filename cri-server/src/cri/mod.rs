@@ -14,7 +14,7 @@ pub mod status;
 pub mod update;
 pub mod version;
 
-use crate::instrument::CriError;
+use crate::error::CriError;
 use crate::store::{Record, Store};
 
 /// A pod or container by full id or unique prefix (crictl accepts prefixes, as containerd

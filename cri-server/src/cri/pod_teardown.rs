@@ -16,7 +16,7 @@ use crisp_proto::cri::v1::{
 
 use crate::cni::AttachRequest;
 use crate::daemon::Daemon;
-use crate::instrument::{CriError, ErrorKind};
+use crate::error::{CriError, ErrorKind};
 use crate::shim_client::{ShimClient, ctx};
 use crate::store::records::{PodRecord, PodState, ShimRecord};
 
@@ -147,7 +147,7 @@ pub async fn stop_pause(d: &Daemon, rec: &PodRecord) -> Result<(), CriError> {
             kill_pause_if_ours(rec.pause_pid, &rec.id);
             Ok(())
         }
-        Err(e) => Err(crate::shim_client::rpc_error("StopSandbox", &rec.id, e)),
+        Err(e) => Err(crate::shim_client::ShimCallError::sandbox("StopSandbox", &rec.id, e).into()),
     }
 }
 

@@ -15,7 +15,7 @@ use crisp_proto::cri::v1::{
 use prost::Message;
 
 use crate::daemon::Daemon;
-use crate::instrument::CriError;
+use crate::error::CriError;
 use crate::shim_client::ctx;
 use crate::store::Store;
 use crate::store::records::{PodRecord, PodState};
@@ -193,7 +193,7 @@ fn merge_shim_info(info: &mut HashMap<String, String>, shim: HashMap<String, Str
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::instrument::ErrorKind;
+    use crate::error::ErrorKind;
     use crisp_proto::cri::v1::{PodSandboxMetadata, PodSandboxStateValue};
 
     fn rec(id: &str, state: PodState, app: &str, created: i64) -> PodRecord {

@@ -22,7 +22,7 @@ use tracing::Instrument;
 use crate::cni::{AttachRequest, PortMapping};
 use crate::daemon::Daemon;
 use crate::idmap::PodIdMap;
-use crate::instrument::CriError;
+use crate::error::CriError;
 use crate::shim_client::{ShimClient, StartRequest, ctx};
 use crate::store::records::{PodRecord, PodState, ShimRecord};
 
@@ -317,7 +317,7 @@ async fn create(
         .find(|(_, r)| key_of(r) == key)
     {
         return Err(CriError::new(
-            crate::instrument::ErrorKind::AlreadyExists,
+            crate::error::ErrorKind::AlreadyExists,
             format!(
                 "pod sandbox name {key:?} is already used by pod {} (state {:?}); remove it first",
                 other.id, other.state
@@ -516,7 +516,7 @@ async fn setup(
     shim.sandbox()
         .create_sandbox(ctx(SHIM_CALL), &create)
         .await
-        .map_err(|e| crate::shim_client::rpc_error("CreateSandbox", id, e))?;
+        .map_err(|e| crate::shim_client::ShimCallError::sandbox("CreateSandbox", id, e))?;
     let started = shim
         .sandbox()
         .start_sandbox(
@@ -527,7 +527,7 @@ async fn setup(
             },
         )
         .await
-        .map_err(|e| crate::shim_client::rpc_error("StartSandbox", id, e))?;
+        .map_err(|e| crate::shim_client::ShimCallError::sandbox("StartSandbox", id, e))?;
 
     done.lap("sandbox create+start");
     rec.pause_pid = Some(started.pid);
@@ -676,7 +676,7 @@ fn current_oom_score_adj() -> i32 {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::instrument::ErrorKind;
+    use crate::error::ErrorKind;
     use crisp_proto::cri::v1::{NamespaceOption, PodSandboxConfig, PodSandboxMetadata};
 
     fn req(handler: &str) -> RunPodSandboxRequest {

@@ -21,7 +21,7 @@ use redb::ReadableTable;
 use crate::cri::containers;
 use crate::cri::exec_sync::{state_name, task_error};
 use crate::daemon::Daemon;
-use crate::instrument::CriError;
+use crate::error::CriError;
 use crate::shim_client::ctx;
 use crate::shim_client::is_not_found;
 use crate::store::records::{ContainerRecord, ContainerState};
@@ -320,7 +320,7 @@ pub async fn reopen_container_log(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::instrument::ErrorKind;
+    use crate::error::ErrorKind;
     use crisp_proto::cri::v1::{ContainerConfig, LinuxContainerConfig};
 
     fn res() -> LinuxContainerResources {

@@ -21,7 +21,7 @@ use redb::{
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
-use crate::instrument::{ErrorKind, HasKind};
+use crate::error::{ErrorKind, HasKind};
 
 /// Table of raw JSON records, keyed by id.
 pub type Table = TableDefinition<'static, &'static str, &'static [u8]>;
