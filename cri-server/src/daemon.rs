@@ -4,7 +4,7 @@
 
 use std::sync::{Arc, RwLock};
 
-use crate::cni::CniManager;
+use crate::network::cni::CniManager;
 use crate::config::Config;
 use crate::store::Store;
 
@@ -50,12 +50,12 @@ pub struct Daemon {
     pub conditions: Conditions,
     pub images: crisp_image::Images,
     pub snapshotter: Arc<crisp_snapshotter::Snapshotter>,
-    pub idmap: crate::idmap::Allocator,
+    pub idmap: crate::pod::idmap::Allocator,
     /// One lock per pod for its state transitions (never held across a store-wide lock).
-    pub pod_locks: ObjectLocks,
+    pub pod_locks: crate::locks::ObjectLocks,
     /// One lock per container (taken after its pod's), and the log copiers and exit watchers
     /// of started containers; shared with the watcher tasks.
-    pub containers: Arc<crate::cri::container_lifecycle::Registry>,
+    pub containers: Arc<crate::container::registry::Registry>,
     /// Container lifecycle events for GetContainerEvents subscribers (kubelet's evented PLEG).
     /// Publishing never blocks: a subscriber that falls behind loses events and is told so.
     pub events: tokio::sync::broadcast::Sender<crisp_proto::cri::v1::ContainerEventResponse>,
@@ -63,67 +63,24 @@ pub struct Daemon {
     /// does not wait forever for them.
     pub stopping: tokio::sync::watch::Sender<bool>,
     /// Live connections to the pods' shims, by pod id.
-    pub shims: crate::shim_client::Shims,
+    pub shims: crate::shim::client::Shims,
     /// Task exits / OOMs the shims publish to crispd's events socket.
-    pub shim_events: tokio::sync::broadcast::Sender<crate::shim_events::ShimEvent>,
+    pub shim_events: tokio::sync::broadcast::Sender<crate::shim::events::ShimEvent>,
     /// The previous CPU sample of each container and of each pod, for the CPU rate the stats
     /// calls report (a rate needs two samples).
-    pub container_cpu: crate::cri::container_stats::CpuSamples,
-    pub pod_cpu: crate::cri::container_stats::CpuSamples,
+    pub container_cpu: crate::stats::cpu::CpuSamples,
+    pub pod_cpu: crate::stats::cpu::CpuSamples,
     /// RunPodSandbox calls in flight by pod name, so a retry joins the first call.
     pub pod_inflight: crate::inflight::InFlight<crisp_proto::cri::v1::RunPodSandboxResponse>,
     /// The events ttrpc server, once started (stopped and its socket removed at shutdown).
-    pub events_server: tokio::sync::Mutex<Option<crate::shim_events::EventsServer>>,
+    pub events_server: tokio::sync::Mutex<Option<crate::shim::events::EventsServer>>,
     /// This daemon's CRI call counters (recorded by `instrument::call`).
     pub metrics: Arc<crate::metrics::Metrics>,
 }
 
-/// Per-object async locks, created on demand and dropped when no one holds them, so
-/// unrelated pods never wait for each other and the map does not grow without bound.
-#[derive(Debug, Default)]
-pub struct ObjectLocks {
-    map: std::sync::Mutex<std::collections::HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
-}
 
-impl ObjectLocks {
-    pub async fn lock(&self, id: &str) -> ObjectGuard<'_> {
-        let m = {
-            let mut map = self.map.lock().unwrap_or_else(|p| p.into_inner());
-            Arc::clone(map.entry(id.to_string()).or_default())
-        };
-        let guard = Arc::clone(&m).lock_owned().await;
-        ObjectGuard {
-            locks: self,
-            id: id.to_string(),
-            guard: Some(guard),
-        }
-    }
 
-    pub fn len(&self) -> usize {
-        self.map.lock().unwrap_or_else(|p| p.into_inner()).len()
-    }
 
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
-}
-
-pub struct ObjectGuard<'a> {
-    locks: &'a ObjectLocks,
-    id: String,
-    guard: Option<tokio::sync::OwnedMutexGuard<()>>,
-}
-
-impl Drop for ObjectGuard<'_> {
-    fn drop(&mut self) {
-        drop(self.guard.take());
-        let mut map = self.locks.map.lock().unwrap_or_else(|p| p.into_inner());
-        // Only the map holds it now: nobody waits, so the entry can go.
-        if map.get(&self.id).is_some_and(|m| Arc::strong_count(m) == 1) {
-            map.remove(&self.id);
-        }
-    }
-}
 
 impl Daemon {
     pub fn new(
@@ -133,7 +90,7 @@ impl Daemon {
         snapshotter: Arc<crisp_snapshotter::Snapshotter>,
         images: crisp_image::Images,
     ) -> Self {
-        let idmap = crate::idmap::Allocator::new(
+        let idmap = crate::pod::idmap::Allocator::new(
             store.clone(),
             cfg.userns.user.clone(),
             cfg.userns.subuid_file.clone(),
@@ -147,11 +104,11 @@ impl Daemon {
             images,
             snapshotter,
             idmap,
-            pod_locks: ObjectLocks::default(),
+            pod_locks: Default::default(),
             containers: Arc::default(),
             events: tokio::sync::broadcast::channel(1024).0,
             stopping: tokio::sync::watch::channel(false).0,
-            shims: crate::shim_client::Shims::default(),
+            shims: crate::shim::client::Shims::default(),
             shim_events: tokio::sync::broadcast::channel(1024).0,
             container_cpu: Default::default(),
             pod_cpu: Default::default(),

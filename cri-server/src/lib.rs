@@ -32,26 +32,20 @@
 //! service. Streaming calls (Exec, Attach, PortForward) belong to a later issue.
 
 pub mod authority;
-pub mod bundle;
-pub mod cni;
 pub mod config;
+pub mod container;
 pub mod cri;
 pub mod daemon;
 pub mod error;
-pub mod idmap;
 pub mod inflight;
 pub mod instrument;
-pub mod logs;
+pub mod locks;
 pub mod metrics;
-pub mod netns;
-pub mod pod_stats;
-pub mod pod_watch;
-pub mod recover;
-pub mod sandbox_files;
+pub mod network;
+pub mod pod;
 pub mod server;
-pub mod shim_client;
-pub mod shim_events;
-pub mod spec;
+pub mod shim;
 pub mod startup;
+pub mod stats;
 pub mod store;
 pub mod util;

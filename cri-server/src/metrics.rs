@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-use crate::cni::CniManager;
+use crate::network::cni::CniManager;
 use crate::store::{CONTAINERS, ID_RANGES, PODS, QUARANTINE, Store};
 
 #[derive(Debug, Default)]

@@ -158,7 +158,7 @@ impl RuntimeService for Cri {
             &self.d.metrics,
             "PodSandboxStatus",
             span,
-            cri::pods::pod_sandbox_status_served(&self.d, req),
+            cri::pods::pod_sandbox_status(&self.d, req),
         )
         .await
     }
@@ -293,7 +293,7 @@ impl RuntimeService for Cri {
         let req = req.into_inner();
         let span = info_span!("ContainerStatus", container_id = %req.container_id);
         instrument::call(&self.d.metrics, "ContainerStatus", span, async {
-            cri::containers::container_status(&self.d.store, &self.d.images, &self.d.cfg.state, req)
+            cri::containers::container_status(&self.d, req)
         })
         .await
     }
@@ -420,7 +420,7 @@ impl RuntimeService for Cri {
         let req = req.into_inner();
         let span = info_span!("PodSandboxStats", pod_id = %req.pod_sandbox_id);
         instrument::call(&self.d.metrics, "PodSandboxStats", span, async {
-            crate::pod_stats::pod_sandbox_stats(&self.d, req)
+            cri::pod_stats::pod_sandbox_stats(&self.d, req)
         })
         .await
     }
@@ -434,7 +434,7 @@ impl RuntimeService for Cri {
             &self.d.metrics,
             "ListPodSandboxStats",
             info_span!("ListPodSandboxStats"),
-            async { crate::pod_stats::list_pod_sandbox_stats(&self.d, req) },
+            async { cri::pod_stats::list_pod_sandbox_stats(&self.d, req) },
         )
         .await
     }
@@ -450,7 +450,7 @@ impl RuntimeService for Cri {
             "StreamPodSandboxStats",
             info_span!("StreamPodSandboxStats"),
             async {
-                let list = crate::pod_stats::list_pod_sandbox_stats(
+                let list = cri::pod_stats::list_pod_sandbox_stats(
                     &self.d,
                     pb::ListPodSandboxStatsRequest { filter },
                 )?;

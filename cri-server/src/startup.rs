@@ -3,16 +3,17 @@
 //! unopenable store is fatal; things that may appear later (a CNI config, a runtime binary)
 //! are recorded as conditions that Status and the calls needing them report.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
 
-use crate::cni::CniManager;
+use crate::network::cni::CniManager;
 use crate::config::Config;
 use crate::daemon::{Condition, Daemon};
 use crate::store::Store;
+use crate::util::find_binary;
 use crate::store::records::{ContainerRecord, IdRangeRecord, PodRecord, ShimRecord};
 
 /// Run one named phase, logging its start, end and duration.
@@ -103,7 +104,7 @@ pub async fn prepare(cfg: Config) -> anyhow::Result<Arc<Daemon>> {
             "records recovered"
         );
         let conditions = check_runtimes(&cfg);
-        let mut report = crate::recover::recover(&store, &cfg.netns_dir())?;
+        let mut report = crate::pod::recover::recover(&store, &cfg.netns_dir())?;
         tracing::info!(
             released_id_ranges = report.released_id_ranges.len(),
             removed_netns = report.removed_netns.len(),
@@ -112,16 +113,16 @@ pub async fn prepare(cfg: Config) -> anyhow::Result<Arc<Daemon>> {
             "orphans cleaned"
         );
         // Shims publish here; it serves before they are reconnected so no exit is lost.
-        let events = crate::shim_events::EventsServer::start(
-            &crate::shim_events::socket_path(&cfg.state),
+        let events = crate::shim::events::EventsServer::start(
+            &crate::shim::events::socket_path(&cfg.state),
             d.shim_events.clone(),
         )
         .await?;
         *d.events_server.lock().await = Some(events);
-        crate::recover::recover_pods(&d, &mut report).await?;
+        crate::pod::recover::recover_pods(&d, &mut report).await?;
         // Container bundles and rootfs snapshots whose record went with its pod (or a crash
         // inside CreateContainer); their tasks are force-deleted even if their shim is gone.
-        match crate::cri::container_lifecycle::remove_orphans(&d).await {
+        match crate::container::lifecycle::remove_orphans(&d).await {
             Ok(ids) if !ids.is_empty() => {
                 tracing::info!(
                     removed = ids.len(),
@@ -153,7 +154,7 @@ pub async fn prepare(cfg: Config) -> anyhow::Result<Arc<Daemon>> {
                 "no usable CNI config yet; watching for one");
         }
         // Attachments of pods that are gone: DEL from the cache, before anything new runs.
-        crate::recover::recover_cni(&store, &cni, &mut report)?;
+        crate::pod::recover::recover_cni(&store, &cni, &mut report)?;
         if !report.cni_deleted.is_empty() {
             tracing::info!(
                 count = report.cni_deleted.len(),
@@ -169,7 +170,7 @@ pub async fn prepare(cfg: Config) -> anyhow::Result<Arc<Daemon>> {
         tracing::warn!(key = %c.key, "{}", c.message);
     }
     d.conditions.set(conditions);
-    crate::pod_watch::spawn(&d);
+    crate::pod::watch::spawn(&d);
     Ok(d)
 }
 
@@ -205,7 +206,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         }
         // Leave no mount behind when no pod needs it (the dir is mounted when a pod's netns is
         // first made; pods that still run keep it).
-        crate::netns::release_dir_if_empty(&netns_dir);
+        crate::network::netns::release_dir_if_empty(&netns_dir);
         // A stale socket would make the next client hang on connect-refused retries.
         let _ = std::fs::remove_file(&listen);
         tracing::info!("shut down");
@@ -273,7 +274,7 @@ pub fn check_runtimes(cfg: &Config) -> Vec<Condition> {
             .ok()
             .flatten()
             .map(|u| u.uid.as_raw());
-        if crate::idmap::parse_subid(&text, &cfg.userns.user, uid).is_empty() {
+        if crate::pod::idmap::parse_subid(&text, &cfg.userns.user, uid).is_empty() {
             out.push(Condition {
                 key: key.into(),
                 message: format!(
@@ -302,22 +303,6 @@ pub fn check_runtimes(cfg: &Config) -> Vec<Condition> {
     out
 }
 
-/// An absolute path that exists, or a name found beside crispd or in PATH.
-pub fn find_binary(name: &Path) -> Option<PathBuf> {
-    if name.is_absolute() {
-        return name.is_file().then(|| name.to_path_buf());
-    }
-    let beside = std::env::current_exe()
-        .ok()
-        .and_then(|p| p.parent().map(|d| d.join(name)));
-    let path_dirs = std::env::var_os("PATH")
-        .map(|p| std::env::split_paths(&p).collect::<Vec<_>>())
-        .unwrap_or_default();
-    beside
-        .into_iter()
-        .chain(path_dirs.into_iter().map(|d| d.join(name)))
-        .find(|p| p.is_file())
-}
 
 #[cfg(test)]
 mod tests {

@@ -11,7 +11,7 @@ use std::time::Duration;
 use containerd_shim_protos::sandbox_api::WaitSandboxRequest;
 
 use crate::daemon::Daemon;
-use crate::shim_client::ctx;
+use crate::shim::client::ctx;
 use crate::store::records::{PodRecord, PodState};
 
 /// How often ready pods are looked for that have no watcher yet (new pods, recovered pods).
@@ -61,7 +61,7 @@ async fn watch(
     watched: Arc<Mutex<HashSet<String>>>,
     pod_id: String,
     pause_pid: Option<u32>,
-    shim: crate::shim_client::ShimClient,
+    shim: crate::shim::client::ShimClient,
 ) {
     let req = WaitSandboxRequest {
         sandbox_id: pod_id.clone(),

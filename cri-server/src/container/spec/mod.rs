@@ -26,7 +26,7 @@ use oci_spec::runtime::{
 };
 
 use crate::config::CgroupDriver;
-use crate::idmap::PodIdMap;
+use crate::pod::idmap::PodIdMap;
 use crate::error::{ErrorKind, HasKind};
 
 #[derive(Debug, thiserror::Error)]

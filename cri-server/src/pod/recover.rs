@@ -13,9 +13,9 @@ use containerd_shim_protos::sandbox_api::{
     SandboxStatusRequest, ShutdownSandboxRequest, StopSandboxRequest,
 };
 
-use crate::cni::CniManager;
+use crate::network::cni::CniManager;
 use crate::daemon::Daemon;
-use crate::shim_client::{ShimClient, ctx};
+use crate::shim::client::{ShimClient, ctx};
 use crate::store::records::{ContainerRecord, IdRangeRecord, PodRecord, PodState, ShimRecord};
 use crate::store::{Store, StoreError};
 
@@ -64,7 +64,7 @@ pub fn recover(store: &Store, netns_dir: &Path) -> Result<Report, StoreError> {
             r.containers -= 1;
         }
     }
-    for path in crate::netns::list(netns_dir) {
+    for path in crate::network::netns::list(netns_dir) {
         let Some(name) = path
             .file_name()
             .and_then(|n| n.to_str())
@@ -75,7 +75,7 @@ pub fn recover(store: &Store, netns_dir: &Path) -> Result<Report, StoreError> {
         if live.contains(&name) {
             continue;
         }
-        match crate::netns::remove(&path) {
+        match crate::network::netns::remove(&path) {
             Ok(()) => {
                 tracing::info!(pod_id = %name, path = %path.display(), "removed orphaned netns");
                 r.removed_netns.push(name);
@@ -98,8 +98,8 @@ const SHIM_CALL: std::time::Duration = std::time::Duration::from_secs(5);
 /// (killed by their recorded pid only, after checking it is that pod's shim). Nothing here is
 /// fatal: failures are logged and reported.
 pub async fn recover_pods(d: &Daemon, r: &mut Report) -> Result<(), StoreError> {
-    use crate::cri::container_lifecycle::recover_pod_containers;
-    use crate::cri::pod_teardown as t;
+    use crate::container::lifecycle::recover_pod_containers;
+    use crate::pod::release as t;
     let pods = d.store.list::<PodRecord>()?;
     let live: HashSet<String> = pods.iter().map(|(k, _)| k.clone()).collect();
     for (id, mut rec) in pods {
@@ -225,7 +225,7 @@ pub async fn recover_pods(d: &Daemon, r: &mut Report) -> Result<(), StoreError> 
                 .ok()
                 .map(|s| s.trim().to_string())
                 .filter(|s| !s.is_empty());
-            let pid = crate::shim_client::read_pid(&dir.join("shim.pid"));
+            let pid = crate::shim::client::read_pid(&dir.join("shim.pid"));
             orphans.push((id, addr, pid));
         }
     }
@@ -257,7 +257,7 @@ pub async fn recover_pods(d: &Daemon, r: &mut Report) -> Result<(), StoreError> 
         }
         // A shim record may lack the pid; the pod dir's shim.pid still names it.
         let pid =
-            pid.or_else(|| crate::shim_client::read_pid(&pods_dir.join(&id).join("shim.pid")));
+            pid.or_else(|| crate::shim::client::read_pid(&pods_dir.join(&id).join("shim.pid")));
         if let Some(pid) = pid {
             t::end_shim(pid, &id, std::time::Duration::from_secs(2)).await;
         }
@@ -425,7 +425,7 @@ mod tests {
         .expect("write");
         let cni = CniManager::new(conf, bins, d.path().join("cache"));
         for id in ["live", "dead"] {
-            cni.add(&crate::cni::AttachRequest {
+            cni.add(&crate::network::cni::AttachRequest {
                 pod_id: id.into(),
                 netns: d.path().display().to_string(),
                 ifname: "eth0".into(),
@@ -463,8 +463,8 @@ mod tests {
                 },
             )
             .expect("put");
-        let half_dir = crate::sandbox_files::pod_dir(&d.cfg.state, "half");
-        crate::sandbox_files::write(&half_dir, "h", None, dir.path()).expect("files");
+        let half_dir = crate::pod::files::pod_dir(&d.cfg.state, "half");
+        crate::pod::files::write(&half_dir, "h", None, dir.path()).expect("files");
         // A Ready pod whose shim is gone (its socket does not exist).
         let mut dead = pod("dead");
         dead.shim_address = Some(format!("unix://{}/nope.sock", dir.path().display()));
@@ -481,7 +481,7 @@ mod tests {
             .expect("put");
         // A pod dir nobody owns, whose shim.pid names a process that is not its shim (this
         // test process): it must not be killed, only the dir removed.
-        let orphan = crate::sandbox_files::pod_dir(&d.cfg.state, "orphan");
+        let orphan = crate::pod::files::pod_dir(&d.cfg.state, "orphan");
         std::fs::create_dir_all(&orphan).expect("mkdir");
         std::fs::write(orphan.join("shim.pid"), std::process::id().to_string()).expect("pid");
 

@@ -16,7 +16,7 @@ use containerd_shim_protos::ttrpc;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use crate::error::{ErrorKind, HasKind};
-pub use crate::shim_events::ShimEvent;
+pub use crate::shim::events::ShimEvent;
 
 /// How long `<shim> start` may take to print its address before we give up on it.
 const START_TIMEOUT: Duration = Duration::from_secs(20);

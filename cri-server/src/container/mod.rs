@@ -1,0 +1,13 @@
+//! Containers below the CRI handlers: the lifecycle on the pod's shim with its registry of
+//! locks, log copiers and exit watchers (`lifecycle`), records as CRI status (`status`), the
+//! OCI spec as a pure function (`spec`), the bundle directory (`bundle`), CRI log files
+//! (`logs`), ExecSync (`exec`) and resource updates (`resources`).
+
+pub mod bundle;
+pub mod exec;
+pub mod lifecycle;
+pub mod logs;
+pub mod registry;
+pub mod resources;
+pub mod spec;
+pub mod status;
