@@ -69,6 +69,7 @@ mod tests {
             shim_address: None,
             pause_pid: None,
             cgroup_parent: String::new(),
+            owned: None,
         }
     }
 

@@ -1,9 +1,11 @@
-//! What StopPodSandbox and RemovePodSandbox do below their handlers. Stop: every container (through the container
-//! lifecycle code), the pause process (the shim's StopSandbox), the pod's network (CNI DEL and
-//! its netns); Remove additionally shuts the shim down and releases the pod's files, ID range,
-//! cgroup and records. Both are idempotent and safe to call many times at once (promise 3):
-//! each pod's transitions run under its own lock; the store is only touched in short
-//! transactions between the slow steps. The same release helpers undo a failed RunPodSandbox.
+//! The one release of what a pod owns, used alike by RunPodSandbox's undo, StopPodSandbox,
+//! RemovePodSandbox and start-up recovery. The pod's record lists what it owns ([`Owned`]:
+//! ID range, network, files, shim, pause), each added before it is acquired; [`release`]
+//! undoes the list in reverse, one named step per item, and drops each item from the list as
+//! it goes. Stop releases the pause and the network (after the containers); Remove the rest,
+//! then the record. Every step is idempotent, so a retry or a crash at any point only repeats
+//! work. Each pod's transitions run under its own lock (held by the callers); the store is only
+//! touched in short transactions between the slow steps.
 
 use std::path::Path;
 use std::time::Duration;
@@ -14,7 +16,7 @@ use crate::network::cni::AttachRequest;
 use crate::daemon::Daemon;
 use crate::error::CriError;
 use crate::shim::client::{ShimClient, ctx};
-use crate::store::records::{PodRecord, PodState, ShimRecord};
+use crate::store::records::{Owned, PodRecord, PodState, ShimRecord};
 
 /// How long the pause gets after SIGTERM before SIGKILL.
 const PAUSE_STOP_SECS: u32 = 2;
@@ -38,7 +40,7 @@ fn step(pod_id: &str, name: &'static str, r: Result<(), String>) -> Result<(), C
 /// CNI DEL (from the cached result, so it works after a restart) and removal of the netns.
 /// A failed DEL keeps the netns (a retry can DEL again) unless `force` (undo of a failed
 /// RunPodSandbox, whose ADD never completed: nothing to retry for).
-pub async fn release_network_opt(
+pub async fn release_network(
     d: &Daemon,
     pod_id: &str,
     netns: Option<&str>,
@@ -70,13 +72,6 @@ pub async fn release_network_opt(
     step(pod_id, "remove netns", r)
 }
 
-pub async fn release_network(
-    d: &Daemon,
-    pod_id: &str,
-    netns: Option<&str>,
-) -> Result<(), CriError> {
-    release_network_opt(d, pod_id, netns, false).await
-}
 
 /// The pod's shim: the live connection, or a reconnection to the recorded address.
 pub async fn shim_of(d: &Daemon, pod_id: &str, address: Option<&str>) -> Option<ShimClient> {
@@ -285,32 +280,131 @@ pub fn remove_pod_cgroup(d: &Daemon, cgroup_parent: &str, pod_id: &str) -> Resul
     }
 }
 
-/// The stop sequence, called with the pod's lock held.
+
+
+
+
+/// How [`release`] treats a step that fails.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    /// Undo of a pod that never became ready (a failed RunPodSandbox, or one a crash left
+    /// Creating): every step is tried even if an earlier one failed, the network goes even if
+    /// CNI DEL fails (its ADD never completed: there is nothing for a retry to DEL), and the
+    /// record goes in the end. The first failure is returned after all were tried; whatever it
+    /// left is an orphan the next start-up sweeps.
+    Undo,
+    /// StopPodSandbox and RemovePodSandbox: a failed step stops the release and is returned;
+    /// the record keeps what the pod still owns, so a retry resumes there.
+    Retry,
+    /// Recovery of a pod whose shim died: every step is tried (failures are reported, never
+    /// fatal), but a failed CNI DEL keeps the netns so the pod's removal can DEL again.
+    BestEffort,
+}
+
+impl Mode {
+    fn keep_going(self) -> bool {
+        self != Mode::Retry
+    }
+}
+
+/// Release one owned item (idempotent: releasing what is already gone, or was never
+/// acquired, succeeds).
+async fn release_item(d: &Daemon, rec: &PodRecord, item: Owned, mode: Mode) -> Result<(), CriError> {
+    let id = rec.id.as_str();
+    match item {
+        Owned::Pause => stop_pause(d, rec).await,
+        Owned::Shim => shutdown_shim(d, id, rec.shim_address.as_deref()).await,
+        Owned::Network => {
+            // The netns may exist before an older record names it (a crash in between).
+            let netns = rec.netns_path.clone().or_else(|| {
+                let p = d.cfg.netns_dir().join(id);
+                p.exists().then(|| p.display().to_string())
+            });
+            release_network(d, id, netns.as_deref(), mode == Mode::Undo).await
+        }
+        Owned::Files => {
+            shim_delete_action(d, id).await;
+            let dir = crate::pod::files::pod_dir(&d.cfg.state, id);
+            step(id, "remove pod files", remove_pod_files(&dir))
+        }
+        Owned::IdRange => {
+            let r = d.idmap.release(id).map(|_| ()).map_err(|e| e.to_string());
+            step(id, "release id range", r)
+        }
+    }
+}
+
+/// Release the `items` the pod owns (in reverse acquisition order), dropping each from the
+/// record as it goes; the caller stores the record. In [`Mode::Retry`] the first failure
+/// stops and is returned; otherwise every item is tried and the first failure returned.
+pub async fn release_items(
+    d: &Daemon,
+    rec: &mut PodRecord,
+    items: &[Owned],
+    mode: Mode,
+) -> Result<(), CriError> {
+    let mut first_err = None;
+    for item in rec.owned().into_iter().rev().filter(|i| items.contains(i)) {
+        match release_item(d, rec, item, mode).await {
+            Ok(()) => rec.disown(item),
+            Err(e) if !mode.keep_going() => return Err(e),
+            Err(e) => {
+                tracing::warn!(pod_id = %rec.id, step = item.name(), error = %e, "release step failed");
+                first_err.get_or_insert(e);
+            }
+        }
+    }
+    first_err.map_or(Ok(()), Err)
+}
+
+/// Release everything the pod owns, its cgroup, and then its record. In [`Mode::Retry`] a
+/// failure keeps the record (storing what is still owned) so a retry can finish the work.
+pub async fn release(d: &Daemon, rec: &mut PodRecord, mode: Mode) -> Result<(), CriError> {
+    let r = release_items(d, rec, &Owned::ALL, mode).await;
+    if let Err(e) = r {
+        if mode == Mode::Retry {
+            d.store.put(&rec.id, &*rec)?;
+            return Err(e);
+        }
+        remove_cgroup(d, rec);
+        d.store.delete::<PodRecord>(&rec.id)?;
+        return Err(e);
+    }
+    remove_cgroup(d, rec);
+    // Last: while the record exists, a retry can still find and finish the removal.
+    d.store.delete::<PodRecord>(&rec.id)?;
+    Ok(())
+}
+
+/// The pause's cgroup is named after the pod, not acquired by a step: always removed. Not
+/// fatal: a cgroup busy for a moment is retried by the next Remove or start-up.
+fn remove_cgroup(d: &Daemon, rec: &PodRecord) {
+    if let Err(e) = remove_pod_cgroup(d, &rec.cgroup_parent, &rec.id) {
+        tracing::warn!(pod_id = %rec.id, error = %e, "pod cgroup not removed");
+    }
+}
+
+/// The stop sequence, called with the pod's lock held: every container, then the pause and
+/// the network. The pod is NotReady after it (IPs kept for status, as containerd does until
+/// removal).
 pub async fn stop_locked(d: &Daemon, rec: &mut PodRecord) -> Result<(), CriError> {
     crate::container::lifecycle::stop_pod_containers(d, &rec.id, Duration::ZERO).await?;
-    stop_pause(d, rec).await?;
-    release_network(d, &rec.id, rec.netns_path.as_deref()).await?;
-    if rec.state != PodState::NotReady {
+    let before = rec.owned.clone();
+    release_items(d, rec, &[Owned::Pause, Owned::Network], Mode::Retry).await?;
+    if rec.state != PodState::NotReady || rec.owned != before {
         rec.state = PodState::NotReady;
-        // The netns is gone; keep IPs for status, as containerd does until removal.
         d.store.put(&rec.id, &*rec)?;
     }
     Ok(())
 }
 
-
-
-/// The removal sequence, called with the pod's lock held: stop, then remove the containers,
-/// shut the shim down, release what the pod owns and, last, its record (while the record
-/// exists, a retry can still find and finish the removal).
+/// The removal sequence, called with the pod's lock held: stop, remove the containers, then
+/// release the rest the pod owns and its record.
 pub async fn remove_locked(d: &Daemon, rec: &mut PodRecord) -> Result<(), CriError> {
     // kubelet stops first, but CRI lets Remove be called on a running pod: stop it here.
     stop_locked(d, rec).await?;
     crate::container::lifecycle::remove_pod_containers(d, &rec.id).await?;
-    shutdown_shim(d, &rec.id, rec.shim_address.as_deref()).await?;
-    release_owned(d, rec).await?;
-    d.store.delete::<PodRecord>(&rec.id)?;
-    Ok(())
+    release(d, rec, Mode::Retry).await
 }
 
 /// The shim writes this in the pod dir while the pause runs and removes it when it cleans up
@@ -347,23 +441,6 @@ pub async fn shim_delete_action(d: &Daemon, pod_id: &str) {
     }
 }
 
-/// The pod's files, ID range and cgroup (after its processes are gone).
-pub async fn release_owned(d: &Daemon, rec: &PodRecord) -> Result<(), CriError> {
-    shim_delete_action(d, &rec.id).await;
-    let dir = crate::pod::files::pod_dir(&d.cfg.state, &rec.id);
-    step(&rec.id, "remove pod files", remove_pod_files(&dir))?;
-    let r = d
-        .idmap
-        .release(&rec.id)
-        .map(|_| ())
-        .map_err(|e| e.to_string());
-    step(&rec.id, "release id range", r)?;
-    // Not fatal: a cgroup busy for a moment is retried by the next Remove or start-up.
-    if let Err(e) = remove_pod_cgroup(d, &rec.cgroup_parent, &rec.id) {
-        tracing::warn!(pod_id = %rec.id, error = %e, "pod cgroup not removed");
-    }
-    Ok(())
-}
 
 /// What the pod dir may hold: crispd's files and the shim's (`address`, `shim.pid`, `log`).
 pub const POD_FILES: &[&str] = &[

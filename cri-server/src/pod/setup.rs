@@ -23,8 +23,9 @@ use crate::network::cni::{AttachRequest, PortMapping};
 use crate::daemon::Daemon;
 use crate::pod::idmap::PodIdMap;
 use crate::error::CriError;
-use crate::shim::client::{ShimClient, StartRequest, ctx};
-use crate::store::records::{PodRecord, PodState, ShimRecord};
+use crate::pod::release::Mode;
+use crate::shim::client::{ShimCallError, ShimClient, StartRequest, ctx};
+use crate::store::records::{Owned, PodRecord, PodState, ShimRecord};
 
 /// The type URL containerd 2.x gives the pause's runtime spec in CreateSandbox's options.
 pub const SPEC_TYPE_URL: &str = "types.containerd.io/opencontainers/runtime-spec/1/Spec";
@@ -173,22 +174,14 @@ fn key_of(rec: &PodRecord) -> String {
 }
 
 
-/// What has been set up so far, undone in reverse on failure.
+/// Milliseconds per step, for the "pod ready" log line (where RunPodSandbox's time goes).
 #[derive(Debug, Default)]
-struct Done {
-    record: bool,
-    idmap: bool,
-    netns: Option<String>,
-    cni: bool,
-    files: bool,
-    shim: Option<ShimClient>,
-    sandbox_created: bool,
-    /// Milliseconds per step, for the "pod ready" log line (where RunPodSandbox's time goes).
+struct Laps {
     steps: Vec<(&'static str, f64)>,
     mark: Option<Instant>,
 }
 
-impl Done {
+impl Laps {
     fn lap(&mut self, step: &'static str) {
         let now = Instant::now();
         if let Some(m) = self.mark {
@@ -196,17 +189,21 @@ impl Done {
         }
         self.mark = Some(now);
     }
+
+    fn summary(&self) -> String {
+        let steps: Vec<String> = self
+            .steps
+            .iter()
+            .map(|(n, ms)| format!("{n}={ms:.1}ms"))
+            .collect();
+        steps.join(" ")
+    }
 }
 
-pub async fn create(
-    d: &Arc<Daemon>,
-    req: RunPodSandboxRequest,
-) -> Result<RunPodSandboxResponse, CriError> {
-    let cfg = req.config.clone().unwrap_or_default();
-    let meta = cfg.metadata.clone().unwrap_or_default();
-    let key = pod_key(&cfg);
-    // The name is reserved by the record: an existing pod with the same name is an error that
-    // names it (a retry while in flight never gets here, it joined the first call).
+/// The name is reserved by the record: an existing pod with the same name is an error that
+/// names it (a retry while in flight never gets here, it joined the first call).
+fn reserve_name(d: &Daemon, cfg: &PodSandboxConfig) -> Result<(), CriError> {
+    let key = pod_key(cfg);
     if let Some((_, other)) = d
         .store
         .list::<PodRecord>()?
@@ -221,62 +218,16 @@ pub async fn create(
             ),
         ));
     }
-    let id = crate::util::new_id();
-    // Held for the whole set-up: a Stop/Remove of this id (it is listed while Creating) waits
-    // for the pod to be complete or fully undone, never tears down under our feet.
-    let _g = d.pod_locks.lock(&id).await;
-    let span = tracing::info_span!("pod", pod_id = %id);
-    let started = Instant::now();
-    let mut done = Done::default();
-    let r = setup(d, &id, &req, &cfg, &meta, &mut done)
-        .instrument(span.clone())
-        .await;
-    match r {
-        Ok(resp) => {
-            span.in_scope(|| {
-                let steps: Vec<String> = done
-                    .steps
-                    .iter()
-                    .map(|(n, ms)| format!("{n}={ms:.1}ms"))
-                    .collect();
-                tracing::info!(
-                    elapsed_ms = started.elapsed().as_secs_f64() * 1e3,
-                    steps = %steps.join(" "),
-                    "pod ready"
-                )
-            });
-            Ok(resp)
-        }
-        Err(e) => {
-            span.in_scope(|| tracing::warn!(error = %e, "RunPodSandbox failed; undoing"));
-            undo(d, &id, &cfg, done).instrument(span).await;
-            Err(e)
-        }
-    }
+    Ok(())
 }
 
-async fn setup(
-    d: &Arc<Daemon>,
-    id: &str,
-    req: &RunPodSandboxRequest,
-    cfg: &PodSandboxConfig,
-    meta: &crisp_proto::cri::v1::PodSandboxMetadata,
-    done: &mut Done,
-) -> Result<RunPodSandboxResponse, CriError> {
+/// The pod's record as set-up starts (state Creating), owning already the ID range (if the
+/// pod asks for a user namespace) and the network (unless it uses the host's): both are
+/// released idempotently, so listing them before they exist is safe, and from here on
+/// anything allocated has an owner that recovery can see.
+fn new_record(id: &str, req: &RunPodSandboxRequest, cfg: &PodSandboxConfig, netns: &Path) -> PodRecord {
+    let meta = cfg.metadata.clone().unwrap_or_default();
     let m = modes(cfg);
-    let cgroup_parent = cfg
-        .linux
-        .as_ref()
-        .map(|l| l.cgroup_parent.clone())
-        .unwrap_or_default();
-    let driver = crisp_shim::placement::CgroupDriver::from(d.cfg.cgroup_driver);
-    // Promise 2: the one placement function.
-    let cgroups_path = crisp_shim::placement::cgroup_path(driver, &cgroup_parent, id)
-        .map_err(|e| CriError::invalid(format!("config.linux.cgroup_parent: {e}")))?;
-
-    done.lap("start");
-    // 1. The record first (state Creating): from here on, anything allocated has an owner that
-    //    recovery can see.
     let mut rec = PodRecord {
         id: id.to_string(),
         name: meta.name.clone(),
@@ -291,45 +242,168 @@ async fn setup(
         ips: vec![],
         shim_address: None,
         pause_pid: None,
-        cgroup_parent: cgroup_parent.clone(),
+        cgroup_parent: cgroup_parent(cfg),
+        owned: Some(Vec::new()),
     };
-    d.store.insert_new(id, &rec)?;
-    done.record = true;
+    if userns_options(cfg).is_some_and(|u| u.mode == NamespaceMode::Pod as i32) {
+        rec.own(Owned::IdRange);
+    }
+    if !m.host_network {
+        rec.netns_path = Some(netns.display().to_string());
+        rec.own(Owned::Network);
+    }
+    rec
+}
 
-    done.lap("record");
-    // 2. ID range (user namespace only when the pod asks for one).
-    let userns = cfg
-        .linux
+fn cgroup_parent(cfg: &PodSandboxConfig) -> String {
+    cfg.linux
+        .as_ref()
+        .map(|l| l.cgroup_parent.clone())
+        .unwrap_or_default()
+}
+
+fn userns_options(cfg: &PodSandboxConfig) -> Option<&crisp_proto::cri::v1::UserNamespace> {
+    cfg.linux
         .as_ref()
         .and_then(|l| l.security_context.as_ref())
         .and_then(|s| s.namespace_options.as_ref())
-        .and_then(|n| n.userns_options.as_ref());
-    let idmap = d.idmap.for_pod(id, userns)?;
-    done.idmap = idmap.as_ref().is_some_and(|m| m.allocated);
+        .and_then(|n| n.userns_options.as_ref())
+}
 
-    done.lap("id range");
-    // 3. Network namespace and CNI ADD. A user-namespaced pod's netns must be owned by its user
-    //    namespace (runc joins the user namespace first, then could not setns into a netns of
-    //    the host's): the shim creates both for the pause, and crispd pins and attaches the
-    //    netns after StartSandbox (step 6b), as containerd does.
+/// RunPodSandbox's set-up, checks done: reserve the name, record the pod, run the steps; on
+/// failure release whatever the record says the pod owns (`pod::release`, the same release
+/// RemovePodSandbox and recovery use), in reverse.
+pub async fn create(
+    d: &Arc<Daemon>,
+    req: RunPodSandboxRequest,
+) -> Result<RunPodSandboxResponse, CriError> {
+    let cfg = req.config.clone().unwrap_or_default();
+    reserve_name(d, &cfg)?;
+    let id = crate::util::new_id();
+    let driver = crisp_shim::placement::CgroupDriver::from(d.cfg.cgroup_driver);
+    // Promise 2: the one placement function.
+    let cgroups_path = crisp_shim::placement::cgroup_path(driver, &cgroup_parent(&cfg), &id)
+        .map_err(|e| CriError::invalid(format!("config.linux.cgroup_parent: {e}")))?;
+    // Held for the whole set-up: a Stop/Remove of this id (it is listed while Creating) waits
+    // for the pod to be complete or fully undone, never tears down under our feet.
+    let _g = d.pod_locks.lock(&id).await;
+    let span = tracing::info_span!("pod", pod_id = %id);
+    let started = Instant::now();
+    let mut laps = Laps::default();
+    laps.lap("start");
+    let mut rec = new_record(&id, &req, &cfg, &d.cfg.netns_dir().join(&id));
+    d.store.insert_new(&id, &rec)?;
+    laps.lap("record");
+    let r = setup(d, &mut rec, &req, &cfg, cgroups_path, &mut laps)
+        .instrument(span.clone())
+        .await;
+    match r {
+        Ok(resp) => {
+            span.in_scope(|| {
+                tracing::info!(
+                    elapsed_ms = started.elapsed().as_secs_f64() * 1e3,
+                    steps = %laps.summary(),
+                    "pod ready"
+                )
+            });
+            Ok(resp)
+        }
+        Err(e) => {
+            span.in_scope(|| tracing::warn!(error = %e, "RunPodSandbox failed; undoing"));
+            let undo = crate::pod::release::release(d, &mut rec, Mode::Undo);
+            if let Err(u) = undo.instrument(span).await {
+                tracing::warn!(pod_id = %id, error = %u, "undo left something behind");
+            }
+            Err(e)
+        }
+    }
+}
+
+/// The named set-up steps, in order; each marks in the record what it is about to own.
+async fn setup(
+    d: &Arc<Daemon>,
+    rec: &mut PodRecord,
+    req: &RunPodSandboxRequest,
+    cfg: &PodSandboxConfig,
+    cgroups_path: String,
+    laps: &mut Laps,
+) -> Result<RunPodSandboxResponse, CriError> {
+    let m = modes(cfg);
+    // ID range (user namespace only when the pod asks for one).
+    let idmap = d.idmap.for_pod(&rec.id, userns_options(cfg))?;
+    laps.lap("id range");
+    // A user-namespaced pod's netns must be owned by its user namespace (runc joins the user
+    // namespace first, then could not setns into a netns of the host's): the shim creates both
+    // for the pause, and crispd pins and attaches the netns after StartSandbox, as containerd
+    // does.
     let netns_after_pause = !m.host_network && idmap.is_some();
     if !m.host_network && !netns_after_pause {
-        let path = d.cfg.netns_dir().join(id);
-        let p = path.clone();
-        tokio::task::spawn_blocking(move || crate::network::netns::create(&p))
-            .await
-            .map_err(|e| CriError::internal(format!("netns task: {e}")))??;
-        let netns = path.display().to_string();
-        done.netns = Some(netns.clone());
-        rec.netns_path = Some(netns.clone());
-        d.store.put(id, &rec)?;
-        done.lap("netns");
-        cni_add(d, id, meta, cfg, netns, &mut rec, done).await?;
+        network(d, rec, cfg, None, laps).await?;
     }
+    files(d, rec, cfg).await?;
+    laps.lap("pod files");
+    let shim = shim(d, rec, req).await?;
+    laps.lap("shim start");
+    let inputs = PauseInputs {
+        pod_id: &rec.id,
+        netns_path: rec.netns_path.as_deref().filter(|_| !netns_after_pause),
+        cgroups_path,
+        idmap: idmap.as_ref(),
+        current_oom_score_adj: current_oom_score_adj(),
+    };
+    let spec = pause_spec(cfg, &inputs);
+    let pause_pid = pause(d, rec, &shim, cfg, &spec).await?;
+    laps.lap("sandbox create+start");
+    if netns_after_pause {
+        network(d, rec, cfg, Some(pause_pid), laps).await?;
+    }
+    rec.state = PodState::Ready;
+    d.store.put(&rec.id, &*rec)?;
+    tracing::info!(pause_pid, ips = ?rec.ips, "pod sandbox started");
+    Ok(RunPodSandboxResponse {
+        pod_sandbox_id: rec.id.clone(),
+    })
+}
 
-    // 4. The pod's files (bundle dir of the shim too).
-    let dir = crate::pod::files::pod_dir(&d.cfg.state, id);
-    let hostname = if cfg.hostname.is_empty() || m.host_network {
+/// The network namespace (made here, or the pause's pinned when `pause_pid` is given: a
+/// user-namespaced pod's) and the CNI ADD of `eth0` in it.
+async fn network(
+    d: &Arc<Daemon>,
+    rec: &mut PodRecord,
+    cfg: &PodSandboxConfig,
+    pause_pid: Option<u32>,
+    laps: &mut Laps,
+) -> Result<(), CriError> {
+    let path = d.cfg.netns_dir().join(&rec.id);
+    let p = path.clone();
+    let made = match pause_pid {
+        None => tokio::task::spawn_blocking(move || crate::network::netns::create(&p)).await,
+        Some(pid) => {
+            tokio::task::spawn_blocking(move || crate::network::netns::bind_from_pid(&p, pid))
+                .await
+        }
+    };
+    made.map_err(|e| CriError::internal(format!("netns task: {e}")))??;
+    let netns = path.display().to_string();
+    if rec.netns_path.as_deref() != Some(netns.as_str()) {
+        rec.netns_path = Some(netns.clone());
+        d.store.put(&rec.id, &*rec)?;
+    }
+    laps.lap("netns");
+    cni_add(d, cfg, netns, rec).await?;
+    laps.lap("cni add");
+    Ok(())
+}
+
+/// The pod's files: hostname, hosts, resolv.conf in the pod dir (the shim's bundle dir too).
+/// The record owns the files and the shim from here (a shim `start` that fails half-way may
+/// still have spawned it).
+async fn files(d: &Daemon, rec: &mut PodRecord, cfg: &PodSandboxConfig) -> Result<(), CriError> {
+    rec.own(Owned::Files);
+    rec.own(Owned::Shim);
+    d.store.put(&rec.id, &*rec)?;
+    let dir = crate::pod::files::pod_dir(&d.cfg.state, &rec.id);
+    let hostname = if cfg.hostname.is_empty() || modes(cfg).host_network {
         nix::unistd::gethostname()
             .ok()
             .and_then(|h| h.into_string().ok())
@@ -337,141 +411,131 @@ async fn setup(
     } else {
         cfg.hostname.clone()
     };
-    done.files = true;
-    {
-        let dir2 = dir.clone();
-        let dns = cfg.dns_config.clone();
-        tokio::task::spawn_blocking(move || {
-            crate::pod::files::write(&dir2, &hostname, dns.as_ref(), Path::new("/etc"))
-        })
-        .await
-        .map_err(|e| CriError::internal(format!("pod files task: {e}")))?
-        .map_err(|e| CriError::internal(format!("writing pod files in {}: {e}", dir.display())))?;
-    }
+    let dir2 = dir.clone();
+    let dns = cfg.dns_config.clone();
+    tokio::task::spawn_blocking(move || {
+        crate::pod::files::write(&dir2, &hostname, dns.as_ref(), Path::new("/etc"))
+    })
+    .await
+    .map_err(|e| CriError::internal(format!("pod files task: {e}")))?
+    .map_err(|e| CriError::internal(format!("writing pod files in {}: {e}", dir.display())))?;
+    Ok(())
+}
 
-    done.lap("pod files");
-    // 5. The shim.
+/// Start the pod's shim and record where it listens.
+async fn shim(
+    d: &Daemon,
+    rec: &mut PodRecord,
+    req: &RunPodSandboxRequest,
+) -> Result<ShimClient, CriError> {
+    let id = rec.id.clone();
+    let dir = crate::pod::files::pod_dir(&d.cfg.state, &id);
     let events = crate::shim::events::socket_path(&d.cfg.state);
     let shim_bin = crate::util::find_binary(&d.cfg.shim_binary)
         .unwrap_or_else(|| d.cfg.shim_binary.clone());
     let shim = ShimClient::start(StartRequest {
         shim_binary: &shim_bin,
-        pod_id: id,
+        pod_id: &id,
         bundle: &dir,
         events_socket: &events,
         options: runtime_options(d, &req.runtime_handler),
     })
     .await?;
-    done.shim = Some(shim.clone());
     d.store.put(
-        id,
+        &id,
         &ShimRecord {
             address: shim.address().to_string(),
             pid: shim.pid(),
             bundle: dir.display().to_string(),
         },
     )?;
-    d.shims.insert(id, shim.clone());
+    d.shims.insert(&id, shim.clone());
     rec.shim_address = Some(shim.address().to_string());
-    d.store.put(id, &rec)?;
+    // The pause is next: owned from here (CreateSandbox may start it and then fail).
+    rec.own(Owned::Pause);
+    d.store.put(&id, &*rec)?;
+    Ok(shim)
+}
 
-    done.lap("shim start");
-    // 6. The pause process, through the shim's sandbox service.
-    let spec = pause_spec(
-        cfg,
-        &PauseInputs {
-            pod_id: id,
-            netns_path: rec.netns_path.as_deref(),
-            cgroups_path,
-            idmap: idmap.as_ref(),
-            current_oom_score_adj: current_oom_score_adj(),
-        },
-    );
+/// The pause process, through the shim's sandbox service (CreateSandbox with its OCI spec,
+/// StartSandbox); returns its pid.
+async fn pause(
+    d: &Daemon,
+    rec: &mut PodRecord,
+    shim: &ShimClient,
+    cfg: &PodSandboxConfig,
+    spec: &Value,
+) -> Result<u32, CriError> {
+    let id = rec.id.clone();
+    let meta = cfg.metadata.clone().unwrap_or_default();
     let mut annotations: HashMap<String, String> = cfg.annotations.clone();
     for (k, v) in [
         (crate::container::spec::ANN_CONTAINER_TYPE, "sandbox".to_string()),
-        (crate::container::spec::ANN_SANDBOX_ID, id.to_string()),
+        (crate::container::spec::ANN_SANDBOX_ID, id.clone()),
         (crate::container::spec::ANN_SANDBOX_NAME, meta.name.clone()),
         (crate::container::spec::ANN_SANDBOX_NAMESPACE, meta.namespace.clone()),
         (crate::container::spec::ANN_SANDBOX_UID, meta.uid.clone()),
     ] {
         annotations.insert(k.to_string(), v);
     }
+    let dir = crate::pod::files::pod_dir(&d.cfg.state, &id);
     let create = CreateSandboxRequest {
-        sandbox_id: id.to_string(),
+        sandbox_id: id.clone(),
         bundle_path: dir.display().to_string(),
-        netns_path: rec.netns_path.clone().unwrap_or_default(),
+        netns_path: spec_netns(spec).unwrap_or_default(),
         options: MessageField::some(Any {
             type_url: SPEC_TYPE_URL.into(),
-            value: serde_json::to_vec(&spec).unwrap_or_default(),
+            value: serde_json::to_vec(spec).unwrap_or_default(),
             ..Default::default()
         }),
         annotations,
         ..Default::default()
     };
-    done.sandbox_created = true;
     shim.sandbox()
         .create_sandbox(ctx(SHIM_CALL), &create)
         .await
-        .map_err(|e| crate::shim::client::ShimCallError::sandbox("CreateSandbox", id, e))?;
+        .map_err(|e| ShimCallError::sandbox("CreateSandbox", &id, e))?;
+    let start = StartSandboxRequest {
+        sandbox_id: id.clone(),
+        ..Default::default()
+    };
     let started = shim
         .sandbox()
-        .start_sandbox(
-            ctx(SHIM_CALL),
-            &StartSandboxRequest {
-                sandbox_id: id.to_string(),
-                ..Default::default()
-            },
-        )
+        .start_sandbox(ctx(SHIM_CALL), &start)
         .await
-        .map_err(|e| crate::shim::client::ShimCallError::sandbox("StartSandbox", id, e))?;
-
-    done.lap("sandbox create+start");
+        .map_err(|e| ShimCallError::sandbox("StartSandbox", &id, e))?;
     rec.pause_pid = Some(started.pid);
-    // 6b. A user-namespaced pod: pin the pause's new netns where every other pod's is, then
-    //     CNI ADD on it. Undo (CNI DEL, unmount + unlink) is the same as for any pod.
-    if netns_after_pause {
-        let path = d.cfg.netns_dir().join(id);
-        let p = path.clone();
-        let pid = started.pid;
-        tokio::task::spawn_blocking(move || crate::network::netns::bind_from_pid(&p, pid))
-            .await
-            .map_err(|e| CriError::internal(format!("netns task: {e}")))??;
-        let netns = path.display().to_string();
-        done.netns = Some(netns.clone());
-        rec.netns_path = Some(netns.clone());
-        d.store.put(id, &rec)?;
-        done.lap("netns");
-        cni_add(d, id, meta, cfg, netns, &mut rec, done).await?;
-    }
-    // 7. Ready.
-    rec.state = PodState::Ready;
-    d.store.put(id, &rec)?;
-    tracing::info!(pause_pid = started.pid, ips = ?rec.ips, "pod sandbox started");
-    Ok(RunPodSandboxResponse {
-        pod_sandbox_id: id.to_string(),
-    })
+    Ok(started.pid)
+}
+
+/// The network namespace path the pause spec joins, if any.
+fn spec_netns(spec: &Value) -> Option<String> {
+    spec["linux"]["namespaces"]
+        .as_array()?
+        .iter()
+        .find(|n| n["type"] == "network")
+        .and_then(|n| n["path"].as_str())
+        .map(str::to_string)
 }
 
 /// CNI ADD of the pod's `eth0` in `netns`; the IPs go to the record (stored by the caller).
 async fn cni_add(
     d: &Arc<Daemon>,
-    id: &str,
-    meta: &crisp_proto::cri::v1::PodSandboxMetadata,
     cfg: &PodSandboxConfig,
     netns: String,
     rec: &mut PodRecord,
-    done: &mut Done,
 ) -> Result<(), CriError> {
+    let meta = cfg.metadata.clone().unwrap_or_default();
+    let id = rec.id.clone();
     let attach = AttachRequest {
-        pod_id: id.to_string(),
+        pod_id: id.clone(),
         netns,
         ifname: "eth0".into(),
         args: [
             ("IgnoreUnknown", "1".to_string()),
             ("K8S_POD_NAMESPACE", meta.namespace.clone()),
             ("K8S_POD_NAME", meta.name.clone()),
-            ("K8S_POD_INFRA_CONTAINER_ID", id.to_string()),
+            ("K8S_POD_INFRA_CONTAINER_ID", id),
             ("K8S_POD_UID", meta.uid.clone()),
         ]
         .into_iter()
@@ -480,69 +544,13 @@ async fn cni_add(
         port_mappings: port_mappings(cfg),
     };
     let cni = Arc::clone(&d.cni);
-    done.cni = true; // DEL is safe even if ADD failed half-way (plugins must allow it).
+    // DEL is safe even if ADD failed half-way (plugins must allow it): the record owns the
+    // network already.
     let result = tokio::task::spawn_blocking(move || cni.add(&attach))
         .await
         .map_err(|e| CriError::internal(format!("CNI task: {e}")))??;
     rec.ips = result.ips;
-    done.lap("cni add");
     Ok(())
-}
-
-/// Undo whatever `setup` did, in reverse; each step is attempted even if an earlier one fails
-/// (each is logged), so a failure leaves as little as possible.
-async fn undo(d: &Daemon, id: &str, cfg: &PodSandboxConfig, done: Done) {
-    use crate::pod::release as t;
-    let rec = d.store.get::<PodRecord>(id).ok().flatten();
-    if done.shim.is_some() {
-        if done.sandbox_created
-            && let Some(r) = &rec
-            && let Err(e) = t::stop_pause(d, r).await
-        {
-            tracing::warn!(error = %e, "undo: stop pause");
-        }
-        let addr = done.shim.as_ref().map(|s| s.address().to_string());
-        if let Err(e) = t::shutdown_shim(d, id, addr.as_deref()).await {
-            tracing::warn!(error = %e, "undo: shut down shim");
-        }
-    } else if done.files {
-        // `start` may have spawned the shim and then failed (e.g. the connection timed out):
-        // the pod dir's address/shim.pid still find it, before the dir is removed below.
-        if let Err(e) = t::shutdown_shim(d, id, None).await {
-            tracing::warn!(error = %e, "undo: shut down a shim that never connected");
-        }
-    }
-    if (done.cni || done.netns.is_some())
-        && let Err(e) = t::release_network_opt(d, id, done.netns.as_deref(), true).await
-    {
-        tracing::warn!(error = %e, "undo: release network");
-    }
-    if done.files {
-        t::shim_delete_action(d, id).await;
-    }
-    if done.files
-        && let Err(e) = t::remove_pod_files(&crate::pod::files::pod_dir(&d.cfg.state, id))
-    {
-        tracing::warn!(error = %e, "undo: pod files");
-    }
-    if done.idmap
-        && let Err(e) = d.idmap.release(id)
-    {
-        tracing::warn!(error = %e, "undo: id range");
-    }
-    let parent = cfg
-        .linux
-        .as_ref()
-        .map(|l| l.cgroup_parent.as_str())
-        .unwrap_or("");
-    if let Err(e) = t::remove_pod_cgroup(d, parent, id) {
-        tracing::warn!(error = %e, "undo: cgroup");
-    }
-    if done.record
-        && let Err(e) = d.store.delete::<PodRecord>(id)
-    {
-        tracing::warn!(error = %e, "undo: pod record");
-    }
 }
 
 fn port_mappings(cfg: &PodSandboxConfig) -> Vec<PortMapping> {

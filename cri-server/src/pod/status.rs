@@ -222,6 +222,7 @@ mod tests {
             shim_address: None,
             pause_pid: Some(42),
             cgroup_parent: String::new(),
+            owned: None,
         }
     }
 
