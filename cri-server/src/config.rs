@@ -407,6 +407,13 @@ impl Config {
 
     /// Internal consistency only; nothing here touches the file system.
     pub fn validate(&self) -> Result<(), ConfigError> {
+        self.validate_paths()?;
+        self.validate_names()?;
+        self.validate_limits()
+    }
+
+    /// Paths: absolute, `root` and `state` apart, the socket path short enough.
+    fn validate_paths(&self) -> Result<(), ConfigError> {
         for (key, path) in [
             ("root", &self.root),
             ("state", &self.state),
@@ -444,6 +451,12 @@ impl Config {
                 "longer than 107 bytes",
             ));
         }
+        Ok(())
+    }
+
+    /// Names: the log filter, the shim and runtime binaries, the userns user, the metrics
+    /// address.
+    fn validate_names(&self) -> Result<(), ConfigError> {
         if let Err(e) = tracing_subscriber::EnvFilter::try_new(&self.log_level) {
             return Err(invalid("log_level", &self.log_level, e.to_string()));
         }
@@ -489,6 +502,11 @@ impl Config {
                 ));
             }
         }
+        Ok(())
+    }
+
+    /// Limits: pulls and log lines.
+    fn validate_limits(&self) -> Result<(), ConfigError> {
         if self.pull.max_concurrent_downloads == 0 {
             return Err(invalid(
                 "pull.max_concurrent_downloads",

@@ -37,38 +37,8 @@ where
 /// Everything up to (not including) serving; returns the daemon the server will use.
 pub async fn prepare(cfg: Config) -> anyhow::Result<Arc<Daemon>> {
     let cfg = Arc::new(cfg);
-
-    let store = phase("open store", async {
-        for (key, dir) in [("root", &cfg.root), ("state", &cfg.state)] {
-            std::fs::create_dir_all(dir)
-                .with_context(|| format!("creating `{key}` directory {}", dir.display()))?;
-        }
-        let path = cfg.db_path();
-        let store = Store::open(&path).with_context(|| format!("opening {}", path.display()))?;
-        Ok(store)
-    })
-    .await?;
-
-    let (snapshotter, images) = phase("snapshotter", async {
-        // Opened before recovery: recovering containers needs their snapshots, and the image
-        // service (which unpacks into the snapshotter) comes up with it.
-        let dir = cfg.snapshots_dir();
-        let sn = crisp_snapshotter::Snapshotter::open(&dir, Default::default())
-            .with_context(|| format!("opening snapshotter at {}", dir.display()))?;
-        let sn = Arc::new(sn);
-        let img_cfg = crisp_image::Config {
-            hosts_dir: cfg.registry_hosts_dir(),
-            max_concurrent_downloads: cfg.pull.max_concurrent_downloads,
-            stall_window: Duration::from_secs(cfg.pull.stall_window_secs),
-            ..Default::default()
-        };
-        let dir = cfg.images_dir();
-        let images = crisp_image::Images::open(&dir, Arc::clone(&sn), img_cfg)
-            .with_context(|| format!("opening image store at {}", dir.display()))?;
-        Ok((sn, images))
-    })
-    .await?;
-
+    let store = phase("open store", open_store(&cfg)).await?;
+    let (snapshotter, images) = phase("snapshotter", open_images(&cfg)).await?;
     // What a pull killed with crispd left: orphan blobs, layers, half-built snapshot dirs.
     phase("image gc", async { anyhow::Ok(images.gc_on_start().await) }).await?;
 
@@ -86,67 +56,7 @@ pub async fn prepare(cfg: Config) -> anyhow::Result<Arc<Daemon>> {
         snapshotter,
         images,
     ));
-
-    let (conditions, mut report) = phase("recover", async {
-        // Decoding every record here quarantines the undecodable ones before anything reads
-        // them; counts go to the log so an operator can see what came back.
-        let pods = store.list::<PodRecord>()?;
-        let ctrs = store.list::<ContainerRecord>()?;
-        let ranges = store.list::<IdRangeRecord>()?;
-        let shims = store.list::<ShimRecord>()?;
-        let quarantined = store.count(crate::store::QUARANTINE)?;
-        tracing::info!(
-            pods = pods.len(),
-            containers = ctrs.len(),
-            id_ranges = ranges.len(),
-            shims = shims.len(),
-            quarantined,
-            "records recovered"
-        );
-        let conditions = check_runtimes(&cfg);
-        let mut report = crate::pod::recover::recover(&store, &cfg.netns_dir())?;
-        tracing::info!(
-            released_id_ranges = report.released_id_ranges.len(),
-            removed_netns = report.removed_netns.len(),
-            removed_containers = report.removed_containers.len(),
-            failures = report.failures.len(),
-            "orphans cleaned"
-        );
-        // Shims publish here; it serves before they are reconnected so no exit is lost.
-        let events = crate::shim::events::EventsServer::start(
-            &crate::shim::events::socket_path(&cfg.state),
-            d.shim_events.clone(),
-        )
-        .await?;
-        *d.events_server.lock().await = Some(events);
-        crate::pod::recover::recover_pods(&d, &mut report).await?;
-        // Container bundles and rootfs snapshots whose record went with its pod (or a crash
-        // inside CreateContainer); their tasks are force-deleted even if their shim is gone.
-        match crate::container::lifecycle::remove_orphans(&d).await {
-            Ok(ids) if !ids.is_empty() => {
-                tracing::info!(
-                    removed = ids.len(),
-                    "orphaned container bundles and snapshots removed"
-                )
-            }
-            Ok(_) => {}
-            Err(e) => report.failures.push(format!("orphaned containers: {e}")),
-        }
-        tracing::info!(
-            alive = report.pods_alive.len(),
-            dead = report.pods_dead.len(),
-            undone = report.pods_undone.len(),
-            orphan_shims = report.orphan_shims.len(),
-            failures = report.failures.len(),
-            "pods and shims recovered"
-        );
-        for f in &report.failures {
-            tracing::warn!(failure = %f, "recovery left something behind");
-        }
-        Ok((conditions, report))
-    })
-    .await?;
-
+    let (conditions, mut report) = phase("recover", recover(&d)).await?;
     phase("cni", async {
         // Not fatal: Status reports NetworkReady=false until a config appears.
         if let Err(e) = cni.current() {
@@ -172,6 +82,102 @@ pub async fn prepare(cfg: Config) -> anyhow::Result<Arc<Daemon>> {
     d.conditions.set(conditions);
     crate::pod::watch::spawn(&d);
     Ok(d)
+}
+
+/// Phase "open store": the root and state directories, then `<root>/crisp.db`.
+async fn open_store(cfg: &Config) -> anyhow::Result<Store> {
+    for (key, dir) in [("root", &cfg.root), ("state", &cfg.state)] {
+        std::fs::create_dir_all(dir)
+            .with_context(|| format!("creating `{key}` directory {}", dir.display()))?;
+    }
+    let path = cfg.db_path();
+    let store = Store::open(&path).with_context(|| format!("opening {}", path.display()))?;
+    Ok(store)
+}
+
+/// Phase "snapshotter": opened before recovery (recovering containers needs their snapshots),
+/// with the image service that unpacks into it.
+async fn open_images(
+    cfg: &Config,
+) -> anyhow::Result<(Arc<crisp_snapshotter::Snapshotter>, crisp_image::Images)> {
+    let dir = cfg.snapshots_dir();
+    let sn = crisp_snapshotter::Snapshotter::open(&dir, Default::default())
+        .with_context(|| format!("opening snapshotter at {}", dir.display()))?;
+    let sn = Arc::new(sn);
+    let img_cfg = crisp_image::Config {
+        hosts_dir: cfg.registry_hosts_dir(),
+        max_concurrent_downloads: cfg.pull.max_concurrent_downloads,
+        stall_window: Duration::from_secs(cfg.pull.stall_window_secs),
+        ..Default::default()
+    };
+    let dir = cfg.images_dir();
+    let images = crisp_image::Images::open(&dir, Arc::clone(&sn), img_cfg)
+        .with_context(|| format!("opening image store at {}", dir.display()))?;
+    Ok((sn, images))
+}
+
+/// Phase "recover": records counted (undecodable ones quarantined), runtimes checked,
+/// orphans cleaned, the events endpoint serving, then pods, shims and containers recovered.
+async fn recover(
+    d: &Arc<Daemon>,
+) -> anyhow::Result<(Vec<Condition>, crate::pod::recover::Report)> {
+    let (store, cfg) = (&d.store, &d.cfg);
+    // Decoding every record here quarantines the undecodable ones before anything reads
+    // them; counts go to the log so an operator can see what came back.
+    let pods = store.list::<PodRecord>()?;
+    let ctrs = store.list::<ContainerRecord>()?;
+    let ranges = store.list::<IdRangeRecord>()?;
+    let shims = store.list::<ShimRecord>()?;
+    let quarantined = store.count(crate::store::QUARANTINE)?;
+    tracing::info!(
+        pods = pods.len(),
+        containers = ctrs.len(),
+        id_ranges = ranges.len(),
+        shims = shims.len(),
+        quarantined,
+        "records recovered"
+    );
+    let conditions = check_runtimes(cfg);
+    let mut report = crate::pod::recover::recover(store, &cfg.netns_dir())?;
+    tracing::info!(
+        released_id_ranges = report.released_id_ranges.len(),
+        removed_netns = report.removed_netns.len(),
+        removed_containers = report.removed_containers.len(),
+        failures = report.failures.len(),
+        "orphans cleaned"
+    );
+    // Shims publish here; it serves before they are reconnected so no exit is lost.
+    let events = crate::shim::events::EventsServer::start(
+        &crate::shim::events::socket_path(&cfg.state),
+        d.shim_events.clone(),
+    )
+    .await?;
+    *d.events_server.lock().await = Some(events);
+    crate::pod::recover::recover_pods(d, &mut report).await?;
+    // Container bundles and rootfs snapshots whose record went with its pod (or a crash
+    // inside CreateContainer); their tasks are force-deleted even if their shim is gone.
+    match crate::container::lifecycle::remove_orphans(d).await {
+        Ok(ids) if !ids.is_empty() => {
+            tracing::info!(
+                removed = ids.len(),
+                "orphaned container bundles and snapshots removed"
+            )
+        }
+        Ok(_) => {}
+        Err(e) => report.failures.push(format!("orphaned containers: {e}")),
+    }
+    tracing::info!(
+        alive = report.pods_alive.len(),
+        dead = report.pods_dead.len(),
+        undone = report.pods_undone.len(),
+        orphan_shims = report.orphan_shims.len(),
+        failures = report.failures.len(),
+        "pods and shims recovered"
+    );
+    for f in &report.failures {
+        tracing::warn!(failure = %f, "recovery left something behind");
+    }
+    Ok((conditions, report))
 }
 
 /// Start up, then serve until SIGINT or SIGTERM.

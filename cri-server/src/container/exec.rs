@@ -234,15 +234,32 @@ async fn run(
     caller_gone: tokio::sync::oneshot::Receiver<()>,
     progress: &mut Progress,
 ) -> Result<ExecSyncResponse, CriError> {
-    let (shim, cid, exec_id, dir) = (&x.shim, x.cid.as_str(), x.exec_id.as_str(), x.dir.as_path());
-    let io_err = |what: &str, p: &Path, e: io::Error| {
-        CriError::internal(format!("ExecSync: {what} {}: {e}", p.display()))
-    };
+    let (paths, keep) = open_fifos(&x.dir, progress)?;
+    add_and_start(x, process, &paths, keep, progress).await?;
+    let exit = wait(x, timeout, caller_gone).await?;
+    progress.exited = true;
+    let (stdout, stderr) = collect_output(&x.exec_id, progress).await?;
+    Ok(ExecSyncResponse {
+        stdout,
+        stderr,
+        exit_code: exit.exit_status as i32,
+    })
+}
+
+fn io_err(what: &str, p: &Path, e: io::Error) -> CriError {
+    CriError::internal(format!("ExecSync: {what} {}: {e}", p.display()))
+}
+
+/// The exec's stdout and stderr FIFOs in `dir`, each with its reader started. Read ends
+/// first (a non-blocking open needs no writer), then a write end of our own on each (returned):
+/// the shim opens its writer only at Start, and a reader with no writer at all would see EOF
+/// at once. Ours are closed once the process has its own.
+fn open_fifos(
+    dir: &Path,
+    progress: &mut Progress,
+) -> Result<([PathBuf; 2], Vec<std::fs::File>), CriError> {
     std::fs::create_dir_all(dir).map_err(|e| io_err("creating", dir, e))?;
     let paths: [PathBuf; 2] = [dir.join("stdout"), dir.join("stderr")];
-    // Read ends first (a non-blocking open needs no writer), then a write end of our own on
-    // each: the shim opens its writer only at Start, and a reader with no writer at all would
-    // see EOF at once. Ours are closed once the process has its own.
     let mut keep = Vec::with_capacity(2);
     for p in &paths {
         crate::container::logs::mkfifo(p).map_err(|e| io_err("mkfifo", p, e))?;
@@ -260,52 +277,67 @@ async fn run(
             .map_err(|e| io_err("opening", p, e))?;
         keep.push(w);
     }
-    let what = |call: &str| format!("ExecSync: {call} exec {exec_id} in container {cid}");
+    Ok((paths, keep))
+}
 
+/// Exec (add the process to the container) and Start it on the shim; our own FIFO write ends
+/// are dropped once the process holds its own.
+async fn add_and_start(
+    x: &Exec,
+    process: Vec<u8>,
+    paths: &[PathBuf; 2],
+    keep: Vec<std::fs::File>,
+    progress: &mut Progress,
+) -> Result<(), CriError> {
+    let (shim, cid, exec_id) = (&x.shim, x.cid.as_str(), x.exec_id.as_str());
+    let what = |call: &str| format!("ExecSync: {call} exec {exec_id} in container {cid}");
+    let exec = api::ExecProcessRequest {
+        id: cid.to_string(),
+        exec_id: exec_id.to_string(),
+        terminal: false,
+        stdin: String::new(),
+        stdout: paths[0].display().to_string(),
+        stderr: paths[1].display().to_string(),
+        spec: Some(Any {
+            type_url: PROCESS_TYPE_URL.to_string(),
+            value: process,
+            ..Default::default()
+        })
+        .into(),
+        ..Default::default()
+    };
     shim.task()
-        .exec(
-            ctx(SHIM_CALL),
-            &api::ExecProcessRequest {
-                id: cid.to_string(),
-                exec_id: exec_id.to_string(),
-                terminal: false,
-                stdin: String::new(),
-                stdout: paths[0].display().to_string(),
-                stderr: paths[1].display().to_string(),
-                spec: Some(Any {
-                    type_url: PROCESS_TYPE_URL.to_string(),
-                    value: process,
-                    ..Default::default()
-                })
-                .into(),
-                ..Default::default()
-            },
-        )
+        .exec(ctx(SHIM_CALL), &exec)
         .await
         .map_err(|e| task_error(&what("creating"), e))?;
     progress.added = true;
-    let started = shim
-        .task()
-        .start(
-            ctx(SHIM_CALL),
-            &api::StartRequest {
-                id: cid.to_string(),
-                exec_id: exec_id.to_string(),
-                ..Default::default()
-            },
-        )
-        .await;
+    let start = api::StartRequest {
+        id: cid.to_string(),
+        exec_id: exec_id.to_string(),
+        ..Default::default()
+    };
+    let started = shim.task().start(ctx(SHIM_CALL), &start).await;
     drop(keep);
     started.map_err(|e| task_error(&what("starting"), e))?;
     progress.started = true;
+    Ok(())
+}
 
+/// Wait for the exec's exit, bounded by the CRI timeout and by the caller staying.
+async fn wait(
+    x: &Exec,
+    timeout: Option<Duration>,
+    caller_gone: tokio::sync::oneshot::Receiver<()>,
+) -> Result<api::WaitResponse, CriError> {
+    let (cid, exec_id) = (x.cid.as_str(), x.exec_id.as_str());
     // No deadline on the ttrpc call itself: the CRI timeout (if any) bounds it here.
     let wait_req = api::WaitRequest {
         id: cid.to_string(),
         exec_id: exec_id.to_string(),
         ..Default::default()
     };
-    let wait = shim
+    let wait = x
+        .shim
         .task()
         .wait(ttrpc::context::Context::default(), &wait_req);
     // No timeout: a deadline no call reaches.
@@ -328,9 +360,16 @@ async fn run(
             ));
         }
     };
-    let exit = waited.map_err(|e| task_error(&what("waiting for"), e))?;
-    progress.exited = true;
+    let what = format!("ExecSync: waiting for exec {exec_id} in container {cid}");
+    waited.map_err(|e| task_error(&what, e))
+}
 
+/// The readers' output once the exec exited (each bounded; a reader still busy after
+/// [`DRAIN_AFTER_EXIT`] is stopped), trimmed to fit one response: (stdout, stderr).
+async fn collect_output(
+    exec_id: &str,
+    progress: &mut Progress,
+) -> Result<(Vec<u8>, Vec<u8>), CriError> {
     let mut outs = Vec::with_capacity(2);
     for h in std::mem::take(&mut progress.readers) {
         let abort = h.abort_handle();
@@ -357,11 +396,7 @@ async fn run(
             "exec output over the {MAX_EXEC_OUTPUT} byte cap; dropped the excess"
         );
     }
-    Ok(ExecSyncResponse {
-        stdout: stdout.data,
-        stderr: stderr.data,
-        exit_code: exit.exit_status as i32,
-    })
+    Ok((stdout.data, stderr.data))
 }
 
 /// Remove every exec FIFO directory under `root` (crash leftovers).

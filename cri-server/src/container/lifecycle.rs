@@ -361,7 +361,50 @@ pub async fn create(
     image_name: String,
 ) -> Result<String, CriError> {
     let meta = cfg.metadata.clone().unwrap_or_default();
-    let pod_cfg = pod_cfg.clone();
+    name_is_free(d, pod, &meta)?;
+    let log = log_path(&pod_cfg.log_directory, &cfg.log_path)?;
+    let image = d
+        .images
+        .status(&image_name)?
+        .ok_or_else(|| CriError::not_found(format!("image {image_name:?} not found")))?;
+    let image_cfg: ImageConfiguration = serde_json::from_str(&image.config).map_err(|e| {
+        CriError::internal(format!("image {image_name}: config does not parse: {e}"))
+    })?;
+    let pause_pid = pod.pause_pid.ok_or_else(|| {
+        CriError::precondition(format!("pod sandbox {} has no pause process", pod.id))
+    })?;
+    let idmap = pod_idmap(d, &pod.id, pod_cfg)?;
+    let id = crate::util::new_id();
+    // Rootfs: an active snapshot on the image's top layer.
+    let parent = image.chain_ids.last().map(|c| c.to_string());
+    let mounts = prepare_rootfs(d, &id, parent, idmap.as_ref()).await?;
+    let new = NewContainer {
+        id: &id,
+        pod,
+        pod_cfg,
+        cfg: &cfg,
+        image_name: &image_name,
+        pause_pid,
+        image_ref: image.id.to_string(),
+        image_cfg: &image_cfg,
+        idmap: idmap.as_ref(),
+        log,
+    };
+    match bundle_and_record(d, &new, &mounts) {
+        Ok(rec) => {
+            tracing::info!(container_id = %id, pod_id = %pod.id, name = %meta.name, "container created");
+            publish(&Ctx::of(d), &rec, ContainerEventType::ContainerCreatedEvent);
+            Ok(id)
+        }
+        Err(e) => {
+            undo_create(d, &id).await;
+            Err(e)
+        }
+    }
+}
+
+/// A container's name and attempt are unique in its pod.
+fn name_is_free(d: &Daemon, pod: &PodRecord, meta: &pb::ContainerMetadata) -> Result<(), CriError> {
     if let Some((_, other)) = d
         .store
         .list::<ContainerRecord>()?
@@ -376,112 +419,128 @@ pub async fn create(
             ),
         ));
     }
-    let log = log_path(&pod_cfg.log_directory, &cfg.log_path)?;
-    let image = d
-        .images
-        .status(&image_name)?
-        .ok_or_else(|| CriError::not_found(format!("image {image_name:?} not found")))?;
-    let image_cfg: ImageConfiguration = serde_json::from_str(&image.config).map_err(|e| {
-        CriError::internal(format!("image {image_name}: config does not parse: {e}"))
-    })?;
-    let pause_pid = pod.pause_pid.ok_or_else(|| {
-        CriError::precondition(format!("pod sandbox {} has no pause process", pod.id))
-    })?;
-    let idmap = pod_idmap(d, &pod.id, &pod_cfg)?;
+    Ok(())
+}
 
-    let id = crate::util::new_id();
-
-    // Rootfs: an active snapshot on the image's top layer.
-    let parent = image.chain_ids.last().map(|c| c.to_string());
-    let labels = idmap.as_ref().map(idmap_labels).unwrap_or_default();
+/// The container's rootfs: an active snapshot keyed by its id on `parent` (id-mapped for a
+/// user-namespaced pod).
+async fn prepare_rootfs(
+    d: &Daemon,
+    id: &str,
+    parent: Option<String>,
+    idmap: Option<&crate::pod::idmap::PodIdMap>,
+) -> Result<Vec<crisp_snapshotter::mount::Mount>, CriError> {
+    let labels = idmap.map(idmap_labels).unwrap_or_default();
     let sn = Arc::clone(&d.snapshotter);
-    let (key, par) = (id.clone(), parent.clone());
-    let mounts = tokio::task::spawn_blocking(move || sn.prepare(&key, par.as_deref(), labels))
+    let key = id.to_string();
+    tokio::task::spawn_blocking(move || sn.prepare(&key, parent.as_deref(), labels))
         .await
         .map_err(|e| CriError::internal(format!("snapshot prepare: {e}")))?
-        .map_err(|e| snap_err(&format!("container {id}: rootfs snapshot"), e))?;
+        .map_err(|e| snap_err(&format!("container {id}: rootfs snapshot"), e))
+}
 
-    let result = async {
-        let dirs = layer_dirs(&mounts);
-        let passwd = read_from_layers(&dirs, "etc/passwd");
-        let group = read_from_layers(&dirs, "etc/group");
-        let target_pid = match cfg
-            .linux
-            .as_ref()
-            .and_then(|l| l.security_context.as_ref())
-            .and_then(|s| s.namespace_options.as_ref())
-        {
-            Some(n) if n.pid == NamespaceMode::Target as i32 => d
-                .store
-                .get::<ContainerRecord>(&n.target_id)?
-                .filter(|t| t.state == ContainerState::Running)
-                .and_then(|t| t.pid),
-            _ => None,
-        };
-        let cgroup_v2 = crate::util::cgroup_mode(Path::new("/sys/fs/cgroup"))
-            == Some(crate::util::CgroupMode::Unified);
-        let sctx = crate::container::spec::SpecContext {
-            container_id: &id,
-            pod_id: &pod.id,
-            pause_pid,
-            target_pid,
-            cgroup_driver: d.cfg.cgroup_driver,
-            cgroup_v2,
-            idmap: idmap.as_ref(),
-            image_name: &image_name,
-            passwd: passwd.as_deref(),
-            group: group.as_deref(),
-            sandbox_mounts: sandbox_mounts(&d.cfg.state, &pod.id, &pod_cfg),
-        };
-        let spec = crate::container::spec::build(&pod_cfg, &cfg, &image_cfg, &sctx, &crate::container::spec::RealHost)?;
-        let b = bundle::dir(&d.cfg.state, &id);
-        bundle::create(&b, &spec)?;
-        let rec = ContainerRecord {
-            id: id.clone(),
-            pod_id: pod.id.clone(),
-            name: meta.name.clone(),
-            attempt: meta.attempt,
-            state: ContainerState::Created,
-            created_at: crate::util::now_nanos(),
-            started_at: 0,
-            finished_at: 0,
-            exit_code: 0,
-            reason: String::new(),
-            message: String::new(),
-            image: image_name.clone(),
-            image_ref: image.id.to_string(),
-            log_path: log,
-            config_pb: crate::container::status::encode_config(&cfg),
-            pid: None,
-        };
-        d.store.put(&id, &rec)?;
-        Ok::<_, CriError>(rec)
+/// What CreateContainer has resolved before the bundle is written.
+struct NewContainer<'a> {
+    id: &'a str,
+    pod: &'a PodRecord,
+    pod_cfg: &'a pb::PodSandboxConfig,
+    cfg: &'a pb::ContainerConfig,
+    image_name: &'a str,
+    pause_pid: u32,
+    image_ref: String,
+    image_cfg: &'a ImageConfiguration,
+    idmap: Option<&'a crate::pod::idmap::PodIdMap>,
+    log: String,
+}
+
+/// The OCI spec (pure, `spec::build`) written into the bundle, then the Created record.
+fn bundle_and_record(
+    d: &Daemon,
+    n: &NewContainer<'_>,
+    mounts: &[crisp_snapshotter::mount::Mount],
+) -> Result<ContainerRecord, CriError> {
+    let (id, pod, cfg) = (n.id, n.pod, n.cfg);
+    let dirs = layer_dirs(mounts);
+    let passwd = read_from_layers(&dirs, "etc/passwd");
+    let group = read_from_layers(&dirs, "etc/group");
+    let cgroup_v2 = crate::util::cgroup_mode(Path::new("/sys/fs/cgroup"))
+        == Some(crate::util::CgroupMode::Unified);
+    let sctx = crate::container::spec::SpecContext {
+        container_id: id,
+        pod_id: &pod.id,
+        pause_pid: n.pause_pid,
+        target_pid: target_pid(d, cfg)?,
+        cgroup_driver: d.cfg.cgroup_driver,
+        cgroup_v2,
+        idmap: n.idmap,
+        image_name: n.image_name,
+        passwd: passwd.as_deref(),
+        group: group.as_deref(),
+        sandbox_mounts: sandbox_mounts(&d.cfg.state, &pod.id, n.pod_cfg),
+    };
+    let spec = crate::container::spec::build(
+        n.pod_cfg,
+        cfg,
+        n.image_cfg,
+        &sctx,
+        &crate::container::spec::RealHost,
+    )?;
+    bundle::create(&bundle::dir(&d.cfg.state, id), &spec)?;
+    let meta = cfg.metadata.clone().unwrap_or_default();
+    let rec = ContainerRecord {
+        id: id.to_string(),
+        pod_id: pod.id.clone(),
+        name: meta.name,
+        attempt: meta.attempt,
+        state: ContainerState::Created,
+        created_at: crate::util::now_nanos(),
+        started_at: 0,
+        finished_at: 0,
+        exit_code: 0,
+        reason: String::new(),
+        message: String::new(),
+        image: n.image_name.to_string(),
+        image_ref: n.image_ref.clone(),
+        log_path: n.log.clone(),
+        config_pb: crate::container::status::encode_config(cfg),
+        pid: None,
+    };
+    d.store.put(id, &rec)?;
+    Ok(rec)
+}
+
+/// The pid whose PID namespace a `TARGET`-mode container joins, if it runs.
+fn target_pid(d: &Daemon, cfg: &pb::ContainerConfig) -> Result<Option<u32>, CriError> {
+    let ns = cfg
+        .linux
+        .as_ref()
+        .and_then(|l| l.security_context.as_ref())
+        .and_then(|s| s.namespace_options.as_ref());
+    Ok(match ns {
+        Some(n) if n.pid == NamespaceMode::Target as i32 => d
+            .store
+            .get::<ContainerRecord>(&n.target_id)?
+            .filter(|t| t.state == ContainerState::Running)
+            .and_then(|t| t.pid),
+        _ => None,
+    })
+}
+
+/// Undo a failed create in reverse: bundle, then snapshot.
+async fn undo_create(d: &Daemon, id: &str) {
+    if let Err(u) = bundle::remove(&bundle::dir(&d.cfg.state, id)) {
+        tracing::warn!(container_id = %id, step = "remove bundle", error = %u, "undo");
     }
-    .await;
-    match result {
-        Ok(rec) => {
-            tracing::info!(container_id = %id, pod_id = %pod.id, name = %meta.name, "container created");
-            publish(&Ctx::of(d), &rec, ContainerEventType::ContainerCreatedEvent);
-            Ok(id)
+    // The store commit fsyncs: off the async workers, as prepare and remove are.
+    let sn = Arc::clone(&d.snapshotter);
+    let key = id.to_string();
+    match tokio::task::spawn_blocking(move || sn.remove(&key)).await {
+        Ok(Ok(_)) => {}
+        Ok(Err(u)) => {
+            tracing::warn!(container_id = %id, step = "remove snapshot", error = %u, "undo")
         }
-        Err(e) => {
-            // Undo in reverse: bundle, then snapshot.
-            if let Err(u) = bundle::remove(&bundle::dir(&d.cfg.state, &id)) {
-                tracing::warn!(container_id = %id, step = "remove bundle", error = %u, "undo");
-            }
-            // The store commit fsyncs: off the async workers, as prepare and remove are.
-            let sn = Arc::clone(&d.snapshotter);
-            let key = id.clone();
-            match tokio::task::spawn_blocking(move || sn.remove(&key)).await {
-                Ok(Ok(_)) => {}
-                Ok(Err(u)) => {
-                    tracing::warn!(container_id = %id, step = "remove snapshot", error = %u, "undo")
-                }
-                Err(u) => {
-                    tracing::warn!(container_id = %id, step = "remove snapshot", error = %u, "undo")
-                }
-            }
-            Err(e)
+        Err(u) => {
+            tracing::warn!(container_id = %id, step = "remove snapshot", error = %u, "undo")
         }
     }
 }
@@ -524,21 +583,11 @@ async fn start_task(
     let id = &rec.id;
     let b = bundle::dir(&d.cfg.state, id);
     let cfg = crate::container::status::container_config(rec);
-    let io_err =
-        |what: &str, e: std::io::Error| CriError::internal(format!("container {id}: {what}: {e}"));
     let (out, err) = (
         bundle::fifo(&b, Stream::Stdout),
         bundle::fifo(&b, Stream::Stderr),
     );
-    logs::mkfifo(&out).map_err(|e| io_err("stdout fifo", e))?;
-    logs::mkfifo(&err).map_err(|e| io_err("stderr fifo", e))?;
-    let r_out = logs::open_fifo_reader(&out).map_err(|e| io_err("open stdout fifo", e))?;
-    let r_err = logs::open_fifo_reader(&err).map_err(|e| io_err("open stderr fifo", e))?;
-    let log_file = log_file(rec);
-    let log = Arc::new(
-        CriLog::open(&log_file, d.cfg.max_container_log_line_size)
-            .map_err(|e| io_err(&format!("open log {}", log_file.display()), e))?,
-    );
+    let (r_out, r_err, log) = open_output(d, rec, &out, &err)?;
     let mounts = d
         .snapshotter
         .mounts(id)
@@ -599,6 +648,29 @@ async fn start_task(
         l.watcher = Some(watcher);
     }
     Ok(())
+}
+
+/// The container's stdout/stderr FIFOs with their read ends opened by crispd first (so the
+/// container never writes to a FIFO without a reader), and its CRI log.
+fn open_output(
+    d: &Daemon,
+    rec: &ContainerRecord,
+    out: &Path,
+    err: &Path,
+) -> Result<(std::fs::File, std::fs::File, Arc<CriLog>), CriError> {
+    let id = &rec.id;
+    let io_err =
+        |what: &str, e: std::io::Error| CriError::internal(format!("container {id}: {what}: {e}"));
+    logs::mkfifo(out).map_err(|e| io_err("stdout fifo", e))?;
+    logs::mkfifo(err).map_err(|e| io_err("stderr fifo", e))?;
+    let r_out = logs::open_fifo_reader(out).map_err(|e| io_err("open stdout fifo", e))?;
+    let r_err = logs::open_fifo_reader(err).map_err(|e| io_err("open stderr fifo", e))?;
+    let log_file = log_file(rec);
+    let log = Arc::new(
+        CriLog::open(&log_file, d.cfg.max_container_log_line_size)
+            .map_err(|e| io_err(&format!("open log {}", log_file.display()), e))?,
+    );
+    Ok((r_out, r_err, log))
 }
 
 fn ctx_t() -> ttrpc::context::Context {
@@ -1107,6 +1179,52 @@ pub async fn remove_orphans(d: &Daemon) -> Result<Vec<String>, CriError> {
     Ok(removed)
 }
 
+/// A container still alive in its shim after a restart: reopen its FIFOs (the container
+/// holds their write ends), copy its output again and watch it.
+async fn reattach(
+    d: &Daemon,
+    ctx: Ctx,
+    shim: &ShimClient,
+    rec: &ContainerRecord,
+    pid: u32,
+) -> Result<(), CriError> {
+    let id = &rec.id;
+    let b = bundle::dir(&d.cfg.state, id);
+    // Alive: reopen the FIFOs (the container holds their write ends) and watch it.
+    let events = d.shim_events.subscribe();
+    let log = Arc::new(
+        CriLog::open(&log_file(rec), d.cfg.max_container_log_line_size)
+            .map_err(|e| CriError::internal(format!("container {id}: open log: {e}")))?,
+    );
+    let mut copiers = Vec::new();
+    for stream in [Stream::Stdout, Stream::Stderr] {
+        let f = bundle::fifo(&b, stream);
+        match logs::open_fifo_reader(&f) {
+            Ok(r) => copiers.push(spawn_copier(id, r, stream, Arc::clone(&log))),
+            Err(e) => {
+                tracing::warn!(container_id = %id, stream = stream.as_str(), error = %e, "cannot reopen fifo; output lost")
+            }
+        }
+    }
+    if rec.state != ContainerState::Running || rec.pid != Some(pid) {
+        let mut r = rec.clone();
+        r.state = ContainerState::Running;
+        r.pid = Some(pid);
+        d.store.put(id, &r)?;
+    }
+    let watcher = tokio::spawn(watch(ctx, shim.clone(), id.clone(), events));
+    d.containers.live().insert(
+        id.clone(),
+        Live {
+            log: Some(log),
+            copiers,
+            watcher: Some(watcher),
+        },
+    );
+    tracing::info!(container_id = %id, pid = pid, "container re-attached");
+    Ok(())
+}
+
 async fn recover_one(
     d: &Daemon,
     rec: &ContainerRecord,
@@ -1114,7 +1232,6 @@ async fn recover_one(
 ) -> Result<(), CriError> {
     let id = &rec.id;
     let ctx = Ctx::of(d);
-    let b = bundle::dir(&d.cfg.state, id);
     let Some(shim) = shim else {
         if may_run(rec.state) {
             let exit = Exit::lost("shim died");
@@ -1148,39 +1265,7 @@ async fn recover_one(
     use containerd_shim_protos::api::Status;
     match st.status.enum_value_or_default() {
         Status::RUNNING | Status::PAUSED | Status::PAUSING => {
-            // Alive: reopen the FIFOs (the container holds their write ends) and watch it.
-            let events = d.shim_events.subscribe();
-            let log = Arc::new(
-                CriLog::open(&log_file(rec), d.cfg.max_container_log_line_size)
-                    .map_err(|e| CriError::internal(format!("container {id}: open log: {e}")))?,
-            );
-            let mut copiers = Vec::new();
-            for stream in [Stream::Stdout, Stream::Stderr] {
-                let f = bundle::fifo(&b, stream);
-                match logs::open_fifo_reader(&f) {
-                    Ok(r) => copiers.push(spawn_copier(id, r, stream, Arc::clone(&log))),
-                    Err(e) => {
-                        tracing::warn!(container_id = %id, stream = stream.as_str(), error = %e, "cannot reopen fifo; output lost")
-                    }
-                }
-            }
-            if rec.state != ContainerState::Running || rec.pid != Some(st.pid) {
-                let mut r = rec.clone();
-                r.state = ContainerState::Running;
-                r.pid = Some(st.pid);
-                d.store.put(id, &r)?;
-            }
-            let watcher = tokio::spawn(watch(ctx, shim.clone(), id.clone(), events));
-            d.containers.live().insert(
-                id.clone(),
-                Live {
-                    log: Some(log),
-                    copiers,
-                    watcher: Some(watcher),
-                },
-            );
-            tracing::info!(container_id = %id, pid = st.pid, "container re-attached");
-            Ok(())
+            reattach(d, ctx, shim, rec, st.pid).await
         }
         Status::STOPPED => {
             let exit = Exit {

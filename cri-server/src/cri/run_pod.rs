@@ -30,25 +30,31 @@ pub fn preflight(d: &Daemon, req: &RunPodSandboxRequest) -> Result<(), CriError>
             return Err(CriError::invalid(format!("{field}: empty")));
         }
     }
-    // The handler: known, and its binary present (it may have been installed since start-up).
-    let Some(bin) = d.cfg.handler_binary(&req.runtime_handler) else {
+    check_binaries(d, &req.runtime_handler)?;
+    check_namespaces(d, cfg)
+}
+
+/// The handler: known, and its binary present (it may have been installed since start-up);
+/// the shim binary too.
+fn check_binaries(d: &Daemon, handler: &str) -> Result<(), CriError> {
+    let Some(bin) = d.cfg.handler_binary(handler) else {
         return Err(CriError::invalid(format!(
             "runtime_handler: {:?} is not configured (known: {:?})",
-            req.runtime_handler,
+            handler,
             d.cfg.runtime_handlers.keys().collect::<Vec<_>>()
         )));
     };
     if let Some(bin) = bin
         && crate::util::find_binary(&bin).is_none()
     {
-        let key = if req.runtime_handler.is_empty() {
+        let key = if handler.is_empty() {
             "runtime".to_string()
         } else {
-            format!("runtime_handlers.{}.binary", req.runtime_handler)
+            format!("runtime_handlers.{handler}.binary")
         };
         return Err(CriError::precondition(format!(
             "runtime handler {:?}: OCI runtime binary {} (setting `{key}`) not found",
-            req.runtime_handler,
+            handler,
             bin.display()
         )));
     }
@@ -58,6 +64,15 @@ pub fn preflight(d: &Daemon, req: &RunPodSandboxRequest) -> Result<(), CriError>
             d.cfg.shim_binary.display()
         )));
     }
+    Ok(())
+}
+
+/// Namespace options that cannot work together, then the network the pod needs (a CNI
+/// config unless it uses the host's) and its explicit ID mappings.
+fn check_namespaces(
+    d: &Daemon,
+    cfg: &crisp_proto::cri::v1::PodSandboxConfig,
+) -> Result<(), CriError> {
     let sc = cfg.linux.as_ref().and_then(|l| l.security_context.as_ref());
     let ns = sc.and_then(|s| s.namespace_options.as_ref());
     let host_network = ns.is_some_and(|n| n.network == NamespaceMode::Node as i32);
