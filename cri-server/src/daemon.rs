@@ -1,11 +1,14 @@
-//! What the CRI calls share: the configuration, the store and the small services that own
-//! their own state. Deliberately not a god object: each field is a service with its own
-//! locking, and CRI call modules take only what they use.
+//! What the CRI calls share, assembled once at start-up: the pod service, the container
+//! service and the image service, each owning its own state and locking. Deliberately not a
+//! god object: the CRI handlers and the domain take the service they use, never the daemon;
+//! only the server, start-up and Status see all of it.
 
 use std::sync::{Arc, RwLock};
 
 use crate::network::cni::CniManager;
 use crate::config::Config;
+use crate::container::service::ContainerService;
+use crate::pod::service::PodService;
 use crate::store::Store;
 
 /// Something found missing during start-up that is not fatal (promise 4): reported by Status
@@ -43,44 +46,25 @@ impl Conditions {
     }
 }
 
+/// The daemon: the services the CRI calls take (pods, containers, images), and what only
+/// the server and start-up use (conditions, shutdown, the events endpoint, metrics).
 pub struct Daemon {
     pub cfg: Arc<Config>,
     pub store: Store,
     pub cni: Arc<CniManager>,
     pub conditions: Conditions,
+    /// The image service.
     pub images: crisp_image::Images,
-    pub snapshotter: Arc<crisp_snapshotter::Snapshotter>,
-    pub idmap: crate::pod::idmap::Allocator,
-    /// One lock per pod for its state transitions (never held across a store-wide lock).
-    pub pod_locks: crate::locks::ObjectLocks,
-    /// One lock per container (taken after its pod's), and the log copiers and exit watchers
-    /// of started containers; shared with the watcher tasks.
-    pub containers: Arc<crate::container::registry::Registry>,
-    /// Container lifecycle events for GetContainerEvents subscribers (kubelet's evented PLEG).
-    /// Publishing never blocks: a subscriber that falls behind loses events and is told so.
-    pub events: tokio::sync::broadcast::Sender<crisp_proto::cri::v1::ContainerEventResponse>,
+    pub pods: Arc<PodService>,
+    pub containers: Arc<ContainerService>,
     /// Set when crispd begins to shut down, so long-lived streams end and graceful shutdown
     /// does not wait forever for them.
     pub stopping: tokio::sync::watch::Sender<bool>,
-    /// Live connections to the pods' shims, by pod id.
-    pub shims: crate::shim::client::Shims,
-    /// Task exits / OOMs the shims publish to crispd's events socket.
-    pub shim_events: tokio::sync::broadcast::Sender<crate::shim::events::ShimEvent>,
-    /// The previous CPU sample of each container and of each pod, for the CPU rate the stats
-    /// calls report (a rate needs two samples).
-    pub container_cpu: crate::stats::cpu::CpuSamples,
-    pub pod_cpu: crate::stats::cpu::CpuSamples,
-    /// RunPodSandbox calls in flight by pod name, so a retry joins the first call.
-    pub pod_inflight: crate::inflight::InFlight<crisp_proto::cri::v1::RunPodSandboxResponse>,
     /// The events ttrpc server, once started (stopped and its socket removed at shutdown).
     pub events_server: tokio::sync::Mutex<Option<crate::shim::events::EventsServer>>,
     /// This daemon's CRI call counters (recorded by `instrument::call`).
     pub metrics: Arc<crate::metrics::Metrics>,
 }
-
-
-
-
 
 impl Daemon {
     pub fn new(
@@ -90,29 +74,49 @@ impl Daemon {
         snapshotter: Arc<crisp_snapshotter::Snapshotter>,
         images: crisp_image::Images,
     ) -> Self {
-        let idmap = crate::pod::idmap::Allocator::new(
+        let idmap = Arc::new(crate::pod::idmap::Allocator::new(
             store.clone(),
             cfg.userns.user.clone(),
             cfg.userns.subuid_file.clone(),
             cfg.userns.subgid_file.clone(),
-        );
+        ));
+        let shims: Arc<crate::shim::client::Shims> = Arc::default();
+        let pod_locks: Arc<crate::locks::ObjectLocks> = Arc::default();
+        let stopping = tokio::sync::watch::channel(false).0;
+        let containers = Arc::new(ContainerService {
+            cfg: Arc::clone(&cfg),
+            store: store.clone(),
+            images: images.clone(),
+            snapshotter,
+            shims: Arc::clone(&shims),
+            pod_locks: Arc::clone(&pod_locks),
+            idmap: Arc::clone(&idmap),
+            containers: Arc::default(),
+            events: tokio::sync::broadcast::channel(1024).0,
+            shim_events: tokio::sync::broadcast::channel(1024).0,
+            container_cpu: Default::default(),
+        });
+        let pods = Arc::new(PodService {
+            cfg: Arc::clone(&cfg),
+            store: store.clone(),
+            cni: Arc::clone(&cni),
+            idmap,
+            pod_locks,
+            shims,
+            pod_inflight: Default::default(),
+            pod_cpu: Default::default(),
+            stopping: stopping.clone(),
+            ctrs: Arc::clone(&containers),
+        });
         Self {
             cfg,
             store,
             cni,
             conditions: Conditions::default(),
             images,
-            snapshotter,
-            idmap,
-            pod_locks: Default::default(),
-            containers: Arc::default(),
-            events: tokio::sync::broadcast::channel(1024).0,
-            stopping: tokio::sync::watch::channel(false).0,
-            shims: crate::shim::client::Shims::default(),
-            shim_events: tokio::sync::broadcast::channel(1024).0,
-            container_cpu: Default::default(),
-            pod_cpu: Default::default(),
-            pod_inflight: Default::default(),
+            pods,
+            containers,
+            stopping,
             events_server: tokio::sync::Mutex::new(None),
             metrics: Arc::default(),
         }
@@ -140,11 +144,17 @@ impl std::fmt::Debug for Daemon {
 impl Daemon {
     /// A daemon on temp dirs, for unit tests of CRI calls.
     pub fn for_test(dir: &std::path::Path) -> Self {
-        let cfg = Config {
+        Self::for_test_with(dir, |_| {})
+    }
+
+    /// [`Daemon::for_test`], with the config changed by `edit` first.
+    pub fn for_test_with(dir: &std::path::Path, edit: impl FnOnce(&mut Config)) -> Self {
+        let mut cfg = Config {
             root: dir.join("root"),
             state: dir.join("state"),
             ..Config::default()
         };
+        edit(&mut cfg);
         let store = Store::open(&cfg.db_path()).expect("store");
         let cni = Arc::new(CniManager::new(
             dir.join("net.d"),

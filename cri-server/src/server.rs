@@ -113,7 +113,7 @@ impl RuntimeService for Cri {
             &self.d.metrics,
             "RunPodSandbox",
             span,
-            cri::run_pod::run_pod_sandbox(&self.d, req),
+            cri::run_pod::run_pod_sandbox(&self.d.pods, req),
         )
         .await
     }
@@ -128,7 +128,7 @@ impl RuntimeService for Cri {
             &self.d.metrics,
             "StopPodSandbox",
             span,
-            cri::pod_teardown::stop(&self.d, req),
+            cri::pod_teardown::stop(&self.d.pods, req),
         )
         .await
     }
@@ -143,7 +143,7 @@ impl RuntimeService for Cri {
             &self.d.metrics,
             "RemovePodSandbox",
             span,
-            cri::pod_teardown::remove(&self.d, req),
+            cri::pod_teardown::remove(&self.d.pods, req),
         )
         .await
     }
@@ -158,7 +158,7 @@ impl RuntimeService for Cri {
             &self.d.metrics,
             "PodSandboxStatus",
             span,
-            cri::pods::pod_sandbox_status(&self.d, req),
+            cri::pods::pod_sandbox_status(&self.d.pods, req),
         )
         .await
     }
@@ -207,7 +207,7 @@ impl RuntimeService for Cri {
             &self.d.metrics,
             "CreateContainer",
             span,
-            cri::container_lifecycle::create_container(&self.d, req),
+            cri::container_lifecycle::create_container(&self.d.containers, req),
         )
         .await
     }
@@ -222,7 +222,7 @@ impl RuntimeService for Cri {
             &self.d.metrics,
             "StartContainer",
             span,
-            cri::container_lifecycle::start_container(&self.d, req),
+            cri::container_lifecycle::start_container(&self.d.containers, req),
         )
         .await
     }
@@ -237,7 +237,7 @@ impl RuntimeService for Cri {
             &self.d.metrics,
             "StopContainer",
             span,
-            cri::container_lifecycle::stop_container(&self.d, req),
+            cri::container_lifecycle::stop_container(&self.d.containers, req),
         )
         .await
     }
@@ -252,7 +252,7 @@ impl RuntimeService for Cri {
             &self.d.metrics,
             "RemoveContainer",
             span,
-            cri::container_lifecycle::remove_container(&self.d, req),
+            cri::container_lifecycle::remove_container(&self.d.containers, req),
         )
         .await
     }
@@ -293,7 +293,7 @@ impl RuntimeService for Cri {
         let req = req.into_inner();
         let span = info_span!("ContainerStatus", container_id = %req.container_id);
         instrument::call(&self.d.metrics, "ContainerStatus", span, async {
-            cri::containers::container_status(&self.d, req)
+            cri::containers::container_status(&self.d.containers, req)
         })
         .await
     }
@@ -308,7 +308,7 @@ impl RuntimeService for Cri {
             &self.d.metrics,
             "UpdateContainerResources",
             span,
-            cri::update::update_container_resources(&self.d, req),
+            cri::update::update_container_resources(&self.d.containers, req),
         )
         .await
     }
@@ -323,7 +323,7 @@ impl RuntimeService for Cri {
             &self.d.metrics,
             "ReopenContainerLog",
             span,
-            cri::update::reopen_container_log(&self.d, req),
+            cri::update::reopen_container_log(&self.d.containers, req),
         )
         .await
     }
@@ -331,7 +331,7 @@ impl RuntimeService for Cri {
     async fn exec_sync(&self, req: Request<pb::ExecSyncRequest>) -> Res<pb::ExecSyncResponse> {
         let req = req.into_inner();
         let span = info_span!("ExecSync", container_id = %req.container_id);
-        instrument::call(&self.d.metrics, "ExecSync", span, cri::exec_sync::exec_sync(&self.d, req)).await
+        instrument::call(&self.d.metrics, "ExecSync", span, cri::exec_sync::exec_sync(&self.d.containers, req)).await
     }
 
     async fn exec(&self, _req: Request<pb::ExecRequest>) -> Res<pb::ExecResponse> {
@@ -371,7 +371,7 @@ impl RuntimeService for Cri {
             &self.d.metrics,
             "ContainerStats",
             span,
-            cri::container_stats::container_stats(&self.d, req),
+            cri::container_stats::container_stats(&self.d.containers, req),
         )
         .await
     }
@@ -384,7 +384,7 @@ impl RuntimeService for Cri {
             &self.d.metrics,
             "ListContainerStats",
             info_span!("ListContainerStats"),
-            cri::container_stats::list_container_stats(&self.d, req.into_inner()),
+            cri::container_stats::list_container_stats(&self.d.containers, req.into_inner()),
         )
         .await
     }
@@ -401,7 +401,7 @@ impl RuntimeService for Cri {
             info_span!("StreamContainerStats"),
             async {
                 let list = cri::container_stats::list_container_stats(
-                    &self.d,
+                    &self.d.containers,
                     pb::ListContainerStatsRequest { filter },
                 )
                 .await?;
@@ -420,7 +420,7 @@ impl RuntimeService for Cri {
         let req = req.into_inner();
         let span = info_span!("PodSandboxStats", pod_id = %req.pod_sandbox_id);
         instrument::call(&self.d.metrics, "PodSandboxStats", span, async {
-            cri::pod_stats::pod_sandbox_stats(&self.d, req)
+            cri::pod_stats::pod_sandbox_stats(&self.d.pods, req)
         })
         .await
     }
@@ -434,7 +434,7 @@ impl RuntimeService for Cri {
             &self.d.metrics,
             "ListPodSandboxStats",
             info_span!("ListPodSandboxStats"),
-            async { cri::pod_stats::list_pod_sandbox_stats(&self.d, req) },
+            async { cri::pod_stats::list_pod_sandbox_stats(&self.d.pods, req) },
         )
         .await
     }
@@ -451,7 +451,7 @@ impl RuntimeService for Cri {
             info_span!("StreamPodSandboxStats"),
             async {
                 let list = cri::pod_stats::list_pod_sandbox_stats(
-                    &self.d,
+                    &self.d.pods,
                     pb::ListPodSandboxStatsRequest { filter },
                 )?;
                 Ok(chunked(list.stats, |pod_sandbox_stats| {
@@ -474,7 +474,7 @@ impl RuntimeService for Cri {
         &self,
         _req: Request<pb::GetEventsRequest>,
     ) -> Res<Self::GetContainerEventsStream> {
-        let rx = self.d.events.subscribe();
+        let rx = self.d.containers.events.subscribe();
         let stop = self.d.stopping.subscribe();
         let span = info_span!("GetContainerEvents");
         instrument::call(&self.d.metrics, "GetContainerEvents", span, async {

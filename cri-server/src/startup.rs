@@ -80,7 +80,7 @@ pub async fn prepare(cfg: Config) -> anyhow::Result<Arc<Daemon>> {
         tracing::warn!(key = %c.key, "{}", c.message);
     }
     d.conditions.set(conditions);
-    crate::pod::watch::spawn(&d);
+    crate::pod::watch::spawn(&d.pods);
     Ok(d)
 }
 
@@ -149,14 +149,14 @@ async fn recover(
     // Shims publish here; it serves before they are reconnected so no exit is lost.
     let events = crate::shim::events::EventsServer::start(
         &crate::shim::events::socket_path(&cfg.state),
-        d.shim_events.clone(),
+        d.containers.shim_events.clone(),
     )
     .await?;
     *d.events_server.lock().await = Some(events);
-    crate::pod::recover::recover_pods(d, &mut report).await?;
+    crate::pod::recover::recover_pods(&d.pods, &mut report).await?;
     // Container bundles and rootfs snapshots whose record went with its pod (or a crash
     // inside CreateContainer); their tasks are force-deleted even if their shim is gone.
-    match crate::container::lifecycle::remove_orphans(d).await {
+    match crate::container::lifecycle::remove_orphans(&d.containers).await {
         Ok(ids) if !ids.is_empty() => {
             tracing::info!(
                 removed = ids.len(),

@@ -22,7 +22,7 @@ use tokio::io::{AsyncRead, AsyncReadExt};
 use tokio::task::JoinHandle;
 
 use crate::container::status as containers;
-use crate::daemon::Daemon;
+use crate::container::service::ContainerService;
 use crate::error::{CriError, ErrorKind};
 use crate::shim::client::{ShimClient, ctx};
 use crate::store::records::{ContainerRecord, ContainerState};
@@ -58,7 +58,7 @@ pub fn task_error(what: &str, e: ttrpc::Error) -> CriError {
 use crate::shim::client::is_not_found;
 
 /// The container must be Running, with a live shim connection for its pod.
-pub fn running_shim(d: &Daemon, rec: &ContainerRecord, call: &str) -> Result<ShimClient, CriError> {
+pub fn running_shim(d: &ContainerService, rec: &ContainerRecord, call: &str) -> Result<ShimClient, CriError> {
     if rec.state != ContainerState::Running {
         return Err(CriError::precondition(format!(
             "{call}: container {} is {}, not running",
@@ -163,7 +163,7 @@ struct Progress {
 }
 
 pub async fn exec_sync(
-    d: &Arc<Daemon>,
+    d: &Arc<ContainerService>,
     req: ExecSyncRequest,
 ) -> Result<ExecSyncResponse, CriError> {
     let rec = containers::find(&d.store, &req.container_id)?;
@@ -479,6 +479,7 @@ async fn cleanup(x: &Exec, p: Progress) {
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
+    use crate::daemon::Daemon;
 
     #[tokio::test]
     async fn output_is_capped_and_the_rest_dropped() {
@@ -573,7 +574,7 @@ pub(crate) mod tests {
     }
 
     /// ExecSync of `true` in container `id`, which must fail (`why` names the case).
-    async fn exec_true_err(d: &Arc<Daemon>, id: &str, why: &str) -> CriError {
+    async fn exec_true_err(d: &Arc<ContainerService>, id: &str, why: &str) -> CriError {
         exec_sync(
             d,
             ExecSyncRequest {
@@ -589,7 +590,7 @@ pub(crate) mod tests {
     #[tokio::test]
     async fn calls_check_the_container_first() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let d = Arc::new(Daemon::for_test(dir.path()));
+        let d = Daemon::for_test(dir.path()).containers;
         let e = exec_true_err(&d, "nope", "unknown").await;
         assert_eq!(e.kind, ErrorKind::NotFound);
         let mut rec = test_record("c1", ContainerState::Exited);

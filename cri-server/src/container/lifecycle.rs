@@ -40,7 +40,7 @@ use tokio::sync::broadcast;
 
 use crate::container::bundle;
 use crate::container::registry::{Live, Registry, drain_io, spawn_copier, stop_live};
-use crate::daemon::Daemon;
+use crate::container::service::ContainerService;
 use crate::error::{CriError, ErrorKind};
 use crate::container::logs::{self, CriLog, Stream};
 use crate::shim::client::{ShimCallError, ShimClient, ctx, is_not_found};
@@ -69,7 +69,7 @@ struct Ctx {
 }
 
 impl Ctx {
-    fn of(d: &Daemon) -> Self {
+    fn of(d: &ContainerService) -> Self {
         Self {
             store: d.store.clone(),
             images: d.images.clone(),
@@ -232,7 +232,7 @@ fn layer_dirs(mounts: &[crisp_snapshotter::mount::Mount]) -> Vec<PathBuf> {
 
 /// The pod's user-namespace map, as its RunPodSandbox decided it.
 fn pod_idmap(
-    d: &Daemon,
+    d: &ContainerService,
     pod_id: &str,
     cfg: &pb::PodSandboxConfig,
 ) -> Result<Option<crate::pod::idmap::PodIdMap>, CriError> {
@@ -354,7 +354,7 @@ fn publish(ctx: &Ctx, rec: &ContainerRecord, ty: ContainerEventType) {
 /// CreateContainer's work in a ready pod (the caller holds the pod's lock and checked the
 /// request): returns the new container's id.
 pub async fn create(
-    d: &Daemon,
+    d: &ContainerService,
     pod: &PodRecord,
     pod_cfg: &pb::PodSandboxConfig,
     cfg: pb::ContainerConfig,
@@ -404,7 +404,7 @@ pub async fn create(
 }
 
 /// A container's name and attempt are unique in its pod.
-fn name_is_free(d: &Daemon, pod: &PodRecord, meta: &pb::ContainerMetadata) -> Result<(), CriError> {
+fn name_is_free(d: &ContainerService, pod: &PodRecord, meta: &pb::ContainerMetadata) -> Result<(), CriError> {
     if let Some((_, other)) = d
         .store
         .list::<ContainerRecord>()?
@@ -425,7 +425,7 @@ fn name_is_free(d: &Daemon, pod: &PodRecord, meta: &pb::ContainerMetadata) -> Re
 /// The container's rootfs: an active snapshot keyed by its id on `parent` (id-mapped for a
 /// user-namespaced pod).
 async fn prepare_rootfs(
-    d: &Daemon,
+    d: &ContainerService,
     id: &str,
     parent: Option<String>,
     idmap: Option<&crate::pod::idmap::PodIdMap>,
@@ -455,7 +455,7 @@ struct NewContainer<'a> {
 
 /// The OCI spec (pure, `spec::build`) written into the bundle, then the Created record.
 fn bundle_and_record(
-    d: &Daemon,
+    d: &ContainerService,
     n: &NewContainer<'_>,
     mounts: &[crisp_snapshotter::mount::Mount],
 ) -> Result<ContainerRecord, CriError> {
@@ -510,7 +510,7 @@ fn bundle_and_record(
 }
 
 /// The pid whose PID namespace a `TARGET`-mode container joins, if it runs.
-fn target_pid(d: &Daemon, cfg: &pb::ContainerConfig) -> Result<Option<u32>, CriError> {
+fn target_pid(d: &ContainerService, cfg: &pb::ContainerConfig) -> Result<Option<u32>, CriError> {
     let ns = cfg
         .linux
         .as_ref()
@@ -527,7 +527,7 @@ fn target_pid(d: &Daemon, cfg: &pb::ContainerConfig) -> Result<Option<u32>, CriE
 }
 
 /// Undo a failed create in reverse: bundle, then snapshot.
-async fn undo_create(d: &Daemon, id: &str) {
+async fn undo_create(d: &ContainerService, id: &str) {
     if let Err(u) = bundle::remove(&bundle::dir(&d.cfg.state, id)) {
         tracing::warn!(container_id = %id, step = "remove bundle", error = %u, "undo");
     }
@@ -551,7 +551,7 @@ async fn undo_create(d: &Daemon, id: &str) {
 /// StartContainer's work (the caller holds the pod's and the container's locks and checked
 /// that the container may start in its ready pod). A failed start leaves the container
 /// Exited with the reason.
-pub async fn start(d: &Daemon, shim: &ShimClient, rec: &ContainerRecord) -> Result<(), CriError> {
+pub async fn start(d: &ContainerService, shim: &ShimClient, rec: &ContainerRecord) -> Result<(), CriError> {
     let ctx = Ctx::of(d);
     match start_task(d, &ctx, shim, rec).await {
         Ok(()) => Ok(()),
@@ -575,7 +575,7 @@ pub async fn start(d: &Daemon, shim: &ShimClient, rec: &ContainerRecord) -> Resu
 
 /// The task side of a start; on error the caller records the failure and cleans up.
 async fn start_task(
-    d: &Daemon,
+    d: &ContainerService,
     ctx: &Ctx,
     shim: &ShimClient,
     rec: &ContainerRecord,
@@ -653,7 +653,7 @@ async fn start_task(
 /// The container's stdout/stderr FIFOs with their read ends opened by crispd first (so the
 /// container never writes to a FIFO without a reader), and its CRI log.
 fn open_output(
-    d: &Daemon,
+    d: &ContainerService,
     rec: &ContainerRecord,
     out: &Path,
     err: &Path,
@@ -681,7 +681,7 @@ fn ctx_t() -> ttrpc::context::Context {
 
 
 /// ReopenContainerLog: the log file was renamed away by kubelet; write to a new one.
-pub fn reopen_log(d: &Daemon, container_id: &str) -> Result<(), CriError> {
+pub fn reopen_log(d: &ContainerService, container_id: &str) -> Result<(), CriError> {
     let rec = crate::container::status::find(&d.store, container_id)?;
     if rec.state != ContainerState::Running {
         return Err(CriError::precondition(format!(
@@ -920,7 +920,7 @@ async fn cleanup_dead_task(ctx: &Ctx, id: &str) -> Result<(), CriError> {
 
 /// Stop one container (caller holds its lock): stop signal, SIGKILL after `timeout`, record
 /// the exit and delete the task. OK for a container not running or already removed.
-pub async fn stop_locked(d: &Daemon, id: &str, timeout: Duration) -> Result<(), CriError> {
+pub async fn stop_locked(d: &ContainerService, id: &str, timeout: Duration) -> Result<(), CriError> {
     let Some(rec) = d.store.get::<ContainerRecord>(id)? else {
         return Ok(());
     };
@@ -1012,7 +1012,7 @@ async fn kill(shim: &ShimClient, id: &str, sig: Signal) -> Result<(), CriError> 
 /// Remove one container (caller holds its lock): kill it if running, delete its task, stop
 /// its copiers, remove snapshot, bundle and record. Idempotent; each step tolerates its work
 /// being done already, and the record goes last so a failed removal can be retried.
-pub async fn remove_locked(d: &Daemon, id: &str) -> Result<(), CriError> {
+pub async fn remove_locked(d: &ContainerService, id: &str) -> Result<(), CriError> {
     let Some(rec) = d.store.get::<ContainerRecord>(id)? else {
         return Ok(());
     };
@@ -1050,7 +1050,7 @@ pub async fn remove_locked(d: &Daemon, id: &str) -> Result<(), CriError> {
 // ---------------------------------------------------------------------------------------------
 // Pod-wide (called by the pod calls with the pod's lock held).
 
-fn pod_containers(d: &Daemon, pod_id: &str) -> Result<Vec<ContainerRecord>, CriError> {
+fn pod_containers(d: &ContainerService, pod_id: &str) -> Result<Vec<ContainerRecord>, CriError> {
     Ok(d.store
         .list::<ContainerRecord>()?
         .into_iter()
@@ -1067,7 +1067,7 @@ fn first_err(results: Vec<Result<(), CriError>>) -> Result<(), CriError> {
 /// Stop every container of the pod (kill, wait, delete its task; records stay, state Exited).
 /// All at once, so the pod's grace period is not multiplied by its container count.
 pub async fn stop_pod_containers(
-    d: &Daemon,
+    d: &ContainerService,
     pod_id: &str,
     timeout: Duration,
 ) -> Result<(), CriError> {
@@ -1088,7 +1088,7 @@ pub async fn stop_pod_containers(
 }
 
 /// Remove every container of the pod: task, rootfs snapshot, bundle, log copier, record.
-pub async fn remove_pod_containers(d: &Daemon, pod_id: &str) -> Result<(), CriError> {
+pub async fn remove_pod_containers(d: &ContainerService, pod_id: &str) -> Result<(), CriError> {
     let ctrs = pod_containers(d, pod_id)?;
     let results = futures::future::join_all(ctrs.iter().map(|c| async move {
         let _g = d.containers.lock(&c.id).await;
@@ -1101,7 +1101,7 @@ pub async fn remove_pod_containers(d: &Daemon, pod_id: &str) -> Result<(), CriEr
 /// After restart: re-attach exit watchers / log copiers of the pod's containers (shim alive),
 /// or mark them Exited (shim dead).
 pub async fn recover_pod_containers(
-    d: &Daemon,
+    d: &ContainerService,
     pod_id: &str,
     shim: Option<ShimClient>,
 ) -> Result<(), CriError> {
@@ -1125,7 +1125,7 @@ fn is_container_id(s: &str) -> bool {
 /// Start-up, after the pods are recovered: bundles and rootfs snapshots no container record
 /// owns (a crash inside CreateContainer, a record dropped with its pod) are removed, and a
 /// task still running from such a bundle is force-deleted first. Returns the ids removed.
-pub async fn remove_orphans(d: &Daemon) -> Result<Vec<String>, CriError> {
+pub async fn remove_orphans(d: &ContainerService) -> Result<Vec<String>, CriError> {
     let known: std::collections::HashSet<String> = d
         .store
         .list::<ContainerRecord>()?
@@ -1182,7 +1182,7 @@ pub async fn remove_orphans(d: &Daemon) -> Result<Vec<String>, CriError> {
 /// A container still alive in its shim after a restart: reopen its FIFOs (the container
 /// holds their write ends), copy its output again and watch it.
 async fn reattach(
-    d: &Daemon,
+    d: &ContainerService,
     ctx: Ctx,
     shim: &ShimClient,
     rec: &ContainerRecord,
@@ -1226,7 +1226,7 @@ async fn reattach(
 }
 
 async fn recover_one(
-    d: &Daemon,
+    d: &ContainerService,
     rec: &ContainerRecord,
     shim: Option<&ShimClient>,
 ) -> Result<(), CriError> {
@@ -1292,6 +1292,7 @@ async fn recover_one(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::daemon::Daemon;
 
     #[test]
     fn reasons() {
@@ -1427,7 +1428,7 @@ mod tests {
     #[tokio::test]
     async fn orphaned_bundles_and_snapshots_are_removed_known_ones_kept() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let d = Daemon::for_test(dir.path());
+        let d = Daemon::for_test(dir.path()).containers;
         let (known, orphan_b, orphan_s) = ("a".repeat(64), "b".repeat(64), "c".repeat(64));
         let rec = ContainerRecord {
             id: known.clone(),
@@ -1481,7 +1482,10 @@ mod tests {
             tempfile::tempdir().expect("tempdir"),
             tempfile::tempdir().expect("tempdir"),
         );
-        let (da, db) = (Daemon::for_test(a.path()), Daemon::for_test(b.path()));
+        let (da, db) = (
+            Daemon::for_test(a.path()).containers,
+            Daemon::for_test(b.path()).containers,
+        );
         let id = "d".repeat(64);
         let _held = da.containers.lock(&id).await;
         tokio::time::timeout(Duration::from_secs(5), db.containers.lock(&id))

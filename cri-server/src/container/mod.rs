@@ -9,5 +9,6 @@ pub mod lifecycle;
 pub mod logs;
 pub mod registry;
 pub mod resources;
+pub mod service;
 pub mod spec;
 pub mod status;

@@ -20,7 +20,7 @@ use redb::ReadableTable;
 
 use crate::container::status as containers;
 use crate::container::exec::{state_name, task_error};
-use crate::daemon::Daemon;
+use crate::container::service::ContainerService;
 use crate::error::CriError;
 use crate::shim::client::ctx;
 use crate::shim::client::is_not_found;
@@ -184,7 +184,7 @@ fn cgroup_v2() -> bool {
 }
 
 pub async fn update_container_resources(
-    d: &Daemon,
+    d: &ContainerService,
     req: UpdateContainerResourcesRequest,
 ) -> Result<UpdateContainerResourcesResponse, CriError> {
     let found = containers::find(&d.store, &req.container_id)?;
@@ -250,7 +250,7 @@ pub async fn update_container_resources(
 }
 
 /// Keep `r` in the record's config, in one transaction so a concurrent exit update is not lost.
-fn persist(d: &Daemon, id: &str, r: &LinuxContainerResources) -> Result<(), CriError> {
+fn persist(d: &ContainerService, id: &str, r: &LinuxContainerResources) -> Result<(), CriError> {
     d.store.write(|txn| {
         let bytes = {
             let t = txn
@@ -273,7 +273,7 @@ fn persist(d: &Daemon, id: &str, r: &LinuxContainerResources) -> Result<(), CriE
 
 /// The bundle's spec gets the new resources too (best effort: a missing bundle is fine, the
 /// record is the source of truth for status).
-fn update_bundle_spec(d: &Daemon, id: &str, json: &[u8]) {
+fn update_bundle_spec(d: &ContainerService, id: &str, json: &[u8]) {
     let bundle = crate::container::bundle::dir(&d.cfg.state, id);
     let Some(mut spec) = crate::container::bundle::read_spec(&bundle) else {
         return;
@@ -311,6 +311,7 @@ fn merge_devices(old: Option<&serde_json::Value>, mut new: serde_json::Value) ->
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::daemon::Daemon;
     use crate::error::ErrorKind;
     use crisp_proto::cri::v1::{ContainerConfig, LinuxContainerConfig};
 
@@ -469,7 +470,7 @@ mod tests {
     #[tokio::test]
     async fn update_of_a_created_container_is_kept_in_its_record() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let d = Daemon::for_test(dir.path());
+        let d = Daemon::for_test(dir.path()).containers;
         let e = update_container_resources(
             &d,
             UpdateContainerResourcesRequest {

@@ -11,12 +11,12 @@ use crisp_proto::cri::v1::{
 };
 
 use crate::container::lifecycle::{self, can_start};
-use crate::daemon::Daemon;
+use crate::container::service::ContainerService;
 use crate::error::{CriError, ErrorKind};
 use crate::store::records::{ContainerRecord, PodRecord, PodState};
 
 pub async fn create_container(
-    d: &Daemon,
+    d: &ContainerService,
     req: CreateContainerRequest,
 ) -> Result<CreateContainerResponse, CriError> {
     // The sandbox first, as containerd does: a call for an unknown pod is NotFound whatever
@@ -59,7 +59,7 @@ pub async fn create_container(
 }
 
 pub async fn start_container(
-    d: &Daemon,
+    d: &ContainerService,
     req: StartContainerRequest,
 ) -> Result<StartContainerResponse, CriError> {
     let rec = crate::container::status::find(&d.store, &req.container_id)?;
@@ -91,7 +91,7 @@ pub async fn start_container(
 }
 
 pub async fn stop_container(
-    d: &Daemon,
+    d: &ContainerService,
     req: StopContainerRequest,
 ) -> Result<StopContainerResponse, CriError> {
     let rec = crate::container::status::find(&d.store, &req.container_id)?;
@@ -102,7 +102,7 @@ pub async fn stop_container(
 }
 
 pub async fn remove_container(
-    d: &Daemon,
+    d: &ContainerService,
     req: RemoveContainerRequest,
 ) -> Result<RemoveContainerResponse, CriError> {
     let rec = match crate::container::status::find(&d.store, &req.container_id) {

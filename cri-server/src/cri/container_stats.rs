@@ -6,19 +6,19 @@ use crisp_proto::cri::v1::{
     ListContainerStatsResponse,
 };
 
-use crate::daemon::Daemon;
+use crate::container::service::ContainerService;
 use crate::error::CriError;
 use crate::stats::container as stats;
 
 pub async fn container_stats(
-    d: &Daemon,
+    d: &ContainerService,
     req: ContainerStatsRequest,
 ) -> Result<ContainerStatsResponse, CriError> {
     stats::container_stats(d, req).await
 }
 
 pub async fn list_container_stats(
-    d: &Daemon,
+    d: &ContainerService,
     req: ListContainerStatsRequest,
 ) -> Result<ListContainerStatsResponse, CriError> {
     stats::list_container_stats(d, req).await

@@ -6,7 +6,7 @@ use crisp_proto::cri::v1::{
     ListContainersResponse,
 };
 
-use crate::daemon::Daemon;
+use crate::container::service::ContainerService;
 use crate::error::CriError;
 use crate::container::status;
 use crate::store::Store;
@@ -19,7 +19,7 @@ pub fn list_containers(
 }
 
 pub fn container_status(
-    d: &Daemon,
+    d: &ContainerService,
     req: ContainerStatusRequest,
 ) -> Result<ContainerStatusResponse, CriError> {
     status::container_status(&d.store, &d.images, &d.cfg.state, req)

@@ -5,11 +5,11 @@ use std::sync::Arc;
 
 use crisp_proto::cri::v1::{ExecSyncRequest, ExecSyncResponse};
 
-use crate::daemon::Daemon;
+use crate::container::service::ContainerService;
 use crate::error::CriError;
 
 pub async fn exec_sync(
-    d: &Arc<Daemon>,
+    d: &Arc<ContainerService>,
     req: ExecSyncRequest,
 ) -> Result<ExecSyncResponse, CriError> {
     crate::container::exec::exec_sync(d, req).await

@@ -6,19 +6,19 @@ use crisp_proto::cri::v1::{
     PodSandboxStatsResponse,
 };
 
-use crate::daemon::Daemon;
+use crate::pod::service::PodService;
 use crate::error::CriError;
 use crate::stats::pod as stats;
 
 pub fn pod_sandbox_stats(
-    d: &Daemon,
+    d: &PodService,
     req: PodSandboxStatsRequest,
 ) -> Result<PodSandboxStatsResponse, CriError> {
     stats::pod_sandbox_stats(d, req)
 }
 
 pub fn list_pod_sandbox_stats(
-    d: &Daemon,
+    d: &PodService,
     req: ListPodSandboxStatsRequest,
 ) -> Result<ListPodSandboxStatsResponse, CriError> {
     stats::list_pod_sandbox_stats(d, req)

@@ -7,13 +7,13 @@ use crisp_proto::cri::v1::{
     StopPodSandboxResponse,
 };
 
-use crate::daemon::Daemon;
+use crate::pod::service::PodService;
 use crate::error::{CriError, ErrorKind};
 use crate::pod::release;
 use crate::store::records::PodRecord;
 
 pub async fn stop(
-    d: &Daemon,
+    d: &PodService,
     req: StopPodSandboxRequest,
 ) -> Result<StopPodSandboxResponse, CriError> {
     let rec = crate::pod::status::find(&d.store, &req.pod_sandbox_id)?;
@@ -28,7 +28,7 @@ pub async fn stop(
 }
 
 pub async fn remove(
-    d: &Daemon,
+    d: &PodService,
     req: RemovePodSandboxRequest,
 ) -> Result<RemovePodSandboxResponse, CriError> {
     let rec = match crate::pod::status::find(&d.store, &req.pod_sandbox_id) {
@@ -49,6 +49,7 @@ pub async fn remove(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::daemon::Daemon;
     use crate::store::records::PodState;
     use crate::store::records::{ContainerRecord, ContainerState, IdRangeRecord};
     use std::sync::Arc;
@@ -76,7 +77,7 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
     async fn stop_and_remove_are_idempotent_and_concurrent_safe() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let d = Arc::new(Daemon::for_test(dir.path()));
+        let d = Daemon::for_test(dir.path()).pods;
         let netns_dir = d.cfg.netns_dir();
         let root = nix::unistd::geteuid().is_root();
         for i in 0..8 {

@@ -6,7 +6,7 @@ use crisp_proto::cri::v1::{
     PodSandboxStatusResponse,
 };
 
-use crate::daemon::Daemon;
+use crate::pod::service::PodService;
 use crate::error::CriError;
 use crate::pod::status;
 use crate::store::Store;
@@ -19,7 +19,7 @@ pub fn list_pod_sandbox(
 }
 
 pub async fn pod_sandbox_status(
-    d: &Daemon,
+    d: &PodService,
     req: PodSandboxStatusRequest,
 ) -> Result<PodSandboxStatusResponse, CriError> {
     status::pod_sandbox_status_served(d, req).await

@@ -7,12 +7,12 @@ use std::sync::Arc;
 use crisp_proto::cri::v1::{NamespaceMode, RunPodSandboxRequest, RunPodSandboxResponse};
 use tracing::Instrument;
 
-use crate::daemon::Daemon;
+use crate::pod::service::PodService;
 use crate::error::CriError;
 use crate::pod::setup::{create, pod_key};
 
 /// Every check RunPodSandbox makes before touching anything.
-pub fn preflight(d: &Daemon, req: &RunPodSandboxRequest) -> Result<(), CriError> {
+pub fn preflight(d: &PodService, req: &RunPodSandboxRequest) -> Result<(), CriError> {
     let cfg = req
         .config
         .as_ref()
@@ -36,7 +36,7 @@ pub fn preflight(d: &Daemon, req: &RunPodSandboxRequest) -> Result<(), CriError>
 
 /// The handler: known, and its binary present (it may have been installed since start-up);
 /// the shim binary too.
-fn check_binaries(d: &Daemon, handler: &str) -> Result<(), CriError> {
+fn check_binaries(d: &PodService, handler: &str) -> Result<(), CriError> {
     let Some(bin) = d.cfg.handler_binary(handler) else {
         return Err(CriError::invalid(format!(
             "runtime_handler: {:?} is not configured (known: {:?})",
@@ -70,7 +70,7 @@ fn check_binaries(d: &Daemon, handler: &str) -> Result<(), CriError> {
 /// Namespace options that cannot work together, then the network the pod needs (a CNI
 /// config unless it uses the host's) and its explicit ID mappings.
 fn check_namespaces(
-    d: &Daemon,
+    d: &PodService,
     cfg: &crisp_proto::cri::v1::PodSandboxConfig,
 ) -> Result<(), CriError> {
     let sc = cfg.linux.as_ref().and_then(|l| l.security_context.as_ref());
@@ -114,7 +114,7 @@ fn check_namespaces(
 }
 
 pub async fn run_pod_sandbox(
-    d: &Arc<Daemon>,
+    d: &Arc<PodService>,
     req: RunPodSandboxRequest,
 ) -> Result<RunPodSandboxResponse, CriError> {
     preflight(d, &req)?;
@@ -134,6 +134,7 @@ pub async fn run_pod_sandbox(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::daemon::Daemon;
     use crate::error::ErrorKind;
     use crisp_proto::cri::v1::{NamespaceOption, PodSandboxConfig, PodSandboxMetadata};
 
@@ -155,18 +156,17 @@ mod tests {
     #[tokio::test]
     async fn names_what_is_missing() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let mut d = Daemon::for_test(dir.path());
-        let mut cfg = (*d.cfg).clone();
-        cfg.shim_binary = "/bin/sh".into(); // exists: the shim is not what this test is about
-        cfg.runtime_handlers.insert(
-            "ghost".into(),
-            crate::config::RuntimeHandler {
-                binary: "/nonexistent/ghost".into(),
-                ..Default::default()
-            },
-        );
-        d.cfg = std::sync::Arc::new(cfg);
-        let d = Arc::new(d);
+        let d = Daemon::for_test_with(dir.path(), |cfg| {
+            cfg.shim_binary = "/bin/sh".into(); // exists: the shim is not what this test is about
+            cfg.runtime_handlers.insert(
+                "ghost".into(),
+                crate::config::RuntimeHandler {
+                    binary: "/nonexistent/ghost".into(),
+                    ..Default::default()
+                },
+            );
+        })
+        .pods;
 
         let mut r = req("");
         r.config
@@ -263,10 +263,7 @@ mod tests {
     #[test]
     fn host_namespaces_with_a_user_namespace_are_refused() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let mut d = Daemon::for_test(dir.path());
-        let mut c = (*d.cfg).clone();
-        c.shim_binary = "/bin/sh".into();
-        d.cfg = std::sync::Arc::new(c);
+        let d = Daemon::for_test_with(dir.path(), |c| c.shim_binary = "/bin/sh".into()).pods;
         let node = NamespaceMode::Node as i32;
         for (field, ns) in [
             (

@@ -6,11 +6,11 @@ use crisp_proto::cri::v1::{
     UpdateContainerResourcesResponse,
 };
 
-use crate::daemon::Daemon;
+use crate::container::service::ContainerService;
 use crate::error::CriError;
 
 pub async fn update_container_resources(
-    d: &Daemon,
+    d: &ContainerService,
     req: UpdateContainerResourcesRequest,
 ) -> Result<UpdateContainerResourcesResponse, CriError> {
     crate::container::resources::update_container_resources(d, req).await
@@ -19,7 +19,7 @@ pub async fn update_container_resources(
 /// ReopenContainerLog: kubelet renamed the log file away; the container's log writer opens
 /// the path again. The container must be running (it has no writer otherwise).
 pub async fn reopen_container_log(
-    d: &Daemon,
+    d: &ContainerService,
     req: ReopenContainerLogRequest,
 ) -> Result<ReopenContainerLogResponse, CriError> {
     crate::container::lifecycle::reopen_log(d, &req.container_id)?;

@@ -7,6 +7,7 @@ pub mod files;
 pub mod idmap;
 pub mod recover;
 pub mod release;
+pub mod service;
 pub mod setup;
 pub mod status;
 pub mod watch;

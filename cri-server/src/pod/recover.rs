@@ -14,7 +14,7 @@ use containerd_shim_protos::sandbox_api::{
 };
 
 use crate::network::cni::CniManager;
-use crate::daemon::Daemon;
+use crate::pod::service::PodService;
 use crate::shim::client::{ShimClient, ctx};
 use crate::container::lifecycle::recover_pod_containers;
 use crate::pod::release::{self, Mode};
@@ -101,7 +101,7 @@ const SHIM_CALL: std::time::Duration = std::time::Duration::from_secs(5);
 /// crash left half-created is undone; shims and pod dirs no pod owns are stopped and removed
 /// (killed by their recorded pid only, after checking it is that pod's shim). Nothing here is
 /// fatal: failures are logged and reported.
-pub async fn recover_pods(d: &Daemon, r: &mut Report) -> Result<(), StoreError> {
+pub async fn recover_pods(d: &PodService, r: &mut Report) -> Result<(), StoreError> {
     let pods = d.store.list::<PodRecord>()?;
     let live: HashSet<String> = pods.iter().map(|(k, _)| k.clone()).collect();
     for (_, mut rec) in pods {
@@ -128,7 +128,7 @@ pub async fn recover_pods(d: &Daemon, r: &mut Report) -> Result<(), StoreError> 
 
 /// RunPodSandbox never finished: nobody got this id, so undo everything it owns, with the
 /// same release as RunPodSandbox's own undo.
-async fn undo_creating(d: &Daemon, rec: &mut PodRecord, r: &mut Report) {
+async fn undo_creating(d: &PodService, rec: &mut PodRecord, r: &mut Report) {
     let id = rec.id.clone();
     match release::release(d, rec, Mode::Undo).await {
         Ok(()) => {
@@ -142,7 +142,7 @@ async fn undo_creating(d: &Daemon, rec: &mut PodRecord, r: &mut Report) {
 /// The pod's shim, reconnected at its recorded address, and whether its pause still runs;
 /// None when the shim is gone or does not answer.
 async fn connect_shim(
-    d: &Daemon,
+    d: &PodService,
     rec: &PodRecord,
 ) -> Result<Option<(ShimClient, bool)>, StoreError> {
     let id = &rec.id;
@@ -176,7 +176,7 @@ async fn connect_shim(
 /// The pod's shim answered: keep the pod (NotReady if its pause died meanwhile) and re-attach
 /// its containers.
 async fn pod_alive(
-    d: &Daemon,
+    d: &PodService,
     rec: &mut PodRecord,
     s: ShimClient,
     ready: bool,
@@ -189,7 +189,7 @@ async fn pod_alive(
         rec.state = PodState::NotReady;
         d.store.put(&id, &*rec)?;
     }
-    if let Err(e) = recover_pod_containers(d, &id, Some(s)).await {
+    if let Err(e) = recover_pod_containers(&d.ctrs, &id, Some(s)).await {
         r.failures.push(format!("pod {id} containers: {e}"));
     }
     tracing::info!(pod_id = %id, ready, "pod's shim is alive");
@@ -200,10 +200,10 @@ async fn pod_alive(
 /// The pod's shim is gone (its pause may not be: it was the shim's child): the pause, the
 /// containers and the network are released as a Stop would, and the pod is NotReady. Its
 /// files stay until RemovePodSandbox.
-async fn pod_dead(d: &Daemon, rec: &mut PodRecord, r: &mut Report) -> Result<(), StoreError> {
+async fn pod_dead(d: &PodService, rec: &mut PodRecord, r: &mut Report) -> Result<(), StoreError> {
     let id = rec.id.clone();
     let _ = release::release_items(d, rec, &[Owned::Pause], Mode::BestEffort).await;
-    if let Err(e) = recover_pod_containers(d, &id, None).await {
+    if let Err(e) = recover_pod_containers(&d.ctrs, &id, None).await {
         r.failures.push(format!("pod {id} containers: {e}"));
     }
     if let Err(e) =
@@ -226,7 +226,7 @@ async fn pod_dead(d: &Daemon, rec: &mut PodRecord, r: &mut Report) -> Result<(),
 /// Shims no pod owns: from shim records, and from pod bundle dirs (a record lost or torn):
 /// `(pod id, address, pid)`.
 fn orphan_shims(
-    d: &Daemon,
+    d: &PodService,
     live: &HashSet<String>,
 ) -> Result<Vec<(String, Option<String>, Option<u32>)>, StoreError> {
     let mut orphans: Vec<(String, Option<String>, Option<u32>)> = Vec::new();
@@ -257,7 +257,7 @@ fn orphan_shims(
 /// Stop and shut down an orphaned shim (its pause with it), end it by its pid if it lingers,
 /// and remove its socket and record.
 async fn stop_orphan_shim(
-    d: &Daemon,
+    d: &PodService,
     id: &str,
     addr: Option<String>,
     pid: Option<u32>,
@@ -337,6 +337,7 @@ pub fn recover_cni(store: &Store, cni: &CniManager, r: &mut Report) -> Result<()
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::daemon::Daemon;
     use crate::store::records::{ContainerState, PodState};
 
     fn pod(id: &str) -> PodRecord {
@@ -469,7 +470,7 @@ mod tests {
     #[tokio::test]
     async fn pods_after_restart_half_created_undone_dead_shim_not_ready_orphans_removed() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let d = Daemon::for_test(dir.path());
+        let d = Daemon::for_test(dir.path()).pods;
         // A pod a crash left in Creating, with an ID range and pod files.
         let mut creating = pod("half");
         creating.state = PodState::Creating;

@@ -13,7 +13,7 @@ use std::time::Duration;
 use containerd_shim_protos::sandbox_api::{ShutdownSandboxRequest, StopSandboxRequest};
 
 use crate::network::cni::AttachRequest;
-use crate::daemon::Daemon;
+use crate::pod::service::PodService;
 use crate::error::CriError;
 use crate::shim::client::{ShimClient, ctx};
 use crate::store::records::{Owned, PodRecord, PodState, ShimRecord};
@@ -41,7 +41,7 @@ fn step(pod_id: &str, name: &'static str, r: Result<(), String>) -> Result<(), C
 /// A failed DEL keeps the netns (a retry can DEL again) unless `force` (undo of a failed
 /// RunPodSandbox, whose ADD never completed: nothing to retry for).
 pub async fn release_network(
-    d: &Daemon,
+    d: &PodService,
     pod_id: &str,
     netns: Option<&str>,
     force: bool,
@@ -74,7 +74,7 @@ pub async fn release_network(
 
 
 /// The pod's shim: the live connection, or a reconnection to the recorded address.
-pub async fn shim_of(d: &Daemon, pod_id: &str, address: Option<&str>) -> Option<ShimClient> {
+pub async fn shim_of(d: &PodService, pod_id: &str, address: Option<&str>) -> Option<ShimClient> {
     if let Some(s) = d.shims.get(pod_id) {
         return Some(s);
     }
@@ -96,7 +96,7 @@ pub async fn shim_of(d: &Daemon, pod_id: &str, address: Option<&str>) -> Option<
 /// the shim's `start` writes in the pod dir (a crash between the shim's start and the record
 /// leaves only those).
 pub fn shim_location(
-    d: &Daemon,
+    d: &PodService,
     pod_id: &str,
     address: Option<&str>,
 ) -> (Option<String>, Option<u32>) {
@@ -119,7 +119,7 @@ pub fn shim_location(
 
 /// Stop the pause process through the shim's sandbox service. A shim that is gone took its
 /// pause with it (the pause is the shim's child and dies with it... or is killed below).
-pub async fn stop_pause(d: &Daemon, rec: &PodRecord) -> Result<(), CriError> {
+pub async fn stop_pause(d: &PodService, rec: &PodRecord) -> Result<(), CriError> {
     let Some(shim) = shim_of(d, &rec.id, rec.shim_address.as_deref()).await else {
         kill_pause_if_ours(rec.pause_pid, &rec.id);
         return Ok(());
@@ -213,7 +213,7 @@ pub async fn end_shim(pid: u32, pod_id: &str, grace: Duration) {
 /// ShutdownSandbox: the shim exits once its tasks are gone and removes its socket. A shim that
 /// does not exit in time is killed by its recorded pid (checked to be that pod's shim).
 pub async fn shutdown_shim(
-    d: &Daemon,
+    d: &PodService,
     pod_id: &str,
     address: Option<&str>,
 ) -> Result<(), CriError> {
@@ -250,7 +250,7 @@ pub async fn shutdown_shim(
 
 /// rmdir the pod's (pause's) cgroup in every hierarchy; a missing one is fine. Containers
 /// have their own cgroups (the container code removes them).
-pub fn remove_pod_cgroup(d: &Daemon, cgroup_parent: &str, pod_id: &str) -> Result<(), String> {
+pub fn remove_pod_cgroup(d: &PodService, cgroup_parent: &str, pod_id: &str) -> Result<(), String> {
     use crisp_shim::placement::{self, CgroupDriver};
     let driver = CgroupDriver::from(d.cfg.cgroup_driver);
     let Ok(path) = placement::cgroup_path(driver, cgroup_parent, pod_id)
@@ -309,7 +309,7 @@ impl Mode {
 
 /// Release one owned item (idempotent: releasing what is already gone, or was never
 /// acquired, succeeds).
-async fn release_item(d: &Daemon, rec: &PodRecord, item: Owned, mode: Mode) -> Result<(), CriError> {
+async fn release_item(d: &PodService, rec: &PodRecord, item: Owned, mode: Mode) -> Result<(), CriError> {
     let id = rec.id.as_str();
     match item {
         Owned::Pause => stop_pause(d, rec).await,
@@ -338,7 +338,7 @@ async fn release_item(d: &Daemon, rec: &PodRecord, item: Owned, mode: Mode) -> R
 /// record as it goes; the caller stores the record. In [`Mode::Retry`] the first failure
 /// stops and is returned; otherwise every item is tried and the first failure returned.
 pub async fn release_items(
-    d: &Daemon,
+    d: &PodService,
     rec: &mut PodRecord,
     items: &[Owned],
     mode: Mode,
@@ -359,7 +359,7 @@ pub async fn release_items(
 
 /// Release everything the pod owns, its cgroup, and then its record. In [`Mode::Retry`] a
 /// failure keeps the record (storing what is still owned) so a retry can finish the work.
-pub async fn release(d: &Daemon, rec: &mut PodRecord, mode: Mode) -> Result<(), CriError> {
+pub async fn release(d: &PodService, rec: &mut PodRecord, mode: Mode) -> Result<(), CriError> {
     let r = release_items(d, rec, &Owned::ALL, mode).await;
     if let Err(e) = r {
         if mode == Mode::Retry {
@@ -378,7 +378,7 @@ pub async fn release(d: &Daemon, rec: &mut PodRecord, mode: Mode) -> Result<(), 
 
 /// The pause's cgroup is named after the pod, not acquired by a step: always removed. Not
 /// fatal: a cgroup busy for a moment is retried by the next Remove or start-up.
-fn remove_cgroup(d: &Daemon, rec: &PodRecord) {
+fn remove_cgroup(d: &PodService, rec: &PodRecord) {
     if let Err(e) = remove_pod_cgroup(d, &rec.cgroup_parent, &rec.id) {
         tracing::warn!(pod_id = %rec.id, error = %e, "pod cgroup not removed");
     }
@@ -387,8 +387,8 @@ fn remove_cgroup(d: &Daemon, rec: &PodRecord) {
 /// The stop sequence, called with the pod's lock held: every container, then the pause and
 /// the network. The pod is NotReady after it (IPs kept for status, as containerd does until
 /// removal).
-pub async fn stop_locked(d: &Daemon, rec: &mut PodRecord) -> Result<(), CriError> {
-    crate::container::lifecycle::stop_pod_containers(d, &rec.id, Duration::ZERO).await?;
+pub async fn stop_locked(d: &PodService, rec: &mut PodRecord) -> Result<(), CriError> {
+    crate::container::lifecycle::stop_pod_containers(&d.ctrs, &rec.id, Duration::ZERO).await?;
     let before = rec.owned.clone();
     release_items(d, rec, &[Owned::Pause, Owned::Network], Mode::Retry).await?;
     if rec.state != PodState::NotReady || rec.owned != before {
@@ -400,10 +400,10 @@ pub async fn stop_locked(d: &Daemon, rec: &mut PodRecord) -> Result<(), CriError
 
 /// The removal sequence, called with the pod's lock held: stop, remove the containers, then
 /// release the rest the pod owns and its record.
-pub async fn remove_locked(d: &Daemon, rec: &mut PodRecord) -> Result<(), CriError> {
+pub async fn remove_locked(d: &PodService, rec: &mut PodRecord) -> Result<(), CriError> {
     // kubelet stops first, but CRI lets Remove be called on a running pod: stop it here.
     stop_locked(d, rec).await?;
-    crate::container::lifecycle::remove_pod_containers(d, &rec.id).await?;
+    crate::container::lifecycle::remove_pod_containers(&d.ctrs, &rec.id).await?;
     release(d, rec, Mode::Retry).await
 }
 
@@ -414,7 +414,7 @@ pub const SANDBOX_RECORD: &str = "crisp-sandbox.json";
 /// For a pod whose shim died without cleaning up: run the shim binary's `delete` action in
 /// the pod dir (as containerd does for a dead shim), which removes the pause's cgroups from
 /// the shim's own record of them. Nothing to do when that record is gone.
-pub async fn shim_delete_action(d: &Daemon, pod_id: &str) {
+pub async fn shim_delete_action(d: &PodService, pod_id: &str) {
     let dir = crate::pod::files::pod_dir(&d.cfg.state, pod_id);
     if !dir.join(SANDBOX_RECORD).exists() {
         return;

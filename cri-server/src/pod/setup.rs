@@ -20,7 +20,7 @@ use serde_json::{Value, json};
 use tracing::Instrument;
 
 use crate::network::cni::{AttachRequest, PortMapping};
-use crate::daemon::Daemon;
+use crate::pod::service::PodService;
 use crate::pod::idmap::PodIdMap;
 use crate::error::CriError;
 use crate::pod::release::Mode;
@@ -135,7 +135,7 @@ pub fn pause_spec(cfg: &PodSandboxConfig, inp: &PauseInputs<'_>) -> Value {
 /// The handler's runtime options as containerd sends them to a shim: `containerd.runc.v1.Options`
 /// with the binary, root and cgroup driver. `None` for the default handler with `runtime =
 /// auto` and no systemd driver (the shim probes).
-pub fn runtime_options(d: &Daemon, handler: &str) -> Option<Any> {
+pub fn runtime_options(d: &PodService, handler: &str) -> Option<Any> {
     use containerd_shim_protos::protobuf::Message;
     use containerd_shim_protos::shim::oci::Options;
     let bin = d.cfg.handler_binary(handler).flatten();
@@ -202,7 +202,7 @@ impl Laps {
 
 /// The name is reserved by the record: an existing pod with the same name is an error that
 /// names it (a retry while in flight never gets here, it joined the first call).
-fn reserve_name(d: &Daemon, cfg: &PodSandboxConfig) -> Result<(), CriError> {
+fn reserve_name(d: &PodService, cfg: &PodSandboxConfig) -> Result<(), CriError> {
     let key = pod_key(cfg);
     if let Some((_, other)) = d
         .store
@@ -274,7 +274,7 @@ fn userns_options(cfg: &PodSandboxConfig) -> Option<&crisp_proto::cri::v1::UserN
 /// failure release whatever the record says the pod owns (`pod::release`, the same release
 /// RemovePodSandbox and recovery use), in reverse.
 pub async fn create(
-    d: &Arc<Daemon>,
+    d: &Arc<PodService>,
     req: RunPodSandboxRequest,
 ) -> Result<RunPodSandboxResponse, CriError> {
     let cfg = req.config.clone().unwrap_or_default();
@@ -321,7 +321,7 @@ pub async fn create(
 
 /// The named set-up steps, in order; each marks in the record what it is about to own.
 async fn setup(
-    d: &Arc<Daemon>,
+    d: &Arc<PodService>,
     rec: &mut PodRecord,
     req: &RunPodSandboxRequest,
     cfg: &PodSandboxConfig,
@@ -368,7 +368,7 @@ async fn setup(
 /// The network namespace (made here, or the pause's pinned when `pause_pid` is given: a
 /// user-namespaced pod's) and the CNI ADD of `eth0` in it.
 async fn network(
-    d: &Arc<Daemon>,
+    d: &Arc<PodService>,
     rec: &mut PodRecord,
     cfg: &PodSandboxConfig,
     pause_pid: Option<u32>,
@@ -398,7 +398,7 @@ async fn network(
 /// The pod's files: hostname, hosts, resolv.conf in the pod dir (the shim's bundle dir too).
 /// The record owns the files and the shim from here (a shim `start` that fails half-way may
 /// still have spawned it).
-async fn files(d: &Daemon, rec: &mut PodRecord, cfg: &PodSandboxConfig) -> Result<(), CriError> {
+async fn files(d: &PodService, rec: &mut PodRecord, cfg: &PodSandboxConfig) -> Result<(), CriError> {
     rec.own(Owned::Files);
     rec.own(Owned::Shim);
     d.store.put(&rec.id, &*rec)?;
@@ -424,7 +424,7 @@ async fn files(d: &Daemon, rec: &mut PodRecord, cfg: &PodSandboxConfig) -> Resul
 
 /// Start the pod's shim and record where it listens.
 async fn shim(
-    d: &Daemon,
+    d: &PodService,
     rec: &mut PodRecord,
     req: &RunPodSandboxRequest,
 ) -> Result<ShimClient, CriError> {
@@ -460,7 +460,7 @@ async fn shim(
 /// The pause process, through the shim's sandbox service (CreateSandbox with its OCI spec,
 /// StartSandbox); returns its pid.
 async fn pause(
-    d: &Daemon,
+    d: &PodService,
     rec: &mut PodRecord,
     shim: &ShimClient,
     cfg: &PodSandboxConfig,
@@ -520,7 +520,7 @@ fn spec_netns(spec: &Value) -> Option<String> {
 
 /// CNI ADD of the pod's `eth0` in `netns`; the IPs go to the record (stored by the caller).
 async fn cni_add(
-    d: &Arc<Daemon>,
+    d: &Arc<PodService>,
     cfg: &PodSandboxConfig,
     netns: String,
     rec: &mut PodRecord,

@@ -14,7 +14,7 @@ use crisp_proto::cri::v1::{
 };
 use prost::Message;
 
-use crate::daemon::Daemon;
+use crate::pod::service::PodService;
 use crate::error::CriError;
 use crate::shim::client::ctx;
 use crate::store::Store;
@@ -149,7 +149,7 @@ const SHIM_STATUS_CALL: Duration = Duration::from_secs(5);
 /// containerd passes a shim sandboxer's info through. Without a shim that answers (gone,
 /// or a pod still being set up) the store's answer stands: the details are extras.
 pub async fn pod_sandbox_status_served(
-    d: &Daemon,
+    d: &PodService,
     req: PodSandboxStatusRequest,
 ) -> Result<PodSandboxStatusResponse, CriError> {
     let verbose = req.verbose;
@@ -193,6 +193,7 @@ fn merge_shim_info(info: &mut HashMap<String, String>, shim: HashMap<String, Str
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::daemon::Daemon;
     use crate::error::ErrorKind;
     use crisp_proto::cri::v1::{PodSandboxMetadata, PodSandboxStateValue};
 
@@ -362,7 +363,7 @@ mod tests {
     #[tokio::test]
     async fn verbose_status_without_a_shim_is_the_store_answer() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let d = Daemon::for_test(dir.path());
+        let d = Daemon::for_test(dir.path()).pods;
         d.store
             .put("aaa111", &rec("aaa111", PodState::NotReady, "web", 2))
             .expect("put");

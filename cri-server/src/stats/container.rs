@@ -24,7 +24,7 @@ use crisp_proto::cri::v1::{
 
 use crate::container::status as containers;
 use crate::container::exec::task_error;
-use crate::daemon::Daemon;
+use crate::container::service::ContainerService;
 use crate::error::CriError;
 use crate::shim::client::ctx;
 use crate::shim::client::is_not_found;
@@ -156,7 +156,7 @@ pub fn from_v2(m: &v2::Metrics, ts: i64) -> Decoded {
 
 
 
-fn cpu_rate(d: &Daemon, id: &str, ts: i64, cpu_ns: u64) -> u64 {
+fn cpu_rate(d: &ContainerService, id: &str, ts: i64, cpu_ns: u64) -> u64 {
     let prev = d.container_cpu.record(id, (ts, cpu_ns));
     nano_cores(prev, (ts, cpu_ns))
 }
@@ -171,7 +171,7 @@ fn now_ns() -> i64 {
 /// Stats of one container, and why its cgroup figures are missing if reading them failed:
 /// ContainerStats answers with that error, ListContainerStats logs it and keeps the rest (one
 /// bad container must not hide the others).
-async fn stats_of(d: &Daemon, rec: &ContainerRecord) -> (ContainerStats, Option<CriError>) {
+async fn stats_of(d: &ContainerService, rec: &ContainerRecord) -> (ContainerStats, Option<CriError>) {
     let cfg = containers::container_config(rec);
     let mut out = ContainerStats {
         attributes: Some(ContainerAttributes {
@@ -234,7 +234,7 @@ async fn stats_of(d: &Daemon, rec: &ContainerRecord) -> (ContainerStats, Option<
 
 /// Usage of the container's writable layer: its active snapshot (keyed by container id, as
 /// containerd's CRI plugin keys it). None when there is no such snapshot.
-async fn writable_layer(d: &Daemon, id: &str) -> Option<FilesystemUsage> {
+async fn writable_layer(d: &ContainerService, id: &str) -> Option<FilesystemUsage> {
     let sn = std::sync::Arc::clone(&d.snapshotter);
     let key = id.to_string();
     // Measuring walks the upper directory: off the async threads.
@@ -259,7 +259,7 @@ async fn writable_layer(d: &Daemon, id: &str) -> Option<FilesystemUsage> {
 }
 
 pub async fn container_stats(
-    d: &Daemon,
+    d: &ContainerService,
     req: ContainerStatsRequest,
 ) -> Result<ContainerStatsResponse, CriError> {
     let rec = containers::find(&d.store, &req.container_id)?;
@@ -270,7 +270,7 @@ pub async fn container_stats(
 }
 
 pub async fn list_container_stats(
-    d: &Daemon,
+    d: &ContainerService,
     req: ListContainerStatsRequest,
 ) -> Result<ListContainerStatsResponse, CriError> {
     let f = req.filter.unwrap_or_default();
@@ -309,6 +309,7 @@ pub async fn list_container_stats(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::daemon::Daemon;
     use crate::error::ErrorKind;
     use containerd_shim_protos::protobuf::MessageFull;
 
@@ -424,7 +425,7 @@ mod tests {
     #[tokio::test]
     async fn stats_calls_on_unknown_and_exited_containers() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let d = Daemon::for_test(dir.path());
+        let d = Daemon::for_test(dir.path()).containers;
         let e = container_stats(
             &d,
             ContainerStatsRequest {

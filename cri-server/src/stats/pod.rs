@@ -12,7 +12,7 @@ use crisp_proto::cri::v1::{
     PodSandboxStatsRequest, PodSandboxStatsResponse, ProcessUsage, UInt64Value,
 };
 
-use crate::daemon::Daemon;
+use crate::pod::service::PodService;
 use crate::error::CriError;
 use crate::store::records::{PodRecord, PodState};
 
@@ -148,7 +148,7 @@ fn nano_cores(
 }
 
 /// The cgroup (relative path) the pod's stats come from.
-fn pod_cgroup(d: &Daemon, rec: &PodRecord) -> Option<String> {
+fn pod_cgroup(d: &PodService, rec: &PodRecord) -> Option<String> {
     use crisp_shim::placement::{self, CgroupDriver};
     let driver = CgroupDriver::from(d.cfg.cgroup_driver);
     if !rec.cgroup_parent.is_empty() && driver == CgroupDriver::Cgroupfs {
@@ -158,7 +158,7 @@ fn pod_cgroup(d: &Daemon, rec: &PodRecord) -> Option<String> {
     placement::resolved_path(driver, &p).ok()
 }
 
-pub fn stats_of(d: &Daemon, rec: &PodRecord) -> PodSandboxStats {
+pub fn stats_of(d: &PodService, rec: &PodRecord) -> PodSandboxStats {
     let cfg = crate::pod::status::pod_config(rec);
     let now = crate::util::now_nanos();
     let u = |x: Option<u64>| x.map(|value| UInt64Value { value });
@@ -213,7 +213,7 @@ pub fn stats_of(d: &Daemon, rec: &PodRecord) -> PodSandboxStats {
 }
 
 pub fn pod_sandbox_stats(
-    d: &Daemon,
+    d: &PodService,
     req: PodSandboxStatsRequest,
 ) -> Result<PodSandboxStatsResponse, CriError> {
     let rec = crate::pod::status::find(&d.store, &req.pod_sandbox_id)?;
@@ -223,7 +223,7 @@ pub fn pod_sandbox_stats(
 }
 
 pub fn list_pod_sandbox_stats(
-    d: &Daemon,
+    d: &PodService,
     req: ListPodSandboxStatsRequest,
 ) -> Result<ListPodSandboxStatsResponse, CriError> {
     let f = req.filter.unwrap_or_default();
