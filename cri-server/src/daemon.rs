@@ -5,9 +5,9 @@
 
 use std::sync::{Arc, RwLock};
 
-use crate::network::cni::CniManager;
 use crate::config::Config;
 use crate::container::service::ContainerService;
+use crate::network::cni::CniManager;
 use crate::pod::service::PodService;
 use crate::store::Store;
 

@@ -168,9 +168,12 @@ impl RuntimeService for Cri {
         req: Request<pb::ListPodSandboxRequest>,
     ) -> Res<pb::ListPodSandboxResponse> {
         let req = req.into_inner();
-        instrument::call(&self.d.metrics, "ListPodSandbox", info_span!("ListPodSandbox"), async {
-            cri::pods::list_pod_sandbox(&self.d.store, req)
-        })
+        instrument::call(
+            &self.d.metrics,
+            "ListPodSandbox",
+            info_span!("ListPodSandbox"),
+            async { cri::pods::list_pod_sandbox(&self.d.store, req) },
+        )
         .await
     }
 
@@ -262,9 +265,12 @@ impl RuntimeService for Cri {
         req: Request<pb::ListContainersRequest>,
     ) -> Res<pb::ListContainersResponse> {
         let req = req.into_inner();
-        instrument::call(&self.d.metrics, "ListContainers", info_span!("ListContainers"), async {
-            cri::containers::list_containers(&self.d.store, req)
-        })
+        instrument::call(
+            &self.d.metrics,
+            "ListContainers",
+            info_span!("ListContainers"),
+            async { cri::containers::list_containers(&self.d.store, req) },
+        )
         .await
     }
 
@@ -274,15 +280,20 @@ impl RuntimeService for Cri {
         req: Request<pb::StreamContainersRequest>,
     ) -> Res<Self::StreamContainersStream> {
         let filter = req.into_inner().filter;
-        instrument::call(&self.d.metrics, "StreamContainers", info_span!("StreamContainers"), async {
-            let list = cri::containers::list_containers(
-                &self.d.store,
-                pb::ListContainersRequest { filter },
-            )?;
-            Ok(chunked(list.containers, |containers| {
-                pb::StreamContainersResponse { containers }
-            }))
-        })
+        instrument::call(
+            &self.d.metrics,
+            "StreamContainers",
+            info_span!("StreamContainers"),
+            async {
+                let list = cri::containers::list_containers(
+                    &self.d.store,
+                    pb::ListContainersRequest { filter },
+                )?;
+                Ok(chunked(list.containers, |containers| {
+                    pb::StreamContainersResponse { containers }
+                }))
+            },
+        )
         .await
     }
 
@@ -331,7 +342,13 @@ impl RuntimeService for Cri {
     async fn exec_sync(&self, req: Request<pb::ExecSyncRequest>) -> Res<pb::ExecSyncResponse> {
         let req = req.into_inner();
         let span = info_span!("ExecSync", container_id = %req.container_id);
-        instrument::call(&self.d.metrics, "ExecSync", span, cri::exec_sync::exec_sync(&self.d.containers, req)).await
+        instrument::call(
+            &self.d.metrics,
+            "ExecSync",
+            span,
+            cri::exec_sync::exec_sync(&self.d.containers, req),
+        )
+        .await
     }
 
     async fn exec(&self, _req: Request<pb::ExecRequest>) -> Res<pb::ExecResponse> {
@@ -466,7 +483,11 @@ impl RuntimeService for Cri {
         &self,
         _req: Request<pb::CheckpointContainerRequest>,
     ) -> Res<pb::CheckpointContainerResponse> {
-        not_yet!(self, "CheckpointContainer", "checkpointing is not supported")
+        not_yet!(
+            self,
+            "CheckpointContainer",
+            "checkpointing is not supported"
+        )
     }
 
     type GetContainerEventsStream = BoxStream<pb::ContainerEventResponse>;
@@ -547,9 +568,12 @@ impl ImageService for Cri {
         req: Request<pb::ListImagesRequest>,
     ) -> Res<pb::ListImagesResponse> {
         let req = req.into_inner();
-        instrument::call(&self.d.metrics, "ListImages", info_span!("ListImages"), async {
-            Ok(crisp_image::cri::list_images(&self.d.images, &req)?)
-        })
+        instrument::call(
+            &self.d.metrics,
+            "ListImages",
+            info_span!("ListImages"),
+            async { Ok(crisp_image::cri::list_images(&self.d.images, &req)?) },
+        )
         .await
     }
 
@@ -559,13 +583,20 @@ impl ImageService for Cri {
         req: Request<pb::StreamImagesRequest>,
     ) -> Res<Self::StreamImagesStream> {
         let filter = req.into_inner().filter;
-        instrument::call(&self.d.metrics, "StreamImages", info_span!("StreamImages"), async {
-            let list =
-                crisp_image::cri::list_images(&self.d.images, &pb::ListImagesRequest { filter })?;
-            Ok(chunked(list.images, |images| pb::StreamImagesResponse {
-                images,
-            }))
-        })
+        instrument::call(
+            &self.d.metrics,
+            "StreamImages",
+            info_span!("StreamImages"),
+            async {
+                let list = crisp_image::cri::list_images(
+                    &self.d.images,
+                    &pb::ListImagesRequest { filter },
+                )?;
+                Ok(chunked(list.images, |images| pb::StreamImagesResponse {
+                    images,
+                }))
+            },
+        )
         .await
     }
 
@@ -579,9 +610,12 @@ impl ImageService for Cri {
             .as_ref()
             .map(|i| i.image.clone())
             .unwrap_or_default();
-        instrument::call(&self.d.metrics, "ImageStatus", info_span!("ImageStatus", %image), async {
-            Ok(crisp_image::cri::image_status(&self.d.images, &req)?)
-        })
+        instrument::call(
+            &self.d.metrics,
+            "ImageStatus",
+            info_span!("ImageStatus", %image),
+            async { Ok(crisp_image::cri::image_status(&self.d.images, &req)?) },
+        )
         .await
     }
 
@@ -593,12 +627,17 @@ impl ImageService for Cri {
             .map(|i| i.image.clone())
             .unwrap_or_default();
         // Logged at info: pulls are slow and an operator wants to see them start and end.
-        instrument::call(&self.d.metrics, "PullImage", info_span!("PullImage", %image), async {
-            tracing::info!("pulling");
-            let r = crisp_image::cri::pull_image(&self.d.images, &req).await?;
-            tracing::info!(image_ref = %r.image_ref, "pulled");
-            Ok(r)
-        })
+        instrument::call(
+            &self.d.metrics,
+            "PullImage",
+            info_span!("PullImage", %image),
+            async {
+                tracing::info!("pulling");
+                let r = crisp_image::cri::pull_image(&self.d.images, &req).await?;
+                tracing::info!(image_ref = %r.image_ref, "pulled");
+                Ok(r)
+            },
+        )
         .await
     }
 
@@ -612,9 +651,12 @@ impl ImageService for Cri {
             .as_ref()
             .map(|i| i.image.clone())
             .unwrap_or_default();
-        instrument::call(&self.d.metrics, "RemoveImage", info_span!("RemoveImage", %image), async {
-            Ok(crisp_image::cri::remove_image(&self.d.images, &req).await?)
-        })
+        instrument::call(
+            &self.d.metrics,
+            "RemoveImage",
+            info_span!("RemoveImage", %image),
+            async { Ok(crisp_image::cri::remove_image(&self.d.images, &req).await?) },
+        )
         .await
     }
 
@@ -622,9 +664,12 @@ impl ImageService for Cri {
         &self,
         _req: Request<pb::ImageFsInfoRequest>,
     ) -> Res<pb::ImageFsInfoResponse> {
-        instrument::call(&self.d.metrics, "ImageFsInfo", info_span!("ImageFsInfo"), async {
-            Ok(crisp_image::cri::image_fs_info(&self.d.images).await?)
-        })
+        instrument::call(
+            &self.d.metrics,
+            "ImageFsInfo",
+            info_span!("ImageFsInfo"),
+            async { Ok(crisp_image::cri::image_fs_info(&self.d.images).await?) },
+        )
         .await
     }
 }

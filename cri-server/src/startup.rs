@@ -9,12 +9,12 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 
-use crate::network::cni::CniManager;
 use crate::config::Config;
 use crate::daemon::{Condition, Daemon};
+use crate::network::cni::CniManager;
 use crate::store::Store;
-use crate::util::find_binary;
 use crate::store::records::{ContainerRecord, IdRangeRecord, PodRecord, ShimRecord};
+use crate::util::find_binary;
 
 /// Run one named phase, logging its start, end and duration.
 async fn phase<T, F>(name: &'static str, f: F) -> anyhow::Result<T>
@@ -118,9 +118,7 @@ async fn open_images(
 
 /// Phase "recover": records counted (undecodable ones quarantined), runtimes checked,
 /// orphans cleaned, the events endpoint serving, then pods, shims and containers recovered.
-async fn recover(
-    d: &Arc<Daemon>,
-) -> anyhow::Result<(Vec<Condition>, crate::pod::recover::Report)> {
+async fn recover(d: &Arc<Daemon>) -> anyhow::Result<(Vec<Condition>, crate::pod::recover::Report)> {
     let (store, cfg) = (&d.store, &d.cfg);
     // Decoding every record here quarantines the undecodable ones before anything reads
     // them; counts go to the log so an operator can see what came back.
@@ -308,7 +306,6 @@ pub fn check_runtimes(cfg: &Config) -> Vec<Condition> {
     }
     out
 }
-
 
 #[cfg(test)]
 mod tests {

@@ -39,7 +39,11 @@ async fn busy_pod(env: &TestEnv) -> Result<Footprint> {
         // cgroup sweep and the leak check cover it.
         let pause = c.sandbox_pid(&pod_id).await?;
         ensure!(
-            leaks::process_is_ours(pause, &format!("{}/", env.root.display()), &fp.cgroup_parent),
+            leaks::process_is_ours(
+                pause,
+                &format!("{}/", env.root.display()),
+                &fp.cgroup_parent
+            ),
             "pause {pause} is not under the env's cgroup parent {}",
             fp.cgroup_parent
         );

@@ -685,7 +685,12 @@ async fn killed_pull_is_completed_by_the_next_one() {
     let tmp = tempfile::tempdir().unwrap();
     let root = tmp.path().to_path_buf();
     let mut child = std::process::Command::new(std::env::current_exe().unwrap())
-        .args(["--ignored", "--exact", "child_pull_until_killed", "--nocapture"])
+        .args([
+            "--ignored",
+            "--exact",
+            "child_pull_until_killed",
+            "--nocapture",
+        ])
         .env("CRISP_IMAGE_CHILD_ROOT", &root)
         .env("CRISP_IMAGE_CHILD_MIRROR", reg.host())
         .stdout(std::process::Stdio::null())

@@ -150,7 +150,8 @@ mod tests {
         write_spec(&b, &s2).expect("rewrite");
         assert_eq!(read_spec(&b).expect("spec")["hostname"], "h2");
 
-        crate::container::logs::mkfifo(&fifo(&b, crate::container::logs::Stream::Stdout)).expect("fifo");
+        crate::container::logs::mkfifo(&fifo(&b, crate::container::logs::Stream::Stdout))
+            .expect("fifo");
         std::fs::create_dir_all(rootfs(&b).join("etc")).expect("rootfs");
         remove(&b).expect("remove");
         assert!(!b.exists());

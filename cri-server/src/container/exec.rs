@@ -21,8 +21,8 @@ use crisp_proto::cri::v1::{ExecSyncRequest, ExecSyncResponse};
 use tokio::io::{AsyncRead, AsyncReadExt};
 use tokio::task::JoinHandle;
 
-use crate::container::status as containers;
 use crate::container::service::ContainerService;
+use crate::container::status as containers;
 use crate::error::{CriError, ErrorKind};
 use crate::shim::client::{ShimClient, ctx};
 use crate::store::records::{ContainerRecord, ContainerState};
@@ -58,7 +58,11 @@ pub fn task_error(what: &str, e: ttrpc::Error) -> CriError {
 use crate::shim::client::is_not_found;
 
 /// The container must be Running, with a live shim connection for its pod.
-pub fn running_shim(d: &ContainerService, rec: &ContainerRecord, call: &str) -> Result<ShimClient, CriError> {
+pub fn running_shim(
+    d: &ContainerService,
+    rec: &ContainerRecord,
+    call: &str,
+) -> Result<ShimClient, CriError> {
     if rec.state != ContainerState::Running {
         return Err(CriError::precondition(format!(
             "{call}: container {} is {}, not running",

@@ -39,10 +39,10 @@ use oci_spec::image::ImageConfiguration;
 use tokio::sync::broadcast;
 
 use crate::container::bundle;
+use crate::container::logs::{self, CriLog, Stream};
 use crate::container::registry::{Live, Registry, drain_io, spawn_copier, stop_live};
 use crate::container::service::ContainerService;
 use crate::error::{CriError, ErrorKind};
-use crate::container::logs::{self, CriLog, Stream};
 use crate::shim::client::{ShimCallError, ShimClient, ctx, is_not_found};
 use crate::shim::events::ShimEvent;
 use crate::store::Store;
@@ -53,9 +53,6 @@ use crate::store::records::{ContainerRecord, ContainerState, PodRecord};
 const TASK_TIMEOUT: Duration = Duration::from_secs(60);
 /// How long to wait for the exit after SIGKILL before giving up on a container.
 const KILL_WAIT: Duration = Duration::from_secs(30);
-
-
-
 
 /// What the exit path needs of the daemon; cheap clones, so a watcher task can own them.
 #[derive(Clone)]
@@ -404,7 +401,11 @@ pub async fn create(
 }
 
 /// A container's name and attempt are unique in its pod.
-fn name_is_free(d: &ContainerService, pod: &PodRecord, meta: &pb::ContainerMetadata) -> Result<(), CriError> {
+fn name_is_free(
+    d: &ContainerService,
+    pod: &PodRecord,
+    meta: &pb::ContainerMetadata,
+) -> Result<(), CriError> {
     if let Some((_, other)) = d
         .store
         .list::<ContainerRecord>()?
@@ -551,7 +552,11 @@ async fn undo_create(d: &ContainerService, id: &str) {
 /// StartContainer's work (the caller holds the pod's and the container's locks and checked
 /// that the container may start in its ready pod). A failed start leaves the container
 /// Exited with the reason.
-pub async fn start(d: &ContainerService, shim: &ShimClient, rec: &ContainerRecord) -> Result<(), CriError> {
+pub async fn start(
+    d: &ContainerService,
+    shim: &ShimClient,
+    rec: &ContainerRecord,
+) -> Result<(), CriError> {
     let ctx = Ctx::of(d);
     match start_task(d, &ctx, shim, rec).await {
         Ok(()) => Ok(()),
@@ -676,9 +681,6 @@ fn open_output(
 fn ctx_t() -> ttrpc::context::Context {
     ctx(TASK_TIMEOUT)
 }
-
-
-
 
 /// ReopenContainerLog: the log file was renamed away by kubelet; write to a new one.
 pub fn reopen_log(d: &ContainerService, container_id: &str) -> Result<(), CriError> {
@@ -920,7 +922,11 @@ async fn cleanup_dead_task(ctx: &Ctx, id: &str) -> Result<(), CriError> {
 
 /// Stop one container (caller holds its lock): stop signal, SIGKILL after `timeout`, record
 /// the exit and delete the task. OK for a container not running or already removed.
-pub async fn stop_locked(d: &ContainerService, id: &str, timeout: Duration) -> Result<(), CriError> {
+pub async fn stop_locked(
+    d: &ContainerService,
+    id: &str,
+    timeout: Duration,
+) -> Result<(), CriError> {
     let Some(rec) = d.store.get::<ContainerRecord>(id)? else {
         return Ok(());
     };

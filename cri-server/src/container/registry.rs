@@ -47,7 +47,12 @@ impl Registry {
     }
 }
 
-pub fn spawn_copier(id: &str, r: std::fs::File, stream: Stream, log: Arc<CriLog>) -> JoinHandle<()> {
+pub fn spawn_copier(
+    id: &str,
+    r: std::fs::File,
+    stream: Stream,
+    log: Arc<CriLog>,
+) -> JoinHandle<()> {
     let id = id.to_string();
     tokio::spawn(async move {
         match logs::copy_from_fifo(r, stream, log).await {

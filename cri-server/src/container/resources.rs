@@ -13,14 +13,13 @@ use std::path::Path;
 use containerd_shim_protos::api;
 use containerd_shim_protos::protobuf::well_known_types::any::Any;
 use crisp_proto::cri::v1::{
-    LinuxContainerResources,  
-    UpdateContainerResourcesRequest, UpdateContainerResourcesResponse,
+    LinuxContainerResources, UpdateContainerResourcesRequest, UpdateContainerResourcesResponse,
 };
 use redb::ReadableTable;
 
-use crate::container::status as containers;
 use crate::container::exec::{state_name, task_error};
 use crate::container::service::ContainerService;
+use crate::container::status as containers;
 use crate::error::CriError;
 use crate::shim::client::ctx;
 use crate::shim::client::is_not_found;
@@ -306,7 +305,6 @@ fn merge_devices(old: Option<&serde_json::Value>, mut new: serde_json::Value) ->
     }
     new
 }
-
 
 #[cfg(test)]
 mod tests {

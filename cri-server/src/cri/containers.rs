@@ -2,13 +2,12 @@
 //! `container::status`; these calls never wait on a shim.
 
 use crisp_proto::cri::v1::{
-    ContainerStatusRequest, ContainerStatusResponse, ListContainersRequest,
-    ListContainersResponse,
+    ContainerStatusRequest, ContainerStatusResponse, ListContainersRequest, ListContainersResponse,
 };
 
 use crate::container::service::ContainerService;
-use crate::error::CriError;
 use crate::container::status;
+use crate::error::CriError;
 use crate::store::Store;
 
 pub fn list_containers(

@@ -6,8 +6,8 @@ use crisp_proto::cri::v1::{
     PodSandboxStatsResponse,
 };
 
-use crate::pod::service::PodService;
 use crate::error::CriError;
+use crate::pod::service::PodService;
 use crate::stats::pod as stats;
 
 pub fn pod_sandbox_stats(

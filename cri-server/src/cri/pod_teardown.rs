@@ -7,9 +7,9 @@ use crisp_proto::cri::v1::{
     StopPodSandboxResponse,
 };
 
-use crate::pod::service::PodService;
 use crate::error::{CriError, ErrorKind};
 use crate::pod::release;
+use crate::pod::service::PodService;
 use crate::store::records::PodRecord;
 
 pub async fn stop(
@@ -174,7 +174,10 @@ mod tests {
         }
         assert_eq!(d.store.count(crate::store::PODS).expect("count"), 0);
         assert_eq!(d.store.count(crate::store::ID_RANGES).expect("count"), 0);
-        assert!(crate::network::netns::list(&netns_dir).is_empty(), "no netns left");
+        assert!(
+            crate::network::netns::list(&netns_dir).is_empty(),
+            "no netns left"
+        );
         assert!(
             std::fs::read_dir(d.cfg.state.join("pods"))
                 .map(|r| r.count())

@@ -6,8 +6,8 @@ use crisp_proto::cri::v1::{
     PodSandboxStatusResponse,
 };
 
-use crate::pod::service::PodService;
 use crate::error::CriError;
+use crate::pod::service::PodService;
 use crate::pod::status;
 use crate::store::Store;
 

@@ -7,8 +7,8 @@ use std::sync::Arc;
 use crisp_proto::cri::v1::{NamespaceMode, RunPodSandboxRequest, RunPodSandboxResponse};
 use tracing::Instrument;
 
-use crate::pod::service::PodService;
 use crate::error::CriError;
+use crate::pod::service::PodService;
 use crate::pod::setup::{create, pod_key};
 
 /// Every check RunPodSandbox makes before touching anything.

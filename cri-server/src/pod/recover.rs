@@ -13,11 +13,11 @@ use containerd_shim_protos::sandbox_api::{
     SandboxStatusRequest, ShutdownSandboxRequest, StopSandboxRequest,
 };
 
+use crate::container::lifecycle::recover_pod_containers;
 use crate::network::cni::CniManager;
+use crate::pod::release::{self, Mode};
 use crate::pod::service::PodService;
 use crate::shim::client::{ShimClient, ctx};
-use crate::container::lifecycle::recover_pod_containers;
-use crate::pod::release::{self, Mode};
 use crate::store::records::{
     ContainerRecord, IdRangeRecord, Owned, PodRecord, PodState, ShimRecord,
 };
@@ -275,7 +275,10 @@ async fn stop_orphan_shim(
             sandbox_id: id.to_string(),
             ..Default::default()
         };
-        let _ = s.sandbox().shutdown_sandbox(ctx(SHIM_CALL), &shutdown).await;
+        let _ = s
+            .sandbox()
+            .shutdown_sandbox(ctx(SHIM_CALL), &shutdown)
+            .await;
     }
     // A shim record may lack the pid; the pod dir's shim.pid still names it.
     let pods_dir = d.cfg.state.join("pods");
@@ -294,7 +297,10 @@ async fn stop_orphan_shim(
 /// A loaded machine may take a moment to finish the shim's exit: its socket goes once nobody
 /// listens on it any more, never while a shim still serves it.
 async fn remove_stale_socket(id: &str, address: &str) {
-    let p = address.strip_prefix("unix://").unwrap_or(address).to_string();
+    let p = address
+        .strip_prefix("unix://")
+        .unwrap_or(address)
+        .to_string();
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(3);
     while std::os::unix::net::UnixStream::connect(&p).is_ok()
         && std::time::Instant::now() < deadline

@@ -12,9 +12,9 @@ use std::time::Duration;
 
 use containerd_shim_protos::sandbox_api::{ShutdownSandboxRequest, StopSandboxRequest};
 
+use crate::error::CriError;
 use crate::network::cni::AttachRequest;
 use crate::pod::service::PodService;
-use crate::error::CriError;
 use crate::shim::client::{ShimClient, ctx};
 use crate::store::records::{Owned, PodRecord, PodState, ShimRecord};
 
@@ -71,7 +71,6 @@ pub async fn release_network(
     let r = crate::network::netns::remove(Path::new(&netns)).map_err(|e| e.to_string());
     step(pod_id, "remove netns", r)
 }
-
 
 /// The pod's shim: the live connection, or a reconnection to the recorded address.
 pub async fn shim_of(d: &PodService, pod_id: &str, address: Option<&str>) -> Option<ShimClient> {
@@ -138,7 +137,9 @@ pub async fn stop_pause(d: &PodService, rec: &PodRecord) -> Result<(), CriError>
             kill_pause_if_ours(rec.pause_pid, &rec.id);
             Ok(())
         }
-        Err(e) => Err(crate::shim::client::ShimCallError::sandbox("StopSandbox", &rec.id, e).into()),
+        Err(e) => {
+            Err(crate::shim::client::ShimCallError::sandbox("StopSandbox", &rec.id, e).into())
+        }
     }
 }
 
@@ -227,7 +228,8 @@ pub async fn shutdown_shim(
         };
         match shim.sandbox().shutdown_sandbox(ctx(SHIM_CALL), &req).await {
             Ok(_) => {}
-            Err(e) if crate::shim::client::is_gone(&e) || crate::shim::client::is_not_found(&e) => {}
+            Err(e) if crate::shim::client::is_gone(&e) || crate::shim::client::is_not_found(&e) => {
+            }
             Err(e) => {
                 tracing::warn!(pod_id, error = %e, "ShutdownSandbox failed; killing the shim")
             }
@@ -280,10 +282,6 @@ pub fn remove_pod_cgroup(d: &PodService, cgroup_parent: &str, pod_id: &str) -> R
     }
 }
 
-
-
-
-
 /// How [`release`] treats a step that fails.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Mode {
@@ -309,7 +307,12 @@ impl Mode {
 
 /// Release one owned item (idempotent: releasing what is already gone, or was never
 /// acquired, succeeds).
-async fn release_item(d: &PodService, rec: &PodRecord, item: Owned, mode: Mode) -> Result<(), CriError> {
+async fn release_item(
+    d: &PodService,
+    rec: &PodRecord,
+    item: Owned,
+    mode: Mode,
+) -> Result<(), CriError> {
     let id = rec.id.as_str();
     match item {
         Owned::Pause => stop_pause(d, rec).await,
@@ -419,8 +422,8 @@ pub async fn shim_delete_action(d: &PodService, pod_id: &str) {
     if !dir.join(SANDBOX_RECORD).exists() {
         return;
     }
-    let bin = crate::util::find_binary(&d.cfg.shim_binary)
-        .unwrap_or_else(|| d.cfg.shim_binary.clone());
+    let bin =
+        crate::util::find_binary(&d.cfg.shim_binary).unwrap_or_else(|| d.cfg.shim_binary.clone());
     let mut cmd = tokio::process::Command::new(&bin);
     cmd.args(["-namespace", "k8s.io", "-id", pod_id, "-bundle"])
         .arg(&dir)
@@ -440,7 +443,6 @@ pub async fn shim_delete_action(d: &PodService, pod_id: &str) {
         Err(_) => tracing::warn!(pod_id, "shim delete action timed out"),
     }
 }
-
 
 /// What the pod dir may hold: crispd's files and the shim's (`address`, `shim.pid`, `log`).
 pub const POD_FILES: &[&str] = &[

@@ -19,11 +19,11 @@ use crisp_proto::cri::v1::{
 use serde_json::{Value, json};
 use tracing::Instrument;
 
-use crate::network::cni::{AttachRequest, PortMapping};
-use crate::pod::service::PodService;
-use crate::pod::idmap::PodIdMap;
 use crate::error::CriError;
+use crate::network::cni::{AttachRequest, PortMapping};
+use crate::pod::idmap::PodIdMap;
 use crate::pod::release::Mode;
+use crate::pod::service::PodService;
 use crate::shim::client::{ShimCallError, ShimClient, StartRequest, ctx};
 use crate::store::records::{Owned, PodRecord, PodState, ShimRecord};
 
@@ -36,7 +36,6 @@ pub const PAUSE_OOM_SCORE_ADJ: i32 = -998;
 /// The pause image's user (65535:65535), which containerd's pause runs as.
 pub const PAUSE_UID: u32 = 65535;
 const SHIM_CALL: Duration = Duration::from_secs(20);
-
 
 /// Namespace modes of the pod, decided once.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -173,7 +172,6 @@ fn key_of(rec: &PodRecord) -> String {
     format!("{}_{}_{}_{}", rec.name, rec.namespace, rec.uid, rec.attempt)
 }
 
-
 /// Milliseconds per step, for the "pod ready" log line (where RunPodSandbox's time goes).
 #[derive(Debug, Default)]
 struct Laps {
@@ -225,7 +223,12 @@ fn reserve_name(d: &PodService, cfg: &PodSandboxConfig) -> Result<(), CriError> 
 /// pod asks for a user namespace) and the network (unless it uses the host's): both are
 /// released idempotently, so listing them before they exist is safe, and from here on
 /// anything allocated has an owner that recovery can see.
-fn new_record(id: &str, req: &RunPodSandboxRequest, cfg: &PodSandboxConfig, netns: &Path) -> PodRecord {
+fn new_record(
+    id: &str,
+    req: &RunPodSandboxRequest,
+    cfg: &PodSandboxConfig,
+    netns: &Path,
+) -> PodRecord {
     let meta = cfg.metadata.clone().unwrap_or_default();
     let m = modes(cfg);
     let mut rec = PodRecord {
@@ -379,8 +382,7 @@ async fn network(
     let made = match pause_pid {
         None => tokio::task::spawn_blocking(move || crate::network::netns::create(&p)).await,
         Some(pid) => {
-            tokio::task::spawn_blocking(move || crate::network::netns::bind_from_pid(&p, pid))
-                .await
+            tokio::task::spawn_blocking(move || crate::network::netns::bind_from_pid(&p, pid)).await
         }
     };
     made.map_err(|e| CriError::internal(format!("netns task: {e}")))??;
@@ -398,7 +400,11 @@ async fn network(
 /// The pod's files: hostname, hosts, resolv.conf in the pod dir (the shim's bundle dir too).
 /// The record owns the files and the shim from here (a shim `start` that fails half-way may
 /// still have spawned it).
-async fn files(d: &PodService, rec: &mut PodRecord, cfg: &PodSandboxConfig) -> Result<(), CriError> {
+async fn files(
+    d: &PodService,
+    rec: &mut PodRecord,
+    cfg: &PodSandboxConfig,
+) -> Result<(), CriError> {
     rec.own(Owned::Files);
     rec.own(Owned::Shim);
     d.store.put(&rec.id, &*rec)?;
@@ -431,8 +437,8 @@ async fn shim(
     let id = rec.id.clone();
     let dir = crate::pod::files::pod_dir(&d.cfg.state, &id);
     let events = crate::shim::events::socket_path(&d.cfg.state);
-    let shim_bin = crate::util::find_binary(&d.cfg.shim_binary)
-        .unwrap_or_else(|| d.cfg.shim_binary.clone());
+    let shim_bin =
+        crate::util::find_binary(&d.cfg.shim_binary).unwrap_or_else(|| d.cfg.shim_binary.clone());
     let shim = ShimClient::start(StartRequest {
         shim_binary: &shim_bin,
         pod_id: &id,
@@ -470,10 +476,16 @@ async fn pause(
     let meta = cfg.metadata.clone().unwrap_or_default();
     let mut annotations: HashMap<String, String> = cfg.annotations.clone();
     for (k, v) in [
-        (crate::container::spec::ANN_CONTAINER_TYPE, "sandbox".to_string()),
+        (
+            crate::container::spec::ANN_CONTAINER_TYPE,
+            "sandbox".to_string(),
+        ),
         (crate::container::spec::ANN_SANDBOX_ID, id.clone()),
         (crate::container::spec::ANN_SANDBOX_NAME, meta.name.clone()),
-        (crate::container::spec::ANN_SANDBOX_NAMESPACE, meta.namespace.clone()),
+        (
+            crate::container::spec::ANN_SANDBOX_NAMESPACE,
+            meta.namespace.clone(),
+        ),
         (crate::container::spec::ANN_SANDBOX_UID, meta.uid.clone()),
     ] {
         annotations.insert(k.to_string(), v);
@@ -583,10 +595,6 @@ mod tests {
     use super::*;
     use crisp_proto::cri::v1::PodSandboxConfig;
 
-
-
-
-
     fn config() -> PodSandboxConfig {
         use crisp_proto::cri::v1::{
             IdMapping, LinuxPodSandboxConfig, LinuxSandboxSecurityContext, NamespaceOption,
@@ -638,7 +646,10 @@ mod tests {
         // Never below crispd's own score (no CAP_SYS_RESOURCE to lower it).
         assert_eq!(spec["process"]["oomScoreAdj"], 0);
         assert!(spec["linux"].get("uidMappings").is_none());
-        assert_eq!(spec["annotations"][crate::container::spec::ANN_SANDBOX_ID], "p1");
+        assert_eq!(
+            spec["annotations"][crate::container::spec::ANN_SANDBOX_ID],
+            "p1"
+        );
     }
 
     #[test]

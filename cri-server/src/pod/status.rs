@@ -14,8 +14,8 @@ use crisp_proto::cri::v1::{
 };
 use prost::Message;
 
-use crate::pod::service::PodService;
 use crate::error::CriError;
+use crate::pod::service::PodService;
 use crate::shim::client::ctx;
 use crate::store::Store;
 use crate::store::records::{PodRecord, PodState};

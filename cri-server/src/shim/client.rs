@@ -406,7 +406,10 @@ mod tests {
         // answer is crispd's own.
         let gone = ShimCallError::sandbox("StopSandbox", "p1", ttrpc::Error::RemoteClosed);
         assert_eq!(gone.kind(), ErrorKind::Unavailable);
-        assert!(gone.to_string().starts_with("pod p1: shim StopSandbox: "), "{gone}");
+        assert!(
+            gone.to_string().starts_with("pod p1: shim StopSandbox: "),
+            "{gone}"
+        );
         let odd = ShimCallError::sandbox("StopSandbox", "p1", ttrpc::Error::Others("x".into()));
         assert_eq!(odd.kind(), ErrorKind::Internal);
     }

@@ -22,9 +22,9 @@ use crisp_proto::cri::v1::{
     ListContainerStatsRequest, ListContainerStatsResponse, MemoryUsage, SwapUsage, UInt64Value,
 };
 
-use crate::container::status as containers;
 use crate::container::exec::task_error;
 use crate::container::service::ContainerService;
+use crate::container::status as containers;
 use crate::error::CriError;
 use crate::shim::client::ctx;
 use crate::shim::client::is_not_found;
@@ -153,9 +153,6 @@ pub fn from_v2(m: &v2::Metrics, ts: i64) -> Decoded {
     }
 }
 
-
-
-
 fn cpu_rate(d: &ContainerService, id: &str, ts: i64, cpu_ns: u64) -> u64 {
     let prev = d.container_cpu.record(id, (ts, cpu_ns));
     nano_cores(prev, (ts, cpu_ns))
@@ -171,7 +168,10 @@ fn now_ns() -> i64 {
 /// Stats of one container, and why its cgroup figures are missing if reading them failed:
 /// ContainerStats answers with that error, ListContainerStats logs it and keeps the rest (one
 /// bad container must not hide the others).
-async fn stats_of(d: &ContainerService, rec: &ContainerRecord) -> (ContainerStats, Option<CriError>) {
+async fn stats_of(
+    d: &ContainerService,
+    rec: &ContainerRecord,
+) -> (ContainerStats, Option<CriError>) {
     let cfg = containers::container_config(rec);
     let mut out = ContainerStats {
         attributes: Some(ContainerAttributes {
@@ -420,7 +420,6 @@ mod tests {
         };
         assert!(decode(&any, 0).is_err());
     }
-
 
     #[tokio::test]
     async fn stats_calls_on_unknown_and_exited_containers() {

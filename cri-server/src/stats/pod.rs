@@ -12,8 +12,8 @@ use crisp_proto::cri::v1::{
     PodSandboxStatsRequest, PodSandboxStatsResponse, ProcessUsage, UInt64Value,
 };
 
-use crate::pod::service::PodService;
 use crate::error::CriError;
+use crate::pod::service::PodService;
 use crate::store::records::{PodRecord, PodState};
 
 const CGROUP_ROOT: &str = "/sys/fs/cgroup";
@@ -141,10 +141,7 @@ fn nano_cores(
     usage: u64,
 ) -> Option<u64> {
     let prev = samples.record(pod_id, (now, usage))?;
-    Some(crate::stats::cpu::nano_cores(
-        Some(prev),
-        (now, usage),
-    ))
+    Some(crate::stats::cpu::nano_cores(Some(prev), (now, usage)))
 }
 
 /// The cgroup (relative path) the pod's stats come from.

@@ -562,7 +562,13 @@ fn spawn_on_this_thread(
     };
     let (sync_r, sync_w) = pipe().map_err(setup_err)?;
     let (err_r, err_w) = pipe().map_err(setup_err)?;
-    let args = child_args(plan, exe, sync_r.as_raw_fd(), err_w.as_raw_fd(), child_sysctls)?;
+    let args = child_args(
+        plan,
+        exe,
+        sync_r.as_raw_fd(),
+        err_w.as_raw_fd(),
+        child_sysctls,
+    )?;
     // 4. Clone.
     let (pid, pidfd) = clone_child(flags, &args, &mut place)?;
     drop(sync_r);

@@ -26,7 +26,11 @@ impl CreateUndo {
 }
 
 /// The one placement and the oom_score_adj floor, written into the bundle's spec.
-fn place_in_spec(bundle: &Path, driver: crate::placement::CgroupDriver, id: &str) -> Result<String> {
+fn place_in_spec(
+    bundle: &Path,
+    driver: crate::placement::CgroupDriver,
+    id: &str,
+) -> Result<String> {
     let mut oci = spec::read(bundle).map_err(|e| TaskError::InvalidArgument(e.to_string()))?;
     let cgroups_path =
         spec::place(&mut oci, driver, id).map_err(|e| TaskError::InvalidArgument(e.to_string()))?;
@@ -91,7 +95,10 @@ impl TaskService {
             rootfs: rootfs.clone(),
         };
         if let Err(e) = write_record(&bundle, &record) {
-            return Err(internal!("{}", undo.run(format!("record runtime: {e}")).await));
+            return Err(internal!(
+                "{}",
+                undo.run(format!("record runtime: {e}")).await
+            ));
         }
         let paths = StdioPaths {
             stdin: req.stdin.clone(),

@@ -373,20 +373,6 @@ impl TaskService {
             .map_err(|e| TaskError::FailedPrecondition(e.to_string()))
     }
 
-
-
-
-
-
-
-
-
-
-
-
-
-
-
     /// Tasks the shim still has (created and not deleted).
     pub fn task_count(&self) -> usize {
         lock(&self.inner.containers).len()

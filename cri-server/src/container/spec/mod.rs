@@ -26,8 +26,8 @@ use oci_spec::runtime::{
 };
 
 use crate::config::CgroupDriver;
-use crate::pod::idmap::PodIdMap;
 use crate::error::{ErrorKind, HasKind};
+use crate::pod::idmap::PodIdMap;
 
 mod mounts;
 mod namespaces;
@@ -176,8 +176,6 @@ impl HostInfo for RealHost {
     }
 }
 
-
-
 /// Facts about the pod and host that are not in the CRI configs.
 #[derive(Debug, Clone)]
 pub struct SpecContext<'a> {
@@ -199,9 +197,6 @@ pub struct SpecContext<'a> {
     /// /etc/hosts, /etc/resolv.conf, /etc/hostname, /dev/shm.
     pub sandbox_mounts: Vec<(String, String)>,
 }
-
-
-
 
 pub const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
 
@@ -324,7 +319,9 @@ fn process(
             })?;
         proc.set_oom_score_adj(Some(adj));
     }
-    if !sc.privileged && let Some(p) = apparmor_profile(&sc)? {
+    if !sc.privileged
+        && let Some(p) = apparmor_profile(&sc)?
+    {
         proc.set_apparmor_profile(Some(p));
     }
     Ok(proc)
@@ -505,29 +502,6 @@ pub fn environment(image_env: &[String], cri: &[pb::KeyValue]) -> Vec<String> {
         .map(|k| format!("{k}={}", vals[&k]))
         .collect()
 }
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
 
 #[cfg(test)]
 mod tests;

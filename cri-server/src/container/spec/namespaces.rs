@@ -2,7 +2,11 @@
 
 use super::*;
 
-pub(super) fn join(ty: LinuxNamespaceType, pid: u32, name: &str) -> Result<LinuxNamespace, SpecError> {
+pub(super) fn join(
+    ty: LinuxNamespaceType,
+    pid: u32,
+    name: &str,
+) -> Result<LinuxNamespace, SpecError> {
     Ok(LinuxNamespaceBuilder::default()
         .typ(ty)
         .path(format!("/proc/{pid}/ns/{name}"))

@@ -166,7 +166,9 @@ pub fn capabilities(
         .build()?)
 }
 
-pub(super) fn apparmor_profile(sc: &pb::LinuxContainerSecurityContext) -> Result<Option<String>, SpecError> {
+pub(super) fn apparmor_profile(
+    sc: &pb::LinuxContainerSecurityContext,
+) -> Result<Option<String>, SpecError> {
     // Only an explicit Localhost profile is applied: crispd loads no profile of its own, and
     // naming one the kernel does not have would fail every container.
     #[allow(deprecated)]

@@ -115,7 +115,11 @@ struct UserDb {
 
 impl UserDb {
     /// A user by uid (known to passwd or not) or name: (uid, its gid, its name).
-    fn user(&self, field: &str, name: &str) -> Result<(u32, Option<u32>, Option<String>), SpecError> {
+    fn user(
+        &self,
+        field: &str,
+        name: &str,
+    ) -> Result<(u32, Option<u32>, Option<String>), SpecError> {
         if let Ok(uid) = name.parse::<u32>() {
             let e = self.passwd.iter().find(|e| e.uid == uid);
             return Ok((uid, e.map(|e| e.gid), e.map(|e| e.name.clone())));
