@@ -233,7 +233,11 @@ impl StreamConfig {
     /// The socket address to listen on (validated by [`Config::validate`]).
     pub fn listen_addr(&self) -> Result<SocketAddr, ConfigError> {
         let ip: std::net::IpAddr = self.address.parse().map_err(|e| {
-            invalid("stream.address", &self.address, format!("not an IP address ({e})"))
+            invalid(
+                "stream.address",
+                &self.address,
+                format!("not an IP address ({e})"),
+            )
         })?;
         Ok(SocketAddr::new(ip, self.port))
     }
@@ -566,6 +570,14 @@ impl Config {
     /// lists them all, so fixing one does not just reveal the next).
     pub fn problems(&self) -> Vec<ConfigError> {
         let mut p = Vec::new();
+        self.path_problems(&mut p);
+        self.name_problems(&mut p);
+        self.limit_problems(&mut p);
+        p
+    }
+
+    /// Paths: absolute, `root` and `state` apart, the socket path short enough.
+    fn path_problems(&self, p: &mut Vec<ConfigError>) {
         for (key, path) in [
             ("root", &self.root),
             ("state", &self.state),
@@ -603,6 +615,11 @@ impl Config {
                 "longer than 107 bytes",
             ));
         }
+    }
+
+    /// Names: the log filter, the shim and runtime binaries, the userns user, the metrics
+    /// address.
+    fn name_problems(&self, p: &mut Vec<ConfigError>) {
         if let Err(e) = tracing_subscriber::EnvFilter::try_new(&self.log_level) {
             p.push(invalid("log_level", &self.log_level, e.to_string()));
         }
@@ -646,6 +663,10 @@ impl Config {
                 Ok(_) => {}
             }
         }
+    }
+
+    /// Limits: pulls, streaming and log lines.
+    fn limit_problems(&self, p: &mut Vec<ConfigError>) {
         if self.pull.max_concurrent_downloads == 0 {
             p.push(invalid(
                 "pull.max_concurrent_downloads",
@@ -656,7 +677,9 @@ impl Config {
         if self.pull.stall_window_secs == 0 {
             p.push(invalid("pull.stall_window_secs", 0, "must be at least 1"));
         }
-        self.stream.validate()?;
+        if let Err(e) = self.stream.validate() {
+            p.push(e);
+        }
         if self.max_container_log_line_size < 64 {
             p.push(invalid(
                 "max_container_log_line_size",
@@ -664,7 +687,6 @@ impl Config {
                 "must be at least 64 bytes",
             ));
         }
-        p
     }
 
     pub fn db_path(&self) -> PathBuf {
@@ -773,10 +795,16 @@ mod tests {
     fn stream_section_defaults_and_checks_name_the_key() {
         let d = Config::default();
         assert!(d.to_toml().contains("[stream]"), "{}", d.to_toml());
-        assert_eq!(d.stream.listen_addr().expect("addr").to_string(), "127.0.0.1:0");
+        assert_eq!(
+            d.stream.listen_addr().expect("addr").to_string(),
+            "127.0.0.1:0"
+        );
         assert_eq!(d.stream.idle().expect("idle").as_secs(), 4 * 3600);
-        let c = Config::from_toml("[stream]\nport = 10010\nidle_timeout = \"30m\"\n", Path::new("x"))
-            .expect("parses");
+        let c = Config::from_toml(
+            "[stream]\nport = 10010\nidle_timeout = \"30m\"\n",
+            Path::new("x"),
+        )
+        .expect("parses");
         assert_eq!(c.stream.port, 10010);
         assert_eq!(c.stream.idle().expect("idle").as_secs(), 1800);
         for (text, key) in [

@@ -1,11 +1,14 @@
-//! What the CRI calls share: the configuration, the store and the small services that own
-//! their own state. Deliberately not a god object: each field is a service with its own
-//! locking, and CRI call modules take only what they use.
+//! What the CRI calls share, assembled once at start-up: the pod service, the container
+//! service and the image service, each owning its own state and locking. Deliberately not a
+//! god object: the CRI handlers and the domain take the service they use, never the daemon;
+//! only the server, start-up and Status see all of it.
 
 use std::sync::{Arc, RwLock};
 
-use crate::cni::CniManager;
 use crate::config::Config;
+use crate::container::service::ContainerService;
+use crate::network::cni::CniManager;
+use crate::pod::service::PodService;
 use crate::store::Store;
 
 /// Something found missing during start-up that is not fatal (promise 4): reported by Status
@@ -43,89 +46,28 @@ impl Conditions {
     }
 }
 
+/// The daemon: the services the CRI calls take (pods, containers, images), and what only
+/// the server and start-up use (conditions, shutdown, the events endpoint, metrics).
 pub struct Daemon {
     pub cfg: Arc<Config>,
     pub store: Store,
     pub cni: Arc<CniManager>,
     pub conditions: Conditions,
+    /// The image service.
     pub images: crisp_image::Images,
-    pub snapshotter: Arc<crisp_snapshotter::Snapshotter>,
-    pub idmap: crate::idmap::Allocator,
-    /// One lock per pod for its state transitions (never held across a store-wide lock).
-    pub pod_locks: ObjectLocks,
-    /// One lock per container (taken after its pod's), and the log copiers and exit watchers
-    /// of started containers; shared with the watcher tasks.
-    pub containers: Arc<crate::cri::container_lifecycle::Registry>,
-    /// Container lifecycle events for GetContainerEvents subscribers (kubelet's evented PLEG).
-    /// Publishing never blocks: a subscriber that falls behind loses events and is told so.
-    pub events: tokio::sync::broadcast::Sender<crisp_proto::cri::v1::ContainerEventResponse>,
+    pub pods: Arc<PodService>,
+    pub containers: Arc<ContainerService>,
     /// Set when crispd begins to shut down, so long-lived streams end and graceful shutdown
     /// does not wait forever for them.
     pub stopping: tokio::sync::watch::Sender<bool>,
-    /// Live connections to the pods' shims, by pod id.
-    pub shims: crate::shim_client::Shims,
-    /// Task exits / OOMs the shims publish to crispd's events socket.
-    pub shim_events: tokio::sync::broadcast::Sender<crate::shim_events::ShimEvent>,
-    /// The previous CPU sample of each container and of each pod, for the CPU rate the stats
-    /// calls report (a rate needs two samples).
-    pub container_cpu: crate::cri::container_stats::CpuSamples,
-    pub pod_cpu: crate::cri::container_stats::CpuSamples,
-    /// RunPodSandbox calls in flight by pod name, so a retry joins the first call.
-    pub pod_inflight: crate::inflight::InFlight<crisp_proto::cri::v1::RunPodSandboxResponse>,
     /// The events ttrpc server, once started (stopped and its socket removed at shutdown).
-    pub events_server: tokio::sync::Mutex<Option<crate::shim_events::EventsServer>>,
-    /// Streaming (exec, attach, port-forward): the attach hubs of running containers, the
-    /// sessions still running or cleaning up, and the stream server once started.
-    pub attach: Arc<crate::stream::attach::Hubs>,
+    pub events_server: tokio::sync::Mutex<Option<crate::shim::events::EventsServer>>,
+    /// This daemon's CRI call counters (recorded by `instrument::call`).
+    pub metrics: Arc<crate::metrics::Metrics>,
+    /// Streaming (exec, attach, port-forward): the sessions still running or cleaning up, and
+    /// the stream server once started. (The attach hubs are the container service's.)
     pub stream_sessions: Arc<crate::stream::Sessions>,
-    pub stream: std::sync::OnceLock<crate::stream::Streaming>,
-}
-
-/// Per-object async locks, created on demand and dropped when no one holds them, so
-/// unrelated pods never wait for each other and the map does not grow without bound.
-#[derive(Debug, Default)]
-pub struct ObjectLocks {
-    map: std::sync::Mutex<std::collections::HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
-}
-
-impl ObjectLocks {
-    pub async fn lock(&self, id: &str) -> ObjectGuard<'_> {
-        let m = {
-            let mut map = self.map.lock().unwrap_or_else(|p| p.into_inner());
-            Arc::clone(map.entry(id.to_string()).or_default())
-        };
-        let guard = Arc::clone(&m).lock_owned().await;
-        ObjectGuard {
-            locks: self,
-            id: id.to_string(),
-            guard: Some(guard),
-        }
-    }
-
-    pub fn len(&self) -> usize {
-        self.map.lock().unwrap_or_else(|p| p.into_inner()).len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
-}
-
-pub struct ObjectGuard<'a> {
-    locks: &'a ObjectLocks,
-    id: String,
-    guard: Option<tokio::sync::OwnedMutexGuard<()>>,
-}
-
-impl Drop for ObjectGuard<'_> {
-    fn drop(&mut self) {
-        drop(self.guard.take());
-        let mut map = self.locks.map.lock().unwrap_or_else(|p| p.into_inner());
-        // Only the map holds it now: nobody waits, so the entry can go.
-        if map.get(&self.id).is_some_and(|m| Arc::strong_count(m) == 1) {
-            map.remove(&self.id);
-        }
-    }
+    pub stream: Arc<std::sync::OnceLock<crate::stream::Streaming>>,
 }
 
 impl Daemon {
@@ -136,33 +78,77 @@ impl Daemon {
         snapshotter: Arc<crisp_snapshotter::Snapshotter>,
         images: crisp_image::Images,
     ) -> Self {
-        let idmap = crate::idmap::Allocator::new(
+        let idmap = Arc::new(crate::pod::idmap::Allocator::new(
             store.clone(),
             cfg.userns.user.clone(),
             cfg.userns.subuid_file.clone(),
             cfg.userns.subgid_file.clone(),
-        );
+        ));
+        let shims: Arc<crate::shim::client::Shims> = Arc::default();
+        let pod_locks: Arc<crate::locks::ObjectLocks> = Arc::default();
+        let stopping = tokio::sync::watch::channel(false).0;
+        let containers = Arc::new(ContainerService {
+            cfg: Arc::clone(&cfg),
+            store: store.clone(),
+            images: images.clone(),
+            snapshotter,
+            shims: Arc::clone(&shims),
+            pod_locks: Arc::clone(&pod_locks),
+            idmap: Arc::clone(&idmap),
+            containers: Arc::default(),
+            events: tokio::sync::broadcast::channel(1024).0,
+            shim_events: tokio::sync::broadcast::channel(1024).0,
+            container_cpu: Default::default(),
+            attach: Arc::default(),
+        });
+        let pods = Arc::new(PodService {
+            cfg: Arc::clone(&cfg),
+            store: store.clone(),
+            cni: Arc::clone(&cni),
+            idmap,
+            pod_locks,
+            shims,
+            pod_inflight: Default::default(),
+            pod_cpu: Default::default(),
+            stopping: stopping.clone(),
+            ctrs: Arc::clone(&containers),
+        });
         Self {
             cfg,
             store,
             cni,
             conditions: Conditions::default(),
             images,
-            snapshotter,
-            idmap,
-            pod_locks: ObjectLocks::default(),
-            containers: Arc::default(),
-            events: tokio::sync::broadcast::channel(1024).0,
-            stopping: tokio::sync::watch::channel(false).0,
-            shims: crate::shim_client::Shims::default(),
-            shim_events: tokio::sync::broadcast::channel(1024).0,
-            container_cpu: Default::default(),
-            pod_cpu: Default::default(),
-            pod_inflight: Default::default(),
+            pods,
+            containers,
+            stopping,
             events_server: tokio::sync::Mutex::new(None),
-            attach: Arc::default(),
+            metrics: Arc::default(),
             stream_sessions: Arc::default(),
-            stream: std::sync::OnceLock::new(),
+            stream: Arc::default(),
+        }
+    }
+
+    /// What the metrics endpoint reads at each scrape.
+    /// What streaming sessions reach.
+    pub fn stream_runtime(&self) -> crate::stream::Runtime {
+        crate::stream::Runtime {
+            containers: Arc::clone(&self.containers),
+            pods: Arc::clone(&self.pods),
+            sessions: Arc::clone(&self.stream_sessions),
+        }
+    }
+
+    pub fn scrape(&self) -> crate::metrics::Scrape {
+        crate::metrics::Scrape {
+            metrics: Arc::clone(&self.metrics),
+            store: self.store.clone(),
+            cni: Arc::clone(&self.cni),
+            extra: vec![Arc::new(crate::stream::server::StreamGauges {
+                sessions: Arc::clone(&self.stream_sessions),
+                hubs: Arc::clone(&self.containers.attach),
+                server: Arc::clone(&self.stream),
+            })],
         }
     }
 }
@@ -179,11 +165,17 @@ impl std::fmt::Debug for Daemon {
 impl Daemon {
     /// A daemon on temp dirs, for unit tests of CRI calls.
     pub fn for_test(dir: &std::path::Path) -> Self {
-        let cfg = Config {
+        Self::for_test_with(dir, |_| {})
+    }
+
+    /// [`Daemon::for_test`], with the config changed by `edit` first.
+    pub fn for_test_with(dir: &std::path::Path, edit: impl FnOnce(&mut Config)) -> Self {
+        let mut cfg = Config {
             root: dir.join("root"),
             state: dir.join("state"),
             ..Config::default()
         };
+        edit(&mut cfg);
         let store = Store::open(&cfg.db_path()).expect("store");
         let cni = Arc::new(CniManager::new(
             dir.join("net.d"),

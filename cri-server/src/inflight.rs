@@ -10,7 +10,7 @@ use std::sync::{Arc, Mutex};
 use futures::FutureExt;
 use futures::future::{BoxFuture, Shared};
 
-use crate::instrument::CriError;
+use crate::error::CriError;
 
 type SharedResult<T> = Shared<BoxFuture<'static, Result<T, CriError>>>;
 

@@ -1,6 +1,7 @@
-//! The one error boundary: every module's error carries an [`ErrorKind`]; this is the only
-//! place kinds become gRPC codes, and the only place each CRI call's entry and exit is logged
-//! (containerd's `instrumented_service.go`, in spirit).
+//! The one error boundary: every module's error carries an [`ErrorKind`] (`error.rs`); this
+//! is the only place kinds become gRPC codes, the only place each CRI call's entry and exit is
+//! logged, and the only place calls are counted in the daemon's [`Metrics`] (containerd's
+//! `instrumented_service.go`, in spirit).
 
 use std::future::Future;
 use std::time::Instant;
@@ -8,114 +9,31 @@ use std::time::Instant;
 use tonic::{Code, Response, Status};
 use tracing::Instrument;
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ErrorKind {
-    InvalidArgument,
-    NotFound,
-    AlreadyExists,
-    /// The call is valid but the world is not ready for it (wrong state, missing CNI config).
-    FailedPrecondition,
-    ResourceExhausted,
-    /// A registry refused our credentials.
-    Unauthenticated,
-    /// Content arrived corrupt or truncated.
-    DataLoss,
-    Unimplemented,
-    Unavailable,
-    DeadlineExceeded,
-    Internal,
-}
+use crate::error::{CriError, ErrorKind};
+use crate::metrics::Metrics;
 
-impl ErrorKind {
-    pub fn code(self) -> Code {
-        match self {
-            Self::InvalidArgument => Code::InvalidArgument,
-            Self::NotFound => Code::NotFound,
-            Self::AlreadyExists => Code::AlreadyExists,
-            Self::FailedPrecondition => Code::FailedPrecondition,
-            Self::ResourceExhausted => Code::ResourceExhausted,
-            Self::Unauthenticated => Code::Unauthenticated,
-            Self::DataLoss => Code::DataLoss,
-            Self::Unimplemented => Code::Unimplemented,
-            Self::Unavailable => Code::Unavailable,
-            Self::DeadlineExceeded => Code::DeadlineExceeded,
-            Self::Internal => Code::Internal,
-        }
-    }
-}
-
-/// Implemented by every module's error enum.
-pub trait HasKind {
-    fn kind(&self) -> ErrorKind;
-}
-
-// The image crate has its own kinds (it knows nothing of gRPC); they map one to one.
-impl HasKind for crisp_image::Error {
-    fn kind(&self) -> ErrorKind {
-        use crisp_image::Kind;
-        match crisp_image::Error::kind(self) {
-            Kind::NotFound => ErrorKind::NotFound,
-            Kind::InvalidArgument => ErrorKind::InvalidArgument,
-            Kind::FailedPrecondition => ErrorKind::FailedPrecondition,
-            Kind::Unavailable => ErrorKind::Unavailable,
-            Kind::Unauthenticated => ErrorKind::Unauthenticated,
-            Kind::DataLoss => ErrorKind::DataLoss,
-            Kind::Internal => ErrorKind::Internal,
-        }
-    }
-}
-
-/// What a CRI call handler returns on failure: a kind and a message for the caller.
-/// Clone: a shared in-flight call hands the same error to every caller.
-#[derive(Debug, Clone)]
-pub struct CriError {
-    pub kind: ErrorKind,
-    pub message: String,
-}
-
-impl std::fmt::Display for CriError {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(&self.message)
-    }
-}
-
-impl CriError {
-    pub fn new(kind: ErrorKind, message: impl Into<String>) -> Self {
-        Self {
-            kind,
-            message: message.into(),
-        }
-    }
-    pub fn invalid(message: impl Into<String>) -> Self {
-        Self::new(ErrorKind::InvalidArgument, message)
-    }
-    pub fn not_found(message: impl Into<String>) -> Self {
-        Self::new(ErrorKind::NotFound, message)
-    }
-    pub fn precondition(message: impl Into<String>) -> Self {
-        Self::new(ErrorKind::FailedPrecondition, message)
-    }
-    pub fn unimplemented(message: impl Into<String>) -> Self {
-        Self::new(ErrorKind::Unimplemented, message)
-    }
-    pub fn internal(message: impl Into<String>) -> Self {
-        Self::new(ErrorKind::Internal, message)
-    }
-}
-
-// Any module error converts with its kind; `?` in a handler is all it takes.
-impl<E: HasKind + std::fmt::Display> From<E> for CriError {
-    fn from(e: E) -> Self {
-        Self {
-            kind: e.kind(),
-            message: e.to_string(),
-        }
+/// The one mapping of error kinds to gRPC codes.
+pub fn code(kind: ErrorKind) -> Code {
+    match kind {
+        ErrorKind::InvalidArgument => Code::InvalidArgument,
+        ErrorKind::NotFound => Code::NotFound,
+        ErrorKind::AlreadyExists => Code::AlreadyExists,
+        ErrorKind::FailedPrecondition => Code::FailedPrecondition,
+        ErrorKind::ResourceExhausted => Code::ResourceExhausted,
+        ErrorKind::Unauthenticated => Code::Unauthenticated,
+        ErrorKind::DataLoss => Code::DataLoss,
+        ErrorKind::Unimplemented => Code::Unimplemented,
+        ErrorKind::Unavailable => Code::Unavailable,
+        ErrorKind::DeadlineExceeded => Code::DeadlineExceeded,
+        ErrorKind::Internal => Code::Internal,
     }
 }
 
 /// Run one CRI call: log entry and exit with the elapsed time, map the error kind to a code.
-/// `span` carries the call's name and its pod_id / container_id fields.
+/// `span` carries the call's name and its pod_id / container_id fields; the call is counted
+/// in `metrics` by method and code.
 pub async fn call<R>(
+    metrics: &Metrics,
     method: &'static str,
     span: tracing::Span,
     fut: impl Future<Output = Result<R, CriError>>,
@@ -126,15 +44,14 @@ pub async fn call<R>(
         let result = fut.await;
         let elapsed = start.elapsed();
         let elapsed_ms = elapsed.as_secs_f64() * 1e3;
-        let code = result.as_ref().map_or_else(|e| e.kind.code(), |_| Code::Ok);
-        crate::metrics::record_call(method, code, elapsed);
+        let code = result.as_ref().map_or_else(|e| code(e.kind), |_| Code::Ok);
+        metrics.record_call(method, code, elapsed);
         match result {
             Ok(r) => {
                 tracing::debug!(elapsed_ms, "ok");
                 Ok(Response::new(r))
             }
             Err(e) => {
-                let code = e.kind.code();
                 match e.kind {
                     // Expected answers to idempotent retries and polling; not worth a warning.
                     ErrorKind::NotFound | ErrorKind::Unimplemented | ErrorKind::AlreadyExists => {
@@ -156,6 +73,7 @@ pub async fn call<R>(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::error::HasKind;
 
     #[derive(Debug, thiserror::Error)]
     #[error("pod {0} is gone")]
@@ -168,7 +86,8 @@ mod tests {
 
     #[tokio::test]
     async fn kinds_become_codes_and_messages_survive() {
-        let r: Result<Response<()>, Status> = call("Test", tracing::Span::none(), async {
+        let m = Metrics::default();
+        let r: Result<Response<()>, Status> = call(&m, "Test", tracing::Span::none(), async {
             Err::<(), _>(CriError::from(Gone("p1".into())))
         })
         .await;
@@ -176,30 +95,20 @@ mod tests {
         assert_eq!(s.code(), Code::NotFound);
         assert_eq!(s.message(), "pod p1 is gone");
 
-        let ok = call("Test", tracing::Span::none(), async {
+        let ok = call(&m, "Test", tracing::Span::none(), async {
             Ok::<_, CriError>(5)
         })
         .await;
         assert_eq!(ok.expect("ok").into_inner(), 5);
+        // Both calls counted in the daemon's metrics, by code.
+        assert_eq!(m.count("Test", Code::NotFound), 1);
+        assert_eq!(m.count("Test", Code::Ok), 1);
     }
 
     #[test]
     fn every_kind_has_a_distinct_code() {
-        use ErrorKind::*;
-        let kinds = [
-            InvalidArgument,
-            NotFound,
-            AlreadyExists,
-            FailedPrecondition,
-            ResourceExhausted,
-            Unauthenticated,
-            DataLoss,
-            Unimplemented,
-            Unavailable,
-            DeadlineExceeded,
-            Internal,
-        ];
-        let mut codes: Vec<i32> = kinds.iter().map(|k| k.code() as i32).collect();
+        let kinds = ErrorKind::ALL;
+        let mut codes: Vec<i32> = kinds.iter().map(|k| code(*k) as i32).collect();
         codes.sort();
         codes.dedup();
         assert_eq!(codes.len(), kinds.len());

@@ -1,5 +1,6 @@
 //! Prometheus metrics on a loopback address: CRI calls by method and code with their total
-//! latency (recorded by `instrument::call`), and gauges read from the store at scrape time.
+//! latency (recorded by `instrument::call` into the daemon's [`Metrics`], so two daemons in one
+//! process count apart), and gauges read from the store at scrape time.
 //! A deliberately tiny HTTP/1.1 responder: one GET, one text body, connection closed.
 
 use std::collections::BTreeMap;
@@ -10,8 +11,8 @@ use std::time::Duration;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-use crate::daemon::Daemon;
-use crate::store::{CONTAINERS, ID_RANGES, PODS, QUARANTINE};
+use crate::network::cni::CniManager;
+use crate::store::{CONTAINERS, ID_RANGES, PODS, QUARANTINE, Store};
 
 #[derive(Debug, Default)]
 struct CallStats {
@@ -19,17 +20,42 @@ struct CallStats {
     seconds: f64,
 }
 
-/// (method, gRPC code name) → stats.
-static CALLS: Mutex<BTreeMap<(&'static str, &'static str), CallStats>> =
-    Mutex::new(BTreeMap::new());
+/// The CRI call counters of one daemon: (method, gRPC code name) → stats.
+#[derive(Debug, Default)]
+pub struct Metrics {
+    calls: Mutex<BTreeMap<(&'static str, &'static str), CallStats>>,
+}
 
-/// Record one finished CRI call.
-pub fn record_call(method: &'static str, code: tonic::Code, elapsed: Duration) {
-    let code = code_name(code);
-    let mut m = CALLS.lock().unwrap_or_else(|p| p.into_inner());
-    let s = m.entry((method, code)).or_default();
-    s.count += 1;
-    s.seconds += elapsed.as_secs_f64();
+impl Metrics {
+    /// Record one finished CRI call.
+    pub fn record_call(&self, method: &'static str, code: tonic::Code, elapsed: Duration) {
+        let code = code_name(code);
+        let mut m = self.calls.lock().unwrap_or_else(|p| p.into_inner());
+        let s = m.entry((method, code)).or_default();
+        s.count += 1;
+        s.seconds += elapsed.as_secs_f64();
+    }
+
+    /// How many calls of `method` ended with `code`.
+    pub fn count(&self, method: &'static str, code: tonic::Code) -> u64 {
+        let m = self.calls.lock().unwrap_or_else(|p| p.into_inner());
+        m.get(&(method, code_name(code))).map_or(0, |s| s.count)
+    }
+}
+
+/// What a scrape reads: the call counters and the store and network state behind the gauges.
+#[derive(Clone)]
+pub struct Scrape {
+    pub metrics: Arc<Metrics>,
+    pub store: Store,
+    pub cni: Arc<CniManager>,
+    /// Other parts' lines (streaming), appended after the daemon's own.
+    pub extra: Vec<Arc<dyn Gauges>>,
+}
+
+/// A part of crispd that adds its own lines to the metrics page at each scrape.
+pub trait Gauges: Send + Sync {
+    fn render(&self, out: &mut String);
 }
 
 fn code_name(c: tonic::Code) -> &'static str {
@@ -56,11 +82,11 @@ fn code_name(c: tonic::Code) -> &'static str {
 }
 
 /// The exposition text.
-pub fn render(d: &Daemon) -> String {
+pub fn render(d: &Scrape) -> String {
     let mut out = String::new();
     out.push_str("# HELP crisp_cri_calls_total CRI calls by method and gRPC code.\n");
     out.push_str("# TYPE crisp_cri_calls_total counter\n");
-    let calls = CALLS.lock().unwrap_or_else(|p| p.into_inner());
+    let calls = d.metrics.calls.lock().unwrap_or_else(|p| p.into_inner());
     for ((m, c), s) in calls.iter() {
         let _ = writeln!(
             out,
@@ -100,13 +126,15 @@ pub fn render(d: &Daemon) -> String {
         out,
         "# HELP crisp_network_ready Whether a usable CNI config is loaded.\n# TYPE crisp_network_ready gauge\ncrisp_network_ready {ready}"
     );
-    crate::stream::server::render_metrics(d, &mut out);
+    for g in &d.extra {
+        g.render(&mut out);
+    }
     out
 }
 
 /// Bind and serve in the background. A bind failure is returned (the caller records it as a
 /// condition) and never stops crispd.
-pub async fn spawn(d: Arc<Daemon>, addr: SocketAddr) -> std::io::Result<SocketAddr> {
+pub async fn spawn(d: Scrape, addr: SocketAddr) -> std::io::Result<SocketAddr> {
     let listener = tokio::net::TcpListener::bind(addr).await?;
     let local = listener.local_addr()?;
     tokio::spawn(async move {
@@ -114,7 +142,7 @@ pub async fn spawn(d: Arc<Daemon>, addr: SocketAddr) -> std::io::Result<SocketAd
             let Ok((mut sock, _)) = listener.accept().await else {
                 continue;
             };
-            let d = Arc::clone(&d);
+            let d = d.clone();
             tokio::spawn(async move {
                 // Read the request head (bounded); only the path matters.
                 let mut buf = vec![0u8; 4096];
@@ -171,11 +199,13 @@ mod tests {
     #[tokio::test]
     async fn serves_metrics_over_http() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let d = Arc::new(Daemon::for_test(dir.path()));
-        let addr = spawn(d, "127.0.0.1:0".parse().expect("addr"))
+        let d = crate::daemon::Daemon::for_test(dir.path());
+        let scrape = d.scrape();
+        let addr = spawn(scrape, "127.0.0.1:0".parse().expect("addr"))
             .await
             .expect("bind");
-        record_call("Version", tonic::Code::Ok, Duration::from_millis(1));
+        d.metrics
+            .record_call("Version", tonic::Code::Ok, Duration::from_millis(1));
         let mut s = tokio::net::TcpStream::connect(addr).await.expect("connect");
         s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
             .await
@@ -199,20 +229,23 @@ mod tests {
     }
 
     #[test]
-    fn calls_are_counted() {
-        record_call(
+    fn calls_are_counted_per_daemon() {
+        let (a, b) = (Metrics::default(), Metrics::default());
+        a.record_call(
             "TestMethodXyz",
             tonic::Code::NotFound,
             Duration::from_millis(5),
         );
-        record_call(
+        a.record_call(
             "TestMethodXyz",
             tonic::Code::NotFound,
             Duration::from_millis(5),
         );
-        let m = CALLS.lock().unwrap_or_else(|p| p.into_inner());
+        let m = a.calls.lock().unwrap_or_else(|p| p.into_inner());
         let s = m.get(&("TestMethodXyz", "NotFound")).expect("recorded");
         assert_eq!(s.count, 2);
         assert!(s.seconds >= 0.009);
+        // Another daemon's counters saw nothing.
+        assert_eq!(b.count("TestMethodXyz", tonic::Code::NotFound), 0);
     }
 }

@@ -15,7 +15,8 @@ use tracing::info_span;
 
 use crate::cri;
 use crate::daemon::Daemon;
-use crate::instrument::{self, CriError};
+use crate::error::CriError;
+use crate::instrument;
 
 type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send + 'static>>;
 type Res<T> = Result<Response<T>, Status>;
@@ -33,8 +34,8 @@ impl Cri {
 
 /// A call that is not wired yet: Unimplemented, with a message saying so and why.
 macro_rules! not_yet {
-    ($name:literal, $why:literal) => {
-        instrument::call($name, info_span!($name), async {
+    ($self:ident, $name:literal, $why:literal) => {
+        instrument::call(&$self.d.metrics, $name, info_span!($name), async {
             Err(CriError::unimplemented(concat!($name, ": ", $why)))
         })
         .await
@@ -45,6 +46,7 @@ macro_rules! not_yet {
 impl RuntimeService for Cri {
     async fn version(&self, req: Request<pb::VersionRequest>) -> Res<pb::VersionResponse> {
         instrument::call(
+            &self.d.metrics,
             "Version",
             info_span!("Version"),
             cri::version::version(req.into_inner()),
@@ -54,6 +56,7 @@ impl RuntimeService for Cri {
 
     async fn status(&self, req: Request<pb::StatusRequest>) -> Res<pb::StatusResponse> {
         instrument::call(
+            &self.d.metrics,
             "Status",
             info_span!("Status"),
             cri::status::status(&self.d, req.into_inner()),
@@ -66,6 +69,7 @@ impl RuntimeService for Cri {
         req: Request<pb::RuntimeConfigRequest>,
     ) -> Res<pb::RuntimeConfigResponse> {
         instrument::call(
+            &self.d.metrics,
             "RuntimeConfig",
             info_span!("RuntimeConfig"),
             cri::runtime_config::runtime_config(&self.d.cfg, req.into_inner()),
@@ -86,6 +90,7 @@ impl RuntimeService for Cri {
             .map(|n| n.pod_cidr)
             .unwrap_or_default();
         instrument::call(
+            &self.d.metrics,
             "UpdateRuntimeConfig",
             info_span!("UpdateRuntimeConfig", pod_cidr = %cidr),
             async { Ok(pb::UpdateRuntimeConfigResponse {}) },
@@ -105,9 +110,10 @@ impl RuntimeService for Cri {
             .map(|m| m.name.clone());
         let span = info_span!("RunPodSandbox", pod_name = name.as_deref().unwrap_or(""));
         instrument::call(
+            &self.d.metrics,
             "RunPodSandbox",
             span,
-            cri::run_pod::run_pod_sandbox(&self.d, req),
+            cri::run_pod::run_pod_sandbox(&self.d.pods, req),
         )
         .await
     }
@@ -119,9 +125,10 @@ impl RuntimeService for Cri {
         let req = req.into_inner();
         let span = info_span!("StopPodSandbox", pod_id = %req.pod_sandbox_id);
         instrument::call(
+            &self.d.metrics,
             "StopPodSandbox",
             span,
-            cri::pod_teardown::stop(&self.d, req),
+            cri::pod_teardown::stop(&self.d.pods, req),
         )
         .await
     }
@@ -133,9 +140,10 @@ impl RuntimeService for Cri {
         let req = req.into_inner();
         let span = info_span!("RemovePodSandbox", pod_id = %req.pod_sandbox_id);
         instrument::call(
+            &self.d.metrics,
             "RemovePodSandbox",
             span,
-            cri::pod_teardown::remove(&self.d, req),
+            cri::pod_teardown::remove(&self.d.pods, req),
         )
         .await
     }
@@ -147,9 +155,10 @@ impl RuntimeService for Cri {
         let req = req.into_inner();
         let span = info_span!("PodSandboxStatus", pod_id = %req.pod_sandbox_id);
         instrument::call(
+            &self.d.metrics,
             "PodSandboxStatus",
             span,
-            cri::pods::pod_sandbox_status_served(&self.d, req),
+            cri::pods::pod_sandbox_status(&self.d.pods, req),
         )
         .await
     }
@@ -159,9 +168,12 @@ impl RuntimeService for Cri {
         req: Request<pb::ListPodSandboxRequest>,
     ) -> Res<pb::ListPodSandboxResponse> {
         let req = req.into_inner();
-        instrument::call("ListPodSandbox", info_span!("ListPodSandbox"), async {
-            cri::pods::list_pod_sandbox(&self.d.store, req)
-        })
+        instrument::call(
+            &self.d.metrics,
+            "ListPodSandbox",
+            info_span!("ListPodSandbox"),
+            async { cri::pods::list_pod_sandbox(&self.d.store, req) },
+        )
         .await
     }
 
@@ -172,6 +184,7 @@ impl RuntimeService for Cri {
     ) -> Res<Self::StreamPodSandboxesStream> {
         let filter = req.into_inner().filter;
         instrument::call(
+            &self.d.metrics,
             "StreamPodSandboxes",
             info_span!("StreamPodSandboxes"),
             async {
@@ -194,9 +207,10 @@ impl RuntimeService for Cri {
         let req = req.into_inner();
         let span = info_span!("CreateContainer", pod_id = %req.pod_sandbox_id);
         instrument::call(
+            &self.d.metrics,
             "CreateContainer",
             span,
-            cri::container_lifecycle::create_container(&self.d, req),
+            cri::container_lifecycle::create_container(&self.d.containers, req),
         )
         .await
     }
@@ -208,9 +222,10 @@ impl RuntimeService for Cri {
         let req = req.into_inner();
         let span = info_span!("StartContainer", container_id = %req.container_id);
         instrument::call(
+            &self.d.metrics,
             "StartContainer",
             span,
-            cri::container_lifecycle::start_container(&self.d, req),
+            cri::container_lifecycle::start_container(&self.d.containers, req),
         )
         .await
     }
@@ -222,9 +237,10 @@ impl RuntimeService for Cri {
         let req = req.into_inner();
         let span = info_span!("StopContainer", container_id = %req.container_id);
         instrument::call(
+            &self.d.metrics,
             "StopContainer",
             span,
-            cri::container_lifecycle::stop_container(&self.d, req),
+            cri::container_lifecycle::stop_container(&self.d.containers, req),
         )
         .await
     }
@@ -236,9 +252,10 @@ impl RuntimeService for Cri {
         let req = req.into_inner();
         let span = info_span!("RemoveContainer", container_id = %req.container_id);
         instrument::call(
+            &self.d.metrics,
             "RemoveContainer",
             span,
-            cri::container_lifecycle::remove_container(&self.d, req),
+            cri::container_lifecycle::remove_container(&self.d.containers, req),
         )
         .await
     }
@@ -248,9 +265,12 @@ impl RuntimeService for Cri {
         req: Request<pb::ListContainersRequest>,
     ) -> Res<pb::ListContainersResponse> {
         let req = req.into_inner();
-        instrument::call("ListContainers", info_span!("ListContainers"), async {
-            cri::containers::list_containers(&self.d.store, req)
-        })
+        instrument::call(
+            &self.d.metrics,
+            "ListContainers",
+            info_span!("ListContainers"),
+            async { cri::containers::list_containers(&self.d.store, req) },
+        )
         .await
     }
 
@@ -260,15 +280,20 @@ impl RuntimeService for Cri {
         req: Request<pb::StreamContainersRequest>,
     ) -> Res<Self::StreamContainersStream> {
         let filter = req.into_inner().filter;
-        instrument::call("StreamContainers", info_span!("StreamContainers"), async {
-            let list = cri::containers::list_containers(
-                &self.d.store,
-                pb::ListContainersRequest { filter },
-            )?;
-            Ok(chunked(list.containers, |containers| {
-                pb::StreamContainersResponse { containers }
-            }))
-        })
+        instrument::call(
+            &self.d.metrics,
+            "StreamContainers",
+            info_span!("StreamContainers"),
+            async {
+                let list = cri::containers::list_containers(
+                    &self.d.store,
+                    pb::ListContainersRequest { filter },
+                )?;
+                Ok(chunked(list.containers, |containers| {
+                    pb::StreamContainersResponse { containers }
+                }))
+            },
+        )
         .await
     }
 
@@ -278,8 +303,8 @@ impl RuntimeService for Cri {
     ) -> Res<pb::ContainerStatusResponse> {
         let req = req.into_inner();
         let span = info_span!("ContainerStatus", container_id = %req.container_id);
-        instrument::call("ContainerStatus", span, async {
-            cri::containers::container_status(&self.d.store, &self.d.images, &self.d.cfg.state, req)
+        instrument::call(&self.d.metrics, "ContainerStatus", span, async {
+            cri::containers::container_status(&self.d.containers, req)
         })
         .await
     }
@@ -291,9 +316,10 @@ impl RuntimeService for Cri {
         let req = req.into_inner();
         let span = info_span!("UpdateContainerResources", container_id = %req.container_id);
         instrument::call(
+            &self.d.metrics,
             "UpdateContainerResources",
             span,
-            cri::update::update_container_resources(&self.d, req),
+            cri::update::update_container_resources(&self.d.containers, req),
         )
         .await
     }
@@ -305,9 +331,10 @@ impl RuntimeService for Cri {
         let req = req.into_inner();
         let span = info_span!("ReopenContainerLog", container_id = %req.container_id);
         instrument::call(
+            &self.d.metrics,
             "ReopenContainerLog",
             span,
-            cri::update::reopen_container_log(&self.d, req),
+            cri::update::reopen_container_log(&self.d.containers, req),
         )
         .await
     }
@@ -315,19 +342,37 @@ impl RuntimeService for Cri {
     async fn exec_sync(&self, req: Request<pb::ExecSyncRequest>) -> Res<pb::ExecSyncResponse> {
         let req = req.into_inner();
         let span = info_span!("ExecSync", container_id = %req.container_id);
-        instrument::call("ExecSync", span, cri::exec_sync::exec_sync(&self.d, req)).await
+        instrument::call(
+            &self.d.metrics,
+            "ExecSync",
+            span,
+            cri::exec_sync::exec_sync(&self.d.containers, req),
+        )
+        .await
     }
 
     async fn exec(&self, req: Request<pb::ExecRequest>) -> Res<pb::ExecResponse> {
         let req = req.into_inner();
         let span = info_span!("Exec", container_id = %req.container_id);
-        instrument::call("Exec", span, cri::streaming::exec(&self.d, req)).await
+        instrument::call(
+            &self.d.metrics,
+            "Exec",
+            span,
+            cri::streaming::exec(&self.d, req),
+        )
+        .await
     }
 
     async fn attach(&self, req: Request<pb::AttachRequest>) -> Res<pb::AttachResponse> {
         let req = req.into_inner();
         let span = info_span!("Attach", container_id = %req.container_id);
-        instrument::call("Attach", span, cri::streaming::attach(&self.d, req)).await
+        instrument::call(
+            &self.d.metrics,
+            "Attach",
+            span,
+            cri::streaming::attach(&self.d, req),
+        )
+        .await
     }
 
     async fn port_forward(
@@ -336,7 +381,13 @@ impl RuntimeService for Cri {
     ) -> Res<pb::PortForwardResponse> {
         let req = req.into_inner();
         let span = info_span!("PortForward", pod_id = %req.pod_sandbox_id);
-        instrument::call("PortForward", span, cri::streaming::port_forward(&self.d, req)).await
+        instrument::call(
+            &self.d.metrics,
+            "PortForward",
+            span,
+            cri::streaming::port_forward(&self.d, req),
+        )
+        .await
     }
 
     async fn container_stats(
@@ -346,9 +397,10 @@ impl RuntimeService for Cri {
         let req = req.into_inner();
         let span = info_span!("ContainerStats", container_id = %req.container_id);
         instrument::call(
+            &self.d.metrics,
             "ContainerStats",
             span,
-            cri::container_stats::container_stats(&self.d, req),
+            cri::container_stats::container_stats(&self.d.containers, req),
         )
         .await
     }
@@ -358,9 +410,10 @@ impl RuntimeService for Cri {
         req: Request<pb::ListContainerStatsRequest>,
     ) -> Res<pb::ListContainerStatsResponse> {
         instrument::call(
+            &self.d.metrics,
             "ListContainerStats",
             info_span!("ListContainerStats"),
-            cri::container_stats::list_container_stats(&self.d, req.into_inner()),
+            cri::container_stats::list_container_stats(&self.d.containers, req.into_inner()),
         )
         .await
     }
@@ -372,11 +425,12 @@ impl RuntimeService for Cri {
     ) -> Res<Self::StreamContainerStatsStream> {
         let filter = req.into_inner().filter;
         instrument::call(
+            &self.d.metrics,
             "StreamContainerStats",
             info_span!("StreamContainerStats"),
             async {
                 let list = cri::container_stats::list_container_stats(
-                    &self.d,
+                    &self.d.containers,
                     pb::ListContainerStatsRequest { filter },
                 )
                 .await?;
@@ -394,8 +448,8 @@ impl RuntimeService for Cri {
     ) -> Res<pb::PodSandboxStatsResponse> {
         let req = req.into_inner();
         let span = info_span!("PodSandboxStats", pod_id = %req.pod_sandbox_id);
-        instrument::call("PodSandboxStats", span, async {
-            crate::pod_stats::pod_sandbox_stats(&self.d, req)
+        instrument::call(&self.d.metrics, "PodSandboxStats", span, async {
+            cri::pod_stats::pod_sandbox_stats(&self.d.pods, req)
         })
         .await
     }
@@ -406,9 +460,10 @@ impl RuntimeService for Cri {
     ) -> Res<pb::ListPodSandboxStatsResponse> {
         let req = req.into_inner();
         instrument::call(
+            &self.d.metrics,
             "ListPodSandboxStats",
             info_span!("ListPodSandboxStats"),
-            async { crate::pod_stats::list_pod_sandbox_stats(&self.d, req) },
+            async { cri::pod_stats::list_pod_sandbox_stats(&self.d.pods, req) },
         )
         .await
     }
@@ -420,11 +475,12 @@ impl RuntimeService for Cri {
     ) -> Res<Self::StreamPodSandboxStatsStream> {
         let filter = req.into_inner().filter;
         instrument::call(
+            &self.d.metrics,
             "StreamPodSandboxStats",
             info_span!("StreamPodSandboxStats"),
             async {
-                let list = crate::pod_stats::list_pod_sandbox_stats(
-                    &self.d,
+                let list = cri::pod_stats::list_pod_sandbox_stats(
+                    &self.d.pods,
                     pb::ListPodSandboxStatsRequest { filter },
                 )?;
                 Ok(chunked(list.stats, |pod_sandbox_stats| {
@@ -439,7 +495,11 @@ impl RuntimeService for Cri {
         &self,
         _req: Request<pb::CheckpointContainerRequest>,
     ) -> Res<pb::CheckpointContainerResponse> {
-        not_yet!("CheckpointContainer", "checkpointing is not supported")
+        not_yet!(
+            self,
+            "CheckpointContainer",
+            "checkpointing is not supported"
+        )
     }
 
     type GetContainerEventsStream = BoxStream<pb::ContainerEventResponse>;
@@ -447,10 +507,10 @@ impl RuntimeService for Cri {
         &self,
         _req: Request<pb::GetEventsRequest>,
     ) -> Res<Self::GetContainerEventsStream> {
-        let rx = self.d.events.subscribe();
+        let rx = self.d.containers.events.subscribe();
         let stop = self.d.stopping.subscribe();
         let span = info_span!("GetContainerEvents");
-        instrument::call("GetContainerEvents", span, async {
+        instrument::call(&self.d.metrics, "GetContainerEvents", span, async {
             let stream = futures::stream::unfold((rx, stop), |(mut rx, mut stop)| async move {
                 use tokio::sync::broadcast::error::RecvError;
                 loop {
@@ -481,14 +541,14 @@ impl RuntimeService for Cri {
         &self,
         _req: Request<pb::ListMetricDescriptorsRequest>,
     ) -> Res<pb::ListMetricDescriptorsResponse> {
-        not_yet!("ListMetricDescriptors", "not implemented")
+        not_yet!(self, "ListMetricDescriptors", "not implemented")
     }
 
     async fn list_pod_sandbox_metrics(
         &self,
         _req: Request<pb::ListPodSandboxMetricsRequest>,
     ) -> Res<pb::ListPodSandboxMetricsResponse> {
-        not_yet!("ListPodSandboxMetrics", "not implemented")
+        not_yet!(self, "ListPodSandboxMetrics", "not implemented")
     }
 
     type StreamPodSandboxMetricsStream = BoxStream<pb::StreamPodSandboxMetricsResponse>;
@@ -499,6 +559,7 @@ impl RuntimeService for Cri {
         // The stream carries what ListPodSandboxMetrics lists, and that is not implemented
         // either; kubelet falls back to the unary call and gets the same answer.
         not_yet!(
+            self,
             "StreamPodSandboxMetrics",
             "not implemented, as ListPodSandboxMetrics is not"
         )
@@ -508,7 +569,7 @@ impl RuntimeService for Cri {
         &self,
         _req: Request<pb::UpdatePodSandboxResourcesRequest>,
     ) -> Res<pb::UpdatePodSandboxResourcesResponse> {
-        not_yet!("UpdatePodSandboxResources", "not implemented")
+        not_yet!(self, "UpdatePodSandboxResources", "not implemented")
     }
 }
 
@@ -519,9 +580,12 @@ impl ImageService for Cri {
         req: Request<pb::ListImagesRequest>,
     ) -> Res<pb::ListImagesResponse> {
         let req = req.into_inner();
-        instrument::call("ListImages", info_span!("ListImages"), async {
-            Ok(crisp_image::cri::list_images(&self.d.images, &req)?)
-        })
+        instrument::call(
+            &self.d.metrics,
+            "ListImages",
+            info_span!("ListImages"),
+            async { Ok(crisp_image::cri::list_images(&self.d.images, &req)?) },
+        )
         .await
     }
 
@@ -531,13 +595,20 @@ impl ImageService for Cri {
         req: Request<pb::StreamImagesRequest>,
     ) -> Res<Self::StreamImagesStream> {
         let filter = req.into_inner().filter;
-        instrument::call("StreamImages", info_span!("StreamImages"), async {
-            let list =
-                crisp_image::cri::list_images(&self.d.images, &pb::ListImagesRequest { filter })?;
-            Ok(chunked(list.images, |images| pb::StreamImagesResponse {
-                images,
-            }))
-        })
+        instrument::call(
+            &self.d.metrics,
+            "StreamImages",
+            info_span!("StreamImages"),
+            async {
+                let list = crisp_image::cri::list_images(
+                    &self.d.images,
+                    &pb::ListImagesRequest { filter },
+                )?;
+                Ok(chunked(list.images, |images| pb::StreamImagesResponse {
+                    images,
+                }))
+            },
+        )
         .await
     }
 
@@ -551,9 +622,12 @@ impl ImageService for Cri {
             .as_ref()
             .map(|i| i.image.clone())
             .unwrap_or_default();
-        instrument::call("ImageStatus", info_span!("ImageStatus", %image), async {
-            Ok(crisp_image::cri::image_status(&self.d.images, &req)?)
-        })
+        instrument::call(
+            &self.d.metrics,
+            "ImageStatus",
+            info_span!("ImageStatus", %image),
+            async { Ok(crisp_image::cri::image_status(&self.d.images, &req)?) },
+        )
         .await
     }
 
@@ -565,12 +639,17 @@ impl ImageService for Cri {
             .map(|i| i.image.clone())
             .unwrap_or_default();
         // Logged at info: pulls are slow and an operator wants to see them start and end.
-        instrument::call("PullImage", info_span!("PullImage", %image), async {
-            tracing::info!("pulling");
-            let r = crisp_image::cri::pull_image(&self.d.images, &req).await?;
-            tracing::info!(image_ref = %r.image_ref, "pulled");
-            Ok(r)
-        })
+        instrument::call(
+            &self.d.metrics,
+            "PullImage",
+            info_span!("PullImage", %image),
+            async {
+                tracing::info!("pulling");
+                let r = crisp_image::cri::pull_image(&self.d.images, &req).await?;
+                tracing::info!(image_ref = %r.image_ref, "pulled");
+                Ok(r)
+            },
+        )
         .await
     }
 
@@ -584,9 +663,12 @@ impl ImageService for Cri {
             .as_ref()
             .map(|i| i.image.clone())
             .unwrap_or_default();
-        instrument::call("RemoveImage", info_span!("RemoveImage", %image), async {
-            Ok(crisp_image::cri::remove_image(&self.d.images, &req).await?)
-        })
+        instrument::call(
+            &self.d.metrics,
+            "RemoveImage",
+            info_span!("RemoveImage", %image),
+            async { Ok(crisp_image::cri::remove_image(&self.d.images, &req).await?) },
+        )
         .await
     }
 
@@ -594,9 +676,12 @@ impl ImageService for Cri {
         &self,
         _req: Request<pb::ImageFsInfoRequest>,
     ) -> Res<pb::ImageFsInfoResponse> {
-        instrument::call("ImageFsInfo", info_span!("ImageFsInfo"), async {
-            Ok(crisp_image::cri::image_fs_info(&self.d.images).await?)
-        })
+        instrument::call(
+            &self.d.metrics,
+            "ImageFsInfo",
+            info_span!("ImageFsInfo"),
+            async { Ok(crisp_image::cri::image_fs_info(&self.d.images).await?) },
+        )
         .await
     }
 }

@@ -3,17 +3,18 @@
 //! unopenable store is fatal; things that may appear later (a CNI config, a runtime binary)
 //! are recorded as conditions that Status and the calls needing them report.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
 
-use crate::cni::CniManager;
 use crate::config::Config;
 use crate::daemon::{Condition, Daemon};
+use crate::network::cni::CniManager;
 use crate::store::Store;
 use crate::store::records::{ContainerRecord, IdRangeRecord, PodRecord, ShimRecord};
+use crate::util::find_binary;
 
 /// Run one named phase, logging its start, end and duration.
 async fn phase<T, F>(name: &'static str, f: F) -> anyhow::Result<T>
@@ -36,38 +37,8 @@ where
 /// Everything up to (not including) serving; returns the daemon the server will use.
 pub async fn prepare(cfg: Config) -> anyhow::Result<Arc<Daemon>> {
     let cfg = Arc::new(cfg);
-
-    let store = phase("open store", async {
-        for (key, dir) in [("root", &cfg.root), ("state", &cfg.state)] {
-            std::fs::create_dir_all(dir)
-                .with_context(|| format!("creating `{key}` directory {}", dir.display()))?;
-        }
-        let path = cfg.db_path();
-        let store = Store::open(&path).with_context(|| format!("opening {}", path.display()))?;
-        Ok(store)
-    })
-    .await?;
-
-    let (snapshotter, images) = phase("snapshotter", async {
-        // Opened before recovery: recovering containers needs their snapshots, and the image
-        // service (which unpacks into the snapshotter) comes up with it.
-        let dir = cfg.snapshots_dir();
-        let sn = crisp_snapshotter::Snapshotter::open(&dir, Default::default())
-            .with_context(|| format!("opening snapshotter at {}", dir.display()))?;
-        let sn = Arc::new(sn);
-        let img_cfg = crisp_image::Config {
-            hosts_dir: cfg.registry_hosts_dir(),
-            max_concurrent_downloads: cfg.pull.max_concurrent_downloads,
-            stall_window: Duration::from_secs(cfg.pull.stall_window_secs),
-            ..Default::default()
-        };
-        let dir = cfg.images_dir();
-        let images = crisp_image::Images::open(&dir, Arc::clone(&sn), img_cfg)
-            .with_context(|| format!("opening image store at {}", dir.display()))?;
-        Ok((sn, images))
-    })
-    .await?;
-
+    let store = phase("open store", open_store(&cfg)).await?;
+    let (snapshotter, images) = phase("snapshotter", open_images(&cfg)).await?;
     // What a pull killed with crispd left: orphan blobs, layers, half-built snapshot dirs.
     phase("image gc", async { anyhow::Ok(images.gc_on_start().await) }).await?;
 
@@ -85,67 +56,7 @@ pub async fn prepare(cfg: Config) -> anyhow::Result<Arc<Daemon>> {
         snapshotter,
         images,
     ));
-
-    let (conditions, mut report) = phase("recover", async {
-        // Decoding every record here quarantines the undecodable ones before anything reads
-        // them; counts go to the log so an operator can see what came back.
-        let pods = store.list::<PodRecord>()?;
-        let ctrs = store.list::<ContainerRecord>()?;
-        let ranges = store.list::<IdRangeRecord>()?;
-        let shims = store.list::<ShimRecord>()?;
-        let quarantined = store.count(crate::store::QUARANTINE)?;
-        tracing::info!(
-            pods = pods.len(),
-            containers = ctrs.len(),
-            id_ranges = ranges.len(),
-            shims = shims.len(),
-            quarantined,
-            "records recovered"
-        );
-        let conditions = check_runtimes(&cfg);
-        let mut report = crate::recover::recover(&store, &cfg.netns_dir())?;
-        tracing::info!(
-            released_id_ranges = report.released_id_ranges.len(),
-            removed_netns = report.removed_netns.len(),
-            removed_containers = report.removed_containers.len(),
-            failures = report.failures.len(),
-            "orphans cleaned"
-        );
-        // Shims publish here; it serves before they are reconnected so no exit is lost.
-        let events = crate::shim_events::EventsServer::start(
-            &crate::shim_events::socket_path(&cfg.state),
-            d.shim_events.clone(),
-        )
-        .await?;
-        *d.events_server.lock().await = Some(events);
-        crate::recover::recover_pods(&d, &mut report).await?;
-        // Container bundles and rootfs snapshots whose record went with its pod (or a crash
-        // inside CreateContainer); their tasks are force-deleted even if their shim is gone.
-        match crate::cri::container_lifecycle::remove_orphans(&d).await {
-            Ok(ids) if !ids.is_empty() => {
-                tracing::info!(
-                    removed = ids.len(),
-                    "orphaned container bundles and snapshots removed"
-                )
-            }
-            Ok(_) => {}
-            Err(e) => report.failures.push(format!("orphaned containers: {e}")),
-        }
-        tracing::info!(
-            alive = report.pods_alive.len(),
-            dead = report.pods_dead.len(),
-            undone = report.pods_undone.len(),
-            orphan_shims = report.orphan_shims.len(),
-            failures = report.failures.len(),
-            "pods and shims recovered"
-        );
-        for f in &report.failures {
-            tracing::warn!(failure = %f, "recovery left something behind");
-        }
-        Ok((conditions, report))
-    })
-    .await?;
-
+    let (conditions, mut report) = phase("recover", recover(&d)).await?;
     phase("cni", async {
         // Not fatal: Status reports NetworkReady=false until a config appears.
         if let Err(e) = cni.current() {
@@ -153,7 +64,7 @@ pub async fn prepare(cfg: Config) -> anyhow::Result<Arc<Daemon>> {
                 "no usable CNI config yet; watching for one");
         }
         // Attachments of pods that are gone: DEL from the cache, before anything new runs.
-        crate::recover::recover_cni(&store, &cni, &mut report)?;
+        crate::pod::recover::recover_cni(&store, &cni, &mut report)?;
         if !report.cni_deleted.is_empty() {
             tracing::info!(
                 count = report.cni_deleted.len(),
@@ -168,7 +79,11 @@ pub async fn prepare(cfg: Config) -> anyhow::Result<Arc<Daemon>> {
     // Streaming: its own phase, after recovery (sessions need the pods' shims). A port that
     // cannot be bound is fatal, like the CRI socket: kubelet would get URLs nobody serves.
     phase("stream", async {
-        let addr = crate::stream::server::start(&d).await?;
+        let server = crate::stream::server::start(&d.cfg.stream, d.stream_runtime()).await?;
+        let addr = server.addr();
+        d.stream
+            .set(server)
+            .map_err(|_| anyhow::anyhow!("stream server started twice"))?;
         tracing::info!(address = %addr, "serving streams (exec, attach, port-forward)");
         Ok(())
     })
@@ -178,8 +93,102 @@ pub async fn prepare(cfg: Config) -> anyhow::Result<Arc<Daemon>> {
         tracing::warn!(key = %c.key, "{}", c.message);
     }
     d.conditions.set(conditions);
-    crate::pod_watch::spawn(&d);
+    crate::pod::watch::spawn(&d.pods);
     Ok(d)
+}
+
+/// Phase "open store": the root and state directories, then `<root>/crisp.db`.
+async fn open_store(cfg: &Config) -> anyhow::Result<Store> {
+    for (key, dir) in [("root", &cfg.root), ("state", &cfg.state)] {
+        std::fs::create_dir_all(dir)
+            .with_context(|| format!("creating `{key}` directory {}", dir.display()))?;
+    }
+    let path = cfg.db_path();
+    let store = Store::open(&path).with_context(|| format!("opening {}", path.display()))?;
+    Ok(store)
+}
+
+/// Phase "snapshotter": opened before recovery (recovering containers needs their snapshots),
+/// with the image service that unpacks into it.
+async fn open_images(
+    cfg: &Config,
+) -> anyhow::Result<(Arc<crisp_snapshotter::Snapshotter>, crisp_image::Images)> {
+    let dir = cfg.snapshots_dir();
+    let sn = crisp_snapshotter::Snapshotter::open(&dir, Default::default())
+        .with_context(|| format!("opening snapshotter at {}", dir.display()))?;
+    let sn = Arc::new(sn);
+    let img_cfg = crisp_image::Config {
+        hosts_dir: cfg.registry_hosts_dir(),
+        max_concurrent_downloads: cfg.pull.max_concurrent_downloads,
+        stall_window: Duration::from_secs(cfg.pull.stall_window_secs),
+        ..Default::default()
+    };
+    let dir = cfg.images_dir();
+    let images = crisp_image::Images::open(&dir, Arc::clone(&sn), img_cfg)
+        .with_context(|| format!("opening image store at {}", dir.display()))?;
+    Ok((sn, images))
+}
+
+/// Phase "recover": records counted (undecodable ones quarantined), runtimes checked,
+/// orphans cleaned, the events endpoint serving, then pods, shims and containers recovered.
+async fn recover(d: &Arc<Daemon>) -> anyhow::Result<(Vec<Condition>, crate::pod::recover::Report)> {
+    let (store, cfg) = (&d.store, &d.cfg);
+    // Decoding every record here quarantines the undecodable ones before anything reads
+    // them; counts go to the log so an operator can see what came back.
+    let pods = store.list::<PodRecord>()?;
+    let ctrs = store.list::<ContainerRecord>()?;
+    let ranges = store.list::<IdRangeRecord>()?;
+    let shims = store.list::<ShimRecord>()?;
+    let quarantined = store.count(crate::store::QUARANTINE)?;
+    tracing::info!(
+        pods = pods.len(),
+        containers = ctrs.len(),
+        id_ranges = ranges.len(),
+        shims = shims.len(),
+        quarantined,
+        "records recovered"
+    );
+    let conditions = check_runtimes(cfg);
+    let mut report = crate::pod::recover::recover(store, &cfg.netns_dir())?;
+    tracing::info!(
+        released_id_ranges = report.released_id_ranges.len(),
+        removed_netns = report.removed_netns.len(),
+        removed_containers = report.removed_containers.len(),
+        failures = report.failures.len(),
+        "orphans cleaned"
+    );
+    // Shims publish here; it serves before they are reconnected so no exit is lost.
+    let events = crate::shim::events::EventsServer::start(
+        &crate::shim::events::socket_path(&cfg.state),
+        d.containers.shim_events.clone(),
+    )
+    .await?;
+    *d.events_server.lock().await = Some(events);
+    crate::pod::recover::recover_pods(&d.pods, &mut report).await?;
+    // Container bundles and rootfs snapshots whose record went with its pod (or a crash
+    // inside CreateContainer); their tasks are force-deleted even if their shim is gone.
+    match crate::container::lifecycle::remove_orphans(&d.containers).await {
+        Ok(ids) if !ids.is_empty() => {
+            tracing::info!(
+                removed = ids.len(),
+                "orphaned container bundles and snapshots removed"
+            )
+        }
+        Ok(_) => {}
+        Err(e) => report.failures.push(format!("orphaned containers: {e}")),
+    }
+    tracing::info!(
+        alive = report.pods_alive.len(),
+        dead = report.pods_dead.len(),
+        undone = report.pods_undone.len(),
+        orphan_shims = report.orphan_shims.len(),
+        failures = report.failures.len(),
+        "pods and shims recovered"
+    );
+    for f in &report.failures {
+        tracing::warn!(failure = %f, "recovery left something behind");
+    }
+    Ok((conditions, report))
 }
 
 /// Start up, then serve until SIGINT or SIGTERM.
@@ -192,7 +201,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         if !d.cfg.metrics.address.is_empty() {
             // Validated as a loopback host:port by the config phase.
             match d.cfg.metrics.address.parse() {
-                Ok(addr) => match crate::metrics::spawn(Arc::clone(&d), addr).await {
+                Ok(addr) => match crate::metrics::spawn(d.scrape(), addr).await {
                     Ok(a) => tracing::info!(address = %a, "serving metrics"),
                     Err(e) => tracing::warn!(key = "metrics.address",
                         value = %d.cfg.metrics.address, error = %e, "metrics not served"),
@@ -209,14 +218,14 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         let dd = Arc::clone(&d);
         crate::server::serve(d, listener, shutdown).await?;
         // Sessions end with the stream server; their execs are killed and deleted.
-        crate::stream::server::shutdown(&dd).await;
+        crate::stream::server::shutdown(dd.stream.get(), &dd.stream_sessions).await;
         // Shims keep running (pods survive a crispd restart); only our endpoint goes.
         if let Some(ev) = dd.events_server.lock().await.take() {
             ev.shutdown().await;
         }
         // Leave no mount behind when no pod needs it (the dir is mounted when a pod's netns is
         // first made; pods that still run keep it).
-        crate::netns::release_dir_if_empty(&netns_dir);
+        crate::network::netns::release_dir_if_empty(&netns_dir);
         // A stale socket would make the next client hang on connect-refused retries.
         let _ = std::fs::remove_file(&listen);
         tracing::info!("shut down");
@@ -284,7 +293,7 @@ pub fn check_runtimes(cfg: &Config) -> Vec<Condition> {
             .ok()
             .flatten()
             .map(|u| u.uid.as_raw());
-        if crate::idmap::parse_subid(&text, &cfg.userns.user, uid).is_empty() {
+        if crate::pod::idmap::parse_subid(&text, &cfg.userns.user, uid).is_empty() {
             out.push(Condition {
                 key: key.into(),
                 message: format!(
@@ -311,23 +320,6 @@ pub fn check_runtimes(cfg: &Config) -> Vec<Condition> {
         }
     }
     out
-}
-
-/// An absolute path that exists, or a name found beside crispd or in PATH.
-pub fn find_binary(name: &Path) -> Option<PathBuf> {
-    if name.is_absolute() {
-        return name.is_file().then(|| name.to_path_buf());
-    }
-    let beside = std::env::current_exe()
-        .ok()
-        .and_then(|p| p.parent().map(|d| d.join(name)));
-    let path_dirs = std::env::var_os("PATH")
-        .map(|p| std::env::split_paths(&p).collect::<Vec<_>>())
-        .unwrap_or_default();
-    beside
-        .into_iter()
-        .chain(path_dirs.into_iter().map(|d| d.join(name)))
-        .find(|p| p.is_file())
 }
 
 #[cfg(test)]

@@ -1,7 +1,7 @@
 //! Small helpers shared by several modules.
 
 use std::io::{self, Read, Write};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Output};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -113,6 +113,23 @@ pub fn hex_decode(s: &str) -> Option<Vec<u8>> {
         .step_by(2)
         .map(|i| u8::from_str_radix(s.get(i..i + 2)?, 16).ok())
         .collect()
+}
+
+/// An absolute path that exists, or a name found beside crispd or in PATH.
+pub fn find_binary(name: &Path) -> Option<PathBuf> {
+    if name.is_absolute() {
+        return name.is_file().then(|| name.to_path_buf());
+    }
+    let beside = std::env::current_exe()
+        .ok()
+        .and_then(|p| p.parent().map(|d| d.join(name)));
+    let path_dirs = std::env::var_os("PATH")
+        .map(|p| std::env::split_paths(&p).collect::<Vec<_>>())
+        .unwrap_or_default();
+    beside
+        .into_iter()
+        .chain(path_dirs.into_iter().map(|d| d.join(name)))
+        .find(|p| p.is_file())
 }
 
 #[cfg(test)]

@@ -7,8 +7,8 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use crisp_cri::cni::{AttachRequest, CniManager, PortMapping};
-use crisp_cri::netns;
+use crisp_cri::network::cni::{AttachRequest, CniManager, PortMapping};
+use crisp_cri::network::netns;
 
 const CNI_BIN: &str = "/usr/lib/cni";
 

@@ -529,6 +529,7 @@ async fn recovers_after_kill_and_quarantines_torn_records() {
             shim_address: None,
             pause_pid: None,
             cgroup_parent: String::new(),
+            owned: None,
         };
         s.put("good", &good).expect("put");
         s.put(

@@ -1,7 +1,8 @@
-//! The harness itself: whatever happens to a test, nothing it started outlives it. Two ways
-//! a test can end badly are covered, each with a pod and a container still running: the test
-//! panics (teardown runs from `Drop` while unwinding), and the daemon dies first (teardown
-//! must find the shims, containers, mounts and cgroups on its own).
+//! The harness itself: whatever happens to a test, nothing it started outlives it. Three ways
+//! a test can end badly are covered, each with a pod and a container still running, against
+//! containerd and crispd alike: the test panics (teardown runs from `Drop` while unwinding),
+//! the daemon dies first (teardown must find the shims, containers, mounts and cgroups on its
+//! own), and the test process itself is killed (the next env's start sweeps what it left).
 
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -31,7 +32,26 @@ async fn busy_pod(env: &TestEnv) -> Result<Footprint> {
         "sleeper is not running: {st:?}"
     );
 
-    let fp = env.footprint();
+    let mut fp = env.footprint();
+    if env.kind == RuntimeKind::Crispd {
+        // crispd's shim starts the pause itself (no pid file): name it by the pid the pod's
+        // verbose status reports, and check it lives in the env's cgroups, so teardown's
+        // cgroup sweep and the leak check cover it.
+        let pause = c.sandbox_pid(&pod_id).await?;
+        ensure!(
+            leaks::process_is_ours(
+                pause,
+                &format!("{}/", env.root.display()),
+                &fp.cgroup_parent
+            ),
+            "pause {pause} is not under the env's cgroup parent {}",
+            fp.cgroup_parent
+        );
+        if !fp.processes.iter().any(|p| p.pid == pause) {
+            fp.processes
+                .extend(leaks::ProcRef::of(pause, format!("pause of pod {pod_id}")));
+        }
+    }
     // containerd 1.6's runc shim writes no pid file; it is found by its command line,
     // which names our socket (`-address <root>/cri.sock`).
     ensure!(
@@ -225,17 +245,42 @@ macro_rules! per_runtime {
 
 per_runtime! {
     containerd => RuntimeKind::Containerd,
+    crispd => RuntimeKind::Crispd,
 }
 
-/// crispd does not run pods yet; until it does, this proves the harness starts it with the
-/// flags and config it takes, that it answers CRI, and that teardown leaves nothing.
+/// The harness starts crispd with the flags and config it takes, crispd answers CRI as a
+/// ready runtime with nothing in it, and teardown leaves nothing.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn crispd_starts_and_tears_down() -> Result<()> {
     let env = TestEnv::builder(RuntimeKind::Crispd).start().await?;
-    let v = env.cri().version().await?;
+    let c = env.cri();
+    let v = c.version().await?;
     ensure!(
-        !v.runtime_name.is_empty(),
-        "crispd Version has no runtime name: {v:?}"
+        v.runtime_name == "crisp" && v.runtime_api_version == "v1",
+        "crispd Version: want runtime crisp, API v1: {v:?}"
+    );
+    let st = c.status().await?;
+    let runtime_ready = st
+        .conditions
+        .iter()
+        .find(|c| c.r#type == "RuntimeReady")
+        .with_context(|| format!("Status has no RuntimeReady condition: {st:?}"))?;
+    ensure!(
+        runtime_ready.status,
+        "crispd is not RuntimeReady: {runtime_ready:?}"
+    );
+    ensure!(
+        st.conditions.iter().any(|c| c.r#type == "NetworkReady"),
+        "Status has no NetworkReady condition: {st:?}"
+    );
+    let pods = c.list_pods().await?;
+    ensure!(pods.is_empty(), "a fresh crispd lists pods: {pods:?}");
+    let ctrs = c.list_containers(None).await?;
+    ensure!(ctrs.is_empty(), "a fresh crispd lists containers: {ctrs:?}");
+    ensure!(
+        env.socket.exists(),
+        "crispd's socket {} is missing while it serves",
+        env.socket.display()
     );
     let leaks = env.teardown().await;
     ensure!(leaks.is_empty(), "crispd: teardown left {leaks:#?}");

@@ -639,15 +639,21 @@ async fn cri_adapter_calls() {
     );
 }
 
-/// Child half of `killed_pull_is_completed_by_the_next_one`: pulls `large` into the roots
-/// the parent names, until the parent kills it. Does nothing when run on its own.
+/// Child half of `killed_pull_is_completed_by_the_next_one`, which runs it with
+/// `--ignored --exact`: pulls `large` into the roots the parent names, until the parent kills
+/// it. Ignored, so it never counts as a test; run alone, it fails.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "helper process of killed_pull_is_completed_by_the_next_one, run by it"]
 async fn child_pull_until_killed() {
     let (Some(root), Some(mirror)) = (
         std::env::var_os("CRISP_IMAGE_CHILD_ROOT"),
         std::env::var_os("CRISP_IMAGE_CHILD_MIRROR"),
     ) else {
-        return;
+        panic!(
+            "child_pull_until_killed is the child process of \
+             killed_pull_is_completed_by_the_next_one (CRISP_IMAGE_CHILD_ROOT and \
+             CRISP_IMAGE_CHILD_MIRROR unset): not a test on its own"
+        );
     };
     let root = PathBuf::from(root);
     let certs = root.join("certs.d/_default");
@@ -679,7 +685,12 @@ async fn killed_pull_is_completed_by_the_next_one() {
     let tmp = tempfile::tempdir().unwrap();
     let root = tmp.path().to_path_buf();
     let mut child = std::process::Command::new(std::env::current_exe().unwrap())
-        .args(["--exact", "child_pull_until_killed", "--nocapture"])
+        .args([
+            "--ignored",
+            "--exact",
+            "child_pull_until_killed",
+            "--nocapture",
+        ])
         .env("CRISP_IMAGE_CHILD_ROOT", &root)
         .env("CRISP_IMAGE_CHILD_MIRROR", reg.host())
         .stdout(std::process::Stdio::null())

@@ -132,83 +132,90 @@ pub fn stats_v1(m: &Membership) -> v1::Metrics {
             .unwrap_or(0);
         out.pids = Some(p).into();
     }
-    let cpuacct = m.v1_dir("cpuacct");
-    let cpu = m.v1_dir("cpu");
-    if cpuacct.is_some() || cpu.is_some() {
-        let mut c = v1::CPUStat::new();
-        if let Some(dir) = &cpuacct {
-            let mut u = v1::CPUUsage::new();
-            u.total = read_u64(&dir.join("cpuacct.usage")).unwrap_or(0);
-            u.user = read_u64(&dir.join("cpuacct.usage_user")).unwrap_or(0);
-            u.kernel = read_u64(&dir.join("cpuacct.usage_sys")).unwrap_or(0);
-            u.per_cpu = fs::read_to_string(dir.join("cpuacct.usage_percpu"))
-                .unwrap_or_default()
-                .split_whitespace()
-                .filter_map(|v| v.parse().ok())
-                .collect();
-            c.usage = Some(u).into();
-        }
-        if let Some(dir) = &cpu {
-            let kv = read_kv(&dir.join("cpu.stat"));
-            let mut t = v1::Throttle::new();
-            t.periods = kv.get("nr_periods").copied().unwrap_or(0);
-            t.throttled_periods = kv.get("nr_throttled").copied().unwrap_or(0);
-            t.throttled_time = kv.get("throttled_time").copied().unwrap_or(0);
-            c.throttling = Some(t).into();
-        }
-        out.cpu = Some(c).into();
-    }
-    if let Some(dir) = m.v1_dir("memory") {
-        let kv = read_kv(&dir.join("memory.stat"));
-        let g = |k: &str| kv.get(k).copied().unwrap_or(0);
-        let mut s = v1::MemoryStat::new();
-        s.cache = g("cache");
-        s.rss = g("rss");
-        s.rss_huge = g("rss_huge");
-        s.mapped_file = g("mapped_file");
-        s.dirty = g("dirty");
-        s.writeback = g("writeback");
-        s.pg_pg_in = g("pgpgin");
-        s.pg_pg_out = g("pgpgout");
-        s.pg_fault = g("pgfault");
-        s.pg_maj_fault = g("pgmajfault");
-        s.inactive_anon = g("inactive_anon");
-        s.active_anon = g("active_anon");
-        s.inactive_file = g("inactive_file");
-        s.active_file = g("active_file");
-        s.unevictable = g("unevictable");
-        s.hierarchical_memory_limit = g("hierarchical_memory_limit");
-        s.hierarchical_swap_limit = g("hierarchical_memsw_limit");
-        s.total_cache = g("total_cache");
-        s.total_rss = g("total_rss");
-        s.total_rss_huge = g("total_rss_huge");
-        s.total_mapped_file = g("total_mapped_file");
-        s.total_dirty = g("total_dirty");
-        s.total_writeback = g("total_writeback");
-        s.total_pg_pg_in = g("total_pgpgin");
-        s.total_pg_pg_out = g("total_pgpgout");
-        s.total_pg_fault = g("total_pgfault");
-        s.total_pg_maj_fault = g("total_pgmajfault");
-        s.total_inactive_anon = g("total_inactive_anon");
-        s.total_active_anon = g("total_active_anon");
-        s.total_inactive_file = g("total_inactive_file");
-        s.total_active_file = g("total_active_file");
-        s.total_unevictable = g("total_unevictable");
-        let entry = |prefix: &str| {
-            let mut e = v1::MemoryEntry::new();
-            e.usage = read_u64(&dir.join(format!("{prefix}usage_in_bytes"))).unwrap_or(0);
-            e.limit = read_u64(&dir.join(format!("{prefix}limit_in_bytes"))).unwrap_or(0);
-            e.max = read_u64(&dir.join(format!("{prefix}max_usage_in_bytes"))).unwrap_or(0);
-            e.failcnt = read_u64(&dir.join(format!("{prefix}failcnt"))).unwrap_or(0);
-            e
-        };
-        s.usage = Some(entry("memory.")).into();
-        s.swap = Some(entry("memory.memsw.")).into();
-        s.kernel = Some(entry("memory.kmem.")).into();
-        s.kernel_tcp = Some(entry("memory.kmem.tcp.")).into();
-        out.memory = Some(s).into();
-    }
+    out.cpu = cpu_v1(m.v1_dir("cpuacct"), m.v1_dir("cpu")).into();
+    out.memory = m.v1_dir("memory").map(|d| memory_v1(&d)).into();
     out
+}
+
+/// cgroup v1 `cpuacct` usage and `cpu` throttling; None without either controller.
+fn cpu_v1(cpuacct: Option<PathBuf>, cpu: Option<PathBuf>) -> Option<v1::CPUStat> {
+    if cpuacct.is_none() && cpu.is_none() {
+        return None;
+    }
+    let mut c = v1::CPUStat::new();
+    if let Some(dir) = &cpuacct {
+        let mut u = v1::CPUUsage::new();
+        u.total = read_u64(&dir.join("cpuacct.usage")).unwrap_or(0);
+        u.user = read_u64(&dir.join("cpuacct.usage_user")).unwrap_or(0);
+        u.kernel = read_u64(&dir.join("cpuacct.usage_sys")).unwrap_or(0);
+        u.per_cpu = fs::read_to_string(dir.join("cpuacct.usage_percpu"))
+            .unwrap_or_default()
+            .split_whitespace()
+            .filter_map(|v| v.parse().ok())
+            .collect();
+        c.usage = Some(u).into();
+    }
+    if let Some(dir) = &cpu {
+        let kv = read_kv(&dir.join("cpu.stat"));
+        let mut t = v1::Throttle::new();
+        t.periods = kv.get("nr_periods").copied().unwrap_or(0);
+        t.throttled_periods = kv.get("nr_throttled").copied().unwrap_or(0);
+        t.throttled_time = kv.get("throttled_time").copied().unwrap_or(0);
+        c.throttling = Some(t).into();
+    }
+    Some(c)
+}
+
+/// cgroup v1 `memory.stat` and the usage/limit/max/failcnt entries.
+fn memory_v1(dir: &Path) -> v1::MemoryStat {
+    let kv = read_kv(&dir.join("memory.stat"));
+    let g = |k: &str| kv.get(k).copied().unwrap_or(0);
+    let mut s = v1::MemoryStat::new();
+    s.cache = g("cache");
+    s.rss = g("rss");
+    s.rss_huge = g("rss_huge");
+    s.mapped_file = g("mapped_file");
+    s.dirty = g("dirty");
+    s.writeback = g("writeback");
+    s.pg_pg_in = g("pgpgin");
+    s.pg_pg_out = g("pgpgout");
+    s.pg_fault = g("pgfault");
+    s.pg_maj_fault = g("pgmajfault");
+    s.inactive_anon = g("inactive_anon");
+    s.active_anon = g("active_anon");
+    s.inactive_file = g("inactive_file");
+    s.active_file = g("active_file");
+    s.unevictable = g("unevictable");
+    s.hierarchical_memory_limit = g("hierarchical_memory_limit");
+    s.hierarchical_swap_limit = g("hierarchical_memsw_limit");
+    s.total_cache = g("total_cache");
+    s.total_rss = g("total_rss");
+    s.total_rss_huge = g("total_rss_huge");
+    s.total_mapped_file = g("total_mapped_file");
+    s.total_dirty = g("total_dirty");
+    s.total_writeback = g("total_writeback");
+    s.total_pg_pg_in = g("total_pgpgin");
+    s.total_pg_pg_out = g("total_pgpgout");
+    s.total_pg_fault = g("total_pgfault");
+    s.total_pg_maj_fault = g("total_pgmajfault");
+    s.total_inactive_anon = g("total_inactive_anon");
+    s.total_active_anon = g("total_active_anon");
+    s.total_inactive_file = g("total_inactive_file");
+    s.total_active_file = g("total_active_file");
+    s.total_unevictable = g("total_unevictable");
+    let entry = |prefix: &str| {
+        let mut e = v1::MemoryEntry::new();
+        e.usage = read_u64(&dir.join(format!("{prefix}usage_in_bytes"))).unwrap_or(0);
+        e.limit = read_u64(&dir.join(format!("{prefix}limit_in_bytes"))).unwrap_or(0);
+        e.max = read_u64(&dir.join(format!("{prefix}max_usage_in_bytes"))).unwrap_or(0);
+        e.failcnt = read_u64(&dir.join(format!("{prefix}failcnt"))).unwrap_or(0);
+        e
+    };
+    s.usage = Some(entry("memory.")).into();
+    s.swap = Some(entry("memory.memsw.")).into();
+    s.kernel = Some(entry("memory.kmem.")).into();
+    s.kernel_tcp = Some(entry("memory.kmem.tcp.")).into();
+    s
 }
 
 pub fn stats_v2(dir: &Path) -> v2::Metrics {

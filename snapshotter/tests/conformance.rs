@@ -420,7 +420,13 @@ fn failpoint_error_rolls_back() {
 fn crash_in_child(root: &Path, op: &str, failpoint: &str) {
     let exe = std::env::current_exe().expect("current_exe");
     let out = std::process::Command::new(exe)
-        .args(["--exact", "crash_helper", "--nocapture", "--test-threads=1"])
+        .args([
+            "--ignored",
+            "--exact",
+            "crash_helper",
+            "--nocapture",
+            "--test-threads=1",
+        ])
         .env("CRISP_CRASH_ROOT", root)
         .env("CRISP_CRASH_OP", op)
         .env("CRISP_FAILPOINT", failpoint)
@@ -438,15 +444,19 @@ fn crash_in_child(root: &Path, op: &str, failpoint: &str) {
     );
 }
 
-/// Not a test of its own: the body of [`crash_in_child`]'s child. Does nothing unless the
-/// parent set `CRISP_CRASH_ROOT`.
+/// Not a test of its own: the body of [`crash_in_child`]'s child, which runs it with
+/// `--ignored --exact`. Ignored, so it never counts as a test; run alone, it fails.
 #[test]
+#[ignore = "helper process of crash_between_steps_leaves_nothing_or_whole, run by it"]
 fn crash_helper() {
     let (Some(root), Ok(op)) = (
         std::env::var_os("CRISP_CRASH_ROOT"),
         std::env::var("CRISP_CRASH_OP"),
     ) else {
-        return;
+        panic!(
+            "crash_helper is the child process of crash_in_child (CRISP_CRASH_ROOT and \
+             CRISP_CRASH_OP unset): not a test on its own"
+        );
     };
     let sn = Snapshotter::open(&PathBuf::from(root), Config::default()).expect("open");
     eprintln!("CRASH-HELPER-STARTED");

@@ -1,312 +1,22 @@
-//! StopPodSandbox and RemovePodSandbox. Stop: every container (through the container
-//! lifecycle code), the pause process (the shim's StopSandbox), the pod's network (CNI DEL and
-//! its netns); Remove additionally shuts the shim down and releases the pod's files, ID range,
-//! cgroup and records. Both are idempotent and safe to call many times at once (promise 3):
-//! each pod's transitions run under its own lock; the store is only touched in short
-//! transactions between the slow steps. The same release helpers undo a failed RunPodSandbox.
+//! StopPodSandbox and RemovePodSandbox: find the pod, take its lock, re-read its record and
+//! hand over to `pod::release`. Both are idempotent and safe to call many times at once
+//! (promise 3): each pod's transitions run under its own lock.
 
-use std::path::Path;
-use std::time::Duration;
-
-use containerd_shim_protos::sandbox_api::{ShutdownSandboxRequest, StopSandboxRequest};
 use crisp_proto::cri::v1::{
     RemovePodSandboxRequest, RemovePodSandboxResponse, StopPodSandboxRequest,
     StopPodSandboxResponse,
 };
 
-use crate::cni::AttachRequest;
-use crate::daemon::Daemon;
-use crate::instrument::{CriError, ErrorKind};
-use crate::shim_client::{ShimClient, ctx};
-use crate::store::records::{PodRecord, PodState, ShimRecord};
-
-/// How long the pause gets after SIGTERM before SIGKILL.
-const PAUSE_STOP_SECS: u32 = 2;
-/// Deadline of one sandbox ttrpc call.
-const SHIM_CALL: Duration = Duration::from_secs(10);
-
-/// Run one named undo step; log its outcome by name.
-fn step(pod_id: &str, name: &'static str, r: Result<(), String>) -> Result<(), CriError> {
-    match r {
-        Ok(()) => {
-            tracing::debug!(pod_id, step = name, "done");
-            Ok(())
-        }
-        Err(e) => {
-            tracing::warn!(pod_id, step = name, error = %e, "failed");
-            Err(CriError::internal(format!("pod {pod_id}: {name}: {e}")))
-        }
-    }
-}
-
-/// CNI DEL (from the cached result, so it works after a restart) and removal of the netns.
-/// A failed DEL keeps the netns (a retry can DEL again) unless `force` (undo of a failed
-/// RunPodSandbox, whose ADD never completed: nothing to retry for).
-pub async fn release_network_opt(
-    d: &Daemon,
-    pod_id: &str,
-    netns: Option<&str>,
-    force: bool,
-) -> Result<(), CriError> {
-    let Some(netns) = netns.map(str::to_string) else {
-        return Ok(());
-    };
-    if d.cni.has_cache(pod_id) || Path::new(&netns).exists() {
-        let cni = std::sync::Arc::clone(&d.cni);
-        let req = AttachRequest {
-            pod_id: pod_id.to_string(),
-            netns: netns.clone(),
-            ifname: "eth0".into(),
-            args: Default::default(),
-            port_mappings: vec![],
-        };
-        // Plugins are processes: run them off the async workers, with no lock on the store.
-        let r = tokio::task::spawn_blocking(move || cni.del(&req))
-            .await
-            .map_err(|e| e.to_string())
-            .and_then(|r| r.map_err(|e| e.to_string()));
-        let r = step(pod_id, "cni del", r);
-        if !force {
-            r?;
-        }
-    }
-    let r = crate::netns::remove(Path::new(&netns)).map_err(|e| e.to_string());
-    step(pod_id, "remove netns", r)
-}
-
-pub async fn release_network(
-    d: &Daemon,
-    pod_id: &str,
-    netns: Option<&str>,
-) -> Result<(), CriError> {
-    release_network_opt(d, pod_id, netns, false).await
-}
-
-/// The pod's shim: the live connection, or a reconnection to the recorded address.
-pub async fn shim_of(d: &Daemon, pod_id: &str, address: Option<&str>) -> Option<ShimClient> {
-    if let Some(s) = d.shims.get(pod_id) {
-        return Some(s);
-    }
-    let (addr, pid) = shim_location(d, pod_id, address);
-    let addr = addr?;
-    match ShimClient::connect_with_pid(&addr, pid).await {
-        Ok(s) => {
-            d.shims.insert(pod_id, s.clone());
-            Some(s)
-        }
-        Err(e) => {
-            tracing::debug!(pod_id, error = %e, "shim not reachable");
-            None
-        }
-    }
-}
-
-/// Where the pod's shim listens and its pid: from the caller, the shim record, or the files
-/// the shim's `start` writes in the pod dir (a crash between the shim's start and the record
-/// leaves only those).
-pub fn shim_location(
-    d: &Daemon,
-    pod_id: &str,
-    address: Option<&str>,
-) -> (Option<String>, Option<u32>) {
-    let rec = d.store.get::<ShimRecord>(pod_id).ok().flatten();
-    let dir = crate::sandbox_files::pod_dir(&d.cfg.state, pod_id);
-    let addr = address
-        .map(str::to_string)
-        .or_else(|| rec.as_ref().map(|r| r.address.clone()))
-        .or_else(|| {
-            std::fs::read_to_string(dir.join("address"))
-                .ok()
-                .map(|s| s.trim().to_string())
-                .filter(|s| !s.is_empty())
-        });
-    let pid = rec
-        .and_then(|r| r.pid)
-        .or_else(|| crate::shim_client::read_pid(&dir.join("shim.pid")));
-    (addr, pid)
-}
-
-/// Stop the pause process through the shim's sandbox service. A shim that is gone took its
-/// pause with it (the pause is the shim's child and dies with it... or is killed below).
-pub async fn stop_pause(d: &Daemon, rec: &PodRecord) -> Result<(), CriError> {
-    let Some(shim) = shim_of(d, &rec.id, rec.shim_address.as_deref()).await else {
-        kill_pause_if_ours(rec.pause_pid, &rec.id);
-        return Ok(());
-    };
-    let req = StopSandboxRequest {
-        sandbox_id: rec.id.clone(),
-        timeout_secs: PAUSE_STOP_SECS,
-        ..Default::default()
-    };
-    let call = Duration::from_secs(u64::from(PAUSE_STOP_SECS)) + SHIM_CALL;
-    match shim.sandbox().stop_sandbox(ctx(call), &req).await {
-        Ok(_) => Ok(()),
-        Err(e) if crate::shim_client::is_not_found(&e) => Ok(()),
-        Err(e) if crate::shim_client::is_gone(&e) => {
-            d.shims.remove(&rec.id);
-            kill_pause_if_ours(rec.pause_pid, &rec.id);
-            Ok(())
-        }
-        Err(e) => Err(crate::shim_client::rpc_error("StopSandbox", &rec.id, e)),
-    }
-}
-
-/// SIGKILL a pod's pause by its recorded pid, only if that pid still is *this pod's* pause:
-/// every pod's pause is called `pause`, and a dead pause's pid may already belong to another
-/// pod's, so its cgroup (named after the pod id by the placement function) must name the pod.
-pub fn kill_pause_if_ours(pid: Option<u32>, pod_id: &str) -> bool {
-    let Some(p) = pid.filter(|p| *p > 1) else {
-        return false;
-    };
-    let in_pod =
-        std::fs::read_to_string(format!("/proc/{p}/cgroup")).is_ok_and(|c| c.contains(pod_id));
-    in_pod && kill_if_ours(pid, &[], "pause")
-}
-
-/// SIGKILL `pid` only if it still is what we think (its command line names `needles` /
-/// its comm is `comm`): a recorded pid may have been reused since.
-pub fn kill_if_ours(pid: Option<u32>, needles: &[&str], comm: &str) -> bool {
-    let Some(pid) = pid.filter(|p| *p > 1) else {
-        return false;
-    };
-    let cmdline = std::fs::read(format!("/proc/{pid}/cmdline"))
-        .map(|b| String::from_utf8_lossy(&b).replace('\0', " "))
-        .unwrap_or_default();
-    let pcomm = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
-    // pause is exec'd from a memfd, so its comm is an fd number; its argv[0] is `pause`.
-    let argv0 = cmdline.split(' ').next().unwrap_or_default();
-    let ours = if needles.is_empty() {
-        pcomm.trim() == comm || argv0 == comm
-    } else {
-        needles.iter().all(|n| cmdline.contains(n))
-    };
-    if !ours {
-        return false;
-    }
-    let r = nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(pid as i32),
-        nix::sys::signal::Signal::SIGKILL,
-    );
-    tracing::info!(pid, comm, ok = r.is_ok(), "killed by recorded pid");
-    r.is_ok()
-}
-
-/// Whether `pid` is running (not gone, not a zombie).
-pub fn alive(pid: u32) -> bool {
-    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
-        // The state follows the parenthesised comm.
-        Ok(s) => s
-            .rsplit_once(')')
-            .map(|(_, rest)| !rest.trim_start().starts_with(['Z', 'X']))
-            .unwrap_or(false),
-        Err(_) => false,
-    }
-}
-
-/// Give the shim `grace` to exit by itself, then SIGKILL it by pid (checked to be this pod's
-/// shim), and wait for it to be gone: only then is a socket left at its address stale (a
-/// process being killed may still accept a connect).
-pub async fn end_shim(pid: u32, pod_id: &str, grace: Duration) {
-    let wait = |limit: Duration| async move {
-        let deadline = std::time::Instant::now() + limit;
-        while alive(pid) && std::time::Instant::now() < deadline {
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    };
-    wait(grace).await;
-    if alive(pid) && kill_if_ours(Some(pid), &["-id", pod_id], "") {
-        wait(Duration::from_secs(2)).await;
-    }
-}
-
-/// ShutdownSandbox: the shim exits once its tasks are gone and removes its socket. A shim that
-/// does not exit in time is killed by its recorded pid (checked to be that pod's shim).
-pub async fn shutdown_shim(
-    d: &Daemon,
-    pod_id: &str,
-    address: Option<&str>,
-) -> Result<(), CriError> {
-    let (loc_addr, loc_pid) = shim_location(d, pod_id, address);
-    let shim = shim_of(d, pod_id, address).await;
-    let pid = shim.as_ref().and_then(ShimClient::pid).or(loc_pid);
-    if let Some(shim) = &shim {
-        let req = ShutdownSandboxRequest {
-            sandbox_id: pod_id.to_string(),
-            ..Default::default()
-        };
-        match shim.sandbox().shutdown_sandbox(ctx(SHIM_CALL), &req).await {
-            Ok(_) => {}
-            Err(e) if crate::shim_client::is_gone(&e) || crate::shim_client::is_not_found(&e) => {}
-            Err(e) => {
-                tracing::warn!(pod_id, error = %e, "ShutdownSandbox failed; killing the shim")
-            }
-        }
-    }
-    d.shims.remove(pod_id);
-    if let Some(pid) = pid {
-        end_shim(pid, pod_id, Duration::from_secs(3)).await;
-    }
-    // The socket, if the shim could not remove it itself.
-    if let Some(a) = loc_addr {
-        let p = a.strip_prefix("unix://").unwrap_or(&a).to_string();
-        if !p.is_empty() && std::os::unix::net::UnixStream::connect(&p).is_err() {
-            let _ = std::fs::remove_file(&p);
-        }
-    }
-    d.store.delete::<ShimRecord>(pod_id)?;
-    Ok(())
-}
-
-/// rmdir the pod's (pause's) cgroup in every hierarchy; a missing one is fine. Containers
-/// have their own cgroups (the container code removes them).
-pub fn remove_pod_cgroup(d: &Daemon, cgroup_parent: &str, pod_id: &str) -> Result<(), String> {
-    use crisp_shim::placement::{self, CgroupDriver};
-    let driver = CgroupDriver::from(d.cfg.cgroup_driver);
-    let Ok(path) = placement::cgroup_path(driver, cgroup_parent, pod_id)
-        .and_then(|p| placement::resolved_path(driver, &p))
-    else {
-        return Ok(());
-    };
-    let rel = path.trim_start_matches('/');
-    if rel.is_empty() {
-        return Ok(());
-    }
-    // The mounted hierarchies (from mountinfo, as the shim finds them): on a pure v2 host the
-    // children of /sys/fs/cgroup are cgroups, not hierarchies.
-    let dirs = crisp_shim::cgroup::dirs_of(rel).map_err(|e| e.to_string())?;
-    let mut errs = Vec::new();
-    for p in dirs {
-        match std::fs::remove_dir(&p) {
-            Ok(()) => {}
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-            Err(e) => errs.push(format!("{}: {e}", p.display())),
-        }
-    }
-    if errs.is_empty() {
-        Ok(())
-    } else {
-        Err(errs.join("; "))
-    }
-}
-
-/// The stop sequence, called with the pod's lock held.
-async fn stop_locked(d: &Daemon, rec: &mut PodRecord) -> Result<(), CriError> {
-    crate::cri::container_lifecycle::stop_pod_containers(d, &rec.id, Duration::ZERO).await?;
-    stop_pause(d, rec).await?;
-    release_network(d, &rec.id, rec.netns_path.as_deref()).await?;
-    if rec.state != PodState::NotReady {
-        rec.state = PodState::NotReady;
-        // The netns is gone; keep IPs for status, as containerd does until removal.
-        d.store.put(&rec.id, &*rec)?;
-    }
-    Ok(())
-}
+use crate::error::{CriError, ErrorKind};
+use crate::pod::release;
+use crate::pod::service::PodService;
+use crate::store::records::PodRecord;
 
 pub async fn stop(
-    d: &Daemon,
+    d: &PodService,
     req: StopPodSandboxRequest,
 ) -> Result<StopPodSandboxResponse, CriError> {
-    let rec = match crate::cri::pods::find(&d.store, &req.pod_sandbox_id) {
+    let rec = match crate::pod::status::find(&d.store, &req.pod_sandbox_id) {
         Ok(r) => r,
         // CRI: StopPodSandbox is idempotent; a pod already removed (or never here) has
         // nothing left to stop. An empty or ambiguous id is still an error.
@@ -318,16 +28,16 @@ pub async fn stop(
     let Some(mut rec) = d.store.get::<PodRecord>(&rec.id)? else {
         return Ok(StopPodSandboxResponse {});
     };
-    stop_locked(d, &mut rec).await?;
+    release::stop_locked(d, &mut rec).await?;
     tracing::info!(pod_id = %rec.id, "pod stopped");
     Ok(StopPodSandboxResponse {})
 }
 
 pub async fn remove(
-    d: &Daemon,
+    d: &PodService,
     req: RemovePodSandboxRequest,
 ) -> Result<RemovePodSandboxResponse, CriError> {
-    let rec = match crate::cri::pods::find(&d.store, &req.pod_sandbox_id) {
+    let rec = match crate::pod::status::find(&d.store, &req.pod_sandbox_id) {
         Ok(r) => r,
         // CRI: removing a pod that is already gone is not an error.
         Err(e) if e.kind == ErrorKind::NotFound => return Ok(RemovePodSandboxResponse {}),
@@ -337,115 +47,16 @@ pub async fn remove(
     let Some(mut rec) = d.store.get::<PodRecord>(&rec.id)? else {
         return Ok(RemovePodSandboxResponse {});
     };
-    // kubelet stops first, but CRI lets Remove be called on a running pod: stop it here.
-    stop_locked(d, &mut rec).await?;
-    crate::cri::container_lifecycle::remove_pod_containers(d, &rec.id).await?;
-    shutdown_shim(d, &rec.id, rec.shim_address.as_deref()).await?;
-    release_owned(d, &rec).await?;
-    // Last: while the record exists, a retry can still find and finish the removal.
-    d.store.delete::<PodRecord>(&rec.id)?;
+    release::remove_locked(d, &mut rec).await?;
     tracing::info!(pod_id = %rec.id, "pod removed");
     Ok(RemovePodSandboxResponse {})
-}
-
-/// The shim writes this in the pod dir while the pause runs and removes it when it cleans up
-/// after the pause; still there once the shim is gone means the shim died without cleaning.
-pub const SANDBOX_RECORD: &str = "crisp-sandbox.json";
-
-/// For a pod whose shim died without cleaning up: run the shim binary's `delete` action in
-/// the pod dir (as containerd does for a dead shim), which removes the pause's cgroups from
-/// the shim's own record of them. Nothing to do when that record is gone.
-pub async fn shim_delete_action(d: &Daemon, pod_id: &str) {
-    let dir = crate::sandbox_files::pod_dir(&d.cfg.state, pod_id);
-    if !dir.join(SANDBOX_RECORD).exists() {
-        return;
-    }
-    let bin = crate::startup::find_binary(&d.cfg.shim_binary)
-        .unwrap_or_else(|| d.cfg.shim_binary.clone());
-    let mut cmd = tokio::process::Command::new(&bin);
-    cmd.args(["-namespace", "k8s.io", "-id", pod_id, "-bundle"])
-        .arg(&dir)
-        .arg("delete")
-        .current_dir(&dir)
-        .stdin(std::process::Stdio::null())
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::piped())
-        .kill_on_drop(true);
-    match tokio::time::timeout(Duration::from_secs(30), cmd.output()).await {
-        Ok(Ok(out)) if out.status.success() => {
-            tracing::info!(pod_id, "shim delete action cleaned up after a dead shim")
-        }
-        Ok(Ok(out)) => tracing::warn!(pod_id, status = %out.status,
-            stderr = %String::from_utf8_lossy(&out.stderr).trim(), "shim delete action failed"),
-        Ok(Err(e)) => tracing::warn!(pod_id, error = %e, "cannot run the shim's delete action"),
-        Err(_) => tracing::warn!(pod_id, "shim delete action timed out"),
-    }
-}
-
-/// The pod's files, ID range and cgroup (after its processes are gone).
-pub async fn release_owned(d: &Daemon, rec: &PodRecord) -> Result<(), CriError> {
-    shim_delete_action(d, &rec.id).await;
-    let dir = crate::sandbox_files::pod_dir(&d.cfg.state, &rec.id);
-    step(&rec.id, "remove pod files", remove_pod_files(&dir))?;
-    let r = d
-        .idmap
-        .release(&rec.id)
-        .map(|_| ())
-        .map_err(|e| e.to_string());
-    step(&rec.id, "release id range", r)?;
-    // Not fatal: a cgroup busy for a moment is retried by the next Remove or start-up.
-    if let Err(e) = remove_pod_cgroup(d, &rec.cgroup_parent, &rec.id) {
-        tracing::warn!(pod_id = %rec.id, error = %e, "pod cgroup not removed");
-    }
-    Ok(())
-}
-
-/// What the pod dir may hold: crispd's files and the shim's (`address`, `shim.pid`, `log`).
-pub const POD_FILES: &[&str] = &[
-    "resolv.conf",
-    "hosts",
-    "hostname",
-    "address",
-    "shim.pid",
-    "log",
-    "config.json",
-    SANDBOX_RECORD,
-    ".crisp-sandbox.json.tmp",
-    "crisp-runtime.json",
-    ".crisp-runtime.json.tmp",
-];
-
-/// Remove the pod's own files one by one and then the (then empty) directory: never a
-/// recursive delete, which could cross a mount point (promise 5's rule, applied here too).
-pub fn remove_pod_files(dir: &Path) -> Result<(), String> {
-    for name in POD_FILES {
-        match std::fs::remove_file(dir.join(name)) {
-            Ok(()) => {}
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-            Err(e) => return Err(format!("{}: {e}", dir.join(name).display())),
-        }
-    }
-    // A crash in the middle of an atomic write (util::write_atomic) leaves its
-    // `.<name>.tmp-<pid>`; it is ours too and must not keep the directory alive.
-    if let Ok(entries) = std::fs::read_dir(dir) {
-        for e in entries.flatten() {
-            let name = e.file_name();
-            let name = name.to_string_lossy();
-            if name.starts_with('.') && name.contains(".tmp-") {
-                let _ = std::fs::remove_file(e.path());
-            }
-        }
-    }
-    match std::fs::remove_dir(dir) {
-        Ok(()) => Ok(()),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
-        Err(e) => Err(format!("{}: {e}", dir.display())),
-    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::daemon::Daemon;
+    use crate::store::records::PodState;
     use crate::store::records::{ContainerRecord, ContainerState, IdRangeRecord};
     use std::sync::Arc;
 
@@ -465,13 +76,14 @@ mod tests {
             shim_address: None,
             pause_pid: None,
             cgroup_parent: String::new(),
+            owned: None,
         }
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
     async fn stop_and_remove_are_idempotent_and_concurrent_safe() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let d = Arc::new(Daemon::for_test(dir.path()));
+        let d = Daemon::for_test(dir.path()).pods;
         let netns_dir = d.cfg.netns_dir();
         let root = nix::unistd::geteuid().is_root();
         for i in 0..8 {
@@ -479,7 +91,7 @@ mod tests {
             // Real namespaces when we can make them; plain files otherwise.
             let ns = netns_dir.join(&id);
             if root {
-                crate::netns::create(&ns).expect("netns");
+                crate::network::netns::create(&ns).expect("netns");
             } else {
                 std::fs::create_dir_all(&netns_dir).expect("mkdir");
                 std::fs::write(&ns, "").expect("file");
@@ -516,8 +128,8 @@ mod tests {
                 pid: None,
             };
             d.store.put(&c.id.clone(), &c).expect("ctr");
-            crate::sandbox_files::write(
-                &crate::sandbox_files::pod_dir(&d.cfg.state, &id),
+            crate::pod::files::write(
+                &crate::pod::files::pod_dir(&d.cfg.state, &id),
                 "h",
                 None,
                 dir.path(),
@@ -568,7 +180,10 @@ mod tests {
         }
         assert_eq!(d.store.count(crate::store::PODS).expect("count"), 0);
         assert_eq!(d.store.count(crate::store::ID_RANGES).expect("count"), 0);
-        assert!(crate::netns::list(&netns_dir).is_empty(), "no netns left");
+        assert!(
+            crate::network::netns::list(&netns_dir).is_empty(),
+            "no netns left"
+        );
         assert!(
             std::fs::read_dir(d.cfg.state.join("pods"))
                 .map(|r| r.count())
@@ -576,7 +191,7 @@ mod tests {
                 == 0
         );
         assert!(d.pod_locks.is_empty(), "lock map drained");
-        crate::netns::release_dir_if_empty(&netns_dir);
+        crate::network::netns::release_dir_if_empty(&netns_dir);
         // Gone pods: Remove and Stop are both OK (CRI: idempotent).
         remove(
             &d,

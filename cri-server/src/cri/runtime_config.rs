@@ -6,7 +6,7 @@ use crisp_proto::cri::v1::{
 };
 
 use crate::config::{CgroupDriver, Config};
-use crate::instrument::CriError;
+use crate::error::CriError;
 
 pub async fn runtime_config(
     cfg: &Config,

@@ -11,7 +11,7 @@ use crisp_proto::cri::v1::{
 };
 
 use crate::daemon::Daemon;
-use crate::instrument::CriError;
+use crate::error::CriError;
 
 pub const RUNTIME_READY: &str = "RuntimeReady";
 pub const NETWORK_READY: &str = "NetworkReady";

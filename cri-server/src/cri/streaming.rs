@@ -9,18 +9,13 @@ use crisp_proto::cri::v1::{
     PortForwardResponse,
 };
 
-use crate::cri::exec_sync::running_shim;
+use crate::container::exec::running_shim;
 use crate::daemon::Daemon;
-use crate::instrument::CriError;
+use crate::error::CriError;
 use crate::store::records::PodState;
 
 /// The stream flags every exec and attach must satisfy, named as CRI names them.
-pub fn check_streams(
-    tty: bool,
-    stdin: bool,
-    stdout: bool,
-    stderr: bool,
-) -> Result<(), CriError> {
+pub fn check_streams(tty: bool, stdin: bool, stdout: bool, stderr: bool) -> Result<(), CriError> {
     if tty && stderr {
         return Err(CriError::invalid(
             "stderr: must be false when tty is true (a terminal has one output stream)",
@@ -37,15 +32,15 @@ pub fn check_streams(
 fn server(d: &Daemon) -> Result<&crate::stream::Streaming, CriError> {
     d.stream.get().ok_or_else(|| {
         CriError::new(
-            crate::instrument::ErrorKind::Unavailable,
+            crate::error::ErrorKind::Unavailable,
             "the stream server is not running (start-up phase `stream`)",
         )
     })
 }
 
 pub async fn exec(d: &Arc<Daemon>, req: ExecRequest) -> Result<ExecResponse, CriError> {
-    let rec = crate::cri::containers::find(&d.store, &req.container_id)?;
-    running_shim(d, &rec, "Exec")?;
+    let rec = crate::container::status::find(&d.store, &req.container_id)?;
+    running_shim(&d.containers, &rec, "Exec")?;
     if req.cmd.is_empty() {
         return Err(CriError::invalid("cmd: empty; Exec needs a command"));
     }
@@ -62,10 +57,10 @@ pub async fn exec(d: &Arc<Daemon>, req: ExecRequest) -> Result<ExecResponse, Cri
 }
 
 pub async fn attach(d: &Arc<Daemon>, req: AttachRequest) -> Result<AttachResponse, CriError> {
-    let rec = crate::cri::containers::find(&d.store, &req.container_id)?;
-    running_shim(d, &rec, "Attach")?;
+    let rec = crate::container::status::find(&d.store, &req.container_id)?;
+    running_shim(&d.containers, &rec, "Attach")?;
     check_streams(req.tty, req.stdin, req.stdout, req.stderr)?;
-    let cfg = crate::cri::containers::container_config(&rec);
+    let cfg = crate::container::status::container_config(&rec);
     if req.stdin && !cfg.stdin {
         return Err(CriError::invalid(format!(
             "stdin: container {} was created without stdin; attach without it",
@@ -88,7 +83,7 @@ pub async fn port_forward(
     d: &Arc<Daemon>,
     req: PortForwardRequest,
 ) -> Result<PortForwardResponse, CriError> {
-    let pod = crate::cri::pods::find(&d.store, &req.pod_sandbox_id)?;
+    let pod = crate::pod::status::find(&d.store, &req.pod_sandbox_id)?;
     if pod.state != PodState::Ready {
         return Err(CriError::precondition(format!(
             "pod sandbox {} is not ready ({:?})",
@@ -109,8 +104,8 @@ pub async fn port_forward(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::cri::exec_sync::tests::test_record;
-    use crate::instrument::ErrorKind;
+    use crate::container::exec::tests::test_record;
+    use crate::error::ErrorKind;
     use crate::store::records::ContainerState;
 
     #[test]

@@ -2,7 +2,7 @@
 
 use crisp_proto::cri::v1::{VersionRequest, VersionResponse};
 
-use crate::instrument::CriError;
+use crate::error::CriError;
 
 pub const RUNTIME_NAME: &str = "crisp";
 /// The CRI API version (`v1`), as containerd reports it.

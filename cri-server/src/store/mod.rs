@@ -21,7 +21,7 @@ use redb::{
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
-use crate::instrument::{ErrorKind, HasKind};
+use crate::error::{CriError, ErrorKind, HasKind};
 
 /// Table of raw JSON records, keyed by id.
 pub type Table = TableDefinition<'static, &'static str, &'static [u8]>;
@@ -297,6 +297,36 @@ pub fn list_raw_in(
         out.push((k.value().to_string(), v.value().to_vec()));
     }
     Ok(out)
+}
+
+/// A pod or container by full id or unique prefix (crictl accepts prefixes, as containerd
+/// does). `field` names the request field for the empty case, `what` the object in messages.
+pub fn find_by_id_or_prefix<T: Record>(
+    store: &Store,
+    id: &str,
+    field: &str,
+    what: &str,
+    id_of: fn(&T) -> &str,
+) -> Result<T, CriError> {
+    if id.is_empty() {
+        return Err(CriError::invalid(format!("{field} is empty")));
+    }
+    if let Some(r) = store.get::<T>(id)? {
+        return Ok(r);
+    }
+    let mut hits: Vec<T> = store
+        .list::<T>()?
+        .into_iter()
+        .map(|(_, r)| r)
+        .filter(|r| id_of(r).starts_with(id))
+        .collect();
+    match hits.len() {
+        1 => Ok(hits.remove(0)),
+        0 => Err(CriError::not_found(format!("{what} {id} not found"))),
+        n => Err(CriError::invalid(format!(
+            "{what} id prefix {id} is ambiguous ({n} matches)"
+        ))),
+    }
 }
 
 #[cfg(test)]

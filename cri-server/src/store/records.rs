@@ -18,6 +18,44 @@ pub enum PodState {
     NotReady,
 }
 
+/// Something a pod owns outside its record, each acquired by one RunPodSandbox step and
+/// released by `pod::release`. Listed in acquisition order; released in reverse.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Owned {
+    /// A subordinate ID range (user-namespaced pods).
+    IdRange,
+    /// The pod's network namespace and its CNI attachment.
+    Network,
+    /// The pod directory and the files in it.
+    Files,
+    /// The pod's shim process and its socket.
+    Shim,
+    /// The pause process (the shim's sandbox).
+    Pause,
+}
+
+impl Owned {
+    /// Everything a pod can own, in acquisition order.
+    pub const ALL: [Owned; 5] = [
+        Self::IdRange,
+        Self::Network,
+        Self::Files,
+        Self::Shim,
+        Self::Pause,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::IdRange => "id range",
+            Self::Network => "network",
+            Self::Files => "pod files",
+            Self::Shim => "shim",
+            Self::Pause => "pause",
+        }
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct PodRecord {
     pub id: String,
@@ -39,6 +77,35 @@ pub struct PodRecord {
     /// Pid of the pause process, for joining namespaces.
     pub pause_pid: Option<u32>,
     pub cgroup_parent: String,
+    /// What the pod owns and must release, added *before* each is acquired (so after a crash
+    /// the record names everything that may exist). Absent in records of an older crispd:
+    /// then everything is released.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub owned: Option<Vec<Owned>>,
+}
+
+impl PodRecord {
+    /// What release must undo: the recorded list, or everything for an older record.
+    pub fn owned(&self) -> Vec<Owned> {
+        self.owned.clone().unwrap_or_else(|| Owned::ALL.to_vec())
+    }
+
+    /// Record that the pod is about to own `item` (stored by the caller).
+    pub fn own(&mut self, item: Owned) {
+        let list = self.owned.get_or_insert_with(Vec::new);
+        if !list.contains(&item) {
+            list.push(item);
+        }
+    }
+
+    /// `item` is released: the pod no longer owns it.
+    pub fn disown(&mut self, item: Owned) {
+        if let Some(list) = self.owned.as_mut() {
+            list.retain(|i| *i != item);
+        } else {
+            self.owned = Some(Owned::ALL.into_iter().filter(|i| *i != item).collect());
+        }
+    }
 }
 
 impl Record for PodRecord {

@@ -1,6 +1,6 @@
 //! A streaming exec (`kubectl exec`, `crictl exec -it`, `kubectl cp`) through the pod's shim.
 //!
-//! The same task-API dance as ExecSync (`crate::cri::exec_sync`, whose process spec, FIFO
+//! The same task-API dance as ExecSync (`crate::container::exec`, whose process spec, FIFO
 //! directory and clean-up this reuses): Exec with a terminal or FIFOs for the streams the
 //! client asked for, Wait (issued before Start; the shim also keeps the exit status until
 //! Delete, so no exit is missed), Start, then copies between the FIFOs and the client.
@@ -34,12 +34,11 @@ use tokio::io::{AsyncWriteExt, BufReader};
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
 
-use crate::cri::exec_sync::{
-    self, DRAIN_AFTER_EXIT, Exec, PROCESS_TYPE_URL, Progress, SHIM_CALL, task_error,
+use crate::container::exec::{
+    self as exec_sync, DRAIN_AFTER_EXIT, Exec, PROCESS_TYPE_URL, Progress, SHIM_CALL, task_error,
 };
-use crate::daemon::Daemon;
-use crate::instrument::{CriError, ErrorKind};
-use crate::shim_client::{ShimClient, ctx};
+use crate::error::{CriError, ErrorKind};
+use crate::shim::client::{ShimClient, ctx};
 
 /// Copy buffer per output stream: what crispd holds of a process's output at most.
 const CHUNK: usize = 64 * 1024;
@@ -66,15 +65,18 @@ impl Drop for Tasks {
 
 /// Run `req.cmd` in the container with the client's streams; the exit code once it exited
 /// and its output reached the client.
-pub async fn exec(d: &Arc<Daemon>, req: ExecRequest, streams: Streams) -> Result<i32, CriError> {
-    let rec = crate::cri::containers::find(&d.store, &req.container_id)?;
-    let shim = exec_sync::running_shim(d, &rec, "Exec")?;
+pub async fn exec(d: &super::Runtime, req: ExecRequest, streams: Streams) -> Result<i32, CriError> {
+    let rec = crate::container::status::find(&d.containers.store, &req.container_id)?;
+    let shim = exec_sync::running_shim(&d.containers, &rec, "Exec")?;
     if req.cmd.is_empty() {
         return Err(CriError::invalid("cmd: empty; Exec needs a command"));
     }
-    let bundle = crate::bundle::dir(&d.cfg.state, &rec.id);
-    let spec = crate::bundle::read_spec(&bundle).ok_or_else(|| {
-        CriError::internal(format!("Exec: no readable config.json in {}", bundle.display()))
+    let bundle = crate::container::bundle::dir(&d.containers.cfg.state, &rec.id);
+    let spec = crate::container::bundle::read_spec(&bundle).ok_or_else(|| {
+        CriError::internal(format!(
+            "Exec: no readable config.json in {}",
+            bundle.display()
+        ))
     })?;
     let mut process = exec_sync::exec_process(&spec, &req.cmd)?;
     process["terminal"] = serde_json::Value::Bool(req.tty);
@@ -85,19 +87,28 @@ pub async fn exec(d: &Arc<Daemon>, req: ExecRequest, streams: Streams) -> Result
         shim,
         cid: rec.id.clone(),
         exec_id: exec_id.clone(),
-        dir: exec_sync::fifo_dir(d, &rec.id, &exec_id),
+        dir: exec_sync::fifo_dir(&d.containers, &rec.id, &exec_id),
     };
     let owner = mapped_root(&spec);
     tracing::debug!(container_id = %rec.id, %exec_id, cmd = ?req.cmd, tty = req.tty, "streaming exec");
     // Dropping `_session` (this future dropped) tells the task to kill the process.
     let (_session, session_gone) = oneshot::channel::<()>();
-    let sessions = Arc::clone(&d.stream_sessions);
+    let sessions = Arc::clone(&d.sessions);
     let task = tokio::spawn(async move {
         let _live = sessions.enter();
         let mut progress = Progress::default();
         let mut tasks = Tasks::default();
-        let r = run(&x, &req, process, streams, owner, session_gone, &mut progress, &mut tasks)
-            .await;
+        let r = run(
+            &x,
+            &req,
+            process,
+            streams,
+            owner,
+            session_gone,
+            &mut progress,
+            &mut tasks,
+        )
+        .await;
         drop(tasks);
         exec_sync::cleanup(&x, progress).await;
         r
@@ -128,7 +139,7 @@ fn io_err(what: &str, p: &Path, e: io::Error) -> CriError {
 /// A FIFO for one of the exec's streams, owned by the pod's mapped root if any.
 fn make_fifo(dir: &Path, name: &str, owner: Option<(u32, u32)>) -> Result<PathBuf, CriError> {
     let p = dir.join(name);
-    crate::logs::mkfifo(&p).map_err(|e| io_err("mkfifo", &p, e))?;
+    crate::container::logs::mkfifo(&p).map_err(|e| io_err("mkfifo", &p, e))?;
     if let Some((uid, gid)) = owner {
         std::os::unix::fs::chown(&p, Some(uid), Some(gid)).map_err(|e| io_err("chown", &p, e))?;
     }
@@ -152,21 +163,89 @@ async fn run(
         stderr,
         resize,
     } = streams;
+    // With a terminal the shim writes everything to stdout.
+    let stderr = if req.tty { None } else { stderr };
+    let fifos = open_fifos(x, owner, stdin.is_some(), stdout, stderr)?;
+    let stdin_path = fifos.stdin.clone();
+    let (wait, outs) = add_and_start(x, req, process, fifos, progress, tasks).await?;
+    let copies: Vec<JoinHandle<io::Result<u64>>> = outs
+        .into_iter()
+        .map(|(rx, w)| tokio::spawn(copy_out(rx, w)))
+        .collect();
+    for c in &copies {
+        tasks.push(c);
+    }
+    if let (Some(r), Some(p)) = (stdin, stdin_path) {
+        let h = tokio::spawn(feed_stdin(
+            x.shim.clone(),
+            x.cid.clone(),
+            x.exec_id.clone(),
+            p,
+            r,
+            req.tty,
+        ));
+        tasks.push(&h);
+    }
+    if let Some(rx) = resize {
+        let h = tokio::spawn(resize_loop(
+            x.shim.clone(),
+            x.cid.clone(),
+            x.exec_id.clone(),
+            rx,
+            req.tty,
+        ));
+        tasks.push(&h);
+    }
+    let waited = tokio::select! {
+        r = wait => r.map_err(|e| CriError::internal(format!("Exec wait task: {e}")))?,
+        _ = &mut session_gone => return Err(gone(x)),
+    };
+    let exit = waited.map_err(|e| task_error(&what(x, "waiting for"), e))?;
+    progress.exited = true;
+    drain(x, copies, &mut session_gone).await?;
+    Ok(exit.exit_status as i32)
+}
+
+/// Names the call and the exec in an error.
+fn what(x: &Exec, call: &str) -> String {
+    format!("Exec: {call} exec {} in container {}", x.exec_id, x.cid)
+}
+
+/// The exec's FIFOs: a stdin FIFO if the client sends input, read ends for the outputs it
+/// wants, and our own write ends, held until the process has its own.
+struct Fifos {
+    stdin: Option<PathBuf>,
+    outs: Vec<(tokio::net::unix::pipe::Receiver, BoxWrite)>,
+    paths: [String; 2],
+    keep: Vec<tokio::net::unix::pipe::Sender>,
+}
+
+fn open_fifos(
+    x: &Exec,
+    owner: Option<(u32, u32)>,
+    stdin: bool,
+    stdout: Option<BoxWrite>,
+    stderr: Option<BoxWrite>,
+) -> Result<Fifos, CriError> {
     std::fs::create_dir_all(&x.dir).map_err(|e| io_err("creating", &x.dir, e))?;
     if let Some((uid, gid)) = owner {
         std::os::unix::fs::chown(&x.dir, Some(uid), Some(gid))
             .map_err(|e| io_err("chown", &x.dir, e))?;
     }
-    let stdin_path = match &stdin {
-        Some(_) => Some(make_fifo(&x.dir, "stdin", owner)?),
-        None => None,
+    let mut f = Fifos {
+        stdin: if stdin {
+            Some(make_fifo(&x.dir, "stdin", owner)?)
+        } else {
+            None
+        },
+        outs: Vec::new(),
+        paths: [String::new(), String::new()],
+        keep: Vec::new(),
     };
-    // With a terminal the shim writes everything to stdout.
-    let stderr = if req.tty { None } else { stderr };
-    let mut outs: Vec<(tokio::net::unix::pipe::Receiver, BoxWrite)> = Vec::new();
-    let mut paths = [String::new(), String::new()];
-    let mut keep = Vec::new();
-    for (i, (name, w)) in [("stdout", stdout), ("stderr", stderr)].into_iter().enumerate() {
+    for (i, (name, w)) in [("stdout", stdout), ("stderr", stderr)]
+        .into_iter()
+        .enumerate()
+    {
         let Some(w) = w else { continue };
         let p = make_fifo(&x.dir, name, owner)?;
         // Read end first (needs no writer), then a writer of our own until the process has
@@ -174,16 +253,35 @@ async fn run(
         let rx = tokio::net::unix::pipe::OpenOptions::new()
             .open_receiver(&p)
             .map_err(|e| io_err("opening", &p, e))?;
-        keep.push(
+        f.keep.push(
             tokio::net::unix::pipe::OpenOptions::new()
                 .open_sender(&p)
                 .map_err(|e| io_err("opening", &p, e))?,
         );
-        paths[i] = p.display().to_string();
-        outs.push((rx, w));
+        f.paths[i] = p.display().to_string();
+        f.outs.push((rx, w));
     }
-    let what = |call: &str| format!("Exec: {call} exec {} in container {}", x.exec_id, x.cid);
-    let [out_path, err_path] = paths;
+    Ok(f)
+}
+
+type WaitTask = JoinHandle<Result<api::WaitResponse, ttrpc::Error>>;
+type Outs = Vec<(tokio::net::unix::pipe::Receiver, BoxWrite)>;
+
+/// Add the exec to the task and start it; its wait, and the outputs to copy.
+async fn add_and_start(
+    x: &Exec,
+    req: &ExecRequest,
+    process: Vec<u8>,
+    f: Fifos,
+    progress: &mut Progress,
+    tasks: &mut Tasks,
+) -> Result<(WaitTask, Outs), CriError> {
+    let Fifos {
+        stdin,
+        outs,
+        paths: [out_path, err_path],
+        keep,
+    } = f;
     x.shim
         .task()
         .exec(
@@ -192,7 +290,7 @@ async fn run(
                 id: x.cid.clone(),
                 exec_id: x.exec_id.clone(),
                 terminal: req.tty,
-                stdin: stdin_path
+                stdin: stdin
                     .as_ref()
                     .map(|p| p.display().to_string())
                     .unwrap_or_default(),
@@ -208,7 +306,7 @@ async fn run(
             },
         )
         .await
-        .map_err(|e| task_error(&what("creating"), e))?;
+        .map_err(|e| task_error(&what(x, "creating"), e))?;
     progress.added = true;
     let wait = spawn_wait(&x.shim, &x.cid, &x.exec_id);
     tasks.push(&wait);
@@ -225,31 +323,17 @@ async fn run(
         )
         .await;
     drop(keep);
-    started.map_err(|e| task_error(&what("starting"), e))?;
+    started.map_err(|e| task_error(&what(x, "starting"), e))?;
     progress.started = true;
+    Ok((wait, outs))
+}
 
-    let copies: Vec<JoinHandle<io::Result<u64>>> = outs
-        .into_iter()
-        .map(|(rx, w)| tokio::spawn(copy_out(rx, w)))
-        .collect();
-    for c in &copies {
-        tasks.push(c);
-    }
-    if let (Some(r), Some(p)) = (stdin, stdin_path) {
-        let h = tokio::spawn(feed_stdin(x.shim.clone(), x.cid.clone(), x.exec_id.clone(), p, r, req.tty));
-        tasks.push(&h);
-    }
-    if let Some(rx) = resize {
-        let h = tokio::spawn(resize_loop(x.shim.clone(), x.cid.clone(), x.exec_id.clone(), rx, req.tty));
-        tasks.push(&h);
-    }
-
-    let waited = tokio::select! {
-        r = wait => r.map_err(|e| CriError::internal(format!("Exec wait task: {e}")))?,
-        _ = &mut session_gone => return Err(gone(x)),
-    };
-    let exit = waited.map_err(|e| task_error(&what("waiting for"), e))?;
-    progress.exited = true;
+/// After the exit: let the output copies finish (bounded), unless the session goes first.
+async fn drain(
+    x: &Exec,
+    copies: Vec<JoinHandle<io::Result<u64>>>,
+    session_gone: &mut oneshot::Receiver<()>,
+) -> Result<(), CriError> {
     for c in copies {
         let abort = c.abort_handle();
         tokio::select! {
@@ -262,10 +346,10 @@ async fn run(
                     tracing::warn!(exec_id = %x.exec_id, "exec output still open {DRAIN_AFTER_EXIT:?} after exit; stopped copying");
                 }
             },
-            _ = &mut session_gone => return Err(gone(x)),
+            _ = &mut *session_gone => return Err(gone(x)),
         }
     }
-    Ok(exit.exit_status as i32)
+    Ok(())
 }
 
 fn gone(x: &Exec) -> CriError {
@@ -325,7 +409,10 @@ async fn feed_stdin(
     let mut tx = loop {
         match tokio::net::unix::pipe::OpenOptions::new().open_sender(&path) {
             Ok(tx) => break tx,
-            Err(e) if e.raw_os_error() == Some(libc::ENXIO) && tokio::time::Instant::now() < deadline => {
+            Err(e)
+                if e.raw_os_error() == Some(libc::ENXIO)
+                    && tokio::time::Instant::now() < deadline =>
+            {
                 tokio::time::sleep(Duration::from_millis(5)).await;
             }
             Err(e) => {

@@ -4,7 +4,8 @@
 //! The protocols (SPDY/3.1, WebSocket), tokens and URLs belong to `crisp-stream`; what a
 //! session does to a container or pod is here: [`exec`] through the pod's shim, [`attach`] to
 //! the container's own stdio, [`port_forward`] inside the pod's network namespace. The CRI
-//! calls that hand out the URLs are in `crate::cri::streaming`.
+//! calls that hand out the URLs are the `streaming` handlers beside the others. Sessions see
+//! the container and pod services ([`Runtime`]), never the daemon, which owns the server.
 
 pub mod attach;
 pub mod exec;
@@ -13,32 +14,33 @@ pub mod server;
 
 pub use server::Streaming;
 
+use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Weak};
 use std::time::Duration;
 
 use crisp_stream::{AttachRequest, Backend, BackendError, ExecRequest, Streams};
 
-use crate::daemon::Daemon;
-use crate::instrument::{CriError, ErrorKind};
+use crate::container::service::ContainerService;
+use crate::error::{CriError, ErrorKind};
+use crate::pod::service::PodService;
 
-/// The runtime as the stream server sees it. Holds the daemon weakly: the daemon owns the
-/// server, which owns this.
+/// What a session reaches: the container and pod services, and the sessions' bookkeeping.
+#[derive(Clone)]
+pub struct Runtime {
+    pub containers: Arc<ContainerService>,
+    pub pods: Arc<PodService>,
+    pub sessions: Arc<Sessions>,
+}
+
+/// The runtime as the stream server sees it. The services hold nothing of the server, so
+/// holding them here makes no reference cycle.
 pub struct CrispBackend {
-    d: Weak<Daemon>,
+    rt: Runtime,
 }
 
 impl CrispBackend {
-    pub fn new(d: &Arc<Daemon>) -> Self {
-        Self {
-            d: Arc::downgrade(d),
-        }
-    }
-
-    fn daemon(&self) -> Result<Arc<Daemon>, BackendError> {
-        self.d
-            .upgrade()
-            .ok_or_else(|| BackendError::FailedPrecondition("crispd is shutting down".into()))
+    pub fn new(rt: Runtime) -> Self {
+        Self { rt }
     }
 }
 
@@ -55,17 +57,15 @@ pub fn backend_error(e: CriError) -> BackendError {
 #[async_trait::async_trait]
 impl Backend for CrispBackend {
     async fn exec(&self, req: ExecRequest, streams: Streams) -> Result<i32, BackendError> {
-        let d = self.daemon()?;
         let span = tracing::info_span!("exec session", container_id = %req.container_id);
-        tracing::Instrument::instrument(exec::exec(&d, req, streams), span)
+        tracing::Instrument::instrument(exec::exec(&self.rt, req, streams), span)
             .await
             .map_err(backend_error)
     }
 
     async fn attach(&self, req: AttachRequest, streams: Streams) -> Result<(), BackendError> {
-        let d = self.daemon()?;
         let span = tracing::info_span!("attach session", container_id = %req.container_id);
-        tracing::Instrument::instrument(attach::attach(&d, req, streams), span)
+        tracing::Instrument::instrument(attach::attach(&self.rt, req, streams), span)
             .await
             .map_err(backend_error)
     }
@@ -75,10 +75,9 @@ impl Backend for CrispBackend {
         pod_sandbox_id: &str,
         port: u16,
     ) -> Result<tokio::net::TcpStream, BackendError> {
-        let d = self.daemon()?;
         let span = tracing::info_span!("port-forward", pod_id = %pod_sandbox_id, port);
         tracing::Instrument::instrument(
-            port_forward::port_forward(&d, pod_sandbox_id, port),
+            port_forward::port_forward(&self.rt, pod_sandbox_id, port),
             span,
         )
         .await

@@ -9,25 +9,23 @@
 
 use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr, TcpStream};
 use std::path::PathBuf;
-use std::sync::Arc;
 use std::time::Duration;
 
-use crate::daemon::Daemon;
-use crate::instrument::CriError;
+use crate::error::CriError;
 use crate::store::records::PodState;
 
 /// How long one connect attempt may take (localhost: a refusal is immediate).
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
 pub async fn port_forward(
-    d: &Arc<Daemon>,
+    d: &super::Runtime,
     pod_id: &str,
     port: u16,
 ) -> Result<tokio::net::TcpStream, CriError> {
     if port == 0 {
         return Err(CriError::invalid("port: 0 is not a TCP port (1-65535)"));
     }
-    let pod = crate::cri::pods::find(&d.store, pod_id)?;
+    let pod = crate::pod::status::find(&d.pods.store, pod_id)?;
     if pod.state != PodState::Ready {
         return Err(CriError::precondition(format!(
             "PortForward: pod sandbox {} is not ready ({:?})",
@@ -38,7 +36,7 @@ pub async fn port_forward(
     let pod_id = pod.id.clone();
     let std = tokio::task::spawn_blocking(move || -> Result<TcpStream, CriError> {
         match &netns {
-            Some(path) => crate::netns::run_in(path, move || connect_local(port))
+            Some(path) => crate::network::netns::run_in(path, move || connect_local(port))
                 .map_err(|e| CriError::internal(format!("PortForward: pod {pod_id}: {e}")))?,
             None => connect_local(port),
         }
@@ -90,6 +88,9 @@ mod tests {
         let port = l.local_addr().expect("addr").port();
         drop(l);
         let e = connect_local(port).expect_err("closed");
-        assert!(e.to_string().contains("127.0.0.1") && e.to_string().contains("[::1]"), "{e}");
+        assert!(
+            e.to_string().contains("127.0.0.1") && e.to_string().contains("[::1]"),
+            "{e}"
+        );
     }
 }

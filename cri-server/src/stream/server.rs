@@ -2,13 +2,15 @@
 //! handing out URLs to the CRI calls, stopped (sessions dropped, their execs killed) when
 //! crispd shuts down.
 
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use anyhow::Context;
 
-use crate::daemon::Daemon;
-use crate::instrument::{CriError, ErrorKind};
+use crate::config::StreamConfig;
+use crate::container::attach::Hubs;
+use crate::error::{CriError, ErrorKind};
+use crate::stream::{Runtime, Sessions};
 
 /// How long shutdown waits for sessions' clean-up (an exec's kill, wait and delete).
 const SESSION_CLEANUP: Duration = Duration::from_secs(15);
@@ -58,9 +60,8 @@ impl Streaming {
     }
 }
 
-/// Start-up phase `stream`: listen on `[stream]`'s address and port.
-pub async fn start(d: &Arc<Daemon>) -> anyhow::Result<std::net::SocketAddr> {
-    let c = &d.cfg.stream;
+/// Start-up phase `stream`: listen on `[stream]`'s address and port; sessions reach `rt`.
+pub async fn start(c: &StreamConfig, rt: Runtime) -> anyhow::Result<Streaming> {
     let addr = c.listen_addr()?;
     let config = crisp_stream::StreamConfig {
         address: addr.ip(),
@@ -68,45 +69,55 @@ pub async fn start(d: &Arc<Daemon>) -> anyhow::Result<std::net::SocketAddr> {
         idle_timeout: c.idle()?,
         ..Default::default()
     };
-    let backend: Arc<dyn crisp_stream::Backend> = Arc::new(super::CrispBackend::new(d));
+    let backend: Arc<dyn crisp_stream::Backend> = Arc::new(super::CrispBackend::new(rt));
     let server = crisp_stream::StreamServer::start(config, backend)
         .await
         .with_context(|| format!("config key `stream.address`/`stream.port` = {addr}"))?;
-    let local = server.local_addr();
-    d.stream
-        .set(Streaming { server })
-        .map_err(|_| anyhow::anyhow!("stream server started twice"))?;
-    Ok(local)
+    Ok(Streaming { server })
 }
 
 /// Stop serving: sessions end (their execs are killed), then wait for their clean-up.
-pub async fn shutdown(d: &Daemon) {
-    if let Some(s) = d.stream.get() {
+pub async fn shutdown(server: Option<&Streaming>, sessions: &Sessions) {
+    if let Some(s) = server {
         s.server.shutdown().await;
     }
-    if !d.stream_sessions.wait_idle(SESSION_CLEANUP).await {
+    if !sessions.wait_idle(SESSION_CLEANUP).await {
         tracing::warn!(
-            sessions = d.stream_sessions.live(),
+            sessions = sessions.live(),
             "streaming sessions still cleaning up at shutdown"
         );
     }
 }
 
+/// What streaming shows on crispd's metrics page, read at each scrape: cheap clones of the
+/// daemon's session count, the container service's attach hubs and the server once started.
+pub struct StreamGauges {
+    pub sessions: Arc<Sessions>,
+    pub hubs: Arc<Hubs>,
+    pub server: Arc<OnceLock<Streaming>>,
+}
+
+impl crate::metrics::Gauges for StreamGauges {
+    fn render(&self, out: &mut String) {
+        render_metrics(self, out);
+    }
+}
+
 /// Streaming's lines on crispd's metrics page: the sessions crispd runs (exec and attach,
 /// including their clean-up) and attach hubs, then the stream server's own counters.
-pub fn render_metrics(d: &Daemon, out: &mut String) {
+fn render_metrics(d: &StreamGauges, out: &mut String) {
     use std::fmt::Write as _;
     let _ = writeln!(
         out,
         "# HELP crisp_stream_sessions_running Exec and attach sessions running or cleaning up.\n# TYPE crisp_stream_sessions_running gauge\ncrisp_stream_sessions_running {}",
-        d.stream_sessions.live()
+        d.sessions.live()
     );
     let _ = writeln!(
         out,
         "# HELP crisp_attach_hubs Running containers whose output attach sessions can follow.\n# TYPE crisp_attach_hubs gauge\ncrisp_attach_hubs {}",
-        d.attach.len()
+        d.hubs.len()
     );
-    let Some(s) = d.stream.get() else { return };
+    let Some(s) = d.server.get() else { return };
     let m = s.metrics();
     let _ = writeln!(
         out,
@@ -122,6 +133,14 @@ pub fn render_metrics(d: &Daemon, out: &mut String) {
         let _ = writeln!(out, "crisp_stream_sessions_total{{kind=\"{kind}\"}} {n}");
     }
     out.push_str("# HELP crisp_stream_bytes_total Payload bytes moved by streaming sessions.\n# TYPE crisp_stream_bytes_total counter\n");
-    let _ = writeln!(out, "crisp_stream_bytes_total{{direction=\"in\"}} {}", m.bytes_in);
-    let _ = writeln!(out, "crisp_stream_bytes_total{{direction=\"out\"}} {}", m.bytes_out);
+    let _ = writeln!(
+        out,
+        "crisp_stream_bytes_total{{direction=\"in\"}} {}",
+        m.bytes_in
+    );
+    let _ = writeln!(
+        out,
+        "crisp_stream_bytes_total{{direction=\"out\"}} {}",
+        m.bytes_out
+    );
 }

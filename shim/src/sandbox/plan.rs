@@ -177,68 +177,8 @@ fn classify_sysctl(key: &str) -> Option<SysctlNs> {
 pub fn plan(spec: &Value, netns_path: &str) -> Result<Plan, PlanError> {
     let mut p = Plan::default();
     let linux = spec.get("linux").cloned().unwrap_or(Value::Null);
-    if let Some(list) = linux.get("namespaces").filter(|v| !v.is_null()) {
-        let list = list
-            .as_array()
-            .ok_or_else(|| bad("linux.namespaces", list, "not a list"))?;
-        for (i, ns) in list.iter().enumerate() {
-            let ty = ns.get("type").and_then(Value::as_str).unwrap_or_default();
-            let path = ns.get("path").and_then(Value::as_str).unwrap_or_default();
-            let action = if path.is_empty() {
-                NsAction::New
-            } else {
-                NsAction::Join(PathBuf::from(path))
-            };
-            let slot = match ty {
-                "pid" => &mut p.pid,
-                "ipc" => &mut p.ipc,
-                "uts" => &mut p.uts,
-                "network" => &mut p.net,
-                "user" => &mut p.user,
-                // pause needs neither a mount nor a cgroup namespace, and a copy of
-                // the host's mounts would only pin them.
-                "mount" | "cgroup" | "time" => continue,
-                other => {
-                    return Err(bad(
-                        format!("linux.namespaces[{i}].type"),
-                        format!("{other:?}"),
-                        "not a namespace type",
-                    ));
-                }
-            };
-            if *slot != NsAction::Host {
-                return Err(bad(
-                    format!("linux.namespaces[{i}].type"),
-                    format!("{ty:?}"),
-                    "listed twice",
-                ));
-            }
-            *slot = action;
-        }
-    }
-    if !netns_path.is_empty() {
-        match &p.net {
-            NsAction::New => p.net = NsAction::Join(PathBuf::from(netns_path)),
-            NsAction::Join(path) if path.as_os_str() != netns_path => {
-                return Err(bad(
-                    "netns_path",
-                    netns_path,
-                    format!(
-                        "differs from the spec's network namespace path {}",
-                        path.display()
-                    ),
-                ));
-            }
-            NsAction::Join(_) => {}
-            NsAction::Host => {
-                return Err(bad(
-                    "netns_path",
-                    netns_path,
-                    "given, but the spec has no network namespace (host network)",
-                ));
-            }
-        }
-    }
+    namespaces(&mut p, &linux)?;
+    request_netns(&mut p, netns_path)?;
     if let NsAction::Join(path) = &p.user {
         return Err(bad(
             "linux.namespaces[type=user].path",
@@ -246,7 +186,96 @@ pub fn plan(spec: &Value, netns_path: &str) -> Result<Plan, PlanError> {
             "joining an existing user namespace is not supported; list it without a path",
         ));
     }
+    id_mappings(&mut p, &linux)?;
+    hostname(&mut p, spec)?;
+    sysctls(&mut p, &linux)?;
+    p.cgroups_path = linux
+        .get("cgroupsPath")
+        .and_then(Value::as_str)
+        .unwrap_or_default()
+        .to_string();
+    process(&mut p, spec)?;
+    Ok(p)
+}
 
+/// `linux.namespaces`: each one new, joined by path, or (unlisted) the host's.
+fn namespaces(p: &mut Plan, linux: &Value) -> Result<(), PlanError> {
+    let Some(list) = linux.get("namespaces").filter(|v| !v.is_null()) else {
+        return Ok(());
+    };
+    let list = list
+        .as_array()
+        .ok_or_else(|| bad("linux.namespaces", list, "not a list"))?;
+    for (i, ns) in list.iter().enumerate() {
+        let ty = ns.get("type").and_then(Value::as_str).unwrap_or_default();
+        let path = ns.get("path").and_then(Value::as_str).unwrap_or_default();
+        let action = if path.is_empty() {
+            NsAction::New
+        } else {
+            NsAction::Join(PathBuf::from(path))
+        };
+        let slot = match ty {
+            "pid" => &mut p.pid,
+            "ipc" => &mut p.ipc,
+            "uts" => &mut p.uts,
+            "network" => &mut p.net,
+            "user" => &mut p.user,
+            // pause needs neither a mount nor a cgroup namespace, and a copy of
+            // the host's mounts would only pin them.
+            "mount" | "cgroup" | "time" => continue,
+            other => {
+                return Err(bad(
+                    format!("linux.namespaces[{i}].type"),
+                    format!("{other:?}"),
+                    "not a namespace type",
+                ));
+            }
+        };
+        if *slot != NsAction::Host {
+            return Err(bad(
+                format!("linux.namespaces[{i}].type"),
+                format!("{ty:?}"),
+                "listed twice",
+            ));
+        }
+        *slot = action;
+    }
+    Ok(())
+}
+
+/// The request's `netns_path` fills in a network namespace listed without a path, and must
+/// agree with one listed with a path.
+fn request_netns(p: &mut Plan, netns_path: &str) -> Result<(), PlanError> {
+    if netns_path.is_empty() {
+        return Ok(());
+    }
+    match &p.net {
+        NsAction::New => p.net = NsAction::Join(PathBuf::from(netns_path)),
+        NsAction::Join(path) if path.as_os_str() != netns_path => {
+            return Err(bad(
+                "netns_path",
+                netns_path,
+                format!(
+                    "differs from the spec's network namespace path {}",
+                    path.display()
+                ),
+            ));
+        }
+        NsAction::Join(_) => {}
+        NsAction::Host => {
+            return Err(bad(
+                "netns_path",
+                netns_path,
+                "given, but the spec has no network namespace (host network)",
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// `linux.uidMappings` / `gidMappings`: they imply a user namespace, as in runc, which
+/// needs both.
+fn id_mappings(p: &mut Plan, linux: &Value) -> Result<(), PlanError> {
     p.uid_mappings = id_maps(linux.get("uidMappings"), "linux.uidMappings")?;
     p.gid_mappings = id_maps(linux.get("gidMappings"), "linux.gidMappings")?;
     let has_maps = !p.uid_mappings.is_empty() || !p.gid_mappings.is_empty();
@@ -260,78 +289,88 @@ pub fn plan(spec: &Value, netns_path: &str) -> Result<Plan, PlanError> {
             "a new user namespace needs both uid and gid mappings",
         ));
     }
+    Ok(())
+}
 
-    if let Some(h) = spec
+/// `hostname`: only in a private uts namespace.
+fn hostname(p: &mut Plan, spec: &Value) -> Result<(), PlanError> {
+    let Some(h) = spec
         .get("hostname")
         .and_then(Value::as_str)
         .filter(|h| !h.is_empty())
-    {
-        if p.uts == NsAction::Host {
-            return Err(bad(
-                "hostname",
-                h,
-                "cannot be set without a private uts namespace",
-            ));
-        }
-        if h.len() > 64 || h.contains('\0') {
-            return Err(bad("hostname", h, "longer than 64 bytes or holds a NUL"));
-        }
-        p.hostname = Some(h.to_string());
+    else {
+        return Ok(());
+    };
+    if p.uts == NsAction::Host {
+        return Err(bad(
+            "hostname",
+            h,
+            "cannot be set without a private uts namespace",
+        ));
     }
-
-    if let Some(map) = linux.get("sysctl").filter(|v| !v.is_null()) {
-        let map = map
-            .as_object()
-            .ok_or_else(|| bad("linux.sysctl", map, "not a map"))?;
-        let mut keys: Vec<&String> = map.keys().collect();
-        keys.sort(); // deterministic order
-        for key in keys {
-            let field = format!("linux.sysctl[{key:?}]");
-            let value = map[key]
-                .as_str()
-                .ok_or_else(|| bad(&field, &map[key], "value is not a string"))?;
-            if key.is_empty()
-                || key.contains("..")
-                || key.contains('\0')
-                || key.starts_with(['.', '/'])
-            {
-                return Err(bad(&field, key, "not a sysctl name"));
-            }
-            if value.contains('\0') {
-                return Err(bad(&field, value, "value holds a NUL"));
-            }
-            let ns = classify_sysctl(key).ok_or_else(|| {
-                bad(
-                    &field,
-                    key,
-                    "not a namespaced sysctl (net.*, kernel.shm*/msg*/sem, fs.mqueue.*)",
-                )
-            })?;
-            let (private, ns_name) = match ns {
-                SysctlNs::Net => (p.net != NsAction::Host, "network"),
-                SysctlNs::Ipc => (p.ipc != NsAction::Host, "ipc"),
-                SysctlNs::Uts => (p.uts != NsAction::Host, "uts"),
-            };
-            if !private {
-                return Err(bad(
-                    &field,
-                    key,
-                    format!("needs a private {ns_name} namespace; the spec shares the host's"),
-                ));
-            }
-            p.sysctls.push(Sysctl {
-                key: key.clone(),
-                value: value.to_string(),
-                ns,
-            });
-        }
+    if h.len() > 64 || h.contains('\0') {
+        return Err(bad("hostname", h, "longer than 64 bytes or holds a NUL"));
     }
+    p.hostname = Some(h.to_string());
+    Ok(())
+}
 
-    p.cgroups_path = linux
-        .get("cgroupsPath")
-        .and_then(Value::as_str)
-        .unwrap_or_default()
-        .to_string();
+/// `linux.sysctl`: namespaced ones only, each in a namespace the pod has its own of.
+fn sysctls(p: &mut Plan, linux: &Value) -> Result<(), PlanError> {
+    let Some(map) = linux.get("sysctl").filter(|v| !v.is_null()) else {
+        return Ok(());
+    };
+    let map = map
+        .as_object()
+        .ok_or_else(|| bad("linux.sysctl", map, "not a map"))?;
+    let mut keys: Vec<&String> = map.keys().collect();
+    keys.sort(); // deterministic order
+    for key in keys {
+        let sc = sysctl(p, key, &map[key])?;
+        p.sysctls.push(sc);
+    }
+    Ok(())
+}
+
+fn sysctl(p: &Plan, key: &str, value: &Value) -> Result<Sysctl, PlanError> {
+    let field = format!("linux.sysctl[{key:?}]");
+    let value = value
+        .as_str()
+        .ok_or_else(|| bad(&field, value, "value is not a string"))?;
+    if key.is_empty() || key.contains("..") || key.contains('\0') || key.starts_with(['.', '/']) {
+        return Err(bad(&field, key, "not a sysctl name"));
+    }
+    if value.contains('\0') {
+        return Err(bad(&field, value, "value holds a NUL"));
+    }
+    let ns = classify_sysctl(key).ok_or_else(|| {
+        bad(
+            &field,
+            key,
+            "not a namespaced sysctl (net.*, kernel.shm*/msg*/sem, fs.mqueue.*)",
+        )
+    })?;
+    let (private, ns_name) = match ns {
+        SysctlNs::Net => (p.net != NsAction::Host, "network"),
+        SysctlNs::Ipc => (p.ipc != NsAction::Host, "ipc"),
+        SysctlNs::Uts => (p.uts != NsAction::Host, "uts"),
+    };
+    if !private {
+        return Err(bad(
+            &field,
+            key,
+            format!("needs a private {ns_name} namespace; the spec shares the host's"),
+        ));
+    }
+    Ok(Sysctl {
+        key: key.to_string(),
+        value: value.to_string(),
+        ns,
+    })
+}
+
+/// `process`: oomScoreAdj and the user (uid, gid, additional gids).
+fn process(p: &mut Plan, spec: &Value) -> Result<(), PlanError> {
     let process = spec.get("process").cloned().unwrap_or(Value::Null);
     if let Some(v) = process.get("oomScoreAdj").filter(|v| !v.is_null()) {
         let adj = v
@@ -349,7 +388,7 @@ pub fn plan(spec: &Value, netns_path: &str) -> Result<Plan, PlanError> {
                 .push(u32_field(g, &format!("process.user.additionalGids[{i}]"))?);
         }
     }
-    Ok(p)
+    Ok(())
 }
 
 #[cfg(test)]

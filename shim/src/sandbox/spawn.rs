@@ -181,6 +181,8 @@ struct ChildArgs {
     uid: libc::uid_t,
     gid: libc::gid_t,
     groups: Vec<libc::gid_t>,
+    /// `argv[0]` points into `argv0` (a CString's buffer stays put when the struct moves).
+    argv0: CString,
     argv: [*const c_char; 2],
     envp: [*const c_char; 1],
     empty: CString,
@@ -200,75 +202,126 @@ const STEPS: [&str; 10] = [
     "set no_new_privs",
 ];
 
-/// Runs in the child: raw syscalls only. Never returns.
+/// Runs in the child: raw syscalls only (no allocation, no lock: the clone copied one thread
+/// of a multi-threaded process), one named step each, in this order. Never returns.
 fn child_main(a: &ChildArgs) -> ! {
-    fn fail(a: &ChildArgs, step: usize) -> ! {
-        // SAFETY: errno location is thread-local and always valid.
-        let errno = unsafe { *libc::__errno_location() };
-        let msg = [(step as i32).to_ne_bytes(), errno.to_ne_bytes()].concat_array();
-        // SAFETY: write/_exit are async-signal-safe; msg lives on this stack.
-        unsafe {
-            libc::write(a.err_w, msg.as_ptr().cast(), msg.len());
-            libc::_exit(127)
+    wait_for_parent(a);
+    if a.ns_root {
+        become_ns_root(a);
+    }
+    set_hostname(a);
+    write_sysctls(a);
+    set_ids_and_drop_caps(a);
+    set_parent_death_signal(a);
+    set_no_new_privs(a);
+    exec_pause(a)
+}
+
+/// Report the failed step and errno on the error pipe and exit.
+fn fail(a: &ChildArgs, step: usize) -> ! {
+    // SAFETY: errno location is thread-local and always valid.
+    let errno = unsafe { *libc::__errno_location() };
+    let msg = [(step as i32).to_ne_bytes(), errno.to_ne_bytes()].concat_array();
+    // SAFETY: write/_exit are async-signal-safe; msg lives on this stack.
+    unsafe {
+        libc::write(a.err_w, msg.as_ptr().cast(), msg.len());
+        libc::_exit(127)
+    }
+}
+
+/// Step 0: block until the shim has written the id maps, oom_score_adj and cgroups.
+fn wait_for_parent(a: &ChildArgs) {
+    let mut b = [0u8; 1];
+    // SAFETY: read(2) on the sync pipe's read end (open, owned by this process) into a
+    // one-byte stack buffer.
+    if unsafe { libc::read(a.sync_r, b.as_mut_ptr().cast(), 1) } != 1 {
+        fail(a, 0);
+    }
+}
+
+/// Step 7: in a new user namespace, become its root (the maps are written by now).
+fn become_ns_root(a: &ChildArgs) {
+    // SAFETY: setresgid/setresuid take plain integers and only change this process's ids.
+    if unsafe { libc::setresgid(0, 0, 0) < 0 || libc::setresuid(0, 0, 0) < 0 } {
+        fail(a, 7);
+    }
+}
+
+/// Step 1: the pod's hostname, in its own UTS namespace.
+fn set_hostname(a: &ChildArgs) {
+    if let Some(h) = &a.hostname
+        // SAFETY: `h` is a CString prepared before the clone; the length excludes the NUL.
+        && unsafe { libc::sethostname(h.as_ptr(), h.as_bytes().len()) } < 0
+    {
+        fail(a, 1);
+    }
+}
+
+/// Step 2: the sysctls of the namespaces the child created, written from inside them.
+fn write_sysctls(a: &ChildArgs) {
+    for (path, value) in &a.sysctls {
+        // SAFETY: `path` is a CString prepared before the clone; the fd is checked.
+        let fd = unsafe { libc::open(path.as_ptr(), libc::O_WRONLY | libc::O_CLOEXEC) };
+        if fd < 0 {
+            fail(a, 2);
+        }
+        let v = value.as_bytes();
+        // SAFETY: write(2) of a buffer prepared before the clone to the fd opened above,
+        // which is then closed.
+        let written = unsafe { libc::write(fd, v.as_ptr().cast(), v.len()) };
+        // SAFETY: closes the fd opened above, used by nothing else.
+        unsafe { libc::close(fd) };
+        if written != v.len() as isize {
+            fail(a, 2);
         }
     }
-    let mut b = [0u8; 1];
-    // SAFETY: (all below) async-signal-safe syscalls on fds and buffers prepared
-    // before the clone; every result is checked.
+}
+
+/// Steps 3, 4, 5: groups and gid, then (while CAP_SETPCAP is still held) an empty bounding
+/// set, so even a root pause execs with no capabilities, then the uid.
+fn set_ids_and_drop_caps(a: &ChildArgs) {
+    // SAFETY: `groups` is a Vec prepared before the clone; its pointer and length agree.
+    if unsafe { libc::setgroups(a.groups.len(), a.groups.as_ptr()) } < 0 {
+        fail(a, 3);
+    }
+    // SAFETY: setresgid takes plain integers and changes only this process's gids.
+    if unsafe { libc::setresgid(a.gid, a.gid, a.gid) } < 0 {
+        fail(a, 4);
+    }
+    // Numbers past the kernel's last capability fail with EINVAL: ignored.
+    for cap in 0..64 {
+        // SAFETY: prctl(PR_CAPBSET_DROP) with integer arguments; affects only this process.
+        unsafe { libc::prctl(libc::PR_CAPBSET_DROP, cap as libc::c_ulong, 0, 0, 0) };
+    }
+    // SAFETY: setresuid takes plain integers and changes only this process's uids.
+    if unsafe { libc::setresuid(a.uid, a.uid, a.uid) } < 0 {
+        fail(a, 5);
+    }
+}
+
+/// Step 8: die with the shim's keeper thread (set after the id changes, which clear it).
+fn set_parent_death_signal(a: &ChildArgs) {
+    let sig = libc::SIGKILL as libc::c_ulong;
+    // SAFETY: prctl(PR_SET_PDEATHSIG) with integer arguments; affects only this process.
+    if unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, sig, 0, 0, 0) } < 0 {
+        fail(a, 8);
+    }
+}
+
+/// Step 9: no privilege can be gained through exec from here on.
+fn set_no_new_privs(a: &ChildArgs) {
+    // SAFETY: prctl(PR_SET_NO_NEW_PRIVS) with integer arguments; affects only this process.
+    if unsafe { libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1 as libc::c_ulong, 0, 0, 0) } < 0 {
+        fail(a, 9);
+    }
+}
+
+/// Step 6: exec the pause binary from its memfd; returning at all is the failure.
+fn exec_pause(a: &ChildArgs) -> ! {
+    // SAFETY: execveat on the pause memfd (open in this process) with an empty path and
+    // AT_EMPTY_PATH; argv and envp are NULL-terminated arrays prepared before the clone,
+    // pointing at CStrings that live as long as `a`.
     unsafe {
-        if libc::read(a.sync_r, b.as_mut_ptr().cast(), 1) != 1 {
-            fail(a, 0);
-        }
-        if a.ns_root && (libc::setresgid(0, 0, 0) < 0 || libc::setresuid(0, 0, 0) < 0) {
-            fail(a, 7);
-        }
-        if let Some(h) = &a.hostname
-            && libc::sethostname(h.as_ptr(), h.as_bytes().len()) < 0
-        {
-            fail(a, 1);
-        }
-        for (path, value) in &a.sysctls {
-            let fd = libc::open(path.as_ptr(), libc::O_WRONLY | libc::O_CLOEXEC);
-            if fd < 0 {
-                fail(a, 2);
-            }
-            let v = value.as_bytes();
-            if libc::write(fd, v.as_ptr().cast(), v.len()) != v.len() as isize {
-                fail(a, 2);
-            }
-            libc::close(fd);
-        }
-        if libc::setgroups(a.groups.len(), a.groups.as_ptr()) < 0 {
-            fail(a, 3);
-        }
-        if libc::setresgid(a.gid, a.gid, a.gid) < 0 {
-            fail(a, 4);
-        }
-        // pause needs no privilege: empty its bounding set while it still may
-        // (CAP_SETPCAP), so even a root pause execs with no capabilities.
-        // Numbers past the kernel's last capability fail with EINVAL: ignored.
-        let mut cap = 0;
-        while cap < 64 {
-            libc::prctl(libc::PR_CAPBSET_DROP, cap as libc::c_ulong, 0, 0, 0);
-            cap += 1;
-        }
-        if libc::setresuid(a.uid, a.uid, a.uid) < 0 {
-            fail(a, 5);
-        }
-        // After the id changes, which clear it.
-        if libc::prctl(
-            libc::PR_SET_PDEATHSIG,
-            libc::SIGKILL as libc::c_ulong,
-            0,
-            0,
-            0,
-        ) < 0
-        {
-            fail(a, 8);
-        }
-        if libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1 as libc::c_ulong, 0, 0, 0) < 0 {
-            fail(a, 9);
-        }
         libc::syscall(
             libc::SYS_execveat,
             a.exe,
@@ -466,19 +519,80 @@ pub fn spawn(
     })
 }
 
+/// Timings of the spawn's phases, for the sandbox's start-up log.
+struct Laps {
+    clock: std::time::Instant,
+    phases: Vec<(&'static str, u64)>,
+}
+
+impl Laps {
+    fn new() -> Laps {
+        Laps {
+            clock: std::time::Instant::now(),
+            phases: Vec::new(),
+        }
+    }
+
+    fn lap(&mut self, name: &'static str) {
+        self.phases
+            .push((name, self.clock.elapsed().as_micros() as u64));
+        self.clock = std::time::Instant::now();
+    }
+}
+
 fn spawn_on_this_thread(
     exe: RawFd,
     plan: &Plan,
     cgroup_dirs: &[PathBuf],
     oom_score_adj: Option<i64>,
 ) -> Result<Started, SpawnError> {
-    let mut clock = std::time::Instant::now();
-    let mut phases = Vec::new();
-    let mut lap = |name: &'static str| {
-        phases.push((name, clock.elapsed().as_micros() as u64));
-        clock = std::time::Instant::now();
+    let mut laps = Laps::new();
+    // 1. Join the namespaces given by path (as host root, before any user namespace), and
+    //    write the sysctls of joined ones.
+    let flags = join_namespaces(plan)?;
+    let child_sysctls = write_joined_sysctls(plan)?;
+    laps.lap("join+sysctl");
+    // 2. Cgroups.
+    let mut place = Placement::enter(cgroup_dirs)?;
+    laps.lap("cgroup");
+    // 3. Everything the child touches, prepared now.
+    let setup_err = |err| SpawnError::Setup {
+        what: "pipe".into(),
+        err,
     };
-    // 1. Join the namespaces given by path (as host root, before any user namespace).
+    let (sync_r, sync_w) = pipe().map_err(setup_err)?;
+    let (err_r, err_w) = pipe().map_err(setup_err)?;
+    let args = child_args(
+        plan,
+        exe,
+        sync_r.as_raw_fd(),
+        err_w.as_raw_fd(),
+        child_sysctls,
+    )?;
+    // 4. Clone.
+    let (pid, pidfd) = clone_child(flags, &args, &mut place)?;
+    drop(sync_r);
+    drop(err_w);
+    laps.lap("clone");
+    let undo = |e: SpawnError| {
+        let _ = signal(&pidfd, libc::SIGKILL);
+        e
+    };
+    // 5. While the child waits: user namespace maps, oom_score_adj, cgroup.
+    prepare_child(pid, plan, oom_score_adj, &place.after_clone).map_err(undo)?;
+    laps.lap("maps+oom");
+    // 6. Release the child and learn whether its exec worked.
+    release_child(sync_w, err_r).map_err(undo)?;
+    laps.lap("exec");
+    Ok(Started {
+        pid,
+        pidfd,
+        phases: laps.phases,
+    })
+}
+
+/// setns into each namespace the plan joins by path; the clone flags of those it creates.
+fn join_namespaces(plan: &Plan) -> Result<u64, SpawnError> {
     let joins: [(&'static str, libc::c_int, &NsAction); 4] = [
         ("ipc", libc::CLONE_NEWIPC, &plan.ipc),
         ("uts", libc::CLONE_NEWUTS, &plan.uts),
@@ -496,8 +610,12 @@ fn spawn_on_this_thread(
     if plan.user == NsAction::New {
         flags |= libc::CLONE_NEWUSER as u64;
     }
-    // 2. Sysctls of joined namespaces are written here, with the host's
-    //    privileges over them; those of new namespaces by the child, inside them.
+    Ok(flags)
+}
+
+/// Sysctls of joined namespaces are written here, with the host's privileges over them;
+/// those of new namespaces are returned for the child to write, inside them.
+fn write_joined_sysctls(plan: &Plan) -> Result<Vec<(CString, CString)>, SpawnError> {
     let mut child_sysctls = Vec::new();
     for sc in &plan.sysctls {
         let joined = matches!(
@@ -520,113 +638,151 @@ fn spawn_on_this_thread(
             ));
         }
     }
-    lap("join+sysctl");
-    // Cgroups: this thread moves itself into the v1 ones (cheap, see
-    // cgroup::move_current_thread) so the clone starts there, and moves back
-    // right after; a cgroup2 directory is entered by the clone itself
-    // (CLONE_INTO_CGROUP). Elsewhere, the child is placed after the clone.
-    cgroup::create(cgroup_dirs)?;
-    // Where this thread was, to go back after the clone: it lives on as the
-    // Keeper and must not hold the pod's cgroups.
-    let homes: Vec<(PathBuf, PathBuf)> = cgroup::hierarchies()?
-        .into_iter()
-        .zip(cgroup::current_thread_dirs()?)
-        .filter_map(|(h, home)| Some((h.mountpoint, home?)))
-        .collect();
-    let mut moved = Vec::new();
-    let mut v2_dir = None;
-    let mut after_clone = Vec::new();
-    for dir in cgroup_dirs {
-        if cgroup::is_v2(dir) {
-            if v2_dir.is_none() {
-                let f = File::open(dir).map_err(|err| SpawnError::Setup {
-                    what: format!("open {}", dir.display()),
-                    err,
-                })?;
-                v2_dir = Some((f, dir.clone()));
+    Ok(child_sysctls)
+}
+
+/// Where the clone goes in each cgroup hierarchy. This thread moves itself into the v1 ones
+/// (cheap, see cgroup::move_current_thread) so the clone starts there, and moves back right
+/// after; a cgroup2 directory is entered by the clone itself (CLONE_INTO_CGROUP). Elsewhere,
+/// the child is placed after the clone.
+struct Placement {
+    /// Where this thread was, to go back after the clone: it lives on as the Keeper and must
+    /// not hold the pod's cgroups.
+    moved: Vec<PathBuf>,
+    v2_dir: Option<(File, PathBuf)>,
+    after_clone: Vec<PathBuf>,
+}
+
+impl Placement {
+    fn enter(cgroup_dirs: &[PathBuf]) -> Result<Placement, SpawnError> {
+        cgroup::create(cgroup_dirs)?;
+        let homes: Vec<(PathBuf, PathBuf)> = cgroup::hierarchies()?
+            .into_iter()
+            .zip(cgroup::current_thread_dirs()?)
+            .filter_map(|(h, home)| Some((h.mountpoint, home?)))
+            .collect();
+        let mut p = Placement {
+            moved: Vec::new(),
+            v2_dir: None,
+            after_clone: Vec::new(),
+        };
+        for dir in cgroup_dirs {
+            if cgroup::is_v2(dir) {
+                p.enter_v2(dir)?;
             } else {
-                after_clone.push(dir.clone());
+                p.enter_v1(dir, &homes);
             }
-        } else {
-            let home = homes
-                .iter()
-                .filter(|(m, _)| dir.starts_with(m))
-                .max_by_key(|(m, _)| m.as_os_str().len())
-                .map(|(_, h)| h.clone());
-            match home {
-                Some(home) => match cgroup::move_current_thread(dir) {
-                    Ok(()) => moved.push(home),
-                    Err(e) => {
-                        tracing::debug!(error = %e, "thread move refused; placing the child after the clone");
-                        after_clone.push(dir.clone());
-                    }
-                },
-                None => after_clone.push(dir.clone()),
+        }
+        Ok(p)
+    }
+
+    fn enter_v2(&mut self, dir: &Path) -> Result<(), SpawnError> {
+        if self.v2_dir.is_some() {
+            self.after_clone.push(dir.to_path_buf());
+            return Ok(());
+        }
+        let f = File::open(dir).map_err(|err| SpawnError::Setup {
+            what: format!("open {}", dir.display()),
+            err,
+        })?;
+        self.v2_dir = Some((f, dir.to_path_buf()));
+        Ok(())
+    }
+
+    fn enter_v1(&mut self, dir: &Path, homes: &[(PathBuf, PathBuf)]) {
+        let home = homes
+            .iter()
+            .filter(|(m, _)| dir.starts_with(m))
+            .max_by_key(|(m, _)| m.as_os_str().len())
+            .map(|(_, h)| h.clone());
+        match home {
+            Some(home) => match cgroup::move_current_thread(dir) {
+                Ok(()) => self.moved.push(home),
+                Err(e) => {
+                    tracing::debug!(error = %e, "thread move refused; placing the child after the clone");
+                    self.after_clone.push(dir.to_path_buf());
+                }
+            },
+            None => self.after_clone.push(dir.to_path_buf()),
+        }
+    }
+
+    /// After the clone: this thread leaves the pod's cgroups.
+    fn leave(&self) {
+        for home in &self.moved {
+            if let Err(e) = cgroup::move_current_thread(home) {
+                // The pod's cgroup then stays busy until this thread ends with pause.
+                tracing::warn!(error = %e, "pause-keeper thread could not leave the pod's cgroup");
             }
         }
     }
-    lap("cgroup");
-    // 3. Everything the child touches, prepared now.
-    let (sync_r, sync_w) = pipe().map_err(|err| SpawnError::Setup {
-        what: "pipe".into(),
-        err,
-    })?;
-    let (err_r, err_w) = pipe().map_err(|err| SpawnError::Setup {
-        what: "pipe".into(),
-        err,
-    })?;
-    let name = cstring("argv", "pause")?;
+}
+
+/// The child's arguments, every buffer allocated before the clone.
+fn child_args(
+    plan: &Plan,
+    exe: RawFd,
+    sync_r: RawFd,
+    err_w: RawFd,
+    sysctls: Vec<(CString, CString)>,
+) -> Result<ChildArgs, SpawnError> {
     let mut groups: Vec<libc::gid_t> = plan.additional_gids.clone();
     groups.sort_unstable();
     groups.dedup();
     let mut args = ChildArgs {
-        sync_r: sync_r.as_raw_fd(),
-        err_w: err_w.as_raw_fd(),
+        sync_r,
+        err_w,
         exe,
         hostname: plan
             .hostname
             .as_deref()
             .map(|h| cstring("hostname", h))
             .transpose()?,
-        sysctls: child_sysctls,
+        sysctls,
         ns_root: plan.user == NsAction::New,
         uid: plan.uid,
         gid: plan.gid,
         groups,
+        argv0: cstring("argv", "pause")?,
         argv: [std::ptr::null(), std::ptr::null()],
         envp: [std::ptr::null()],
         empty: cstring("path", "")?,
     };
-    args.argv[0] = name.as_ptr();
+    args.argv[0] = args.argv0.as_ptr();
+    Ok(args)
+}
 
-    // 4. Clone.
-    let cgroup_fd = v2_dir.as_ref().map(|(f, _)| f.as_raw_fd());
-    let (pid, pidfd, placed) =
-        match fork_into(flags, cgroup_fd).map_err(|err| SpawnError::Setup {
-            what: "clone".into(),
-            err,
-        })? {
-            Forked::Child => child_main(&args),
-            Forked::Parent(pid, fd, placed) => (pid, fd, placed),
-        };
-    if let Some((_, dir)) = v2_dir.filter(|_| !placed) {
-        after_clone.push(dir);
-    }
-    for home in &moved {
-        if let Err(e) = cgroup::move_current_thread(home) {
-            // The pod's cgroup then stays busy until this thread ends with pause.
-            tracing::warn!(error = %e, "pause-keeper thread could not leave the pod's cgroup");
-        }
-    }
-    drop(sync_r);
-    drop(err_w);
-    lap("clone");
-    let undo = |e: SpawnError| {
-        let _ = signal(&pidfd, libc::SIGKILL);
-        e
+/// Clone the child (which runs [`child_main`] and never returns here); this thread then
+/// leaves the pod's cgroups. Returns the child's pid and pidfd.
+fn clone_child(
+    flags: u64,
+    args: &ChildArgs,
+    place: &mut Placement,
+) -> Result<(i32, OwnedFd), SpawnError> {
+    let cgroup_fd = place.v2_dir.as_ref().map(|(f, _)| f.as_raw_fd());
+    let forked = fork_into(flags, cgroup_fd).map_err(|err| SpawnError::Setup {
+        what: "clone".into(),
+        err,
+    })?;
+    let (pid, pidfd, placed) = match forked {
+        Forked::Child => child_main(args),
+        Forked::Parent(pid, fd, placed) => (pid, fd, placed),
     };
+    if let Some((_, dir)) = place.v2_dir.take().filter(|_| !placed) {
+        place.after_clone.push(dir);
+    }
+    place.leave();
+    Ok((pid, pidfd))
+}
 
-    // 5. While the child waits: user namespace maps, oom_score_adj, cgroup.
+/// While the child waits on the sync pipe: its user namespace maps, its oom_score_adj and
+/// the cgroups it could not be cloned into.
+fn prepare_child(
+    pid: i32,
+    plan: &Plan,
+    oom_score_adj: Option<i64>,
+    after_clone: &[PathBuf],
+) -> Result<(), SpawnError> {
     let setup = |what: &str, path: String, text: String| {
         std::fs::write(&path, text).map_err(|err| SpawnError::Setup {
             what: format!("{what} ({path})"),
@@ -634,49 +790,34 @@ fn spawn_on_this_thread(
         })
     };
     if plan.user == NsAction::New {
-        setup(
-            "uid map",
-            format!("/proc/{pid}/uid_map"),
-            map_text(&plan.uid_mappings),
-        )
-        .map_err(undo)?;
-        setup(
-            "gid map",
-            format!("/proc/{pid}/gid_map"),
-            map_text(&plan.gid_mappings),
-        )
-        .map_err(undo)?;
+        let uid_map = map_text(&plan.uid_mappings);
+        setup("uid map", format!("/proc/{pid}/uid_map"), uid_map)?;
+        let gid_map = map_text(&plan.gid_mappings);
+        setup("gid map", format!("/proc/{pid}/gid_map"), gid_map)?;
     }
     if let Some(adj) = oom_score_adj {
-        setup(
-            "oom_score_adj",
-            format!("/proc/{pid}/oom_score_adj"),
-            adj.to_string(),
-        )
-        .map_err(undo)?;
+        let path = format!("/proc/{pid}/oom_score_adj");
+        setup("oom_score_adj", path, adj.to_string())?;
     }
-    cgroup::add(&after_clone, pid)
-        .map_err(SpawnError::from)
-        .map_err(undo)?;
-    lap("maps+oom");
+    cgroup::add(after_clone, pid).map_err(SpawnError::from)
+}
 
-    // 6. Release the child and learn whether its exec worked: the error pipe
-    //    closes on exec (O_CLOEXEC) or carries (step, errno).
+/// Let the child go on, and learn whether its exec worked: the error pipe closes on exec
+/// (O_CLOEXEC) or carries (step, errno).
+fn release_child(sync_w: OwnedFd, err_r: OwnedFd) -> Result<(), SpawnError> {
     let mut w = File::from(sync_w);
-    w.write_all(&[0]).map_err(|err| {
-        undo(SpawnError::Setup {
-            what: "release pause".into(),
-            err,
-        })
+    w.write_all(&[0]).map_err(|err| SpawnError::Setup {
+        what: "release pause".into(),
+        err,
     })?;
     drop(w);
     let mut msg = Vec::new();
-    File::from(err_r).read_to_end(&mut msg).map_err(|err| {
-        undo(SpawnError::Setup {
+    File::from(err_r)
+        .read_to_end(&mut msg)
+        .map_err(|err| SpawnError::Setup {
             what: "read pause status".into(),
             err,
-        })
-    })?;
+        })?;
     if msg.len() >= 8 {
         let step = i32::from_ne_bytes([msg[0], msg[1], msg[2], msg[3]]) as usize;
         let errno = i32::from_ne_bytes([msg[4], msg[5], msg[6], msg[7]]);
@@ -685,6 +826,5 @@ fn spawn_on_this_thread(
             err: io::Error::from_raw_os_error(errno),
         });
     }
-    lap("exec");
-    Ok(Started { pid, pidfd, phases })
+    Ok(())
 }

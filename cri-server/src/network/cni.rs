@@ -20,7 +20,7 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 
-use crate::instrument::{ErrorKind, HasKind};
+use crate::error::{ErrorKind, HasKind};
 
 #[derive(Debug, thiserror::Error)]
 pub enum CniError {
@@ -298,7 +298,7 @@ impl CniManager {
         // Also when the file is there but no longer a namespace (a crash between umount and
         // unlink, or during creation): plugins reject a path that is not nsfs.
         let ns = Path::new(&request.netns);
-        if !ns.exists() || (ns.is_file() && !crate::netns::is_netns(ns)) {
+        if !ns.exists() || (ns.is_file() && !crate::network::netns::is_netns(ns)) {
             request.netns = String::new();
         }
         run_list(&cfg, &self.bin_dir, Command::Del, &request, prev)?;

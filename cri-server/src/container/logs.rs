@@ -124,6 +124,12 @@ impl CriLog {
     }
 }
 
+/// Who else reads a container's output as it is copied (its attach hub,
+/// `crate::container::attach`). `publish` must never block the copy.
+pub trait OutputTap: Send + Sync {
+    fn publish(&self, stream: Stream, data: &[u8]);
+}
+
 /// Copy one stream into the log until EOF, splitting into records. Returns the number of
 /// records written (or attempted).
 pub async fn copy_stream<R: AsyncRead + Unpin>(
@@ -135,12 +141,12 @@ pub async fn copy_stream<R: AsyncRead + Unpin>(
 }
 
 /// [`copy_stream`], also offering each chunk read to the container's attach sessions
-/// (`crate::stream::attach`; never blocks the copy).
+/// ([`OutputTap`]; never blocks the copy).
 pub async fn copy_stream_tapped<R: AsyncRead + Unpin>(
     mut r: R,
     stream: Stream,
     log: &CriLog,
-    tap: Option<&crate::stream::attach::Tap>,
+    tap: Option<&dyn OutputTap>,
 ) -> io::Result<u64> {
     let max = log.max_line;
     let mut buf: Vec<u8> = Vec::with_capacity(max.min(64 * 1024) + 1);
@@ -234,7 +240,7 @@ pub async fn copy_from_fifo(
     file: File,
     stream: Stream,
     log: std::sync::Arc<CriLog>,
-    tap: Option<std::sync::Arc<crate::stream::attach::Tap>>,
+    tap: Option<std::sync::Arc<dyn OutputTap>>,
 ) -> io::Result<u64> {
     let rx = tokio::net::unix::pipe::Receiver::from_file(file)?;
     copy_stream_tapped(rx, stream, &log, tap.as_deref()).await

@@ -268,7 +268,7 @@ mod tests {
             ..Default::default()
         };
         ev.forward(
-            crate::shim_client::ctx(std::time::Duration::from_secs(2)),
+            crate::shim::client::ctx(std::time::Duration::from_secs(2)),
             &req,
         )
         .await

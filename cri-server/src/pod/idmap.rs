@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 
 use crisp_proto::cri::v1::{IdMapping, NamespaceMode, UserNamespace};
 
-use crate::instrument::{ErrorKind, HasKind};
+use crate::error::{ErrorKind, HasKind};
 use crate::store::records::IdRangeRecord;
 use crate::store::{self, ID_RANGES, Record, Store, StoreError};
 

@@ -14,7 +14,7 @@ use nix::errno::Errno;
 use nix::mount::{MntFlags, MsFlags, mount, umount2};
 use nix::sched::{CloneFlags, setns, unshare};
 
-use crate::instrument::{ErrorKind, HasKind};
+use crate::error::{ErrorKind, HasKind};
 
 #[derive(Debug, thiserror::Error)]
 pub enum NetnsError {

@@ -15,8 +15,8 @@ use containerd_shim_protos::shim_async::TaskClient;
 use containerd_shim_protos::ttrpc;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-use crate::instrument::{ErrorKind, HasKind};
-pub use crate::shim_events::ShimEvent;
+use crate::error::{ErrorKind, HasKind};
+pub use crate::shim::events::ShimEvent;
 
 /// How long `<shim> start` may take to print its address before we give up on it.
 const START_TIMEOUT: Duration = Duration::from_secs(20);
@@ -231,23 +231,76 @@ impl ShimClient {
     }
 }
 
-/// A shim call's error as a CRI error naming the call and the pod; the shim's gRPC-style code
-/// is kept (its NotFound / InvalidArgument / FailedPrecondition mean the same to kubelet).
-pub fn rpc_error(call: &str, pod_id: &str, e: ttrpc::Error) -> crate::instrument::CriError {
-    use crate::instrument::CriError;
-    match e {
-        ttrpc::Error::RpcStatus(s) => CriError::new(
-            status_kind(s.code()),
-            format!("pod {pod_id}: shim {call}: {}", s.message()),
-        ),
-        other => CriError::new(
-            if is_gone(&other) {
-                ErrorKind::Unavailable
-            } else {
-                ErrorKind::Internal
-            },
-            format!("pod {pod_id}: shim {call}: {other}"),
-        ),
+/// Which of the shim's services a call went to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Service {
+    /// The sandbox service (the pause): an error that is neither an answer nor a closed
+    /// connection is crispd's own failure (Internal).
+    Sandbox,
+    /// The task service (containers, execs): any failure to get an answer means the shim is
+    /// unreachable (Unavailable), which callers treat as "the shim died".
+    Task,
+}
+
+/// The one error of a call to a shim, naming the call and its object. The shim's gRPC-style
+/// code is kept (its NotFound / InvalidArgument / FailedPrecondition mean the same to
+/// kubelet); a broken connection is Unavailable.
+#[derive(Debug)]
+pub struct ShimCallError {
+    /// The object and the call, e.g. `pod <id>: shim StartSandbox`.
+    pub target: String,
+    pub service: Service,
+    pub source: ttrpc::Error,
+}
+
+impl ShimCallError {
+    /// A sandbox-service call `call` for pod `pod_id`.
+    pub fn sandbox(call: &str, pod_id: &str, source: ttrpc::Error) -> Self {
+        Self {
+            target: format!("pod {pod_id}: shim {call}"),
+            service: Service::Sandbox,
+            source,
+        }
+    }
+
+    /// A task-service call; `target` names the call and object.
+    pub fn task(target: impl Into<String>, source: ttrpc::Error) -> Self {
+        Self {
+            target: target.into(),
+            service: Service::Task,
+            source,
+        }
+    }
+
+    /// The shim answered that it does not know the object.
+    pub fn is_not_found(&self) -> bool {
+        is_not_found(&self.source)
+    }
+}
+
+impl std::fmt::Display for ShimCallError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match (&self.source, self.service) {
+            (ttrpc::Error::RpcStatus(s), _) => write!(f, "{}: {}", self.target, s.message()),
+            (e, Service::Sandbox) => write!(f, "{}: {e}", self.target),
+            (e, Service::Task) => write!(f, "{}: shim unreachable: {e}", self.target),
+        }
+    }
+}
+
+impl std::error::Error for ShimCallError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        Some(&self.source)
+    }
+}
+
+impl HasKind for ShimCallError {
+    fn kind(&self) -> ErrorKind {
+        match (&self.source, self.service) {
+            (ttrpc::Error::RpcStatus(s), _) => status_kind(s.code()),
+            (e, Service::Sandbox) if !is_gone(e) => ErrorKind::Internal,
+            _ => ErrorKind::Unavailable,
+        }
     }
 }
 
@@ -331,6 +384,35 @@ impl Shims {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn shim_codes_carry_over() {
+        use crate::error::CriError;
+        let e = CriError::from(ShimCallError::task(
+            "Stats",
+            ttrpc::Error::RpcStatus(ttrpc::get_status(
+                ttrpc::Code::NOT_FOUND,
+                "task c1 not found",
+            )),
+        ));
+        assert_eq!(e.kind, ErrorKind::NotFound);
+        assert_eq!(e.message, "Stats: task c1 not found");
+        let e = CriError::from(ShimCallError::task(
+            "Stats",
+            ttrpc::Error::Socket("broken pipe".into()),
+        ));
+        assert_eq!(e.kind, ErrorKind::Unavailable);
+        // A sandbox call's broken connection is Unavailable too; any other failure to get an
+        // answer is crispd's own.
+        let gone = ShimCallError::sandbox("StopSandbox", "p1", ttrpc::Error::RemoteClosed);
+        assert_eq!(gone.kind(), ErrorKind::Unavailable);
+        assert!(
+            gone.to_string().starts_with("pod p1: shim StopSandbox: "),
+            "{gone}"
+        );
+        let odd = ShimCallError::sandbox("StopSandbox", "p1", ttrpc::Error::Others("x".into()));
+        assert_eq!(odd.kind(), ErrorKind::Internal);
+    }
 
     #[test]
     fn ctx_carries_the_deadline() {

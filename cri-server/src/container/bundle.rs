@@ -29,9 +29,9 @@ pub enum BundleError {
     Remove { path: PathBuf, message: String },
 }
 
-impl crate::instrument::HasKind for BundleError {
-    fn kind(&self) -> crate::instrument::ErrorKind {
-        crate::instrument::ErrorKind::Internal
+impl crate::error::HasKind for BundleError {
+    fn kind(&self) -> crate::error::ErrorKind {
+        crate::error::ErrorKind::Internal
     }
 }
 
@@ -54,7 +54,7 @@ pub fn config_path(bundle: &Path) -> PathBuf {
 }
 
 /// The FIFO the shim writes the container's stdout (or stderr) to.
-pub fn fifo(bundle: &Path, stream: crate::logs::Stream) -> PathBuf {
+pub fn fifo(bundle: &Path, stream: crate::container::logs::Stream) -> PathBuf {
     bundle.join(format!("{}.fifo", stream.as_str()))
 }
 
@@ -150,7 +150,8 @@ mod tests {
         write_spec(&b, &s2).expect("rewrite");
         assert_eq!(read_spec(&b).expect("spec")["hostname"], "h2");
 
-        crate::logs::mkfifo(&fifo(&b, crate::logs::Stream::Stdout)).expect("fifo");
+        crate::container::logs::mkfifo(&fifo(&b, crate::container::logs::Stream::Stdout))
+            .expect("fifo");
         std::fs::create_dir_all(rootfs(&b).join("etc")).expect("rootfs");
         remove(&b).expect("remove");
         assert!(!b.exists());
@@ -161,11 +162,11 @@ mod tests {
     fn fifo_names_are_per_stream() {
         let b = Path::new("/run/crisp/containers/c1");
         assert_eq!(
-            fifo(b, crate::logs::Stream::Stdout),
+            fifo(b, crate::container::logs::Stream::Stdout),
             Path::new("/run/crisp/containers/c1/stdout.fifo")
         );
         assert_eq!(
-            fifo(b, crate::logs::Stream::Stderr),
+            fifo(b, crate::container::logs::Stream::Stderr),
             Path::new("/run/crisp/containers/c1/stderr.fifo")
         );
     }

@@ -12,8 +12,8 @@ use crisp_proto::cri::v1::{
     PodSandboxStatsRequest, PodSandboxStatsResponse, ProcessUsage, UInt64Value,
 };
 
-use crate::daemon::Daemon;
-use crate::instrument::CriError;
+use crate::error::CriError;
+use crate::pod::service::PodService;
 use crate::store::records::{PodRecord, PodState};
 
 const CGROUP_ROOT: &str = "/sys/fs/cgroup";
@@ -135,20 +135,17 @@ pub fn parse_net_dev(text: &str, iface: &str) -> Option<NetworkInterfaceUsage> {
 
 /// None for a pod's first sample (no rate yet); the arithmetic is the containers' one.
 fn nano_cores(
-    samples: &crate::cri::container_stats::CpuSamples,
+    samples: &crate::stats::cpu::CpuSamples,
     pod_id: &str,
     now: i64,
     usage: u64,
 ) -> Option<u64> {
     let prev = samples.record(pod_id, (now, usage))?;
-    Some(crate::cri::container_stats::nano_cores(
-        Some(prev),
-        (now, usage),
-    ))
+    Some(crate::stats::cpu::nano_cores(Some(prev), (now, usage)))
 }
 
 /// The cgroup (relative path) the pod's stats come from.
-fn pod_cgroup(d: &Daemon, rec: &PodRecord) -> Option<String> {
+fn pod_cgroup(d: &PodService, rec: &PodRecord) -> Option<String> {
     use crisp_shim::placement::{self, CgroupDriver};
     let driver = CgroupDriver::from(d.cfg.cgroup_driver);
     if !rec.cgroup_parent.is_empty() && driver == CgroupDriver::Cgroupfs {
@@ -158,8 +155,8 @@ fn pod_cgroup(d: &Daemon, rec: &PodRecord) -> Option<String> {
     placement::resolved_path(driver, &p).ok()
 }
 
-pub fn stats_of(d: &Daemon, rec: &PodRecord) -> PodSandboxStats {
-    let cfg = crate::cri::pods::pod_config(rec);
+pub fn stats_of(d: &PodService, rec: &PodRecord) -> PodSandboxStats {
+    let cfg = crate::pod::status::pod_config(rec);
     let now = crate::util::now_nanos();
     let u = |x: Option<u64>| x.map(|value| UInt64Value { value });
     let mut linux = LinuxPodSandboxStats::default();
@@ -213,17 +210,17 @@ pub fn stats_of(d: &Daemon, rec: &PodRecord) -> PodSandboxStats {
 }
 
 pub fn pod_sandbox_stats(
-    d: &Daemon,
+    d: &PodService,
     req: PodSandboxStatsRequest,
 ) -> Result<PodSandboxStatsResponse, CriError> {
-    let rec = crate::cri::pods::find(&d.store, &req.pod_sandbox_id)?;
+    let rec = crate::pod::status::find(&d.store, &req.pod_sandbox_id)?;
     Ok(PodSandboxStatsResponse {
         stats: Some(stats_of(d, &rec)),
     })
 }
 
 pub fn list_pod_sandbox_stats(
-    d: &Daemon,
+    d: &PodService,
     req: ListPodSandboxStatsRequest,
 ) -> Result<ListPodSandboxStatsResponse, CriError> {
     let f = req.filter.unwrap_or_default();
@@ -240,7 +237,7 @@ pub fn list_pod_sandbox_stats(
         if rec.state != PodState::Ready {
             continue;
         }
-        let cfg = crate::cri::pods::pod_config(&rec);
+        let cfg = crate::pod::status::pod_config(&rec);
         if !f
             .label_selector
             .iter()
@@ -301,7 +298,7 @@ mod tests {
 
     #[test]
     fn nano_cores_needs_two_samples() {
-        let s = crate::cri::container_stats::CpuSamples::default();
+        let s = crate::stats::cpu::CpuSamples::default();
         assert_eq!(nano_cores(&s, "x", 1_000_000_000, 0), None);
         // Half a core over one second.
         assert_eq!(
@@ -309,7 +306,7 @@ mod tests {
             Some(500_000_000)
         );
         // Another cache (another daemon) has seen nothing yet.
-        let other = crate::cri::container_stats::CpuSamples::default();
+        let other = crate::stats::cpu::CpuSamples::default();
         assert_eq!(nano_cores(&other, "x", 3_000_000_000, 600_000_000), None);
         s.retain(|id| id != "x");
         assert!(s.is_empty());

@@ -10,8 +10,8 @@ use std::time::Duration;
 
 use containerd_shim_protos::sandbox_api::WaitSandboxRequest;
 
-use crate::daemon::Daemon;
-use crate::shim_client::ctx;
+use crate::pod::service::PodService;
+use crate::shim::client::ctx;
 use crate::store::records::{PodRecord, PodState};
 
 /// How often ready pods are looked for that have no watcher yet (new pods, recovered pods).
@@ -19,7 +19,7 @@ const SCAN: Duration = Duration::from_millis(500);
 /// WaitSandbox has no natural deadline; ttrpc wants one.
 const FOREVER: Duration = Duration::from_secs(10 * 365 * 24 * 3600);
 
-pub fn spawn(d: &Arc<Daemon>) {
+pub fn spawn(d: &Arc<PodService>) {
     let weak = Arc::downgrade(d);
     let watched: Arc<Mutex<HashSet<String>>> = Arc::default();
     tokio::spawn(async move {
@@ -57,11 +57,11 @@ pub fn spawn(d: &Arc<Daemon>) {
 }
 
 async fn watch(
-    weak: Weak<Daemon>,
+    weak: Weak<PodService>,
     watched: Arc<Mutex<HashSet<String>>>,
     pod_id: String,
     pause_pid: Option<u32>,
-    shim: crate::shim_client::ShimClient,
+    shim: crate::shim::client::ShimClient,
 ) {
     let req = WaitSandboxRequest {
         sandbox_id: pod_id.clone(),

@@ -13,10 +13,14 @@ use containerd_shim_protos::sandbox_api::{
     SandboxStatusRequest, ShutdownSandboxRequest, StopSandboxRequest,
 };
 
-use crate::cni::CniManager;
-use crate::daemon::Daemon;
-use crate::shim_client::{ShimClient, ctx};
-use crate::store::records::{ContainerRecord, IdRangeRecord, PodRecord, PodState, ShimRecord};
+use crate::container::lifecycle::recover_pod_containers;
+use crate::network::cni::CniManager;
+use crate::pod::release::{self, Mode};
+use crate::pod::service::PodService;
+use crate::shim::client::{ShimClient, ctx};
+use crate::store::records::{
+    ContainerRecord, IdRangeRecord, Owned, PodRecord, PodState, ShimRecord,
+};
 use crate::store::{Store, StoreError};
 
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
@@ -64,7 +68,7 @@ pub fn recover(store: &Store, netns_dir: &Path) -> Result<Report, StoreError> {
             r.containers -= 1;
         }
     }
-    for path in crate::netns::list(netns_dir) {
+    for path in crate::network::netns::list(netns_dir) {
         let Some(name) = path
             .file_name()
             .and_then(|n| n.to_str())
@@ -75,7 +79,7 @@ pub fn recover(store: &Store, netns_dir: &Path) -> Result<Report, StoreError> {
         if live.contains(&name) {
             continue;
         }
-        match crate::netns::remove(&path) {
+        match crate::network::netns::remove(&path) {
             Ok(()) => {
                 tracing::info!(pod_id = %name, path = %path.display(), "removed orphaned netns");
                 r.removed_netns.push(name);
@@ -97,116 +101,134 @@ const SHIM_CALL: std::time::Duration = std::time::Duration::from_secs(5);
 /// crash left half-created is undone; shims and pod dirs no pod owns are stopped and removed
 /// (killed by their recorded pid only, after checking it is that pod's shim). Nothing here is
 /// fatal: failures are logged and reported.
-pub async fn recover_pods(d: &Daemon, r: &mut Report) -> Result<(), StoreError> {
-    use crate::cri::container_lifecycle::recover_pod_containers;
-    use crate::cri::pod_teardown as t;
+pub async fn recover_pods(d: &PodService, r: &mut Report) -> Result<(), StoreError> {
     let pods = d.store.list::<PodRecord>()?;
     let live: HashSet<String> = pods.iter().map(|(k, _)| k.clone()).collect();
-    for (id, mut rec) in pods {
+    for (_, mut rec) in pods {
         if rec.state == PodState::Creating {
-            // RunPodSandbox never finished: nobody got this id, so undo everything.
-            let res = async {
-                let _ = t::stop_pause(d, &rec).await;
-                t::shutdown_shim(d, &id, rec.shim_address.as_deref()).await?;
-                // The netns may exist before the record names it (crash in between).
-                let netns = rec.netns_path.clone().or_else(|| {
-                    let p = d.cfg.netns_dir().join(&id);
-                    p.exists().then(|| p.display().to_string())
-                });
-                t::release_network_opt(d, &id, netns.as_deref(), true).await?;
-                t::release_owned(d, &rec).await?;
-                d.store.delete::<PodRecord>(&id)?;
-                Ok::<_, crate::instrument::CriError>(())
-            }
-            .await;
-            match res {
-                Ok(()) => {
-                    tracing::info!(pod_id = %id, "half-created pod undone");
-                    r.pods_undone.push(id);
-                }
-                Err(e) => r.failures.push(format!("pod {id} (creating): {e}")),
-            }
+            undo_creating(d, &mut rec, r).await;
             continue;
         }
-        let shim_rec = d.store.get::<ShimRecord>(&id)?;
-        let addr = rec
-            .shim_address
-            .clone()
-            .or_else(|| shim_rec.as_ref().map(|s| s.address.clone()));
-        let shim = match addr {
-            Some(a) => {
-                let pid = shim_rec.as_ref().and_then(|s| s.pid);
-                match ShimClient::connect_with_pid(&a, pid).await {
-                    Ok(s) => {
-                        let st = s
-                            .sandbox()
-                            .sandbox_status(
-                                ctx(SHIM_CALL),
-                                &SandboxStatusRequest {
-                                    sandbox_id: id.clone(),
-                                    ..Default::default()
-                                },
-                            )
-                            .await;
-                        match st {
-                            Ok(st) => Some((s, st.state == "SANDBOX_READY")),
-                            Err(e) => {
-                                tracing::warn!(pod_id = %id, error = %e, "shim does not answer SandboxStatus");
-                                None
-                            }
-                        }
-                    }
-                    Err(e) => {
-                        tracing::info!(pod_id = %id, error = %e, "shim gone");
-                        None
-                    }
-                }
-            }
-            None => None,
-        };
-        match shim {
-            Some((s, ready)) => {
-                d.shims.insert(&id, s.clone());
-                if !ready && rec.state == PodState::Ready {
-                    // The pause died while crispd was down.
-                    rec.state = PodState::NotReady;
-                    d.store.put(&id, &rec)?;
-                }
-                if let Err(e) = recover_pod_containers(d, &id, Some(s)).await {
-                    r.failures.push(format!("pod {id} containers: {e}"));
-                }
-                tracing::info!(pod_id = %id, ready, "pod's shim is alive");
-                r.pods_alive.push(id);
-            }
-            None => {
-                // The shim is gone; its pause may not be (it was the shim's child).
-                t::kill_pause_if_ours(rec.pause_pid, &id);
-                if let Err(e) = recover_pod_containers(d, &id, None).await {
-                    r.failures.push(format!("pod {id} containers: {e}"));
-                }
-                if let Err(e) = t::release_network(d, &id, rec.netns_path.as_deref()).await {
-                    r.failures.push(format!("pod {id} network: {e}"));
-                }
-                t::shim_delete_action(d, &id).await;
-                if let Err(e) = t::remove_pod_cgroup(d, &rec.cgroup_parent, &id) {
-                    r.failures.push(format!("pod {id} cgroup: {e}"));
-                }
-                if let Some(a) = &rec.shim_address {
-                    let p = a.strip_prefix("unix://").unwrap_or(a);
-                    let _ = std::fs::remove_file(p);
-                }
-                d.store.delete::<ShimRecord>(&id)?;
-                if rec.state != PodState::NotReady {
-                    rec.state = PodState::NotReady;
-                    d.store.put(&id, &rec)?;
-                }
-                tracing::info!(pod_id = %id, "pod's shim is gone: pod NotReady");
-                r.pods_dead.push(id);
-            }
+        match connect_shim(d, &rec).await? {
+            Some((s, ready)) => pod_alive(d, &mut rec, s, ready, r).await?,
+            None => pod_dead(d, &mut rec, r).await?,
         }
     }
+    for (id, addr, pid) in orphan_shims(d, &live)? {
+        stop_orphan_shim(d, &id, addr, pid).await?;
+        let pods_dir = d.cfg.state.join("pods");
+        if let Err(e) = release::remove_pod_files(&pods_dir.join(&id)) {
+            r.failures.push(format!("orphan pod dir {id}: {e}"));
+        }
+        tracing::info!(pod_id = %id, "orphaned shim stopped and its pod dir removed");
+        r.orphan_shims.push(id);
+    }
+    Ok(())
+}
 
-    // Shims no pod owns: from shim records, and from pod bundle dirs (a record lost or torn).
+/// RunPodSandbox never finished: nobody got this id, so undo everything it owns, with the
+/// same release as RunPodSandbox's own undo.
+async fn undo_creating(d: &PodService, rec: &mut PodRecord, r: &mut Report) {
+    let id = rec.id.clone();
+    match release::release(d, rec, Mode::Undo).await {
+        Ok(()) => {
+            tracing::info!(pod_id = %id, "half-created pod undone");
+            r.pods_undone.push(id);
+        }
+        Err(e) => r.failures.push(format!("pod {id} (creating): {e}")),
+    }
+}
+
+/// The pod's shim, reconnected at its recorded address, and whether its pause still runs;
+/// None when the shim is gone or does not answer.
+async fn connect_shim(
+    d: &PodService,
+    rec: &PodRecord,
+) -> Result<Option<(ShimClient, bool)>, StoreError> {
+    let id = &rec.id;
+    let shim_rec = d.store.get::<ShimRecord>(id)?;
+    let addr = rec
+        .shim_address
+        .clone()
+        .or_else(|| shim_rec.as_ref().map(|s| s.address.clone()));
+    let Some(a) = addr else { return Ok(None) };
+    let pid = shim_rec.as_ref().and_then(|s| s.pid);
+    let s = match ShimClient::connect_with_pid(&a, pid).await {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::info!(pod_id = %id, error = %e, "shim gone");
+            return Ok(None);
+        }
+    };
+    let req = SandboxStatusRequest {
+        sandbox_id: id.clone(),
+        ..Default::default()
+    };
+    match s.sandbox().sandbox_status(ctx(SHIM_CALL), &req).await {
+        Ok(st) => Ok(Some((s, st.state == "SANDBOX_READY"))),
+        Err(e) => {
+            tracing::warn!(pod_id = %id, error = %e, "shim does not answer SandboxStatus");
+            Ok(None)
+        }
+    }
+}
+
+/// The pod's shim answered: keep the pod (NotReady if its pause died meanwhile) and re-attach
+/// its containers.
+async fn pod_alive(
+    d: &PodService,
+    rec: &mut PodRecord,
+    s: ShimClient,
+    ready: bool,
+    r: &mut Report,
+) -> Result<(), StoreError> {
+    let id = rec.id.clone();
+    d.shims.insert(&id, s.clone());
+    if !ready && rec.state == PodState::Ready {
+        // The pause died while crispd was down.
+        rec.state = PodState::NotReady;
+        d.store.put(&id, &*rec)?;
+    }
+    if let Err(e) = recover_pod_containers(&d.ctrs, &id, Some(s)).await {
+        r.failures.push(format!("pod {id} containers: {e}"));
+    }
+    tracing::info!(pod_id = %id, ready, "pod's shim is alive");
+    r.pods_alive.push(id);
+    Ok(())
+}
+
+/// The pod's shim is gone (its pause may not be: it was the shim's child): the pause, the
+/// containers and the network are released as a Stop would, and the pod is NotReady. Its
+/// files stay until RemovePodSandbox.
+async fn pod_dead(d: &PodService, rec: &mut PodRecord, r: &mut Report) -> Result<(), StoreError> {
+    let id = rec.id.clone();
+    let _ = release::release_items(d, rec, &[Owned::Pause], Mode::BestEffort).await;
+    if let Err(e) = recover_pod_containers(&d.ctrs, &id, None).await {
+        r.failures.push(format!("pod {id} containers: {e}"));
+    }
+    if let Err(e) =
+        release::release_items(d, rec, &[Owned::Network, Owned::Shim], Mode::BestEffort).await
+    {
+        r.failures.push(format!("pod {id} network or shim: {e}"));
+    }
+    release::shim_delete_action(d, &id).await;
+    if let Err(e) = release::remove_pod_cgroup(d, &rec.cgroup_parent, &id) {
+        r.failures.push(format!("pod {id} cgroup: {e}"));
+    }
+    d.store.delete::<ShimRecord>(&id)?;
+    rec.state = PodState::NotReady;
+    d.store.put(&id, &*rec)?;
+    tracing::info!(pod_id = %id, "pod's shim is gone: pod NotReady");
+    r.pods_dead.push(id);
+    Ok(())
+}
+
+/// Shims no pod owns: from shim records, and from pod bundle dirs (a record lost or torn):
+/// `(pod id, address, pid)`.
+fn orphan_shims(
+    d: &PodService,
+    live: &HashSet<String>,
+) -> Result<Vec<(String, Option<String>, Option<u32>)>, StoreError> {
     let mut orphans: Vec<(String, Option<String>, Option<u32>)> = Vec::new();
     for (id, s) in d.store.list::<ShimRecord>()? {
         if !live.contains(&id) {
@@ -225,67 +247,71 @@ pub async fn recover_pods(d: &Daemon, r: &mut Report) -> Result<(), StoreError> 
                 .ok()
                 .map(|s| s.trim().to_string())
                 .filter(|s| !s.is_empty());
-            let pid = crate::shim_client::read_pid(&dir.join("shim.pid"));
+            let pid = crate::shim::client::read_pid(&dir.join("shim.pid"));
             orphans.push((id, addr, pid));
         }
     }
-    for (id, addr, pid) in orphans {
-        if let Some(a) = &addr
-            && let Ok(s) = ShimClient::connect_with_pid(a, pid).await
-        {
-            let _ = s
-                .sandbox()
-                .stop_sandbox(
-                    ctx(SHIM_CALL),
-                    &StopSandboxRequest {
-                        sandbox_id: id.clone(),
-                        timeout_secs: 0,
-                        ..Default::default()
-                    },
-                )
-                .await;
-            let _ = s
-                .sandbox()
-                .shutdown_sandbox(
-                    ctx(SHIM_CALL),
-                    &ShutdownSandboxRequest {
-                        sandbox_id: id.clone(),
-                        ..Default::default()
-                    },
-                )
-                .await;
-        }
-        // A shim record may lack the pid; the pod dir's shim.pid still names it.
-        let pid =
-            pid.or_else(|| crate::shim_client::read_pid(&pods_dir.join(&id).join("shim.pid")));
-        if let Some(pid) = pid {
-            t::end_shim(pid, &id, std::time::Duration::from_secs(2)).await;
-        }
-        if let Some(a) = &addr {
-            let p = a.strip_prefix("unix://").unwrap_or(a).to_string();
-            // A loaded machine may take a moment to finish the shim's exit: its socket goes
-            // once nobody listens on it any more, never while a shim still serves it.
-            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(3);
-            while std::os::unix::net::UnixStream::connect(&p).is_ok()
-                && std::time::Instant::now() < deadline
-            {
-                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-            }
-            if std::os::unix::net::UnixStream::connect(&p).is_err() {
-                let _ = std::fs::remove_file(&p);
-            } else {
-                tracing::warn!(pod_id = %id, socket = %p, "orphaned shim still listening; socket left");
-            }
-        }
-        d.store.delete::<ShimRecord>(&id)?;
-        t::shim_delete_action(d, &id).await;
-        if let Err(e) = t::remove_pod_files(&pods_dir.join(&id)) {
-            r.failures.push(format!("orphan pod dir {id}: {e}"));
-        }
-        tracing::info!(pod_id = %id, "orphaned shim stopped and its pod dir removed");
-        r.orphan_shims.push(id);
+    Ok(orphans)
+}
+
+/// Stop and shut down an orphaned shim (its pause with it), end it by its pid if it lingers,
+/// and remove its socket and record.
+async fn stop_orphan_shim(
+    d: &PodService,
+    id: &str,
+    addr: Option<String>,
+    pid: Option<u32>,
+) -> Result<(), StoreError> {
+    if let Some(a) = &addr
+        && let Ok(s) = ShimClient::connect_with_pid(a, pid).await
+    {
+        let stop = StopSandboxRequest {
+            sandbox_id: id.to_string(),
+            timeout_secs: 0,
+            ..Default::default()
+        };
+        let _ = s.sandbox().stop_sandbox(ctx(SHIM_CALL), &stop).await;
+        let shutdown = ShutdownSandboxRequest {
+            sandbox_id: id.to_string(),
+            ..Default::default()
+        };
+        let _ = s
+            .sandbox()
+            .shutdown_sandbox(ctx(SHIM_CALL), &shutdown)
+            .await;
     }
+    // A shim record may lack the pid; the pod dir's shim.pid still names it.
+    let pods_dir = d.cfg.state.join("pods");
+    let pid = pid.or_else(|| crate::shim::client::read_pid(&pods_dir.join(id).join("shim.pid")));
+    if let Some(pid) = pid {
+        release::end_shim(pid, id, std::time::Duration::from_secs(2)).await;
+    }
+    if let Some(a) = &addr {
+        remove_stale_socket(id, a).await;
+    }
+    d.store.delete::<ShimRecord>(id)?;
+    release::shim_delete_action(d, id).await;
     Ok(())
+}
+
+/// A loaded machine may take a moment to finish the shim's exit: its socket goes once nobody
+/// listens on it any more, never while a shim still serves it.
+async fn remove_stale_socket(id: &str, address: &str) {
+    let p = address
+        .strip_prefix("unix://")
+        .unwrap_or(address)
+        .to_string();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(3);
+    while std::os::unix::net::UnixStream::connect(&p).is_ok()
+        && std::time::Instant::now() < deadline
+    {
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    if std::os::unix::net::UnixStream::connect(&p).is_err() {
+        let _ = std::fs::remove_file(&p);
+    } else {
+        tracing::warn!(pod_id = %id, socket = %p, "orphaned shim still listening; socket left");
+    }
 }
 
 /// CNI attachments of pods that no longer exist (phase "cni", once plugins can run): DEL from
@@ -317,6 +343,7 @@ pub fn recover_cni(store: &Store, cni: &CniManager, r: &mut Report) -> Result<()
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::daemon::Daemon;
     use crate::store::records::{ContainerState, PodState};
 
     fn pod(id: &str) -> PodRecord {
@@ -335,6 +362,7 @@ mod tests {
             shim_address: None,
             pause_pid: None,
             cgroup_parent: String::new(),
+            owned: None,
         }
     }
 
@@ -425,7 +453,7 @@ mod tests {
         .expect("write");
         let cni = CniManager::new(conf, bins, d.path().join("cache"));
         for id in ["live", "dead"] {
-            cni.add(&crate::cni::AttachRequest {
+            cni.add(&crate::network::cni::AttachRequest {
                 pod_id: id.into(),
                 netns: d.path().display().to_string(),
                 ifname: "eth0".into(),
@@ -448,7 +476,7 @@ mod tests {
     #[tokio::test]
     async fn pods_after_restart_half_created_undone_dead_shim_not_ready_orphans_removed() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let d = Daemon::for_test(dir.path());
+        let d = Daemon::for_test(dir.path()).pods;
         // A pod a crash left in Creating, with an ID range and pod files.
         let mut creating = pod("half");
         creating.state = PodState::Creating;
@@ -463,8 +491,8 @@ mod tests {
                 },
             )
             .expect("put");
-        let half_dir = crate::sandbox_files::pod_dir(&d.cfg.state, "half");
-        crate::sandbox_files::write(&half_dir, "h", None, dir.path()).expect("files");
+        let half_dir = crate::pod::files::pod_dir(&d.cfg.state, "half");
+        crate::pod::files::write(&half_dir, "h", None, dir.path()).expect("files");
         // A Ready pod whose shim is gone (its socket does not exist).
         let mut dead = pod("dead");
         dead.shim_address = Some(format!("unix://{}/nope.sock", dir.path().display()));
@@ -481,7 +509,7 @@ mod tests {
             .expect("put");
         // A pod dir nobody owns, whose shim.pid names a process that is not its shim (this
         // test process): it must not be killed, only the dir removed.
-        let orphan = crate::sandbox_files::pod_dir(&d.cfg.state, "orphan");
+        let orphan = crate::pod::files::pod_dir(&d.cfg.state, "orphan");
         std::fs::create_dir_all(&orphan).expect("mkdir");
         std::fs::write(orphan.join("shim.pid"), std::process::id().to_string()).expect("pid");
 

@@ -1,0 +1,220 @@
+//! CreateTask: place the container in its cgroup, mount its rootfs, run the runtime's
+//! `create`, register the init process.
+
+use super::*;
+
+/// What a failed create undoes, in reverse order of what was done (named undo steps).
+struct CreateUndo {
+    id: String,
+    runtime: Runtime,
+    rootfs: Option<PathBuf>,
+}
+
+impl CreateUndo {
+    /// Undo, and hand back `why` for the caller's error.
+    async fn run(&self, why: String) -> String {
+        if let Err(e) = self.runtime.delete(&self.id, true).await {
+            tracing::debug!(step = "runtime delete", error = %e, "undo");
+        }
+        if let Some(t) = &self.rootfs
+            && let Err(e) = mount::unmount_all(t)
+        {
+            warn!(step = "unmount rootfs", error = %e, "undo");
+        }
+        why
+    }
+}
+
+/// The one placement and the oom_score_adj floor, written into the bundle's spec.
+fn place_in_spec(
+    bundle: &Path,
+    driver: crate::placement::CgroupDriver,
+    id: &str,
+) -> Result<String> {
+    let mut oci = spec::read(bundle).map_err(|e| TaskError::InvalidArgument(e.to_string()))?;
+    let cgroups_path =
+        spec::place(&mut oci, driver, id).map_err(|e| TaskError::InvalidArgument(e.to_string()))?;
+    if let Some(process) = oci.get_mut("process")
+        && let Some((from, to)) = spec::restrict_oom_score_adj(
+            process,
+            spec::own_oom_score_adj(),
+            spec::has_cap_sys_resource(),
+        )
+    {
+        info!(
+            from,
+            to, "no CAP_SYS_RESOURCE: oom_score_adj raised to the shim's own"
+        );
+    }
+    spec::write(bundle, &oci).map_err(|e| internal!("{e}"))?;
+    Ok(cgroups_path)
+}
+
+/// Mount the rootfs the request carries at `<bundle>/rootfs`; None when it brings none (the
+/// spec names its own root).
+fn mount_rootfs(bundle: &Path, rootfs: &[api::Mount]) -> Result<Option<PathBuf>> {
+    let mounts = mount::from_proto(rootfs);
+    let rootfs = (!mounts.is_empty()).then(|| bundle.join("rootfs"));
+    if let Some(target) = &rootfs {
+        std::fs::create_dir_all(target).map_err(|e| internal!("create rootfs dir: {e}"))?;
+        mount::mount_all(&mounts, target).map_err(|e| internal!("mount rootfs: {e}"))?;
+    }
+    Ok(rootfs)
+}
+
+impl TaskService {
+    pub async fn create(&self, req: api::CreateTaskRequest) -> Result<api::CreateTaskResponse> {
+        let id = req.id.clone();
+        if lock(&self.inner.containers).contains_key(&id) {
+            return Err(TaskError::AlreadyExists(format!(
+                "task {id} already exists"
+            )));
+        }
+        let overrides = match req.options.as_ref() {
+            Some(any) => {
+                options::decode(any).map_err(|e| TaskError::InvalidArgument(e.to_string()))?
+            }
+            None => None,
+        };
+        let opts = options::merge(&self.inner.config.handler, overrides.as_ref());
+        let driver = options::driver(&opts);
+        let runtime = self.runtime_for(&opts)?;
+        let bundle = PathBuf::from(&req.bundle);
+        let cgroups_path = place_in_spec(&bundle, driver, &id)?;
+        info!(runtime = %runtime.binary.display(), %cgroups_path, %driver, "creating");
+        let rootfs = mount_rootfs(&bundle, &req.rootfs)?;
+        let record = RuntimeRecord {
+            binary: runtime.binary.clone(),
+            root: runtime.root.clone(),
+            systemd_cgroup: runtime.systemd_cgroup,
+            rootfs_mounted: rootfs.is_some(),
+        };
+        let undo = CreateUndo {
+            id: id.clone(),
+            runtime: runtime.clone(),
+            rootfs: rootfs.clone(),
+        };
+        if let Err(e) = write_record(&bundle, &record) {
+            return Err(internal!(
+                "{}",
+                undo.run(format!("record runtime: {e}")).await
+            ));
+        }
+        let paths = StdioPaths {
+            stdin: req.stdin.clone(),
+            stdout: req.stdout.clone(),
+            stderr: req.stderr.clone(),
+            terminal: req.terminal,
+        };
+        let (pid, pio) = run_create(&undo, &bundle, &opts, &paths).await?;
+        self.register(&id, &bundle, runtime, rootfs, &paths, pio, pid)
+            .await;
+        self.publish_create(req, pid).await;
+        Ok(api::CreateTaskResponse {
+            pid: pid as u32,
+            ..Default::default()
+        })
+    }
+
+    /// The new container and its init process join the maps the other calls look in.
+    #[allow(clippy::too_many_arguments)]
+    async fn register(
+        &self,
+        id: &str,
+        bundle: &Path,
+        runtime: Runtime,
+        rootfs: Option<PathBuf>,
+        paths: &StdioPaths,
+        pio: ProcessIo,
+        pid: i32,
+    ) {
+        let init = Proc::new("", paths.clone(), None);
+        *lock(&init.io) = pio;
+        init.state.lock().await.pid = pid;
+        let c = Arc::new(Container {
+            id: id.to_string(),
+            bundle: bundle.to_path_buf(),
+            runtime,
+            rootfs,
+            init,
+            execs: Mutex::default(),
+        });
+        lock(&self.inner.containers).insert(id.to_string(), c);
+        lock(&self.inner.pids).insert(pid, (id.to_string(), String::new()));
+    }
+
+    async fn publish_create(&self, req: api::CreateTaskRequest, pid: i32) {
+        let ev = TaskCreate {
+            container_id: req.id.clone(),
+            bundle: req.bundle.clone(),
+            rootfs: req.rootfs.clone(),
+            io: MessageField::some(TaskIO {
+                stdin: req.stdin,
+                stdout: req.stdout,
+                stderr: req.stderr,
+                terminal: req.terminal,
+                ..Default::default()
+            }),
+            checkpoint: req.checkpoint,
+            pid: pid as u32,
+            ..Default::default()
+        };
+        self.inner
+            .events
+            .publish(topics::TASK_CREATE_EVENT_TOPIC, ev)
+            .await;
+    }
+}
+
+/// Open the stdio, run the runtime's `create` (with a console socket for a terminal) and read
+/// the init's pid; any failure is undone before it is returned.
+async fn run_create(
+    undo: &CreateUndo,
+    bundle: &Path,
+    opts: &Options,
+    paths: &StdioPaths,
+) -> Result<(i32, ProcessIo)> {
+    let (stdio, mut pio) = match io::open(paths) {
+        Ok(x) => x,
+        Err(e) => return Err(TaskError::InvalidArgument(undo.run(e.to_string()).await)),
+    };
+    let console = if paths.terminal {
+        match Console::new() {
+            Ok(c) => Some(c),
+            Err(e) => return Err(internal!("{}", undo.run(e.to_string()).await)),
+        }
+    } else {
+        None
+    };
+    let pid_file = bundle.join("init.pid");
+    let console_path = console.as_ref().map(Console::path);
+    let copts = CreateOpts {
+        pid_file: &pid_file,
+        console_socket: console_path.as_deref(),
+        no_pivot: opts.no_pivot_root,
+        no_new_keyring: opts.no_new_keyring,
+    };
+    let runtime = &undo.runtime;
+    if let Err(e) = runtime.create(&undo.id, bundle, &copts, stdio).await {
+        let mut msg = e.to_string();
+        if let Some(why) =
+            runtime::known_unusable(&runtime.binary.to_string_lossy(), runtime::cgroup_layout())
+        {
+            msg = format!("{msg} ({why})");
+        }
+        warn!(error = %msg, "create failed");
+        return Err(TaskError::FailedPrecondition(undo.run(msg).await));
+    }
+    if let Some(console) = console {
+        let attached = console
+            .receive()
+            .and_then(|m| io::attach_console(m, paths, &mut pio));
+        if let Err(e) = attached {
+            return Err(internal!("{}", undo.run(e.to_string()).await));
+        }
+    }
+    match read_pid(&pid_file) {
+        Ok(p) => Ok((p, pio)),
+        Err(e) => Err(internal!("{}", undo.run(e).await)),
+    }
+}
