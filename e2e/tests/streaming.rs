@@ -439,29 +439,30 @@ async fn http_get(pf: &SpdyPortForward, port: u16) -> Result<String> {
 /// Waits until something answers HTTP inside the container (httpd starts asynchronously).
 async fn wait_http(env: &TestEnv, id: &str, port: u16) -> Result<()> {
     let deadline = Instant::now() + Duration::from_secs(20);
+    let url = format!("http://127.0.0.1:{port}/index.html");
     loop {
         let r = env
             .cri()
-            .exec_sync(
-                id,
-                &[
-                    "wget",
-                    "-q",
-                    "-O",
-                    "-",
-                    &format!("http://127.0.0.1:{port}/index.html"),
-                ],
-                5,
-            )
-            .await?;
-        if r.exit_code == 0 {
+            .exec_sync(id, &["wget", "-q", "-T", "2", "-O", "-", &url], 5)
+            .await;
+        if r.as_ref().is_ok_and(|r| r.exit_code == 0) {
             return Ok(());
         }
-        ensure!(
-            Instant::now() < deadline,
-            "httpd on {port} never answered: {}",
-            text(&r.stderr)
-        );
+        if Instant::now() > deadline {
+            // Port-forward dials localhost inside the pod: its loopback must be up.
+            let lo = env
+                .cri()
+                .exec_ok(
+                    id,
+                    &[
+                        "cat",
+                        "/sys/class/net/lo/operstate",
+                        "/sys/class/net/lo/flags",
+                    ],
+                )
+                .await?;
+            bail!("httpd on {url} in the pod never answered ({r:?}); the pod's lo: {lo:?}");
+        }
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
 }
