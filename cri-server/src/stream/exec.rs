@@ -421,6 +421,7 @@ async fn feed_stdin(
             }
         }
     };
+    tracing::debug!(%exec_id, "exec stdin FIFO open");
     match tokio::io::copy(&mut r, &mut tx).await {
         Ok(n) => tracing::debug!(%exec_id, bytes = n, "exec stdin ended"),
         // The process closed its stdin or exited: nothing more to feed.
