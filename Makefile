@@ -1,12 +1,22 @@
 # The two commands a fresh Debian 12 machine needs (see README.md):
-#   make run    install what is missing, build release, run crispd with built-in defaults
+#   make run    install what is missing, build release, write a default CNI network if there is
+#               none (hack/cni-default.sh), run crispd with built-in defaults
 #   make test   install what is missing and run every test (unit, integration, end-to-end)
 SHELL := /bin/bash
 CARGO ?= cargo
 # Where test images are built (OCI layouts); reused across runs, rebuilt when hack/images changes.
 export CRISP_TEST_IMAGES ?= $(CURDIR)/target/test-images
+# `make install` (hack/install.sh): DESTDIR stages, PREFIX/BINDIR take the binaries.
+PREFIX ?= /usr/local
+BINDIR ?= $(PREFIX)/bin
+SYSCONFDIR ?= /etc
+SYSTEMDUNITDIR ?= /etc/systemd/system
+# Where `make run` and `make install` put a default pod network if there is none.
+CNI_CONF_DIR ?= /etc/cni/net.d
+INSTALL_VARS = DESTDIR="$(DESTDIR)" PREFIX="$(PREFIX)" BINDIR="$(BINDIR)" SYSCONFDIR="$(SYSCONFDIR)" \
+  SYSTEMDUNITDIR="$(SYSTEMDUNITDIR)" CNI_CONF_DIR="$(CNI_CONF_DIR)"
 
-.PHONY: deps build release run test test-images bench clean
+.PHONY: deps build release run install install-files test test-images fresh-root-check kind-image bench clean
 
 deps:
 	bash hack/install-deps.sh
@@ -18,14 +28,38 @@ release: deps
 	$(CARGO) build --workspace --release
 
 run: release
+	bash hack/cni-default.sh "$(CNI_CONF_DIR)"
 	./target/release/crispd $(ARGS)
+
+install: release
+	$(INSTALL_VARS) FROM="$(CURDIR)/target/release" bash hack/install.sh
+
+# What `make install` copies, without building: FROM names the directory of the binaries.
+install-files:
+	$(INSTALL_VARS) FROM="$(FROM)" bash hack/install.sh
 
 test-images: deps
 	bash hack/images/build.sh "$(CRISP_TEST_IMAGES)"
 
+# The suite, then the fresh-root check (hack/fresh-root-check.sh: install-deps.sh on a
+# minimal Debian 12 root is all the build and the suite need). Both run whatever the other
+# does; either failing fails the target.
 test: deps test-images
 	$(CARGO) build --workspace --bins
-	$(CARGO) nextest run --workspace --no-fail-fast
+	status=0; \
+	$(CARGO) nextest run --workspace --no-fail-fast || status=$$?; \
+	bash hack/fresh-root-check.sh || status=$$?; \
+	exit $$status
+
+fresh-root-check: deps
+	bash hack/fresh-root-check.sh
+
+# A kind node image running crisp (e2e/kind/; needs Docker, see README.md "crisp in kind").
+KIND_NODE_IMAGE ?= kindest/node:v1.33.1
+kind-image: release
+	rm -rf e2e/kind/stage
+	$(MAKE) install-files FROM="$(CURDIR)/target/release" DESTDIR="$(CURDIR)/e2e/kind/stage" CNI_CONF_DIR=
+	docker build --build-arg KIND_NODE_IMAGE="$(KIND_NODE_IMAGE)" -t crisp-kind-node e2e/kind
 
 # Benchmarks print figures (crisp against Debian's containerd in the same run); they assert
 # nothing about time. The ignored ones need the debug binaries the e2e harness starts.

@@ -14,6 +14,9 @@ PACKAGES=(
   busybox-static umoci skopeo zstd gzip attr curl jq
   # the reference runtime and the local registry the tests pull from
   containerd docker-registry
+  # hack/fresh-root-check.sh builds a minimal Debian root to prove this list complete;
+  # systemd-analyze (package systemd) verifies the unit `make install` writes
+  debootstrap systemd
 )
 
 missing=()

@@ -357,6 +357,10 @@ pub enum Command {
 pub enum ConfigAction {
     /// Print the built-in defaults as TOML (a starting point for /etc/crisp/config.toml).
     Default,
+    /// Validate the config file (`--config FILE`, else /etc/crisp/config.toml) and the other
+    /// flags given: every unknown key, value of the wrong type and invalid setting is named
+    /// with its value; exits non-zero if there is any.
+    Check,
 }
 
 #[derive(Debug, Default, Args)]
@@ -397,16 +401,91 @@ impl Config {
     /// Parse a TOML document; unknown keys are errors, because a misspelt key silently
     /// ignored is a setting that silently does nothing.
     pub fn from_toml(text: &str, path: &Path) -> Result<Self, ConfigError> {
-        let mut cfg: Self = toml::from_str(text).map_err(|e| ConfigError::Parse {
+        let cfg: Self = toml::from_str(text).map_err(|e| ConfigError::Parse {
             path: path.to_path_buf(),
             message: e.to_string(),
         })?;
-        // Adding a handler must not silently drop the built-in runc and crun ones: the file's
-        // table is merged over the defaults (an entry of the same name replaces the default).
+        Ok(cfg.with_default_handlers())
+    }
+
+    /// Adding a handler must not silently drop the built-in runc and crun ones: the file's
+    /// table is merged over the defaults (an entry of the same name replaces the default).
+    fn with_default_handlers(mut self) -> Self {
         for (name, h) in Self::default().runtime_handlers {
-            cfg.runtime_handlers.entry(name).or_insert(h);
+            self.runtime_handlers.entry(name).or_insert(h);
         }
-        Ok(cfg)
+        self
+    }
+
+    /// Parses a config document key by key, for `crispd config check`: serde stops at the
+    /// first unknown key or mistyped value, an operator fixing a file wants them all. Each
+    /// such key is a problem naming it and its value; the config returned holds the keys
+    /// that parsed. Only a TOML syntax error stops the parse.
+    pub fn from_toml_all(text: &str, path: &Path) -> Result<(Self, Vec<ConfigError>), ConfigError> {
+        let mut doc: toml::Table = toml::from_str(text).map_err(|e| ConfigError::Parse {
+            path: path.to_path_buf(),
+            message: e.to_string(),
+        })?;
+        let mut bad = Vec::new();
+        bad_keys(&[], &toml::Value::Table(doc.clone()), &mut bad);
+        let mut problems = Vec::new();
+        for (keys, value, reason) in bad {
+            remove_key(&mut doc, &keys);
+            problems.push(invalid(&keys.join("."), value, reason));
+        }
+        let cfg = match toml::Value::Table(doc).try_into::<Self>() {
+            Ok(c) => c,
+            // Every key parsed alone but not together: say so rather than guess which.
+            Err(e) => {
+                problems.push(ConfigError::Parse {
+                    path: path.to_path_buf(),
+                    message: e.message().to_string(),
+                });
+                Self::default()
+            }
+        };
+        Ok((cfg.with_default_handlers(), problems))
+    }
+
+    /// `crispd config check`: reads what [`Config::load`] would (the `--config` file, else
+    /// the default path if it exists), applies the flags, and lists every problem. `Ok` says
+    /// what was checked.
+    pub fn check(flags: &Flags) -> Result<String, Vec<ConfigError>> {
+        let (path, text) = match &flags.config {
+            Some(path) => match std::fs::read_to_string(path) {
+                Ok(text) => (path.clone(), Some(text)),
+                Err(source) => {
+                    return Err(vec![ConfigError::Read {
+                        path: path.clone(),
+                        source,
+                    }]);
+                }
+            },
+            None => {
+                let path = PathBuf::from(DEFAULT_CONFIG_PATH);
+                match std::fs::read_to_string(&path) {
+                    Ok(text) => (path, Some(text)),
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => (path, None),
+                    Err(source) => return Err(vec![ConfigError::Read { path, source }]),
+                }
+            }
+        };
+        let (mut cfg, mut problems) = match &text {
+            Some(text) => Self::from_toml_all(text, &path).map_err(|e| vec![e])?,
+            None => (Self::default(), Vec::new()),
+        };
+        cfg.apply_flags(flags);
+        problems.extend(cfg.problems());
+        if !problems.is_empty() {
+            return Err(problems);
+        }
+        Ok(match text {
+            Some(_) => format!("{}: valid", path.display()),
+            None => format!(
+                "no config file at {}: crispd runs with the built-in defaults, which are valid",
+                path.display()
+            ),
+        })
     }
 
     pub fn to_toml(&self) -> String {
@@ -474,8 +553,19 @@ impl Config {
         }
     }
 
-    /// Internal consistency only; nothing here touches the file system.
+    /// Internal consistency only; nothing here touches the file system. The first problem
+    /// of [`Config::problems`].
     pub fn validate(&self) -> Result<(), ConfigError> {
+        match self.problems().into_iter().next() {
+            Some(e) => Err(e),
+            None => Ok(()),
+        }
+    }
+
+    /// Every internal inconsistency, each naming its key and value (`crispd config check`
+    /// lists them all, so fixing one does not just reveal the next).
+    pub fn problems(&self) -> Vec<ConfigError> {
+        let mut p = Vec::new();
         for (key, path) in [
             ("root", &self.root),
             ("state", &self.state),
@@ -486,12 +576,12 @@ impl Config {
             ("userns.subgid_file", &self.userns.subgid_file),
         ] {
             if !path.is_absolute() {
-                return Err(invalid(key, path.display(), "must be an absolute path"));
+                p.push(invalid(key, path.display(), "must be an absolute path"));
             }
         }
         for (i, dir) in self.registry.config_dirs.iter().enumerate() {
             if !dir.is_absolute() {
-                return Err(invalid(
+                p.push(invalid(
                     &format!("registry.config_dirs[{i}]"),
                     dir.display(),
                     "must be an absolute path",
@@ -499,7 +589,7 @@ impl Config {
             }
         }
         if self.root == self.state {
-            return Err(invalid(
+            p.push(invalid(
                 "state",
                 self.state.display(),
                 "must differ from `root`: one is durable, the other is wiped on reboot",
@@ -507,28 +597,27 @@ impl Config {
         }
         // A unix socket path is limited to 108 bytes including the NUL.
         if self.listen.as_os_str().len() > 107 {
-            return Err(invalid(
+            p.push(invalid(
                 "listen",
                 self.listen.display(),
                 "longer than 107 bytes",
             ));
         }
         if let Err(e) = tracing_subscriber::EnvFilter::try_new(&self.log_level) {
-            return Err(invalid("log_level", &self.log_level, e.to_string()));
+            p.push(invalid("log_level", &self.log_level, e.to_string()));
         }
         if self.shim_binary.as_os_str().is_empty() {
-            return Err(invalid("shim_binary", "", "must name the shim binary"));
+            p.push(invalid("shim_binary", "", "must name the shim binary"));
         }
         for (name, h) in &self.runtime_handlers {
             if name.is_empty() {
-                return Err(invalid(
+                p.push(invalid(
                     "runtime_handlers",
                     "\"\"",
                     "the empty name is the default handler; configure it with `runtime`",
                 ));
-            }
-            if h.binary.as_os_str().is_empty() {
-                return Err(invalid(
+            } else if h.binary.as_os_str().is_empty() {
+                p.push(invalid(
                     &format!("runtime_handlers.{name}.binary"),
                     "",
                     "must name an OCI runtime binary",
@@ -536,47 +625,46 @@ impl Config {
             }
         }
         if self.userns.user.is_empty() || self.userns.user.contains(':') {
-            return Err(invalid(
+            p.push(invalid(
                 "userns.user",
                 &self.userns.user,
                 "must be a user name",
             ));
         }
         if !self.metrics.address.is_empty() {
-            let addr: SocketAddr = self.metrics.address.parse().map_err(|e| {
-                invalid(
+            match self.metrics.address.parse::<SocketAddr>() {
+                Err(e) => p.push(invalid(
                     "metrics.address",
                     &self.metrics.address,
                     format!("not host:port ({e})"),
-                )
-            })?;
-            if !addr.ip().is_loopback() {
-                return Err(invalid(
+                )),
+                Ok(addr) if !addr.ip().is_loopback() => p.push(invalid(
                     "metrics.address",
                     &self.metrics.address,
                     "must be a loopback address; metrics are not for the network",
-                ));
+                )),
+                Ok(_) => {}
             }
         }
         if self.pull.max_concurrent_downloads == 0 {
-            return Err(invalid(
+            p.push(invalid(
                 "pull.max_concurrent_downloads",
                 0,
                 "must be at least 1",
             ));
         }
         if self.pull.stall_window_secs == 0 {
-            return Err(invalid("pull.stall_window_secs", 0, "must be at least 1"));
+            p.push(invalid("pull.stall_window_secs", 0, "must be at least 1"));
         }
         self.stream.validate()?;
         if self.max_container_log_line_size < 64 {
-            return Err(invalid(
+            p.push(invalid(
                 "max_container_log_line_size",
                 self.max_container_log_line_size,
                 "must be at least 64 bytes",
             ));
         }
-        Ok(())
+        p
     }
 
     pub fn db_path(&self) -> PathBuf {
@@ -623,6 +711,49 @@ impl Config {
             .get(handler)
             .map(|h| Some(h.binary.clone()))
     }
+}
+
+/// Collects `(keys, value, reason)` for each key under `at` whose value does not deserialize
+/// into [`Config`] on its own, descending into tables so the deepest failing key is named.
+fn bad_keys(at: &[String], value: &toml::Value, out: &mut Vec<(Vec<String>, String, String)>) {
+    let wrapped = at.iter().rev().fold(value.clone(), |v, k| {
+        toml::Value::Table(toml::Table::from_iter([(k.clone(), v)]))
+    });
+    let Err(e) = wrapped.try_into::<Config>() else {
+        return;
+    };
+    if let toml::Value::Table(t) = value {
+        let before = out.len();
+        for (k, v) in t {
+            let mut keys = at.to_vec();
+            keys.push(k.clone());
+            bad_keys(&keys, v, out);
+        }
+        if out.len() > before {
+            return;
+        }
+    }
+    let shown = match value {
+        toml::Value::String(s) => s.clone(),
+        other => other.to_string(),
+    };
+    out.push((at.to_vec(), shown, e.message().to_string()));
+}
+
+/// Removes the key at `keys` from `doc`; the empty path empties the document.
+fn remove_key(doc: &mut toml::Table, keys: &[String]) {
+    let Some((last, parents)) = keys.split_last() else {
+        doc.clear();
+        return;
+    };
+    let mut t = doc;
+    for k in parents {
+        match t.get_mut(k) {
+            Some(toml::Value::Table(next)) => t = next,
+            _ => return,
+        }
+    }
+    t.remove(last);
 }
 
 #[cfg(test)]
@@ -809,7 +940,117 @@ mod tests {
                 action: ConfigAction::Default
             })
         ));
+        let cli = Cli::try_parse_from(["crispd", "config", "check", "--config", "/c.toml"])
+            .expect("parses");
+        assert!(matches!(
+            cli.command,
+            Some(Command::Config {
+                action: ConfigAction::Check
+            })
+        ));
+        assert_eq!(cli.flags.config, Some(PathBuf::from("/c.toml")));
         assert!(Cli::try_parse_from(["crispd", "--runtime", "kata"]).is_err());
+    }
+
+    #[test]
+    fn check_names_every_bad_key_and_value() {
+        let doc = r#"
+roots = "/x"
+log_level = "debug"
+cgroup_driver = "cgroupv3"
+[pull]
+max_concurrent_downloads = "three"
+stall_window_secs = 10
+[metrics]
+address = "localhost"
+[runtime_handlers.kata]
+bianry = "/opt/kata/runtime"
+"#;
+        let (cfg, mut problems) =
+            Config::from_toml_all(doc, Path::new("x")).expect("the TOML is well formed");
+        // The keys that parsed are kept; the bad ones fall back to their defaults.
+        assert_eq!(cfg.log_level, "debug");
+        assert_eq!(cfg.pull.stall_window_secs, 10);
+        assert_eq!(cfg.pull.max_concurrent_downloads, 3);
+        problems.extend(cfg.problems());
+        let msgs: Vec<String> = problems.iter().map(ToString::to_string).collect();
+        let want = [
+            ("`roots`", "\"/x\"", "unknown field"),
+            ("`cgroup_driver`", "\"cgroupv3\"", "unknown variant"),
+            (
+                "`pull.max_concurrent_downloads`",
+                "\"three\"",
+                "invalid type",
+            ),
+            (
+                "`runtime_handlers.kata.bianry`",
+                "\"/opt/kata/runtime\"",
+                "unknown field",
+            ),
+            ("`runtime_handlers.kata.binary`", "\"\"", "must name"),
+            ("`metrics.address`", "\"localhost\"", "not host:port"),
+        ];
+        for (key, value, reason) in want {
+            assert!(
+                msgs.iter()
+                    .any(|m| m.contains(key) && m.contains(value) && m.contains(reason)),
+                "no problem naming {key} = {value} ({reason}) in {msgs:#?}"
+            );
+        }
+        assert_eq!(msgs.len(), want.len(), "{msgs:#?}");
+    }
+
+    #[test]
+    fn check_reports_a_syntax_error_and_accepts_the_defaults() {
+        let e = Config::from_toml_all("root = \"/x\n", Path::new("/c.toml")).expect_err("syntax");
+        assert!(matches!(e, ConfigError::Parse { .. }), "{e}");
+        assert!(e.to_string().contains("/c.toml"), "{e}");
+
+        let (cfg, problems) = Config::from_toml_all(&Config::default().to_toml(), Path::new("x"))
+            .expect("defaults parse");
+        assert!(problems.is_empty(), "{problems:?}");
+        assert!(cfg.problems().is_empty());
+    }
+
+    #[test]
+    fn check_reads_the_named_file_and_applies_flags() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("c.toml");
+        std::fs::write(&path, "[metrics]\naddress = \"0.0.0.0:1338\"\n").expect("write");
+        let flags = Flags {
+            config: Some(path.clone()),
+            root: Some("relative".into()),
+            ..Flags::default()
+        };
+        let problems = Config::check(&flags).expect_err("two problems");
+        let msgs: Vec<String> = problems.iter().map(ToString::to_string).collect();
+        assert_eq!(msgs.len(), 2, "{msgs:#?}");
+        assert!(
+            msgs[0].contains("`root`") && msgs[0].contains("relative"),
+            "{msgs:#?}"
+        );
+        assert!(
+            msgs[1].contains("`metrics.address`") && msgs[1].contains("0.0.0.0:1338"),
+            "{msgs:#?}"
+        );
+
+        std::fs::write(&path, Config::default().to_toml()).expect("write");
+        let flags = Flags {
+            config: Some(path.clone()),
+            ..Flags::default()
+        };
+        let ok = Config::check(&flags).expect("defaults are valid");
+        assert!(ok.contains(&path.display().to_string()), "{ok}");
+
+        let flags = Flags {
+            config: Some(dir.path().join("missing.toml")),
+            ..Flags::default()
+        };
+        let problems = Config::check(&flags).expect_err("missing file");
+        assert!(
+            matches!(problems[..], [ConfigError::Read { .. }]),
+            "{problems:?}"
+        );
     }
 
     #[test]

@@ -1,16 +1,12 @@
 //! `crispd`: parse the command line and config, set up logging, run the ordered start-up.
 
 use clap::Parser;
-use crisp_cri::config::{Cli, Command, Config, ConfigAction};
+use crisp_cri::config::{Cli, Command, Config, ConfigAction, Flags};
 
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
-    if let Some(Command::Config {
-        action: ConfigAction::Default,
-    }) = cli.command
-    {
-        print!("{}", Config::default().to_toml());
-        return std::process::ExitCode::SUCCESS;
+    if let Some(Command::Config { action }) = &cli.command {
+        return config_command(action, &cli.flags);
     }
     // Phase "parse config": the only phase whose failure stops crispd before it logs.
     let cfg = match Config::load(&cli.flags) {
@@ -56,5 +52,28 @@ fn main() -> std::process::ExitCode {
             eprintln!("crispd: {e:#}");
             std::process::ExitCode::FAILURE
         }
+    }
+}
+
+/// `crispd config default|check`: no daemon, no logging set-up.
+fn config_command(action: &ConfigAction, flags: &Flags) -> std::process::ExitCode {
+    match action {
+        ConfigAction::Default => {
+            print!("{}", Config::default().to_toml());
+            std::process::ExitCode::SUCCESS
+        }
+        ConfigAction::Check => match Config::check(flags) {
+            Ok(what) => {
+                println!("{what}");
+                std::process::ExitCode::SUCCESS
+            }
+            Err(problems) => {
+                for p in &problems {
+                    eprintln!("crispd: {p}");
+                }
+                eprintln!("crispd: {} problem(s) in the configuration", problems.len());
+                std::process::ExitCode::FAILURE
+            }
+        },
     }
 }
