@@ -656,7 +656,9 @@ impl Config {
         if self.pull.stall_window_secs == 0 {
             p.push(invalid("pull.stall_window_secs", 0, "must be at least 1"));
         }
-        self.stream.validate()?;
+        if let Err(e) = self.stream.validate() {
+            p.push(e);
+        }
         if self.max_container_log_line_size < 64 {
             p.push(invalid(
                 "max_container_log_line_size",
