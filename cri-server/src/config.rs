@@ -233,7 +233,11 @@ impl StreamConfig {
     /// The socket address to listen on (validated by [`Config::validate`]).
     pub fn listen_addr(&self) -> Result<SocketAddr, ConfigError> {
         let ip: std::net::IpAddr = self.address.parse().map_err(|e| {
-            invalid("stream.address", &self.address, format!("not an IP address ({e})"))
+            invalid(
+                "stream.address",
+                &self.address,
+                format!("not an IP address ({e})"),
+            )
         })?;
         Ok(SocketAddr::new(ip, self.port))
     }
@@ -775,10 +779,16 @@ mod tests {
     fn stream_section_defaults_and_checks_name_the_key() {
         let d = Config::default();
         assert!(d.to_toml().contains("[stream]"), "{}", d.to_toml());
-        assert_eq!(d.stream.listen_addr().expect("addr").to_string(), "127.0.0.1:0");
+        assert_eq!(
+            d.stream.listen_addr().expect("addr").to_string(),
+            "127.0.0.1:0"
+        );
         assert_eq!(d.stream.idle().expect("idle").as_secs(), 4 * 3600);
-        let c = Config::from_toml("[stream]\nport = 10010\nidle_timeout = \"30m\"\n", Path::new("x"))
-            .expect("parses");
+        let c = Config::from_toml(
+            "[stream]\nport = 10010\nidle_timeout = \"30m\"\n",
+            Path::new("x"),
+        )
+        .expect("parses");
         assert_eq!(c.stream.port, 10010);
         assert_eq!(c.stream.idle().expect("idle").as_secs(), 1800);
         for (text, key) in [

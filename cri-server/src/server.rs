@@ -336,7 +336,12 @@ impl RuntimeService for Cri {
     ) -> Res<pb::PortForwardResponse> {
         let req = req.into_inner();
         let span = info_span!("PortForward", pod_id = %req.pod_sandbox_id);
-        instrument::call("PortForward", span, cri::streaming::port_forward(&self.d, req)).await
+        instrument::call(
+            "PortForward",
+            span,
+            cri::streaming::port_forward(&self.d, req),
+        )
+        .await
     }
 
     async fn container_stats(

@@ -1487,24 +1487,47 @@ async fn streaming_validation(env: &TestEnv) -> Result<()> {
         .cri()
         .run_container(&pod_id, &sleeper("s"), &pod)
         .await?;
-    let exec = |container_id: &str, tty: bool, stdin: bool, stdout: bool, stderr: bool| {
-        api::ExecRequest {
+    let exec =
+        |container_id: &str, tty: bool, stdin: bool, stdout: bool, stderr: bool| api::ExecRequest {
             container_id: container_id.into(),
             cmd: vec!["sh".into()],
             tty,
             stdin,
             stdout,
             stderr,
-        }
-    };
-    expect_code("Exec tty+stderr", rt.exec(exec(&id, true, false, true, true)).await, InvalidArgument, &["stderr", "tty"])?;
-    expect_code("Exec no stream", rt.exec(exec(&id, false, false, false, false)).await, InvalidArgument, &["stdin", "stdout", "stderr"])?;
-    expect_code("Exec unknown", rt.exec(exec("0123456789abcdef", false, false, true, false)).await, NotFound, &["0123456789abcdef"])?;
+        };
+    expect_code(
+        "Exec tty+stderr",
+        rt.exec(exec(&id, true, false, true, true)).await,
+        InvalidArgument,
+        &["stderr", "tty"],
+    )?;
+    expect_code(
+        "Exec no stream",
+        rt.exec(exec(&id, false, false, false, false)).await,
+        InvalidArgument,
+        &["stdin", "stdout", "stderr"],
+    )?;
+    expect_code(
+        "Exec unknown",
+        rt.exec(exec("0123456789abcdef", false, false, true, false))
+            .await,
+        NotFound,
+        &["0123456789abcdef"],
+    )?;
     let mut no_cmd = exec(&id, false, false, true, false);
     no_cmd.cmd.clear();
-    expect_code("Exec no cmd", rt.exec(no_cmd).await, InvalidArgument, &["cmd"])?;
+    expect_code(
+        "Exec no cmd",
+        rt.exec(no_cmd).await,
+        InvalidArgument,
+        &["cmd"],
+    )?;
     let url = expect_ok("Exec", rt.exec(exec(&id, false, false, true, false)).await)?.url;
-    ensure!(url.starts_with("http://127.0.0.1:") && url.contains("/exec/"), "Exec URL {url}");
+    ensure!(
+        url.starts_with("http://127.0.0.1:") && url.contains("/exec/"),
+        "Exec URL {url}"
+    );
     // The sleeper was created without stdin: attaching stdin is refused, naming it.
     let attach = |stdin: bool| api::AttachRequest {
         container_id: id.clone(),
@@ -1512,7 +1535,12 @@ async fn streaming_validation(env: &TestEnv) -> Result<()> {
         stdout: true,
         ..Default::default()
     };
-    expect_code("Attach stdin", rt.attach(attach(true)).await, InvalidArgument, &["stdin", &id])?;
+    expect_code(
+        "Attach stdin",
+        rt.attach(attach(true)).await,
+        InvalidArgument,
+        &["stdin", &id],
+    )?;
     let url = expect_ok("Attach", rt.attach(attach(false)).await)?.url;
     ensure!(url.contains("/attach/"), "Attach URL {url}");
     let pf = |pod: &str, port: i32| api::PortForwardRequest {
@@ -1520,14 +1548,29 @@ async fn streaming_validation(env: &TestEnv) -> Result<()> {
         port: vec![port],
     };
     for bad in [0, 70000, -1] {
-        expect_code("PortForward port", rt.port_forward(pf(&pod_id, bad)).await, InvalidArgument, &["port", &bad.to_string()])?;
+        expect_code(
+            "PortForward port",
+            rt.port_forward(pf(&pod_id, bad)).await,
+            InvalidArgument,
+            &["port", &bad.to_string()],
+        )?;
     }
-    expect_code("PortForward unknown pod", rt.port_forward(pf("0123456789abcdef", 80)).await, NotFound, &["0123456789abcdef"])?;
+    expect_code(
+        "PortForward unknown pod",
+        rt.port_forward(pf("0123456789abcdef", 80)).await,
+        NotFound,
+        &["0123456789abcdef"],
+    )?;
     let url = expect_ok("PortForward", rt.port_forward(pf(&pod_id, 80)).await)?.url;
     ensure!(url.contains("/portforward/"), "PortForward URL {url}");
     // A stopped container: FailedPrecondition naming its state.
     c.stop_container(&id, 0).await?;
-    expect_code("Exec exited", rt.exec(exec(&id, false, false, true, false)).await, FailedPrecondition, &["CONTAINER_EXITED"])?;
+    expect_code(
+        "Exec exited",
+        rt.exec(exec(&id, false, false, true, false)).await,
+        FailedPrecondition,
+        &["CONTAINER_EXITED"],
+    )?;
     // kubelet sends the pod CIDR at start: accepted (the CNI config owns addressing).
     expect_ok(
         "UpdateRuntimeConfig",

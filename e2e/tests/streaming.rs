@@ -136,9 +136,23 @@ async fn exec_url(
 }
 
 /// A non-TTY exec of `sh -c script` over `t` with `input` as stdin (if any).
-async fn sh(env: &TestEnv, id: &str, script: &str, input: Option<&[u8]>, t: Transport) -> Result<Run> {
-    let url = exec_url(env, id, &["sh", "-c", script], false, (input.is_some(), true, true)).await?;
-    let input = input.map(|b| Box::new(std::io::Cursor::new(b.to_vec())) as Box<dyn AsyncRead + Send + Unpin>);
+async fn sh(
+    env: &TestEnv,
+    id: &str,
+    script: &str,
+    input: Option<&[u8]>,
+    t: Transport,
+) -> Result<Run> {
+    let url = exec_url(
+        env,
+        id,
+        &["sh", "-c", script],
+        false,
+        (input.is_some(), true, true),
+    )
+    .await?;
+    let input = input
+        .map(|b| Box::new(std::io::Cursor::new(b.to_vec())) as Box<dyn AsyncRead + Send + Unpin>);
     dial(&url, t, false, input, true, true, None).await
 }
 
@@ -146,7 +160,11 @@ fn text(b: &[u8]) -> String {
     String::from_utf8_lossy(b).into_owned()
 }
 
-async fn running_pod(env: &TestEnv, name: &str, cfg: &api::ContainerConfig) -> Result<(String, String)> {
+async fn running_pod(
+    env: &TestEnv,
+    name: &str,
+    cfg: &api::ContainerConfig,
+) -> Result<(String, String)> {
     let pod = env.pod_config(name)?;
     let pod_id = env.cri().run_pod(&pod).await?;
     let id = env.cri().run_container(&pod_id, cfg, &pod).await?;
@@ -174,7 +192,14 @@ async fn exec_streams(env: &TestEnv) -> Result<()> {
         );
     }
     // stdin on: what the client sends is what the process reads, and its end is EOF.
-    let r = sh(env, &id, "cat; echo done", Some(b"hello\nworld\n"), Transport::Spdy).await?;
+    let r = sh(
+        env,
+        &id,
+        "cat; echo done",
+        Some(b"hello\nworld\n"),
+        Transport::Spdy,
+    )
+    .await?;
     ensure!(
         r.outcome == Outcome::Exited(0) && text(&r.stdout) == "hello\nworld\ndone\n",
         "cat with stdin: {r:?}"
@@ -183,9 +208,19 @@ async fn exec_streams(env: &TestEnv) -> Result<()> {
     let r = sh(env, &id, "wc -c", None, Transport::Spdy).await?;
     ensure!(text(&r.stdout).trim() == "0", "stdin off: {r:?}");
     // stderr only.
-    let url = exec_url(env, &id, &["sh", "-c", "echo o; echo e >&2"], false, (false, false, true)).await?;
+    let url = exec_url(
+        env,
+        &id,
+        &["sh", "-c", "echo o; echo e >&2"],
+        false,
+        (false, false, true),
+    )
+    .await?;
     let r = dial(&url, Transport::Spdy, false, None, false, true, None).await?;
-    ensure!(r.stdout.is_empty() && text(&r.stderr) == "e\n", "stderr only: {r:?}");
+    ensure!(
+        r.stdout.is_empty() && text(&r.stderr) == "e\n",
+        "stderr only: {r:?}"
+    );
     env.cri().stop_and_remove_pod(&pod_id).await?;
     Ok(())
 }
@@ -206,24 +241,40 @@ async fn exec_tty_resize(env: &TestEnv) -> Result<()> {
     let session = tokio::spawn(async move { client::exec_spdy(&url, true, streams).await });
     let mut seen = Vec::new();
     for (w, h) in [(100u16, 40u16), (132, 50)] {
-        sizes.send(TermSize { width: w, height: h }).await?;
+        sizes
+            .send(TermSize {
+                width: w,
+                height: h,
+            })
+            .await?;
         // The resize and the command travel on different streams: ask until the size shows.
         let want = format!("{h} {w}");
         let deadline = Instant::now() + Duration::from_secs(10);
         loop {
             input.write_all(b"stty size\n").await?;
             let mut buf = [0u8; 4096];
-            if let Ok(Ok(n)) = tokio::time::timeout(Duration::from_millis(500), out_r.read(&mut buf)).await {
+            if let Ok(Ok(n)) =
+                tokio::time::timeout(Duration::from_millis(500), out_r.read(&mut buf)).await
+            {
                 seen.extend_from_slice(&buf[..n]);
             }
             if text(&seen).contains(&want) {
                 break;
             }
-            ensure!(Instant::now() < deadline, "stty size never showed {want:?}: {:?}", text(&seen));
+            ensure!(
+                Instant::now() < deadline,
+                "stty size never showed {want:?}: {:?}",
+                text(&seen)
+            );
         }
     }
     // A 0×0 size is ignored (the terminal keeps 50×132).
-    sizes.send(TermSize { width: 0, height: 0 }).await?;
+    sizes
+        .send(TermSize {
+            width: 0,
+            height: 0,
+        })
+        .await?;
     seen.clear();
     input.write_all(b"stty size; exit 5\n").await?;
     let outcome = tokio::time::timeout(Duration::from_secs(20), session).await???;
@@ -231,9 +282,17 @@ async fn exec_tty_resize(env: &TestEnv) -> Result<()> {
     out_r.read_to_end(&mut rest).await?;
     seen.extend_from_slice(&rest);
     ensure!(outcome == Outcome::Exited(5), "tty exit: {outcome:?}");
-    ensure!(text(&seen).contains("50 132"), "0x0 resize changed the size: {:?}", text(&seen));
+    ensure!(
+        text(&seen).contains("50 132"),
+        "0x0 resize changed the size: {:?}",
+        text(&seen)
+    );
     // A terminal turns \n into \r\n: the output really came through a pty.
-    ensure!(seen.windows(2).any(|w| w == b"\r\n"), "no CRLF: not a terminal? {:?}", text(&seen));
+    ensure!(
+        seen.windows(2).any(|w| w == b"\r\n"),
+        "no CRLF: not a terminal? {:?}",
+        text(&seen)
+    );
     env.cri().stop_and_remove_pod(&pod_id).await?;
     Ok(())
 }
@@ -242,7 +301,15 @@ async fn exec_tty_resize(env: &TestEnv) -> Result<()> {
 // Attach (both runtimes)
 
 async fn attach(env: &TestEnv) -> Result<()> {
-    let mut cfg = container_config("cat", BUSYBOX, &["sh", "-c", "while read l; do echo \"got $l\"; echo \"err $l\" >&2; done"]);
+    let mut cfg = container_config(
+        "cat",
+        BUSYBOX,
+        &[
+            "sh",
+            "-c",
+            "while read l; do echo \"got $l\"; echo \"err $l\" >&2; done",
+        ],
+    );
     cfg.stdin = true;
     let (pod_id, id) = running_pod(env, "attach", &cfg).await?;
     let attach_url = |stdin: bool| {
@@ -269,7 +336,12 @@ async fn attach(env: &TestEnv) -> Result<()> {
         client::exec_spdy(
             &watch_url,
             false,
-            Streams { stdin: None, stdout: Some(Box::pin(wo_w)), stderr: Some(Box::pin(we_w)), resize: None },
+            Streams {
+                stdin: None,
+                stdout: Some(Box::pin(wo_w)),
+                stderr: Some(Box::pin(we_w)),
+                resize: None,
+            },
         )
         .await
     });
@@ -280,7 +352,12 @@ async fn attach(env: &TestEnv) -> Result<()> {
         client::exec_spdy(
             &write_url,
             false,
-            Streams { stdin: Some(Box::pin(stdin)), stdout: Some(Box::pin(o_w)), stderr: None, resize: None },
+            Streams {
+                stdin: Some(Box::pin(stdin)),
+                stdout: Some(Box::pin(o_w)),
+                stderr: None,
+                resize: None,
+            },
         )
         .await
     });
@@ -288,13 +365,24 @@ async fn attach(env: &TestEnv) -> Result<()> {
     let (mut a, mut b, mut e) = (Vec::new(), Vec::new(), Vec::new());
     let deadline = Instant::now() + Duration::from_secs(15);
     let mut n = 0;
-    while !(text(&a).contains("got ping") && text(&b).contains("got ping") && text(&e).contains("err ping")) {
-        ensure!(Instant::now() < deadline, "attach output: watcher {:?} / {:?}, writer {:?}", text(&a), text(&e), text(&b));
+    while !(text(&a).contains("got ping")
+        && text(&b).contains("got ping")
+        && text(&e).contains("err ping"))
+    {
+        ensure!(
+            Instant::now() < deadline,
+            "attach output: watcher {:?} / {:?}, writer {:?}",
+            text(&a),
+            text(&e),
+            text(&b)
+        );
         n += 1;
         input.write_all(format!("ping{n}\n").as_bytes()).await?;
         for (r, v) in [(&mut wo_r, &mut a), (&mut o_r, &mut b), (&mut we_r, &mut e)] {
             let mut buf = [0u8; 4096];
-            if let Ok(Ok(k)) = tokio::time::timeout(Duration::from_millis(300), r.read(&mut buf)).await {
+            if let Ok(Ok(k)) =
+                tokio::time::timeout(Duration::from_millis(300), r.read(&mut buf)).await
+            {
                 v.extend_from_slice(&buf[..k]);
             }
         }
@@ -303,7 +391,10 @@ async fn attach(env: &TestEnv) -> Result<()> {
     writer.abort();
     watcher.abort();
     let st = env.cri().container_status(&id).await?;
-    ensure!(st.state == api::ContainerState::ContainerRunning as i32, "container after attach: {st:?}");
+    ensure!(
+        st.state == api::ContainerState::ContainerRunning as i32,
+        "container after attach: {st:?}"
+    );
     env.cri().stop_and_remove_pod(&pod_id).await?;
     Ok(())
 }
@@ -312,7 +403,9 @@ async fn attach(env: &TestEnv) -> Result<()> {
 // Port-forward (both runtimes)
 
 fn httpd(port: u16, body: &str) -> api::ContainerConfig {
-    let script = format!("mkdir -p /www && echo {body} > /www/index.html && exec httpd -f -p {port} -h /www");
+    let script = format!(
+        "mkdir -p /www && echo {body} > /www/index.html && exec httpd -f -p {port} -h /www"
+    );
     container_config("httpd", BUSYBOX, &["sh", "-c", &script])
 }
 
@@ -336,7 +429,9 @@ async fn http_get(pf: &SpdyPortForward, port: u16) -> Result<String> {
     let mut body = String::new();
     r.read_to_string(&mut body).await?;
     let mut err = s.error;
-    let msg = client::PortForwardStream::error_message(&mut err).await.unwrap_or_default();
+    let msg = client::PortForwardStream::error_message(&mut err)
+        .await
+        .unwrap_or_default();
     ensure!(msg.is_empty(), "port-forward error stream: {msg}");
     Ok(body)
 }
@@ -344,12 +439,30 @@ async fn http_get(pf: &SpdyPortForward, port: u16) -> Result<String> {
 /// Waits until something answers HTTP inside the container (httpd starts asynchronously).
 async fn wait_http(env: &TestEnv, id: &str, port: u16) -> Result<()> {
     let deadline = Instant::now() + Duration::from_secs(20);
+    let url = format!("http://127.0.0.1:{port}/index.html");
     loop {
-        let r = env.cri().exec_sync(id, &["wget", "-q", "-O", "-", &format!("http://127.0.0.1:{port}/index.html")], 5).await?;
-        if r.exit_code == 0 {
+        let r = env
+            .cri()
+            .exec_sync(id, &["wget", "-q", "-T", "2", "-O", "-", &url], 5)
+            .await;
+        if r.as_ref().is_ok_and(|r| r.exit_code == 0) {
             return Ok(());
         }
-        ensure!(Instant::now() < deadline, "httpd on {port} never answered: {}", text(&r.stderr));
+        if Instant::now() > deadline {
+            // Port-forward dials localhost inside the pod: its loopback must be up.
+            let lo = env
+                .cri()
+                .exec_ok(
+                    id,
+                    &[
+                        "cat",
+                        "/sys/class/net/lo/operstate",
+                        "/sys/class/net/lo/flags",
+                    ],
+                )
+                .await?;
+            bail!("httpd on {url} in the pod never answered ({r:?}); the pod's lo: {lo:?}");
+        }
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
 }
@@ -361,14 +474,25 @@ async fn port_forward(env: &TestEnv) -> Result<()> {
     let pf = SpdyPortForward::connect(&url).await?;
     // 10 TCP connections at once through the one session.
     let gets = (0..10).map(|_| http_get(&pf, 8080));
-    for (i, r) in futures::future::join_all(gets).await.into_iter().enumerate() {
+    for (i, r) in futures::future::join_all(gets)
+        .await
+        .into_iter()
+        .enumerate()
+    {
         let body = r.with_context(|| format!("connection {i}"))?;
-        ensure!(body.contains("200 OK") && body.contains("hello-from-pod"), "connection {i}: {body:?}");
+        ensure!(
+            body.contains("200 OK") && body.contains("hello-from-pod"),
+            "connection {i}: {body:?}"
+        );
     }
     pf.close().await;
     // Nothing was exposed on the host: the pod's 8080 is not the host's.
     ensure!(
-        std::net::TcpStream::connect_timeout(&"127.0.0.1:8080".parse()?, Duration::from_millis(300)).is_err()
+        std::net::TcpStream::connect_timeout(
+            &"127.0.0.1:8080".parse()?,
+            Duration::from_millis(300)
+        )
+        .is_err()
             || env.kind == RuntimeKind::Containerd,
         "something listens on the host's 127.0.0.1:8080"
     );
@@ -391,13 +515,21 @@ async fn port_forward_host_network(env: &TestEnv) -> Result<()> {
     });
     let pod_id = env.cri().run_pod(&pod).await?;
     // A free host port (the pod shares the host's network).
-    let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
-    let id = env.cri().run_container(&pod_id, &httpd(port, "hello-host-net"), &pod).await?;
+    let port = std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port();
+    let id = env
+        .cri()
+        .run_container(&pod_id, &httpd(port, "hello-host-net"), &pod)
+        .await?;
     wait_http(env, &id, port).await?;
     let url = port_forward_url(env, &pod_id, &[i32::from(port)]).await?;
     let pf = SpdyPortForward::connect(&url).await?;
     let body = http_get(&pf, port).await?;
-    ensure!(body.contains("hello-host-net"), "host-network port-forward: {body:?}");
+    ensure!(
+        body.contains("hello-host-net"),
+        "host-network port-forward: {body:?}"
+    );
     pf.close().await;
     env.cri().stop_and_remove_pod(&pod_id).await?;
     Ok(())
@@ -409,14 +541,28 @@ async fn port_forward_host_network(env: &TestEnv) -> Result<()> {
 async fn websocket(env: &TestEnv) -> Result<()> {
     let (pod_id, id) = running_pod(env, "ws", &httpd(8080, "hello-ws")).await?;
     // v5: stdin's end travels as a CLOSE on channel 255; `cat` sees EOF and the exec ends.
-    let r = sh(env, &id, "cat; echo end; exit 3", Some(b"over websocket\n"), Transport::Ws("v5.channel.k8s.io")).await?;
+    let r = sh(
+        env,
+        &id,
+        "cat; echo end; exit 3",
+        Some(b"over websocket\n"),
+        Transport::Ws("v5.channel.k8s.io"),
+    )
+    .await?;
     ensure!(
         r.outcome == Outcome::Exited(3) && text(&r.stdout) == "over websocket\nend\n",
         "v5: {r:?}"
     );
     // Before v5 a client cannot end stdin by itself; the input still arrives.
     for proto in ["v4.channel.k8s.io", "v4.base64.channel.k8s.io"] {
-        let r = sh(env, &id, "head -n1; exit 3", Some(b"over websocket\n"), Transport::Ws(proto)).await?;
+        let r = sh(
+            env,
+            &id,
+            "head -n1; exit 3",
+            Some(b"over websocket\n"),
+            Transport::Ws(proto),
+        )
+        .await?;
         ensure!(
             r.outcome == Outcome::Exited(3) && text(&r.stdout) == "over websocket\n",
             "{proto}: {r:?}"
@@ -454,7 +600,11 @@ fn host_tar(args: &[&str], dir: &Path, input: Option<&[u8]>) -> Result<Vec<u8>> 
     let mut child = std::process::Command::new("tar")
         .args(args)
         .current_dir(dir)
-        .stdin(if input.is_some() { std::process::Stdio::piped() } else { std::process::Stdio::null() })
+        .stdin(if input.is_some() {
+            std::process::Stdio::piped()
+        } else {
+            std::process::Stdio::null()
+        })
         .stdout(std::process::Stdio::piped())
         .spawn()
         .context("the host's tar (this test needs it)")?;
@@ -480,17 +630,45 @@ async fn copy_100mib(env: &TestEnv) -> Result<()> {
     std::fs::write(dir.path().join("big.bin"), &data)?;
     let archive = host_tar(&["cf", "-", "big.bin"], dir.path(), None)?;
     let t0 = Instant::now();
-    let r = sh(env, &id, "mkdir -p /tmp/cp && tar xf - -C /tmp/cp", Some(&archive), Transport::Spdy).await?;
-    ensure!(r.outcome == Outcome::Exited(0), "tar x: {:?} {}", r.outcome, text(&r.stderr));
+    let r = sh(
+        env,
+        &id,
+        "mkdir -p /tmp/cp && tar xf - -C /tmp/cp",
+        Some(&archive),
+        Transport::Spdy,
+    )
+    .await?;
+    ensure!(
+        r.outcome == Outcome::Exited(0),
+        "tar x: {:?} {}",
+        r.outcome,
+        text(&r.stderr)
+    );
     let up = t0.elapsed();
     let t0 = Instant::now();
-    let r = sh(env, &id, "tar cf - -C /tmp/cp big.bin", None, Transport::Spdy).await?;
-    ensure!(r.outcome == Outcome::Exited(0), "tar c: {:?} {}", r.outcome, text(&r.stderr));
+    let r = sh(
+        env,
+        &id,
+        "tar cf - -C /tmp/cp big.bin",
+        None,
+        Transport::Spdy,
+    )
+    .await?;
+    ensure!(
+        r.outcome == Outcome::Exited(0),
+        "tar c: {:?} {}",
+        r.outcome,
+        text(&r.stderr)
+    );
     let down = t0.elapsed();
     let back = tempfile::tempdir()?;
     host_tar(&["xf", "-"], back.path(), Some(&r.stdout))?;
     let got = std::fs::read(back.path().join("big.bin"))?;
-    ensure!(got.len() == data.len() && got == data, "big.bin came back different ({} bytes)", got.len());
+    ensure!(
+        got.len() == data.len() && got == data,
+        "big.bin came back different ({} bytes)",
+        got.len()
+    );
     eprintln!("kubectl cp 100 MiB: in {up:?}, out {down:?}");
     env.cri().stop_and_remove_pod(&pod_id).await?;
     Ok(())
@@ -510,13 +688,27 @@ fn crispd_rss_kib(env: &TestEnv) -> Result<u64> {
 async fn hundred_execs(env: &TestEnv) -> Result<()> {
     let (pod_id, id) = running_pod(env, "many", &sleeper()).await?;
     // `yes` repeats its line: 1 MiB of "0123456789abcde\n".
-    let want: Vec<u8> = b"0123456789abcde\n".iter().copied().cycle().take(MIB).collect();
+    let want: Vec<u8> = b"0123456789abcde\n"
+        .iter()
+        .copied()
+        .cycle()
+        .take(MIB)
+        .collect();
     // Warm up (first exec sweeps, allocator arenas), then measure.
     sh(env, &id, "true", None, Transport::Spdy).await?;
     let before = crispd_rss_kib(env)?;
     let mut urls = Vec::new();
     for _ in 0..100 {
-        urls.push(exec_url(env, &id, &["sh", "-c", "yes 0123456789abcde | head -c 1048576"], false, (false, true, true)).await?);
+        urls.push(
+            exec_url(
+                env,
+                &id,
+                &["sh", "-c", "yes 0123456789abcde | head -c 1048576"],
+                false,
+                (false, true, true),
+            )
+            .await?,
+        );
     }
     let peak = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(before));
     let sampler = {
@@ -525,7 +717,10 @@ async fn hundred_execs(env: &TestEnv) -> Result<()> {
         tokio::spawn(async move {
             loop {
                 if let Ok(s) = std::fs::read_to_string(format!("/proc/{pid}/status"))
-                    && let Some(v) = s.lines().find_map(|l| l.strip_prefix("VmRSS:")).and_then(|v| v.split_whitespace().next()?.parse::<u64>().ok())
+                    && let Some(v) = s
+                        .lines()
+                        .find_map(|l| l.strip_prefix("VmRSS:"))
+                        .and_then(|v| v.split_whitespace().next()?.parse::<u64>().ok())
                 {
                     peak.fetch_max(v, std::sync::atomic::Ordering::Relaxed);
                 }
@@ -534,17 +729,32 @@ async fn hundred_execs(env: &TestEnv) -> Result<()> {
         })
     };
     let t0 = Instant::now();
-    let runs = futures::future::join_all(urls.iter().map(|u| dial(u, Transport::Spdy, false, None, true, true, None))).await;
+    let runs = futures::future::join_all(
+        urls.iter()
+            .map(|u| dial(u, Transport::Spdy, false, None, true, true, None)),
+    )
+    .await;
     let took = t0.elapsed();
     sampler.abort();
     for (i, r) in runs.into_iter().enumerate() {
         let r = r.with_context(|| format!("exec {i}"))?;
-        ensure!(r.outcome == Outcome::Exited(0), "exec {i}: {:?} {}", r.outcome, text(&r.stderr));
-        ensure!(r.stdout == want, "exec {i}: {} bytes, not the 1 MiB expected", r.stdout.len());
+        ensure!(
+            r.outcome == Outcome::Exited(0),
+            "exec {i}: {:?} {}",
+            r.outcome,
+            text(&r.stderr)
+        );
+        ensure!(
+            r.stdout == want,
+            "exec {i}: {} bytes, not the 1 MiB expected",
+            r.stdout.len()
+        );
     }
     let peak = peak.load(std::sync::atomic::Ordering::Relaxed);
     let growth = peak.saturating_sub(before);
-    eprintln!("100 concurrent execs x 1 MiB in {took:?}: crispd VmRSS {before} KiB before, {peak} KiB peak (+{growth} KiB)");
+    eprintln!(
+        "100 concurrent execs x 1 MiB in {took:?}: crispd VmRSS {before} KiB before, {peak} KiB peak (+{growth} KiB)"
+    );
     // Each session holds at most a 64 KiB copy buffer per stream plus the protocol's own
     // buffers: 100 sessions stay far under 64 MiB.
     ensure!(growth < 64 * 1024, "crispd grew {growth} KiB for 100 execs");
@@ -555,7 +765,11 @@ async fn hundred_execs(env: &TestEnv) -> Result<()> {
 /// Exec processes in the container other than `keep` (from `ps` inside it).
 async fn procs_matching(env: &TestEnv, id: &str, needle: &str) -> Result<Vec<String>> {
     let ps = env.cri().exec_ok(id, &["ps", "-o", "pid,args"]).await?;
-    Ok(ps.lines().filter(|l| l.contains(needle) && !l.contains("ps -o")).map(str::to_string).collect())
+    Ok(ps
+        .lines()
+        .filter(|l| l.contains(needle) && !l.contains("ps -o"))
+        .map(str::to_string)
+        .collect())
 }
 
 async fn wait_gone(env: &TestEnv, id: &str, needle: &str, within: Duration) -> Result<()> {
@@ -579,10 +793,24 @@ async fn disconnect(env: &TestEnv) -> Result<()> {
     // 1. A long sleep with stdin open, then the client drops its connection.
     let url = exec_url(env, &id, &["sleep", "3601"], false, (true, true, false)).await?;
     let (_keep_stdin, stdin) = tokio::io::duplex(64);
-    let session = tokio::spawn(async move { dial(&url, Transport::Spdy, false, Some(Box::new(stdin)), true, false, None).await });
+    let session = tokio::spawn(async move {
+        dial(
+            &url,
+            Transport::Spdy,
+            false,
+            Some(Box::new(stdin)),
+            true,
+            false,
+            None,
+        )
+        .await
+    });
     let t0 = Instant::now();
     while procs_matching(env, &id, "sleep 3601").await?.is_empty() {
-        ensure!(t0.elapsed() < Duration::from_secs(10), "the exec never started");
+        ensure!(
+            t0.elapsed() < Duration::from_secs(10),
+            "the exec never started"
+        );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     session.abort();
@@ -590,17 +818,28 @@ async fn disconnect(env: &TestEnv) -> Result<()> {
     // 2. Output nobody reads: `yes` fills the pipe and blocks; then the client goes.
     let url = exec_url(env, &id, &["yes", "unread"], false, (false, true, false)).await?;
     let (out_w, out_r) = tokio::io::duplex(1024);
-    let streams = Streams { stdin: None, stdout: Some(Box::pin(out_w)), stderr: None, resize: None };
+    let streams = Streams {
+        stdin: None,
+        stdout: Some(Box::pin(out_w)),
+        stderr: None,
+        resize: None,
+    };
     let session = tokio::spawn(async move { client::exec_spdy(&url, false, streams).await });
     let t0 = Instant::now();
     while procs_matching(env, &id, "yes unread").await?.is_empty() {
-        ensure!(t0.elapsed() < Duration::from_secs(10), "the exec never started");
+        ensure!(
+            t0.elapsed() < Duration::from_secs(10),
+            "the exec never started"
+        );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     let rss = crispd_rss_kib(env)?;
     tokio::time::sleep(Duration::from_secs(2)).await;
     let rss2 = crispd_rss_kib(env)?;
-    ensure!(rss2 < rss + 8 * 1024, "crispd buffers an unread output: VmRSS {rss} -> {rss2} KiB");
+    ensure!(
+        rss2 < rss + 8 * 1024,
+        "crispd buffers an unread output: VmRSS {rss} -> {rss2} KiB"
+    );
     session.abort();
     drop(out_r);
     wait_gone(env, &id, "yes unread", Duration::from_secs(5)).await?;
@@ -608,8 +847,15 @@ async fn disconnect(env: &TestEnv) -> Result<()> {
     let out = env.cri().exec_ok(&id, &["echo", "still here"]).await?;
     ensure!(out == "still here\n", "exec after disconnects: {out:?}");
     let r = sh(env, &id, "echo ok", None, Transport::Spdy).await?;
-    ensure!(text(&r.stdout) == "ok\n", "streaming exec after disconnects: {r:?}");
-    ensure!(exec_dirs(env).is_empty(), "exec FIFO dirs left: {:?}", exec_dirs(env));
+    ensure!(
+        text(&r.stdout) == "ok\n",
+        "streaming exec after disconnects: {r:?}"
+    );
+    ensure!(
+        exec_dirs(env).is_empty(),
+        "exec FIFO dirs left: {:?}",
+        exec_dirs(env)
+    );
     env.cri().stop_and_remove_pod(&pod_id).await?;
     Ok(())
 }
@@ -629,7 +875,12 @@ fn fd_count(env: &TestEnv) -> Result<usize> {
 async fn footprint(env: &TestEnv, id: &str) -> Result<(usize, usize, usize)> {
     // Let closed sessions finish their clean-up.
     tokio::time::sleep(Duration::from_millis(500)).await;
-    let procs = env.cri().exec_ok(id, &["ps", "-o", "pid"]).await?.lines().count();
+    let procs = env
+        .cri()
+        .exec_ok(id, &["ps", "-o", "pid"])
+        .await?
+        .lines()
+        .count();
     Ok((fd_count(env)?, procs, exec_dirs(env).len()))
 }
 
@@ -643,12 +894,22 @@ async fn bad_input(env: &TestEnv) -> Result<()> {
     // A token works once.
     let url = exec_url(env, &id, &["true"], false, (false, true, false)).await?;
     dial(&url, Transport::Spdy, false, None, true, false, None).await?;
-    let e = dial(&url, Transport::Spdy, false, None, true, false, None).await.expect_err("reused token");
-    let status = e.chain().find_map(|c| c.downcast_ref::<client::ClientError>()).and_then(|c| c.http_status());
+    let e = dial(&url, Transport::Spdy, false, None, true, false, None)
+        .await
+        .expect_err("reused token");
+    let status = e
+        .chain()
+        .find_map(|c| c.downcast_ref::<client::ClientError>())
+        .and_then(|c| c.http_status());
     ensure!(status == Some(404), "reused token: {e:#}");
     // An unknown one is 404 too.
-    let unknown = format!("{}/exec/AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA", url.rsplit_once("/exec/").map(|(b, _)| b).unwrap_or(""));
-    let e = dial(&unknown, Transport::Spdy, false, None, true, false, None).await.expect_err("unknown token");
+    let unknown = format!(
+        "{}/exec/AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA",
+        url.rsplit_once("/exec/").map(|(b, _)| b).unwrap_or("")
+    );
+    let e = dial(&unknown, Transport::Spdy, false, None, true, false, None)
+        .await
+        .expect_err("unknown token");
     ensure!(format!("{e:#}").contains("404"), "unknown token: {e:#}");
 
     // Port-forward to port 0, 70000 and a closed port: an error on the error stream.
@@ -659,11 +920,16 @@ async fn bad_input(env: &TestEnv) -> Result<()> {
         let msg = match s {
             Ok(s) => {
                 let mut err = s.error;
-                client::PortForwardStream::error_message(&mut err).await.unwrap_or_default()
+                client::PortForwardStream::error_message(&mut err)
+                    .await
+                    .unwrap_or_default()
             }
             Err(e) => e.to_string(),
         };
-        ensure!(!msg.is_empty() && msg.contains(port), "port {port}: error {msg:?}");
+        ensure!(
+            !msg.is_empty() && msg.contains(port),
+            "port {port}: error {msg:?}"
+        );
     }
     // The session still forwards after the errors.
     let body = http_get(&pf, 8080).await?;
@@ -674,7 +940,10 @@ async fn bad_input(env: &TestEnv) -> Result<()> {
     let url = exec_url(env, &id, &["cat"], false, (true, true, false)).await?;
     let (mut ws, _) = client::upgrade::websocket(&url, &["v5.channel.k8s.io"]).await?;
     use futures::{SinkExt, StreamExt};
-    ws.send(tokio_tungstenite::tungstenite::Message::Binary(vec![9u8, b'x'].into())).await?;
+    ws.send(tokio_tungstenite::tungstenite::Message::Binary(
+        vec![9u8, b'x'].into(),
+    ))
+    .await?;
     let end = tokio::time::timeout(Duration::from_secs(10), async {
         while let Some(m) = ws.next().await {
             if m.is_err() || matches!(m, Ok(tokio_tungstenite::tungstenite::Message::Close(_))) {
@@ -686,7 +955,10 @@ async fn bad_input(env: &TestEnv) -> Result<()> {
     ensure!(end.is_ok(), "an unknown channel did not end the session");
 
     let after = footprint(env, &id).await?;
-    ensure!(before == after, "(crispd fds, container processes, exec dirs) before {before:?}, after {after:?}");
+    ensure!(
+        before == after,
+        "(crispd fds, container processes, exec dirs) before {before:?}, after {after:?}"
+    );
     env.cri().stop_and_remove_pod(&pod_id).await?;
     Ok(())
 }
@@ -736,27 +1008,42 @@ mod crispd_only {
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn websocket() -> Result<()> {
-        with_env(RuntimeKind::Crispd, "websocket", |e| Box::pin(super::websocket(e))).await
+        with_env(RuntimeKind::Crispd, "websocket", |e| {
+            Box::pin(super::websocket(e))
+        })
+        .await
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn copy_100mib() -> Result<()> {
-        with_env(RuntimeKind::Crispd, "copy_100mib", |e| Box::pin(super::copy_100mib(e))).await
+        with_env(RuntimeKind::Crispd, "copy_100mib", |e| {
+            Box::pin(super::copy_100mib(e))
+        })
+        .await
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn hundred_execs() -> Result<()> {
-        with_env(RuntimeKind::Crispd, "hundred_execs", |e| Box::pin(super::hundred_execs(e))).await
+        with_env(RuntimeKind::Crispd, "hundred_execs", |e| {
+            Box::pin(super::hundred_execs(e))
+        })
+        .await
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn disconnect() -> Result<()> {
-        with_env(RuntimeKind::Crispd, "disconnect", |e| Box::pin(super::disconnect(e))).await
+        with_env(RuntimeKind::Crispd, "disconnect", |e| {
+            Box::pin(super::disconnect(e))
+        })
+        .await
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn bad_input() -> Result<()> {
-        with_env(RuntimeKind::Crispd, "bad_input", |e| Box::pin(super::bad_input(e))).await
+        with_env(RuntimeKind::Crispd, "bad_input", |e| {
+            Box::pin(super::bad_input(e))
+        })
+        .await
     }
 }
 
@@ -779,18 +1066,49 @@ async fn measure(env: &TestEnv) -> Result<(Duration, f64, f64)> {
     }
     let rtt = t0.elapsed() / ROUNDS;
     // 256 MiB of stdout through one exec, counted and dropped as it arrives.
-    let url = exec_url(env, &id, &["head", "-c", &BIG.to_string(), "/dev/zero"], false, (false, true, false)).await?;
+    let url = exec_url(
+        env,
+        &id,
+        &["head", "-c", &BIG.to_string(), "/dev/zero"],
+        false,
+        (false, true, false),
+    )
+    .await?;
     let (out_w, mut out_r) = tokio::io::duplex(1 << 20);
-    let counter = tokio::spawn(async move { tokio::io::copy(&mut out_r, &mut tokio::io::sink()).await });
+    let counter =
+        tokio::spawn(async move { tokio::io::copy(&mut out_r, &mut tokio::io::sink()).await });
     let t0 = Instant::now();
-    let outcome = client::exec_spdy(&url, false, Streams { stdin: None, stdout: Some(Box::pin(out_w)), stderr: None, resize: None }).await?;
+    let outcome = client::exec_spdy(
+        &url,
+        false,
+        Streams {
+            stdin: None,
+            stdout: Some(Box::pin(out_w)),
+            stderr: None,
+            resize: None,
+        },
+    )
+    .await?;
     let n = counter.await??;
     let exec_mibs = n as f64 / MIB as f64 / t0.elapsed().as_secs_f64();
-    ensure!(outcome == Outcome::Exited(0) && n as usize == BIG, "exec throughput: {outcome:?}, {n} bytes");
+    ensure!(
+        outcome == Outcome::Exited(0) && n as usize == BIG,
+        "exec throughput: {outcome:?}, {n} bytes"
+    );
     // 256 MiB through port-forward: nc in the pod serves /dev/zero on 9090, once.
     let script = format!("head -c {BIG} /dev/zero | nc -l -p 9090");
-    let url = exec_url(env, &id, &["sh", "-c", &script], false, (false, true, false)).await?;
-    let server = tokio::spawn(async move { dial(&url, Transport::Spdy, false, None, true, false, None).await });
+    let url = exec_url(
+        env,
+        &id,
+        &["sh", "-c", &script],
+        false,
+        (false, true, false),
+    )
+    .await?;
+    let server =
+        tokio::spawn(
+            async move { dial(&url, Transport::Spdy, false, None, true, false, None).await },
+        );
     let pf = SpdyPortForward::connect(&port_forward_url(env, &pod_id, &[9090]).await?).await?;
     let mut s = None;
     for _ in 0..50 {
@@ -809,7 +1127,11 @@ async fn measure(env: &TestEnv) -> Result<(Duration, f64, f64)> {
     let t0 = Instant::now();
     let rest = tokio::io::copy(&mut r, &mut tokio::io::sink()).await?;
     let pf_mibs = (rest as usize + k) as f64 / MIB as f64 / t0.elapsed().as_secs_f64();
-    ensure!(rest as usize + k == BIG, "port-forward moved {} bytes", rest as usize + k);
+    ensure!(
+        rest as usize + k == BIG,
+        "port-forward moved {} bytes",
+        rest as usize + k
+    );
     pf.close().await;
     let _ = server.await;
     env.cri().stop_and_remove_pod(&pod_id).await?;
@@ -831,8 +1153,14 @@ async fn bench_streaming() -> Result<()> {
             })
         })
         .await?;
-        let m = cell.lock().map_err(|_| anyhow::anyhow!("poisoned"))?.context("no figures")?;
-        eprintln!("{kind}: exec echo hi round trip {:?}, exec stdout {:.0} MiB/s, port-forward {:.0} MiB/s", m.0, m.1, m.2);
+        let m = cell
+            .lock()
+            .map_err(|_| anyhow::anyhow!("poisoned"))?
+            .context("no figures")?;
+        eprintln!(
+            "{kind}: exec echo hi round trip {:?}, exec stdout {:.0} MiB/s, port-forward {:.0} MiB/s",
+            m.0, m.1, m.2
+        );
         results.push(m);
     }
     let (c, x) = (results[0], results[1]);

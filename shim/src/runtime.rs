@@ -120,8 +120,7 @@ impl Runtime {
         }
         cmd.arg(id);
         let [i, o, e] = stdio;
-        cmd.stdin(i);
-        self.run_with_stdio("create", cmd, o, e).await
+        self.run_with_stdio("create", cmd, i, o, e).await
     }
 
     /// Runs a command whose stdout/stderr go somewhere other than our pipes (the
@@ -130,6 +129,7 @@ impl Runtime {
         &self,
         command: &'static str,
         cmd: Command,
+        stdin: std::process::Stdio,
         stdout: std::process::Stdio,
         stderr: std::process::Stdio,
     ) -> Result<(), RuntimeError> {
@@ -146,6 +146,9 @@ impl Runtime {
         if let Some(dir) = cmd.get_current_dir() {
             real.current_dir(dir);
         }
+        // The container's stdin (a pipe the shim feeds, or /dev/null): `real` is a new
+        // Command, so it must be set here; `cmd`'s would be lost with it.
+        real.stdin(stdin);
         let out = Reaper::global().run_stdio(real, stdout, stderr).await;
         let logged = std::fs::read(&log).unwrap_or_default();
         let _ = std::fs::remove_file(&log);
@@ -206,8 +209,7 @@ impl Runtime {
         }
         cmd.arg(id);
         let [i, o, e] = stdio;
-        cmd.stdin(i);
-        self.run_with_stdio("exec", cmd, o, e).await
+        self.run_with_stdio("exec", cmd, i, o, e).await
     }
 
     pub async fn ps(&self, id: &str) -> Result<Vec<u32>, RuntimeError> {

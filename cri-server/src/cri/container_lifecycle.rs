@@ -683,7 +683,13 @@ async fn start_task(
         .map_err(|e| task_err("create", id, e))?;
     // The container holds the FIFOs' write ends now: the copies can start.
     let copiers = vec![
-        spawn_copier(id, r_out, Stream::Stdout, Arc::clone(&log), Some(Arc::clone(&tap))),
+        spawn_copier(
+            id,
+            r_out,
+            Stream::Stdout,
+            Arc::clone(&log),
+            Some(Arc::clone(&tap)),
+        ),
         spawn_copier(id, r_err, Stream::Stderr, Arc::clone(&log), Some(tap)),
     ];
     ctx.registry.live().insert(
@@ -1367,7 +1373,10 @@ async fn recover_one(
             let cfg = crate::cri::containers::container_config(rec);
             let stdin = crate::stream::attach::stdin_fifo(&b);
             let stdin = (cfg.stdin && stdin.exists()).then_some(stdin);
-            let tap = match d.attach.register(id, cfg.tty, stdin.as_deref(), cfg.stdin_once) {
+            let tap = match d
+                .attach
+                .register(id, cfg.tty, stdin.as_deref(), cfg.stdin_once)
+            {
                 Ok(t) => Some(t),
                 Err(e) => {
                     tracing::warn!(container_id = %id, error = %e, "cannot reopen stdin fifo; attach unavailable");
@@ -1377,7 +1386,9 @@ async fn recover_one(
             for stream in [Stream::Stdout, Stream::Stderr] {
                 let f = bundle::fifo(&b, stream);
                 match logs::open_fifo_reader(&f) {
-                    Ok(r) => copiers.push(spawn_copier(id, r, stream, Arc::clone(&log), tap.clone())),
+                    Ok(r) => {
+                        copiers.push(spawn_copier(id, r, stream, Arc::clone(&log), tap.clone()))
+                    }
                     Err(e) => {
                         tracing::warn!(container_id = %id, stream = stream.as_str(), error = %e, "cannot reopen fifo; output lost")
                     }

@@ -47,7 +47,8 @@ pub(crate) const DRAIN_AFTER_EXIT: Duration = Duration::from_secs(10);
 const KILL_WAIT: Duration = Duration::from_secs(10);
 
 /// The OCI type containerd gives an exec's process spec.
-pub(crate) const PROCESS_TYPE_URL: &str = "types.containerd.io/opencontainers/runtime-spec/1/Process";
+pub(crate) const PROCESS_TYPE_URL: &str =
+    "types.containerd.io/opencontainers/runtime-spec/1/Process";
 
 /// A shim (ttrpc) failure as a CRI error: the shim's own code carries over, a broken
 /// connection is Unavailable. `what` names the call and object.

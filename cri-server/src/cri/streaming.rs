@@ -15,12 +15,7 @@ use crate::instrument::CriError;
 use crate::store::records::PodState;
 
 /// The stream flags every exec and attach must satisfy, named as CRI names them.
-pub fn check_streams(
-    tty: bool,
-    stdin: bool,
-    stdout: bool,
-    stderr: bool,
-) -> Result<(), CriError> {
+pub fn check_streams(tty: bool, stdin: bool, stdout: bool, stderr: bool) -> Result<(), CriError> {
     if tty && stderr {
         return Err(CriError::invalid(
             "stderr: must be false when tty is true (a terminal has one output stream)",

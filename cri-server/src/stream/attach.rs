@@ -181,7 +181,10 @@ pub async fn attach(d: &Arc<Daemon>, req: AttachRequest, streams: Streams) -> Re
         resize,
     } = streams;
     let mut rx = hub.subscribe().ok_or_else(|| {
-        CriError::precondition(format!("Attach: container {}: its output has ended", rec.id))
+        CriError::precondition(format!(
+            "Attach: container {}: its output has ended",
+            rec.id
+        ))
     })?;
     let _live = d.stream_sessions.enter();
     let input = async {
@@ -303,8 +306,12 @@ mod tests {
         assert!(hubs.get("c1").is_none(), "the hub leaves with the copiers");
         let (wa, mut ra) = tokio::io::duplex(64);
         let (wb, mut rb) = tokio::io::duplex(64);
-        forward(&mut a, Some(Box::pin(wa)), None, "c1").await.expect("a");
-        forward(&mut b, None, Some(Box::pin(wb)), "c1").await.expect("b");
+        forward(&mut a, Some(Box::pin(wa)), None, "c1")
+            .await
+            .expect("a");
+        forward(&mut b, None, Some(Box::pin(wb)), "c1")
+            .await
+            .expect("b");
         let (mut sa, mut sb) = (Vec::new(), Vec::new());
         ra.read_to_end(&mut sa).await.expect("read");
         rb.read_to_end(&mut sb).await.expect("read");
@@ -323,11 +330,15 @@ mod tests {
         }
         drop(tap);
         let (w, mut r) = tokio::io::duplex(1 << 20);
-        forward(&mut slow, Some(Box::pin(w)), None, "c1").await.expect("forward");
+        forward(&mut slow, Some(Box::pin(w)), None, "c1")
+            .await
+            .expect("forward");
         let mut got = String::new();
         r.read_to_string(&mut got).await.expect("read");
         // It kept the newest HUB_CHUNKS chunks and skipped the rest.
-        let want: String = (HUB_CHUNKS * 3..HUB_CHUNKS * 4).map(|i| format!("{i};")).collect();
+        let want: String = (HUB_CHUNKS * 3..HUB_CHUNKS * 4)
+            .map(|i| format!("{i};"))
+            .collect();
         assert_eq!(got, want);
     }
 
@@ -340,7 +351,9 @@ mod tests {
         tap.publish(Stream::Stdout, b"after");
         drop(tap);
         let (w, mut r) = tokio::io::duplex(64);
-        forward(&mut rx, Some(Box::pin(w)), None, "c1").await.expect("forward");
+        forward(&mut rx, Some(Box::pin(w)), None, "c1")
+            .await
+            .expect("forward");
         let mut got = Vec::new();
         r.read_to_end(&mut got).await.expect("read");
         assert_eq!(got, b"after");

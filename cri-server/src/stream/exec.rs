@@ -74,7 +74,10 @@ pub async fn exec(d: &Arc<Daemon>, req: ExecRequest, streams: Streams) -> Result
     }
     let bundle = crate::bundle::dir(&d.cfg.state, &rec.id);
     let spec = crate::bundle::read_spec(&bundle).ok_or_else(|| {
-        CriError::internal(format!("Exec: no readable config.json in {}", bundle.display()))
+        CriError::internal(format!(
+            "Exec: no readable config.json in {}",
+            bundle.display()
+        ))
     })?;
     let mut process = exec_sync::exec_process(&spec, &req.cmd)?;
     process["terminal"] = serde_json::Value::Bool(req.tty);
@@ -96,8 +99,17 @@ pub async fn exec(d: &Arc<Daemon>, req: ExecRequest, streams: Streams) -> Result
         let _live = sessions.enter();
         let mut progress = Progress::default();
         let mut tasks = Tasks::default();
-        let r = run(&x, &req, process, streams, owner, session_gone, &mut progress, &mut tasks)
-            .await;
+        let r = run(
+            &x,
+            &req,
+            process,
+            streams,
+            owner,
+            session_gone,
+            &mut progress,
+            &mut tasks,
+        )
+        .await;
         drop(tasks);
         exec_sync::cleanup(&x, progress).await;
         r
@@ -166,7 +178,10 @@ async fn run(
     let mut outs: Vec<(tokio::net::unix::pipe::Receiver, BoxWrite)> = Vec::new();
     let mut paths = [String::new(), String::new()];
     let mut keep = Vec::new();
-    for (i, (name, w)) in [("stdout", stdout), ("stderr", stderr)].into_iter().enumerate() {
+    for (i, (name, w)) in [("stdout", stdout), ("stderr", stderr)]
+        .into_iter()
+        .enumerate()
+    {
         let Some(w) = w else { continue };
         let p = make_fifo(&x.dir, name, owner)?;
         // Read end first (needs no writer), then a writer of our own until the process has
@@ -236,11 +251,24 @@ async fn run(
         tasks.push(c);
     }
     if let (Some(r), Some(p)) = (stdin, stdin_path) {
-        let h = tokio::spawn(feed_stdin(x.shim.clone(), x.cid.clone(), x.exec_id.clone(), p, r, req.tty));
+        let h = tokio::spawn(feed_stdin(
+            x.shim.clone(),
+            x.cid.clone(),
+            x.exec_id.clone(),
+            p,
+            r,
+            req.tty,
+        ));
         tasks.push(&h);
     }
     if let Some(rx) = resize {
-        let h = tokio::spawn(resize_loop(x.shim.clone(), x.cid.clone(), x.exec_id.clone(), rx, req.tty));
+        let h = tokio::spawn(resize_loop(
+            x.shim.clone(),
+            x.cid.clone(),
+            x.exec_id.clone(),
+            rx,
+            req.tty,
+        ));
         tasks.push(&h);
     }
 
@@ -325,7 +353,10 @@ async fn feed_stdin(
     let mut tx = loop {
         match tokio::net::unix::pipe::OpenOptions::new().open_sender(&path) {
             Ok(tx) => break tx,
-            Err(e) if e.raw_os_error() == Some(libc::ENXIO) && tokio::time::Instant::now() < deadline => {
+            Err(e)
+                if e.raw_os_error() == Some(libc::ENXIO)
+                    && tokio::time::Instant::now() < deadline =>
+            {
                 tokio::time::sleep(Duration::from_millis(5)).await;
             }
             Err(e) => {
@@ -334,6 +365,7 @@ async fn feed_stdin(
             }
         }
     };
+    tracing::debug!(%exec_id, "exec stdin FIFO open");
     match tokio::io::copy(&mut r, &mut tx).await {
         Ok(n) => tracing::debug!(%exec_id, bytes = n, "exec stdin ended"),
         // The process closed its stdin or exited: nothing more to feed.

@@ -77,12 +77,9 @@ impl Backend for CrispBackend {
     ) -> Result<tokio::net::TcpStream, BackendError> {
         let d = self.daemon()?;
         let span = tracing::info_span!("port-forward", pod_id = %pod_sandbox_id, port);
-        tracing::Instrument::instrument(
-            port_forward::port_forward(&d, pod_sandbox_id, port),
-            span,
-        )
-        .await
-        .map_err(backend_error)
+        tracing::Instrument::instrument(port_forward::port_forward(&d, pod_sandbox_id, port), span)
+            .await
+            .map_err(backend_error)
     }
 }
 

@@ -90,6 +90,9 @@ mod tests {
         let port = l.local_addr().expect("addr").port();
         drop(l);
         let e = connect_local(port).expect_err("closed");
-        assert!(e.to_string().contains("127.0.0.1") && e.to_string().contains("[::1]"), "{e}");
+        assert!(
+            e.to_string().contains("127.0.0.1") && e.to_string().contains("[::1]"),
+            "{e}"
+        );
     }
 }

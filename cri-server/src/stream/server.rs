@@ -122,6 +122,14 @@ pub fn render_metrics(d: &Daemon, out: &mut String) {
         let _ = writeln!(out, "crisp_stream_sessions_total{{kind=\"{kind}\"}} {n}");
     }
     out.push_str("# HELP crisp_stream_bytes_total Payload bytes moved by streaming sessions.\n# TYPE crisp_stream_bytes_total counter\n");
-    let _ = writeln!(out, "crisp_stream_bytes_total{{direction=\"in\"}} {}", m.bytes_in);
-    let _ = writeln!(out, "crisp_stream_bytes_total{{direction=\"out\"}} {}", m.bytes_out);
+    let _ = writeln!(
+        out,
+        "crisp_stream_bytes_total{{direction=\"in\"}} {}",
+        m.bytes_in
+    );
+    let _ = writeln!(
+        out,
+        "crisp_stream_bytes_total{{direction=\"out\"}} {}",
+        m.bytes_out
+    );
 }
