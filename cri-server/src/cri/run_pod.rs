@@ -566,6 +566,10 @@ async fn cni_add(
     rec: &mut PodRecord,
     done: &mut Done,
 ) -> Result<(), CriError> {
+    let lo = std::path::PathBuf::from(&netns);
+    tokio::task::spawn_blocking(move || crate::netns::loopback_up(&lo))
+        .await
+        .map_err(|e| CriError::internal(format!("netns task: {e}")))??;
     let attach = AttachRequest {
         pod_id: id.to_string(),
         netns,
