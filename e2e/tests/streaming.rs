@@ -348,6 +348,8 @@ async fn attach(env: &TestEnv) -> Result<()> {
     let write_url = attach_url(true).await?;
     let (mut input, stdin) = tokio::io::duplex(4096);
     let (o_w, mut o_r) = tokio::io::duplex(1 << 16);
+    // The Attach call asked for stderr too: a client opens every stream it asked for (the
+    // server waits for them all, as kubelet's does), even one it then ignores.
     let writer = tokio::spawn(async move {
         client::exec_spdy(
             &write_url,
@@ -355,7 +357,7 @@ async fn attach(env: &TestEnv) -> Result<()> {
             Streams {
                 stdin: Some(Box::pin(stdin)),
                 stdout: Some(Box::pin(o_w)),
-                stderr: None,
+                stderr: Some(Box::pin(tokio::io::sink())),
                 resize: None,
             },
         )
