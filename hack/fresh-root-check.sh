@@ -33,6 +33,7 @@ set -euo pipefail
 SUITE=bookworm
 VARIANT=minbase
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+SELF=$HERE/$(basename "${BASH_SOURCE[0]}")
 REPO=$(cd "$HERE/.." && pwd)
 CACHE=${CRISP_FRESH_ROOT_CACHE:-/var/cache/crisp/fresh-root}
 
@@ -99,7 +100,7 @@ outer() {
   unshare --mount --propagation private -- env \
     CRISP_FRC_KEYDIR="$CACHE/$key" CRISP_FRC_MIRROR="$mirror" CRISP_FRC_SYSROOT="$sysroot" \
     CRISP_FRC_REGISTRY="$cargo_home/registry" CRISP_FRC_NEXTEST="$(command -v cargo-nextest)" \
-    bash "$HERE/fresh-root-check.sh" --inner || rc=$?
+    bash "$SELF" --inner || rc=$?
 
   local left
   left=$(findmnt -rn -o TARGET | grep -F "$CACHE/" || true)
