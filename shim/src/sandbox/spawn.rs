@@ -219,7 +219,7 @@ fn child_main(a: &ChildArgs) -> ! {
         if libc::read(a.sync_r, b.as_mut_ptr().cast(), 1) != 1 {
             fail(a, 0);
         }
-        if a.ns_root && (libc::setresgid(0, 0, 0) < 0 || libc::setresuid(0, 0, 0) < 0) {
+        if a.ns_root && (raw_setresgid(0) < 0 || raw_setresuid(0) < 0) {
             fail(a, 7);
         }
         if let Some(h) = &a.hostname
@@ -238,10 +238,10 @@ fn child_main(a: &ChildArgs) -> ! {
             }
             libc::close(fd);
         }
-        if libc::setgroups(a.groups.len(), a.groups.as_ptr()) < 0 {
+        if libc::syscall(libc::SYS_setgroups, a.groups.len(), a.groups.as_ptr()) < 0 {
             fail(a, 3);
         }
-        if libc::setresgid(a.gid, a.gid, a.gid) < 0 {
+        if raw_setresgid(a.gid) < 0 {
             fail(a, 4);
         }
         // pause needs no privilege: empty its bounding set while it still may
@@ -252,7 +252,7 @@ fn child_main(a: &ChildArgs) -> ! {
             libc::prctl(libc::PR_CAPBSET_DROP, cap as libc::c_ulong, 0, 0, 0);
             cap += 1;
         }
-        if libc::setresuid(a.uid, a.uid, a.uid) < 0 {
+        if raw_setresuid(a.uid) < 0 {
             fail(a, 5);
         }
         // After the id changes, which clear it.
@@ -279,6 +279,30 @@ fn child_main(a: &ChildArgs) -> ! {
         );
     }
     fail(a, 6)
+}
+
+/// setresuid(2) as the raw syscall, for this thread only. glibc's wrappers (setresuid,
+/// setresgid, setgroups) run its "setxid" protocol: they take glibc's thread-list lock and
+/// signal every thread glibc believes exists. The child comes from a raw clone3, so glibc
+/// still lists the shim's threads and that lock may have been held by one of them at the
+/// clone (a thread starting or exiting): the child then blocks forever before exec, the
+/// shim's StartSandbox never answers and the pod's cgroup stays busy. The child is the only
+/// thread of its process, so the per-thread syscall is exactly what it needs.
+///
+/// # Safety
+/// A plain syscall with integer arguments.
+unsafe fn raw_setresuid(id: libc::uid_t) -> libc::c_long {
+    // SAFETY: integer arguments only; see the function's doc.
+    unsafe { libc::syscall(libc::SYS_setresuid, id, id, id) }
+}
+
+/// setresgid(2) as the raw syscall; see [`raw_setresuid`] for why.
+///
+/// # Safety
+/// A plain syscall with integer arguments.
+unsafe fn raw_setresgid(id: libc::gid_t) -> libc::c_long {
+    // SAFETY: integer arguments only; see [`raw_setresuid`].
+    unsafe { libc::syscall(libc::SYS_setresgid, id, id, id) }
 }
 
 /// `[[u8; 4]; 2]` → `[u8; 8]` without allocating (the child may not allocate).
