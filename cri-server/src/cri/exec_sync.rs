@@ -160,6 +160,32 @@ pub fn exec_process(
     Ok(p)
 }
 
+/// The shim's ExecProcessRequest for `process` (JSON OCI Process) with stdio FIFO paths
+/// `[stdin, stdout, stderr]` (empty = not connected). Shared with the streaming exec.
+pub(crate) fn exec_request(
+    cid: &str,
+    exec_id: &str,
+    terminal: bool,
+    [stdin, stdout, stderr]: [String; 3],
+    process: Vec<u8>,
+) -> api::ExecProcessRequest {
+    api::ExecProcessRequest {
+        id: cid.to_string(),
+        exec_id: exec_id.to_string(),
+        terminal,
+        stdin,
+        stdout,
+        stderr,
+        spec: Some(Any {
+            type_url: PROCESS_TYPE_URL.to_string(),
+            value: process,
+            ..Default::default()
+        })
+        .into(),
+        ..Default::default()
+    }
+}
+
 /// How far one exec got, so cleanup undoes exactly that.
 #[derive(Default)]
 pub(crate) struct Progress {
@@ -278,21 +304,17 @@ async fn run(
     shim.task()
         .exec(
             ctx(SHIM_CALL),
-            &api::ExecProcessRequest {
-                id: cid.to_string(),
-                exec_id: exec_id.to_string(),
-                terminal: false,
-                stdin: String::new(),
-                stdout: paths[0].display().to_string(),
-                stderr: paths[1].display().to_string(),
-                spec: Some(Any {
-                    type_url: PROCESS_TYPE_URL.to_string(),
-                    value: process,
-                    ..Default::default()
-                })
-                .into(),
-                ..Default::default()
-            },
+            &exec_request(
+                cid,
+                exec_id,
+                false,
+                [
+                    String::new(),
+                    paths[0].display().to_string(),
+                    paths[1].display().to_string(),
+                ],
+                process,
+            ),
         )
         .await
         .map_err(|e| task_error(&what("creating"), e))?;
