@@ -60,6 +60,12 @@ pub struct Config {
     table: toml::Table,
 }
 
+/// A loopback TCP port nothing listens on now (the kernel's pick, released at once).
+fn free_loopback_port() -> Result<u16> {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").context("binding 127.0.0.1:0")?;
+    Ok(l.local_addr().context("local address")?.port())
+}
+
 impl Config {
     /// The base config for a private instance with the CRI plugin, runc, a private CNI
     /// config dir and the registry hosts dir.
@@ -94,9 +100,10 @@ restrict_oom_score_adj = true
 netns_mounts_under_state_dir = true
 enable_selinux = false
 disable_apparmor = true
-# Port 0: concurrent instances must not fight over the streaming port.
+# A free port picked for this instance: containerd 1.6 puts the configured port, not the
+# bound one, into the URLs it returns, so "0" would hand clients http://127.0.0.1:0/.
 stream_server_address = "127.0.0.1"
-stream_server_port = "0"
+stream_server_port = {stream_port}
 
 [plugins."io.containerd.grpc.v1.cri".containerd]
 snapshotter = "overlayfs"
@@ -128,6 +135,7 @@ config_path = {hosts}
             cni_bin = p(&paths.cni_bin_dir),
             cni_conf = p(&paths.cni_conf_dir),
             hosts = p(&paths.hosts_dir),
+            stream_port = s(&free_loopback_port()?.to_string()),
         );
         let table = base
             .parse::<toml::Table>()

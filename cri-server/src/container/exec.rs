@@ -291,6 +291,32 @@ fn open_fifos(
     Ok((paths, keep))
 }
 
+/// The shim's ExecProcessRequest for `process` (JSON OCI Process) with stdio FIFO paths
+/// `[stdin, stdout, stderr]` (empty = not connected). Shared with the streaming exec.
+pub(crate) fn exec_request(
+    cid: &str,
+    exec_id: &str,
+    terminal: bool,
+    [stdin, stdout, stderr]: [String; 3],
+    process: Vec<u8>,
+) -> api::ExecProcessRequest {
+    api::ExecProcessRequest {
+        id: cid.to_string(),
+        exec_id: exec_id.to_string(),
+        terminal,
+        stdin,
+        stdout,
+        stderr,
+        spec: Some(Any {
+            type_url: PROCESS_TYPE_URL.to_string(),
+            value: process,
+            ..Default::default()
+        })
+        .into(),
+        ..Default::default()
+    }
+}
+
 /// Exec (add the process to the container) and Start it on the shim; our own FIFO write ends
 /// are dropped once the process holds its own.
 async fn add_and_start(
@@ -302,21 +328,17 @@ async fn add_and_start(
 ) -> Result<(), CriError> {
     let (shim, cid, exec_id) = (&x.shim, x.cid.as_str(), x.exec_id.as_str());
     let what = |call: &str| format!("ExecSync: {call} exec {exec_id} in container {cid}");
-    let exec = api::ExecProcessRequest {
-        id: cid.to_string(),
-        exec_id: exec_id.to_string(),
-        terminal: false,
-        stdin: String::new(),
-        stdout: paths[0].display().to_string(),
-        stderr: paths[1].display().to_string(),
-        spec: Some(Any {
-            type_url: PROCESS_TYPE_URL.to_string(),
-            value: process,
-            ..Default::default()
-        })
-        .into(),
-        ..Default::default()
-    };
+    let exec = exec_request(
+        cid,
+        exec_id,
+        false,
+        [
+            String::new(),
+            paths[0].display().to_string(),
+            paths[1].display().to_string(),
+        ],
+        process,
+    );
     shim.task()
         .exec(ctx(SHIM_CALL), &exec)
         .await

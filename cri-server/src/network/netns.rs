@@ -217,6 +217,41 @@ pub fn run_in<T: Send + 'static>(
     .map_err(|_| NetnsError::Thread)?
 }
 
+/// Brings `lo` up in the namespace at `path`. containerd and CRI-O do this for every pod
+/// whatever the CNI config says: a pod's own 127.0.0.1 must work (probes, sidecars, and
+/// port-forward, which connects there). A new netns starts with `lo` down.
+pub fn loopback_up(path: &Path) -> Result<(), NetnsError> {
+    run_in(path, set_lo_up)?.map_err(io(path, "bring lo up"))
+}
+
+/// `lo`'s flags | IFF_UP, through the SIOCGIFFLAGS/SIOCSIFFLAGS ioctls on this thread's netns.
+fn set_lo_up() -> std::io::Result<()> {
+    use std::os::fd::AsRawFd;
+    let sock = nix::sys::socket::socket(
+        nix::sys::socket::AddressFamily::Inet,
+        nix::sys::socket::SockType::Datagram,
+        nix::sys::socket::SockFlag::SOCK_CLOEXEC,
+        None,
+    )?;
+    // SAFETY: ifreq is plain old data; all zeroes is a valid value (an empty name, no flags).
+    let mut req: libc::ifreq = unsafe { std::mem::zeroed() };
+    for (d, s) in req.ifr_name.iter_mut().zip(b"lo\0") {
+        *d = *s as libc::c_char;
+    }
+    // SAFETY: SIOCGIFFLAGS writes the named interface's flags into `req`, a valid ifreq we own
+    // for the duration of the call; the fd is a live socket.
+    if unsafe { libc::ioctl(sock.as_raw_fd(), libc::SIOCGIFFLAGS, &mut req) } < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: after SIOCGIFFLAGS the union holds the flags member.
+    unsafe { req.ifr_ifru.ifru_flags |= libc::IFF_UP as libc::c_short };
+    // SAFETY: SIOCSIFFLAGS only reads `req` (name and flags), valid for the call.
+    if unsafe { libc::ioctl(sock.as_raw_fd(), libc::SIOCSIFFLAGS, &req) } < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
 /// Every file in the netns directory: what recovery compares with the store to find orphans.
 pub fn list(dir: &Path) -> Vec<PathBuf> {
     std::fs::read_dir(dir)

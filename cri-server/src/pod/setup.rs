@@ -539,6 +539,10 @@ async fn cni_add(
 ) -> Result<(), CriError> {
     let meta = cfg.metadata.clone().unwrap_or_default();
     let id = rec.id.clone();
+    let lo = std::path::PathBuf::from(&netns);
+    tokio::task::spawn_blocking(move || crate::network::netns::loopback_up(&lo))
+        .await
+        .map_err(|e| CriError::internal(format!("netns task: {e}")))??;
     let attach = AttachRequest {
         pod_id: id.clone(),
         netns,

@@ -26,7 +26,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use containerd_shim_protos::api;
-use containerd_shim_protos::protobuf::well_known_types::any::Any;
 use containerd_shim_protos::ttrpc;
 use crisp_stream::backend::{BoxRead, BoxWrite};
 use crisp_stream::{ExecRequest, Streams, TermSize};
@@ -35,7 +34,7 @@ use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
 
 use crate::container::exec::{
-    self as exec_sync, DRAIN_AFTER_EXIT, Exec, PROCESS_TYPE_URL, Progress, SHIM_CALL, task_error,
+    self as exec_sync, DRAIN_AFTER_EXIT, Exec, Progress, SHIM_CALL, task_error,
 };
 use crate::error::{CriError, ErrorKind};
 use crate::shim::client::{ShimClient, ctx};
@@ -286,24 +285,20 @@ async fn add_and_start(
         .task()
         .exec(
             ctx(SHIM_CALL),
-            &api::ExecProcessRequest {
-                id: x.cid.clone(),
-                exec_id: x.exec_id.clone(),
-                terminal: req.tty,
-                stdin: stdin
-                    .as_ref()
-                    .map(|p| p.display().to_string())
-                    .unwrap_or_default(),
-                stdout: out_path,
-                stderr: err_path,
-                spec: Some(Any {
-                    type_url: PROCESS_TYPE_URL.to_string(),
-                    value: process,
-                    ..Default::default()
-                })
-                .into(),
-                ..Default::default()
-            },
+            &exec_sync::exec_request(
+                &x.cid,
+                &x.exec_id,
+                req.tty,
+                [
+                    stdin
+                        .as_ref()
+                        .map(|p| p.display().to_string())
+                        .unwrap_or_default(),
+                    out_path,
+                    err_path,
+                ],
+                process,
+            ),
         )
         .await
         .map_err(|e| task_error(&what(x, "creating"), e))?;

@@ -241,8 +241,8 @@ fn wait_for_parent(a: &ChildArgs) {
 
 /// Step 7: in a new user namespace, become its root (the maps are written by now).
 fn become_ns_root(a: &ChildArgs) {
-    // SAFETY: setresgid/setresuid take plain integers and only change this process's ids.
-    if unsafe { libc::setresgid(0, 0, 0) < 0 || libc::setresuid(0, 0, 0) < 0 } {
+    // SAFETY: raw setresgid/setresuid syscalls with integer arguments, this thread only.
+    if unsafe { raw_setresgid(0) < 0 || raw_setresuid(0) < 0 } {
         fail(a, 7);
     }
 }
@@ -280,12 +280,13 @@ fn write_sysctls(a: &ChildArgs) {
 /// Steps 3, 4, 5: groups and gid, then (while CAP_SETPCAP is still held) an empty bounding
 /// set, so even a root pause execs with no capabilities, then the uid.
 fn set_ids_and_drop_caps(a: &ChildArgs) {
-    // SAFETY: `groups` is a Vec prepared before the clone; its pointer and length agree.
-    if unsafe { libc::setgroups(a.groups.len(), a.groups.as_ptr()) } < 0 {
+    // SAFETY: the raw setgroups syscall (see [`raw_setresuid`] for why not glibc's);
+    // `groups` is a Vec prepared before the clone; its pointer and length agree.
+    if unsafe { libc::syscall(libc::SYS_setgroups, a.groups.len(), a.groups.as_ptr()) } < 0 {
         fail(a, 3);
     }
-    // SAFETY: setresgid takes plain integers and changes only this process's gids.
-    if unsafe { libc::setresgid(a.gid, a.gid, a.gid) } < 0 {
+    // SAFETY: raw setresgid with integer arguments; changes only this thread's gids.
+    if unsafe { raw_setresgid(a.gid) } < 0 {
         fail(a, 4);
     }
     // Numbers past the kernel's last capability fail with EINVAL: ignored.
@@ -293,8 +294,8 @@ fn set_ids_and_drop_caps(a: &ChildArgs) {
         // SAFETY: prctl(PR_CAPBSET_DROP) with integer arguments; affects only this process.
         unsafe { libc::prctl(libc::PR_CAPBSET_DROP, cap as libc::c_ulong, 0, 0, 0) };
     }
-    // SAFETY: setresuid takes plain integers and changes only this process's uids.
-    if unsafe { libc::setresuid(a.uid, a.uid, a.uid) } < 0 {
+    // SAFETY: raw setresuid with integer arguments; changes only this thread's uids.
+    if unsafe { raw_setresuid(a.uid) } < 0 {
         fail(a, 5);
     }
 }
@@ -332,6 +333,30 @@ fn exec_pause(a: &ChildArgs) -> ! {
         );
     }
     fail(a, 6)
+}
+
+/// setresuid(2) as the raw syscall, for this thread only. glibc's wrappers (setresuid,
+/// setresgid, setgroups) run its "setxid" protocol: they take glibc's thread-list lock and
+/// signal every thread glibc believes exists. The child comes from a raw clone3, so glibc
+/// still lists the shim's threads and that lock may have been held by one of them at the
+/// clone (a thread starting or exiting): the child then blocks forever before exec, the
+/// shim's StartSandbox never answers and the pod's cgroup stays busy. The child is the only
+/// thread of its process, so the per-thread syscall is exactly what it needs.
+///
+/// # Safety
+/// A plain syscall with integer arguments.
+unsafe fn raw_setresuid(id: libc::uid_t) -> libc::c_long {
+    // SAFETY: integer arguments only; see the function's doc.
+    unsafe { libc::syscall(libc::SYS_setresuid, id, id, id) }
+}
+
+/// setresgid(2) as the raw syscall; see [`raw_setresuid`] for why.
+///
+/// # Safety
+/// A plain syscall with integer arguments.
+unsafe fn raw_setresgid(id: libc::gid_t) -> libc::c_long {
+    // SAFETY: integer arguments only; see [`raw_setresuid`].
+    unsafe { libc::syscall(libc::SYS_setresgid, id, id, id) }
 }
 
 /// `[[u8; 4]; 2]` → `[u8; 8]` without allocating (the child may not allocate).
