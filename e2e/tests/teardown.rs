@@ -53,10 +53,15 @@ async fn busy_pod(env: &TestEnv) -> Result<Footprint> {
         }
     }
     // containerd 1.6's runc shim writes no pid file; it is found by its command line,
-    // which names our socket (`-address <root>/cri.sock`).
+    // which names our socket (`-address <root>/cri.sock`). crispd's shim writes `shim.pid`
+    // in the pod's bundle.
+    let shim_seen_as = match env.kind {
+        RuntimeKind::Crispd => "shim.pid",
+        _ => "command line",
+    };
     ensure!(
-        fp.processes.iter().any(|p| p.what.contains("command line")),
-        "no shim found in the footprint: {:?}",
+        fp.processes.iter().any(|p| p.what.contains(shim_seen_as)),
+        "no shim found in the footprint (by {shim_seen_as}): {:?}",
         fp.processes
     );
     ensure!(
