@@ -195,6 +195,13 @@ pub struct StreamConfig {
     /// A session with no traffic (PINGs do not count) for this long is closed and its exec
     /// killed: a number with a unit, `s`, `m` or `h` (e.g. `30m`).
     pub idle_timeout: String,
+    /// PEM certificate chain (leaf first) to serve HTTPS with; with `tls_key_file`, or neither.
+    /// URLs then start with `https://`. Off by default: kubelet dials loopback in plain HTTP.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tls_cert_file: Option<PathBuf>,
+    /// PEM private key of `tls_cert_file` (PKCS#8, PKCS#1 or SEC1).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tls_key_file: Option<PathBuf>,
 }
 
 impl Default for StreamConfig {
@@ -203,6 +210,8 @@ impl Default for StreamConfig {
             address: "127.0.0.1".into(),
             port: 0,
             idle_timeout: "4h".into(),
+            tls_cert_file: None,
+            tls_key_file: None,
         }
     }
 }
@@ -247,9 +256,39 @@ impl StreamConfig {
             .map_err(|why| invalid("stream.idle_timeout", &self.idle_timeout, why))
     }
 
+    /// The certificate and key to serve HTTPS with, if both are set; one without the other is
+    /// a mistake, not plain HTTP.
+    pub fn tls(&self) -> Result<Option<(PathBuf, PathBuf)>, ConfigError> {
+        match (&self.tls_cert_file, &self.tls_key_file) {
+            (None, None) => Ok(None),
+            (Some(c), Some(k)) => Ok(Some((c.clone(), k.clone()))),
+            (Some(c), None) => Err(invalid(
+                "stream.tls_key_file",
+                "(unset)",
+                format!("needed with stream.tls_cert_file = {}", c.display()),
+            )),
+            (None, Some(k)) => Err(invalid(
+                "stream.tls_cert_file",
+                "(unset)",
+                format!("needed with stream.tls_key_file = {}", k.display()),
+            )),
+        }
+    }
+
     fn validate(&self) -> Result<(), ConfigError> {
         self.listen_addr()?;
         self.idle()?;
+        for (key, path) in [
+            ("stream.tls_cert_file", &self.tls_cert_file),
+            ("stream.tls_key_file", &self.tls_key_file),
+        ] {
+            if let Some(p) = path
+                && let Err(e) = std::fs::File::open(p)
+            {
+                return Err(invalid(key, p.display(), format!("cannot be read: {e}")));
+            }
+        }
+        self.tls()?;
         Ok(())
     }
 }
@@ -820,8 +859,45 @@ mod tests {
             }
         }
         assert!(Config::from_toml("[stream]\nport = 70000\n", Path::new("x")).is_err());
-        // TLS is not offered (the stream server speaks plain HTTP): the key is unknown.
         assert!(Config::from_toml("[stream]\ntls_cert = \"/c.pem\"\n", Path::new("x")).is_err());
+    }
+
+    #[test]
+    fn stream_tls_needs_both_files_and_names_the_missing_or_unreadable_one() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let cert = dir.path().join("c.pem");
+        std::fs::write(&cert, "x").expect("write");
+        let c = Config::default();
+        assert_eq!(c.stream.tls().expect("neither"), None);
+        for (text, key) in [
+            (
+                format!("[stream]\ntls_cert_file = \"{}\"\n", cert.display()),
+                "stream.tls_key_file",
+            ),
+            (
+                format!("[stream]\ntls_key_file = \"{}\"\n", cert.display()),
+                "stream.tls_cert_file",
+            ),
+            (
+                format!(
+                    "[stream]\ntls_cert_file = \"{}\"\ntls_key_file = \"/nonexistent/k.pem\"\n",
+                    cert.display()
+                ),
+                "stream.tls_key_file",
+            ),
+        ] {
+            let c = Config::from_toml(&text, Path::new("x")).expect("parses");
+            match c.validate() {
+                Err(ConfigError::Invalid { key: k, .. }) => assert_eq!(k, key, "{text}"),
+                other => panic!("{text}: {other:?}"),
+            }
+        }
+        let both = format!(
+            "[stream]\ntls_cert_file = \"{0}\"\ntls_key_file = \"{0}\"\n",
+            cert.display()
+        );
+        let c = Config::from_toml(&both, Path::new("x")).expect("parses");
+        assert_eq!(c.stream.tls().expect("both"), Some((cert.clone(), cert)));
     }
 
     #[test]

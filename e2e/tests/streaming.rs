@@ -446,8 +446,7 @@ async fn wait_http(env: &TestEnv, id: &str, port: u16) -> Result<()> {
         // nc, not wget: Debian 12's busybox wget segfaults (exit 139) on any URL.
         let get = format!("printf 'GET /index.html HTTP/1.0\\r\\n\\r\\n' | nc 127.0.0.1 {port}");
         let r = env.cri().exec_sync(id, &["sh", "-c", &get], 5).await;
-        if r
-            .as_ref()
+        if r.as_ref()
             .is_ok_and(|r| r.exit_code == 0 && String::from_utf8_lossy(&r.stdout).contains(" 200 "))
         {
             return Ok(());
@@ -1013,12 +1012,18 @@ mod crispd_only {
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn exec_streams() -> Result<()> {
-        with_env(RuntimeKind::Crispd, "exec_streams", |e| Box::pin(super::exec_streams(e))).await
+        with_env(RuntimeKind::Crispd, "exec_streams", |e| {
+            Box::pin(super::exec_streams(e))
+        })
+        .await
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn exec_tty_resize() -> Result<()> {
-        with_env(RuntimeKind::Crispd, "exec_tty_resize", |e| Box::pin(super::exec_tty_resize(e))).await
+        with_env(RuntimeKind::Crispd, "exec_tty_resize", |e| {
+            Box::pin(super::exec_tty_resize(e))
+        })
+        .await
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1060,6 +1065,87 @@ mod crispd_only {
         })
         .await
     }
+}
+
+// ---------------------------------------------------------------------------------------
+// TLS (crispd only: `[stream]` tls_cert_file and tls_key_file)
+
+/// An exec of `cmd` over SPDY on TLS trusting `cert`: how it ended and its stdout.
+async fn tls_exec(env: &TestEnv, id: &str, cmd: &[&str], cert: &Path) -> Result<(Outcome, String)> {
+    let url = exec_url(env, id, cmd, false, (false, true, false)).await?;
+    ensure!(
+        url.starts_with("https://127.0.0.1:"),
+        "TLS is configured, yet Exec's URL is {url}"
+    );
+    let (out_w, out_r) = tokio::io::duplex(64 * 1024);
+    let stdout = collect(out_r);
+    let streams = Streams {
+        stdin: None,
+        stdout: Some(Box::pin(out_w) as crisp_stream::backend::BoxWrite),
+        stderr: None,
+        resize: None,
+    };
+    let outcome = client::exec_spdy_tls(&url, cert, false, streams)
+        .await
+        .with_context(|| format!("dialling {url}"))?;
+    Ok((outcome, text(&stdout.await?)))
+}
+
+/// With TLS configured, Exec hands out an `https://` URL, a session over it works with the
+/// certificate trusted, and plain HTTP on that port starts nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn crispd_exec_over_tls() -> Result<()> {
+    // A self-signed, test-only certificate for 127.0.0.1 (the stream crate's fixture).
+    let fixtures = Path::new(env!("CARGO_MANIFEST_DIR")).join("../stream/tests/fixtures");
+    let (cert, key) = (fixtures.join("tls-cert.pem"), fixtures.join("tls-key.pem"));
+    let registry = Registry::start()?;
+    registry.push(&["busybox", "pause"])?;
+    let env = TestEnv::builder(RuntimeKind::Crispd)
+        .mirror(registry.host())
+        .crispd_config(format!(
+            "[stream]\ntls_cert_file = {:?}\ntls_key_file = {:?}\n",
+            cert.display().to_string(),
+            key.display().to_string()
+        ))
+        .start()
+        .await?;
+    let outcome = async {
+        env.cri().pull(BUSYBOX, None).await?;
+        let (_pod, id) = running_pod(&env, "tls", &sleeper()).await?;
+        let (outcome, out) =
+            tls_exec(&env, &id, &["sh", "-c", "echo over tls; exit 3"], &cert).await?;
+        ensure!(outcome == Outcome::Exited(3), "exec over TLS: {outcome:?}");
+        ensure!(out == "over tls\n", "stdout over TLS: {out:?}");
+
+        // Plain HTTP on the TLS port: no upgrade, and the command never runs.
+        let url = exec_url(
+            &env,
+            &id,
+            &["touch", "/tmp/plain"],
+            false,
+            (false, true, false),
+        )
+        .await?;
+        let plain = url.replacen("https://", "http://", 1);
+        let streams = Streams {
+            stdin: None,
+            stdout: Some(Box::pin(tokio::io::sink()) as crisp_stream::backend::BoxWrite),
+            stderr: None,
+            resize: None,
+        };
+        ensure!(
+            client::exec_spdy(&plain, false, streams).await.is_err(),
+            "plain HTTP on the TLS port was served"
+        );
+        let (outcome, _) = tls_exec(&env, &id, &["test", "-e", "/tmp/plain"], &cert).await?;
+        ensure!(
+            outcome == Outcome::Exited(1),
+            "the exec asked over plain HTTP ran (test -e: {outcome:?})"
+        );
+        Ok(())
+    }
+    .await;
+    env.finish("crispd exec_over_tls", outcome).await
 }
 
 // ---------------------------------------------------------------------------------------

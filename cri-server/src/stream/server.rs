@@ -67,6 +67,9 @@ pub async fn start(c: &StreamConfig, rt: Runtime) -> anyhow::Result<Streaming> {
         address: addr.ip(),
         port: addr.port(),
         idle_timeout: c.idle()?,
+        tls: c
+            .tls()?
+            .map(|(cert, key)| crisp_stream::TlsFiles { cert, key }),
         ..Default::default()
     };
     let backend: Arc<dyn crisp_stream::Backend> = Arc::new(super::CrispBackend::new(rt));

@@ -90,6 +90,21 @@ pub async fn exec_spdy_offering(
     Ok((version, outcome))
 }
 
+/// Exec or attach over SPDY to an `https://` URL, trusting only the PEM certificates in
+/// `ca_pem` (a test CA or the server's self-signed certificate).
+pub async fn exec_spdy_tls(
+    url: &str,
+    ca_pem: &std::path::Path,
+    tty: bool,
+    streams: Streams,
+) -> Result<Outcome, ClientError> {
+    let (addr, _) = super::split_url(url)?;
+    let tls = upgrade::tls_connect(&addr, ca_pem).await?;
+    let (tls, version) = upgrade::spdy_on(tls, url, &SPDY_OFFER).await?;
+    let conn = Connection::new(tls, ConnConfig::new(Role::Client));
+    run_spdy(&conn, &version.unwrap_or_default(), tty, streams).await
+}
+
 /// Runs an exec or attach on an upgraded SPDY connection whose negotiated version is
 /// `version`.
 pub async fn run_spdy(

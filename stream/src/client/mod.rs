@@ -9,7 +9,7 @@ pub mod exec;
 pub mod portforward;
 pub mod upgrade;
 
-pub use exec::{Outcome, exec_spdy, exec_spdy_offering, exec_ws, run_spdy};
+pub use exec::{Outcome, exec_spdy, exec_spdy_offering, exec_spdy_tls, exec_ws, run_spdy};
 pub use portforward::{PortForwardStream, SpdyPortForward, WsPortForward, WsPortStream};
 
 use crate::spdy::ConnError;

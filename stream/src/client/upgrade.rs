@@ -34,6 +34,42 @@ pub async fn spdy(
     spdy_on(tcp, url, protocols).await
 }
 
+/// A TLS connection to `addr` (`host:port`) trusting only the certificates in `ca_pem`;
+/// the server name is the host part (an IP address or a DNS name).
+pub async fn tls_connect(
+    addr: &str,
+    ca_pem: &std::path::Path,
+) -> Result<tokio_rustls::client::TlsStream<TcpStream>, ClientError> {
+    use rustls_pki_types::pem::PemObject;
+    use rustls_pki_types::{CertificateDer, ServerName};
+    use tokio_rustls::rustls;
+    let bad = |what: String| ClientError::Protocol(format!("TLS CA {}: {what}", ca_pem.display()));
+    let mut roots = rustls::RootCertStore::empty();
+    for c in CertificateDer::pem_file_iter(ca_pem).map_err(|e| bad(e.to_string()))? {
+        roots
+            .add(c.map_err(|e| bad(e.to_string()))?)
+            .map_err(|e| bad(e.to_string()))?;
+    }
+    let cfg = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .map_err(|e| ClientError::Protocol(format!("TLS: {e}")))?
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    let host = addr
+        .rsplit_once(':')
+        .map(|(h, _)| h.trim_start_matches('[').trim_end_matches(']'))
+        .unwrap_or(addr);
+    let name = ServerName::try_from(host.to_string())
+        .map_err(|e| ClientError::Url(format!("{addr}: {e}")))?;
+    let tcp = connect(addr).await?;
+    tokio_rustls::TlsConnector::from(std::sync::Arc::new(cfg))
+        .connect(name, tcp)
+        .await
+        .map_err(ClientError::Io)
+}
+
 /// As [`spdy`] on a transport the caller connected (TLS, for an `https://` URL).
 pub async fn spdy_on<T>(
     mut tcp: T,
