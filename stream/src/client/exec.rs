@@ -164,7 +164,7 @@ pub async fn run_spdy(
     let copy_out = |pair: Option<(BoxWrite, crate::spdy::Stream)>| async move {
         if let Some((mut to, s)) = pair {
             let (mut r, _) = s.split();
-            tokio::io::copy(&mut r, &mut to).await?;
+            reset_is_end(tokio::io::copy(&mut r, &mut to).await.map(drop))?;
             to.flush().await?;
         }
         Ok::<_, std::io::Error>(())
@@ -173,9 +173,19 @@ pub async fn run_spdy(
     a?;
     b?;
     let mut body = Vec::new();
-    error_r.read_to_end(&mut body).await?;
+    reset_is_end(error_r.read_to_end(&mut body).await.map(drop))?;
     background.abort_all();
     Ok(parse_error_stream(version, &body))
+}
+
+/// A stream the server reset has ended, as spdystream (client-go) reads it: what arrived before
+/// the RST_STREAM counts. Kubernetes' Go server ends every session by resetting all its streams
+/// (`httpstream/spdy` `connection.Close`), right after the status on the error stream.
+fn reset_is_end(r: std::io::Result<()>) -> std::io::Result<()> {
+    match r {
+        Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => Ok(()),
+        other => other,
+    }
 }
 
 /// Exec or attach over WebSocket with one subprotocol (`v5.channel.k8s.io`,
