@@ -65,6 +65,8 @@ pub struct EnvBuilder {
     cni_config: bool,
     /// Chain the portmap plugin after the bridge (hostPort tests).
     portmap: bool,
+    /// Where the daemon finds CNI plugins, if not Debian's [`CNI_BIN_DIR`] (stand-in plugins).
+    cni_bin_dir: Option<PathBuf>,
 }
 
 impl EnvBuilder {
@@ -98,6 +100,13 @@ impl EnvBuilder {
     /// hostPort mappings work. Off by default: portmap needs iptables and adds host rules.
     pub fn portmap(mut self) -> Self {
         self.portmap = true;
+        self
+    }
+
+    /// CNI plugins from `dir` instead of Debian's `/usr/lib/cni`: a test's stand-ins (a plugin
+    /// that fails on cue), next to links to the real ones.
+    pub fn cni_bin_dir(mut self, dir: impl Into<PathBuf>) -> Self {
+        self.cni_bin_dir = Some(dir.into());
         self
     }
 
@@ -259,6 +268,7 @@ impl TestEnv {
             crispd_config: Vec::new(),
             cni_config: true,
             portmap: false,
+            cni_bin_dir: None,
         }
     }
 
@@ -354,7 +364,10 @@ impl TestEnv {
             state: self.state.clone(),
             socket: self.socket.clone(),
             cni_conf_dir: self.cni_conf_dir.clone(),
-            cni_bin_dir: CNI_BIN_DIR.into(),
+            cni_bin_dir: opts
+                .cni_bin_dir
+                .clone()
+                .unwrap_or_else(|| CNI_BIN_DIR.into()),
             hosts_dir: self.hosts_dir.clone(),
         };
         let mut config = containerd::Config::new(&paths)?;
@@ -406,7 +419,11 @@ impl TestEnv {
             .arg("--cni-conf-dir")
             .arg(&self.cni_conf_dir)
             .arg("--cni-bin-dir")
-            .arg(CNI_BIN_DIR)
+            .arg(
+                opts.cni_bin_dir
+                    .as_deref()
+                    .unwrap_or(Path::new(CNI_BIN_DIR)),
+            )
             .arg("--registry-config-dir")
             .arg(&self.hosts_dir)
             .args([

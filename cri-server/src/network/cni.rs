@@ -47,7 +47,11 @@ impl HasKind for CniError {
     fn kind(&self) -> ErrorKind {
         match self {
             Self::NotReady(_) | Self::BadConfig { .. } => ErrorKind::FailedPrecondition,
-            Self::Plugin { .. } | Self::Cache { .. } => ErrorKind::Internal,
+            // A plugin is a program outside crispd that failed, crashed or timed out: the
+            // pod's network cannot be made now, and kubelet retries. Internal would blame
+            // crispd; the message names the plugin and what it said.
+            Self::Plugin { .. } => ErrorKind::Unavailable,
+            Self::Cache { .. } => ErrorKind::Internal,
         }
     }
 }
@@ -589,6 +593,18 @@ fn exec_plugin(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_failing_plugin_is_unavailable_not_internal() {
+        let e = CniError::Plugin {
+            plugin: "bridge".into(),
+            command: "ADD",
+            pod_id: "p".into(),
+            message: "try again later".into(),
+        };
+        assert_eq!(e.kind(), ErrorKind::Unavailable);
+        assert!(e.to_string().contains("bridge ADD"), "{e}");
+    }
 
     const LIST: &str = r#"{
         "cniVersion": "1.0.0", "name": "testnet",
