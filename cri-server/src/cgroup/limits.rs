@@ -142,6 +142,22 @@ fn memory_limit(raw: &str, path: &std::path::Path) -> Result<i64, CgroupError> {
     Ok(if v > UNLIMITED { 0 } else { v as i64 })
 }
 
+/// The memory limit cgroup `rel` holds now, in bytes (0: none).
+pub fn memory_limit_of(h: &Hierarchy, rel: &str) -> Result<i64, CgroupError> {
+    let p = if h.is_v2() {
+        h.dir("", rel)?.join("memory.max")
+    } else {
+        h.dir("memory", rel)?.join("memory.limit_in_bytes")
+    };
+    memory_limit(&read_string(&p)?, &p)
+}
+
+/// Whether a cgroup holding `applied` bytes already has the limit `wanted` asks for (the
+/// kernel keeps whole pages).
+pub fn same_memory_limit(applied: i64, wanted: i64) -> bool {
+    wanted > 0 && applied == wanted / PAGE * PAGE
+}
+
 /// The limits cgroup `rel` holds now, in CRI's units: 0 memory for no limit, quota -1 for
 /// none, shares converted back from v2's weight. cpuset fields are empty where the host has
 /// no cpuset controller.
@@ -201,13 +217,12 @@ pub fn reported(
     v2: bool,
 ) -> LinuxContainerResources {
     let mut r = wanted.clone();
-    r.memory_limit_in_bytes = if wanted.memory_limit_in_bytes > 0
-        && applied.memory_limit_in_bytes == wanted.memory_limit_in_bytes / PAGE * PAGE
-    {
-        wanted.memory_limit_in_bytes
-    } else {
-        applied.memory_limit_in_bytes
-    };
+    r.memory_limit_in_bytes =
+        if same_memory_limit(applied.memory_limit_in_bytes, wanted.memory_limit_in_bytes) {
+            wanted.memory_limit_in_bytes
+        } else {
+            applied.memory_limit_in_bytes
+        };
     let same_shares = if v2 {
         shares_to_weight(applied.cpu_shares) == shares_to_weight(wanted.cpu_shares)
     } else {

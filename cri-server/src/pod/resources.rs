@@ -101,13 +101,20 @@ pub fn apply(
              resources to (linux.cgroup_parent is empty)"
         )));
     };
+    let mut total = total.clone();
+    // kubelet calls after it has resized the pod cgroup itself: a limit already in place is
+    // not a shrink to check (usage may sit right at it), and is not written again.
+    let current = limits::memory_limit_of(h, &rel).map_err(|e| CriError::context(&what, e))?;
+    if limits::same_memory_limit(current, total.memory_limit_in_bytes) {
+        total.memory_limit_in_bytes = 0;
+    }
     cgroup::check_memory_limit(h, &rel, total.memory_limit_in_bytes).map_err(|e| {
         CriError::context(
             &format!("{what}: resources.memory_limit_in_bytes plus overhead"),
             e,
         )
     })?;
-    limits::apply(h, &rel, total).map_err(|e| CriError::context(&what, e))
+    limits::apply(h, &rel, &total).map_err(|e| CriError::context(&what, e))
 }
 
 /// Keep the new resources in the pod's config (merged: a zero field keeps the old value), in
@@ -245,6 +252,19 @@ mod tests {
         );
         let max = std::fs::read_to_string(d.path().join("kubepods/podu/memory.max"));
         assert_eq!(max.expect("read"), (200u64 << 20).to_string(), "unchanged");
+        // A limit kubelet already set (usage right at it) is neither checked nor rewritten.
+        std::fs::write(d.path().join("kubepods/podu/memory.max"), "49999872\n").expect("w");
+        std::fs::write(d.path().join("kubepods/podu/memory.current"), "50001000\n").expect("w");
+        apply(
+            &h,
+            CgroupDriver::Cgroupfs,
+            &rec,
+            &LinuxContainerResources {
+                memory_limit_in_bytes: 50_000_000,
+                ..res()
+            },
+        )
+        .expect("already in place");
         let e = apply(&h, CgroupDriver::Cgroupfs, &pod(""), &total).expect_err("no parent");
         assert_eq!(e.kind, ErrorKind::FailedPrecondition);
         assert!(e.message.contains("cgroup_parent"), "{}", e.message);

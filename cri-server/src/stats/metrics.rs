@@ -251,7 +251,7 @@ pub struct ContainerFigures {
 /// The container families' samples for one container's figures.
 pub fn container_samples(labels: &Labels, fig: &ContainerFigures) -> Vec<Metric> {
     let c = &fig.cgroup;
-    let started = (fig.started_at > 0).then(|| fig.started_at as u64 / 1_000_000_000);
+    let started = (fig.started_at > 0).then_some(fig.started_at as u64 / 1_000_000_000);
     FAMILIES
         .iter()
         .filter_map(|f| {
