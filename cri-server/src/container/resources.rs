@@ -218,7 +218,7 @@ pub async fn update_container_resources(
     let json = oci_json(&merged, cgroup_v2())?;
 
     if rec.state == ContainerState::Running {
-        check_memory_shrink(d, &rec, new.memory_limit_in_bytes)?;
+        check_memory_shrink(d, &Hierarchy::host(), &rec, new.memory_limit_in_bytes)?;
         if let Some(shim) = d.shims.get(&rec.pod_id) {
             let r = shim
                 .task()
@@ -265,6 +265,7 @@ pub async fn update_container_resources(
 /// would OOM-kill the container to get there, v1 would reclaim and then fail with EBUSY.
 fn check_memory_shrink(
     d: &ContainerService,
+    h: &Hierarchy,
     rec: &ContainerRecord,
     limit: i64,
 ) -> Result<(), CriError> {
@@ -278,7 +279,7 @@ fn check_memory_shrink(
         .ok_or_else(|| CriError::not_found(format!("{what}: pod {} is gone", rec.pod_id)))?;
     let rel = cgroup::container_dir(d.cfg.cgroup_driver.into(), &pod.cgroup_parent, &rec.id)
         .map_err(|e| CriError::context(&what, e))?;
-    match cgroup::check_memory_limit(&Hierarchy::host(), &rel, limit) {
+    match cgroup::check_memory_limit(h, &rel, limit) {
         Ok(()) => Ok(()),
         // It exited meanwhile: no cgroup, nothing to shrink.
         Err(e) if e.kind() == ErrorKind::NotFound => Ok(()),
@@ -570,5 +571,33 @@ mod tests {
             .expect("resources");
         assert_eq!((r.cpu_shares, r.memory_limit_in_bytes), (2, 64 << 20));
         assert_eq!(got.state, ContainerState::Created);
+    }
+
+    /// cgroup v2 over a fake root: a limit below the container's memory.current is refused
+    /// naming the field, the value and the usage; above it, or with the cgroup gone (the
+    /// container exited meanwhile), it passes.
+    #[test]
+    fn a_shrink_below_usage_is_refused_on_v2() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let d = Daemon::for_test(dir.path()).containers;
+        d.store
+            .put("p1", &crate::pod::resources::tests::pod("/kp/podu"))
+            .expect("put");
+        // In pod p1.
+        let rec = crate::container::exec::tests::test_record("c1", ContainerState::Running);
+        let root = crate::cgroup::tests::fake_root(
+            true,
+            &[("kp/podu/crisp-c1/memory.current", "31457280\n")],
+        );
+        let h = Hierarchy::at(root.path());
+        let e = check_memory_shrink(&d, &h, &rec, 16 << 20).expect_err("below usage");
+        assert_eq!(e.kind, ErrorKind::FailedPrecondition);
+        for part in ["linux.memory_limit_in_bytes", "16777216", "31457280", "c1"] {
+            assert!(e.message.contains(part), "{part}: {}", e.message);
+        }
+        check_memory_shrink(&d, &h, &rec, 64 << 20).expect("above usage");
+        check_memory_shrink(&d, &h, &rec, 0).expect("no limit");
+        std::fs::remove_dir_all(root.path().join("kp")).expect("rm");
+        check_memory_shrink(&d, &h, &rec, 16 << 20).expect("exited meanwhile");
     }
 }

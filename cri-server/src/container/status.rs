@@ -535,25 +535,8 @@ mod tests {
     /// values where only the kernel's rounding differs, the cgroup's where it really differs.
     #[test]
     fn running_status_reads_the_cgroup_back() {
-        use crate::store::records::PodRecord;
         let (_d, s) = store();
-        let pod = PodRecord {
-            id: "p1".into(),
-            name: "n".into(),
-            namespace: "ns".into(),
-            uid: "u".into(),
-            attempt: 0,
-            state: crate::store::records::PodState::Ready,
-            created_at: 1,
-            runtime_handler: String::new(),
-            config_pb: String::new(),
-            netns_path: None,
-            ips: vec![],
-            shim_address: None,
-            pause_pid: None,
-            cgroup_parent: "/kp/podu".into(),
-            owned: None,
-        };
+        let pod = crate::pod::resources::tests::pod("/kp/podu");
         s.put("p1", &pod).expect("put");
         let root = crate::cgroup::tests::fake_root(
             true,

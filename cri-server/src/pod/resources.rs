@@ -148,7 +148,7 @@ fn persist(
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::cgroup::tests::fake_root;
     use crate::daemon::Daemon;
@@ -186,7 +186,8 @@ mod tests {
         assert!(changes_nothing(&pod_limits(&res(), &res())));
     }
 
-    fn pod(parent: &str) -> PodRecord {
+    /// A ready pod record `p1` (namespace `ns`, name `n`) under cgroup parent `parent`.
+    pub(crate) fn pod(parent: &str) -> PodRecord {
         PodRecord {
             id: "p1".into(),
             name: "n".into(),

@@ -399,23 +399,9 @@ mod tests {
     use std::collections::HashSet;
 
     fn pod() -> PodRecord {
-        PodRecord {
-            id: "p1".into(),
-            name: "web-0".into(),
-            namespace: "shop".into(),
-            uid: "u".into(),
-            attempt: 0,
-            state: PodState::Ready,
-            created_at: 1,
-            runtime_handler: String::new(),
-            config_pb: String::new(),
-            netns_path: None,
-            ips: vec![],
-            shim_address: None,
-            pause_pid: None,
-            cgroup_parent: "/kp/podu".into(),
-            owned: None,
-        }
+        let mut p = crate::pod::resources::tests::pod("/kp/podu");
+        (p.name, p.namespace) = ("web-0".into(), "shop".into());
+        p
     }
 
     fn by_name<'a>(ms: &'a [Metric], name: &str) -> Vec<&'a Metric> {
