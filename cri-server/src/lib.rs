@@ -16,7 +16,8 @@
 //! | `daemon` | the pod, container and image services, assembled once |
 //! | `pod/` | set-up steps, the one release, recovery, status, the shim watch, pod files, ID ranges |
 //! | `container/` | lifecycle and registry, status, exec, resource updates, the OCI spec, bundle, logs |
-//! | `stats/` | container and pod figures, CPU rates |
+//! | `stats/` | container and pod figures, CPU rates, the cAdvisor-named pod metrics |
+//! | `cgroup/` | a cgroup's files (v1/v2) under a root: pod and container dirs, limits written and read back |
 //! | `shim/` | the shim client (start protocol, ttrpc, typed call error) and the events endpoint |
 //! | `network/` | CNI config, plugin chains and result cache; named netns |
 //! | `store/` | `<root>/crisp.db` (redb): versioned records, quarantine of undecodable ones |
@@ -30,6 +31,7 @@
 //! service.
 
 pub mod authority;
+pub mod cgroup;
 pub mod config;
 pub mod container;
 pub mod cri;

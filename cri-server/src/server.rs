@@ -495,10 +495,15 @@ impl RuntimeService for Cri {
         &self,
         _req: Request<pb::CheckpointContainerRequest>,
     ) -> Res<pb::CheckpointContainerResponse> {
+        // Checked on the development host (Debian 12, kernel 6.18): `criu check` of Debian's
+        // criu 3.17.1 fails with "vdso: Unexpected rt vDSO area bounds" and "Could not
+        // initialize kernel features detection", so runc checkpoint cannot work there.
         not_yet!(
             self,
             "CheckpointContainer",
-            "checkpointing is not supported"
+            "checkpointing needs CRIU, and Debian's criu 3.17 fails `criu check` on kernel 6.18 \
+             (\"vdso: Unexpected rt vDSO area bounds\", \"Could not initialize kernel features \
+             detection\"); crispd does not checkpoint containers"
         )
     }
 
@@ -539,16 +544,29 @@ impl RuntimeService for Cri {
 
     async fn list_metric_descriptors(
         &self,
-        _req: Request<pb::ListMetricDescriptorsRequest>,
+        req: Request<pb::ListMetricDescriptorsRequest>,
     ) -> Res<pb::ListMetricDescriptorsResponse> {
-        not_yet!(self, "ListMetricDescriptors", "not implemented")
+        let req = req.into_inner();
+        instrument::call(
+            &self.d.metrics,
+            "ListMetricDescriptors",
+            info_span!("ListMetricDescriptors"),
+            async { cri::pod_metrics::list_metric_descriptors(req) },
+        )
+        .await
     }
 
     async fn list_pod_sandbox_metrics(
         &self,
-        _req: Request<pb::ListPodSandboxMetricsRequest>,
+        req: Request<pb::ListPodSandboxMetricsRequest>,
     ) -> Res<pb::ListPodSandboxMetricsResponse> {
-        not_yet!(self, "ListPodSandboxMetrics", "not implemented")
+        instrument::call(
+            &self.d.metrics,
+            "ListPodSandboxMetrics",
+            info_span!("ListPodSandboxMetrics"),
+            cri::pod_metrics::list_pod_sandbox_metrics(&self.d.pods, req.into_inner()),
+        )
+        .await
     }
 
     type StreamPodSandboxMetricsStream = BoxStream<pb::StreamPodSandboxMetricsResponse>;
@@ -556,20 +574,39 @@ impl RuntimeService for Cri {
         &self,
         _req: Request<pb::StreamPodSandboxMetricsRequest>,
     ) -> Res<Self::StreamPodSandboxMetricsStream> {
-        // The stream carries what ListPodSandboxMetrics lists, and that is not implemented
-        // either; kubelet falls back to the unary call and gets the same answer.
-        not_yet!(
-            self,
+        instrument::call(
+            &self.d.metrics,
             "StreamPodSandboxMetrics",
-            "not implemented, as ListPodSandboxMetrics is not"
+            info_span!("StreamPodSandboxMetrics"),
+            async {
+                let list = cri::pod_metrics::list_pod_sandbox_metrics(
+                    &self.d.pods,
+                    pb::ListPodSandboxMetricsRequest {},
+                )
+                .await?;
+                Ok(chunked(list.pod_metrics, |pod_sandbox_metrics| {
+                    pb::StreamPodSandboxMetricsResponse {
+                        pod_sandbox_metrics,
+                    }
+                }))
+            },
         )
+        .await
     }
 
     async fn update_pod_sandbox_resources(
         &self,
-        _req: Request<pb::UpdatePodSandboxResourcesRequest>,
+        req: Request<pb::UpdatePodSandboxResourcesRequest>,
     ) -> Res<pb::UpdatePodSandboxResourcesResponse> {
-        not_yet!(self, "UpdatePodSandboxResources", "not implemented")
+        let req = req.into_inner();
+        let span = info_span!("UpdatePodSandboxResources", pod_id = %req.pod_sandbox_id);
+        instrument::call(
+            &self.d.metrics,
+            "UpdatePodSandboxResources",
+            span,
+            cri::update::update_pod_sandbox_resources(&self.d.pods, req),
+        )
+        .await
     }
 }
 

@@ -17,13 +17,14 @@ use crisp_proto::cri::v1::{
 };
 use redb::ReadableTable;
 
+use crate::cgroup::{self, Hierarchy};
 use crate::container::exec::{state_name, task_error};
 use crate::container::service::ContainerService;
 use crate::container::status as containers;
-use crate::error::CriError;
+use crate::error::{CriError, ErrorKind, HasKind};
 use crate::shim::client::ctx;
 use crate::shim::client::is_not_found;
-use crate::store::records::{ContainerRecord, ContainerState};
+use crate::store::records::{ContainerRecord, ContainerState, PodRecord};
 use crate::store::{Record, StoreError};
 
 /// The smallest memory limit accepted. The kernel takes less, but a container cannot start
@@ -126,6 +127,17 @@ pub fn validate(r: &LinuxContainerResources) -> Result<(), CriError> {
     Ok(())
 }
 
+/// [`validate`] for resources that sit elsewhere than a container's `linux` (a pod's
+/// `resources` or `overhead`): the same checks, the message naming `prefix.<field>`.
+pub fn validate_as(prefix: &str, r: &LinuxContainerResources) -> Result<(), CriError> {
+    validate(r).map_err(|mut e| {
+        if let Some(rest) = e.message.strip_prefix("linux.") {
+            e.message = format!("{prefix}.{rest}");
+        }
+        e
+    })
+}
+
 /// containerd's merge: each field the update sets replaces the old one; a zero (unset) field
 /// keeps it; unified keys are added to the old ones. oom_score_adj belongs to the process, not
 /// the cgroup, and cannot change after start: it is kept.
@@ -206,6 +218,7 @@ pub async fn update_container_resources(
     let json = oci_json(&merged, cgroup_v2())?;
 
     if rec.state == ContainerState::Running {
+        check_memory_shrink(d, &Hierarchy::host(), &rec, new.memory_limit_in_bytes)?;
         if let Some(shim) = d.shims.get(&rec.pod_id) {
             let r = shim
                 .task()
@@ -246,6 +259,35 @@ pub async fn update_container_resources(
     update_bundle_spec(d, &rec.id, &json);
     tracing::info!(state = state_name(rec.state), "resources updated");
     Ok(UpdateContainerResourcesResponse {})
+}
+
+/// Refuse a memory limit below what the running container uses now, naming both: cgroup v2
+/// would OOM-kill the container to get there, v1 would reclaim and then fail with EBUSY.
+fn check_memory_shrink(
+    d: &ContainerService,
+    h: &Hierarchy,
+    rec: &ContainerRecord,
+    limit: i64,
+) -> Result<(), CriError> {
+    if limit <= 0 {
+        return Ok(());
+    }
+    let what = format!("UpdateContainerResources: container {}", rec.id);
+    let pod = d
+        .store
+        .get::<PodRecord>(&rec.pod_id)?
+        .ok_or_else(|| CriError::not_found(format!("{what}: pod {} is gone", rec.pod_id)))?;
+    let rel = cgroup::container_dir(d.cfg.cgroup_driver.into(), &pod.cgroup_parent, &rec.id)
+        .map_err(|e| CriError::context(&what, e))?;
+    match cgroup::check_memory_limit(h, &rel, limit) {
+        Ok(()) => Ok(()),
+        // It exited meanwhile: no cgroup, nothing to shrink.
+        Err(e) if e.kind() == ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(CriError::context(
+            &format!("{what}: linux.memory_limit_in_bytes"),
+            e,
+        )),
+    }
 }
 
 /// Keep `r` in the record's config, in one transaction so a concurrent exit update is not lost.
@@ -310,7 +352,6 @@ fn merge_devices(old: Option<&serde_json::Value>, mut new: serde_json::Value) ->
 mod tests {
     use super::*;
     use crate::daemon::Daemon;
-    use crate::error::ErrorKind;
     use crisp_proto::cri::v1::{ContainerConfig, LinuxContainerConfig};
 
     fn res() -> LinuxContainerResources {
@@ -530,5 +571,33 @@ mod tests {
             .expect("resources");
         assert_eq!((r.cpu_shares, r.memory_limit_in_bytes), (2, 64 << 20));
         assert_eq!(got.state, ContainerState::Created);
+    }
+
+    /// cgroup v2 over a fake root: a limit below the container's memory.current is refused
+    /// naming the field, the value and the usage; above it, or with the cgroup gone (the
+    /// container exited meanwhile), it passes.
+    #[test]
+    fn a_shrink_below_usage_is_refused_on_v2() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let d = Daemon::for_test(dir.path()).containers;
+        d.store
+            .put("p1", &crate::pod::resources::tests::pod("/kp/podu"))
+            .expect("put");
+        // In pod p1.
+        let rec = crate::container::exec::tests::test_record("c1", ContainerState::Running);
+        let root = crate::cgroup::tests::fake_root(
+            true,
+            &[("kp/podu/crisp-c1/memory.current", "31457280\n")],
+        );
+        let h = Hierarchy::at(root.path());
+        let e = check_memory_shrink(&d, &h, &rec, 16 << 20).expect_err("below usage");
+        assert_eq!(e.kind, ErrorKind::FailedPrecondition);
+        for part in ["linux.memory_limit_in_bytes", "16777216", "31457280", "c1"] {
+            assert!(e.message.contains(part), "{part}: {}", e.message);
+        }
+        check_memory_shrink(&d, &h, &rec, 64 << 20).expect("above usage");
+        check_memory_shrink(&d, &h, &rec, 0).expect("no limit");
+        std::fs::remove_dir_all(root.path().join("kp")).expect("rm");
+        check_memory_shrink(&d, &h, &rec, 16 << 20).expect("exited meanwhile");
     }
 }

@@ -5,15 +5,18 @@
 use std::collections::HashMap;
 
 use crisp_proto::cri::v1::{
-    Container, ContainerConfig, ContainerFilter, ContainerState as PbState, ContainerStatus,
-    ContainerStatusRequest, ContainerStatusResponse, ContainerUser, ImageSpec, LinuxContainerUser,
-    ListContainersRequest, ListContainersResponse,
+    Container, ContainerConfig, ContainerFilter, ContainerResources, ContainerState as PbState,
+    ContainerStatus, ContainerStatusRequest, ContainerStatusResponse, ContainerUser, ImageSpec,
+    LinuxContainerResources, LinuxContainerUser, ListContainersRequest, ListContainersResponse,
 };
 use prost::Message;
 
+use crisp_shim::placement::CgroupDriver;
+
+use crate::cgroup::{self, Hierarchy, limits};
 use crate::error::CriError;
 use crate::store::Store;
-use crate::store::records::{ContainerRecord, ContainerState};
+use crate::store::records::{ContainerRecord, ContainerState, PodRecord};
 
 pub fn container_config(rec: &ContainerRecord) -> ContainerConfig {
     crate::util::hex_decode(&rec.config_pb)
@@ -91,10 +94,57 @@ pub fn container_status(
     store: &Store,
     images: &crisp_image::Images,
     state: &std::path::Path,
+    driver: CgroupDriver,
     req: ContainerStatusRequest,
 ) -> Result<ContainerStatusResponse, CriError> {
     let rec = find(store, &req.container_id)?;
-    Ok(status_of(&rec, images, state, req.verbose))
+    let mut resp = status_of(&rec, images, state, req.verbose);
+    if rec.state == ContainerState::Running
+        && let Some(st) = resp.status.as_mut()
+    {
+        let wanted = st
+            .resources
+            .as_ref()
+            .and_then(|r| r.linux.clone())
+            .unwrap_or_default();
+        if let Some(applied) = applied_resources(store, &Hierarchy::host(), driver, &rec, &wanted) {
+            st.resources = Some(ContainerResources {
+                linux: Some(applied),
+                windows: None,
+            });
+        }
+    }
+    Ok(resp)
+}
+
+/// The resources a running container's cgroup holds, as `limits::reported` shows them
+/// against what was asked, so kubelet's resize loop sees what the kernel applied. None (the
+/// record's figures stand) when the cgroup cannot be read: it exited meanwhile, or the
+/// read failed, which is logged.
+pub fn applied_resources(
+    store: &Store,
+    h: &Hierarchy,
+    driver: CgroupDriver,
+    rec: &ContainerRecord,
+    wanted: &LinuxContainerResources,
+) -> Option<LinuxContainerResources> {
+    let read = || -> Result<LinuxContainerResources, CriError> {
+        let pod = store
+            .get::<PodRecord>(&rec.pod_id)?
+            .ok_or_else(|| CriError::not_found(format!("pod {} is gone", rec.pod_id)))?;
+        let rel = cgroup::container_dir(driver, &pod.cgroup_parent, &rec.id)?;
+        Ok(limits::read(h, &rel)?)
+    };
+    match read() {
+        Ok(applied) => Some(limits::reported(&applied, wanted, h.is_v2())),
+        Err(e) => {
+            if e.kind != crate::error::ErrorKind::NotFound {
+                tracing::warn!(container_id = %rec.id, error = %e,
+                    "ContainerStatus: reading the container's cgroup limits failed; reporting the recorded ones");
+            }
+            None
+        }
+    }
 }
 
 /// The image and image_ref ContainerStatus reports, from one lookup of the image, as
@@ -395,6 +445,7 @@ mod tests {
                 &s,
                 &images,
                 &state,
+                CgroupDriver::Cgroupfs,
                 ContainerStatusRequest {
                     container_id: id.into(),
                     verbose: false,
@@ -429,6 +480,7 @@ mod tests {
             &s,
             &images,
             std::path::Path::new("/nonexistent"),
+            CgroupDriver::Cgroupfs,
             ContainerStatusRequest {
                 container_id: "c2".into(),
                 verbose: true,
@@ -457,6 +509,7 @@ mod tests {
             &s,
             &images,
             std::path::Path::new("/nonexistent"),
+            CgroupDriver::Cgroupfs,
             ContainerStatusRequest {
                 container_id: "nope".into(),
                 verbose: false,
@@ -468,6 +521,7 @@ mod tests {
             &s,
             &images,
             std::path::Path::new("/nonexistent"),
+            CgroupDriver::Cgroupfs,
             ContainerStatusRequest {
                 container_id: "c".into(),
                 verbose: false,
@@ -475,5 +529,43 @@ mod tests {
         )
         .expect_err("ambiguous");
         assert_eq!(e.kind, ErrorKind::InvalidArgument);
+    }
+
+    /// A running container's status reports what its cgroup holds (v2, fake root): the asked
+    /// values where only the kernel's rounding differs, the cgroup's where it really differs.
+    #[test]
+    fn running_status_reads_the_cgroup_back() {
+        let (_d, s) = store();
+        let pod = crate::pod::resources::tests::pod("/kp/podu");
+        s.put("p1", &pod).expect("put");
+        let root = crate::cgroup::tests::fake_root(
+            true,
+            &[
+                ("kp/podu/crisp-c1/memory.max", "99999744\n"),
+                ("kp/podu/crisp-c1/cpu.weight", "59\n"),
+                ("kp/podu/crisp-c1/cpu.max", "20000 100000\n"),
+            ],
+        );
+        let h = Hierarchy::at(root.path());
+        let rec = find(&s, "c1").expect("c1");
+        let wanted = LinuxContainerResources {
+            memory_limit_in_bytes: 100_000_000,
+            cpu_shares: 1536,
+            cpu_quota: 50_000,
+            cpu_period: 100_000,
+            oom_score_adj: 7,
+            ..Default::default()
+        };
+        let got = applied_resources(&s, &h, CgroupDriver::Cgroupfs, &rec, &wanted).expect("read");
+        assert_eq!(got.memory_limit_in_bytes, 100_000_000);
+        assert_eq!(got.cpu_shares, 1536);
+        assert_eq!(got.cpu_quota, 20_000, "the cgroup's, not the asked 50000");
+        assert_eq!(got.oom_score_adj, 7, "no cgroup file: as asked");
+        // No cgroup (exited meanwhile): the record's figures stand.
+        std::fs::remove_dir_all(root.path().join("kp")).expect("rm");
+        assert_eq!(
+            applied_resources(&s, &h, CgroupDriver::Cgroupfs, &rec, &wanted),
+            None
+        );
     }
 }

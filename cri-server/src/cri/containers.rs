@@ -21,5 +21,11 @@ pub fn container_status(
     d: &ContainerService,
     req: ContainerStatusRequest,
 ) -> Result<ContainerStatusResponse, CriError> {
-    status::container_status(&d.store, &d.images, &d.cfg.state, req)
+    status::container_status(
+        &d.store,
+        &d.images,
+        &d.cfg.state,
+        d.cfg.cgroup_driver.into(),
+        req,
+    )
 }

@@ -8,6 +8,7 @@ pub mod container_lifecycle;
 pub mod container_stats;
 pub mod containers;
 pub mod exec_sync;
+pub mod pod_metrics;
 pub mod pod_stats;
 pub mod pod_teardown;
 pub mod pods;

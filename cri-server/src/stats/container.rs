@@ -234,7 +234,7 @@ async fn stats_of(
 
 /// Usage of the container's writable layer: its active snapshot (keyed by container id, as
 /// containerd's CRI plugin keys it). None when there is no such snapshot.
-async fn writable_layer(d: &ContainerService, id: &str) -> Option<FilesystemUsage> {
+pub async fn writable_layer(d: &ContainerService, id: &str) -> Option<FilesystemUsage> {
     let sn = std::sync::Arc::clone(&d.snapshotter);
     let key = id.to_string();
     // Measuring walks the upper directory: off the async threads.

@@ -4,7 +4,7 @@
 //! `/proc/<pid>/net/dev` (which shows its network namespace). cgroup v1 and v2.
 
 use std::collections::HashMap;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use crisp_proto::cri::v1::{
     CpuUsage, LinuxPodSandboxStats, ListPodSandboxStatsRequest, ListPodSandboxStatsResponse,
@@ -12,6 +12,7 @@ use crisp_proto::cri::v1::{
     PodSandboxStatsRequest, PodSandboxStatsResponse, ProcessUsage, UInt64Value,
 };
 
+use crate::cgroup::{parse_flat, v1_dir};
 use crate::error::CriError;
 use crate::pod::service::PodService;
 use crate::store::records::{PodRecord, PodState};
@@ -25,81 +26,61 @@ pub struct CgroupCounters {
     pub memory_usage: Option<u64>,
     pub working_set: Option<u64>,
     pub rss: Option<u64>,
+    /// Page cache (v1 `total_cache`, v2 `file`).
+    pub cache: Option<u64>,
     pub page_faults: Option<u64>,
     pub major_page_faults: Option<u64>,
+    /// OOM kills inside the cgroup (v1 `memory.oom_control`, v2 `memory.events` `oom_kill`).
+    pub oom_kills: Option<u64>,
+    /// Tasks counted by the pids controller (threads included).
     pub pids: Option<u64>,
+    /// Processes and threads directly in the cgroup (`cgroup.procs`; v1 `tasks`, v2
+    /// `cgroup.threads`), as cAdvisor counts them.
+    pub processes: Option<u64>,
+    pub threads: Option<u64>,
 }
 
 fn read_u64(p: &Path) -> Option<u64> {
     std::fs::read_to_string(p).ok()?.trim().parse().ok()
 }
 
-/// `key value` lines (memory.stat, cpu.stat).
-pub fn parse_flat(text: &str) -> HashMap<String, u64> {
-    text.lines()
-        .filter_map(|l| {
-            let mut it = l.split_whitespace();
-            Some((it.next()?.to_string(), it.next()?.parse().ok()?))
-        })
-        .collect()
+fn read_flat(p: &Path) -> HashMap<String, u64> {
+    std::fs::read_to_string(p)
+        .map(|t| parse_flat(&t))
+        .unwrap_or_default()
 }
 
-/// The v1 hierarchy dir holding `controller` (`cpuacct` may be co-mounted as `cpu,cpuacct`).
-fn v1_dir(root: &Path, controller: &str) -> Option<PathBuf> {
-    let direct = root.join(controller);
-    if direct.is_dir() {
-        return Some(direct);
-    }
-    std::fs::read_dir(root)
-        .ok()?
-        .flatten()
-        .map(|e| e.path())
-        .find(|p| {
-            p.file_name()
-                .and_then(|n| n.to_str())
-                .is_some_and(|n| n.split(',').any(|c| c == controller))
-        })
+fn count_lines(p: &Path) -> Option<u64> {
+    let text = std::fs::read_to_string(p).ok()?;
+    Some(text.lines().filter(|l| !l.trim().is_empty()).count() as u64)
 }
 
 /// Read the counters of the cgroup at `rel` (relative to each hierarchy's root).
 pub fn read_cgroup(root: &Path, rel: &str) -> CgroupCounters {
     let rel = rel.trim_start_matches('/');
-    let mut c = CgroupCounters::default();
     if root.join("cgroup.controllers").is_file() {
-        // v2
-        let dir = root.join(rel);
-        let cpu = std::fs::read_to_string(dir.join("cpu.stat"))
-            .map(|t| parse_flat(&t))
-            .unwrap_or_default();
-        c.cpu_usage_ns = cpu.get("usage_usec").map(|u| u * 1000);
-        c.memory_usage = read_u64(&dir.join("memory.current"));
-        let st = std::fs::read_to_string(dir.join("memory.stat"))
-            .map(|t| parse_flat(&t))
-            .unwrap_or_default();
-        c.working_set = c
-            .memory_usage
-            .map(|u| u.saturating_sub(st.get("inactive_file").copied().unwrap_or(0)));
-        c.rss = st.get("anon").copied();
-        c.page_faults = st.get("pgfault").copied();
-        c.major_page_faults = st.get("pgmajfault").copied();
-        c.pids = read_u64(&dir.join("pids.current"));
-        return c;
+        return read_v2(&root.join(rel));
     }
+    let mut c = CgroupCounters::default();
     if let Some(d) = v1_dir(root, "cpuacct") {
         c.cpu_usage_ns = read_u64(&d.join(rel).join("cpuacct.usage"));
     }
     if let Some(d) = v1_dir(root, "memory") {
         let dir = d.join(rel);
         c.memory_usage = read_u64(&dir.join("memory.usage_in_bytes"));
-        let st = std::fs::read_to_string(dir.join("memory.stat"))
-            .map(|t| parse_flat(&t))
-            .unwrap_or_default();
+        let st = read_flat(&dir.join("memory.stat"));
         c.working_set = c
             .memory_usage
             .map(|u| u.saturating_sub(st.get("total_inactive_file").copied().unwrap_or(0)));
         c.rss = st.get("total_rss").copied();
+        c.cache = st.get("total_cache").copied();
         c.page_faults = st.get("total_pgfault").copied();
         c.major_page_faults = st.get("total_pgmajfault").copied();
+        c.oom_kills = read_flat(&dir.join("memory.oom_control"))
+            .get("oom_kill")
+            .copied();
+        c.processes = count_lines(&dir.join("cgroup.procs"));
+        c.threads = count_lines(&dir.join("tasks"));
     }
     if let Some(d) = v1_dir(root, "pids") {
         c.pids = read_u64(&d.join(rel).join("pids.current"));
@@ -107,30 +88,77 @@ pub fn read_cgroup(root: &Path, rel: &str) -> CgroupCounters {
     c
 }
 
+fn read_v2(dir: &Path) -> CgroupCounters {
+    let st = read_flat(&dir.join("memory.stat"));
+    let memory_usage = read_u64(&dir.join("memory.current"));
+    CgroupCounters {
+        cpu_usage_ns: read_flat(&dir.join("cpu.stat"))
+            .get("usage_usec")
+            .map(|u| u * 1000),
+        memory_usage,
+        working_set: memory_usage
+            .map(|u| u.saturating_sub(st.get("inactive_file").copied().unwrap_or(0))),
+        rss: st.get("anon").copied(),
+        cache: st.get("file").copied(),
+        page_faults: st.get("pgfault").copied(),
+        major_page_faults: st.get("pgmajfault").copied(),
+        oom_kills: read_flat(&dir.join("memory.events"))
+            .get("oom_kill")
+            .copied(),
+        pids: read_u64(&dir.join("pids.current")),
+        processes: count_lines(&dir.join("cgroup.procs")),
+        threads: count_lines(&dir.join("cgroup.threads")),
+    }
+}
+
+/// One interface's counters from `/proc/<pid>/net/dev`.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct NetDev {
+    pub name: String,
+    pub rx_bytes: u64,
+    pub rx_packets: u64,
+    pub rx_errors: u64,
+    pub tx_bytes: u64,
+    pub tx_packets: u64,
+    pub tx_errors: u64,
+}
+
+/// Every interface of a `/proc/net/dev` text (two header lines, then `name: 16 numbers`).
+pub fn parse_net_dev_all(text: &str) -> Vec<NetDev> {
+    text.lines()
+        .skip(2)
+        .filter_map(|line| {
+            let (name, rest) = line.split_once(':')?;
+            let v: Vec<u64> = rest
+                .split_whitespace()
+                .filter_map(|x| x.parse().ok())
+                .collect();
+            (v.len() >= 16).then(|| NetDev {
+                name: name.trim().to_string(),
+                rx_bytes: v[0],
+                rx_packets: v[1],
+                rx_errors: v[2],
+                tx_bytes: v[8],
+                tx_packets: v[9],
+                tx_errors: v[10],
+            })
+        })
+        .collect()
+}
+
 /// One interface's counters from a `/proc/net/dev` text.
 pub fn parse_net_dev(text: &str, iface: &str) -> Option<NetworkInterfaceUsage> {
-    for line in text.lines().skip(2) {
-        let (name, rest) = line.split_once(':')?;
-        if name.trim() != iface {
-            continue;
-        }
-        let v: Vec<u64> = rest
-            .split_whitespace()
-            .filter_map(|x| x.parse().ok())
-            .collect();
-        if v.len() < 16 {
-            return None;
-        }
-        let u = |x: u64| Some(UInt64Value { value: x });
-        return Some(NetworkInterfaceUsage {
-            name: iface.to_string(),
-            rx_bytes: u(v[0]),
-            rx_errors: u(v[2]),
-            tx_bytes: u(v[8]),
-            tx_errors: u(v[10]),
-        });
-    }
-    None
+    let d = parse_net_dev_all(text)
+        .into_iter()
+        .find(|d| d.name == iface)?;
+    let u = |x: u64| Some(UInt64Value { value: x });
+    Some(NetworkInterfaceUsage {
+        name: d.name,
+        rx_bytes: u(d.rx_bytes),
+        rx_errors: u(d.rx_errors),
+        tx_bytes: u(d.tx_bytes),
+        tx_errors: u(d.tx_errors),
+    })
 }
 
 /// None for a pod's first sample (no rate yet); the arithmetic is the containers' one.
@@ -145,7 +173,7 @@ fn nano_cores(
 }
 
 /// The cgroup (relative path) the pod's stats come from.
-fn pod_cgroup(d: &PodService, rec: &PodRecord) -> Option<String> {
+pub fn pod_cgroup(d: &PodService, rec: &PodRecord) -> Option<String> {
     use crisp_shim::placement::{self, CgroupDriver};
     let driver = CgroupDriver::from(d.cfg.cgroup_driver);
     if !rec.cgroup_parent.is_empty() && driver == CgroupDriver::Cgroupfs {
@@ -292,6 +320,7 @@ mod tests {
                 page_faults: Some(7),
                 major_page_faults: Some(1),
                 pids: Some(3),
+                ..Default::default()
             }
         );
     }
