@@ -21,6 +21,7 @@
 //! | `network/` | CNI config, plugin chains and result cache; named netns |
 //! | `store/` | `<root>/crisp.db` (redb): versioned records, quarantine of undecodable ones |
 //! | `config` | the TOML file, CLI flags, validation naming key and value |
+//! | `runtime_features` | what each handler's OCI runtime supports (`<runtime> features`), for Status |
 //! | `locks`, `inflight` | per-object locks; single flight for retried slow calls |
 //! | `authority` | HTTP/2 `:authority` fix-up for grpc-go < 1.53 clients (kubelet ≤ 1.27) |
 //! | `error` | error kinds (`HasKind`) and the CRI error; no gRPC, no metrics |
@@ -41,6 +42,7 @@ pub mod locks;
 pub mod metrics;
 pub mod network;
 pub mod pod;
+pub mod runtime_features;
 pub mod server;
 pub mod shim;
 pub mod startup;
