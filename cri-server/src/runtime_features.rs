@@ -43,6 +43,15 @@ fn cache() -> &'static Mutex<HashMap<PathBuf, Features>> {
     CACHE.get_or_init(Default::default)
 }
 
+/// The runtime the shim picks for the default handler when the config says `auto`, asked
+/// once (the shim's own probe: crun where it works with this host's cgroups, else runc).
+pub async fn auto_runtime() -> String {
+    static AUTO: tokio::sync::OnceCell<String> = tokio::sync::OnceCell::const_new();
+    AUTO.get_or_init(crisp_shim::runtime::probe_default)
+        .await
+        .clone()
+}
+
 /// The features of the runtime `binary` (a name looked up in PATH, or a path).
 pub async fn of(binary: &Path) -> Features {
     let Some(path) = crisp_shim::runtime::which(&binary.to_string_lossy()) else {

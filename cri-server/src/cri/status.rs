@@ -46,7 +46,7 @@ pub async fn status(d: &Daemon, req: StatusRequest) -> Result<StatusResponse, Cr
     // The default handler runs the configured runtime, or the one the shim picks (`auto`),
     // with the switches of the named handler of that runtime, if any.
     let default_binary = match d.cfg.runtime {
-        crate::config::RuntimeChoice::Auto => crisp_shim::runtime::probe_default().await,
+        crate::config::RuntimeChoice::Auto => crate::runtime_features::auto_runtime().await,
         r => r.as_str().to_string(),
     };
     let default = d.cfg.runtime_handlers.get(default_binary.as_str());
