@@ -14,8 +14,10 @@
 //! - Bad sub-paths (`../x`, `/data`, a symlink leading out, an absolute symlink, a file, a
 //!   missing path) are InvalidArgument naming `mounts[1].image_sub_path` and the value, and
 //!   leave no container and no mount.
-//! - crispd killed with -9 and restarted keeps the volumes; removing the pods unmounts them
-//!   all (mountinfo shows nothing under the volumes dir), and then RemoveImage succeeds.
+//! - crispd killed with -9 and restarted keeps the volumes of recorded containers and
+//!   releases those of a container whose record is gone (deleted offline from crisp.db, as a
+//!   crash inside CreateContainer leaves it); removing the pods unmounts the rest (mountinfo
+//!   shows nothing under the volumes dir), and then RemoveImage succeeds.
 
 use anyhow::{Context, Result, bail, ensure};
 use crisp_e2e::cri::{self, container_config, expect_code, image_spec};
@@ -207,6 +209,23 @@ async fn bad_sub_paths(env: &TestEnv, pod: &str, cfg: &api::PodSandboxConfig) ->
     Ok(())
 }
 
+/// Deletes container `key` from crisp.db's `containers` table (crispd must be down: redb locks
+/// the file), as a crash inside CreateContainer before its record was written would leave it.
+fn delete_container_record(db: &std::path::Path, key: &str) -> Result<()> {
+    const TABLE: redb::TableDefinition<&str, &[u8]> = redb::TableDefinition::new("containers");
+    let db =
+        redb::Database::open(db).with_context(|| format!("opening {} offline", db.display()))?;
+    let txn = db.begin_write()?;
+    let existed = txn
+        .open_table(TABLE)
+        .context("crisp.db has no `containers` table")?
+        .remove(key)?
+        .is_some();
+    txn.commit()?;
+    ensure!(existed, "crisp.db has no container record {key:?}");
+    Ok(())
+}
+
 async fn scenario(env: &mut TestEnv) -> Result<()> {
     env.cri().pull(BUSYBOX, None).await?;
     let image_id = env.cri().pull(VOLIMG, None).await?;
@@ -234,9 +253,32 @@ async fn scenario(env: &mut TestEnv) -> Result<()> {
     )?;
     bad_sub_paths(env, &pod_a, &cfg_a).await?;
 
-    // A crash: the record carries the volumes across it.
+    // A crash: the record carries the volumes across it. A container whose record the crash
+    // lost (as if crispd died inside CreateContainer) has its volume released by the
+    // start-up sweep.
+    let mut lost = container_config("lost", BUSYBOX, &["true"]);
+    lost.mounts = vec![image_mount("/img", "data/sub")];
+    let lost = env.cri().create_container(&pod_a, &lost, &cfg_a).await?;
+    let lost_dir = vols.join(&lost);
+    ensure!(
+        leaks::mounts_under(&lost_dir).len() == 1,
+        "the lost container's volume is not mounted: {:?}",
+        leaks::mounts_under(&vols)
+    );
     env.kill_daemon()?;
+    delete_container_record(&env.crispd_db(), &lost)?;
     env.restart_daemon().await?;
+    ensure!(
+        leaks::mounts_under(&lost_dir).is_empty() && !lost_dir.exists(),
+        "start-up left the recordless container's volume: mounts {:?}, dir exists {}",
+        leaks::mounts_under(&lost_dir),
+        lost_dir.exists()
+    );
+    ensure!(
+        leaks::mounts_under(&vols).len() == 4,
+        "the recorded volumes did not survive the restart: {:?}",
+        leaks::mounts_under(&vols)
+    );
     ensure!(
         env.cri()
             .exec_ok(&ctr_a, &["cat", "/sub/inner.txt"])
