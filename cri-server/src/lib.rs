@@ -15,7 +15,7 @@
 //! | `cri/` | one thin file per CRI call or family: check, lock, re-read, call the domain |
 //! | `daemon` | the pod, container and image services, assembled once |
 //! | `pod/` | set-up steps, the one release, recovery, status, the shim watch, pod files, ID ranges |
-//! | `container/` | lifecycle and registry, status, exec, resource updates, the OCI spec, bundle, logs |
+//! | `container/` | lifecycle and registry, status, exec, resource updates, the OCI spec, bundle, logs, image volumes, CDI devices |
 //! | `stats/` | container and pod figures, CPU rates |
 //! | `shim/` | the shim client (start protocol, ttrpc, typed call error) and the events endpoint |
 //! | `network/` | CNI config, plugin chains and result cache; named netns |

@@ -247,8 +247,13 @@ pub fn release(
         ok &= remove_view(sn, &v.snapshot);
     }
     let dir = container_dir(state, container_id);
+    // Not empty: other volumes of the container are still there (a failed volume releases
+    // itself before the ones prepared earlier); the last release removes the directory.
     if let Err(e) = std::fs::remove_dir(&dir)
-        && e.kind() != std::io::ErrorKind::NotFound
+        && !matches!(
+            e.kind(),
+            std::io::ErrorKind::NotFound | std::io::ErrorKind::DirectoryNotEmpty
+        )
     {
         tracing::warn!(container_id, dir = %dir.display(), error = %e, "image volumes dir not removed");
         ok = false;
