@@ -667,7 +667,7 @@ impl ImageService for Cri {
             &self.d.metrics,
             "RemoveImage",
             info_span!("RemoveImage", %image),
-            crate::cri::remove_image::remove_image(&self.d.store, &self.d.images, &req),
+            crate::cri::remove_image::remove_image(&self.d.containers, &req),
         )
         .await
     }

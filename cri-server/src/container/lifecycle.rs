@@ -376,6 +376,12 @@ pub async fn create(
     // Rootfs: an active snapshot on the image's top layer.
     let parent = image.chain_ids.last().map(|c| c.to_string());
     let mounts = prepare_rootfs(d, &id, parent, idmap.as_ref()).await?;
+    // Until the record lists the volumes, RemoveImage waits (see image_volume_users).
+    let _users = if cfg.mounts.iter().any(|m| m.image.is_some()) {
+        Some(d.image_volume_users.read().await)
+    } else {
+        None
+    };
     let volumes = match prepare_image_volumes(d, &id, &cfg, idmap.as_ref()).await {
         Ok(v) => v,
         Err(e) => {
