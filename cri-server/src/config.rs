@@ -115,6 +115,8 @@ pub struct Config {
     pub stream: StreamConfig,
     /// Longest CRI log record; longer lines are split into partial (`P`) records.
     pub max_container_log_line_size: usize,
+    /// Where CDI spec files are read from, a later directory overriding an earlier one.
+    pub cdi_spec_dirs: Vec<PathBuf>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -142,7 +144,8 @@ pub struct RuntimeHandler {
     pub binary: PathBuf,
     /// Passed to the shim as runtime options (e.g. `root`, `systemd_cgroup`).
     pub options: BTreeMap<String, String>,
-    /// Advertised in Status; the shim decides what it can really do.
+    /// Advertised in Status only when the runtime's `features` lists it too
+    /// (`runtime_features`): these switch a feature off, never on.
     pub user_namespaces: bool,
     pub recursive_read_only_mounts: bool,
 }
@@ -321,6 +324,7 @@ impl Default for Config {
             pull: PullConfig::default(),
             stream: StreamConfig::default(),
             max_container_log_line_size: 16 * 1024,
+            cdi_spec_dirs: vec!["/etc/cdi".into(), "/var/run/cdi".into()],
         }
     }
 }

@@ -100,6 +100,7 @@ impl Daemon {
             shim_events: tokio::sync::broadcast::channel(1024).0,
             container_cpu: Default::default(),
             attach: Arc::default(),
+            image_volume_users: Default::default(),
         });
         let pods = Arc::new(PodService {
             cfg: Arc::clone(&cfg),

@@ -15,13 +15,14 @@
 //! | `cri/` | one thin file per CRI call or family: check, lock, re-read, call the domain |
 //! | `daemon` | the pod, container and image services, assembled once |
 //! | `pod/` | set-up steps, the one release, recovery, status, the shim watch, pod files, ID ranges |
-//! | `container/` | lifecycle and registry, status, exec, resource updates, the OCI spec, bundle, logs |
+//! | `container/` | lifecycle and registry, status, exec, resource updates, the OCI spec, bundle, logs, image volumes, CDI devices |
 //! | `stats/` | container and pod figures, CPU rates, the cAdvisor-named pod metrics |
 //! | `cgroup/` | a cgroup's files (v1/v2) under a root: pod and container dirs, limits written and read back |
 //! | `shim/` | the shim client (start protocol, ttrpc, typed call error) and the events endpoint |
 //! | `network/` | CNI config, plugin chains and result cache; named netns |
 //! | `store/` | `<root>/crisp.db` (redb): versioned records, quarantine of undecodable ones |
 //! | `config` | the TOML file, CLI flags, validation naming key and value |
+//! | `runtime_features` | what each handler's OCI runtime supports (`<runtime> features`), for Status |
 //! | `locks`, `inflight` | per-object locks; single flight for retried slow calls |
 //! | `authority` | HTTP/2 `:authority` fix-up for grpc-go < 1.53 clients (kubelet ≤ 1.27) |
 //! | `error` | error kinds (`HasKind`) and the CRI error; no gRPC, no metrics |
@@ -43,6 +44,7 @@ pub mod locks;
 pub mod metrics;
 pub mod network;
 pub mod pod;
+pub mod runtime_features;
 pub mod server;
 pub mod shim;
 pub mod startup;

@@ -704,7 +704,7 @@ impl ImageService for Cri {
             &self.d.metrics,
             "RemoveImage",
             info_span!("RemoveImage", %image),
-            async { Ok(crisp_image::cri::remove_image(&self.d.images, &req).await?) },
+            crate::cri::remove_image::remove_image(&self.d.containers, &req),
         )
         .await
     }

@@ -35,5 +35,6 @@ pub mod cri;
 pub mod harness;
 pub mod images;
 pub mod leaks;
+pub mod oci_build;
 pub mod procfs;
 pub mod registry;

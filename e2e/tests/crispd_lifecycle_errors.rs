@@ -13,8 +13,9 @@
 //! - ListPodSandbox / ListContainers filters (id, state, labels, pod), and CRI 1.36's Stream*
 //!   calls (pods, containers, their stats, images) streaming what the List calls list;
 //! - Status / Version / RuntimeConfig;
-//! - StopContainer: the image's StopSignal is sent first, and a process that ignores it is
-//!   killed after the timeout;
+//! - StopContainer: the image's StopSignal is sent first (the config's `stop_signal` over it),
+//!   a process that ignores it is killed after the timeout, and ContainerStatus.stop_signal
+//!   reports the signal that is sent (KEP-4960);
 //! - Exec / Attach / PortForward: validated before a URL is handed out (InvalidArgument
 //!   naming the field, NotFound, FailedPrecondition); UpdateRuntimeConfig accepted;
 //! - GetContainerEvents: created, started, stopped, deleted, in order, with the pod status;
@@ -1240,6 +1241,12 @@ async fn stop_signal(env: &TestEnv) -> Result<()> {
         st.exit_code,
         st.reason
     );
+    // KEP-4960: ContainerStatus reports the signal Stop sends; busybox has no STOPSIGNAL.
+    ensure!(
+        st.stop_signal == api::Signal::Sigterm as i32,
+        "stubborn: ContainerStatus.stop_signal {:?}, want SIGTERM (the default)",
+        api::Signal::try_from(st.stop_signal)
+    );
     cri::wait_log_line(
         &cri::log_file(&pod, &stubborn),
         "got-term",
@@ -1285,6 +1292,40 @@ async fn stop_signal(env: &TestEnv) -> Result<()> {
         st.exit_code == 42,
         "usr1: exit code {} after {took:?}, want 42 (the image's StopSignal SIGUSR1; 43 means SIGTERM was sent)",
         st.exit_code
+    );
+    ensure!(
+        st.stop_signal == api::Signal::Sigusr1 as i32,
+        "usr1: ContainerStatus.stop_signal {:?}, want SIGUSR1 (the image's STOPSIGNAL)",
+        api::Signal::try_from(st.stop_signal)
+    );
+
+    // 4. The config's stop_signal overrides the image's: SIGINT arrives, and is reported,
+    //    before the container runs too.
+    let mut int = container_config(
+        "int",
+        STOPSIG_IMAGE,
+        &[
+            "sh",
+            "-c",
+            "trap 'exit 44' INT; trap 'exit 42' USR1; echo ready; while :; do sleep 0.2; done",
+        ],
+    );
+    int.stop_signal = api::Signal::Sigint as i32;
+    let created = c.create_container(&pod_id, &int, &pod).await?;
+    let before = c.container_status(&created).await?;
+    ensure!(
+        before.stop_signal == api::Signal::Sigint as i32,
+        "int: created container's stop_signal {:?}, want SIGINT (the config's)",
+        api::Signal::try_from(before.stop_signal)
+    );
+    c.remove_container(&created).await?;
+    let (took, st) = stop_when_ready(env, &pod_id, &pod, &int, 30).await?;
+    ensure!(
+        st.exit_code == 44 && st.stop_signal == api::Signal::Sigint as i32,
+        "int: exit code {} after {took:?} (want 44: SIGINT; 42 means the image's SIGUSR1), \
+         stop_signal {:?}",
+        st.exit_code,
+        api::Signal::try_from(st.stop_signal)
     );
     c.stop_and_remove_pod(&pod_id).await?;
     Ok(())

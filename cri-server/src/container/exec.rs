@@ -656,6 +656,8 @@ pub(crate) mod tests {
             log_path: String::new(),
             config_pb: String::new(),
             pid: Some(7),
+            image_volumes: Vec::new(),
+            stop_signal: None,
         }
     }
 }

@@ -47,7 +47,7 @@ use crate::error::{CriError, ErrorKind};
 use crate::shim::client::{ShimCallError, ShimClient, ctx, is_not_found};
 use crate::shim::events::ShimEvent;
 use crate::store::Store;
-use crate::store::records::{ContainerRecord, ContainerState, PodRecord};
+use crate::store::records::{ContainerRecord, ContainerState, ImageVolume, PodRecord};
 
 /// Deadline of one task call (create, start, delete, kill, state). Generous: under a storm of
 /// 64 concurrent calls on two cores, `runc create` alone can take seconds.
@@ -376,6 +376,19 @@ pub async fn create(
     // Rootfs: an active snapshot on the image's top layer.
     let parent = image.chain_ids.last().map(|c| c.to_string());
     let mounts = prepare_rootfs(d, &id, parent, idmap.as_ref()).await?;
+    // Until the record lists the volumes, RemoveImage waits (see image_volume_users).
+    let _users = if cfg.mounts.iter().any(|m| m.image.is_some()) {
+        Some(d.image_volume_users.read().await)
+    } else {
+        None
+    };
+    let volumes = match prepare_image_volumes(d, &id, &cfg, idmap.as_ref()).await {
+        Ok(v) => v,
+        Err(e) => {
+            undo_create(d, &id, &[]).await;
+            return Err(e);
+        }
+    };
     let new = NewContainer {
         id: &id,
         pod,
@@ -387,6 +400,7 @@ pub async fn create(
         image_cfg: &image_cfg,
         idmap: idmap.as_ref(),
         log,
+        volumes: &volumes,
     };
     match bundle_and_record(d, &new, &mounts) {
         Ok(rec) => {
@@ -395,7 +409,7 @@ pub async fn create(
             Ok(id)
         }
         Err(e) => {
-            undo_create(d, &id).await;
+            undo_create(d, &id, &volumes).await;
             Err(e)
         }
     }
@@ -441,6 +455,30 @@ async fn prepare_rootfs(
         .map_err(|e| snap_err(&format!("container {id}: rootfs snapshot"), e))
 }
 
+/// The container's image volumes (`mounts[i].image`), mounted read-only, id-mapped like its
+/// rootfs in a user-namespaced pod.
+async fn prepare_image_volumes(
+    d: &ContainerService,
+    id: &str,
+    cfg: &pb::ContainerConfig,
+    idmap: Option<&crate::pod::idmap::PodIdMap>,
+) -> Result<Vec<ImageVolume>, CriError> {
+    if cfg.mounts.iter().all(|m| m.image.is_none()) {
+        return Ok(Vec::new());
+    }
+    let vols = crate::container::image_volume::Volumes {
+        state: d.cfg.state.clone(),
+        images: d.images.clone(),
+        snapshotter: Arc::clone(&d.snapshotter),
+        container_id: id.to_string(),
+        labels: idmap.map(idmap_labels).unwrap_or_default(),
+    };
+    let mounts = cfg.mounts.clone();
+    tokio::task::spawn_blocking(move || vols.prepare(&mounts))
+        .await
+        .map_err(|e| CriError::internal(format!("image volumes: {e}")))?
+}
+
 /// What CreateContainer has resolved before the bundle is written.
 struct NewContainer<'a> {
     id: &'a str,
@@ -453,6 +491,7 @@ struct NewContainer<'a> {
     image_cfg: &'a ImageConfiguration,
     idmap: Option<&'a crate::pod::idmap::PodIdMap>,
     log: String,
+    volumes: &'a [ImageVolume],
 }
 
 /// The OCI spec (pure, `spec::build`) written into the bundle, then the Created record.
@@ -479,12 +518,23 @@ fn bundle_and_record(
         passwd: passwd.as_deref(),
         group: group.as_deref(),
         sandbox_mounts: sandbox_mounts(&d.cfg.state, &pod.id, n.pod_cfg),
+        image_volumes: n
+            .volumes
+            .iter()
+            .map(|v| (v.index, v.source.clone()))
+            .collect(),
     };
-    let spec = crate::container::spec::build(
+    let mut spec = crate::container::spec::build(
         n.pod_cfg,
         cfg,
         n.image_cfg,
         &sctx,
+        &crate::container::spec::RealHost,
+    )?;
+    crate::container::cdi::apply(
+        &mut spec,
+        &crate::container::cdi::requested(cfg),
+        &d.cfg.cdi_spec_dirs,
         &crate::container::spec::RealHost,
     )?;
     bundle::create(&bundle::dir(&d.cfg.state, id), &spec)?;
@@ -506,6 +556,18 @@ fn bundle_and_record(
         log_path: n.log.clone(),
         config_pb: crate::container::status::encode_config(cfg),
         pid: None,
+        image_volumes: n.volumes.to_vec(),
+        stop_signal: Some(
+            stop_signal(
+                cfg.stop_signal,
+                n.image_cfg
+                    .config()
+                    .as_ref()
+                    .and_then(|c| c.stop_signal().as_deref()),
+            )
+            .as_str()
+            .to_string(),
+        ),
     };
     d.store.put(id, &rec)?;
     Ok(rec)
@@ -528,10 +590,22 @@ fn target_pid(d: &ContainerService, cfg: &pb::ContainerConfig) -> Result<Option<
     })
 }
 
-/// Undo a failed create in reverse: bundle, then snapshot.
-async fn undo_create(d: &ContainerService, id: &str) {
+/// Undo a failed create in reverse: bundle, image volumes, then snapshot.
+async fn undo_create(d: &ContainerService, id: &str, volumes: &[ImageVolume]) {
     if let Err(u) = bundle::remove(&bundle::dir(&d.cfg.state, id)) {
         tracing::warn!(container_id = %id, step = "remove bundle", error = %u, "undo");
+    }
+    if !volumes.is_empty() {
+        let (state, sn, key, vols) = (
+            d.cfg.state.clone(),
+            Arc::clone(&d.snapshotter),
+            id.to_string(),
+            volumes.to_vec(),
+        );
+        let _ = tokio::task::spawn_blocking(move || {
+            crate::container::image_volume::release(&state, &sn, &key, &vols)
+        })
+        .await;
     }
     // The store commit fsyncs: off the async workers, as prepare and remove are.
     let sn = Arc::clone(&d.snapshotter);
@@ -1093,11 +1167,29 @@ pub async fn remove_locked(d: &ContainerService, id: &str) -> Result<(), CriErro
             ));
         }
     }
+    release_image_volumes(d, &rec).await?;
     bundle::remove(&b)?;
     d.store.delete::<ContainerRecord>(id)?;
     tracing::info!(container_id = %id, pod_id = %rec.pod_id, "container removed");
     publish(&Ctx::of(d), &rec, ContainerEventType::ContainerDeletedEvent);
     Ok(())
+}
+
+/// Unmount the container's image volumes and remove their views (the task is gone, so nothing
+/// holds them); a failure keeps the record, so RemoveContainer can be retried.
+async fn release_image_volumes(
+    d: &ContainerService,
+    rec: &ContainerRecord,
+) -> Result<(), CriError> {
+    if rec.image_volumes.is_empty() {
+        return Ok(());
+    }
+    let (state, sn, rec) = (d.cfg.state.clone(), Arc::clone(&d.snapshotter), rec.clone());
+    tokio::task::spawn_blocking(move || {
+        crate::container::image_volume::release_recorded(&state, &sn, &rec)
+    })
+    .await
+    .map_err(|e| CriError::internal(format!("image volumes release: {e}")))?
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1207,6 +1299,17 @@ pub async fn remove_orphans(d: &ContainerService) -> Result<Vec<String>, CriErro
         .map_err(|e| snap_err("listing snapshots", e))?;
     let ctx = Ctx::of(d);
     let mut removed = Vec::new();
+    let (state, sn, k) = (
+        d.cfg.state.clone(),
+        Arc::clone(&d.snapshotter),
+        known.clone(),
+    );
+    let volumes = tokio::task::spawn_blocking(move || {
+        crate::container::image_volume::release_orphans(&state, &sn, &k)
+    })
+    .await
+    .map_err(|e| CriError::internal(format!("image volume orphans: {e}")))?;
+    removed.extend(volumes.into_iter().filter(|v| !orphans.contains(v)));
     for id in orphans {
         let _g = d.containers.lock(&id).await;
         let res = async {
@@ -1520,6 +1623,8 @@ mod tests {
             log_path: String::new(),
             config_pb: String::new(),
             pid: None,
+            image_volumes: Vec::new(),
+            stop_signal: None,
         };
         d.store.put(&known, &rec).expect("put");
         for id in [&known, &orphan_b] {

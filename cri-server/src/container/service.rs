@@ -40,6 +40,10 @@ pub struct ContainerService {
     /// The attach hubs of running containers: the log copiers offer output to them and
     /// Attach sessions read from (and write stdin through) them.
     pub attach: Arc<crate::container::attach::Hubs>,
+    /// Held shared by a CreateContainer with image volumes from preparing them until its
+    /// record is stored, and exclusively by RemoveImage from its in-use check to the removal:
+    /// a removal never misses a container that is being created on the image.
+    pub image_volume_users: tokio::sync::RwLock<()>,
 }
 
 impl std::fmt::Debug for ContainerService {

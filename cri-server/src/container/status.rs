@@ -257,10 +257,21 @@ pub fn status_of(
                     windows: None,
                 }),
             user,
-            stop_signal: cfg.stop_signal,
+            stop_signal: effective_stop_signal(rec, &cfg),
         }),
         info,
     }
+}
+
+/// ContainerStatus.stop_signal (KEP-4960): the signal StopContainer sends, as CreateContainer
+/// fixed it (the config's over the image's STOPSIGNAL over SIGTERM). A record of an older
+/// crispd has none: then the config's, as that crispd reported.
+fn effective_stop_signal(rec: &ContainerRecord, cfg: &ContainerConfig) -> i32 {
+    rec.stop_signal
+        .as_deref()
+        .and_then(crisp_proto::cri::v1::Signal::from_str_name)
+        .map(|s| s as i32)
+        .unwrap_or(cfg.stop_signal)
 }
 
 /// ContainerStatus.user: the uid, gid and supplementary groups the container's first process
@@ -340,6 +351,8 @@ mod tests {
             log_path: format!("/var/log/pods/x/{id}/0.log"),
             config_pb: encode_config(&cfg),
             pid: Some(7),
+            image_volumes: Vec::new(),
+            stop_signal: None,
         }
     }
 

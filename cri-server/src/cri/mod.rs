@@ -12,6 +12,7 @@ pub mod pod_metrics;
 pub mod pod_stats;
 pub mod pod_teardown;
 pub mod pods;
+pub mod remove_image;
 pub mod run_pod;
 pub mod runtime_config;
 pub mod status;

@@ -126,6 +126,8 @@ mod tests {
                 log_path: String::new(),
                 config_pb: String::new(),
                 pid: None,
+                image_volumes: Vec::new(),
+                stop_signal: None,
             };
             d.store.put(&c.id.clone(), &c).expect("ctr");
             crate::pod::files::write(

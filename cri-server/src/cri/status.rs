@@ -4,6 +4,7 @@
 //! conflist written after start-up flips it within a second (promise 4).
 
 use std::collections::HashMap;
+use std::path::Path;
 
 use crisp_proto::cri::v1::{
     RuntimeCondition, RuntimeFeatures, RuntimeHandler, RuntimeHandlerFeatures, RuntimeStatus,
@@ -42,11 +43,16 @@ pub async fn status(d: &Daemon, req: StatusRequest) -> Result<StatusResponse, Cr
         message: String::new(),
     };
 
-    // The default handler advertises the features of the named handler it runs as, if any.
-    let default = d.cfg.runtime_handlers.get(d.cfg.runtime.as_str()).cloned();
-    let mut handlers = vec![handler("", &default)];
+    // The default handler runs the configured runtime, or the one the shim picks (`auto`),
+    // with the switches of the named handler of that runtime, if any.
+    let default_binary = match d.cfg.runtime {
+        crate::config::RuntimeChoice::Auto => crate::runtime_features::auto_runtime().await,
+        r => r.as_str().to_string(),
+    };
+    let default = d.cfg.runtime_handlers.get(default_binary.as_str());
+    let mut handlers = vec![handler("", Path::new(&default_binary), default).await];
     for (name, h) in &d.cfg.runtime_handlers {
-        handlers.push(handler(name, &Some(h.clone())));
+        handlers.push(handler(name, &h.binary, Some(h)).await);
     }
 
     let mut info = HashMap::new();
@@ -97,16 +103,22 @@ fn verbose_info(d: &Daemon) -> serde_json::Value {
     })
 }
 
-fn handler(name: &str, h: &Option<crate::config::RuntimeHandler>) -> RuntimeHandler {
+/// One handler's features: what its OCI runtime reports (`runtime_features`), unless the
+/// handler's config switches a feature off.
+async fn handler(
+    name: &str,
+    binary: &Path,
+    h: Option<&crate::config::RuntimeHandler>,
+) -> RuntimeHandler {
+    let probed = crate::runtime_features::of(binary).await;
     let (userns, rro) = h
-        .as_ref()
         .map(|h| (h.user_namespaces, h.recursive_read_only_mounts))
         .unwrap_or((true, true));
     RuntimeHandler {
         name: name.into(),
         features: Some(RuntimeHandlerFeatures {
-            recursive_read_only_mounts: rro,
-            user_namespaces: userns,
+            recursive_read_only_mounts: rro && probed.recursive_read_only_mounts,
+            user_namespaces: userns && probed.user_namespaces,
         }),
     }
 }

@@ -384,6 +384,8 @@ mod tests {
             log_path: String::new(),
             config_pb: String::new(),
             pid: None,
+            image_volumes: Vec::new(),
+            stop_signal: None,
         }
     }
 

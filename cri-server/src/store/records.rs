@@ -141,6 +141,28 @@ pub struct ContainerRecord {
     /// `ContainerConfig`, protobuf-encoded, hex.
     pub config_pb: String,
     pub pid: Option<u32>,
+    /// The image volumes crispd mounted for it (`container::image_volume`), released with it.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub image_volumes: Vec<ImageVolume>,
+    /// The effective stop signal (`SIGTERM`): the config's over the image's STOPSIGNAL over
+    /// SIGTERM, fixed at CreateContainer. None in records of an older crispd.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stop_signal: Option<String>,
+}
+
+/// One image volume of a container: `mounts[index]`, a read-only view snapshot of an image
+/// mounted at `mount_path`; `source` is what the container binds (a sub-directory of it when
+/// `image_sub_path` chose one).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ImageVolume {
+    pub index: usize,
+    /// The image as the mount named it, and its id (config digest): RemoveImage compares ids.
+    pub image: String,
+    pub image_id: String,
+    /// The view snapshot's key.
+    pub snapshot: String,
+    pub mount_path: String,
+    pub source: String,
 }
 
 impl Record for ContainerRecord {

@@ -196,6 +196,8 @@ pub struct SpecContext<'a> {
     /// Pod files mounted into every container unless it mounts the path itself:
     /// /etc/hosts, /etc/resolv.conf, /etc/hostname, /dev/shm.
     pub sandbox_mounts: Vec<(String, String)>,
+    /// Image volumes crispd mounted: (index in `mounts`, the host directory to bind).
+    pub image_volumes: Vec<(usize, String)>,
 }
 
 pub const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";

@@ -36,7 +36,7 @@ pub fn mounts(
     }
     sandbox_mounts(ctr, ctx, &cri_dests, &mut out)?;
     for (i, m) in ctr.mounts.iter().enumerate() {
-        let mount = cri_mount(i, m)?;
+        let mount = cri_mount(i, m, ctx)?;
         out.retain(|x| x.destination() != mount.destination());
         out.push(mount);
     }
@@ -125,9 +125,10 @@ fn sandbox_mounts(
     Ok(())
 }
 
-/// One CRI mount (`mounts[i]`), checked: an absolute destination, a host path, a known
-/// propagation, recursive read-only only when read-only and private.
-fn cri_mount(i: usize, m: &pb::Mount) -> Result<Mount, SpecError> {
+/// One CRI mount (`mounts[i]`), checked: an absolute destination, a host path (or an image
+/// volume crispd mounted), a known propagation, recursive read-only only when read-only and
+/// private.
+fn cri_mount(i: usize, m: &pb::Mount, ctx: &SpecContext<'_>) -> Result<Mount, SpecError> {
     let field = |f: &str| format!("mounts[{i}].{f}");
     if !m.container_path.starts_with('/') {
         return Err(invalid(
@@ -135,13 +136,25 @@ fn cri_mount(i: usize, m: &pb::Mount) -> Result<Mount, SpecError> {
             format!("{:?} is not absolute", m.container_path),
         ));
     }
-    if m.image.is_some() {
-        return Err(SpecError::Invalid {
-            field: field("image"),
-            message: "image volumes are not supported yet".into(),
-        });
-    }
-    if m.host_path.is_empty() {
+    let image_source = if m.image.is_some() {
+        if !m.host_path.is_empty() {
+            return Err(invalid(
+                field("host_path"),
+                format!("{:?} given with an image volume", m.host_path),
+            ));
+        }
+        // Prepared by CreateContainer before the spec (container::image_volume).
+        let src = ctx
+            .image_volumes
+            .iter()
+            .find(|(n, _)| *n == i)
+            .map(|(_, s)| s.clone())
+            .ok_or_else(|| invalid(field("image"), "image volume was not prepared"))?;
+        Some(src)
+    } else {
+        None
+    };
+    if image_source.is_none() && m.host_path.is_empty() {
         return Err(invalid(field("host_path"), "empty"));
     }
     let prop = match MountPropagation::try_from(m.propagation) {
@@ -164,12 +177,22 @@ fn cri_mount(i: usize, m: &pb::Mount) -> Result<Mount, SpecError> {
             "needs private propagation",
         ));
     }
+    let dest = m.container_path.trim_end_matches('/');
+    let dest = if dest.is_empty() { "/" } else { dest };
+    if let Some(src) = image_source {
+        // An image volume is read-only whatever the mount asks (KEP-4639), and never carries
+        // devices or set-id bits of the image into effect.
+        return mount(
+            dest,
+            "bind",
+            &src,
+            &["rbind", prop, "ro", "nosuid", "nodev"],
+        );
+    }
     let mut opts = vec!["rbind", prop, if m.readonly { "ro" } else { "rw" }];
     if m.recursive_read_only {
         opts.push("rro");
     }
-    let dest = m.container_path.trim_end_matches('/');
-    let dest = if dest.is_empty() { "/" } else { dest };
     mount(dest, "bind", &m.host_path, &opts)
 }
 

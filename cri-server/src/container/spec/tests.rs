@@ -119,6 +119,7 @@ fn ctx() -> SpecContext<'static> {
             ),
             ("/dev/shm".into(), "/run/crisp/pods/p1/shm".into()),
         ],
+        image_volumes: Vec::new(),
     }
 }
 
@@ -1268,4 +1269,34 @@ fn volume_propagation_sets_the_root_propagation_as_containerd() {
         .as_deref(),
         Some("rshared")
     );
+}
+
+#[test]
+fn image_volume_is_a_read_only_bind_of_the_prepared_dir() {
+    let mut c = ctr();
+    c.mounts = vec![pb::Mount {
+        container_path: "/vol/".into(),
+        image: Some(pb::ImageSpec {
+            image: "busybox".into(),
+            ..Default::default()
+        }),
+        readonly: false,
+        ..Default::default()
+    }];
+    let mut x = ctx();
+    x.image_volumes = vec![(0, "/run/crisp/image-volumes/c1/0/data".into())];
+    let m = mounts(&c, &x, false).expect("mounts");
+    let v = m
+        .iter()
+        .find(|m| m.destination() == Path::new("/vol"))
+        .expect("volume mount");
+    assert_eq!(
+        v.source().as_deref(),
+        Some(Path::new("/run/crisp/image-volumes/c1/0/data"))
+    );
+    let opts = v.options().clone().unwrap_or_default();
+    assert!(opts.iter().any(|o| o == "ro"), "{opts:?}");
+    // Not prepared: refused naming the field, never a bind of nothing.
+    let e = mounts(&c, &ctx(), false).expect_err("unprepared");
+    assert!(e.to_string().contains("mounts[0].image"), "{e}");
 }
