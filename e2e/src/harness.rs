@@ -65,6 +65,8 @@ pub struct EnvBuilder {
     cni_config: bool,
     /// Chain the portmap plugin after the bridge (hostPort tests).
     portmap: bool,
+    /// Both daemons' log level; tests want `debug`, benchmarks what a node runs (`info`).
+    log_level: &'static str,
 }
 
 impl EnvBuilder {
@@ -98,6 +100,13 @@ impl EnvBuilder {
     /// hostPort mappings work. Off by default: portmap needs iptables and adds host rules.
     pub fn portmap(mut self) -> Self {
         self.portmap = true;
+        self
+    }
+
+    /// The daemon's log level (`debug` by default): a benchmark runs both at `info`, as a
+    /// node does, so that neither pays for debug lines the other does not write.
+    pub fn log_level(mut self, level: &'static str) -> Self {
+        self.log_level = level;
         self
     }
 
@@ -259,6 +268,7 @@ impl TestEnv {
             crispd_config: Vec::new(),
             cni_config: true,
             portmap: false,
+            log_level: "debug",
         }
     }
 
@@ -358,6 +368,7 @@ impl TestEnv {
             hosts_dir: self.hosts_dir.clone(),
         };
         let mut config = containerd::Config::new(&paths)?;
+        config.merge(&format!("[debug]\nlevel = {:?}\n", opts.log_level))?;
         for frag in &opts.containerd_fragments {
             config.merge(frag)?;
         }
@@ -415,7 +426,7 @@ impl TestEnv {
                 "--cgroup-driver",
                 "cgroupfs",
                 "--log-level",
-                "debug",
+                opts.log_level,
             ]);
         Ok(cmd)
     }

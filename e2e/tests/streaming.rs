@@ -446,8 +446,7 @@ async fn wait_http(env: &TestEnv, id: &str, port: u16) -> Result<()> {
         // nc, not wget: Debian 12's busybox wget segfaults (exit 139) on any URL.
         let get = format!("printf 'GET /index.html HTTP/1.0\\r\\n\\r\\n' | nc 127.0.0.1 {port}");
         let r = env.cri().exec_sync(id, &["sh", "-c", &get], 5).await;
-        if r
-            .as_ref()
+        if r.as_ref()
             .is_ok_and(|r| r.exit_code == 0 && String::from_utf8_lossy(&r.stdout).contains(" 200 "))
         {
             return Ok(());
@@ -1013,12 +1012,18 @@ mod crispd_only {
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn exec_streams() -> Result<()> {
-        with_env(RuntimeKind::Crispd, "exec_streams", |e| Box::pin(super::exec_streams(e))).await
+        with_env(RuntimeKind::Crispd, "exec_streams", |e| {
+            Box::pin(super::exec_streams(e))
+        })
+        .await
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn exec_tty_resize() -> Result<()> {
-        with_env(RuntimeKind::Crispd, "exec_tty_resize", |e| Box::pin(super::exec_tty_resize(e))).await
+        with_env(RuntimeKind::Crispd, "exec_tty_resize", |e| {
+            Box::pin(super::exec_tty_resize(e))
+        })
+        .await
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
