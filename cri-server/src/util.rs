@@ -5,6 +5,67 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Output};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+/// Replace a file under the volatile state dir (`--state`, lost on reboot on purpose): readers
+/// see the old or the new content (temp file and rename), but nothing is fsynced, because a
+/// power loss takes the whole directory, and a crispd crash cannot tear a written page.
+pub fn write_volatile(path: &Path, bytes: &[u8]) -> io::Result<()> {
+    let dir = path.parent().unwrap_or(Path::new("."));
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let tmp = dir.join(format!(".{name}.tmp-{}", std::process::id()));
+    std::fs::write(&tmp, bytes)?;
+    std::fs::rename(&tmp, path)
+}
+
+/// Waits until process `pid` exits, at most `limit`; true if it did (or was already gone).
+/// Woken by a pidfd at the moment of exit, instead of polling /proc at some interval (a pod's
+/// removal waits for its shim this way). Without pidfds (kernel < 5.3) it polls every 2 ms.
+pub async fn wait_exit(pid: u32, limit: Duration) -> bool {
+    let Ok(fd) = pidfd_open(pid) else {
+        let deadline = Instant::now() + limit;
+        while process_alive(pid) && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+        return !process_alive(pid);
+    };
+    // SAFETY: `fd` is an OwnedFd moved into the AsyncFd, which closes it only when dropped.
+    let registered = unsafe {
+        tokio::io::unix::AsyncFd::register_with_interest(fd, tokio::io::Interest::READABLE)
+    };
+    let Ok(afd) = registered else {
+        return !process_alive(pid);
+    };
+    // A pidfd polls readable once its process has exited (zombie or reaped).
+    matches!(tokio::time::timeout(limit, afd.readable()).await, Ok(Ok(_))) || !process_alive(pid)
+}
+
+/// pidfd_open(2): a file descriptor that refers to `pid` (not to a later process reusing it).
+fn pidfd_open(pid: u32) -> io::Result<std::os::fd::OwnedFd> {
+    use std::os::fd::FromRawFd;
+    let pid = libc::pid_t::try_from(pid).map_err(|_| io::Error::from_raw_os_error(libc::ESRCH))?;
+    // SAFETY: pidfd_open takes a pid and flags and returns a new fd or -1; no memory is passed.
+    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, libc::PIDFD_NONBLOCK) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: the kernel just returned this fd to us; nothing else owns it.
+    Ok(unsafe { std::os::fd::OwnedFd::from_raw_fd(fd as i32) })
+}
+
+/// Whether `pid` is running (not gone, not a zombie).
+pub fn process_alive(pid: u32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        // The state follows the parenthesised comm.
+        Ok(s) => s
+            .rsplit_once(')')
+            .map(|(_, rest)| !rest.trim_start().starts_with(['Z', 'X']))
+            .unwrap_or(false),
+        Err(_) => false,
+    }
+}
+
 /// Write a file so a crash leaves either the old or the new content, never a torn one:
 /// temp file in the same directory, fsync, rename, fsync the directory.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> io::Result<()> {
@@ -135,6 +196,32 @@ pub fn find_binary(name: &Path) -> Option<PathBuf> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn wait_exit_wakes_at_the_exit() {
+        let mut child = std::process::Command::new("sleep")
+            .arg("0.2")
+            .spawn()
+            .expect("spawn sleep");
+        let pid = child.id();
+        assert!(
+            !wait_exit(pid, Duration::from_millis(20)).await,
+            "sleep 0.2 is still running after 20 ms"
+        );
+        let t = Instant::now();
+        // Not reaped yet: a zombie has exited too.
+        assert!(wait_exit(pid, Duration::from_secs(5)).await);
+        assert!(
+            t.elapsed() < Duration::from_secs(2),
+            "woken late: {:?}",
+            t.elapsed()
+        );
+        child.wait().expect("reap");
+        assert!(
+            wait_exit(pid, Duration::from_millis(10)).await,
+            "a reaped pid is gone"
+        );
+    }
 
     #[test]
     fn atomic_write_replaces() {

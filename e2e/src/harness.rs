@@ -67,6 +67,8 @@ pub struct EnvBuilder {
     portmap: bool,
     /// Where the daemon finds CNI plugins, if not Debian's [`CNI_BIN_DIR`] (stand-in plugins).
     cni_bin_dir: Option<PathBuf>,
+    /// Both daemons' log level; tests want `debug`, benchmarks what a node runs (`info`).
+    log_level: &'static str,
 }
 
 impl EnvBuilder {
@@ -107,6 +109,13 @@ impl EnvBuilder {
     /// that fails on cue), next to links to the real ones.
     pub fn cni_bin_dir(mut self, dir: impl Into<PathBuf>) -> Self {
         self.cni_bin_dir = Some(dir.into());
+        self
+    }
+
+    /// The daemon's log level (`debug` by default): a benchmark runs both at `info`, as a
+    /// node does, so that neither pays for debug lines the other does not write.
+    pub fn log_level(mut self, level: &'static str) -> Self {
+        self.log_level = level;
         self
     }
 
@@ -269,6 +278,7 @@ impl TestEnv {
             cni_config: true,
             portmap: false,
             cni_bin_dir: None,
+            log_level: "debug",
         }
     }
 
@@ -371,6 +381,7 @@ impl TestEnv {
             hosts_dir: self.hosts_dir.clone(),
         };
         let mut config = containerd::Config::new(&paths)?;
+        config.merge(&format!("[debug]\nlevel = {:?}\n", opts.log_level))?;
         for frag in &opts.containerd_fragments {
             config.merge(frag)?;
         }
@@ -432,7 +443,7 @@ impl TestEnv {
                 "--cgroup-driver",
                 "cgroupfs",
                 "--log-level",
-                "debug",
+                opts.log_level,
             ]);
         Ok(cmd)
     }

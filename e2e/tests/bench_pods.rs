@@ -1,22 +1,30 @@
-//! Benchmark, not a test (ignored by default): crispd against Debian's containerd 1.6, both
-//! with runc, each in its own [`TestEnv`], in one run:
-//! - RunPodSandbox latency, and CreateContainer+StartContainer latency, over `N_SEQ`
-//!   sequential pods of one container (mean and median);
-//! - wall time to start 50 pods of one container each at parallelism 4, and to stop and
-//!   remove them (StopPodSandbox + RemovePodSandbox) at parallelism 4;
-//! - resident memory with the 50 pods running: VmRSS of the daemon plus the sum over its
-//!   shims (`containerd-shim-*` whose command line names the env's root), and the shims'
-//!   Pss and Anonymous sums (VmRSS counts their shared text and libc once per shim).
+//! Benchmark, not a test (ignored by default): crispd against Debian's containerd, both with
+//! runc, each in its own [`TestEnv`], driven by this one Rust client, in one run. `make bench`
+//! runs it on release builds (`CRISP_BIN=target/release/crispd`; the harness takes the shim
+//! beside it). It measures, per runtime:
+//! - per-call latency (p50/p90/p99) of every pod and container lifecycle call, over
+//!   `CRISP_BENCH_SEQ` sequential pods of one container;
+//! - wall time to start 50 pods × 1 container at parallelism 1, 4 and 16, and to tear them
+//!   down (StopPodSandbox + RemovePodSandbox) at the same parallelism;
+//! - 200 pods at parallelism 16: failures (the target is zero) and wall time;
+//! - memory per pod all-in with 100 pods × 2 containers running: the daemon's RSS/PSS over the
+//!   pods, plus each pod's shim and pause (RSS and PSS);
+//! - steady state under kubelet-like polling of those 100 pods for `CRISP_BENCH_STEADY_SECS`:
+//!   ListPodSandbox + ListContainers (+ ContainerStatus of changed containers) every second,
+//!   ListContainerStats + ListPodSandboxStats every 10 s; CPU seconds of the daemon and of all
+//!   its shims;
+//! - pull + unpack of the `large` image through CRI PullImage, cold (image removed, page cache
+//!   dropped) and warm (already present), median of `CRISP_BENCH_PULLS`.
 //!
-//! It prints a table with crispd/containerd ratios, and the load average before and after
-//! (a 2-core machine shared with builds: figures move with it).
-//!
-//! `cargo build --workspace --bins && \
-//!  cargo nextest run -p crisp-e2e --test bench_pods --run-ignored only --no-capture`
-//! `CRISP_BENCH_ONLY=containerd` (or `crispd`) runs one side; `CRISP_BENCH_PODS=50`,
-//! `CRISP_BENCH_SEQ=10` change the counts.
+//! It prints one table of figures, crispd/containerd ratios and the targets, and
+//! writes the same as JSON to `$BENCH_JSON` if set. It asserts nothing about time; it fails
+//! only if a runtime fails (a failed pod in the 200-pod run is counted and reported, not fatal).
+//! `CRISP_BENCH_ONLY=containerd` (or `crispd`) runs one side; both daemons log at `info`, as a
+//! node runs them (`CRISP_BENCH_DEBUG_LOG=1`: `debug`, to see where a call's time goes).
 
-use std::sync::Arc;
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, ensure};
@@ -26,9 +34,12 @@ use crisp_e2e::leaks;
 use crisp_e2e::procfs::{smaps_kib, vm_rss_kib};
 use crisp_e2e::registry::Registry;
 use crisp_proto::cri::v1 as api;
+use serde_json::json;
 
 const BUSYBOX: &str = "docker.io/library/busybox:latest";
-const PARALLELISM: usize = 4;
+/// Exits on SIGTERM at once (a shell as PID 1 ignores it otherwise), so StopContainer measures
+/// the runtime, not a grace period.
+const SLEEPER: &[&str] = &["sh", "-c", "trap 'exit 0' TERM; sleep 3600 & wait"];
 
 fn env_count(name: &str, default: usize) -> usize {
     std::env::var(name)
@@ -41,6 +52,10 @@ fn loadavg() -> String {
     std::fs::read_to_string("/proc/loadavg")
         .map(|s| s.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
         .unwrap_or_default()
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1e3
 }
 
 /// Shims of this env: `containerd-shim-*` processes whose command line names its root
@@ -62,46 +77,129 @@ fn shim_pids(env: &TestEnv) -> Vec<i32> {
         .collect()
 }
 
-fn mean_median(v: &[f64]) -> (f64, f64) {
-    let mut v = v.to_vec();
-    v.sort_by(|a, b| a.total_cmp(b));
-    let mean = v.iter().sum::<f64>() / v.len().max(1) as f64;
-    (mean, v.get(v.len() / 2).copied().unwrap_or(f64::NAN))
+/// utime + stime of a process in seconds (0 if it is gone).
+fn cpu_secs(pid: i32) -> f64 {
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        return 0.0;
+    };
+    // Fields after the parenthesised comm: state is field 3, utime 14, stime 15.
+    let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks = |i: usize| {
+        f.get(i - 3)
+            .and_then(|v| v.parse::<u64>().ok())
+            .unwrap_or(0)
+    };
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
+    (ticks(14) + ticks(15)) as f64 / hz
 }
 
-fn ms(d: Duration) -> f64 {
-    d.as_secs_f64() * 1e3
+/// Latency samples per CRI call name, shared by concurrent tasks.
+#[derive(Clone, Default)]
+struct Calls(Arc<Mutex<BTreeMap<&'static str, Vec<f64>>>>);
+
+impl Calls {
+    async fn time<T>(&self, name: &'static str, f: impl Future<Output = Result<T>>) -> Result<T> {
+        let t = Instant::now();
+        let r = f.await?;
+        let took = ms(t.elapsed());
+        if let Ok(mut m) = self.0.lock() {
+            m.entry(name).or_default().push(took);
+        }
+        Ok(r)
+    }
+
+    fn take(&self) -> BTreeMap<&'static str, Vec<f64>> {
+        self.0.lock().map(|m| m.clone()).unwrap_or_default()
+    }
+}
+
+/// The order of the per-call rows: a pod's life, then kubelet's polling.
+const CALL_ORDER: &[&str] = &[
+    "RunPodSandbox",
+    "PodSandboxStatus",
+    "CreateContainer",
+    "StartContainer",
+    "ContainerStatus",
+    "StopContainer",
+    "RemoveContainer",
+    "StopPodSandbox",
+    "RemovePodSandbox",
+    "ListPodSandbox",
+    "ListContainers",
+    "ListContainerStats",
+    "ListPodSandboxStats",
+];
+
+fn percentile(v: &[f64], p: f64) -> f64 {
+    if v.is_empty() {
+        return f64::NAN;
+    }
+    let mut v = v.to_vec();
+    v.sort_by(|a, b| a.total_cmp(b));
+    let i = ((p / 100.0) * (v.len() - 1) as f64).round() as usize;
+    v[i.min(v.len() - 1)]
+}
+
+fn median(v: &[f64]) -> f64 {
+    percentile(v, 50.0)
 }
 
 #[derive(Debug, Default, Clone)]
 struct Figures {
-    run_pod_ms: Vec<f64>,
-    create_start_ms: Vec<f64>,
-    start_all_s: f64,
-    stop_remove_all_s: f64,
-    daemon_rss_kib: u64,
-    shims_rss_kib: u64,
-    shims_pss_kib: u64,
-    shims_anon_kib: u64,
-    shims: usize,
-    pods: usize,
-    load_before: String,
-    load_after: String,
+    calls: BTreeMap<&'static str, Vec<f64>>,
+    /// Wall times in seconds by phase name, in the order measured.
+    wall: Vec<(String, f64)>,
+    failures_200: usize,
+    mem: Memory,
+    steady: Steady,
+    pull_cold_mbs: Vec<f64>,
+    pull_warm_ms: Vec<f64>,
+    load: Vec<String>,
 }
 
-/// One pod with one `sleep` container; returns (pod id, RunPodSandbox time, create+start time).
+#[derive(Debug, Default, Clone)]
+struct Memory {
+    pods: usize,
+    daemon_rss: u64,
+    daemon_pss: u64,
+    shims_rss: u64,
+    shims_pss: u64,
+    shim_rss_median: f64,
+    pause_rss: u64,
+    pause_pss: u64,
+}
+
+#[derive(Debug, Default, Clone)]
+struct Steady {
+    secs: f64,
+    daemon_cpu: f64,
+    shims_cpu: f64,
+    shims: usize,
+}
+
 async fn pod_with_container(
     cri: &CriClient,
+    calls: Option<&Calls>,
     pod: api::PodSandboxConfig,
-) -> Result<(String, Duration, Duration)> {
-    let t = Instant::now();
-    let pod_id = cri.run_pod(&pod).await?;
-    let run = t.elapsed();
-    let cfg = container_config("c", BUSYBOX, &["sleep", "3600"]);
-    let t = Instant::now();
-    let id = cri.create_container(&pod_id, &cfg, &pod).await?;
-    cri.start_container(&id).await?;
-    Ok((pod_id, run, t.elapsed()))
+    containers: usize,
+) -> Result<(String, Vec<String>)> {
+    let none = Calls::default();
+    let calls = calls.unwrap_or(&none);
+    let pod_id = calls.time("RunPodSandbox", cri.run_pod(&pod)).await?;
+    let mut ids = Vec::new();
+    for i in 0..containers {
+        let cfg = container_config(&format!("c{i}"), BUSYBOX, SLEEPER);
+        let id = calls
+            .time("CreateContainer", cri.create_container(&pod_id, &cfg, &pod))
+            .await?;
+        calls
+            .time("StartContainer", cri.start_container(&id))
+            .await?;
+        ids.push(id);
+    }
+    Ok((pod_id, ids))
 }
 
 async fn stop_remove(cri: &CriClient, pod_id: &str) -> Result<()> {
@@ -109,15 +207,15 @@ async fn stop_remove(cri: &CriClient, pod_id: &str) -> Result<()> {
     cri.remove_pod(pod_id).await
 }
 
-/// Runs `f` over `items` with at most [`PARALLELISM`] at a time; the first error wins.
-async fn parallel<T, F, Fut, R>(items: Vec<T>, f: F) -> Result<Vec<R>>
+/// Runs `f` over `items` with at most `par` at a time; returns the successes and the errors.
+async fn parallel<T, F, Fut, R>(par: usize, items: Vec<T>, f: F) -> (Vec<R>, Vec<anyhow::Error>)
 where
     T: Send + 'static,
     R: Send + 'static,
     F: Fn(T) -> Fut + Send + Sync + 'static,
-    Fut: std::future::Future<Output = Result<R>> + Send + 'static,
+    Fut: Future<Output = Result<R>> + Send + 'static,
 {
-    let sem = Arc::new(tokio::sync::Semaphore::new(PARALLELISM));
+    let sem = Arc::new(tokio::sync::Semaphore::new(par));
     let f = Arc::new(f);
     let mut set = tokio::task::JoinSet::new();
     for item in items {
@@ -128,98 +226,276 @@ where
             f(item).await
         });
     }
-    let mut out = Vec::new();
-    let mut first_err = None;
+    let (mut ok, mut errs) = (Vec::new(), Vec::new());
     while let Some(r) = set.join_next().await {
-        match r.context("task")? {
-            Ok(v) => out.push(v),
-            Err(e) => {
-                first_err.get_or_insert(e);
-            }
+        match r {
+            Ok(Ok(v)) => ok.push(v),
+            Ok(Err(e)) => errs.push(e),
+            Err(e) => errs.push(e.into()),
         }
     }
-    match first_err {
-        Some(e) => Err(e),
-        None => Ok(out),
-    }
+    (ok, errs)
 }
 
-async fn measure(env: &TestEnv, n_seq: usize, n_pods: usize) -> Result<Figures> {
-    let cri = env.cri().clone();
-    cri.pull(BUSYBOX, None).await?;
-    let mut f = Figures {
-        load_before: loadavg(),
-        pods: n_pods,
-        ..Default::default()
-    };
-
-    // Sequential latencies; one untimed pod first so that first-use costs (pause image,
-    // CNI plugin binaries in the page cache) are not in the figures.
-    let warm = pod_with_container(&cri, env.pod_config("bench-warm")?).await?;
-    stop_remove(&cri, &warm.0).await?;
-    let mut seq = Vec::new();
-    for i in 0..n_seq {
-        let (id, run, cs) =
-            pod_with_container(&cri, env.pod_config(&format!("bench-seq-{i}"))?).await?;
-        f.run_pod_ms.push(ms(run));
-        f.create_start_ms.push(ms(cs));
-        seq.push(id);
-    }
-    for id in &seq {
-        stop_remove(&cri, id).await?;
-    }
-
-    // n_pods at parallelism 4.
-    let configs = (0..n_pods)
-        .map(|i| env.pod_config(&format!("bench-par-{i}")))
+/// Starts `n` pods of `containers` containers at parallelism `par`; returns the pod ids, the
+/// wall time and the errors.
+async fn start_pods(
+    env: &TestEnv,
+    tag: &str,
+    n: usize,
+    containers: usize,
+    par: usize,
+) -> Result<(Vec<String>, f64, Vec<anyhow::Error>)> {
+    let configs = (0..n)
+        .map(|i| env.pod_config(&format!("{tag}-{i}")))
         .collect::<Result<Vec<_>>>()?;
+    let c = env.cri().clone();
     let t = Instant::now();
-    let c = cri.clone();
-    let started = parallel(configs, move |pod| {
+    let (ok, errs) = parallel(par, configs, move |pod| {
         let c = c.clone();
-        async move { pod_with_container(&c, pod).await.map(|r| r.0) }
+        async move { pod_with_container(&c, None, pod, containers).await }
     })
-    .await?;
-    f.start_all_s = t.elapsed().as_secs_f64();
-    ensure!(
-        started.len() == n_pods,
-        "{} of {n_pods} pods started",
-        started.len()
-    );
+    .await;
+    Ok((
+        ok.into_iter().map(|r| r.0).collect(),
+        t.elapsed().as_secs_f64(),
+        errs,
+    ))
+}
 
-    // Memory with every pod running; a moment for lazily started goroutines/tasks to settle.
-    tokio::time::sleep(Duration::from_secs(2)).await;
-    let daemon = env.daemon_pid().context("daemon pid")? as i32;
-    f.daemon_rss_kib = vm_rss_kib(daemon).context("daemon VmRSS")?;
-    let shims = shim_pids(env);
-    f.shims = shims.len();
-    f.shims_rss_kib = shims.iter().filter_map(|p| vm_rss_kib(*p)).sum();
-    f.shims_pss_kib = shims.iter().filter_map(|p| smaps_kib(*p, "Pss")).sum();
-    f.shims_anon_kib = shims
-        .iter()
-        .filter_map(|p| smaps_kib(*p, "Anonymous"))
-        .sum();
-
+async fn teardown_pods(env: &TestEnv, ids: Vec<String>, par: usize) -> (f64, Vec<anyhow::Error>) {
+    let c = env.cri().clone();
     let t = Instant::now();
-    let c = cri.clone();
-    parallel(started, move |id: String| {
+    let (_, errs) = parallel(par, ids, move |id: String| {
         let c = c.clone();
         async move { stop_remove(&c, &id).await }
     })
-    .await?;
-    f.stop_remove_all_s = t.elapsed().as_secs_f64();
-    f.load_after = loadavg();
+    .await;
+    (t.elapsed().as_secs_f64(), errs)
+}
+
+fn first_error(what: &str, errs: Vec<anyhow::Error>) -> Result<()> {
+    match errs.into_iter().next() {
+        Some(e) => Err(e.context(what.to_string())),
+        None => Ok(()),
+    }
+}
+
+/// Every lifecycle call, one pod at a time (after one untimed pod: the first use of the pause
+/// image and the CNI plugins is not what a node pays per pod).
+async fn latencies(env: &TestEnv, n: usize) -> Result<BTreeMap<&'static str, Vec<f64>>> {
+    let cri = env.cri();
+    let (warm, _) = pod_with_container(cri, None, env.pod_config("bench-warm")?, 1).await?;
+    stop_remove(cri, &warm).await?;
+    let calls = Calls::default();
+    for i in 0..n {
+        let pod = env.pod_config(&format!("bench-seq-{i}"))?;
+        let (pod_id, ids) = pod_with_container(cri, Some(&calls), pod, 1).await?;
+        let id = &ids[0];
+        calls
+            .time("PodSandboxStatus", cri.pod_status(&pod_id))
+            .await?;
+        calls
+            .time("ContainerStatus", cri.container_status(id))
+            .await?;
+        calls
+            .time("StopContainer", cri.stop_container(id, 10))
+            .await?;
+        calls
+            .time("RemoveContainer", cri.remove_container(id))
+            .await?;
+        calls.time("StopPodSandbox", cri.stop_pod(&pod_id)).await?;
+        calls
+            .time("RemovePodSandbox", cri.remove_pod(&pod_id))
+            .await?;
+    }
+    Ok(calls.take())
+}
+
+/// 50 pods × 1 container at parallelism 1, 4, 16, then 200 pods at 16 (failures counted).
+async fn wall_times(env: &TestEnv, f: &mut Figures) -> Result<()> {
+    let n = env_count("CRISP_BENCH_PODS", 50);
+    for par in [1, 4, 16] {
+        let (ids, secs, errs) = start_pods(env, &format!("bench-p{par}"), n, 1, par).await?;
+        f.wall.push((format!("start {n} pods ‖{par}"), secs));
+        let (down, derrs) = teardown_pods(env, ids, par).await;
+        f.wall.push((format!("stop+remove {n} pods ‖{par}"), down));
+        first_error(&format!("starting {n} pods at {par}"), errs)?;
+        first_error(&format!("tearing down {n} pods at {par}"), derrs)?;
+    }
+    let big = env_count("CRISP_BENCH_BIG", 200);
+    let (ids, secs, errs) = start_pods(env, "bench-big", big, 1, 16).await?;
+    f.wall.push((format!("start {big} pods ‖16"), secs));
+    let (down, derrs) = teardown_pods(env, ids, 16).await;
+    f.wall.push((format!("stop+remove {big} pods ‖16"), down));
+    f.failures_200 = errs.len() + derrs.len();
+    for e in errs.iter().chain(derrs.iter()).take(3) {
+        eprintln!("{}: {big}-pod run: {e:#}", env.kind);
+    }
+    Ok(())
+}
+
+/// Memory of the running pods: the daemon, each pod's shim and pause.
+async fn memory(env: &TestEnv, pods: &[String]) -> Result<Memory> {
+    let daemon = env.daemon_pid().context("daemon pid")? as i32;
+    let shims = shim_pids(env);
+    let mut pauses = Vec::new();
+    for p in pods {
+        pauses.push(env.cri().sandbox_pid(p).await?);
+    }
+    let rss = |ps: &[i32]| ps.iter().filter_map(|p| vm_rss_kib(*p)).sum::<u64>();
+    let pss = |ps: &[i32]| ps.iter().filter_map(|p| smaps_kib(*p, "Pss")).sum::<u64>();
+    let each: Vec<f64> = shims
+        .iter()
+        .filter_map(|p| vm_rss_kib(*p))
+        .map(|k| k as f64)
+        .collect();
+    Ok(Memory {
+        pods: pods.len(),
+        daemon_rss: vm_rss_kib(daemon).context("daemon VmRSS")?,
+        daemon_pss: smaps_kib(daemon, "Pss").context("daemon Pss")?,
+        shims_rss: rss(&shims),
+        shims_pss: pss(&shims),
+        shim_rss_median: median(&each),
+        pause_rss: rss(&pauses),
+        pause_pss: pss(&pauses),
+    })
+}
+
+/// What kubelet asks every second (PLEG's relist: pods, containers, the status of containers
+/// whose state changed) and every 10 s (stats), for `secs`; returns the CPU the daemon and its
+/// shims used meanwhile.
+async fn steady(env: &TestEnv, secs: u64, calls: &Calls) -> Result<Steady> {
+    let cri = env.cri();
+    let daemon = env.daemon_pid().context("daemon pid")? as i32;
+    let shims = shim_pids(env);
+    let cpu = || {
+        (
+            cpu_secs(daemon),
+            shims.iter().map(|p| cpu_secs(*p)).sum::<f64>(),
+        )
+    };
+    let mut last: BTreeMap<String, i32> = BTreeMap::new();
+    let (d0, s0) = cpu();
+    let t0 = Instant::now();
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    for n in 0..secs {
+        tick.tick().await;
+        calls
+            .time("ListPodSandbox", cri.list_pods_filtered(None))
+            .await?;
+        let ctrs = calls
+            .time("ListContainers", cri.list_containers(None))
+            .await?;
+        for c in ctrs {
+            if last.insert(c.id.clone(), c.state) != Some(c.state) && n > 0 {
+                calls
+                    .time("ContainerStatus (changed)", cri.container_status(&c.id))
+                    .await?;
+            }
+        }
+        if n % 10 == 0 {
+            let mut rt = cri.runtime();
+            calls
+                .time("ListContainerStats", async {
+                    Ok(rt
+                        .list_container_stats(api::ListContainerStatsRequest::default())
+                        .await?)
+                })
+                .await?;
+            calls
+                .time("ListPodSandboxStats", async {
+                    Ok(rt
+                        .list_pod_sandbox_stats(api::ListPodSandboxStatsRequest::default())
+                        .await?)
+                })
+                .await?;
+        }
+    }
+    let (d1, s1) = cpu();
+    Ok(Steady {
+        secs: t0.elapsed().as_secs_f64(),
+        daemon_cpu: d1 - d0,
+        shims_cpu: s1 - s0,
+        shims: shims.len(),
+    })
+}
+
+/// 100 pods × 2 containers: memory per pod, then the polled steady state.
+async fn at_rest(env: &TestEnv, f: &mut Figures) -> Result<()> {
+    let n = env_count("CRISP_BENCH_REST_PODS", 100);
+    let secs = env_count("CRISP_BENCH_STEADY_SECS", 30) as u64;
+    let (ids, _, errs) = start_pods(env, "bench-rest", n, 2, 16).await?;
+    let outcome = async {
+        first_error(&format!("starting {n} pods × 2 containers"), errs)?;
+        // A moment for lazily started threads and first stats reads to settle.
+        tokio::time::sleep(Duration::from_secs(5)).await;
+        f.mem = memory(env, &ids).await?;
+        let calls = Calls::default();
+        f.steady = steady(env, secs, &calls).await?;
+        f.calls.extend(calls.take());
+        Ok::<_, anyhow::Error>(())
+    }
+    .await;
+    let (_, derrs) = teardown_pods(env, ids, 16).await;
+    outcome?;
+    first_error("tearing down the resting pods", derrs)
+}
+
+fn drop_caches() {
+    // Cold means the registry's blobs are not in the page cache either.
+    let _ = std::fs::write("/proc/sys/vm/drop_caches", "3");
+}
+
+/// `large` through CRI PullImage: removed and page cache dropped (cold), then again (warm).
+async fn pulls(env: &TestEnv, f: &mut Figures) -> Result<()> {
+    let image = crisp_e2e::images::get("large")?.upstream();
+    let cri = env.cri();
+    for _ in 0..env_count("CRISP_BENCH_PULLS", 5) {
+        cri.remove_image(&image).await?;
+        drop_caches();
+        let t = Instant::now();
+        cri.pull(&image, None).await?;
+        let cold = t.elapsed().as_secs_f64();
+        let t = Instant::now();
+        cri.pull(&image, None).await?;
+        f.pull_warm_ms.push(ms(t.elapsed()));
+        let size = cri
+            .image_status(&image)
+            .await?
+            .context("large image not listed after its pull")?
+            .size;
+        f.pull_cold_mbs.push(size as f64 / 1e6 / cold);
+    }
+    cri.remove_image(&image).await
+}
+
+async fn measure(env: &TestEnv) -> Result<Figures> {
+    let mut f = Figures {
+        load: vec![loadavg()],
+        ..Default::default()
+    };
+    env.cri().pull(BUSYBOX, None).await?;
+    f.calls = latencies(env, env_count("CRISP_BENCH_SEQ", 40)).await?;
+    wall_times(env, &mut f).await?;
+    at_rest(env, &mut f).await?;
+    pulls(env, &mut f).await?;
+    f.load.push(loadavg());
     Ok(f)
 }
 
-async fn run_one(
-    kind: RuntimeKind,
-    registry: &Registry,
-    n_seq: usize,
-    n_pods: usize,
-) -> Result<Figures> {
-    let env = TestEnv::start(kind, &registry.host()).await?;
-    let outcome = measure(&env, n_seq, n_pods).await;
+async fn run_one(kind: RuntimeKind, registry: &Registry) -> Result<Figures> {
+    let env = TestEnv::builder(kind)
+        .mirror(registry.host())
+        .log_level(if std::env::var_os("CRISP_BENCH_DEBUG_LOG").is_some() {
+            "debug"
+        } else {
+            "info"
+        })
+        .start()
+        .await?;
+    let outcome = measure(&env).await;
     if let Err(e) = &outcome {
         eprintln!(
             "{kind}: {e:#}\n{kind} log tail:\n{}",
@@ -232,71 +508,197 @@ async fn run_one(
     Ok(f)
 }
 
-fn print_table(cd: Option<&Figures>, cr: Option<&Figures>) {
-    let row = |name: &str, unit: &str, get: &dyn Fn(&Figures) -> f64| {
-        let a = cd.map(get);
-        let b = cr.map(get);
-        let fmt = |v: Option<f64>| {
-            v.map(|v| format!("{v:>12.1}"))
-                .unwrap_or_else(|| format!("{:>12}", "-"))
-        };
-        let ratio = match (a, b) {
-            (Some(a), Some(b)) if a > 0.0 => format!("{:>8.2}", b / a),
-            _ => format!("{:>8}", "-"),
-        };
-        println!("{name:<38} {unit:<4} {} {} {ratio}", fmt(a), fmt(b));
+/// A target on the crispd/containerd ratio: at most (`Max`) or at least (`Min`).
+#[derive(Clone, Copy)]
+enum Target {
+    Max(f64),
+    Min(f64),
+}
+
+struct Row {
+    name: String,
+    unit: &'static str,
+    cd: Option<f64>,
+    cr: Option<f64>,
+    target: Option<Target>,
+}
+
+impl Row {
+    fn ratio(&self) -> Option<f64> {
+        match (self.cd, self.cr) {
+            (Some(a), Some(b)) if a > 0.0 => Some(b / a),
+            _ => None,
+        }
+    }
+
+    fn met(&self) -> Option<bool> {
+        let r = self.ratio()?;
+        Some(match self.target? {
+            Target::Max(t) => r <= t,
+            Target::Min(t) => r >= t,
+        })
+    }
+}
+
+fn rows(cd: Option<&Figures>, cr: Option<&Figures>) -> Vec<Row> {
+    let mut out = Vec::new();
+    let mut row = |name: String, unit, target, get: &dyn Fn(&Figures) -> f64| {
+        out.push(Row {
+            name,
+            unit,
+            cd: cd.map(get),
+            cr: cr.map(get),
+            target,
+        })
+    };
+    let any = cd.or(cr).cloned().unwrap_or_default();
+    // Lifecycle calls in the order a pod goes through them, then what kubelet polls.
+    let mut calls: Vec<&'static str> = CALL_ORDER
+        .iter()
+        .copied()
+        .filter(|c| any.calls.contains_key(c))
+        .collect();
+    calls.extend(any.calls.keys().filter(|c| !CALL_ORDER.contains(c)));
+    for call in &calls {
+        for p in [50.0, 90.0, 99.0] {
+            let target = (*call == "RunPodSandbox" && p == 50.0).then_some(Target::Max(0.25));
+            let call = *call;
+            row(format!("{call} p{p}"), "ms", target, &|f| {
+                percentile(f.calls.get(call).map(Vec::as_slice).unwrap_or(&[]), p)
+            });
+        }
+    }
+    let big = format!("{} pods ‖16", env_count("CRISP_BENCH_BIG", 200));
+    for (phase, _) in &any.wall {
+        // The targets: 50 pods at 4 (start, teardown), 200 at 16 (start).
+        let target =
+            (phase.ends_with("‖4") || phase == &format!("start {big}")).then_some(Target::Max(0.4));
+        let key = phase.clone();
+        row(phase.clone(), "s", target, &move |f| {
+            f.wall
+                .iter()
+                .find(|(p, _)| *p == key)
+                .map_or(f64::NAN, |(_, v)| *v)
+        });
+    }
+    row("failures in the 200-pod run".into(), "", None, &|f| {
+        f.failures_200 as f64
+    });
+    let per = |f: &Figures, v: u64| v as f64 / f.mem.pods.max(1) as f64 / 1024.0;
+    row("memory per pod all-in, RSS".into(), "MiB", None, &|f| {
+        per(f, f.mem.daemon_rss + f.mem.shims_rss + f.mem.pause_rss)
+    });
+    row(
+        "memory per pod all-in, PSS".into(),
+        "MiB",
+        Some(Target::Max(0.2)),
+        &|f| per(f, f.mem.daemon_pss + f.mem.shims_pss + f.mem.pause_pss),
+    );
+    row("  daemon RSS (whole)".into(), "MiB", None, &|f| {
+        f.mem.daemon_rss as f64 / 1024.0
+    });
+    row("  daemon PSS per pod".into(), "MiB", None, &|f| {
+        per(f, f.mem.daemon_pss)
+    });
+    row("  shim PSS per pod".into(), "MiB", None, &|f| {
+        per(f, f.mem.shims_pss)
+    });
+    row("  pause PSS per pod".into(), "MiB", None, &|f| {
+        per(f, f.mem.pause_pss)
+    });
+    row(
+        "shim VmRSS (median)".into(),
+        "MiB",
+        Some(Target::Max(0.25)),
+        &|f| f.mem.shim_rss_median / 1024.0,
+    );
+    row(
+        "steady CPU, daemon".into(),
+        "s",
+        Some(Target::Max(0.3)),
+        &|f| f.steady.daemon_cpu,
+    );
+    row("steady CPU, all shims".into(), "s", None, &|f| {
+        f.steady.shims_cpu
+    });
+    row(
+        "steady CPU, daemon + shims".into(),
+        "s",
+        Some(Target::Max(0.15)),
+        &|f| f.steady.daemon_cpu + f.steady.shims_cpu,
+    );
+    row(
+        "large pull cold (median)".into(),
+        "MB/s",
+        Some(Target::Min(3.0)),
+        &|f| median(&f.pull_cold_mbs),
+    );
+    row("large pull warm (median)".into(), "ms", None, &|f| {
+        median(&f.pull_warm_ms)
+    });
+    out
+}
+
+fn print_table(rows: &[Row]) {
+    let fmt = |v: Option<f64>| match v {
+        Some(v) if v.is_finite() => format!("{v:>11.2}"),
+        _ => format!("{:>11}", "-"),
     };
     println!();
     println!(
-        "{:<38} {:<4} {:>12} {:>12} {:>8}",
-        "pods with runc", "", "containerd", "crispd", "crispd/cd"
+        "{:<36} {:<4} {:>11} {:>11} {:>8}  target",
+        "release vs release", "", "containerd", "crispd", "ratio"
     );
-    row("RunPodSandbox mean", "ms", &|f| {
-        mean_median(&f.run_pod_ms).0
-    });
-    row("RunPodSandbox median", "ms", &|f| {
-        mean_median(&f.run_pod_ms).1
-    });
-    row("CreateContainer+StartContainer mean", "ms", &|f| {
-        mean_median(&f.create_start_ms).0
-    });
-    row("CreateContainer+StartContainer median", "ms", &|f| {
-        mean_median(&f.create_start_ms).1
-    });
-    row("start N pods x1 container, par 4", "s", &|f| f.start_all_s);
-    row("stop+remove N pods, par 4", "s", &|f| f.stop_remove_all_s);
-    row("daemon VmRSS, N pods running", "MiB", &|f| {
-        f.daemon_rss_kib as f64 / 1024.0
-    });
-    row("shims VmRSS sum", "MiB", &|f| {
-        f.shims_rss_kib as f64 / 1024.0
-    });
-    row("daemon + shims VmRSS", "MiB", &|f| {
-        (f.daemon_rss_kib + f.shims_rss_kib) as f64 / 1024.0
-    });
-    row("shims Pss sum", "MiB", &|f| f.shims_pss_kib as f64 / 1024.0);
-    row("shims Anonymous sum", "MiB", &|f| {
-        f.shims_anon_kib as f64 / 1024.0
-    });
-    row("shim processes", "", &|f| f.shims as f64);
-    for (name, f) in [("containerd", cd), ("crispd", cr)] {
-        if let Some(f) = f {
-            println!(
-                "{name}: N={} pods, {} sequential samples; load average before {} / after {}",
-                f.pods,
-                f.run_pod_ms.len(),
-                f.load_before,
-                f.load_after
-            );
-        }
+    for r in rows {
+        let target = match (r.target, r.met()) {
+            (Some(Target::Max(t)), m) => format!("≤{t} {}", met_word(m)),
+            (Some(Target::Min(t)), m) => format!("≥{t} {}", met_word(m)),
+            (None, _) => String::new(),
+        };
+        let ratio = r.ratio().map(|v| format!("{v:>8.2}"));
+        println!(
+            "{:<36} {:<4} {} {} {:>8}  {target}",
+            r.name,
+            r.unit,
+            fmt(r.cd),
+            fmt(r.cr),
+            ratio.unwrap_or_else(|| "-".into())
+        );
     }
+}
+
+fn met_word(m: Option<bool>) -> &'static str {
+    match m {
+        Some(true) => "met",
+        Some(false) => "NOT met",
+        None => "",
+    }
+}
+
+fn write_json(path: &str, rows: &[Row], meta: serde_json::Value) -> Result<()> {
+    let num = |v: Option<f64>| v.filter(|v| v.is_finite());
+    let rows: Vec<_> = rows
+        .iter()
+        .map(|r| {
+            json!({
+                "name": r.name, "unit": r.unit,
+                "containerd": num(r.cd), "crispd": num(r.cr), "ratio": num(r.ratio()),
+                "target": r.target.map(|t| match t {
+                    Target::Max(v) => json!({"max": v}),
+                    Target::Min(v) => json!({"min": v}),
+                }),
+                "met": r.met(),
+            })
+        })
+        .collect();
+    let doc = json!({"meta": meta, "rows": rows});
+    std::fs::write(path, serde_json::to_vec_pretty(&doc)?)
+        .with_context(|| format!("writing {path}"))
 }
 
 #[test]
 #[ignore = "benchmark"]
 fn bench_pods_crispd_vs_containerd() -> Result<()> {
-    let n_seq = env_count("CRISP_BENCH_SEQ", 10);
-    let n_pods = env_count("CRISP_BENCH_PODS", 50);
     let only = std::env::var("CRISP_BENCH_ONLY").unwrap_or_default();
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -304,14 +706,14 @@ fn bench_pods_crispd_vs_containerd() -> Result<()> {
         .build()?;
     rt.block_on(async {
         let registry = Registry::start()?;
-        registry.push(&["busybox", "pause"])?;
+        registry.push(&["busybox", "pause", "large"])?;
         let mut results = Vec::new();
         for kind in [RuntimeKind::Containerd, RuntimeKind::Crispd] {
             if !only.is_empty() && only != kind.to_string() {
                 results.push(None);
                 continue;
             }
-            let r = run_one(kind, &registry, n_seq, n_pods).await;
+            let r = run_one(kind, &registry).await;
             if let Err(e) = &r {
                 eprintln!("{kind}: benchmark failed: {e:#}");
             }
@@ -321,7 +723,32 @@ fn bench_pods_crispd_vs_containerd() -> Result<()> {
             .iter()
             .map(|r| r.as_ref().and_then(|r| r.as_ref().ok()))
             .collect();
-        print_table(figs[0], figs[1]);
+        let rows = rows(figs[0], figs[1]);
+        print_table(&rows);
+        let mut meta = serde_json::Map::new();
+        for (name, f) in [("containerd", figs[0]), ("crispd", figs[1])] {
+            if let Some(f) = f {
+                println!(
+                    "{name}: load average {}; steady state {:.0} s over {} pods, {} shims",
+                    f.load.join(" → "),
+                    f.steady.secs,
+                    f.mem.pods,
+                    f.steady.shims
+                );
+                meta.insert(
+                    name.into(),
+                    json!({"load": f.load, "steady_secs": f.steady.secs, "pods_at_rest": f.mem.pods}),
+                );
+            }
+        }
+        meta.insert(
+            "crispd_binary".into(),
+            json!(crisp_e2e::harness::crispd_binary()?.display().to_string()),
+        );
+        if let Some(path) = std::env::var("BENCH_JSON").ok().filter(|p| !p.is_empty()) {
+            write_json(&path, &rows, serde_json::Value::Object(meta))?;
+            println!("figures written to {path}");
+        }
         for r in results.into_iter().flatten() {
             r?;
         }

@@ -83,7 +83,7 @@ pub fn write_spec(bundle: &Path, spec: &Spec) -> Result<(), BundleError> {
         source,
     })?;
     let p = config_path(bundle);
-    crate::util::write_atomic(&p, &bytes).map_err(io_err(bundle, "write config.json"))
+    crate::util::write_volatile(&p, &bytes).map_err(io_err(bundle, "write config.json"))
 }
 
 /// The spec as the shim left it (it rewrites cgroupsPath and oomScoreAdj), for status and

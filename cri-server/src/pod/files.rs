@@ -60,7 +60,7 @@ pub fn write(
     let mut out = Vec::new();
     for (dest, name, content) in files {
         let p = dir.join(name);
-        crate::util::write_atomic(&p, content.as_bytes())?;
+        crate::util::write_volatile(&p, content.as_bytes())?;
         // Readable by the container's users, whoever they map to.
         use std::os::unix::fs::PermissionsExt;
         std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o644))?;

@@ -185,29 +185,19 @@ pub fn kill_if_ours(pid: Option<u32>, needles: &[&str], comm: &str) -> bool {
 
 /// Whether `pid` is running (not gone, not a zombie).
 pub fn alive(pid: u32) -> bool {
-    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
-        // The state follows the parenthesised comm.
-        Ok(s) => s
-            .rsplit_once(')')
-            .map(|(_, rest)| !rest.trim_start().starts_with(['Z', 'X']))
-            .unwrap_or(false),
-        Err(_) => false,
-    }
+    crate::util::process_alive(pid)
 }
 
 /// Give the shim `grace` to exit by itself, then SIGKILL it by pid (checked to be this pod's
 /// shim), and wait for it to be gone: only then is a socket left at its address stale (a
-/// process being killed may still accept a connect).
+/// process being killed may still accept a connect). Woken by the shim's exit itself (a
+/// pidfd), not by polling.
 pub async fn end_shim(pid: u32, pod_id: &str, grace: Duration) {
-    let wait = |limit: Duration| async move {
-        let deadline = std::time::Instant::now() + limit;
-        while alive(pid) && std::time::Instant::now() < deadline {
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    };
-    wait(grace).await;
-    if alive(pid) && kill_if_ours(Some(pid), &["-id", pod_id], "") {
-        wait(Duration::from_secs(2)).await;
+    if crate::util::wait_exit(pid, grace).await {
+        return;
+    }
+    if kill_if_ours(Some(pid), &["-id", pod_id], "") {
+        crate::util::wait_exit(pid, Duration::from_secs(2)).await;
     }
 }
 
@@ -236,6 +226,8 @@ pub async fn shutdown_shim(
         }
     }
     d.shims.remove(pod_id);
+    // Our connection must not hold the shim's server open while it shuts down.
+    drop(shim);
     if let Some(pid) = pid {
         end_shim(pid, pod_id, Duration::from_secs(3)).await;
     }
@@ -246,7 +238,8 @@ pub async fn shutdown_shim(
             let _ = std::fs::remove_file(&p);
         }
     }
-    d.store.delete::<ShimRecord>(pod_id)?;
+    // The shim record goes in the commit that removes the pod's record ([`release`]; recovery
+    // deletes it itself): one commit per removal, not two.
     Ok(())
 }
 
@@ -360,6 +353,41 @@ pub async fn release_items(
     first_err.map_or(Ok(()), Err)
 }
 
+/// Release `items` at once (they need nothing from each other: the pause's stop through the
+/// shim and the CNI DEL of the netns), then drop from the record each that was released.
+/// Every item is tried; the first failure is returned, and the record keeps what failed.
+pub async fn release_together(
+    d: &PodService,
+    rec: &mut PodRecord,
+    items: &[Owned],
+    mode: Mode,
+) -> Result<(), CriError> {
+    let todo: Vec<Owned> = rec
+        .owned()
+        .into_iter()
+        .rev()
+        .filter(|i| items.contains(i))
+        .collect();
+    let done = futures::future::join_all(todo.iter().map(|i| release_item(d, rec, *i, mode))).await;
+    let mut first_err = None;
+    for (item, r) in todo.into_iter().zip(done) {
+        match r {
+            Ok(()) => rec.disown(item),
+            Err(e) => {
+                tracing::warn!(pod_id = %rec.id, step = item.name(), error = %e, "release step failed");
+                first_err.get_or_insert(e);
+            }
+        }
+    }
+    first_err.map_or(Ok(()), Err)
+}
+
+/// The pod's record and its shim's, in one commit.
+fn delete_records(d: &PodService, id: &str) -> Result<(), CriError> {
+    d.store.delete_two::<PodRecord, ShimRecord>(id)?;
+    Ok(())
+}
+
 /// Release everything the pod owns, its cgroup, and then its record. In [`Mode::Retry`] a
 /// failure keeps the record (storing what is still owned) so a retry can finish the work.
 pub async fn release(d: &PodService, rec: &mut PodRecord, mode: Mode) -> Result<(), CriError> {
@@ -370,13 +398,12 @@ pub async fn release(d: &PodService, rec: &mut PodRecord, mode: Mode) -> Result<
             return Err(e);
         }
         remove_cgroup(d, rec);
-        d.store.delete::<PodRecord>(&rec.id)?;
+        delete_records(d, &rec.id)?;
         return Err(e);
     }
     remove_cgroup(d, rec);
     // Last: while the record exists, a retry can still find and finish the removal.
-    d.store.delete::<PodRecord>(&rec.id)?;
-    Ok(())
+    delete_records(d, &rec.id)
 }
 
 /// The pause's cgroup is named after the pod, not acquired by a step: always removed. Not
@@ -388,12 +415,17 @@ fn remove_cgroup(d: &PodService, rec: &PodRecord) {
 }
 
 /// The stop sequence, called with the pod's lock held: every container, then the pause and
-/// the network. The pod is NotReady after it (IPs kept for status, as containerd does until
-/// removal).
+/// the network, at once. The pod is NotReady after it (IPs kept for status, as containerd
+/// does until removal).
 pub async fn stop_locked(d: &PodService, rec: &mut PodRecord) -> Result<(), CriError> {
     crate::container::lifecycle::stop_pod_containers(&d.ctrs, &rec.id, Duration::ZERO).await?;
     let before = rec.owned.clone();
-    release_items(d, rec, &[Owned::Pause, Owned::Network], Mode::Retry).await?;
+    let released = release_together(d, rec, &[Owned::Pause, Owned::Network], Mode::Retry).await;
+    if released.is_err() && rec.owned != before {
+        // Keep what was released off the record, so a retry does not repeat it.
+        d.store.put(&rec.id, &*rec)?;
+    }
+    released?;
     if rec.state != PodState::NotReady || rec.owned != before {
         rec.state = PodState::NotReady;
         d.store.put(&rec.id, &*rec)?;

@@ -1,9 +1,14 @@
 //! RunPodSandbox's work, once `cri::run_pod` has checked what the pod needs exists *now*
-//! (promise 4): set the pod up in order — record (Creating), ID range, netns + CNI ADD, the pod's files, the shim, the pause
-//! process through the shim's sandbox service (CreateSandbox with the pause's OCI spec,
-//! StartSandbox), record Ready. A failure at any step undoes every earlier step in reverse, so
-//! nothing is left (no netns, CNI attachment, shim, cgroup or record). A retry with the same
-//! pod name while the first call is in flight joins it and gets its result.
+//! (promise 4): record (Creating, owning up front all it will acquire), ID range, netns, then
+//! two branches at once — CNI ADD, and the pod's files, the shim and the pause process through
+//! the shim's sandbox service (CreateSandbox with the pause's OCI spec, StartSandbox) — and
+//! the record Ready with the shim's address in one commit. Neither branch needs the other's
+//! result: the pause joins the netns by path, and eth0 is only needed once containers run,
+//! after RunPodSandbox returns. A user-namespaced pod runs them in line instead (its netns is
+//! the pause's own, pinned and attached after StartSandbox). A failure anywhere waits for the
+//! other branch to finish, then undoes everything the record owns in reverse, so nothing is
+//! left (no netns, CNI attachment, shim, cgroup or record). A retry with the same pod name
+//! while the first call is in flight joins it and gets its result.
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
@@ -255,6 +260,12 @@ fn new_record(
         rec.netns_path = Some(netns.display().to_string());
         rec.own(Owned::Network);
     }
+    // The pod dir, the shim (a `start` that fails half-way may still have spawned it) and the
+    // pause (CreateSandbox may start it and then fail): owned from the first commit, so set-up
+    // needs no commit per step. Releasing what was never acquired is a no-op.
+    rec.own(Owned::Files);
+    rec.own(Owned::Shim);
+    rec.own(Owned::Pause);
     rec
 }
 
@@ -322,7 +333,7 @@ pub async fn create(
     }
 }
 
-/// The named set-up steps, in order; each marks in the record what it is about to own.
+/// The named set-up steps; the record already owns everything they acquire.
 async fn setup(
     d: &Arc<PodService>,
     rec: &mut PodRecord,
@@ -341,12 +352,9 @@ async fn setup(
     // does.
     let netns_after_pause = !m.host_network && idmap.is_some();
     if !m.host_network && !netns_after_pause {
-        network(d, rec, cfg, None, laps).await?;
+        make_netns(d, rec, None).await?;
+        laps.lap("netns");
     }
-    files(d, rec, cfg).await?;
-    laps.lap("pod files");
-    let shim = shim(d, rec, req).await?;
-    laps.lap("shim start");
     let inputs = PauseInputs {
         pod_id: &rec.id,
         netns_path: rec.netns_path.as_deref().filter(|_| !netns_after_pause),
@@ -355,27 +363,116 @@ async fn setup(
         current_oom_score_adj: current_oom_score_adj(),
     };
     let spec = pause_spec(cfg, &inputs);
-    let pause_pid = pause(d, rec, &shim, cfg, &spec).await?;
-    laps.lap("sandbox create+start");
+    let mut side = SandboxSide::default();
+    let mut sandbox_laps = Laps::default();
+    let sandbox = sandbox(d, &rec.id, req, cfg, &spec, &mut side, &mut sandbox_laps);
+    let net = if m.host_network || netns_after_pause {
+        let r = sandbox.await;
+        side.record_into(rec);
+        r?;
+        None
+    } else {
+        // Both run to the end even if one fails: the undo then finds each settled.
+        let netns = rec.netns_path.clone().unwrap_or_default();
+        let cni = timed(cni_add(d, cfg, &rec.id, netns));
+        let (sb, (ips, cni_ms)) = tokio::join!(sandbox, cni);
+        side.record_into(rec);
+        laps.steps.push(("cni add (beside the sandbox)", cni_ms));
+        sb?;
+        Some(ips?)
+    };
+    side.record_into(rec);
+    laps.steps.append(&mut sandbox_laps.steps);
+    laps.lap("joined");
+    rec.ips = net.unwrap_or_default();
     if netns_after_pause {
-        network(d, rec, cfg, Some(pause_pid), laps).await?;
+        let pid = side.pause_pid.unwrap_or_default();
+        make_netns(d, rec, Some(pid)).await?;
+        laps.lap("netns");
+        let netns = rec.netns_path.clone().unwrap_or_default();
+        rec.ips = cni_add(d, cfg, &rec.id, netns).await?;
+        laps.lap("cni add");
     }
-    rec.state = PodState::Ready;
-    d.store.put(&rec.id, &*rec)?;
-    tracing::info!(pause_pid, ips = ?rec.ips, "pod sandbox started");
+    ready(d, rec, &side)?;
+    laps.lap("record ready");
     Ok(RunPodSandboxResponse {
         pod_sandbox_id: rec.id.clone(),
     })
 }
 
-/// The network namespace (made here, or the pause's pinned when `pause_pid` is given: a
-/// user-namespaced pod's) and the CNI ADD of `eth0` in it.
-async fn network(
+/// The future's output and how long it took in milliseconds.
+async fn timed<T>(f: impl std::future::Future<Output = T>) -> (T, f64) {
+    let t = Instant::now();
+    let r = f.await;
+    (r, t.elapsed().as_secs_f64() * 1e3)
+}
+
+/// What the sandbox branch acquired, for the record (and for the undo if it failed half-way).
+#[derive(Default)]
+struct SandboxSide {
+    shim: Option<ShimClient>,
+    pause_pid: Option<u32>,
+}
+
+impl SandboxSide {
+    fn record_into(&self, rec: &mut PodRecord) {
+        if let Some(s) = &self.shim {
+            rec.shim_address = Some(s.address().to_string());
+        }
+        if self.pause_pid.is_some() {
+            rec.pause_pid = self.pause_pid;
+        }
+    }
+}
+
+/// The pod's files, its shim and the pause started through the shim.
+async fn sandbox(
+    d: &PodService,
+    id: &str,
+    req: &RunPodSandboxRequest,
+    cfg: &PodSandboxConfig,
+    spec: &Value,
+    out: &mut SandboxSide,
+    laps: &mut Laps,
+) -> Result<(), CriError> {
+    laps.lap("start");
+    files(d, id, cfg).await?;
+    laps.lap("pod files");
+    let shim = shim(d, id, req).await?;
+    out.shim = Some(shim.clone());
+    laps.lap("shim start");
+    out.pause_pid = Some(pause(d, id, &shim, cfg, spec).await?);
+    laps.lap("sandbox create+start");
+    Ok(())
+}
+
+/// The pod is Ready: its record and where its shim listens, in one commit. Until then a crash
+/// leaves a Creating pod that start-up undoes (finding the shim by the files its `start`
+/// wrote in the pod dir).
+fn ready(d: &PodService, rec: &mut PodRecord, side: &SandboxSide) -> Result<(), CriError> {
+    rec.state = PodState::Ready;
+    let bundle = crate::pod::files::pod_dir(&d.cfg.state, &rec.id);
+    match &side.shim {
+        Some(shim) => {
+            let s = ShimRecord {
+                address: shim.address().to_string(),
+                pid: shim.pid(),
+                bundle: bundle.display().to_string(),
+            };
+            d.store.put_two(&rec.id, &s, &rec.id, &*rec)?;
+        }
+        None => d.store.put(&rec.id, &*rec)?,
+    }
+    tracing::info!(pause_pid = ?rec.pause_pid, ips = ?rec.ips, "pod sandbox started");
+    Ok(())
+}
+
+/// The network namespace: made here, or the pause's pinned when `pause_pid` is given (a
+/// user-namespaced pod's).
+async fn make_netns(
     d: &Arc<PodService>,
     rec: &mut PodRecord,
-    cfg: &PodSandboxConfig,
     pause_pid: Option<u32>,
-    laps: &mut Laps,
 ) -> Result<(), CriError> {
     let path = d.cfg.netns_dir().join(&rec.id);
     let p = path.clone();
@@ -388,27 +485,15 @@ async fn network(
     made.map_err(|e| CriError::internal(format!("netns task: {e}")))??;
     let netns = path.display().to_string();
     if rec.netns_path.as_deref() != Some(netns.as_str()) {
-        rec.netns_path = Some(netns.clone());
+        rec.netns_path = Some(netns);
         d.store.put(&rec.id, &*rec)?;
     }
-    laps.lap("netns");
-    cni_add(d, cfg, netns, rec).await?;
-    laps.lap("cni add");
     Ok(())
 }
 
 /// The pod's files: hostname, hosts, resolv.conf in the pod dir (the shim's bundle dir too).
-/// The record owns the files and the shim from here (a shim `start` that fails half-way may
-/// still have spawned it).
-async fn files(
-    d: &PodService,
-    rec: &mut PodRecord,
-    cfg: &PodSandboxConfig,
-) -> Result<(), CriError> {
-    rec.own(Owned::Files);
-    rec.own(Owned::Shim);
-    d.store.put(&rec.id, &*rec)?;
-    let dir = crate::pod::files::pod_dir(&d.cfg.state, &rec.id);
+async fn files(d: &PodService, id: &str, cfg: &PodSandboxConfig) -> Result<(), CriError> {
+    let dir = crate::pod::files::pod_dir(&d.cfg.state, id);
     let hostname = if cfg.hostname.is_empty() || modes(cfg).host_network {
         nix::unistd::gethostname()
             .ok()
@@ -428,38 +513,25 @@ async fn files(
     Ok(())
 }
 
-/// Start the pod's shim and record where it listens.
+/// Start the pod's shim; it is reachable for release from here (the live connection).
 async fn shim(
     d: &PodService,
-    rec: &mut PodRecord,
+    id: &str,
     req: &RunPodSandboxRequest,
 ) -> Result<ShimClient, CriError> {
-    let id = rec.id.clone();
-    let dir = crate::pod::files::pod_dir(&d.cfg.state, &id);
+    let dir = crate::pod::files::pod_dir(&d.cfg.state, id);
     let events = crate::shim::events::socket_path(&d.cfg.state);
     let shim_bin =
         crate::util::find_binary(&d.cfg.shim_binary).unwrap_or_else(|| d.cfg.shim_binary.clone());
     let shim = ShimClient::start(StartRequest {
         shim_binary: &shim_bin,
-        pod_id: &id,
+        pod_id: id,
         bundle: &dir,
         events_socket: &events,
         options: runtime_options(d, &req.runtime_handler),
     })
     .await?;
-    d.store.put(
-        &id,
-        &ShimRecord {
-            address: shim.address().to_string(),
-            pid: shim.pid(),
-            bundle: dir.display().to_string(),
-        },
-    )?;
-    d.shims.insert(&id, shim.clone());
-    rec.shim_address = Some(shim.address().to_string());
-    // The pause is next: owned from here (CreateSandbox may start it and then fail).
-    rec.own(Owned::Pause);
-    d.store.put(&id, &*rec)?;
+    d.shims.insert(id, shim.clone());
     Ok(shim)
 }
 
@@ -467,12 +539,12 @@ async fn shim(
 /// StartSandbox); returns its pid.
 async fn pause(
     d: &PodService,
-    rec: &mut PodRecord,
+    id: &str,
     shim: &ShimClient,
     cfg: &PodSandboxConfig,
     spec: &Value,
 ) -> Result<u32, CriError> {
-    let id = rec.id.clone();
+    let id = id.to_string();
     let meta = cfg.metadata.clone().unwrap_or_default();
     let mut annotations: HashMap<String, String> = cfg.annotations.clone();
     for (k, v) in [
@@ -516,7 +588,6 @@ async fn pause(
         .start_sandbox(ctx(SHIM_CALL), &start)
         .await
         .map_err(|e| ShimCallError::sandbox("StartSandbox", &id, e))?;
-    rec.pause_pid = Some(started.pid);
     Ok(started.pid)
 }
 
@@ -530,15 +601,15 @@ fn spec_netns(spec: &Value) -> Option<String> {
         .map(str::to_string)
 }
 
-/// CNI ADD of the pod's `eth0` in `netns`; the IPs go to the record (stored by the caller).
+/// lo up and CNI ADD of the pod's `eth0` in `netns`; returns the pod's IPs.
 async fn cni_add(
     d: &Arc<PodService>,
     cfg: &PodSandboxConfig,
+    id: &str,
     netns: String,
-    rec: &mut PodRecord,
-) -> Result<(), CriError> {
+) -> Result<Vec<String>, CriError> {
     let meta = cfg.metadata.clone().unwrap_or_default();
-    let id = rec.id.clone();
+    let id = id.to_string();
     let lo = std::path::PathBuf::from(&netns);
     tokio::task::spawn_blocking(move || crate::network::netns::loopback_up(&lo))
         .await
@@ -565,8 +636,7 @@ async fn cni_add(
     let result = tokio::task::spawn_blocking(move || cni.add(&attach))
         .await
         .map_err(|e| CriError::internal(format!("CNI task: {e}")))??;
-    rec.ips = result.ips;
-    Ok(())
+    Ok(result.ips)
 }
 
 fn port_mappings(cfg: &PodSandboxConfig) -> Vec<PortMapping> {

@@ -6,10 +6,14 @@
 //! newer record instead of misreading it. A record that does not decode is moved to the
 //! `quarantine` table and logged: one torn or foreign record never blocks start-up.
 //!
+//! Reads are answered from [`cache`], the decoded records in memory, which every commit made
+//! here updates once it is durable (the store is the truth; the cache never runs ahead of it).
+//!
 //! redb serialises write transactions, and each commit is durable (fsync) before it returns.
 //! Callers must not hold a transaction across an `.await` on a shim, CNI plugin or the
 //! network: every method here is synchronous and short.
 
+mod cache;
 pub mod records;
 
 use std::path::Path;
@@ -85,7 +89,7 @@ from_redb!(
 );
 
 /// A record type stored in one table, with a schema version.
-pub trait Record: Serialize + DeserializeOwned {
+pub trait Record: Serialize + DeserializeOwned + Clone + Send + Sync + 'static {
     const TABLE: Table;
     /// Bumped on every incompatible change; decode refuses versions it does not know.
     const VERSION: u32;
@@ -131,6 +135,10 @@ pub fn decode<T: Record>(bytes: &[u8]) -> Result<T, String> {
 #[derive(Clone)]
 pub struct Store {
     db: Arc<Database>,
+    cache: Arc<cache::Cache>,
+    /// Held from a write's begin to its cache update, and while a table is loaded into the
+    /// cache: the cache sees commits in the order the store made them.
+    writing: Arc<std::sync::Mutex<()>>,
 }
 
 impl std::fmt::Debug for Store {
@@ -157,41 +165,96 @@ impl Store {
             txn.open_table(t)?;
         }
         txn.commit()?;
-        Ok(Self { db: Arc::new(db) })
+        Ok(Self {
+            db: Arc::new(db),
+            cache: Arc::default(),
+            writing: Arc::default(),
+        })
     }
 
-    /// Run `f` in one write transaction; it commits only if `f` returns Ok.
+    fn write_lock(&self) -> std::sync::MutexGuard<'_, ()> {
+        self.writing.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Run `f` in one write transaction; it commits only if `f` returns Ok, and `then` updates
+    /// the cache after the commit, before any other write.
+    fn commit<R, E>(
+        &self,
+        f: impl FnOnce(&WriteTransaction) -> Result<R, E>,
+        then: impl FnOnce(&cache::Cache),
+    ) -> Result<R, E>
+    where
+        E: From<StoreError>,
+    {
+        let _w = self.write_lock();
+        let txn = self.db.begin_write().map_err(StoreError::from)?;
+        let r = f(&txn)?; // dropping an uncommitted transaction aborts it
+        txn.commit().map_err(StoreError::from)?;
+        then(&self.cache);
+        Ok(r)
+    }
+
+    /// Run `f` in one write transaction; it commits only if `f` returns Ok. The cache cannot
+    /// follow an arbitrary transaction: it is emptied, and reloaded table by table on use.
     pub fn write<R, E>(&self, f: impl FnOnce(&WriteTransaction) -> Result<R, E>) -> Result<R, E>
     where
         E: From<StoreError>,
     {
-        let txn = self.db.begin_write().map_err(StoreError::from)?;
-        let r = f(&txn)?; // dropping an uncommitted transaction aborts it
-        txn.commit().map_err(StoreError::from)?;
-        Ok(r)
+        self.commit(f, cache::Cache::clear)
     }
 
     pub fn put<T: Record>(&self, key: &str, rec: &T) -> Result<(), StoreError> {
-        self.write(|txn| put_in::<T>(txn, key, rec))
+        self.commit(
+            |txn| put_in::<T>(txn, key, rec),
+            |c| c.put(T::TABLE.name(), key, rec),
+        )
+    }
+
+    /// Two records of different tables in one commit (one fsync instead of two).
+    pub fn put_two<A: Record, B: Record>(
+        &self,
+        key_a: &str,
+        a: &A,
+        key_b: &str,
+        b: &B,
+    ) -> Result<(), StoreError> {
+        self.commit(
+            |txn| {
+                put_in::<A>(txn, key_a, a)?;
+                put_in::<B>(txn, key_b, b)
+            },
+            |c| {
+                c.put(A::TABLE.name(), key_a, a);
+                c.put(B::TABLE.name(), key_b, b);
+            },
+        )
     }
 
     /// Insert only if the key is free: the reservation primitive for pod and container names.
     pub fn insert_new<T: Record>(&self, key: &str, rec: &T) -> Result<(), StoreError> {
-        self.write(|txn| {
-            let bytes = encode(key, rec)?;
-            let mut t = txn.open_table(T::TABLE)?;
-            if t.get(key)?.is_some() {
-                return Err(StoreError::AlreadyExists {
-                    table: T::TABLE.name().to_string(),
-                    key: key.to_string(),
-                });
-            }
-            t.insert(key, bytes.as_slice())?;
-            Ok(())
-        })
+        self.commit(
+            |txn| {
+                let bytes = encode(key, rec)?;
+                let mut t = txn.open_table(T::TABLE)?;
+                if t.get(key)?.is_some() {
+                    return Err(StoreError::AlreadyExists {
+                        table: T::TABLE.name().to_string(),
+                        key: key.to_string(),
+                    });
+                }
+                t.insert(key, bytes.as_slice())?;
+                Ok(())
+            },
+            |c| c.put(T::TABLE.name(), key, rec),
+        )
     }
 
     pub fn get<T: Record>(&self, key: &str) -> Result<Option<T>, StoreError> {
+        match self.cache.get::<T>(T::TABLE.name(), key) {
+            cache::Lookup::Hit(r) => return Ok(Some(r)),
+            cache::Lookup::Absent => return Ok(None),
+            cache::Lookup::Unknown => {}
+        }
         let bytes = {
             let txn = self.db.begin_read()?;
             let t = txn.open_table(T::TABLE)?;
@@ -211,18 +274,48 @@ impl Store {
 
     /// Remove a record; returns whether it existed (removal is idempotent for callers).
     pub fn delete<T: Record>(&self, key: &str) -> Result<bool, StoreError> {
-        self.write(|txn| delete_in(txn, T::TABLE, key))
+        self.commit(
+            |txn| delete_in(txn, T::TABLE, key),
+            |c| c.remove(T::TABLE.name(), key),
+        )
     }
 
-    /// Every record of a table that decodes; the others are quarantined.
+    /// The records of two tables under one key, in one commit.
+    pub fn delete_two<A: Record, B: Record>(&self, key: &str) -> Result<(), StoreError> {
+        self.commit(
+            |txn| {
+                delete_in(txn, A::TABLE, key)?;
+                delete_in(txn, B::TABLE, key).map(|_| ())
+            },
+            |c| {
+                c.remove(A::TABLE.name(), key);
+                c.remove(B::TABLE.name(), key);
+            },
+        )
+    }
+
+    /// Every record of a table that decodes, in key order; the others are quarantined.
     pub fn list<T: Record>(&self) -> Result<Vec<(String, T)>, StoreError> {
-        let raw = self.list_raw(T::TABLE)?;
-        let mut good = Vec::with_capacity(raw.len());
-        for (key, bytes) in raw {
-            match decode::<T>(&bytes) {
-                Ok(r) => good.push((key, r)),
-                Err(why) => self.quarantine(T::TABLE, &key, &why)?,
+        if let Some(rows) = self.cache.list::<T>(T::TABLE.name()) {
+            return Ok(rows);
+        }
+        let mut bad = Vec::new();
+        let good = {
+            // No commit between this read and the cache's load.
+            let _w = self.write_lock();
+            let raw = self.list_raw(T::TABLE)?;
+            let mut good = Vec::with_capacity(raw.len());
+            for (key, bytes) in raw {
+                match decode::<T>(&bytes) {
+                    Ok(r) => good.push((key, r)),
+                    Err(why) => bad.push((key, why)),
+                }
             }
+            self.cache.load(T::TABLE.name(), &good);
+            good
+        };
+        for (key, why) in bad {
+            self.quarantine(T::TABLE, &key, &why)?;
         }
         Ok(good)
     }
@@ -252,16 +345,19 @@ impl Store {
             reason = why,
             "quarantining undecodable record"
         );
-        self.write(|txn| {
-            let mut src = txn.open_table(table)?;
-            let bytes = src.remove(key)?.map(|v| v.value().to_vec());
-            drop(src);
-            if let Some(bytes) = bytes {
-                let mut q = txn.open_table(QUARANTINE)?;
-                q.insert(format!("{}/{key}", table.name()).as_str(), bytes.as_slice())?;
-            }
-            Ok(())
-        })
+        self.commit(
+            |txn| {
+                let mut src = txn.open_table(table)?;
+                let bytes = src.remove(key)?.map(|v| v.value().to_vec());
+                drop(src);
+                if let Some(bytes) = bytes {
+                    let mut q = txn.open_table(QUARANTINE)?;
+                    q.insert(format!("{}/{key}", table.name()).as_str(), bytes.as_slice())?;
+                }
+                Ok(())
+            },
+            |c| c.remove(table.name(), key),
+        )
     }
 
     /// Write raw bytes, for tests that need a corrupt record.
@@ -334,7 +430,7 @@ mod tests {
     use super::*;
     use serde::Deserialize;
 
-    #[derive(Debug, PartialEq, Serialize, Deserialize)]
+    #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
     struct Thing {
         name: String,
         n: u32,

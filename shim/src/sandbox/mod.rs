@@ -566,8 +566,11 @@ impl SandboxService {
                 }
                 tokio::time::sleep(Duration::from_millis(100)).await;
             }
-            // Let the ShutdownSandbox reply leave before the server stops.
-            tokio::time::sleep(Duration::from_millis(20)).await;
+            // Let the ShutdownSandbox reply leave before the server stops: the reply is
+            // written by the connection's task, which runs as soon as this one sleeps (one
+            // thread). crispd waits for this exit (RemovePodSandbox), so it is kept short; a
+            // reply lost anyway reads as a gone shim, which crispd takes as shut down.
+            tokio::time::sleep(Duration::from_millis(3)).await;
             info!(sandbox_id = %id, "sandbox shut down; shim exits");
             shutdown.notify_one();
         });
