@@ -128,6 +128,8 @@ mod tests {
                 pid: None,
             };
             d.store.put(&c.id.clone(), &c).expect("ctr");
+            std::fs::write(dir.path().join("resolv.conf"), "nameserver 127.0.0.1\n")
+                .expect("resolv");
             crate::pod::files::write(
                 &crate::pod::files::pod_dir(&d.cfg.state, &id),
                 "h",

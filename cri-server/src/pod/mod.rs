@@ -1,8 +1,9 @@
 //! Pods below the CRI handlers: their records as CRI status (`status`), the named set-up steps
 //! of RunPodSandbox (`setup`), the release of everything a pod owns (`release`), start-up
 //! recovery (`recover`), the watch on each ready pod's shim (`watch`), the pod's files
-//! (`files`) and its user-namespace ID range (`idmap`).
+//! (`files`), its user-namespace ID range (`idmap`) and its own cgroup (`cgroup`).
 
+pub mod cgroup;
 pub mod files;
 pub mod idmap;
 pub mod recover;
