@@ -18,8 +18,11 @@ use crisp_cri::authority::AuthorityRewriter;
 use crisp_stream::spdy::{FrameDecoder, Headers, headers::HeaderDecompressor};
 use tokio_util::codec::Decoder;
 
+/// A fuzz target's body: panics only when crisp misbehaves.
+pub type Target = fn(&[u8]);
+
 /// Every target, by the name of its corpus directory and cargo-fuzz binary.
-pub const TARGETS: &[(&str, fn(&[u8]))] = &[
+pub const TARGETS: &[(&str, Target)] = &[
     ("authority", authority),
     ("spdy_frames", spdy_frames),
     ("layer_unpack", layer_unpack),
