@@ -11,8 +11,10 @@ use std::time::Duration;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
+use redb::TableHandle as _;
+
 use crate::network::cni::CniManager;
-use crate::store::{CONTAINERS, ID_RANGES, PODS, QUARANTINE, Store};
+use crate::store::{CONTAINERS, ID_RANGES, PODS, QUARANTINE, Store, Table};
 
 #[derive(Debug, Default)]
 struct CallStats {
@@ -81,8 +83,9 @@ fn code_name(c: tonic::Code) -> &'static str {
     }
 }
 
-/// The exposition text.
-pub fn render(d: &Scrape) -> String {
+/// The exposition text, or what could not be read (the scrape then fails with it: a store
+/// that cannot be read is not a store with nothing in it).
+pub fn render(d: &Scrape) -> Result<String, String> {
     let mut out = String::new();
     out.push_str("# HELP crisp_cri_calls_total CRI calls by method and gRPC code.\n");
     out.push_str("# TYPE crisp_cri_calls_total counter\n");
@@ -104,6 +107,24 @@ pub fn render(d: &Scrape) -> String {
         );
     }
     drop(calls);
+    store_gauges(&mut out, |t| d.store.count(t))?;
+    let ready = u8::from(d.cni.current().is_ok());
+    let _ = writeln!(
+        out,
+        "# HELP crisp_network_ready Whether a usable CNI config is loaded.\n# TYPE crisp_network_ready gauge\ncrisp_network_ready {ready}"
+    );
+    for g in &d.extra {
+        g.render(&mut out);
+    }
+    Ok(out)
+}
+
+/// The gauges read from the store, each a table's record count; an error names the gauge,
+/// the table and what the store said.
+fn store_gauges<E: std::fmt::Display>(
+    out: &mut String,
+    count: impl Fn(Table) -> Result<u64, E>,
+) -> Result<(), String> {
     for (name, help, table) in [
         ("crisp_pods", "Pod sandboxes in the store.", PODS),
         ("crisp_containers", "Containers in the store.", CONTAINERS),
@@ -118,18 +139,12 @@ pub fn render(d: &Scrape) -> String {
             QUARANTINE,
         ),
     ] {
+        let n = count(table)
+            .map_err(|e| format!("{name}: counting store table {:?}: {e}", table.name()))?;
         let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} gauge");
-        let _ = writeln!(out, "{name} {}", d.store.count(table).unwrap_or(0));
+        let _ = writeln!(out, "{name} {n}");
     }
-    let ready = u8::from(d.cni.current().is_ok());
-    let _ = writeln!(
-        out,
-        "# HELP crisp_network_ready Whether a usable CNI config is loaded.\n# TYPE crisp_network_ready gauge\ncrisp_network_ready {ready}"
-    );
-    for g in &d.extra {
-        g.render(&mut out);
-    }
-    out
+    Ok(())
 }
 
 /// Bind and serve in the background. A bind failure is returned (the caller records it as a
@@ -167,7 +182,13 @@ pub async fn spawn(d: Scrape, addr: SocketAddr) -> std::io::Result<SocketAddr> {
                 let head = String::from_utf8_lossy(&buf[..n]);
                 let path = head.split_whitespace().nth(1).unwrap_or("/");
                 let (status, body) = if path == "/metrics" || path == "/v1/metrics" {
-                    ("200 OK", render(&d))
+                    match render(&d) {
+                        Ok(text) => ("200 OK", text),
+                        Err(e) => {
+                            tracing::warn!(error = %e, "metrics scrape failed");
+                            ("500 Internal Server Error", format!("{e}\n"))
+                        }
+                    }
                 } else {
                     ("404 Not Found", "not found; try /metrics\n".to_string())
                 };
@@ -226,6 +247,26 @@ mod tests {
         let mut body = String::new();
         s.read_to_string(&mut body).await.expect("read");
         assert!(body.starts_with("HTTP/1.1 404"), "{body}");
+    }
+
+    /// A store that cannot be counted fails the scrape with the gauge and table named, never
+    /// a count of 0.
+    #[test]
+    fn a_store_error_is_an_error_not_a_zero() {
+        let mut out = String::new();
+        let e = store_gauges(&mut out, |_| Err::<u64, _>("database is locked"))
+            .expect_err("the store failed");
+        assert_eq!(
+            e,
+            format!(
+                "crisp_pods: counting store table {:?}: database is locked",
+                PODS.name()
+            )
+        );
+        assert!(!out.contains("crisp_pods 0"), "{out}");
+        let mut out = String::new();
+        store_gauges(&mut out, |_| Ok::<u64, String>(3)).expect("counts");
+        assert!(out.contains("crisp_pods 3\n"), "{out}");
     }
 
     #[test]

@@ -171,6 +171,9 @@ pub struct TestEnv {
     pub pod_log_dir: PathBuf,
     /// The daemon's stdout and stderr.
     pub daemon_log: PathBuf,
+    /// crispd's shims log here, one `<pod id>.log` each (`CRISP_SHIM_LOG` names the
+    /// directory); under containerd, shims log through containerd into `daemon_log`.
+    pub shim_log_dir: PathBuf,
     /// cgroupfs parent for every pod, e.g. `/crisp-e2e-0123abcd`.
     pub cgroup_parent: String,
     net: Option<Network>,
@@ -180,6 +183,8 @@ pub struct TestEnv {
     seen: Vec<ProcRef>,
     torn_down: bool,
     keep_log_on_panic: bool,
+    /// Set by [`TestEnv::finish`] with a failed outcome: the logs are kept.
+    failed: bool,
     /// The flock on `<root>/owner.lock`, held while this process owns the env.
     owner: Option<File>,
     /// How the daemon was started, for [`TestEnv::restart_daemon`].
@@ -197,6 +202,7 @@ impl TestEnv {
             hosts_dir: root.join("hosts.d"),
             pod_log_dir: root.join("pods"),
             daemon_log: root.join(format!("{kind}.log")),
+            shim_log_dir: root.join("shim-logs"),
             cgroup_parent,
             root,
             net: None,
@@ -205,6 +211,7 @@ impl TestEnv {
             seen: Vec::new(),
             torn_down: false,
             keep_log_on_panic: true,
+            failed: false,
             owner: None,
             opts: None,
         }
@@ -418,7 +425,11 @@ impl TestEnv {
         }
         let text = format!("# Written by the e2e harness; paths come as flags.\n{config}");
         std::fs::write(&file, text).with_context(|| format!("writing {}", file.display()))?;
+        std::fs::create_dir_all(&self.shim_log_dir)
+            .with_context(|| format!("creating {}", self.shim_log_dir.display()))?;
         let mut cmd = Command::new(bin);
+        // Inherited by every shim crispd starts: each logs to `<dir>/<pod id>.log`.
+        cmd.env("CRISP_SHIM_LOG", &self.shim_log_dir);
         cmd.arg("--config")
             .arg(&file)
             .arg("--root")
@@ -489,9 +500,10 @@ impl TestEnv {
 
     /// The end of a test: the daemon's log tail if `outcome` failed, teardown, the leak check.
     /// Returns `outcome`'s error first, else the leaks as one; `what` names the test.
-    pub async fn finish(self, what: &str, outcome: Result<()>) -> Result<()> {
+    pub async fn finish(mut self, what: &str, outcome: Result<()>) -> Result<()> {
         if outcome.is_err() {
             eprintln!("{what}: daemon log tail:\n{}", self.daemon_log_tail(60));
+            self.failed = true;
         }
         let leaks = self.teardown().await;
         outcome?;
@@ -750,15 +762,14 @@ impl TestEnv {
             let _ = std::fs::remove_file(f);
         }
 
-        // Keep the daemon log when something went wrong: the root is about to go.
+        // Keep the logs when something went wrong: the root is about to go.
         let before: Vec<String> = leaks::check(&fp)
             .into_iter()
             .filter(|l| !l.starts_with("test root"))
             .collect();
         let keep_always = std::env::var_os("CRISP_E2E_KEEP_LOGS").is_some_and(|v| v == "1");
-        if !before.is_empty() || keep_always || (std::thread::panicking() && self.keep_log_on_panic)
-        {
-            self.keep_daemon_log();
+        if !before.is_empty() || keep_always || self.failed {
+            self.keep_logs();
         }
         let removal = remove_tree(&self.root);
         if let Some(net) = self.net.take() {
@@ -771,24 +782,27 @@ impl TestEnv {
         leaks
     }
 
-    fn keep_daemon_log(&self) {
-        let dir = Path::new("/var/tmp/crisp-e2e-logs");
-        let name = format!(
-            "{}-{}.log",
-            self.root
-                .file_name()
-                .map(|n| n.to_string_lossy().into_owned())
-                .unwrap_or_default(),
-            self.kind
-        );
-        let dest = dir.join(name);
-        if std::fs::create_dir_all(dir).is_ok() && std::fs::copy(&self.daemon_log, &dest).is_ok() {
-            eprintln!(
-                "{} log kept at {}; last lines:\n{}",
+    /// Copies the daemon's log and every shim's into `/var/tmp/crisp-e2e-logs/<root name>/`
+    /// and says where, with the daemon log's last lines.
+    fn keep_logs(&self) {
+        let name = self
+            .root
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        let dest = Path::new(KEPT_LOGS).join(name);
+        match copy_logs(&self.daemon_log, &self.shim_log_dir, &dest) {
+            Ok(shims) => eprintln!(
+                "crisp-e2e: {} log and {shims} shim log(s) kept in {}; last daemon lines:\n{}",
                 self.kind,
                 dest.display(),
                 self.daemon_log_tail(30)
-            );
+            ),
+            Err(e) => eprintln!(
+                "crisp-e2e: could not keep the logs in {}: {e:#}; last daemon lines:\n{}",
+                dest.display(),
+                self.daemon_log_tail(30)
+            ),
         }
     }
 }
@@ -798,6 +812,10 @@ impl Drop for TestEnv {
         if self.torn_down {
             return;
         }
+        // Dropped without `teardown`/`finish`: the test ended early, by a panic or by
+        // returning an error. Either way it failed, so its logs are kept (unless it panics
+        // on purpose and said so).
+        self.failed |= !std::thread::panicking() || self.keep_log_on_panic;
         // We may be inside the test's runtime (even unwinding from a panic in it): make the
         // best-effort CRI calls on a fresh runtime in a thread of their own.
         if self.cri.is_some() {
@@ -828,6 +846,33 @@ impl Drop for TestEnv {
             );
         }
     }
+}
+
+/// Where the logs of a failed test are kept, one directory per test root.
+pub const KEPT_LOGS: &str = "/var/tmp/crisp-e2e-logs";
+
+/// Copies `daemon_log` and every file of `shim_dir` into `dest`; the number of shim logs.
+fn copy_logs(daemon_log: &Path, shim_dir: &Path, dest: &Path) -> Result<usize> {
+    std::fs::create_dir_all(dest).with_context(|| format!("creating {}", dest.display()))?;
+    if let Some(name) = daemon_log.file_name() {
+        std::fs::copy(daemon_log, dest.join(name))
+            .with_context(|| format!("copying {}", daemon_log.display()))?;
+    }
+    let mut n = 0;
+    let entries = match std::fs::read_dir(shim_dir) {
+        Ok(e) => e,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(0),
+        Err(e) => return Err(e).with_context(|| format!("listing {}", shim_dir.display())),
+    };
+    let shims = dest.join("shims");
+    std::fs::create_dir_all(&shims).with_context(|| format!("creating {}", shims.display()))?;
+    for e in entries {
+        let e = e.with_context(|| format!("listing {}", shim_dir.display()))?;
+        std::fs::copy(e.path(), shims.join(e.file_name()))
+            .with_context(|| format!("copying {}", e.path().display()))?;
+        n += 1;
+    }
+    Ok(n)
 }
 
 /// Where test roots are made: `$CRISP_E2E_TMPDIR`, else /var/tmp.

@@ -84,6 +84,9 @@ pub struct Reference {
     pub digest: Option<Digest>,
 }
 
+/// The longest `registry/repository` accepted (docker/distribution's NameTotalLengthMax).
+pub const MAX_NAME: usize = 255;
+
 impl Reference {
     /// Parse and normalise a reference as kubelet does (docker's ParseNormalizedNamed followed
     /// by TagNameOnly): add `docker.io`, `library/` and `:latest` where missing.
@@ -141,6 +144,15 @@ impl Reference {
             .map_err(|e| e.context(format!("image reference {input:?}")))?;
         validate_registry(&registry)
             .map_err(|e| e.context(format!("image reference {input:?}")))?;
+        // docker/distribution's limit on the normalised name (found by fuzzing: a name that
+        // passed the input's length check grew past it once normalised, so its printed form
+        // could not be parsed again).
+        let full = registry.len() + 1 + repository.len();
+        if full > MAX_NAME {
+            return Err(Error::invalid(format!(
+                "image reference {input:?}: its name is {full} characters, more than {MAX_NAME}"
+            )));
+        }
         let tag = match (tag, &digest) {
             (Some(t), _) => Some(t.to_string()),
             (None, None) => Some(DEFAULT_TAG.to_string()),
@@ -294,6 +306,18 @@ pub fn parse_image_id(s: &str) -> Option<Digest> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Found by fuzzing: a name under the input limit that grows past it once normalised
+    /// (docker.io/library/ added) is refused, so every accepted reference prints back to one
+    /// that parses.
+    #[test]
+    fn a_name_too_long_once_normalised_is_refused() {
+        let long = "a".repeat(250);
+        let e = Reference::parse(&long).expect_err("docker.io/library/ + 250 characters");
+        assert!(e.to_string().contains("more than 255"), "{e}");
+        let ok = Reference::parse(&"a".repeat(200)).expect("short enough");
+        assert_eq!(Reference::parse(&ok.to_string()).expect("reparses"), ok);
+    }
 
     fn norm(s: &str) -> String {
         match Reference::parse(s) {

@@ -70,6 +70,8 @@ const ATTEMPTS: u32 = 6;
 /// One forward attempt. containerd's own publisher gives each forward 5 s; without a bound a
 /// peer that accepts and never answers would stall every later event for good.
 const FORWARD_TIMEOUT: Duration = Duration::from_secs(5);
+/// One connection attempt to the event service.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// Forwards events to containerd's event service, one at a time and in
 /// publish order (containerd-shim's publisher requeued a failed event behind
@@ -130,9 +132,20 @@ impl Publisher {
         Publisher { queue }
     }
 
+    /// Connects without blocking the shim's one runtime thread: ttrpc's `Client::connect`
+    /// is a blocking connect(2), which waits for as long as the peer's listen queue is full
+    /// (a busy crispd), and every call the shim serves would wait with it.
     async fn client(address: &str) -> Result<Client, ttrpc::Error> {
         let path = address.strip_prefix("unix://").unwrap_or(address);
-        Client::connect(&format!("unix://{path}")).await
+        let stream = tokio::time::timeout(CONNECT_TIMEOUT, tokio::net::UnixStream::connect(path))
+            .await
+            .map_err(|_| {
+                ttrpc::Error::Others(format!(
+                    "connect to {path}: no answer in {CONNECT_TIMEOUT:?}"
+                ))
+            })?
+            .map_err(|e| ttrpc::Error::Others(format!("connect to {path}: {e}")))?;
+        Ok(Client::new(ttrpc::r#async::transport::Socket::from(stream)))
     }
 
     /// Queues `event` under `topic`.

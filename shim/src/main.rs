@@ -36,8 +36,9 @@ use crisp_shim::{
 
 /// Carries the handler's runtime options from `start` to the server it spawns.
 const HANDLER_OPTIONS_ENV: &str = "CRISP_SHIM_HANDLER_OPTIONS";
-/// Optional log file for the server (tests, debugging); otherwise the bundle's
-/// `log` FIFO containerd reads.
+/// Optional log for the server (tests, debugging): a file, or a directory in which each
+/// shim writes `<id>.log` (the e2e harness keeps them when a test fails); otherwise the
+/// bundle's `log` FIFO containerd reads.
 const LOG_ENV: &str = "CRISP_SHIM_LOG";
 
 fn main() {
@@ -227,7 +228,11 @@ fn delete(flags: &Flags) -> anyhow::Result<()> {
 
 fn init_logging(flags: &Flags) {
     let writer: Box<dyn Write + Send> = match std::env::var_os(LOG_ENV) {
-        Some(p) => match OpenOptions::new().create(true).append(true).open(&p) {
+        Some(p) => match OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(log_file(PathBuf::from(p), &flags.id))
+        {
             Ok(f) => Box::new(f),
             Err(_) => Box::new(std::io::sink()),
         },
@@ -261,6 +266,15 @@ fn init_logging(flags: &Flags) {
         .with_ansi(false)
         .with_writer(make)
         .try_init();
+}
+
+/// `CRISP_SHIM_LOG`'s file: the path itself, or `<path>/<id>.log` when it is a directory.
+fn log_file(path: PathBuf, id: &str) -> PathBuf {
+    if path.is_dir() {
+        path.join(format!("{id}.log"))
+    } else {
+        path
+    }
 }
 
 struct LockedWriter(Arc<Mutex<Box<dyn Write + Send>>>);

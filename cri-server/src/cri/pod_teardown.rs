@@ -130,6 +130,8 @@ mod tests {
                 stop_signal: None,
             };
             d.store.put(&c.id.clone(), &c).expect("ctr");
+            std::fs::write(dir.path().join("resolv.conf"), "nameserver 127.0.0.1\n")
+                .expect("resolv");
             crate::pod::files::write(
                 &crate::pod::files::pod_dir(&d.cfg.state, &id),
                 "h",

@@ -7,15 +7,40 @@ use std::path::{Path, PathBuf};
 
 use crisp_proto::cri::v1::DnsConfig;
 
+use crate::error::{ErrorKind, HasKind};
+
+/// Why the pod's files could not be written.
+#[derive(Debug, thiserror::Error)]
+pub enum FilesError {
+    /// A host file the pod's file is copied from could not be read (the node is misconfigured:
+    /// containerd fails RunPodSandbox here too).
+    #[error("reading the host's {path}: {source}")]
+    HostFile { path: PathBuf, source: io::Error },
+    #[error("writing {path}: {source}")]
+    Write { path: PathBuf, source: io::Error },
+}
+
+impl HasKind for FilesError {
+    fn kind(&self) -> ErrorKind {
+        match self {
+            Self::HostFile { .. } => ErrorKind::FailedPrecondition,
+            Self::Write { .. } => ErrorKind::Internal,
+        }
+    }
+}
+
+/// Whether the pod's resolv.conf is the host's (no DNSConfig, or an empty one).
+fn uses_host_resolv(dns: Option<&DnsConfig>) -> bool {
+    dns.is_none_or(|d| d.servers.is_empty() && d.searches.is_empty() && d.options.is_empty())
+}
+
 /// Used when the host has no /etc/hosts.
 pub const DEFAULT_HOSTS: &str = "127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\n";
 
 /// resolv.conf from the pod's DNSConfig; without one (or an empty one) the host's file is used
 /// unchanged, which is what kubelet's `Default` DNS policy expects.
 pub fn resolv_conf(dns: Option<&DnsConfig>, host_resolv: &str) -> String {
-    let Some(d) =
-        dns.filter(|d| !(d.servers.is_empty() && d.searches.is_empty() && d.options.is_empty()))
-    else {
+    let Some(d) = dns.filter(|_| !uses_host_resolv(dns)) else {
         return host_resolv.to_string();
     };
     let mut out = String::new();
@@ -36,18 +61,38 @@ pub fn pod_dir(state: &Path, pod_id: &str) -> PathBuf {
     state.join("pods").join(pod_id)
 }
 
+/// The host's file `name` under `host_etc`; `missing` (if given) stands in for a file that
+/// does not exist. Any other failure is an error naming the file: never an empty file.
+fn host_file(host_etc: &Path, name: &str, missing: Option<&str>) -> Result<String, FilesError> {
+    let path = host_etc.join(name);
+    match std::fs::read_to_string(&path) {
+        Ok(text) => Ok(text),
+        Err(e) if e.kind() == io::ErrorKind::NotFound && missing.is_some() => {
+            Ok(missing.unwrap_or_default().to_string())
+        }
+        Err(source) => Err(FilesError::HostFile { path, source }),
+    }
+}
+
 /// Write resolv.conf, hosts and hostname for a pod; returns (container path, host path) pairs
-/// for the spec builder.
+/// for the spec builder. The host's resolv.conf, when the pod uses it, must be readable.
 pub fn write(
     dir: &Path,
     hostname: &str,
     dns: Option<&DnsConfig>,
     host_etc: &Path,
-) -> io::Result<Vec<(String, String)>> {
-    std::fs::create_dir_all(dir)?;
-    let host_resolv = std::fs::read_to_string(host_etc.join("resolv.conf")).unwrap_or_default();
-    let host_hosts = std::fs::read_to_string(host_etc.join("hosts"))
-        .unwrap_or_else(|_| DEFAULT_HOSTS.to_string());
+) -> Result<Vec<(String, String)>, FilesError> {
+    let werr = |path: &Path| {
+        let path = path.to_path_buf();
+        move |source| FilesError::Write { path, source }
+    };
+    std::fs::create_dir_all(dir).map_err(werr(dir))?;
+    let host_resolv = if uses_host_resolv(dns) {
+        host_file(host_etc, "resolv.conf", None)?
+    } else {
+        String::new()
+    };
+    let host_hosts = host_file(host_etc, "hosts", Some(DEFAULT_HOSTS))?;
     let files = [
         (
             "/etc/resolv.conf",
@@ -60,10 +105,10 @@ pub fn write(
     let mut out = Vec::new();
     for (dest, name, content) in files {
         let p = dir.join(name);
-        crate::util::write_volatile(&p, content.as_bytes())?;
+        crate::util::write_volatile(&p, content.as_bytes()).map_err(werr(&p))?;
         // Readable by the container's users, whoever they map to.
         use std::os::unix::fs::PermissionsExt;
-        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o644))?;
+        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o644)).map_err(werr(&p))?;
         out.push((dest.to_string(), p.display().to_string()));
     }
     Ok(out)
@@ -120,5 +165,34 @@ mod tests {
         let m = write(&dir, "web-0", None, &etc).expect("rewrite");
         assert_eq!(m.len(), 3);
         assert_eq!(get("/etc/resolv.conf"), "nameserver 9.9.9.9\n");
+    }
+
+    /// The pod uses the host's resolv.conf and it cannot be read: an error naming the file,
+    /// FailedPrecondition (containerd fails RunPodSandbox too), never an empty resolv.conf.
+    #[test]
+    fn unreadable_host_resolv_conf_is_an_error_naming_it() {
+        let d = tempfile::tempdir().expect("tempdir");
+        let etc = d.path().join("etc");
+        std::fs::create_dir_all(etc.join("resolv.conf")).expect("a directory where the file is");
+        let dir = pod_dir(&d.path().join("state"), "p1");
+        let e = write(&dir, "web-0", None, &etc).expect_err("unreadable resolv.conf");
+        assert_eq!(e.kind(), ErrorKind::FailedPrecondition);
+        let msg = e.to_string();
+        assert!(
+            msg.starts_with(&format!(
+                "reading the host's {}",
+                etc.join("resolv.conf").display()
+            )),
+            "{msg}"
+        );
+        std::fs::remove_dir(etc.join("resolv.conf")).expect("rmdir");
+        let e = write(&dir, "web-0", None, &etc).expect_err("missing resolv.conf");
+        assert!(e.to_string().contains("resolv.conf"), "{e}");
+        // A pod with its own DNS config does not need the host's file.
+        let dns = DnsConfig {
+            servers: vec!["10.0.0.10".into()],
+            ..Default::default()
+        };
+        write(&dir, "web-0", Some(&dns), &etc).expect("own DNS config");
     }
 }

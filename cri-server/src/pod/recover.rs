@@ -494,6 +494,7 @@ mod tests {
             )
             .expect("put");
         let half_dir = crate::pod::files::pod_dir(&d.cfg.state, "half");
+        std::fs::write(dir.path().join("resolv.conf"), "nameserver 127.0.0.1\n").expect("resolv");
         crate::pod::files::write(&half_dir, "h", None, dir.path()).expect("files");
         // A Ready pod whose shim is gone (its socket does not exist).
         let mut dead = pod("dead");

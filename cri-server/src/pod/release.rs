@@ -129,7 +129,12 @@ pub async fn stop_pause(d: &PodService, rec: &PodRecord) -> Result<(), CriError>
         ..Default::default()
     };
     let call = Duration::from_secs(u64::from(PAUSE_STOP_SECS)) + SHIM_CALL;
-    match shim.sandbox().stop_sandbox(ctx(call), &req).await {
+    match shim
+        .sandbox()
+        .stop_sandbox(ctx(call), &req)
+        .await
+        .map_err(|e| shim.typed(e))
+    {
         Ok(_) => Ok(()),
         Err(e) if crate::shim::client::is_not_found(&e) => Ok(()),
         Err(e) if crate::shim::client::is_gone(&e) => {
@@ -216,7 +221,8 @@ pub async fn shutdown_shim(
             sandbox_id: pod_id.to_string(),
             ..Default::default()
         };
-        match shim.sandbox().shutdown_sandbox(ctx(SHIM_CALL), &req).await {
+        let res = shim.sandbox().shutdown_sandbox(ctx(SHIM_CALL), &req).await;
+        match res.map_err(|e| shim.typed(e)) {
             Ok(_) => {}
             Err(e) if crate::shim::client::is_gone(&e) || crate::shim::client::is_not_found(&e) => {
             }
@@ -246,20 +252,8 @@ pub async fn shutdown_shim(
 /// rmdir the pod's (pause's) cgroup in every hierarchy; a missing one is fine. Containers
 /// have their own cgroups (the container code removes them).
 pub fn remove_pod_cgroup(d: &PodService, cgroup_parent: &str, pod_id: &str) -> Result<(), String> {
-    use crisp_shim::placement::{self, CgroupDriver};
-    let driver = CgroupDriver::from(d.cfg.cgroup_driver);
-    let Ok(path) = placement::cgroup_path(driver, cgroup_parent, pod_id)
-        .and_then(|p| placement::resolved_path(driver, &p))
-    else {
-        return Ok(());
-    };
-    let rel = path.trim_start_matches('/');
-    if rel.is_empty() {
-        return Ok(());
-    }
-    // The mounted hierarchies (from mountinfo, as the shim finds them): on a pure v2 host the
-    // children of /sys/fs/cgroup are cgroups, not hierarchies.
-    let dirs = crisp_shim::cgroup::dirs_of(rel).map_err(|e| e.to_string())?;
+    let driver = crisp_shim::placement::CgroupDriver::from(d.cfg.cgroup_driver);
+    let dirs = super::cgroup::dirs(driver, cgroup_parent, pod_id)?;
     let mut errs = Vec::new();
     for p in dirs {
         match std::fs::remove_dir(&p) {
@@ -397,13 +391,38 @@ pub async fn release(d: &PodService, rec: &mut PodRecord, mode: Mode) -> Result<
             d.store.put(&rec.id, &*rec)?;
             return Err(e);
         }
+        if mode == Mode::Undo {
+            kill_cgroup_leftovers(d, rec).await;
+        }
         remove_cgroup(d, rec);
         delete_records(d, &rec.id)?;
         return Err(e);
     }
+    if mode == Mode::Undo {
+        kill_cgroup_leftovers(d, rec).await;
+    }
     remove_cgroup(d, rec);
     // Last: while the record exists, a retry can still find and finish the removal.
     delete_records(d, &rec.id)
+}
+
+/// After a start that failed (StartSandbox timed out, the shim was killed), the pod's cgroup
+/// may still hold a pause or a child stuck before its exec: the cgroup is crispd's, so what
+/// is in it is killed, and the cgroup can go.
+async fn kill_cgroup_leftovers(d: &PodService, rec: &PodRecord) {
+    let driver = crisp_shim::placement::CgroupDriver::from(d.cfg.cgroup_driver);
+    let dirs = match super::cgroup::dirs(driver, &rec.cgroup_parent, &rec.id) {
+        Ok(dirs) => dirs,
+        Err(e) => {
+            tracing::warn!(pod_id = %rec.id, error = %e, "pod cgroup not found");
+            return;
+        }
+    };
+    match super::cgroup::kill_leftovers(&dirs, Duration::from_secs(5)).await {
+        Ok(0) => {}
+        Ok(n) => tracing::info!(pod_id = %rec.id, killed = n, "pod cgroup emptied"),
+        Err(e) => tracing::warn!(pod_id = %rec.id, error = %e, "pod cgroup not emptied"),
+    }
 }
 
 /// The pause's cgroup is named after the pod, not acquired by a step: always removed. Not

@@ -139,7 +139,7 @@ pub fn pause_spec(cfg: &PodSandboxConfig, inp: &PauseInputs<'_>) -> Value {
 /// The handler's runtime options as containerd sends them to a shim: `containerd.runc.v1.Options`
 /// with the binary, root and cgroup driver. `None` for the default handler with `runtime =
 /// auto` and no systemd driver (the shim probes).
-pub fn runtime_options(d: &PodService, handler: &str) -> Option<Any> {
+pub fn runtime_options(d: &PodService, handler: &str) -> Result<Option<Any>, CriError> {
     use containerd_shim_protos::protobuf::Message;
     use containerd_shim_protos::shim::oci::Options;
     let bin = d.cfg.handler_binary(handler).flatten();
@@ -152,7 +152,7 @@ pub fn runtime_options(d: &PodService, handler: &str) -> Option<Any> {
     let systemd = d.cfg.cgroup_driver == crate::config::CgroupDriver::Systemd
         || opts.get("systemd_cgroup").is_some_and(|v| v == "true");
     if bin.is_none() && opts.is_empty() && !systemd {
-        return None;
+        return Ok(None);
     }
     let o = Options {
         binary_name: bin.map(|b| b.display().to_string()).unwrap_or_default(),
@@ -160,11 +160,18 @@ pub fn runtime_options(d: &PodService, handler: &str) -> Option<Any> {
         systemd_cgroup: systemd,
         ..Default::default()
     };
-    Some(Any {
+    let what = format!("the runtime options of handler {handler:?}");
+    Ok(Some(Any {
         type_url: RUNC_OPTIONS_TYPE_URL.into(),
-        value: o.write_to_bytes().unwrap_or_default(),
+        value: encoded(&what, o.write_to_bytes())?,
         ..Default::default()
-    })
+    }))
+}
+
+/// A message crispd sends a shim, encoded, or an error naming it: never an empty body in its
+/// place (an empty pause spec would start the pause in the host's namespaces).
+fn encoded<E: std::fmt::Display>(what: &str, r: Result<Vec<u8>, E>) -> Result<Vec<u8>, CriError> {
+    r.map_err(|e| CriError::internal(format!("encoding {what}: {e}")))
 }
 
 /// The key RunPodSandbox is de-duplicated and name-reserved by (containerd's sandbox name).
@@ -509,7 +516,7 @@ async fn files(d: &PodService, id: &str, cfg: &PodSandboxConfig) -> Result<(), C
     })
     .await
     .map_err(|e| CriError::internal(format!("pod files task: {e}")))?
-    .map_err(|e| CriError::internal(format!("writing pod files in {}: {e}", dir.display())))?;
+    .map_err(|e| CriError::context(&format!("pod {}: files in {}", rec.id, dir.display()), e))?;
     Ok(())
 }
 
@@ -528,7 +535,7 @@ async fn shim(
         pod_id: id,
         bundle: &dir,
         events_socket: &events,
-        options: runtime_options(d, &req.runtime_handler),
+        options: runtime_options(d, &req.runtime_handler)?,
     })
     .await?;
     d.shims.insert(id, shim.clone());
@@ -563,13 +570,17 @@ async fn pause(
         annotations.insert(k.to_string(), v);
     }
     let dir = crate::pod::files::pod_dir(&d.cfg.state, &id);
+    let spec_json = encoded(
+        &format!("pod {id}: the pause spec"),
+        serde_json::to_vec(spec),
+    )?;
     let create = CreateSandboxRequest {
         sandbox_id: id.clone(),
         bundle_path: dir.display().to_string(),
         netns_path: spec_netns(spec).unwrap_or_default(),
         options: MessageField::some(Any {
             type_url: SPEC_TYPE_URL.into(),
-            value: serde_json::to_vec(spec).unwrap_or_default(),
+            value: spec_json,
             ..Default::default()
         }),
         annotations,
@@ -578,7 +589,7 @@ async fn pause(
     shim.sandbox()
         .create_sandbox(ctx(SHIM_CALL), &create)
         .await
-        .map_err(|e| ShimCallError::sandbox("CreateSandbox", &id, e))?;
+        .map_err(|e| ShimCallError::sandbox("CreateSandbox", &id, shim.typed(e)))?;
     let start = StartSandboxRequest {
         sandbox_id: id.clone(),
         ..Default::default()
@@ -587,7 +598,7 @@ async fn pause(
         .sandbox()
         .start_sandbox(ctx(SHIM_CALL), &start)
         .await
-        .map_err(|e| ShimCallError::sandbox("StartSandbox", &id, e))?;
+        .map_err(|e| ShimCallError::sandbox("StartSandbox", &id, shim.typed(e)))?;
     Ok(started.pid)
 }
 
@@ -667,6 +678,23 @@ fn current_oom_score_adj() -> i32 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// What crispd sends a shim is encoded or the call fails naming it: never an empty body
+    /// (an empty pause spec would put the pause in the host's namespaces).
+    #[test]
+    fn an_unencodable_message_is_an_error_naming_it() {
+        let e = encoded(
+            "pod p1: the pause spec",
+            Err::<Vec<u8>, _>("key must be a string"),
+        )
+        .expect_err("encoding failed");
+        assert_eq!(e.kind, crate::error::ErrorKind::Internal);
+        assert_eq!(
+            e.message,
+            "encoding pod p1: the pause spec: key must be a string"
+        );
+        assert_eq!(encoded("x", Ok::<_, String>(vec![1])).expect("ok"), vec![1]);
+    }
     use crisp_proto::cri::v1::PodSandboxConfig;
 
     fn config() -> PodSandboxConfig {

@@ -40,6 +40,12 @@ pub enum ShimError {
     StartTimeout { pod_id: String, secs: u64 },
     #[error("connecting to shim at {address}: {message}")]
     Connect { address: String, message: String },
+    #[error("shim `start` for pod {pod_id}: encoding its {what}: {message}")]
+    Encode {
+        pod_id: String,
+        what: &'static str,
+        message: String,
+    },
 }
 
 impl HasKind for ShimError {
@@ -49,6 +55,7 @@ impl HasKind for ShimError {
             Self::StartTimeout { .. } => ErrorKind::DeadlineExceeded,
             Self::Start { .. } => ErrorKind::Internal,
             Self::Connect { .. } => ErrorKind::Unavailable,
+            Self::Encode { .. } => ErrorKind::Internal,
         }
     }
 }
@@ -67,6 +74,8 @@ pub struct ShimClient {
 struct Inner {
     address: String,
     pid: Option<u32>,
+    /// Set once the connection has ended (see [`ShimClient::typed`]).
+    ended: super::transport::Ended,
     task: TaskClient,
     sandbox: SandboxClient,
 }
@@ -94,6 +103,19 @@ pub struct StartRequest<'a> {
     pub options: Option<Any>,
 }
 
+/// What `start` reads on its stdin: the runtime options, encoded (an error names the pod,
+/// never an empty input in their place).
+fn start_input(req: &StartRequest<'_>) -> Result<Vec<u8>, ShimError> {
+    match &req.options {
+        Some(any) => any.write_to_bytes().map_err(|e| ShimError::Encode {
+            pod_id: req.pod_id.to_string(),
+            what: "runtime options",
+            message: e.to_string(),
+        }),
+        None => Ok(Vec::new()),
+    }
+}
+
 impl ShimClient {
     /// Start (or find already running) the pod's shim and connect to it.
     pub async fn start(req: StartRequest<'_>) -> Result<ShimClient, ShimError> {
@@ -115,14 +137,11 @@ impl ShimClient {
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
         .kill_on_drop(true);
+        let input = start_input(&req)?;
         let mut child = cmd.spawn().map_err(|source| ShimError::Spawn {
             binary: req.shim_binary.to_path_buf(),
             source,
         })?;
-        let input = match &req.options {
-            Some(any) => any.write_to_bytes().unwrap_or_default(),
-            None => Vec::new(),
-        };
         let mut stdin = child.stdin.take();
         let mut stdout = child.stdout.take();
         let mut stderr = child.stderr.take();
@@ -194,19 +213,14 @@ impl ShimClient {
         if !Path::new(path).exists() {
             return Err(err("socket does not exist".into()));
         }
-        let addr = if address.starts_with("unix://") {
-            address.to_string()
-        } else {
-            format!("unix://{address}")
-        };
-        let client = tokio::time::timeout(CONNECT_TIMEOUT, ttrpc::r#async::Client::connect(&addr))
+        let (client, ended) = super::transport::connect(path, CONNECT_TIMEOUT)
             .await
-            .map_err(|_| err("timed out".into()))?
-            .map_err(|e| err(e.to_string()))?;
+            .map_err(err)?;
         Ok(ShimClient {
             inner: Arc::new(Inner {
                 address: address.to_string(),
                 pid,
+                ended,
                 task: TaskClient::new(client.clone()),
                 sandbox: SandboxClient::new(client),
             }),
@@ -228,6 +242,17 @@ impl ShimClient {
     /// The shim server's pid, when known (from the bundle's `shim.pid` or the store).
     pub fn pid(&self) -> Option<u32> {
         self.inner.pid
+    }
+
+    /// A call's error, typed by the connection: a call that got no answer on a connection
+    /// that has ended failed because the shim is gone (`RemoteClosed`), whatever text ttrpc
+    /// put in its error. Every other error is returned as it is.
+    pub fn typed(&self, e: ttrpc::Error) -> ttrpc::Error {
+        match e {
+            ttrpc::Error::RpcStatus(_) => e,
+            _ if self.inner.ended.get() => ttrpc::Error::RemoteClosed,
+            e => e,
+        }
     }
 }
 
@@ -328,8 +353,9 @@ pub fn is_gone(e: &ttrpc::Error) -> bool {
             | ttrpc::Error::LocalClosed
             | ttrpc::Error::Eof
             | ttrpc::Error::Socket(_)
-    ) || matches!(e, ttrpc::Error::Others(m) if m.contains("channel closed"))
-    // ttrpc 0.10 reports a call on a connection whose reader already ended this way.
+    )
+    // ttrpc 0.10 reports a call on a connection whose reader already ended as `Others`:
+    // [`ShimClient::typed`] turns that into `RemoteClosed` from the connection's state.
 }
 
 /// The shim does not know the sandbox/task (already gone: fine for idempotent teardown).
@@ -412,6 +438,60 @@ mod tests {
         );
         let odd = ShimCallError::sandbox("StopSandbox", "p1", ttrpc::Error::Others("x".into()));
         assert_eq!(odd.kind(), ErrorKind::Internal);
+    }
+
+    /// "The shim is gone" comes from the connection, not from ttrpc's error text: on a live
+    /// connection an odd error stays what it is (Internal for a sandbox call); once the shim
+    /// closed its end, a call's failure is `RemoteClosed` (Unavailable).
+    #[tokio::test]
+    async fn a_call_on_an_ended_connection_is_typed_gone() {
+        use containerd_shim_protos::sandbox_api::StopSandboxRequest;
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("shim.sock");
+        let listener = tokio::net::UnixListener::bind(&path).expect("bind");
+        let (close_tx, close_rx) = tokio::sync::oneshot::channel::<()>();
+        let server = tokio::spawn(async move {
+            let (sock, _) = listener.accept().await.expect("accept");
+            let _ = close_rx.await;
+            drop(sock);
+        });
+        let shim = ShimClient::connect(&path.display().to_string())
+            .await
+            .expect("connect");
+        let odd = shim.typed(ttrpc::Error::Others("x".into()));
+        assert!(
+            matches!(&odd, ttrpc::Error::Others(m) if m == "x"),
+            "{odd:?}"
+        );
+        close_tx.send(()).expect("close");
+        server.await.expect("server");
+        let req = StopSandboxRequest {
+            sandbox_id: "p1".into(),
+            ..Default::default()
+        };
+        let e = shim
+            .sandbox()
+            .stop_sandbox(ctx(Duration::from_secs(2)), &req)
+            .await
+            .expect_err("the shim closed its end");
+        let typed = shim.typed(e);
+        assert!(is_gone(&typed), "{typed:?}");
+        let e = ShimCallError::sandbox("StopSandbox", "p1", typed);
+        assert_eq!(e.kind(), ErrorKind::Unavailable, "{e}");
+    }
+
+    #[test]
+    fn an_unencodable_start_input_names_the_pod_and_what() {
+        let e = ShimError::Encode {
+            pod_id: "p1".into(),
+            what: "runtime options",
+            message: "message too large".into(),
+        };
+        assert_eq!(e.kind(), ErrorKind::Internal);
+        assert_eq!(
+            e.to_string(),
+            "shim `start` for pod p1: encoding its runtime options: message too large"
+        );
     }
 
     #[test]

@@ -177,7 +177,9 @@ impl Store {
     }
 
     /// Run `f` in one write transaction; it commits only if `f` returns Ok, and `then` updates
-    /// the cache after the commit, before any other write.
+    /// the cache after the commit, before any other write. The commit fsyncs, and the write
+    /// lock may wait for another writer: off the async workers (see [`off_async_worker`]), so
+    /// a slow disk never stalls the calls that need no store.
     fn commit<R, E>(
         &self,
         f: impl FnOnce(&WriteTransaction) -> Result<R, E>,
@@ -186,12 +188,14 @@ impl Store {
     where
         E: From<StoreError>,
     {
-        let _w = self.write_lock();
-        let txn = self.db.begin_write().map_err(StoreError::from)?;
-        let r = f(&txn)?; // dropping an uncommitted transaction aborts it
-        txn.commit().map_err(StoreError::from)?;
-        then(&self.cache);
-        Ok(r)
+        off_async_worker(|| {
+            let _w = self.write_lock();
+            let txn = self.db.begin_write().map_err(StoreError::from)?;
+            let r = f(&txn)?; // dropping an uncommitted transaction aborts it
+            txn.commit().map_err(StoreError::from)?;
+            then(&self.cache);
+            Ok(r)
+        })
     }
 
     /// Run `f` in one write transaction; it commits only if `f` returns Ok. The cache cannot
@@ -425,9 +429,52 @@ pub fn find_by_id_or_prefix<T: Record>(
     }
 }
 
+/// Runs blocking store work without holding a tokio async worker. Every store write goes
+/// through here, from async handlers and blocking code alike: on crispd's multi-thread
+/// runtime the worker first hands its other tasks to another thread (`block_in_place`), so
+/// they keep running during the commit; outside a runtime, or on a current-thread one (unit
+/// tests), it simply runs.
+pub fn off_async_worker<R>(f: impl FnOnce() -> R) -> R {
+    use tokio::runtime::{Handle, RuntimeFlavor};
+    match Handle::try_current() {
+        Ok(h) if h.runtime_flavor() == RuntimeFlavor::MultiThread => tokio::task::block_in_place(f),
+        _ => f(),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A slow commit (a disk that takes 400 ms) must not stall other calls: with one async
+    /// worker, a ticking task still runs while a store write holds its thread.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 1)]
+    async fn a_slow_store_write_does_not_hold_the_async_worker() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = Store::open(&dir.path().join("crisp.db")).expect("open");
+        let ticks = Arc::new(std::sync::atomic::AtomicU32::new(0));
+        let t = ticks.clone();
+        let ticker = tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+                t.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            }
+        });
+        tokio::time::sleep(std::time::Duration::from_millis(30)).await;
+        let before = ticks.load(std::sync::atomic::Ordering::SeqCst);
+        store
+            .write(|_txn| {
+                std::thread::sleep(std::time::Duration::from_millis(400));
+                Ok::<(), StoreError>(())
+            })
+            .expect("write");
+        let during = ticks.load(std::sync::atomic::Ordering::SeqCst) - before;
+        ticker.abort();
+        assert!(
+            during >= 5,
+            "only {during} ticks while the store wrote for 400 ms"
+        );
+    }
     use serde::Deserialize;
 
     #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

@@ -81,6 +81,33 @@ pub fn cleanup_after_dead_shim(
     Ok(())
 }
 
+/// Writes the record `delete` needs (blocking). Without it a shim that dies leaves its
+/// pause cgroup for crispd's release to remove, so a failure is logged, not fatal.
+fn record_for_delete(id: &str, bundle: &std::path::Path, dirs: &[PathBuf]) {
+    if !bundle.is_dir() {
+        return;
+    }
+    let rec = SandboxRecord {
+        sandbox_id: id.to_string(),
+        cgroup_dirs: dirs.to_vec(),
+    };
+    if let Err(e) = write_record(bundle, &rec) {
+        warn!(sandbox_id = %id, error = %e, "cannot record the sandbox for `delete`");
+    }
+}
+
+/// Why StartSandbox's blocking part failed.
+enum SandboxStartError {
+    Task(TaskError),
+    Spawn(spawn::SpawnError),
+}
+
+impl From<TaskError> for SandboxStartError {
+    fn from(e: TaskError) -> Self {
+        SandboxStartError::Task(e)
+    }
+}
+
 fn write_record(bundle: &std::path::Path, rec: &SandboxRecord) -> std::io::Result<()> {
     let tmp = bundle.join(format!(".{SANDBOX_RECORD}.tmp"));
     std::fs::write(&tmp, serde_json::to_vec(rec)?)?;
@@ -224,13 +251,17 @@ impl SandboxService {
         st.exited = Some(e);
         info!(sandbox_id = %sb.id, pid = exit.pid, status = exit.status, "pause exited");
         // Its cgroup is empty now; the pod's parent cgroup is not ours to remove.
-        let dirs = sb.cgroup_dirs.clone();
-        match tokio::task::spawn_blocking(move || cgroup::remove(&dirs)).await {
+        // File and cgroupfs work runs off the shim's one runtime thread.
+        let (dirs, record) = (sb.cgroup_dirs.clone(), sb.bundle.join(SANDBOX_RECORD));
+        let removed = tokio::task::spawn_blocking(move || {
+            let _ = std::fs::remove_file(record);
+            cgroup::remove(&dirs)
+        });
+        match removed.await {
             Ok(Ok(())) => {}
             Ok(Err(e)) => warn!(sandbox_id = %sb.id, error = %e, "remove pause cgroup"),
             Err(e) => warn!(sandbox_id = %sb.id, error = %e, "remove pause cgroup"),
         }
-        let _ = std::fs::remove_file(sb.bundle.join(SANDBOX_RECORD));
         sb.exited_tx.send_replace(Some(e));
         let ev = TaskExit {
             container_id: sb.id.clone(),
@@ -331,28 +362,31 @@ impl SandboxService {
                 sb.id, st.status
             )));
         }
-        let pause = self.pause()?;
-        if sb.bundle.is_dir() {
-            let rec = SandboxRecord {
-                sandbox_id: sb.id.clone(),
-                cgroup_dirs: sb.cgroup_dirs.clone(),
-            };
-            if let Err(e) = write_record(&sb.bundle, &rec) {
-                warn!(sandbox_id = %sb.id, error = %e, "cannot record the sandbox for `delete`");
-            }
-        }
         let t0 = Instant::now();
+        // Loading pause, the record and the spawn are file, cgroupfs and process work: all
+        // off the shim's one runtime thread, which must keep serving (the spawn is bounded
+        // by its exec deadline).
+        let this = self.clone();
         let (plan, dirs, oom) = (sb.plan.clone(), sb.cgroup_dirs.clone(), sb.oom_score_adj);
-        let spawned = tokio::task::spawn_blocking(move || spawn::spawn(pause, plan, dirs, oom))
-            .await
-            .map_err(|e| TaskError::Internal(e.to_string()))?;
+        let (id, bundle) = (sb.id.clone(), sb.bundle.clone());
+        let spawned = tokio::task::spawn_blocking(move || {
+            let pause = this.pause()?;
+            record_for_delete(&id, &bundle, &dirs);
+            spawn::spawn(pause, plan, dirs, oom).map_err(SandboxStartError::Spawn)
+        })
+        .await
+        .map_err(|e| TaskError::Internal(e.to_string()))?;
         let spawned = match spawned {
             Ok(s) => s,
-            Err(e) => {
+            Err(SandboxStartError::Task(e)) => return Err(e),
+            Err(SandboxStartError::Spawn(e)) => {
                 // The child (if any) was killed; its cgroup goes once it is reaped.
-                let dirs = sb.cgroup_dirs.clone();
-                let _ = tokio::task::spawn_blocking(move || cgroup::remove(&dirs)).await;
-                let _ = std::fs::remove_file(sb.bundle.join(SANDBOX_RECORD));
+                let (dirs, record) = (sb.cgroup_dirs.clone(), sb.bundle.join(SANDBOX_RECORD));
+                let _ = tokio::task::spawn_blocking(move || {
+                    let _ = std::fs::remove_file(record);
+                    cgroup::remove(&dirs)
+                })
+                .await;
                 return Err(match &e {
                     spawn::SpawnError::Join { err, .. }
                         if err.kind() == std::io::ErrorKind::NotFound =>

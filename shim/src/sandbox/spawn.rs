@@ -607,7 +607,7 @@ fn spawn_on_this_thread(
     prepare_child(pid, plan, oom_score_adj, &place.after_clone).map_err(undo)?;
     laps.lap("maps+oom");
     // 6. Release the child and learn whether its exec worked.
-    release_child(sync_w, err_r).map_err(undo)?;
+    release_child(sync_w, err_r).map_err(|e| undo(where_stuck(pid, e)))?;
     laps.lap("exec");
     Ok(Started {
         pid,
@@ -827,8 +827,58 @@ fn prepare_child(
     cgroup::add(after_clone, pid).map_err(SpawnError::from)
 }
 
+/// How long pause may take from its release to its exec (normally well under a millisecond).
+/// Past it the child is stuck (the StartSandbox hang was a child blocked in a lock copied
+/// held): the spawn fails and the caller kills it, instead of the shim waiting forever.
+const EXEC_DEADLINE: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// poll(2) until `f` is readable (data or EOF) or `limit` passes (TimedOut).
+fn wait_readable(f: &File, limit: std::time::Duration) -> io::Result<()> {
+    let deadline = std::time::Instant::now() + limit;
+    loop {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        let mut pfd = libc::pollfd {
+            fd: f.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        let ms = left.as_millis().min(i32::MAX as u128) as i32;
+        // SAFETY: one valid pollfd on an fd we own, for its length of one.
+        match unsafe { libc::poll(&mut pfd, 1, ms) } {
+            n if n > 0 => return Ok(()),
+            0 => {
+                return Err(io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    format!("no exec within {limit:?}"),
+                ));
+            }
+            _ => {
+                let e = io::Error::last_os_error();
+                if e.kind() != io::ErrorKind::Interrupted {
+                    return Err(e);
+                }
+            }
+        }
+    }
+}
+
+/// A child that missed its exec deadline: say where it waits (its kernel wait channel), so
+/// the log names the cause next time.
+fn where_stuck(pid: i32, e: SpawnError) -> SpawnError {
+    match e {
+        SpawnError::Setup { what, err } if err.kind() == io::ErrorKind::TimedOut => {
+            let wchan = std::fs::read_to_string(format!("/proc/{pid}/wchan")).unwrap_or_default();
+            SpawnError::Setup {
+                what: format!("{what} (pause {pid} waits in {wchan:?})"),
+                err,
+            }
+        }
+        e => e,
+    }
+}
+
 /// Let the child go on, and learn whether its exec worked: the error pipe closes on exec
-/// (O_CLOEXEC) or carries (step, errno).
+/// (O_CLOEXEC) or carries (step, errno), within [`EXEC_DEADLINE`].
 fn release_child(sync_w: OwnedFd, err_r: OwnedFd) -> Result<(), SpawnError> {
     let mut w = File::from(sync_w);
     w.write_all(&[0]).map_err(|err| SpawnError::Setup {
@@ -836,8 +886,13 @@ fn release_child(sync_w: OwnedFd, err_r: OwnedFd) -> Result<(), SpawnError> {
         err,
     })?;
     drop(w);
+    let mut err_r = File::from(err_r);
+    wait_readable(&err_r, EXEC_DEADLINE).map_err(|err| SpawnError::Setup {
+        what: "wait for pause to exec".into(),
+        err,
+    })?;
     let mut msg = Vec::new();
-    File::from(err_r)
+    err_r
         .read_to_end(&mut msg)
         .map_err(|err| SpawnError::Setup {
             what: "read pause status".into(),
@@ -853,3 +908,7 @@ fn release_child(sync_w: OwnedFd, err_r: OwnedFd) -> Result<(), SpawnError> {
     }
     Ok(())
 }
+
+#[cfg(test)]
+#[path = "spawn_tests.rs"]
+mod tests;

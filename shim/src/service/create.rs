@@ -50,6 +50,28 @@ fn place_in_spec(
     Ok(cgroups_path)
 }
 
+/// The bundle's part of a create: the spec's placement, the rootfs mounts and the runtime
+/// record. File I/O and mount(2), so it runs on a blocking thread, never on the shim's one
+/// runtime thread. A failed record is returned for the caller to undo the rest.
+fn prepare_bundle(
+    bundle: &Path,
+    driver: crate::placement::CgroupDriver,
+    id: &str,
+    rootfs: &[api::Mount],
+    runtime: &Runtime,
+) -> Result<(String, Option<PathBuf>, std::io::Result<()>)> {
+    let cgroups_path = place_in_spec(bundle, driver, id)?;
+    let rootfs = mount_rootfs(bundle, rootfs)?;
+    let record = RuntimeRecord {
+        binary: runtime.binary.clone(),
+        root: runtime.root.clone(),
+        systemd_cgroup: runtime.systemd_cgroup,
+        rootfs_mounted: rootfs.is_some(),
+    };
+    let recorded = write_record(bundle, &record);
+    Ok((cgroups_path, rootfs, recorded))
+}
+
 /// Mount the rootfs the request carries at `<bundle>/rootfs`; None when it brings none (the
 /// spec names its own root).
 fn mount_rootfs(bundle: &Path, rootfs: &[api::Mount]) -> Result<Option<PathBuf>> {
@@ -80,21 +102,26 @@ impl TaskService {
         let driver = options::driver(&opts);
         let runtime = self.runtime_for(&opts)?;
         let bundle = PathBuf::from(&req.bundle);
-        let cgroups_path = place_in_spec(&bundle, driver, &id)?;
-        info!(runtime = %runtime.binary.display(), %cgroups_path, %driver, "creating");
-        let rootfs = mount_rootfs(&bundle, &req.rootfs)?;
-        let record = RuntimeRecord {
-            binary: runtime.binary.clone(),
-            root: runtime.root.clone(),
-            systemd_cgroup: runtime.systemd_cgroup,
-            rootfs_mounted: rootfs.is_some(),
+        let (cgroups_path, rootfs, recorded) = {
+            let (b, i, m, rt) = (
+                bundle.clone(),
+                id.clone(),
+                req.rootfs.clone(),
+                runtime.clone(),
+            );
+            let span = tracing::Span::current();
+            let prepare = move || span.in_scope(|| prepare_bundle(&b, driver, &i, &m, &rt));
+            tokio::task::spawn_blocking(prepare)
+                .await
+                .map_err(|e| internal!("prepare bundle: {e}"))??
         };
+        info!(runtime = %runtime.binary.display(), %cgroups_path, %driver, "creating");
         let undo = CreateUndo {
             id: id.clone(),
             runtime: runtime.clone(),
             rootfs: rootfs.clone(),
         };
-        if let Err(e) = write_record(&bundle, &record) {
+        if let Err(e) = recorded {
             return Err(internal!(
                 "{}",
                 undo.run(format!("record runtime: {e}")).await

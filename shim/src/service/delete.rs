@@ -46,7 +46,7 @@ impl TaskService {
         lock(&c.init.io).close_stdin();
         if st.status == ProcStatus::Created {
             // Never started: deleted before it ran. Report it like a kill.
-            let _ = st.transition(ProcStatus::Stopped);
+            st.transition(ProcStatus::Stopped)?;
             st.exited = Some(Exited {
                 status: 128 + 9,
                 at: SystemTime::now(),

@@ -580,6 +580,24 @@ mod update;
 mod tests {
     use super::*;
 
+    /// Delete of a never-started task moves it Created → Stopped with `?` now: a refusal is
+    /// an error naming both states, not dropped.
+    #[test]
+    fn a_refused_transition_names_both_states() {
+        let mut st = ProcState {
+            status: ProcStatus::Stopped,
+            pid: 1,
+            exited: None,
+        };
+        let e = st
+            .transition(ProcStatus::Running)
+            .expect_err("stopped → running");
+        assert!(
+            matches!(&e, TaskError::FailedPrecondition(m) if m == "process cannot go from Stopped to Running"),
+            "{e}"
+        );
+    }
+
     #[test]
     fn process_state_machine_refuses_the_impossible() {
         let mut st = ProcState {
