@@ -195,19 +195,13 @@ async fn call<T>(
     }
 }
 
-/// The call's connection failed (the client's transport error), rather than crispd answering.
+/// The call's connection failed (the client's transport made the status), rather than crispd
+/// answering: a status decoded from the server's trailers has no source error, one tonic makes
+/// from a broken connection (reset, refused, an h2 body error) carries it.
 fn broken_connection(e: &anyhow::Error) -> bool {
     e.chain().any(|c| {
-        c.downcast_ref::<tonic::Status>().is_some_and(|s| {
-            let mut src = std::error::Error::source(s);
-            while let Some(x) = src {
-                if x.is::<tonic::transport::Error>() || x.is::<std::io::Error>() {
-                    return true;
-                }
-                src = x.source();
-            }
-            false
-        })
+        c.downcast_ref::<tonic::Status>()
+            .is_some_and(|s| std::error::Error::source(s).is_some())
     })
 }
 

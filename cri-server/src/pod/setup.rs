@@ -516,7 +516,7 @@ async fn files(d: &PodService, id: &str, cfg: &PodSandboxConfig) -> Result<(), C
     })
     .await
     .map_err(|e| CriError::internal(format!("pod files task: {e}")))?
-    .map_err(|e| CriError::context(&format!("pod {}: files in {}", rec.id, dir.display()), e))?;
+    .map_err(|e| CriError::context(&format!("pod {}: files in {}", id, dir.display()), e))?;
     Ok(())
 }
 

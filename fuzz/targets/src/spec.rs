@@ -50,6 +50,9 @@ pub fn oci_spec(data: &[u8]) {
             .iter()
             .map(|(d, s)| (d.to_string(), s.to_string()))
             .collect(),
+        // Image volumes are mounted by crispd before the spec is built; none here, so a
+        // request naming one must be refused, never bound from a path it names.
+        image_volumes: Vec::new(),
     };
     let Ok(spec) = spec::build(&pod, &ctr, &image(), &ctx, &FakeHost) else {
         return;
