@@ -60,6 +60,22 @@ impl TaskService {
         })
     }
 
+    /// The runtime refuses an exec into a container whose init has just died (a kill the
+    /// shim has not yet reported): that is the caller's stale view, not a fault of ours.
+    async fn exec_refused(&self, c: &Container, e: RuntimeError) -> TaskError {
+        let (pid, exited) = {
+            let st = c.init.state.lock().await;
+            (st.pid, st.exited.is_some())
+        };
+        if exited || !process_alive(pid) {
+            return TaskError::FailedPrecondition(format!(
+                "container {} has stopped (init pid {pid} is gone): {e}",
+                c.id
+            ));
+        }
+        runtime_error(e)
+    }
+
     async fn start_exec(&self, c: &Container, p: &Proc) -> Result<i32> {
         let spec_path = c.bundle.join(format!("exec-{}.json", p.exec_id));
         let pid_file = c.bundle.join(format!("exec-{}.pid", p.exec_id));
@@ -89,7 +105,9 @@ impl TaskService {
         };
         let res = c.runtime.exec(&c.id, &spec_path, &copts, stdio).await;
         let _ = std::fs::remove_file(&spec_path);
-        res.map_err(runtime_error)?;
+        if let Err(e) = res {
+            return Err(self.exec_refused(c, e).await);
+        }
         if let Some(console) = console {
             console
                 .receive()
@@ -100,5 +118,48 @@ impl TaskService {
         let pid = read_pid(&pid_file).map_err(|e| internal!("{e}"))?;
         let _ = std::fs::remove_file(&pid_file);
         Ok(pid)
+    }
+}
+
+/// A pid that is gone or a zombie no longer runs the container.
+fn process_alive(pid: i32) -> bool {
+    if pid <= 0 {
+        return false;
+    }
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        // The state follows the last ')' (the command name may hold one).
+        Ok(stat) => stat
+            .rsplit_once(')')
+            .and_then(|(_, rest)| rest.trim_start().chars().next())
+            .is_some_and(|state| state != 'Z' && state != 'X'),
+        Err(_) => false,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::process_alive;
+
+    #[test]
+    fn a_running_pid_is_alive_and_a_reaped_one_is_not() {
+        assert!(process_alive(std::process::id() as i32));
+        let mut child = std::process::Command::new("true").spawn().unwrap();
+        let pid = child.id() as i32;
+        child.wait().unwrap();
+        assert!(!process_alive(pid), "reaped pid {pid} still counts as alive");
+        assert!(!process_alive(0));
+    }
+
+    #[test]
+    fn a_zombie_is_not_alive() {
+        let child = std::process::Command::new("true").spawn().unwrap();
+        let pid = child.id() as i32;
+        // Not waited for: once it exits it stays a zombie until the test ends.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        while process_alive(pid) {
+            assert!(std::time::Instant::now() < deadline, "pid {pid} never exited");
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+        drop(child);
     }
 }
