@@ -500,34 +500,47 @@ pub fn move_current_thread(dir: &Path) -> Result<(), CgroupError> {
 }
 
 /// Creates each directory with its missing parents. New cpuset cgroups start
-/// with no CPUs or memory nodes in v1, so they inherit their parent's first.
+/// with no CPUs or memory nodes in v1, so every directory on the path gets its
+/// parent's first (as runc does), including ones that already existed: another
+/// shim may have created a shared parent and not yet filled it.
 pub fn create(dirs: &[PathBuf]) -> Result<(), CgroupError> {
     let perr = |p: &Path, e| CgroupError::Place(p.display().to_string(), e);
     for dir in dirs {
-        let mut missing = Vec::new();
-        let mut cur = dir.as_path();
-        while !cur.exists() {
-            missing.push(cur);
-            cur = match cur.parent() {
-                Some(p) => p,
-                None => break,
-            };
+        match fs::create_dir_all(dir) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+            Err(e) => return Err(perr(dir, e)),
         }
-        for d in missing.into_iter().rev() {
-            match fs::create_dir(d) {
-                Ok(()) => {}
-                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
-                Err(e) => return Err(perr(d, e)),
+        if dir.join("cpuset.cpus").exists() {
+            fill_cpuset_path(dir)?;
+        }
+    }
+    Ok(())
+}
+
+/// Top-down, copies cpuset.cpus and cpuset.mems into every empty one on the
+/// path to `dir`. An unreadable or unwritable file is an error: a cpuset left
+/// empty refuses every process later with ENOSPC, far from the cause.
+fn fill_cpuset_path(dir: &Path) -> Result<(), CgroupError> {
+    let perr = |p: &Path, e| CgroupError::Place(p.display().to_string(), e);
+    let chain: Vec<&Path> = dir
+        .ancestors()
+        .take_while(|d| d.join("cpuset.cpus").exists())
+        .collect();
+    for d in chain.into_iter().rev() {
+        let Some(parent) = d.parent() else { continue };
+        if !parent.join("cpuset.cpus").exists() {
+            continue; // the hierarchy's root: always filled
+        }
+        for file in ["cpuset.cpus", "cpuset.mems"] {
+            let own = d.join(file);
+            let current = fs::read_to_string(&own).map_err(|e| perr(&own, e))?;
+            if !current.trim().is_empty() {
+                continue;
             }
-            for file in ["cpuset.cpus", "cpuset.mems"] {
-                let own = d.join(file);
-                let Some(parent) = d.parent() else { continue };
-                if own.exists() && fs::read_to_string(&own).is_ok_and(|s| s.trim().is_empty()) {
-                    let v = fs::read_to_string(parent.join(file))
-                        .map_err(|e| perr(&parent.join(file), e))?;
-                    fs::write(&own, v.trim()).map_err(|e| perr(&own, e))?;
-                }
-            }
+            let from = parent.join(file);
+            let v = fs::read_to_string(&from).map_err(|e| perr(&from, e))?;
+            fs::write(&own, v.trim()).map_err(|e| perr(&own, e))?;
         }
     }
     Ok(())
@@ -606,6 +619,42 @@ mod tests {
                 .iter()
                 .all(Option::is_some)
         );
+    }
+
+    /// A fake v1 cpuset tree: the root is filled, `a` was made by another
+    /// shim that has not filled it yet, `a/b` is ours (the kernel gives it the files).
+    fn fake_cpuset_tree() -> (tempfile::TempDir, PathBuf) {
+        let root = tempfile::tempdir().expect("tempdir");
+        let leaf = root.path().join("a/b");
+        fs::create_dir_all(&leaf).expect("mkdir");
+        fs::write(root.path().join("cpuset.cpus"), "0-1\n").expect("write");
+        fs::write(root.path().join("cpuset.mems"), "0\n").expect("write");
+        for d in [root.path().join("a"), leaf.clone()] {
+            fs::write(d.join("cpuset.cpus"), "\n").expect("write");
+            fs::write(d.join("cpuset.mems"), "").expect("write");
+        }
+        (root, leaf)
+    }
+
+    #[test]
+    fn create_fills_every_empty_cpuset_on_the_path_even_ones_it_did_not_make() {
+        let (root, leaf) = fake_cpuset_tree();
+        create(std::slice::from_ref(&leaf)).expect("create");
+        for d in [root.path().join("a"), leaf] {
+            assert_eq!(fs::read_to_string(d.join("cpuset.cpus")).unwrap(), "0-1");
+            assert_eq!(fs::read_to_string(d.join("cpuset.mems")).unwrap(), "0");
+        }
+    }
+
+    #[test]
+    fn an_unreadable_cpuset_file_is_an_error_not_a_skip() {
+        let (root, leaf) = fake_cpuset_tree();
+        let mems = root.path().join("a/cpuset.mems");
+        fs::remove_file(&mems).expect("rm");
+        fs::create_dir(&mems).expect("mkdir in its place");
+        let err =
+            create(std::slice::from_ref(&leaf)).expect_err("a directory is not a cpuset file");
+        assert!(err.to_string().contains("a/cpuset.mems"), "{err}");
     }
 
     #[test]

@@ -146,7 +146,10 @@ mod tests {
         let mut child = std::process::Command::new("true").spawn().unwrap();
         let pid = child.id() as i32;
         child.wait().unwrap();
-        assert!(!process_alive(pid), "reaped pid {pid} still counts as alive");
+        assert!(
+            !process_alive(pid),
+            "reaped pid {pid} still counts as alive"
+        );
         assert!(!process_alive(0));
     }
 
@@ -157,7 +160,10 @@ mod tests {
         // Not waited for: once it exits it stays a zombie until the test ends.
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
         while process_alive(pid) {
-            assert!(std::time::Instant::now() < deadline, "pid {pid} never exited");
+            assert!(
+                std::time::Instant::now() < deadline,
+                "pid {pid} never exited"
+            );
             std::thread::sleep(std::time::Duration::from_millis(10));
         }
         drop(child);
