@@ -105,7 +105,13 @@ async fn open_store(cfg: &Config) -> anyhow::Result<Store> {
     }
     let path = cfg.db_path();
     let store = Store::open(&path).with_context(|| format!("opening {}", path.display()))?;
-    Ok(store)
+    match crate::store::slow_disk::SlowDisk::from_env().map_err(anyhow::Error::msg)? {
+        Some(slow) => {
+            tracing::warn!("failpoint on (a test's slow disk): {}", slow.describe());
+            Ok(store.with_slow_disk(slow))
+        }
+        None => Ok(store),
+    }
 }
 
 /// Phase "snapshotter": opened before recovery (recovering containers needs their snapshots),

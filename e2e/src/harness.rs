@@ -69,6 +69,8 @@ pub struct EnvBuilder {
     cni_bin_dir: Option<PathBuf>,
     /// Both daemons' log level; tests want `debug`, benchmarks what a node runs (`info`).
     log_level: &'static str,
+    /// Extra environment for crispd (and the shims it starts): a test's failpoints.
+    crispd_env: Vec<(String, String)>,
 }
 
 impl EnvBuilder {
@@ -116,6 +118,13 @@ impl EnvBuilder {
     /// node does, so that neither pays for debug lines the other does not write.
     pub fn log_level(mut self, level: &'static str) -> Self {
         self.log_level = level;
+        self
+    }
+
+    /// An environment variable for crispd, kept across restarts (e.g. a failpoint such as
+    /// `CRISP_FAILPOINT_SLOW_COMMIT`); ignored for containerd.
+    pub fn crispd_env(mut self, key: impl Into<String>, value: impl Into<String>) -> Self {
+        self.crispd_env.push((key.into(), value.into()));
         self
     }
 
@@ -286,6 +295,7 @@ impl TestEnv {
             portmap: false,
             cni_bin_dir: None,
             log_level: "debug",
+            crispd_env: Vec::new(),
         }
     }
 
@@ -430,6 +440,7 @@ impl TestEnv {
         let mut cmd = Command::new(bin);
         // Inherited by every shim crispd starts: each logs to `<dir>/<pod id>.log`.
         cmd.env("CRISP_SHIM_LOG", &self.shim_log_dir);
+        cmd.envs(opts.crispd_env.iter().map(|(k, v)| (k, v)));
         cmd.arg("--config")
             .arg(&file)
             .arg("--root")

@@ -20,8 +20,8 @@
 //!
 //! `soak_5min` runs in `make test` (20 pods, 300 s); `soak_long` is ignored
 //! (`SOAK_SECS=3600 SOAK_PODS=100 cargo nextest run -p crisp-e2e --run-ignored only -E
-//! 'test(soak_long)' --no-capture`). A slow-disk failpoint on store commits is not injected:
-//! crispd has no failpoint hook yet.
+//! 'test(soak_long)' --no-capture`). The disk is slow throughout: crispd's failpoint
+//! `CRISP_FAILPOINT_SLOW_COMMIT` makes every 25th store commit wait 300 ms before its fsync.
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -42,6 +42,9 @@ const BUSYBOX: &str = "docker.io/library/busybox:latest";
 /// it is busybox's image id, and RemoveImage removes the image, every tag of it).
 const GC_IMAGE: &str = "docker.io/library/layers:latest";
 const RECOVERY_BOUND: Duration = Duration::from_secs(10);
+/// The slow disk: every 25th store commit waits 300 ms before its fsync (crispd's failpoint).
+const SLOW_COMMIT: &str = "300/25";
+const SLOW_COMMIT_LOG: &str = "failpoint: slow store commit";
 
 fn env_num(name: &str, default: u64) -> u64 {
     std::env::var(name)
@@ -467,7 +470,7 @@ async fn relist(cri: CriClient, r: Shared, stop: Arc<AtomicBool>) {
                 }
             }
         }
-        if tick % 10 == 0 {
+        if tick.is_multiple_of(10) {
             let rt = cri.runtime();
             let _ = call(&r, "ListContainerStats", secs(10), async {
                 let mut rt = rt.clone();
@@ -637,6 +640,7 @@ async fn soak(duration_secs: u64, pods: usize) -> Result<()> {
             "[runtime_handlers.flaky]\nbinary = {:?}\n",
             stand_ins.runtime().display().to_string()
         ))
+        .crispd_env("CRISP_FAILPOINT_SLOW_COMMIT", SLOW_COMMIT)
         .start()
         .await?;
     let mut env = env;
@@ -714,7 +718,8 @@ async fn run(
 
     // Remove everything, as kubelet does when the node is drained.
     for s in &slots {
-        if let Some(pod) = lock(s).pod.clone() {
+        let pod = lock(s).pod.clone(); // the guard must not live across the await
+        if let Some(pod) = pod {
             cri.stop_and_remove_pod(&pod).await?;
         }
     }
@@ -722,7 +727,12 @@ async fn run(
         cri.stop_and_remove_pod(&p).await?;
     }
     let report = report(&r, t0.elapsed());
-    eprintln!("{report}");
+    let slowed = slowed_commits(env)?;
+    eprintln!("{report}slow disk ({SLOW_COMMIT}: ms / every n-th commit): {slowed} commits slowed");
+    ensure!(
+        slowed > 0,
+        "the slow-disk failpoint never fired: crispd's log has no {SLOW_COMMIT_LOG:?}"
+    );
     let g = rec(&r);
     ensure!(
         g.violations.is_empty(),
@@ -743,6 +753,22 @@ async fn run(
         "crispd holds {fds} fds with no pod left, {idle_fds} when it was idle at the start"
     );
     Ok(())
+}
+
+/// Counted from crispd's log (it spans every restart): the failpoint logs each slowed commit.
+fn slowed_commits(env: &TestEnv) -> Result<usize> {
+    use std::io::BufRead;
+    let f = std::fs::File::open(&env.daemon_log)
+        .with_context(|| format!("opening {}", env.daemon_log.display()))?;
+    let mut n = 0;
+    for line in std::io::BufReader::new(f).split(b'\n') {
+        let line = line.context("reading crispd's log")?;
+        n += usize::from(
+            line.windows(SLOW_COMMIT_LOG.len())
+                .any(|w| w == SLOW_COMMIT_LOG.as_bytes()),
+        );
+    }
+    Ok(n)
 }
 
 fn fault_name(f: Fault) -> &'static str {

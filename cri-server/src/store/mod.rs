@@ -15,6 +15,7 @@
 
 mod cache;
 pub mod records;
+pub mod slow_disk;
 
 use std::path::Path;
 use std::sync::Arc;
@@ -139,6 +140,8 @@ pub struct Store {
     /// Held from a write's begin to its cache update, and while a table is loaded into the
     /// cache: the cache sees commits in the order the store made them.
     writing: Arc<std::sync::Mutex<()>>,
+    /// A test's slow disk ([`slow_disk`]); None on a real node.
+    slow_disk: Option<Arc<slow_disk::SlowDisk>>,
 }
 
 impl std::fmt::Debug for Store {
@@ -169,7 +172,14 @@ impl Store {
             db: Arc::new(db),
             cache: Arc::default(),
             writing: Arc::default(),
+            slow_disk: None,
         })
+    }
+
+    /// Every commit from now on goes through `slow` first (a test's failpoint).
+    pub fn with_slow_disk(mut self, slow: slow_disk::SlowDisk) -> Self {
+        self.slow_disk = Some(Arc::new(slow));
+        self
     }
 
     fn write_lock(&self) -> std::sync::MutexGuard<'_, ()> {
@@ -192,6 +202,9 @@ impl Store {
             let _w = self.write_lock();
             let txn = self.db.begin_write().map_err(StoreError::from)?;
             let r = f(&txn)?; // dropping an uncommitted transaction aborts it
+            if let Some(slow) = &self.slow_disk {
+                slow.before_sync();
+            }
             txn.commit().map_err(StoreError::from)?;
             then(&self.cache);
             Ok(r)
