@@ -9,14 +9,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 /// see the old or the new content (temp file and rename), but nothing is fsynced, because a
 /// power loss takes the whole directory, and a crispd crash cannot tear a written page.
 pub fn write_volatile(path: &Path, bytes: &[u8]) -> io::Result<()> {
-    let dir = path.parent().unwrap_or(Path::new("."));
-    let name = path
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
-    let tmp = dir.join(format!(".{name}.tmp-{}", std::process::id()));
-    std::fs::write(&tmp, bytes)?;
-    std::fs::rename(&tmp, path)
+    replace_file(path, bytes, false)
 }
 
 /// Waits until process `pid` exits, at most `limit`; true if it did (or was already gone).
@@ -69,19 +62,37 @@ pub fn process_alive(pid: u32) -> bool {
 /// Write a file so a crash leaves either the old or the new content, never a torn one:
 /// temp file in the same directory, fsync, rename, fsync the directory.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> io::Result<()> {
+    replace_file(path, bytes, true)
+}
+
+/// Temp file beside `path`, then rename over it; `durable` fsyncs the file before the rename
+/// and the directory after it. The temp name is unique per write (pid and a counter), so two
+/// threads replacing one file never write into each other's temp file.
+fn replace_file(path: &Path, bytes: &[u8], durable: bool) -> io::Result<()> {
+    static SEQ: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
     let dir = path.parent().unwrap_or(Path::new("."));
     let name = path
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_default();
-    let tmp = dir.join(format!(".{name}.tmp-{}", std::process::id()));
-    {
+    let seq = SEQ.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let tmp = dir.join(format!(".{name}.tmp-{}-{seq}", std::process::id()));
+    let written = (|| {
         let mut f = std::fs::File::create(&tmp)?;
         f.write_all(bytes)?;
-        f.sync_all()?;
+        if durable {
+            f.sync_all()?;
+        }
+        std::fs::rename(&tmp, path)
+    })();
+    if written.is_err() {
+        let _ = std::fs::remove_file(&tmp); // a full disk must not also keep the half-written copy
     }
-    std::fs::rename(&tmp, path)?;
-    std::fs::File::open(dir)?.sync_all()
+    written?;
+    if durable {
+        std::fs::File::open(dir)?.sync_all()?;
+    }
+    Ok(())
 }
 
 /// Wait for a child, killing it after `timeout`. Output is read on threads so a chatty child
@@ -234,6 +245,38 @@ mod tests {
             std::fs::read_dir(d.path()).expect("ls").count(),
             1,
             "no temp file left"
+        );
+    }
+
+    /// Two threads replacing one file: each write lands whole, none fails on the other's temp
+    /// file, and no temp file is left.
+    #[test]
+    fn concurrent_replacements_of_one_file_never_collide() {
+        let d = tempfile::tempdir().expect("tempdir");
+        let p = d.path().join("hosts");
+        std::thread::scope(|s| {
+            for t in 0..4u8 {
+                let p = &p;
+                s.spawn(move || {
+                    let body = vec![b'a' + t; 64 * 1024];
+                    for i in 0..50 {
+                        let w = if i % 2 == 0 {
+                            write_volatile
+                        } else {
+                            write_atomic
+                        };
+                        w(p, &body).expect("replace");
+                    }
+                });
+            }
+        });
+        let got = std::fs::read(&p).expect("read");
+        assert_eq!(got.len(), 64 * 1024);
+        assert!(got.iter().all(|&b| b == got[0]), "a torn file");
+        assert_eq!(
+            std::fs::read_dir(d.path()).expect("ls").count(),
+            1,
+            "temp files left"
         );
     }
 
