@@ -32,7 +32,7 @@ use containerd_shim_protos::{
     types::platform::Platform,
 };
 use tokio::sync::{Notify, watch};
-use tracing::{Instrument, info, info_span, warn};
+use tracing::{info, info_span, warn};
 
 use crate::{
     cgroup,
@@ -614,18 +614,9 @@ impl SandboxService {
 
 /// Wraps each call in a span carrying the sandbox id, and logs failures.
 macro_rules! call {
-    ($name:literal, $id:expr, $body:expr) => {{
-        let span = info_span!($name, sandbox_id = %$id);
-        async move {
-            let r = $body;
-            if let Err(e) = &r {
-                warn!(error = %e, concat!($name, " failed"));
-            }
-            r.map_err(ttrpc::Error::from)
-        }
-        .instrument(span)
-        .await
-    }};
+    ($name:literal, $id:expr, $body:expr) => {
+        crate::service::traced(info_span!($name, sandbox_id = %$id), async move { $body }).await
+    };
 }
 
 #[async_trait]

@@ -426,19 +426,31 @@ pub fn read_record(bundle: &Path) -> Option<RuntimeRecord> {
 }
 
 /// Wraps each call in a span carrying the task and exec ids, and logs failures.
-macro_rules! call {
-    ($self:ident, $name:literal, $req:ident, $body:expr) => {{
-        let span = info_span!($name, container_id = %$req.id, exec_id = tracing::field::Empty);
-        async move {
-            let r = $body;
-            if let Err(e) = &r {
-                warn!(error = %e, concat!($name, " failed"));
-            }
-            r.map_err(ttrpc::Error::from)
+/// Every ttrpc method of the task and sandbox services runs through here: inside the span
+/// that names the call and its id, a failure is logged once, then mapped to its status.
+pub(crate) async fn traced<T>(
+    span: tracing::Span,
+    call: impl std::future::Future<Output = Result<T>>,
+) -> ttrpc::Result<T> {
+    async move {
+        let r = call.await;
+        if let Err(e) = &r {
+            warn!(error = %e, "call failed");
         }
-        .instrument(span)
+        r.map_err(ttrpc::Error::from)
+    }
+    .instrument(span)
+    .await
+}
+
+macro_rules! call {
+    ($self:ident, $name:literal, $req:ident, $body:expr) => {
+        traced(
+            info_span!($name, container_id = %$req.id, exec_id = tracing::field::Empty),
+            async move { $body },
+        )
         .await
-    }};
+    };
 }
 
 #[async_trait]
