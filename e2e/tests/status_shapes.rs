@@ -207,7 +207,15 @@ async fn container_user(env: &TestEnv) -> Result<()> {
     let merge = api::SupplementalGroupsPolicy::Merge as i32;
     let strict = api::SupplementalGroupsPolicy::Strict as i32;
     // (name, run_as_user, run_as_group, supplemental_groups, policy, want uid, gid, groups)
-    let cases: [(&str, i64, Option<i64>, Vec<i64>, i32, (i64, i64, Vec<i64>)); 4] = [
+    type Case = (
+        &'static str,
+        i64,
+        Option<i64>,
+        Vec<i64>,
+        i32,
+        (i64, i64, Vec<i64>),
+    );
+    let cases: [Case; 4] = [
         (
             "root-merge",
             0,

@@ -641,8 +641,14 @@ mod tests {
         let (root, leaf) = fake_cpuset_tree();
         create(std::slice::from_ref(&leaf)).expect("create");
         for d in [root.path().join("a"), leaf] {
-            assert_eq!(fs::read_to_string(d.join("cpuset.cpus")).unwrap(), "0-1");
-            assert_eq!(fs::read_to_string(d.join("cpuset.mems")).unwrap(), "0");
+            assert_eq!(
+                fs::read_to_string(d.join("cpuset.cpus")).expect("read"),
+                "0-1"
+            );
+            assert_eq!(
+                fs::read_to_string(d.join("cpuset.mems")).expect("read"),
+                "0"
+            );
         }
     }
 

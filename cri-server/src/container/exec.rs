@@ -640,24 +640,12 @@ pub(crate) mod tests {
 
     pub(crate) fn test_record(id: &str, state: ContainerState) -> ContainerRecord {
         ContainerRecord {
-            id: id.into(),
-            pod_id: "p1".into(),
             name: format!("n-{id}"),
-            attempt: 0,
-            state,
-            created_at: 1,
             started_at: 2,
-            finished_at: 0,
-            exit_code: 0,
-            reason: String::new(),
-            message: String::new(),
             image: "busybox".into(),
             image_ref: "sha256:abc".into(),
-            log_path: String::new(),
-            config_pb: String::new(),
             pid: Some(7),
-            image_volumes: Vec::new(),
-            stop_signal: None,
+            ..ContainerRecord::for_test(id, "p1", state)
         }
     }
 }

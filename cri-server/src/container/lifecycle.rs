@@ -1607,24 +1607,10 @@ mod tests {
         let d = Daemon::for_test(dir.path()).containers;
         let (known, orphan_b, orphan_s) = ("a".repeat(64), "b".repeat(64), "c".repeat(64));
         let rec = ContainerRecord {
-            id: known.clone(),
-            pod_id: "p1".into(),
             name: "n".into(),
-            attempt: 0,
-            state: ContainerState::Created,
-            created_at: 1,
-            started_at: 0,
-            finished_at: 0,
-            exit_code: 0,
-            reason: String::new(),
-            message: String::new(),
             image: "busybox".into(),
             image_ref: "sha256:x".into(),
-            log_path: String::new(),
-            config_pb: String::new(),
-            pid: None,
-            image_volumes: Vec::new(),
-            stop_signal: None,
+            ..ContainerRecord::for_test(&known, "p1", ContainerState::Created)
         };
         d.store.put(&known, &rec).expect("put");
         for id in [&known, &orphan_b] {

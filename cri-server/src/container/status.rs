@@ -318,41 +318,29 @@ mod tests {
             log_path: format!("{id}/0.log"),
             ..Default::default()
         };
+        let exited = state == ContainerState::Exited;
         ContainerRecord {
-            id: id.into(),
-            pod_id: pod.into(),
             name: format!("n-{id}"),
             attempt: 1,
-            state,
             created_at: created,
             started_at: if state == ContainerState::Created {
                 0
             } else {
                 created + 1
             },
-            finished_at: if state == ContainerState::Exited {
-                created + 2
-            } else {
-                0
-            },
-            exit_code: if state == ContainerState::Exited {
-                1
-            } else {
-                0
-            },
-            reason: if state == ContainerState::Exited {
+            finished_at: if exited { created + 2 } else { 0 },
+            exit_code: i32::from(exited),
+            reason: if exited {
                 "Error".into()
             } else {
                 String::new()
             },
-            message: String::new(),
             image: "busybox".into(),
             image_ref: "sha256:abc".into(),
             log_path: format!("/var/log/pods/x/{id}/0.log"),
             config_pb: encode_config(&cfg),
             pid: Some(7),
-            image_volumes: Vec::new(),
-            stop_signal: None,
+            ..ContainerRecord::for_test(id, pod, state)
         }
     }
 

@@ -62,21 +62,12 @@ mod tests {
 
     fn pod(id: &str, netns: Option<String>) -> PodRecord {
         PodRecord {
-            id: id.into(),
             name: id.into(),
             namespace: "ns".into(),
             uid: id.into(),
-            attempt: 0,
-            state: PodState::Ready,
-            created_at: 1,
-            runtime_handler: String::new(),
-            config_pb: String::new(),
             netns_path: netns,
             ips: vec!["10.0.0.2".into()],
-            shim_address: None,
-            pause_pid: None,
-            cgroup_parent: String::new(),
-            owned: None,
+            ..PodRecord::for_test(id, PodState::Ready)
         }
     }
 
@@ -110,24 +101,9 @@ mod tests {
                 )
                 .expect("range");
             let c = ContainerRecord {
-                id: format!("c{i}"),
-                pod_id: id.clone(),
                 name: "c".into(),
-                attempt: 0,
-                state: ContainerState::Running,
-                created_at: 1,
                 started_at: 1,
-                finished_at: 0,
-                exit_code: 0,
-                reason: String::new(),
-                message: String::new(),
-                image: String::new(),
-                image_ref: String::new(),
-                log_path: String::new(),
-                config_pb: String::new(),
-                pid: None,
-                image_volumes: Vec::new(),
-                stop_signal: None,
+                ..ContainerRecord::for_test(&format!("c{i}"), &id, ContainerState::Running)
             };
             d.store.put(&c.id.clone(), &c).expect("ctr");
             std::fs::write(dir.path().join("resolv.conf"), "nameserver 127.0.0.1\n")

@@ -223,13 +223,12 @@ async fn pod_dead(d: &PodService, rec: &mut PodRecord, r: &mut Report) -> Result
     Ok(())
 }
 
-/// Shims no pod owns: from shim records, and from pod bundle dirs (a record lost or torn):
-/// `(pod id, address, pid)`.
-fn orphan_shims(
-    d: &PodService,
-    live: &HashSet<String>,
-) -> Result<Vec<(String, Option<String>, Option<u32>)>, StoreError> {
-    let mut orphans: Vec<(String, Option<String>, Option<u32>)> = Vec::new();
+/// A shim no pod owns: `(pod id, address, pid)`, each as far as it is known.
+type OrphanShim = (String, Option<String>, Option<u32>);
+
+/// Shims no pod owns: from shim records, and from pod bundle dirs (a record lost or torn).
+fn orphan_shims(d: &PodService, live: &HashSet<String>) -> Result<Vec<OrphanShim>, StoreError> {
+    let mut orphans: Vec<OrphanShim> = Vec::new();
     for (id, s) in d.store.list::<ShimRecord>()? {
         if !live.contains(&id) {
             orphans.push((id, Some(s.address), s.pid));
@@ -347,46 +346,11 @@ mod tests {
     use crate::store::records::{ContainerState, PodState};
 
     fn pod(id: &str) -> PodRecord {
-        PodRecord {
-            id: id.into(),
-            name: format!("n-{id}"),
-            namespace: "default".into(),
-            uid: format!("u-{id}"),
-            attempt: 0,
-            state: PodState::Ready,
-            created_at: 1,
-            runtime_handler: String::new(),
-            config_pb: String::new(),
-            netns_path: None,
-            ips: vec![],
-            shim_address: None,
-            pause_pid: None,
-            cgroup_parent: String::new(),
-            owned: None,
-        }
+        PodRecord::for_test(id, PodState::Ready)
     }
 
     fn ctr(id: &str, pod_id: &str) -> ContainerRecord {
-        ContainerRecord {
-            id: id.into(),
-            pod_id: pod_id.into(),
-            name: id.into(),
-            attempt: 0,
-            state: ContainerState::Exited,
-            created_at: 1,
-            started_at: 0,
-            finished_at: 0,
-            exit_code: 0,
-            reason: String::new(),
-            message: String::new(),
-            image: String::new(),
-            image_ref: String::new(),
-            log_path: String::new(),
-            config_pb: String::new(),
-            pid: None,
-            image_volumes: Vec::new(),
-            stop_signal: None,
-        }
+        ContainerRecord::for_test(id, pod_id, ContainerState::Exited)
     }
 
     #[test]

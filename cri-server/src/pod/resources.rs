@@ -189,21 +189,11 @@ pub(crate) mod tests {
     /// A ready pod record `p1` (namespace `ns`, name `n`) under cgroup parent `parent`.
     pub(crate) fn pod(parent: &str) -> PodRecord {
         PodRecord {
-            id: "p1".into(),
             name: "n".into(),
             namespace: "ns".into(),
             uid: "u".into(),
-            attempt: 0,
-            state: PodState::Ready,
-            created_at: 1,
-            runtime_handler: String::new(),
-            config_pb: String::new(),
-            netns_path: None,
-            ips: vec![],
-            shim_address: None,
-            pause_pid: None,
             cgroup_parent: parent.into(),
-            owned: None,
+            ..PodRecord::for_test("p1", PodState::Ready)
         }
     }
 

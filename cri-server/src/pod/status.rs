@@ -235,21 +235,16 @@ mod tests {
             ..Default::default()
         };
         PodRecord {
-            id: id.into(),
             name: format!("name-{id}"),
             namespace: "ns".into(),
             uid: format!("uid-{id}"),
-            attempt: 0,
-            state,
             created_at: created,
             runtime_handler: "runc".into(),
             config_pb: encode_config(&cfg),
             netns_path: Some(format!("/run/crisp/netns/{id}")),
             ips: vec!["10.1.0.5".into(), "fd00::5".into()],
-            shim_address: None,
             pause_pid: Some(42),
-            cgroup_parent: String::new(),
-            owned: None,
+            ..PodRecord::for_test(id, state)
         }
     }
 

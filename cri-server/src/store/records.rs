@@ -108,6 +108,32 @@ impl PodRecord {
     }
 }
 
+#[cfg(test)]
+impl PodRecord {
+    /// A bare record for tests: `id`, in `state`, named `n-<id>` in `default`; a fixture
+    /// overrides what it cares about with `..PodRecord::for_test(..)`, so a new field is
+    /// added here once instead of in every test.
+    pub fn for_test(id: &str, state: PodState) -> PodRecord {
+        PodRecord {
+            id: id.into(),
+            name: format!("n-{id}"),
+            namespace: "default".into(),
+            uid: format!("u-{id}"),
+            attempt: 0,
+            state,
+            created_at: 1,
+            runtime_handler: String::new(),
+            config_pb: String::new(),
+            netns_path: None,
+            ips: vec![],
+            shim_address: None,
+            pause_pid: None,
+            cgroup_parent: String::new(),
+            owned: None,
+        }
+    }
+}
+
 impl Record for PodRecord {
     const TABLE: Table = PODS;
     const VERSION: u32 = 1;
@@ -163,6 +189,33 @@ pub struct ImageVolume {
     pub snapshot: String,
     pub mount_path: String,
     pub source: String,
+}
+
+#[cfg(test)]
+impl ContainerRecord {
+    /// A bare record for tests: container `id` (also its name) of pod `pod_id`, in `state`.
+    pub fn for_test(id: &str, pod_id: &str, state: ContainerState) -> ContainerRecord {
+        ContainerRecord {
+            id: id.into(),
+            pod_id: pod_id.into(),
+            name: id.into(),
+            attempt: 0,
+            state,
+            created_at: 1,
+            started_at: 0,
+            finished_at: 0,
+            exit_code: 0,
+            reason: String::new(),
+            message: String::new(),
+            image: String::new(),
+            image_ref: String::new(),
+            log_path: String::new(),
+            config_pb: String::new(),
+            pid: None,
+            image_volumes: Vec::new(),
+            stop_signal: None,
+        }
+    }
 }
 
 impl Record for ContainerRecord {

@@ -143,9 +143,11 @@ mod tests {
     #[test]
     fn a_running_pid_is_alive_and_a_reaped_one_is_not() {
         assert!(process_alive(std::process::id() as i32));
-        let mut child = std::process::Command::new("true").spawn().unwrap();
+        let mut child = std::process::Command::new("true")
+            .spawn()
+            .expect("spawn true");
         let pid = child.id() as i32;
-        child.wait().unwrap();
+        child.wait().expect("wait");
         assert!(
             !process_alive(pid),
             "reaped pid {pid} still counts as alive"
@@ -155,7 +157,9 @@ mod tests {
 
     #[test]
     fn a_zombie_is_not_alive() {
-        let child = std::process::Command::new("true").spawn().unwrap();
+        let child = std::process::Command::new("true")
+            .spawn()
+            .expect("spawn true");
         let pid = child.id() as i32;
         // Not waited for: once it exits it stays a zombie until the test ends.
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
