@@ -16,11 +16,18 @@ fn main() -> std::process::ExitCode {
             return std::process::ExitCode::from(2);
         }
     };
-    // RUST_LOG, when set, wins over the config: handy for one-off debugging.
-    let filter = std::env::var("RUST_LOG")
-        .ok()
-        .and_then(|v| tracing_subscriber::EnvFilter::try_new(v).ok())
-        .unwrap_or_else(|| tracing_subscriber::EnvFilter::new(&cfg.log_level));
+    // RUST_LOG, when set, wins over the config: handy for one-off debugging. A malformed one
+    // stops crispd rather than being ignored for the config's level.
+    let filter = match std::env::var("RUST_LOG") {
+        Ok(v) => match tracing_subscriber::EnvFilter::try_new(&v) {
+            Ok(f) => f,
+            Err(e) => {
+                eprintln!("crispd: RUST_LOG={v:?}: {e}");
+                return std::process::ExitCode::from(2);
+            }
+        },
+        Err(_) => tracing_subscriber::EnvFilter::new(level_filter(&cfg.log_level)),
+    };
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
@@ -75,5 +82,30 @@ fn config_command(action: &ConfigAction, flags: &Flags) -> std::process::ExitCod
                 std::process::ExitCode::FAILURE
             }
         },
+    }
+}
+
+/// The config's `log_level`. A bare `debug` or `trace` is about crispd: the HTTP/2 and gRPC
+/// crates under it stay at `info` (at debug, h2 logs every frame of every CRI call, ~80 MB
+/// a minute under kubelet-like polling). A filter naming targets is taken as written.
+fn level_filter(level: &str) -> String {
+    match level.trim() {
+        l @ ("debug" | "trace") => {
+            format!("{l},h2=info,hyper=info,hyper_util=info,tower=info,tonic=info")
+        }
+        other => other.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::level_filter;
+
+    #[test]
+    fn debug_is_crispds_debug_and_a_filter_is_kept() {
+        let f = level_filter("debug");
+        assert!(f.starts_with("debug,") && f.contains("h2=info"), "{f}");
+        assert_eq!(level_filter("info"), "info");
+        assert_eq!(level_filter("h2=debug,info"), "h2=debug,info");
     }
 }
