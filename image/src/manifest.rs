@@ -1,5 +1,7 @@
 //! Manifests, indexes and image configs (Docker v2 schema 2 and OCI), and platform choice.
 
+use std::collections::BTreeMap;
+
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
@@ -9,6 +11,10 @@ pub const DOCKER_MANIFEST: &str = "application/vnd.docker.distribution.manifest.
 pub const DOCKER_LIST: &str = "application/vnd.docker.distribution.manifest.list.v2+json";
 pub const OCI_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
 pub const OCI_INDEX: &str = "application/vnd.oci.image.index.v1+json";
+pub const OCI_CONFIG: &str = "application/vnd.oci.image.config.v1+json";
+pub const DOCKER_CONFIG: &str = "application/vnd.docker.container.image.v1+json";
+/// The empty descriptor's type (`{}`), the config of image-spec 1.1 artifacts.
+pub const EMPTY_CONFIG: &str = "application/vnd.oci.empty.v1+json";
 
 /// Accept header for manifest requests: all four, so registries never down-convert.
 pub const ACCEPT: &str = "application/vnd.oci.image.index.v1+json, application/vnd.docker.distribution.manifest.list.v2+json, application/vnd.oci.image.manifest.v1+json, application/vnd.docker.distribution.manifest.v2+json";
@@ -32,10 +38,19 @@ pub struct Descriptor {
     pub size: u64,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub platform: Option<Platform>,
+    /// An artifact layer's file name lives here (`org.opencontainers.image.title`).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub annotations: BTreeMap<String, String>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
 pub struct ImageManifest {
+    /// The manifest's own `mediaType` (OCI manifests may leave it out).
+    #[serde(rename = "mediaType", default)]
+    pub media_type: String,
+    /// Set by OCI artifacts (image-spec 1.1).
+    #[serde(rename = "artifactType", default)]
+    pub artifact_type: Option<String>,
     pub config: Descriptor,
     pub layers: Vec<Descriptor>,
 }
@@ -198,6 +213,7 @@ mod tests {
                 os: "linux".into(),
                 variant: variant.map(Into::into),
             }),
+            annotations: Default::default(),
         }
     }
 

@@ -1231,3 +1231,90 @@ async fn tls_registry_with_ca_or_skip_verify() {
         "{e}"
     );
 }
+
+/// An OCI artifact (image-spec 1.1: `artifactType`, the empty config, `text/plain` layers
+/// named by their title annotation) pushed to a real registry is stored as files: one record
+/// keyed by the manifest digest, its files (verified, root-owned, 0644) in one committed
+/// snapshot, a second pull costs one manifest request, and removing it collects the snapshot
+/// and every blob. A title that would leave the directory refuses the pull, naming the layer
+/// and the title, before any layer blob is fetched.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn artifact_pull_lays_out_files_and_remove_collects_them() {
+    use crisp_e2e::oci_build::{ArtifactBuilder, TEST_ARTIFACT_TYPE};
+    let reg = Registry::start().unwrap();
+    let layouts = tempfile::tempdir().unwrap();
+    let art = ArtifactBuilder::new()
+        .file("a.txt", b"alpha\n")
+        .file("sub/b.txt", b"beta\n");
+    let mdigest = art.write(&layouts.path().join("good"), "v1").unwrap();
+    reg.push_layout(&layouts.path().join("good"), "v1", "library/art:v1")
+        .unwrap();
+    let bad = ArtifactBuilder::new()
+        .file("ok.txt", b"fine\n")
+        .file("../escape", b"evil\n");
+    bad.write(&layouts.path().join("bad"), "v1").unwrap();
+    reg.push_layout(&layouts.path().join("bad"), "v1", "library/bad:v1")
+        .unwrap();
+    let env = env_with(&reg.host(), |_| {});
+
+    let id = env.images.pull("art:v1", None).await.unwrap();
+    assert_eq!(
+        id.as_str(),
+        mdigest,
+        "an artifact's id is its manifest digest"
+    );
+    let rec = env.images.status("art:v1").unwrap().unwrap();
+    let a = rec.artifact.as_ref().expect("recorded as an artifact");
+    assert_eq!(a.artifact_type, TEST_ARTIFACT_TYPE);
+    let paths: Vec<_> = a.files.iter().map(|f| f.path.as_str()).collect();
+    assert_eq!(paths, ["a.txt", "sub/b.txt"]);
+    assert!(rec.diff_ids.is_empty() && rec.chain_ids.len() == 1);
+    assert_eq!(
+        rec.repo_digests,
+        [format!("docker.io/library/art@{mdigest}")]
+    );
+    assert_eq!(env.images.list().unwrap().len(), 1);
+    with_rootfs(&env, "art:v1", |root| {
+        assert_eq!(std::fs::read(root.join("a.txt")).unwrap(), b"alpha\n");
+        assert_eq!(std::fs::read(root.join("sub/b.txt")).unwrap(), b"beta\n");
+        let mut names: Vec<_> = std::fs::read_dir(root)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
+        names.sort();
+        assert_eq!(names, ["a.txt", "sub"], "nothing but the titled files");
+        let md = std::fs::metadata(root.join("sub/b.txt")).unwrap();
+        assert_eq!((md.uid(), md.gid(), md.mode() & 0o7777), (0, 0, 0o644));
+    });
+    let before = reg.requests().unwrap().len();
+    assert_eq!(env.images.pull("art:v1", None).await.unwrap(), id);
+    let extra = reg.requests().unwrap()[before..].to_vec();
+    assert_eq!(extra.len(), 1, "a second pull costs one request: {extra:?}");
+
+    let e = env.images.pull("bad:v1", None).await.unwrap_err();
+    assert_eq!(e.kind(), Kind::InvalidArgument, "{e}");
+    let evil = bad.digest_of("../escape").unwrap();
+    assert!(
+        e.to_string().contains(&evil) && e.to_string().contains("\"../escape\""),
+        "{e}"
+    );
+    let fetched: Vec<_> = reg
+        .requests()
+        .unwrap()
+        .into_iter()
+        .filter(|l| l.starts_with("GET /v2/library/bad/blobs/"))
+        .collect();
+    assert!(fetched.is_empty(), "a refused artifact fetched {fetched:?}");
+    assert_eq!(env.images.list().unwrap().len(), 1);
+
+    assert!(env.images.remove(&mdigest).await.unwrap());
+    env.images.gc().await.unwrap();
+    assert!(
+        snapshots(&env.snap).is_empty(),
+        "{:?}",
+        snapshots(&env.snap)
+    );
+    let content = env.images.content().root().to_path_buf();
+    assert_eq!(dir_count(&content.join("blobs/sha256")), 0);
+    assert_eq!(dir_count(&content.join("ingest")), 0);
+}
