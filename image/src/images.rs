@@ -16,6 +16,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+use bytes::Bytes;
 use crisp_snapshotter::{ErrorKind as SnapKind, Snapshotter};
 use futures::future::{BoxFuture, FutureExt, Shared};
 use tracing::Instrument;
@@ -503,39 +504,7 @@ impl Inner {
 
         self.content.put(&top, &body).await?;
         let (manifest_digest, manifest_body, index_digest) =
-            match manifest::parse(&body, &ct, &r.object())? {
-                Parsed::Manifest(_) => (top.clone(), body.clone(), None),
-                Parsed::Index(idx) => {
-                    let want = manifest::node_platform();
-                    let d = manifest::choose(&idx, &want).ok_or_else(|| {
-                        let have: Vec<String> = idx
-                            .manifests
-                            .iter()
-                            .filter_map(|d| d.platform.as_ref())
-                            .map(|p| {
-                                format!(
-                                    "{}/{}{}",
-                                    p.os,
-                                    p.architecture,
-                                    p.variant
-                                        .as_deref()
-                                        .map(|v| format!("/{v}"))
-                                        .unwrap_or_default()
-                                )
-                            })
-                            .collect();
-                        Error::not_found(format!(
-                            "index {top} has no manifest for {}/{} (it has: {})",
-                            want.os,
-                            want.architecture,
-                            have.join(", ")
-                        ))
-                    })?;
-                    let (b, _, md) = client.manifest(d.digest.as_str()).await?;
-                    self.content.put(&md, &b).await?;
-                    (md, b, Some(top.clone()))
-                }
-            };
+            self.platform_manifest(&client, r, &top, body, &ct).await?;
         let m = match manifest::parse(&manifest_body, "", manifest_digest.as_str())? {
             Parsed::Manifest(m) => m,
             Parsed::Index(_) => {
@@ -586,6 +555,52 @@ impl Inner {
             artifact: None,
         };
         Ok(self.store.upsert(rec)?.id)
+    }
+
+    /// The manifest for this node: `body` itself, or the one an index lists for this platform
+    /// (stored in the content store). Returns its digest, its body and the index's digest.
+    async fn platform_manifest(
+        &self,
+        client: &RegistryClient,
+        r: &Reference,
+        top: &Digest,
+        body: Bytes,
+        ct: &str,
+    ) -> Result<(Digest, Bytes, Option<Digest>)> {
+        let found = match manifest::parse(&body, ct, &r.object())? {
+            Parsed::Manifest(_) => (top.clone(), body, None),
+            Parsed::Index(idx) => {
+                let want = manifest::node_platform();
+                let d = manifest::choose(&idx, &want).ok_or_else(|| {
+                    let have: Vec<String> = idx
+                        .manifests
+                        .iter()
+                        .filter_map(|d| d.platform.as_ref())
+                        .map(|p| {
+                            format!(
+                                "{}/{}{}",
+                                p.os,
+                                p.architecture,
+                                p.variant
+                                    .as_deref()
+                                    .map(|v| format!("/{v}"))
+                                    .unwrap_or_default()
+                            )
+                        })
+                        .collect();
+                    Error::not_found(format!(
+                        "index {top} has no manifest for {}/{} (it has: {})",
+                        want.os,
+                        want.architecture,
+                        have.join(", ")
+                    ))
+                })?;
+                let (b, _, md) = client.manifest(d.digest.as_str()).await?;
+                self.content.put(&md, &b).await?;
+                (md, b, Some(top.clone()))
+            }
+        };
+        Ok(found)
     }
 
     /// An OCI artifact: its blobs into the content store (each verified by digest), then its
