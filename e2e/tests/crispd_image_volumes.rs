@@ -503,6 +503,12 @@ async fn artifact_scenario(env: &mut TestEnv, manifest: &str) -> Result<()> {
         "PullImage of the artifact returned {id}, want its manifest digest {manifest}"
     );
     artifact_listed(env, manifest).await?;
+    // A restart (kill -9) keeps it: start-up's GC must not take its files' snapshot.
+    env.kill_daemon()?;
+    env.restart_daemon().await?;
+    artifact_listed(env, manifest)
+        .await
+        .context("after crispd was killed and restarted")?;
     let (pod_a, ctr_a, cfg_a) = artifact_plain(env).await?;
     let pod_b = artifact_userns(env).await?;
     let vols = env.state.join("image-volumes");
@@ -533,8 +539,8 @@ async fn artifact_scenario(env: &mut TestEnv, manifest: &str) -> Result<()> {
 
 /// OCI artifacts as image volumes: pushed to a real registry (docker-registry 2.8 accepts
 /// the image-spec 1.1 form: an image manifest with `artifactType` and the empty config),
-/// pulled through CRI, mounted read-only as a directory of their files (a sub-path selects
-/// a directory of titles), owned by root in a user-namespaced pod too, refused as a
+/// pulled through CRI, kept across a crispd kill -9 and restart, mounted read-only as a
+/// directory of their files (a sub-path selects a directory of titles), owned by root in a user-namespaced pod too, refused as a
 /// container image and by RemoveImage while mounted, removable once the pods are gone.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn crispd_artifact_volumes_files_read_only_idmapped_and_release() -> Result<()> {
