@@ -1286,6 +1286,26 @@ async fn artifact_pull_lays_out_files_and_remove_collects_them() {
         let md = std::fs::metadata(root.join("sub/b.txt")).unwrap();
         assert_eq!((md.uid(), md.gid(), md.mode() & 0o7777), (0, 0, 0o644));
     });
+    // ImageStatus (verbose) through the CRI adapter lists the files as a volume shows them.
+    let st = crisp_image::cri::image_status(
+        &env.images,
+        &crisp_proto::cri::v1::ImageStatusRequest {
+            image: Some(crisp_proto::cri::v1::ImageSpec {
+                image: "art:v1".into(),
+                ..Default::default()
+            }),
+            verbose: true,
+        },
+    )
+    .unwrap();
+    assert_eq!(st.image.unwrap().id, mdigest);
+    let info: serde_json::Value = serde_json::from_str(&st.info["info"]).unwrap();
+    assert_eq!(info["artifactType"], TEST_ARTIFACT_TYPE);
+    assert_eq!(info["files"][1]["path"], "sub/b.txt");
+    assert_eq!(
+        info["files"][1]["digest"],
+        art.digest_of("sub/b.txt").unwrap()
+    );
     let before = reg.requests().unwrap().len();
     assert_eq!(env.images.pull("art:v1", None).await.unwrap(), id);
     let extra = reg.requests().unwrap()[before..].to_vec();
