@@ -1338,3 +1338,107 @@ async fn artifact_pull_lays_out_files_and_remove_collects_them() {
     assert_eq!(dir_count(&content.join("blobs/sha256")), 0);
     assert_eq!(dir_count(&content.join("ingest")), 0);
 }
+
+/// Child half of `artifact_pull_killed_at_commit_leaves_nothing`: pulls `art:v1` with the
+/// snapshotter's commit armed to abort, i.e. crashes once the artifact's files are written
+/// and fsynced but before their snapshot is committed. Ignored; run alone, it fails.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "helper process of artifact_pull_killed_at_commit_leaves_nothing, run by it"]
+async fn child_artifact_pull_crashes_at_commit() {
+    let (Some(root), Some(mirror)) = (
+        std::env::var_os("CRISP_IMAGE_CHILD_ROOT"),
+        std::env::var_os("CRISP_IMAGE_CHILD_MIRROR"),
+    ) else {
+        panic!(
+            "child_artifact_pull_crashes_at_commit is the child process of \
+             artifact_pull_killed_at_commit_leaves_nothing: not a test on its own"
+        );
+    };
+    let (_snap, images) = env_in(&PathBuf::from(root), &mirror.to_string_lossy());
+    crisp_snapshotter::failpoint::set(
+        "snapshotter.commit.before_commit",
+        crisp_snapshotter::failpoint::Action::Abort,
+    );
+    let r = images.pull("art:v1", None).await;
+    panic!("the pull was to crash at the commit, it returned {r:?}");
+}
+
+/// Images over `root` whose registry is `mirror` (a child process and its parent share it).
+fn env_in(root: &Path, mirror: &str) -> (Arc<Snapshotter>, Images) {
+    let certs = root.join("certs.d/_default");
+    std::fs::create_dir_all(&certs).unwrap();
+    std::fs::write(
+        certs.join("hosts.toml"),
+        format!("server = \"http://{mirror}\"\n[host.\"http://{mirror}\"]\n"),
+    )
+    .unwrap();
+    let snap = Arc::new(Snapshotter::open(&root.join("snapshotter"), Default::default()).unwrap());
+    let cfg = Config {
+        hosts_dir: Some(root.join("certs.d")),
+        ..Default::default()
+    };
+    let images = Images::open(&root.join("images"), snap.clone(), cfg).unwrap();
+    (snap, images)
+}
+
+/// A crash between writing an artifact's files and committing their snapshot leaves no
+/// record, and what it left (the extraction snapshot, the verified blobs) is gone after the
+/// next start (open + start-up GC); the next pull then lays the files out whole.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn artifact_pull_killed_at_commit_leaves_nothing() {
+    use crisp_e2e::oci_build::ArtifactBuilder;
+    let reg = Registry::start().unwrap();
+    let layout = tempfile::tempdir().unwrap();
+    let mdigest = ArtifactBuilder::new()
+        .file("a.txt", b"alpha\n")
+        .write(layout.path(), "v1")
+        .unwrap();
+    reg.push_layout(layout.path(), "v1", "library/art:v1")
+        .unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path().to_path_buf();
+    let status = std::process::Command::new(std::env::current_exe().unwrap())
+        .args([
+            "--ignored",
+            "--exact",
+            "child_artifact_pull_crashes_at_commit",
+            "--nocapture",
+        ])
+        .env("CRISP_IMAGE_CHILD_ROOT", &root)
+        .env("CRISP_IMAGE_CHILD_MIRROR", reg.host())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .status()
+        .unwrap();
+    use std::os::unix::process::ExitStatusExt;
+    assert_eq!(
+        status.signal(),
+        Some(libc::SIGABRT),
+        "the child must crash at the commit failpoint: {status:?}"
+    );
+
+    let (snap, images) = env_in(&root, &reg.host());
+    assert!(
+        images.list().unwrap().is_empty(),
+        "no record before the commit"
+    );
+    assert!(
+        snapshots(&snap).iter().all(|s| !s.starts_with("extract-")),
+        "open left the half-built files: {:?}",
+        snapshots(&snap)
+    );
+    let blobs = images.content().root().join("blobs/sha256");
+    assert!(
+        dir_count(&blobs) >= 3,
+        "manifest, config and file were stored"
+    );
+    images.gc_on_start().await;
+    assert_eq!(dir_count(&blobs), 0);
+    assert_eq!(dir_count(&root.join("snapshotter/snapshots")), 0);
+
+    assert_eq!(images.pull("art:v1", None).await.unwrap().as_str(), mdigest);
+    let env = Env { tmp, snap, images };
+    with_rootfs(&env, &mdigest, |r| {
+        assert_eq!(std::fs::read(r.join("a.txt")).unwrap(), b"alpha\n");
+    });
+}
