@@ -278,5 +278,26 @@ mod tests {
         ));
         let e = parse(br#"{"schemaVersion":1}"#, "", "t").err().unwrap();
         assert!(e.to_string().contains("schema 1"));
+        // The artifact manifest image-spec 1.1 withdrew (no config; docker-registry 2.8
+        // refuses it too): a clear refusal, not a parse error.
+        let a = br#"{"mediaType":"application/vnd.oci.artifact.manifest.v1+json","blobs":[]}"#;
+        let e = parse(a, "", "t").err().unwrap();
+        assert_eq!(e.kind(), crate::Kind::FailedPrecondition);
+        assert!(
+            e.to_string().contains("vnd.oci.artifact.manifest.v1"),
+            "{e}"
+        );
+        // An image-spec 1.1 artifact parses as a manifest, its titles kept.
+        let art = format!(
+            r#"{{"schemaVersion":2,"mediaType":"{OCI_MANIFEST}","artifactType":"x/y","config":{{"mediaType":"{EMPTY_CONFIG}","digest":"{d}","size":2}},"layers":[{{"mediaType":"text/plain","digest":"{d}","size":1,"annotations":{{"org.opencontainers.image.title":"a.txt"}}}}]}}"#
+        );
+        let Parsed::Manifest(m) = parse(art.as_bytes(), "", "t").unwrap() else {
+            panic!("an artifact is a manifest");
+        };
+        assert_eq!(m.artifact_type.as_deref(), Some("x/y"));
+        assert_eq!(
+            m.layers[0].annotations["org.opencontainers.image.title"],
+            "a.txt"
+        );
     }
 }
