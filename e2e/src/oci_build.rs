@@ -218,3 +218,89 @@ impl ImageBuilder {
         Ok(())
     }
 }
+
+/// An OCI artifact as image-spec 1.1 defines it (what `oras push --artifact-type` makes): an
+/// image manifest with `artifactType`, the empty config `{}` and one plain-file layer per
+/// file, named by its `org.opencontainers.image.title` annotation. Deterministic: the same
+/// files give the same digests.
+#[derive(Debug, Default)]
+pub struct ArtifactBuilder {
+    /// (title, media type, content); a `None` title leaves the annotation out.
+    files: Vec<(Option<String>, String, Vec<u8>)>,
+}
+
+/// The artifact type the tests' artifacts declare.
+pub const TEST_ARTIFACT_TYPE: &str = "application/vnd.crisp.test.files.v1";
+
+impl ArtifactBuilder {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Adds a `text/plain` layer titled `title` (any string: tests pass bad ones too).
+    pub fn file(mut self, title: &str, content: &[u8]) -> Self {
+        self.files
+            .push((Some(title.into()), "text/plain".into(), content.to_vec()));
+        self
+    }
+
+    /// Adds a layer of `media_type` without a title annotation.
+    pub fn untitled(mut self, media_type: &str, content: &[u8]) -> Self {
+        self.files.push((None, media_type.into(), content.to_vec()));
+        self
+    }
+
+    /// The layer digest ("sha256:…") of the file titled `title`.
+    pub fn digest_of(&self, title: &str) -> Option<String> {
+        self.files
+            .iter()
+            .find(|(t, ..)| t.as_deref() == Some(title))
+            .map(|(_, _, c)| sha(c))
+    }
+
+    /// Writes the OCI layout at `dir` with the ref name `tag`; returns the manifest digest.
+    pub fn write(&self, dir: &Path, tag: &str) -> Result<String> {
+        fs::create_dir_all(dir.join("blobs/sha256"))?;
+        let put = |data: &[u8]| -> Result<String> {
+            let d = sha(data);
+            fs::write(blob_path(dir, &d), data)?;
+            Ok(d)
+        };
+        let empty = put(b"{}")?;
+        let mut layers = Vec::new();
+        for (title, media_type, content) in &self.files {
+            let mut l = serde_json::json!({
+                "mediaType": media_type, "digest": put(content)?, "size": content.len(),
+            });
+            if let Some(t) = title {
+                l["annotations"] = serde_json::json!({ "org.opencontainers.image.title": t });
+            }
+            layers.push(l);
+        }
+        let manifest = serde_json::json!({
+            "schemaVersion": 2,
+            "mediaType": "application/vnd.oci.image.manifest.v1+json",
+            "artifactType": TEST_ARTIFACT_TYPE,
+            "config": {
+                "mediaType": "application/vnd.oci.empty.v1+json",
+                "digest": empty, "size": 2, "data": "e30=",
+            },
+            "layers": layers,
+        });
+        let manifest = serde_json::to_vec(&manifest)?;
+        let mdigest = put(&manifest)?;
+        let index = serde_json::json!({
+            "schemaVersion": 2,
+            "manifests": [{
+                "mediaType": "application/vnd.oci.image.manifest.v1+json",
+                "artifactType": TEST_ARTIFACT_TYPE,
+                "digest": mdigest,
+                "size": manifest.len(),
+                "annotations": {"org.opencontainers.image.ref.name": tag},
+            }],
+        });
+        fs::write(dir.join("index.json"), serde_json::to_vec(&index)?)?;
+        fs::write(dir.join("oci-layout"), br#"{"imageLayoutVersion":"1.0.0"}"#)?;
+        Ok(mdigest)
+    }
+}

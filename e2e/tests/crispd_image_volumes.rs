@@ -23,7 +23,7 @@ use anyhow::{Context, Result, bail, ensure};
 use crisp_e2e::cri::{self, container_config, expect_code, image_spec};
 use crisp_e2e::harness::{RuntimeKind, TestEnv};
 use crisp_e2e::leaks;
-use crisp_e2e::oci_build::{Entry, ImageBuilder};
+use crisp_e2e::oci_build::{ArtifactBuilder, Entry, ImageBuilder};
 use crisp_e2e::registry::Registry;
 use crisp_proto::cri::v1 as api;
 
@@ -342,5 +342,226 @@ async fn crispd_image_volumes_read_only_idmapped_sub_paths_and_release() -> Resu
         .start()
         .await?;
     let outcome = scenario(&mut env).await;
+    env.finish("crispd", outcome).await
+}
+
+const ARTIFACT: &str = "docker.io/library/artvol:v1";
+
+/// The artifact the artifact test mounts: a file at the top and two under `config/` (titles
+/// with a directory, as `oras push config/app.yaml` makes them).
+fn artifact() -> ArtifactBuilder {
+    ArtifactBuilder::new()
+        .file("hello.txt", b"hello from an artifact\n")
+        .file("config/app.yaml", b"key: value\n")
+        .file("config/extra.json", b"{\"n\": 1}\n")
+}
+
+fn artifact_mount(path: &str, sub: &str) -> api::Mount {
+    api::Mount {
+        image: Some(image_spec(ARTIFACT)),
+        ..image_mount(path, sub)
+    }
+}
+
+/// ListImages and ImageStatus show the artifact under its tag and repo digest, id = manifest.
+async fn artifact_listed(env: &TestEnv, manifest: &str) -> Result<()> {
+    let listed = env
+        .cri()
+        .image()
+        .list_images(api::ListImagesRequest::default())
+        .await?
+        .into_inner()
+        .images;
+    ensure!(
+        listed.iter().any(|i| i.id == manifest),
+        "ListImages has no image with id {manifest}: {listed:?}"
+    );
+    let st = env
+        .cri()
+        .image_status(ARTIFACT)
+        .await?
+        .context("ImageStatus of the pulled artifact is empty")?;
+    let digest_ref = format!("docker.io/library/artvol@{manifest}");
+    ensure!(
+        st.id == manifest
+            && st.repo_tags == [ARTIFACT]
+            && st.repo_digests == [digest_ref.clone()]
+            && st.size > 0,
+        "ImageStatus of the artifact: {st:?}, want id {manifest}, tag {ARTIFACT}, digest {digest_ref}"
+    );
+    Ok(())
+}
+
+/// A plain pod's container with the artifact at /art and its `config` directory at /cfg.
+async fn artifact_plain(env: &TestEnv) -> Result<(String, String, api::PodSandboxConfig)> {
+    let cfg = env.pod_config("artvol")?;
+    let pod = env.cri().run_pod(&cfg).await?;
+    let mut cc = container_config("main", BUSYBOX, &["sleep", "3600"]);
+    cc.mounts = vec![artifact_mount("/art", ""), artifact_mount("/cfg", "config")];
+    let c = env.cri().run_container(&pod, &cc, &cfg).await?;
+    for (path, want) in [
+        ("/art/hello.txt", "hello from an artifact\n"),
+        ("/art/config/app.yaml", "key: value\n"),
+        ("/cfg/app.yaml", "key: value\n"),
+        ("/cfg/extra.json", "{\"n\": 1}\n"),
+    ] {
+        let got = env.cri().exec_ok(&c, &["cat", path]).await?;
+        ensure!(got == want, "{path} reads {got:?}, want {want:?}");
+    }
+    let ls = env.cri().exec_ok(&c, &["ls", "/art", "/cfg"]).await?;
+    ensure!(
+        ls == "/art:\nconfig\nhello.txt\n\n/cfg:\napp.yaml\nextra.json\n",
+        "the volumes list {ls:?}: want exactly the artifact's files"
+    );
+    ensure!(owner(env, &c, "/art/hello.txt").await? == "0:0");
+    write_fails_erofs(env, &c, "/art/hello.txt").await?;
+    write_fails_erofs(env, &c, "/art/new.txt").await?;
+    write_fails_erofs(env, &c, "/cfg/app.yaml").await?;
+    Ok((pod, c, cfg))
+}
+
+/// A user-namespaced pod sees the files owned by root through the idmapped view (an
+/// unmapped one would show 65534).
+async fn artifact_userns(env: &TestEnv) -> Result<String> {
+    let cfg = userns_pod(env, "artvol-userns")?;
+    let pod = env.cri().run_pod(&cfg).await?;
+    let mut cc = container_config("main", BUSYBOX, &["sleep", "3600"]);
+    cc.mounts = vec![artifact_mount("/art", "")];
+    let c = env.cri().run_container(&pod, &cc, &cfg).await?;
+    let got = env
+        .cri()
+        .exec_ok(&c, &["cat", "/art/config/app.yaml"])
+        .await?;
+    ensure!(got == "key: value\n", "/art/config/app.yaml reads {got:?}");
+    for p in ["/art/hello.txt", "/art/config"] {
+        let o = owner(env, &c, p).await?;
+        ensure!(
+            o == "0:0",
+            "{p} in the userns pod is owned by {o}, want 0:0 (65534 = not idmapped)"
+        );
+    }
+    write_fails_erofs(env, &c, "/art/hello.txt").await?;
+    Ok(pod)
+}
+
+/// What must be refused: the artifact as a container's image, sub-paths that leave it or
+/// name a file, and RemoveImage while `ctr` mounts it.
+async fn artifact_refusals(
+    env: &TestEnv,
+    pod: &str,
+    cfg: &api::PodSandboxConfig,
+    ctr: &str,
+) -> Result<()> {
+    let cc = container_config("as-image", ARTIFACT, &["true"]);
+    let r = env
+        .cri()
+        .runtime()
+        .create_container(cri::req::create_container(pod, &cc, cfg))
+        .await;
+    expect_code(
+        "an artifact as a container image",
+        r,
+        tonic::Code::InvalidArgument,
+        &["OCI artifact", ARTIFACT],
+    )?;
+    for sub in ["../x", "hello.txt", "missing"] {
+        let mut cc = container_config(&format!("bad-{}", cri::random_hex(4)), BUSYBOX, &["true"]);
+        cc.mounts = vec![artifact_mount("/art", ""), artifact_mount("/bad", sub)];
+        let r = env
+            .cri()
+            .runtime()
+            .create_container(cri::req::create_container(pod, &cc, cfg))
+            .await;
+        expect_code(
+            &format!("artifact sub-path {sub:?}"),
+            r,
+            tonic::Code::InvalidArgument,
+            &["mounts[1].image_sub_path", sub],
+        )?;
+    }
+    let r = env
+        .cri()
+        .image()
+        .remove_image(api::RemoveImageRequest {
+            image: Some(image_spec(ARTIFACT)),
+        })
+        .await;
+    expect_code(
+        "RemoveImage of a mounted artifact",
+        r,
+        tonic::Code::FailedPrecondition,
+        &[ctr],
+    )?;
+    Ok(())
+}
+
+async fn artifact_scenario(env: &mut TestEnv, manifest: &str) -> Result<()> {
+    env.cri().pull(BUSYBOX, None).await?;
+    let id = env.cri().pull(ARTIFACT, None).await?;
+    ensure!(
+        id == manifest,
+        "PullImage of the artifact returned {id}, want its manifest digest {manifest}"
+    );
+    artifact_listed(env, manifest).await?;
+    // A restart (kill -9) keeps it: start-up's GC must not take its files' snapshot.
+    env.kill_daemon()?;
+    env.restart_daemon().await?;
+    artifact_listed(env, manifest)
+        .await
+        .context("after crispd was killed and restarted")?;
+    let (pod_a, ctr_a, cfg_a) = artifact_plain(env).await?;
+    let pod_b = artifact_userns(env).await?;
+    let vols = env.state.join("image-volumes");
+    ensure!(
+        leaks::mounts_under(&vols).len() == 3,
+        "want 3 artifact volume mounts, mountinfo has {:?}",
+        leaks::mounts_under(&vols)
+    );
+    artifact_refusals(env, &pod_a, &cfg_a, &ctr_a).await?;
+    ensure!(
+        leaks::mounts_under(&vols).len() == 3,
+        "refused creates left mounts: {:?}",
+        leaks::mounts_under(&vols)
+    );
+    env.cri().stop_and_remove_pod(&pod_a).await?;
+    env.cri().stop_and_remove_pod(&pod_b).await?;
+    let left = leaks::mounts_under(&vols);
+    ensure!(left.is_empty(), "mounts left after the pods: {left:?}");
+    env.cri()
+        .remove_image(ARTIFACT)
+        .await
+        .context("RemoveImage of the artifact once no container mounts it")?;
+    if let Some(i) = env.cri().image_status(ARTIFACT).await? {
+        bail!("{ARTIFACT} still listed after RemoveImage: {i:?}");
+    }
+    Ok(())
+}
+
+/// OCI artifacts as image volumes: pushed to a real registry (docker-registry 2.8 accepts
+/// the image-spec 1.1 form: an image manifest with `artifactType` and the empty config),
+/// pulled through CRI, kept across a crispd kill -9 and restart, mounted read-only as a
+/// directory of their files (a sub-path selects a directory of titles), owned by root in a user-namespaced pod too, refused as a
+/// container image and by RemoveImage while mounted, removable once the pods are gone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn crispd_artifact_volumes_files_read_only_idmapped_and_release() -> Result<()> {
+    let registry = Registry::start()?;
+    registry.push(&["busybox"])?;
+    let layout = tempfile::tempdir()?;
+    let manifest = artifact().write(layout.path(), "v1")?;
+    registry.push_layout(layout.path(), "v1", "library/artvol:v1")?;
+    let ids = tempfile::tempdir()?;
+    let (subuid, subgid) = (ids.path().join("subuid"), ids.path().join("subgid"));
+    std::fs::write(&subuid, "crisp:3000000:131072\n")?;
+    std::fs::write(&subgid, "crisp:5000000:131072\n")?;
+    let mut env = TestEnv::builder(RuntimeKind::Crispd)
+        .mirror(registry.host())
+        .crispd_config(format!(
+            "[userns]\nuser = \"crisp\"\nsubuid_file = \"{}\"\nsubgid_file = \"{}\"\n",
+            subuid.display(),
+            subgid.display()
+        ))
+        .start()
+        .await?;
+    let outcome = artifact_scenario(&mut env, &manifest).await;
     env.finish("crispd", outcome).await
 }

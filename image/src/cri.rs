@@ -101,6 +101,21 @@ pub fn image_status(
             "layers": rec.layers.iter().map(|l| l.to_string()).collect::<Vec<_>>(),
             "diffIDs": rec.diff_ids.iter().map(|l| l.to_string()).collect::<Vec<_>>(),
         });
+        let v = match &rec.artifact {
+            // An artifact's files, as an image volume shows them.
+            Some(a) => {
+                let mut v = v;
+                v["artifactType"] = a.artifact_type.clone().into();
+                v["files"] = a
+                    .files
+                    .iter()
+                    .map(|f| serde_json::json!({"path": f.path, "digest": f.digest.to_string(), "size": f.size, "mediaType": f.media_type}))
+                    .collect::<Vec<_>>()
+                    .into();
+                v
+            }
+            None => v,
+        };
         info.insert("info".to_string(), v.to_string());
     }
     Ok(cri::ImageStatusResponse {

@@ -16,15 +16,17 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+use bytes::Bytes;
 use crisp_snapshotter::{ErrorKind as SnapKind, Snapshotter};
 use futures::future::{BoxFuture, FutureExt, Shared};
 use tracing::Instrument;
 
+use crate::artifact::{self, ArtifactFile, ArtifactInfo, ManifestKind};
 use crate::client::{Auth, RegistryClient};
-use crate::content::{Begin, ContentStore, Ingest, IngestState};
+use crate::content::{Begin, ContentStore, Ingest, IngestState, IngestWriter};
 use crate::download::download;
 use crate::error::{Error, Kind, Result};
-use crate::manifest::{self, Descriptor, Parsed};
+use crate::manifest::{self, Descriptor, ImageManifest, Parsed};
 use crate::reference::{Digest, Reference, parse_image_id};
 use crate::store::{ImageRecord, ImageStore};
 use crate::unpack;
@@ -133,6 +135,14 @@ async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T> + Send + 'sta
     tokio::task::spawn_blocking(f)
         .await
         .map_err(|e| Error::internal(format!("blocking task failed: {e}")))?
+}
+
+/// What a pull resolved the reference to, for the record.
+struct Resolved {
+    repo_digest: String,
+    manifest_digest: Digest,
+    manifest_size: u64,
+    index_digest: Option<Digest>,
 }
 
 /// Where a layer's bytes come from for the unpacker.
@@ -494,39 +504,7 @@ impl Inner {
 
         self.content.put(&top, &body).await?;
         let (manifest_digest, manifest_body, index_digest) =
-            match manifest::parse(&body, &ct, &r.object())? {
-                Parsed::Manifest(_) => (top.clone(), body.clone(), None),
-                Parsed::Index(idx) => {
-                    let want = manifest::node_platform();
-                    let d = manifest::choose(&idx, &want).ok_or_else(|| {
-                        let have: Vec<String> = idx
-                            .manifests
-                            .iter()
-                            .filter_map(|d| d.platform.as_ref())
-                            .map(|p| {
-                                format!(
-                                    "{}/{}{}",
-                                    p.os,
-                                    p.architecture,
-                                    p.variant
-                                        .as_deref()
-                                        .map(|v| format!("/{v}"))
-                                        .unwrap_or_default()
-                                )
-                            })
-                            .collect();
-                        Error::not_found(format!(
-                            "index {top} has no manifest for {}/{} (it has: {})",
-                            want.os,
-                            want.architecture,
-                            have.join(", ")
-                        ))
-                    })?;
-                    let (b, _, md) = client.manifest(d.digest.as_str()).await?;
-                    self.content.put(&md, &b).await?;
-                    (md, b, Some(top.clone()))
-                }
-            };
+            self.platform_manifest(&client, r, &top, body, &ct).await?;
         let m = match manifest::parse(&manifest_body, "", manifest_digest.as_str())? {
             Parsed::Manifest(m) => m,
             Parsed::Index(_) => {
@@ -535,6 +513,15 @@ impl Inner {
                 )));
             }
         };
+        if artifact::classify(&m) == ManifestKind::Artifact {
+            let found = Resolved {
+                repo_digest,
+                manifest_digest,
+                manifest_size: manifest_body.len() as u64,
+                index_digest,
+            };
+            return self.pull_artifact(r, &client, &m, found).await;
+        }
         let config_bytes = self.fetch_small(&client, &m.config.digest).await?;
         let cfg = manifest::parse_config(&config_bytes, &m.config.digest)?;
         if cfg.rootfs.diff_ids.len() != m.layers.len() {
@@ -565,8 +552,252 @@ impl Inner {
             config: String::from_utf8_lossy(&config_bytes).into_owned(),
             created: now_secs(),
             pinned: false,
+            artifact: None,
         };
         Ok(self.store.upsert(rec)?.id)
+    }
+
+    /// The manifest for this node: `body` itself, or the one an index lists for this platform
+    /// (stored in the content store). Returns its digest, its body and the index's digest.
+    async fn platform_manifest(
+        &self,
+        client: &RegistryClient,
+        r: &Reference,
+        top: &Digest,
+        body: Bytes,
+        ct: &str,
+    ) -> Result<(Digest, Bytes, Option<Digest>)> {
+        let found = match manifest::parse(&body, ct, &r.object())? {
+            Parsed::Manifest(_) => (top.clone(), body, None),
+            Parsed::Index(idx) => {
+                let want = manifest::node_platform();
+                let d = manifest::choose(&idx, &want).ok_or_else(|| {
+                    let have: Vec<String> = idx
+                        .manifests
+                        .iter()
+                        .filter_map(|d| d.platform.as_ref())
+                        .map(|p| {
+                            format!(
+                                "{}/{}{}",
+                                p.os,
+                                p.architecture,
+                                p.variant
+                                    .as_deref()
+                                    .map(|v| format!("/{v}"))
+                                    .unwrap_or_default()
+                            )
+                        })
+                        .collect();
+                    Error::not_found(format!(
+                        "index {top} has no manifest for {}/{} (it has: {})",
+                        want.os,
+                        want.architecture,
+                        have.join(", ")
+                    ))
+                })?;
+                let (b, _, md) = client.manifest(d.digest.as_str()).await?;
+                self.content.put(&md, &b).await?;
+                (md, b, Some(top.clone()))
+            }
+        };
+        Ok(found)
+    }
+
+    /// An OCI artifact: its blobs into the content store (each verified by digest), then its
+    /// files, laid out once, into a committed snapshot that image volumes view like a layer.
+    async fn pull_artifact(
+        self: &Arc<Self>,
+        r: &Reference,
+        client: &Arc<RegistryClient>,
+        m: &ImageManifest,
+        found: Resolved,
+    ) -> Result<Digest> {
+        // Titles first: an artifact that cannot be laid out safely is refused before any
+        // download.
+        let info = ArtifactInfo::of(m)?;
+        tracing::info!(artifact_type = %info.artifact_type, files = info.files.len(), "pulling an OCI artifact");
+        let config_bytes = self.fetch_small(client, &m.config.digest).await?;
+        self.fetch_blobs(r, client, &m.layers).await?;
+        let tree = artifact::tree_name(&found.manifest_digest);
+        let inner = self.clone();
+        let (files, name) = (info.files.clone(), tree.clone());
+        self.build_locked(&tree, move || inner.build_tree(&files, &name))
+            .await
+            .map_err(|e| e.context(format!("files of artifact {}", found.manifest_digest)))?;
+        let size = m.config.size.max(config_bytes.len() as u64)
+            + found.manifest_size
+            + m.layers.iter().map(|l| l.size).sum::<u64>();
+        let rec = ImageRecord {
+            id: found.manifest_digest.clone(),
+            repo_tags: r.tagged().into_iter().collect(),
+            repo_digests: vec![found.repo_digest],
+            size,
+            manifest_digest: found.manifest_digest,
+            index_digests: found.index_digest.into_iter().collect(),
+            layers: m.layers.iter().map(|l| l.digest.clone()).collect(),
+            diff_ids: Vec::new(),
+            chain_ids: vec![tree],
+            config: String::from_utf8_lossy(&config_bytes).into_owned(),
+            created: now_secs(),
+            pinned: false,
+            artifact: Some(info),
+        };
+        Ok(self.store.upsert(rec)?.id)
+    }
+
+    /// Every blob of `layers` into the content store, verified by digest and size; returns
+    /// once all are committed. On failure the downloads this pull started and nobody joined
+    /// are abandoned and awaited, as for image layers.
+    async fn fetch_blobs(
+        self: &Arc<Self>,
+        r: &Reference,
+        client: &Arc<RegistryClient>,
+        layers: &[Descriptor],
+    ) -> Result<()> {
+        let sem = Arc::new(tokio::sync::Semaphore::new(
+            self.config.max_concurrent_downloads.max(1),
+        ));
+        let mut started = Started {
+            content: self.content.clone(),
+            tasks: Vec::new(),
+        };
+        let mut waits: Vec<(Digest, Arc<Ingest>)> = Vec::new();
+        let mut begun = || -> Result<()> {
+            for layer in layers {
+                if waits.iter().any(|(d, _)| *d == layer.digest) {
+                    continue;
+                }
+                match self.content.begin(&layer.digest)? {
+                    Begin::Exists => {}
+                    Begin::InFlight(i) => waits.push((layer.digest.clone(), i)),
+                    Begin::Start(w) => {
+                        let ing = ContentStore::ingest_of(&w);
+                        let task = self.spawn_download(r, client, &sem, w, layer);
+                        started.tasks.push((ing.clone(), task));
+                        waits.push((layer.digest.clone(), ing));
+                    }
+                }
+            }
+            Ok(())
+        };
+        let mut res = begun();
+        if res.is_ok() {
+            for (d, ing) in &waits {
+                if let Err(e) = ing.wait().await {
+                    res = Err(e.context(format!("artifact layer {d} from {}", r.registry)));
+                    break;
+                }
+            }
+        }
+        match res {
+            Ok(()) => started.tasks.clear(),
+            Err(_) => started.abandon_and_wait().await,
+        }
+        res
+    }
+
+    /// One layer's download as a detached task (another pull may follow its ingest even if
+    /// ours fails), holding a permit of `sem` while it runs.
+    fn spawn_download(
+        &self,
+        r: &Reference,
+        client: &Arc<RegistryClient>,
+        sem: &Arc<tokio::sync::Semaphore>,
+        w: IngestWriter,
+        layer: &Descriptor,
+    ) -> tokio::task::JoinHandle<()> {
+        let watched = ContentStore::ingest_of(&w);
+        let (client, sem, cfg) = (client.clone(), sem.clone(), self.config.clone());
+        let layer = layer.clone();
+        let span = tracing::info_span!("download", image = %r, layer = %layer.digest);
+        tokio::spawn(
+            async move {
+                let _permit = tokio::select! {
+                    biased;
+                    // Dropping the writer fails the ingest and removes its file.
+                    _ = watched.cancelled() => return,
+                    p = sem.acquire_owned() => p,
+                };
+                if let Err(e) = download(&client, w, &layer, &cfg).await {
+                    tracing::warn!(error = %e, "layer download failed");
+                }
+            }
+            .instrument(span),
+        )
+    }
+
+    /// Run `f` on a blocking thread holding the lock of snapshot `name`: pulls sharing a
+    /// layer (or an artifact) wait for the first to commit it instead of building it again.
+    async fn build_locked<T: Send + 'static>(
+        self: &Arc<Self>,
+        name: &Digest,
+        f: impl FnOnce() -> Result<T> + Send + 'static,
+    ) -> Result<T> {
+        let lock = self
+            .unpacking
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .entry(name.clone())
+            .or_default()
+            .clone();
+        let guard = lock.lock().await;
+        let res = blocking(f).await;
+        drop(guard);
+        let mut map = self.unpacking.lock().unwrap_or_else(|p| p.into_inner());
+        // Ours and the map's: nobody else waits, forget the entry.
+        if Arc::strong_count(&lock) == 2 {
+            map.remove(name);
+        }
+        res
+    }
+
+    /// The snapshot `name` holding an artifact's files (nothing when it exists already).
+    fn build_tree(&self, files: &[ArtifactFile], name: &Digest) -> Result<()> {
+        self.in_new_snapshot(name, None, |dir| {
+            artifact::write_tree(&self.content, files, dir)
+        })
+    }
+
+    /// Prepare an extraction snapshot on `parent`, let `fill` write its directory, commit it
+    /// as `name`; on failure it is removed. A crash leaves an `extract-` snapshot, which
+    /// [`Images::open`] removes. Nothing to do when `name` exists (another pull made it).
+    fn in_new_snapshot(
+        &self,
+        name: &Digest,
+        parent: Option<&Digest>,
+        fill: impl FnOnce(&Path) -> Result<()>,
+    ) -> Result<()> {
+        if self.snapshot_exists(name) {
+            return Ok(());
+        }
+        let key = format!("extract-{:016x}-{}", rand::random::<u64>(), name);
+        let labels = HashMap::from([("containerd.io/snapshot.ref".to_string(), name.to_string())]);
+        let mounts = self
+            .snapshotter
+            .prepare(&key, parent.map(|p| p.as_str()), labels)
+            .map_err(|e| snap_err(format!("preparing snapshot for {name}"), e))?;
+        let res = (|| -> Result<()> {
+            let upper = mounts.iter().find_map(|m| m.upper_dir()).ok_or_else(|| {
+                Error::internal(format!(
+                    "snapshot {key}: no writable directory among its mounts {mounts:?}"
+                ))
+            })?;
+            fill(&upper)?;
+            match self.snapshotter.commit(name.as_str(), &key, HashMap::new()) {
+                Ok(()) => Ok(()),
+                Err(e) if e.kind() == SnapKind::AlreadyExists => {
+                    let _ = self.snapshotter.remove(&key);
+                    Ok(())
+                }
+                Err(e) => Err(snap_err(format!("committing snapshot {name}"), e)),
+            }
+        })();
+        if res.is_err()
+            && let Err(e) = self.snapshotter.remove(&key)
+        {
+            tracing::warn!(snapshot = %key, error = %e, "removing the half-built snapshot failed");
+        }
+        res
     }
 
     /// A small blob (a config) through the content store, so concurrent pulls fetch it once.
@@ -629,28 +860,7 @@ impl Inner {
                     Begin::InFlight(i) => Source::Follow(i),
                     Begin::Start(w) => {
                         let ing = ContentStore::ingest_of(&w);
-                        let client = client.clone();
-                        let sem = sem.clone();
-                        let cfg = self.config.clone();
-                        let layer = layer.clone();
-                        let span =
-                            tracing::info_span!("download", image = %r, layer = %layer.digest);
-                        let watched = ing.clone();
-                        // Detached: another pull may follow this ingest even if ours fails.
-                        let task = tokio::spawn(
-                            async move {
-                                let _permit = tokio::select! {
-                                    biased;
-                                    // Dropping the writer fails the ingest and removes its file.
-                                    _ = watched.cancelled() => return,
-                                    p = sem.acquire_owned() => p,
-                                };
-                                if let Err(e) = download(&client, w, &layer, &cfg).await {
-                                    tracing::warn!(error = %e, "layer download failed");
-                                }
-                            }
-                            .instrument(span),
-                        );
+                        let task = self.spawn_download(r, client, &sem, w, layer);
                         started.tasks.push((ing.clone(), task));
                         Source::Follow(ing)
                     }
@@ -677,23 +887,11 @@ impl Inner {
                 let registry = r.registry.clone();
                 let total = layers.len();
                 let t0 = Instant::now();
-                let lock = self
-                    .unpacking
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .entry(name.clone())
-                    .or_default()
-                    .clone();
-                let guard = lock.lock().await;
-                let res = blocking(move || inner.unpack_one(src, &layer, &diff_id, &name, parent.as_ref())).await;
-                drop(guard);
-                {
-                    let mut map = self.unpacking.lock().unwrap_or_else(|p| p.into_inner());
-                    // Ours and the map's: nobody else waits, forget the entry.
-                    if Arc::strong_count(&lock) == 2 {
-                        map.remove(&chain[i]);
-                    }
-                }
+                let res = self
+                    .build_locked(&chain[i], move || {
+                        inner.unpack_one(src, &layer, &diff_id, &name, parent.as_ref())
+                    })
+                    .await;
                 res.map_err(|e| e.context(format!("layer {} ({}/{total}) from {registry}", layers[i].digest, i + 1)))?;
                 tracing::info!(layer = %layers[i].digest, chain_id = %chain[i], ms = t0.elapsed().as_millis() as u64, "layer unpacked");
             }
@@ -716,27 +914,12 @@ impl Inner {
         name: &Digest,
         parent: Option<&Digest>,
     ) -> Result<()> {
-        if self.snapshot_exists(name) {
-            // Another pull committed the same chain meanwhile.
-            return Ok(());
-        }
-        let key = format!("extract-{:016x}-{}", rand::random::<u64>(), name);
-        let labels = HashMap::from([("containerd.io/snapshot.ref".to_string(), name.to_string())]);
-        let mounts = self
-            .snapshotter
-            .prepare(&key, parent.map(|p| p.as_str()), labels)
-            .map_err(|e| snap_err(format!("preparing snapshot for {name}"), e))?;
-        let res = (|| -> Result<()> {
-            let upper = mounts.iter().find_map(|m| m.upper_dir()).ok_or_else(|| {
-                Error::internal(format!(
-                    "snapshot {key}: no writable directory among its mounts {mounts:?}"
-                ))
-            })?;
+        self.in_new_snapshot(name, parent, |upper| {
             let out = match src {
                 Source::Blob => {
-                    unpack::unpack_layer(self.content.open_blob(&layer.digest)?, &upper)?
+                    unpack::unpack_layer(self.content.open_blob(&layer.digest)?, upper)?
                 }
-                Source::Follow(ing) => unpack::unpack_layer(ing.reader(), &upper)?,
+                Source::Follow(ing) => unpack::unpack_layer(ing.reader(), upper)?,
             };
             if out.compressed_digest != layer.digest {
                 return Err(Error::data_loss(format!(
@@ -750,21 +933,8 @@ impl Inner {
                     out.diff_id
                 )));
             }
-            match self.snapshotter.commit(name.as_str(), &key, HashMap::new()) {
-                Ok(()) => Ok(()),
-                Err(e) if e.kind() == SnapKind::AlreadyExists => {
-                    let _ = self.snapshotter.remove(&key);
-                    Ok(())
-                }
-                Err(e) => Err(snap_err(format!("committing snapshot {name}"), e)),
-            }
-        })();
-        if res.is_err()
-            && let Err(e) = self.snapshotter.remove(&key)
-        {
-            tracing::warn!(snapshot = %key, error = %e, "removing the half-built snapshot failed");
-        }
-        res
+            Ok(())
+        })
     }
 
     /// Logs per-layer bytes done / total at a steady interval until aborted.

@@ -2,6 +2,7 @@
 
 #![cfg_attr(test, allow(clippy::unwrap_used))]
 
+pub mod artifact;
 pub mod client;
 pub mod content;
 pub mod cri;

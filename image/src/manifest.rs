@@ -1,5 +1,7 @@
 //! Manifests, indexes and image configs (Docker v2 schema 2 and OCI), and platform choice.
 
+use std::collections::BTreeMap;
+
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
@@ -9,6 +11,10 @@ pub const DOCKER_MANIFEST: &str = "application/vnd.docker.distribution.manifest.
 pub const DOCKER_LIST: &str = "application/vnd.docker.distribution.manifest.list.v2+json";
 pub const OCI_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
 pub const OCI_INDEX: &str = "application/vnd.oci.image.index.v1+json";
+pub const OCI_CONFIG: &str = "application/vnd.oci.image.config.v1+json";
+pub const DOCKER_CONFIG: &str = "application/vnd.docker.container.image.v1+json";
+/// The empty descriptor's type (`{}`), the config of image-spec 1.1 artifacts.
+pub const EMPTY_CONFIG: &str = "application/vnd.oci.empty.v1+json";
 
 /// Accept header for manifest requests: all four, so registries never down-convert.
 pub const ACCEPT: &str = "application/vnd.oci.image.index.v1+json, application/vnd.docker.distribution.manifest.list.v2+json, application/vnd.oci.image.manifest.v1+json, application/vnd.docker.distribution.manifest.v2+json";
@@ -32,10 +38,19 @@ pub struct Descriptor {
     pub size: u64,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub platform: Option<Platform>,
+    /// An artifact layer's file name lives here (`org.opencontainers.image.title`).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub annotations: BTreeMap<String, String>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
 pub struct ImageManifest {
+    /// The manifest's own `mediaType` (OCI manifests may leave it out).
+    #[serde(rename = "mediaType", default)]
+    pub media_type: String,
+    /// Set by OCI artifacts (image-spec 1.1).
+    #[serde(rename = "artifactType", default)]
+    pub artifact_type: Option<String>,
     pub config: Descriptor,
     pub layers: Vec<Descriptor>,
 }
@@ -198,6 +213,7 @@ mod tests {
                 os: "linux".into(),
                 variant: variant.map(Into::into),
             }),
+            annotations: Default::default(),
         }
     }
 
@@ -262,5 +278,26 @@ mod tests {
         ));
         let e = parse(br#"{"schemaVersion":1}"#, "", "t").err().unwrap();
         assert!(e.to_string().contains("schema 1"));
+        // The artifact manifest image-spec 1.1 withdrew (no config; docker-registry 2.8
+        // refuses it too): a clear refusal, not a parse error.
+        let a = br#"{"mediaType":"application/vnd.oci.artifact.manifest.v1+json","blobs":[]}"#;
+        let e = parse(a, "", "t").err().unwrap();
+        assert_eq!(e.kind(), crate::Kind::FailedPrecondition);
+        assert!(
+            e.to_string().contains("vnd.oci.artifact.manifest.v1"),
+            "{e}"
+        );
+        // An image-spec 1.1 artifact parses as a manifest, its titles kept.
+        let art = format!(
+            r#"{{"schemaVersion":2,"mediaType":"{OCI_MANIFEST}","artifactType":"x/y","config":{{"mediaType":"{EMPTY_CONFIG}","digest":"{d}","size":2}},"layers":[{{"mediaType":"text/plain","digest":"{d}","size":1,"annotations":{{"org.opencontainers.image.title":"a.txt"}}}}]}}"#
+        );
+        let Parsed::Manifest(m) = parse(art.as_bytes(), "", "t").unwrap() else {
+            panic!("an artifact is a manifest");
+        };
+        assert_eq!(m.artifact_type.as_deref(), Some("x/y"));
+        assert_eq!(
+            m.layers[0].annotations["org.opencontainers.image.title"],
+            "a.txt"
+        );
     }
 }

@@ -7,6 +7,7 @@ use std::path::Path;
 use redb::{Database, ReadableTable, TableDefinition};
 use serde::{Deserialize, Serialize};
 
+use crate::artifact::ArtifactInfo;
 use crate::error::{Error, Kind, Result};
 use crate::reference::Digest;
 
@@ -36,6 +37,11 @@ pub struct ImageRecord {
     pub created: u64,
     #[serde(default)]
     pub pinned: bool,
+    /// Set for an OCI artifact: its layers are files, `chain_ids` holds the one snapshot
+    /// with those files, `id` is the manifest digest (an artifact's config is usually the
+    /// shared empty `{}`, so it cannot name it), and `diff_ids` is empty.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub artifact: Option<ArtifactInfo>,
 }
 
 impl ImageRecord {
@@ -45,6 +51,12 @@ impl ImageRecord {
             .chain(std::iter::once(&self.manifest_digest))
             .chain(&self.index_digests)
             .chain(&self.layers)
+            .chain(self.artifact.iter().map(|a| &a.config_digest))
+    }
+
+    /// Whether this is an OCI artifact (files), not a filesystem image.
+    pub fn is_artifact(&self) -> bool {
+        self.artifact.is_some()
     }
 
     /// The config's `User`, for CRI's uid/username.
@@ -220,6 +232,7 @@ mod tests {
             config: "{}".into(),
             created: 0,
             pinned: false,
+            artifact: None,
         }
     }
 

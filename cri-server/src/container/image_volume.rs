@@ -15,6 +15,11 @@
 //! the directory that was opened; the view is read-only and its layers immutable, so that
 //! name cannot be swapped for a symlink afterwards.
 //!
+//! An OCI artifact (layers that are plain files) is mounted the same way: the image crate
+//! lays its files out once at pull, named by their titles, in a committed snapshot that the
+//! record lists as its only chain id, so its view, idmapping, sub-path resolution, release
+//! and RemoveImage refusal are exactly those of an image (`crisp_image::artifact`).
+//!
 //! The volumes are listed in the container's record (`ContainerRecord::image_volumes`), so
 //! RemoveContainer (and with it pod removal) releases them and RemoveImage refuses an image a
 //! container mounts. A crash between mounting and writing the record leaves a directory no

@@ -365,6 +365,13 @@ pub async fn create(
         .images
         .status(&image_name)?
         .ok_or_else(|| CriError::not_found(format!("image {image_name:?} not found")))?;
+    if let Some(a) = &image.artifact {
+        return Err(CriError::invalid(format!(
+            "image.image: {image_name:?} is an OCI artifact ({}), not a container image; it \
+             can be mounted as an image volume (mounts[].image)",
+            a.artifact_type
+        )));
+    }
     let image_cfg: ImageConfiguration = serde_json::from_str(&image.config).map_err(|e| {
         CriError::internal(format!("image {image_name}: config does not parse: {e}"))
     })?;
