@@ -14,7 +14,7 @@ SYSTEMDUNITDIR ?= /etc/systemd/system
 # Where `make run` and `make install` put a default pod network if there is none.
 CNI_CONF_DIR ?= /etc/cni/net.d
 INSTALL_VARS = DESTDIR="$(DESTDIR)" PREFIX="$(PREFIX)" BINDIR="$(BINDIR)" SYSCONFDIR="$(SYSCONFDIR)" \
-  SYSTEMDUNITDIR="$(SYSTEMDUNITDIR)" CNI_CONF_DIR="$(CNI_CONF_DIR)" REQUIRE_STATIC_SHIM="$(REQUIRE_STATIC_SHIM)"
+  SYSTEMDUNITDIR="$(SYSTEMDUNITDIR)" CNI_CONF_DIR="$(CNI_CONF_DIR)"
 # The release shim: built in its own profile (Cargo.toml [profile.shim]: size-optimised, fat
 # LTO) and linked statically against glibc (libc.a from Debian's libc6-dev), then put beside
 # the release crispd. One shim runs per pod, and a static one maps no ld.so, libc, libm or
@@ -52,7 +52,7 @@ install: release
 # What `make install` copies, without building: FROM names the directory of the binaries;
 # REQUIRE_STATIC_SHIM=1 refuses a shim that is not statically linked, as `make install` does.
 install-files:
-	$(INSTALL_VARS) FROM="$(FROM)" bash hack/install.sh
+	$(INSTALL_VARS) REQUIRE_STATIC_SHIM="$(REQUIRE_STATIC_SHIM)" FROM="$(FROM)" bash hack/install.sh
 
 test-images: deps
 	bash hack/images/build.sh "$(CRISP_TEST_IMAGES)"
