@@ -48,7 +48,7 @@ PROGRAMS=(
   "iptables iptables" "iptables-save iptables" "ip iproute2"
   "nsenter util-linux" "unshare util-linux"
   "zstd zstd" "gzip gzip" "tar tar" "setfattr attr" "getfattr attr" "jq jq" "curl curl"
-  "gcc gcc" "cc gcc" "protoc protobuf-compiler" "pkg-config pkg-config" "make make"
+  "gcc gcc" "cc gcc" "readelf binutils" "protoc protobuf-compiler" "pkg-config pkg-config" "make make"
   "sh dash" "bash bash" "cp coreutils" "sleep coreutils" "chroot coreutils"
   "apt-get apt" "dpkg-deb dpkg" "systemd-analyze systemd"
   "/usr/lib/cni/bridge containernetworking-plugins"

@@ -8,6 +8,9 @@
 #   SYSTEMDUNITDIR  [/etc/systemd/system]; crispd.service
 #   CNI_CONF_DIR    [/etc/cni/net.d]; gets hack/cni-default.sh's network if it has none;
 #                   set but empty: no network is written (kind, where kindnet writes one)
+#   REQUIRE_STATIC_SHIM  [] 1: refuse a shim that is not statically linked (make install and
+#                   make kind-image set it: make release links the shim statically, a debug or
+#                   plain `cargo build` shim is dynamic and would cost every pod glibc's pages)
 #
 # An existing config.toml is never replaced (it is checked with `crispd config check` and
 # the problems printed); a new one is `crispd config default` with shim_binary set to the
@@ -37,10 +40,28 @@ for b in "${BINARIES[@]}"; do
   [ -x "$FROM/$b" ] || die "no $FROM/$b: build it first (make release)"
 done
 
+# The shim's linkage as `file` would say it: "static" or "dynamic (interpreter …)". Read from
+# its program headers (readelf, binutils): a dynamic executable names the ld.so that loads it.
+linkage() {
+  command -v readelf >/dev/null || die "readelf is needed to check how $1 is linked (Debian package binutils)"
+  local headers interp
+  headers=$(readelf -lW "$1" 2>&1) || die "$1 is not an ELF executable: $headers"
+  interp=$(sed -n 's/.*Requesting program interpreter: \(.*\)\]$/\1/p' <<<"$headers")
+  if [ -n "$interp" ]; then echo "dynamic (interpreter $interp)"; else echo static; fi
+}
+shim_linkage=$(linkage "$FROM/containerd-shim-crisp-v2")
+if [ "${REQUIRE_STATIC_SHIM:-}" = 1 ] && [ "$shim_linkage" != static ]; then
+  die "$FROM/containerd-shim-crisp-v2 is $shim_linkage, not statically linked: build it with make release"
+fi
+
 install -d -m 0755 "$DESTDIR$BINDIR"
 for b in "${BINARIES[@]}"; do
   install -m 0755 "$FROM/$b" "$DESTDIR$BINDIR/$b"
-  say "$DESTDIR$BINDIR/$b"
+  if [ "$b" = containerd-shim-crisp-v2 ]; then
+    say "$DESTDIR$BINDIR/$b ($shim_linkage)"
+  else
+    say "$DESTDIR$BINDIR/$b"
+  fi
 done
 crispd=$DESTDIR$BINDIR/crispd
 

@@ -32,6 +32,7 @@
 
 pub mod containerd;
 pub mod cri;
+pub mod elf;
 pub mod harness;
 pub mod images;
 pub mod leaks;

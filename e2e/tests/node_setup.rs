@@ -7,7 +7,9 @@
 //!   `crispd config default` prints and the kind node's config (e2e/kind/config.toml);
 //! - `make install-files` (what `make install` copies, from the binaries the suite built) lays
 //!   out the binaries, config and unit, never replaces an existing config, and the unit it
-//!   writes passes `systemd-analyze verify` with no warning.
+//!   writes passes `systemd-analyze verify` with no warning;
+//! - `make install` installs only a statically linked shim (what `make release` builds): a
+//!   dynamic one is refused before anything is copied.
 
 use std::collections::BTreeMap;
 use std::io::Write;
@@ -15,6 +17,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 
 use anyhow::{Context, Result, bail, ensure};
+use crisp_e2e::elf::{Linkage, linkage};
 use crisp_e2e::harness::{CNI_BIN_DIR, crispd_binary, which};
 use serde_json::{Value, json};
 
@@ -533,6 +536,76 @@ fn make_install_lays_out_the_node_and_keeps_an_existing_config() -> Result<()> {
         said.contains("cgroup_driver") && said.contains("cgroupv3") && said.contains("WARNING"),
         "{said}"
     );
+    Ok(())
+}
+
+/// `make install-files REQUIRE_STATIC_SHIM=1` (what `make install` runs) from a directory
+/// holding the built crispd and snapshotter and `shim` as the shim.
+fn install_with_shim(tmp: &Path, name: &str, shim: &Path) -> Result<(Output, PathBuf)> {
+    let built = built_binaries()?;
+    let from = tmp.join(name).join("from");
+    std::fs::create_dir_all(&from)?;
+    for b in ["crispd", "crisp-snapshotter"] {
+        std::os::unix::fs::symlink(built.join(b), from.join(b))?;
+    }
+    std::fs::copy(shim, from.join(SHIM))?;
+    let dest = tmp.join(name).join("dest");
+    which("make").context("this test needs make (Debian package make)")?;
+    let out = run(Command::new("make")
+        .arg("-s")
+        .arg("-C")
+        .arg(repo())
+        .arg("install-files")
+        .arg(format!("FROM={}", from.display()))
+        .arg(format!("DESTDIR={}", dest.display()))
+        .arg("REQUIRE_STATIC_SHIM=1"))?;
+    Ok((out, dest.join("usr/local/bin").join(SHIM)))
+}
+
+const SHIM: &str = "containerd-shim-crisp-v2";
+
+#[test]
+fn make_install_refuses_a_shim_that_is_not_statically_linked() -> Result<()> {
+    let tmp = tempfile::tempdir()?;
+    // The suite's shim is a debug build, linked dynamically as `cargo build` links it.
+    let dynamic = built_binaries()?.join(SHIM);
+    let interpreter = match linkage(&dynamic)? {
+        Linkage::Dynamic { interpreter } => interpreter,
+        other => bail!(
+            "the suite's {} is {other}: this test wants a dynamic shim",
+            dynamic.display()
+        ),
+    };
+    let (out, installed) = install_with_shim(tmp.path(), "dynamic", &dynamic)?;
+    let err = String::from_utf8_lossy(&out.stderr);
+    ensure!(!out.status.success(), "a dynamic shim was installed: {err}");
+    ensure!(
+        err.contains(SHIM) && err.contains("not statically linked") && err.contains(&interpreter),
+        "the refusal names neither the shim nor its interpreter: {err}"
+    );
+    ensure!(
+        !installed.exists(),
+        "{} was installed anyway",
+        installed.display()
+    );
+
+    // A static executable passes (busybox-static stands in for `make release`'s shim), is
+    // what gets installed, and the install says it is static.
+    let busybox = Path::new("/bin/busybox");
+    ensure!(
+        busybox.is_file(),
+        "this test needs /bin/busybox (Debian package busybox-static)"
+    );
+    let (out, installed) = install_with_shim(tmp.path(), "static", busybox)?;
+    let err = String::from_utf8_lossy(&out.stderr);
+    ensure!(out.status.success(), "a static shim was refused: {err}");
+    ensure!(
+        matches!(linkage(&installed)?, Linkage::Static { .. }),
+        "{} is {}",
+        installed.display(),
+        linkage(&installed)?
+    );
+    ensure!(err.contains(&format!("{SHIM} (static)")), "{err}");
     Ok(())
 }
 

@@ -24,7 +24,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail, ensure};
 use crisp_e2e::cri::{self, container_config};
-use crisp_e2e::harness::{RuntimeKind, TestEnv};
+use crisp_e2e::elf::{Linkage, linkage};
+use crisp_e2e::harness::{RuntimeKind, TestEnv, which};
 use crisp_e2e::leaks;
 use crisp_e2e::procfs::{smaps_kib, vm_rss_kib};
 use crisp_e2e::registry::Registry;
@@ -375,6 +376,10 @@ fn setup_env() -> Result<PathBuf> {
         ));
         let path = std::env::var_os("PATH").unwrap_or_default();
         let mut paths = vec![dir];
+        // The benchmark's dynamic crisp shim (see DYNAMIC_SHIM).
+        if let Some(dynamic) = std::env::var_os("CRISP_SHIM_DYNAMIC") {
+            paths.extend(Path::new(&dynamic).parent().map(Path::to_path_buf));
+        }
         paths.extend(std::env::split_paths(&path));
         let joined = std::env::join_paths(paths).map_err(|e| e.to_string())?;
         // SAFETY: runs once, first thing in each test (nextest runs one test per process);
@@ -465,18 +470,248 @@ fn stats(v: &mut [f64]) -> (f64, f64) {
     (mean, v.get(v.len() / 2).copied().unwrap_or(0.0))
 }
 
-/// Benchmark, not a test: 20 pods of 2 containers with crisp's shim and 20 with containerd's
-/// own runc shim, interleaved in one containerd; resident memory of each shim and pod start
-/// latency (RunPodSandbox + create/start of both containers).
+/// A shim the benchmark runs: its runtime handler in containerd and its binary (canonical:
+/// a running shim is told by /proc/<pid>/exe).
+struct BenchShim {
+    handler: &'static str,
+    binary: PathBuf,
+    linkage: Linkage,
+}
+
+/// crisp's shim (`CRISP_SHIM_DIR`), the same shim linked dynamically when
+/// `CRISP_SHIM_DYNAMIC` names it (`make bench`: then crisp's must be the static one
+/// `make release` builds), and containerd's runc shim, last (the ratios' denominator).
+fn bench_shims() -> Result<Vec<BenchShim>> {
+    let shim = |handler, path: PathBuf| -> Result<BenchShim> {
+        let binary = path
+            .canonicalize()
+            .with_context(|| format!("{handler}: {}", path.display()))?;
+        let linkage = linkage(&binary)?;
+        Ok(BenchShim {
+            handler,
+            binary,
+            linkage,
+        })
+    };
+    let mut shims = vec![shim("crisp", shim_dir()?.join(SHIM))?];
+    if let Some(dynamic) = std::env::var_os("CRISP_SHIM_DYNAMIC").map(PathBuf::from) {
+        ensure!(
+            dynamic.file_name() == Some(DYNAMIC_SHIM.as_ref()),
+            "CRISP_SHIM_DYNAMIC={} must name a file called {DYNAMIC_SHIM}",
+            dynamic.display()
+        );
+        let dynamic = shim("crisp-dynamic", dynamic)?;
+        ensure!(
+            matches!(shims[0].linkage, Linkage::Static { .. }),
+            "{} is {}: make release links the shim statically",
+            shims[0].binary.display(),
+            shims[0].linkage
+        );
+        ensure!(
+            matches!(dynamic.linkage, Linkage::Dynamic { .. }),
+            "CRISP_SHIM_DYNAMIC={} is {}, not the dynamic shim",
+            dynamic.binary.display(),
+            dynamic.linkage
+        );
+        shims.push(dynamic);
+    }
+    shims.push(shim("runc", which("containerd-shim-runc-v2")?)?);
+    Ok(shims)
+}
+
+/// containerd runs the shim its runtime type names (`io.containerd.crispdyn.v2`:
+/// `containerd-shim-crispdyn-v2` on PATH; containerd 1.6 ignores `runtime_path`), so the
+/// dynamic crisp shim is a file of that name, whose directory `setup_env` puts on PATH.
+const DYNAMIC_SHIM: &str = "containerd-shim-crispdyn-v2";
+
+fn dynamic_shim_fragment(dir: &Path, shims: &[BenchShim]) -> String {
+    if !shims.iter().any(|s| s.handler == "crisp-dynamic") {
+        return String::new();
+    }
+    let key = "[plugins.\"io.containerd.grpc.v1.cri\".containerd.runtimes.crisp-dynamic";
+    format!(
+        "{key}]\nruntime_type = \"io.containerd.crispdyn.v2\"\n\
+         {key}.options]\nConfigPath = \"{}\"\n",
+        dir.join("crisp.toml").display()
+    )
+}
+
+/// Pids of this env's shims running `binary`.
+fn shims_running(env: &TestEnv, binary: &Path) -> Vec<i32> {
+    let needle = env.socket.to_string_lossy().into_owned();
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    dir.flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok())
+        .filter(|pid| {
+            std::fs::read_link(format!("/proc/{pid}/exe"))
+                .ok()
+                .as_deref()
+                == Some(binary)
+        })
+        .filter(|pid| {
+            std::fs::read(format!("/proc/{pid}/cmdline"))
+                .is_ok_and(|c| c.split(|b| *b == 0).any(|a| a == needle.as_bytes()))
+        })
+        .collect()
+}
+
+/// Mean VmRSS, Pss, Pss_Anon and Anonymous (KiB) of `pids`.
+fn shim_memory(pids: &[i32]) -> [f64; 4] {
+    let mut out = [0.0; 4];
+    for (i, field) in ["VmRSS", "Pss", "Pss_Anon", "Anonymous"].iter().enumerate() {
+        let mut v: Vec<f64> = pids
+            .iter()
+            .filter_map(|p| match *field {
+                "VmRSS" => vm_rss_kib(*p),
+                f => smaps_kib(*p, f),
+            })
+            .map(|k| k as f64)
+            .collect();
+        out[i] = stats(&mut v).0;
+    }
+    out
+}
+
+/// One line per shim and its ratios to the last one (containerd's runc shim).
+fn print_memory(title: &str, shims: &[BenchShim], mem: &[[f64; 4]]) {
+    eprintln!(
+        "{title} (KiB)\n  {:14} {:11} {:>7} {:>7} {:>8} {:>9}",
+        "handler", "linkage", "VmRSS", "Pss", "Pss_Anon", "Anonymous"
+    );
+    for (s, m) in shims.iter().zip(mem) {
+        let linkage = s.linkage.to_string();
+        let linkage = linkage.split(' ').next().unwrap_or_default();
+        eprintln!(
+            "  {:14} {linkage:11} {:7.0} {:7.0} {:8.0} {:9.0}",
+            s.handler, m[0], m[1], m[2], m[3]
+        );
+    }
+    let Some(runc) = mem.last() else { return };
+    for (s, m) in shims.iter().zip(mem).take(shims.len() - 1) {
+        eprintln!(
+            "  {}/runc-shim ratios: VmRSS {:.2}, Pss {:.2}, Pss_Anon {:.2}, Anonymous {:.2}",
+            s.handler,
+            m[0] / runc[0],
+            m[1] / runc[1],
+            m[2] / runc[2],
+            m[3] / runc[3]
+        );
+    }
+}
+
+/// A static shim maps no shared object: nothing ld.so would have loaded (no NSS module, no
+/// libgcc_s), which `linkage` alone cannot show for a process that could dlopen.
+fn check_maps_no_shared_object(pid: i32, shim: &BenchShim) -> Result<()> {
+    if !matches!(shim.linkage, Linkage::Static { .. }) {
+        return Ok(());
+    }
+    let maps = std::fs::read_to_string(format!("/proc/{pid}/maps"))?;
+    let so: Vec<&str> = maps.lines().filter(|l| l.contains(".so")).collect();
+    ensure!(
+        so.is_empty(),
+        "static shim {pid} maps shared objects:\n{}",
+        so.join("\n")
+    );
+    Ok(())
+}
+
+/// One pod of one container per shim, all running at once: each shim's own figures (its
+/// Pss shares the binary's pages with no other shim of its kind). The pods are removed after.
+async fn one_shim_each(env: &TestEnv, shims: &[BenchShim]) -> Result<()> {
+    let c = env.cri();
+    let mut pods = Vec::new();
+    for s in shims {
+        let pod = env.pod_config(&format!("one-{}", s.handler))?;
+        let pod_id = run_pod(env, &pod, s.handler).await?;
+        let cfg = container_config("a", BUSYBOX, &["sleep", "3600"]);
+        c.run_container(&pod_id, &cfg, &pod).await?;
+        pods.push(pod_id);
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let mut mem = Vec::new();
+    for s in shims {
+        let pids = shims_running(env, &s.binary);
+        ensure!(
+            pids.len() == 1,
+            "{}: {} shims {:?}, want one",
+            s.handler,
+            s.binary.display(),
+            pids.iter()
+                .map(|p| std::fs::read(format!("/proc/{p}/cmdline")).unwrap_or_default())
+                .map(|c| String::from_utf8_lossy(&c).replace('\0', " "))
+                .collect::<Vec<_>>()
+        );
+        check_maps_no_shared_object(pids[0], s)?;
+        mem.push(shim_memory(&pids));
+    }
+    print_memory("one shim each, a pod of one container", shims, &mem);
+    for pod_id in pods {
+        c.stop_and_remove_pod(&pod_id).await?;
+    }
+    Ok(())
+}
+
+/// 20 pods of 2 containers per shim, interleaved: mean memory per shim and pod start latency.
+async fn twenty_pods_each(env: &TestEnv, shims: &[BenchShim]) -> Result<()> {
+    let c = env.cri();
+    let mut latency: Vec<Vec<f64>> = shims.iter().map(|_| Vec::new()).collect();
+    for i in 0..20 * shims.len() {
+        let s = &shims[i % shims.len()];
+        let pod = env.pod_config(&format!("bench-{}", s.handler))?;
+        let t = Instant::now();
+        let pod_id = run_pod(env, &pod, s.handler).await?;
+        for name in ["a", "b"] {
+            let cfg = container_config(name, BUSYBOX, &["sleep", "3600"]);
+            c.run_container(&pod_id, &cfg, &pod).await?;
+        }
+        latency[i % shims.len()].push(t.elapsed().as_secs_f64() * 1000.0);
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let mut mem = Vec::new();
+    for (s, lat) in shims.iter().zip(&mut latency) {
+        let pids = shims_running(env, &s.binary);
+        let (mean, median) = stats(lat);
+        eprintln!(
+            "{:14} shims: {:2} | pod start mean {mean:6.1} ms median {median:6.1} ms",
+            s.handler,
+            pids.len()
+        );
+        mem.push(shim_memory(&pids));
+    }
+    print_memory("20 pods of 2 containers each, mean per shim", shims, &mem);
+    if let Some(secs) = std::env::var("CRISP_BENCH_HOLD")
+        .ok()
+        .and_then(|s| s.parse().ok())
+    {
+        eprintln!(
+            "holding {secs} s: crisp shims {:?}",
+            shims_running(env, &shims[0].binary)
+        );
+        tokio::time::sleep(Duration::from_secs(secs)).await;
+    }
+    Ok(())
+}
+
+/// Benchmark, not a test: the memory of crisp's shim against containerd's own runc shim (and
+/// crisp's shim linked dynamically, `CRISP_SHIM_DYNAMIC`), one containerd running them all:
+/// first one pod of one container each, then 20 pods of 2 containers each, interleaved, with
+/// pod start latency (RunPodSandbox + create/start of both containers).
+/// `make bench` runs it on release builds; by hand:
 /// `cargo test -p crisp-e2e --test shim_containerd -- --ignored --nocapture`
-/// By default the shim next to this test binary (a debug build) runs; containerd's shim is a
-/// release build, so compare like with like: `cargo build --release -p crisp-shim` and
-/// `CRISP_SHIM_DIR=target/release`. `CRISP_BENCH_HOLD=<secs>` keeps the pods running after
-/// the figures (shim pids printed) to look at the shims' /proc/<pid>/smaps.
+/// runs the shim next to this test binary (a debug build), while containerd's shim is a
+/// release build: compare like with like with `CRISP_SHIM_DIR=target/release` after
+/// `make release`. `CRISP_BENCH_HOLD=<secs>` keeps the pods running after the figures (shim
+/// pids printed) to look at the shims' /proc/<pid>/smaps.
 #[test]
 #[ignore]
 fn bench_shim_rss_and_pod_start() -> Result<()> {
     let shim_log = setup_env()?;
+    let shims = bench_shims()?;
+    for s in &shims {
+        eprintln!("{:14} {} ({})", s.handler, s.binary.display(), s.linkage);
+    }
     let tmp = tempfile::Builder::new()
         .prefix("crisp-shim-bench-")
         .tempdir_in("/var/tmp")?;
@@ -487,59 +722,17 @@ fn bench_shim_rss_and_pod_start() -> Result<()> {
     rt.block_on(async {
         let registry = Registry::start()?;
         registry.push(&["busybox", "pause"])?;
+        let mut fragment = containerd_fragment(tmp.path())?;
+        fragment.push_str(&dynamic_shim_fragment(tmp.path(), &shims));
         let env = TestEnv::builder(RuntimeKind::Containerd)
             .mirror(registry.host())
-            .containerd_config(containerd_fragment(tmp.path())?)
+            .containerd_config(fragment)
             .start()
             .await?;
         let outcome = async {
-            let c = env.cri();
-            c.pull(BUSYBOX, None).await?;
-            let mut latency: std::collections::HashMap<&str, Vec<f64>> = Default::default();
-            for i in 0..40 {
-                let handler = if i % 2 == 0 { "crisp" } else { "runc" };
-                let pod = env.pod_config(&format!("bench-{handler}"))?;
-                let t = Instant::now();
-                let pod_id = run_pod(&env, &pod, handler).await?;
-                for name in ["a", "b"] {
-                    let cfg = container_config(name, BUSYBOX, &["sleep", "3600"]);
-                    c.run_container(&pod_id, &cfg, &pod).await?;
-                }
-                latency.entry(handler).or_default().push(t.elapsed().as_secs_f64() * 1000.0);
-            }
-            tokio::time::sleep(Duration::from_secs(2)).await;
-            let mut report = Vec::new();
-            for (handler, bin) in [("crisp", SHIM), ("runc", "containerd-shim-runc-v2")] {
-                let pids = shims_named(&env, bin);
-                let mut rss: Vec<f64> = pids.iter().filter_map(|p| vm_rss_kib(*p)).map(|k| k as f64).collect();
-                let n = rss.len();
-                let (rss_mean, rss_median) = stats(&mut rss);
-                let (lat_mean, lat_median) = stats(latency.get_mut(handler).map(|v| v.as_mut_slice()).unwrap_or(&mut []));
-                eprintln!(
-                    "{handler:6} shims: {n:2}  VmRSS mean {rss_mean:7.0} KiB median {rss_median:7.0} KiB | pod start mean {lat_mean:6.1} ms median {lat_median:6.1} ms"
-                );
-                let mut pss: Vec<f64> = pids.iter().filter_map(|p| smaps_kib(*p, "Pss")).map(|k| k as f64).collect();
-                let mut anon: Vec<f64> = pids.iter().filter_map(|p| smaps_kib(*p, "Anonymous")).map(|k| k as f64).collect();
-                let (pss_mean, _) = stats(&mut pss);
-                let (anon_mean, _) = stats(&mut anon);
-                eprintln!("{handler:6} shims: Pss mean {pss_mean:7.0} KiB, Anonymous mean {anon_mean:7.0} KiB");
-                report.push((rss_mean, pss_mean, anon_mean, lat_mean));
-            }
-            eprintln!("crisp shim binary: {}", shim_dir()?.join(SHIM).display());
-            if let [(crss, cpss, canon, clat), (rrss, rpss, ranon, rlat)] = report[..] {
-                eprintln!(
-                    "crisp/runc-shim ratios: VmRSS {:.2}, Pss {:.2}, Anonymous {:.2}, pod start {:.2}",
-                    crss / rrss,
-                    cpss / rpss,
-                    canon / ranon,
-                    clat / rlat
-                );
-            }
-            if let Some(secs) = std::env::var("CRISP_BENCH_HOLD").ok().and_then(|s| s.parse().ok()) {
-                eprintln!("holding {secs} s: crisp shims {:?}", shims_named(&env, SHIM));
-                tokio::time::sleep(Duration::from_secs(secs)).await;
-            }
-            anyhow::Ok(())
+            env.cri().pull(BUSYBOX, None).await?;
+            one_shim_each(&env, &shims).await?;
+            twenty_pods_each(&env, &shims).await
         }
         .await;
         let leaks = env.teardown().await;

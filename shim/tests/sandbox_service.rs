@@ -31,7 +31,13 @@ use containerd_shim_protos::{
 use serde_json::{Value, json};
 
 const SPEC_TYPE_URL: &str = "types.containerd.io/opencontainers/runtime-spec/1/Spec";
-const SHIM: &str = env!("CARGO_BIN_EXE_containerd-shim-crisp-v2");
+/// The shim binary these tests start: the one cargo built with them, or `CRISP_SHIM_BIN`
+/// (the static release shim `make release` builds, to run this suite against it).
+fn shim_binary() -> std::path::PathBuf {
+    std::env::var_os("CRISP_SHIM_BIN")
+        .map(Into::into)
+        .unwrap_or_else(|| env!("CARGO_BIN_EXE_containerd-shim-crisp-v2").into())
+}
 
 fn ctx() -> ttrpc::context::Context {
     ttrpc::context::with_timeout(Duration::from_secs(20).as_nanos() as i64)
@@ -151,7 +157,7 @@ impl Fixture {
     async fn start_shim(&mut self, pod_id: &str) -> Result<SandboxClient> {
         std::fs::create_dir_all(self.bundle())?;
         let events = self.dir.path().join("events.sock").display().to_string();
-        let out = Command::new(SHIM)
+        let out = Command::new(shim_binary())
             .args([
                 "-namespace",
                 "k8s.io",
@@ -888,7 +894,7 @@ async fn pause_dies_with_its_shim() -> Result<()> {
         "pause cgroup already gone?"
     );
     let events = fx.dir.path().join("events.sock").display().to_string();
-    let out = Command::new(SHIM)
+    let out = Command::new(shim_binary())
         .args([
             "-namespace",
             "k8s.io",
