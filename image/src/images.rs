@@ -783,6 +783,10 @@ impl Inner {
                 ))
             })?;
             fill(&upper)?;
+            // The snapshot's record says "complete" once committed: its files must be on
+            // disk first, or a power loss leaves a committed layer with empty files.
+            sync_filesystem(&upper)
+                .map_err(|e| Error::internal(format!("syncing layer {name} in {upper:?}: {e}")))?;
             match self.snapshotter.commit(name.as_str(), &key, HashMap::new()) {
                 Ok(()) => Ok(()),
                 Err(e) if e.kind() == SnapKind::AlreadyExists => {
@@ -1004,5 +1008,18 @@ impl Drop for Started {
         for (ing, _) in &self.tasks {
             self.content.abandon(ing);
         }
+    }
+}
+
+/// syncfs(2) on the filesystem holding `dir`: one call makes a whole unpacked layer durable,
+/// instead of an fsync per file (containerd offers the same as `image_pull_with_sync_fs`).
+fn sync_filesystem(dir: &Path) -> std::io::Result<()> {
+    use std::os::fd::AsRawFd;
+    let d = std::fs::File::open(dir)?;
+    // SAFETY: syncfs only reads the fd, which `d` keeps open for the call.
+    if unsafe { libc::syncfs(d.as_raw_fd()) } == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
     }
 }
