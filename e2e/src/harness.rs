@@ -323,6 +323,20 @@ impl TestEnv {
         cri::pod_config(name, &self.pod_log_dir, &self.cgroup_parent)
     }
 
+    /// [`TestEnv::pod_config`] for a pod in its own user namespace (`userns_options` mode Pod).
+    pub fn userns_pod_config(&self, name: &str) -> Result<crisp_proto::cri::v1::PodSandboxConfig> {
+        use crisp_proto::cri::v1 as api;
+        let mut cfg = self.pod_config(name)?;
+        let linux = cfg.linux.get_or_insert_with(Default::default);
+        let sc = linux.security_context.get_or_insert_with(Default::default);
+        let ns = sc.namespace_options.get_or_insert_with(Default::default);
+        ns.userns_options = Some(api::UserNamespace {
+            mode: api::NamespaceMode::Pod as i32,
+            ..Default::default()
+        });
+        Ok(cfg)
+    }
+
     /// The last `n` lines of the daemon's log (for failure messages).
     pub fn daemon_log_tail(&self, n: usize) -> String {
         tail(&self.daemon_log, n)

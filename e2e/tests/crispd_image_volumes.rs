@@ -83,18 +83,6 @@ fn image_mount(path: &str, sub: &str) -> api::Mount {
     }
 }
 
-fn userns_pod(env: &TestEnv, name: &str) -> Result<api::PodSandboxConfig> {
-    let mut cfg = env.pod_config(name)?;
-    let linux = cfg.linux.get_or_insert_with(Default::default);
-    let sc = linux.security_context.get_or_insert_with(Default::default);
-    let ns = sc.namespace_options.get_or_insert_with(Default::default);
-    ns.userns_options = Some(api::UserNamespace {
-        mode: api::NamespaceMode::Pod as i32,
-        ..Default::default()
-    });
-    Ok(cfg)
-}
-
 /// `stat -c %u:%g` of `path` in the container.
 async fn owner(env: &TestEnv, id: &str, path: &str) -> Result<String> {
     Ok(env
@@ -150,7 +138,7 @@ async fn plain(env: &TestEnv) -> Result<(String, String, api::PodSandboxConfig)>
 /// The user-namespaced pod's container: `data/inside` (a symlink to `owned`) at /vol, the
 /// whole image at /img; owners as in the image, through the idmapped view.
 async fn userns(env: &TestEnv) -> Result<(String, String)> {
-    let cfg = userns_pod(env, "imgvol-userns")?;
+    let cfg = env.userns_pod_config("imgvol-userns")?;
     let pod = env.cri().run_pod(&cfg).await?;
     let mut cc = container_config("main", BUSYBOX, &["sleep", "3600"]);
     cc.mounts = vec![image_mount("/vol", "data/inside"), image_mount("/img", "")];
@@ -321,18 +309,14 @@ async fn scenario(env: &mut TestEnv) -> Result<()> {
     Ok(())
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn crispd_image_volumes_read_only_idmapped_sub_paths_and_release() -> Result<()> {
-    let registry = Registry::start()?;
-    registry.push(&["busybox"])?;
-    let layout = tempfile::tempdir()?;
-    volume_image(layout.path())?;
-    registry.push_layout(layout.path(), "v1", "library/volimg:v1")?;
+/// crispd with user namespaces on (ids from subuid/subgid files in the returned tempdir,
+/// which must outlive the env), pulling through `registry`.
+async fn userns_crispd(registry: &Registry) -> Result<(tempfile::TempDir, TestEnv)> {
     let ids = tempfile::tempdir()?;
     let (subuid, subgid) = (ids.path().join("subuid"), ids.path().join("subgid"));
     std::fs::write(&subuid, "crisp:3000000:131072\n")?;
     std::fs::write(&subgid, "crisp:5000000:131072\n")?;
-    let mut env = TestEnv::builder(RuntimeKind::Crispd)
+    let env = TestEnv::builder(RuntimeKind::Crispd)
         .mirror(registry.host())
         .crispd_config(format!(
             "[userns]\nuser = \"crisp\"\nsubuid_file = \"{}\"\nsubgid_file = \"{}\"\n",
@@ -341,6 +325,17 @@ async fn crispd_image_volumes_read_only_idmapped_sub_paths_and_release() -> Resu
         ))
         .start()
         .await?;
+    Ok((ids, env))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn crispd_image_volumes_read_only_idmapped_sub_paths_and_release() -> Result<()> {
+    let registry = Registry::start()?;
+    registry.push(&["busybox"])?;
+    let layout = tempfile::tempdir()?;
+    volume_image(layout.path())?;
+    registry.push_layout(layout.path(), "v1", "library/volimg:v1")?;
+    let (_ids, mut env) = userns_crispd(&registry).await?;
     let outcome = scenario(&mut env).await;
     env.finish("crispd", outcome).await
 }
@@ -423,7 +418,7 @@ async fn artifact_plain(env: &TestEnv) -> Result<(String, String, api::PodSandbo
 /// A user-namespaced pod sees the files owned by root through the idmapped view (an
 /// unmapped one would show 65534).
 async fn artifact_userns(env: &TestEnv) -> Result<String> {
-    let cfg = userns_pod(env, "artvol-userns")?;
+    let cfg = env.userns_pod_config("artvol-userns")?;
     let pod = env.cri().run_pod(&cfg).await?;
     let mut cc = container_config("main", BUSYBOX, &["sleep", "3600"]);
     cc.mounts = vec![artifact_mount("/art", "")];
@@ -549,19 +544,7 @@ async fn crispd_artifact_volumes_files_read_only_idmapped_and_release() -> Resul
     let layout = tempfile::tempdir()?;
     let manifest = artifact().write(layout.path(), "v1")?;
     registry.push_layout(layout.path(), "v1", "library/artvol:v1")?;
-    let ids = tempfile::tempdir()?;
-    let (subuid, subgid) = (ids.path().join("subuid"), ids.path().join("subgid"));
-    std::fs::write(&subuid, "crisp:3000000:131072\n")?;
-    std::fs::write(&subgid, "crisp:5000000:131072\n")?;
-    let mut env = TestEnv::builder(RuntimeKind::Crispd)
-        .mirror(registry.host())
-        .crispd_config(format!(
-            "[userns]\nuser = \"crisp\"\nsubuid_file = \"{}\"\nsubgid_file = \"{}\"\n",
-            subuid.display(),
-            subgid.display()
-        ))
-        .start()
-        .await?;
+    let (_ids, mut env) = userns_crispd(&registry).await?;
     let outcome = artifact_scenario(&mut env, &manifest).await;
     env.finish("crispd", outcome).await
 }

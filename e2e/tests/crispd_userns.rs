@@ -29,18 +29,6 @@ const RANGE: u32 = 65536;
 const UID_BASE: u32 = 3_000_000;
 const GID_BASE: u32 = 5_000_000;
 
-fn userns_pod(env: &TestEnv, name: &str) -> Result<api::PodSandboxConfig> {
-    let mut cfg = env.pod_config(name)?;
-    let linux = cfg.linux.get_or_insert_with(Default::default);
-    let sc = linux.security_context.get_or_insert_with(Default::default);
-    let ns = sc.namespace_options.get_or_insert_with(Default::default);
-    ns.userns_options = Some(api::UserNamespace {
-        mode: api::NamespaceMode::Pod as i32,
-        ..Default::default()
-    });
-    Ok(cfg)
-}
-
 /// First field of a `Uid:`/`Gid:` line of /proc/<pid>/status (the real id, as the host sees it).
 fn host_id(pid: i32, key: &str) -> Result<u32> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status"))
@@ -64,7 +52,7 @@ struct Running {
 
 /// Run a userns pod with a sleeping busybox and check it from inside and from the host.
 async fn run_and_check(env: &TestEnv, name: &str) -> Result<Running> {
-    let cfg = userns_pod(env, name)?;
+    let cfg = env.userns_pod_config(name)?;
     let pod = env.cri().run_pod(&cfg).await?;
     // One answer per connection, forever: the host may connect before nc listens.
     let serve = format!("while true; do echo hello-{name} | nc -l -p 8080; done");
@@ -188,7 +176,7 @@ async fn body(env: &TestEnv) -> Result<()> {
 
     // Host network, PID or IPC + user namespace: refused before anything is made.
     for field in ["network", "pid", "ipc"] {
-        let mut bad = userns_pod(env, &format!("host{field}"))?;
+        let mut bad = env.userns_pod_config(&format!("host{field}"))?;
         if let Some(ns) = bad
             .linux
             .as_mut()
@@ -235,7 +223,7 @@ async fn body(env: &TestEnv) -> Result<()> {
 
     // Both ranges of the subuid file are taken: a third pod is refused, leaving nothing.
     let before = env.cri().list_pods().await?.len();
-    let third = userns_pod(env, "userns-c")?;
+    let third = env.userns_pod_config("userns-c")?;
     match env.cri().run_pod(&third).await {
         Ok(id) => bail!("third userns pod {id} got a range although both are in use"),
         Err(e) => ensure!(
@@ -342,7 +330,7 @@ async fn crispd_userns_failed_cni_add_undoes() -> Result<()> {
         std::fs::write(&tmp, conflist)?;
         std::fs::rename(&tmp, env.cni_conf_dir.join("10-crisp-e2e.conflist"))?;
         for attempt in 0..2 {
-            let cfg = userns_pod(&env, &format!("cni-fails-{attempt}"))?;
+            let cfg = env.userns_pod_config(&format!("cni-fails-{attempt}"))?;
             let deadline = Instant::now() + Duration::from_secs(10);
             let err = loop {
                 match env.cri().run_pod(&cfg).await {
