@@ -139,14 +139,18 @@ host_debian_mirror() {
 # Every program the Rust sources start by name, and every tool hack/images/build.sh checks for,
 # must be in PROGRAMS: a new `Command::new("foo")` without a row would go unchecked.
 programs_table_is_complete() {
-  local used p missing=()
+  local used p row missing=()
+  local -A listed=()
   used=$(
     grep -rhoE --include='*.rs' --exclude-dir=target --exclude-dir=vendor \
       '(Command::new|which)\("[A-Za-z0-9_.-]+"\)' "$REPO" | sed -E 's/.*\("([^"]+)"\)/\1/'
     sed -nE 's/^for t in (.*); do$/\1/p' "$REPO/hack/images/build.sh" | tr ' ' '\n'
   )
+  # A lookup, not `printf | grep -q`: grep -q leaves at its match while printf (one write per
+  # row) may still be writing, and under pipefail that SIGPIPE failed CI naming a listed program.
+  for row in "${PROGRAMS[@]}"; do listed[${row%% *}]=1; done
   for p in $(sort -u <<<"$used"); do
-    printf '%s\n' "${PROGRAMS[@]}" | grep -q "^$p " || missing+=("$p")
+    [[ -n ${listed[$p]:-} ]] || missing+=("$p")
   done
   ((${#missing[@]} == 0)) ||
     die "the sources run ${missing[*]}, which PROGRAMS in $0 does not list: add each with its Debian package"
