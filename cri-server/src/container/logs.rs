@@ -134,6 +134,26 @@ pub trait OutputTap: Send + Sync {
 const CHUNK_MIN: usize = 1024;
 const CHUNK_MAX: usize = 32 * 1024;
 
+/// How much the copier reads at once: doubles while reads fill it (a chatty stream) and
+/// halves when a read uses less than a quarter of it (the stream went quiet again), so one
+/// burst does not hold 32 KiB for the rest of the container's life.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct ReadSize(usize);
+
+impl ReadSize {
+    const FIRST: ReadSize = ReadSize(CHUNK_MIN);
+
+    fn after(self, n: usize) -> ReadSize {
+        if n >= self.0 {
+            ReadSize((self.0 * 2).min(CHUNK_MAX))
+        } else if n < self.0 / 4 {
+            ReadSize((self.0 / 2).max(CHUNK_MIN))
+        } else {
+            self
+        }
+    }
+}
+
 /// Copy one stream into the log until EOF, splitting into records. Returns the number of
 /// records written (or attempted).
 pub async fn copy_stream<R: AsyncRead + Unpin>(
@@ -154,11 +174,12 @@ pub async fn copy_stream_tapped<R: AsyncRead + Unpin>(
 ) -> io::Result<u64> {
     let max = log.max_line;
     // Every container holds two copiers for its whole life and most streams are quiet, so
-    // both buffers start small: `buf` grows only as far as an unfinished line needs, and the
-    // read chunk doubles (up to 32 KiB) only while reads fill it. Allocated up front, they
-    // were 48 KiB per stream, about 190 KiB of crispd's heap per pod of two containers.
+    // both buffers start small and shrink back: `buf` grows only as far as an unfinished line
+    // needs, and the read chunk follows `ReadSize`. Allocated up front, they were 48 KiB per
+    // stream, about 190 KiB of crispd's heap per pod of two containers.
     let mut buf: Vec<u8> = Vec::new();
-    let mut chunk = vec![0u8; CHUNK_MIN];
+    let mut size = ReadSize::FIRST;
+    let mut chunk = vec![0u8; size.0];
     let mut records = 0u64;
     let emit = |partial: bool, text: &[u8], records: &mut u64| {
         *records += 1;
@@ -171,7 +192,6 @@ pub async fn copy_stream_tapped<R: AsyncRead + Unpin>(
         if n == 0 {
             break;
         }
-        let full = n == chunk.len();
         if let Some(t) = tap {
             t.publish(stream, &chunk[..n]);
         }
@@ -193,8 +213,15 @@ pub async fn copy_stream_tapped<R: AsyncRead + Unpin>(
             }
         }
         buf.drain(..start);
-        if full && chunk.len() < CHUNK_MAX {
-            chunk.resize(chunk.len() * 2, 0);
+        let next = size.after(n);
+        if next != size {
+            size = next;
+            chunk.resize(size.0, 0);
+            chunk.shrink_to_fit();
+        }
+        if buf.is_empty() && buf.capacity() > 2 * size.0 {
+            // What a long line or a burst left behind; a chatty stream keeps its buffer.
+            buf = Vec::new();
         }
     }
     if !buf.is_empty() {
@@ -426,6 +453,24 @@ mod tests {
         let got: Vec<&str> = recs.iter().map(|r| r.2.as_str()).collect();
         let want: Vec<String> = (0..20_000).map(|i| format!("line {i}")).collect();
         assert_eq!(got, want);
+    }
+
+    /// Full reads double the chunk up to 32 KiB; reads using under a quarter of it halve it
+    /// back to 1 KiB, so a stream that went quiet holds no more than one that never spoke.
+    #[test]
+    fn read_size_grows_with_full_reads_and_shrinks_when_quiet() {
+        let mut s = ReadSize::FIRST;
+        let mut seen = vec![s.0];
+        for _ in 0..7 {
+            s = s.after(s.0);
+            seen.push(s.0);
+        }
+        assert_eq!(seen, [1, 2, 4, 8, 16, 32, 32, 32].map(|k| k * 1024));
+        assert_eq!(s.after(s.0 / 2), s, "a half-full read keeps the size");
+        for _ in 0..7 {
+            s = s.after(10);
+        }
+        assert_eq!(s, ReadSize::FIRST);
     }
 
     /// Input arriving in small pieces (as from a pipe) gives the same records.
