@@ -44,10 +44,10 @@ pub struct Report {
 }
 
 impl Report {
-    /// Adds what another part of the recovery did (counts and lists).
+    /// Adds what one pod's recovery did. Only the lists: the counts (`pods`, `containers`)
+    /// are what the store held, taken once by [`recover`], never by a part.
     fn merge(&mut self, o: Report) {
-        self.pods += o.pods;
-        self.containers += o.containers;
+        debug_assert_eq!((o.pods, o.containers), (0, 0), "a part sets no counts");
         self.released_id_ranges.extend(o.released_id_ranges);
         self.removed_netns.extend(o.removed_netns);
         self.removed_containers.extend(o.removed_containers);
