@@ -251,11 +251,35 @@ fn container(i: usize, attempt: u32) -> api::ContainerConfig {
     c
 }
 
+/// kubelet's crash-loop back-off, scaled down: 1 s doubling to 8 s.
+struct CrashLoop {
+    backoff: Duration,
+    next: Instant,
+}
+
+impl CrashLoop {
+    fn new() -> Self {
+        CrashLoop {
+            backoff: secs(1),
+            next: Instant::now(),
+        }
+    }
+
+    /// Whether the back-off has run out; if so the next one starts, twice as long.
+    fn may_restart(&mut self) -> bool {
+        if Instant::now() < self.next {
+            return false;
+        }
+        self.next = Instant::now() + self.backoff;
+        self.backoff = (self.backoff * 2).min(secs(8));
+        true
+    }
+}
+
 impl Worker {
     async fn run(self) {
         let mut pod_cfg = None;
-        let mut backoff = Duration::from_secs(1);
-        let mut crash_next = Instant::now();
+        let mut crash_loop = CrashLoop::new();
         let mut probe_next = Instant::now();
         let mut restarts = [0u32; 3];
         while !self.stop.load(Ordering::Relaxed) {
@@ -263,8 +287,7 @@ impl Worker {
                 .step(
                     &mut pod_cfg,
                     &mut restarts,
-                    &mut backoff,
-                    &mut crash_next,
+                    &mut crash_loop,
                     &mut probe_next,
                 )
                 .await
@@ -281,8 +304,7 @@ impl Worker {
         &self,
         pod_cfg: &mut Option<api::PodSandboxConfig>,
         restarts: &mut [u32; 3],
-        backoff: &mut Duration,
-        crash_next: &mut Instant,
+        crash_loop: &mut CrashLoop,
         probe_next: &mut Instant,
     ) -> Result<()> {
         let (pod, churn) = {
@@ -307,15 +329,13 @@ impl Worker {
         // restart, whose back-off and create + start are kubelet's pace, not a recovery.
         let mut healthy = true;
         for i in 0..2 {
-            healthy &= self
-                .ensure_container(&pod, cfg, i, restarts, backoff, crash_next)
-                .await?;
+            healthy &= self.ensure_container(&pod, cfg, i, restarts, None).await?;
         }
         lock(&self.slot).healthy = healthy;
         // A refused restart of the crash-looper is counted by `call` (a violation if it is
         // Unknown or Internal) and retried on the next step; the pod stays healthy.
         if let Err(e) = self
-            .ensure_container(&pod, cfg, 2, restarts, backoff, crash_next)
+            .ensure_container(&pod, cfg, 2, restarts, Some(&mut *crash_loop))
             .await
         {
             tracing_note(&format!("pod worker {} crash-looper", self.idx), &e);
@@ -382,15 +402,15 @@ impl Worker {
         Ok(())
     }
 
-    /// Container `i` is running, or is (re)created now; returns whether it runs.
+    /// Container `i` is running, or is (re)created now; returns whether it runs. A container
+    /// with a `crash_loop` is restarted only when its back-off allows.
     async fn ensure_container(
         &self,
         pod: &str,
         cfg: &api::PodSandboxConfig,
         i: usize,
         restarts: &mut [u32; 3],
-        backoff: &mut Duration,
-        crash_next: &mut Instant,
+        crash_loop: Option<&mut CrashLoop>,
     ) -> Result<bool> {
         let id = lock(&self.slot).containers[i].clone();
         if let Some(id) = &id {
@@ -404,13 +424,10 @@ impl Worker {
             if st.state == api::ContainerState::ContainerRunning as i32 {
                 return Ok(true);
             }
-            if i == 2 {
-                // kubelet's crash-loop back-off, scaled down: 1 s doubling to 8 s.
-                if Instant::now() < *crash_next {
-                    return Ok(false);
-                }
-                *crash_next = Instant::now() + *backoff;
-                *backoff = (*backoff * 2).min(secs(8));
+            if let Some(cl) = crash_loop
+                && !cl.may_restart()
+            {
+                return Ok(false);
             }
             call(
                 &self.r,
