@@ -13,6 +13,8 @@
 //!   ListPodSandbox + ListContainers (+ ContainerStatus of changed containers) every second,
 //!   ListContainerStats + ListPodSandboxStats every 10 s; CPU seconds of the daemon and of all
 //!   its shims;
+//! - with those 100 pods still running, a `kill -9` of the daemon and the time from its restart
+//!   until it lists every pod Ready and every container running (kubelet's first relist);
 //! - pull + unpack of the `large` image through CRI PullImage, cold (image removed, page cache
 //!   dropped) and warm (already present), median of `CRISP_BENCH_PULLS`.
 //!
@@ -422,8 +424,8 @@ async fn steady(env: &TestEnv, secs: u64, calls: &Calls) -> Result<Steady> {
     })
 }
 
-/// 100 pods × 2 containers: memory per pod, then the polled steady state.
-async fn at_rest(env: &TestEnv, f: &mut Figures) -> Result<()> {
+/// 100 pods × 2 containers: memory per pod, the polled steady state, then a daemon restart.
+async fn at_rest(env: &mut TestEnv, f: &mut Figures) -> Result<()> {
     let n = env_count("CRISP_BENCH_REST_PODS", 100);
     let secs = env_count("CRISP_BENCH_STEADY_SECS", 30) as u64;
     let (ids, _, errs) = start_pods(env, "bench-rest", n, 2, 16).await?;
@@ -435,12 +437,52 @@ async fn at_rest(env: &TestEnv, f: &mut Figures) -> Result<()> {
         let calls = Calls::default();
         f.steady = steady(env, secs, &calls).await?;
         f.calls.extend(calls.take());
-        Ok::<_, anyhow::Error>(())
+        restart(env, n, f).await
     }
     .await;
     let (_, derrs) = teardown_pods(env, ids, 16).await;
     outcome?;
     first_error("tearing down the resting pods", derrs)
+}
+
+/// `kill -9` of the daemon while `pods` pods of two containers run, then the time from its
+/// new start until it lists every pod ready and every container running: what kubelet's
+/// first relist sees after a crash (crispd recovers its pods before it serves).
+async fn restart(env: &mut TestEnv, pods: usize, f: &mut Figures) -> Result<()> {
+    env.kill_daemon()?;
+    let t = Instant::now();
+    env.restart_daemon().await?;
+    let deadline = t + Duration::from_secs(120);
+    loop {
+        let ready = env
+            .cri()
+            .list_pods_filtered(None)
+            .await?
+            .iter()
+            .filter(|p| p.state == api::PodSandboxState::SandboxReady as i32)
+            .count();
+        let running = env
+            .cri()
+            .list_containers(None)
+            .await?
+            .iter()
+            .filter(|c| c.state == api::ContainerState::ContainerRunning as i32)
+            .count();
+        if ready == pods && running == 2 * pods {
+            break;
+        }
+        ensure!(
+            Instant::now() < deadline,
+            "{}: 120 s after a restart {ready} of {pods} pods are ready and {running} of {} \
+             containers run",
+            env.kind,
+            2 * pods
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let name = format!("restart with {pods} pods to all listed ready");
+    f.wall.push((name, t.elapsed().as_secs_f64()));
+    Ok(())
 }
 
 fn drop_caches() {
@@ -471,7 +513,7 @@ async fn pulls(env: &TestEnv, f: &mut Figures) -> Result<()> {
     cri.remove_image(&image).await
 }
 
-async fn measure(env: &TestEnv) -> Result<Figures> {
+async fn measure(env: &mut TestEnv) -> Result<Figures> {
     let mut f = Figures {
         load: vec![loadavg()],
         ..Default::default()
@@ -486,7 +528,7 @@ async fn measure(env: &TestEnv) -> Result<Figures> {
 }
 
 async fn run_one(kind: RuntimeKind, registry: &Registry) -> Result<Figures> {
-    let env = TestEnv::builder(kind)
+    let mut env = TestEnv::builder(kind)
         .mirror(registry.host())
         .log_level(if std::env::var_os("CRISP_BENCH_DEBUG_LOG").is_some() {
             "debug"
@@ -495,7 +537,7 @@ async fn run_one(kind: RuntimeKind, registry: &Registry) -> Result<Figures> {
         })
         .start()
         .await?;
-    let outcome = measure(&env).await;
+    let outcome = measure(&mut env).await;
     if let Err(e) = &outcome {
         eprintln!(
             "{kind}: {e:#}\n{kind} log tail:\n{}",
