@@ -19,6 +19,8 @@ use std::io::{self, BufRead, BufReader, Read};
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Component, Path, PathBuf};
+use std::sync::mpsc;
+use std::thread;
 
 use sha2::{Digest as _, Sha256};
 
@@ -60,27 +62,27 @@ pub fn detect(prefix: &[u8]) -> Compression {
     }
 }
 
-/// A reader that hashes and counts what passes through it.
+/// A reader that hashes and counts what passes through it, on a thread of its own: a layer is
+/// hashed twice here (as read, and as the tar it inflates to), and hashed in line with
+/// inflating and writing, the two hashes were half of the unpack thread's work (a 208 MiB
+/// layer: 2 × 0.22 s of about 0.8 s on this machine).
 pub struct HashReader<R> {
     inner: R,
-    hasher: Sha256,
-    count: u64,
+    hasher: Hasher,
 }
 
 impl<R: Read> HashReader<R> {
     pub fn new(inner: R) -> Self {
         HashReader {
             inner,
-            hasher: Sha256::new(),
-            count: 0,
+            hasher: Hasher::new(),
         }
     }
-    pub fn finish(self) -> (Digest, u64, R) {
-        (
-            Digest::from_sha256(&self.hasher.finalize()),
-            self.count,
-            self.inner,
-        )
+
+    /// The digest and length of everything read, and the inner reader.
+    pub fn finish(self) -> io::Result<(Digest, u64, R)> {
+        let (d, n) = self.hasher.finish()?;
+        Ok((d, n, self.inner))
     }
 }
 
@@ -88,8 +90,127 @@ impl<R: Read> Read for HashReader<R> {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
         let n = self.inner.read(buf)?;
         self.hasher.update(&buf[..n]);
-        self.count += n as u64;
         Ok(n)
+    }
+}
+
+/// Bytes handed to the hashing thread at once, and how many batches may wait for it (so a
+/// hasher holds at most about 1.25 MiB, and a slow hash slows the reader instead of growing).
+const HASH_BATCH: usize = 256 * 1024;
+const HASH_QUEUE: usize = 4;
+
+/// sha256 and length of a stream, on a thread when one can be started and here otherwise (the
+/// digest is the same either way; only where the work runs differs).
+enum Hasher {
+    Here(Sha256, u64),
+    Thread {
+        pending: Vec<u8>,
+        tx: mpsc::SyncSender<Vec<u8>>,
+        done: thread::JoinHandle<(Digest, u64)>,
+    },
+}
+
+impl Hasher {
+    fn new() -> Self {
+        let (tx, rx) = mpsc::sync_channel::<Vec<u8>>(HASH_QUEUE);
+        let spawned = thread::Builder::new()
+            .name("layer-hash".into())
+            .spawn(move || {
+                let (mut sha, mut n) = (Sha256::new(), 0u64);
+                for batch in rx {
+                    sha.update(&batch);
+                    n += batch.len() as u64;
+                }
+                (Digest::from_sha256(&sha.finalize()), n)
+            });
+        match spawned {
+            Ok(done) => Hasher::Thread {
+                pending: Vec::with_capacity(HASH_BATCH),
+                tx,
+                done,
+            },
+            Err(e) => {
+                tracing::debug!(error = %e, "no thread for layer hashing; hashing in line");
+                Hasher::Here(Sha256::new(), 0)
+            }
+        }
+    }
+
+    fn update(&mut self, data: &[u8]) {
+        match self {
+            Hasher::Here(sha, n) => {
+                sha.update(data);
+                *n += data.len() as u64;
+            }
+            Hasher::Thread { pending, tx, .. } => {
+                pending.extend_from_slice(data);
+                if pending.len() >= HASH_BATCH {
+                    let batch = std::mem::replace(pending, Vec::with_capacity(HASH_BATCH));
+                    // A send fails only if the thread is gone; `finish` reports that.
+                    let _ = tx.send(batch);
+                }
+            }
+        }
+    }
+
+    fn finish(self) -> io::Result<(Digest, u64)> {
+        match self {
+            Hasher::Here(sha, n) => Ok((Digest::from_sha256(&sha.finalize()), n)),
+            Hasher::Thread { pending, tx, done } => {
+                let sent = pending.is_empty() || tx.send(pending).is_ok();
+                drop(tx);
+                match done.join() {
+                    Ok(r) if sent => Ok(r),
+                    _ => Err(io::Error::other("the layer hashing thread died")),
+                }
+            }
+        }
+    }
+}
+
+/// Writeback of a file being written starts every this many bytes (see `sys::start_writeback`).
+pub(crate) const WRITEBACK_EVERY: u64 = 8 << 20;
+
+/// A file whose written bytes are handed to writeback every [`WRITEBACK_EVERY`], so the
+/// layer's final syncfs does not write a large file whole.
+struct Writeback {
+    file: std::fs::File,
+    written: u64,
+    started: u64,
+}
+
+impl Writeback {
+    fn new(file: std::fs::File) -> Self {
+        Writeback {
+            file,
+            written: 0,
+            started: 0,
+        }
+    }
+}
+
+impl AsFd for Writeback {
+    fn as_fd(&self) -> BorrowedFd<'_> {
+        self.file.as_fd()
+    }
+}
+
+impl io::Write for Writeback {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        let n = self.file.write(buf)?;
+        self.written += n as u64;
+        if self.written - self.started >= WRITEBACK_EVERY {
+            // Only a head start: durability comes from the syncfs after the layer, so a
+            // refusal here changes when bytes reach the disk, not whether.
+            let _ =
+                sys::start_writeback(self.file.as_fd(), self.started, self.written - self.started);
+            self.started = self.written;
+        }
+        Ok(n)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        self.file.flush()
     }
 }
 
@@ -288,7 +409,10 @@ pub fn unpack_layer<R: Read>(reader: R, dir: &Path) -> Result<Unpacked> {
     let mut raw = raw;
     io::copy(&mut raw, &mut io::sink())
         .map_err(|e| read_error(e, "reading the end of the layer"))?;
-    let (compressed_digest, compressed_size, _) = raw.into_inner().finish();
+    let (compressed_digest, compressed_size, _) = raw
+        .into_inner()
+        .finish()
+        .map_err(|e| Error::io("hashing the layer", e))?;
     Ok(Unpacked {
         diff_id: uncompressed_digest,
         compressed_digest,
@@ -350,7 +474,9 @@ fn apply_tar<R: Read>(input: &mut R, root: BorrowedFd<'_>) -> Result<(Digest, u6
     io::copy(&mut hashed, &mut io::sink())
         .map_err(|e| read_error(e, "reading the end of the layer tar"))?;
     applier.finish_dirs()?;
-    let (d, n, _) = hashed.finish();
+    let (d, n, _) = hashed
+        .finish()
+        .map_err(|e| Error::io("hashing the layer tar", e))?;
     Ok((d, n, count))
 }
 
@@ -555,7 +681,7 @@ impl Applier<'_> {
                     0o600,
                 )
                 .map_err(|e| io_err("creating file", e))?;
-                let mut file = std::fs::File::from(fd);
+                let mut file = Writeback::new(std::fs::File::from(fd));
                 let want = entry.size();
                 let got = io::copy(entry, &mut file).map_err(|e| {
                     // An errno means our write failed (disk full); anything else is the input.

@@ -443,3 +443,43 @@ fn guard_follows_pax_size_and_base256() {
     assert_eq!(pax_size(b"12 size=100\n"), Some(100));
     assert_eq!(pax_size(b"11 path=ab\n"), None);
 }
+
+/// The hashing thread sees every byte once and in order, whatever sizes the reads have:
+/// 3 MiB read in pieces of 1 byte up to 300 KiB (across many 256 KiB batches) give the digest
+/// and length of hashing it whole.
+#[test]
+fn hash_reader_matches_a_whole_hash_across_batches() {
+    let data: Vec<u8> = (0..3u32 << 20).map(|i| (i * 7 + i / 4093) as u8).collect();
+    let mut r = HashReader::new(&data[..]);
+    let mut buf = vec![0u8; 300 * 1024];
+    let mut size = 1;
+    loop {
+        let n = r.read(&mut buf[..size]).expect("read");
+        if n == 0 {
+            break;
+        }
+        size = size * 3 % (300 * 1024) + 1;
+    }
+    let (d, n, _) = r.finish().expect("finish");
+    assert_eq!(n, data.len() as u64);
+    assert_eq!(d, Digest::from_sha256(&Sha256::digest(&data)));
+}
+
+/// A file written through `Writeback` holds exactly what was written, across the points where
+/// writeback is started.
+#[test]
+fn writeback_file_holds_what_was_written() {
+    use std::io::Write;
+    let d = tempfile::tempdir().expect("tempdir");
+    let path = d.path().join("f");
+    let data: Vec<u8> = (0..(WRITEBACK_EVERY as u32 * 2 + 12345))
+        .map(|i| (i % 251) as u8)
+        .collect();
+    let mut w = Writeback::new(fs::File::create(&path).expect("create"));
+    for piece in data.chunks(1 << 20) {
+        w.write_all(piece).expect("write");
+    }
+    assert_eq!(w.started, 2 * WRITEBACK_EVERY, "writeback started twice");
+    drop(w);
+    assert_eq!(fs::read(&path).expect("read back"), data);
+}
