@@ -18,11 +18,14 @@
 //! - pull + unpack of the `large` image through CRI PullImage, cold (image removed, page cache
 //!   dropped) and warm (already present), median of `CRISP_BENCH_PULLS`.
 //!
-//! It prints one table of figures, crispd/containerd ratios and the targets, and
-//! writes the same as JSON to `$BENCH_JSON` if set. It asserts nothing about time; it fails
+//! After both runtimes, the floor under the start rows ([`floor`]): the same pods started by
+//! runc and the bridge CNI plugin alone, no daemon in between, at the same parallelism.
+//!
+//! It prints one table of figures, crispd/containerd ratios, the floor and its ratio to
+//! containerd, and the targets, and writes the same as JSON to `$BENCH_JSON` if set. It asserts nothing about time; it fails
 //! only if a runtime fails (a failed pod in the 200-pod run is counted and reported, not fatal).
-//! `CRISP_BENCH_ONLY=containerd` (or `crispd`) runs one side; both daemons log at `info`, as a
-//! node runs them (`CRISP_BENCH_DEBUG_LOG=1`: `debug`, to see where a call's time goes).
+//! `CRISP_BENCH_ONLY=containerd` (or `crispd`, or `floor`) runs one part; both daemons log at
+//! `info`, as a node runs them (`CRISP_BENCH_DEBUG_LOG=1`: `debug`, to see where a call's time goes).
 
 use std::collections::BTreeMap;
 use std::future::Future;
@@ -37,6 +40,10 @@ use crisp_e2e::procfs::{smaps_kib, vm_rss_kib};
 use crisp_e2e::registry::Registry;
 use crisp_proto::cri::v1 as api;
 use serde_json::json;
+
+// A crate root looks for modules beside it; the floor is this benchmark's alone.
+#[path = "bench_pods/floor.rs"]
+mod floor;
 
 const BUSYBOX: &str = "docker.io/library/busybox:latest";
 /// Exits on SIGTERM at once (a shell as PID 1 ignores it otherwise), so StopContainer measures
@@ -56,14 +63,16 @@ fn loadavg() -> String {
         .unwrap_or_default()
 }
 
-/// Waits (at most 120 s) until the 1-minute load average is below 1.5, after a sync and with
-/// the page cache dropped: the runtime measured second otherwise starts while the first one's
-/// 100-pod teardown is still settling, which slowed crispd's 50-pod start by a quarter here.
+/// Waits (at most 120 s, or `CRISP_BENCH_SETTLE_SECS`) until the 1-minute load average is
+/// below 1.5, after a sync and with the page cache dropped: the runtime measured second
+/// otherwise starts while the first one's 100-pod teardown is still settling, which slowed
+/// crispd's 50-pod start by a quarter here.
 async fn settle() {
     nix::unistd::sync();
     drop_caches();
     let t = Instant::now();
-    while t.elapsed() < Duration::from_secs(120) {
+    let most = Duration::from_secs(env_count("CRISP_BENCH_SETTLE_SECS", 120) as u64);
+    while t.elapsed() < most {
         let one: f64 = loadavg()
             .split_whitespace()
             .next()
@@ -575,6 +584,19 @@ async fn run_one(kind: RuntimeKind, registry: &Registry) -> Result<Figures> {
     Ok(f)
 }
 
+/// The floor under the start rows, in an env of its own (its crispd stays idle) for its root,
+/// network, cgroup parent and leak check.
+async fn run_floor() -> Result<Vec<floor::Run>> {
+    let n = env_count("CRISP_BENCH_PODS", 50);
+    let big = env_count("CRISP_BENCH_BIG", 200);
+    let env = TestEnv::builder(RuntimeKind::Crispd).start().await?;
+    let outcome = floor::measure(&env, &[(n, 1), (n, 4), (n, 16), (big, 16)]).await;
+    let leaks = env.teardown().await;
+    let runs = outcome?;
+    ensure!(leaks.is_empty(), "floor: teardown left {leaks:#?}");
+    Ok(runs)
+}
+
 /// A target on the crispd/containerd ratio: at most (`Max`) or at least (`Min`).
 #[derive(Clone, Copy)]
 enum Target {
@@ -587,12 +609,22 @@ struct Row {
     unit: &'static str,
     cd: Option<f64>,
     cr: Option<f64>,
+    /// runc and CNI alone (start rows only).
+    floor: Option<f64>,
     target: Option<Target>,
 }
 
 impl Row {
     fn ratio(&self) -> Option<f64> {
         match (self.cd, self.cr) {
+            (Some(a), Some(b)) if a > 0.0 => Some(b / a),
+            _ => None,
+        }
+    }
+
+    /// How far below containerd's figure any runtime calling runc and CNI can go here.
+    fn floor_ratio(&self) -> Option<f64> {
+        match (self.cd, self.floor) {
             (Some(a), Some(b)) if a > 0.0 => Some(b / a),
             _ => None,
         }
@@ -607,14 +639,16 @@ impl Row {
     }
 }
 
-fn rows(cd: Option<&Figures>, cr: Option<&Figures>) -> Vec<Row> {
+fn rows(cd: Option<&Figures>, cr: Option<&Figures>, floor: &[floor::Run]) -> Vec<Row> {
     let mut out = Vec::new();
     let mut row = |name: String, unit, target, get: &dyn Fn(&Figures) -> f64| {
+        let floor = floor.iter().find(|r| r.label == name).map(|r| r.wall);
         out.push(Row {
             name,
             unit,
             cd: cd.map(get),
             cr: cr.map(get),
+            floor,
             target,
         })
     };
@@ -713,8 +747,8 @@ fn print_table(rows: &[Row]) {
     };
     println!();
     println!(
-        "{:<36} {:<4} {:>11} {:>11} {:>8}  target",
-        "release vs release", "", "containerd", "crispd", "ratio"
+        "{:<36} {:<4} {:>11} {:>11} {:>8} {:>9} {:>8}  target",
+        "release vs release", "", "containerd", "crispd", "ratio", "runc+CNI", "/contd"
     );
     for r in rows {
         let target = match (r.target, r.met()) {
@@ -722,14 +756,16 @@ fn print_table(rows: &[Row]) {
             (Some(Target::Min(t)), m) => format!("≥{t} {}", met_word(m)),
             (None, _) => String::new(),
         };
-        let ratio = r.ratio().map(|v| format!("{v:>8.2}"));
+        let ratio = |v: Option<f64>| v.map_or_else(|| "-".into(), |v| format!("{v:.2}"));
+        let floor = r.floor.map_or_else(|| "-".into(), |v| format!("{v:.2}"));
         println!(
-            "{:<36} {:<4} {} {} {:>8}  {target}",
+            "{:<36} {:<4} {} {} {:>8} {floor:>9} {:>8}  {target}",
             r.name,
             r.unit,
             fmt(r.cd),
             fmt(r.cr),
-            ratio.unwrap_or_else(|| "-".into())
+            ratio(r.ratio()),
+            ratio(r.floor_ratio()),
         );
     }
 }
@@ -750,6 +786,7 @@ fn write_json(path: &str, rows: &[Row], meta: serde_json::Value) -> Result<()> {
             json!({
                 "name": r.name, "unit": r.unit,
                 "containerd": num(r.cd), "crispd": num(r.cr), "ratio": num(r.ratio()),
+                "floor": num(r.floor), "floor_ratio": num(r.floor_ratio()),
                 "target": r.target.map(|t| match t {
                     Target::Max(v) => json!({"max": v}),
                     Target::Min(v) => json!({"min": v}),
@@ -787,12 +824,28 @@ fn bench_pods_crispd_vs_containerd() -> Result<()> {
             }
             results.push(Some(r));
         }
+        let floor = if only.is_empty() || only == "floor" {
+            settle().await;
+            run_floor().await
+        } else {
+            Ok(Vec::new())
+        };
+        if let Err(e) = &floor {
+            eprintln!("floor: benchmark failed: {e:#}");
+        }
+        let floor_runs = floor.as_deref().unwrap_or_default();
         let figs: Vec<Option<&Figures>> = results
             .iter()
             .map(|r| r.as_ref().and_then(|r| r.as_ref().ok()))
             .collect();
-        let rows = rows(figs[0], figs[1]);
+        let rows = rows(figs[0], figs[1], floor_runs);
         print_table(&rows);
+        for r in floor_runs {
+            println!(
+                "floor, runc + bridge CNI alone: {} in {:.2} s, their processes' CPU {:.1} ms per pod",
+                r.label, r.wall, r.cpu_ms_per_pod
+            );
+        }
         let mut meta = serde_json::Map::new();
         for (name, f) in [("containerd", figs[0]), ("crispd", figs[1])] {
             if let Some(f) = f {
@@ -809,6 +862,11 @@ fn bench_pods_crispd_vs_containerd() -> Result<()> {
                 );
             }
         }
+        let floor_meta: Vec<_> = floor_runs
+            .iter()
+            .map(|r| json!({"run": r.label, "wall_s": r.wall, "cpu_ms_per_pod": r.cpu_ms_per_pod}))
+            .collect();
+        meta.insert("floor".into(), json!(floor_meta));
         meta.insert(
             "crispd_binary".into(),
             json!(crisp_e2e::harness::crispd_binary()?.display().to_string()),
@@ -820,6 +878,6 @@ fn bench_pods_crispd_vs_containerd() -> Result<()> {
         for r in results.into_iter().flatten() {
             r?;
         }
-        Ok(())
+        floor.map(drop)
     })
 }
