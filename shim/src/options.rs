@@ -8,7 +8,8 @@
 
 use std::path::Path;
 
-use containerd_shim_protos::protobuf::{Message, well_known_types::any::Any};
+use containerd_shim_protos::protobuf::Message;
+use containerd_shim_protos::protobuf::well_known_types::{any::Any, wrappers::BoolValue};
 pub use containerd_shim_protos::shim::oci::Options;
 
 use crate::placement::CgroupDriver;
@@ -41,6 +42,23 @@ const OPTIONS: &str = "containerd.runc.v1.Options";
 pub const CRI_RUNTIME_OPTIONS: &str = "cri.runtimeoptions.v1.Options";
 const CRI_RUNTIME_OPTIONS_16: &str = "runtimeoptions.v1.Options";
 
+/// crispd's own create options, a `google.protobuf.BoolValue` under this name: `true` asks
+/// Create to start the task too, by the runtime's `run --detach` (create and start in one
+/// process: 22 against 30 ms of wall time and 12 against 17 ms of runc's CPU per container
+/// here). containerd never sends it; a shim older than it refuses the type (`WrongType`),
+/// which crispd takes as "create, then start".
+pub const CRISP_CREATE_OPTIONS: &str = "crisp.shim.v1.CreateOptions";
+
+/// Whether `any` is crispd's [`CRISP_CREATE_OPTIONS`] asking for a start on create.
+pub fn start_on_create(any: Option<&Any>) -> Result<bool, OptionsError> {
+    match any {
+        Some(a) if a.type_url.rsplit('/').next() == Some(CRISP_CREATE_OPTIONS) => {
+            Ok(BoolValue::parse_from_bytes(&a.value)?.value)
+        }
+        _ => Ok(false),
+    }
+}
+
 /// Decodes runtime options; an absent (empty) Any means "no options".
 /// Accepts `containerd.runc.v1.Options` and `cri.runtimeoptions.v1.Options`
 /// (whose `config_path` file holds the same keys as containerd's runc options
@@ -50,6 +68,9 @@ pub fn decode(any: &Any) -> Result<Option<Options>, OptionsError> {
         return Ok(None);
     }
     let name = any.type_url.rsplit('/').next().unwrap_or_default();
+    if name == CRISP_CREATE_OPTIONS {
+        return Ok(None); // crispd's own; it overrides no runtime option
+    }
     if name == CRI_RUNTIME_OPTIONS || name == CRI_RUNTIME_OPTIONS_16 {
         let config_path = proto_string_field(&any.value, 2).unwrap_or_default();
         if config_path.is_empty() {
@@ -174,6 +195,39 @@ mod tests {
     use containerd_shim_protos::protobuf::{MessageFull, reflect::ReflectValueRef};
 
     use super::*;
+
+    #[test]
+    fn crispds_create_options_start_the_task_and_override_nothing() {
+        let any = |value: bool| Any {
+            type_url: CRISP_CREATE_OPTIONS.into(),
+            value: BoolValue {
+                value,
+                ..Default::default()
+            }
+            .write_to_bytes()
+            .expect("encode"),
+            ..Default::default()
+        };
+        assert!(start_on_create(Some(&any(true))).expect("decodes"));
+        assert!(!start_on_create(Some(&any(false))).expect("decodes"));
+        assert!(!start_on_create(None).expect("decodes"));
+        assert!(decode(&any(true)).expect("decodes").is_none());
+        let runc = Any {
+            type_url: OPTIONS.into(),
+            value: Options::default().write_to_bytes().expect("encode"),
+            ..Default::default()
+        };
+        assert!(!start_on_create(Some(&runc)).expect("decodes"));
+        let torn = Any {
+            type_url: CRISP_CREATE_OPTIONS.into(),
+            value: vec![0x08],
+            ..Default::default()
+        };
+        assert!(
+            start_on_create(Some(&torn)).is_err(),
+            "a torn message is an error"
+        );
+    }
 
     #[test]
     fn options_name_is_the_descriptors() {

@@ -94,18 +94,24 @@ impl Runtime {
         Ok(out.stdout)
     }
 
-    /// `create`: the container's stdio are the stdio of this runtime process
-    /// unless a console socket is given, so the caller passes them in.
+    /// `create`, or with `start` `run --detach` (created and started by one runtime process):
+    /// the container's stdio are the stdio of this runtime process unless a console socket
+    /// is given, so the caller passes them in.
     pub async fn create(
         &self,
         id: &str,
         bundle: &Path,
         opts: &CreateOpts<'_>,
         stdio: [std::process::Stdio; 3],
+        start: bool,
     ) -> Result<(), RuntimeError> {
         let mut cmd = self.command();
-        cmd.arg("create")
-            .arg("--bundle")
+        let command = if start { "run" } else { "create" };
+        cmd.arg(command);
+        if start {
+            cmd.arg("--detach");
+        }
+        cmd.arg("--bundle")
             .arg(bundle)
             .arg("--pid-file")
             .arg(opts.pid_file);
@@ -120,7 +126,7 @@ impl Runtime {
         }
         cmd.arg(id);
         let [i, o, e] = stdio;
-        self.run_with_stdio("create", cmd, i, o, e).await
+        self.run_with_stdio(command, cmd, i, o, e).await
     }
 
     /// Runs a command whose stdout/stderr go somewhere other than our pipes (the

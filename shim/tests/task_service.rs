@@ -1,7 +1,8 @@
 //! The task service against real runc and real containers, without containerd: events in
 //! order, exit codes, a storm of short execs (the reaper must never lose or steal an exit,
 //! and every exec's start event must precede its exit event), rootfs mounted through the
-//! create request and unmounted on delete, and the placement in /proc/<pid>/cgroup.
+//! create request and unmounted on delete, the placement in /proc/<pid>/cgroup, and crispd's
+//! start on create (the runtime's `run --detach`).
 //!
 //! Needs root, runc and the busybox test image (`make test-images`).
 
@@ -190,6 +191,16 @@ async fn env() -> Result<Env> {
 
 impl Env {
     async fn create(&self, id: &str, bundle: &Bundle, stdout: &str) -> Result<u32> {
+        self.create_with(id, bundle, stdout, None).await
+    }
+
+    async fn create_with(
+        &self,
+        id: &str,
+        bundle: &Bundle,
+        stdout: &str,
+        options: Option<Any>,
+    ) -> Result<u32> {
         let rootfs = api::Mount {
             type_: "bind".into(),
             source: self.image.path().display().to_string(),
@@ -203,6 +214,7 @@ impl Env {
                 bundle: bundle.path().display().to_string(),
                 rootfs: vec![rootfs],
                 stdout: stdout.into(),
+                options: options.into(),
                 ..Default::default()
             })
             .await?;
@@ -579,6 +591,60 @@ async fn stats_update_oom(env: &Env, id: &str, bundle: &Bundle) -> Result<()> {
     Ok(())
 }
 
+/// crispd's create options: start on create. The task runs when Create returns (no Start:
+/// a Start is refused as for any running task), its events are create, start, exit, delete
+/// in that order, and its output and exit status are those of a created-then-started one.
+async fn start_on_create(env: &Env, id: &str, bundle: &Bundle) -> Result<()> {
+    use containerd_shim_protos::protobuf::{Message, well_known_types::wrappers::BoolValue};
+    let out = bundle.path().join("stdout.log");
+    let yes = BoolValue {
+        value: true,
+        ..Default::default()
+    };
+    let options = Any {
+        type_url: crisp_shim::options::CRISP_CREATE_OPTIONS.into(),
+        value: yes.write_to_bytes()?,
+        ..Default::default()
+    };
+    let stdout = format!("file://{}", out.display());
+    let pid = env.create_with(id, bundle, &stdout, Some(options)).await?;
+    ensure!(pid > 0, "create returned pid 0");
+    let w = tokio::time::timeout(Duration::from_secs(30), env.svc.wait(wait_req(id, ""))).await??;
+    ensure!(
+        w.exit_status == 4,
+        "exit status {} without a Start",
+        w.exit_status
+    );
+    let again = env
+        .svc
+        .start(api::StartRequest {
+            id: id.into(),
+            ..Default::default()
+        })
+        .await;
+    ensure!(again.is_err(), "a Start after a start on create succeeded");
+    env.svc
+        .delete(api::DeleteRequest {
+            id: id.into(),
+            ..Default::default()
+        })
+        .await?;
+    let text = std::fs::read_to_string(&out)?;
+    ensure!(text.lines().next() == Some("hi"), "stdout {text:?}");
+    let topics = env.topics(id);
+    ensure!(
+        topics
+            == [
+                "/tasks/create",
+                "/tasks/start",
+                "/tasks/exit",
+                "/tasks/delete"
+            ],
+        "events {topics:?}"
+    );
+    Ok(())
+}
+
 #[test]
 fn task_service_with_runc() -> Result<()> {
     let rt = tokio::runtime::Builder::new_multi_thread()
@@ -611,8 +677,16 @@ fn task_service_with_runc() -> Result<()> {
             env.force_delete(&three).await;
         }
         drop(b3);
+        let four = format!("started-{}", std::process::id());
+        let b4 = Bundle::new(EXIT_ARGS).await?;
+        let r4 = start_on_create(&env, &four, &b4).await;
+        if r4.is_err() {
+            env.force_delete(&four).await;
+        }
+        drop(b4);
         r1.context("run to exit")?;
         r2.context("exec storm")?;
-        r3.context("stats, update, oom")
+        r3.context("stats, update, oom")?;
+        r4.context("start on create")
     })
 }

@@ -677,10 +677,7 @@ async fn start_task(
     let (create, tap) = create_request(d, rec, &b, &out, &err)?;
     // Subscribe before the task exists, so no OOM event is missed.
     let events = d.shim_events.subscribe();
-    shim.task()
-        .create(ctx_t(), &create)
-        .await
-        .map_err(|e| task_err("create", id, e))?;
+    let started = create_task(shim, create, id).await?;
     // The container holds the FIFOs' write ends now: the copies can start.
     let copiers = vec![
         spawn_copier(
@@ -700,29 +697,75 @@ async fn start_task(
             watcher: None,
         },
     );
-    let started = shim
-        .task()
-        .start(
-            ctx_t(),
-            &api::StartRequest {
-                id: id.clone(),
-                ..Default::default()
-            },
-        )
-        .await
-        .map_err(|e| task_err("start", id, e))?;
+    let pid = match started {
+        Some(pid) => pid,
+        None => start_created_task(shim, id).await?,
+    };
     let mut rec = rec.clone();
     rec.state = ContainerState::Running;
-    rec.pid = Some(started.pid);
+    rec.pid = Some(pid);
     rec.started_at = crate::util::now_nanos();
     ctx.store.put(id, &rec)?;
-    tracing::info!(container_id = %id, pid = started.pid, "container started");
+    tracing::info!(container_id = %id, pid, "container started");
     publish(ctx, &rec, ContainerEventType::ContainerStartedEvent);
     let watcher = tokio::spawn(watch(ctx.clone(), shim.clone(), id.clone(), events));
     if let Some(l) = ctx.registry.live().get_mut(id) {
         l.watcher = Some(watcher);
     }
     Ok(())
+}
+
+/// Creates the task and starts it in the same call (the shim runs the runtime's `run
+/// --detach`: one runtime process, not a `create` and a `start`); the init's pid once it
+/// runs. None from a shim older than that option, which refuses its type before doing
+/// anything: the task is then created only, for [`start_created_task`].
+async fn create_task(
+    shim: &ShimClient,
+    mut create: api::CreateTaskRequest,
+    id: &str,
+) -> Result<Option<u32>, CriError> {
+    use containerd_shim_protos::protobuf::{Message, well_known_types::wrappers::BoolValue};
+    let start = BoolValue {
+        value: true,
+        ..Default::default()
+    };
+    let bytes = start
+        .write_to_bytes()
+        .map_err(|e| CriError::internal(format!("container {id}: create options: {e}")))?;
+    create.options = containerd_shim_protos::protobuf::MessageField::some(
+        containerd_shim_protos::protobuf::well_known_types::any::Any {
+            type_url: crisp_shim::options::CRISP_CREATE_OPTIONS.into(),
+            value: bytes,
+            ..Default::default()
+        },
+    );
+    match shim.task().create(ctx_t(), &create).await {
+        Ok(r) => Ok(Some(r.pid)),
+        Err(e) if refuses_start_on_create(&e) => {
+            tracing::info!(container_id = %id, "shim predates start on create: create, then start");
+            create.options = Default::default();
+            let created = shim.task().create(ctx_t(), &create).await;
+            created.map(|_| None).map_err(|e| task_err("create", id, e))
+        }
+        Err(e) => Err(task_err("create", id, e)),
+    }
+}
+
+/// An older shim's answer to crispd's create options: InvalidArgument naming their type.
+fn refuses_start_on_create(e: &ttrpc::Error) -> bool {
+    matches!(e, ttrpc::Error::RpcStatus(s)
+        if s.code() == ttrpc::Code::INVALID_ARGUMENT
+            && s.message().contains(crisp_shim::options::CRISP_CREATE_OPTIONS))
+}
+
+/// Starts a task created without starting it; the init's pid.
+async fn start_created_task(shim: &ShimClient, id: &str) -> Result<u32, CriError> {
+    let req = api::StartRequest {
+        id: id.to_string(),
+        ..Default::default()
+    };
+    let started = shim.task().start(ctx_t(), &req).await;
+    started.map(|r| r.pid).map_err(|e| task_err("start", id, e))
 }
 
 /// The task's create request: its bundle, rootfs mounts and stdio FIFOs, with the attach
@@ -1475,6 +1518,25 @@ async fn recover_one(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_older_shims_refusal_of_the_create_options_reads_as_create_then_start() {
+        // What a shim from before start on create answers: its options decoder's error for
+        // a type it does not know, as InvalidArgument (shim/src/service/create.rs).
+        let old = crisp_shim::options::OptionsError::WrongType(format!(
+            "type.googleapis.com/{}",
+            crisp_shim::options::CRISP_CREATE_OPTIONS
+        ));
+        let refusal = |code| ttrpc::Error::RpcStatus(ttrpc::get_status(code, old.to_string()));
+        assert!(refuses_start_on_create(&refusal(
+            ttrpc::Code::INVALID_ARGUMENT
+        )));
+        // Any other failure of the create is the create's own error, not a fallback.
+        assert!(!refuses_start_on_create(&refusal(ttrpc::Code::INTERNAL)));
+        let other = ttrpc::get_status(ttrpc::Code::INVALID_ARGUMENT, "bad bundle");
+        assert!(!refuses_start_on_create(&ttrpc::Error::RpcStatus(other)));
+        assert!(!refuses_start_on_create(&ttrpc::Error::LocalClosed));
+    }
     use crate::daemon::Daemon;
 
     #[test]

@@ -1,5 +1,5 @@
 //! CreateTask: place the container in its cgroup, mount its rootfs, run the runtime's
-//! `create`, register the init process.
+//! `create` (or, when crispd asks for it, `run --detach`), register the init process.
 
 use super::*;
 
@@ -98,6 +98,8 @@ impl TaskService {
             }
             None => None,
         };
+        let start = options::start_on_create(req.options.as_ref())
+            .map_err(|e| TaskError::InvalidArgument(e.to_string()))?;
         let opts = options::merge(&self.inner.config.handler, overrides.as_ref());
         let driver = options::driver(&opts);
         let runtime = self.runtime_for(&opts)?;
@@ -133,41 +135,31 @@ impl TaskService {
             stderr: req.stderr.clone(),
             terminal: req.terminal,
         };
-        let (pid, pio) = run_create(&undo, &bundle, &opts, &paths).await?;
-        self.register(&id, &bundle, runtime, rootfs, &paths, pio, pid)
-            .await;
+        let (pid, pio) = run_create(&undo, &bundle, &opts, &paths, start).await?;
+        let c = Arc::new(Container {
+            id: id.clone(),
+            bundle,
+            runtime,
+            rootfs,
+            init: Proc::new("", paths, None),
+            execs: Mutex::default(),
+        });
+        *lock(&c.init.io) = pio;
+        // Held until the events are out: an exit the reaper hands over waits for this lock,
+        // so a process that `run` started and that died at once still exits after it started.
+        let mut st = c.init.state.lock().await;
+        st.pid = pid;
+        lock(&self.inner.containers).insert(id.clone(), Arc::clone(&c));
+        lock(&self.inner.pids).insert(pid, (id, String::new()));
         self.publish_create(req, pid).await;
+        if start {
+            self.init_running(&c, &mut st).await?;
+            self.claim_early_exit(&c, &c.init, &mut st).await;
+        }
         Ok(api::CreateTaskResponse {
             pid: pid as u32,
             ..Default::default()
         })
-    }
-
-    /// The new container and its init process join the maps the other calls look in.
-    #[allow(clippy::too_many_arguments)]
-    async fn register(
-        &self,
-        id: &str,
-        bundle: &Path,
-        runtime: Runtime,
-        rootfs: Option<PathBuf>,
-        paths: &StdioPaths,
-        pio: ProcessIo,
-        pid: i32,
-    ) {
-        let init = Proc::new("", paths.clone(), None);
-        *lock(&init.io) = pio;
-        init.state.lock().await.pid = pid;
-        let c = Arc::new(Container {
-            id: id.to_string(),
-            bundle: bundle.to_path_buf(),
-            runtime,
-            rootfs,
-            init,
-            execs: Mutex::default(),
-        });
-        lock(&self.inner.containers).insert(id.to_string(), c);
-        lock(&self.inner.pids).insert(pid, (id.to_string(), String::new()));
     }
 
     async fn publish_create(&self, req: api::CreateTaskRequest, pid: i32) {
@@ -193,13 +185,15 @@ impl TaskService {
     }
 }
 
-/// Open the stdio, run the runtime's `create` (with a console socket for a terminal) and read
-/// the init's pid; any failure is undone before it is returned.
+/// Open the stdio, run the runtime's `create` (`run --detach` with `start`; with a console
+/// socket for a terminal) and read the init's pid; any failure is undone before it is
+/// returned.
 async fn run_create(
     undo: &CreateUndo,
     bundle: &Path,
     opts: &Options,
     paths: &StdioPaths,
+    start: bool,
 ) -> Result<(i32, ProcessIo)> {
     let (stdio, mut pio) = match io::open(paths) {
         Ok(x) => x,
@@ -222,7 +216,7 @@ async fn run_create(
         no_new_keyring: opts.no_new_keyring,
     };
     let runtime = &undo.runtime;
-    if let Err(e) = runtime.create(&undo.id, bundle, &copts, stdio).await {
+    if let Err(e) = runtime.create(&undo.id, bundle, &copts, stdio, start).await {
         let mut msg = e.to_string();
         if let Some(why) =
             runtime::known_unusable(&runtime.binary.to_string_lossy(), runtime::cgroup_layout())

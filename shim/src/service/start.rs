@@ -15,23 +15,7 @@ impl TaskService {
         }
         if p.exec_id.is_empty() {
             c.runtime.start(&c.id).await.map_err(runtime_error)?;
-            st.transition(ProcStatus::Running)?;
-            let ev = TaskStart {
-                container_id: c.id.clone(),
-                pid: st.pid as u32,
-                ..Default::default()
-            };
-            self.inner
-                .events
-                .publish(topics::TASK_START_EVENT_TOPIC, ev)
-                .await;
-            let oom_tx = self.inner.oom_tx.clone();
-            let cid = c.id.clone();
-            if let Err(e) = cgroup::watch_oom(st.pid, move || {
-                let _ = oom_tx.send(cid.clone());
-            }) {
-                warn!(error = %e, "no OOM events for this task");
-            }
+            self.init_running(&c, &mut st).await?;
         } else {
             let pid = self.start_exec(&c, &p).await?;
             st.pid = pid;
@@ -48,16 +32,42 @@ impl TaskService {
                 .publish(topics::TASK_EXEC_STARTED_EVENT_TOPIC, ev)
                 .await;
         }
-        // The process may have exited (and been reaped) before it was indexed;
-        // its start event is out, so its exit can follow now.
-        let pid = st.pid;
-        if let Some(exit) = Reaper::global().take_unclaimed(pid) {
-            self.process_exited(&c, &p, &mut st, exit).await;
-        }
+        self.claim_early_exit(&c, &p, &mut st).await;
         Ok(api::StartResponse {
-            pid: pid as u32,
+            pid: st.pid as u32,
             ..Default::default()
         })
+    }
+
+    /// The init process runs (started by Start, or by a Create that started it): its state,
+    /// its start event and its OOM watch.
+    pub(super) async fn init_running(&self, c: &Container, st: &mut ProcState) -> Result<()> {
+        st.transition(ProcStatus::Running)?;
+        let ev = TaskStart {
+            container_id: c.id.clone(),
+            pid: st.pid as u32,
+            ..Default::default()
+        };
+        self.inner
+            .events
+            .publish(topics::TASK_START_EVENT_TOPIC, ev)
+            .await;
+        let oom_tx = self.inner.oom_tx.clone();
+        let cid = c.id.clone();
+        if let Err(e) = cgroup::watch_oom(st.pid, move || {
+            let _ = oom_tx.send(cid.clone());
+        }) {
+            warn!(error = %e, "no OOM events for this task");
+        }
+        Ok(())
+    }
+
+    /// The process may have exited (and been reaped) before its pid was indexed; its start
+    /// event is out, so its exit can follow now.
+    pub(super) async fn claim_early_exit(&self, c: &Container, p: &Proc, st: &mut ProcState) {
+        if let Some(exit) = Reaper::global().take_unclaimed(st.pid) {
+            self.process_exited(c, p, st, exit).await;
+        }
     }
 
     /// The runtime refuses an exec into a container whose init has just died (a kill the
