@@ -34,6 +34,23 @@ async fn lifecycle(kind: RuntimeKind) -> Result<()> {
     Ok(())
 }
 
+/// crispd hands its shims the idmapped-layer mode it resolved at start-up, so no shim probes
+/// it again (a user namespace and an overlay mount on each pod's first container).
+fn shim_has_the_idmap_mode(env: &TestEnv) -> Result<()> {
+    let shims = env.shim_pids();
+    ensure!(shims.len() == 1, "the pod's shims: {shims:?}");
+    let environ = std::fs::read(format!("/proc/{}/environ", shims[0]))?;
+    let mode = environ
+        .split(|b| *b == 0)
+        .find_map(|kv| kv.strip_prefix(b"CRISP_IDMAP_MODE=".as_slice()));
+    ensure!(
+        matches!(mode, Some(b"fd" | b"temp-mount")),
+        "the shim's CRISP_IDMAP_MODE: {:?}",
+        mode.map(String::from_utf8_lossy)
+    );
+    Ok(())
+}
+
 async fn pod_with_two_containers(env: &TestEnv) -> Result<()> {
     let c = env.cri();
     let image_ref = c.pull(BUSYBOX, None).await?;
@@ -48,6 +65,9 @@ async fn pod_with_two_containers(env: &TestEnv) -> Result<()> {
 
     let pod = env.pod_config("lifecycle")?;
     let pod_id = c.run_pod(&pod).await?;
+    if env.kind == RuntimeKind::Crispd {
+        shim_has_the_idmap_mode(env)?;
+    }
 
     // A container that prints a line and succeeds. Its config names the image by id, with
     // the pod spec's name beside it, as kubelet sends it.

@@ -101,6 +101,9 @@ pub struct StartRequest<'a> {
     /// Runtime options (`containerd.runc.v1.Options` as an Any), written to the shim's stdin
     /// as containerd does.
     pub options: Option<Any>,
+    /// The idmapped-layer mount mode crispd resolved (`CRISP_IDMAP_MODE` for the shim), so
+    /// the shim does not probe it again on its pod's first container.
+    pub idmap_mode: Option<String>,
 }
 
 /// What `start` reads on its stdin: the runtime options, encoded (an error names the pod,
@@ -137,6 +140,9 @@ impl ShimClient {
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
         .kill_on_drop(true);
+        if let Some(mode) = &req.idmap_mode {
+            cmd.env("CRISP_IDMAP_MODE", mode);
+        }
         let input = start_input(&req)?;
         let mut child = cmd.spawn().map_err(|source| ShimError::Spawn {
             binary: req.shim_binary.to_path_buf(),
@@ -512,6 +518,7 @@ mod tests {
             bundle: dir.path(),
             events_socket: &dir.path().join("events.sock"),
             options: None,
+            idmap_mode: None,
         })
         .await
         .expect_err("fails");
