@@ -639,10 +639,22 @@ impl Row {
     }
 }
 
-fn rows(cd: Option<&Figures>, cr: Option<&Figures>, floor: &[floor::Run]) -> Vec<Row> {
+/// The floor's figures by the row they are the floor of: each run's wall time under its start
+/// row, and from the one-at-a-time run the median CNI ADD under RunPodSandbox and the median
+/// `runc run` under StartContainer.
+fn floor_figures(runs: &[floor::Run]) -> Vec<(String, f64)> {
+    let mut out: Vec<(String, f64)> = runs.iter().map(|r| (r.label.clone(), r.wall)).collect();
+    if let Some(one) = runs.iter().find(|r| r.label.ends_with("‖1")) {
+        out.push(("RunPodSandbox p50".into(), median(&one.cni_ms)));
+        out.push(("StartContainer p50".into(), median(&one.runc_ms)));
+    }
+    out
+}
+
+fn rows(cd: Option<&Figures>, cr: Option<&Figures>, floor: &[(String, f64)]) -> Vec<Row> {
     let mut out = Vec::new();
     let mut row = |name: String, unit, target, get: &dyn Fn(&Figures) -> f64| {
-        let floor = floor.iter().find(|r| r.label == name).map(|r| r.wall);
+        let floor = floor.iter().find(|(n, _)| *n == name).map(|(_, v)| *v);
         out.push(Row {
             name,
             unit,
@@ -838,12 +850,17 @@ fn bench_pods_crispd_vs_containerd() -> Result<()> {
             .iter()
             .map(|r| r.as_ref().and_then(|r| r.as_ref().ok()))
             .collect();
-        let rows = rows(figs[0], figs[1], floor_runs);
+        let rows = rows(figs[0], figs[1], &floor_figures(floor_runs));
         print_table(&rows);
         for r in floor_runs {
             println!(
-                "floor, runc + bridge CNI alone: {} in {:.2} s, their processes' CPU {:.1} ms per pod",
-                r.label, r.wall, r.cpu_ms_per_pod
+                "floor, runc + bridge CNI alone: {} in {:.2} s, their processes' CPU {:.1} ms per pod, \
+                 CNI ADD p50 {:.1} ms, runc run p50 {:.1} ms",
+                r.label,
+                r.wall,
+                r.cpu_ms_per_pod,
+                median(&r.cni_ms),
+                median(&r.runc_ms)
             );
         }
         let mut meta = serde_json::Map::new();
@@ -864,7 +881,10 @@ fn bench_pods_crispd_vs_containerd() -> Result<()> {
         }
         let floor_meta: Vec<_> = floor_runs
             .iter()
-            .map(|r| json!({"run": r.label, "wall_s": r.wall, "cpu_ms_per_pod": r.cpu_ms_per_pod}))
+            .map(|r| {
+                json!({"run": r.label, "wall_s": r.wall, "cpu_ms_per_pod": r.cpu_ms_per_pod,
+                       "cni_add_p50_ms": median(&r.cni_ms), "runc_run_p50_ms": median(&r.runc_ms)})
+            })
             .collect();
         meta.insert("floor".into(), json!(floor_meta));
         meta.insert(

@@ -2,9 +2,12 @@
 //! same pods, with no daemon and no shim in between. Per pod: the bridge plugin's ADD (which
 //! runs host-local) into a fresh network namespace, with the very network config the runtimes
 //! were given, then `runc create` + `runc start` of the pod's container joining it, at the same
-//! parallelism as the runtimes' runs. The sandbox is not in it: crispd's shim starts the pause
-//! itself (containerd runs it through runc too, a cost of its own design). No runtime that
-//! calls runc and the plugin starts pods faster than this on this machine.
+//! parallelism as the runtimes' runs. The container is created and started by one `runc run
+//! --detach` (the least a runtime can run; containerd runs `create`, then `start`). The
+//! sandbox is not in it: crispd's shim starts the pause itself (containerd runs it through runc
+//! too, a cost of its own design). No runtime that calls runc and the plugin starts pods
+//! faster than this on this machine. Sequentially, each pod's CNI ADD is the floor under
+//! RunPodSandbox (which waits for it) and its `runc run` the floor under StartContainer.
 //!
 //! Left out, so the floor is a lower bound: image snapshots and their mounts (one read-only
 //! busybox root serves every bundle), the pod's files, logs and the loopback set-up.
@@ -30,6 +33,9 @@ pub struct Run {
     /// CPU of every runc and CNI process the starts ran (reaped children), per pod; the
     /// containers' own init is not in it.
     pub cpu_ms_per_pod: f64,
+    /// Each pod's CNI ADD and `runc run`, in milliseconds.
+    pub cni_ms: Vec<f64>,
+    pub runc_ms: Vec<f64>,
 }
 
 /// What every pod of a run shares.
@@ -55,12 +61,14 @@ pub async fn measure(env: &TestEnv, runs: &[(usize, usize)]) -> Result<Vec<Run>>
             Err(e) => Err(e),
         };
         let down = teardown(&setup, &pods).await;
-        let (wall, cpu) = timed?;
+        let (wall, cpu, each) = timed?;
         down?;
         out.push(Run {
             label: format!("start {n} pods ‖{par}"),
             wall,
             cpu_ms_per_pod: cpu * 1e3 / n as f64,
+            cni_ms: each.iter().map(|e| e.0).collect(),
+            runc_ms: each.iter().map(|e| e.1).collect(),
         });
     }
     std::fs::remove_dir_all(&setup.dir).with_context(|| format!("removing {:?}", setup.dir))?;
@@ -193,23 +201,29 @@ async fn prepare(setup: &Setup, pods: &[Pod]) -> Result<()> {
     Ok(())
 }
 
-/// Timed: every pod's CNI ADD and runc create + start of its container, `par` pods at a
-/// time. Returns the wall time and the CPU seconds of the reaped runc and CNI processes.
-async fn start(setup: &Setup, pods: &[Pod], par: usize) -> Result<(f64, f64)> {
+/// Timed: every pod's CNI ADD and `runc run --detach` of its container, `par` pods at a
+/// time. Returns the wall time, the CPU seconds of the reaped runc and CNI processes, and
+/// each pod's CNI and runc milliseconds.
+async fn start(setup: &Setup, pods: &[Pod], par: usize) -> Result<(f64, f64, Vec<(f64, f64)>)> {
     let (runc_root, netconf) = (setup.runc_root.clone(), setup.netconf.clone());
     let cpu0 = children_cpu()?;
     let t = Instant::now();
-    let (_, errs) = parallel(par, pods.to_vec(), move |pod: Pod| {
+    let (each, errs) = parallel(par, pods.to_vec(), move |pod: Pod| {
         let (runc_root, netconf) = (runc_root.clone(), netconf.clone());
         async move {
+            let t = Instant::now();
             cni("ADD", &netconf, &pod.id, &pod.netns).await?;
+            let cni_ms = t.elapsed().as_secs_f64() * 1e3;
+            let t = Instant::now();
             for (cid, bundle) in &pod.containers {
-                let mut create = runc(&runc_root);
-                create.arg("create").arg("--bundle").arg(bundle).arg(cid);
-                run(&mut create).await?;
-                run(runc(&runc_root).arg("start").arg(cid)).await?;
+                let mut start = runc(&runc_root);
+                start
+                    .args(["run", "--detach", "--bundle"])
+                    .arg(bundle)
+                    .arg(cid);
+                run(&mut start).await?;
             }
-            Ok(())
+            Ok((cni_ms, t.elapsed().as_secs_f64() * 1e3))
         }
     })
     .await;
@@ -218,7 +232,7 @@ async fn start(setup: &Setup, pods: &[Pod], par: usize) -> Result<(f64, f64)> {
     if let Some(e) = errs.into_iter().next() {
         return Err(e.context("floor: starting a pod with runc and the bridge plugin"));
     }
-    Ok((wall, cpu))
+    Ok((wall, cpu, each))
 }
 
 /// Removes what `prepare` and `start` made, 16 at a time; the first error, after trying all.
