@@ -265,6 +265,22 @@ impl Env {
     }
 }
 
+/// The task's events were create, start, exit and delete, in that order, once each.
+fn lived_once(env: &Env, id: &str) -> Result<()> {
+    let topics = env.topics(id);
+    ensure!(
+        topics
+            == [
+                "/tasks/create",
+                "/tasks/start",
+                "/tasks/exit",
+                "/tasks/delete"
+            ],
+        "events {topics:?}"
+    );
+    Ok(())
+}
+
 fn wait_req(id: &str, exec_id: &str) -> api::WaitRequest {
     api::WaitRequest {
         id: id.into(),
@@ -341,18 +357,7 @@ async fn run_to_exit(env: &Env, id: &str, bundle: &Bundle) -> Result<()> {
             "cgroup line {l:?}, want path {want}"
         );
     }
-    let topics = env.topics(id);
-    ensure!(
-        topics
-            == [
-                "/tasks/create",
-                "/tasks/start",
-                "/tasks/exit",
-                "/tasks/delete"
-            ],
-        "events {topics:?}"
-    );
-    Ok(())
+    lived_once(env, id)
 }
 
 async fn exec_storm(env: &Env, id: &str, bundle: &Bundle) -> Result<()> {
@@ -631,18 +636,7 @@ async fn start_on_create(env: &Env, id: &str, bundle: &Bundle) -> Result<()> {
         .await?;
     let text = std::fs::read_to_string(&out)?;
     ensure!(text.lines().next() == Some("hi"), "stdout {text:?}");
-    let topics = env.topics(id);
-    ensure!(
-        topics
-            == [
-                "/tasks/create",
-                "/tasks/start",
-                "/tasks/exit",
-                "/tasks/delete"
-            ],
-        "events {topics:?}"
-    );
-    Ok(())
+    lived_once(env, id)
 }
 
 #[test]
