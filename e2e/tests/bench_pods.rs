@@ -18,8 +18,10 @@
 //! - pull + unpack of the `large` image through CRI PullImage, cold (image removed, page cache
 //!   dropped) and warm (already present), median of `CRISP_BENCH_PULLS`.
 //!
-//! After both runtimes, the floor under the start rows ([`floor`]): the same pods started by
-//! runc and the bridge CNI plugin alone, no daemon in between, at the same parallelism.
+//! After both runtimes, the floor under the start and teardown rows ([`floor`]): the same pods
+//! started and stopped by runc and the bridge CNI plugin alone, no daemon in between, at the
+//! same parallelism; one at a time, its CNI ADD and `runc run` under RunPodSandbox and
+//! StartContainer.
 //!
 //! It prints one table of figures, crispd/containerd ratios, the floor and its ratio to
 //! containerd, and the issue's targets, and writes the same as JSON to `$BENCH_JSON` if set. It asserts nothing about time; it fails
@@ -639,11 +641,12 @@ impl Row {
     }
 }
 
-/// The floor's figures by the row they are the floor of: each run's wall time under its start
-/// row, and from the one-at-a-time run the median CNI ADD under RunPodSandbox and the median
+/// The floor's figures by the row they are the floor of: each run's wall times under its start
+/// and stop+remove rows, and from the one-at-a-time run the median CNI ADD under RunPodSandbox and the median
 /// `runc run` under StartContainer.
 fn floor_figures(runs: &[floor::Run]) -> Vec<(String, f64)> {
     let mut out: Vec<(String, f64)> = runs.iter().map(|r| (r.label.clone(), r.wall)).collect();
+    out.extend(runs.iter().map(|r| (r.down_label.clone(), r.down_wall)));
     if let Some(one) = runs.iter().find(|r| r.label.ends_with("‖1")) {
         out.push(("RunPodSandbox p50".into(), median(&one.cni_ms)));
         out.push(("StartContainer p50".into(), median(&one.runc_ms)));
@@ -855,12 +858,14 @@ fn bench_pods_crispd_vs_containerd() -> Result<()> {
         for r in floor_runs {
             println!(
                 "floor, runc + bridge CNI alone: {} in {:.2} s, their processes' CPU {:.1} ms per pod, \
-                 CNI ADD p50 {:.1} ms, runc run p50 {:.1} ms",
+                 CNI ADD p50 {:.1} ms, runc run p50 {:.1} ms; {} in {:.2} s",
                 r.label,
                 r.wall,
                 r.cpu_ms_per_pod,
                 median(&r.cni_ms),
-                median(&r.runc_ms)
+                median(&r.runc_ms),
+                r.down_label,
+                r.down_wall
             );
         }
         let mut meta = serde_json::Map::new();
@@ -883,7 +888,8 @@ fn bench_pods_crispd_vs_containerd() -> Result<()> {
             .iter()
             .map(|r| {
                 json!({"run": r.label, "wall_s": r.wall, "cpu_ms_per_pod": r.cpu_ms_per_pod,
-                       "cni_add_p50_ms": median(&r.cni_ms), "runc_run_p50_ms": median(&r.runc_ms)})
+                       "cni_add_p50_ms": median(&r.cni_ms), "runc_run_p50_ms": median(&r.runc_ms),
+                       "down": r.down_label, "down_wall_s": r.down_wall})
             })
             .collect();
         meta.insert("floor".into(), json!(floor_meta));

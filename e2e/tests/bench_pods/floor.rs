@@ -9,6 +9,9 @@
 //! faster than this on this machine. Sequentially, each pod's CNI ADD is the floor under
 //! RunPodSandbox (which waits for it) and its `runc run` the floor under StartContainer.
 //!
+//! Then the teardown's floor, at the same parallelism: `runc kill` (SIGKILL), the exit, `runc
+//! delete` and the plugin's DEL, per pod (what StopPodSandbox + RemovePodSandbox must run).
+//!
 //! Left out, so the floor is a lower bound: image snapshots and their mounts (one read-only
 //! busybox root serves every bundle), the pod's files, logs and the loopback set-up.
 
@@ -36,6 +39,9 @@ pub struct Run {
     /// Each pod's CNI ADD and `runc run`, in milliseconds.
     pub cni_ms: Vec<f64>,
     pub runc_ms: Vec<f64>,
+    /// The teardown's wall time, named as the runtimes' rows ("stop+remove 50 pods ‖4").
+    pub down_label: String,
+    pub down_wall: f64,
 }
 
 /// What every pod of a run shares.
@@ -60,8 +66,13 @@ pub async fn measure(env: &TestEnv, runs: &[(usize, usize)]) -> Result<Vec<Run>>
             Ok(()) => start(&setup, &pods, par).await,
             Err(e) => Err(e),
         };
+        let stopped = match &timed {
+            Ok(_) => stop(&setup, &pods, par).await,
+            Err(_) => Ok(0.0),
+        };
         let down = teardown(&setup, &pods).await;
         let (wall, cpu, each) = timed?;
+        let down_wall = stopped?;
         down?;
         out.push(Run {
             label: format!("start {n} pods ‖{par}"),
@@ -69,6 +80,8 @@ pub async fn measure(env: &TestEnv, runs: &[(usize, usize)]) -> Result<Vec<Run>>
             cpu_ms_per_pod: cpu * 1e3 / n as f64,
             cni_ms: each.iter().map(|e| e.0).collect(),
             runc_ms: each.iter().map(|e| e.1).collect(),
+            down_label: format!("stop+remove {n} pods ‖{par}"),
+            down_wall,
         });
     }
     std::fs::remove_dir_all(&setup.dir).with_context(|| format!("removing {:?}", setup.dir))?;
@@ -233,6 +246,63 @@ async fn start(setup: &Setup, pods: &[Pod], par: usize) -> Result<(f64, f64, Vec
         return Err(e.context("floor: starting a pod with runc and the bridge plugin"));
     }
     Ok((wall, cpu, each))
+}
+
+/// Timed: every pod's container killed, its exit seen, `runc delete`, then the plugin's DEL,
+/// `par` pods at a time (the init pids are read first, untimed). Returns the wall time.
+async fn stop(setup: &Setup, pods: &[Pod], par: usize) -> Result<f64> {
+    let mut jobs = Vec::new();
+    for pod in pods {
+        let (cid, _) = &pod.containers[0];
+        jobs.push((pod.clone(), runc_pid(&setup.runc_root, cid).await?));
+    }
+    let (runc_root, netconf) = (setup.runc_root.clone(), setup.netconf.clone());
+    let t = Instant::now();
+    let (_, errs) = parallel(par, jobs, move |(pod, pid): (Pod, i32)| {
+        let (runc_root, netconf) = (runc_root.clone(), netconf.clone());
+        async move {
+            let (cid, _) = &pod.containers[0];
+            run(runc(&runc_root).args(["kill", cid, "KILL"])).await?;
+            wait_gone(pid).await?;
+            run(runc(&runc_root).args(["delete", cid])).await?;
+            cni("DEL", &netconf, &pod.id, &pod.netns).await
+        }
+    })
+    .await;
+    let wall = t.elapsed().as_secs_f64();
+    match errs.into_iter().next() {
+        Some(e) => Err(e.context("floor: stopping a pod with runc and the bridge plugin")),
+        None => Ok(wall),
+    }
+}
+
+/// The container's init pid, from `runc state`.
+async fn runc_pid(root: &Path, cid: &str) -> Result<i32> {
+    let out = runc(root).args(["state", cid]).output().await?;
+    ensure!(out.status.success(), "runc state {cid}: {}", out.status);
+    let state: Value = serde_json::from_slice(&out.stdout)?;
+    let pid = state["pid"].as_i64().context("runc state without a pid")?;
+    Ok(i32::try_from(pid)?)
+}
+
+/// Until `pid` has exited (a zombie counts: whoever reaps it, runc sees it stopped), checked
+/// every millisecond for at most 10 s.
+async fn wait_gone(pid: i32) -> Result<()> {
+    let deadline = Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+        let state = stat
+            .rsplit_once(')')
+            .and_then(|(_, r)| r.trim_start().chars().next());
+        if matches!(state, None | Some('Z' | 'X')) {
+            return Ok(());
+        }
+        ensure!(
+            Instant::now() < deadline,
+            "pid {pid} still running 10 s after SIGKILL"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(1)).await;
+    }
 }
 
 /// Removes what `prepare` and `start` made, 16 at a time; the first error, after trying all.
