@@ -21,6 +21,7 @@ use std::time::Instant;
 
 use anyhow::{Context, Result, bail, ensure};
 use crisp_e2e::harness::{CNI_BIN_DIR, TestEnv};
+use crisp_e2e::leaks::ProcRef;
 use nix::sys::resource::{UsageWho, getrusage};
 use serde_json::{Value, json};
 use tokio::io::AsyncWriteExt;
@@ -254,16 +255,18 @@ async fn stop(setup: &Setup, pods: &[Pod], par: usize) -> Result<f64> {
     let mut jobs = Vec::new();
     for pod in pods {
         let (cid, _) = &pod.containers[0];
-        jobs.push((pod.clone(), runc_pid(&setup.runc_root, cid).await?));
+        let pid = runc_pid(&setup.runc_root, cid).await?;
+        let init = ProcRef::of(pid, cid.as_str()).with_context(|| format!("{cid}: init gone"))?;
+        jobs.push((pod.clone(), init));
     }
     let (runc_root, netconf) = (setup.runc_root.clone(), setup.netconf.clone());
     let t = Instant::now();
-    let (_, errs) = parallel(par, jobs, move |(pod, pid): (Pod, i32)| {
+    let (_, errs) = parallel(par, jobs, move |(pod, init): (Pod, ProcRef)| {
         let (runc_root, netconf) = (runc_root.clone(), netconf.clone());
         async move {
             let (cid, _) = &pod.containers[0];
             run(runc(&runc_root).args(["kill", cid, "KILL"])).await?;
-            wait_gone(pid).await?;
+            wait_gone(&init).await?;
             run(runc(&runc_root).args(["delete", cid])).await?;
             cni("DEL", &netconf, &pod.id, &pod.netns).await
         }
@@ -285,24 +288,18 @@ async fn runc_pid(root: &Path, cid: &str) -> Result<i32> {
     Ok(i32::try_from(pid)?)
 }
 
-/// Until `pid` has exited (a zombie counts: whoever reaps it, runc sees it stopped), checked
+/// Until the init has exited (a zombie counts: whoever reaps it, runc sees it stopped), checked
 /// every millisecond for at most 10 s.
-async fn wait_gone(pid: i32) -> Result<()> {
+async fn wait_gone(init: &ProcRef) -> Result<()> {
     let deadline = Instant::now() + std::time::Duration::from_secs(10);
-    loop {
-        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-        let state = stat
-            .rsplit_once(')')
-            .and_then(|(_, r)| r.trim_start().chars().next());
-        if matches!(state, None | Some('Z' | 'X')) {
-            return Ok(());
-        }
+    while init.alive() {
         ensure!(
             Instant::now() < deadline,
-            "pid {pid} still running 10 s after SIGKILL"
+            "{init:?} still running 10 s after SIGKILL"
         );
         tokio::time::sleep(std::time::Duration::from_millis(1)).await;
     }
+    Ok(())
 }
 
 /// Removes what `prepare` and `start` made, 16 at a time; the first error, after trying all.
