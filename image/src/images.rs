@@ -923,12 +923,16 @@ impl Inner {
                 Source::Blob => {
                     unpack::unpack_layer(self.content.open_blob(&layer.digest)?, upper)?
                 }
-                Source::Follow(ing) => unpack::unpack_layer(ing.reader(), upper)?,
+                Source::Follow(ing) => {
+                    unpack::unpack_layer_checked(ing.reader(), upper, unpack::BlobCheck::Reader)?
+                }
             };
-            if out.compressed_digest != layer.digest {
+            if let Some(got) = &out.compressed_digest
+                && got != &layer.digest
+            {
                 return Err(Error::data_loss(format!(
-                    "content has digest {}, the manifest says {}",
-                    out.compressed_digest, layer.digest
+                    "content has digest {got}, the manifest says {}",
+                    layer.digest
                 )));
             }
             if &out.diff_id != diff_id {
