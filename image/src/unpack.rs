@@ -11,8 +11,9 @@
 //! `.wh.name` → a 0/0 character device `name`, `.wh..wh..opq` → `trusted.overlay.opaque=y`
 //! on the directory.
 //!
-//! While the tar streams we compute the digest of the compressed bytes and of the
-//! uncompressed tar (the diff_id); the caller checks both before committing anything.
+//! While the tar streams we compute the digest of the uncompressed tar (the diff_id) and,
+//! unless the reader proves the blob itself ([`BlobCheck::Reader`]), of the compressed bytes;
+//! the caller checks them before committing anything.
 
 use std::ffi::{OsStr, OsString};
 use std::io::{self, BufRead, BufReader, Read};
