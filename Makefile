@@ -23,8 +23,11 @@ INSTALL_VARS = DESTDIR="$(DESTDIR)" PREFIX="$(PREFIX)" BINDIR="$(BINDIR)" SYSCON
 # through glibc's NSS, which a static binary cannot load). Nothing the shim runs looks up
 # users, groups or hosts or loads a library (no getpw*, getgr*, getaddrinfo or dlopen caller
 # is left after --gc-sections). Not a PIE, as the dynamic shim (shim/build.rs says why).
+# Linked by shim/link-hot-first.sh: `cc` with lld told to put the code a running shim uses
+# first (shim/hot-symbols.txt), so the pages a shim maps are the ones it runs.
 SHIM_BIN = containerd-shim-crisp-v2
-SHIM_STATIC_FLAGS = -C target-feature=+crt-static -C relocation-model=static
+SHIM_STATIC_FLAGS = -C target-feature=+crt-static -C relocation-model=static \
+  -C linker=$(CURDIR)/shim/link-hot-first.sh
 define build_static_shim
 	$(CARGO) rustc --profile shim -p crisp-shim --bin $(SHIM_BIN) -- $(SHIM_STATIC_FLAGS)
 	install -m 0755 target/shim/$(SHIM_BIN) target/release/$(SHIM_BIN)

@@ -11,7 +11,9 @@
 #   2. checks every external program and file the suite takes from Debian (PROGRAMS below; a
 #      guard fails if the sources invoke a program the table does not name);
 #   3. builds the test images (hack/images/build.sh);
-#   4. runs the built crispd: `config default`, and `config check` of what it printed.
+#   4. runs the built crispd: `config default`, and `config check` of what it printed;
+#   5. links a small static program with shim/link-hot-first.sh, the linker `make release`
+#      (and so `make run`) gives the static shim, and runs it.
 # Anything missing fails the check with the Debian package it comes from.
 #
 # Cache (CRISP_FRESH_ROOT_CACHE, default /var/cache/crisp/fresh-root): one directory per key,
@@ -48,7 +50,7 @@ PROGRAMS=(
   "iptables iptables" "iptables-save iptables" "ip iproute2"
   "nsenter util-linux" "unshare util-linux"
   "zstd zstd" "gzip gzip" "tar tar" "setfattr attr" "getfattr attr" "jq jq" "curl curl"
-  "gcc gcc" "cc gcc" "readelf binutils" "protoc protobuf-compiler" "pkg-config pkg-config" "make make"
+  "gcc gcc" "cc gcc" "readelf binutils" "nm binutils" "awk mawk" "protoc protobuf-compiler" "pkg-config pkg-config" "make make"
   "sh dash" "bash bash" "cp coreutils" "sleep coreutils" "true coreutils" "chroot coreutils"
   "apt-get apt" "dpkg-deb dpkg" "systemd-analyze systemd"
   "/usr/lib/cni/bridge containernetworking-plugins"
@@ -300,6 +302,17 @@ run_binaries() {
   }
 }
 
+link_hot_first() {
+  in_root bash -c 'set -e; d=$(mktemp -d); cd "$d"
+    echo "fn main() { println!(\"linked hot-first\"); }" >main.rs
+    rustc -O -C target-feature=+crt-static -C relocation-model=static \
+      -C linker=/src/shim/link-hot-first.sh main.rs -o main
+    ./main; rm -rf "$d"' >"$KEYDIR/link.log" 2>&1 || {
+    cat "$KEYDIR/link.log" >&2
+    die "shim/link-hot-first.sh, the static shim's linker (make release), fails in the fresh root"
+  }
+}
+
 build_images() {
   say "hack/images/build.sh"
   in_root bash /src/hack/images/build.sh "$WORK/images" >"$KEYDIR/images.log" 2>&1 || {
@@ -327,6 +340,7 @@ inner() {
   build_workspace
   phase "build"
   run_binaries
+  link_hot_first
   build_images
   phase "images"
 }
