@@ -13,7 +13,7 @@
 #   3. builds the test images (hack/images/build.sh);
 #   4. runs the built crispd: `config default`, and `config check` of what it printed;
 #   5. links a small static program with shim/link-hot-first.sh, the linker `make release`
-#      (and so `make run`) gives the static shim, and runs it.
+#      (and so `make run`) gives the static shim, runs it and checks the order took.
 # Anything missing fails the check with the Debian package it comes from.
 #
 # Cache (CRISP_FRESH_ROOT_CACHE, default /var/cache/crisp/fresh-root): one directory per key,
@@ -307,7 +307,12 @@ link_hot_first() {
     echo "fn main() { println!(\"linked hot-first\"); }" >main.rs
     rustc -O -C target-feature=+crt-static -C relocation-model=static \
       -C linker=/src/shim/link-hot-first.sh main.rs -o main
-    ./main; rm -rf "$d"' >"$KEYDIR/link.log" 2>&1 || {
+    ./main
+    # The order took: main (first in the list) lies before crt1.o'"'"'s _start, which an
+    # unordered link puts first.
+    m=$(nm main | awk "\$3 == \"main\" { print \$1 }"); s=$(nm main | awk "\$3 == \"_start\" { print \$1 }")
+    [ -n "$m" ] && [ -n "$s" ] && [ "$((16#$m))" -lt "$((16#$s))" ] || { echo "main at $m, _start at $s: not ordered"; exit 1; }
+    rm -rf "$d"' >"$KEYDIR/link.log" 2>&1 || {
     cat "$KEYDIR/link.log" >&2
     die "shim/link-hot-first.sh, the static shim's linker (make release), fails in the fresh root"
   }

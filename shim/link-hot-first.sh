@@ -9,7 +9,7 @@
 #
 # Rust's symbol names end in a hash (17h<16 hex digits>E) that moves with the toolchain and the
 # dependencies; the list keeps names without it, resolved here against this link's objects.
-# hack/shim-hot-symbols.sh makes the list. A name that is no longer there is skipped: the
+# hack/shim-hot-symbols/make-list.py makes the list. A name that is no longer there is skipped: the
 # order only decides where code lies, never what is linked.
 set -eu
 list=$(dirname "$0")/hot-symbols.txt
