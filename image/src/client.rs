@@ -97,22 +97,74 @@ async fn read_limited(
     Ok(buf.freeze())
 }
 
-fn build_client(h: &RegistryHost) -> Result<reqwest::Client> {
+/// HTTP clients by what sets them apart, shared by all pulls. Building a client loads and
+/// parses the system's trust roots (25 ms of every cold pull, with two clients for a mirror
+/// and its origin), and a client that lives for one pull never reuses a connection. The key
+/// holds the CA files' contents, read at each pull, so a rotated CA takes effect at the next
+/// pull; the system roots are read when a client is first built, as Go reads them once.
+#[derive(Debug, Default)]
+pub struct ClientCache {
+    clients: Mutex<HashMap<ClientKey, reqwest::Client>>,
+}
+
+/// Distinct configurations are few (hosts.toml entries); past this many the cache starts over
+/// rather than keep clients for configurations long gone.
+const MAX_CACHED_CLIENTS: usize = 32;
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+struct ClientKey {
+    skip_verify: bool,
+    /// Each CA file's path (for errors) and contents.
+    ca: Vec<(std::path::PathBuf, Vec<u8>)>,
+    headers: Vec<(String, String)>,
+}
+
+impl ClientCache {
+    fn get(&self, h: &RegistryHost) -> Result<reqwest::Client> {
+        let key = client_key(h)?;
+        let mut clients = self.clients.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(c) = clients.get(&key) {
+            return Ok(c.clone());
+        }
+        let c = build_client(&key, h)?;
+        if clients.len() >= MAX_CACHED_CLIENTS {
+            clients.clear();
+        }
+        clients.insert(key, c.clone());
+        Ok(c)
+    }
+}
+
+fn client_key(h: &RegistryHost) -> Result<ClientKey> {
+    let ca =
+        h.ca.iter()
+            .map(|path| {
+                let pem = std::fs::read(path).map_err(|e| {
+                    Error::io(
+                        format!("reading CA file {} for {}", path.display(), h.display()),
+                        e,
+                    )
+                })?;
+                Ok((path.clone(), pem))
+            })
+            .collect::<Result<Vec<_>>>()?;
+    Ok(ClientKey {
+        skip_verify: h.skip_verify,
+        ca,
+        headers: h.headers.clone(),
+    })
+}
+
+fn build_client(key: &ClientKey, h: &RegistryHost) -> Result<reqwest::Client> {
     let mut b = reqwest::Client::builder()
         .connect_timeout(CONNECT_TIMEOUT)
         .user_agent(concat!("crisp/", env!("CARGO_PKG_VERSION")))
-        .danger_accept_invalid_certs(h.skip_verify);
-    for ca in &h.ca {
-        let pem = std::fs::read(ca).map_err(|e| {
-            Error::io(
-                format!("reading CA file {} for {}", ca.display(), h.display()),
-                e,
-            )
-        })?;
-        let certs = reqwest::Certificate::from_pem_bundle(&pem).map_err(|e| {
+        .danger_accept_invalid_certs(key.skip_verify);
+    for (path, pem) in &key.ca {
+        let certs = reqwest::Certificate::from_pem_bundle(pem).map_err(|e| {
             Error::with_source(
                 Kind::InvalidArgument,
-                format!("CA file {}", ca.display()),
+                format!("CA file {}", path.display()),
                 e,
             )
         })?;
@@ -121,7 +173,7 @@ fn build_client(h: &RegistryHost) -> Result<reqwest::Client> {
         }
     }
     let mut headers = HeaderMap::new();
-    for (k, v) in &h.headers {
+    for (k, v) in &key.headers {
         let name = header::HeaderName::from_bytes(k.as_bytes())
             .map_err(|_| Error::invalid(format!("header name {k:?} for {}", h.display())))?;
         let value = HeaderValue::from_str(v)
@@ -150,11 +202,16 @@ fn net_err(host: &RegistryHost, what: &str, e: reqwest::Error) -> Error {
 }
 
 impl RegistryClient {
-    pub fn new(reference: &Reference, hosts: Vec<RegistryHost>, auth: Auth) -> Result<Self> {
+    pub fn new(
+        reference: &Reference,
+        hosts: Vec<RegistryHost>,
+        auth: Auth,
+        clients: &ClientCache,
+    ) -> Result<Self> {
         let hosts = hosts
             .into_iter()
             .map(|h| {
-                let c = build_client(&h)?;
+                let c = clients.get(&h)?;
                 Ok((h, c))
             })
             .collect::<Result<Vec<_>>>()?;
@@ -695,7 +752,7 @@ mod tests {
     fn client_for(addr: &str, auth: Auth) -> RegistryClient {
         let r = Reference::parse(&format!("{addr}/lib/app:1")).unwrap();
         let hosts = crate::hosts::resolve(None, &r.registry).unwrap();
-        RegistryClient::new(&r, hosts, auth).unwrap()
+        RegistryClient::new(&r, hosts, auth, &ClientCache::default()).unwrap()
     }
 
     #[tokio::test]

@@ -22,7 +22,7 @@ use futures::future::{BoxFuture, FutureExt, Shared};
 use tracing::Instrument;
 
 use crate::artifact::{self, ArtifactFile, ArtifactInfo, ManifestKind};
-use crate::client::{Auth, RegistryClient};
+use crate::client::{Auth, ClientCache, RegistryClient};
 use crate::content::{Begin, ContentStore, Ingest, IngestState, IngestWriter};
 use crate::download::download;
 use crate::error::{Error, Kind, Result};
@@ -112,6 +112,7 @@ struct Inner {
     /// Pulls hold it shared; GC holds it exclusive, so GC never removes what a pull is
     /// about to reference.
     gc_lock: tokio::sync::RwLock<()>,
+    clients: ClientCache,
 }
 
 fn snap_err(what: String, e: crisp_snapshotter::Error) -> Error {
@@ -167,6 +168,7 @@ impl Images {
             pulls: Mutex::new(HashMap::new()),
             unpacking: Mutex::new(HashMap::new()),
             gc_lock: tokio::sync::RwLock::new(()),
+            clients: ClientCache::default(),
         });
         // Extractions a crash interrupted leave active snapshots; nothing is in flight now.
         inner.remove_stale_extractions();
@@ -482,7 +484,8 @@ impl Inner {
             .unwrap_or_default();
         let hosts = crate::hosts::resolve(self.config.hosts_dir.as_deref(), &r.registry)?;
         let client = Arc::new(
-            RegistryClient::new(r, hosts, auth)?.with_request_timeout(self.config.request_timeout),
+            RegistryClient::new(r, hosts, auth, &self.clients)?
+                .with_request_timeout(self.config.request_timeout),
         );
         let (body, ct, top) = client.manifest(&r.object()).await?;
         let repo_digest = r.with_digest(&top);
@@ -718,8 +721,14 @@ impl Inner {
                     _ = watched.cancelled() => return,
                     p = sem.acquire_owned() => p,
                 };
-                if let Err(e) = download(&client, w, &layer, &cfg).await {
-                    tracing::warn!(error = %e, "layer download failed");
+                let t0 = std::time::Instant::now();
+                match download(&client, w, &layer, &cfg).await {
+                    Ok(n) => tracing::debug!(
+                        bytes = n,
+                        ms = t0.elapsed().as_millis() as u64,
+                        "blob downloaded and committed"
+                    ),
+                    Err(e) => tracing::warn!(error = %e, "layer download failed"),
                 }
             }
             .instrument(span),
@@ -785,8 +794,13 @@ impl Inner {
             fill(&upper)?;
             // The snapshot's record says "complete" once committed: its files must be on
             // disk first, or a power loss leaves a committed layer with empty files.
+            let t_sync = std::time::Instant::now();
             sync_filesystem(&upper)
                 .map_err(|e| Error::internal(format!("syncing layer {name} in {upper:?}: {e}")))?;
+            tracing::debug!(
+                sync_ms = t_sync.elapsed().as_millis() as u64,
+                "layer files synced"
+            );
             match self.snapshotter.commit(name.as_str(), &key, HashMap::new()) {
                 Ok(()) => Ok(()),
                 Err(e) if e.kind() == SnapKind::AlreadyExists => {

@@ -1210,26 +1210,65 @@ fn tls_env(addr: &str, extra: &str) -> Env {
     Env { tmp, snap, images }
 }
 
+/// One image service across hosts.toml edits, as crispd runs: it shares HTTP clients between
+/// pulls, and an edit (a rotated CA file, skip_verify) still takes effect at the next pull.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn tls_registry_with_ca_or_skip_verify() {
     let reg = Registry::start().unwrap();
     reg.push(&["pause"]).unwrap();
     let tls = tls_registry(&reg.dir().join("storage"));
     let name = format!("{}/pause:3.9", tls.addr);
+    let env = tls_env(&tls.addr, "");
+    let hosts = env
+        .tmp
+        .path()
+        .join("certs.d")
+        .join(&tls.addr)
+        .join("hosts.toml");
+    let ca = env.tmp.path().join("ca.pem");
+    let set_hosts = |extra: &str| {
+        std::fs::write(
+            &hosts,
+            format!("server = \"https://{}\"\n{extra}", tls.addr),
+        )
+        .unwrap();
+    };
+    let refused = |e: &crisp_image::Error| {
+        assert_eq!(e.kind(), Kind::Unavailable, "{e}");
+        assert!(
+            e.to_string().contains(&format!("https://{}", tls.addr)),
+            "{e}"
+        );
+    };
     // The hosts.toml `ca` makes the self-signed certificate trusted.
-    let env = tls_env(&tls.addr, &format!("ca = \"{}\"\n", tls.cert.display()));
+    std::fs::copy(&tls.cert, &ca).unwrap();
+    set_hosts(&format!("ca = \"{}\"\n", ca.display()));
     env.images.pull(&name, None).await.unwrap();
+    // The same path now holds another CA: the next pull trusts that one, not the first.
+    let other = env.tmp.path().join("other");
+    std::fs::create_dir(&other).unwrap();
+    let cmd = format!(
+        "openssl req -x509 -newkey rsa:2048 -nodes -days 1 -subj /CN=other-ca -keyout {0}/k.pem -out {0}/ca.pem",
+        other.display()
+    );
+    let st = std::process::Command::new("sh")
+        .arg("-c")
+        .arg(&cmd)
+        .output()
+        .unwrap();
+    assert!(
+        st.status.success(),
+        "{cmd}: {}",
+        String::from_utf8_lossy(&st.stderr)
+    );
+    std::fs::copy(other.join("ca.pem"), &ca).unwrap();
+    refused(&env.images.pull(&name, None).await.unwrap_err());
     // skip_verify accepts it without the CA.
-    let env = tls_env(&tls.addr, "skip_verify = true\n");
+    set_hosts("skip_verify = true\n");
     env.images.pull(&name, None).await.unwrap();
     // Neither: the certificate is refused, and the error says which host.
-    let env = tls_env(&tls.addr, "");
-    let e = env.images.pull(&name, None).await.unwrap_err();
-    assert_eq!(e.kind(), Kind::Unavailable, "{e}");
-    assert!(
-        e.to_string().contains(&format!("https://{}", tls.addr)),
-        "{e}"
-    );
+    set_hosts("");
+    refused(&env.images.pull(&name, None).await.unwrap_err());
 }
 
 /// An OCI artifact (image-spec 1.1: `artifactType`, the empty config, `text/plain` layers
