@@ -522,7 +522,10 @@ async fn restart(env: &mut TestEnv, pods: usize, f: &mut Figures) -> Result<()> 
 }
 
 fn drop_caches() {
-    // Cold means the registry's blobs are not in the page cache either.
+    // Cold means the registry's blobs are not in the page cache either. Dirty pages are not
+    // dropped: sync first, or what the last step wrote (the removed image, the pods torn
+    // down) is written back during the pull being timed.
+    nix::unistd::sync();
     let _ = std::fs::write("/proc/sys/vm/drop_caches", "3");
 }
 
