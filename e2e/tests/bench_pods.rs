@@ -16,7 +16,8 @@
 //! - with those 100 pods still running, a `kill -9` of the daemon and the time from its restart
 //!   until it lists every pod Ready and every container running (kubelet's first relist);
 //! - pull + unpack of the `large` image through CRI PullImage, cold (image removed, page cache
-//!   dropped) and warm (already present), median of `CRISP_BENCH_PULLS`.
+//!   synced and dropped) and warm (already present), median of `CRISP_BENCH_PULLS`, in fresh
+//!   environments after both runtimes' runs, the two runtimes taking turns ([`pull_race`]).
 //!
 //! After both runtimes, the floor under the start and teardown rows ([`floor`]): the same pods
 //! started and stopped by runc and the bridge CNI plugin alone, no daemon in between, at the
@@ -26,7 +27,7 @@
 //! It prints one table of figures, crispd/containerd ratios, the floor and its ratio to
 //! containerd, and the targets, and writes the same as JSON to `$BENCH_JSON` if set. It asserts nothing about time; it fails
 //! only if a runtime fails (a failed pod in the 200-pod run is counted and reported, not fatal).
-//! `CRISP_BENCH_ONLY=containerd` (or `crispd`, or `floor`) runs one part; both daemons log at
+//! `CRISP_BENCH_ONLY=containerd` (or `crispd`, `floor`, `pulls`) runs one part; both daemons log at
 //! `info`, as a node runs them (`CRISP_BENCH_DEBUG_LOG=1`: `debug`, to see where a call's time goes).
 
 use std::collections::BTreeMap;
@@ -529,27 +530,79 @@ fn drop_caches() {
     let _ = std::fs::write("/proc/sys/vm/drop_caches", "3");
 }
 
-/// `large` through CRI PullImage: removed and page cache dropped (cold), then again (warm).
-async fn pulls(env: &TestEnv, f: &mut Figures) -> Result<()> {
-    let image = crisp_e2e::images::get("large")?.upstream();
-    let cri = env.cri();
-    for _ in 0..env_count("CRISP_BENCH_PULLS", 5) {
-        cri.remove_image(&image).await?;
-        drop_caches();
-        let t = Instant::now();
-        cri.pull(&image, None).await?;
-        let cold = t.elapsed().as_secs_f64();
-        let t = Instant::now();
-        cri.pull(&image, None).await?;
-        f.pull_warm_ms.push(ms(t.elapsed()));
-        let size = cri
-            .image_status(&image)
-            .await?
-            .context("large image not listed after its pull")?
-            .size;
-        f.pull_cold_mbs.push(size as f64 / 1e6 / cold);
+/// `large` through CRI PullImage in both runtimes, taking turns: removed and page cache
+/// dropped (cold), then again (warm), `CRISP_BENCH_PULLS` rounds. A cold pull writes the
+/// layer twice (blob and snapshot) and this machine's disk swings (a 400 MiB fsync'd write
+/// took from 0.3 s to 1.2 s within an hour), so each runtime's runs alternate with the
+/// other's rather than coming minutes apart. Its own environments: a pull is not what the
+/// 100 pods before it left behind.
+async fn pull_race(registry: &Registry, kinds: &[RuntimeKind]) -> Result<Vec<Figures>> {
+    let mut envs = Vec::new();
+    for &kind in kinds {
+        match TestEnv::builder(kind).mirror(registry.host()).start().await {
+            Ok(env) => envs.push(env),
+            Err(e) => {
+                teardown_all(envs).await?;
+                return Err(e.context(format!("{kind}: starting for the pull race")));
+            }
+        }
     }
-    cri.remove_image(&image).await
+    let mut figs: Vec<Figures> = kinds.iter().map(|_| Figures::default()).collect();
+    let outcome = async {
+        let image = crisp_e2e::images::get("large")?.upstream();
+        for _ in 0..env_count("CRISP_BENCH_PULLS", 5) {
+            for (env, f) in envs.iter().zip(figs.iter_mut()) {
+                let (cold, warm) = pull_once(env, &image)
+                    .await
+                    .with_context(|| format!("{}: pulling {image}", env.kind))?;
+                f.pull_cold_mbs.push(cold);
+                f.pull_warm_ms.push(warm);
+            }
+        }
+        for env in &envs {
+            env.cri().remove_image(&image).await?;
+        }
+        Ok::<_, anyhow::Error>(())
+    }
+    .await;
+    let torn = teardown_all(envs).await;
+    outcome?;
+    torn?;
+    Ok(figs)
+}
+
+/// One cold pull (MB/s) and one warm pull (ms) of `image`.
+async fn pull_once(env: &TestEnv, image: &str) -> Result<(f64, f64)> {
+    let cri = env.cri();
+    cri.remove_image(image).await?;
+    drop_caches();
+    let t = Instant::now();
+    cri.pull(image, None).await?;
+    let cold = t.elapsed().as_secs_f64();
+    let t = Instant::now();
+    cri.pull(image, None).await?;
+    let warm = ms(t.elapsed());
+    let size = cri
+        .image_status(image)
+        .await?
+        .context("large image not listed after its pull")?
+        .size;
+    Ok((size as f64 / 1e6 / cold, warm))
+}
+
+async fn teardown_all(envs: Vec<TestEnv>) -> Result<()> {
+    let mut left = Vec::new();
+    for env in envs {
+        let kind = env.kind;
+        left.extend(
+            env.teardown()
+                .await
+                .into_iter()
+                .map(|l| format!("{kind}: {l}")),
+        );
+    }
+    ensure!(left.is_empty(), "teardown left {left:#?}");
+    Ok(())
 }
 
 async fn measure(env: &mut TestEnv) -> Result<Figures> {
@@ -561,7 +614,6 @@ async fn measure(env: &mut TestEnv) -> Result<Figures> {
     f.calls = latencies(env, env_count("CRISP_BENCH_SEQ", 40)).await?;
     wall_times(env, &mut f).await?;
     at_rest(env, &mut f).await?;
-    pulls(env, &mut f).await?;
     f.load.push(loadavg());
     Ok(f)
 }
@@ -831,6 +883,10 @@ fn bench_pods_crispd_vs_containerd() -> Result<()> {
         registry.push(&["busybox", "pause", "large"])?;
         let mut results = Vec::new();
         for kind in [RuntimeKind::Containerd, RuntimeKind::Crispd] {
+            if only == "pulls" {
+                results.push(Some(Ok(Figures::default())));
+                continue;
+            }
             if !only.is_empty() && only != kind.to_string() {
                 results.push(None);
                 continue;
@@ -841,6 +897,30 @@ fn bench_pods_crispd_vs_containerd() -> Result<()> {
                 eprintln!("{kind}: benchmark failed: {e:#}");
             }
             results.push(Some(r));
+        }
+        let mut race = Ok(());
+        let racers: Vec<(usize, RuntimeKind)> = [RuntimeKind::Containerd, RuntimeKind::Crispd]
+            .into_iter()
+            .enumerate()
+            .filter(|(i, _)| matches!(results[*i], Some(Ok(_))))
+            .collect();
+        if !racers.is_empty() {
+            settle().await;
+            let kinds: Vec<RuntimeKind> = racers.iter().map(|(_, k)| *k).collect();
+            match pull_race(&registry, &kinds).await {
+                Ok(figs) => {
+                    for ((i, _), pf) in racers.iter().zip(figs) {
+                        if let Some(Ok(f)) = &mut results[*i] {
+                            f.pull_cold_mbs = pf.pull_cold_mbs;
+                            f.pull_warm_ms = pf.pull_warm_ms;
+                        }
+                    }
+                }
+                Err(e) => {
+                    eprintln!("pull race: benchmark failed: {e:#}");
+                    race = Err(e);
+                }
+            }
         }
         let floor = if only.is_empty() || only == "floor" {
             settle().await;
@@ -907,6 +987,7 @@ fn bench_pods_crispd_vs_containerd() -> Result<()> {
         for r in results.into_iter().flatten() {
             r?;
         }
+        race?;
         floor.map(drop)
     })
 }
