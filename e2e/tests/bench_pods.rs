@@ -19,10 +19,14 @@
 //!   synced and dropped) and warm (already present), median of `CRISP_BENCH_PULLS`, in fresh
 //!   environments after both runtimes' runs, the two runtimes taking turns ([`pull_race`]).
 //!
-//! After both runtimes, the floor under the start and teardown rows ([`floor`]): the same pods
+//! Beside them, the floor under the start and teardown rows ([`floor`]): the same pods
 //! started and stopped by runc and the bridge CNI plugin alone, no daemon in between, at the
 //! same parallelism; one at a time, its CNI ADD and `runc run` under RunPodSandbox and
 //! StartContainer.
+//!
+//! The runtimes and the floor run side by side and take turns phase by phase
+//! ([`side_by_side`]), wall-time run by wall-time run, so that the machine's drift over the
+//! run's 20 minutes falls on both sides of each ratio.
 //!
 //! It prints one table of figures, crispd/containerd ratios, the floor and its ratio to
 //! containerd, and the targets, and writes the same as JSON to `$BENCH_JSON` if set. It asserts nothing about time; it fails
@@ -352,26 +356,29 @@ async fn latencies(env: &TestEnv, n: usize) -> Result<BTreeMap<&'static str, Vec
 }
 
 /// 50 pods × 1 container at parallelism 1, 4, 16, then 200 pods at 16 (failures counted).
-async fn wall_times(env: &TestEnv, f: &mut Figures) -> Result<()> {
+/// The wall-time runs, in order: 50 pods at parallelism 1, 4 and 16, then 200 at 16.
+fn wall_runs() -> Vec<(usize, usize)> {
     let n = env_count("CRISP_BENCH_PODS", 50);
-    for par in [1, 4, 16] {
-        let (ids, secs, errs) = start_pods(env, &format!("bench-p{par}"), n, 1, par).await?;
-        f.wall.push((format!("start {n} pods ‖{par}"), secs));
-        let (down, derrs) = teardown_pods(env, ids, par).await;
-        f.wall.push((format!("stop+remove {n} pods ‖{par}"), down));
-        first_error(&format!("starting {n} pods at {par}"), errs)?;
-        first_error(&format!("tearing down {n} pods at {par}"), derrs)?;
-    }
     let big = env_count("CRISP_BENCH_BIG", 200);
-    let (ids, secs, errs) = start_pods(env, "bench-big", big, 1, 16).await?;
-    f.wall.push((format!("start {big} pods ‖16"), secs));
-    let (down, derrs) = teardown_pods(env, ids, 16).await;
-    f.wall.push((format!("stop+remove {big} pods ‖16"), down));
-    f.failures_200 = errs.len() + derrs.len();
-    for e in errs.iter().chain(derrs.iter()).take(3) {
-        eprintln!("{}: {big}-pod run: {e:#}", env.kind);
+    vec![(n, 1), (n, 4), (n, 16), (big, 16)]
+}
+
+/// Start `n` pods `par` at a time, then tear them down. The 200-pod run (`big`) counts its
+/// failures (the target is zero) instead of failing on the first.
+async fn wall_time(env: &TestEnv, f: &mut Figures, n: usize, par: usize, big: bool) -> Result<()> {
+    let (ids, secs, errs) = start_pods(env, &format!("bench-n{n}-p{par}"), n, 1, par).await?;
+    f.wall.push((format!("start {n} pods ‖{par}"), secs));
+    let (down, derrs) = teardown_pods(env, ids, par).await;
+    f.wall.push((format!("stop+remove {n} pods ‖{par}"), down));
+    if big {
+        f.failures_200 = errs.len() + derrs.len();
+        for e in errs.iter().chain(derrs.iter()).take(3) {
+            eprintln!("{}: {n}-pod run: {e:#}", env.kind);
+        }
+        return Ok(());
     }
-    Ok(())
+    first_error(&format!("starting {n} pods at {par}"), errs)?;
+    first_error(&format!("tearing down {n} pods at {par}"), derrs)
 }
 
 /// Memory of the running pods: the daemon, each pod's shim and pause.
@@ -605,21 +612,27 @@ async fn teardown_all(envs: Vec<TestEnv>) -> Result<()> {
     Ok(())
 }
 
-async fn measure(env: &mut TestEnv) -> Result<Figures> {
-    let mut f = Figures {
-        load: vec![loadavg()],
-        ..Default::default()
-    };
-    env.cri().pull(BUSYBOX, None).await?;
-    f.calls = latencies(env, env_count("CRISP_BENCH_SEQ", 40)).await?;
-    wall_times(env, &mut f).await?;
-    at_rest(env, &mut f).await?;
-    f.load.push(loadavg());
-    Ok(f)
+/// One runtime in the side-by-side run: its env, its figures so far, and whether it failed
+/// (a failed runtime sits out the phases after).
+struct Lane {
+    env: TestEnv,
+    figs: Figures,
+    failed: Option<anyhow::Error>,
 }
 
-async fn run_one(kind: RuntimeKind, registry: &Registry) -> Result<Figures> {
-    let mut env = TestEnv::builder(kind)
+impl Lane {
+    fn fail(&mut self, e: anyhow::Error) {
+        let kind = self.env.kind;
+        eprintln!(
+            "{kind}: benchmark failed: {e:#}\n{kind} log tail:\n{}",
+            self.env.daemon_log_tail(40)
+        );
+        self.failed = Some(e);
+    }
+}
+
+async fn start_env(kind: RuntimeKind, registry: &Registry) -> Result<TestEnv> {
+    TestEnv::builder(kind)
         .mirror(registry.host())
         .log_level(if std::env::var_os("CRISP_BENCH_DEBUG_LOG").is_some() {
             "debug"
@@ -627,31 +640,117 @@ async fn run_one(kind: RuntimeKind, registry: &Registry) -> Result<Figures> {
             "info"
         })
         .start()
-        .await?;
-    let outcome = measure(&mut env).await;
-    if let Err(e) = &outcome {
-        eprintln!(
-            "{kind}: {e:#}\n{kind} log tail:\n{}",
-            env.daemon_log_tail(40)
-        );
-    }
-    let leaks = env.teardown().await;
-    let f = outcome?;
-    ensure!(leaks.is_empty(), "{kind}: teardown left {leaks:#?}");
-    Ok(f)
+        .await
 }
 
-/// The floor under the start rows, in an env of its own (its crispd stays idle) for its root,
-/// network, cgroup parent and leak check.
-async fn run_floor() -> Result<Vec<floor::Run>> {
-    let n = env_count("CRISP_BENCH_PODS", 50);
-    let big = env_count("CRISP_BENCH_BIG", 200);
+/// The runtimes (and the floor, in an env of its own whose crispd stays idle) side by side,
+/// taking turns phase by phase: the sequential latencies, then each wall-time run (the
+/// runtimes' order alternating from run to run, the floor's run after theirs), then the 100
+/// pods at rest, one runtime at a time while the other is idle. Measured one runtime after
+/// the other, 15 minutes apart, the machine's drift landed in the ratios: in one such run the
+/// floor, measured last, came out 37% slower than in the run before, containerd's figures
+/// the same.
+async fn side_by_side(
+    registry: &Registry,
+    kinds: &[RuntimeKind],
+    with_floor: bool,
+) -> (Vec<(RuntimeKind, Result<Figures>)>, Result<Vec<floor::Run>>) {
+    let mut out = Vec::new();
+    let mut lanes = Vec::new();
+    for &kind in kinds {
+        match start_env(kind, registry).await {
+            Ok(env) => lanes.push(Lane {
+                env,
+                figs: Figures {
+                    load: vec![loadavg()],
+                    ..Default::default()
+                },
+                failed: None,
+            }),
+            Err(e) => out.push((kind, Err(e.context("starting")))),
+        }
+    }
+    let mut floor = match with_floor {
+        true => Some(start_floor().await),
+        false => None,
+    };
+    let (mut floor_runs, mut floor_failed) = (Vec::new(), None);
+    for lane in &mut lanes {
+        let r = async {
+            lane.env.cri().pull(BUSYBOX, None).await?;
+            latencies(&lane.env, env_count("CRISP_BENCH_SEQ", 40)).await
+        };
+        match r.await {
+            Ok(calls) => lane.figs.calls = calls,
+            Err(e) => lane.fail(e),
+        }
+    }
+    let runs = wall_runs();
+    for (k, &(n, par)) in runs.iter().enumerate() {
+        let big = k + 1 == runs.len();
+        let m = lanes.len();
+        for i in 0..m {
+            let lane = &mut lanes[if k % 2 == 0 { i } else { m - 1 - i }];
+            if lane.failed.is_none()
+                && let Err(e) = wall_time(&lane.env, &mut lane.figs, n, par, big).await
+            {
+                lane.fail(e);
+            }
+        }
+        if let (Some(Ok((_, fl))), None) = (&mut floor, &floor_failed) {
+            match fl.run(n, par).await {
+                Ok(r) => floor_runs.push(r),
+                Err(e) => floor_failed = Some(e.context(format!("floor run of {n} pods ‖{par}"))),
+            }
+        }
+    }
+    for lane in &mut lanes {
+        if lane.failed.is_none() {
+            settle().await;
+            if let Err(e) = at_rest(&mut lane.env, &mut lane.figs).await {
+                lane.fail(e);
+            }
+        }
+    }
+    for mut lane in lanes {
+        let kind = lane.env.kind;
+        lane.figs.load.push(loadavg());
+        let leaks = lane.env.teardown().await;
+        let r = match lane.failed {
+            Some(e) => Err(e),
+            None if !leaks.is_empty() => Err(anyhow::anyhow!("teardown left {leaks:#?}")),
+            None => Ok(lane.figs),
+        };
+        out.push((kind, r.map_err(|e| e.context(kind.to_string()))));
+    }
+    let floor = match floor {
+        None => Ok(Vec::new()),
+        Some(f) => match (finish_floor(f).await, floor_failed) {
+            (_, Some(e)) | (Err(e), None) => Err(e),
+            (Ok(()), None) => Ok(floor_runs),
+        },
+    };
+    (out, floor)
+}
+
+async fn start_floor() -> Result<(TestEnv, floor::Floor)> {
     let env = TestEnv::builder(RuntimeKind::Crispd).start().await?;
-    let outcome = floor::measure(&env, &[(n, 1), (n, 4), (n, 16), (big, 16)]).await;
+    match floor::Floor::new(&env).await {
+        Ok(f) => Ok((env, f)),
+        Err(e) => {
+            let _ = env.teardown().await;
+            Err(e)
+        }
+    }
+}
+
+async fn finish_floor(f: Result<(TestEnv, floor::Floor)>) -> Result<()> {
+    let (env, fl) = f?;
+    let removed = fl.finish();
     let leaks = env.teardown().await;
-    let runs = outcome?;
+    removed?;
     ensure!(leaks.is_empty(), "floor: teardown left {leaks:#?}");
-    Ok(runs)
+    Ok(())
 }
 
 /// A target on the crispd/containerd ratio: at most (`Max`) or at least (`Min`).
@@ -881,23 +980,27 @@ fn bench_pods_crispd_vs_containerd() -> Result<()> {
     rt.block_on(async {
         let registry = Registry::start()?;
         registry.push(&["busybox", "pause", "large"])?;
-        let mut results = Vec::new();
-        for kind in [RuntimeKind::Containerd, RuntimeKind::Crispd] {
-            if only == "pulls" {
-                results.push(Some(Ok(Figures::default())));
-                continue;
-            }
-            if !only.is_empty() && only != kind.to_string() {
-                results.push(None);
-                continue;
-            }
+        let both = [RuntimeKind::Containerd, RuntimeKind::Crispd];
+        let kinds: Vec<RuntimeKind> = both
+            .into_iter()
+            .filter(|k| only.is_empty() || only == k.to_string())
+            .collect();
+        let (ran, floor) = if only == "pulls" {
+            let ran = both.iter().map(|&k| (k, Ok(Figures::default()))).collect();
+            (ran, Ok(Vec::new()))
+        } else {
             settle().await;
-            let r = run_one(kind, &registry).await;
-            if let Err(e) = &r {
-                eprintln!("{kind}: benchmark failed: {e:#}");
-            }
-            results.push(Some(r));
-        }
+            side_by_side(&registry, &kinds, only.is_empty() || only == "floor").await
+        };
+        // Containerd's figures, then crispd's; None for a runtime not run.
+        let mut ran = ran;
+        let mut results: Vec<Option<Result<Figures>>> = both
+            .iter()
+            .map(|k| {
+                let at = ran.iter().position(|(rk, _)| rk == k)?;
+                Some(ran.remove(at).1)
+            })
+            .collect();
         let mut race = Ok(());
         let racers: Vec<(usize, RuntimeKind)> = [RuntimeKind::Containerd, RuntimeKind::Crispd]
             .into_iter()
@@ -922,12 +1025,6 @@ fn bench_pods_crispd_vs_containerd() -> Result<()> {
                 }
             }
         }
-        let floor = if only.is_empty() || only == "floor" {
-            settle().await;
-            run_floor().await
-        } else {
-            Ok(Vec::new())
-        };
         if let Err(e) = &floor {
             eprintln!("floor: benchmark failed: {e:#}");
         }

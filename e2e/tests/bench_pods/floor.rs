@@ -55,27 +55,41 @@ struct Setup {
     cgroup_parent: String,
 }
 
-/// Runs `(n, par)` in order under `env`'s root, network and cgroup parent; everything it
-/// creates is gone when it returns, also on error.
-pub async fn measure(env: &TestEnv, runs: &[(usize, usize)]) -> Result<Vec<Run>> {
-    let setup = Setup::new(env).await?;
-    let mut out = Vec::new();
-    for (k, &(n, par)) in runs.iter().enumerate() {
+/// The floor's set-up under one env's root, network and cgroup parent, measured one run at a
+/// time so that its runs can take turns with the runtimes' ones; everything a run starts it
+/// also removes.
+pub struct Floor {
+    setup: Setup,
+    runs: usize,
+}
+
+impl Floor {
+    pub async fn new(env: &TestEnv) -> Result<Floor> {
+        Ok(Floor {
+            setup: Setup::new(env).await?,
+            runs: 0,
+        })
+    }
+
+    /// `n` pods started `par` at a time, then torn down at the same parallelism.
+    pub async fn run(&mut self, n: usize, par: usize) -> Result<Run> {
+        let (setup, k) = (&self.setup, self.runs);
+        self.runs += 1;
         let pods: Vec<Pod> = (0..n).map(|i| setup.pod(&format!("fl{k}-{i}"))).collect();
-        let made = prepare(&setup, &pods).await;
+        let made = prepare(setup, &pods).await;
         let timed = match made {
-            Ok(()) => start(&setup, &pods, par).await,
+            Ok(()) => start(setup, &pods, par).await,
             Err(e) => Err(e),
         };
         let stopped = match &timed {
-            Ok(_) => stop(&setup, &pods, par).await,
+            Ok(_) => stop(setup, &pods, par).await,
             Err(_) => Ok(0.0),
         };
-        let down = teardown(&setup, &pods).await;
+        let down = teardown(setup, &pods).await;
         let (wall, cpu, each) = timed?;
         let down_wall = stopped?;
         down?;
-        out.push(Run {
+        Ok(Run {
             label: format!("start {n} pods ‖{par}"),
             wall,
             cpu_ms_per_pod: cpu * 1e3 / n as f64,
@@ -83,10 +97,13 @@ pub async fn measure(env: &TestEnv, runs: &[(usize, usize)]) -> Result<Vec<Run>>
             runc_ms: each.iter().map(|e| e.1).collect(),
             down_label: format!("stop+remove {n} pods ‖{par}"),
             down_wall,
-        });
+        })
     }
-    std::fs::remove_dir_all(&setup.dir).with_context(|| format!("removing {:?}", setup.dir))?;
-    Ok(out)
+
+    pub fn finish(self) -> Result<()> {
+        let dir = &self.setup.dir;
+        std::fs::remove_dir_all(dir).with_context(|| format!("removing {dir:?}"))
+    }
 }
 
 /// One pod's names and paths.
