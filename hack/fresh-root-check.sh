@@ -51,7 +51,7 @@ PROGRAMS=(
   "nsenter util-linux" "unshare util-linux"
   "zstd zstd" "gzip gzip" "tar tar" "setfattr attr" "getfattr attr" "jq jq" "curl curl"
   "gcc gcc" "cc gcc" "readelf binutils" "nm binutils" "awk mawk" "protoc protobuf-compiler" "pkg-config pkg-config" "make make"
-  "sh dash" "bash bash" "cp coreutils" "sleep coreutils" "true coreutils" "chroot coreutils"
+  "sh dash" "bash bash" "cp coreutils" "sleep coreutils" "true coreutils" "chroot coreutils" "sync coreutils"
   "apt-get apt" "dpkg-deb dpkg" "systemd-analyze systemd"
   "/usr/lib/cni/bridge containernetworking-plugins"
   "/usr/lib/cni/host-local containernetworking-plugins"
