@@ -111,7 +111,7 @@ pub struct ClientCache {
 /// rather than keep clients for configurations long gone.
 const MAX_CACHED_CLIENTS: usize = 32;
 
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+#[derive(Debug, PartialEq, Eq, Hash)]
 struct ClientKey {
     skip_verify: bool,
     /// Each CA file's path (for errors) and contents.

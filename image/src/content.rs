@@ -157,6 +157,8 @@ pub struct IngestWriter {
     /// Where the bytes not yet handed to writeback start.
     writeback_from: u64,
     buf: Vec<u8>,
+    /// The buffer of the last write that returned, filled next: two buffers take turns.
+    spare: Vec<u8>,
     finished: bool,
 }
 
@@ -190,7 +192,7 @@ impl IngestWriter {
         self.reap().await
     }
 
-    /// Wait for the write in flight, keeping its buffer for reuse.
+    /// Wait for the write in flight, keeping its buffer as the spare.
     async fn reap(&mut self) -> Result<()> {
         let Some((task, len)) = self.pending.take() else {
             return Ok(());
@@ -200,10 +202,8 @@ impl IngestWriter {
             .map_err(|e| Error::internal(format!("ingest writer task: {e}")))?;
         res.map_err(|e| Error::io(format!("writing {}", self.ingest.path.display()), e))?;
         self.written += len;
-        if self.buf.is_empty() && self.buf.capacity() < buf.capacity() {
-            buf.clear();
-            self.buf = buf;
-        }
+        buf.clear();
+        self.spare = buf;
         Ok(())
     }
 
@@ -213,7 +213,7 @@ impl IngestWriter {
         if self.buf.is_empty() {
             return Ok(());
         }
-        let buf = std::mem::replace(&mut self.buf, Vec::with_capacity(FLUSH_AT));
+        let buf = std::mem::replace(&mut self.buf, std::mem::take(&mut self.spare));
         let (file, ingest) = (self.file.clone(), self.ingest.clone());
         let len = buf.len() as u64;
         // A head start for the commit's fsync, as in unpack: the bytes since the last start
@@ -323,7 +323,7 @@ pub enum Begin {
     /// The blob is already in the store.
     Exists,
     /// Nobody is downloading it: the caller must, with this writer.
-    Start(IngestWriter),
+    Start(Box<IngestWriter>),
     /// Another pull is downloading it: follow or wait on this.
     InFlight(Arc<Ingest>),
 }
@@ -447,7 +447,7 @@ impl ContentStore {
             cancel: watch::channel(false).0,
         });
         map.insert(digest.clone(), ingest.clone());
-        Ok(Begin::Start(IngestWriter {
+        Ok(Begin::Start(Box::new(IngestWriter {
             ingest,
             store: self.clone(),
             file: Arc::new(wfile),
@@ -456,8 +456,9 @@ impl ContentStore {
             pending: None,
             writeback_from: 0,
             buf: Vec::new(),
+            spare: Vec::new(),
             finished: false,
-        }))
+        })))
     }
 
     /// The ingest for `digest` if one is in flight.

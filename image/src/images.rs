@@ -675,7 +675,7 @@ impl Inner {
                     Begin::InFlight(i) => waits.push((layer.digest.clone(), i)),
                     Begin::Start(w) => {
                         let ing = ContentStore::ingest_of(&w);
-                        let task = self.spawn_download(r, client, &sem, w, layer);
+                        let task = self.spawn_download(r, client, &sem, *w, layer);
                         started.tasks.push((ing.clone(), task));
                         waits.push((layer.digest.clone(), ing));
                     }
@@ -878,7 +878,7 @@ impl Inner {
                     Begin::InFlight(i) => Source::Follow(i),
                     Begin::Start(w) => {
                         let ing = ContentStore::ingest_of(&w);
-                        let task = self.spawn_download(r, client, &sem, w, layer);
+                        let task = self.spawn_download(r, client, &sem, *w, layer);
                         started.tasks.push((ing.clone(), task));
                         Source::Follow(ing)
                     }
