@@ -546,7 +546,7 @@ fn drop_caches() {
 async fn pull_race(registry: &Registry, kinds: &[RuntimeKind]) -> Result<Vec<Figures>> {
     let mut envs = Vec::new();
     for &kind in kinds {
-        match TestEnv::builder(kind).mirror(registry.host()).start().await {
+        match start_env(kind, registry).await {
             Ok(env) => envs.push(env),
             Err(e) => {
                 teardown_all(envs).await?;
@@ -621,6 +621,19 @@ struct Lane {
 }
 
 impl Lane {
+    /// Its figures, unless it failed or its teardown left something behind.
+    async fn finish(mut self) -> (RuntimeKind, Result<Figures>) {
+        let kind = self.env.kind;
+        self.figs.load.push(loadavg());
+        let leaks = self.env.teardown().await;
+        let r = match self.failed {
+            Some(e) => Err(e),
+            None if !leaks.is_empty() => Err(anyhow::anyhow!("teardown left {leaks:#?}")),
+            None => Ok(self.figs),
+        };
+        (kind, r.map_err(|e| e.context(kind.to_string())))
+    }
+
     fn fail(&mut self, e: anyhow::Error) {
         let kind = self.env.kind;
         eprintln!(
@@ -670,11 +683,11 @@ async fn side_by_side(
             Err(e) => out.push((kind, Err(e.context("starting")))),
         }
     }
-    let mut floor = match with_floor {
-        true => Some(start_floor().await),
-        false => None,
+    let mut floor = if with_floor {
+        Some(FloorLane::start().await)
+    } else {
+        None
     };
-    let (mut floor_runs, mut floor_failed) = (Vec::new(), None);
     for lane in &mut lanes {
         let r = async {
             lane.env.cri().pull(BUSYBOX, None).await?;
@@ -697,11 +710,8 @@ async fn side_by_side(
                 lane.fail(e);
             }
         }
-        if let (Some(Ok((_, fl))), None) = (&mut floor, &floor_failed) {
-            match fl.run(n, par).await {
-                Ok(r) => floor_runs.push(r),
-                Err(e) => floor_failed = Some(e.context(format!("floor run of {n} pods ‖{par}"))),
-            }
+        if let Some(Ok(fl)) = &mut floor {
+            fl.run(n, par).await;
         }
     }
     for lane in &mut lanes {
@@ -712,45 +722,62 @@ async fn side_by_side(
             }
         }
     }
-    for mut lane in lanes {
-        let kind = lane.env.kind;
-        lane.figs.load.push(loadavg());
-        let leaks = lane.env.teardown().await;
-        let r = match lane.failed {
-            Some(e) => Err(e),
-            None if !leaks.is_empty() => Err(anyhow::anyhow!("teardown left {leaks:#?}")),
-            None => Ok(lane.figs),
-        };
-        out.push((kind, r.map_err(|e| e.context(kind.to_string()))));
+    for lane in lanes {
+        out.push(lane.finish().await);
     }
     let floor = match floor {
         None => Ok(Vec::new()),
-        Some(f) => match (finish_floor(f).await, floor_failed) {
-            (_, Some(e)) | (Err(e), None) => Err(e),
-            (Ok(()), None) => Ok(floor_runs),
-        },
+        Some(Ok(fl)) => fl.finish().await,
+        Some(Err(e)) => Err(e),
     };
     (out, floor)
 }
 
-async fn start_floor() -> Result<(TestEnv, floor::Floor)> {
-    let env = TestEnv::builder(RuntimeKind::Crispd).start().await?;
-    match floor::Floor::new(&env).await {
-        Ok(f) => Ok((env, f)),
-        Err(e) => {
-            let _ = env.teardown().await;
-            Err(e)
-        }
-    }
+/// The floor beside the runtimes: an env of its own (its crispd stays idle) for its root,
+/// network, cgroup parent and leak check; after a failed run it runs no more.
+struct FloorLane {
+    env: TestEnv,
+    floor: floor::Floor,
+    runs: Vec<floor::Run>,
+    failed: Option<anyhow::Error>,
 }
 
-async fn finish_floor(f: Result<(TestEnv, floor::Floor)>) -> Result<()> {
-    let (env, fl) = f?;
-    let removed = fl.finish();
-    let leaks = env.teardown().await;
-    removed?;
-    ensure!(leaks.is_empty(), "floor: teardown left {leaks:#?}");
-    Ok(())
+impl FloorLane {
+    async fn start() -> Result<FloorLane> {
+        let env = TestEnv::builder(RuntimeKind::Crispd).start().await?;
+        match floor::Floor::new(&env).await {
+            Ok(floor) => Ok(FloorLane {
+                env,
+                floor,
+                runs: Vec::new(),
+                failed: None,
+            }),
+            Err(e) => {
+                let _ = env.teardown().await;
+                Err(e)
+            }
+        }
+    }
+
+    async fn run(&mut self, n: usize, par: usize) {
+        if self.failed.is_none() {
+            match self.floor.run(n, par).await {
+                Ok(r) => self.runs.push(r),
+                Err(e) => self.failed = Some(e.context(format!("floor run of {n} pods ‖{par}"))),
+            }
+        }
+    }
+
+    async fn finish(self) -> Result<Vec<floor::Run>> {
+        let removed = self.floor.finish();
+        let leaks = self.env.teardown().await;
+        if let Some(e) = self.failed {
+            return Err(e);
+        }
+        removed?;
+        ensure!(leaks.is_empty(), "floor: teardown left {leaks:#?}");
+        Ok(self.runs)
+    }
 }
 
 /// A target on the crispd/containerd ratio: at most (`Max`) or at least (`Min`).
@@ -1002,7 +1029,7 @@ fn bench_pods_crispd_vs_containerd() -> Result<()> {
             })
             .collect();
         let mut race = Ok(());
-        let racers: Vec<(usize, RuntimeKind)> = [RuntimeKind::Containerd, RuntimeKind::Crispd]
+        let racers: Vec<(usize, RuntimeKind)> = both
             .into_iter()
             .enumerate()
             .filter(|(i, _)| matches!(results[*i], Some(Ok(_))))
