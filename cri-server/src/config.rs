@@ -99,7 +99,8 @@ pub struct Config {
     pub listen: PathBuf,
     /// A tracing filter: `info`, `debug`, or `crisp_cri=debug,info`.
     pub log_level: String,
-    /// The OCI runtime for the default handler.
+    /// The OCI runtime for the default handler: `runc` or `crun` make the default handler
+    /// that entry of `runtime_handlers` (its binary and options); `auto` lets the shim probe.
     pub runtime: RuntimeChoice,
     pub cgroup_driver: CgroupDriver,
     /// The shim binary crispd starts for each pod (name looked up in PATH, or a path).
@@ -769,12 +770,31 @@ impl Config {
         if handler.is_empty() {
             return Some(match self.runtime {
                 RuntimeChoice::Auto => None,
-                other => Some(PathBuf::from(other.as_str())),
+                other => Some(
+                    self.runtime_handlers
+                        .get(other.as_str())
+                        .map_or_else(|| PathBuf::from(other.as_str()), |h| h.binary.clone()),
+                ),
             });
         }
         self.runtime_handlers
             .get(handler)
             .map(|h| Some(h.binary.clone()))
+    }
+
+    /// The runtime options a pod's handler passes to its shim. With `runtime = runc` (or
+    /// `crun`) the default handler is that handler, its options too (`root` among them);
+    /// with `auto` it has none.
+    pub fn handler_options(&self, handler: &str) -> BTreeMap<String, String> {
+        let name = match (handler, self.runtime) {
+            ("", RuntimeChoice::Auto) => return BTreeMap::new(),
+            ("", other) => other.as_str(),
+            (named, _) => named,
+        };
+        self.runtime_handlers
+            .get(name)
+            .map(|h| h.options.clone())
+            .unwrap_or_default()
     }
 }
 
@@ -1169,6 +1189,23 @@ bianry = "/opt/kata/runtime"
         assert_eq!(c.handler_binary(""), Some(Some("runc".into())));
         assert_eq!(c.handler_binary("crun"), Some(Some("crun".into())));
         assert_eq!(c.handler_binary("nope"), None);
+    }
+
+    #[test]
+    fn default_handler_is_the_one_runtime_names() {
+        let mut c = Config::default();
+        let runc = c.runtime_handlers.get_mut("runc").expect("runc handler");
+        runc.binary = "/opt/runc".into();
+        runc.options.insert("root".into(), "/run/x/runc".into());
+        assert!(
+            c.handler_options("").is_empty(),
+            "auto: the shim probes, no options"
+        );
+        c.runtime = RuntimeChoice::Runc;
+        assert_eq!(c.handler_binary(""), Some(Some("/opt/runc".into())));
+        assert_eq!(c.handler_options("")["root"], "/run/x/runc");
+        assert!(c.handler_options("crun").is_empty());
+        assert!(c.handler_options("nope").is_empty());
     }
 
     #[test]

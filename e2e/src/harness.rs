@@ -433,6 +433,15 @@ impl TestEnv {
             "metrics".into(),
             toml::Value::Table(toml::toml! { address = "" }),
         );
+        // runc's state under the test's own state dir, as containerd's is (`--runtime runc`
+        // makes the runc handler the default one), not in the host's /run/crisp/runc.
+        let runc_root = self.state.join("runc").display().to_string();
+        config.insert(
+            "runtime_handlers".into(),
+            toml::Value::Table(
+                toml::toml! { [runc] binary = "runc" [runc.options] root = runc_root },
+            ),
+        );
         // The shim built with this crispd, not whatever `containerd-shim-crisp-v2` is on PATH.
         let shim = bin.with_file_name("containerd-shim-crisp-v2");
         if shim.is_file() {

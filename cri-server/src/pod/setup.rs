@@ -143,12 +143,7 @@ pub fn runtime_options(d: &PodService, handler: &str) -> Result<Option<Any>, Cri
     use containerd_shim_protos::protobuf::Message;
     use containerd_shim_protos::shim::oci::Options;
     let bin = d.cfg.handler_binary(handler).flatten();
-    let opts = d
-        .cfg
-        .runtime_handlers
-        .get(handler)
-        .map(|h| h.options.clone())
-        .unwrap_or_default();
+    let opts = d.cfg.handler_options(handler);
     let systemd = d.cfg.cgroup_driver == crate::config::CgroupDriver::Systemd
         || opts.get("systemd_cgroup").is_some_and(|v| v == "true");
     if bin.is_none() && opts.is_empty() && !systemd {
