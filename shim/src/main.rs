@@ -5,13 +5,14 @@ use std::{
     ffi::OsString,
     fs::{File, OpenOptions},
     io::{Read, Write},
-    os::unix::{
-        fs::{FileTypeExt, OpenOptionsExt},
-        net::{UnixListener, UnixStream},
-        process::CommandExt,
+    os::{
+        fd::{AsRawFd, RawFd},
+        unix::{
+            fs::{FileTypeExt, OpenOptionsExt},
+            net::{UnixListener, UnixStream},
+        },
     },
     path::{Path, PathBuf},
-    process::{Command, Stdio},
     sync::{Arc, Mutex},
 };
 
@@ -34,8 +35,6 @@ use crisp_shim::{
     spec,
 };
 
-/// Carries the handler's runtime options from `start` to the server it spawns.
-const HANDLER_OPTIONS_ENV: &str = "CRISP_SHIM_HANDLER_OPTIONS";
 /// Optional log for the server (tests, debugging): a file, or a directory in which each
 /// shim writes `<id>.log` (the e2e harness keeps them when a test fails); otherwise the
 /// bundle's `log` FIFO containerd reads.
@@ -66,7 +65,8 @@ fn main() {
         match flags.action.as_str() {
             "start" => start(&flags),
             "delete" => delete(&flags),
-            _ => serve(&flags),
+            // Serve mode run by hand (`-socket`), for debugging: the default handler.
+            _ => serve(&flags, &flags.socket, Default::default()),
         }
     };
     if let Err(e) = result {
@@ -111,7 +111,7 @@ fn start(flags: &Flags) -> anyhow::Result<()> {
         .unwrap_or(Path::new("/"))
         .join("crisp-shim-start.lock");
     let lock_file = File::create(&lock_path).context("shim start lock")?;
-    let _lock = nix::fcntl::Flock::lock(lock_file, nix::fcntl::FlockArg::LockExclusive)
+    let lock = nix::fcntl::Flock::lock(lock_file, nix::fcntl::FlockArg::LockExclusive)
         .map_err(|(_, e)| anyhow::anyhow!("lock shim start: {e}"))?;
 
     if UnixStream::connect(&path).is_err() {
@@ -120,7 +120,7 @@ fn start(flags: &Flags) -> anyhow::Result<()> {
             std::fs::remove_file(&path)
                 .with_context(|| format!("remove stale socket {}", path.display()))?;
         }
-        spawn_server(flags, &bundle, &address)?;
+        spawn_server(flags, &bundle, &address, lock.as_raw_fd())?;
     }
     std::fs::write(bundle.join("address"), &address).context("write address file")?;
     let mut out = std::io::stdout();
@@ -129,57 +129,84 @@ fn start(flags: &Flags) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn spawn_server(flags: &Flags, bundle: &Path, address: &str) -> anyhow::Result<()> {
-    let exe = std::env::current_exe().context("own executable")?;
+/// Forks the server off this process, which has just checked that no shim serves the pod.
+/// A fork, not a second exec of the binary: the server is this very program, and an exec
+/// would pay again for loading it and for glibc's start-up (a static binary probes the CPU's
+/// caches with dozens of `cpuid`s, each a VM exit under a hypervisor: a quarter of a shim's
+/// CPU time in a pod start on the benchmark's VM). This process has no other threads yet, so
+/// the child may go on running Rust code; it leaves the caller's pipes and this process's
+/// group at once, and closes its stdout (the pipe read here) once it listens.
+fn spawn_server(flags: &Flags, bundle: &Path, address: &str, lock: RawFd) -> anyhow::Result<()> {
     // Runtime options arrive on stdin as a protobuf Any (containerd 1.6+).
     let mut input = Vec::new();
     if !nix::unistd::isatty(std::io::stdin()).unwrap_or(false) {
         let _ = std::io::stdin().take(10 << 20).read_to_end(&mut input);
     }
-    let mut cmd = Command::new(exe);
-    cmd.args([
-        "-namespace",
-        &flags.namespace,
-        "-id",
-        &flags.id,
-        "-address",
-        &flags.address,
-        "-socket",
-        address,
-    ]);
-    if !flags.publish_binary.is_empty() {
-        cmd.args(["-publish-binary", &flags.publish_binary]);
+    let handler = Any::parse_from_bytes(&input)
+        .ok()
+        .filter(|a| !a.type_url.is_empty())
+        .and_then(|a| options::decode(&a).ok().flatten())
+        .unwrap_or_default();
+    let (ready_r, ready_w) = nix::unistd::pipe().context("pipe for the server's readiness")?;
+    // SAFETY: no other thread exists (no runtime is built before this point in `start`), so
+    // the child's copy of the process is consistent; it only runs this program's own code.
+    match unsafe { nix::unistd::fork() }.context("fork shim server")? {
+        nix::unistd::ForkResult::Child => {
+            drop(ready_r);
+            let code = match become_server(flags, address, handler, ready_w, lock) {
+                Ok(()) => 0,
+                Err(e) => {
+                    tracing::error!("shim server: {e:#}");
+                    1
+                }
+            };
+            std::process::exit(code);
+        }
+        nix::unistd::ForkResult::Parent { child } => {
+            drop(ready_w);
+            // The server closes its end once it listens (or when it dies).
+            let mut ready = Vec::new();
+            let _ = File::from(ready_r).read_to_end(&mut ready);
+            if UnixStream::connect(socket_path(address)).is_err() {
+                let status =
+                    nix::sys::wait::waitpid(child, Some(nix::sys::wait::WaitPidFlag::WNOHANG));
+                bail!(
+                    "shim server (pid {child}) did not start serving on {address} (status {status:?})"
+                );
+            }
+            std::fs::write(bundle.join("shim.pid"), child.to_string()).context("write shim.pid")?;
+            Ok(())
+        }
     }
-    if flags.debug {
-        cmd.arg("-debug");
-    }
-    if let Ok(any) = Any::parse_from_bytes(&input)
-        && !any.type_url.is_empty()
-    {
-        cmd.env(HANDLER_OPTIONS_ENV, to_hex(&any.write_to_bytes()?));
-    }
-    cmd.current_dir(bundle)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null());
-    // Its own process group: signals meant for containerd's group never reach it.
-    cmd.process_group(0);
-    let mut child = cmd.spawn().context("spawn shim server")?;
-    let shim_pid = child.id();
-    // The server closes its stdout once it listens (or when it dies).
-    let mut ready = Vec::new();
-    if let Some(mut out) = child.stdout.take() {
-        let _ = out.read_to_end(&mut ready);
-    }
-    if UnixStream::connect(socket_path(address)).is_err() {
-        let status = child.try_wait().ok().flatten();
-        bail!(
-            "shim server (pid {shim_pid}) did not start serving on {address} (status {status:?}): {}",
-            String::from_utf8_lossy(&ready).trim()
-        );
-    }
-    std::fs::write(bundle.join("shim.pid"), shim_pid.to_string()).context("write shim.pid")?;
-    Ok(())
+}
+
+/// The forked child's side: leave `start`'s lock, stdio and process group, then serve.
+fn become_server(
+    flags: &Flags,
+    address: &str,
+    handler: options::Options,
+    ready: std::os::fd::OwnedFd,
+    lock: RawFd,
+) -> anyhow::Result<()> {
+    // Close, never unlock: the lock belongs to `start`'s open file, which the parent still
+    // holds until it has printed the address. (The parent's `Flock` is never dropped here:
+    // this process ends in `exit`.)
+    // SAFETY: `lock` is an open fd inherited from the parent; nothing else here uses it.
+    unsafe { libc::close(lock) };
+    // Its own process group: signals meant for the caller's group never reach it.
+    nix::unistd::setpgid(nix::unistd::Pid::from_raw(0), nix::unistd::Pid::from_raw(0))
+        .context("setpgid")?;
+    let null = File::options()
+        .read(true)
+        .write(true)
+        .open("/dev/null")
+        .context("/dev/null")?;
+    nix::unistd::dup2_stdin(&null).context("stdin")?;
+    nix::unistd::dup2_stderr(&null).context("stderr")?;
+    // Stdout becomes the readiness pipe; `signal_ready` points it at /dev/null.
+    nix::unistd::dup2_stdout(&ready).context("stdout")?;
+    drop(ready);
+    serve(flags, address, handler)
 }
 
 /// `delete`: clean up after a task whose shim is gone.
@@ -298,8 +325,8 @@ impl Write for LockedWriter {
     }
 }
 
-fn serve(flags: &Flags) -> anyhow::Result<()> {
-    if flags.socket.is_empty() {
+fn serve(flags: &Flags, socket: &str, handler: options::Options) -> anyhow::Result<()> {
+    if socket.is_empty() {
         bail!("serve mode needs -socket");
     }
     one_malloc_arena();
@@ -307,16 +334,6 @@ fn serve(flags: &Flags) -> anyhow::Result<()> {
     // Subreaper: container processes re-parent to us when runc exits, so their
     // exits reach our reaper.
     nix::sys::prctl::set_child_subreaper(true).context("PR_SET_CHILD_SUBREAPER")?;
-    let handler = match std::env::var(HANDLER_OPTIONS_ENV)
-        .ok()
-        .and_then(|h| from_hex(&h))
-    {
-        Some(bytes) => Any::parse_from_bytes(&bytes)
-            .ok()
-            .and_then(|a| options::decode(&a).ok().flatten())
-            .unwrap_or_default(),
-        None => Default::default(),
-    };
     // One thread: the shim mostly waits; blocking work has its own threads.
     // A few dozen fds at most (sockets, an eventfd per container): the default
     // epoll batch of 1024 events is a 12 KiB buffer for nothing.
@@ -339,7 +356,7 @@ fn serve(flags: &Flags) -> anyhow::Result<()> {
         let svc = TaskService::new(config, events.clone(), shutdown.clone());
         let sandbox = SandboxService::new(svc.clone(), events, shutdown.clone());
 
-        let path = socket_path(&flags.socket).to_string();
+        let path = socket_path(socket).to_string();
         let listener = match UnixListener::bind(&path) {
             Ok(l) => l,
             Err(e) if e.kind() == std::io::ErrorKind::AddrInUse && UnixStream::connect(&path).is_ok() => {
@@ -383,15 +400,4 @@ fn signal_ready() {
         let mut stdout = std::io::stdout();
         let _ = nix::unistd::dup2_stdout(&null).map(|_| stdout.flush());
     }
-}
-
-fn to_hex(b: &[u8]) -> String {
-    b.iter().map(|x| format!("{x:02x}")).collect()
-}
-
-fn from_hex(s: &str) -> Option<Vec<u8>> {
-    (0..s.len())
-        .step_by(2)
-        .map(|i| s.get(i..i + 2).and_then(|h| u8::from_str_radix(h, 16).ok()))
-        .collect()
 }
