@@ -644,9 +644,11 @@ impl Lane {
     }
 }
 
+/// A runtime's env as a node runs it: `info` logs, the state dir on a tmpfs (/run on a node).
 async fn start_env(kind: RuntimeKind, registry: &Registry) -> Result<TestEnv> {
     TestEnv::builder(kind)
         .mirror(registry.host())
+        .state_on_tmpfs()
         .log_level(if std::env::var_os("CRISP_BENCH_DEBUG_LOG").is_some() {
             "debug"
         } else {
@@ -744,7 +746,10 @@ struct FloorLane {
 
 impl FloorLane {
     async fn start() -> Result<FloorLane> {
-        let env = TestEnv::builder(RuntimeKind::Crispd).start().await?;
+        let env = TestEnv::builder(RuntimeKind::Crispd)
+            .state_on_tmpfs()
+            .start()
+            .await?;
         match floor::Floor::new(&env).await {
             Ok(floor) => Ok(FloorLane {
                 env,

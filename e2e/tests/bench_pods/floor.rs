@@ -117,7 +117,8 @@ struct Pod {
 
 impl Setup {
     async fn new(env: &TestEnv) -> Result<Self> {
-        let dir = env.root.join("floor");
+        // Runtime state, as the runtimes' own: on the env's state dir (a tmpfs in the benchmark).
+        let dir = env.state.join("floor");
         let rootfs = dir.join("rootfs");
         for d in [
             &rootfs,
