@@ -70,28 +70,55 @@ fn loadavg() -> String {
         .unwrap_or_default()
 }
 
+/// Milliseconds the disk holding the test roots has spent busy since boot (`io_ticks` in its
+/// /sys/dev/block stat); `None` where that cannot be read.
+fn disk_busy_ms() -> Option<u64> {
+    use std::os::unix::fs::MetadataExt;
+    let dev = std::fs::metadata(crisp_e2e::harness::base_dir())
+        .ok()?
+        .dev();
+    let (major, minor) = (nix::sys::stat::major(dev), nix::sys::stat::minor(dev));
+    let stat = std::fs::read_to_string(format!("/sys/dev/block/{major}:{minor}/stat")).ok()?;
+    stat.split_whitespace().nth(9)?.parse().ok()
+}
+
 /// Waits (at most 120 s, or `CRISP_BENCH_SETTLE_SECS`) until the 1-minute load average is
-/// below 1.5, after a sync and with the page cache dropped: the runtime measured second
-/// otherwise starts while the first one's 100-pod teardown is still settling, which slowed
-/// crispd's 50-pod start by a quarter here.
+/// below 1.5 and the disk under the test roots has been busy less than a tenth of each of the
+/// last three seconds, after a sync and with the page cache dropped: the runtime measured
+/// second otherwise starts while the first one's 100-pod teardown is still settling, which
+/// slowed crispd's 50-pod start by a quarter here; and a pull timed while the disk still
+/// discards what the teardowns freed ran at two thirds of its speed (one full run: 306 MB/s
+/// for crispd's median, 431-475 in two runs of the pulls alone minutes later).
 async fn settle() {
     nix::unistd::sync();
     drop_caches();
     let t = Instant::now();
     let most = Duration::from_secs(env_count("CRISP_BENCH_SETTLE_SECS", 120) as u64);
+    let mut quiet_secs = 0;
+    let mut busy = disk_busy_ms();
+    if busy.is_none() {
+        eprintln!("settle: the disk's busy time is unreadable; waiting on the load average alone");
+    }
     while t.elapsed() < most {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let now = disk_busy_ms();
+        let disk_quiet = match (busy, now) {
+            (Some(a), Some(b)) => b.saturating_sub(a) < 100,
+            _ => true,
+        };
+        busy = now;
+        quiet_secs = if disk_quiet { quiet_secs + 1 } else { 0 };
         let one: f64 = loadavg()
             .split_whitespace()
             .next()
             .and_then(|v| v.parse().ok())
             .unwrap_or(0.0);
-        if one < 1.5 {
+        if one < 1.5 && quiet_secs >= 3 {
             break;
         }
-        tokio::time::sleep(Duration::from_secs(2)).await;
     }
     eprintln!(
-        "settled in {:.0} s, load average {}",
+        "settled in {:.0} s, load average {}, disk quiet for {quiet_secs} s",
         t.elapsed().as_secs_f64(),
         loadavg()
     );
@@ -557,11 +584,15 @@ async fn pull_race(registry: &Registry, kinds: &[RuntimeKind]) -> Result<Vec<Fig
     let mut figs: Vec<Figures> = kinds.iter().map(|_| Figures::default()).collect();
     let outcome = async {
         let image = crisp_e2e::images::get("large")?.upstream();
-        for _ in 0..env_count("CRISP_BENCH_PULLS", 5) {
+        for round in 0..env_count("CRISP_BENCH_PULLS", 5) {
             for (env, f) in envs.iter().zip(figs.iter_mut()) {
                 let (cold, warm) = pull_once(env, &image)
                     .await
                     .with_context(|| format!("{}: pulling {image}", env.kind))?;
+                eprintln!(
+                    "pull {round}: {:<10} cold {cold:6.1} MB/s, warm {warm:5.1} ms",
+                    env.kind
+                );
                 f.pull_cold_mbs.push(cold);
                 f.pull_warm_ms.push(warm);
             }
