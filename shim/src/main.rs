@@ -156,7 +156,10 @@ fn spawn_server(flags: &Flags, bundle: &Path, address: &str, lock: RawFd) -> any
             let code = match become_server(flags, address, handler, ready_w, lock) {
                 Ok(()) => 0,
                 Err(e) => {
+                    // To the shim's log if it has one, and to the readiness pipe if the
+                    // server never got as far as closing it: `start` reports what it reads.
                     tracing::error!("shim server: {e:#}");
+                    let _ = writeln!(std::io::stdout(), "{e:#}");
                     1
                 }
             };
@@ -171,7 +174,8 @@ fn spawn_server(flags: &Flags, bundle: &Path, address: &str, lock: RawFd) -> any
                 let status =
                     nix::sys::wait::waitpid(child, Some(nix::sys::wait::WaitPidFlag::WNOHANG));
                 bail!(
-                    "shim server (pid {child}) did not start serving on {address} (status {status:?})"
+                    "shim server (pid {child}) did not start serving on {address} (status {status:?}): {}",
+                    String::from_utf8_lossy(&ready).trim()
                 );
             }
             std::fs::write(bundle.join("shim.pid"), child.to_string()).context("write shim.pid")?;
@@ -193,6 +197,10 @@ fn become_server(
     // this process ends in `exit`.)
     // SAFETY: `lock` is an open fd inherited from the parent; nothing else here uses it.
     unsafe { libc::close(lock) };
+    // Stdout becomes the readiness pipe first (`signal_ready` points it at /dev/null), so
+    // that an error from here on reaches `start`, not the caller reading the address.
+    nix::unistd::dup2_stdout(&ready).context("stdout")?;
+    drop(ready);
     // Its own process group: signals meant for the caller's group never reach it.
     nix::unistd::setpgid(nix::unistd::Pid::from_raw(0), nix::unistd::Pid::from_raw(0))
         .context("setpgid")?;
@@ -203,9 +211,6 @@ fn become_server(
         .context("/dev/null")?;
     nix::unistd::dup2_stdin(&null).context("stdin")?;
     nix::unistd::dup2_stderr(&null).context("stderr")?;
-    // Stdout becomes the readiness pipe; `signal_ready` points it at /dev/null.
-    nix::unistd::dup2_stdout(&ready).context("stdout")?;
-    drop(ready);
     serve(flags, address, handler)
 }
 
