@@ -764,35 +764,36 @@ impl Config {
         self.state.join("netns")
     }
 
+    /// The `runtime_handlers` entry a pod's handler names: the default handler ("") is the
+    /// one `runtime` names (`runc` or `crun`), binary and options; `None` with `auto`, whose
+    /// shim probes.
+    fn handler_entry<'a>(&self, handler: &'a str) -> Option<&'a str> {
+        match (handler, self.runtime) {
+            ("", RuntimeChoice::Auto) => None,
+            ("", other) => Some(other.as_str()),
+            (named, _) => Some(named),
+        }
+    }
+
     /// The OCI runtime binary for a pod's runtime handler; `None` for an unknown handler.
     /// The default handler with `runtime = auto` yields `Some(None)`: the shim probes.
     pub fn handler_binary(&self, handler: &str) -> Option<Option<PathBuf>> {
-        if handler.is_empty() {
-            return Some(match self.runtime {
-                RuntimeChoice::Auto => None,
-                other => Some(
-                    self.runtime_handlers
-                        .get(other.as_str())
-                        .map_or_else(|| PathBuf::from(other.as_str()), |h| h.binary.clone()),
-                ),
-            });
+        let Some(name) = self.handler_entry(handler) else {
+            return Some(None);
+        };
+        match self.runtime_handlers.get(name) {
+            Some(h) => Some(Some(h.binary.clone())),
+            // `runtime` names a binary even where the table has no entry of that name.
+            None if handler.is_empty() => Some(Some(PathBuf::from(name))),
+            None => None,
         }
-        self.runtime_handlers
-            .get(handler)
-            .map(|h| Some(h.binary.clone()))
     }
 
-    /// The runtime options a pod's handler passes to its shim. With `runtime = runc` (or
-    /// `crun`) the default handler is that handler, its options too (`root` among them);
-    /// with `auto` it has none.
+    /// The runtime options a pod's handler passes to its shim (`root` among them); none for
+    /// the default handler with `auto`, or for an unknown handler.
     pub fn handler_options(&self, handler: &str) -> BTreeMap<String, String> {
-        let name = match (handler, self.runtime) {
-            ("", RuntimeChoice::Auto) => return BTreeMap::new(),
-            ("", other) => other.as_str(),
-            (named, _) => named,
-        };
-        self.runtime_handlers
-            .get(name)
+        self.handler_entry(handler)
+            .and_then(|name| self.runtime_handlers.get(name))
             .map(|h| h.options.clone())
             .unwrap_or_default()
     }
