@@ -70,55 +70,27 @@ fn loadavg() -> String {
         .unwrap_or_default()
 }
 
-/// Milliseconds the disk holding the test roots has spent busy since boot (`io_ticks` in its
-/// /sys/dev/block stat); `None` where that cannot be read.
-fn disk_busy_ms() -> Option<u64> {
-    use std::os::unix::fs::MetadataExt;
-    let dev = std::fs::metadata(crisp_e2e::harness::base_dir())
-        .ok()?
-        .dev();
-    let (major, minor) = (nix::sys::stat::major(dev), nix::sys::stat::minor(dev));
-    let stat = std::fs::read_to_string(format!("/sys/dev/block/{major}:{minor}/stat")).ok()?;
-    stat.split_whitespace().nth(9)?.parse().ok()
-}
-
 /// Waits (at most 120 s, or `CRISP_BENCH_SETTLE_SECS`) until the 1-minute load average is
-/// below 1.5 and the disk under the test roots has been busy less than a tenth of each of the
-/// last three seconds, after a sync and with the page cache dropped: the runtime measured
-/// second otherwise starts while the first one's 100-pod teardown is still settling, which
-/// slowed crispd's 50-pod start by a quarter here; and a pull timed while the disk still
-/// discards what the teardowns freed ran at two thirds of its speed (one full run: 306 MB/s
-/// for crispd's median, 431-475 in two runs of the pulls alone minutes later).
+/// below 1.5, with the page cache synced and dropped: the runtime measured second otherwise
+/// starts while the first one's 100-pod teardown is still settling, which slowed crispd's
+/// 50-pod start by a quarter here.
 async fn settle() {
-    nix::unistd::sync();
     drop_caches();
     let t = Instant::now();
     let most = Duration::from_secs(env_count("CRISP_BENCH_SETTLE_SECS", 120) as u64);
-    let mut quiet_secs = 0;
-    let mut busy = disk_busy_ms();
-    if busy.is_none() {
-        eprintln!("settle: the disk's busy time is unreadable; waiting on the load average alone");
-    }
     while t.elapsed() < most {
-        tokio::time::sleep(Duration::from_secs(1)).await;
-        let now = disk_busy_ms();
-        let disk_quiet = match (busy, now) {
-            (Some(a), Some(b)) => b.saturating_sub(a) < 100,
-            _ => true,
-        };
-        busy = now;
-        quiet_secs = if disk_quiet { quiet_secs + 1 } else { 0 };
         let one: f64 = loadavg()
             .split_whitespace()
             .next()
             .and_then(|v| v.parse().ok())
             .unwrap_or(0.0);
-        if one < 1.5 && quiet_secs >= 3 {
+        if one < 1.5 {
             break;
         }
+        tokio::time::sleep(Duration::from_secs(2)).await;
     }
     eprintln!(
-        "settled in {:.0} s, load average {}, disk quiet for {quiet_secs} s",
+        "settled in {:.0} s, load average {}",
         t.elapsed().as_secs_f64(),
         loadavg()
     );
@@ -1048,7 +1020,7 @@ fn bench_pods_crispd_vs_containerd() -> Result<()> {
             .into_iter()
             .filter(|k| only.is_empty() || only == k.to_string())
             .collect();
-        let (ran, floor) = if only == "pulls" {
+        let (mut ran, floor) = if only == "pulls" {
             let ran = both.iter().map(|&k| (k, Ok(Figures::default()))).collect();
             (ran, Ok(Vec::new()))
         } else {
@@ -1056,7 +1028,6 @@ fn bench_pods_crispd_vs_containerd() -> Result<()> {
             side_by_side(&registry, &kinds, only.is_empty() || only == "floor").await
         };
         // Containerd's figures, then crispd's; None for a runtime not run.
-        let mut ran = ran;
         let mut results: Vec<Option<Result<Figures>>> = both
             .iter()
             .map(|k| {
